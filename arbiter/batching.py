@@ -1,0 +1,199 @@
+"""Server-side dynamic batching.
+
+Concurrent requests are split into items and queued; one loop coalesces them
+into model batches of up to ``max_batch_size`` items, waiting at most
+``max_queue_delay_s`` after the oldest queued item arrived (Triton's policy).
+The model runs on an executor thread, never on the event loop that serves RPCs.
+A cancelled request (client cancel, deadline) cancels its futures, and
+cancelled items are skipped when the next batch is formed, so they free their
+slot instead of costing a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from arbiter.errors import Overloaded, ShuttingDown
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatchObserver(Protocol):
+    def on_batch(self, size: int, seconds: float) -> None: ...
+
+    def on_queue_depth(self, depth: int) -> None: ...
+
+
+class _NullObserver:
+    def on_batch(self, size: int, seconds: float) -> None:
+        pass
+
+    def on_queue_depth(self, depth: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.002
+    # Items waiting, across all requests; beyond it requests get Overloaded.
+    max_queue_size: int = 4096
+    # Off: each request is run as its own batch(es), never merged with others.
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
+            )
+
+
+@dataclass
+class _Pending(Generic[T]):
+    item: T
+    future: asyncio.Future
+    enqueued_at: float
+
+
+class DynamicBatcher(Generic[T, R]):
+    """``run_batch(items) -> results`` (same length, same order) is called on
+    ``executor``; ``submit`` awaits the results of its own items."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        config: BatchingConfig,
+        executor: Executor,
+        observer: BatchObserver | None = None,
+    ):
+        self._run_batch = run_batch
+        self._config = config
+        self._executor = executor
+        self._observer = observer or _NullObserver()
+        self._queue: deque[_Pending[T]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._in_flight = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for p in self._queue if not p.future.done())
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        if self._closed:
+            raise ShuttingDown("the model version is being unloaded or the server is stopping; retry")
+        if not items:
+            return []
+        if not self._config.enabled:
+            return await self._run_unbatched(list(items))
+        if self.queue_depth + len(items) > self._config.max_queue_size:
+            raise Overloaded(
+                f"queue is full ({self._config.max_queue_size} items waiting); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        self._ensure_loop()
+        now = loop.time()
+        pending = [_Pending(item, loop.create_future(), now) for item in items]
+        self._queue.extend(pending)
+        self._observer.on_queue_depth(self.queue_depth)
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(p.future for p in pending)))
+        except asyncio.CancelledError:
+            for p in pending:
+                p.future.cancel()
+            raise
+
+    async def _run_unbatched(self, items: list[T]) -> list[R]:
+        loop = asyncio.get_running_loop()
+        size = self._config.max_batch_size
+        results: list[R] = []
+        self._in_flight += 1
+        try:
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                started = time.perf_counter()
+                results.extend(await loop.run_in_executor(self._executor, self._run_batch, chunk))
+                self._observer.on_batch(len(chunk), time.perf_counter() - started)
+        finally:
+            self._in_flight -= 1
+        return results
+
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._batch_loop(), name="dynamic-batcher")
+
+    def _drop_done(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    def _take_batch(self) -> list[_Pending[T]]:
+        batch: list[_Pending[T]] = []
+        while self._queue and len(batch) < self._config.max_batch_size:
+            p = self._queue.popleft()
+            if not p.future.done():
+                batch.append(p)
+        return batch
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self._config
+        while True:
+            self._drop_done()
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = self._queue[0].enqueued_at + cfg.max_queue_delay_s
+            while len(self._queue) < cfg.max_batch_size and not self._closed:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take_batch()
+            self._observer.on_queue_depth(self.queue_depth)
+            if not batch:
+                continue
+            started = time.perf_counter()
+            self._in_flight += 1
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+            except Exception as err:  # the model failed: fail this batch's requests, keep serving
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                continue
+            finally:
+                self._in_flight -= 1
+            self._observer.on_batch(len(batch), time.perf_counter() - started)
+            for p, result in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+
+    async def close(self) -> None:
+        """Stop taking work, finish what is queued, then stop the loop."""
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._wakeup.set()
+            await self._task
+        while self._in_flight:
+            await asyncio.sleep(0.01)

@@ -1,0 +1,152 @@
+"""Loading Hugging Face checkpoint directories, offline, through the real code
+paths (``AutoTokenizer`` / ``AutoModel*.from_pretrained``), plus the metadata
+Arbiter keeps next to a checkpoint (``arbiter.json``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arbiter.errors import ModelLoadError
+from arbiter.types import NormalizationStats
+
+METADATA_FILE = "arbiter.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+# Tokenizers report huge sentinels (e.g. 1e30) when they have no real limit.
+_NO_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """What ``arbiter.json`` says about a checkpoint; every field optional."""
+
+    name: str | None = None
+    version: str | None = None
+    normalization: NormalizationStats | None = None
+    extra: dict[str, Any] | None = None
+
+
+def read_metadata(model_dir: str | os.PathLike) -> CheckpointMetadata:
+    path = Path(model_dir) / METADATA_FILE
+    if not path.exists():
+        return CheckpointMetadata()
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from err
+    norm = raw.get("normalization")
+    stats = None
+    if norm is not None:
+        try:
+            stats = NormalizationStats(
+                mean=float(norm["mean"]), std=float(norm["std"]), sample_count=int(norm.get("sample_count", 0))
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelLoadError(f"{path}: normalization needs numeric 'mean' and 'std' ({err})") from err
+        if not stats.std > 0:
+            raise ModelLoadError(f"{path}: normalization std must be > 0, got {stats.std}")
+    return CheckpointMetadata(
+        name=raw.get("name"),
+        version=None if raw.get("version") is None else str(raw["version"]),
+        normalization=stats,
+        extra={k: v for k, v in raw.items() if k not in {"name", "version", "normalization"}},
+    )
+
+
+def write_metadata(model_dir: str | os.PathLike, **fields: Any) -> None:
+    path = Path(model_dir) / METADATA_FILE
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update({k: v for k, v in fields.items() if v is not None})
+    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def content_version(model_dir: str | os.PathLike) -> str:
+    """A stable version label for a checkpoint without ``arbiter.json``: a hash
+    of its config and a sample of each weights file (cheap even for GB files)."""
+    root = Path(model_dir)
+    digest = hashlib.sha256()
+    config = root / "config.json"
+    if config.exists():
+        digest.update(config.read_bytes())
+    for weights in sorted(p for p in root.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read())
+    return "sha-" + digest.hexdigest()[:12]
+
+
+def check_checkpoint_dir(model_dir: str | os.PathLike) -> Path:
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(f"model directory {str(root)!r} does not exist or is not a directory")
+    if not (root / "config.json").exists() and not (root / "adapter_config.json").exists():
+        raise ModelLoadError(
+            f"{str(root)!r} is not a Hugging Face checkpoint: no config.json (or adapter_config.json) inside"
+        )
+    return root
+
+
+def quiet_transformers() -> None:
+    """Progress bars and advisory warnings from transformers are noise in a
+    server's log; errors still surface as exceptions."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # transformers raises many types here
+        raise ModelLoadError(f"cannot load tokenizer from {str(model_dir)!r}: {err}") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer in {str(model_dir)!r} has neither a pad nor an eos token")
+        # Same fallback as TRL's trainers, so scores match what training saw.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over everything that decides token ids: vocabulary, merges,
+    normalizer/pre-tokenizer, special tokens and chat template. Padding and
+    truncation settings are excluded: they do not change ids."""
+    if getattr(tokenizer, "is_fast", False):
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:
+        spec = {"vocab": sorted(tokenizer.get_vocab().items())}
+    spec["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    spec["chat_template"] = getattr(tokenizer, "chat_template", None)
+    blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def model_max_tokens(config, tokenizer, override: int | None = None) -> int:
+    limits = [
+        getattr(config, attr)
+        for attr in ("max_position_embeddings", "n_positions", "n_ctx")
+        if isinstance(getattr(config, attr, None), int)
+    ]
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and tok_limit < _NO_LIMIT:
+        limits.append(tok_limit)
+    if override:
+        limits.append(override)
+    if not limits:
+        raise ModelLoadError("cannot tell the model's max tokens: set max_tokens explicitly")
+    return min(limits)

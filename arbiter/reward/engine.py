@@ -1,0 +1,153 @@
+"""The reward engine: versions of a reward model behind dynamic batchers.
+
+This is everything the reward service does except speak gRPC: validation,
+batching, normalization, Bradley-Terry comparison and version swaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
+from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.reward.model import RewardModel
+from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
+from arbiter.versions import ModelVersions
+
+
+class RewardObserver(BatchObserver, Protocol):
+    def on_scores(self, model_version: str, raw_scores: Sequence[float]) -> None: ...
+
+    def on_version_removed(self, model_version: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RewardEngineConfig:
+    batching: BatchingConfig = BatchingConfig()
+    max_items_per_request: int = 256
+    # Caps the model's own limit (never raises it).
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_items_per_request < 1:
+            raise ValueError(f"max_items_per_request must be >= 1, got {self.max_items_per_request}")
+
+
+@dataclass
+class _Version:
+    model: RewardModel
+    batcher: DynamicBatcher
+
+
+class RewardEngine:
+    def __init__(self, config: RewardEngineConfig, executor: Executor, observer: RewardObserver):
+        self.config = config
+        self._executor = executor
+        self._observer = observer
+        self._versions: ModelVersions[_Version] = ModelVersions()
+
+    # -- versions -------------------------------------------------------
+
+    def load_blocking(self, path: str | Path, version: str | None = None) -> RewardModel:
+        """Load and validate a checkpoint (slow; run it off the event loop)."""
+        return RewardModel.load(path, version=version or None, max_tokens=self.config.max_tokens)
+
+    def add_version(self, model: RewardModel, activate: bool = True) -> ModelInfo:
+        batcher = DynamicBatcher(model.forward, self.config.batching, self._executor, self._observer)
+        self._versions.add(model.info.version, _Version(model, batcher), activate)
+        return self.info(model.info.version)
+
+    async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
+        model = await asyncio.get_running_loop().run_in_executor(self._executor, self.load_blocking, path, version)
+        return self.add_version(model, activate)
+
+    def activate(self, version: str) -> tuple[ModelInfo, str | None]:
+        previous = self._versions.activate(version)
+        return self.info(version), previous
+
+    async def unload(self, version: str) -> None:
+        entry = self._versions.remove(version)
+        await entry.batcher.close()
+        self._observer.on_version_removed(version)
+
+    def info(self, version: str = "") -> ModelInfo:
+        entry = self._versions.get(version)
+        return replace(entry.model.info, active=self._versions.is_active(entry.model.info.version))
+
+    def list_versions(self) -> list[ModelInfo]:
+        return [self.info(version) for version, _ in self._versions.items()]
+
+    @property
+    def active_version(self) -> str | None:
+        return self._versions.active_version
+
+    # -- scoring --------------------------------------------------------
+
+    async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
+        if not inputs:
+            raise InvalidInput("inputs", "is empty; send at least one item")
+        limit = self.config.max_items_per_request
+        if len(inputs) > limit:
+            raise LimitExceeded(f"{len(inputs)} inputs in one request, over the limit of {limit}; split the request")
+        entry = self._versions.get(options.model_version)
+        info = entry.model.info
+        if options.normalize and info.normalization is None:
+            raise FailedPrecondition(
+                f"model version {info.version!r} ships no normalization statistics; request raw scores "
+                "(options.normalize=false) or load a version with statistics in arbiter.json"
+            )
+        encoded = entry.model.encode(inputs, options.truncation)
+        raw = await entry.batcher.submit([e.token_ids for e in encoded])
+        self._observer.on_scores(info.version, raw)
+        results = [
+            ScoreResult(
+                score=info.normalization.apply(r) if options.normalize else r,
+                raw_score=r,
+                num_tokens=len(e.token_ids),
+                truncated=e.truncated,
+                id=item.id,
+            )
+            for item, e, r in zip(inputs, encoded, raw, strict=True)
+        ]
+        return ScoreBatch(results, info.name, info.version, options.normalize)
+
+    async def compare(
+        self,
+        prompt: str,
+        messages: Sequence[ChatMessage] | None,
+        response_a: str,
+        response_b: str,
+        options: ScoreOptions,
+    ) -> tuple[float, ScoreBatch]:
+        """P(A preferred over B) = sigmoid(r_A - r_B) on raw rewards
+        (Bradley-Terry, the model RM training fits)."""
+        for field, response in (("response_a", response_a), ("response_b", response_b)):
+            if not response.strip():
+                raise InvalidInput(field, "is empty; there is nothing to compare")
+        if messages is not None:
+            pair = [
+                RewardInput(messages=(*messages, ChatMessage("assistant", r)), id=label)
+                for label, r in (("a", response_a), ("b", response_b))
+            ]
+        else:
+            pair = [RewardInput(prompt=prompt, response=r, id=label) for label, r in (("a", response_a), ("b", response_b))]
+        batch = await self.score(pair, options)
+        a, b = batch.results
+        return _sigmoid(a.raw_score - b.raw_score), batch
+
+    async def close(self) -> None:
+        for _, entry in self._versions.items():
+            await entry.batcher.close()
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)

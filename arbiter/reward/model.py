@@ -1,0 +1,159 @@
+"""One loaded reward-model version: rendering, tokenization and the forward pass.
+
+Any Hugging Face directory with ``AutoModelForSequenceClassification`` and one
+label loads here (the format TRL's RewardTrainer writes). The score of a
+sequence is that model's own pooled logit (HF pools at the last non-pad token).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from arbiter.errors import InvalidInput, ModelLoadError
+from arbiter.hf import (
+    check_checkpoint_dir,
+    content_version,
+    load_tokenizer,
+    model_max_tokens,
+    read_metadata,
+    tokenizer_fingerprint,
+)
+from arbiter.types import ChatMessage, ModelInfo, RewardInput, Truncation
+
+_PROBE = RewardInput(prompt="Hello.", response=" Hi, how can I help?")
+
+
+@dataclass(frozen=True)
+class EncodedInput:
+    token_ids: list[int]
+    truncated: bool
+
+
+class RewardModel:
+    def __init__(self, model, tokenizer, info: ModelInfo):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+
+    @classmethod
+    def load(cls, model_dir: str | Path, version: str | None = None, max_tokens: int | None = None) -> RewardModel:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        root = check_checkpoint_dir(model_dir)
+        meta = read_metadata(root)
+        tokenizer = load_tokenizer(root)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(root), local_files_only=True, dtype=torch.float32
+            )
+        except Exception as err:
+            raise ModelLoadError(f"cannot load a sequence-classification model from {str(root)!r}: {err}") from err
+        if model.config.num_labels != 1:
+            raise ModelLoadError(
+                f"{str(root)!r} has num_labels={model.config.num_labels}; a reward model needs exactly 1"
+            )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model.eval()
+        info = ModelInfo(
+            kind="reward",
+            name=meta.name or root.name,
+            version=version or meta.version or content_version(root),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            max_tokens=model_max_tokens(model.config, tokenizer, max_tokens),
+            vocab_size=len(tokenizer),
+            source_path=str(root.resolve()),
+            normalization=meta.normalization,
+            loaded_at=time.time(),
+        )
+        loaded = cls(model, tokenizer, info)
+        loaded.validate()
+        return loaded
+
+    def with_info(self, **changes) -> RewardModel:
+        return RewardModel(self.model, self.tokenizer, replace(self.info, **changes))
+
+    def validate(self) -> None:
+        """Refuse a version whose forward pass fails or is not finite."""
+        try:
+            [score] = self.forward([self.encode([_PROBE], Truncation.LEFT)[0].token_ids])
+        except Exception as err:
+            raise ModelLoadError(f"probe forward pass failed: {err}") from err
+        if not math.isfinite(score):
+            raise ModelLoadError(f"probe forward pass gave a non-finite score ({score})")
+
+    # -- input handling -------------------------------------------------
+
+    def render(self, item: RewardInput, index: int) -> tuple[str, bool]:
+        """Text to tokenize, and whether special tokens still need adding
+        (a chat template already inserts its own)."""
+        if item.messages is not None:
+            _check_conversation(item.messages, f"inputs[{index}].conversation")
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise InvalidInput(
+                    f"inputs[{index}].conversation",
+                    f"model {self.info.name!r} has no chat template; send plain text instead",
+                )
+            messages = [{"role": m.role, "content": m.content} for m in item.messages]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False), False
+        if not item.response.strip():
+            raise InvalidInput(f"inputs[{index}].text.response", "is empty; there is nothing to score")
+        return item.prompt + item.response, True
+
+    def encode(self, items: Sequence[RewardInput], truncation: Truncation) -> list[EncodedInput]:
+        rendered = [self.render(item, i) for i, item in enumerate(items)]
+        encoded = []
+        limit = self.info.max_tokens
+        for i, (text, add_special) in enumerate(rendered):
+            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+            if not ids:
+                raise InvalidInput(f"inputs[{i}]", "tokenizes to zero tokens")
+            truncated = len(ids) > limit
+            if truncated:
+                if truncation is Truncation.REJECT:
+                    raise InvalidInput(
+                        f"inputs[{i}]",
+                        f"is {len(ids)} tokens, over the model's max of {limit}; shorten it or set "
+                        "options.truncation to TRUNCATION_LEFT (keeps the end) or TRUNCATION_RIGHT",
+                    )
+                ids = ids[-limit:] if truncation is Truncation.LEFT else ids[:limit]
+            encoded.append(EncodedInput(ids, truncated))
+        return encoded
+
+    # -- model ----------------------------------------------------------
+
+    def forward(self, batch: list[list[int]]) -> list[float]:
+        """Right-padded batch forward. With a causal backbone, right padding
+        leaves every real position's output identical to an unpadded forward."""
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        pad = self.model.config.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, 0].float().tolist()
+
+
+def _check_conversation(messages: Sequence[ChatMessage], field: str) -> None:
+    if not messages:
+        raise InvalidInput(field, "has no messages")
+    for j, message in enumerate(messages):
+        if not message.role.strip():
+            raise InvalidInput(f"{field}.messages[{j}].role", "is empty")
+        if not message.content.strip():
+            raise InvalidInput(f"{field}.messages[{j}].content", "is empty")
+    if messages[-1].role != "assistant":
+        raise InvalidInput(
+            f"{field}.messages[{len(messages) - 1}].role",
+            f"is {messages[-1].role!r}; the last message must be the assistant response being scored",
+        )

@@ -1,0 +1,79 @@
+"""Plain data types shared by the core library and the service boundaries."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+class Truncation(enum.Enum):
+    REJECT = "reject"
+    LEFT = "left"
+    RIGHT = "right"
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    """Either ``prompt`` + ``response`` (plain text) or ``messages`` (a full
+    conversation whose last turn is the assistant response being scored)."""
+
+    prompt: str = ""
+    response: str = ""
+    messages: tuple[ChatMessage, ...] | None = None
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    model_version: str = ""
+    truncation: Truncation = Truncation.REJECT
+    normalize: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    raw_score: float
+    num_tokens: int
+    truncated: bool
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    results: list[ScoreResult]
+    model_name: str
+    model_version: str
+    normalized: bool
+
+
+@dataclass(frozen=True)
+class NormalizationStats:
+    mean: float
+    std: float
+    sample_count: int = 0
+
+    def apply(self, raw: float) -> float:
+        return (raw - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: str
+    name: str
+    version: str
+    tokenizer_fingerprint: str
+    max_tokens: int
+    vocab_size: int
+    source_path: str
+    backend: str = "torch"
+    normalization: NormalizationStats | None = None
+    loaded_at: float = 0.0
+    active: bool = False
+    extra: dict[str, str] = field(default_factory=dict)

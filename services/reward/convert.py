@@ -1,0 +1,68 @@
+"""Reward-service boundary: protobuf <-> core types."""
+
+from __future__ import annotations
+
+from arbiter.errors import InvalidInput
+from arbiter.types import RewardInput, ScoreBatch, ScoreOptions
+from arbiter.v1 import reward_pb2
+from services.common.convert import messages_from_pb, truncation_from_pb
+
+
+def inputs_from_pb(inputs) -> list[RewardInput]:
+    converted = []
+    for i, item in enumerate(inputs):
+        kind = item.WhichOneof("input")
+        if kind == "text":
+            converted.append(RewardInput(prompt=item.text.prompt, response=item.text.response, id=item.id))
+        elif kind == "conversation":
+            converted.append(RewardInput(messages=messages_from_pb(item.conversation), id=item.id))
+        else:
+            raise InvalidInput(f"inputs[{i}]", "sets neither text nor conversation")
+    return converted
+
+
+def options_from_pb(options: reward_pb2.ScoreOptions) -> ScoreOptions:
+    return ScoreOptions(
+        model_version=options.model_version,
+        truncation=truncation_from_pb(options.truncation, "options.truncation"),
+        normalize=options.normalize,
+    )
+
+
+def results_to_pb(batch: ScoreBatch) -> list[reward_pb2.ScoreResult]:
+    return [
+        reward_pb2.ScoreResult(
+            score=r.score, raw_score=r.raw_score, num_tokens=r.num_tokens, truncated=r.truncated, id=r.id
+        )
+        for r in batch.results
+    ]
+
+
+def score_response_to_pb(batch: ScoreBatch) -> reward_pb2.ScoreResponse:
+    return reward_pb2.ScoreResponse(
+        results=results_to_pb(batch),
+        model_name=batch.model_name,
+        model_version=batch.model_version,
+        normalized=batch.normalized,
+    )
+
+
+def stream_response_to_pb(correlation_id: str, batch: ScoreBatch) -> reward_pb2.ScoreStreamResponse:
+    return reward_pb2.ScoreStreamResponse(
+        correlation_id=correlation_id,
+        results=results_to_pb(batch),
+        model_name=batch.model_name,
+        model_version=batch.model_version,
+        normalized=batch.normalized,
+    )
+
+
+def compare_response_to_pb(probability: float, batch: ScoreBatch) -> reward_pb2.CompareResponse:
+    a, b = batch.results
+    return reward_pb2.CompareResponse(
+        probability_a_preferred=probability,
+        score_a=a.score,
+        score_b=b.score,
+        model_name=batch.model_name,
+        model_version=batch.model_version,
+    )
