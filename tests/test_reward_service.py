@@ -1,0 +1,517 @@
+"""The reward service end to end: a real gRPC server on port 0, real clients."""
+
+import concurrent.futures
+import json
+import math
+import subprocess
+import sys
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from arbiter.hf import read_metadata, tokenizer_fingerprint
+from arbiter.tiny import TinyConfig, make_reward
+from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.common.background import BackgroundServer
+from services.common.settings import SettingsError
+from services.reward.server import create_server
+from services.reward.settings import RewardSettings
+
+PROMPTS = [
+    ("What is the capital of France?", " Paris is the capital."),
+    ("Say something nice.", " You are wonderful and kind!"),
+    ("", " A response with no prompt at all, a little longer than the others to vary padding."),
+    ("Tell me a joke.", " No."),
+]
+
+
+def text_input(prompt, response, item_id=""):
+    return reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=prompt, response=response), id=item_id)
+
+
+def chat_input(messages):
+    return reward_pb2.RewardInput(
+        conversation=common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
+    )
+
+
+class Reference:
+    """Unbatched in-process forward of the same checkpoint, through plain transformers."""
+
+    def __init__(self, model_dir):
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+
+    def score_ids(self, ids):
+        with torch.no_grad():
+            return float(self.model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    def score_text(self, text):
+        return self.score_ids(self.tokenizer(text)["input_ids"])
+
+    def score_chat(self, messages):
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False
+        )
+        return self.score_ids(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    return Reference(tiny_models["reward"])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    settings = RewardSettings(
+        model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, max_items_per_request=16,
+        max_queue_delay_ms=20.0,
+    )
+    with BackgroundServer(lambda: create_server(settings)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return reward_pb2_grpc.RewardServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def models_stub(channel):
+    return common_pb2_grpc.ModelServiceStub(channel)
+
+
+def expect_error(call, code, *fragments):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    for fragment in fragments:
+        assert fragment in info.value.details(), info.value.details()
+    return info.value.details()
+
+
+def assert_still_serving(stub, reference):
+    response = stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=10)
+    assert response.results[0].score == pytest.approx(reference.score_text("".join(PROMPTS[0])), abs=1e-5)
+
+
+def metrics_text(server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+# -- scores -------------------------------------------------------------------
+
+
+def test_scores_equal_in_process_forward(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[text_input(p, r, f"id{i}") for i, (p, r) in enumerate(PROMPTS)])
+    response = stub.Score(request, timeout=10)
+    assert response.model_name == "tiny-reward"
+    assert response.model_version == "v0"
+    assert not response.normalized
+    assert [r.id for r in response.results] == ["id0", "id1", "id2", "id3"]
+    for (prompt, reply), result in zip(PROMPTS, response.results):
+        expected = reference.score_text(prompt + reply)
+        assert result.score == pytest.approx(expected, abs=1e-5)
+        assert result.raw_score == result.score
+        assert result.num_tokens == len(reference.tokenizer(prompt + reply)["input_ids"])
+
+
+def test_chat_input_uses_the_models_own_template(stub, reference):
+    messages = [("system", "Be brief."), ("user", "Hello there"), ("assistant", "Hi! How can I help?")]
+    response = stub.Score(reward_pb2.ScoreRequest(inputs=[chat_input(messages)]), timeout=10)
+    assert response.results[0].score == pytest.approx(reference.score_chat(messages), abs=1e-5)
+
+
+def test_concurrent_small_requests_are_batched_and_exact(server, stub, reference):
+    """32 one-item callers at once: each gets its own exact score, and the
+    server ran them in fewer, larger forward passes."""
+
+    def batch_count():
+        for line in metrics_text(server).splitlines():
+            if line.startswith("arbiter_batch_size_count"):
+                return float(line.split()[-1])
+        return 0.0
+
+    texts = [(f"Prompt number {i}.", " word" * (1 + i % 7)) for i in range(32)]
+    before = batch_count()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        scores = list(
+            pool.map(lambda t: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*t)]), timeout=30), texts)
+        )
+    batches = batch_count() - before
+    for (prompt, reply), response in zip(texts, scores):
+        assert response.results[0].score == pytest.approx(reference.score_text(prompt + reply), abs=1e-5)
+    assert batches < 32 / 2, f"{batches} forward passes for 32 concurrent requests: not batched"
+
+
+def test_normalized_scores_use_the_versions_shipped_stats(stub, tiny_models, reference):
+    stats = read_metadata(tiny_models["reward"]).normalization
+    request = reward_pb2.ScoreRequest(
+        inputs=[text_input(*PROMPTS[1])], options=reward_pb2.ScoreOptions(normalize=True)
+    )
+    response = stub.Score(request, timeout=10)
+    raw = reference.score_text("".join(PROMPTS[1]))
+    assert response.normalized
+    assert response.results[0].raw_score == pytest.approx(raw, abs=1e-5)
+    assert response.results[0].score == pytest.approx((raw - stats.mean) / stats.std, abs=1e-4)
+
+
+def test_compare_is_bradley_terry_on_raw_scores(stub, reference):
+    prompt, a, b = "How are you?", " Great, thanks for asking!", " Bad."
+    response = stub.Compare(reward_pb2.CompareRequest(prompt=prompt, response_a=a, response_b=b), timeout=10)
+    sa, sb = reference.score_text(prompt + a), reference.score_text(prompt + b)
+    assert response.score_a == pytest.approx(sa, abs=1e-5)
+    assert response.score_b == pytest.approx(sb, abs=1e-5)
+    assert response.probability_a_preferred == pytest.approx(1 / (1 + math.exp(-(sa - sb))), abs=1e-6)
+    swapped = stub.Compare(reward_pb2.CompareRequest(prompt=prompt, response_a=b, response_b=a), timeout=10)
+    assert swapped.probability_a_preferred == pytest.approx(1 - response.probability_a_preferred, abs=1e-6)
+
+
+def test_compare_with_conversation_context(stub, reference):
+    context = common_pb2.Conversation(messages=[common_pb2.ChatMessage(role="user", content="Hi")])
+    response = stub.Compare(
+        reward_pb2.CompareRequest(conversation=context, response_a="Hello!", response_b="Go away."), timeout=10
+    )
+    assert response.score_a == pytest.approx(reference.score_chat([("user", "Hi"), ("assistant", "Hello!")]), abs=1e-5)
+
+
+def test_score_stream_answers_every_message_and_survives_a_bad_one(stub, reference):
+    requests = []
+    for i in range(20):
+        prompt, reply = PROMPTS[i % len(PROMPTS)]
+        requests.append(reward_pb2.ScoreStreamRequest(correlation_id=f"m{i}", inputs=[text_input(prompt, reply)]))
+    requests.insert(7, reward_pb2.ScoreStreamRequest(correlation_id="bad", inputs=[text_input("p", "")]))
+    responses = {r.correlation_id: r for r in stub.ScoreStream(iter(requests), timeout=30)}
+    assert set(responses) == {r.correlation_id for r in requests}
+    bad = responses.pop("bad")
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "inputs[0].text.response" in bad.error.message
+    for i in range(20):
+        prompt, reply = PROMPTS[i % len(PROMPTS)]
+        assert responses[f"m{i}"].results[0].score == pytest.approx(reference.score_text(prompt + reply), abs=1e-5)
+
+
+# -- model info, health, reflection ---------------------------------------------
+
+
+def test_model_info(models_stub, tiny_models):
+    info = models_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["reward"]))
+    stats = read_metadata(tiny_models["reward"]).normalization
+    assert (info.kind, info.name, info.version, info.active) == ("reward", "tiny-reward", "v0", True)
+    assert info.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer)
+    assert info.max_tokens == TinyConfig().n_positions
+    assert info.normalization.mean == pytest.approx(stats.mean)
+    assert info.normalization.std == pytest.approx(stats.std)
+    assert info.backend == "torch"
+
+
+def test_health_and_reflection(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "arbiter.v1.RewardService", "arbiter.v1.ModelService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    [answer] = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"arbiter.v1.RewardService", "arbiter.v1.ModelService", "grpc.health.v1.Health"} <= names
+
+
+# -- bad input ----------------------------------------------------------------
+
+
+def test_empty_batch(stub, reference):
+    expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "inputs", "empty")
+    assert_still_serving(stub, reference)
+
+
+def test_empty_response_text_names_the_item(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[text_input("a", " fine"), text_input("b", "   ")])
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "inputs[1].text.response", "empty")
+    assert_still_serving(stub, reference)
+
+
+def test_item_without_input(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[text_input("a", " ok"), reward_pb2.RewardInput(id="x")])
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "inputs[1]", "neither text nor conversation")
+    assert_still_serving(stub, reference)
+
+
+def test_conversation_must_end_with_the_assistant(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "hi")])])
+    expect_error(
+        lambda: stub.Score(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].conversation.messages[0].role", "assistant",
+    )
+    request = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "hi"), ("assistant", "")])])
+    expect_error(
+        lambda: stub.Score(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0].conversation.messages[1].content", "empty",
+    )
+    assert_still_serving(stub, reference)
+
+
+def test_too_long_is_rejected_naming_the_item(stub, reference):
+    long_reply = " word" * 400
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0]), text_input("q", long_reply)])
+    details = expect_error(
+        lambda: stub.Score(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "inputs[1]", "max of 256", "TRUNCATION_LEFT"
+    )
+    assert "inputs[0]" not in details
+    assert_still_serving(stub, reference)
+
+
+def test_truncation_left_keeps_the_end(stub, reference):
+    long_reply = " word" * 400 + " The end."
+    request = reward_pb2.ScoreRequest(
+        inputs=[text_input("q", long_reply)],
+        options=reward_pb2.ScoreOptions(truncation=common_pb2.TRUNCATION_LEFT),
+    )
+    result = stub.Score(request, timeout=10).results[0]
+    ids = reference.tokenizer("q" + long_reply)["input_ids"][-256:]
+    assert result.truncated and result.num_tokens == 256
+    assert result.score == pytest.approx(reference.score_ids(ids), abs=1e-5)
+
+
+def test_too_many_items_is_resource_exhausted_with_the_limit(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])] * 17)
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED, "17 inputs", "limit of 16")
+    assert_still_serving(stub, reference)
+
+
+def test_unknown_model_version_is_not_found(stub, reference):
+    request = reward_pb2.ScoreRequest(
+        inputs=[text_input(*PROMPTS[0])], options=reward_pb2.ScoreOptions(model_version="v999")
+    )
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.NOT_FOUND, "'v999'", "loaded: v0")
+    assert_still_serving(stub, reference)
+
+
+def test_unknown_truncation_value(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])], options=reward_pb2.ScoreOptions(truncation=42))
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "options.truncation", "TRUNCATION_LEFT")
+    assert_still_serving(stub, reference)
+
+
+def test_deadline_is_honoured(stub, reference):
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])])
+    expect_error(lambda: stub.Score(request, timeout=0.001), grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert_still_serving(stub, reference)
+
+
+def test_metrics_report_requests_batches_and_scores(server, stub):
+    stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Score(reward_pb2.ScoreRequest(), timeout=10)
+    text = metrics_text(server)
+    assert 'arbiter_requests_total{code="OK",method="Score",service="reward"}' in text
+    assert 'arbiter_requests_total{code="INVALID_ARGUMENT",method="Score",service="reward"}' in text
+    assert 'arbiter_request_duration_seconds_bucket{le="0.001",method="Score",service="reward"}' in text
+    assert 'arbiter_reward_score_bucket{le="0.0",model_version="v0"}' in text
+    assert 'arbiter_batch_size_bucket{le="1.0",service="reward"}' in text
+    assert 'arbiter_queue_depth{service="reward"}' in text
+    assert 'arbiter_model_active{model_version="v0",service="reward"} 1.0' in text
+
+
+# -- versions -------------------------------------------------------------------
+
+
+def test_load_activate_and_unload_versions(tmp_path, tiny_models, stub, models_stub, reference):
+    candidate = make_reward(tmp_path / "rm-v1", TinyConfig(seed=7), calibrate=False)
+    loaded = models_stub.LoadModelVersion(
+        common_pb2.LoadModelVersionRequest(path=str(candidate), version="v1", activate=False), timeout=60
+    )
+    assert loaded.info.version == "v1" and not loaded.info.active
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])])
+    assert stub.Score(request, timeout=10).model_version == "v0"
+    pinned = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])], options=reward_pb2.ScoreOptions(model_version="v1"))
+    assert stub.Score(pinned, timeout=10).results[0].score == pytest.approx(
+        Reference(candidate).score_text("".join(PROMPTS[1])), abs=1e-5
+    )
+    # v1 ships no statistics: normalizing with it is refused, not improvised.
+    unnormalizable = reward_pb2.ScoreRequest(
+        inputs=[text_input(*PROMPTS[1])], options=reward_pb2.ScoreOptions(model_version="v1", normalize=True)
+    )
+    expect_error(lambda: stub.Score(unnormalizable, timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "normalization")
+
+    swapped = models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="v1"), timeout=10)
+    assert swapped.previous_version == "v0" and swapped.info.active
+    assert stub.Score(request, timeout=10).model_version == "v1"
+    expect_error(
+        lambda: models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v1"), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION, "active",
+    )
+    models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="v0"), timeout=10)
+    models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v1"), timeout=10)
+    versions = models_stub.ListModelVersions(common_pb2.ListModelVersionsRequest(), timeout=10).versions
+    assert [v.version for v in versions] == ["v0"]
+    assert_still_serving(stub, reference)
+
+
+def test_bad_checkpoints_are_refused_and_nothing_changes(tmp_path, tiny_models, stub, models_stub, reference):
+    from transformers import GPT2ForSequenceClassification
+
+    two_labels = tmp_path / "two-labels"
+    model = GPT2ForSequenceClassification.from_pretrained(str(tiny_models["reward"]), num_labels=2, ignore_mismatched_sizes=True)
+    model.save_pretrained(two_labels)
+    AutoTokenizer.from_pretrained(str(tiny_models["reward"])).save_pretrained(two_labels)
+    cases = [
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(tmp_path), "no config.json"),
+        (str(two_labels), "num_labels=2"),
+    ]
+    for path, fragment in cases:
+        expect_error(
+            lambda: models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=path, activate=True), timeout=60),
+            grpc.StatusCode.FAILED_PRECONDITION, fragment,
+        )
+    nan_dir = tmp_path / "nan"
+    nan_model = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["reward"]))
+    with torch.no_grad():
+        nan_model.score.weight.fill_(float("nan"))
+    nan_model.save_pretrained(nan_dir)
+    AutoTokenizer.from_pretrained(str(tiny_models["reward"])).save_pretrained(nan_dir)
+    expect_error(
+        lambda: models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(nan_dir), activate=True), timeout=60),
+        grpc.StatusCode.FAILED_PRECONDITION, "non-finite",
+    )
+    info = models_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info
+    assert info.version == "v0"
+    assert_still_serving(stub, reference)
+
+
+# -- lifecycle, auth, other checkpoints -------------------------------------------------
+
+
+def test_graceful_stop_drains_in_flight_requests(tiny_models):
+    # A long queue delay keeps the request in flight while stop() begins.
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, max_queue_delay_ms=800.0, max_batch_size=64)
+    srv = BackgroundServer(lambda: create_server(settings))
+    channel = grpc.insecure_channel(srv.target)
+    stub = reward_pb2_grpc.RewardServiceStub(channel)
+    stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=10)  # connected
+    in_flight = stub.Score.future(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])]), timeout=30)
+    srv.stop(grace=10)
+    assert in_flight.result().results[0].num_tokens > 0
+    with pytest.raises(grpc.RpcError) as after:
+        stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=2)
+    assert after.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    channel.close()
+
+
+def test_bearer_token_is_required_when_configured(tiny_models):
+    token = "s3cret-token-of-enough-length"
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, auth_token=token)
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])])
+        expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.UNAUTHENTICATED, "Bearer")
+        expect_error(
+            lambda: stub.Score(request, timeout=10, metadata=(("authorization", "Bearer wrong"),)),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        ok = stub.Score(request, timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+        assert ok.results[0].num_tokens > 0
+        stream = stub.ScoreStream(iter([reward_pb2.ScoreStreamRequest(inputs=[text_input(*PROMPTS[0])])]), timeout=10)
+        expect_error(lambda: list(stream), grpc.StatusCode.UNAUTHENTICATED)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_any_hf_sequence_classification_checkpoint_loads(tmp_path, tiny_models):
+    """Not only GPT-2: a Llama-architecture RM written by save_pretrained."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models["reward"]))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "llama-rm")
+    tokenizer.save_pretrained(tmp_path / "llama-rm")
+    reference = Reference(tmp_path / "llama-rm")
+    settings = RewardSettings(model_dir=str(tmp_path / "llama-rm"), port=0)
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        response = stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(p, r) for p, r in PROMPTS]), timeout=30)
+        for (p, r), result in zip(PROMPTS, response.results):
+            assert result.score == pytest.approx(reference.score_text(p + r), abs=1e-5)
+        assert response.model_version.startswith("sha-")  # no arbiter.json: content-derived version
+        info = common_pb2_grpc.ModelServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info
+        assert info.max_tokens == 128
+
+
+def test_settings_errors_name_the_field(tiny_models):
+    with pytest.raises(SettingsError, match="port=70000"):
+        RewardSettings(model_dir=str(tiny_models["reward"]), port=70000)
+    with pytest.raises(SettingsError, match="max_queue_size"):
+        RewardSettings(model_dir=str(tiny_models["reward"]), max_batch_size=64, max_queue_size=8)
+    with pytest.raises(SettingsError, match="model_dir"):
+        RewardSettings()
+
+
+# -- CLI -------------------------------------------------------------------------
+
+
+def test_arbiter_score_cli(server, reference):
+    lines = [
+        json.dumps({"prompt": PROMPTS[0][0], "response": PROMPTS[0][1], "id": "a"}),
+        "",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "arbiter.cli", "score", "--target", server.target],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0]["id"] == "a" and rows[0]["model_version"] == "v0"
+    assert rows[0]["score"] == pytest.approx(reference.score_text("".join(PROMPTS[0])), abs=1e-5)
+    assert rows[1]["score"] == pytest.approx(reference.score_chat([("user", "hi"), ("assistant", "hello")]), abs=1e-5)
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "arbiter.cli", "score", "--target", server.target],
+        input='{"prompt": "x", "response": " ok"}\n{not json\n', capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "line 2" in bad.stderr
+    empty = subprocess.run(
+        [sys.executable, "-m", "arbiter.cli", "score", "--target", server.target],
+        input='{"prompt": "x", "response": ""}\n', capture_output=True, text=True, timeout=120,
+    )
+    assert empty.returncode == 1 and "INVALID_ARGUMENT" in empty.stderr and "inputs[0].text.response" in empty.stderr
+
+
+def test_expired_request_frees_its_batch_slot(tiny_models):
+    """A request whose deadline passes while queued is cancelled server-side
+    and never reaches the model."""
+    settings = RewardSettings(
+        model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, max_queue_delay_ms=600.0, max_batch_size=64
+    )
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        batch_sizes = srv.running.metrics.batch_size.labels("reward")
+        expect_error(
+            lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])] * 3), timeout=0.2),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        ok = stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])]), timeout=10)
+        assert len(ok.results) == 1
+        # Only the live request's single item was run: the expired three were skipped.
+        assert batch_sizes._sum.get() == 1.0
+        assert srv.engine._versions.get().batcher.queue_depth == 0
+        text = metrics_text(srv)
+        assert 'arbiter_requests_total{code="DEADLINE_EXCEEDED",method="Score",service="reward"} 1.0' in text
