@@ -47,7 +47,7 @@ test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/python -m arbiter.demo $(DEMO_ARGS)
+	$(BIN)/arbiter demo $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

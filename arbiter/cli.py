@@ -56,6 +56,12 @@ def _score(args) -> int:
     return score_main(args)
 
 
+def _demo(args) -> int:
+    from services.demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arbiter", description="Reward models as a service, and RLHF on them.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
     score.add_argument("--tls-ca-file", help="CA bundle for a TLS server")
     score.set_defaults(run=_score)
+
+    demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(run=_demo)
     return parser
 
 

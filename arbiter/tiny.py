@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from arbiter.hf import write_metadata
+from arbiter.hf import quiet_transformers, write_metadata
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -134,6 +134,7 @@ def make_reward(out_dir: str | Path, cfg: TinyConfig = TinyConfig(), tokenizer=N
 def make_tiny_models(out_dir: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[str, Path]:
     """Writes ``OUT/policy`` (causal LM) and ``OUT/reward`` (RM), sharing one tokenizer."""
     out = Path(out_dir)
+    quiet_transformers()
     tokenizer = build_tokenizer(cfg.vocab_size, cfg.n_positions)
     return {
         "policy": make_policy(out / "policy", cfg, tokenizer),

@@ -1,0 +1,141 @@
+"""Reward-service throughput and latency vs its two baselines, in one run.
+
+(a) in-process batched forward of the same model and inputs: the limit;
+(b) the same service with dynamic batching off.
+Clients send one item per request (many small callers), over real gRPC, from
+this process; the service runs in its own process as deployed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Measurement, ServiceProcess, print_table
+
+BENCH_MODEL = dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=512)
+WORDS = "the a policy reward model good bad answer question kind helpful short long quick brown fox".split()
+
+
+def make_texts(count: int, tokens: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    return [
+        (" ".join(rng.choices(WORDS, k=tokens // 4)), " " + " ".join(rng.choices(WORDS, k=3 * tokens // 4)))
+        for _ in range(count)
+    ]
+
+
+def build_model(out: Path) -> Path:
+    from arbiter.tiny import TinyConfig, make_reward
+
+    return make_reward(out / "bench-rm", TinyConfig(**BENCH_MODEL), calibrate=False)
+
+
+def in_process(model_dir: Path, texts, batch_size: int, seconds: float, threads: int) -> Measurement:
+    import torch
+
+    from arbiter.reward.model import RewardModel
+    from arbiter.types import RewardInput, Truncation
+
+    torch.set_num_threads(threads)
+    model = RewardModel.load(model_dir)
+    encoded = [e.token_ids for e in model.encode([RewardInput(p, r) for p, r in texts], Truncation.LEFT)]
+    model.forward(encoded[:batch_size])  # warm-up
+    items, latencies, started, i = 0, [], time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        batch = [encoded[(i + j) % len(encoded)] for j in range(batch_size)]
+        t0 = time.perf_counter()
+        model.forward(batch)
+        latencies.append(time.perf_counter() - t0)
+        items += batch_size
+        i += batch_size
+    return Measurement(f"in-process forward (batch {batch_size})", 0, items, time.perf_counter() - started, latencies)
+
+
+async def _drive(target: str, texts, clients: int, seconds: float, warmup_s: float) -> Measurement:
+    import grpc
+
+    from arbiter.v1 import reward_pb2, reward_pb2_grpc
+
+    requests = [
+        reward_pb2.ScoreRequest(
+            inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=p, response=r))],
+            options=reward_pb2.ScoreOptions(truncation=2),
+        )
+        for p, r in texts
+    ]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        await stub.Score(requests[0], timeout=60)
+        latencies: list[float] = []
+        counting = False
+        stop_at = time.perf_counter() + warmup_s + seconds
+
+        async def client(k: int) -> None:
+            j = k
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await stub.Score(requests[j % len(requests)], timeout=120)
+                if counting:
+                    latencies.append(time.perf_counter() - t0)
+                j += clients
+
+        tasks = [asyncio.create_task(client(k)) for k in range(clients)]
+        await asyncio.sleep(warmup_s)
+        counting, started = True, time.perf_counter()
+        done_before = len(latencies)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return Measurement("", clients, len(latencies) - done_before, elapsed, latencies)
+
+
+def through_service(model_dir: Path, texts, clients_list, seconds: float, threads: int, batching: bool, batch_size: int):
+    args = ["reward", "--model", str(model_dir), "--torch-threads", str(threads), "--max-batch-size", str(batch_size)]
+    if not batching:
+        args.append("--no-dynamic-batching")
+    results = []
+    with ServiceProcess(args) as service:
+        for clients in clients_list:
+            m = asyncio.run(_drive(service.target, texts, clients, seconds, warmup_s=min(2.0, seconds / 2)))
+            m.label = "service, dynamic batching" if batching else "service, batching off"
+            results.append(m)
+    return results
+
+
+def run(seconds: float = 8.0, token_lengths=(16, 128), **kwargs) -> dict:
+    """Short items (a chat turn) and long ones: on CPU, batching pays where the
+    fixed cost of a forward pass dominates, i.e. for short items."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(Path(tmp))
+        return {f"{tokens}_tokens": run_one(model_dir, seconds, tokens=tokens, **kwargs) for tokens in token_lengths}
+
+
+def run_one(model_dir: Path, seconds: float, clients_list=(1, 8, 32, 64), threads: int = 2, batch_size: int = 32, tokens: int = 128) -> dict:
+    texts = make_texts(512, tokens)
+    limit = in_process(model_dir, texts, batch_size, seconds, threads)
+    batched = through_service(model_dir, texts, clients_list, seconds, threads, True, batch_size)
+    unbatched = through_service(model_dir, texts, clients_list, seconds, threads, False, batch_size)
+    rows = [[limit.label, "-", f"{limit.throughput:.1f}", f"{limit.percentile_ms(50):.1f}", f"{limit.percentile_ms(99):.1f}", "1.00", "-"]]
+    by_clients = {m.clients: m for m in unbatched}
+    for m in batched + unbatched:
+        off = by_clients[m.clients]
+        rows.append([
+            m.label, m.clients, f"{m.throughput:.1f}", f"{m.percentile_ms(50):.1f}", f"{m.percentile_ms(99):.1f}",
+            f"{m.throughput / limit.throughput:.2f}", f"{m.throughput / off.throughput:.2f}",
+        ])
+    print_table(
+        f"Reward scoring, {tokens}-token items, model {BENCH_MODEL}, torch threads {threads}, "
+        f"max batch {batch_size}, {seconds:.0f}s per cell",
+        ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs in-process (a)", "vs batching off (b)"],
+        rows,
+    )
+    saturated = max(batched, key=lambda m: m.clients)
+    return {
+        "in_process_items_per_s": limit.throughput,
+        "saturation_ratio_vs_in_process": saturated.throughput / limit.throughput,
+        "ratio_vs_unbatched_at_32": next(m for m in batched if m.clients == 32).throughput / by_clients[32].throughput
+        if 32 in by_clients else None,
+    }
