@@ -1,0 +1,748 @@
+"""The RLHF objective as small pure tensor functions.
+
+PPO as in InstructGPT (Ouyang et al. 2022, "Training language models to follow
+instructions with human feedback", eq. 2): the reward of a sample is the
+reward model's score of the whole sequence minus a per-token KL penalty against
+the frozen reference (SFT) policy,
+
+    R(x, y) = r_θ(x, y) − β · log(π(y | x) / π_ref(y | x)),
+
+spread over tokens as in Ziegler et al. 2019 ("Fine-Tuning Language Models from
+Human Preferences"): every token t gets −β·KL_t and the last real token also
+gets r_θ. A value head and GAE (Schulman et al. 2016) turn these into
+advantages; the clipped surrogate (Schulman et al. 2017, PPO) with a clipped
+value loss and an entropy bonus is optimized for a few minibatch epochs.
+Optional pieces: the pretraining-mix term of PPO-ptx (Ouyang et al. 2022), an
+adaptive KL coefficient (Ziegler et al. 2019), and two critic-free advantage
+estimators on the same loop, RLOO (Ahmadian et al. 2024, "Back to Basics") and
+GRPO (Shao et al. 2024, DeepSeekMath).
+
+Shapes and conventions (every function below uses them):
+
+* ``B`` sequences, ``T`` completion tokens, ``V`` vocabulary entries. Only the
+  completion is scored; prompt tokens never appear in these tensors.
+* ``mask`` (B, T): true on real completion tokens, false on the padding after
+  the end of a completion. Completions are right-padded. Padded positions may
+  hold anything finite; they never reach a result, and outputs are 0 there.
+* ``logprobs[:, t] = log π(y_t | x, y_<t)``; ``values[:, t] = V(x, y_<t)`` is
+  read from the same hidden position as the logits that predict ``y_t``.
+* "old" log-probs are those of the policy that *sampled* the rollout (the
+  behaviour policy); rollouts carry them (``Rollout.sampling_logprobs``).
+
+Stale rollouts. Rollouts arrive asynchronously, so some were sampled by a
+policy a few updates behind the one being trained. The policy we recommend for
+the trainer, and which these functions implement:
+
+1. Drop rollouts whose lag exceeds a bound (:func:`staleness_verdict`,
+   :func:`staleness_keep_mask`); rollouts "from the future" (a version the
+   trainer has not published, e.g. after a restart from an older checkpoint)
+   are dropped too.
+2. Within the bound use the rollout's own sampling log-probs as PPO's
+   ``old_logprobs``. PPO's ratio π_θ/π_behaviour *is* the importance
+   correction, and clipping bounds how far an update can move on off-policy
+   data: a lag of k versions is no different in kind from PPO's own later
+   minibatch epochs. Do not recompute ``old_logprobs`` with the current policy
+   unless you also apply the behaviour weights below.
+3. Optional (decoupled PPO, Hilton et al. 2021, "Batch size-invariance for
+   policy optimization"): take ``old_logprobs`` from the current (proximal)
+   policy and weight each token by the truncated importance weight
+   min(ρ̄, π_prox/π_behaviour) of :func:`truncated_importance_weights`
+   (IMPALA's ρ̄ truncation, Espeholt et al. 2018), passed to
+   :func:`policy_loss` as ``behaviour_weights``.
+
+Rewards, advantages and weights depend on rollout data only: compute them
+under ``torch.no_grad()``. The losses are differentiable in ``logprobs``,
+``values`` and ``logits``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from enum import Enum
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from arbiter.errors import FailedPrecondition, InvalidInput
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token", "sequence")
+
+
+# ----------------------------------------------------------------------------
+# Masked statistics
+
+
+def _as_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    if tuple(mask.shape) != tuple(like.shape):
+        raise InvalidInput(name, f"has shape {tuple(mask.shape)}, expected {tuple(like.shape)}")
+    return mask.bool()
+
+
+def _check_shape(name: str, tensor: Tensor, shape: Sequence[int]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise InvalidInput(name, f"has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true.
+
+    With ``dim=None`` a scalar, and an empty mask is an error (there is no mean).
+    With ``dim`` given, rows with no selected element get 0 so a batch with an
+    empty completion does not poison the rest.
+    """
+    m = _as_mask(mask, values)
+    selected = torch.where(m, values, 0)
+    if dim is None:
+        count = int(m.sum())
+        if count == 0:
+            raise InvalidInput("mask", "selects no elements; a masked mean needs at least one")
+        return selected.sum() / count
+    return selected.sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``values`` where ``mask`` is true (scalar).
+
+    Unbiased (Bessel-corrected) by default, as in TRL's ``masked_var``.
+    """
+    m = _as_mask(mask, values)
+    mean = masked_mean(values, m)
+    var = masked_mean((values - mean) ** 2, m)
+    if unbiased:
+        n = int(m.sum())
+        if n < 2:
+            raise InvalidInput("mask", f"selects {n} element(s); the unbiased variance needs at least 2")
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(values − mean) / sqrt(var + eps) over the masked elements; 0 on padding.
+
+    ``shift_mean=False`` keeps the mean and only rescales: that is how rewards
+    are whitened (a constant reward offset still carries signal through the
+    value baseline), whereas advantages are fully whitened.
+    """
+    m = _as_mask(mask, values)
+    mean = masked_mean(values, m)
+    var = masked_var(values, m)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(m, whitened, 0)
+
+
+def masked_aggregate(per_token: Tensor, mask: Tensor, aggregation: str = "token") -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar.
+
+    ``"token"``: mean over all real tokens of the batch (TRL's PPO; long
+    completions weigh more). ``"sequence"``: mean over sequences of each
+    sequence's token mean (GRPO, Shao et al. 2024 eq. 3; every sample weighs
+    the same). Sequences with no real token are left out of the sequence mean.
+    """
+    m = _as_mask(mask, per_token)
+    if aggregation == "token":
+        return masked_mean(per_token, m)
+    if aggregation == "sequence":
+        per_sequence = masked_mean(per_token, m, dim=1)  # (B,)
+        return masked_mean(per_sequence, m.any(dim=1))
+    raise InvalidInput("aggregation", f"must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
+
+
+def _check_right_padded(mask: Tensor) -> None:
+    # A real token after a padded one would let GAE bootstrap through a hole.
+    if mask.shape[1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise InvalidInput("mask", "completions must be right-padded (no real token after a padded one)")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B,) index of the last real token of each row of a (B, T) mask."""
+    m = mask.bool()
+    if m.dim() != 2:
+        raise InvalidInput("mask", f"must be 2-D (B, T), got shape {tuple(m.shape)}")
+    empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidInput("mask", f"rows {empty} have no completion tokens to carry the score")
+    T = m.shape[1]
+    return T - 1 - m.flip(1).long().argmax(dim=1)
+
+
+# ----------------------------------------------------------------------------
+# KL penalty and rewards
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (B, T).
+
+    Schulman 2020, "Approximating KL Divergence", with r = π_ref/π:
+    k1 = −log r (unbiased, can be negative per token; what InstructGPT uses),
+    k2 = ½ (log r)² (biased, low variance), k3 = (r − 1) − log r (unbiased,
+    always ≥ 0; GRPO's KL term).
+    """
+    log_ratio = logprobs - ref_logprobs  # log π/π_ref = −log r
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise InvalidInput("estimator", f"must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+class PenalizedRewards(NamedTuple):
+    rewards: Tensor  # (B, T) −β·KL_t, plus the RM score on the last real token
+    kl: Tensor  # (B, T) per-token KL estimate, 0 on padding
+
+
+def kl_penalized_rewards(
+    rm_score: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> PenalizedRewards:
+    """Per-token rewards r_t = −β·KL_t + [t = last] · r_θ (Ziegler et al. 2019).
+
+    rm_score (B,) is the reward model's score of the full sample (InstructGPT
+    scores only the finished sequence, so it lands on the last real token);
+    logprobs, ref_logprobs, mask (B, T).
+    """
+    m = _as_mask(mask, logprobs)
+    _check_shape("ref_logprobs", ref_logprobs, logprobs.shape)
+    _check_shape("rm_score", rm_score, logprobs.shape[:1])
+    if not kl_coef >= 0:
+        raise InvalidInput("kl_coef", f"must be >= 0, got {kl_coef}")
+    kl = torch.where(m, kl_estimate(logprobs, ref_logprobs, estimator), 0)  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+    last = last_token_index(m)  # (B,)
+    rewards = rewards.scatter_add(1, last[:, None], rm_score.to(rewards.dtype)[:, None])
+    return PenalizedRewards(rewards=rewards, kl=kl)
+
+
+def kl_penalized_scores(
+    rm_score: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> Tensor:
+    """(B,) sequence-level reward r_θ − β·Σ_t KL_t, for critic-free estimators.
+
+    RLOO treats the whole completion as one action (Ahmadian et al. 2024 §3),
+    so its reward is the sum of the per-token rewards above.
+    """
+    return kl_penalized_rewards(rm_score, logprobs, ref_logprobs, mask, kl_coef, estimator).rewards.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------
+# Advantages
+
+
+class Advantages(NamedTuple):
+    advantages: Tensor  # (B, T), 0 on padding
+    returns: Tensor  # (B, T) value targets A_t + V_t, 0 on padding
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Advantages:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16).
+
+    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  returns = A + V.
+    rewards, values, mask (B, T), right-padded. The episode ends at the last
+    real token, so V and A after it are 0 (no bootstrap past EOS or a
+    truncated completion: the RM score already judged what was generated).
+    """
+    m = _as_mask(mask, rewards)
+    _check_shape("values", values, rewards.shape)
+    _check_right_padded(m)
+    if not 0 <= gamma <= 1:
+        raise InvalidInput("gamma", f"must be in [0, 1], got {gamma}")
+    if not 0 <= lam <= 1:
+        raise InvalidInput("lam", f"must be in [0, 1], got {lam}")
+    rewards = torch.where(m, rewards, 0)
+    values = torch.where(m, values, 0)
+    B, T = rewards.shape
+    next_value = rewards.new_zeros(B)  # V_{t+1}
+    next_advantage = rewards.new_zeros(B)  # A_{t+1}
+    reversed_advantages = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        reversed_advantages.append(next_advantage)
+        next_value = values[:, t]
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)  # (B, T)
+    advantages = torch.where(m, advantages, 0)
+    returns = torch.where(m, advantages + values, 0)
+    return Advantages(advantages=advantages, returns=returns)
+
+
+def _group_index(group_ids: Tensor | Sequence[Hashable], n: int) -> Tensor:
+    """Map arbitrary group labels (e.g. ``Rollout.group_id`` strings) to 0..G-1."""
+    if isinstance(group_ids, Tensor):
+        if tuple(group_ids.shape) != (n,):
+            raise InvalidInput("group_ids", f"has shape {tuple(group_ids.shape)}, expected ({n},)")
+        return torch.unique(group_ids, return_inverse=True)[1]
+    if len(group_ids) != n:
+        raise InvalidInput("group_ids", f"has {len(group_ids)} entries, expected {n}")
+    index: dict[Hashable, int] = {}
+    return torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long)
+
+
+def _group_moments(scores: Tensor, group_ids: Tensor | Sequence[Hashable] | None, who: str):
+    """Per-sample group count, group mean and unbiased group variance.
+
+    scores is (G, K) (row = group) with group_ids None, or (B,) with group_ids.
+    Returns (scores, count, sum, mean, variance), each flat (N,) and per sample.
+    """
+    if not scores.is_floating_point():
+        scores = scores.to(torch.get_default_dtype())
+    if group_ids is None:
+        if scores.dim() != 2:
+            raise InvalidInput("scores", f"must be (G, K) without group_ids, got shape {tuple(scores.shape)}")
+        G, K = scores.shape
+        inverse = torch.arange(G, device=scores.device).repeat_interleave(K)
+    else:
+        if scores.dim() != 1:
+            raise InvalidInput("scores", f"must be (B,) with group_ids, got shape {tuple(scores.shape)}")
+        inverse = _group_index(group_ids, scores.shape[0]).to(scores.device)
+    flat = scores.reshape(-1)
+    n_groups = int(inverse.max()) + 1 if flat.numel() else 0
+    zeros = flat.new_zeros(n_groups)
+    counts = zeros.index_add(0, inverse, torch.ones_like(flat))
+    if n_groups and int(counts.min()) < 2:
+        raise InvalidInput(
+            "group_ids" if group_ids is not None else "scores",
+            f"every group needs at least 2 samples for {who}; smallest group has {int(counts.min())}",
+        )
+    sums = zeros.index_add(0, inverse, flat)
+    means = sums / counts
+    squares = zeros.index_add(0, inverse, (flat - means[inverse]) ** 2)
+    variances = squares / (counts - 1)
+    return flat, counts[inverse], sums[inverse], means[inverse], variances[inverse]
+
+
+def rloo_advantages(scores: Tensor, group_ids: Tensor | Sequence[Hashable] | None = None) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 9): A_i = r_i − mean_{j≠i} r_j.
+
+    scores (G, K) with one group of K samples per row, or (B,) plus group_ids
+    (B,); the result has the shape of scores. Equivalently A_i = K/(K−1)·(r_i − r̄).
+    """
+    flat, counts, sums, _, _ = _group_moments(scores, group_ids, "RLOO's leave-one-out baseline")
+    baseline = (sums - flat) / (counts - 1)
+    return (flat - baseline).reshape(scores.shape)
+
+
+def grpo_advantages(
+    scores: Tensor,
+    group_ids: Tensor | Sequence[Hashable] | None = None,
+    eps: float = 1e-4,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """Group-relative advantage (Shao et al. 2024, §4.1.2): A_i = (r_i − mean(r)) / (std(r) + eps).
+
+    The group std is unbiased, as in TRL's GRPOTrainer. ``scale_by_std=False``
+    only centres (Liu et al. 2025, "Dr. GRPO": the std division up-weights
+    groups that are nearly solved or nearly failed).
+    """
+    flat, _, _, means, variances = _group_moments(scores, group_ids, "GRPO's group statistics")
+    advantages = flat - means
+    if scale_by_std:
+        advantages = advantages / (variances.sqrt() + eps)
+    return advantages.reshape(scores.shape)
+
+
+def broadcast_sequence_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
+    """(B,) outcome advantages → (B, T): every real token of a sample gets its sample's advantage."""
+    m = mask.bool()
+    _check_shape("advantages", advantages, m.shape[:1])
+    return torch.where(m, advantages[:, None], 0)
+
+
+# ----------------------------------------------------------------------------
+# Losses
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[tokens]: (B, T, V), (B, T) → (B, T)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.long()[..., None]).squeeze(-1)
+
+
+class PolicyLoss(NamedTuple):
+    loss: Tensor  # scalar, differentiable in logprobs
+    clipfrac: Tensor  # fraction of real tokens where the clipped term was chosen (detached)
+    approx_kl: Tensor  # k3 estimate of KL(π_old ‖ π_θ) (detached)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_coef: float,
+    *,
+    behaviour_weights: Tensor | None = None,
+    aggregation: str = "token",
+) -> PolicyLoss:
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), negated into a loss.
+
+    ratio = π_θ/π_old,  L = −min(ratio·A, clip(ratio, 1−ε, 1+ε)·A) per token;
+    for A > 0 the min caps the gain at ratio 1+ε, for A < 0 at 1−ε, and a
+    ratio that moved the wrong way is never clipped. All inputs (B, T).
+    ``behaviour_weights`` (B, T), optional: decoupled-PPO weights from
+    :func:`truncated_importance_weights` when ``old_logprobs`` is not the
+    sampling policy. approx_kl is cleanrl's (ratio − 1) − log ratio.
+    """
+    m = _as_mask(mask, logprobs)
+    _check_shape("old_logprobs", old_logprobs, logprobs.shape)
+    _check_shape("advantages", advantages, logprobs.shape)
+    if not clip_coef > 0:
+        raise InvalidInput("clip_coef", f"must be > 0, got {clip_coef}")
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+    per_token = torch.maximum(unclipped, clipped)  # (B, T) = −min(·, ·)
+    if behaviour_weights is not None:
+        _check_shape("behaviour_weights", behaviour_weights, logprobs.shape)
+        per_token = per_token * behaviour_weights.detach()
+    loss = masked_aggregate(per_token, m, aggregation)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), m)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, m)
+    return PolicyLoss(loss=loss, clipfrac=clipfrac, approx_kl=approx_kl)
+
+
+class ValueLoss(NamedTuple):
+    loss: Tensor  # scalar, differentiable in values
+    clipfrac: Tensor  # fraction of real tokens where the clipped error was larger (detached)
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_coef_vf: float | None,
+) -> ValueLoss:
+    """½·max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²), masked mean.
+
+    The clipped value objective of the PPO baselines (and TRL / InstructGPT
+    implementations): the pessimistic max keeps the value head from moving far
+    from the values the advantages were computed with. ``clip_coef_vf=None``
+    gives the plain ½(V − R)². All inputs (B, T).
+    """
+    m = _as_mask(mask, values)
+    _check_shape("old_values", old_values, values.shape)
+    _check_shape("returns", returns, values.shape)
+    unclipped = (values - returns) ** 2  # (B, T)
+    if clip_coef_vf is None:
+        return ValueLoss(loss=0.5 * masked_mean(unclipped, m), clipfrac=values.new_zeros(()))
+    if not clip_coef_vf > 0:
+        raise InvalidInput("clip_coef_vf", f"must be > 0 or None, got {clip_coef_vf}")
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_coef_vf, clip_coef_vf)
+    clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(values.dtype), m)
+    return ValueLoss(loss=loss, clipfrac=clipfrac)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """H(softmax(logits)) per position: (B, T, V) → (B, T); logsumexp − Σ p·logit is stable."""
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean policy entropy over real completion tokens (scalar); logits (B, T, V), mask (B, T)."""
+    if logits.dim() != 3:
+        raise InvalidInput("logits", f"must be (B, T, V), got shape {tuple(logits.shape)}")
+    return masked_mean(token_entropy(logits), mask)
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k3") -> Tensor:
+    """KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024 eq. 4).
+
+    k3 by default: unbiased and non-negative per token, with a gradient that
+    pulls π_θ toward π_ref. Scalar masked mean; logprobs carry the gradient.
+    """
+    _check_shape("ref_logprobs", ref_logprobs, logprobs.shape)
+    return masked_mean(kl_estimate(logprobs, ref_logprobs.detach(), estimator), mask)
+
+
+def ptx_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Pretraining LM loss for PPO-ptx (Ouyang et al. 2022, eq. 2: + γ·E_pretrain[log π(x)]).
+
+    Mean next-token negative log-likelihood: logits (B, T, V) are the policy's
+    outputs on input_ids (B, T), position t predicting token t+1;
+    attention_mask (B, T) marks real tokens.
+    """
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise InvalidInput(
+            "logits", f"must be (B, T, V) over input_ids {tuple(input_ids.shape)}, got {tuple(logits.shape)}"
+        )
+    _check_shape("attention_mask", attention_mask, input_ids.shape)
+    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, T-1)
+    return -masked_mean(logp, attention_mask[:, 1:])
+
+
+def ppo_total_loss(
+    pg_loss: Tensor,
+    *,
+    vf_loss: Tensor | None = None,
+    vf_coef: float = 0.0,
+    entropy: Tensor | None = None,
+    ent_coef: float = 0.0,
+    ptx_loss: Tensor | None = None,
+    ptx_coef: float = 0.0,
+    kl_loss: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> Tensor:
+    """pg + c_vf·vf − c_ent·H + γ_ptx·ptx + β·kl_loss.
+
+    The entropy is a bonus, hence the minus. A term whose coefficient is
+    non-zero must be given; a term given with a zero coefficient (e.g. an
+    entropy computed only for logging) contributes nothing. Critic-free runs
+    leave vf_loss out; ``kl_loss``/``kl_coef`` is GRPO's in-loss KL, for runs
+    that do not put the KL into the reward.
+    """
+    total = pg_loss
+    for name, term, coef, sign in (
+        ("vf_loss", vf_loss, vf_coef, 1.0),
+        ("entropy", entropy, ent_coef, -1.0),
+        ("ptx_loss", ptx_loss, ptx_coef, 1.0),
+        ("kl_loss", kl_loss, kl_coef, 1.0),
+    ):
+        if coef < 0:
+            raise InvalidInput(name, f"coefficient must be >= 0, got {coef}")
+        if coef == 0:
+            continue
+        if term is None:
+            raise InvalidInput(name, f"is required when its coefficient is {coef}")
+        total = total + sign * coef * term
+    return total
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 − Var[R − V] / Var[R] over real tokens: 1 is a perfect critic, ≤ 0 is no better than a constant."""
+    var_returns = float(masked_var(returns, mask))
+    if var_returns == 0:
+        return math.nan
+    return 1.0 - float(masked_var(returns - values, mask)) / var_returns
+
+
+def minibatch_indices(n: int, minibatch_size: int, *, generator: torch.Generator | None = None) -> list[Tensor]:
+    """One epoch's minibatches: a random permutation of range(n) in chunks (the last may be short)."""
+    if n < 1:
+        raise InvalidInput("n", f"must be >= 1, got {n}")
+    if minibatch_size < 1:
+        raise InvalidInput("minibatch_size", f"must be >= 1, got {minibatch_size}")
+    return list(torch.randperm(n, generator=generator).split(minibatch_size))
+
+
+# ----------------------------------------------------------------------------
+# KL coefficient controllers (checkpointed with the trainer)
+
+
+class FixedKLController:
+    """A constant β."""
+
+    kind = "fixed"
+
+    def __init__(self, kl_coef: float):
+        if not kl_coef >= 0:
+            raise InvalidInput("kl_coef", f"must be >= 0, got {kl_coef}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_kind(state, self.kind)
+        self.__init__(state["value"])
+
+
+class AdaptiveKLController:
+    """Proportional controller driving the measured KL toward a target (Ziegler et al. 2019, §2.2).
+
+    e_t = clip(KL_t / KL_target − 1, −0.2, 0.2),  β ← β · (1 + e_t · n_steps / horizon).
+
+    ``current_kl`` is the batch's mean per-sequence KL (Σ_t KL_t averaged over
+    samples) and ``n_steps`` the number of samples since the last update, so
+    ``horizon`` is measured in samples (Ziegler et al. use 10,000).
+    """
+
+    kind = "adaptive"
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if not init_kl_coef > 0:
+            raise InvalidInput("init_kl_coef", f"must be > 0 for the adaptive controller, got {init_kl_coef}")
+        if not target > 0:
+            raise InvalidInput("target", f"must be > 0, got {target}")
+        if not horizon > 0:
+            raise InvalidInput("horizon", f"must be > 0, got {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        current_kl = float(current_kl)
+        if not math.isfinite(current_kl):
+            raise InvalidInput("current_kl", f"must be finite, got {current_kl}")
+        # Beyond one horizon per update, a clipped error of −0.2 could drive β
+        # to zero or below; a proportional step that large is a config error.
+        if not 0 <= n_steps <= self.horizon:
+            raise InvalidInput("n_steps", f"must be in [0, horizon={self.horizon:g}], got {n_steps}")
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_kind(state, self.kind)
+        self.__init__(state["value"], state["target"], state["horizon"])
+
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def _check_kind(state: dict[str, Any], kind: str) -> None:
+    if state.get("kind") != kind:
+        raise InvalidInput("kind", f"state is for a {state.get('kind')!r} KL controller, not {kind!r}")
+
+
+def kl_controller_from_state_dict(state: dict[str, Any]) -> KLController:
+    """Rebuild whichever controller wrote ``state`` (for resuming a checkpoint)."""
+    kind = state.get("kind")
+    if kind == FixedKLController.kind:
+        controller: KLController = FixedKLController(0.0)
+    elif kind == AdaptiveKLController.kind:
+        controller = AdaptiveKLController(1.0, 1.0, 1.0)
+    else:
+        raise InvalidInput("kind", f"unknown KL controller {kind!r}; expected 'fixed' or 'adaptive'")
+    controller.load_state_dict(state)
+    return controller
+
+
+# ----------------------------------------------------------------------------
+# Reward normalization across batches
+
+
+class RunningMoments:
+    """Running mean and variance of everything seen so far (Chan et al. 1979 parallel update).
+
+    Used to normalize reward-model scores across batches (TRL's
+    ``use_score_scaling`` / ``use_score_norm``): a fixed scale keeps β and the
+    value head meaningful while the policy drifts. Statistics are float64
+    Python numbers so the state round-trips exactly through a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.var = 0.0  # population variance (M2 / count)
+        self.count = 0
+
+    def update(self, xs: Tensor, mask: Tensor | None = None) -> None:
+        """Fold in the elements of xs (where mask is true, if given)."""
+        if mask is not None:
+            xs = xs[_as_mask(mask, xs)]
+        xs = xs.detach().reshape(-1).to(torch.float64)
+        n_b = xs.numel()
+        if n_b == 0:
+            return
+        if not bool(torch.isfinite(xs).all()):
+            raise InvalidInput("xs", "contains non-finite values")
+        mean_b = float(xs.mean())
+        var_b = float(((xs - mean_b) ** 2).mean())
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        m2 = self.var * n_a + var_b * n_b + delta * delta * n_a * n_b / n
+        self.mean += delta * n_b / n
+        self.var = m2 / n
+        self.count = n
+
+    @property
+    def std(self) -> float:
+        """Unbiased standard deviation; NaN until two values were seen."""
+        if self.count < 2:
+            return math.nan
+        return math.sqrt(self.var * self.count / (self.count - 1))
+
+    def normalize(self, xs: Tensor, shift_mean: bool = True, eps: float = 1e-8, clip: float | None = None) -> Tensor:
+        """(xs − mean) / (std + eps), or xs / (std + eps) without shift_mean; optionally clipped to ±clip."""
+        if self.count < 2:
+            raise FailedPrecondition(f"reward statistics have {self.count} value(s); normalizing needs at least 2")
+        out = (xs - self.mean if shift_mean else xs) / (self.std + eps)
+        if clip is not None:
+            out = out.clamp(-clip, clip)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        count = int(state["count"])
+        if count < 0 or float(state["var"]) < 0:
+            raise InvalidInput("state", f"count and var must be >= 0, got count={count} var={state['var']}")
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), count
+
+
+# ----------------------------------------------------------------------------
+# Staleness of asynchronous rollouts
+
+
+class Staleness(str, Enum):
+    KEEP = "keep"
+    STALE = "stale"  # sampled more than max_lag policy updates ago: drop
+    FUTURE = "future"  # from a policy version the trainer has not published: drop
+
+
+def staleness_verdict(behaviour_step: int, current_step: int, max_lag: int) -> Staleness:
+    """Keep a rollout iff 0 ≤ current_step − behaviour_step ≤ max_lag.
+
+    Steps are the training steps at which the policy versions were published
+    (``PolicyUpdate.training_step``); the trainer maps a rollout's
+    ``policy_version`` string to its step. max_lag=0 is strictly on-policy.
+    """
+    if max_lag < 0:
+        raise InvalidInput("max_lag", f"must be >= 0, got {max_lag}")
+    lag = current_step - behaviour_step
+    if lag < 0:
+        return Staleness.FUTURE
+    return Staleness.KEEP if lag <= max_lag else Staleness.STALE
+
+
+def staleness_keep_mask(behaviour_steps: Tensor, current_step: int, max_lag: int) -> Tensor:
+    """(B,) bool: the batched :func:`staleness_verdict` == KEEP."""
+    if max_lag < 0:
+        raise InvalidInput("max_lag", f"must be >= 0, got {max_lag}")
+    lag = current_step - behaviour_steps
+    return (lag >= 0) & (lag <= max_lag)
+
+
+def truncated_importance_weights(
+    logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, rho_max: float = 1.0
+) -> Tensor:
+    """min(ρ̄, π/μ) per token, detached, 0 on padding (IMPALA's truncated ρ, Espeholt et al. 2018).
+
+    logprobs: the proximal policy's (the one used as ``old_logprobs``);
+    behaviour_logprobs: the sampling policy's, from the rollout. (B, T).
+    Truncation bounds the variance a very stale token can add, at the cost of
+    bias toward the behaviour policy's value.
+    """
+    m = _as_mask(mask, logprobs)
+    _check_shape("behaviour_logprobs", behaviour_logprobs, logprobs.shape)
+    if not rho_max > 0:
+        raise InvalidInput("rho_max", f"must be > 0, got {rho_max}")
+    with torch.no_grad():
+        rho = torch.exp(logprobs - behaviour_logprobs).clamp(max=rho_max)
+        return torch.where(m, rho, 0)
