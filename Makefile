@@ -15,7 +15,9 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install protos lint test demo bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install protos lint test demo bench clean prometheus-tools
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -43,7 +45,15 @@ lint: $(BUF)
 	cd protos && ../$(BUF) lint
 	cd protos && ../$(BUF) format --diff --exit-code
 
-test: install lint
+# Debian's Prometheus (server + promtool) for the rule tests and the drift-alert
+# integration test.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }; }
+
+test: install lint prometheus-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install

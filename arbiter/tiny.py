@@ -127,7 +127,10 @@ def make_reward(out_dir: str | Path, cfg: TinyConfig = TinyConfig(), tokenizer=N
                 [model(**tokenizer(line, return_tensors="pt")).logits[:, 0] for line in lines]
             )
         stats = {"mean": float(scores.mean()), "std": float(scores.std()), "sample_count": len(lines)}
-    write_metadata(out, name="tiny-reward", version="v0", normalization=stats)
+    write_metadata(
+        out, name="tiny-reward", version="v0", normalization=stats,
+        calibration_scores=None if stats is None else scores.tolist(),
+    )
     return out
 
 

@@ -24,6 +24,8 @@ from arbiter.versions import ModelVersions
 class RewardObserver(BatchObserver, Protocol):
     def on_scores(self, model_version: str, raw_scores: Sequence[float]) -> None: ...
 
+    def on_version_added(self, model_version: str, calibration_scores: Sequence[float] | None) -> None: ...
+
     def on_version_removed(self, model_version: str) -> None: ...
 
 
@@ -61,6 +63,7 @@ class RewardEngine:
     def add_version(self, model: RewardModel, activate: bool = True) -> ModelInfo:
         batcher = DynamicBatcher(model.forward, self.config.batching, self._executor, self._observer)
         self._versions.add(model.info.version, _Version(model, batcher), activate)
+        self._observer.on_version_added(model.info.version, model.calibration_scores)
         return self.info(model.info.version)
 
     async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:

@@ -34,10 +34,13 @@ class EncodedInput:
 
 
 class RewardModel:
-    def __init__(self, model, tokenizer, info: ModelInfo):
+    def __init__(self, model, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
+        # Raw scores on the version's calibration set, shipped in arbiter.json:
+        # the drift monitor's reference when present.
+        self.calibration_scores = calibration_scores
 
     @classmethod
     def load(cls, model_dir: str | Path, version: str | None = None, max_tokens: int | None = None) -> RewardModel:
@@ -71,12 +74,17 @@ class RewardModel:
             normalization=meta.normalization,
             loaded_at=time.time(),
         )
-        loaded = cls(model, tokenizer, info)
+        calibration = (meta.extra or {}).get("calibration_scores")
+        if calibration is not None and not (
+            isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
+        ):
+            raise ModelLoadError(f"{str(root)!r}: arbiter.json calibration_scores must be a list of numbers")
+        loaded = cls(model, tokenizer, info, calibration)
         loaded.validate()
         return loaded
 
     def with_info(self, **changes) -> RewardModel:
-        return RewardModel(self.model, self.tokenizer, replace(self.info, **changes))
+        return RewardModel(self.model, self.tokenizer, replace(self.info, **changes), self.calibration_scores)
 
     def validate(self) -> None:
         """Refuse a version whose forward pass fails or is not finite."""

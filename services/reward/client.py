@@ -85,6 +85,10 @@ class RewardClient:
         )
         return self.reward.Compare(request, timeout=self.timeout_s, metadata=self.metadata)
 
+    def drift(self, model_version: str = "") -> reward_pb2.GetScoreDriftResponse:
+        request = reward_pb2.GetScoreDriftRequest(model_version=model_version)
+        return self.reward.GetScoreDrift(request, timeout=self.timeout_s, metadata=self.metadata)
+
     def info(self, model_version: str = "") -> common_pb2.ModelInfo:
         request = common_pb2.GetModelInfoRequest(model_version=model_version)
         return self.models.GetModelInfo(request, timeout=self.timeout_s, metadata=self.metadata).info

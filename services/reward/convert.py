@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from arbiter.drift import DriftStats
 from arbiter.errors import InvalidInput
 from arbiter.types import RewardInput, ScoreBatch, ScoreOptions
 from arbiter.v1 import reward_pb2
@@ -65,4 +66,29 @@ def compare_response_to_pb(probability: float, batch: ScoreBatch) -> reward_pb2.
         score_b=b.score,
         model_name=batch.model_name,
         model_version=batch.model_version,
+    )
+
+
+def drift_response_to_pb(
+    version: str, reference_source: str, reference: list[float], window: list[float], stats: DriftStats
+) -> reward_pb2.GetScoreDriftResponse:
+    return reward_pb2.GetScoreDriftResponse(
+        model_version=version,
+        reference_source=reference_source,
+        reference_scores=reference,
+        window_scores=window,
+        statistics=reward_pb2.DriftStatistics(
+            ready=stats.ready,
+            psi=stats.psi,
+            ks_statistic=stats.ks_statistic,
+            wasserstein=stats.wasserstein,
+            js_distance=stats.js_distance,
+            window_samples=stats.window_samples,
+            window_mean=stats.window_mean,
+            window_std=stats.window_std,
+            reference_samples=stats.reference_samples,
+            reference_mean=stats.reference_mean,
+            reference_std=stats.reference_std,
+            change_points=stats.change_points,
+        ),
     )

@@ -2,32 +2,91 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from arbiter.drift import DriftConfig, DriftTracker
 from services.common.metrics import RpcMetrics
 
 SERVICE = "reward"
 # Symmetric around 0: raw RM scores are unbounded logits of either sign.
+# (With a negative first bound prometheus-client exports no _sum, so the
+# window mean/std are exported as gauges below.)
 SCORE_BUCKETS = (-10, -5, -3, -2, -1.5, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10)
+
+# name -> (help, DriftStats field); exported only once the version's reference
+# and window both hold min_samples scores.
+DRIFT_GAUGES = {
+    "arbiter_reward_drift_psi": ("Population stability index of served scores vs the reference.", "psi"),
+    "arbiter_reward_drift_ks_statistic": ("Two-sample KS statistic, served scores vs the reference.", "ks_statistic"),
+    "arbiter_reward_drift_wasserstein": ("Wasserstein-1 distance, served scores vs the reference.", "wasserstein"),
+    "arbiter_reward_drift_js_distance": ("Jensen-Shannon distance (base 2) over PSI's bins.", "js_distance"),
+}
+WINDOW_GAUGES = {
+    "arbiter_reward_window_samples": ("Scores in the current drift window.", "window_samples"),
+    "arbiter_reward_window_mean": ("Mean raw score in the current drift window.", "window_mean"),
+    "arbiter_reward_window_std": ("Standard deviation of raw scores in the current drift window.", "window_std"),
+    "arbiter_reward_reference_samples": ("Scores in the drift reference.", "reference_samples"),
+    "arbiter_reward_reference_mean": ("Mean raw score of the drift reference.", "reference_mean"),
+    "arbiter_reward_reference_std": ("Standard deviation of the drift reference.", "reference_std"),
+}
+
+
+class _DriftCollector:
+    """Computes drift statistics at scrape time, so they cost nothing between scrapes."""
+
+    def __init__(self, tracker: DriftTracker):
+        self._tracker = tracker
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._tracker.snapshot()
+        gauges = {
+            name: GaugeMetricFamily(name, help_text, labels=["model_version"])
+            for name, (help_text, _) in {**DRIFT_GAUGES, **WINDOW_GAUGES}.items()
+        }
+        changes = CounterMetricFamily(
+            "arbiter_reward_drift_change_points",
+            "Page-Hinkley change alarms on standardised served scores.",
+            labels=["model_version"],
+        )
+        for version, stats in snapshot.items():
+            for name, (_, field) in WINDOW_GAUGES.items():
+                gauges[name].add_metric([version], getattr(stats, field))
+            if stats.ready:
+                for name, (_, field) in DRIFT_GAUGES.items():
+                    gauges[name].add_metric([version], getattr(stats, field))
+            changes.add_metric([version], stats.change_points)
+        yield from gauges.values()
+        yield changes
 
 
 class RewardMetrics(RpcMetrics):
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, drift: DriftConfig | None = None):
         super().__init__(registry, SERVICE)
         self.scores = Histogram(
             "arbiter_reward_score", "Raw reward scores served, per model version.",
             ["model_version"], buckets=SCORE_BUCKETS, registry=registry,
         )
+        self.drift = DriftTracker(drift or DriftConfig())
+        registry.register(_DriftCollector(self.drift))
+
+    def on_version_added(self, model_version: str, calibration_scores: Sequence[float] | None) -> None:
+        self.drift.add_version(model_version, calibration_scores)
 
     def on_scores(self, model_version: str, raw_scores: Sequence[float]) -> None:
         child = self.scores.labels(model_version)
         for score in raw_scores:
             child.observe(score)
+        self.drift.observe(model_version, raw_scores)
 
     def on_version_removed(self, model_version: str) -> None:
         try:
             self.scores.remove(model_version)
         except KeyError:
             pass
+        self.drift.remove_version(model_version)

@@ -26,7 +26,7 @@ SERVICE_NAMES = (
 
 async def create_server(settings: RewardSettings) -> tuple[RunningServer, int]:
     registry = CollectorRegistry()
-    metrics = RewardMetrics(registry)
+    metrics = RewardMetrics(registry, settings.drift_config())
     # One model thread: torch parallelises inside a forward pass; two threads
     # would only contend for the same cores.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model")
@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="cap on tokens per item (default: the model's limit)")
     parser.add_argument("--torch-threads", type=int)
     parser.add_argument("--grace-seconds", type=float, default=10.0)
+    parser.add_argument("--drift-window-size", type=int, default=1000, help="recent scores compared to the reference")
+    parser.add_argument("--drift-reference-size", type=int, default=1000, help="first served scores used as reference")
+    parser.add_argument("--drift-min-samples", type=int, default=100)
     parser.add_argument("--tls-cert-file")
     parser.add_argument("--tls-key-file")
 
@@ -103,6 +106,9 @@ def settings_from_args(args: argparse.Namespace) -> RewardSettings:
         max_tokens=args.max_tokens,
         torch_threads=args.torch_threads,
         grace_seconds=args.grace_seconds,
+        drift_window_size=args.drift_window_size,
+        drift_reference_size=args.drift_reference_size,
+        drift_min_samples=args.drift_min_samples,
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_key_file,
         auth_token=auth_token_from_env(),

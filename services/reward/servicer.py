@@ -11,6 +11,7 @@ from services.common.errors import status_for
 from services.common.handlers import streaming, unary
 from services.reward.convert import (
     compare_response_to_pb,
+    drift_response_to_pb,
     inputs_from_pb,
     options_from_pb,
     score_response_to_pb,
@@ -37,6 +38,13 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             request.prompt, messages, request.response_a, request.response_b, options_from_pb(request.options)
         )
         return compare_response_to_pb(probability, batch)
+
+    @unary("GetScoreDrift")
+    async def GetScoreDrift(self, request, context):
+        version = self.engine.info(request.model_version).version
+        monitor = self.metrics.drift.monitor(version)
+        reference, window = monitor.samples()
+        return drift_response_to_pb(version, monitor.reference_source, reference, window, monitor.stats())
 
     @streaming("ScoreStream")
     async def ScoreStream(self, request_iterator, context):

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arbiter.batching import BatchingConfig
+from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
 from services.common.settings import ServerSettings, require
 
@@ -20,9 +21,20 @@ class RewardSettings(ServerSettings):
     max_tokens: int | None = None
     # Requests of one ScoreStream processed concurrently; more wait (backpressure).
     stream_max_in_flight: int = 64
+    # Reward drift: window of recent scores vs the version's calibration set
+    # (when it ships >= drift_min_samples scores) or its first served scores.
+    drift_window_size: int = 1000
+    drift_reference_size: int = 1000
+    drift_min_samples: int = 100
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("drift_window_size", "drift_reference_size", "drift_min_samples"):
+            require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require(
+            self.drift_min_samples <= min(self.drift_window_size, self.drift_reference_size),
+            "drift_min_samples", "must be <= drift_window_size and drift_reference_size", self.drift_min_samples,
+        )
         require(bool(self.model_dir), "model_dir", "must name a Hugging Face reward-model directory", self.model_dir)
         require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
         require(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0", self.max_queue_delay_ms)
@@ -45,4 +57,11 @@ class RewardSettings(ServerSettings):
             ),
             max_items_per_request=self.max_items_per_request,
             max_tokens=self.max_tokens,
+        )
+
+    def drift_config(self) -> DriftConfig:
+        return DriftConfig(
+            window_size=self.drift_window_size,
+            reference_size=self.drift_reference_size,
+            min_samples=self.drift_min_samples,
         )
