@@ -7,6 +7,7 @@ and a command only pays for the libraries it uses.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -33,20 +34,25 @@ def _make_tiny_models(args) -> int:
     return 0
 
 
+# `arbiter serve NAME`: the server module and its help line.
+_SERVICES = {
+    "reward": ("services.reward.server", "the reward-model service"),
+    "policy": ("services.policy.server", "the policy generation service (hot-swappable weights)"),
+    "reference": ("services.reference.server", "the frozen reference model: log-probs and KL"),
+}
+
+
 def _serve(args) -> int:
     from services.common.settings import SettingsError
 
-    if args.service == "reward":
-        from services.reward.server import serve, settings_from_args
-    else:  # argparse restricts the choices
-        raise AssertionError(args.service)
+    server = importlib.import_module(_SERVICES[args.service][0])
     try:
-        settings = settings_from_args(args)
+        settings = server.settings_from_args(args)
     except SettingsError as err:
         print(f"arbiter serve {args.service}: {err}", file=sys.stderr)
         return 2
     _configure_runtime(settings.torch_threads)
-    serve(settings)
+    server.serve(settings)
     return 0
 
 
@@ -56,10 +62,31 @@ def _score(args) -> int:
     return score_main(args)
 
 
+def _drift_report(args) -> int:
+    from services.reward.drift_report import report_main
+
+    return report_main(args)
+
+
 def _demo(args) -> int:
     from services.demo import main as demo_main
 
     return demo_main(args.demo_args)
+
+
+def _broker(args) -> int:
+    from arbiter.stream import topics
+    from arbiter.stream.broker import serve_broker
+    from arbiter.stream.errors import StreamError
+
+    try:
+        return serve_broker(
+            args.port, host=args.host, log_path=args.log_file, ready_file=args.ready_file,
+            topics=dict(topics.DEFAULT_PARTITIONS) if args.create_topics else None, topic_prefix=args.topic_prefix,
+        )
+    except StreamError as err:
+        print(f"arbiter broker: {err}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run a model service")
     services = serve.add_subparsers(dest="service", required=True)
-    from services.reward.server import add_arguments as reward_arguments
-
-    reward_arguments(services.add_parser("reward", help="the reward-model service"))
+    for name, (module, help_text) in _SERVICES.items():
+        importlib.import_module(module).add_arguments(services.add_parser(name, help=help_text))
     serve.set_defaults(run=_serve)
 
     score = commands.add_parser("score", help="score JSON lines from stdin: {prompt, response} or {messages}")
@@ -86,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
     score.add_argument("--tls-ca-file", help="CA bundle for a TLS server")
     score.set_defaults(run=_score)
+
+    broker = commands.add_parser("broker", help="run a local Kafka-protocol broker (Tansu, in memory) for dev and demos")
+    broker.add_argument("--port", type=int, default=9092, help="listen port (0: a free one)")
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--log-file", help="broker output (default: a temporary file)")
+    broker.add_argument("--ready-file", help="written once the broker answers: HOST:PORT, then tansu_pid=N; removed on exit")
+    broker.add_argument("--create-topics", action="store_true", help="create Arbiter's topics (final partition counts)")
+    broker.add_argument("--topic-prefix", default="", help="prefix for --create-topics")
+    broker.set_defaults(run=_broker)
+
+    drift = commands.add_parser("drift", help="reward drift tools")
+    drift_commands = drift.add_subparsers(dest="drift_command", required=True)
+    report = drift_commands.add_parser("report", help="served scores vs reference: table and PNG")
+    report.add_argument("--target", required=True, help="HOST:PORT of a reward service")
+    report.add_argument("--model-version", default="", help="default: the active version")
+    report.add_argument("--png", help="write a histogram of reference vs current scores here")
+    report.add_argument("--tls-ca-file")
+    report.set_defaults(run=_drift_report)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)

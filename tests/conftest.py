@@ -17,3 +17,24 @@ def tiny_models(tmp_path_factory):
     from arbiter.tiny import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """A real Kafka-protocol broker (Tansu, in memory) shared by the session.
+    Isolate tests with a topic prefix (``kafka_settings``), never by restarting it."""
+    from arbiter.stream.broker import LocalBroker
+
+    with LocalBroker(log_path=tmp_path_factory.mktemp("kafka") / "tansu.log") as broker:
+        yield broker
+
+
+@pytest.fixture
+def kafka_settings(kafka_broker, request):
+    """KafkaSettings for ``kafka_broker`` with topics prefixed per test and a 6 s
+    session timeout (Tansu's group join takes ~session_timeout/2)."""
+    import re
+    import uuid
+
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60] + f".{uuid.uuid4().hex[:6]}."
+    return kafka_broker.settings(topic_prefix=prefix, session_timeout_ms=6000, client_id="arbiter-test")

@@ -1,0 +1,257 @@
+"""Causal language models shared by the policy and the reference services:
+loading (a full checkpoint or a LoRA adapter on a base), validation, token-id
+checks and the teacher-forced forward pass.
+
+Numerics: weights and logits are float32; log-softmax is taken in float64 so
+that two code paths over the same logits (incremental decoding in the policy,
+one full forward in the reference) agree to well under float32's resolution,
+which is what the wire carries.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from arbiter.errors import InvalidInput, ModelLoadError
+from arbiter.hf import (
+    check_checkpoint_dir,
+    content_version,
+    load_tokenizer,
+    model_max_tokens,
+    quiet_transformers,
+    read_metadata,
+    tokenizer_fingerprint,
+)
+from arbiter.types import ModelInfo
+
+ADAPTER_CONFIG = "adapter_config.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+PROBE_TEXT = "Hello, how can I help you today?"
+
+
+@dataclass
+class LoadedLM:
+    model: object
+    tokenizer: object
+    info: ModelInfo
+    # name -> shape of every parameter: two versions are interchangeable only
+    # when these agree (a hot swap must not change the architecture).
+    shapes: dict[str, tuple[int, ...]]
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).exists()
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in _TOKENIZER_FILES)
+
+
+def _from_pretrained(path: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    except Exception as err:  # transformers raises many types (shape mismatch: RuntimeError)
+        # Transformers logs the detail of a shape mismatch and raises a bare
+        # "see the report above"; say which tensor is wrong instead.
+        detail = _shape_mismatch(Path(path)) or str(err)
+        raise ModelLoadError(f"cannot load a causal language model from {str(path)!r}: {detail}") from err
+
+
+def _shape_mismatch(path: Path) -> str | None:
+    """Best effort: the first tensor whose shape in the safetensors files
+    differs from what config.json implies (read from headers, no weights)."""
+    try:
+        import torch
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        for weights in sorted(path.glob("*.safetensors")):
+            with safe_open(str(weights), "pt") as fh:
+                for key in fh.keys():
+                    got = tuple(fh.get_slice(key).get_shape())
+                    if key in expected and got != expected[key]:
+                        return (
+                            f"weights do not match config.json: {key!r} is {list(got)} in {weights.name}, "
+                            f"the config needs {list(expected[key])}"
+                        )
+    except Exception:  # the diagnosis must never hide the original error
+        return None
+    return None
+
+
+def _adapter_base(root: Path, base_dir: str | Path | None) -> Path:
+    """The base an adapter applies to: the server's own base checkpoint when
+    it has one (RLHF adapters are trained against the initial policy), else
+    the local directory the adapter names."""
+    if base_dir is not None:
+        return Path(base_dir)
+    try:
+        named = json.loads((root / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{str(root / ADAPTER_CONFIG)!r}: not valid JSON ({err})") from err
+    if named and Path(named).is_dir():
+        return Path(named)
+    raise ModelLoadError(
+        f"{str(root)!r} is a LoRA adapter but its base model {named!r} is not a local directory; "
+        "load it on a server started with that base (--model)"
+    )
+
+
+def load_causal_lm(
+    model_dir: str | Path,
+    *,
+    kind: str,
+    version: str | None = None,
+    base_dir: str | Path | None = None,
+    max_tokens: int | None = None,
+) -> LoadedLM:
+    """A full checkpoint, or a LoRA adapter (``adapter_config.json``) merged
+    into a fresh copy of its base so inference costs the same as a full model.
+    A directory without tokenizer files uses ``base_dir``'s tokenizer."""
+    root = check_checkpoint_dir(model_dir)
+    meta = read_metadata(root)
+    if is_adapter_dir(root):
+        base = _adapter_base(root, base_dir)
+        model = _from_pretrained(base)
+        try:
+            from peft import PeftModel
+
+            with warnings.catch_warnings():
+                # peft reads a property transformers has deprecated; not actionable here.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = PeftModel.from_pretrained(model, str(root), is_trainable=False).merge_and_unload()
+        except Exception as err:
+            raise ModelLoadError(f"cannot apply the LoRA adapter in {str(root)!r} to {str(base)!r}: {err}") from err
+        tokenizer_dir = root if _has_tokenizer(root) else base
+    else:
+        model = _from_pretrained(root)
+        tokenizer_dir = root if _has_tokenizer(root) or base_dir is None else Path(base_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    info = ModelInfo(
+        kind=kind,
+        name=meta.name or root.name,
+        version=version or meta.version or content_version(root),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        max_tokens=model_max_tokens(model.config, tokenizer, max_tokens),
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        source_path=str(root.resolve()),
+        loaded_at=time.time(),
+        extra={"adapter": "true"} if is_adapter_dir(root) else {},
+    )
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    loaded = LoadedLM(model, tokenizer, info, shapes)
+    probe_finite(loaded)
+    return loaded
+
+
+def probe_finite(lm: LoadedLM) -> None:
+    """Refuse a version whose forward pass fails or gives non-finite logits
+    (a diverged training step, NaN weights)."""
+    import torch
+
+    ids = lm.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
+    try:
+        with torch.inference_mode():
+            logits = lm.model(input_ids=torch.tensor([ids], dtype=torch.long)).logits
+    except Exception as err:
+        raise ModelLoadError(f"probe forward pass failed: {err}") from err
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        raise ModelLoadError(
+            f"probe forward pass gave {bad} non-finite logits of {logits.numel()}: the weights are broken "
+            "(NaN/inf); nothing was swapped"
+        )
+
+
+def check_compatible(new: LoadedLM, serving: LoadedLM) -> None:
+    """A new version must be a drop-in replacement for the serving one."""
+    if new.info.tokenizer_fingerprint != serving.info.tokenizer_fingerprint:
+        raise ModelLoadError(
+            f"tokenizer fingerprint {new.info.tokenizer_fingerprint[:12]}... differs from the serving version's "
+            f"{serving.info.tokenizer_fingerprint[:12]}...; a new version must keep the tokenizer"
+        )
+    for name, shape in serving.shapes.items():
+        got = new.shapes.get(name)
+        if got != shape:
+            what = "is missing" if got is None else f"has shape {list(got)}"
+            raise ModelLoadError(
+                f"parameter {name!r} {what}; the serving version {serving.info.version!r} has {list(shape)}"
+            )
+    extra = sorted(set(new.shapes) - set(serving.shapes))
+    if extra:
+        raise ModelLoadError(f"parameters {extra[:3]} are not in the serving version {serving.info.version!r}")
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
+    for j, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise InvalidInput(f"{field}[{j}]", f"token id {token} is outside the vocabulary [0, {vocab_size})")
+
+
+def forward_step(model, input_ids, attention_mask, position_ids, cache=None, last_only: bool = False):
+    """One forward with a KV cache; returns (logits, cache). Transformers
+    renamed ``past_key_values`` to ``cache``; both spellings work here."""
+    params = _forward_params(model)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if last_only and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    out = model(**kwargs)
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = out.past_key_values
+    return out.logits, new_cache
+
+
+_PARAMS_CACHE: dict[type, frozenset[str]] = {}
+
+
+def _forward_params(model) -> frozenset[str]:
+    cls = type(model)
+    if cls not in _PARAMS_CACHE:
+        _PARAMS_CACHE[cls] = frozenset(inspect.signature(model.forward).parameters)
+    return _PARAMS_CACHE[cls]
+
+
+def completion_logits(model, pad_id: int, batch: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list:
+    """Teacher-forced forward of prompt + completion, right-padded (a causal
+    model's real positions are then unaffected by the padding). Returns, per
+    item, the (C, V) float32 logits that predict each completion token."""
+    import torch
+
+    width = max(len(p) + len(c) for p, c in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(batch):
+        ids = [*prompt, *completion]
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Position t predicts token t + 1: completion token k sits at len(prompt) + k.
+    return [logits[row, len(p) - 1 : len(p) - 1 + len(c)] for row, (p, c) in enumerate(batch)]
+
+
+def token_logprobs(logprobs, tokens: Sequence[int]) -> list[float]:
+    """(C, V) log-probs and C token ids -> C floats."""
+    import torch
+
+    index = torch.tensor(list(tokens), dtype=torch.long)[:, None]
+    return logprobs.gather(-1, index)[:, 0].tolist()

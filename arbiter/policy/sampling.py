@@ -1,0 +1,67 @@
+"""The sampling distribution, written out so the log-probs Generate returns
+are exactly those of the distribution each token was drawn from.
+
+PPO's importance ratio pi_new(a) / pi_old(a) needs pi_old to be the
+distribution that actually produced the action, i.e. the model's logits after
+the same processing: temperature, then top-k, then top-p (the order of
+Hugging Face's default logits warpers). A trainer that recomputes pi_new must
+apply ``sampling_logprobs`` with the same parameters to its own logits.
+
+Greedy decoding (temperature 0) is the point mass on the argmax, so its
+log-prob is 0 for every token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from arbiter.policy.types import ResolvedSampling
+
+
+def sampling_logprobs(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """(R, V) logits -> (R, V) float64 log-probs of the sampling
+    distribution; tokens it can never draw are -inf."""
+    import torch
+
+    scores = logits.double()
+    if temperature == 0.0:
+        best = scores.argmax(dim=-1, keepdim=True)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, best, 0.0)
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p:
+        # a token stays if the mass of the tokens ranked above it is < top_p,
+        # so the most likely token always stays.
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        mass_above = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_above >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scores, dim=-1)
+
+
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Each sample gets its own generator, seeded from the request's seed and
+    its position, so a sample depends on nothing else in the batch."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int):
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def draw(logprobs_row, params: ResolvedSampling, generator) -> int:
+    """One token from a (V,) row of ``sampling_logprobs``."""
+    import torch
+
+    if params.greedy:
+        return int(logprobs_row.argmax())
+    return int(torch.multinomial(logprobs_row.exp(), 1, generator=generator))

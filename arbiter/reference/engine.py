@@ -1,0 +1,185 @@
+"""The reference engine: versions of the frozen reference model behind
+dynamic batchers; log-probs and per-token KL against the policy."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from array import array
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
+from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
+from arbiter.reference.model import ReferenceModel, TokenSequence
+from arbiter.types import ModelInfo
+from arbiter.versions import ModelVersions
+
+
+class ReferenceObserver(BatchObserver, Protocol):
+    def on_tokens(self, count: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReferenceEngineConfig:
+    batching: BatchingConfig = BatchingConfig()
+    max_sequences_per_request: int = 256
+    # Caps the model's own limit (never raises it).
+    max_tokens: int | None = None
+    # LoRA adapters loaded later apply to this base (the server's --model).
+    base_model_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_sequences_per_request < 1:
+            raise ValueError(f"max_sequences_per_request must be >= 1, got {self.max_sequences_per_request}")
+
+
+@dataclass(frozen=True)
+class KLInput:
+    sequence: TokenSequence
+    # The policy's per-token log-probs of the completion tokens.
+    policy_logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class KLSequence:
+    kl: list[float]
+    kl_sum: float
+    reference_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class LogProbsResult:
+    logprobs: list[list[float]]
+    model_version: str
+    tokenizer_fingerprint: str
+
+
+@dataclass(frozen=True)
+class KLResult:
+    results: list[KLSequence]
+    estimator: KLEstimator
+    model_version: str
+
+
+@dataclass
+class _Version:
+    model: ReferenceModel
+    batcher: DynamicBatcher
+
+
+def as_float32(values: Sequence[float]) -> list[float]:
+    """What the wire carries (proto ``float``)."""
+    return array("f", values).tolist()
+
+
+class ReferenceEngine:
+    def __init__(self, config: ReferenceEngineConfig, executor: Executor, observer: ReferenceObserver):
+        self.config = config
+        self._executor = executor
+        self._observer = observer
+        self._versions: ModelVersions[_Version] = ModelVersions()
+
+    # -- versions -------------------------------------------------------
+
+    def load_blocking(self, path: str | Path, version: str | None = None) -> ReferenceModel:
+        return ReferenceModel.load(
+            path, version=version or None, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens
+        )
+
+    def add_version(self, model: ReferenceModel, activate: bool = True) -> ModelInfo:
+        batcher = DynamicBatcher(model.logprobs, self.config.batching, self._executor, self._observer)
+        self._versions.add(model.info.version, _Version(model, batcher), activate)
+        return self.info(model.info.version)
+
+    async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
+        model = await asyncio.get_running_loop().run_in_executor(self._executor, self.load_blocking, path, version)
+        return self.add_version(model, activate)
+
+    def activate(self, version: str) -> tuple[ModelInfo, str | None]:
+        previous = self._versions.activate(version)
+        return self.info(version), previous
+
+    async def unload(self, version: str) -> None:
+        entry = self._versions.remove(version)
+        await entry.batcher.close()
+
+    def info(self, version: str = "") -> ModelInfo:
+        entry = self._versions.get(version)
+        return replace(entry.model.info, active=self._versions.is_active(entry.model.info.version))
+
+    def list_versions(self) -> list[ModelInfo]:
+        return [self.info(version) for version, _ in self._versions.items()]
+
+    @property
+    def active_version(self) -> str | None:
+        return self._versions.active_version
+
+    # -- requests -------------------------------------------------------
+
+    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> _Version:
+        if count == 0:
+            raise InvalidInput(field, "is empty; send at least one sequence")
+        limit = self.config.max_sequences_per_request
+        if count > limit:
+            raise LimitExceeded(f"{count} {field} in one request, over the limit of {limit}; split the request")
+        entry = self._versions.get(model_version)
+        served = entry.model.info.tokenizer_fingerprint
+        if fingerprint and fingerprint != served:
+            raise FailedPrecondition(
+                f"tokenizer_fingerprint {fingerprint[:16]}... does not match the reference model's {served[:16]}... "
+                f"(version {entry.model.info.version!r}): token ids from another tokenizer give meaningless "
+                "log-probs; pair the policy with a reference that shares its tokenizer"
+            )
+        return entry
+
+    async def logprobs(
+        self, sequences: Sequence[TokenSequence], model_version: str = "", tokenizer_fingerprint: str = ""
+    ) -> LogProbsResult:
+        entry = self._entry(len(sequences), "sequences", model_version, tokenizer_fingerprint)
+        for i, sequence in enumerate(sequences):
+            entry.model.check(sequence, f"sequences[{i}]")
+        results = await entry.batcher.submit(list(sequences))
+        self._observer.on_tokens(sum(len(s.completion_token_ids) for s in sequences))
+        info = entry.model.info
+        return LogProbsResult(results, info.version, info.tokenizer_fingerprint)
+
+    async def kl(
+        self,
+        inputs: Sequence[KLInput],
+        estimator: KLEstimator = KLEstimator.K1,
+        model_version: str = "",
+        tokenizer_fingerprint: str = "",
+    ) -> KLResult:
+        entry = self._entry(len(inputs), "inputs", model_version, tokenizer_fingerprint)
+        for i, item in enumerate(inputs):
+            entry.model.check(item.sequence, f"inputs[{i}].sequence")
+            got, want = len(item.policy_logprobs), len(item.sequence.completion_token_ids)
+            if got != want:
+                raise InvalidInput(
+                    f"inputs[{i}].policy_logprobs",
+                    f"has {got} values for {want} completion tokens; send one log-prob per completion token",
+                )
+            for j, value in enumerate(item.policy_logprobs):
+                if not math.isfinite(value) or value > 1e-3:
+                    raise InvalidInput(
+                        f"inputs[{i}].policy_logprobs[{j}]", f"is {value}; a log-probability must be finite and <= 0"
+                    )
+        reference = await entry.batcher.submit([item.sequence for item in inputs])
+        self._observer.on_tokens(sum(len(item.policy_logprobs) for item in inputs))
+        results = []
+        for item, ref in zip(inputs, reference, strict=True):
+            # Both sides at float32, the precision Generate's log-probs arrive
+            # in: identical models then give exactly zero, not rounding noise.
+            ref32 = as_float32(ref)
+            per_token = per_token_kl(estimator, as_float32(item.policy_logprobs), ref32)
+            results.append(KLSequence(per_token, sequence_kl(per_token), ref32))
+        return KLResult(results, estimator, entry.model.info.version)
+
+    async def close(self) -> None:
+        for _, entry in self._versions.items():
+            await entry.batcher.close()

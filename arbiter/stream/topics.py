@@ -1,0 +1,53 @@
+"""Names shared by every Kafka producer and consumer in Arbiter.
+
+Logical topic names; ``KafkaSettings.topic_prefix`` is prepended on the wire so
+several environments (or test cases) can share one cluster.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+# -- topics ------------------------------------------------------------------
+
+ROLLOUTS = "rollouts"
+POLICY_UPDATES = "policy-updates"
+PROMPTS = "prompts"
+PREFERENCES = "preferences"
+
+ALL_TOPICS = (ROLLOUTS, POLICY_UPDATES, PROMPTS, PREFERENCES)
+
+# Final partition counts: topics are created once with these because the dev
+# broker (Tansu) has no CreatePartitions, and adding partitions later would
+# move keys to other partitions anyway (breaking per-prompt ordering).
+# policy-updates has one partition so every replica sees versions in order.
+DEFAULT_PARTITIONS = MappingProxyType({
+    ROLLOUTS: 8,
+    POLICY_UPDATES: 1,
+    PROMPTS: 8,
+    PREFERENCES: 4,
+})
+
+# -- consumer groups ---------------------------------------------------------
+
+# The PPO trainer: manual commits of the offsets covered by a durable checkpoint.
+TRAINER_GROUP = "arbiter-trainer"
+# Rollout workers share the prompts topic: each prompt goes to one worker.
+ROLLOUT_WORKERS_GROUP = "arbiter-rollout-workers"
+# Reward-model training from human preferences.
+REWARD_TRAINER_GROUP = "arbiter-reward-trainer"
+# Every policy replica must see every update, so replicas do not share a group:
+# each uses POLICY_REPLICA_GROUP_PREFIX + its replica id.
+POLICY_REPLICA_GROUP_PREFIX = "arbiter-policy-replica-"
+
+# -- record headers ----------------------------------------------------------
+
+HEADER_CONTENT_TYPE = "content-type"
+# "MAJOR.MINOR" of the arbiter.v1 Kafka payload schema.
+HEADER_SCHEMA_VERSION = "arbiter-schema-version"
+# Full protobuf name of the payload, e.g. "arbiter.v1.Rollout".
+HEADER_MESSAGE_TYPE = "arbiter-message-type"
+# KafkaSettings.client_id of the producer, for tracing a bad record to its source.
+HEADER_PRODUCER = "arbiter-producer"
+
+CONTENT_TYPE_PROTOBUF = "application/x-protobuf"

@@ -1,0 +1,113 @@
+"""The policy server: ``create_server(settings)`` for tests (port 0 works),
+``serve(settings)`` for deployment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client import CollectorRegistry
+
+from arbiter.policy.engine import PolicyEngine
+from arbiter.v1 import common_pb2, common_pb2_grpc, policy_pb2, policy_pb2_grpc
+from services.common.model_service import ModelServicer
+from services.common.server import RunningServer, serve_forever, start_server
+from services.common.settings import auth_token_from_env
+from services.policy.metrics import PolicyMetrics
+from services.policy.servicer import PolicyServicer
+from services.policy.settings import PolicySettings
+
+SERVICE_NAMES = (
+    policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+    common_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+
+
+async def create_server(settings: PolicySettings) -> tuple[RunningServer, int]:
+    registry = CollectorRegistry()
+    metrics = PolicyMetrics(registry)
+    # One model thread: torch parallelises inside a forward pass. Loading new
+    # versions gets its own thread so generation keeps going during a swap.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-model")
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-loader")
+    engine = PolicyEngine(settings.engine_config(), executor, loader, metrics)
+    model = await asyncio.get_running_loop().run_in_executor(
+        loader, engine.load_blocking, settings.model_dir, settings.model_version
+    )
+    engine.add_version(model, activate=True)
+    model_servicer = ModelServicer(engine, metrics)
+    model_servicer._publish_versions()
+
+    def register(server) -> None:
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(engine, metrics), server)
+        common_pb2_grpc.add_ModelServiceServicer_to_server(model_servicer, server)
+
+    running = await start_server(settings, SERVICE_NAMES, register, registry)
+
+    async def release() -> None:
+        await engine.close()
+        executor.shutdown(wait=True)
+        loader.shutdown(wait=True)
+
+    running.on_stop(release)
+    running.engine = engine
+    running.metrics = metrics
+    return running, running.port
+
+
+def serve(settings: PolicySettings) -> None:
+    def banner(running: RunningServer) -> str:
+        info = running.engine.info()
+        metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
+        return (
+            f"policy service: model {info.name!r} version {info.version!r} on "
+            f"{settings.host}:{running.port}{metrics}"
+        )
+
+    serve_forever(lambda: create_server(settings), banner)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face causal-LM directory (the initial policy)")
+    parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50052)
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--metrics-host", default="127.0.0.1")
+    parser.add_argument("--max-prompts-per-request", type=int, default=64)
+    parser.add_argument("--max-samples-per-prompt", type=int, default=16, help="limit on sampling.n")
+    parser.add_argument("--max-rows-per-request", type=int, default=256, help="limit on prompts x n")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="limit on sampling.max_new_tokens")
+    parser.add_argument("--default-max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-concurrent-generations", type=int, default=8)
+    parser.add_argument("--max-loaded-versions", type=int, default=2, help="older inactive versions are unloaded")
+    parser.add_argument("--max-tokens", type=int, help="cap on prompt + completion tokens (default: the model's)")
+    parser.add_argument("--torch-threads", type=int)
+    parser.add_argument("--grace-seconds", type=float, default=10.0)
+    parser.add_argument("--tls-cert-file")
+    parser.add_argument("--tls-key-file")
+
+
+def settings_from_args(args: argparse.Namespace) -> PolicySettings:
+    return PolicySettings(
+        model_dir=args.model,
+        model_version=args.model_version,
+        host=args.host,
+        port=args.port,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        max_prompts_per_request=args.max_prompts_per_request,
+        max_samples_per_prompt=args.max_samples_per_prompt,
+        max_rows_per_request=args.max_rows_per_request,
+        max_new_tokens=args.max_new_tokens,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_concurrent_generations=args.max_concurrent_generations,
+        max_loaded_versions=args.max_loaded_versions,
+        max_tokens=args.max_tokens,
+        torch_threads=args.torch_threads,
+        grace_seconds=args.grace_seconds,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        auth_token=auth_token_from_env(),
+    )

@@ -1,0 +1,48 @@
+"""``arbiter.v1.PolicyService`` handlers: validate, convert, call the engine, convert back."""
+
+from __future__ import annotations
+
+from arbiter.policy.engine import PolicyEngine
+from arbiter.v1 import policy_pb2_grpc
+from services.common.handlers import streaming, unary
+from services.policy.convert import (
+    generate_response_to_pb,
+    prompt_from_pb,
+    prompts_from_pb,
+    sampling_from_pb,
+    stream_event_to_pb,
+)
+from services.policy.metrics import PolicyMetrics
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, engine: PolicyEngine, metrics: PolicyMetrics):
+        self.engine = engine
+        self.metrics = metrics
+
+    @unary("Generate")
+    async def Generate(self, request, context):
+        result = await self.engine.generate(
+            prompts_from_pb(request.prompts), sampling_from_pb(request.sampling), request.model_version
+        )
+        return generate_response_to_pb(result)
+
+    @streaming("GenerateStream")
+    async def GenerateStream(self, request, context):
+        """One message per sampled token of each sample; a sample's first
+        message carries its prompt token ids, its last one the finish reason."""
+        prompt = prompt_from_pb(request.prompt, "prompt")
+        run, steps = await self.engine.generate_stream(
+            prompt, sampling_from_pb(request.sampling), request.model_version
+        )
+        version = run.policy.info.version
+        started: set[int] = set()
+        try:
+            async for events in steps:
+                for event in events:
+                    first = event.row not in started
+                    started.add(event.row)
+                    yield stream_event_to_pb(event, version, run.rows[event.row].prompt_ids if first else None)
+        finally:
+            # A cancelled stream frees its generation slot now, not at GC.
+            await steps.aclose()
