@@ -68,6 +68,12 @@ def _drift_report(args) -> int:
     return report_main(args)
 
 
+def _train_ppo(args) -> int:
+    from trainer.main import ppo_main
+
+    return ppo_main(args)
+
+
 def _demo(args) -> int:
     from services.demo import main as demo_main
 
@@ -130,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--png", help="write a histogram of reference vs current scores here")
     report.add_argument("--tls-ca-file")
     report.set_defaults(run=_drift_report)
+
+    train = commands.add_parser("train", help="training jobs")
+    train_commands = train.add_subparsers(dest="train_command", required=True)
+    ppo = train_commands.add_parser("ppo", help="the PPO trainer: rollouts from Kafka, policy versions out")
+    ppo.add_argument("--config", required=True, help="trainer YAML (see trainer/config.py for every field)")
+    ppo.add_argument("--max-updates", type=int, help="stop after this many updates (overrides the config)")
+    ppo.set_defaults(run=_train_ppo)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)

@@ -150,3 +150,18 @@ def model_max_tokens(config, tokenizer, override: int | None = None) -> int:
     if not limits:
         raise ModelLoadError("cannot tell the model's max tokens: set max_tokens explicitly")
     return min(limits)
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 over every safetensors file of a checkpoint (names and bytes, in
+    name order): what a publisher announces and a loader verifies before a swap."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{str(model_dir)!r} holds no .safetensors weights")
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,126 @@
+"""The PPO trainer in-process: collation, the update, checkpoints, LoRA,
+critic-free estimators and non-finite handling (the stream path is in
+test_trainer_stream.py)."""
+
+import math
+
+import pytest
+import torch
+
+from arbiter.hf import read_metadata
+from trainer.batch import Trajectory, collate
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import ConfigError, config_from_dict
+from trainer.loop import PPOTrainer
+from trainer.step import policy_outputs
+from tests.rollout_fixtures import sample_trajectories
+
+
+def make_trainer(tiny_models, tmp_path, **ppo):
+    settings = {"batch_size": 16, "minibatch_size": 8, "epochs": 4, "learning_rate": 1e-2,
+                "kl": {"mode": "fixed", "init_coef": 0.01}, **ppo}
+    config = config_from_dict({"model_dir": str(tiny_models["policy"]), "output_dir": str(tmp_path / "run"), "ppo": settings})
+    from arbiter.stream import KafkaSettings
+
+    return PPOTrainer(config, KafkaSettings())
+
+
+def test_collate_aligns_logits_with_completion_tokens():
+    a = Trajectory("a", "p", "g", (5, 6, 7), (8, 9), (-0.1, -0.2), (-0.3, -0.4), 1.0, "v0")
+    b = Trajectory("b", "p", "g", (5,), (8, 9, 10), (-0.5, -0.6, -0.7), (-0.8, -0.9, -1.0), 2.0, "v0")
+    batch = collate([a, b], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # Token 8 of `a` sits at position 3 and is predicted by the logits at 2.
+    assert batch.positions.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert batch.mask.tolist() == [[True, True, False], [True, True, True]]
+    assert batch.old_logprobs[0].tolist() == pytest.approx([-0.1, -0.2, 0.0])
+    assert batch.scores.tolist() == [1.0, 2.0]
+
+
+def test_on_policy_ratio_is_one_and_ppo_raises_the_reward(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path)
+    lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
+    first = sample_trajectories(lm, tokenizer, 16, seed=100)
+    with torch.no_grad():
+        batch = collate(first, tokenizer.pad_token_id)
+        logprobs, _, _ = policy_outputs(trainer.model, batch, 1.0)
+    # The trainer recomputes exactly what the sampler saw: the ratio starts at 1.
+    assert torch.allclose(logprobs[batch.mask], batch.old_logprobs[batch.mask], atol=1e-5)
+
+    rewards = []
+    for i in range(8):
+        rollouts = first if i == 0 else sample_trajectories(lm, tokenizer, 16, seed=100 + i)
+        record = trainer.train_on(rollouts)
+        rewards.append(record.stats.reward_raw)
+        assert record.stats.skipped_steps == 0 and record.stats.optimizer_steps == 8
+    assert trainer.state.step == 8
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards
+
+
+def test_checkpoint_restores_everything(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path, kl={"mode": "adaptive", "init_coef": 0.05, "target": 1.0, "horizon": 100})
+    rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=1)
+    trainer.train_on(rollouts)
+    trainer.save_policy_version()
+    trainer.consumed = {("t", 0): 40}
+    trainer.checkpoint(consumer=None)
+    assert latest_checkpoint(trainer.checkpoints).name == "step-00000001"
+
+    resumed = make_trainer(tiny_models, tmp_path, kl={"mode": "adaptive", "init_coef": 0.05, "target": 1.0, "horizon": 100})
+    assert resumed.state.step == 1 and resumed.state.policy_version == "ppo-1"
+    assert resumed.state.version_steps == {"v0": 0, "ppo-1": 1}
+    assert resumed.state.offsets == {("t", 0): 40}
+    assert list(resumed.seen) == [t.rollout_id for t in rollouts]
+    assert resumed.kl_controller.value == trainer.kl_controller.value != 0.05
+    assert resumed.reward_moments.state_dict() == trainer.reward_moments.state_dict()
+    for (name, p), q in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for key, value in trainer.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed.optimizer.state_dict()["state"][0][key]))
+    assert torch.equal(trainer.rng.get_state(), resumed.rng.get_state())
+    # The published version is a loadable HF checkpoint with its label.
+    assert read_metadata(trainer.policies / "ppo-1").version == "ppo-1"
+
+
+def test_non_finite_loss_is_skipped_counted_and_the_run_goes_on(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path)
+    rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=3)
+    bad = rollouts[0]
+    # An absurd behaviour log-prob makes the importance ratio overflow.
+    rollouts[0] = Trajectory(**{**bad.__dict__, "sampling_logprobs": (-1e30,) + bad.sampling_logprobs[1:]})
+    record = trainer.train_on(rollouts)
+    assert record.stats.skipped_steps >= 1
+    assert trainer.metrics.skipped_steps._value.get() == record.stats.skipped_steps
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    healthy = trainer.train_on(sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=4))
+    assert healthy.stats.skipped_steps == 0 and math.isfinite(healthy.stats.policy_loss)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_train_on_whole_groups(tiny_models, tmp_path, estimator):
+    trainer = make_trainer(tiny_models, tmp_path, advantage=estimator, samples_per_prompt=4)
+    rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=5, group_size=4)
+    record = trainer.train_on(rollouts)
+    assert record.stats.optimizer_steps == 8 and record.stats.value_loss == 0.0
+    assert math.isfinite(record.stats.policy_loss)
+
+
+def test_lora_trains_adapters_and_publishes_only_them(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path, lora={"r": 4, "alpha": 8})
+    base = {k: v.clone() for k, v in trainer.model.lm.get_base_model().state_dict().items() if "lora" not in k}
+    trainer.train_on(sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=6))
+    after = trainer.model.lm.get_base_model().state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base if "base_layer" in k or "wte" in k)
+    out = trainer.save_policy_version()
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_config_errors_name_the_field(tiny_models):
+    with pytest.raises(ConfigError, match=r"ppo\.minibatch_size"):
+        config_from_dict({"model_dir": "m", "ppo": {"batch_size": 4, "minibatch_size": 8}})
+    with pytest.raises(ConfigError, match=r"ppo\.kl\.mode"):
+        config_from_dict({"model_dir": "m", "ppo": {"kl": {"mode": "sometimes"}}})
+    with pytest.raises(ConfigError, match="unknown field"):
+        config_from_dict({"model_dir": "m", "learning_rate": 1})

@@ -1,0 +1,127 @@
+"""Trainer checkpoints: everything needed to resume exactly.
+
+A checkpoint holds the trainable weights (full policy or LoRA adapter) and the
+value head (safetensors), the optimizer, the KL controller, the reward
+normalizer, RNG state, the dedupe window and the stream position (the next
+offset per partition). It is written to a temporary directory, fsynced, and
+renamed into place; ``LATEST`` is then replaced atomically. Offsets are
+committed to Kafka only after this returns, so the broker never runs ahead of
+a durable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from arbiter.stream import TopicPartition, offsets_from_json, offsets_to_json
+
+LATEST = "LATEST"
+STATE = "state.json"
+WEIGHTS = "policy.safetensors"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+
+
+@dataclass
+class TrainerState:
+    step: int
+    policy_version: str
+    # Published (and initial) version label -> training step, for staleness.
+    version_steps: dict[str, int]
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    # Rollout ids trained or dropped recently, oldest first (bounded window).
+    seen_ids: list[str] = field(default_factory=list)
+    kl_controller: dict[str, Any] = field(default_factory=dict)
+    reward_moments: dict[str, Any] = field(default_factory=dict)
+    # Version directories already published (republished after a crash otherwise).
+    published: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["offsets"] = offsets_to_json(self.offsets)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerState:
+        data = dict(data)
+        data["offsets"] = offsets_from_json(data.get("offsets", {}))
+        return cls(**data)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator,
+    state: TrainerState, keep: int = 2,
+) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / WEIGHTS))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    torch.save({"generator": rng.get_state(), "torch": torch.get_rng_state()}, tmp / RNG)
+    (tmp / STATE).write_text(json.dumps(state.to_json(), indent=1))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    with pointer.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if (path / STATE).exists() else None
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator
+) -> TrainerState:
+    path = Path(path)
+    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    # Tied embeddings are stored once; anything else missing is a real mismatch.
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=False))
+    rng_state = torch.load(path / RNG, weights_only=False)
+    rng.set_state(rng_state["generator"])
+    torch.set_rng_state(rng_state["torch"])
+    return TrainerState.from_json(json.loads((path / STATE).read_text()))

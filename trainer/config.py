@@ -1,0 +1,202 @@
+"""``arbiter train ppo --config FILE``: one YAML file, validated up front.
+
+Errors name the field by its path in the file (``ppo.clip_coef``) and what it
+accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, path: str, allowed: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    # "adaptive": Ziegler et al. 2019 proportional controller; "fixed": constant λ.
+    mode: str = "adaptive"
+    init_coef: float = 0.1
+    target: float = 6.0
+    horizon: int = 10000
+    # Per-token estimator inside the reward: k1 (log-ratio, unbiased) or k3.
+    estimator: str = "k1"
+
+    def validate(self, prefix: str) -> None:
+        _require(self.mode in ("adaptive", "fixed"), f"{prefix}.mode", "one of adaptive, fixed", self.mode)
+        _require(self.init_coef >= 0, f"{prefix}.init_coef", "must be >= 0", self.init_coef)
+        _require(self.target > 0, f"{prefix}.target", "must be > 0", self.target)
+        _require(self.horizon >= 1, f"{prefix}.horizon", "must be >= 1", self.horizon)
+        _require(self.estimator in ("k1", "k2", "k3"), f"{prefix}.estimator", "one of k1, k2, k3", self.estimator)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # None: peft's defaults for the architecture.
+    target_modules: tuple[str, ...] | None = None
+
+    def validate(self, prefix: str) -> None:
+        _require(self.r >= 1, f"{prefix}.r", "must be >= 1", self.r)
+        _require(self.alpha >= 1, f"{prefix}.alpha", "must be >= 1", self.alpha)
+        _require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    # Rollouts per update.
+    batch_size: int = 32
+    minibatch_size: int = 8
+    epochs: int = 4
+    learning_rate: float = 1e-5
+    clip_coef: float = 0.2
+    # None disables value clipping.
+    value_clip_coef: float | None = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    # gae (value head), rloo or grpo (critic-free, need samples_per_prompt >= 2).
+    advantage: str = "gae"
+    samples_per_prompt: int = 1
+    # Scale RM scores by running std before the KL penalty (reward normalization).
+    normalize_rewards: bool = True
+    whiten_advantages: bool = True
+    # Sampling temperature of the workers: log-probs are recomputed under it.
+    temperature: float = 1.0
+    # Rollouts sampled more than this many policy versions ago are dropped.
+    max_staleness: int = 2
+    # PPO-ptx: pretraining LM loss mix (Ouyang et al. 2022); 0 disables.
+    ptx_coef: float = 0.0
+    ptx_data: str | None = None
+    ptx_batch_size: int = 4
+    kl: KLConfig = field(default_factory=KLConfig)
+    lora: LoRAConfig | None = None
+
+    def validate(self, prefix: str) -> None:
+        for name in ("batch_size", "minibatch_size", "epochs", "samples_per_prompt", "ptx_batch_size"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
+        _require(
+            self.minibatch_size <= self.batch_size, f"{prefix}.minibatch_size",
+            f"must be <= batch_size ({self.batch_size})", self.minibatch_size,
+        )
+        _require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0", self.learning_rate)
+        _require(0 < self.clip_coef < 1, f"{prefix}.clip_coef", "must be in (0, 1)", self.clip_coef)
+        if self.value_clip_coef is not None:
+            _require(self.value_clip_coef > 0, f"{prefix}.value_clip_coef", "must be > 0 or null", self.value_clip_coef)
+        _require(0 <= self.gamma <= 1, f"{prefix}.gamma", "must be in [0, 1]", self.gamma)
+        _require(0 <= self.lam <= 1, f"{prefix}.lam", "must be in [0, 1]", self.lam)
+        _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0", self.max_grad_norm)
+        _require(self.advantage in ("gae", "rloo", "grpo"), f"{prefix}.advantage", "one of gae, rloo, grpo", self.advantage)
+        if self.advantage != "gae":
+            _require(
+                self.samples_per_prompt >= 2, f"{prefix}.samples_per_prompt",
+                f"must be >= 2 for the {self.advantage} estimator (it compares samples of one prompt)",
+                self.samples_per_prompt,
+            )
+            _require(
+                self.batch_size % self.samples_per_prompt == 0, f"{prefix}.batch_size",
+                f"must be a multiple of samples_per_prompt ({self.samples_per_prompt}) for {self.advantage}",
+                self.batch_size,
+            )
+        _require(self.temperature > 0, f"{prefix}.temperature", "must be > 0", self.temperature)
+        _require(self.max_staleness >= 0, f"{prefix}.max_staleness", "must be >= 0", self.max_staleness)
+        _require(self.ptx_coef >= 0, f"{prefix}.ptx_coef", "must be >= 0", self.ptx_coef)
+        if self.ptx_coef > 0:
+            _require(
+                self.ptx_data is not None and Path(self.ptx_data).is_file(), f"{prefix}.ptx_data",
+                "must be an existing text file (one pretraining document per line) when ptx_coef > 0", self.ptx_data,
+            )
+        self.kl.validate(f"{prefix}.kl")
+        if self.lora is not None:
+            self.lora.validate(f"{prefix}.lora")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    # The initial policy: any Hugging Face causal-LM directory.
+    model_dir: str = ""
+    # Checkpoints and published policy versions go here.
+    output_dir: str = "runs/trainer"
+    # Prefix of published version labels: "<run_name>-<step>".
+    run_name: str = "ppo"
+    # Stop after this many updates (None: run until stopped).
+    max_updates: int | None = None
+    publish_every: int = 1
+    checkpoint_every: int = 1
+    # Checkpoints kept on disk (the newest ones).
+    keep_checkpoints: int = 2
+    seed: int = 0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    torch_threads: int | None = None
+    # How many recent rollout ids are remembered for dedupe (and checkpointed).
+    dedupe_window: int = 100_000
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    # Passed to arbiter.stream.KafkaSettings (bootstrap_servers, topic_prefix, ...);
+    # ARBITER_KAFKA_* environment variables fill what is not set here.
+    kafka: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_dir), "model_dir", "must name the initial policy's Hugging Face directory", self.model_dir)
+        _require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be non-empty, without '/'", self.run_name)
+        if self.max_updates is not None:
+            _require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
+        for name in ("publish_every", "checkpoint_every", "keep_checkpoints", "dedupe_window"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _require(
+            self.publish_every % self.checkpoint_every == 0, "publish_every",
+            f"must be a multiple of checkpoint_every ({self.checkpoint_every}): a published version must be "
+            "covered by a checkpoint, or a restart would publish it twice", self.publish_every,
+        )
+        self.ppo.validate("ppo")
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown field(s) {', '.join(where + u for u in unknown)}; allowed: {', '.join(sorted(known))}")
+    values = {}
+    for name, value in data.items():
+        target = {"kl": KLConfig, "lora": LoRAConfig, "ppo": PPOConfig}.get(name)
+        child = f"{path}.{name}" if path else name
+        if target is not None and value is not None and is_dataclass(target):
+            values[name] = _build(target, value, child)
+        elif name == "target_modules" and value is not None:
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainerConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read trainer config {str(path)!r}: {err}") from err
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(TrainerConfig, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainerConfig:
+    return _build(TrainerConfig, data, "")

@@ -1,0 +1,65 @@
+"""Trainer boundary: Kafka payloads (protobuf) <-> trainer types."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+from arbiter.stream import ConsumedRecord
+from arbiter.v1 import rollout_pb2
+from trainer.batch import Trajectory
+
+
+class InvalidRollout(ValueError):
+    pass
+
+
+def trajectory_from_record(record: ConsumedRecord) -> Trajectory:
+    r: rollout_pb2.Rollout = record.message
+    where = f"rollout {r.rollout_id or '?'} at {record.topic}[{record.partition}]@{record.offset}"
+    if not r.rollout_id:
+        raise InvalidRollout(f"{where}: rollout_id is empty (needed for dedupe)")
+    if not r.prompt_token_ids or not r.completion_token_ids:
+        raise InvalidRollout(f"{where}: prompt_token_ids and completion_token_ids must be non-empty")
+    n = len(r.completion_token_ids)
+    for name in ("sampling_logprobs", "reference_logprobs"):
+        if len(getattr(r, name)) != n:
+            raise InvalidRollout(f"{where}: {name} has {len(getattr(r, name))} values for {n} completion tokens")
+    if not math.isfinite(r.reward):
+        raise InvalidRollout(f"{where}: reward is {r.reward}")
+    if not all(math.isfinite(x) for x in itertools.chain(r.sampling_logprobs, r.reference_logprobs)):
+        raise InvalidRollout(f"{where}: log-probabilities must be finite")
+    if not r.policy_version:
+        raise InvalidRollout(f"{where}: policy_version is empty (needed for staleness)")
+    return Trajectory(
+        rollout_id=r.rollout_id,
+        prompt_id=r.prompt_id,
+        group_id=r.group_id or r.rollout_id,
+        prompt_ids=tuple(r.prompt_token_ids),
+        completion_ids=tuple(r.completion_token_ids),
+        sampling_logprobs=tuple(r.sampling_logprobs),
+        reference_logprobs=tuple(r.reference_logprobs),
+        reward=r.reward,
+        policy_version=r.policy_version,
+        reward_model_version=r.reward_model_version,
+        gold_score=r.gold_score if r.HasField("gold_score") else None,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+    )
+
+
+def policy_update(
+    version: str, checkpoint_path: str, parent_version: str, step: int, weights_sha256: str, is_adapter: bool
+) -> rollout_pb2.PolicyUpdate:
+    update = rollout_pb2.PolicyUpdate(
+        policy_version=version,
+        checkpoint_path=checkpoint_path,
+        parent_version=parent_version,
+        is_adapter=is_adapter,
+        weights_sha256=weights_sha256,
+        training_step=step,
+    )
+    update.created_at.FromNanoseconds(time.time_ns())
+    return update

@@ -1,0 +1,302 @@
+"""The PPO trainer service: rollouts in from Kafka, updates, checkpoints,
+policy versions out.
+
+Exactly-once training over an at-least-once stream: the consumer resumes from
+the offsets stored in the newest checkpoint, offsets are committed to Kafka
+only after the checkpoint that covers them is durable, and rollout ids seen
+recently are remembered (and checkpointed) to drop duplicates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from arbiter.hf import weights_sha256
+from arbiter.stream import (
+    ConsumedRecord,
+    KafkaSettings,
+    StreamConsumer,
+    StreamProducer,
+    TopicPartition,
+    ensure_topics,
+    list_topics,
+    topics,
+)
+from trainer import ppo_math as pm
+from trainer.batch import Trajectory, collate
+from trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import TrainerConfig
+from trainer.convert import InvalidRollout, policy_update, trajectory_from_record
+from trainer.metrics import TrainerMetrics
+from trainer.policy_model import PolicyWithValue
+from trainer.step import UpdateStats, make_kl_controller, ppo_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    """One update, for summaries and plots."""
+
+    step: int
+    policy_version: str
+    stats: UpdateStats
+    gold_score: float | None
+    staleness: float
+    seconds: float
+    rollouts: int
+
+
+class PPOTrainer:
+    def __init__(self, config: TrainerConfig, kafka: KafkaSettings, metrics: TrainerMetrics | None = None):
+        self.config = config
+        self.kafka = kafka
+        self.metrics = metrics or TrainerMetrics()
+        self.output = Path(config.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        self.policies = self.output / "policies"
+        ppo = config.ppo
+        self.model = PolicyWithValue.load(config.model_dir, ppo.lora, config.seed)
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=ppo.learning_rate)
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.kl_controller = make_kl_controller(ppo)
+        self.reward_moments = pm.RunningMoments()
+        self.state = TrainerState(
+            step=0, policy_version=self.model.base_version, version_steps={self.model.base_version: 0}
+        )
+        checkpoint = latest_checkpoint(self.checkpoints)
+        if checkpoint is not None:
+            self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.rng)
+            self.kl_controller = pm.kl_controller_from_state_dict(self.state.kl_controller)
+            self.reward_moments.load_state_dict(self.state.reward_moments)
+            log.info("resumed from %s at step %d (policy %s)", checkpoint, self.state.step, self.state.policy_version)
+        self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
+        self.pending: list[Trajectory] = []
+        # Next offset per partition of everything consumed (trained, dropped or pending).
+        self.consumed: dict[TopicPartition, int] = dict(self.state.offsets)
+        self.history: list[IterationRecord] = []
+        self._ptx = self._ptx_batches() if ppo.ptx_coef > 0 else None
+
+    # -- intake ---------------------------------------------------------------
+
+    def _remember(self, rollout_id: str) -> None:
+        self.seen[rollout_id] = None
+        while len(self.seen) > self.config.dedupe_window:
+            self.seen.popitem(last=False)
+
+    def _lag(self, version: str) -> int | None:
+        step = self.state.version_steps.get(version)
+        return None if step is None else self.state.step - step
+
+    def _drop(self, trajectory: Trajectory, outcome: str) -> None:
+        self._remember(trajectory.rollout_id)
+        self.metrics.rollouts.labels(outcome).inc()
+
+    def admit(self, record: ConsumedRecord) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self.consumed[tp] = max(self.consumed.get(tp, 0), record.offset + 1)
+        try:
+            trajectory = trajectory_from_record(record)
+        except InvalidRollout as err:
+            log.warning("dropping invalid rollout: %s", err)
+            self.metrics.rollouts.labels("invalid").inc()
+            return
+        pending_ids = {t.rollout_id for t in self.pending}
+        if trajectory.rollout_id in self.seen or trajectory.rollout_id in pending_ids:
+            self.metrics.rollouts.labels("duplicate").inc()
+            return
+        lag = self._lag(trajectory.policy_version)
+        if lag is None:
+            log.warning("dropping rollout %s from unknown policy version %r", trajectory.rollout_id, trajectory.policy_version)
+            self._drop(trajectory, "unknown_version")
+        elif lag > self.config.ppo.max_staleness:
+            self._drop(trajectory, "stale")
+        else:
+            self.pending.append(trajectory)
+
+    def _take_batch(self) -> list[Trajectory] | None:
+        """The next batch, oldest first. Rollouts that went stale while waiting
+        are dropped; critic-free estimators take whole groups only."""
+        ppo = self.config.ppo
+        fresh = []
+        for t in self.pending:
+            if self._lag(t.policy_version) > ppo.max_staleness:
+                self._drop(t, "stale")
+            else:
+                fresh.append(t)
+        self.pending = fresh
+        if ppo.advantage == "gae":
+            if len(self.pending) < ppo.batch_size:
+                return None
+            batch, self.pending = self.pending[: ppo.batch_size], self.pending[ppo.batch_size :]
+            return batch
+        groups: OrderedDict[str, list[Trajectory]] = OrderedDict()
+        for t in self.pending:
+            groups.setdefault(t.group_id, []).append(t)
+        complete = [g for g in groups.values() if len(g) >= ppo.samples_per_prompt]
+        if len(complete) * ppo.samples_per_prompt < ppo.batch_size:
+            # A group missing a member (dropped upstream) would hold its
+            # partition's offset forever: give up on the oldest such groups.
+            while len(self.pending) > 4 * ppo.batch_size:
+                oldest = next(g for g in groups.values() if len(g) < ppo.samples_per_prompt)
+                for t in oldest:
+                    self._drop(t, "incomplete_group")
+                self.pending = [t for t in self.pending if t.group_id != oldest[0].group_id]
+                del groups[oldest[0].group_id]
+            return None
+        chosen = [t for g in complete[: ppo.batch_size // ppo.samples_per_prompt] for t in g[: ppo.samples_per_prompt]]
+        chosen_ids = {t.rollout_id for t in chosen}
+        self.pending = [t for t in self.pending if t.rollout_id not in chosen_ids]
+        return chosen
+
+    def safe_offsets(self) -> dict[TopicPartition, int]:
+        """Per partition, the first offset not yet accounted for: a pending
+        rollout's offset if one waits there, else past everything consumed."""
+        offsets = dict(self.consumed)
+        for t in self.pending:
+            tp = TopicPartition(t.topic, t.partition)
+            offsets[tp] = min(offsets[tp], t.offset)
+        return offsets
+
+    # -- training -------------------------------------------------------------
+
+    def _ptx_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        lines = [line.strip() for line in Path(self.config.ppo.ptx_data).read_text().splitlines() if line.strip()]
+        tokenizer = self.model.tokenizer
+        order = random.Random(self.config.seed)
+        size = self.config.ppo.ptx_batch_size
+        for _ in itertools.count():
+            order.shuffle(lines)
+            for start in range(0, len(lines) - size + 1, size):
+                enc = tokenizer(lines[start : start + size], return_tensors="pt", padding=True, truncation=True, max_length=128)
+                yield enc["input_ids"], enc["attention_mask"]
+
+    def train_on(self, batch: list[Trajectory]) -> IterationRecord:
+        started = time.perf_counter()
+        staleness = sum(self._lag(t.policy_version) for t in batch) / len(batch)
+        stats = ppo_update(
+            self.model, self.optimizer, collate(batch, self.model.tokenizer.pad_token_id), self.kl_controller,
+            self.reward_moments, self.config.ppo, self.rng, self._ptx,
+        )
+        for t in batch:
+            self._remember(t.rollout_id)
+        self.metrics.rollouts.labels("trained").inc(len(batch))
+        self.state.step += 1
+        golds = [t.gold_score for t in batch if t.gold_score is not None]
+        gold = sum(golds) / len(golds) if golds else None
+        target = getattr(self.kl_controller, "target", None)
+        self.metrics.on_update(stats, target, staleness, gold)
+        if stats.skipped_steps:
+            log.warning("update %d skipped %d non-finite step(s)", self.state.step, stats.skipped_steps)
+        return IterationRecord(
+            self.state.step, self.state.policy_version, stats, gold, staleness, time.perf_counter() - started, len(batch)
+        )
+
+    # -- persistence and publishing --------------------------------------------
+
+    def version_label(self, step: int) -> str:
+        return f"{self.config.run_name}-{step}"
+
+    def save_policy_version(self) -> Path:
+        """Write the current policy as a servable version (atomic rename)."""
+        version = self.version_label(self.state.step)
+        final = self.policies / version
+        tmp = self.policies / f".tmp-{version}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_policy(tmp, version)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        self.state.version_steps[version] = self.state.step
+        self.state.policy_version = version
+        self.state.published.append(version)
+        self.metrics.policy_step.set(self.state.step)
+        return final
+
+    def checkpoint(self, consumer: StreamConsumer | None) -> Path:
+        self.state.offsets = self.safe_offsets()
+        self.state.seen_ids = list(self.seen)
+        self.state.kl_controller = self.kl_controller.state_dict()
+        self.state.reward_moments = self.reward_moments.state_dict()
+        path = save_checkpoint(
+            self.checkpoints, self.model, self.optimizer, self.rng, self.state, keep=self.config.keep_checkpoints
+        )
+        if consumer is not None and self.state.offsets:
+            # Only now, with the checkpoint durable, may the group move forward.
+            consumer.commit({tp: o for tp, o in self.state.offsets.items() if tp in consumer.assignment()})
+        return path
+
+    def announce(self, producer: StreamProducer, version: str) -> None:
+        path = self.policies / version
+        producer.send(
+            topics.POLICY_UPDATES,
+            policy_update(
+                version, str(path.resolve()), self.model.base_version, self.state.version_steps[version],
+                weights_sha256(path), self.model.is_lora,
+            ),
+        )
+        producer.flush(timeout_s=30)
+        self.metrics.publish.inc()
+        log.info("published policy %s", version)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        on_update: Callable[[IterationRecord], None] | None = None,
+        poll_timeout_s: float = 0.5,
+    ) -> list[IterationRecord]:
+        stop = stop or threading.Event()
+        cfg = self.config
+        # Create what is missing; an existing topic's partition count is the operator's choice.
+        existing = list_topics(self.kafka)
+        missing = {t: topics.DEFAULT_PARTITIONS[t] for t in (topics.ROLLOUTS, topics.POLICY_UPDATES)
+                   if self.kafka.topic(t) not in existing}
+        if missing:
+            ensure_topics(self.kafka, missing)
+        with StreamConsumer(self.kafka, [topics.ROLLOUTS], topics.TRAINER_GROUP) as consumer, \
+                StreamProducer(self.kafka) as producer:
+            if self.state.offsets:
+                consumer.seek(self.state.offsets)
+            if self.state.step > 0 and self.state.policy_version in self.state.published:
+                # The crash may have come between checkpoint and announcement;
+                # announcing twice is harmless (followers skip loaded versions).
+                self.announce(producer, self.state.policy_version)
+            while not stop.is_set() and (cfg.max_updates is None or self.state.step < cfg.max_updates):
+                polled = consumer.poll(timeout_s=poll_timeout_s)
+                for record in polled.records:
+                    self.admit(record)
+                for rejected in polled.rejected:
+                    tp = rejected.topic_partition
+                    self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
+                    self.metrics.rollouts.labels("invalid").inc()
+                self.metrics.lag.set(sum(consumer.lag().values()))
+                while (cfg.max_updates is None or self.state.step < cfg.max_updates) and (batch := self._take_batch()):
+                    started = time.perf_counter()
+                    record = self.train_on(batch)
+                    published = None
+                    if self.state.step % cfg.publish_every == 0:
+                        self.save_policy_version()
+                        published = self.state.policy_version
+                    if self.state.step % cfg.checkpoint_every == 0:
+                        self.checkpoint(consumer)
+                    if published:
+                        self.announce(producer, published)
+                    record = IterationRecord(**{**record.__dict__, "policy_version": self.state.policy_version,
+                                                "seconds": time.perf_counter() - started})
+                    self.metrics.iteration.observe(record.seconds)
+                    self.history.append(record)
+                    if on_update is not None:
+                        on_update(record)
+        return self.history

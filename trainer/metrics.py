@@ -1,0 +1,68 @@
+"""Trainer metrics, declared once. Names are the contract of the alert rules in
+infra/prometheus/rules/arbiter-alerts.yml (KL blow-up, stalled trainer, stale rollouts)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from trainer.step import UpdateStats
+
+ROLLOUT_OUTCOMES = ("trained", "duplicate", "stale", "unknown_version", "invalid", "incomplete_group")
+
+
+class TrainerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.updates = Counter("arbiter_trainer_updates", "PPO updates completed.", registry=r)
+        self.skipped_steps = Counter(
+            "arbiter_trainer_skipped_steps", "Optimizer steps skipped for a non-finite loss or gradient.", registry=r
+        )
+        self.rollouts = Counter(
+            "arbiter_trainer_rollouts", "Rollouts consumed, by what became of them.", ["outcome"], registry=r
+        )
+        for outcome in ROLLOUT_OUTCOMES:
+            self.rollouts.labels(outcome)
+        self.kl = Gauge("arbiter_trainer_kl", "Mean per-sequence KL(π‖π_ref) of the last batch (nats).", registry=r)
+        self.kl_target = Gauge("arbiter_trainer_kl_target", "KL the adaptive controller steers to (nats).", registry=r)
+        self.kl_coef = Gauge("arbiter_trainer_kl_coef", "KL penalty coefficient β.", registry=r)
+        self.reward = Gauge("arbiter_trainer_reward", "Mean reward of the last batch.", ["kind"], registry=r)
+        self.gold = Gauge("arbiter_trainer_gold_score", "Mean gold-scorer score of the last batch.", registry=r)
+        self.entropy = Gauge("arbiter_trainer_entropy", "Mean per-token policy entropy (nats).", registry=r)
+        self.clip_fraction = Gauge("arbiter_trainer_clip_fraction", "Fraction of tokens where the ratio was clipped.", registry=r)
+        self.approx_kl = Gauge("arbiter_trainer_approx_kl", "Approximate KL(π_old‖π_θ) moved by the update.", registry=r)
+        self.value_loss = Gauge("arbiter_trainer_value_loss", "Mean clipped value loss.", registry=r)
+        self.policy_loss = Gauge("arbiter_trainer_policy_loss", "Mean clipped surrogate loss.", registry=r)
+        self.policy_step = Gauge("arbiter_trainer_policy_step", "Training step of the newest policy.", registry=r)
+        self.staleness = Gauge(
+            "arbiter_trainer_rollout_staleness_versions",
+            "Mean number of policy versions between sampling and training, last batch.", registry=r,
+        )
+        self.response_length = Gauge(
+            "arbiter_trainer_response_length_tokens", "Mean completion length of the last batch.", registry=r
+        )
+        self.iteration = Histogram(
+            "arbiter_trainer_iteration_seconds", "Wall time of one PPO update (train + checkpoint + publish).",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+        )
+        self.lag = Gauge("arbiter_trainer_consumer_lag_records", "Rollouts waiting in the topic.", registry=r)
+        self.publish = Counter("arbiter_trainer_policy_publishes", "Policy versions published.", registry=r)
+
+    def on_update(self, stats: UpdateStats, kl_target: float | None, staleness: float, gold: float | None) -> None:
+        self.updates.inc()
+        self.skipped_steps.inc(stats.skipped_steps)
+        self.kl.set(stats.kl)
+        if kl_target is not None:
+            self.kl_target.set(kl_target)
+        self.kl_coef.set(stats.kl_coef)
+        self.reward.labels("raw").set(stats.reward_raw)
+        self.reward.labels("normalized").set(stats.reward_normalized)
+        if gold is not None:
+            self.gold.set(gold)
+        for gauge, value in (
+            (self.entropy, stats.entropy), (self.clip_fraction, stats.clip_fraction), (self.approx_kl, stats.approx_kl),
+            (self.value_loss, stats.value_loss), (self.policy_loss, stats.policy_loss),
+            (self.response_length, stats.response_length),
+        ):
+            gauge.set(value)
+        self.staleness.set(staleness)

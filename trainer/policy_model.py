@@ -1,0 +1,69 @@
+"""The policy being trained: a causal LM plus a scalar value head on its last
+hidden state (the critic shares the policy's trunk, as in InstructGPT and
+TRL's AutoModelForCausalLMWithValueHead), optionally with LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from arbiter.hf import check_checkpoint_dir, content_version, load_tokenizer, quiet_transformers, read_metadata, write_metadata
+from trainer.config import LoRAConfig
+
+
+class PolicyWithValue(nn.Module):
+    def __init__(self, lm: nn.Module, tokenizer, base_version: str, lora: bool):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        # A small head starts with values near 0, so early advantages are the rewards.
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
+        nn.init.zeros_(self.value_head.bias)
+        self.tokenizer = tokenizer
+        self.base_version = base_version
+        self.is_lora = lora
+
+    @classmethod
+    def load(cls, model_dir: str | Path, lora: LoRAConfig | None = None, seed: int = 0) -> PolicyWithValue:
+        from transformers import AutoModelForCausalLM
+
+        quiet_transformers()
+        root = check_checkpoint_dir(model_dir)
+        torch.manual_seed(seed)
+        lm = AutoModelForCausalLM.from_pretrained(str(root), local_files_only=True, dtype=torch.float32)
+        meta = read_metadata(root)
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules) if lora.target_modules else None,
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        policy = cls(lm, load_tokenizer(root), meta.version or content_version(root), lora is not None)
+        return policy.eval()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """logits (B, L, V) and values (B, L), both at every position."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits, values
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_policy(self, out_dir: str | Path, version: str) -> Path:
+        """A servable policy version: full weights, or only the LoRA adapter
+        (the policy service applies it to the base it serves)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+        write_metadata(out, name="policy", version=version, base_version=self.base_version)
+        return out

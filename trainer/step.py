@@ -1,0 +1,153 @@
+"""One PPO update on a batch of rollouts (InstructGPT's objective).
+
+Reads top to bottom like cleanrl's ``ppo.py`` / torchtune's ``rlhf``: rewards,
+old values, advantages, minibatch epochs of the clipped objective, then the KL
+coefficient. The math is in :mod:`trainer.ppo_math`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from trainer import ppo_math as pm
+from trainer.batch import PPOBatch, gather_positions
+from trainer.config import PPOConfig
+from trainer.policy_model import PolicyWithValue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    reward_raw: float  # mean RM score of the batch
+    reward_normalized: float  # mean score after running normalization
+    kl: float  # mean per-sequence Σ_t KL_t to the reference (before the update)
+    kl_coef: float  # β used for this batch's rewards
+    entropy: float
+    policy_loss: float
+    value_loss: float
+    clip_fraction: float
+    approx_kl: float
+    response_length: float
+    optimizer_steps: int
+    skipped_steps: int  # minibatch steps dropped for a non-finite loss or gradient
+
+
+def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs (B, T) and values (B, T) of the completion tokens, plus their logits (B, T, V).
+    Logits are divided by the sampling temperature so the ratio compares the
+    same distribution the workers sampled from."""
+    logits, values = model(batch.input_ids, batch.attention_mask)  # (B, L, V), (B, L)
+    logits = gather_positions(logits, batch.positions) / temperature  # (B, T, V)
+    values = gather_positions(values, batch.positions)  # (B, T)
+    return pm.token_logprobs(logits, batch.completion_ids), values, logits
+
+
+def ppo_update(
+    model: PolicyWithValue,
+    optimizer: torch.optim.Optimizer,
+    batch: PPOBatch,
+    kl_controller: pm.KLController,
+    reward_moments: pm.RunningMoments,
+    cfg: PPOConfig,
+    generator: torch.Generator,
+    ptx_batches: Iterator[tuple[Tensor, Tensor]] | None = None,
+) -> UpdateStats:
+    mask = batch.mask  # (B, T)
+    use_critic = cfg.advantage == "gae"
+    with torch.no_grad():
+        # 1. Reward: the RM score, normalized with running statistics so β and the
+        #    value head keep one scale as the policy drifts, minus β·KL per token
+        #    (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019 put r_θ on the last token).
+        reward_moments.update(batch.scores)
+        scores = reward_moments.normalize(batch.scores) if cfg.normalize_rewards and reward_moments.count >= 2 else batch.scores
+        beta = kl_controller.value
+        penalized = pm.kl_penalized_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask, beta, cfg.kl.estimator)
+        kl_per_sequence = penalized.kl.sum(dim=1)  # (B,)
+
+        # 2. Advantages: GAE over the value head's estimates (values before the
+        #    update are the "old" values of the clipped value loss), or a
+        #    critic-free group baseline (RLOO / GRPO) over sequence rewards.
+        old_values = policy_outputs(model, batch, cfg.temperature)[1] if use_critic else None
+        if use_critic:
+            advantages, returns = pm.gae(penalized.rewards, old_values, mask, cfg.gamma, cfg.lam)
+        else:
+            sequence_rewards = penalized.rewards.sum(dim=1)  # (B,)
+            estimator = pm.rloo_advantages if cfg.advantage == "rloo" else pm.grpo_advantages
+            advantages = pm.broadcast_sequence_advantages(estimator(sequence_rewards, batch.group_ids), mask)
+            returns = None
+        if cfg.whiten_advantages:
+            advantages = pm.masked_whiten(advantages, mask)
+
+    # 3. Minibatch epochs of the clipped surrogate, clipped value loss, entropy
+    #    bonus and optional pretraining mix (PPO-ptx).
+    params = model.trainable_parameters()
+    totals = {"entropy": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+    steps = skipped = 0
+    # The model stays in eval mode: dropout would make π_θ ≠ π_old on the very
+    # first step and turn the ratio into noise.
+    for _ in range(cfg.epochs):
+        for index in pm.minibatch_indices(batch.size, cfg.minibatch_size, generator=generator):
+            mb = batch.select(index)
+            logprobs, values, logits = policy_outputs(model, mb, cfg.temperature)
+            pg = pm.policy_loss(logprobs, mb.old_logprobs, advantages[index], mb.mask, cfg.clip_coef)
+            vf = pm.value_loss(values, old_values[index], returns[index], mb.mask, cfg.value_clip_coef) if use_critic else None
+            entropy = pm.entropy_from_logits(logits, mb.mask)
+            ptx = None
+            if cfg.ptx_coef > 0 and ptx_batches is not None:
+                ids, attention = next(ptx_batches)
+                ptx = pm.ptx_loss(model(ids, attention)[0], ids, attention)
+            loss = pm.ppo_total_loss(
+                pg.loss, vf_loss=vf.loss if vf else None, vf_coef=cfg.vf_coef if use_critic else 0.0,
+                entropy=entropy, ent_coef=cfg.ent_coef, ptx_loss=ptx, ptx_coef=cfg.ptx_coef if ptx is not None else 0.0,
+            )
+
+            # 4. A non-finite loss or gradient skips this step instead of
+            #    poisoning the weights; the run goes on.
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                skipped += 1
+                log.warning("skipping a PPO step: non-finite loss %s", float(loss))
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                log.warning("skipping a PPO step: non-finite gradient norm %s", float(grad_norm))
+                continue
+            optimizer.step()
+            steps += 1
+            totals["entropy"] += float(entropy.detach())
+            totals["policy_loss"] += float(pg.loss.detach())
+            totals["value_loss"] += float(vf.loss.detach()) if vf else 0.0
+            totals["clip_fraction"] += float(pg.clipfrac)
+            totals["approx_kl"] += float(pg.approx_kl)
+
+    # 5. Adapt β toward the KL target with this batch's measured KL (Ziegler et al. 2019).
+    mean_kl = float(kl_per_sequence.mean())
+    if math.isfinite(mean_kl):
+        kl_controller.update(mean_kl, n_steps=batch.size)
+    means = {k: (v / steps if steps else math.nan) for k, v in totals.items()}
+    return UpdateStats(
+        reward_raw=float(batch.scores.mean()),
+        reward_normalized=float(scores.mean()),
+        kl=mean_kl,
+        kl_coef=beta,
+        response_length=float(mask.sum(dim=1).float().mean()),
+        optimizer_steps=steps,
+        skipped_steps=skipped,
+        **means,
+    )
+
+
+def make_kl_controller(cfg: PPOConfig) -> pm.KLController:
+    if cfg.kl.mode == "fixed":
+        return pm.FixedKLController(cfg.kl.init_coef)
+    return pm.AdaptiveKLController(cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
