@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo bench clean prometheus-tools
+.PHONY: install protos lint test demo bench clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -53,14 +53,33 @@ prometheus-tools:
 	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }; }
 
-test: install lint prometheus-tools
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The local Triton Inference Server (tritonserver bundled in nvidia-pytriton)
+# and the Python its models run in: a venv of its own, since pytriton pins
+# numpy<2 (see requirements-triton.lock).
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+triton-env: $(TRITON_STAMP)
+$(TRITON_STAMP): requirements-triton.lock
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q torch==2.13.0
+	$(TRITON_VENV)/bin/pip install -q -r requirements-triton.lock
+	touch $@
+
+# ARBITER_REQUIRE_TRITON: the Triton tests fail, not skip, without .venv-triton.
+test: install lint prometheus-tools triton-env
+	ARBITER_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/arbiter demo $(DEMO_ARGS)
+
+# The reward service with its forward passes in a real Triton server, checked
+# against the in-process backend.
+demo-triton: install triton-env
+	$(BIN)/python -m services.demo_triton $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .tools $(GEN_STAMP) arbiter/v1/*_pb2*.py* build runs
+	rm -rf $(VENV) $(TRITON_VENV) .tools $(GEN_STAMP) arbiter/v1/*_pb2*.py* build runs

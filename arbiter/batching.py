@@ -4,6 +4,9 @@ Concurrent requests are split into items and queued; one loop coalesces them
 into model batches of up to ``max_batch_size`` items, waiting at most
 ``max_queue_delay_s`` after the oldest queued item arrived (Triton's policy).
 The model runs on an executor thread, never on the event loop that serves RPCs.
+A remote model (an async ``run_batch``, e.g. a Triton client) is awaited on the
+loop instead, with up to ``max_in_flight`` batches outstanding so the network
+round trip overlaps the server's compute.
 A cancelled request (client cancel, deadline) cancels its futures, and
 cancelled items are skipped when the next batch is formed, so they free their
 slot instead of costing a forward pass.
@@ -12,9 +15,10 @@ slot instead of costing a forward pass.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -68,22 +72,31 @@ class _Pending(Generic[T]):
 
 class DynamicBatcher(Generic[T, R]):
     """``run_batch(items) -> results`` (same length, same order) is called on
-    ``executor``; ``submit`` awaits the results of its own items."""
+    ``executor``, or awaited when it is a coroutine function; ``submit`` awaits
+    the results of its own items."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Sequence[R]],
+        run_batch: Callable[[list[T]], Sequence[R]] | Callable[[list[T]], Awaitable[Sequence[R]]],
         config: BatchingConfig,
         executor: Executor,
         observer: BatchObserver | None = None,
+        max_in_flight: int = 1,
     ):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._run_batch = run_batch
+        self._is_async = inspect.iscoroutinefunction(run_batch)
+        # A local forward owns the cores: batches run one at a time.
+        self._max_in_flight = max_in_flight if self._is_async else 1
         self._config = config
         self._executor = executor
         self._observer = observer or _NullObserver()
         self._queue: deque[_Pending[T]] = deque()
         self._wakeup: asyncio.Event | None = None
+        self._slot_freed: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._batch_tasks: set[asyncio.Task] = set()
         self._closed = False
         self._in_flight = 0
 
@@ -125,7 +138,10 @@ class DynamicBatcher(Generic[T, R]):
             for start in range(0, len(items), size):
                 chunk = items[start : start + size]
                 started = time.perf_counter()
-                results.extend(await loop.run_in_executor(self._executor, self._run_batch, chunk))
+                if self._is_async:
+                    results.extend(await self._run_batch(chunk))
+                else:
+                    results.extend(await loop.run_in_executor(self._executor, self._run_batch, chunk))
                 self._observer.on_batch(len(chunk), time.perf_counter() - started)
         finally:
             self._in_flight -= 1
@@ -134,6 +150,7 @@ class DynamicBatcher(Generic[T, R]):
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
+            self._slot_freed = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._batch_loop(), name="dynamic-batcher")
 
     def _drop_done(self) -> None:
@@ -152,6 +169,11 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         cfg = self._config
         while True:
+            # Wait for a free slot before forming a batch, so items that arrive
+            # meanwhile join it instead of waiting for the one after.
+            while self._is_async and self._in_flight >= self._max_in_flight:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             self._drop_done()
             if not self._queue:
                 if self._closed:
@@ -173,6 +195,12 @@ class DynamicBatcher(Generic[T, R]):
             self._observer.on_queue_depth(self.queue_depth)
             if not batch:
                 continue
+            if self._is_async:
+                self._in_flight += 1
+                task = loop.create_task(self._run_async_batch(batch), name="dynamic-batcher-batch")
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_tasks.discard)
+                continue
             started = time.perf_counter()
             self._in_flight += 1
             try:
@@ -188,6 +216,23 @@ class DynamicBatcher(Generic[T, R]):
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+
+    async def _run_async_batch(self, batch: list[_Pending[T]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await self._run_batch([p.item for p in batch])
+        except Exception as err:  # the model failed: fail this batch's requests, keep serving
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        finally:
+            self._in_flight -= 1
+            self._slot_freed.set()
+        self._observer.on_batch(len(batch), time.perf_counter() - started)
+        for p, result in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, then stop the loop."""

@@ -68,16 +68,82 @@ def _drift_report(args) -> int:
     return report_main(args)
 
 
+def _triton_export(args) -> int:
+    from arbiter.backends.triton_export import ExportError, ExportOptions, export
+    from arbiter.errors import ModelLoadError
+
+    try:
+        options = ExportOptions(
+            name=args.name, version=args.version, max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, device=args.device,
+            torch_threads=args.torch_threads, dtype=args.dtype,
+        )
+        path = export(args.model, args.kind, args.out, options)
+    except (ExportError, ModelLoadError) as err:
+        print(f"arbiter triton export: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _triton_serve(args) -> int:
+    from arbiter.backends.triton_local import serve
+
+    return serve(args)
+
+
 def _train_ppo(args) -> int:
     from trainer.main import ppo_main
 
     return ppo_main(args)
 
 
-def _demo(args) -> int:
-    from services.demo import main as demo_main
+def _worker(args) -> int:
+    from services.worker.main import main as worker_main
 
-    return demo_main(args.demo_args)
+    return worker_main(args)
+
+
+def _up(args) -> int:
+    from services.stack import up_main
+
+    return up_main(args)
+
+
+def _train_rm(args) -> int:
+    from arbiter.rm.main import train_main
+
+    return train_main(args)
+
+
+def _rm_list(args) -> int:
+    from arbiter.rm.main import list_main
+
+    return list_main(args)
+
+
+def _rm_shadow(args) -> int:
+    from services.reward.shadow import main as shadow_main
+
+    return shadow_main(args)
+
+
+def _rm_submit(args) -> int:
+    from services.reward.submit import main as submit_main
+
+    return submit_main(args)
+
+
+def _elo(args) -> int:
+    from services.elo import main as elo_main
+
+    return elo_main(args)
+
+
+def _demo(args) -> int:
+    from services.demo import run_from_args
+
+    return run_from_args(args)
 
 
 def _broker(args) -> int:
@@ -137,15 +203,78 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tls-ca-file")
     report.set_defaults(run=_drift_report)
 
+    triton = commands.add_parser("triton", help="NVIDIA Triton Inference Server: export models, run one locally")
+    triton_commands = triton.add_subparsers(dest="triton_command", required=True)
+    export = triton_commands.add_parser("export", help="write a checkpoint as a new version REPO/NAME/N of a Triton model")
+    export.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    export.add_argument("--kind", required=True, choices=["reward", "reference", "policy"])
+    export.add_argument("--out", required=True, help="the Triton model repository (created if missing)")
+    export.add_argument("--name", help="model name in the repository (default: arbiter.json name, else the dir name)")
+    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (sequences)")
+    export.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton's dynamic-batching delay")
+    export.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
+    export.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind")
+    export.add_argument("--torch-threads", type=int, default=0, help="torch threads per CPU instance (0: default)")
+    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    export.set_defaults(run=_triton_export)
+    from arbiter.backends.triton_local import add_serve_arguments
+
+    local = triton_commands.add_parser("serve", help="run the tritonserver bundled in .venv-triton (dev, demos)")
+    add_serve_arguments(local)
+    local.set_defaults(run=_triton_serve)
+
     train = commands.add_parser("train", help="training jobs")
     train_commands = train.add_subparsers(dest="train_command", required=True)
     ppo = train_commands.add_parser("ppo", help="the PPO trainer: rollouts from Kafka, policy versions out")
     ppo.add_argument("--config", required=True, help="trainer YAML (see trainer/config.py for every field)")
     ppo.add_argument("--max-updates", type=int, help="stop after this many updates (overrides the config)")
     ppo.set_defaults(run=_train_ppo)
+    from arbiter.rm.main import add_list_arguments, add_train_arguments
+
+    train_rm = train_commands.add_parser("rm", help="train a reward model on preferences: a new registry version")
+    add_train_arguments(train_rm)
+    train_rm.set_defaults(run=_train_rm)
+
+    rm = commands.add_parser("rm", help="reward-model versions: list the registry, shadow-compare and promote")
+    rm_commands = rm.add_subparsers(dest="rm_command", required=True)
+    rm_list = rm_commands.add_parser("list", help="versions in a registry, with their held-out accuracy")
+    add_list_arguments(rm_list)
+    rm_list.set_defaults(run=_rm_list)
+    from services.reward.shadow import add_arguments as add_shadow_arguments
+
+    shadow = rm_commands.add_parser(
+        "shadow", help="score labelled data with a candidate and the active version; report agreement; --promote"
+    )
+    add_shadow_arguments(shadow)
+    shadow.set_defaults(run=_rm_shadow)
+    from services.reward.submit import add_arguments as add_submit_arguments
+
+    submit = rm_commands.add_parser("submit", help="send labelled JSON lines to SubmitPreference (preferences topic)")
+    add_submit_arguments(submit)
+    submit.set_defaults(run=_rm_submit)
+    from services.elo import add_arguments as add_elo_arguments
+
+    elo = commands.add_parser("elo", help="Elo ratings of policy versions (reward-model or human judged), with CIs")
+    add_elo_arguments(elo)
+    elo.set_defaults(run=_elo)
+
+    from services.worker.main import add_arguments as add_worker_arguments
+
+    worker = commands.add_parser("worker", help="rollout worker: prompts -> policy, reward, reference -> rollouts topic")
+    add_worker_arguments(worker)
+    worker.set_defaults(run=_worker)
+
+    up = commands.add_parser("up", help="run the whole loop (broker, services, worker, trainer) until Ctrl-C")
+    up.add_argument("--config", required=True, help="stack YAML (see services/stack.py StackConfig)")
+    up.add_argument("--workdir", help="overrides the config's workdir")
+    up.add_argument("--kafka-bootstrap", help="use this Kafka cluster instead of a local broker")
+    up.set_defaults(run=_up)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--updates", type=int, help="PPO updates (default 16, 4 with --quick)")
+    demo.add_argument("--quick", action="store_true", help="smaller and shorter, for tests")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -41,3 +41,17 @@ class ModelLoadError(ArbiterError):
 
 class ShuttingDown(ArbiterError):
     """The server is draining and takes no new work."""
+
+
+class BackendUnavailable(ArbiterError):
+    """The model server behind this service (Triton) cannot be reached, or the
+    model version is not loaded there yet; transient: retry with backoff."""
+
+
+class BackendTimeout(ArbiterError):
+    """The model server did not answer within the configured time."""
+
+
+class BackendError(ArbiterError):
+    """The model server answered with a failure it will repeat on retry (the
+    model raised, or it does not take the tensors Arbiter sends)."""

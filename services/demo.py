@@ -1,96 +1,166 @@
-"""``make demo``: the reward service on a tiny model, scored through a real
-gRPC client. Starts ``arbiter serve reward`` as its own process, as deployed.
+"""``make demo``: the whole RLHF loop on this machine, as separate processes.
 
-(Grows into the full RLHF pipeline as the trainer lands.)
+1. models: a policy, a reward model and prompts (built locally, no downloads);
+2. ``arbiter up``'s stack: broker, reward/reference/policy services, a rollout
+   worker and the PPO trainer;
+3. a live view of the training curve while the policy service hot-swaps each
+   new version;
+4. a summary table and a PNG of reward, gold score and KL per iteration.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-import signal
-import subprocess
-import sys
+import json
 import time
 from pathlib import Path
 
+import grpc
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
-from services.reward.client import RewardClient, reward_input
-
-EXAMPLES = [
-    {"prompt": "How was the movie?", "response": " I loved it, the actors were wonderful!"},
-    {"prompt": "How was the movie?", "response": " Terrible. I hated every minute."},
-    {"prompt": "What is the capital of France?", "response": " The capital of France is Paris."},
-    {"messages": [
-        {"role": "user", "content": "Write a haiku about the sea."},
-        {"role": "assistant", "content": "Waves fold into foam, the tide keeps its patient time."},
-    ]},
-]
+from arbiter.v1 import common_pb2, common_pb2_grpc
+from services.demo_models import DemoModels, prepare_models
+from services.stack import Stack, StackConfig, StackError
 
 
-def start_reward_service(model_dir: Path, metrics_port: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "arbiter.cli", "serve", "reward", "--model", str(model_dir), "--port", "0",
-         "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_table(rows: list[dict], total: int, started: float) -> Table:
+    table = Table(title=f"PPO through the services: {len(rows)}/{total} updates, {time.monotonic() - started:.0f}s",
+                  title_justify="left")
+    for column in ("step", "policy version", "RM reward", "gold", "KL", "β", "entropy", "staleness", "rollouts/s"):
+        table.add_column(column, justify="right")
+    for i, row in enumerate(rows[-12:]):
+        index = len(rows) - len(rows[-12:]) + i
+        previous = rows[index - 1] if index > 0 else None
+        rate = row["rollouts"] / (row["time"] - previous["time"]) if previous else float("nan")
+        gold = f"{row['gold_score']:+.3f}" if row.get("gold_score") is not None else "-"
+        table.add_row(
+            str(row["step"]), row["policy_version"], f"{row['reward_raw']:+.4f}", gold, f"{row['kl']:.3f}",
+            f"{row['kl_coef']:.3f}", f"{row['entropy']:.2f}", f"{row['staleness']:.2f}", f"{rate:.1f}",
+        )
+    return table
+
+
+def summarize(rows: list[dict], console: Console) -> dict:
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    k = max(1, len(rows) // 4)
+    first, last = rows[:k], rows[-k:]
+    summary = {
+        "updates": len(rows),
+        "reward_first": mean(r["reward_raw"] for r in first),
+        "reward_last": mean(r["reward_raw"] for r in last),
+        "gold_first": mean(r.get("gold_score") for r in first),
+        "gold_last": mean(r.get("gold_score") for r in last),
+        "kl_last": mean(r["kl"] for r in last),
+        "kl_max": max(r["kl"] for r in rows),
+        "final_version": rows[-1]["policy_version"],
+    }
+    table = Table(title=f"Summary: first vs last {k} update(s)", title_justify="left")
+    for column in ("", "first", "last", "change"):
+        table.add_column(column, justify="right")
+    table.add_row("RM reward (proxy)", f"{summary['reward_first']:+.4f}", f"{summary['reward_last']:+.4f}",
+                  f"{summary['reward_last'] - summary['reward_first']:+.4f}")
+    if rows[0].get("gold_score") is not None:
+        table.add_row("gold score", f"{summary['gold_first']:+.4f}", f"{summary['gold_last']:+.4f}",
+                      f"{summary['gold_last'] - summary['gold_first']:+.4f}")
+    table.add_row("KL to reference (nats/sample)", f"{mean(r['kl'] for r in first):.4f}", f"{summary['kl_last']:.4f}",
+                  f"max {summary['kl_max']:.4f}")
+    console.print(table)
+    return summary
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(steps, [r["reward_raw"] for r in rows], "o-", label="proxy reward (RM score)", color="tab:blue")
+    if rows[0].get("gold_score") is not None:
+        ax.plot(steps, [r["gold_score"] for r in rows], "s-", label="gold score (held-out labeler)", color="tab:green")
+    ax.set_xlabel("PPO iteration (policy version)")
+    ax.set_ylabel("score")
+    kl_axis = ax.twinx()
+    kl_axis.plot(steps, [r["kl"] for r in rows], "^--", label="KL(π‖π_ref) per sample", color="tab:red")
+    kl_axis.set_ylabel("KL (nats)")
+    lines = ax.get_legend_handles_labels()
+    kl_lines = kl_axis.get_legend_handles_labels()
+    ax.legend(lines[0] + kl_lines[0], lines[1] + kl_lines[1], loc="upper left")
+    ax.set_title("Arbiter demo: reward, gold score and KL per iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def served_version(target: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        return common_pb2_grpc.ModelServiceStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info.version
+
+
+def stack_config(models: DemoModels, workdir: Path, updates: int) -> StackConfig:
+    return StackConfig(
+        policy_model=str(models.policy), reward_model=str(models.reward), prompts_file=str(models.prompts),
+        workdir=str(workdir / "stack"), metrics_ports={name: 0 for name in ("reward", "policy", "reference", "worker", "trainer")},
+        worker={"samples_per_prompt": 4, "prompts_per_call": 8, "max_new_tokens": models.max_new_tokens,
+                "temperature": 1.0, **({"gold": models.gold} if models.gold else {})},
+        trainer={"max_updates": updates, "run_name": "ppo", "ppo": models.ppo},
     )
-    for line in proc.stdout:
-        match = re.search(r" on ([\d.]+:\d+)", line)
-        if match:
-            return proc, match.group(1)
-    raise RuntimeError(f"reward service exited with {proc.wait()} before it was ready")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="arbiter demo")
-    parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--metrics-port", type=int, default=0)
-    args = parser.parse_args(argv)
-    console = Console(width=160)
-    workdir = Path(args.workdir)
+def run(workdir: Path, updates: int, quick: bool, console: Console) -> dict:
+    console.print(f"[bold]1.[/] Models in {workdir} (built here; nothing downloaded)")
+    models = prepare_models(workdir / "models", quick=quick, console=console)
+    console.print(f"   {models.description}")
+    console.print("[bold]2.[/] Starting the stack: broker, reward/reference/policy services, worker, trainer")
+    started = time.monotonic()
+    history_path = workdir / "stack" / "trainer" / "history.jsonl"
+    history_path.unlink(missing_ok=True)
+    with Stack(stack_config(models, workdir, updates)) as stack:
+        console.print(f"   up in {time.monotonic() - started:.0f}s: " + ", ".join(f"{k} {v}" for k, v in stack.targets.items()))
+        console.print("[bold]3.[/] Training (the policy service swaps in every new version as it is published)")
+        started = time.monotonic()
+        rows: list[dict] = []
+        with Live(progress_table(rows, updates, started), console=console, refresh_per_second=2) as live:
+            while len(rows) < updates:
+                stack.check_alive()
+                rows = read_history(history_path)
+                live.update(progress_table(rows, updates, started))
+                time.sleep(0.5)
+        final = rows[-1]["policy_version"]
+        deadline = time.monotonic() + 60
+        while served_version(stack.targets["policy"]) != final and time.monotonic() < deadline:
+            time.sleep(0.5)
+        serving = served_version(stack.targets["policy"])
+    console.print(f"[bold]4.[/] The policy service now serves {serving!r} (trainer's last version {final!r})")
+    summary = summarize(rows, console)
+    summary["served_version"] = serving
+    summary["seconds"] = time.monotonic() - started
+    png = workdir / "demo.png"
+    plot(rows, png)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"   plot: {png}   summary: {workdir / 'summary.json'}")
+    return summary
 
-    from arbiter.tiny import make_tiny_models
 
-    console.print(f"[bold]1.[/] Building tiny models in {workdir / 'models'} (no downloads)")
-    models = make_tiny_models(workdir / "models")
-    console.print("[bold]2.[/] Starting [cyan]arbiter serve reward[/] on a free port")
-    started = time.perf_counter()
-    proc, target = start_reward_service(models["reward"], args.metrics_port)
+def run_from_args(args: argparse.Namespace) -> int:
+    console = Console(width=140)
+    updates = args.updates or (4 if args.quick else 16)
     try:
-        console.print(f"   ready on {target} after {time.perf_counter() - started:.1f}s")
-        with RewardClient(target) as client:
-            info = client.info()
-            console.print(
-                f"[bold]3.[/] Model {info.name!r} version {info.version!r}, max {info.max_tokens} tokens, "
-                f"tokenizer {info.tokenizer_fingerprint[:12]}…, normalization mean={info.normalization.mean:.4f} "
-                f"std={info.normalization.std:.4f}"
-            )
-            items = [reward_input(row, f"example {i}") for i, row in enumerate(EXAMPLES)]
-            response = client.score(items, normalize=True)
-            table = Table(title="Scores (one batched Score call over gRPC)", title_justify="left")
-            for column in ("input", "raw score", "normalized"):
-                table.add_column(column)
-            for row, result in zip(EXAMPLES, response.results):
-                text = row.get("response") or row["messages"][-1]["content"]
-                table.add_row(text.strip(), f"{result.raw_score:+.4f}", f"{result.score:+.3f}")
-            console.print(table)
-            compare = client.compare(EXAMPLES[0]["prompt"], EXAMPLES[0]["response"], EXAMPLES[1]["response"])
-            console.print(
-                f"[bold]4.[/] Compare: P(first response preferred) = {compare.probability_a_preferred:.3f} "
-                "(Bradley-Terry on raw scores; the tiny model is untrained, so it has no taste yet)"
-            )
-            try:
-                client.score([reward_input({"prompt": "x", "response": ""}, "bad")])
-            except Exception as err:  # shown on purpose: what a caller sees for bad input
-                console.print(f"[bold]5.[/] Bad input is refused clearly: {err.code().name}: {err.details()}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    console.print("[bold]6.[/] Reward service stopped gracefully.")
+        run(Path(args.workdir).resolve(), updates, args.quick, console)
+    except StackError as err:
+        console.print(f"[red]demo failed:[/] {err}")
+        return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

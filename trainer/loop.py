@@ -9,7 +9,9 @@ recently are remembered (and checkpointed) to drop duplicates.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import logging
 import random
 import shutil
@@ -86,6 +88,8 @@ class PPOTrainer:
         # Next offset per partition of everything consumed (trained, dropped or pending).
         self.consumed: dict[TopicPartition, int] = dict(self.state.offsets)
         self.history: list[IterationRecord] = []
+        # One JSON line per update: the run's training curve, for people and plots.
+        self.history_path = self.output / "history.jsonl"
         self._ptx = self._ptx_batches() if ppo.ptx_coef > 0 else None
 
     # -- intake ---------------------------------------------------------------
@@ -249,6 +253,14 @@ class PPOTrainer:
         self.metrics.publish.inc()
         log.info("published policy %s", version)
 
+    def _log_history(self, record: IterationRecord) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        row = {"time": time.time(), "step": record.step, "policy_version": record.policy_version,
+               "gold_score": record.gold_score, "staleness": record.staleness, "seconds": record.seconds,
+               "rollouts": record.rollouts, **dataclasses.asdict(record.stats)}
+        with self.history_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     # -- the loop ---------------------------------------------------------------
 
     def run(
@@ -297,6 +309,7 @@ class PPOTrainer:
                                                 "seconds": time.perf_counter() - started})
                     self.metrics.iteration.observe(record.seconds)
                     self.history.append(record)
+                    self._log_history(record)
                     if on_update is not None:
                         on_update(record)
         return self.history

@@ -113,7 +113,7 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 skipped += 1
-                log.warning("skipping a PPO step: non-finite loss %s", float(loss))
+                log.warning("skipping a PPO step: non-finite loss %s", float(loss.detach()))
                 continue
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

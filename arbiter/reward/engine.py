@@ -7,6 +7,7 @@ batching, normalization, Bradley-Terry comparison and version swaps.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -14,11 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from arbiter.backends import BackendConfig
 from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.reward.backend import RemoteRewardBackend, open_reward_backends
 from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 from arbiter.versions import ModelVersions
+
+log = logging.getLogger(__name__)
 
 
 class RewardObserver(BatchObserver, Protocol):
@@ -35,6 +40,8 @@ class RewardEngineConfig:
     max_items_per_request: int = 256
     # Caps the model's own limit (never raises it).
     max_tokens: int | None = None
+    # Where forward passes run: in-process torch (default) or Triton.
+    backend: BackendConfig = BackendConfig()
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
@@ -53,22 +60,37 @@ class RewardEngine:
         self._executor = executor
         self._observer = observer
         self._versions: ModelVersions[_Version] = ModelVersions()
+        self._backends = open_reward_backends(config.backend)
 
     # -- versions -------------------------------------------------------
 
     def load_blocking(self, path: str | Path, version: str | None = None) -> RewardModel:
         """Load and validate a checkpoint (slow; run it off the event loop)."""
-        return RewardModel.load(path, version=version or None, max_tokens=self.config.max_tokens)
+        return RewardModel.load(
+            path, version=version or None, max_tokens=self.config.max_tokens, backends=self._backends
+        )
 
     def add_version(self, model: RewardModel, activate: bool = True) -> ModelInfo:
-        batcher = DynamicBatcher(model.forward, self.config.batching, self._executor, self._observer)
+        backend = model.backend
+        if isinstance(backend, RemoteRewardBackend):
+            batcher = DynamicBatcher(
+                backend.forward_async, self.config.batching, self._executor, self._observer,
+                max_in_flight=backend.max_in_flight,
+            )
+        else:
+            batcher = DynamicBatcher(model.forward, self.config.batching, self._executor, self._observer)
         self._versions.add(model.info.version, _Version(model, batcher), activate)
         self._observer.on_version_added(model.info.version, model.calibration_scores)
         return self.info(model.info.version)
 
     async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
-        model = await asyncio.get_running_loop().run_in_executor(self._executor, self.load_blocking, path, version)
-        return self.add_version(model, activate)
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(self._executor, self.load_blocking, path, version)
+        try:
+            return self.add_version(model, activate)
+        except BaseException:
+            await loop.run_in_executor(None, model.release)
+            raise
 
     def activate(self, version: str) -> tuple[ModelInfo, str | None]:
         previous = self._versions.activate(version)
@@ -78,6 +100,10 @@ class RewardEngine:
         entry = self._versions.remove(version)
         await entry.batcher.close()
         self._observer.on_version_removed(version)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, entry.model.release)
+        except Exception:  # the version is gone from this service either way
+            log.warning("model version %r unloaded, but its backend did not release it", version, exc_info=True)
 
     def info(self, version: str = "") -> ModelInfo:
         entry = self._versions.get(version)
@@ -145,8 +171,11 @@ class RewardEngine:
         return _sigmoid(a.raw_score - b.raw_score), batch
 
     async def close(self) -> None:
+        """Stop serving. Versions stay loaded in a remote backend (Triton):
+        a restarting service, or its other replicas, keep using them."""
         for _, entry in self._versions.items():
             await entry.batcher.close()
+        await self._backends.aclose()
 
 
 def _sigmoid(x: float) -> float:

@@ -3,6 +3,8 @@
 Any Hugging Face directory with ``AutoModelForSequenceClassification`` and one
 label loads here (the format TRL's RewardTrainer writes). The score of a
 sequence is that model's own pooled logit (HF pools at the last non-pad token).
+The forward pass runs in a backend (``arbiter.reward.backend``): in this
+process, or in Triton; everything else here is the same for both.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from arbiter.hf import (
     read_metadata,
     tokenizer_fingerprint,
 )
+from arbiter.reward.backend import RewardBackend, RewardBackends, TorchRewardBackends
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, Truncation
 
 _PROBE = RewardInput(prompt="Hello.", response=" Hi, how can I help?")
@@ -34,8 +37,10 @@ class EncodedInput:
 
 
 class RewardModel:
-    def __init__(self, model, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None):
-        self.model = model
+    def __init__(
+        self, backend: RewardBackend, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None
+    ):
+        self.backend = backend
         self.tokenizer = tokenizer
         self.info = info
         # Raw scores on the version's calibration set, shipped in arbiter.json:
@@ -43,34 +48,38 @@ class RewardModel:
         self.calibration_scores = calibration_scores
 
     @classmethod
-    def load(cls, model_dir: str | Path, version: str | None = None, max_tokens: int | None = None) -> RewardModel:
-        import torch
-        from transformers import AutoModelForSequenceClassification
+    def load(
+        cls,
+        model_dir: str | Path,
+        version: str | None = None,
+        max_tokens: int | None = None,
+        backends: RewardBackends | None = None,
+    ) -> RewardModel:
+        """``model_dir``: a checkpoint directory, or with Triton a version
+        directory REPO/NAME/N of an exported repository (its checkpoint/ gives
+        the tokenizer here, Triton serves the weights)."""
+        from transformers import AutoConfig
 
-        root = check_checkpoint_dir(model_dir)
+        backends = backends or TorchRewardBackends()
+        root = check_checkpoint_dir(backends.checkpoint_dir(model_dir))
         meta = read_metadata(root)
         tokenizer = load_tokenizer(root)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(root), local_files_only=True, dtype=torch.float32
-            )
+            config = AutoConfig.from_pretrained(str(root), local_files_only=True)
         except Exception as err:
-            raise ModelLoadError(f"cannot load a sequence-classification model from {str(root)!r}: {err}") from err
-        if model.config.num_labels != 1:
-            raise ModelLoadError(
-                f"{str(root)!r} has num_labels={model.config.num_labels}; a reward model needs exactly 1"
-            )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        model.eval()
+            raise ModelLoadError(f"cannot read the model config in {str(root)!r}: {err}") from err
+        if config.num_labels != 1:
+            raise ModelLoadError(f"{str(root)!r} has num_labels={config.num_labels}; a reward model needs exactly 1")
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
         info = ModelInfo(
             kind="reward",
             name=meta.name or root.name,
             version=version or meta.version or content_version(root),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            max_tokens=model_max_tokens(model.config, tokenizer, max_tokens),
+            max_tokens=model_max_tokens(config, tokenizer, max_tokens),
             vocab_size=len(tokenizer),
-            source_path=str(root.resolve()),
+            source_path=str(Path(model_dir).resolve()),
+            backend=backends.name,
             normalization=meta.normalization,
             loaded_at=time.time(),
         )
@@ -79,12 +88,16 @@ class RewardModel:
             isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
         ):
             raise ModelLoadError(f"{str(root)!r}: arbiter.json calibration_scores must be a list of numbers")
-        loaded = cls(model, tokenizer, info, calibration)
-        loaded.validate()
+        loaded = cls(backends.open(model_dir, root, pad_token_id), tokenizer, info, calibration)
+        try:
+            loaded.validate()
+        except BaseException:
+            loaded.release()
+            raise
         return loaded
 
     def with_info(self, **changes) -> RewardModel:
-        return RewardModel(self.model, self.tokenizer, replace(self.info, **changes), self.calibration_scores)
+        return RewardModel(self.backend, self.tokenizer, replace(self.info, **changes), self.calibration_scores)
 
     def validate(self) -> None:
         """Refuse a version whose forward pass fails or is not finite."""
@@ -136,20 +149,12 @@ class RewardModel:
     # -- model ----------------------------------------------------------
 
     def forward(self, batch: list[list[int]]) -> list[float]:
-        """Right-padded batch forward. With a causal backbone, right padding
-        leaves every real position's output identical to an unpadded forward."""
-        import torch
+        """Scores of a batch of token-id sequences (blocking)."""
+        return self.backend.forward(batch)
 
-        width = max(len(ids) for ids in batch)
-        pad = self.model.config.pad_token_id
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        with torch.inference_mode():
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits[:, 0].float().tolist()
+    def release(self) -> None:
+        """Free the backend's hold on this version (it is being unloaded)."""
+        self.backend.release()
 
 
 def _check_conversation(messages: Sequence[ChatMessage], field: str) -> None:

@@ -70,6 +70,10 @@ if logging.getLogger("kafka").level == logging.NOTSET:
 
 M = TypeVar("M", bound=Message)
 
+# kafka-python 3 reports an unreachable bootstrap list as KafkaTimeoutError
+# (older releases raised NoBrokersAvailable).
+_NO_BROKERS = tuple({kerrors.KafkaTimeoutError, getattr(kerrors, "NoBrokersAvailable", kerrors.KafkaTimeoutError)})
+
 
 def client_config(settings: KafkaSettings) -> dict[str, Any]:
     """kafka-python options shared by producers, consumers and admin clients."""
@@ -98,7 +102,7 @@ def client_config(settings: KafkaSettings) -> dict[str, Any]:
 def _admin(settings: KafkaSettings, timeout_s: float) -> KafkaAdminClient:
     try:
         return KafkaAdminClient(**client_config(settings), bootstrap_timeout_ms=int(timeout_s * 1000))
-    except kerrors.NoBrokersAvailable as err:
+    except _NO_BROKERS as err:
         raise StreamError(f"no Kafka broker reachable at {','.join(settings.bootstrap_servers)}: {err}") from err
 
 
@@ -234,7 +238,7 @@ class StreamProducer:
                 # Auto-created topics get the broker's default partition count.
                 allow_auto_create_topics=False,
             )
-        except kerrors.NoBrokersAvailable as err:
+        except _NO_BROKERS as err:
             raise StreamError(f"no Kafka broker reachable at {','.join(settings.bootstrap_servers)}: {err}") from err
 
     def send(self, topic: str, message: Message) -> concurrent.futures.Future[Delivery]:
@@ -420,7 +424,7 @@ class StreamConsumer(Generic[M]):
                 max_poll_records=settings.max_poll_records,
                 allow_auto_create_topics=False,
             )
-        except kerrors.NoBrokersAvailable as err:
+        except _NO_BROKERS as err:
             raise StreamError(f"no Kafka broker reachable at {','.join(settings.bootstrap_servers)}: {err}") from err
         try:
             missing = sorted(set(self._logical) - set(self._consumer.topics()))

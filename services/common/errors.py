@@ -8,6 +8,9 @@ import grpc
 
 from arbiter.errors import (
     ArbiterError,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
     FailedPrecondition,
     InvalidInput,
     LimitExceeded,
@@ -29,6 +32,11 @@ _STATUS: dict[type[ArbiterError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    # Triton down or restarting, or the version reloading there: transient.
+    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    # Not the caller's fault and not transient; the message says what failed.
+    BackendError: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from arbiter.policy.types import GeneratedSample
 from services.common.metrics import RpcMetrics
 
 SERVICE = "policy"
+# Publish-to-serving latency of a policy update: hashing and loading a
+# checkpoint takes from well under a second (tiny) to minutes (large).
+UPDATE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class PolicyMetrics(RpcMetrics):
@@ -26,6 +29,20 @@ class PolicyMetrics(RpcMetrics):
         )
         self.active_generations = Gauge(
             "arbiter_policy_active_generations", "Generations holding a KV cache right now.", registry=registry,
+        )
+        # Following the policy-updates topic (--follow-updates).
+        self.policy_updates = Counter(
+            "arbiter_policy_updates", "PolicyUpdate events handled, by outcome (applied|skipped|refused|failed).",
+            ["outcome"], registry=registry,
+        )
+        self.policy_update_apply_seconds = Histogram(
+            "arbiter_policy_update_apply_seconds",
+            "From a PolicyUpdate's created_at (the trainer published it) to the new version serving.",
+            buckets=UPDATE_BUCKETS, registry=registry,
+        )
+        self.policy_update_step = Gauge(
+            "arbiter_policy_update_training_step", "training_step of the last policy update applied.",
+            registry=registry,
         )
         self._known_versions: set[str] = set()
 

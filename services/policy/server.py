@@ -10,10 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client import CollectorRegistry
 
 from arbiter.policy.engine import PolicyEngine
+from arbiter.stream import topics
+from arbiter.stream.errors import KafkaSettingsError
+from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_args
 from arbiter.v1 import common_pb2, common_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.common.model_service import ModelServicer
 from services.common.server import RunningServer, serve_forever, start_server
-from services.common.settings import auth_token_from_env
+from services.common.settings import SettingsError, auth_token_from_env
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
@@ -44,6 +47,17 @@ async def create_server(settings: PolicySettings) -> tuple[RunningServer, int]:
         common_pb2_grpc.add_ModelServiceServicer_to_server(model_servicer, server)
 
     running = await start_server(settings, SERVICE_NAMES, register, registry)
+    follower = None
+    if settings.follow_updates:
+        from services.policy.follower import PolicyUpdateFollower
+
+        follower = PolicyUpdateFollower(
+            settings.kafka, settings.replica_id, engine, asyncio.get_running_loop(), metrics,
+            on_loaded=model_servicer._publish_versions,
+        )
+        follower.start()
+        # Registered first: a load in flight finishes before the engine closes.
+        running.on_stop(follower.stop)
 
     async def release() -> None:
         await engine.close()
@@ -60,9 +74,13 @@ def serve(settings: PolicySettings) -> None:
     def banner(running: RunningServer) -> str:
         info = running.engine.info()
         metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
+        follow = (
+            f", following {settings.kafka.topic(topics.POLICY_UPDATES)} as replica {settings.replica_id!r}"
+            if settings.follow_updates else ""
+        )
         return (
             f"policy service: model {info.name!r} version {info.version!r} on "
-            f"{settings.host}:{running.port}{metrics}"
+            f"{settings.host}:{running.port}{metrics}{follow}"
         )
 
     serve_forever(lambda: create_server(settings), banner)
@@ -87,9 +105,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--tls-cert-file")
     parser.add_argument("--tls-key-file")
+    parser.add_argument(
+        "--follow-updates", action="store_true",
+        help="load and activate each new version published on the policy-updates topic (needs --kafka-*)",
+    )
+    parser.add_argument(
+        "--replica-id", help="this replica's consumer-group suffix, unique per replica (default: HOST-PID)"
+    )
+    add_kafka_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> PolicySettings:
+    kafka = None
+    if args.follow_updates:
+        try:
+            kafka = kafka_settings_from_args(args)
+        except KafkaSettingsError as err:
+            raise SettingsError(f"kafka.{err}") from None
     return PolicySettings(
         model_dir=args.model,
         model_version=args.model_version,
@@ -110,4 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> PolicySettings:
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_key_file,
         auth_token=auth_token_from_env(),
+        follow_updates=args.follow_updates,
+        replica_id=args.replica_id or "",
+        kafka=kafka,
     )

@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import os
+import re
+import socket
 from dataclasses import dataclass
 
 from arbiter.policy.engine import PolicyEngineConfig
+from arbiter.stream import KafkaSettings
 from services.common.settings import ServerSettings, require
+
+_REPLICA_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 @dataclass(frozen=True)
@@ -21,9 +27,27 @@ class PolicySettings(ServerSettings):
     max_concurrent_generations: int = 8
     max_loaded_versions: int = 2
     max_tokens: int | None = None
+    # Follow the policy-updates topic: load and activate each new version.
+    follow_updates: bool = False
+    # Names this replica's consumer group; must differ between replicas
+    # (default: HOST-PID).
+    replica_id: str = ""
+    kafka: KafkaSettings | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.replica_id:
+            default = re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{os.getpid()}")[-100:]
+            object.__setattr__(self, "replica_id", default)
+        require(
+            _REPLICA_ID_RE.match(self.replica_id) is not None, "replica_id",
+            "may only use letters, digits, '.', '_' and '-' (1..100 characters)", self.replica_id,
+        )
+        if self.follow_updates:
+            require(
+                isinstance(self.kafka, KafkaSettings), "kafka",
+                "follow_updates needs KafkaSettings (--kafka-bootstrap-servers or ARBITER_KAFKA_*)", self.kafka,
+            )
         require(bool(self.model_dir), "model_dir", "must name a Hugging Face causal-LM directory", self.model_dir)
         for name in (
             "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens",

@@ -89,6 +89,10 @@ class RewardClient:
         request = reward_pb2.GetScoreDriftRequest(model_version=model_version)
         return self.reward.GetScoreDrift(request, timeout=self.timeout_s, metadata=self.metadata)
 
+    def submit_preference(self, request: reward_pb2.SubmitPreferenceRequest) -> reward_pb2.SubmitPreferenceResponse:
+        """Record a human preference on the preferences topic (see services/reward/feedback.py)."""
+        return self.reward.SubmitPreference(request, timeout=self.timeout_s, metadata=self.metadata)
+
     def info(self, model_version: str = "") -> common_pb2.ModelInfo:
         request = common_pb2.GetModelInfoRequest(model_version=model_version)
         return self.models.GetModelInfo(request, timeout=self.timeout_s, metadata=self.metadata).info

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry
 
 from arbiter.reward.engine import RewardEngine
+from arbiter.stream.settings import KafkaSettingsError, add_kafka_arguments, kafka_settings_from_args
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.common.backend import add_backend_arguments, backend_kwargs_from_args
 from services.common.model_service import ModelServicer
 from services.common.server import RunningServer, serve_forever, start_server
-from services.common.settings import auth_token_from_env
+from services.common.settings import SettingsError, auth_token_from_env
+from services.reward.feedback import PreferenceFeedback
 from services.reward.metrics import RewardMetrics
 from services.reward.servicer import RewardServicer
 from services.reward.settings import RewardSettings
@@ -38,15 +42,18 @@ async def create_server(settings: RewardSettings) -> tuple[RunningServer, int]:
     model_servicer = ModelServicer(engine, metrics)
     model_servicer._publish_versions()
 
+    feedback = PreferenceFeedback(settings.kafka)
+
     def register(server) -> None:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardServicer(engine, metrics, settings.stream_max_in_flight), server
+            RewardServicer(engine, metrics, settings.stream_max_in_flight, feedback), server
         )
         common_pb2_grpc.add_ModelServiceServicer_to_server(model_servicer, server)
 
     running = await start_server(settings, SERVICE_NAMES, register, registry)
 
     async def release() -> None:
+        await feedback.close()
         await engine.close()
         executor.shutdown(wait=True)
 
@@ -69,14 +76,18 @@ def serve(settings: RewardSettings) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face reward-model directory (num_labels=1)")
+    parser.add_argument(
+        "--model", required=True,
+        help="Hugging Face reward-model directory (num_labels=1); with --backend triton, REPO/NAME/N",
+    )
     parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-queue-delay-ms", type=float,
+                        help="wait for a batch to fill (default: 2 ms in-process, 0 with Triton, which batches itself)")
     parser.add_argument("--max-queue-size", type=int, default=4096)
     parser.add_argument("--max-items-per-request", type=int, default=256)
     parser.add_argument("--no-dynamic-batching", action="store_true", help="run each request as its own batch")
@@ -88,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-min-samples", type=int, default=100)
     parser.add_argument("--tls-cert-file")
     parser.add_argument("--tls-key-file")
+    # For SubmitPreference (the preferences topic); optional.
+    add_kafka_arguments(parser)
+    add_backend_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> RewardSettings:
@@ -112,4 +126,16 @@ def settings_from_args(args: argparse.Namespace) -> RewardSettings:
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_key_file,
         auth_token=auth_token_from_env(),
+        kafka=_kafka_from_args(args),
+        **backend_kwargs_from_args(args),
     )
+
+
+def _kafka_from_args(args: argparse.Namespace):
+    """KafkaSettings when a broker is named (flag or ARBITER_KAFKA_BOOTSTRAP_SERVERS), else None."""
+    if not (args.kafka_bootstrap_servers or os.environ.get("ARBITER_KAFKA_BOOTSTRAP_SERVERS")):
+        return None
+    try:
+        return kafka_settings_from_args(args)
+    except KafkaSettingsError as err:
+        raise SettingsError(f"kafka.{err}") from None

@@ -17,14 +17,20 @@ from services.reward.convert import (
     score_response_to_pb,
     stream_response_to_pb,
 )
+from services.reward.feedback import PreferenceFeedback
 from services.reward.metrics import RewardMetrics
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, engine: RewardEngine, metrics: RewardMetrics, stream_max_in_flight: int):
+    def __init__(
+        self, engine: RewardEngine, metrics: RewardMetrics, stream_max_in_flight: int,
+        feedback: PreferenceFeedback | None = None,
+    ):
         self.engine = engine
         self.metrics = metrics
         self.stream_max_in_flight = stream_max_in_flight
+        # SubmitPreference (services/reward/feedback.py); None: no Kafka settings.
+        self.feedback = feedback or PreferenceFeedback(None)
 
     @unary("Score")
     async def Score(self, request, context):
@@ -45,6 +51,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         monitor = self.metrics.drift.monitor(version)
         reference, window = monitor.samples()
         return drift_response_to_pb(version, monitor.reference_source, reference, window, monitor.stats())
+
+    @unary("SubmitPreference")
+    async def SubmitPreference(self, request, context):
+        return await self.feedback.submit(request)
 
     @streaming("ScoreStream")
     async def ScoreStream(self, request_iterator, context):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from arbiter.batching import BatchingConfig
 from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
+from arbiter.stream import KafkaSettings
+from services.common.backend import backend_config, check_backend_settings
 from services.common.settings import ServerSettings, require
 
 
@@ -14,7 +16,10 @@ class RewardSettings(ServerSettings):
     # Overrides the version label in the checkpoint's arbiter.json.
     model_version: str | None = None
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
+    # None: 2 ms in-process; 0 with Triton, whose own dynamic batcher does the
+    # waiting (waiting twice only adds latency; while Arbiter's batches are in
+    # flight, new items still accumulate into the next one).
+    max_queue_delay_ms: float | None = None
     max_queue_size: int = 4096
     max_items_per_request: int = 256
     dynamic_batching: bool = True
@@ -26,9 +31,23 @@ class RewardSettings(ServerSettings):
     drift_window_size: int = 1000
     drift_reference_size: int = 1000
     drift_min_samples: int = 100
+    # Where forward passes run (services/common/backend.py). With "triton",
+    # model_dir is a version directory REPO/NAME/N of the exported repository.
+    backend: str = "torch"
+    triton_url: str = ""
+    triton_model: str = ""
+    triton_timeout_s: float = 30.0
+    triton_retry_s: float = 10.0
+    triton_max_in_flight: int = 2
+
+    # SubmitPreference appends human preferences to the preferences topic
+    # here (services/reward/feedback.py); None: that RPC is FAILED_PRECONDITION.
+    kafka: KafkaSettings | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.kafka is None or isinstance(self.kafka, KafkaSettings), "kafka", "must be KafkaSettings or unset",
+                self.kafka)
         for name in ("drift_window_size", "drift_reference_size", "drift_min_samples"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(
@@ -37,7 +56,8 @@ class RewardSettings(ServerSettings):
         )
         require(bool(self.model_dir), "model_dir", "must name a Hugging Face reward-model directory", self.model_dir)
         require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
-        require(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0", self.max_queue_delay_ms)
+        if self.max_queue_delay_ms is not None:
+            require(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0 or unset", self.max_queue_delay_ms)
         require(
             self.max_queue_size >= self.max_batch_size,
             "max_queue_size", f"must be >= max_batch_size ({self.max_batch_size})", self.max_queue_size,
@@ -46,17 +66,24 @@ class RewardSettings(ServerSettings):
         if self.max_tokens is not None:
             require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or unset", self.max_tokens)
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
+        check_backend_settings(self)
+
+    def queue_delay_ms(self) -> float:
+        if self.max_queue_delay_ms is not None:
+            return self.max_queue_delay_ms
+        return 0.0 if self.backend == "triton" else 2.0
 
     def engine_config(self) -> RewardEngineConfig:
         return RewardEngineConfig(
             batching=BatchingConfig(
                 max_batch_size=self.max_batch_size,
-                max_queue_delay_s=self.max_queue_delay_ms / 1000.0,
+                max_queue_delay_s=self.queue_delay_ms() / 1000.0,
                 max_queue_size=self.max_queue_size,
                 enabled=self.dynamic_batching,
             ),
             max_items_per_request=self.max_items_per_request,
             max_tokens=self.max_tokens,
+            backend=backend_config(self),
         )
 
     def drift_config(self) -> DriftConfig:

@@ -1,0 +1,168 @@
+"""``arbiter triton export``: a checkpoint -> one version of a Triton model.
+
+Writes the layout Triton's model repository expects::
+
+    REPO/NAME/config.pbtxt      python backend, dynamic batching, instance groups
+    REPO/NAME/N/model.py        arbiter/backends/triton_models/<kind>.py
+    REPO/NAME/N/checkpoint/     the Hugging Face checkpoint, copied whole
+
+Versions are immutable: a new export is a new N (the next free number unless
+``version`` is given), written to a temporary directory and renamed into
+place, so Triton never sees half a version. The Arbiter service reads the
+tokenizer, config and arbiter.json from ``checkpoint/``; Triton runs the
+weights. The same directory served in-process gives the same scores.
+
+Supported kinds: ``reward`` (Python backend running transformers; CPU or GPU
+instances). ``reference`` and ``policy`` are not exported yet: see the README.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from arbiter.backends.triton import CHECKPOINT_DIR, CONFIG_FILE
+from arbiter.errors import ModelLoadError
+from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_metadata
+
+KINDS = ("reward", "reference", "policy")
+EXPORTABLE = ("reward",)
+DEVICES = ("cpu", "gpu")
+DTYPES = ("float32", "float16", "bfloat16")
+_TEMPLATES = Path(__file__).parent / "triton_models"
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    name: str | None = None
+    version: int | None = None
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    device: str = "cpu"
+    # Threads per CPU instance (0: torch's default). Bound it: Triton runs one
+    # process per instance and they share the cores.
+    torch_threads: int = 0
+    # float32 matches the in-process backend exactly; half precision is for GPUs.
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ExportError(f"--name {self.name!r} is not a valid model directory name")
+        if self.version is not None and self.version < 1:
+            raise ExportError(f"--version must be >= 1, got {self.version}")
+        if self.max_batch_size < 1:
+            raise ExportError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ExportError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
+        if self.instances < 1:
+            raise ExportError(f"--instances must be >= 1, got {self.instances}")
+        if self.device not in DEVICES:
+            raise ExportError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.torch_threads < 0:
+            raise ExportError(f"--torch-threads must be >= 0, got {self.torch_threads}")
+        if self.dtype not in DTYPES:
+            raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def export(model_dir: str | Path, kind: str, repository: str | Path, options: ExportOptions = ExportOptions()) -> Path:
+    """Returns the new version directory REPO/NAME/N."""
+    if kind not in KINDS:
+        raise ExportError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in EXPORTABLE:
+        raise ExportError(
+            f"--kind {kind} is not exported to Triton yet (only {', '.join(EXPORTABLE)}); serve it in-process "
+            "(--backend torch). See the README's Triton section for what is and is not supported."
+        )
+    source = check_checkpoint_dir(model_dir)
+    pad_token_id = _reward_pad_token_id(source)
+    name = options.name or read_metadata(source).name or source.name
+    model_root = Path(repository) / name
+    model_root.mkdir(parents=True, exist_ok=True)
+    existing = sorted(int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit())
+    version = options.version or (existing[-1] + 1 if existing else 1)
+    target = model_root / str(version)
+    if target.exists():
+        raise ExportError(f"{target} already exists: versions are immutable; export as a new version")
+    staging = model_root / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        shutil.copy2(_TEMPLATES / f"{kind}.py", staging / "model.py")
+        shutil.copytree(source, staging / CHECKPOINT_DIR, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    # One config for every version of the model: rewritten with this export's options.
+    (model_root / CONFIG_FILE).write_text(model_config(name, pad_token_id, options))
+    return target
+
+
+def _reward_pad_token_id(checkpoint: Path) -> int:
+    """The pad id the in-process backend pads (and HF pools) with."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read the model config in {str(checkpoint)!r}: {err}") from err
+    if config.num_labels != 1:
+        raise ModelLoadError(f"{str(checkpoint)!r} has num_labels={config.num_labels}; a reward model needs exactly 1")
+    if config.pad_token_id is not None:
+        return int(config.pad_token_id)
+    return int(load_tokenizer(checkpoint).pad_token_id)
+
+
+def model_config(name: str, pad_token_id: int, options: ExportOptions) -> str:
+    kind = "KIND_GPU" if options.device == "gpu" else "KIND_CPU"
+    parameters = {
+        "pad_token_id": str(pad_token_id),
+        "torch_threads": str(options.torch_threads),
+        "dtype": options.dtype,
+    }
+    params = "".join(
+        f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+        for key, value in parameters.items()
+    )
+    # INPUT_IDS is ragged across requests (each request is padded to its own
+    # width); the model re-pads the merged batch, so Triton may batch them.
+    return f"""# Written by `arbiter triton export`; Arbiter loads versions with a
+# version_policy override, so the policy here only matters for --load-model.
+name: "{name}"
+backend: "python"
+max_batch_size: {options.max_batch_size}
+dynamic_batching {{
+  max_queue_delay_microseconds: {options.max_queue_delay_us}
+}}
+input [
+  {{
+    name: "INPUT_IDS"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+    allow_ragged_batch: true
+  }},
+  {{
+    name: "LENGTHS"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  }}
+]
+output [
+  {{
+    name: "SCORES"
+    data_type: TYPE_FP32
+    dims: [ 1 ]
+  }}
+]
+instance_group [
+  {{
+    count: {options.instances}
+    kind: {kind}
+  }}
+]
+{params}"""

@@ -1,0 +1,249 @@
+"""``arbiter train rm --config FILE``: one YAML file, validated up front.
+
+Errors name the field by its path in the file (``topic.idle_timeout_s``) and
+what it accepts. Example::
+
+    model_dir: models/base          # any HF directory: a causal LM gets a fresh
+                                    # scalar head; a reward model is fine-tuned
+    registry: runs/rm-registry      # versions go to REGISTRY/NAME/v1, v2, ...
+    name: helpful-rm
+    data: [data/prefs.jsonl]
+    eval_fraction: 0.1
+    epochs: 2
+    batch_size: 8
+    learning_rate: 2.0e-5
+    kafka: {bootstrap_servers: "127.0.0.1:9092"}   # for --from-topic
+
+Ranking loss: Plackett-Luce by default. It is the likelihood of the whole
+ranking (K-1 softmax choices), reduces exactly to Bradley-Terry for K = 2 (so
+pairs and rankings are one model under one likelihood), and counts a ranking
+as one observation. All-pairs Bradley-Terry (InstructGPT's recipe, per-ranking
+mean over the K(K-1)/2 pairs) treats pairs that come from one judgement as
+independent and weights a mistake at the top of the ranking like one at the
+bottom; it is available as ``ranking_loss: all_pairs``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RANKING_LOSSES = ("plackett_luce", "all_pairs")
+TRUNCATIONS = ("reject", "left", "right")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(condition: bool, path: str, allowed: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+
+
+def _files(value: Any, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    _require(
+        isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value),
+        path, "must be a file path or a list of file paths", value,
+    )
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    """How ``--from-topic`` reads the preferences topic."""
+
+    # False: the consumer group arbiter-reward-trainer gets the preferences not
+    # trained on yet, and its offsets are committed once the new version is in
+    # the registry (pair with resume_latest for continual training). True: the
+    # whole topic is read (no group, nothing committed), e.g. to retrain from
+    # the base model on everything.
+    replay: bool = False
+    # Stop reading when no record arrives for this long.
+    idle_timeout_s: float = 5.0
+    # Stop after this many records (None: read until idle).
+    max_records: int | None = None
+    # A record that is not a valid preference stops training with its
+    # location unless this is set; skipped records are counted and logged.
+    skip_invalid: bool = False
+    # Upper bound on training time while the group membership is held: the
+    # consumer's max.poll.interval (its offsets are committed afterwards).
+    max_train_seconds: float = 3600.0
+
+    def validate(self, prefix: str) -> None:
+        _require(self.idle_timeout_s > 0, f"{prefix}.idle_timeout_s", "must be > 0", self.idle_timeout_s)
+        if self.max_records is not None:
+            _require(self.max_records >= 1, f"{prefix}.max_records", "must be >= 1 or null", self.max_records)
+        _require(self.max_train_seconds >= 1, f"{prefix}.max_train_seconds", "must be >= 1", self.max_train_seconds)
+
+
+@dataclass(frozen=True)
+class RMTrainConfig:
+    # Where training starts: any Hugging Face directory. A causal LM (or any
+    # backbone) gets a fresh scalar head; a reward model (num_labels=1), such
+    # as an earlier registry version, is fine-tuned further.
+    model_dir: str = ""
+    registry: str = "runs/rm-registry"
+    name: str = "reward-model"
+    # Start from the registry's latest version of `name` when there is one
+    # (model_dir is then only used for the first version).
+    resume_latest: bool = False
+    data: tuple[str, ...] = ()
+    # A separate held-out set; without it eval_fraction of the data is held out.
+    eval_data: tuple[str, ...] = ()
+    eval_fraction: float = 0.1
+    # Responses whose raw scores define the version's normalization statistics
+    # (and ship as calibration_scores): these files' responses, else the
+    # held-out responses, else the training responses.
+    reference_data: tuple[str, ...] = ()
+    calibration_size: int = 1000
+    epochs: int = 1
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ranking_loss: str = "plackett_luce"
+    # Caps the model's own limit. Longer inputs are truncated as the reward
+    # service does (left keeps the end, where the score is read) or refused.
+    max_tokens: int | None = None
+    truncation: str = "left"
+    # Refuse to publish a version whose held-out accuracy is below this.
+    min_eval_accuracy: float | None = None
+    seed: int = 0
+    torch_threads: int | None = None
+    progress: bool = True
+    topic: TopicConfig = field(default_factory=TopicConfig)
+    # Passed to arbiter.stream.KafkaSettings for --from-topic; ARBITER_KAFKA_*
+    # environment variables fill what is not set here.
+    kafka: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "eval_data", "reference_data"):
+            object.__setattr__(self, name, _files(getattr(self, name), name))
+        _require(bool(self.model_dir), "model_dir", "must name a Hugging Face model directory", self.model_dir)
+        _require(
+            bool(self.name) and "/" not in self.name and not self.name.startswith("."),
+            "name", "must be non-empty, without '/', not starting with '.'", self.name,
+        )
+        _require(bool(self.registry), "registry", "must name the registry directory", self.registry)
+        _require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)", self.eval_fraction)
+        for name in ("epochs", "batch_size", "eval_batch_size", "calibration_size"):
+            _require(
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1",
+                getattr(self, name),
+            )
+        _require(self.calibration_size >= 2, "calibration_size", "must be >= 2 (a std needs two scores)",
+                 self.calibration_size)
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
+        _require(self.ranking_loss in RANKING_LOSSES, "ranking_loss", f"one of {', '.join(RANKING_LOSSES)}",
+                 self.ranking_loss)
+        _require(self.truncation in TRUNCATIONS, "truncation", f"one of {', '.join(TRUNCATIONS)}", self.truncation)
+        if self.max_tokens is not None:
+            _require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or null", self.max_tokens)
+        if self.min_eval_accuracy is not None:
+            _require(0 <= self.min_eval_accuracy <= 1, "min_eval_accuracy", "must be in [0, 1] or null",
+                     self.min_eval_accuracy)
+        if self.torch_threads is not None:
+            _require(self.torch_threads >= 1, "torch_threads", "must be >= 1 or null", self.torch_threads)
+        _require(isinstance(self.kafka, dict), "kafka", "must be a mapping of KafkaSettings fields", self.kafka)
+        self.topic.validate("topic")
+
+    def check_sources(self, from_topic: bool) -> None:
+        """Training needs data files, the topic, or both."""
+        _require(bool(self.data) or from_topic, "data", "must list training files (or train with --from-topic)",
+                 self.data)
+        for name in ("data", "eval_data", "reference_data"):
+            for i, path in enumerate(getattr(self, name)):
+                _require(Path(path).is_file(), f"{name}[{i}]", "must be an existing JSONL file", path)
+
+
+_NESTED = {"topic": TopicConfig}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # containers and nested sections are checked where they are built
+
+
+def _yaml_float(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; a number is meant."""
+    if isinstance(value, str) and float in (hint, *typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    args = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown field(s) {', '.join(where + u for u in unknown)}; allowed: {', '.join(sorted(known))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        child = f"{path}.{name}" if path else name
+        target = _NESTED.get(name)
+        if target is not None and value is not None and is_dataclass(target):
+            values[name] = _build(target, value, child)
+            continue
+        value = _yaml_float(value, hints[name])
+        if not _type_ok(value, hints[name]):
+            raise ConfigError(f"{child}={value!r} is invalid: must be {_type_name(hints[name])}")
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as err:
+        # A wrongly typed value (e.g. a string where a number goes) fails a comparison.
+        raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def load_config(path: str | Path, **overrides: Any) -> RMTrainConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read reward-model training config {str(path)!r}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(RMTrainConfig, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> RMTrainConfig:
+    return _build(RMTrainConfig, dict(data), "")

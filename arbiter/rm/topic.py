@@ -1,0 +1,138 @@
+"""``arbiter train rm --from-topic``: preferences from the Kafka topic as training examples.
+
+Two ways to read (``TopicConfig.replay``):
+
+- incremental (default): the consumer group ``arbiter-reward-trainer`` gets
+  the preferences it has not trained on; their offsets are committed only
+  after the new version is in the registry, so a failed run trains on them
+  again next time and a successful one never does (at-least-once; duplicates
+  within a run are dropped by preference id).
+- replay: every preference on the topic, no group, nothing committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from arbiter.rm.config import TopicConfig
+from arbiter.rm.data import DataError, DatasetError, RankedExample, dedupe, parse_row
+from arbiter.stream import KafkaSettings, StreamConsumer, merge_offsets, topics
+from arbiter.stream.types import TopicPartition
+
+log = logging.getLogger(__name__)
+
+
+def preference_row(preference) -> dict:
+    """A Preference payload (arbiter.v1.Preference) as a JSONL-format row."""
+    if preference.chat_roles or preference.chat_contents:
+        if len(preference.chat_roles) != len(preference.chat_contents):
+            raise DataError(
+                "", "chat_roles", f"has {len(preference.chat_roles)} entries but chat_contents has "
+                f"{len(preference.chat_contents)}",
+            )
+        prompt = [{"role": r, "content": c} for r, c in zip(preference.chat_roles, preference.chat_contents)]
+    else:
+        prompt = preference.prompt
+    row: dict = {"prompt": prompt, "id": preference.preference_id}
+    if preference.ranked_responses:
+        responses = list(preference.ranked_responses)
+        row.update(responses=responses, ranking=list(range(len(responses))))
+    else:
+        row.update(chosen=preference.chosen, rejected=preference.rejected)
+    return row
+
+
+def preference_example(preference, where: str) -> RankedExample:
+    try:
+        return parse_row(preference_row(preference), where)
+    except DataError as err:
+        if err.location:
+            raise
+        raise DataError(where, err.field, err.message) from None
+
+
+@dataclass
+class TopicBatch:
+    """Preferences read for one training run, and what to commit once the
+    version trained on them is published."""
+
+    examples: list[RankedExample]
+    records: int
+    skipped: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    _consumer: StreamConsumer | None = None
+    _offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def commit(self) -> None:
+        """Mark everything read as trained on (incremental mode only)."""
+        if self._consumer is not None and self._offsets:
+            self._consumer.commit(self._offsets)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def __enter__(self) -> TopicBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: float = 60.0) -> TopicBatch:
+    """Read until ``config.idle_timeout_s`` passes without a record (or
+    ``max_records``). The returned batch holds the group membership until
+    closed; commit it after publishing."""
+    group = None if config.replay else topics.REWARD_TRAINER_GROUP
+    # Training happens between this poll and the commit: the group must not
+    # evict the consumer meanwhile.
+    settings = kafka.with_overrides(max_poll_interval_ms=int(config.max_train_seconds * 1000))
+    consumer: StreamConsumer = StreamConsumer(settings, [topics.PREFERENCES], group,
+                                              skip_invalid=config.skip_invalid)
+    batch = TopicBatch([], 0, _consumer=consumer if group else None)
+    try:
+        if group:
+            consumer.wait_for_assignment(join_timeout_s)
+        errors: list[DataError] = []
+        offsets: dict[TopicPartition, int] = {}
+        last = time.monotonic()
+        while time.monotonic() - last < config.idle_timeout_s:
+            remaining = None if config.max_records is None else config.max_records - batch.records
+            if remaining is not None and remaining <= 0:
+                break
+            polled = consumer.poll(timeout_s=min(1.0, config.idle_timeout_s), max_records=remaining)
+            for rejected in polled.rejected:
+                batch.skipped.append(f"{rejected.topic}[{rejected.partition}]@{rejected.offset}: {rejected.error}")
+            if not polled.records and not polled.rejected:
+                continue
+            last = time.monotonic()
+            offsets = merge_offsets(offsets, polled.next_offsets())
+            for record in polled.records:
+                batch.records += 1
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                try:
+                    batch.examples.append(preference_example(record.message, where))
+                except DataError as err:
+                    if config.skip_invalid:
+                        batch.skipped.append(str(err))
+                    else:
+                        errors.append(err)
+        if errors:
+            raise DatasetError(errors)
+        # A client retrying a SubmitPreference it saw no answer to produces the
+        # same preference id twice: trained on once.
+        unique = dedupe(batch.examples)
+        batch.duplicates = len(batch.examples) - len(unique)
+        batch.examples = unique
+        for line in batch.skipped:
+            log.warning("skipped invalid preference %s", line)
+        batch._offsets = offsets
+        if group is None:
+            consumer.close()
+        return batch
+    except BaseException:
+        consumer.close()
+        raise

@@ -1,0 +1,141 @@
+"""Reward scoring with the Triton backend vs its baselines, in one run:
+
+(a) Arbiter + Triton: the reward service (own process) with ``--backend triton``;
+(b) direct Triton: tritonclient.aio callers sending pre-tokenized sequences
+    straight to the same Triton model (no Arbiter: the ceiling for (a));
+(c) in-process: the same service with the torch backend.
+
+One item per request (many small callers) at 1/8/32 concurrent clients, over
+real gRPC from this process. Target: (a) >= 0.85 x (b). Triton is the
+tritonserver bundled in nvidia-pytriton, from .venv-triton (`make triton-env`);
+its model instance and the in-process service get the same torch threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Measurement, ServiceProcess, print_table
+from bench.reward_bench import _drive, build_model, make_texts
+
+TARGET_RATIO = 0.85
+
+
+async def _drive_direct(url: str, model: str, sequences: list[list[int]], clients: int, seconds: float,
+                        warmup_s: float) -> Measurement:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aioclient
+
+    def inputs(ids: list[int]) -> list:
+        input_ids = grpcclient.InferInput("INPUT_IDS", [1, len(ids)], "INT64")
+        input_ids.set_data_from_numpy(np.array([ids], dtype=np.int64))
+        lengths = grpcclient.InferInput("LENGTHS", [1, 1], "INT64")
+        lengths.set_data_from_numpy(np.array([[len(ids)]], dtype=np.int64))
+        return [input_ids, lengths]
+
+    client = aioclient.InferenceServerClient(url)
+    outputs = [grpcclient.InferRequestedOutput("SCORES")]
+    try:
+        await client.infer(model, inputs(sequences[0]), model_version="1", outputs=outputs)
+        latencies: list[float] = []
+        counting = False
+        stop_at = time.perf_counter() + warmup_s + seconds
+
+        async def caller(k: int) -> None:
+            j = k
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await client.infer(model, inputs(sequences[j % len(sequences)]), model_version="1",
+                                   outputs=outputs, client_timeout=120)
+                if counting:
+                    latencies.append(time.perf_counter() - t0)
+                j += clients
+
+        tasks = [asyncio.create_task(caller(k)) for k in range(clients)]
+        await asyncio.sleep(warmup_s)
+        counting, started = True, time.perf_counter()
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.close()
+    return Measurement("direct Triton (tritonclient)", clients, len(latencies), elapsed, latencies)
+
+
+def _merge(parts: list[Measurement]) -> Measurement:
+    return Measurement(
+        parts[0].label, parts[0].clients, sum(m.items for m in parts), sum(m.seconds for m in parts),
+        [x for m in parts for x in m.latencies_s],
+    )
+
+
+def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_size: int = 32, tokens: int = 128,
+        rounds: int = 2, venv: str = ".venv-triton") -> dict:
+    """(a) and (b) alternate in ``rounds`` slices of each cell, so load from
+    anything else on the machine hits both alike."""
+    from arbiter.backends.triton_export import ExportOptions, export
+    from arbiter.backends.triton_local import LocalTriton
+    from arbiter.hf import load_tokenizer
+
+    texts = make_texts(512, tokens)
+    warmup_s = min(1.0, seconds / 4)
+    per_round = seconds / rounds
+    via_arbiter, direct, in_process = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(Path(tmp))
+        version_dir = export(model_dir, "reward", Path(tmp) / "repo",
+                             ExportOptions(name="rm", torch_threads=threads, max_batch_size=max(64, batch_size)))
+        tokenizer = load_tokenizer(model_dir)
+        # What Arbiter sends for the same texts (TRUNCATION_LEFT at the model's 256).
+        sequences = [tokenizer(p + r)["input_ids"][-256:] for p, r in texts]
+        common = ["--max-batch-size", str(batch_size), "--torch-threads", str(threads)]
+        with LocalTriton(Path(tmp) / "repo", venv=venv, torch_threads=threads,
+                         log_path=Path(tmp) / "triton.log") as triton:
+            arbiter_args = ["reward", "--model", str(version_dir), "--backend", "triton",
+                            "--triton-url", triton.url, "--triton-model", "rm", *common]
+            with ServiceProcess(arbiter_args) as service:  # loads version 1 into Triton
+                for clients in clients_list:
+                    a_parts, b_parts = [], []
+                    for _ in range(rounds):
+                        a_parts.append(asyncio.run(_drive(service.target, texts, clients, per_round, warmup_s)))
+                        b_parts.append(asyncio.run(_drive_direct(triton.url, "rm", sequences, clients, per_round,
+                                                                 warmup_s)))
+                    via_arbiter.append(_merge(a_parts))
+                    direct.append(_merge(b_parts))
+        with ServiceProcess(["reward", "--model", str(version_dir), *common]) as service:
+            in_process = [asyncio.run(_drive(service.target, texts, c, seconds, warmup_s)) for c in clients_list]
+    rows, ratios = [], {}
+    for a, b, c in zip(via_arbiter, direct, in_process, strict=True):
+        ratios[a.clients] = a.throughput / b.throughput
+        for label, m in (("Arbiter + Triton (a)", a), ("direct Triton (b)", b), ("Arbiter in-process (c)", c)):
+            rows.append([
+                label, m.clients, f"{m.throughput:.1f}", f"{m.percentile_ms(50):.1f}", f"{m.percentile_ms(99):.1f}",
+                f"{m.throughput / b.throughput:.2f}", f"{m.throughput / c.throughput:.2f}",
+            ])
+    print_table(
+        f"Reward scoring through Triton, {tokens}-token items, one item per request, torch threads {threads}, "
+        f"max batch {batch_size}, {seconds:.0f}s per cell (target: a/b >= {TARGET_RATIO})",
+        ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs direct Triton (b)", "vs in-process (c)"],
+        rows,
+    )
+    return {
+        "arbiter_triton_vs_direct": ratios,
+        "min_ratio_vs_direct": min(ratios.values()),
+        "meets_target": min(ratios.values()) >= TARGET_RATIO,
+        "arbiter_triton_items_per_s": {m.clients: m.throughput for m in via_arbiter},
+        "direct_triton_items_per_s": {m.clients: m.throughput for m in direct},
+        "in_process_items_per_s": {m.clients: m.throughput for m in in_process},
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.triton_bench")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--tokens", type=int, default=128)
+    print(json.dumps(run(seconds=parser.parse_args().seconds, tokens=parser.parse_args().tokens), indent=2))

@@ -1,0 +1,144 @@
+"""The demo's models, built on this machine in three stages (no downloads):
+
+1. a word-level GPT-2 pretrained on Debian's fortunes quotes (BSD-licensed
+   fortune-mod corpus, ``apt-get install fortunes-min fortunes``);
+2. preference pairs between its own samples, labeled by a hidden gold scorer
+   that simulates human annotators (VADER sentiment, MIT: the more positive
+   completion is preferred; near-ties are not labeled);
+3. a reward model trained on those pairs (Bradley-Terry) from the pretrained
+   backbone, published to a local model registry.
+
+PPO then optimizes the RM (the proxy) while the gold scorer keeps watching,
+which makes over-optimization (Gao et al. 2022) visible.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arbiter.hf import read_metadata
+
+
+@dataclass(frozen=True)
+class DemoModels:
+    policy: Path
+    reward: Path
+    prompts: Path
+    description: str
+    max_new_tokens: int = 12
+    gold: str | None = "vader"
+    ppo: dict[str, Any] = field(default_factory=dict)
+    rm_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    pretrain_seconds: float
+    prompts: int
+    samples_per_prompt: int
+    rm_epochs: int
+
+
+FULL = DemoScale(pretrain_seconds=150, prompts=600, samples_per_prompt=4, rm_epochs=2)
+QUICK = DemoScale(pretrain_seconds=25, prompts=120, samples_per_prompt=4, rm_epochs=1)
+PROMPT_WORDS = 3
+MIN_GOLD_GAP = 0.1
+
+
+def make_prompts(quotes: list[str], count: int, seed: int) -> list[str]:
+    """Openings of real quotes ("the only thing"): natural places to continue."""
+    rng = random.Random(seed)
+    openings = sorted({" ".join(q.split()[:PROMPT_WORDS]) for q in quotes if len(q.split()) > PROMPT_WORDS + 2})
+    return rng.sample(openings, min(count, len(openings)))
+
+
+@torch.no_grad()
+def sample_completions(model_dir: Path, prompts: list[str], n: int, max_new_tokens: int, seed: int) -> list[list[str]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        generated = model.generate(
+            **ids, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+            num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
+        )
+        out.append([tokenizer.decode(g[ids["input_ids"].shape[1]:], skip_special_tokens=True) for g in generated])
+    return out
+
+
+def label_pairs(prompts: list[str], completions: list[list[str]], gold) -> list[dict]:
+    """Every pair of a prompt's samples whose gold scores differ clearly:
+    the more positive one is chosen."""
+    rows = []
+    for prompt, samples in zip(prompts, completions):
+        scored = [(gold(prompt + c), c) for c in samples if c.strip()]
+        for i in range(len(scored)):
+            for j in range(i + 1, len(scored)):
+                (si, ci), (sj, cj) = scored[i], scored[j]
+                if abs(si - sj) >= MIN_GOLD_GAP and ci != cj:
+                    chosen, rejected = (ci, cj) if si > sj else (cj, ci)
+                    rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def prepare_models(out: Path, quick: bool, console) -> DemoModels:
+    from arbiter.pretrain import PretrainConfig, load_fortunes, pretrain
+    from arbiter.rm.config import config_from_dict
+    from arbiter.rm.train import train_reward_model
+    from services.worker.gold import make_gold_scorer
+
+    scale = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    quotes = load_fortunes()
+    policy = out / "policy"
+    meta = read_metadata(policy) if (policy / "config.json").exists() else None
+    pretrain_config = PretrainConfig(max_seconds=scale.pretrain_seconds)
+    if meta is None or (meta.extra or {}).get("pretraining", {}).get("budget_seconds") != scale.pretrain_seconds:
+        console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {scale.pretrain_seconds:.0f}s")
+        result = pretrain(quotes, policy, pretrain_config,
+                          progress=lambda step, loss, t: None)
+        from arbiter.hf import write_metadata
+
+        write_metadata(policy, pretraining={**result, "budget_seconds": scale.pretrain_seconds})
+        console.print(f"   pretrained: {result['steps']} steps, loss {result['loss']:.2f}, {result['tokens']:,} tokens")
+    else:
+        console.print(f"   reusing the pretrained policy in {policy}")
+
+    all_prompts = make_prompts(quotes, scale.prompts + 64, seed=0)
+    rm_prompts, ppo_prompts = all_prompts[: scale.prompts], all_prompts[scale.prompts :]
+    gold = make_gold_scorer("vader")
+    completions = sample_completions(policy, rm_prompts, scale.samples_per_prompt, 12, seed=1)
+    pairs = label_pairs(rm_prompts, completions, gold)
+    data = out / "preferences.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    console.print(f"   {len(pairs)} preference pairs labeled by the simulated annotator (VADER) -> {data}")
+
+    rm_config = config_from_dict({
+        "model_dir": str(policy), "registry": str(out / "rm-registry"), "name": "sentiment-rm",
+        "data": [str(data)], "eval_fraction": 0.15, "epochs": scale.rm_epochs, "batch_size": 16,
+        "learning_rate": 3e-4, "progress": False, "seed": 0,
+    })
+    trained = train_reward_model(rm_config, console=console)
+    accuracy = trained.metrics.get("eval_accuracy")
+    console.print(f"   reward model {trained.version.version}: held-out pairwise accuracy {accuracy:.1%}")
+
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(ppo_prompts)))
+    return DemoModels(
+        policy=policy, reward=trained.version.path, prompts=prompts,
+        description=(f"policy: word-level GPT-2 pretrained on fortunes; RM {trained.version.version} "
+                     f"(held-out accuracy {accuracy:.1%}); gold: VADER compound"),
+        rm_metrics=trained.metrics,
+        ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2, "learning_rate": 3e-4, "max_staleness": 1,
+             "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": 2000}},
+    )

@@ -1,0 +1,206 @@
+"""The policy server following the policy-updates topic: each PolicyUpdate the
+trainer publishes is verified and hot-swapped in through the same engine path
+as ``ModelService.LoadModelVersion`` (in-flight requests finish on the old
+weights; a version that fails to load or validate is refused and the serving
+version is untouched).
+
+Every replica sees every update: each consumes with its own group,
+``POLICY_REPLICA_GROUP_PREFIX + replica_id``. A replica starts from its
+``--model`` weights, so whenever it joins it replays the topic from the
+beginning: within what one poll returns, updates are tried newest first and
+the first that is applied (or already loaded) supersedes all older ones, so a
+(re)started replica loads only the newest loadable version and ends up where
+its long-running peers are, even when the newest update is broken.
+
+kafka-python is blocking: the consumer runs on its own thread and hops onto
+the server's event loop only for the load itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from arbiter.errors import ArbiterError
+from arbiter.hf import weights_sha256
+from arbiter.lm import is_adapter_dir
+from arbiter.policy.engine import PolicyEngine
+from arbiter.stream import CommitError, KafkaSettings, RecordBatch, StreamConsumer, StreamError, topics
+from arbiter.v1 import rollout_pb2
+from services.policy.metrics import PolicyMetrics
+
+log = logging.getLogger(__name__)
+
+APPLIED, SKIPPED, REFUSED, FAILED = "applied", "skipped", "refused", "failed"
+OUTCOMES = (APPLIED, SKIPPED, REFUSED, FAILED)
+
+
+class PolicyUpdateFollower:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        replica_id: str,
+        engine: PolicyEngine,
+        loop: asyncio.AbstractEventLoop,
+        metrics: PolicyMetrics,
+        on_loaded: Callable[[], None] = lambda: None,
+        *,
+        poll_timeout_s: float = 0.5,
+        retry_s: float = 2.0,
+    ):
+        self.kafka = kafka
+        self.group_id = topics.POLICY_REPLICA_GROUP_PREFIX + replica_id
+        self.engine = engine
+        self.loop = loop
+        self.metrics = metrics
+        self.on_loaded = on_loaded
+        self.poll_timeout_s = poll_timeout_s
+        self.retry_s = retry_s
+        self._stop = threading.Event()
+        self._started_at = time.time()
+        self._thread = threading.Thread(target=self._run, name="policy-update-follower", daemon=True)
+        for outcome in OUTCOMES:
+            metrics.policy_updates.labels(outcome)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Called on server stop, before the engine closes; a load in progress
+        finishes first (it runs on this loop, which stays free meanwhile)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
+            if self._thread.is_alive():
+                log.warning("policy-update follower did not stop within %.0fs", timeout_s)
+
+    # -- consumer thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                consumer = StreamConsumer(self.kafka, [topics.POLICY_UPDATES], self.group_id, skip_invalid=True)
+            except StreamError as err:
+                # The broker or topic may come later than the server: keep serving, keep trying.
+                log.warning("policy updates: cannot consume (%s); retrying in %.0fs", err, self.retry_s)
+                self._stop.wait(self.retry_s)
+                continue
+            try:
+                self._follow(consumer)
+            except StreamError as err:
+                log.warning("policy updates: consumer failed (%s); reconnecting in %.0fs", err, self.retry_s)
+                self._stop.wait(self.retry_s)
+            except Exception:  # a bug must not end following silently
+                log.exception("policy updates: unexpected error; reconnecting in %.0fs", self.retry_s)
+                self._stop.wait(self.retry_s)
+            finally:
+                consumer.close()
+
+    def _follow(self, consumer: StreamConsumer) -> None:
+        while not consumer.assignment():
+            if self._stop.is_set():
+                return
+            try:
+                consumer.wait_for_assignment(timeout_s=1.0)
+            except StreamError:
+                continue
+        # Replay from the start (see the module docstring); offsets past the
+        # retention horizon fall back to the earliest retained record.
+        consumer.seek({tp: 0 for tp in consumer.assignment()})
+        log.info("policy updates: following %s as group %s", self.kafka.topic(topics.POLICY_UPDATES), self.group_id)
+        while not self._stop.is_set():
+            batch = consumer.poll(timeout_s=self.poll_timeout_s)
+            if not batch.records and not batch.rejected:
+                continue
+            self._handle(batch)
+            try:
+                consumer.commit(batch.next_offsets())
+            except CommitError as err:
+                log.warning("policy updates: %s", err)
+
+    def _handle(self, batch: RecordBatch) -> None:
+        for _rejected in batch.rejected:  # the consumer logged the reason
+            self._count(REFUSED)
+        settled = False
+        for record in reversed(batch.records):
+            update: rollout_pb2.PolicyUpdate = record.message
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
+            if settled:
+                log.info("policy update %r (%s): superseded by a newer one", update.policy_version, where)
+                self._count(SKIPPED)
+                continue
+            outcome = self.apply(update, where)
+            self._count(outcome)
+            settled = outcome in (APPLIED, SKIPPED)
+
+    def _count(self, outcome: str) -> None:
+        self.metrics.policy_updates.labels(outcome).inc()
+
+    def apply(self, update: rollout_pb2.PolicyUpdate, where: str = "") -> str:
+        """Verify and load one update; returns its outcome (never raises)."""
+        version, path = update.policy_version, update.checkpoint_path
+        label = f"policy update {version!r} ({where or 'direct'})"
+        if not version or not path:
+            log.error("%s: refused: policy_version and checkpoint_path are required", label)
+            return REFUSED
+        if version in self._on_loop(self._loaded_versions()):
+            log.info("%s: version already loaded; skipped", label)
+            return SKIPPED
+        if update.weights_sha256:
+            try:
+                actual = weights_sha256(path)
+            except (ArbiterError, OSError) as err:
+                log.error("%s: failed: cannot hash the weights in %s: %s", label, path, err)
+                return FAILED
+            expected = update.weights_sha256.lower().removeprefix("sha256:")
+            if actual != expected:
+                log.error(
+                    "%s: refused: weights_sha256 of %s is %s, the update says %s (partial copy or tampering?)",
+                    label, path, actual, expected,
+                )
+                return REFUSED
+        if Path(path).is_dir() and is_adapter_dir(path) != update.is_adapter:
+            log.error(
+                "%s: refused: is_adapter=%s but %s %s adapter_config.json", label, update.is_adapter, path,
+                "has" if is_adapter_dir(path) else "has no",
+            )
+            return REFUSED
+        started = time.perf_counter()
+        try:
+            self._on_loop(self._load(path, version))
+        except ArbiterError as err:
+            log.error("%s: failed, still serving %r: %s", label, self.engine.active_version, err)
+            return FAILED
+        except Exception:
+            log.exception("%s: failed, still serving %r", label, self.engine.active_version)
+            return FAILED
+        published = update.created_at.ToNanoseconds() / 1e9 if update.HasField("created_at") else None
+        latency = max(0.0, time.time() - published) if published else None
+        # Weight-sync latency: only for updates published while this replica
+        # was following; replaying older ones after a restart measures the restart.
+        if latency is not None and published >= self._started_at:
+            self.metrics.policy_update_apply_seconds.observe(latency)
+        self.metrics.policy_update_step.set(update.training_step)
+        log.info(
+            "%s: applied (step %d, parent %r, %s) in %.2fs%s", label, update.training_step, update.parent_version,
+            "adapter" if update.is_adapter else "full weights", time.perf_counter() - started,
+            f", serving {latency:.2f}s after publication" if latency is not None else "",
+        )
+        return APPLIED
+
+    # -- on the server's loop -----------------------------------------------
+
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _loaded_versions(self) -> set[str]:
+        return {info.version for info in self.engine.list_versions()}
+
+    async def _load(self, path: str, version: str) -> None:
+        # The version label is the update's, whatever the checkpoint's arbiter.json says.
+        await self.engine.load_version(path, version, activate=True)
+        self.on_loaded()

@@ -1,0 +1,89 @@
+"""Rollout-worker metrics, declared once, on the worker's own registry."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS
+
+# Completion lengths in tokens.
+LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+STAGES = ("connect", "generate", "score", "reference", "produce", "commit")
+SKIP_REASONS = (
+    "empty_completion", "prompt_rejected", "reward_rejected", "reference_rejected", "invalid_prompt_record",
+)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.rollouts = Counter(
+            "arbiter_worker_rollouts", "Rollouts acknowledged by the brokers (acks=all).", registry=registry,
+        )
+        self.prompts = Counter(
+            "arbiter_worker_prompts", "Prompts sent to the policy (each yields samples_per_prompt samples).",
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "arbiter_worker_samples_skipped", "Samples (or prompts) not turned into rollouts, by reason.",
+            ["reason"], registry=registry,
+        )
+        self.errors = Counter(
+            "arbiter_worker_errors",
+            "Failed attempts of a pipeline stage (retried when transient, fatal otherwise).",
+            ["stage"], registry=registry,
+        )
+        self.produce_errors = Counter(
+            "arbiter_worker_produce_errors", "Rollout records the brokers did not acknowledge (re-sent).",
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "arbiter_worker_batch_seconds", "Wall time of one batch: generate, score, reference log-probs, produce.",
+            buckets=(*LATENCY_BUCKETS, 60.0, 120.0, 300.0), registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "arbiter_worker_stage_seconds", "Wall time of one stage of a batch, retries included.",
+            ["stage"], buckets=(*LATENCY_BUCKETS, 60.0, 120.0, 300.0), registry=registry,
+        )
+        self.policy_version = Gauge(
+            "arbiter_worker_last_policy_version",
+            "1 for the policy version that generated the last batch (one series at a time).",
+            ["model_version"], registry=registry,
+        )
+        self.waiting_for_policy = Gauge(
+            "arbiter_worker_waiting_for_policy",
+            "1 while the worker waits for a new policy version (max_rollouts_per_version reached).",
+            registry=registry,
+        )
+        self.policy_wait_seconds = Counter(
+            "arbiter_worker_policy_wait_seconds", "Time spent waiting for a new policy version.", registry=registry,
+        )
+        self.reward_mean = Gauge(
+            "arbiter_worker_reward_mean", "Mean raw reward of the last batch.", registry=registry,
+        )
+        self.gold_score_mean = Gauge(
+            "arbiter_worker_gold_score", "Mean gold score of the last batch (with a gold scorer).", registry=registry,
+        )
+        self.response_length = Histogram(
+            "arbiter_worker_response_length_tokens", "Completion tokens per produced rollout.",
+            buckets=LENGTH_BUCKETS, registry=registry,
+        )
+        for reason in SKIP_REASONS:
+            self.skipped.labels(reason)
+        for stage in STAGES:
+            self.errors.labels(stage)
+        self._lock = threading.Lock()
+        self._version: str | None = None
+
+    def on_policy_version(self, version: str) -> None:
+        with self._lock:
+            if version == self._version:
+                return
+            if self._version is not None:
+                try:
+                    self.policy_version.remove(self._version)
+                except KeyError:
+                    pass
+            self.policy_version.labels(version).set(1)
+            self._version = version

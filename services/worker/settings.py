@@ -1,0 +1,140 @@
+"""Rollout-worker settings: validated when constructed; errors name the field."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from arbiter.stream import KafkaSettings
+from services.common.settings import require
+from services.worker.gold import GOLD_SCORERS
+
+TRUNCATIONS = ("reject", "left", "right")
+
+
+def default_worker_id() -> str:
+    # Unique per process, readable in logs: several workers may share a host.
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    # gRPC targets (HOST:PORT, or several replicas: ipv4:H:P,H:P / dns:///name).
+    policy_target: str = ""
+    reward_target: str = ""
+    reference_target: str = ""
+    # The prompt source of run(): a JSON-lines file, or the prompts topic
+    # (run_once takes its prompts as an argument and needs neither).
+    prompts_file: str | None = None
+    prompts_topic: bool = False
+    # File source: passes over the file (0: forever), reshuffled each pass.
+    passes: int = 0
+    shuffle: bool = False
+    # Stop once this many rollouts were produced (None: never). Groups are
+    # never split, so the last batch may overshoot by < samples_per_prompt.
+    max_rollouts: int | None = None
+    # Bounds staleness: after this many rollouts from one policy version the
+    # worker waits until the policy serves a newer one (None: never waits).
+    # With W workers and a trainer batch of B rollouts, keep W x this >= B, or
+    # the trainer never gets a full batch and nobody moves.
+    max_rollouts_per_version: int | None = None
+    # How often a waiting worker asks the policy for its active version.
+    version_poll_s: float = 0.5
+    # Sampling. One Generate call = prompts_per_call prompts x samples_per_prompt.
+    samples_per_prompt: int = 4
+    prompts_per_call: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    # Seeds the shuffle and every Generate call (seed + call number), for
+    # reproducible runs; give concurrent workers different seeds. None: random.
+    seed: int | None = None
+    # What the reward service does with a sample longer than the RM's limit.
+    # "left" keeps the end of the response, where a last-token RM head reads.
+    reward_truncation: str = "left"
+    # Held-out scorer of the completion text, stored as Rollout.gold_score.
+    gold: str | None = None
+    worker_id: str = field(default_factory=default_worker_id)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    # Create the rollouts (and prompts) topics if missing, with their final
+    # partition counts; off by default: production topics are provisioned.
+    create_topics: bool = False
+    metrics_host: str = "127.0.0.1"
+    # None: no /metrics endpoint. 0: any free port.
+    metrics_port: int | None = None
+    # Deadline of one RPC; a Generate of prompts_per_call x n samples must fit.
+    rpc_timeout_s: float = 120.0
+    # How long start() waits for the three services to answer.
+    connect_timeout_s: float = 120.0
+    # Backoff between attempts of a stage that failed transiently
+    # (UNAVAILABLE / DEADLINE_EXCEEDED after the channel's own retries).
+    retry_initial_backoff_s: float = 0.5
+    retry_max_backoff_s: float = 10.0
+    tls_ca_file: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("policy_target", "reward_target", "reference_target"):
+            require(bool(getattr(self, name)), name, "must be HOST:PORT of the service", getattr(self, name))
+        require(
+            self.prompts_file is None or not self.prompts_topic,
+            "prompts_file/prompts_topic", "set one prompt source: a JSON-lines file or the prompts topic, not both",
+            (self.prompts_file, self.prompts_topic),
+        )
+        require(self.passes >= 0, "passes", "must be >= 0 (0 loops over the file forever)", self.passes)
+        if self.max_rollouts is not None:
+            require(self.max_rollouts >= 1, "max_rollouts", "must be >= 1 or unset", self.max_rollouts)
+        if self.max_rollouts_per_version is not None:
+            require(
+                self.max_rollouts_per_version >= 1, "max_rollouts_per_version", "must be >= 1 or unset",
+                self.max_rollouts_per_version,
+            )
+        require(self.version_poll_s > 0, "version_poll_s", "must be > 0", self.version_poll_s)
+        require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", self.samples_per_prompt)
+        require(self.prompts_per_call >= 1, "prompts_per_call", "must be >= 1", self.prompts_per_call)
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
+        require(
+            math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+            "must be > 0: RL trains on samples of the policy's distribution (0 would be greedy decoding)",
+            self.temperature,
+        )
+        require(self.top_k >= 0, "top_k", "must be >= 0 (0: no top-k filtering)", self.top_k)
+        require(
+            math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1: no nucleus filtering)",
+            self.top_p,
+        )
+        object.__setattr__(self, "stop", tuple(self.stop))
+        require(all(bool(s) for s in self.stop), "stop", "stop strings must be non-empty", self.stop)
+        require(
+            self.reward_truncation in TRUNCATIONS, "reward_truncation", f"must be one of {', '.join(TRUNCATIONS)}",
+            self.reward_truncation,
+        )
+        if self.gold is not None:
+            require(
+                self.gold in GOLD_SCORERS, "gold", f"must be one of {', '.join(sorted(GOLD_SCORERS))} or unset",
+                self.gold,
+            )
+        require(bool(self.worker_id.strip()), "worker_id", "must not be empty", self.worker_id)
+        require(isinstance(self.kafka, KafkaSettings), "kafka", "must be KafkaSettings", type(self.kafka).__name__)
+        if self.metrics_port is not None:
+            require(0 <= self.metrics_port <= 65535, "metrics_port", "must be in 0..65535 or unset", self.metrics_port)
+        for name in ("rpc_timeout_s", "connect_timeout_s", "retry_initial_backoff_s"):
+            require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        require(
+            self.retry_max_backoff_s >= self.retry_initial_backoff_s, "retry_max_backoff_s",
+            f"must be >= retry_initial_backoff_s ({self.retry_initial_backoff_s})", self.retry_max_backoff_s,
+        )
+        if self.tls_ca_file is not None:
+            require(Path(self.tls_ca_file).is_file(), "tls_ca_file", "must be an existing file", self.tls_ca_file)
+        if self.auth_token is not None:
+            require(len(self.auth_token) >= 16, "auth_token", "must be at least 16 characters", "<hidden>")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

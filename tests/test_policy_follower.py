@@ -1,0 +1,185 @@
+"""The policy server following the policy-updates topic, against a real
+Kafka-protocol broker: verified updates are hot-swapped in, bad ones are
+refused or fail without touching the serving version, duplicates are skipped,
+and a (re)started replica replays the topic to the newest loadable version."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import pytest
+from lm_fixtures import lora_adapter, nan_weights, perturbed
+
+from arbiter.errors import ModelLoadError
+from arbiter.hf import weights_sha256
+from arbiter.stream import StreamProducer, ensure_topics, topics
+from arbiter.v1 import rollout_pb2
+from services.common.background import BackgroundServer
+from services.common.settings import SettingsError
+from services.policy.client import PolicyClient
+from services.policy.server import add_arguments, create_server, settings_from_args
+from services.policy.settings import PolicySettings
+
+PROMPT = "The quick brown"
+
+
+@pytest.fixture
+def kafka(kafka_settings):
+    ensure_topics(kafka_settings, {topics.POLICY_UPDATES: 1})
+    return kafka_settings
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_models, tmp_path_factory):
+    """Candidate versions of the tiny policy, written the way a trainer writes them."""
+    root = tmp_path_factory.mktemp("updates")
+    policy = tiny_models["policy"]
+    return {
+        "v1": perturbed(policy, root / "v1", version="v1"),
+        "nan": nan_weights(policy, root / "nan"),
+        "lora": lora_adapter(policy, root / "lora"),
+    }
+
+
+def update(version: str, path, *, sha: str | None = None, is_adapter: bool = False, step: int = 1):
+    msg = rollout_pb2.PolicyUpdate(
+        policy_version=version, checkpoint_path=str(path), is_adapter=is_adapter, training_step=step,
+        parent_version="v0", weights_sha256=weights_sha256(path) if sha is None else sha,
+    )
+    msg.created_at.FromNanoseconds(time.time_ns())
+    return msg
+
+
+def publish(kafka, *updates) -> None:
+    with StreamProducer(kafka) as producer:
+        for msg in updates:
+            producer.send(topics.POLICY_UPDATES, msg)
+        producer.flush()
+
+
+def follower_server(policy_dir, kafka, replica_id: str) -> BackgroundServer:
+    settings = PolicySettings(
+        model_dir=str(policy_dir), port=0, metrics_port=0, follow_updates=True, replica_id=replica_id, kafka=kafka,
+        max_loaded_versions=2, grace_seconds=1.0,
+    )
+    return BackgroundServer(lambda: create_server(settings))
+
+
+def outcomes(server) -> dict[str, float]:
+    registry = server.running.registry
+    return {
+        o: registry.get_sample_value("arbiter_policy_updates_total", {"outcome": o}) or 0.0
+        for o in ("applied", "skipped", "refused", "failed")
+    }
+
+
+def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kafka, checkpoints):
+    with follower_server(tiny_models["policy"], kafka, "replica-a") as server, \
+            PolicyClient(server.target) as client:
+        probe = dict(max_new_tokens=8, temperature=1.0, seed=5)
+        before = client.generate([PROMPT], **probe).samples[0]
+
+        # Weights that do not hash to what the update announces: refused, v0 keeps serving.
+        publish(kafka, update("v1", checkpoints["v1"], sha="0" * 64))
+        wait_for(lambda: outcomes(server)["refused"] == 1, what="the bad sha to be refused")
+        assert client.info().version == "v0"
+
+        publish(kafka, update("v1", checkpoints["v1"], step=7))
+        wait_for(lambda: client.info().version == "v1", what="v1 to be activated")
+        after = client.generate([PROMPT], **probe).samples[0]
+        assert after.policy_version == "v1"
+        assert list(after.logprobs) != pytest.approx(list(before.logprobs), abs=1e-3)
+        registry = server.running.registry
+        assert registry.get_sample_value("arbiter_policy_update_apply_seconds_count") == 1
+        assert 0 < registry.get_sample_value("arbiter_policy_update_apply_seconds_sum") < 30
+        assert registry.get_sample_value("arbiter_policy_update_training_step") == 7
+
+        # The same version again: skipped. A checkpoint that fails validation: failed, v1 keeps serving.
+        publish(kafka, update("v1", checkpoints["v1"]))
+        wait_for(lambda: outcomes(server)["skipped"] == 1, what="the duplicate to be skipped")
+        publish(kafka, update("v2", checkpoints["nan"]))
+        wait_for(lambda: outcomes(server)["failed"] == 1, what="the NaN checkpoint to fail")
+        assert client.info().version == "v1"
+
+        # An adapter must be announced as one; then it loads like LoadModelVersion would.
+        publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=False))
+        wait_for(lambda: outcomes(server)["refused"] == 2, what="the unannounced adapter to be refused")
+        publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=True, step=8))
+        wait_for(lambda: client.info().version == "lora-1", what="the adapter to be activated")
+        assert client.generate([PROMPT], **probe).samples[0].policy_version == "lora-1"
+        assert outcomes(server) == {"applied": 2, "skipped": 1, "refused": 2, "failed": 1}
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics").read().decode()
+        assert 'arbiter_policy_updates_total{outcome="applied"} 2.0' in text
+        assert 'arbiter_model_active{model_version="lora-1",service="policy"} 1.0' in text
+
+
+def test_restarted_replica_replays_to_the_newest_loadable_version(tiny_models, kafka, checkpoints):
+    # History: a refused update, v1, then a newer version that fails to load.
+    publish(
+        kafka,
+        update("v1", checkpoints["v1"], sha="f" * 64),
+        update("v1", checkpoints["v1"]),
+        update("v2", checkpoints["nan"]),
+    )
+    for _ in range(2):  # the same replica id twice: a restart replays as well
+        with follower_server(tiny_models["policy"], kafka, "replica-b") as server, \
+                PolicyClient(server.target) as client:
+            wait_for(lambda: sum(outcomes(server).values()) == 3, what="the history to be handled")
+            # Newest first: v2 fails, v1 applies, the refused older record is superseded.
+            assert outcomes(server) == {"applied": 1, "skipped": 1, "refused": 0, "failed": 1}
+            assert client.info().version == "v1"
+            # Replayed history is not weight-sync latency.
+            assert server.running.registry.get_sample_value("arbiter_policy_update_apply_seconds_count") == 0
+
+
+def test_weights_sha256_covers_names_and_bytes(tmp_path, checkpoints):
+    import shutil
+
+    digest = weights_sha256(checkpoints["v1"])
+    assert len(digest) == 64 and digest == weights_sha256(checkpoints["v1"])
+    copy = shutil.copytree(checkpoints["v1"], tmp_path / "copy")
+    assert weights_sha256(copy) == digest  # the directory's name does not matter
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert weights_sha256(copy) != digest
+    weights.rename(copy / "other.safetensors")
+    assert weights_sha256(copy) != weights_sha256(checkpoints["v1"])
+    assert len(weights_sha256(checkpoints["lora"])) == 64  # adapter directories too
+    with pytest.raises(ModelLoadError, match="holds no .safetensors weights"):
+        weights_sha256(tmp_path / "missing")
+
+
+def test_settings_and_flags(tiny_models):
+    import argparse
+
+    with pytest.raises(SettingsError, match="kafka=None is invalid: follow_updates needs KafkaSettings"):
+        PolicySettings(model_dir=str(tiny_models["policy"]), follow_updates=True)
+    with pytest.raises(SettingsError, match="replica_id='a b' is invalid"):
+        PolicySettings(model_dir=str(tiny_models["policy"]), replica_id="a b")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--model", str(tiny_models["policy"]), "--follow-updates", "--replica-id", "r7",
+        "--kafka-bootstrap-servers", "broker-1:9092,broker-2:9092", "--kafka-topic-prefix", "prod.",
+    ])
+    settings = settings_from_args(args)
+    assert settings.follow_updates and settings.replica_id == "r7"
+    assert settings.kafka.bootstrap_servers == ("broker-1:9092", "broker-2:9092")
+    assert settings.kafka.topic(topics.POLICY_UPDATES) == "prod.policy-updates"
+    plain = settings_from_args(parser.parse_args(["--model", str(tiny_models["policy"])]))
+    assert not plain.follow_updates and plain.kafka is None
+    with pytest.raises(SettingsError, match="kafka.bootstrap_servers"):
+        settings_from_args(parser.parse_args(
+            ["--model", str(tiny_models["policy"]), "--follow-updates", "--kafka-bootstrap-servers", "nohost"]
+        ))

@@ -1,0 +1,464 @@
+"""The rollout worker against real policy, reward and reference servers and a
+real Kafka-protocol broker: every Rollout field checked against direct calls
+to the services, prompts from a file and from the prompts topic, a reward
+service restarted mid-run, refused tokenizer pairs, bad prompt files, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from lm_fixtures import other_tokenizer_policy
+
+from arbiter.stream import StreamConsumer, StreamProducer, TopicPartition, ensure_topics, topics
+from arbiter.stream.broker import free_port
+from arbiter.v1 import policy_pb2, reward_pb2, rollout_pb2
+from services.common.background import BackgroundServer
+from services.common.settings import SettingsError
+from services.policy.client import PolicyClient
+from services.policy.server import create_server as create_policy
+from services.policy.settings import PolicySettings
+from services.reference.client import ReferenceClient
+from services.reference.server import create_server as create_reference
+from services.reference.settings import ReferenceSettings
+from services.reward.client import RewardClient
+from services.reward.server import create_server as create_reward
+from services.reward.settings import RewardSettings
+from services.worker.prompts import PromptError, PromptItem, content_id, load_prompts, publish_prompts
+from services.worker.settings import WorkerSettings
+from services.worker.worker import RolloutWorker, WorkerError
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    {"id": "fox", "prompt": "The quick brown"},
+    {"prompt": "Please explain how a reward model"},
+    {"id": "chat-1", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    {"prompt": "I love this movie"},
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models):
+    """{'policy', 'reward', 'reference'}: BackgroundServers on free ports."""
+    policy = BackgroundServer(lambda: create_policy(PolicySettings(model_dir=str(tiny_models["policy"]), port=0)))
+    reward = BackgroundServer(lambda: create_reward(RewardSettings(model_dir=str(tiny_models["reward"]), port=0)))
+    reference = BackgroundServer(
+        lambda: create_reference(ReferenceSettings(model_dir=str(tiny_models["policy"]), port=0))
+    )
+    yield {"policy": policy, "reward": reward, "reference": reference}
+    for server in (policy, reward, reference):
+        server.stop(grace=0)
+
+
+@pytest.fixture
+def kafka(kafka_settings):
+    ensure_topics(kafka_settings, {topics.ROLLOUTS: 4, topics.PROMPTS: 2})
+    return kafka_settings
+
+
+def write_prompts(path: Path, rows) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def worker_settings(servers, kafka, **overrides) -> WorkerSettings:
+    values = dict(
+        policy_target=servers["policy"].target,
+        reward_target=servers["reward"].target,
+        reference_target=servers["reference"].target,
+        kafka=kafka,
+        samples_per_prompt=3,
+        prompts_per_call=2,
+        max_new_tokens=8,
+        seed=7,
+        worker_id="test-worker",
+        rpc_timeout_s=30.0,
+        connect_timeout_s=30.0,
+        retry_initial_backoff_s=0.1,
+        retry_max_backoff_s=0.5,
+    )
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+def consume_all(kafka, expected: int, timeout_s: float = 30.0):
+    records = []
+    with StreamConsumer(kafka, [topics.ROLLOUTS], None) as consumer:
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected:
+            assert time.monotonic() < deadline, f"got {len(records)} of {expected} rollouts"
+            records.extend(consumer.poll(timeout_s=0.5).records)
+        records.extend(consumer.poll(timeout_s=0.5).records)  # nothing extra
+    return records
+
+
+def sample_value(registry, name: str, **labels) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# -- the rollouts --------------------------------------------------------------
+
+
+def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
+    import vaderSentiment.vaderSentiment as vader
+
+    items = load_prompts(write_prompts(tmp_path / "prompts.jsonl", PROMPTS))
+    settings = worker_settings(servers, kafka, gold="vader", metrics_port=0)
+    started = time.time()
+    with RolloutWorker(settings) as worker:
+        rollouts = worker.run_once(items)
+        metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics").read().decode()
+        registry = worker.registry
+    skipped = sample_value(registry, "arbiter_worker_samples_skipped_total", reason="empty_completion")
+    assert len(rollouts) + skipped == len(PROMPTS) * 3 and len(rollouts) >= 9
+
+    records = consume_all(kafka, len(rollouts))
+    assert len(records) == len(rollouts)
+    by_id = {r.message.rollout_id: r for r in records}
+    assert set(by_id) == {r.rollout_id for r in rollouts}
+    for rollout in rollouts:
+        assert by_id[rollout.rollout_id].message == rollout
+
+    with PolicyClient(servers["policy"].target) as policy, ReferenceClient(servers["reference"].target) as ref, \
+            RewardClient(servers["reward"].target) as reward:
+        policy_info = policy.info()
+        ref.pair_with(policy_info)
+        direct_ref = ref.logprobs([(r.prompt_token_ids, r.completion_token_ids) for r in rollouts])
+        inputs = [items_by_id(items)[r.prompt_id].reward_input(r.completion_text) for r in rollouts]
+        raw = reward.score(inputs).results
+        normalized = reward.score(inputs, normalize=True).results
+        # The worker's text pairs are (prompt, completion) exactly as a caller would send them.
+        text = next(r for r in rollouts if r.prompt_id == "fox")
+        pair = reward_pb2.TextPair(prompt="The quick brown", response=text.completion_text)
+        assert reward.score([reward_pb2.RewardInput(text=pair)]).results[0].raw_score == pytest.approx(text.reward)
+
+    analyzer = vader.SentimentIntensityAnalyzer()
+    groups = defaultdict(list)
+    for i, r in enumerate(rollouts):
+        record = by_id[r.rollout_id]
+        assert record.key == r.prompt_id
+        assert r.schema_version == 1 and len(r.rollout_id) == 32
+        assert r.prompt_token_ids and r.completion_token_ids
+        assert len(r.completion_token_ids) == len(r.sampling_logprobs) == len(r.reference_logprobs)
+        assert all(lp <= 0 and math.isfinite(lp) for lp in r.sampling_logprobs)
+        assert list(r.reference_logprobs) == pytest.approx(list(direct_ref.results[i].logprobs), abs=1e-5)
+        assert r.reward == pytest.approx(raw[i].raw_score, abs=1e-5)
+        assert r.reward_normalized == pytest.approx(normalized[i].score, abs=1e-5)
+        assert r.reward_normalized != pytest.approx(r.reward)  # the tiny RM ships statistics
+        assert (r.policy_version, r.reward_model_version, r.reference_model_version) == ("v0", "v0", "v0")
+        assert r.tokenizer_fingerprint == policy_info.tokenizer_fingerprint
+        assert r.finish_reason in (policy_pb2.FINISH_REASON_LENGTH, policy_pb2.FINISH_REASON_EOS)
+        assert r.completion_text.strip() and r.worker_id == "test-worker"
+        assert started - 1 <= r.created_at.ToNanoseconds() / 1e9 <= time.time() + 1
+        assert r.HasField("gold_score")
+        assert r.gold_score == pytest.approx(analyzer.polarity_scores(r.completion_text)["compound"])
+        groups[r.prompt_id].append(r)
+
+    assert set(groups) == {"fox", content_id(text=PROMPTS[1]["prompt"]), "chat-1", content_id(text="I love this movie")}
+    group_ids = set()
+    for prompt_id, members in groups.items():
+        # One group per prompt and call; all its samples on the prompt's partition.
+        assert len({m.group_id for m in members}) == 1
+        group_ids.add(members[0].group_id)
+        assert len({by_id[m.rollout_id].partition for m in members}) == 1
+        assert sorted(m.sample_index for m in members) == sorted(set(m.sample_index for m in members))
+        assert {m.sample_index for m in members} <= {0, 1, 2}
+        assert {m.prompt_text for m in members} == {items_by_id(items)[prompt_id].display_text()}
+    assert len(group_ids) == len(groups)
+    chat = groups["chat-1"][0]
+    assert json.loads(chat.prompt_text) == PROMPTS[2]["messages"]
+
+    assert f"arbiter_worker_rollouts_total {float(len(rollouts))}" in metrics_text
+    assert 'arbiter_worker_last_policy_version{model_version="v0"} 1.0' in metrics_text
+    assert f"arbiter_worker_response_length_tokens_count {float(len(rollouts))}" in metrics_text
+    assert "arbiter_worker_gold_score " in metrics_text and "arbiter_worker_reward_mean " in metrics_text
+    assert sample_value(registry, "arbiter_worker_batch_seconds_count") == 2
+    assert sample_value(registry, "arbiter_worker_errors_total", stage="score") == 0
+
+
+def items_by_id(items: list[PromptItem]) -> dict[str, PromptItem]:
+    return {item.prompt_id: item for item in items}
+
+
+def test_chat_prompts_are_scored_as_a_conversation_with_the_completion(servers, kafka):
+    chat = [{"role": "user", "content": "Write a haiku about the sea."}]
+    with RolloutWorker(worker_settings(servers, kafka, samples_per_prompt=2, seed=3)) as worker:
+        rollouts = worker.run_once([{"messages": chat}])
+    assert rollouts
+    with RewardClient(servers["reward"].target) as reward:
+        for r in rollouts:
+            conversation = [*chat, {"role": "assistant", "content": r.completion_text}]
+            from services.reward.client import reward_input
+
+            direct = reward.score([reward_input({"messages": conversation}, "direct")]).results[0]
+            assert r.reward == pytest.approx(direct.raw_score, abs=1e-5)
+
+
+def test_a_prompt_the_policy_refuses_is_skipped_not_fatal(servers, kafka):
+    too_long = " ".join(["reinforcement"] * 300)  # over the tiny policy's 256 tokens
+    with RolloutWorker(worker_settings(servers, kafka, samples_per_prompt=2)) as worker:
+        rollouts = worker.run_once([{"id": "long", "prompt": too_long}, {"id": "ok", "prompt": "The cat sat"}])
+        skipped = sample_value(worker.registry, "arbiter_worker_samples_skipped_total", reason="prompt_rejected")
+        errors = sample_value(worker.registry, "arbiter_worker_errors_total", stage="generate")
+    assert skipped == 1 and errors == 2  # the batch, then the long prompt alone
+    assert rollouts and {r.prompt_id for r in rollouts} == {"ok"}
+
+
+def test_same_seed_same_samples(servers, kafka):
+    def run():
+        with RolloutWorker(worker_settings(servers, kafka, samples_per_prompt=2, seed=11)) as worker:
+            return worker.run_once(["The cat sat on"])
+
+    first, second = run(), run()
+    assert [list(r.completion_token_ids) for r in first] == [list(r.completion_token_ids) for r in second]
+    assert {r.rollout_id for r in first}.isdisjoint({r.rollout_id for r in second})
+
+
+# -- refusing to start ----------------------------------------------------------
+
+
+def test_mismatched_tokenizers_are_refused_at_start(servers, kafka, tmp_path):
+    other = other_tokenizer_policy(tmp_path / "other")
+    with BackgroundServer(lambda: create_reference(ReferenceSettings(model_dir=str(other), port=0))) as reference:
+        worker = RolloutWorker(worker_settings(servers, kafka, reference_target=reference.target))
+        with pytest.raises(WorkerError, match="refusing to start: .*use different tokenizers"):
+            worker.start()
+    # A target that is another kind of service is named as such.
+    worker = RolloutWorker(worker_settings(servers, kafka, reference_target=servers["reward"].target))
+    with pytest.raises(WorkerError, match=r"serves a 'reward' model, expected the reference service"):
+        worker.start()
+
+
+def test_missing_topic_and_unreachable_service(servers, kafka_settings):
+    worker = RolloutWorker(worker_settings(servers, kafka_settings))
+    with pytest.raises(WorkerError, match=r"topic\(s\) .*rollouts do not exist"):
+        worker.start()
+    dead = f"127.0.0.1:{free_port()}"
+    worker = RolloutWorker(worker_settings(servers, kafka_settings, policy_target=dead, connect_timeout_s=1.0))
+    with pytest.raises(WorkerError, match=f"the policy service at {dead} did not answer within 1.0s"):
+        worker.start()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ("[1, 2]", "line 2: expected a JSON object, got list"),
+        ('{"text": "hi"}', "line 2: unknown key(s) 'text'"),
+        ('{"prompt": "  "}', "line 2: 'prompt' must be a non-empty string"),
+        ('{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}', "line 2: needs exactly one of"),
+        ('{"messages": [{"role": "user"}]}', "line 2: messages[0] must be"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+         "line 2: the last message is an assistant turn"),
+        ('{"id": 5, "prompt": "a"}', "line 2: 'id' must be a non-empty string"),
+        ('{"id": "a", "prompt": "something else"}', "line 2: id 'a' is already used by line 1"),
+    ],
+)
+def test_malformed_prompt_lines_name_the_line(tmp_path, line, needle):
+    path = write_prompts(tmp_path / "bad.jsonl", [{"id": "a", "prompt": "first"}, line])
+    with pytest.raises(PromptError) as err:
+        load_prompts(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_prompt_file_edge_cases(tmp_path):
+    with pytest.raises(PromptError, match="no such prompts file"):
+        load_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(PromptError, match="holds no prompts"):
+        load_prompts(write_prompts(tmp_path / "empty.jsonl", ["", "  "]))
+    # Ids without "id" hash the content: stable across files, distinct per content.
+    a = load_prompts(write_prompts(tmp_path / "a.jsonl", [{"prompt": "x"}, "", {"messages": PROMPTS[2]["messages"]}]))
+    b = load_prompts(write_prompts(tmp_path / "b.jsonl", [{"messages": PROMPTS[2]["messages"]}, {"prompt": "x"}]))
+    assert [i.prompt_id for i in a] == [i.prompt_id for i in reversed(b)]
+    assert a[0].prompt_id != a[1].prompt_id and a[0].prompt_id.startswith("p-")
+    # The same prompt twice is fine (same id); a bad file stops the worker before it connects.
+    assert len(load_prompts(write_prompts(tmp_path / "dup.jsonl", [{"prompt": "x"}, {"prompt": "x"}]))) == 2
+    bad = write_prompts(tmp_path / "bad.jsonl", [{"prompt": "x"}, "oops"])
+    settings = WorkerSettings(policy_target="127.0.0.1:1", reward_target="127.0.0.1:1",
+                              reference_target="127.0.0.1:1", prompts_file=str(bad))
+    with pytest.raises(PromptError, match="line 2"):
+        RolloutWorker(settings).start()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"policy_target": ""}, "policy_target=''"),
+        ({"temperature": 0.0}, "temperature=0.0 is invalid: must be > 0"),
+        ({"samples_per_prompt": 0}, "samples_per_prompt=0"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"reward_truncation": "middle"}, "reward_truncation='middle'"),
+        ({"gold": "human"}, "gold='human' is invalid: must be one of vader"),
+        ({"prompts_file": "p.jsonl", "prompts_topic": True}, "prompts_file/prompts_topic"),
+        ({"max_rollouts": 0}, "max_rollouts=0"),
+        ({"retry_max_backoff_s": 0.01}, "retry_max_backoff_s=0.01"),
+    ],
+)
+def test_settings_errors_name_the_field(changes, needle):
+    values = dict(policy_target="h:1", reward_target="h:2", reference_target="h:3")
+    values.update(changes)
+    with pytest.raises(SettingsError) as err:
+        WorkerSettings(**values)
+    assert needle in str(err.value)
+
+
+# -- running ------------------------------------------------------------------
+
+
+def test_reward_service_restart_delays_but_loses_nothing(servers, kafka, tiny_models, tmp_path):
+    port = free_port()
+    reward_settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=port, grace_seconds=1.0)
+    reward = BackgroundServer(lambda: create_reward(reward_settings))
+    path = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    settings = worker_settings(
+        servers, kafka, reward_target=f"127.0.0.1:{port}", prompts_file=str(path), samples_per_prompt=2,
+        prompts_per_call=1, passes=2,
+    )
+    worker = RolloutWorker(settings)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["stats"] = worker.run()
+        except BaseException as err:  # pragma: no cover - reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    try:
+        # Connected and producing; then the reward service goes away under it.
+        first = worker.run_once([PROMPTS[0]])
+        reward.stop()
+        reward = None
+        thread.start()
+        wait_for(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
+                 what="Score to fail while the reward service is down")
+        assert worker.stats.rollouts == len(first)  # the generated batch is waiting, not dropped
+        reward = BackgroundServer(lambda: create_reward(reward_settings))  # same port
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        worker.stop()
+        if thread.is_alive():
+            thread.join(10)
+        worker.close()
+        if reward is not None:
+            reward.stop(grace=0)
+    assert "error" not in outcome, outcome.get("error")
+    stats = outcome["stats"]
+    assert stats.prompts == 1 + 2 * len(PROMPTS)
+    # Every generated sample became a rollout or a counted skip: none was lost in the outage.
+    assert stats.prompts * 2 == stats.rollouts + stats.skipped
+    records = consume_all(kafka, stats.rollouts)
+    assert len(records) == stats.rollouts == len({r.message.rollout_id for r in records})
+
+
+def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_models, tmp_path):
+    from lm_fixtures import perturbed
+
+    v1 = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
+    path = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0)
+    with BackgroundServer(lambda: create_policy(policy_settings)) as policy:
+        settings = worker_settings(
+            servers, kafka, policy_target=policy.target, prompts_file=str(path), samples_per_prompt=2,
+            max_rollouts_per_version=4, max_rollouts=8, version_poll_s=0.05,
+        )
+        worker = RolloutWorker(settings)
+        thread = threading.Thread(target=worker.run)
+        thread.start()
+        try:
+            wait_for(lambda: sample_value(worker.registry, "arbiter_worker_waiting_for_policy") == 1,
+                     what="the worker to wait for a new version")
+            time.sleep(0.3)
+            produced_by_v0 = worker.stats.rollouts
+            with PolicyClient(policy.target) as client:
+                client.load_version(str(v1), activate=True)
+            thread.join(30)
+            assert not thread.is_alive()
+        finally:
+            worker.stop()
+            thread.join(10)
+            worker.close()
+    versions = [r.message.policy_version for r in consume_all(kafka, worker.stats.rollouts)]
+    assert 4 <= versions.count("v0") == produced_by_v0 < 6
+    assert 4 <= versions.count("v1") < 6
+    assert sample_value(worker.registry, "arbiter_worker_policy_wait_seconds_total") > 0.3
+
+
+def test_prompts_topic_commits_after_rollouts_are_acknowledged(servers, kafka):
+    publish_prompts(kafka, [PROMPTS[0], PROMPTS[2], "A good answer is", "The weather today"])
+    with StreamProducer(kafka) as producer:  # a record without text or chat: skipped, still committed
+        producer.send(topics.PROMPTS, rollout_pb2.PromptRecord(prompt_id="empty"))
+        producer.flush()
+    worker = RolloutWorker(worker_settings(servers, kafka, prompts_topic=True, samples_per_prompt=2))
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: worker.stats.prompts == 4 and worker.stats.skipped >= 1, what="all prompts")
+        worker.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        worker.stop()
+        thread.join(10)
+        worker.close()
+    assert sample_value(worker.registry, "arbiter_worker_samples_skipped_total", reason="invalid_prompt_record") == 1
+    records = consume_all(kafka, worker.stats.rollouts)
+    assert {r.message.prompt_id for r in records} <= {"fox", "chat-1", content_id(text="A good answer is"),
+                                                      content_id(text="The weather today")}
+    assert len(records) == worker.stats.rollouts == 8 - sample_value(
+        worker.registry, "arbiter_worker_samples_skipped_total", reason="empty_completion")
+    with StreamConsumer(kafka, [topics.PROMPTS], topics.ROLLOUT_WORKERS_GROUP) as group:
+        committed = group.committed([TopicPartition(kafka.topic(topics.PROMPTS), p) for p in range(2)])
+    assert sum(v or 0 for v in committed.values()) == 5
+
+
+# -- the command line -----------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ARBITER_LOG_LEVEL": "WARNING"}
+    return subprocess.run([sys.executable, "-m", "arbiter.cli", "worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_cli(servers, kafka, tmp_path):
+    path = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:3])
+    common = [
+        "--policy", servers["policy"].target, "--reward", servers["reward"].target,
+        "--reference", servers["reference"].target, "--kafka-bootstrap-servers", ",".join(kafka.bootstrap_servers),
+        "--kafka-topic-prefix", kafka.topic_prefix,
+    ]
+    done = run_cli(*common, "--prompts", str(path), "--passes", "1", "--samples-per-prompt", "2",
+                   "--max-new-tokens", "4", "--seed", "5", "--gold", "vader", "--worker-id", "cli-worker",
+                   "--prompts-per-call", "2")
+    assert done.returncode == 0, done.stderr
+    assert "rollout worker cli-worker: prompts from" in done.stdout
+    produced = int(done.stdout.split("cli-worker: ")[-1].split(" rollouts")[0])
+    assert "from 3 prompts in 2 batches" in done.stdout
+    records = consume_all(kafka, produced)
+    assert {r.message.worker_id for r in records} == {"cli-worker"}
+    assert all(r.message.HasField("gold_score") for r in records)
+
+    bad = write_prompts(tmp_path / "bad.jsonl", [{"prompt": "x"}, '{"prompt": 3}'])
+    failed = run_cli(*common, "--prompts", str(bad))
+    assert failed.returncode == 2
+    assert f"arbiter worker: {bad}, line 2: 'prompt' must be a non-empty string" in failed.stderr
+    invalid = run_cli(*common, "--prompts", str(path), "--temperature", "0")
+    assert invalid.returncode == 2 and "temperature=0.0 is invalid" in invalid.stderr
