@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo bench clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -70,7 +70,14 @@ $(TRITON_STAMP): requirements-triton.lock
 test: install lint prometheus-tools triton-env
 	ARBITER_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-demo: install
+# The demo's corpus: Debian's fortunes quotes (BSD-licensed fortune-mod).
+demo-data:
+	@test -d /usr/share/games/fortunes || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends fortunes-min fortunes || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends fortunes-min fortunes; }; }
+
+demo: install demo-data
 	$(BIN)/arbiter demo $(DEMO_ARGS)
 
 # The reward service with its forward passes in a real Triton server, checked

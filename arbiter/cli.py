@@ -122,6 +122,12 @@ def _rm_list(args) -> int:
     return list_main(args)
 
 
+def _rm_shadow_live(args) -> int:
+    from services.reward.shadow import live_main
+
+    return live_main(args)
+
+
 def _rm_shadow(args) -> int:
     from services.reward.shadow import main as shadow_main
 
@@ -248,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_shadow_arguments(shadow)
     shadow.set_defaults(run=_rm_shadow)
+    live = rm_commands.add_parser(
+        "shadow-live", help="score a fraction of live traffic with a loaded candidate too; agreement goes to metrics"
+    )
+    live.add_argument("--target", required=True, help="HOST:PORT of the reward service")
+    live.add_argument("--candidate", default="", help="loaded version to shadow (omit to turn shadowing off)")
+    live.add_argument("--fraction", type=float, default=1.0, help="share of requests also scored by the candidate")
+    live.add_argument("--tls-ca-file")
+    live.set_defaults(run=_rm_shadow_live)
     from services.reward.submit import add_arguments as add_submit_arguments
 
     submit = rm_commands.add_parser("submit", help="send labelled JSON lines to SubmitPreference (preferences topic)")

@@ -113,8 +113,11 @@ def stack_config(models: DemoModels, workdir: Path, updates: int) -> StackConfig
     return StackConfig(
         policy_model=str(models.policy), reward_model=str(models.reward), prompts_file=str(models.prompts),
         workdir=str(workdir / "stack"), metrics_ports={name: 0 for name in ("reward", "policy", "reference", "worker", "trainer")},
+        # One batch per policy version keeps every rollout on-policy or one
+        # version stale at most.
         worker={"samples_per_prompt": 4, "prompts_per_call": 8, "max_new_tokens": models.max_new_tokens,
-                "temperature": 1.0, **({"gold": models.gold} if models.gold else {})},
+                "temperature": 1.0, "max_rollouts_per_version": models.ppo.get("batch_size", 32),
+                **({"gold": models.gold} if models.gold else {})},
         trainer={"max_updates": updates, "run_name": "ppo", "ppo": models.ppo},
     )
 

@@ -38,3 +38,35 @@ def kafka_settings(kafka_broker, request):
 
     prefix = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:60] + f".{uuid.uuid4().hex[:6]}."
     return kafka_broker.settings(topic_prefix=prefix, session_timeout_ms=6000, client_id="arbiter-test")
+
+
+# -- Triton (tests/test_triton*.py): one server for the whole session ---------------
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tmp_path_factory):
+    """The session's Triton model repository. Each test file exports its own
+    models into it under its own names (explicit model control: Triton reads
+    a model from disk when it is loaded, so exports after the start work)."""
+    return tmp_path_factory.mktemp("triton-repo")
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repo, tmp_path_factory):
+    """The tritonserver bundled in nvidia-pytriton, run from .venv-triton
+    (`make triton-env`), started once on first use and shared by every Triton
+    test file. Skipped without .venv-triton unless ARBITER_REQUIRE_TRITON."""
+    from pathlib import Path
+
+    venv = Path(__file__).resolve().parents[1] / ".venv-triton"
+    if not (venv / "bin" / "python").exists():
+        message = f"{venv} is missing: run `make triton-env`"
+        if os.environ.get("ARBITER_REQUIRE_TRITON"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from arbiter.backends.triton_local import LocalTriton
+
+    server = LocalTriton(triton_repo, venv=venv, torch_threads=1, log_path=tmp_path_factory.mktemp("triton") / "log")
+    server.start(timeout_s=300)
+    yield server
+    server.stop()

@@ -102,6 +102,36 @@ def split_by_score(model_dir: Path, count: int) -> tuple[list[RewardInput], list
     return rng.sample(low, count), high
 
 
+def exporters_of_other_components():
+    """The trainer's, worker's and policy service's declared metrics, each on
+    its own /metrics endpoint with one observation, so the dashboard's panels
+    for them are checked against what those components really export."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from services.policy.metrics import PolicyMetrics
+    from services.worker.metrics import WorkerMetrics
+    from trainer.metrics import TrainerMetrics
+    from trainer.step import UpdateStats
+
+    trainer = TrainerMetrics()
+    trainer.on_update(UpdateStats(0.5, 0.1, 0.2, 0.05, 3.0, -0.1, 0.3, 0.1, 0.01, 9.0, 8, 0), 4.0, 0.5, 0.2)
+    trainer.iteration.observe(1.5)
+    worker_registry, policy_registry = CollectorRegistry(), CollectorRegistry()
+    worker = WorkerMetrics(worker_registry)
+    worker.rollouts.inc(32)
+    worker.skipped.labels("empty_completion").inc()
+    worker.produce_errors.inc()
+    policy = PolicyMetrics(policy_registry)
+    policy.policy_update_apply_seconds.observe(0.8)
+    policy.policy_update_step.set(3)
+    servers = {}
+    for job, registry in (("arbiter-trainer", trainer.registry), ("arbiter-worker", worker_registry),
+                          ("arbiter-policy", policy_registry)):
+        httpd, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+        servers[job] = httpd
+    return servers
+
+
 def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
     window = 200
     low, high = split_by_score(tiny_models["reward"], window)
@@ -119,14 +149,22 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
                     for i in items[start:start + 50]
                 ]), timeout=30)
 
+        # A shadow candidate, so the dashboard's shadow panel has data too.
+        from arbiter.v1 import common_pb2, common_pb2_grpc
+
+        common_pb2_grpc.ModelServiceStub(channel).LoadModelVersion(
+            common_pb2.LoadModelVersionRequest(path=str(tiny_models["reward"]), version="twin"), timeout=60)
+        stub.SetShadow(reward_pb2.SetShadowRequest(model_version="twin"), timeout=10)
         serve(low)  # the reference: the first `window` served scores
+        others = exporters_of_other_components()
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": fast_rules(tmp_path),
             "scrape_configs": [{
                 "job_name": "arbiter-reward",
                 "static_configs": [{"targets": [f"127.0.0.1:{srv.running.metrics_port}"]}],
-            }],
+            }] + [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{httpd.server_port}"]}]}
+                  for job, httpd in others.items()],
         }
         prometheus = LocalPrometheus(tmp_path, yaml.safe_dump(config))
         try:
@@ -138,7 +176,8 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
 
             def drift_alert(state):
                 alerts = prometheus.api("alerts")["alerts"]
-                return [a for a in alerts if a["labels"]["alertname"] == "ArbiterRewardDrift" and a["state"] == state]
+                return [a for a in alerts if a["labels"]["alertname"] == "ArbiterRewardDrift" and a["state"] == state
+                        and a["labels"]["model_version"] == "v0"]
 
             assert not drift_alert("pending") and not drift_alert("firing")
 
@@ -150,6 +189,7 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
 
             # Every dashboard query is valid PromQL here and names only metrics that exist.
             prometheus.wait_until(lambda: prometheus.query("arbiter:reward_scores:rate1m"), 30, "recording rules")
+            prometheus.wait_until(lambda: len(prometheus.query('up{job=~"arbiter-.*"} == 1')) == 4, 30, "all scrapes")
             exported = set(prometheus.api("label/__name__/values"))
             known = exported | recorded_names()
             for expr in dashboard_exprs():
@@ -158,3 +198,6 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
                 prometheus.query(expr.replace("$job", ".*"))
         finally:
             prometheus.stop()
+            for httpd in others.values():
+                httpd.shutdown()
+                httpd.server_close()

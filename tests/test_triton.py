@@ -1,12 +1,12 @@
 """The Triton backend against a real Triton Inference Server: the tritonserver
 bundled in nvidia-pytriton, run from .venv-triton (`make triton-env`), started
-once for this file. Scores through Triton are compared with the in-process
+once per session (``triton_server`` in conftest.py, shared with
+test_triton_reference.py). Scores through Triton are compared with the in-process
 backend serving the same exported directory."""
 
 import asyncio
 import collections
 import concurrent.futures
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +36,6 @@ from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-TRITON_VENV = ROOT / ".venv-triton"
 MODEL = "rm"
 PROMPTS = [
     ("What is the capital of France?", " Paris is the capital."),
@@ -67,9 +66,9 @@ def wait_until(condition, timeout_s, what):
 
 
 @pytest.fixture(scope="module")
-def repo(tiny_models, tmp_path_factory):
+def repo(tiny_models, triton_repo, tmp_path_factory):
     """REPO/rm/1 (the tiny RM, exported through the CLI) and REPO/rm/2 (another seed)."""
-    out = tmp_path_factory.mktemp("triton-repo")
+    out = triton_repo
     done = subprocess.run(
         [sys.executable, "-m", "arbiter.cli", "triton", "export", "--model", str(tiny_models["reward"]),
          "--kind", "reward", "--out", str(out), "--name", MODEL, "--torch-threads", "1"],
@@ -83,18 +82,8 @@ def repo(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def triton(repo, tmp_path_factory):
-    if not (TRITON_VENV / "bin" / "python").exists():
-        message = f"{TRITON_VENV} is missing: run `make triton-env`"
-        if os.environ.get("ARBITER_REQUIRE_TRITON"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from arbiter.backends.triton_local import LocalTriton
-
-    server = LocalTriton(repo, venv=TRITON_VENV, torch_threads=1, log_path=tmp_path_factory.mktemp("triton") / "log")
-    server.start(timeout_s=300)
-    yield server
-    server.stop()
+def triton(repo, triton_server):
+    return triton_server
 
 
 @pytest.fixture(scope="module")

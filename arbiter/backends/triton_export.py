@@ -12,12 +12,15 @@ place, so Triton never sees half a version. The Arbiter service reads the
 tokenizer, config and arbiter.json from ``checkpoint/``; Triton runs the
 weights. The same directory served in-process gives the same scores.
 
-Supported kinds: ``reward`` (Python backend running transformers; CPU or GPU
-instances). ``reference`` and ``policy`` are not exported yet: see the README.
+Supported kinds, each a Python backend running transformers (CPU or GPU
+instances) with its own tensors: ``reward`` (ids + lengths -> scores) and
+``reference`` (ids + prompt/completion lengths -> per-token log-probs of the
+completion). ``policy`` (generation) is not exported: see the README.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +28,10 @@ from pathlib import Path
 from arbiter.backends.triton import CHECKPOINT_DIR, CONFIG_FILE
 from arbiter.errors import ModelLoadError
 from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_metadata
+from arbiter.lm import is_adapter_dir
 
 KINDS = ("reward", "reference", "policy")
-EXPORTABLE = ("reward",)
+EXPORTABLE = ("reward", "reference")
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "float16", "bfloat16")
 _TEMPLATES = Path(__file__).parent / "triton_models"
@@ -80,9 +84,10 @@ def export(model_dir: str | Path, kind: str, repository: str | Path, options: Ex
             "(--backend torch). See the README's Triton section for what is and is not supported."
         )
     source = check_checkpoint_dir(model_dir)
-    pad_token_id = _reward_pad_token_id(source)
+    pad_token_id = _reward_pad_token_id(source) if kind == "reward" else _reference_pad_token_id(source)
     name = options.name or read_metadata(source).name or source.name
     model_root = Path(repository) / name
+    _check_same_kind(model_root, kind)
     model_root.mkdir(parents=True, exist_ok=True)
     existing = sorted(int(p.name) for p in model_root.iterdir() if p.is_dir() and p.name.isdigit())
     version = options.version or (existing[-1] + 1 if existing else 1)
@@ -99,8 +104,23 @@ def export(model_dir: str | Path, kind: str, repository: str | Path, options: Ex
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     # One config for every version of the model: rewritten with this export's options.
-    (model_root / CONFIG_FILE).write_text(model_config(name, pad_token_id, options))
+    (model_root / CONFIG_FILE).write_text(model_config(name, pad_token_id, options, kind))
     return target
+
+
+def _check_same_kind(model_root: Path, kind: str) -> None:
+    """One Triton model has one set of tensors: a version of another kind
+    under the same name would rewrite the config its versions run with."""
+    config = model_root / CONFIG_FILE
+    if not config.is_file():
+        return
+    # Configs written before kinds were recorded are reward models.
+    match = re.search(r'key: "arbiter_kind"\s*value: \{ string_value: "(\w+)" \}', config.read_text())
+    existing = match.group(1) if match else "reward"
+    if existing != kind:
+        raise ExportError(
+            f"{model_root} is a {existing} model; a {kind} model needs its own name in the repository (--name)"
+        )
 
 
 def _reward_pad_token_id(checkpoint: Path) -> int:
@@ -118,9 +138,85 @@ def _reward_pad_token_id(checkpoint: Path) -> int:
     return int(load_tokenizer(checkpoint).pad_token_id)
 
 
-def model_config(name: str, pad_token_id: int, options: ExportOptions) -> str:
+def _reference_pad_token_id(checkpoint: Path) -> int:
+    """The pad id the in-process reference backend pads with (the config's,
+    else the tokenizer's, which falls back to eos as in ``load_causal_lm``)."""
+    from transformers import AutoConfig
+
+    if is_adapter_dir(checkpoint):
+        raise ExportError(
+            f"{str(checkpoint)!r} is a LoRA adapter; Triton serves full checkpoints: merge it into its base "
+            "(peft merge_and_unload + save_pretrained, with the tokenizer) and export that"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read the model config in {str(checkpoint)!r}: {err}") from err
+    # The service reads the tokenizer from the exported checkpoint: it must be there.
+    tokenizer = load_tokenizer(checkpoint)
+    if config.pad_token_id is not None:
+        return int(config.pad_token_id)
+    return int(tokenizer.pad_token_id)
+
+
+# The tensors each kind's model.py reads and writes (see triton_models/).
+_TENSORS = {
+    "reward": """input [
+  {
+    name: "INPUT_IDS"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+    allow_ragged_batch: true
+  },
+  {
+    name: "LENGTHS"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  }
+]
+output [
+  {
+    name: "SCORES"
+    data_type: TYPE_FP32
+    dims: [ 1 ]
+  }
+]
+""",
+    # LOGPROBS is as wide as each request's longest completion: the Python
+    # backend answers every request with its own tensors.
+    "reference": """input [
+  {
+    name: "INPUT_IDS"
+    data_type: TYPE_INT64
+    dims: [ -1 ]
+    allow_ragged_batch: true
+  },
+  {
+    name: "PROMPT_LENGTHS"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  },
+  {
+    name: "COMPLETION_LENGTHS"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  }
+]
+output [
+  {
+    name: "LOGPROBS"
+    data_type: TYPE_FP32
+    dims: [ -1 ]
+  }
+]
+""",
+}
+
+
+def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kind: str = "reward") -> str:
     kind = "KIND_GPU" if options.device == "gpu" else "KIND_CPU"
     parameters = {
+        "arbiter_kind": model_kind,
         "pad_token_id": str(pad_token_id),
         "torch_threads": str(options.torch_threads),
         "dtype": options.dtype,
@@ -139,27 +235,7 @@ max_batch_size: {options.max_batch_size}
 dynamic_batching {{
   max_queue_delay_microseconds: {options.max_queue_delay_us}
 }}
-input [
-  {{
-    name: "INPUT_IDS"
-    data_type: TYPE_INT64
-    dims: [ -1 ]
-    allow_ragged_batch: true
-  }},
-  {{
-    name: "LENGTHS"
-    data_type: TYPE_INT64
-    dims: [ 1 ]
-  }}
-]
-output [
-  {{
-    name: "SCORES"
-    data_type: TYPE_FP32
-    dims: [ 1 ]
-  }}
-]
-instance_group [
+{_TENSORS[model_kind]}instance_group [
   {{
     count: {options.instances}
     kind: {kind}

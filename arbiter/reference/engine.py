@@ -4,6 +4,7 @@ dynamic batchers; log-probs and per-token KL against the policy."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from array import array
 from collections.abc import Sequence
@@ -12,12 +13,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from arbiter.backends import BackendConfig
 from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
+from arbiter.reference.backend import RemoteReferenceBackend, open_reference_backends
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.types import ModelInfo
 from arbiter.versions import ModelVersions
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceObserver(BatchObserver, Protocol):
@@ -30,8 +35,11 @@ class ReferenceEngineConfig:
     max_sequences_per_request: int = 256
     # Caps the model's own limit (never raises it).
     max_tokens: int | None = None
-    # LoRA adapters loaded later apply to this base (the server's --model).
+    # LoRA adapters loaded later apply to this base (the server's --model);
+    # in-process only: Triton serves exported (merged) checkpoints.
     base_model_dir: str | None = None
+    # Where forward passes run: in-process torch (default) or Triton.
+    backend: BackendConfig = BackendConfig()
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_request < 1:
@@ -83,22 +91,36 @@ class ReferenceEngine:
         self._executor = executor
         self._observer = observer
         self._versions: ModelVersions[_Version] = ModelVersions()
+        self._backends = open_reference_backends(config.backend)
 
     # -- versions -------------------------------------------------------
 
     def load_blocking(self, path: str | Path, version: str | None = None) -> ReferenceModel:
+        """Load and validate a version (slow; run it off the event loop)."""
         return ReferenceModel.load(
-            path, version=version or None, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens
+            path, version=version or None, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
+            backends=self._backends,
         )
 
     def add_version(self, model: ReferenceModel, activate: bool = True) -> ModelInfo:
-        batcher = DynamicBatcher(model.logprobs, self.config.batching, self._executor, self._observer)
+        if isinstance(model.backend, RemoteReferenceBackend):
+            batcher = DynamicBatcher(
+                model.logprobs_async, self.config.batching, self._executor, self._observer,
+                max_in_flight=model.backend.max_in_flight,
+            )
+        else:
+            batcher = DynamicBatcher(model.logprobs, self.config.batching, self._executor, self._observer)
         self._versions.add(model.info.version, _Version(model, batcher), activate)
         return self.info(model.info.version)
 
     async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
-        model = await asyncio.get_running_loop().run_in_executor(self._executor, self.load_blocking, path, version)
-        return self.add_version(model, activate)
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(self._executor, self.load_blocking, path, version)
+        try:
+            return self.add_version(model, activate)
+        except BaseException:
+            await loop.run_in_executor(None, model.release)
+            raise
 
     def activate(self, version: str) -> tuple[ModelInfo, str | None]:
         previous = self._versions.activate(version)
@@ -107,6 +129,10 @@ class ReferenceEngine:
     async def unload(self, version: str) -> None:
         entry = self._versions.remove(version)
         await entry.batcher.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, entry.model.release)
+        except Exception:  # the version is gone from this service either way
+            log.warning("model version %r unloaded, but its backend did not release it", version, exc_info=True)
 
     def info(self, version: str = "") -> ModelInfo:
         entry = self._versions.get(version)
@@ -181,5 +207,8 @@ class ReferenceEngine:
         return KLResult(results, estimator, entry.model.info.version)
 
     async def close(self) -> None:
+        """Stop serving. Versions stay loaded in a remote backend (Triton):
+        a restarting service, or its other replicas, keep using them."""
         for _, entry in self._versions.items():
             await entry.batcher.close()
+        await self._backends.aclose()

@@ -3,16 +3,20 @@ completion tokens, batched with right padding.
 
 These are the model's own distribution (temperature 1, no top-k/top-p): the
 reference is what the policy is regularised towards, not a sampler.
+The forward pass runs in a backend (``arbiter.reference.backend``): in this
+process, or in Triton; everything else here is the same for both.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from arbiter.errors import InvalidInput
-from arbiter.lm import LoadedLM, check_token_ids, completion_logits, load_causal_lm, token_logprobs
+from arbiter.errors import InvalidInput, ModelLoadError
+from arbiter.lm import PROBE_TEXT, check_token_ids
+from arbiter.reference.backend import ReferenceBackend, ReferenceBackends, TorchReferenceBackends
 from arbiter.types import ModelInfo
 
 
@@ -23,12 +27,10 @@ class TokenSequence:
 
 
 class ReferenceModel:
-    def __init__(self, lm: LoadedLM):
-        self.lm = lm
-        self.model = lm.model
-        self.tokenizer = lm.tokenizer
-        self.info: ModelInfo = lm.info
-        self.pad_id = int(self.model.config.pad_token_id)
+    def __init__(self, backend: ReferenceBackend, tokenizer, info: ModelInfo):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.info = info
 
     @classmethod
     def load(
@@ -37,10 +39,37 @@ class ReferenceModel:
         version: str | None = None,
         base_dir: str | Path | None = None,
         max_tokens: int | None = None,
+        backends: ReferenceBackends | None = None,
     ) -> ReferenceModel:
-        return cls(
-            load_causal_lm(model_dir, kind="reference", version=version, base_dir=base_dir, max_tokens=max_tokens)
-        )
+        """``model_dir``: a checkpoint or LoRA adapter directory, or with
+        Triton a version directory REPO/NAME/N of an exported repository (its
+        checkpoint/ gives the tokenizer here, Triton serves the weights)."""
+        backends = backends or TorchReferenceBackends()
+        backend, tokenizer, info = backends.open(model_dir, version=version, base_dir=base_dir, max_tokens=max_tokens)
+        loaded = cls(backend, tokenizer, info)
+        try:
+            loaded.validate()
+        except BaseException:
+            loaded.release()
+            raise
+        return loaded
+
+    def validate(self) -> None:
+        """Refuse a version whose log-probs fail or are not finite (a diverged
+        training step, NaN weights, a remote model that answers wrongly)."""
+        ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        if len(ids) < 2:
+            ids = [0, *ids] if ids else [0, 0]
+        try:
+            [logprobs] = self.forward([(ids[:1], ids[1:])])
+        except Exception as err:
+            raise ModelLoadError(f"probe forward pass failed: {err}") from err
+        bad = sum(not math.isfinite(x) for x in logprobs)
+        if bad:
+            raise ModelLoadError(
+                f"probe forward pass gave {bad} non-finite log-probs of {len(logprobs)}: the weights are broken "
+                "(NaN/inf); nothing was swapped"
+            )
 
     def check(self, sequence: TokenSequence, field: str) -> None:
         """``field`` names the sequence, e.g. ``sequences[2]``."""
@@ -61,14 +90,22 @@ class ReferenceModel:
                 field, f"is {total} tokens (prompt + completion), over the model's max of {self.info.max_tokens}"
             )
 
-    def logprobs(self, batch: Sequence[TokenSequence]) -> list[list[float]]:
-        """Per item, log pi_ref(completion token | prefix) for each completion token (float64)."""
-        import torch
+    @staticmethod
+    def _pairs(batch: Sequence[TokenSequence]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return [(s.prompt_token_ids, s.completion_token_ids) for s in batch]
 
-        pairs = [(s.prompt_token_ids, s.completion_token_ids) for s in batch]
-        with torch.inference_mode():
-            logits = completion_logits(self.model, self.pad_id, pairs)
-            return [
-                token_logprobs(torch.log_softmax(item.double(), dim=-1), completion)
-                for item, (_, completion) in zip(logits, pairs, strict=True)
-            ]
+    def forward(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
+        return self.backend.forward(pairs)
+
+    def logprobs(self, batch: Sequence[TokenSequence]) -> list[list[float]]:
+        """Per item, log pi_ref(completion token | prefix) for each completion
+        token (blocking; float64 in-process, float32 values from Triton)."""
+        return self.backend.forward(self._pairs(batch))
+
+    async def logprobs_async(self, batch: Sequence[TokenSequence]) -> list[list[float]]:
+        """The same through a remote backend, awaited on the event loop."""
+        return await self.backend.forward_async(self._pairs(batch))
+
+    def release(self) -> None:
+        """Free the backend's hold on this version (it is being unloaded)."""
+        self.backend.release()

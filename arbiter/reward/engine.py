@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -32,6 +33,13 @@ class RewardObserver(BatchObserver, Protocol):
     def on_version_added(self, model_version: str, calibration_scores: Sequence[float] | None) -> None: ...
 
     def on_version_removed(self, model_version: str) -> None: ...
+
+    def on_shadow(self, active_version: str, shadow_version: str, active: Sequence[float],
+                  shadow: Sequence[float]) -> None: ...
+
+    def on_shadow_error(self, shadow_version: str) -> None: ...
+
+    def on_shadow_cleared(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,10 @@ class RewardEngine:
         self._observer = observer
         self._versions: ModelVersions[_Version] = ModelVersions()
         self._backends = open_reward_backends(config.backend)
+        # (candidate version, fraction of requests also scored by it)
+        self._shadow: tuple[str, float] | None = None
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self._shadow_rng = random.Random(0)
 
     # -- versions -------------------------------------------------------
 
@@ -94,9 +106,36 @@ class RewardEngine:
 
     def activate(self, version: str) -> tuple[ModelInfo, str | None]:
         previous = self._versions.activate(version)
+        if self._shadow is not None and self._shadow[0] == version:
+            self._clear_shadow()  # promoted: it no longer shadows itself
         return self.info(version), previous
 
+    def _clear_shadow(self) -> None:
+        self._shadow = None
+        self._observer.on_shadow_cleared()
+
+    def set_shadow(self, version: str, fraction: float) -> tuple[str, str, float]:
+        """Also score ``fraction`` of the active version's requests with
+        ``version`` (empty clears); returns (active, shadow, fraction)."""
+        active = self._versions.active_version or ""
+        if not version:
+            self._clear_shadow()
+            return active, "", 0.0
+        if not 0 < fraction <= 1:
+            raise InvalidInput("sample_fraction", f"must be in (0, 1], got {fraction}")
+        self._versions.get(version)  # NOT_FOUND for a version that is not loaded
+        if version == active:
+            raise InvalidInput("model_version", f"{version!r} is the active version; shadow a candidate instead")
+        self._shadow = (version, fraction)
+        return active, version, fraction
+
+    @property
+    def shadow(self) -> tuple[str, float] | None:
+        return self._shadow
+
     async def unload(self, version: str) -> None:
+        if self._shadow is not None and self._shadow[0] == version:
+            self._clear_shadow()
         entry = self._versions.remove(version)
         await entry.batcher.close()
         self._observer.on_version_removed(version)
@@ -134,6 +173,7 @@ class RewardEngine:
         encoded = entry.model.encode(inputs, options.truncation)
         raw = await entry.batcher.submit([e.token_ids for e in encoded])
         self._observer.on_scores(info.version, raw)
+        self._maybe_shadow(info.version, inputs, options, raw)
         results = [
             ScoreResult(
                 score=info.normalization.apply(r) if options.normalize else r,
@@ -170,9 +210,35 @@ class RewardEngine:
         a, b = batch.results
         return _sigmoid(a.raw_score - b.raw_score), batch
 
+    def _maybe_shadow(self, version: str, inputs: Sequence[RewardInput], options: ScoreOptions, raw: list[float]) -> None:
+        shadow = self._shadow
+        if shadow is None or version != self._versions.active_version or self._shadow_rng.random() >= shadow[1]:
+            return
+        task = asyncio.get_running_loop().create_task(self._score_shadow(version, shadow[0], inputs, options, raw))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _score_shadow(self, active: str, candidate: str, inputs, options: ScoreOptions, raw) -> None:
+        """Never affects the caller: the answer has been sent already."""
+        try:
+            entry = self._versions.get(candidate)
+            # The candidate may tokenize differently: encode with its own tokenizer.
+            encoded = entry.model.encode(inputs, options.truncation)
+            shadow_raw = await entry.batcher.submit([e.token_ids for e in encoded])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("shadow scoring with %r failed", candidate, exc_info=True)
+            self._observer.on_shadow_error(candidate)
+            return
+        self._observer.on_scores(candidate, shadow_raw)
+        self._observer.on_shadow(active, candidate, raw, shadow_raw)
+
     async def close(self) -> None:
         """Stop serving. Versions stay loaded in a remote backend (Triton):
         a restarting service, or its other replicas, keep using them."""
+        for task in list(self._shadow_tasks):
+            task.cancel()
         for _, entry in self._versions.items():
             await entry.batcher.close()
         await self._backends.aclose()

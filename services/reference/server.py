@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
+from services.common.backend import add_backend_arguments, backend_kwargs_from_args
 from services.common.model_service import ModelServicer
 from services.common.server import RunningServer, serve_forever, start_server
 from services.common.settings import auth_token_from_env
@@ -66,14 +67,18 @@ def serve(settings: ReferenceSettings) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face causal-LM directory (the frozen reference)")
+    parser.add_argument(
+        "--model", required=True,
+        help="Hugging Face causal-LM directory (the frozen reference); with --backend triton, REPO/NAME/N",
+    )
     parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50053)
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-queue-delay-ms", type=float,
+                        help="wait for a batch to fill (default: 2 ms in-process, 0 with Triton, which batches itself)")
     parser.add_argument("--max-queue-size", type=int, default=4096)
     parser.add_argument("--max-sequences-per-request", type=int, default=256)
     parser.add_argument("--no-dynamic-batching", action="store_true", help="run each request as its own batch")
@@ -82,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--tls-cert-file")
     parser.add_argument("--tls-key-file")
+    add_backend_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> ReferenceSettings:
@@ -103,4 +109,5 @@ def settings_from_args(args: argparse.Namespace) -> ReferenceSettings:
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_key_file,
         auth_token=auth_token_from_env(),
+        **backend_kwargs_from_args(args),
     )

@@ -93,6 +93,10 @@ class RewardClient:
         """Record a human preference on the preferences topic (see services/reward/feedback.py)."""
         return self.reward.SubmitPreference(request, timeout=self.timeout_s, metadata=self.metadata)
 
+    def set_shadow(self, model_version: str, sample_fraction: float = 1.0) -> reward_pb2.SetShadowResponse:
+        request = reward_pb2.SetShadowRequest(model_version=model_version, sample_fraction=sample_fraction)
+        return self.reward.SetShadow(request, timeout=self.timeout_s, metadata=self.metadata)
+
     def info(self, model_version: str = "") -> common_pb2.ModelInfo:
         request = common_pb2.GetModelInfoRequest(model_version=model_version)
         return self.models.GetModelInfo(request, timeout=self.timeout_s, metadata=self.metadata).info

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from arbiter.drift import DriftConfig, DriftTracker
+from arbiter.shadow import ShadowMonitor
 from services.common.metrics import RpcMetrics
 
 SERVICE = "reward"
@@ -65,6 +66,38 @@ class _DriftCollector:
         yield changes
 
 
+class _ShadowCollector:
+    """Agreement of the shadow candidate with the active version, at scrape time."""
+
+    def __init__(self, metrics: RewardMetrics):
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_version", "shadow_version"]
+        agreement = GaugeMetricFamily(
+            "arbiter_reward_shadow_pairwise_agreement",
+            "Fraction of served item pairs the shadow candidate orders like the active version.", labels=labels,
+        )
+        spearman = GaugeMetricFamily(
+            "arbiter_reward_shadow_spearman", "Spearman rank correlation, shadow candidate vs active.", labels=labels
+        )
+        samples = GaugeMetricFamily(
+            "arbiter_reward_shadow_samples", "Items in the shadow agreement window.", labels=labels
+        )
+        monitor = self._metrics.shadow_monitor
+        if monitor is not None:
+            stats = monitor.stats()
+            key = [stats.active_version, stats.shadow_version]
+            samples.add_metric(key, stats.samples)
+            if stats.samples >= 2:
+                agreement.add_metric(key, stats.pairwise_agreement)
+                spearman.add_metric(key, stats.spearman)
+        yield from (agreement, spearman, samples)
+
+
 class RewardMetrics(RpcMetrics):
     def __init__(self, registry: CollectorRegistry, drift: DriftConfig | None = None):
         super().__init__(registry, SERVICE)
@@ -74,6 +107,25 @@ class RewardMetrics(RpcMetrics):
         )
         self.drift = DriftTracker(drift or DriftConfig())
         registry.register(_DriftCollector(self.drift))
+        self.shadow_monitor: ShadowMonitor | None = None
+        self.shadow_errors = Counter(
+            "arbiter_reward_shadow_errors", "Shadow scoring attempts that failed (callers unaffected).",
+            ["shadow_version"], registry=registry,
+        )
+        registry.register(_ShadowCollector(self))
+
+    def on_shadow(self, active_version: str, shadow_version: str, active: Sequence[float], shadow: Sequence[float]) -> None:
+        monitor = self.shadow_monitor
+        if monitor is None or (monitor.active_version, monitor.shadow_version) != (active_version, shadow_version):
+            # A new pairing starts a fresh window: agreement of another pair says nothing.
+            monitor = self.shadow_monitor = ShadowMonitor(active_version, shadow_version)
+        monitor.observe(active, shadow)
+
+    def on_shadow_error(self, shadow_version: str) -> None:
+        self.shadow_errors.labels(shadow_version).inc()
+
+    def on_shadow_cleared(self) -> None:
+        self.shadow_monitor = None
 
     def on_version_added(self, model_version: str, calibration_scores: Sequence[float] | None) -> None:
         self.drift.add_version(model_version, calibration_scores)

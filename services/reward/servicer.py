@@ -45,6 +45,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
         return compare_response_to_pb(probability, batch)
 
+    @unary("SetShadow")
+    async def SetShadow(self, request, context):
+        fraction = request.sample_fraction or 1.0
+        active, shadow, fraction = self.engine.set_shadow(request.model_version, fraction)
+        return reward_pb2.SetShadowResponse(active_version=active, shadow_version=shadow, sample_fraction=fraction)
+
     @unary("GetScoreDrift")
     async def GetScoreDrift(self, request, context):
         version = self.engine.info(request.model_version).version

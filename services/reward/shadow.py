@@ -145,3 +145,24 @@ def main(args) -> int:
                   "promoted": promoted, "previous_version": previous}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return EXIT_NOT_PROMOTED if args.promote and failed else 0
+
+
+def live_main(args) -> int:
+    """``arbiter rm shadow-live``: turn server-side shadow scoring on or off."""
+    import grpc
+
+    from services.common.settings import auth_token_from_env
+    from services.reward.client import RewardClient
+
+    try:
+        with RewardClient(args.target, token=auth_token_from_env(), tls_ca_file=args.tls_ca_file) as client:
+            answer = client.set_shadow(args.candidate, args.fraction)
+    except grpc.RpcError as err:
+        print(f"arbiter rm shadow-live: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    if answer.shadow_version:
+        print(f"shadowing: {answer.sample_fraction:.0%} of {answer.active_version!r}'s requests are also scored by "
+              f"{answer.shadow_version!r}; watch arbiter_reward_shadow_pairwise_agreement")
+    else:
+        print(f"shadowing off; {answer.active_version!r} serves alone")
+    return 0

@@ -1,0 +1,111 @@
+"""Shadow scoring on live traffic: agreement math by hand, then the service."""
+
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from arbiter.shadow import ShadowMonitor, pairwise_agreement
+from arbiter.tiny import TinyConfig, make_reward
+from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.common.background import BackgroundServer
+from services.reward.server import create_server
+from services.reward.settings import RewardSettings
+
+
+def test_pairwise_agreement_by_hand():
+    # Pairs (0,1) and (0,2) are ordered alike, (1,2) is flipped: 2/3.
+    assert pairwise_agreement(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0])) == pytest.approx(2 / 3)
+    # A tie on one side counts half: (0,1) ½, (0,2) 1, (1,2) 1 -> 2.5/3.
+    assert pairwise_agreement(np.array([1.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(2.5 / 3)
+    monitor = ShadowMonitor("a", "b", window=3)
+    monitor.observe([0.0, 5.0], [1.0, 9.0])
+    monitor.observe([1.0, 2.0], [2.0, 3.0])  # the window keeps the last 3 pairs
+    stats = monitor.stats()
+    assert stats.samples == 3 and stats.pairwise_agreement == pytest.approx(1.0) and stats.spearman == pytest.approx(1.0)
+
+
+def metric(server, name, **labels):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}}"):
+            return float(line.split()[-1])
+    return None
+
+
+def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path):
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, metrics_port=0)
+    candidate = make_reward(tmp_path / "candidate", TinyConfig(seed=11), calibrate=False)
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        reward = reward_pb2_grpc.RewardServiceStub(channel)
+        models = common_pb2_grpc.ModelServiceStub(channel)
+        for path, version in ((candidate, "cand"), (tiny_models["reward"], "twin")):
+            models.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(path), version=version), timeout=60)
+
+        def bad(request, code, fragment):
+            with pytest.raises(grpc.RpcError) as err:
+                reward.SetShadow(request, timeout=10)
+            assert err.value.code() == code and fragment in err.value.details()
+
+        bad(reward_pb2.SetShadowRequest(model_version="nope"), grpc.StatusCode.NOT_FOUND, "'nope'")
+        bad(reward_pb2.SetShadowRequest(model_version="v0"), grpc.StatusCode.INVALID_ARGUMENT, "active version")
+        bad(reward_pb2.SetShadowRequest(model_version="cand", sample_fraction=2), grpc.StatusCode.INVALID_ARGUMENT,
+            "sample_fraction")
+
+        inputs = [reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=f"Q{i}:", response=" yes" * (1 + i % 6)))
+                  for i in range(24)]
+
+        def shadow_samples(version):
+            return metric(srv, "arbiter_reward_shadow_samples", model_version="v0", shadow_version=version)
+
+        # An identical twin agrees perfectly.
+        answer = reward.SetShadow(reward_pb2.SetShadowRequest(model_version="twin"), timeout=10)
+        assert (answer.active_version, answer.shadow_version, answer.sample_fraction) == ("v0", "twin", 1.0)
+        response = reward.Score(reward_pb2.ScoreRequest(inputs=inputs), timeout=10)
+        assert response.model_version == "v0"
+        deadline = time.monotonic() + 10
+        while (shadow_samples("twin") or 0) < 24 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(srv, "arbiter_reward_shadow_pairwise_agreement", model_version="v0", shadow_version="twin") == 1.0
+
+        # A different candidate: its scores feed its own drift/score metrics too.
+        reward.SetShadow(reward_pb2.SetShadowRequest(model_version="cand", sample_fraction=1.0), timeout=10)
+        active_scores = [r.raw_score for r in reward.Score(reward_pb2.ScoreRequest(inputs=inputs), timeout=10).results]
+        while (shadow_samples("cand") or 0) < 24 and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        pinned = reward.Score(reward_pb2.ScoreRequest(inputs=inputs, options=reward_pb2.ScoreOptions(model_version="cand")),
+                              timeout=10)
+        expected = pairwise_agreement(np.array(active_scores), np.array([r.raw_score for r in pinned.results]))
+        observed = metric(srv, "arbiter_reward_shadow_pairwise_agreement", model_version="v0", shadow_version="cand")
+        assert observed == pytest.approx(expected, abs=1e-9) and observed < 1.0
+        assert metric(srv, "arbiter_reward_score_count", model_version="cand") >= 24
+
+        # Promoting the candidate ends shadowing.
+        models.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="cand"), timeout=10)
+        assert shadow_samples("cand") is None
+        assert reward.Score(reward_pb2.ScoreRequest(inputs=inputs[:1]), timeout=10).model_version == "cand"
+
+
+def test_shadow_live_cli(tiny_models):
+    import subprocess
+    import sys
+
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0)
+    with BackgroundServer(lambda: create_server(settings)) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            common_pb2_grpc.ModelServiceStub(channel).LoadModelVersion(
+                common_pb2.LoadModelVersionRequest(path=str(tiny_models["reward"]), version="twin"), timeout=60)
+        on = subprocess.run([sys.executable, "-m", "arbiter.cli", "rm", "shadow-live", "--target", srv.target,
+                             "--candidate", "twin", "--fraction", "0.5"], capture_output=True, text=True, timeout=120)
+        assert on.returncode == 0 and "50% of 'v0'" in on.stdout, on.stderr
+        assert srv.engine.shadow == ("twin", 0.5)
+        off = subprocess.run([sys.executable, "-m", "arbiter.cli", "rm", "shadow-live", "--target", srv.target],
+                             capture_output=True, text=True, timeout=120)
+        assert off.returncode == 0 and "shadowing off" in off.stdout and srv.engine.shadow is None
+        bad = subprocess.run([sys.executable, "-m", "arbiter.cli", "rm", "shadow-live", "--target", srv.target,
+                              "--candidate", "missing"], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
