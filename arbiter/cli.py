@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--updates", type=int, help="PPO updates (default 16, 4 with --quick)")
+    demo.add_argument("--updates", type=int, help="PPO updates (default 40, 4 with --quick)")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter, for tests")
     demo.set_defaults(run=_demo)
     return parser

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
+
+# ``--quick``: time per path per cell of a smoke run (proves a benchmark runs;
+# its numbers are not worth quoting).
+QUICK_SECONDS = 0.5
 
 # Wide enough that tables never wrap in CI logs.
 console = Console(width=200)
@@ -51,13 +58,24 @@ class ServiceProcess:
     """``arbiter serve ...`` in its own process (its own GIL, as deployed);
     the port is read from the banner it prints when ready."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, start_timeout_s: float = 300):
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, start_timeout_s: float = 300,
+                 wait: bool = True):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "arbiter.cli", "serve", *args, "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "ARBITER_LOG_LEVEL": "WARNING", **(env or {})},
         )
-        deadline = time.monotonic() + start_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.port: int | None = None
+        self.log_tail: deque[str] = deque(maxlen=200)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> ServiceProcess:
+        """Blocks until the banner (``wait=False`` lets several start at once)."""
+        if self.port is not None:
+            return self
+        deadline = time.monotonic() + self.start_timeout_s
         output = []
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
@@ -67,9 +85,15 @@ class ServiceProcess:
             match = re.search(r" on [\d.]+:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
-                return
+                # Keep reading: a full pipe would block the service's logging.
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
         self.stop()
         raise RuntimeError("service did not start:\n" + "".join(output))
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.log_tail.append(line)
 
     @property
     def target(self) -> str:
@@ -88,3 +112,58 @@ class ServiceProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def merge(parts: Sequence[Measurement]) -> Measurement:
+    """Slices of one cell (alternated with the baseline's) as one measurement."""
+    return Measurement(
+        parts[0].label, parts[0].clients, sum(m.items for m in parts), sum(m.seconds for m in parts),
+        [x for m in parts for x in m.latencies_s],
+    )
+
+
+def timed_loop(call: Callable[[int], int], seconds: float, label: str, warmup_calls: int = 1) -> Measurement:
+    """``call(i) -> items`` back to back for ``seconds`` after ``warmup_calls``
+    untimed calls; one latency per call."""
+    for i in range(warmup_calls):
+        call(i)
+    items, latencies, i = 0, [], warmup_calls
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        items += call(i)
+        latencies.append(time.perf_counter() - t0)
+        i += 1
+    return Measurement(label, 0, items, time.perf_counter() - started, latencies)
+
+
+async def drive(
+    call: Callable[[object], Awaitable[int]], requests: Sequence[object], clients: int, seconds: float,
+    warmup_s: float, label: str = "",
+) -> Measurement:
+    """``clients`` closed-loop callers of ``await call(request) -> items`` for
+    ``warmup_s`` untimed, then ``seconds`` timed (calls in flight at the end
+    are waited for and counted)."""
+    latencies: list[float] = []
+    counted = {"items": 0, "on": False}
+    stop_at = time.perf_counter() + warmup_s + seconds
+
+    async def client(k: int) -> None:
+        j = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            items = await call(requests[j % len(requests)])
+            if counted["on"]:
+                latencies.append(time.perf_counter() - t0)
+                counted["items"] += items
+            j += clients
+
+    tasks = [asyncio.create_task(client(k)) for k in range(clients)]
+    await asyncio.sleep(warmup_s)
+    counted["on"], started = True, time.perf_counter()
+    await asyncio.gather(*tasks)
+    return Measurement(label, clients, counted["items"], time.perf_counter() - started, latencies)
+
+
+def ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}" if base else "nan"

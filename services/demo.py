@@ -159,7 +159,7 @@ def run(workdir: Path, updates: int, quick: bool, console: Console) -> dict:
 
 def run_from_args(args: argparse.Namespace) -> int:
     console = Console(width=140)
-    updates = args.updates or (4 if args.quick else 16)
+    updates = args.updates or (4 if args.quick else 40)
     try:
         run(Path(args.workdir).resolve(), updates, args.quick, console)
     except StackError as err:

@@ -45,8 +45,11 @@ class DemoScale:
     rm_epochs: int
 
 
-FULL = DemoScale(pretrain_seconds=150, prompts=600, samples_per_prompt=4, rm_epochs=2)
-QUICK = DemoScale(pretrain_seconds=25, prompts=120, samples_per_prompt=4, rm_epochs=1)
+    max_pairs: int
+
+
+FULL = DemoScale(pretrain_seconds=150, prompts=400, samples_per_prompt=6, rm_epochs=1, max_pairs=4000)
+QUICK = DemoScale(pretrain_seconds=20, prompts=64, samples_per_prompt=4, rm_epochs=1, max_pairs=300)
 PROMPT_WORDS = 3
 MIN_GOLD_GAP = 0.1
 
@@ -126,6 +129,8 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
     gold = make_gold_scorer("vader")
     completions = sample_completions(policy, rm_prompts, scale.samples_per_prompt, 12, seed=1)
     pairs = label_pairs(rm_prompts, completions, gold)
+    if len(pairs) > scale.max_pairs:
+        pairs = random.Random(0).sample(pairs, scale.max_pairs)
     data = out / "preferences.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
     console.print(f"   {len(pairs)} preference pairs labeled by the simulated annotator (VADER) -> {data}")
@@ -133,7 +138,7 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
     rm_config = config_from_dict({
         "model_dir": str(policy), "registry": str(out / "rm-registry"), "name": "sentiment-rm",
         "data": [str(data)], "eval_fraction": 0.15, "epochs": scale.rm_epochs, "batch_size": 16,
-        "learning_rate": 3e-4, "progress": False, "seed": 0,
+        "learning_rate": 1e-3, "progress": False, "seed": 0,
     })
     trained = train_reward_model(rm_config, console=console)
     accuracy = trained.metrics.get("eval_accuracy")
@@ -146,6 +151,6 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
         description=(f"policy: word-level GPT-2 pretrained on fortunes; RM {trained.version.version} "
                      f"(held-out accuracy {accuracy:.1%}); gold: VADER compound"),
         rm_metrics=trained.metrics,
-        ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2, "learning_rate": 3e-4, "max_staleness": 1,
+        ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2, "learning_rate": 5e-4, "max_staleness": 1,
              "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": 2000}},
     )

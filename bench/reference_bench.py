@@ -1,0 +1,132 @@
+"""Reference log-probs: sequences/s through the service vs in-process, in one run.
+
+Same model (the 4-layer d=256 GPT-2 policy, frozen), same sequences (prompt +
+completion token ids), same log-probs (``ReferenceModel.logprobs``: one
+teacher-forced forward, float64 log-softmax), same torch threads.
+
+(a) in-process, the named baseline: ``ReferenceModel.logprobs`` on batches of
+    as many sequences as the cell has clients (what perfect batching of that
+    many concurrent callers gives), back to back in this process; the
+    32-client cell's (a) is the limit, a full max-size batch;
+(b) ``LogProbs`` RPCs to ``arbiter serve reference`` (own process, dynamic
+    batching up to 32 sequences, 2 ms queue delay), one sequence per request,
+    from 1/8/32 concurrent clients.
+
+(a) and (b) alternate in ``rounds`` slices within each cell so that load from
+anything else on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from pathlib import Path
+
+from bench.common import QUICK_SECONDS, Measurement, ServiceProcess, drive, merge, print_table, ratio, timed_loop
+from bench.policy_bench import BENCH_MODEL, build_model
+
+
+def make_sequences(count: int, vocab: int, prompt_tokens: int, completion_tokens: int, seed: int = 0):
+    from arbiter.reference.model import TokenSequence
+
+    rng = random.Random(seed)
+    # Ordinary tokens only (the two specials sit at the start of the tiny vocabulary).
+    return [
+        TokenSequence(
+            tuple(rng.randrange(2, vocab) for _ in range(prompt_tokens)),
+            tuple(rng.randrange(2, vocab) for _ in range(completion_tokens)),
+        )
+        for _ in range(count)
+    ]
+
+
+async def _through_service(target: str, sequences, clients: int, seconds: float, warmup_s: float) -> Measurement:
+    import grpc
+
+    from arbiter.v1 import reference_pb2, reference_pb2_grpc
+
+    requests = [
+        reference_pb2.LogProbsRequest(sequences=[reference_pb2.TokenSequence(
+            prompt_token_ids=s.prompt_token_ids, completion_token_ids=s.completion_token_ids,
+        )])
+        for s in sequences
+    ]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = reference_pb2_grpc.ReferenceServiceStub(channel)
+
+        async def call(request) -> int:
+            response = await stub.LogProbs(request, timeout=120)
+            return len(response.results)
+
+        return await drive(call, requests, clients, seconds, warmup_s, "service LogProbs (b)")
+
+
+def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_batch: int = 32,
+        prompt_tokens: int = 32, completion_tokens: int = 64, rounds: int = 2, quick: bool = False) -> dict:
+    if quick:
+        seconds, rounds = QUICK_SECONDS, 1
+    import torch
+
+    from arbiter.reference.model import ReferenceModel
+
+    per_slice = seconds / rounds
+    warmup_s = min(1.0, per_slice / 4)
+    cells = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(Path(tmp))
+        service = ServiceProcess(
+            ["reference", "--model", str(model_dir), "--torch-threads", str(threads),
+             "--max-batch-size", str(max_batch)],
+            wait=False,
+        )
+        with service:
+            torch.set_num_threads(threads)
+            model = ReferenceModel.load(model_dir)
+            sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
+            service.wait_ready()
+            for clients in clients_list:
+                batch = min(clients, max_batch)
+                local, remote = [], []
+                for _ in range(rounds):
+                    local.append(timed_loop(
+                        lambda i, b=batch: len(model.logprobs([sequences[(i * b + k) % len(sequences)]
+                                                               for k in range(b)])),
+                        per_slice, f"in-process logprobs, batch {batch} (a)",
+                    ))
+                    remote.append(asyncio.run(_through_service(service.target, sequences, clients, per_slice,
+                                                                warmup_s)))
+                cells.append((clients, merge(local), merge(remote)))
+    limit = max(cells, key=lambda c: c[0])[1]
+    rows = []
+    for clients, a, b in cells:
+        rows.append([a.label, "-", f"{a.throughput:.1f}", f"{a.percentile_ms(50):.1f}", f"{a.percentile_ms(99):.1f}",
+                     "1.00", ratio(a.throughput, limit.throughput)])
+        rows.append([b.label, clients, f"{b.throughput:.1f}", f"{b.percentile_ms(50):.1f}",
+                     f"{b.percentile_ms(99):.1f}", ratio(b.throughput, a.throughput),
+                     ratio(b.throughput, limit.throughput)])
+    print_table(
+        f"Reference log-probs, {prompt_tokens}+{completion_tokens}-token sequences, one per request, model "
+        f"{BENCH_MODEL}, torch threads {threads}, max batch {max_batch}, {seconds:g}s per path per cell in "
+        f"{rounds} alternating slice(s). Baseline: (a), re-measured in each cell (latency of (a): per batch)",
+        ["path", "clients", "sequences/s", "p50 ms", "p99 ms", "vs in-process same batch (a)",
+         f"vs in-process batch {min(max(clients_list), max_batch)} (limit)"],
+        rows,
+    )
+    return {
+        "in_process_sequences_per_s": {c: a.throughput for c, a, _ in cells},
+        "service_sequences_per_s": {c: b.throughput for c, _, b in cells},
+        "service_vs_in_process_same_batch": {c: b.throughput / a.throughput for c, a, b in cells},
+        "saturation_ratio_vs_in_process_limit": max(b.throughput for _, _, b in cells) / limit.throughput,
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.reference_bench")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(seconds=args.seconds, quick=args.quick), indent=2))

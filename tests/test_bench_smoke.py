@@ -1,0 +1,38 @@
+"""The benchmarks run (``make bench`` would not rot unnoticed): the policy and
+reference benchmarks at ``--quick`` print their tables and finite ratios.
+Nothing here is about speed."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def finite_numbers(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in finite_numbers(v)]
+    return [value] if isinstance(value, float) else []
+
+
+def test_quick_policy_and_reference_benchmarks_print_tables_with_finite_ratios(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--only", "policy", "--only", "reference",
+         "--json", str(summary_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=150,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for title in ("Policy generation", "Reference log-probs"):
+        assert title in result.stdout, result.stdout[-3000:]
+    for column in ("vs in-process core (a)", "vs HF generate (b)", "vs in-process same batch (a)"):
+        assert column in result.stdout
+    summary = json.loads(summary_path.read_text())
+    assert set(summary) == {"policy", "reference"}
+    policy, reference = summary["policy"], summary["reference"]
+    assert set(policy["service_vs_in_process"]) == {"1", "4", "16"}
+    assert set(reference["service_vs_in_process_same_batch"]) == {"1", "8", "32"}
+    numbers = finite_numbers(summary)
+    assert numbers and all(math.isfinite(x) and x > 0 for x in numbers)
