@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Measurement, ServiceProcess, print_table
+from bench.common import Measurement, ServiceProcess, merge, print_table, ratio
 
 BENCH_MODEL = dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=512)
 WORDS = "the a policy reward model good bad answer question kind helpful short long quick brown fox".split()
@@ -92,19 +92,6 @@ async def _drive(target: str, texts, clients: int, seconds: float, warmup_s: flo
     return Measurement("", clients, len(latencies) - done_before, elapsed, latencies)
 
 
-def through_service(model_dir: Path, texts, clients_list, seconds: float, threads: int, batching: bool, batch_size: int):
-    args = ["reward", "--model", str(model_dir), "--torch-threads", str(threads), "--max-batch-size", str(batch_size)]
-    if not batching:
-        args.append("--no-dynamic-batching")
-    results = []
-    with ServiceProcess(args) as service:
-        for clients in clients_list:
-            m = asyncio.run(_drive(service.target, texts, clients, seconds, warmup_s=min(2.0, seconds / 2)))
-            m.label = "service, dynamic batching" if batching else "service, batching off"
-            results.append(m)
-    return results
-
-
 def run(seconds: float = 8.0, token_lengths=(16, 128), **kwargs) -> dict:
     """Short items (a chat turn) and long ones: on CPU, batching pays where the
     fixed cost of a forward pass dominates, i.e. for short items."""
@@ -113,29 +100,48 @@ def run(seconds: float = 8.0, token_lengths=(16, 128), **kwargs) -> dict:
         return {f"{tokens}_tokens": run_one(model_dir, seconds, tokens=tokens, **kwargs) for tokens in token_lengths}
 
 
-def run_one(model_dir: Path, seconds: float, clients_list=(1, 8, 32, 64), threads: int = 2, batch_size: int = 32, tokens: int = 128) -> dict:
+def _service(model_dir: Path, threads: int, batch_size: int, batching: bool) -> ServiceProcess:
+    args = ["reward", "--model", str(model_dir), "--torch-threads", str(threads), "--max-batch-size", str(batch_size)]
+    return ServiceProcess(args if batching else [*args, "--no-dynamic-batching"], wait=False)
+
+
+def run_one(
+    model_dir: Path, seconds: float, clients_list=(1, 8, 32, 64), threads: int = 1, batch_size: int = 32,
+    tokens: int = 128, rounds: int = 2,
+) -> dict:
+    """Per client count, (a) the in-process batched forward, the service with
+    dynamic batching, and (b) the service with batching off run in alternating
+    slices, so machine load falls on all three alike."""
     texts = make_texts(512, tokens)
-    limit = in_process(model_dir, texts, batch_size, seconds, threads)
-    batched = through_service(model_dir, texts, clients_list, seconds, threads, True, batch_size)
-    unbatched = through_service(model_dir, texts, clients_list, seconds, threads, False, batch_size)
-    rows = [[limit.label, "-", f"{limit.throughput:.1f}", f"{limit.percentile_ms(50):.1f}", f"{limit.percentile_ms(99):.1f}", "1.00", "-"]]
-    by_clients = {m.clients: m for m in unbatched}
-    for m in batched + unbatched:
-        off = by_clients[m.clients]
-        rows.append([
-            m.label, m.clients, f"{m.throughput:.1f}", f"{m.percentile_ms(50):.1f}", f"{m.percentile_ms(99):.1f}",
-            f"{m.throughput / limit.throughput:.2f}", f"{m.throughput / off.throughput:.2f}",
-        ])
+    per_slice = seconds / rounds
+    warmup_s = min(1.0, per_slice / 4)
+    cells = []
+    with _service(model_dir, threads, batch_size, True) as batched, _service(model_dir, threads, batch_size, False) as off:
+        batched.wait_ready()
+        off.wait_ready()
+        for clients in clients_list:
+            limit, on, unbatched = [], [], []
+            for _ in range(rounds):
+                limit.append(in_process(model_dir, texts, batch_size, per_slice, threads))
+                on.append(asyncio.run(_drive(batched.target, texts, clients, per_slice, warmup_s)))
+                unbatched.append(asyncio.run(_drive(off.target, texts, clients, per_slice, warmup_s)))
+            cells.append((clients, merge(limit), merge(on), merge(unbatched)))
+    rows = []
+    for clients, a, m, b in cells:
+        for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b)):
+            rows.append([label, "-" if x is a else clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
+                         f"{x.percentile_ms(99):.1f}", ratio(x.throughput, a.throughput), ratio(x.throughput, b.throughput)])
     print_table(
-        f"Reward scoring, {tokens}-token items, model {BENCH_MODEL}, torch threads {threads}, "
-        f"max batch {batch_size}, {seconds:.0f}s per cell",
+        f"Reward scoring, {tokens}-token items, one per request, model {BENCH_MODEL}, torch threads {threads}, "
+        f"max batch {batch_size}, {seconds:g}s per path per cell in {rounds} alternating slices "
+        "(latency of (a): per batch)",
         ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs in-process (a)", "vs batching off (b)"],
         rows,
     )
-    saturated = max(batched, key=lambda m: m.clients)
+    saturated = max(cells, key=lambda c: c[0])
+    at_32 = next((c for c in cells if c[0] == 32), None)
     return {
-        "in_process_items_per_s": limit.throughput,
-        "saturation_ratio_vs_in_process": saturated.throughput / limit.throughput,
-        "ratio_vs_unbatched_at_32": next(m for m in batched if m.clients == 32).throughput / by_clients[32].throughput
-        if 32 in by_clients else None,
+        "in_process_items_per_s": saturated[1].throughput,
+        "saturation_ratio_vs_in_process": saturated[2].throughput / saturated[1].throughput,
+        "ratio_vs_unbatched_at_32": at_32[2].throughput / at_32[3].throughput if at_32 else None,
     }
