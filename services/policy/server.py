@@ -15,8 +15,14 @@ from arbiter.stream.errors import KafkaSettingsError
 from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_args
 from arbiter.v1 import common_pb2, common_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.common.model_service import ModelServicer
-from services.common.server import RunningServer, serve_forever, start_server
-from services.common.settings import SettingsError, auth_token_from_env
+from services.common.server import (
+    RunningServer,
+    add_server_arguments,
+    serve_model_service,
+    server_settings_from_args,
+    start_server,
+)
+from services.common.settings import SettingsError
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
@@ -71,28 +77,16 @@ async def create_server(settings: PolicySettings) -> tuple[RunningServer, int]:
 
 
 def serve(settings: PolicySettings) -> None:
-    def banner(running: RunningServer) -> str:
-        info = running.engine.info()
-        metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
-        follow = (
-            f", following {settings.kafka.topic(topics.POLICY_UPDATES)} as replica {settings.replica_id!r}"
-            if settings.follow_updates else ""
-        )
-        return (
-            f"policy service: model {info.name!r} version {info.version!r} on "
-            f"{settings.host}:{running.port}{metrics}{follow}"
-        )
-
-    serve_forever(lambda: create_server(settings), banner)
+    follow = (
+        f", following {settings.kafka.topic(topics.POLICY_UPDATES)} as replica {settings.replica_id!r}"
+        if settings.follow_updates else ""
+    )
+    serve_model_service("policy", settings, lambda: create_server(settings), follow)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face causal-LM directory (the initial policy)")
-    parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50052)
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    parser.add_argument("--metrics-host", default="127.0.0.1")
+    add_server_arguments(parser, default_port=50052)
     parser.add_argument("--max-prompts-per-request", type=int, default=64)
     parser.add_argument("--max-samples-per-prompt", type=int, default=16, help="limit on sampling.n")
     parser.add_argument("--max-rows-per-request", type=int, default=256, help="limit on prompts x n")
@@ -101,10 +95,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-generations", type=int, default=8)
     parser.add_argument("--max-loaded-versions", type=int, default=2, help="older inactive versions are unloaded")
     parser.add_argument("--max-tokens", type=int, help="cap on prompt + completion tokens (default: the model's)")
-    parser.add_argument("--torch-threads", type=int)
-    parser.add_argument("--grace-seconds", type=float, default=10.0)
-    parser.add_argument("--tls-cert-file")
-    parser.add_argument("--tls-key-file")
     parser.add_argument(
         "--follow-updates", action="store_true",
         help="load and activate each new version published on the policy-updates topic (needs --kafka-*)",
@@ -123,12 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> PolicySettings:
         except KafkaSettingsError as err:
             raise SettingsError(f"kafka.{err}") from None
     return PolicySettings(
-        model_dir=args.model,
-        model_version=args.model_version,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
+        **server_settings_from_args(args),
         max_prompts_per_request=args.max_prompts_per_request,
         max_samples_per_prompt=args.max_samples_per_prompt,
         max_rows_per_request=args.max_rows_per_request,
@@ -137,11 +122,6 @@ def settings_from_args(args: argparse.Namespace) -> PolicySettings:
         max_concurrent_generations=args.max_concurrent_generations,
         max_loaded_versions=args.max_loaded_versions,
         max_tokens=args.max_tokens,
-        torch_threads=args.torch_threads,
-        grace_seconds=args.grace_seconds,
-        tls_cert_file=args.tls_cert_file,
-        tls_key_file=args.tls_key_file,
-        auth_token=auth_token_from_env(),
         follow_updates=args.follow_updates,
         replica_id=args.replica_id or "",
         kafka=kafka,

@@ -13,8 +13,13 @@ from arbiter.reference.engine import ReferenceEngine
 from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
 from services.common.backend import add_backend_arguments, backend_kwargs_from_args
 from services.common.model_service import ModelServicer
-from services.common.server import RunningServer, serve_forever, start_server
-from services.common.settings import auth_token_from_env
+from services.common.server import (
+    RunningServer,
+    add_server_arguments,
+    serve_model_service,
+    server_settings_from_args,
+    start_server,
+)
 from services.reference.metrics import ReferenceMetrics
 from services.reference.servicer import ReferenceServicer
 from services.reference.settings import ReferenceSettings
@@ -55,15 +60,7 @@ async def create_server(settings: ReferenceSettings) -> tuple[RunningServer, int
 
 
 def serve(settings: ReferenceSettings) -> None:
-    def banner(running: RunningServer) -> str:
-        info = running.engine.info()
-        metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
-        return (
-            f"reference service: model {info.name!r} version {info.version!r} on "
-            f"{settings.host}:{running.port}{metrics}"
-        )
-
-    serve_forever(lambda: create_server(settings), banner)
+    serve_model_service("reference", settings, lambda: create_server(settings))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,11 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True,
         help="Hugging Face causal-LM directory (the frozen reference); with --backend triton, REPO/NAME/N",
     )
-    parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50053)
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    parser.add_argument("--metrics-host", default="127.0.0.1")
+    add_server_arguments(parser, default_port=50053)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-queue-delay-ms", type=float,
                         help="wait for a batch to fill (default: 2 ms in-process, 0 with Triton, which batches itself)")
@@ -83,31 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequences-per-request", type=int, default=256)
     parser.add_argument("--no-dynamic-batching", action="store_true", help="run each request as its own batch")
     parser.add_argument("--max-tokens", type=int, help="cap on prompt + completion tokens (default: the model's)")
-    parser.add_argument("--torch-threads", type=int)
-    parser.add_argument("--grace-seconds", type=float, default=10.0)
-    parser.add_argument("--tls-cert-file")
-    parser.add_argument("--tls-key-file")
     add_backend_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> ReferenceSettings:
     return ReferenceSettings(
-        model_dir=args.model,
-        model_version=args.model_version,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
+        **server_settings_from_args(args),
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
         max_sequences_per_request=args.max_sequences_per_request,
         dynamic_batching=not args.no_dynamic_batching,
         max_tokens=args.max_tokens,
-        torch_threads=args.torch_threads,
-        grace_seconds=args.grace_seconds,
-        tls_cert_file=args.tls_cert_file,
-        tls_key_file=args.tls_key_file,
-        auth_token=auth_token_from_env(),
         **backend_kwargs_from_args(args),
     )

@@ -15,8 +15,14 @@ from arbiter.stream.settings import KafkaSettingsError, add_kafka_arguments, kaf
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.backend import add_backend_arguments, backend_kwargs_from_args
 from services.common.model_service import ModelServicer
-from services.common.server import RunningServer, serve_forever, start_server
-from services.common.settings import SettingsError, auth_token_from_env
+from services.common.server import (
+    RunningServer,
+    add_server_arguments,
+    serve_model_service,
+    server_settings_from_args,
+    start_server,
+)
+from services.common.settings import SettingsError
 from services.reward.feedback import PreferenceFeedback
 from services.reward.metrics import RewardMetrics
 from services.reward.servicer import RewardServicer
@@ -64,15 +70,7 @@ async def create_server(settings: RewardSettings) -> tuple[RunningServer, int]:
 
 
 def serve(settings: RewardSettings) -> None:
-    def banner(running: RunningServer) -> str:
-        info = running.engine.info()
-        metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
-        return (
-            f"reward service: model {info.name!r} version {info.version!r} on "
-            f"{settings.host}:{running.port}{metrics}"
-        )
-
-    serve_forever(lambda: create_server(settings), banner)
+    serve_model_service("reward", settings, lambda: create_server(settings))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True,
         help="Hugging Face reward-model directory (num_labels=1); with --backend triton, REPO/NAME/N",
     )
-    parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    parser.add_argument("--metrics-host", default="127.0.0.1")
+    add_server_arguments(parser, default_port=50051)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float,
                         help="wait for a batch to fill (default: 2 ms in-process, 0 with Triton, which batches itself)")
@@ -92,13 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-items-per-request", type=int, default=256)
     parser.add_argument("--no-dynamic-batching", action="store_true", help="run each request as its own batch")
     parser.add_argument("--max-tokens", type=int, help="cap on tokens per item (default: the model's limit)")
-    parser.add_argument("--torch-threads", type=int)
-    parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--drift-window-size", type=int, default=1000, help="recent scores compared to the reference")
     parser.add_argument("--drift-reference-size", type=int, default=1000, help="first served scores used as reference")
     parser.add_argument("--drift-min-samples", type=int, default=100)
-    parser.add_argument("--tls-cert-file")
-    parser.add_argument("--tls-key-file")
     # For SubmitPreference (the preferences topic); optional.
     add_kafka_arguments(parser)
     add_backend_arguments(parser)
@@ -106,26 +96,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> RewardSettings:
     return RewardSettings(
-        model_dir=args.model,
-        model_version=args.model_version,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
+        **server_settings_from_args(args),
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue_size=args.max_queue_size,
         max_items_per_request=args.max_items_per_request,
         dynamic_batching=not args.no_dynamic_batching,
         max_tokens=args.max_tokens,
-        torch_threads=args.torch_threads,
-        grace_seconds=args.grace_seconds,
         drift_window_size=args.drift_window_size,
         drift_reference_size=args.drift_reference_size,
         drift_min_samples=args.drift_min_samples,
-        tls_cert_file=args.tls_cert_file,
-        tls_key_file=args.tls_key_file,
-        auth_token=auth_token_from_env(),
         kafka=_kafka_from_args(args),
         **backend_kwargs_from_args(args),
     )
