@@ -67,7 +67,7 @@ $(TRITON_STAMP): requirements-triton.lock
 	touch $@
 
 # ARBITER_REQUIRE_TRITON: the Triton tests fail, not skip, without .venv-triton.
-test: install lint prometheus-tools triton-env
+test: install lint prometheus-tools triton-env demo-data
 	ARBITER_REQUIRE_TRITON=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The demo's corpus: Debian's fortunes quotes (BSD-licensed fortune-mod).

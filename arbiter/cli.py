@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppo = train_commands.add_parser("ppo", help="the PPO trainer: rollouts from Kafka, policy versions out")
     ppo.add_argument("--config", required=True, help="trainer YAML (see trainer/config.py for every field)")
     ppo.add_argument("--max-updates", type=int, help="stop after this many updates (overrides the config)")
+    ppo.add_argument("--reset-offsets", action="store_true",
+                     help="resume weights and optimizer but not stream offsets (the topics were recreated)")
     ppo.set_defaults(run=_train_ppo)
     from arbiter.rm.main import add_list_arguments, add_train_arguments
 
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--updates", type=int, help="PPO updates (default 40, 4 with --quick)")
+    demo.add_argument("--updates", type=int, help="PPO updates (default 60, 4 with --quick)")
     demo.add_argument("--quick", action="store_true", help="smaller and shorter, for tests")
     demo.set_defaults(run=_demo)
     return parser

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +25,10 @@ from rich.table import Table
 from arbiter.v1 import common_pb2, common_pb2_grpc
 from services.demo_models import DemoModels, prepare_models
 from services.stack import Stack, StackConfig, StackError
+
+
+# The demo fails loudly instead of waiting forever on a stuck pipeline.
+STALL_SECONDS = 300
 
 
 def read_history(path: Path) -> list[dict]:
@@ -79,6 +85,32 @@ def summarize(rows: list[dict], console: Console) -> dict:
     return summary
 
 
+# The demo's stated targets: the RM learned the simulated annotators'
+# preference, and PPO against it moved the hidden gold score at bounded KL.
+RM_ACCURACY_TARGET = 0.85
+GOLD_GAIN_TARGET = 0.3
+KL_BOUND = 15.0
+
+
+def report_targets(summary: dict, console: Console) -> None:
+    accuracy = summary.get("rm_eval_accuracy")
+    gold_gain = summary["gold_last"] - summary["gold_first"]
+    checks = [
+        ("RM held-out pairwise accuracy", f"{accuracy:.1%}" if accuracy is not None else "n/a",
+         f">= {RM_ACCURACY_TARGET:.0%}", accuracy is not None and accuracy >= RM_ACCURACY_TARGET),
+        ("gold score gain (VADER compound)", f"{gold_gain:+.3f}", f">= +{GOLD_GAIN_TARGET}",
+         gold_gain >= GOLD_GAIN_TARGET),
+        ("KL at the end (nats/sample)", f"{summary['kl_last']:.2f}", f"<= {KL_BOUND:g}", summary["kl_last"] <= KL_BOUND),
+    ]
+    table = Table(title="Targets", title_justify="left")
+    for column in ("", "measured", "target", ""):
+        table.add_column(column)
+    for name, value, target, ok in checks:
+        table.add_row(name, value, target, "[green]met[/]" if ok else "[red]missed[/]")
+    console.print(table)
+    summary["targets_met"] = {name: ok for name, _, _, ok in checks}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -128,17 +160,28 @@ def run(workdir: Path, updates: int, quick: bool, console: Console) -> dict:
     console.print(f"   {models.description}")
     console.print("[bold]2.[/] Starting the stack: broker, reward/reference/policy services, worker, trainer")
     started = time.monotonic()
+    # A demo run is a fresh run: the trainer must not resume the last one's
+    # checkpoint against a new reward model (models stay cached).
+    shutil.rmtree(workdir / "stack", ignore_errors=True)
     history_path = workdir / "stack" / "trainer" / "history.jsonl"
-    history_path.unlink(missing_ok=True)
     with Stack(stack_config(models, workdir, updates)) as stack:
         console.print(f"   up in {time.monotonic() - started:.0f}s: " + ", ".join(f"{k} {v}" for k, v in stack.targets.items()))
         console.print("[bold]3.[/] Training (the policy service swaps in every new version as it is published)")
         started = time.monotonic()
         rows: list[dict] = []
+        last_progress = time.monotonic()
         with Live(progress_table(rows, updates, started), console=console, refresh_per_second=2) as live:
             while len(rows) < updates:
                 stack.check_alive()
-                rows = read_history(history_path)
+                fresh = read_history(history_path)
+                if len(fresh) > len(rows):
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress > STALL_SECONDS:
+                    raise StackError(
+                        f"no PPO update for {STALL_SECONDS}s; see the logs in {stack.logs}:\n"
+                        f"{stack.tail('trainer')}\n{stack.tail('worker-0')}"
+                    )
+                rows = fresh
                 live.update(progress_table(rows, updates, started))
                 time.sleep(0.5)
         final = rows[-1]["policy_version"]
@@ -149,6 +192,8 @@ def run(workdir: Path, updates: int, quick: bool, console: Console) -> dict:
     console.print(f"[bold]4.[/] The policy service now serves {serving!r} (trainer's last version {final!r})")
     summary = summarize(rows, console)
     summary["served_version"] = serving
+    summary["rm_eval_accuracy"] = models.rm_metrics.get("eval_accuracy")
+    report_targets(summary, console)
     summary["seconds"] = time.monotonic() - started
     png = workdir / "demo.png"
     plot(rows, png)
@@ -158,8 +203,10 @@ def run(workdir: Path, updates: int, quick: bool, console: Console) -> dict:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the stack's processes are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     console = Console(width=140)
-    updates = args.updates or (4 if args.quick else 40)
+    updates = args.updates or (4 if args.quick else 60)
     try:
         run(Path(args.workdir).resolve(), updates, args.quick, console)
     except StackError as err:

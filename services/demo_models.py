@@ -48,7 +48,7 @@ class DemoScale:
     max_pairs: int
 
 
-FULL = DemoScale(pretrain_seconds=150, prompts=400, samples_per_prompt=6, rm_epochs=1, max_pairs=4000)
+FULL = DemoScale(pretrain_seconds=150, prompts=600, samples_per_prompt=8, rm_epochs=2, max_pairs=8000)
 QUICK = DemoScale(pretrain_seconds=20, prompts=64, samples_per_prompt=4, rm_epochs=1, max_pairs=300)
 PROMPT_WORDS = 3
 MIN_GOLD_GAP = 0.1
@@ -68,6 +68,9 @@ def sample_completions(model_dir: Path, prompts: list[str], n: int, max_new_toke
     batching is what makes this affordable on two cores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from arbiter.hf import quiet_transformers
+
+    quiet_transformers()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.padding_side = "left"
@@ -151,6 +154,7 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
         description=(f"policy: word-level GPT-2 pretrained on fortunes; RM {trained.version.version} "
                      f"(held-out accuracy {accuracy:.1%}); gold: VADER compound"),
         rm_metrics=trained.metrics,
+        # Horizon in samples: 320 lets β move up to ±2% per 32-rollout update.
         ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2, "learning_rate": 5e-4, "max_staleness": 1,
-             "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": 2000}},
+             "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": 320}},
     )

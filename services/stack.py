@@ -170,7 +170,12 @@ class Stack:
                 self._spawn(name, args + extra)
             for name in services:
                 self._wait_healthy(name, wait_s)
-            self._spawn("trainer", ["train", "ppo", "--config", str(self._write_trainer_config())])
+            trainer = ["train", "ppo", "--config", str(self._write_trainer_config())]
+            if self.broker is not None:
+                # A fresh in-memory broker: a resumed checkpoint's offsets refer
+                # to topics that died with the previous one.
+                trainer.append("--reset-offsets")
+            self._spawn("trainer", trainer)
             for i in range(c.workers):
                 self._spawn(f"worker-{i}", self._worker_args(i))
             self._wait_for_log("trainer", "trainer ready", wait_s)
@@ -252,6 +257,9 @@ class Stack:
                 raise StackError(f"{name} exited ({process.proc.returncode}):\n{process.log_tail()}")
             time.sleep(0.3)
         raise StackError(f"{name} did not report {text!r} within {wait_s:.0f}s:\n{process.log_tail()}")
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        return f"--- {name} ---\n" + self._process(name).log_tail(lines)
 
     def check_alive(self) -> None:
         for process in self.processes:

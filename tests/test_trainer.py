@@ -124,3 +124,18 @@ def test_config_errors_name_the_field(tiny_models):
         config_from_dict({"model_dir": "m", "ppo": {"kl": {"mode": "sometimes"}}})
     with pytest.raises(ConfigError, match="unknown field"):
         config_from_dict({"model_dir": "m", "learning_rate": 1})
+
+
+def test_reset_offsets_keeps_the_model_but_not_the_stream_position(tiny_models, tmp_path):
+    """After the topics were recreated (e.g. a fresh in-memory dev broker), a
+    resumed trainer keeps weights, optimizer and dedupe window but reads the
+    new log from its start."""
+    from arbiter.stream import KafkaSettings
+
+    trainer = make_trainer(tiny_models, tmp_path)
+    trainer.train_on(sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=8))
+    trainer.consumed = {("t", 0): 99}
+    trainer.checkpoint(consumer=None)
+    resumed = PPOTrainer(trainer.config, KafkaSettings(), reset_offsets=True)
+    assert resumed.state.step == 1 and resumed.state.offsets == {} and resumed.consumed == {}
+    assert len(resumed.seen) == 16

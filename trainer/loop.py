@@ -61,7 +61,10 @@ class IterationRecord:
 
 
 class PPOTrainer:
-    def __init__(self, config: TrainerConfig, kafka: KafkaSettings, metrics: TrainerMetrics | None = None):
+    def __init__(
+        self, config: TrainerConfig, kafka: KafkaSettings, metrics: TrainerMetrics | None = None,
+        reset_offsets: bool = False,
+    ):
         self.config = config
         self.kafka = kafka
         self.metrics = metrics or TrainerMetrics()
@@ -83,6 +86,11 @@ class PPOTrainer:
             self.kl_controller = pm.kl_controller_from_state_dict(self.state.kl_controller)
             self.reward_moments.load_state_dict(self.state.reward_moments)
             log.info("resumed from %s at step %d (policy %s)", checkpoint, self.state.step, self.state.policy_version)
+            if reset_offsets:
+                # The stream is new (e.g. a fresh in-memory dev broker): the
+                # checkpoint's offsets point into a log that no longer exists.
+                log.warning("ignoring the checkpoint's stream offsets: reading the rollouts topic from the start")
+                self.state.offsets = {}
         self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
         self.pending: list[Trajectory] = []
         # Next offset per partition of everything consumed (trained, dropped or pending).

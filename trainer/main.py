@@ -40,7 +40,7 @@ def ppo_main(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    trainer = PPOTrainer(config, kafka, metrics)
+    trainer = PPOTrainer(config, kafka, metrics, reset_offsets=args.reset_offsets)
 
     def report(record) -> None:
         s = record.stats
