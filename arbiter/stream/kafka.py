@@ -422,6 +422,7 @@ class StreamConsumer(Generic[M]):
                 heartbeat_interval_ms=heartbeat,
                 max_poll_interval_ms=settings.max_poll_interval_ms,
                 max_poll_records=settings.max_poll_records,
+                fetch_max_wait_ms=settings.fetch_max_wait_ms,
                 allow_auto_create_topics=False,
             )
         except _NO_BROKERS as err:

@@ -57,6 +57,9 @@ class KafkaSettings:
     # must exceed the longest training step between polls.
     max_poll_interval_ms: int = 300_000
     max_poll_records: int = 500
+    # How long the broker may hold a fetch that has no new data. Low, because
+    # a policy update or a rollout batch waiting on it is pipeline latency.
+    fetch_max_wait_ms: int = 100
     request_timeout_ms: int = 30_000
     # Producer.
     linger_ms: int = 5
@@ -140,6 +143,10 @@ class KafkaSettings:
         _require(
             1 <= self.max_poll_records <= 100_000,
             "max_poll_records", f"must be in 1..100000, got {self.max_poll_records}",
+        )
+        _require(
+            0 <= self.fetch_max_wait_ms <= 60_000,
+            "fetch_max_wait_ms", f"must be in 0..60000, got {self.fetch_max_wait_ms}",
         )
         # The client requires fetch wait (500 ms) < request timeout < idle timeout (9 min).
         _require(
