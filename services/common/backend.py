@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from arbiter.backends import BACKENDS, BackendConfig
+from arbiter.batching import BatchingConfig
 from services.common.settings import require
 
 BACKEND_FIELDS = (
@@ -50,3 +51,32 @@ def check_backend_settings(settings: Any) -> None:
 
 def backend_config(settings: Any) -> BackendConfig:
     return BackendConfig(**{name: getattr(settings, name) for name in BACKEND_FIELDS[1:]}, kind=settings.backend)
+
+
+# Arbiter-side batching in front of a backend. Triton's own dynamic batcher
+# does the waiting, so with it the default queue delay is 0.
+DEFAULT_QUEUE_DELAY_MS = {"torch": 2.0, "triton": 0.0}
+
+
+def check_batching_settings(settings: Any) -> None:
+    """The batching fields the reward and reference settings share."""
+    require(settings.max_batch_size >= 1, "max_batch_size", "must be >= 1", settings.max_batch_size)
+    if settings.max_queue_delay_ms is not None:
+        require(settings.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0 or unset",
+                settings.max_queue_delay_ms)
+    require(
+        settings.max_queue_size >= settings.max_batch_size,
+        "max_queue_size", f"must be >= max_batch_size ({settings.max_batch_size})", settings.max_queue_size,
+    )
+
+
+def batching_config(settings: Any) -> BatchingConfig:
+    delay_ms = settings.max_queue_delay_ms
+    if delay_ms is None:
+        delay_ms = DEFAULT_QUEUE_DELAY_MS.get(settings.backend, 2.0)
+    return BatchingConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=delay_ms / 1000.0,
+        max_queue_size=settings.max_queue_size,
+        enabled=settings.dynamic_batching,
+    )

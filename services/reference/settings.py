@@ -2,9 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arbiter.batching import BatchingConfig
 from arbiter.reference.engine import ReferenceEngineConfig
-from services.common.backend import backend_config, check_backend_settings
+from services.common.backend import backend_config, batching_config, check_backend_settings, check_batching_settings
 from services.common.settings import ServerSettings, require
 
 
@@ -34,15 +33,7 @@ class ReferenceSettings(ServerSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(bool(self.model_dir), "model_dir", "must name a Hugging Face causal-LM directory", self.model_dir)
-        require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
-        if self.max_queue_delay_ms is not None:
-            require(
-                self.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0 or unset", self.max_queue_delay_ms
-            )
-        require(
-            self.max_queue_size >= self.max_batch_size,
-            "max_queue_size", f"must be >= max_batch_size ({self.max_batch_size})", self.max_queue_size,
-        )
+        check_batching_settings(self)
         require(
             self.max_sequences_per_request >= 1, "max_sequences_per_request", "must be >= 1",
             self.max_sequences_per_request,
@@ -51,19 +42,9 @@ class ReferenceSettings(ServerSettings):
             require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or unset", self.max_tokens)
         check_backend_settings(self)
 
-    def queue_delay_ms(self) -> float:
-        if self.max_queue_delay_ms is not None:
-            return self.max_queue_delay_ms
-        return 0.0 if self.backend == "triton" else 2.0
-
     def engine_config(self) -> ReferenceEngineConfig:
         return ReferenceEngineConfig(
-            batching=BatchingConfig(
-                max_batch_size=self.max_batch_size,
-                max_queue_delay_s=self.queue_delay_ms() / 1000.0,
-                max_queue_size=self.max_queue_size,
-                enabled=self.dynamic_batching,
-            ),
+            batching=batching_config(self),
             max_sequences_per_request=self.max_sequences_per_request,
             max_tokens=self.max_tokens,
             base_model_dir=self.model_dir,

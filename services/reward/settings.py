@@ -2,11 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arbiter.batching import BatchingConfig
 from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
 from arbiter.stream import KafkaSettings
-from services.common.backend import backend_config, check_backend_settings
+from services.common.backend import backend_config, batching_config, check_backend_settings, check_batching_settings
 from services.common.settings import ServerSettings, require
 
 
@@ -55,32 +54,16 @@ class RewardSettings(ServerSettings):
             "drift_min_samples", "must be <= drift_window_size and drift_reference_size", self.drift_min_samples,
         )
         require(bool(self.model_dir), "model_dir", "must name a Hugging Face reward-model directory", self.model_dir)
-        require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
-        if self.max_queue_delay_ms is not None:
-            require(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0 or unset", self.max_queue_delay_ms)
-        require(
-            self.max_queue_size >= self.max_batch_size,
-            "max_queue_size", f"must be >= max_batch_size ({self.max_batch_size})", self.max_queue_size,
-        )
+        check_batching_settings(self)
         require(self.max_items_per_request >= 1, "max_items_per_request", "must be >= 1", self.max_items_per_request)
         if self.max_tokens is not None:
             require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or unset", self.max_tokens)
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
         check_backend_settings(self)
 
-    def queue_delay_ms(self) -> float:
-        if self.max_queue_delay_ms is not None:
-            return self.max_queue_delay_ms
-        return 0.0 if self.backend == "triton" else 2.0
-
     def engine_config(self) -> RewardEngineConfig:
         return RewardEngineConfig(
-            batching=BatchingConfig(
-                max_batch_size=self.max_batch_size,
-                max_queue_delay_s=self.queue_delay_ms() / 1000.0,
-                max_queue_size=self.max_queue_size,
-                enabled=self.dynamic_batching,
-            ),
+            batching=batching_config(self),
             max_items_per_request=self.max_items_per_request,
             max_tokens=self.max_tokens,
             backend=backend_config(self),
