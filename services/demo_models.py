@@ -35,6 +35,8 @@ class DemoModels:
     gold: str | None = "vader"
     ppo: dict[str, Any] = field(default_factory=dict)
     rm_metrics: dict[str, Any] = field(default_factory=dict)
+    # Held out from RM data and PPO prompts: where initial and final policy are compared.
+    eval_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,11 @@ class DemoScale:
 
 
     max_pairs: int
+    eval_prompts: int
 
 
-FULL = DemoScale(pretrain_seconds=150, prompts=600, samples_per_prompt=8, rm_epochs=2, max_pairs=8000)
-QUICK = DemoScale(pretrain_seconds=20, prompts=64, samples_per_prompt=4, rm_epochs=1, max_pairs=300)
+FULL = DemoScale(pretrain_seconds=150, prompts=600, samples_per_prompt=8, rm_epochs=2, max_pairs=8000, eval_prompts=128)
+QUICK = DemoScale(pretrain_seconds=20, prompts=64, samples_per_prompt=4, rm_epochs=1, max_pairs=300, eval_prompts=16)
 PROMPT_WORDS = 3
 MIN_GOLD_GAP = 0.1
 
@@ -127,8 +130,9 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
     else:
         console.print(f"   reusing the pretrained policy in {policy}")
 
-    all_prompts = make_prompts(quotes, scale.prompts + 64, seed=0)
-    rm_prompts, ppo_prompts = all_prompts[: scale.prompts], all_prompts[scale.prompts :]
+    all_prompts = make_prompts(quotes, scale.prompts + 64 + scale.eval_prompts, seed=0)
+    rm_prompts, ppo_prompts = all_prompts[: scale.prompts], all_prompts[scale.prompts : scale.prompts + 64]
+    eval_prompts = all_prompts[scale.prompts + 64 :]
     gold = make_gold_scorer("vader")
     completions = sample_completions(policy, rm_prompts, scale.samples_per_prompt, 12, seed=1)
     pairs = label_pairs(rm_prompts, completions, gold)
@@ -154,6 +158,7 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
         description=(f"policy: word-level GPT-2 pretrained on fortunes; RM {trained.version.version} "
                      f"(held-out accuracy {accuracy:.1%}); gold: VADER compound"),
         rm_metrics=trained.metrics,
+        eval_prompts=eval_prompts,
         # Horizon in samples: 320 lets β move up to ±2% per 32-rollout update.
         ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2, "learning_rate": 5e-4, "max_staleness": 1,
              "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": 320}},
