@@ -8,6 +8,7 @@ a lock, after the new version has been fully loaded and validated.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Generic, TypeVar
 
 from arbiter.errors import FailedPrecondition, VersionNotFound
@@ -68,3 +69,21 @@ class ModelVersions(Generic[E]):
 
     def is_active(self, version: str) -> bool:
         return version == self._active
+
+
+class VersionQueries:
+    """``info`` / ``list_versions`` / ``active_version`` for an engine whose
+    ``self._versions`` entries carry ``.model.info`` (reward, reference)."""
+
+    _versions: ModelVersions
+
+    def info(self, version: str = ""):
+        entry = self._versions.get(version)
+        return replace(entry.model.info, active=self._versions.is_active(entry.model.info.version))
+
+    def list_versions(self) -> list:
+        return [self.info(version) for version, _ in self._versions.items()]
+
+    @property
+    def active_version(self) -> str | None:
+        return self._versions.active_version

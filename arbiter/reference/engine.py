@@ -9,7 +9,7 @@ import math
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +20,7 @@ from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
 from arbiter.reference.backend import RemoteReferenceBackend, open_reference_backends
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.types import ModelInfo
-from arbiter.versions import ModelVersions
+from arbiter.versions import ModelVersions, VersionQueries
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def as_float32(values: Sequence[float]) -> list[float]:
     return array("f", values).tolist()
 
 
-class ReferenceEngine:
+class ReferenceEngine(VersionQueries):
     def __init__(self, config: ReferenceEngineConfig, executor: Executor, observer: ReferenceObserver):
         self.config = config
         self._executor = executor
@@ -133,17 +133,6 @@ class ReferenceEngine:
             await asyncio.get_running_loop().run_in_executor(None, entry.model.release)
         except Exception:  # the version is gone from this service either way
             log.warning("model version %r unloaded, but its backend did not release it", version, exc_info=True)
-
-    def info(self, version: str = "") -> ModelInfo:
-        entry = self._versions.get(version)
-        return replace(entry.model.info, active=self._versions.is_active(entry.model.info.version))
-
-    def list_versions(self) -> list[ModelInfo]:
-        return [self.info(version) for version, _ in self._versions.items()]
-
-    @property
-    def active_version(self) -> str | None:
-        return self._versions.active_version
 
     # -- requests -------------------------------------------------------
 

@@ -12,7 +12,7 @@ import math
 import random
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.reward.backend import RemoteRewardBackend, open_reward_backends
 from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
-from arbiter.versions import ModelVersions
+from arbiter.versions import ModelVersions, VersionQueries
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _Version:
     batcher: DynamicBatcher
 
 
-class RewardEngine:
+class RewardEngine(VersionQueries):
     def __init__(self, config: RewardEngineConfig, executor: Executor, observer: RewardObserver):
         self.config = config
         self._executor = executor
@@ -143,17 +143,6 @@ class RewardEngine:
             await asyncio.get_running_loop().run_in_executor(None, entry.model.release)
         except Exception:  # the version is gone from this service either way
             log.warning("model version %r unloaded, but its backend did not release it", version, exc_info=True)
-
-    def info(self, version: str = "") -> ModelInfo:
-        entry = self._versions.get(version)
-        return replace(entry.model.info, active=self._versions.is_active(entry.model.info.version))
-
-    def list_versions(self) -> list[ModelInfo]:
-        return [self.info(version) for version, _ in self._versions.items()]
-
-    @property
-    def active_version(self) -> str | None:
-        return self._versions.active_version
 
     # -- scoring --------------------------------------------------------
 
