@@ -19,6 +19,21 @@ class Truncation(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """What a policy is prompted with: plain ``text``, or chat ``messages``
+    rendered with the policy's own chat template (and generation prompt).
+    ``id`` names it in rollouts and results (optional for one-off calls)."""
+
+    text: str = ""
+    messages: tuple[ChatMessage, ...] | None = None
+    id: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(frozen=True)
 class RewardInput:
     """Either ``prompt`` + ``response`` (plain text) or ``messages`` (a full
     conversation whose last turn is the assistant response being scored)."""

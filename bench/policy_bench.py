@@ -64,10 +64,11 @@ class InProcess:
 
     def core(self, prompts: list[str], seed: int) -> int:
         """Tokens generated for ``prompts`` (one request, or several merged)."""
-        from arbiter.policy.types import PromptInput, ResolvedSampling
+        from arbiter.policy.types import ResolvedSampling
+        from arbiter.types import Prompt
 
         params = ResolvedSampling(self.max_new_tokens, 1.0, 1.0, 0, self.n, (), seed)
-        ids = self.policy.encode([PromptInput(text=p) for p in prompts], self.max_new_tokens)
+        ids = self.policy.encode([Prompt(text=p) for p in prompts], self.max_new_tokens)
         run = self.policy.start(ids, params)
         while not run.done:
             run.step()

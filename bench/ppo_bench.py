@@ -104,7 +104,8 @@ class Monolith:
         self.n, self.max_new_tokens, self.max_batch = n, max_new_tokens, 32
 
     def iteration(self, prompts: list[str], seed: int) -> dict[str, float]:
-        from arbiter.policy.types import PromptInput, ResolvedSampling
+        from arbiter.policy.types import ResolvedSampling
+        from arbiter.types import Prompt
         from arbiter.reference.model import TokenSequence
         from arbiter.types import RewardInput, Truncation
         from trainer.batch import Trajectory
@@ -112,7 +113,7 @@ class Monolith:
         times, t = {}, time.perf_counter()
         # What the worker asks for: temperature 1, no top-k / top-p, seeded per call.
         params = ResolvedSampling(self.max_new_tokens, 1.0, 1.0, 0, self.n, (), seed)
-        run = self.policy.start(self.policy.encode([PromptInput(text=p) for p in prompts], self.max_new_tokens),
+        run = self.policy.start(self.policy.encode([Prompt(text=p) for p in prompts], self.max_new_tokens),
                                 params, [str(i) for i in range(len(prompts))])
         while not run.done:
             run.step()

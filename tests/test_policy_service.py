@@ -12,7 +12,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed, with_eos, wrong_shapes
 
-from arbiter.policy.types import PromptInput, SamplingParams
+from arbiter.policy.types import SamplingParams
+from arbiter.types import Prompt
 from arbiter.v1 import common_pb2, policy_pb2
 from services.common.background import BackgroundServer
 from services.policy.client import PolicyClient
@@ -324,7 +325,7 @@ def test_swap_under_load(policy_dir, tmp_path):
         before = client.generate([PROMPTS[0]], **probe).samples[0]
         # Pinned to v0 before the swap; consumed after it.
         run, steps = server.run(server.engine.generate_stream(
-            PromptInput(text=PROMPTS[1]), SamplingParams(max_new_tokens=30, temperature=1.0, seed=9)
+            Prompt(text=PROMPTS[1]), SamplingParams(max_new_tokens=30, temperature=1.0, seed=9)
         ))
         stream = client.generate_stream(PROMPTS[1], max_new_tokens=30, temperature=1.0, seed=9)
         stream_first = next(stream)

@@ -33,12 +33,11 @@ from arbiter.policy.model import GenerationRun, PolicyModel
 from arbiter.policy.types import (
     GeneratedSample,
     GenerateResult,
-    PromptInput,
     ResolvedSampling,
     SamplingParams,
     TokenEvent,
 )
-from arbiter.types import ModelInfo
+from arbiter.types import ModelInfo, Prompt
 from arbiter.versions import ModelVersions
 
 
@@ -185,7 +184,7 @@ class PolicyEngine:
         return ResolvedSampling(max_new, float(params.temperature), float(top_p), params.top_k, n, params.stop, seed)
 
     def _prepare(
-        self, prompts: Sequence[PromptInput], params: SamplingParams, model_version: str, field: str
+        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str
     ) -> GenerationRun:
         if self._closed:
             raise ShuttingDown("the server is stopping; retry on another replica")
@@ -226,7 +225,7 @@ class PolicyEngine:
         self._observer.on_samples(run.samples())
 
     async def generate(
-        self, prompts: Sequence[PromptInput], params: SamplingParams, model_version: str = ""
+        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = ""
     ) -> GenerateResult:
         run = self._prepare(prompts, params, model_version, "prompts")
         async for _ in self._steps(run):
@@ -235,7 +234,7 @@ class PolicyEngine:
         return GenerateResult(run.samples(), info.version, info.tokenizer_fingerprint)
 
     async def generate_stream(
-        self, prompt: PromptInput, params: SamplingParams, model_version: str = ""
+        self, prompt: Prompt, params: SamplingParams, model_version: str = ""
     ) -> tuple[GenerationRun, AsyncIterator[list[TokenEvent]]]:
         """Validates first (so errors surface before any token), then returns
         the run and its token events, one list per decoding step."""

@@ -19,11 +19,10 @@ from arbiter.policy.sampling import draw, make_generator, row_seed, sampling_log
 from arbiter.policy.types import (
     FinishReason,
     GeneratedSample,
-    PromptInput,
     ResolvedSampling,
     TokenEvent,
 )
-from arbiter.types import ChatMessage, ModelInfo
+from arbiter.types import ChatMessage, ModelInfo, Prompt
 
 
 class PolicyModel:
@@ -51,7 +50,7 @@ class PolicyModel:
 
     # -- prompts --------------------------------------------------------
 
-    def encode(self, prompts: Sequence[PromptInput], max_new_tokens: int, field: str = "prompts") -> list[list[int]]:
+    def encode(self, prompts: Sequence[Prompt], max_new_tokens: int, field: str = "prompts") -> list[list[int]]:
         encoded = []
         limit = self.info.max_tokens
         for i, prompt in enumerate(prompts):

@@ -5,23 +5,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from arbiter.types import ChatMessage
-
 
 class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     STOP = "stop"  # a stop string appeared in the text
     EOS = "eos"  # the model sampled an end-of-sequence token
-
-
-@dataclass(frozen=True)
-class PromptInput:
-    """Plain ``text``, or ``messages`` rendered with the chat template and the
-    generation prompt."""
-
-    text: str = ""
-    messages: tuple[ChatMessage, ...] | None = None
-    id: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ Prompt = str | Sequence[Mapping[str, str]] | policy_pb2.PromptInput
 
 
 def prompt_input(prompt: Prompt, prompt_id: str = "") -> policy_pb2.PromptInput:
-    """A string, a list of {"role", "content"} chat messages, or a PromptInput as is."""
+    """A string, a list of {"role", "content"} chat messages, or a Prompt as is."""
     if isinstance(prompt, policy_pb2.PromptInput):
         return prompt
     if isinstance(prompt, str):

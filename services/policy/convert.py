@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from arbiter.errors import InvalidInput
-from arbiter.policy.types import FinishReason, GeneratedSample, GenerateResult, PromptInput, SamplingParams, TokenEvent
+from arbiter.policy.types import FinishReason, GeneratedSample, GenerateResult, SamplingParams, TokenEvent
+from arbiter.types import Prompt
 from arbiter.v1 import policy_pb2
 from services.common.convert import messages_from_pb
 
@@ -14,16 +15,16 @@ FINISH_REASON_TO_PB = {
 }
 
 
-def prompt_from_pb(item: policy_pb2.PromptInput, field: str) -> PromptInput:
+def prompt_from_pb(item: policy_pb2.PromptInput, field: str) -> Prompt:
     kind = item.WhichOneof("input")
     if kind == "text":
-        return PromptInput(text=item.text, id=item.id)
+        return Prompt(text=item.text, id=item.id)
     if kind == "conversation":
-        return PromptInput(messages=messages_from_pb(item.conversation), id=item.id)
+        return Prompt(messages=messages_from_pb(item.conversation), id=item.id)
     raise InvalidInput(field, "sets neither text nor conversation")
 
 
-def prompts_from_pb(prompts) -> list[PromptInput]:
+def prompts_from_pb(prompts) -> list[Prompt]:
     return [prompt_from_pb(item, f"prompts[{i}]") for i, item in enumerate(prompts)]
 
 
