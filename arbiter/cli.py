@@ -43,12 +43,12 @@ _SERVICES = {
 
 
 def _serve(args) -> int:
-    from services.common.settings import SettingsError
+    from arbiter.config import ConfigError
 
     server = importlib.import_module(_SERVICES[args.service][0])
     try:
         settings = server.settings_from_args(args)
-    except SettingsError as err:
+    except ConfigError as err:
         print(f"arbiter serve {args.service}: {err}", file=sys.stderr)
         return 2
     _configure_runtime(settings.torch_threads)

@@ -14,23 +14,19 @@ from typing import Any
 class ConfigError(ValueError):
     """An invalid setting; ``field`` names it."""
 
-    def __init__(self, field: str, value: Any, allowed: str):
-        super().__init__(f"{field}={value!r} is invalid: {allowed}")
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
         self.field = field
-        self.allowed = allowed
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with its field nested under ``prefix`` (``kafka``)."""
-        nested = ConfigError.__new__(ConfigError)
-        ValueError.__init__(nested, f"{prefix}.{self}")
-        nested.field, nested.allowed = f"{prefix}.{self.field}", self.allowed
-        return nested
+        return ConfigError(f"{prefix}.{self}", f"{prefix}.{self.field}" if self.field else prefix)
 
 
 def require(condition: bool, field: str, allowed: str, value: Any) -> None:
-    """``ConfigError`` naming ``field`` unless ``condition`` holds."""
+    """``ConfigError`` naming ``field``, its value and what is allowed, unless ``condition`` holds."""
     if not condition:
-        raise ConfigError(field, value, allowed)
+        raise ConfigError(f"{field}={value!r} is invalid: {allowed}", field)
 
 
 def require_choice(value: Any, field: str, choices: tuple[str, ...] | list[str]) -> None:

@@ -16,7 +16,7 @@ from arbiter.hf import weights_sha256
 from arbiter.stream import StreamProducer, ensure_topics, topics
 from arbiter.v1 import rollout_pb2
 from services.common.background import BackgroundServer
-from services.common.settings import SettingsError
+from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import add_arguments, create_server, settings_from_args
 from services.policy.settings import PolicySettings
@@ -163,9 +163,9 @@ def test_weights_sha256_covers_names_and_bytes(tmp_path, checkpoints):
 def test_settings_and_flags(tiny_models):
     import argparse
 
-    with pytest.raises(SettingsError, match="kafka=None is invalid: follow_updates needs KafkaSettings"):
+    with pytest.raises(ConfigError, match="kafka=None is invalid: follow_updates needs KafkaSettings"):
         PolicySettings(model_dir=str(tiny_models["policy"]), follow_updates=True)
-    with pytest.raises(SettingsError, match="replica_id='a b' is invalid"):
+    with pytest.raises(ConfigError, match="replica_id='a b' is invalid"):
         PolicySettings(model_dir=str(tiny_models["policy"]), replica_id="a b")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -179,7 +179,7 @@ def test_settings_and_flags(tiny_models):
     assert settings.kafka.topic(topics.POLICY_UPDATES) == "prod.policy-updates"
     plain = settings_from_args(parser.parse_args(["--model", str(tiny_models["policy"])]))
     assert not plain.follow_updates and plain.kafka is None
-    with pytest.raises(SettingsError, match="kafka.bootstrap_servers"):
+    with pytest.raises(ConfigError, match="kafka.bootstrap_servers"):
         settings_from_args(parser.parse_args(
             ["--model", str(tiny_models["policy"]), "--follow-updates", "--kafka-bootstrap-servers", "nohost"]
         ))

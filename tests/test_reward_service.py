@@ -18,7 +18,7 @@ from arbiter.hf import read_metadata, tokenizer_fingerprint
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.background import BackgroundServer
-from services.common.settings import SettingsError
+from arbiter.config import ConfigError
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 
@@ -456,11 +456,11 @@ def test_any_hf_sequence_classification_checkpoint_loads(tmp_path, tiny_models):
 
 
 def test_settings_errors_name_the_field(tiny_models):
-    with pytest.raises(SettingsError, match="port=70000"):
+    with pytest.raises(ConfigError, match="port=70000"):
         RewardSettings(model_dir=str(tiny_models["reward"]), port=70000)
-    with pytest.raises(SettingsError, match="max_queue_size"):
+    with pytest.raises(ConfigError, match="max_queue_size"):
         RewardSettings(model_dir=str(tiny_models["reward"]), max_batch_size=64, max_queue_size=8)
-    with pytest.raises(SettingsError, match="model_dir"):
+    with pytest.raises(ConfigError, match="model_dir"):
         RewardSettings()
 
 

@@ -18,7 +18,8 @@ from rm_fixtures import rule_rows, write_jsonl
 
 from arbiter.cli import main as cli_main
 from arbiter.hf import read_metadata
-from arbiter.rm.config import ConfigError, config_from_dict, load_config
+from arbiter.config import ConfigError
+from arbiter.rm.config import config_from_dict, load_config
 from arbiter.rm.data import DataError, DatasetError, ServiceEncoder, load_jsonl, parse_row
 from arbiter.rm.losses import (
     all_pairs_bradley_terry_loss,

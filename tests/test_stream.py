@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from arbiter.config import ConfigError
 from arbiter.errors import InvalidInput
 from arbiter.stream import (
     BrokerError,
     CommitError,
     ConsumerObserver,
     KafkaSettings,
-    KafkaSettingsError,
     PayloadError,
     ProduceError,
     ProducerObserver,
@@ -125,7 +125,7 @@ def drain(consumer: StreamConsumer, expected: int, timeout_s: float = 30.0, idle
     ],
 )
 def test_settings_errors_name_the_field(changes, field, text):
-    with pytest.raises(KafkaSettingsError) as err:
+    with pytest.raises(ConfigError) as err:
         KafkaSettings(**changes)
     assert err.value.field == field
     assert str(err.value).startswith(f"{field}: ")
@@ -150,7 +150,7 @@ def test_settings_from_env_and_secrets_stay_hidden(tmp_path):
     assert settings.session_timeout_ms == 6000 and settings.ssl_check_hostname is False
     assert settings.client_id == "t1"
     assert "s3cret" not in repr(settings)
-    with pytest.raises(KafkaSettingsError, match=r"^session_timeout_ms: ARBITER_KAFKA_SESSION_TIMEOUT_MS='6s'"):
+    with pytest.raises(ConfigError, match=r"^session_timeout_ms: ARBITER_KAFKA_SESSION_TIMEOUT_MS='6s'"):
         KafkaSettings.from_env({"ARBITER_KAFKA_SESSION_TIMEOUT_MS": "6s"})
     assert KafkaSettings(topic_prefix="dev.").topic(topics.ROLLOUTS) == "dev.rollouts"
 
@@ -166,7 +166,7 @@ def test_settings_from_command_line(monkeypatch):
     settings = kafka_settings_from_args(args, session_timeout_ms=6000)
     assert settings.bootstrap_servers == ("a:1", "b:2")  # flags win over the environment
     assert (settings.client_id, settings.topic_prefix, settings.session_timeout_ms) == ("from-env", "staging.", 6000)
-    with pytest.raises(KafkaSettingsError, match="^bootstrap_servers: 'nope' is not host:port"):
+    with pytest.raises(ConfigError, match="^bootstrap_servers: 'nope' is not host:port"):
         kafka_settings_from_args(parser.parse_args(["--kafka-bootstrap-servers", "nope"]))
 
 

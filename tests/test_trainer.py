@@ -10,7 +10,8 @@ import torch
 from arbiter.hf import read_metadata
 from trainer.batch import Trajectory, collate
 from trainer.checkpoint import latest_checkpoint
-from trainer.config import ConfigError, config_from_dict
+from arbiter.config import ConfigError
+from trainer.config import config_from_dict
 from trainer.loop import PPOTrainer
 from trainer.step import policy_outputs
 from tests.rollout_fixtures import sample_trajectories

@@ -31,7 +31,7 @@ from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.background import BackgroundServer
 from services.common.errors import status_for
-from services.common.settings import SettingsError
+from arbiter.config import ConfigError
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 
@@ -183,13 +183,13 @@ def test_export_refusals_name_the_problem(repo, tiny_models, tmp_path):
 
 def test_backend_settings_errors_name_the_field(repo):
     path = str(repo / MODEL / "1")
-    with pytest.raises(SettingsError, match="backend='onnx'"):
+    with pytest.raises(ConfigError, match="backend='onnx'"):
         RewardSettings(model_dir=path, backend="onnx")
-    with pytest.raises(SettingsError, match="triton_url=''"):
+    with pytest.raises(ConfigError, match="triton_url=''"):
         RewardSettings(model_dir=path, backend="triton", triton_model=MODEL)
-    with pytest.raises(SettingsError, match="triton_model=''"):
+    with pytest.raises(ConfigError, match="triton_model=''"):
         RewardSettings(model_dir=path, backend="triton", triton_url="127.0.0.1:8001")
-    with pytest.raises(SettingsError, match="triton_max_in_flight=0"):
+    with pytest.raises(ConfigError, match="triton_max_in_flight=0"):
         RewardSettings(model_dir=path, triton_max_in_flight=0)
 
 

@@ -24,7 +24,7 @@ from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
 from services.common.background import BackgroundServer
 from services.common.errors import status_for
-from services.common.settings import SettingsError
+from arbiter.config import ConfigError
 from services.reference.server import create_server, settings_from_args
 from services.reference.settings import ReferenceSettings
 
@@ -187,11 +187,11 @@ def test_cli_flags_select_the_triton_backend(repo):
     # Triton's dynamic batcher waits; Arbiter does not wait twice.
     assert config.batching.max_queue_delay_s == 0.0
     assert ReferenceSettings(model_dir=path).engine_config().batching.max_queue_delay_s == 0.002
-    with pytest.raises(SettingsError, match="triton_url=''"):
+    with pytest.raises(ConfigError, match="triton_url=''"):
         ReferenceSettings(model_dir=path, backend="triton", triton_model=MODEL)
-    with pytest.raises(SettingsError, match="triton_model=''"):
+    with pytest.raises(ConfigError, match="triton_model=''"):
         ReferenceSettings(model_dir=path, backend="triton", triton_url="127.0.0.1:8001")
-    with pytest.raises(SettingsError, match="backend='onnx'"):
+    with pytest.raises(ConfigError, match="backend='onnx'"):
         ReferenceSettings(model_dir=path, backend="onnx")
 
 

@@ -23,7 +23,7 @@ from arbiter.stream import StreamConsumer, StreamProducer, TopicPartition, ensur
 from arbiter.stream.broker import free_port
 from arbiter.v1 import policy_pb2, reward_pb2, rollout_pb2
 from services.common.background import BackgroundServer
-from services.common.settings import SettingsError
+from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy
 from services.policy.settings import PolicySettings
@@ -313,7 +313,7 @@ def test_prompt_file_edge_cases(tmp_path):
 def test_settings_errors_name_the_field(changes, needle):
     values = dict(policy_target="h:1", reward_target="h:2", reference_target="h:3")
     values.update(changes)
-    with pytest.raises(SettingsError) as err:
+    with pytest.raises(ConfigError) as err:
         WorkerSettings(**values)
     assert needle in str(err.value)
 

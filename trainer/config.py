@@ -12,14 +12,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
-
-
-def _require(condition: bool, path: str, allowed: str, value: Any) -> None:
-    if not condition:
-        raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
+from arbiter.config import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -33,11 +26,11 @@ class KLConfig:
     estimator: str = "k1"
 
     def validate(self, prefix: str) -> None:
-        _require(self.mode in ("adaptive", "fixed"), f"{prefix}.mode", "one of adaptive, fixed", self.mode)
-        _require(self.init_coef >= 0, f"{prefix}.init_coef", "must be >= 0", self.init_coef)
-        _require(self.target > 0, f"{prefix}.target", "must be > 0", self.target)
-        _require(self.horizon >= 1, f"{prefix}.horizon", "must be >= 1", self.horizon)
-        _require(self.estimator in ("k1", "k2", "k3"), f"{prefix}.estimator", "one of k1, k2, k3", self.estimator)
+        require(self.mode in ("adaptive", "fixed"), f"{prefix}.mode", "one of adaptive, fixed", self.mode)
+        require(self.init_coef >= 0, f"{prefix}.init_coef", "must be >= 0", self.init_coef)
+        require(self.target > 0, f"{prefix}.target", "must be > 0", self.target)
+        require(self.horizon >= 1, f"{prefix}.horizon", "must be >= 1", self.horizon)
+        require(self.estimator in ("k1", "k2", "k3"), f"{prefix}.estimator", "one of k1, k2, k3", self.estimator)
 
 
 @dataclass(frozen=True)
@@ -49,9 +42,9 @@ class LoRAConfig:
     target_modules: tuple[str, ...] | None = None
 
     def validate(self, prefix: str) -> None:
-        _require(self.r >= 1, f"{prefix}.r", "must be >= 1", self.r)
-        _require(self.alpha >= 1, f"{prefix}.alpha", "must be >= 1", self.alpha)
-        _require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)", self.dropout)
+        require(self.r >= 1, f"{prefix}.r", "must be >= 1", self.r)
+        require(self.alpha >= 1, f"{prefix}.alpha", "must be >= 1", self.alpha)
+        require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)", self.dropout)
 
 
 @dataclass(frozen=True)
@@ -88,35 +81,35 @@ class PPOConfig:
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "minibatch_size", "epochs", "samples_per_prompt", "ptx_batch_size"):
-            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
-        _require(
+            require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
+        require(
             self.minibatch_size <= self.batch_size, f"{prefix}.minibatch_size",
             f"must be <= batch_size ({self.batch_size})", self.minibatch_size,
         )
-        _require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0", self.learning_rate)
-        _require(0 < self.clip_coef < 1, f"{prefix}.clip_coef", "must be in (0, 1)", self.clip_coef)
+        require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0", self.learning_rate)
+        require(0 < self.clip_coef < 1, f"{prefix}.clip_coef", "must be in (0, 1)", self.clip_coef)
         if self.value_clip_coef is not None:
-            _require(self.value_clip_coef > 0, f"{prefix}.value_clip_coef", "must be > 0 or null", self.value_clip_coef)
-        _require(0 <= self.gamma <= 1, f"{prefix}.gamma", "must be in [0, 1]", self.gamma)
-        _require(0 <= self.lam <= 1, f"{prefix}.lam", "must be in [0, 1]", self.lam)
-        _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0", self.max_grad_norm)
-        _require(self.advantage in ("gae", "rloo", "grpo"), f"{prefix}.advantage", "one of gae, rloo, grpo", self.advantage)
+            require(self.value_clip_coef > 0, f"{prefix}.value_clip_coef", "must be > 0 or null", self.value_clip_coef)
+        require(0 <= self.gamma <= 1, f"{prefix}.gamma", "must be in [0, 1]", self.gamma)
+        require(0 <= self.lam <= 1, f"{prefix}.lam", "must be in [0, 1]", self.lam)
+        require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0", self.max_grad_norm)
+        require(self.advantage in ("gae", "rloo", "grpo"), f"{prefix}.advantage", "one of gae, rloo, grpo", self.advantage)
         if self.advantage != "gae":
-            _require(
+            require(
                 self.samples_per_prompt >= 2, f"{prefix}.samples_per_prompt",
                 f"must be >= 2 for the {self.advantage} estimator (it compares samples of one prompt)",
                 self.samples_per_prompt,
             )
-            _require(
+            require(
                 self.batch_size % self.samples_per_prompt == 0, f"{prefix}.batch_size",
                 f"must be a multiple of samples_per_prompt ({self.samples_per_prompt}) for {self.advantage}",
                 self.batch_size,
             )
-        _require(self.temperature > 0, f"{prefix}.temperature", "must be > 0", self.temperature)
-        _require(self.max_staleness >= 0, f"{prefix}.max_staleness", "must be >= 0", self.max_staleness)
-        _require(self.ptx_coef >= 0, f"{prefix}.ptx_coef", "must be >= 0", self.ptx_coef)
+        require(self.temperature > 0, f"{prefix}.temperature", "must be > 0", self.temperature)
+        require(self.max_staleness >= 0, f"{prefix}.max_staleness", "must be >= 0", self.max_staleness)
+        require(self.ptx_coef >= 0, f"{prefix}.ptx_coef", "must be >= 0", self.ptx_coef)
         if self.ptx_coef > 0:
-            _require(
+            require(
                 self.ptx_data is not None and Path(self.ptx_data).is_file(), f"{prefix}.ptx_data",
                 "must be an existing text file (one pretraining document per line) when ptx_coef > 0", self.ptx_data,
             )
@@ -151,13 +144,13 @@ class TrainerConfig:
     kafka: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(bool(self.model_dir), "model_dir", "must name the initial policy's Hugging Face directory", self.model_dir)
-        _require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be non-empty, without '/'", self.run_name)
+        require(bool(self.model_dir), "model_dir", "must name the initial policy's Hugging Face directory", self.model_dir)
+        require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be non-empty, without '/'", self.run_name)
         if self.max_updates is not None:
-            _require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
+            require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
         for name in ("publish_every", "checkpoint_every", "keep_checkpoints", "dedupe_window"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        _require(
+            require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require(
             self.publish_every % self.checkpoint_every == 0, "publish_every",
             f"must be a multiple of checkpoint_every ({self.checkpoint_every}): a published version must be "
             "covered by a checkpoint, or a restart would publish it twice", self.publish_every,

@@ -10,7 +10,8 @@ import threading
 from prometheus_client import start_http_server
 
 from arbiter.stream import KafkaSettings, StreamError
-from trainer.config import ConfigError, TrainerConfig, load_config
+from arbiter.config import ConfigError
+from trainer.config import TrainerConfig, load_config
 
 log = logging.getLogger("arbiter.trainer")
 

@@ -33,17 +33,10 @@ from typing import Any
 
 import yaml
 
+from arbiter.config import ConfigError, require
+
 RANKING_LOSSES = ("plackett_luce", "all_pairs")
 TRUNCATIONS = ("reject", "left", "right")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _require(condition: bool, path: str, allowed: str, value: Any) -> None:
-    if not condition:
-        raise ConfigError(f"{path}={value!r} is invalid: {allowed}")
 
 
 def _files(value: Any, path: str) -> tuple[str, ...]:
@@ -51,7 +44,7 @@ def _files(value: Any, path: str) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
-    _require(
+    require(
         isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value),
         path, "must be a file path or a list of file paths", value,
     )
@@ -80,10 +73,10 @@ class TopicConfig:
     max_train_seconds: float = 3600.0
 
     def validate(self, prefix: str) -> None:
-        _require(self.idle_timeout_s > 0, f"{prefix}.idle_timeout_s", "must be > 0", self.idle_timeout_s)
+        require(self.idle_timeout_s > 0, f"{prefix}.idle_timeout_s", "must be > 0", self.idle_timeout_s)
         if self.max_records is not None:
-            _require(self.max_records >= 1, f"{prefix}.max_records", "must be >= 1 or null", self.max_records)
-        _require(self.max_train_seconds >= 1, f"{prefix}.max_train_seconds", "must be >= 1", self.max_train_seconds)
+            require(self.max_records >= 1, f"{prefix}.max_records", "must be >= 1 or null", self.max_records)
+        require(self.max_train_seconds >= 1, f"{prefix}.max_train_seconds", "must be >= 1", self.max_train_seconds)
 
 
 @dataclass(frozen=True)
@@ -130,43 +123,43 @@ class RMTrainConfig:
     def __post_init__(self) -> None:
         for name in ("data", "eval_data", "reference_data"):
             object.__setattr__(self, name, _files(getattr(self, name), name))
-        _require(bool(self.model_dir), "model_dir", "must name a Hugging Face model directory", self.model_dir)
-        _require(
+        require(bool(self.model_dir), "model_dir", "must name a Hugging Face model directory", self.model_dir)
+        require(
             bool(self.name) and "/" not in self.name and not self.name.startswith("."),
             "name", "must be non-empty, without '/', not starting with '.'", self.name,
         )
-        _require(bool(self.registry), "registry", "must name the registry directory", self.registry)
-        _require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)", self.eval_fraction)
+        require(bool(self.registry), "registry", "must name the registry directory", self.registry)
+        require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)", self.eval_fraction)
         for name in ("epochs", "batch_size", "eval_batch_size", "calibration_size"):
-            _require(
+            require(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1",
                 getattr(self, name),
             )
-        _require(self.calibration_size >= 2, "calibration_size", "must be >= 2 (a std needs two scores)",
+        require(self.calibration_size >= 2, "calibration_size", "must be >= 2 (a std needs two scores)",
                  self.calibration_size)
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
-        _require(self.ranking_loss in RANKING_LOSSES, "ranking_loss", f"one of {', '.join(RANKING_LOSSES)}",
+        require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
+        require(self.ranking_loss in RANKING_LOSSES, "ranking_loss", f"one of {', '.join(RANKING_LOSSES)}",
                  self.ranking_loss)
-        _require(self.truncation in TRUNCATIONS, "truncation", f"one of {', '.join(TRUNCATIONS)}", self.truncation)
+        require(self.truncation in TRUNCATIONS, "truncation", f"one of {', '.join(TRUNCATIONS)}", self.truncation)
         if self.max_tokens is not None:
-            _require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or null", self.max_tokens)
+            require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or null", self.max_tokens)
         if self.min_eval_accuracy is not None:
-            _require(0 <= self.min_eval_accuracy <= 1, "min_eval_accuracy", "must be in [0, 1] or null",
+            require(0 <= self.min_eval_accuracy <= 1, "min_eval_accuracy", "must be in [0, 1] or null",
                      self.min_eval_accuracy)
         if self.torch_threads is not None:
-            _require(self.torch_threads >= 1, "torch_threads", "must be >= 1 or null", self.torch_threads)
-        _require(isinstance(self.kafka, dict), "kafka", "must be a mapping of KafkaSettings fields", self.kafka)
+            require(self.torch_threads >= 1, "torch_threads", "must be >= 1 or null", self.torch_threads)
+        require(isinstance(self.kafka, dict), "kafka", "must be a mapping of KafkaSettings fields", self.kafka)
         self.topic.validate("topic")
 
     def check_sources(self, from_topic: bool) -> None:
         """Training needs data files, the topic, or both."""
-        _require(bool(self.data) or from_topic, "data", "must list training files (or train with --from-topic)",
+        require(bool(self.data) or from_topic, "data", "must list training files (or train with --from-topic)",
                  self.data)
         for name in ("data", "eval_data", "reference_data"):
             for i, path in enumerate(getattr(self, name)):
-                _require(Path(path).is_file(), f"{name}[{i}]", "must be an existing JSONL file", path)
+                require(Path(path).is_file(), f"{name}[{i}]", "must be an existing JSONL file", path)
 
 
 _NESTED = {"topic": TopicConfig}

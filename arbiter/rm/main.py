@@ -23,7 +23,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_main(args) -> int:
     from arbiter.errors import ArbiterError
-    from arbiter.rm.config import ConfigError, load_config
+    from arbiter.config import ConfigError
+    from arbiter.rm.config import load_config
     from arbiter.rm.data import DatasetError
 
     try:

@@ -8,7 +8,6 @@ component (topics, groups, headers) in ``arbiter.stream.topics``; payload
 from arbiter.stream.errors import (
     BrokerError,
     CommitError,
-    KafkaSettingsError,
     PayloadError,
     ProduceError,
     SchemaVersionError,
@@ -35,7 +34,7 @@ from arbiter.stream.types import (
 
 __all__ = [
     "BrokerError", "CommitError", "ConsumedRecord", "ConsumerObserver", "ConsumerStats", "Delivery",
-    "KafkaSettings", "KafkaSettingsError", "PayloadError", "ProduceError", "ProducerObserver", "ProducerStats",
+    "KafkaSettings", "PayloadError", "ProduceError", "ProducerObserver", "ProducerStats",
     "RecordBatch", "RejectedRecord", "SchemaVersionError", "StreamConsumer", "StreamError", "StreamProducer",
     "TopicError", "TopicPartition", "add_kafka_arguments", "delete_topics", "ensure_topics",
     "kafka_settings_from_args", "list_topics", "merge_offsets", "next_offsets", "offsets_from_json",

@@ -9,14 +9,6 @@ class StreamError(ArbiterError):
     """Base class for everything the streaming layer raises."""
 
 
-class KafkaSettingsError(StreamError, ValueError):
-    """A KafkaSettings field is invalid; ``field`` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
 class TopicError(StreamError):
     """A topic is missing or has the wrong shape (e.g. too few partitions)."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from arbiter.stream.errors import KafkaSettingsError
+from arbiter.config import ConfigError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # Username/password mechanisms; Kerberos and OAuth need more than settings.
@@ -28,7 +28,7 @@ _TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-]*$")
 
 def _require(condition: bool, name: str, message: str) -> None:
     if not condition:
-        raise KafkaSettingsError(name, message)
+        raise ConfigError(f"{name}: {message}", name)
 
 
 @dataclass(frozen=True)
@@ -215,12 +215,12 @@ def _parse_env(name: str, type_text: str, raw: str) -> Any:
             return True
         if raw.lower() in ("0", "false", "no"):
             return False
-        raise KafkaSettingsError(name, f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean")
+        raise ConfigError(f"{name}: {ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", name)
     if type_text.startswith("int"):
         try:
             return int(raw)
         except ValueError:
-            raise KafkaSettingsError(name, f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer") from None
+            raise ConfigError(f"{name}: {ENV_PREFIX}{name.upper()}={raw!r} is not an integer", name) from None
     return raw
 
 

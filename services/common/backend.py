@@ -13,7 +13,7 @@ from typing import Any
 
 from arbiter.backends import BACKENDS, BackendConfig
 from arbiter.batching import BatchingConfig
-from services.common.settings import require
+from arbiter.config import require
 
 BACKEND_FIELDS = (
     "backend", "triton_url", "triton_model", "triton_timeout_s", "triton_retry_s", "triton_max_in_flight",

@@ -9,18 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from arbiter.config import require
 
 LOOPBACK = "127.0.0.1"
-
-
-class SettingsError(ValueError):
-    pass
-
-
-def require(condition: bool, field: str, allowed: str, value: Any) -> None:
-    if not condition:
-        raise SettingsError(f"{field}={value!r} is invalid: {allowed}")
 
 
 @dataclass(frozen=True)

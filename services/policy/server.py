@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from arbiter.policy.engine import PolicyEngine
 from arbiter.stream import topics
-from arbiter.stream.errors import KafkaSettingsError
+from arbiter.config import ConfigError
 from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_args
 from arbiter.v1 import common_pb2, common_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.common.model_service import ModelServicer
@@ -22,7 +22,6 @@ from services.common.server import (
     server_settings_from_args,
     start_server,
 )
-from services.common.settings import SettingsError
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
@@ -110,8 +109,8 @@ def settings_from_args(args: argparse.Namespace) -> PolicySettings:
     if args.follow_updates:
         try:
             kafka = kafka_settings_from_args(args)
-        except KafkaSettingsError as err:
-            raise SettingsError(f"kafka.{err}") from None
+        except ConfigError as err:
+            raise err.under("kafka") from None
     return PolicySettings(
         **server_settings_from_args(args),
         max_prompts_per_request=args.max_prompts_per_request,

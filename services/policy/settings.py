@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from arbiter.policy.engine import PolicyEngineConfig
 from arbiter.stream import KafkaSettings
-from services.common.settings import ServerSettings, require
+from arbiter.config import require
+from services.common.settings import ServerSettings
 
 _REPLICA_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 from arbiter.reference.engine import ReferenceEngineConfig
 from services.common.backend import backend_config, batching_config, check_backend_settings, check_batching_settings
-from services.common.settings import ServerSettings, require
+from arbiter.config import require
+from services.common.settings import ServerSettings
 
 
 @dataclass(frozen=True)

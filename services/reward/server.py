@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client import CollectorRegistry
 
 from arbiter.reward.engine import RewardEngine
-from arbiter.stream.settings import KafkaSettingsError, add_kafka_arguments, kafka_settings_from_args
+from arbiter.config import ConfigError
+from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_args
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.backend import add_backend_arguments, backend_kwargs_from_args
 from services.common.model_service import ModelServicer
@@ -22,7 +23,6 @@ from services.common.server import (
     server_settings_from_args,
     start_server,
 )
-from services.common.settings import SettingsError
 from services.reward.feedback import PreferenceFeedback
 from services.reward.metrics import RewardMetrics
 from services.reward.servicer import RewardServicer
@@ -117,5 +117,5 @@ def _kafka_from_args(args: argparse.Namespace):
         return None
     try:
         return kafka_settings_from_args(args)
-    except KafkaSettingsError as err:
-        raise SettingsError(f"kafka.{err}") from None
+    except ConfigError as err:
+        raise err.under("kafka") from None

@@ -6,7 +6,8 @@ from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
 from arbiter.stream import KafkaSettings
 from services.common.backend import backend_config, batching_config, check_backend_settings, check_batching_settings
-from services.common.settings import ServerSettings, require
+from arbiter.config import require
+from services.common.settings import ServerSettings
 
 
 @dataclass(frozen=True)

@@ -95,14 +95,13 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 
 def main(args: argparse.Namespace) -> int:
     from arbiter.stream import topics
-    from arbiter.stream.errors import KafkaSettingsError
-    from services.common.settings import SettingsError
+    from arbiter.config import ConfigError
     from services.worker.prompts import PromptError
     from services.worker.worker import RolloutWorker, WorkerError
 
     try:
         settings = settings_from_args(args)
-    except (SettingsError, KafkaSettingsError) as err:
+    except ConfigError as err:
         print(f"arbiter worker: {err}", file=sys.stderr)
         return 2
     stop = threading.Event()

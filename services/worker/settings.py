@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from arbiter.stream import KafkaSettings
-from services.common.settings import require
+from arbiter.config import require
 from services.worker.gold import GOLD_SCORERS
 
 TRUNCATIONS = ("reject", "left", "right")
