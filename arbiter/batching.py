@@ -20,9 +20,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Generic, Protocol, TypeVar
 
+from arbiter.config import flag, require
 from arbiter.errors import Overloaded, ShuttingDown
 
 T = TypeVar("T")
@@ -43,24 +44,41 @@ class _NullObserver:
         pass
 
 
+# Arbiter-side queue delay by backend when none is set: Triton's own dynamic
+# batcher does the waiting (waiting twice only adds latency; while Arbiter's
+# batches are in flight, new items still accumulate into the next one).
+DEFAULT_QUEUE_DELAY_MS = {"torch": 2.0, "triton": 0.0}
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 32
-    max_queue_delay_s: float = 0.002
+    max_batch_size: int = field(default=32, metadata=flag(help="items per model forward pass"))
+    # None: the backend's default (DEFAULT_QUEUE_DELAY_MS).
+    max_queue_delay_ms: float | None = field(default=None, metadata=flag(
+        help="wait for a batch to fill (default: 2 ms in-process, 0 with Triton, which batches itself)"))
     # Items waiting, across all requests; beyond it requests get Overloaded.
-    max_queue_size: int = 4096
+    max_queue_size: int = field(default=4096, metadata=flag(help="items waiting across requests"))
     # Off: each request is run as its own batch(es), never merged with others.
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=flag("--no-dynamic-batching", help="run each request as its own batch"))
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_s < 0:
-            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
-        if self.max_queue_size < self.max_batch_size:
-            raise ValueError(
-                f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size ({self.max_batch_size})"
-            )
+        require(self.max_batch_size >= 1, "max_batch_size", "must be >= 1", self.max_batch_size)
+        if self.max_queue_delay_ms is not None:
+            require(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", "must be >= 0 or unset",
+                    self.max_queue_delay_ms)
+        require(self.max_queue_size >= self.max_batch_size, "max_queue_size",
+                f"must be >= max_batch_size ({self.max_batch_size})", self.max_queue_size)
+
+    def for_backend(self, backend: str) -> BatchingConfig:
+        """With the queue delay resolved for ``backend`` when unset."""
+        if self.max_queue_delay_ms is not None:
+            return self
+        return replace(self, max_queue_delay_ms=DEFAULT_QUEUE_DELAY_MS.get(backend, DEFAULT_QUEUE_DELAY_MS["torch"]))
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        delay = self.max_queue_delay_ms
+        return (DEFAULT_QUEUE_DELAY_MS["torch"] if delay is None else delay) / 1000.0
 
 
 @dataclass

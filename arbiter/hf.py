@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from arbiter.errors import ModelLoadError
-from arbiter.types import NormalizationStats
+from arbiter.types import ModelInfo, NormalizationStats
 
 METADATA_FILE = "arbiter.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -165,3 +166,49 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_config(model_dir: str | os.PathLike):
+    """The checkpoint's Hugging Face config (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # transformers raises many types here
+        raise ModelLoadError(f"cannot read the model config in {str(model_dir)!r}: {err}") from err
+
+
+def describe(
+    kind: str,
+    root: Path,
+    *,
+    source_path: str | os.PathLike,
+    tokenizer,
+    config,
+    version: str | None,
+    max_tokens: int | None,
+    backend: str,
+    extra: dict[str, str] | None = None,
+) -> ModelInfo:
+    """The one ``ModelInfo`` builder, for every kind and backend. ``root`` holds
+    arbiter.json (name, version label, normalization statistics); ``config``
+    is the HF config of the weights served. ``vocab_size`` is the model's id
+    space (its text config's ``vocab_size``): token ids at or above it index
+    no embedding row, whatever the tokenizer's length."""
+    meta = read_metadata(root)
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    if not isinstance(vocab_size, int):
+        raise ModelLoadError(f"{str(root)!r}: config.json names no vocab_size")
+    return ModelInfo(
+        kind=kind,
+        name=meta.name or root.name,
+        version=version or meta.version or content_version(root),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        max_tokens=model_max_tokens(config, tokenizer, max_tokens),
+        vocab_size=vocab_size,
+        source_path=str(Path(source_path).resolve()),
+        backend=backend,
+        normalization=meta.normalization,
+        loaded_at=time.time(),
+        extra=extra or {},
+    )

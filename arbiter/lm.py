@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from arbiter.errors import InvalidInput, ModelLoadError
-from arbiter.hf import (
-    check_checkpoint_dir,
-    content_version,
-    load_tokenizer,
-    model_max_tokens,
-    quiet_transformers,
-    read_metadata,
-    tokenizer_fingerprint,
-)
+from arbiter.hf import check_checkpoint_dir, describe, load_tokenizer, quiet_transformers
 from arbiter.types import ModelInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -110,19 +101,11 @@ def _adapter_base(root: Path, base_dir: str | Path | None) -> Path:
     )
 
 
-def load_causal_lm(
-    model_dir: str | Path,
-    *,
-    kind: str,
-    version: str | None = None,
-    base_dir: str | Path | None = None,
-    max_tokens: int | None = None,
-) -> LoadedLM:
-    """A full checkpoint, or a LoRA adapter (``adapter_config.json``) merged
-    into a fresh copy of its base so inference costs the same as a full model.
-    A directory without tokenizer files uses ``base_dir``'s tokenizer."""
-    root = check_checkpoint_dir(model_dir)
-    meta = read_metadata(root)
+def load_causal_weights(root: Path, base_dir: str | Path | None = None) -> tuple[object, object]:
+    """(model, tokenizer) of a full checkpoint, or of a LoRA adapter
+    (``adapter_config.json``) merged into a fresh copy of its base so inference
+    costs the same as a full model. A directory without tokenizer files uses
+    ``base_dir``'s tokenizer. Blocking; weights float32, in eval mode."""
     if is_adapter_dir(root):
         base = _adapter_base(root, base_dir)
         model = _from_pretrained(base)
@@ -143,32 +126,40 @@ def load_causal_lm(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    info = ModelInfo(
-        kind=kind,
-        name=meta.name or root.name,
-        version=version or meta.version or content_version(root),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        max_tokens=model_max_tokens(model.config, tokenizer, max_tokens),
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        source_path=str(root.resolve()),
-        loaded_at=time.time(),
-        extra={"adapter": "true"} if is_adapter_dir(root) else {},
+    return model, tokenizer
+
+
+def load_causal_lm(
+    model_dir: str | Path,
+    *,
+    kind: str,
+    version: str | None = None,
+    base_dir: str | Path | None = None,
+    max_tokens: int | None = None,
+) -> LoadedLM:
+    """``load_causal_weights`` plus the version's ``ModelInfo`` and parameter
+    shapes, checked to give finite logits."""
+    root = check_checkpoint_dir(model_dir)
+    model, tokenizer = load_causal_weights(root, base_dir)
+    info = describe(
+        kind, root, source_path=root, tokenizer=tokenizer, config=model.config, version=version,
+        max_tokens=max_tokens, backend="torch", extra={"adapter": "true"} if is_adapter_dir(root) else None,
     )
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loaded = LoadedLM(model, tokenizer, info, shapes)
-    probe_finite(loaded)
+    probe_finite(model, tokenizer)
     return loaded
 
 
-def probe_finite(lm: LoadedLM) -> None:
+def probe_finite(model, tokenizer) -> None:
     """Refuse a version whose forward pass fails or gives non-finite logits
     (a diverged training step, NaN weights)."""
     import torch
 
-    ids = lm.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
     try:
         with torch.inference_mode():
-            logits = lm.model(input_ids=torch.tensor([ids], dtype=torch.long)).logits
+            logits = model(input_ids=torch.tensor([ids], dtype=torch.long)).logits
     except Exception as err:
         raise ModelLoadError(f"probe forward pass failed: {err}") from err
     bad = int((~torch.isfinite(logits)).sum())

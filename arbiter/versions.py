@@ -8,7 +8,6 @@ a lock, after the new version has been fully loaded and validated.
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from typing import Generic, TypeVar
 
 from arbiter.errors import FailedPrecondition, VersionNotFound
@@ -63,27 +62,14 @@ class ModelVersions(Generic[E]):
                 )
             return self._entries.pop(version)
 
+    def versions(self) -> list[str]:
+        """Loaded labels, oldest load first."""
+        with self._lock:
+            return list(self._entries)
+
     def items(self) -> list[tuple[str, E]]:
         with self._lock:
             return list(self._entries.items())
 
     def is_active(self, version: str) -> bool:
         return version == self._active
-
-
-class VersionQueries:
-    """``info`` / ``list_versions`` / ``active_version`` for an engine whose
-    ``self._versions`` entries carry ``.model.info`` (reward, reference)."""
-
-    _versions: ModelVersions
-
-    def info(self, version: str = ""):
-        entry = self._versions.get(version)
-        return replace(entry.model.info, active=self._versions.is_active(entry.model.info.version))
-
-    def list_versions(self) -> list:
-        return [self.info(version) for version, _ in self._versions.items()]
-
-    @property
-    def active_version(self) -> str | None:
-        return self._versions.active_version

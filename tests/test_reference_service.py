@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed
 
+from arbiter.batching import BatchingConfig
 from arbiter.v1 import reference_pb2
 from services.common.background import BackgroundServer
 from services.common.pairing import TokenizerMismatch, check_tokenizer_pair
@@ -34,7 +35,7 @@ def policy_dir(tiny_models):
 @pytest.fixture(scope="module")
 def server(policy_dir):
     # The reference is the policy's initial weights, as in RLHF.
-    settings = ReferenceSettings(model_dir=str(policy_dir), port=0, metrics_port=0, max_queue_delay_ms=5.0)
+    settings = ReferenceSettings(model_dir=str(policy_dir), port=0, metrics_port=0, batching=BatchingConfig(max_queue_delay_ms=5.0))
     with BackgroundServer(lambda: create_server(settings)) as running:
         yield running
 

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from arbiter.batching import BatchingConfig
 from arbiter.hf import read_metadata, tokenizer_fingerprint
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -70,7 +71,7 @@ def reference(tiny_models):
 def server(tiny_models):
     settings = RewardSettings(
         model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, max_items_per_request=16,
-        max_queue_delay_ms=20.0,
+        batching=BatchingConfig(max_queue_delay_ms=20.0),
     )
     with BackgroundServer(lambda: create_server(settings)) as srv:
         yield srv
@@ -397,7 +398,7 @@ def test_bad_checkpoints_are_refused_and_nothing_changes(tmp_path, tiny_models, 
 
 def test_graceful_stop_drains_in_flight_requests(tiny_models):
     # A long queue delay keeps the request in flight while stop() begins.
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, max_queue_delay_ms=800.0, max_batch_size=64)
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, batching=BatchingConfig(max_queue_delay_ms=800.0, max_batch_size=64))
     srv = BackgroundServer(lambda: create_server(settings))
     channel = grpc.insecure_channel(srv.target)
     stub = reward_pb2_grpc.RewardServiceStub(channel)
@@ -459,7 +460,7 @@ def test_settings_errors_name_the_field(tiny_models):
     with pytest.raises(ConfigError, match="port=70000"):
         RewardSettings(model_dir=str(tiny_models["reward"]), port=70000)
     with pytest.raises(ConfigError, match="max_queue_size"):
-        RewardSettings(model_dir=str(tiny_models["reward"]), max_batch_size=64, max_queue_size=8)
+        RewardSettings(model_dir=str(tiny_models["reward"]), batching=BatchingConfig(max_batch_size=64, max_queue_size=8))
     with pytest.raises(ConfigError, match="model_dir"):
         RewardSettings()
 
@@ -499,7 +500,7 @@ def test_expired_request_frees_its_batch_slot(tiny_models):
     """A request whose deadline passes while queued is cancelled server-side
     and never reaches the model."""
     settings = RewardSettings(
-        model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, max_queue_delay_ms=600.0, max_batch_size=64
+        model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, batching=BatchingConfig(max_queue_delay_ms=600.0, max_batch_size=64)
     )
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
@@ -512,6 +513,6 @@ def test_expired_request_frees_its_batch_slot(tiny_models):
         assert len(ok.results) == 1
         # Only the live request's single item was run: the expired three were skipped.
         assert batch_sizes._sum.get() == 1.0
-        assert srv.engine._versions.get().batcher.queue_depth == 0
+        assert srv.engine.models.get().batcher.queue_depth == 0
         text = metrics_text(srv)
         assert 'arbiter_requests_total{code="DEADLINE_EXCEEDED",method="Score",service="reward"} 1.0' in text

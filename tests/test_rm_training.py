@@ -16,6 +16,7 @@ import pytest
 import torch
 from rm_fixtures import rule_rows, write_jsonl
 
+from arbiter.batching import BatchingConfig
 from arbiter.cli import main as cli_main
 from arbiter.hf import read_metadata
 from arbiter.config import ConfigError
@@ -355,7 +356,7 @@ def _chat(messages):
 
 
 def test_trained_version_swaps_in_live_and_serves_its_own_statistics(first_version, tiny_models, data_files):
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, max_queue_delay_ms=1.0)
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, batching=BatchingConfig(max_queue_delay_ms=1.0))
     probe = reward_pb2.ScoreRequest(inputs=[_text("Say something.", " great sunny weather!!")],
                                     options=reward_pb2.ScoreOptions(normalize=True))
     seen, failures, stop = [], [], threading.Event()

@@ -1,58 +1,148 @@
-"""Where a service's forward passes run.
+"""Where a model's forward pass runs, behind one contract for every kind.
 
 A service keeps its gRPC API, validation, tokenization, dynamic batching,
-versions and metrics in-process; only the model's forward pass is behind a
-backend. Two kinds:
+versions and metrics in-process; only the forward pass is behind a backend:
 
-- ``torch`` (the default): the model is loaded into the service process.
+- ``torch`` (the default): the model is loaded into the service process
+  (``arbiter.backends.inprocess``).
 - ``triton``: the model runs inside an NVIDIA Triton Inference Server, reached
-  with ``tritonclient`` over gRPC (see ``arbiter.backends.triton``); its
-  repository is written by ``arbiter triton export``.
+  with ``tritonclient`` over gRPC (``arbiter.backends.triton``); its repository
+  is written by ``arbiter triton export``.
 
-Each model kind defines its own small backend protocol over token ids (the
-reward one is ``arbiter.reward.backend.RewardBackend``); this package holds
-what all kinds share: the settings, the Triton client with retries, error
-mapping and model control, the repository exporter and a local launcher.
+The contract: ``open_backends(config, kind).open(path, ...)`` returns a
+``Backend`` that carries the version's tokenizer and ``ModelInfo`` and turns a
+batch into results (``forward``; remote backends also ``forward_async``). What
+differs between model kinds is data, a ``ModelKind``: how the in-process model
+loads and runs, and the Triton tensors (``arbiter.backends.signatures``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from arbiter.backends.signatures import TritonSignature
+from arbiter.config import flag, require, require_choice
+from arbiter.types import ModelInfo
 
 BACKENDS = ("torch", "triton")
-_HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
+_HOST_PORT = re.compile(r"^[\w.\-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    kind: str = "torch"
+    kind: str = field(default="torch", metadata=flag(
+        "--backend", choices=BACKENDS,
+        help="torch: in-process; triton: a Triton Inference Server (--model is then REPO/NAME/N)"))
     # Triton's gRPC endpoint (HOST:PORT) and the model's name in its repository.
-    triton_url: str = ""
-    triton_model: str = ""
+    triton_url: str = field(default="", metadata=flag(help="HOST:PORT of Triton's gRPC endpoint"))
+    triton_model: str = field(default="", metadata=flag(help="the model's name in Triton's repository"))
     # Per inference call; a slower answer fails the batch with DEADLINE_EXCEEDED.
-    triton_timeout_s: float = 30.0
+    triton_timeout_s: float = field(default=30.0, metadata=flag(help="per inference call"))
     # How long an unreachable Triton (restarting, say) is retried before the
     # batch fails with UNAVAILABLE; callers' own retry policies take it from there.
-    triton_retry_s: float = 10.0
+    triton_retry_s: float = field(default=10.0, metadata=flag(
+        help="how long an unreachable Triton is retried before a request fails UNAVAILABLE"))
     # Model-control loads run a model's initialize (weights to device): slow.
-    triton_load_timeout_s: float = 600.0
+    triton_load_timeout_s: float = field(default=600.0, metadata=flag(help="per model-control load in Triton"))
     # Batches outstanding at Triton at once, per version: 2 overlaps one
     # batch's round trip with the next one's compute.
-    triton_max_in_flight: int = 2
+    triton_max_in_flight: int = field(default=2, metadata=flag(help="batches outstanding at Triton per version"))
 
     def __post_init__(self) -> None:
-        if self.kind not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.kind!r}")
+        require_choice(self.kind, "backend", BACKENDS)
         if self.kind == "triton":
-            if not _HOST_PORT.match(self.triton_url):
-                raise ValueError(f"triton_url must be HOST:PORT of Triton's gRPC endpoint, got {self.triton_url!r}")
-            if not self.triton_model:
-                raise ValueError("triton_model must name the model in Triton's repository")
+            require(bool(_HOST_PORT.match(self.triton_url)), "triton_url",
+                    "must be HOST:PORT of Triton's gRPC endpoint", self.triton_url)
+            require(bool(self.triton_model), "triton_model", "must name the model in Triton's repository",
+                    self.triton_model)
         for name in ("triton_timeout_s", "triton_load_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.triton_retry_s < 0:
-            raise ValueError(f"triton_retry_s must be >= 0, got {self.triton_retry_s}")
-        if self.triton_max_in_flight < 1:
-            raise ValueError(f"triton_max_in_flight must be >= 1, got {self.triton_max_in_flight}")
+            require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        require(self.triton_retry_s >= 0, "triton_retry_s", "must be >= 0", self.triton_retry_s)
+        require(self.triton_max_in_flight >= 1, "triton_max_in_flight", "must be >= 1", self.triton_max_in_flight)
+
+    @property
+    def remote(self) -> bool:
+        return self.kind != "torch"
+
+
+class Backend(Protocol):
+    """One loaded version of a model, wherever it runs."""
+
+    name: str  # reported as ModelInfo.backend
+    tokenizer: Any
+    info: ModelInfo
+
+    def forward(self, batch: list) -> list:
+        """Results of a batch, in order. Blocking: called on a model thread."""
+        ...
+
+    def release(self) -> None:
+        """This version is being unloaded: free what it holds (for Triton,
+        unload it from the server unless another loaded version shares it)."""
+        ...
+
+
+@runtime_checkable
+class RemoteBackend(Backend, Protocol):
+    """A backend whose forward runs elsewhere: awaited on the event loop, with
+    up to ``max_in_flight`` batches outstanding."""
+
+    max_in_flight: int
+
+    async def forward_async(self, batch: list) -> list: ...
+
+
+class Backends(Protocol):
+    """Opens one backend per loaded version; owned by the service's kernel."""
+
+    name: str
+
+    def open(
+        self, path: str | Path, *, version: str | None, max_tokens: int | None, base_dir: str | Path | None
+    ) -> Backend: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What one kind of model (reward, reference) supplies to the backends."""
+
+    name: str
+    # (checkpoint dir, base dir for LoRA adapters) -> (torch model, tokenizer, HF config); blocking.
+    load_torch: Callable[[Path, Path | None], tuple[Any, Any, Any]]
+    # (torch model, batch) -> results; what Triton's model.py runs too.
+    forward_torch: Callable[[Any, list], list]
+    # The same computation in Triton: its tensors and how a batch maps onto them.
+    triton: TritonSignature
+    # Refuse a checkpoint this kind cannot serve (reads the HF config only).
+    check_config: Callable[[Any, Path], None] = lambda config, root: None
+    # With Triton, LoRA adapters are merged at export.
+    takes_adapters: bool = False
+
+
+def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:
+    if config.kind == "triton":
+        from arbiter.backends.triton import TritonBackends
+
+        return TritonBackends(config, kind)
+    from arbiter.backends.inprocess import InProcessBackends
+
+    return InProcessBackends(kind)
+
+
+def pad_token_id(config: Any, tokenizer: Any) -> int:
+    """The id batches are right-padded with: the model config's, else the
+    tokenizer's (which falls back to eos, as TRL does). For a reward model
+    it decides which logit HF pools, so in-process and Triton must agree."""
+    value = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    return int(value)
+
+
+__all__: Sequence[str] = (
+    "BACKENDS", "Backend", "BackendConfig", "Backends", "ModelKind", "RemoteBackend", "open_backends", "pad_token_id",
+)

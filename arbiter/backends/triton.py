@@ -391,3 +391,83 @@ def _infer_inputs(grpcclient, inputs: Mapping[str, np.ndarray]) -> list:
         tensor.set_data_from_numpy(array)
         converted.append(tensor)
     return converted
+
+
+# -- the backend of every model kind ------------------------------------------------
+
+
+class TritonBackend:
+    """One version of a model in Triton; the kind's signature packs batches
+    into its tensors and unpacks the answers."""
+
+    name = "triton"
+
+    def __init__(self, server: TritonModel, version: int, pad_token_id: int, signature, max_in_flight: int,
+                 tokenizer, info):
+        self.server = server
+        self.version = version
+        self.pad_token_id = pad_token_id
+        self.signature = signature
+        self.max_in_flight = max_in_flight
+        self.tokenizer = tokenizer
+        self.info = info
+        self._outputs = [t.name for t in signature.outputs]
+        self._where = f"Triton model {server.name!r} version {version}"
+
+    def forward(self, batch: list) -> list:
+        inputs = self.signature.pack(batch, self.pad_token_id)
+        return self.signature.unpack(self.server.infer(self.version, inputs, self._outputs), batch, self._where)
+
+    async def forward_async(self, batch: list) -> list:
+        inputs = self.signature.pack(batch, self.pad_token_id)
+        outputs = await self.server.infer_async(self.version, inputs, self._outputs)
+        return self.signature.unpack(outputs, batch, self._where)
+
+    def release(self) -> None:
+        self.server.release(self.version)
+
+
+class TritonBackends:
+    """Versions of one Triton model: ``path`` is a version directory REPO/NAME/N
+    written by ``arbiter triton export``; its checkpoint/ gives the tokenizer,
+    config and arbiter.json here, Triton serves the weights."""
+
+    name = "triton"
+
+    def __init__(self, config, kind):
+        self.config = config
+        self.kind = kind
+        self.server = TritonModel(
+            config.triton_url, config.triton_model, timeout_s=config.triton_timeout_s,
+            retry_s=config.triton_retry_s, load_timeout_s=config.triton_load_timeout_s,
+        )
+
+    def open(self, path: str | Path, *, version: str | None, max_tokens: int | None,
+             base_dir: str | Path | None = None) -> TritonBackend:
+        from arbiter.backends import pad_token_id
+        from arbiter.hf import check_checkpoint_dir, describe, load_tokenizer, read_config
+
+        checkpoint, model_name, number = version_dir_parts(path)
+        if model_name != self.config.triton_model:
+            raise ModelLoadError(
+                f"{str(path)!r} is a version of Triton model {model_name!r}, but this service serves "
+                f"{self.config.triton_model!r} (--triton-model)"
+            )
+        root = check_checkpoint_dir(checkpoint)
+        tokenizer = load_tokenizer(root)
+        hf_config = read_config(root)
+        self.kind.check_config(hf_config, root)
+        info = describe(self.kind.name, root, source_path=path, tokenizer=tokenizer, config=hf_config,
+                        version=version, max_tokens=max_tokens, backend=self.name)
+        signature = self.kind.triton
+        self.server.acquire(number, Path(path).parent)
+        try:
+            self.server.check_io(number, signature.spec(signature.inputs), signature.spec(signature.outputs))
+        except BaseException:
+            self.server.release(number)
+            raise
+        return TritonBackend(self.server, number, pad_token_id(hf_config, tokenizer), signature,
+                             self.config.triton_max_in_flight, tokenizer, info)
+
+    async def aclose(self) -> None:
+        await self.server.aclose()

@@ -23,11 +23,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded, ShuttingDown
+from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
+from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
 from arbiter.lm import check_compatible
 from arbiter.policy.model import GenerationRun, PolicyModel
 from arbiter.policy.types import (
@@ -38,7 +38,6 @@ from arbiter.policy.types import (
     TokenEvent,
 )
 from arbiter.types import ModelInfo, Prompt
-from arbiter.versions import ModelVersions
 
 
 class PolicyObserver(Protocol):
@@ -60,7 +59,7 @@ class PolicyEngineConfig:
     max_stop_strings: int = 8
     # Generations running at once (each holds a KV cache); more wait their turn.
     max_concurrent_generations: int = 8
-    # Loaded versions kept; activating a new one unloads the oldest inactive.
+    # Loaded versions kept; loading past it unloads the oldest inactive (0: no limit).
     max_loaded_versions: int = 2
     # Caps the model's own limit (never raises it).
     max_tokens: int | None = None
@@ -70,10 +69,12 @@ class PolicyEngineConfig:
     def __post_init__(self) -> None:
         for name in (
             "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens_limit",
-            "default_max_new_tokens", "max_concurrent_generations", "max_loaded_versions",
+            "default_max_new_tokens", "max_concurrent_generations",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_loaded_versions < 0:
+            raise ValueError(f"max_loaded_versions must be >= 0, got {self.max_loaded_versions}")
         if self.max_stop_strings < 0:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
@@ -83,74 +84,37 @@ class PolicyEngineConfig:
             )
 
 
+def check_replacement(new: PolicyModel, serving: PolicyModel) -> None:
+    """Same tokenizer and parameter shapes: a hot swap must not change the architecture."""
+    check_compatible(new.lm, serving.lm)
+
+
 class PolicyEngine:
     def __init__(self, config: PolicyEngineConfig, executor: Executor, loader: Executor, observer: PolicyObserver):
         self.config = config
         self._executor = executor
-        self._loader = loader
         self._observer = observer
-        self._versions: ModelVersions[PolicyModel] = ModelVersions()
+        # Generation is scheduled here (one KV-cached batch per request), not
+        # through a batcher: the spec has no batch function.
+        self.models: ModelKernel[PolicyModel] = ModelKernel(
+            ModelSpec("policy", self._load, check_compatible=check_replacement),
+            KernelConfig(max_loaded_versions=config.max_loaded_versions),
+            executor=executor, loader=loader,
+        )
         self._slots = asyncio.Semaphore(config.max_concurrent_generations)
-        self._load_lock = asyncio.Lock()
         self._active_generations = 0
         self._closed = False
 
-    # -- versions -------------------------------------------------------
-
-    def load_blocking(self, path: str | Path, version: str | None = None) -> PolicyModel:
-        """Load and validate a checkpoint (slow; run it off the event loop)."""
+    def _load(self, path: str, version: str | None) -> PolicyModel:
         return PolicyModel.load(
-            path, version=version or None, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens
+            path, version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens
         )
 
-    def add_version(self, model: PolicyModel, activate: bool = True) -> ModelInfo:
-        if self._versions.active_version is not None:
-            check_compatible(model.lm, self._versions.get().lm)
-        self._versions.add(model.info.version, model, activate)
-        self._evict(keep=model.info.version)
-        return self.info(model.info.version)
-
-    def _evict(self, keep: str) -> None:
-        loaded = [version for version, _ in self._versions.items()]
-        for version in list(loaded):
-            if len(loaded) <= self.config.max_loaded_versions:
-                break
-            if version != keep and not self._versions.is_active(version):
-                # Requests still running on it hold their own reference and finish.
-                self._versions.remove(version)
-                loaded.remove(version)
-
-    async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
-        # One load at a time: each holds a full copy of the weights.
-        async with self._load_lock:
-            if version and version in {v for v, _ in self._versions.items()}:
-                raise FailedPrecondition(
-                    f"model version {version!r} is already loaded; unload it first or pick another version label"
-                )
-            loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(self._loader, self.load_blocking, path, version)
-            return self.add_version(model, activate)
-
-    def activate(self, version: str) -> tuple[ModelInfo, str | None]:
-        previous = self._versions.activate(version)
-        return self.info(version), previous
-
-    async def unload(self, version: str) -> None:
-        self._versions.remove(version)
-
     def info(self, version: str = "") -> ModelInfo:
-        model = self._versions.get(version)
-        return replace(model.info, active=self._versions.is_active(model.info.version))
-
-    def list_versions(self) -> list[ModelInfo]:
-        return [self.info(version) for version, _ in self._versions.items()]
-
-    @property
-    def active_version(self) -> str | None:
-        return self._versions.active_version
+        return self.models.info(version)
 
     def model(self, version: str = "") -> PolicyModel:
-        return self._versions.get(version)
+        return self.models.get(version).model
 
     # -- requests -------------------------------------------------------
 
@@ -203,7 +167,7 @@ class PolicyEngine:
                 f"{self.config.max_rows_per_request} per request; split the request or lower n"
             )
         # The version is fixed here, for the whole generation.
-        model = self._versions.get(model_version)
+        model = self.models.get(model_version).model
         ids = model.encode(prompts, resolved.max_new_tokens, field)
         return model.start(ids, resolved, [p.id for p in prompts])
 

@@ -48,6 +48,10 @@ class PolicyModel:
     ) -> PolicyModel:
         return cls(load_causal_lm(model_dir, kind="policy", version=version, base_dir=base_dir, max_tokens=max_tokens))
 
+    def release(self) -> None:
+        """Unloaded: generations still running hold their own reference and
+        finish; the weights go when the last one does."""
+
     # -- prompts --------------------------------------------------------
 
     def encode(self, prompts: Sequence[Prompt], max_new_tokens: int, field: str = "prompts") -> list[list[int]]:

@@ -3,26 +3,22 @@ dynamic batchers; log-probs and per-token KL against the policy."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from arbiter.backends import BackendConfig
-from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
+from arbiter.backends import BackendConfig, RemoteBackend, open_backends
+from arbiter.batching import BatchingConfig, BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
-from arbiter.reference.backend import RemoteReferenceBackend, open_reference_backends
+from arbiter.kernel import BatchFunction, KernelConfig, LoadedVersion, ModelKernel, ModelSpec
+from arbiter.reference.backend import REFERENCE
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.types import ModelInfo
-from arbiter.versions import ModelVersions, VersionQueries
 
-log = logging.getLogger(__name__)
 
 
 class ReferenceObserver(BatchObserver, Protocol):
@@ -40,6 +36,8 @@ class ReferenceEngineConfig:
     base_model_dir: str | None = None
     # Where forward passes run: in-process torch (default) or Triton.
     backend: BackendConfig = BackendConfig()
+    # Loaded versions kept (0: no limit); see arbiter.kernel.
+    max_loaded_versions: int = 0
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_request < 1:
@@ -74,75 +72,48 @@ class KLResult:
     model_version: str
 
 
-@dataclass
-class _Version:
-    model: ReferenceModel
-    batcher: DynamicBatcher
-
-
 def as_float32(values: Sequence[float]) -> list[float]:
     """What the wire carries (proto ``float``)."""
     return array("f", values).tolist()
 
 
-class ReferenceEngine(VersionQueries):
-    def __init__(self, config: ReferenceEngineConfig, executor: Executor, observer: ReferenceObserver):
+def batch_function(model: ReferenceModel) -> BatchFunction:
+    """Token sequences -> completion log-probs, on the model thread or awaited remotely."""
+    if isinstance(model.backend, RemoteBackend):
+        return model.logprobs_async, model.backend.max_in_flight
+    return model.logprobs, 1
+
+
+class ReferenceEngine:
+    def __init__(self, config: ReferenceEngineConfig, executor: Executor, loader: Executor,
+                 observer: ReferenceObserver):
         self.config = config
-        self._executor = executor
         self._observer = observer
-        self._versions: ModelVersions[_Version] = ModelVersions()
-        self._backends = open_reference_backends(config.backend)
+        self._backends = open_backends(config.backend, REFERENCE)
+        self.models: ModelKernel[ReferenceModel] = ModelKernel(
+            ModelSpec("reference", self._load, batch_function),
+            KernelConfig(config.batching.for_backend(config.backend.kind), config.max_loaded_versions),
+            executor=executor, loader=loader, batch_observer=observer,
+        )
 
-    # -- versions -------------------------------------------------------
-
-    def load_blocking(self, path: str | Path, version: str | None = None) -> ReferenceModel:
-        """Load and validate a version (slow; run it off the event loop)."""
+    def _load(self, path: str, version: str | None) -> ReferenceModel:
         return ReferenceModel.load(
-            path, version=version or None, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
+            path, version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
             backends=self._backends,
         )
 
-    def add_version(self, model: ReferenceModel, activate: bool = True) -> ModelInfo:
-        if isinstance(model.backend, RemoteReferenceBackend):
-            batcher = DynamicBatcher(
-                model.logprobs_async, self.config.batching, self._executor, self._observer,
-                max_in_flight=model.backend.max_in_flight,
-            )
-        else:
-            batcher = DynamicBatcher(model.logprobs, self.config.batching, self._executor, self._observer)
-        self._versions.add(model.info.version, _Version(model, batcher), activate)
-        return self.info(model.info.version)
-
-    async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self._executor, self.load_blocking, path, version)
-        try:
-            return self.add_version(model, activate)
-        except BaseException:
-            await loop.run_in_executor(None, model.release)
-            raise
-
-    def activate(self, version: str) -> tuple[ModelInfo, str | None]:
-        previous = self._versions.activate(version)
-        return self.info(version), previous
-
-    async def unload(self, version: str) -> None:
-        entry = self._versions.remove(version)
-        await entry.batcher.close()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, entry.model.release)
-        except Exception:  # the version is gone from this service either way
-            log.warning("model version %r unloaded, but its backend did not release it", version, exc_info=True)
+    def info(self, version: str = "") -> ModelInfo:
+        return self.models.info(version)
 
     # -- requests -------------------------------------------------------
 
-    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> _Version:
+    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> LoadedVersion:
         if count == 0:
             raise InvalidInput(field, "is empty; send at least one sequence")
         limit = self.config.max_sequences_per_request
         if count > limit:
             raise LimitExceeded(f"{count} {field} in one request, over the limit of {limit}; split the request")
-        entry = self._versions.get(model_version)
+        entry = self.models.get(model_version)
         served = entry.model.info.tokenizer_fingerprint
         if fingerprint and fingerprint != served:
             raise FailedPrecondition(
@@ -158,7 +129,7 @@ class ReferenceEngine(VersionQueries):
         entry = self._entry(len(sequences), "sequences", model_version, tokenizer_fingerprint)
         for i, sequence in enumerate(sequences):
             entry.model.check(sequence, f"sequences[{i}]")
-        results = await entry.batcher.submit(list(sequences))
+        results = await entry.run(list(sequences))
         self._observer.on_tokens(sum(len(s.completion_token_ids) for s in sequences))
         info = entry.model.info
         return LogProbsResult(results, info.version, info.tokenizer_fingerprint)
@@ -184,7 +155,7 @@ class ReferenceEngine(VersionQueries):
                     raise InvalidInput(
                         f"inputs[{i}].policy_logprobs[{j}]", f"is {value}; a log-probability must be finite and <= 0"
                     )
-        reference = await entry.batcher.submit([item.sequence for item in inputs])
+        reference = await entry.run([item.sequence for item in inputs])
         self._observer.on_tokens(sum(len(item.policy_logprobs) for item in inputs))
         results = []
         for item, ref in zip(inputs, reference, strict=True):
@@ -198,6 +169,5 @@ class ReferenceEngine(VersionQueries):
     async def close(self) -> None:
         """Stop serving. Versions stay loaded in a remote backend (Triton):
         a restarting service, or its other replicas, keep using them."""
-        for _, entry in self._versions.items():
-            await entry.batcher.close()
+        await self.models.close()
         await self._backends.aclose()

@@ -3,7 +3,7 @@ completion tokens, batched with right padding.
 
 These are the model's own distribution (temperature 1, no top-k/top-p): the
 reference is what the policy is regularised towards, not a sampler.
-The forward pass runs in a backend (``arbiter.reference.backend``): in this
+The forward pass runs in a backend (``arbiter.backends``, kind ``arbiter.reference.backend.REFERENCE``): in this
 process, or in Triton; everything else here is the same for both.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.lm import PROBE_TEXT, check_token_ids
-from arbiter.reference.backend import ReferenceBackend, ReferenceBackends, TorchReferenceBackends
+from arbiter.backends import Backend, BackendConfig, Backends, open_backends
+from arbiter.reference.backend import REFERENCE
 from arbiter.types import ModelInfo
 
 
@@ -27,7 +28,7 @@ class TokenSequence:
 
 
 class ReferenceModel:
-    def __init__(self, backend: ReferenceBackend, tokenizer, info: ModelInfo):
+    def __init__(self, backend: Backend, tokenizer, info: ModelInfo):
         self.backend = backend
         self.tokenizer = tokenizer
         self.info = info
@@ -39,14 +40,14 @@ class ReferenceModel:
         version: str | None = None,
         base_dir: str | Path | None = None,
         max_tokens: int | None = None,
-        backends: ReferenceBackends | None = None,
+        backends: Backends | None = None,
     ) -> ReferenceModel:
         """``model_dir``: a checkpoint or LoRA adapter directory, or with
-        Triton a version directory REPO/NAME/N of an exported repository (its
-        checkpoint/ gives the tokenizer here, Triton serves the weights)."""
-        backends = backends or TorchReferenceBackends()
-        backend, tokenizer, info = backends.open(model_dir, version=version, base_dir=base_dir, max_tokens=max_tokens)
-        loaded = cls(backend, tokenizer, info)
+        Triton a version directory REPO/NAME/N of an exported repository.
+        Validated before it is returned (probe log-probs must be finite)."""
+        backends = backends or open_backends(BackendConfig(), REFERENCE)
+        backend = backends.open(model_dir, version=version, max_tokens=max_tokens, base_dir=base_dir)
+        loaded = cls(backend, backend.tokenizer, backend.info)
         try:
             loaded.validate()
         except BaseException:

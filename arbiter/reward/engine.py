@@ -13,16 +13,15 @@ import random
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from arbiter.backends import BackendConfig
-from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
+from arbiter.backends import BackendConfig, RemoteBackend, open_backends
+from arbiter.batching import BatchingConfig, BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
-from arbiter.reward.backend import RemoteRewardBackend, open_reward_backends
+from arbiter.kernel import BatchFunction, KernelConfig, ModelKernel, ModelSpec, VersionObserver
+from arbiter.reward.backend import REWARD
 from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
-from arbiter.versions import ModelVersions, VersionQueries
 
 log = logging.getLogger(__name__)
 
@@ -50,65 +49,58 @@ class RewardEngineConfig:
     max_tokens: int | None = None
     # Where forward passes run: in-process torch (default) or Triton.
     backend: BackendConfig = BackendConfig()
+    # Loaded versions kept (0: no limit); see arbiter.kernel.
+    max_loaded_versions: int = 0
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
             raise ValueError(f"max_items_per_request must be >= 1, got {self.max_items_per_request}")
 
 
-@dataclass
-class _Version:
-    model: RewardModel
-    batcher: DynamicBatcher
+def batch_function(model: RewardModel) -> BatchFunction:
+    """Token-id sequences -> scores, on the model thread or awaited remotely."""
+    if isinstance(model.backend, RemoteBackend):
+        return model.backend.forward_async, model.backend.max_in_flight
+    return model.forward, 1
 
 
-class RewardEngine(VersionQueries):
-    def __init__(self, config: RewardEngineConfig, executor: Executor, observer: RewardObserver):
+class RewardEngine(VersionObserver):
+    def __init__(self, config: RewardEngineConfig, executor: Executor, loader: Executor, observer: RewardObserver):
         self.config = config
-        self._executor = executor
         self._observer = observer
-        self._versions: ModelVersions[_Version] = ModelVersions()
-        self._backends = open_reward_backends(config.backend)
+        self._backends = open_backends(config.backend, REWARD)
+        self.models: ModelKernel[RewardModel] = ModelKernel(
+            ModelSpec("reward", self._load, batch_function),
+            KernelConfig(config.batching.for_backend(config.backend.kind), config.max_loaded_versions),
+            executor=executor, loader=loader, batch_observer=observer,
+        )
+        self.models.add_observer(self)
         # (candidate version, fraction of requests also scored by it)
         self._shadow: tuple[str, float] | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_rng = random.Random(0)
 
-    # -- versions -------------------------------------------------------
+    def _load(self, path: str, version: str | None) -> RewardModel:
+        return RewardModel.load(path, version=version, max_tokens=self.config.max_tokens, backends=self._backends)
 
-    def load_blocking(self, path: str | Path, version: str | None = None) -> RewardModel:
-        """Load and validate a checkpoint (slow; run it off the event loop)."""
-        return RewardModel.load(
-            path, version=version or None, max_tokens=self.config.max_tokens, backends=self._backends
-        )
+    def info(self, version: str = "") -> ModelInfo:
+        return self.models.info(version)
 
-    def add_version(self, model: RewardModel, activate: bool = True) -> ModelInfo:
-        backend = model.backend
-        if isinstance(backend, RemoteRewardBackend):
-            batcher = DynamicBatcher(
-                backend.forward_async, self.config.batching, self._executor, self._observer,
-                max_in_flight=backend.max_in_flight,
-            )
-        else:
-            batcher = DynamicBatcher(model.forward, self.config.batching, self._executor, self._observer)
-        self._versions.add(model.info.version, _Version(model, batcher), activate)
+    # -- version hooks (arbiter.kernel) ------------------------------------
+
+    def on_version_loaded(self, model: RewardModel) -> None:
         self._observer.on_version_added(model.info.version, model.calibration_scores)
-        return self.info(model.info.version)
 
-    async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
-        loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self._executor, self.load_blocking, path, version)
-        try:
-            return self.add_version(model, activate)
-        except BaseException:
-            await loop.run_in_executor(None, model.release)
-            raise
-
-    def activate(self, version: str) -> tuple[ModelInfo, str | None]:
-        previous = self._versions.activate(version)
+    def on_version_activated(self, version: str, previous: str | None) -> None:
         if self._shadow is not None and self._shadow[0] == version:
             self._clear_shadow()  # promoted: it no longer shadows itself
-        return self.info(version), previous
+
+    def on_version_removed(self, version: str) -> None:
+        if self._shadow is not None and self._shadow[0] == version:
+            self._clear_shadow()
+        self._observer.on_version_removed(version)
+
+    # -- shadow scoring ---------------------------------------------------
 
     def _clear_shadow(self) -> None:
         self._shadow = None
@@ -117,13 +109,13 @@ class RewardEngine(VersionQueries):
     def set_shadow(self, version: str, fraction: float) -> tuple[str, str, float]:
         """Also score ``fraction`` of the active version's requests with
         ``version`` (empty clears); returns (active, shadow, fraction)."""
-        active = self._versions.active_version or ""
+        active = self.models.active_version or ""
         if not version:
             self._clear_shadow()
             return active, "", 0.0
         if not 0 < fraction <= 1:
             raise InvalidInput("sample_fraction", f"must be in (0, 1], got {fraction}")
-        self._versions.get(version)  # NOT_FOUND for a version that is not loaded
+        self.models.get(version)  # NOT_FOUND for a version that is not loaded
         if version == active:
             raise InvalidInput("model_version", f"{version!r} is the active version; shadow a candidate instead")
         self._shadow = (version, fraction)
@@ -133,17 +125,6 @@ class RewardEngine(VersionQueries):
     def shadow(self) -> tuple[str, float] | None:
         return self._shadow
 
-    async def unload(self, version: str) -> None:
-        if self._shadow is not None and self._shadow[0] == version:
-            self._clear_shadow()
-        entry = self._versions.remove(version)
-        await entry.batcher.close()
-        self._observer.on_version_removed(version)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, entry.model.release)
-        except Exception:  # the version is gone from this service either way
-            log.warning("model version %r unloaded, but its backend did not release it", version, exc_info=True)
-
     # -- scoring --------------------------------------------------------
 
     async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
@@ -152,7 +133,7 @@ class RewardEngine(VersionQueries):
         limit = self.config.max_items_per_request
         if len(inputs) > limit:
             raise LimitExceeded(f"{len(inputs)} inputs in one request, over the limit of {limit}; split the request")
-        entry = self._versions.get(options.model_version)
+        entry = self.models.get(options.model_version)
         info = entry.model.info
         if options.normalize and info.normalization is None:
             raise FailedPrecondition(
@@ -160,7 +141,7 @@ class RewardEngine(VersionQueries):
                 "(options.normalize=false) or load a version with statistics in arbiter.json"
             )
         encoded = entry.model.encode(inputs, options.truncation)
-        raw = await entry.batcher.submit([e.token_ids for e in encoded])
+        raw = await entry.run([e.token_ids for e in encoded])
         self._observer.on_scores(info.version, raw)
         self._maybe_shadow(info.version, inputs, options, raw)
         results = [
@@ -201,7 +182,7 @@ class RewardEngine(VersionQueries):
 
     def _maybe_shadow(self, version: str, inputs: Sequence[RewardInput], options: ScoreOptions, raw: list[float]) -> None:
         shadow = self._shadow
-        if shadow is None or version != self._versions.active_version or self._shadow_rng.random() >= shadow[1]:
+        if shadow is None or version != self.models.active_version or self._shadow_rng.random() >= shadow[1]:
             return
         task = asyncio.get_running_loop().create_task(self._score_shadow(version, shadow[0], inputs, options, raw))
         self._shadow_tasks.add(task)
@@ -210,10 +191,10 @@ class RewardEngine(VersionQueries):
     async def _score_shadow(self, active: str, candidate: str, inputs, options: ScoreOptions, raw) -> None:
         """Never affects the caller: the answer has been sent already."""
         try:
-            entry = self._versions.get(candidate)
+            entry = self.models.get(candidate)
             # The candidate may tokenize differently: encode with its own tokenizer.
             encoded = entry.model.encode(inputs, options.truncation)
-            shadow_raw = await entry.batcher.submit([e.token_ids for e in encoded])
+            shadow_raw = await entry.run([e.token_ids for e in encoded])
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -228,8 +209,7 @@ class RewardEngine(VersionQueries):
         a restarting service, or its other replicas, keep using them."""
         for task in list(self._shadow_tasks):
             task.cancel()
-        for _, entry in self._versions.items():
-            await entry.batcher.close()
+        await self.models.close()
         await self._backends.aclose()
 
 

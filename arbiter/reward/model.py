@@ -3,28 +3,22 @@
 Any Hugging Face directory with ``AutoModelForSequenceClassification`` and one
 label loads here (the format TRL's RewardTrainer writes). The score of a
 sequence is that model's own pooled logit (HF pools at the last non-pad token).
-The forward pass runs in a backend (``arbiter.reward.backend``): in this
+The forward pass runs in a backend (``arbiter.backends``, kind ``arbiter.reward.backend.REWARD``): in this
 process, or in Triton; everything else here is the same for both.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from arbiter.backends import Backend, BackendConfig, Backends, open_backends
+from arbiter.backends.triton import checkpoint_dir
 from arbiter.errors import InvalidInput, ModelLoadError
-from arbiter.hf import (
-    check_checkpoint_dir,
-    content_version,
-    load_tokenizer,
-    model_max_tokens,
-    read_metadata,
-    tokenizer_fingerprint,
-)
-from arbiter.reward.backend import RewardBackend, RewardBackends, TorchRewardBackends
+from arbiter.hf import read_metadata
+from arbiter.reward.backend import REWARD
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, Truncation
 
 _PROBE = RewardInput(prompt="Hello.", response=" Hi, how can I help?")
@@ -38,7 +32,7 @@ class EncodedInput:
 
 class RewardModel:
     def __init__(
-        self, backend: RewardBackend, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None
+        self, backend: Backend | None, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None
     ):
         self.backend = backend
         self.tokenizer = tokenizer
@@ -53,46 +47,23 @@ class RewardModel:
         model_dir: str | Path,
         version: str | None = None,
         max_tokens: int | None = None,
-        backends: RewardBackends | None = None,
+        backends: Backends | None = None,
     ) -> RewardModel:
         """``model_dir``: a checkpoint directory, or with Triton a version
-        directory REPO/NAME/N of an exported repository (its checkpoint/ gives
-        the tokenizer here, Triton serves the weights)."""
-        from transformers import AutoConfig
-
-        backends = backends or TorchRewardBackends()
-        root = check_checkpoint_dir(backends.checkpoint_dir(model_dir))
-        meta = read_metadata(root)
-        tokenizer = load_tokenizer(root)
+        directory REPO/NAME/N of an exported repository. Validated before
+        it is returned (a probe score must be finite)."""
+        backends = backends or open_backends(BackendConfig(), REWARD)
+        backend = backends.open(model_dir, version=version, max_tokens=max_tokens, base_dir=None)
         try:
-            config = AutoConfig.from_pretrained(str(root), local_files_only=True)
-        except Exception as err:
-            raise ModelLoadError(f"cannot read the model config in {str(root)!r}: {err}") from err
-        if config.num_labels != 1:
-            raise ModelLoadError(f"{str(root)!r} has num_labels={config.num_labels}; a reward model needs exactly 1")
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
-        info = ModelInfo(
-            kind="reward",
-            name=meta.name or root.name,
-            version=version or meta.version or content_version(root),
-            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-            max_tokens=model_max_tokens(config, tokenizer, max_tokens),
-            vocab_size=len(tokenizer),
-            source_path=str(Path(model_dir).resolve()),
-            backend=backends.name,
-            normalization=meta.normalization,
-            loaded_at=time.time(),
-        )
-        calibration = (meta.extra or {}).get("calibration_scores")
-        if calibration is not None and not (
-            isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
-        ):
-            raise ModelLoadError(f"{str(root)!r}: arbiter.json calibration_scores must be a list of numbers")
-        loaded = cls(backends.open(model_dir, root, pad_token_id), tokenizer, info, calibration)
-        try:
+            calibration = (read_metadata(checkpoint_dir(model_dir)).extra or {}).get("calibration_scores")
+            if calibration is not None and not (
+                isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
+            ):
+                raise ModelLoadError(f"{str(model_dir)!r}: arbiter.json calibration_scores must be a list of numbers")
+            loaded = cls(backend, backend.tokenizer, backend.info, calibration)
             loaded.validate()
         except BaseException:
-            loaded.release()
+            backend.release()
             raise
         return loaded
 

@@ -103,6 +103,9 @@ async def start_server(
     service_names: Sequence[str],
     register: Callable[[grpc.aio.Server], None],
     registry: CollectorRegistry,
+    *,
+    engine: Any = None,
+    metrics: Any = None,
 ) -> RunningServer:
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
     options = [
@@ -129,7 +132,8 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, service_names, registry, settings.grace_seconds)
+    running = RunningServer(server, port, health_servicer, service_names, registry, settings.grace_seconds,
+                            engine=engine, metrics=metrics)
     if settings.metrics_port is not None:
         httpd, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
         running._metrics_httpd = httpd
@@ -156,46 +160,3 @@ def serve_forever(
         await running.stop()
 
     asyncio.run(main())
-
-
-def add_server_arguments(parser, *, default_port: int) -> None:
-    """Flags every model server shares: the ``ServerSettings`` fields and the
-    model version label (the --model flag's help differs per service)."""
-    parser.add_argument("--model-version", help="version label (default: arbiter.json, else a content hash)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=default_port)
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    parser.add_argument("--metrics-host", default="127.0.0.1")
-    parser.add_argument("--torch-threads", type=int)
-    parser.add_argument("--grace-seconds", type=float, default=10.0)
-    parser.add_argument("--tls-cert-file")
-    parser.add_argument("--tls-key-file")
-
-
-def server_settings_from_args(args) -> dict[str, Any]:
-    """Keyword arguments for a service's settings from ``add_server_arguments``'
-    flags; the auth token only ever comes from the environment."""
-    from services.common.settings import auth_token_from_env
-
-    return dict(
-        model_dir=args.model, model_version=args.model_version, host=args.host, port=args.port,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port, torch_threads=args.torch_threads,
-        grace_seconds=args.grace_seconds, tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
-        auth_token=auth_token_from_env(),
-    )
-
-
-def serve_model_service(
-    kind: str, settings: ServerSettings, create: Callable[[], Awaitable[tuple[RunningServer, int]]], extra: str = ""
-) -> None:
-    """Run a model server until SIGTERM/SIGINT, announcing what it serves where."""
-
-    def banner(running: RunningServer) -> str:
-        info = running.engine.info()
-        metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
-        return (
-            f"{kind} service: model {info.name!r} version {info.version!r} on "
-            f"{settings.host}:{running.port}{metrics}{extra}"
-        )
-
-    serve_forever(create, banner)

@@ -1,15 +1,20 @@
-"""Settings shared by every gRPC server; each service extends them.
+"""Settings shared by every gRPC server (``ServerSettings``) and by every
+model server (``ModelServerSettings``); each service extends them.
 
 Validated when constructed, with errors that name the field and what it
-accepts. Loaded only in a service's ``main()``.
+accepts (``arbiter.config``). The fields are the command-line flags too
+(``arbiter.config.add_flags``): declared once, here and in the services'
+settings, with the nested backend and batching settings of the core.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from arbiter.config import require
+
+from arbiter.backends import BackendConfig
+from arbiter.config import flag, require
 
 LOOPBACK = "127.0.0.1"
 
@@ -23,8 +28,9 @@ class ServerSettings:
     # None: no metrics endpoint. 0: any free port.
     metrics_port: int | None = None
     grace_seconds: float = 10.0
-    # Clients must send "authorization: Bearer <token>" when set.
-    auth_token: str | None = None
+    # Clients must send "authorization: Bearer <token>" when set. Never a
+    # flag: a token on the command line shows in process listings.
+    auth_token: str | None = field(default=None, metadata=flag(None))
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     torch_threads: int | None = None
@@ -50,9 +56,37 @@ class ServerSettings:
             require(self.torch_threads >= 1, "torch_threads", "must be >= 1 or unset", self.torch_threads)
         require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024", self.max_message_bytes)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class ModelServerSettings(ServerSettings):
+    """What every model server (reward, reference, policy) has: the model and
+    its versions (``arbiter.kernel``) and where its forward passes run."""
+
+    # Subclasses redefine it to say which kind of checkpoint they take.
+    model_dir: str = field(default="", metadata=flag("--model", help="Hugging Face checkpoint directory"))
+    # Overrides the version label in the checkpoint's arbiter.json.
+    model_version: str | None = field(default=None, metadata=flag(
+        help="version label (default: arbiter.json, else a content hash)"))
+    # Caps the model's own limit (never raises it).
+    max_tokens: int | None = field(default=None, metadata=flag(
+        help="cap on tokens per sequence (default: the model's limit)"))
+    # Loading past this many versions unloads the oldest inactive ones (0: no limit).
+    max_loaded_versions: int = field(default=0, metadata=flag(
+        help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
+    # Where forward passes run. With Triton, model_dir (and every loaded path)
+    # is a version directory REPO/NAME/N of an exported repository.
+    backend: BackendConfig = BackendConfig()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(bool(self.model_dir), "model_dir", "must name a Hugging Face checkpoint directory (--model)",
+                self.model_dir)
+        if self.max_tokens is not None:
+            require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or unset", self.max_tokens)
+        require(self.max_loaded_versions >= 0, "max_loaded_versions", "must be >= 0 (0: no limit)",
+                self.max_loaded_versions)
+        require(isinstance(self.backend, BackendConfig), "backend", "must be a BackendConfig", self.backend)
 
 
 def auth_token_from_env() -> str | None:

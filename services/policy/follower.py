@@ -22,7 +22,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from arbiter.errors import ArbiterError
@@ -47,7 +46,6 @@ class PolicyUpdateFollower:
         engine: PolicyEngine,
         loop: asyncio.AbstractEventLoop,
         metrics: PolicyMetrics,
-        on_loaded: Callable[[], None] = lambda: None,
         *,
         poll_timeout_s: float = 0.5,
         retry_s: float = 2.0,
@@ -57,7 +55,6 @@ class PolicyUpdateFollower:
         self.engine = engine
         self.loop = loop
         self.metrics = metrics
-        self.on_loaded = on_loaded
         self.poll_timeout_s = poll_timeout_s
         self.retry_s = retry_s
         self._stop = threading.Event()
@@ -173,10 +170,10 @@ class PolicyUpdateFollower:
         try:
             self._on_loop(self._load(path, version))
         except ArbiterError as err:
-            log.error("%s: failed, still serving %r: %s", label, self.engine.active_version, err)
+            log.error("%s: failed, still serving %r: %s", label, self.engine.models.active_version, err)
             return FAILED
         except Exception:
-            log.exception("%s: failed, still serving %r", label, self.engine.active_version)
+            log.exception("%s: failed, still serving %r", label, self.engine.models.active_version)
             return FAILED
         published = update.created_at.ToNanoseconds() / 1e9 if update.HasField("created_at") else None
         latency = max(0.0, time.time() - published) if published else None
@@ -198,9 +195,8 @@ class PolicyUpdateFollower:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     async def _loaded_versions(self) -> set[str]:
-        return {info.version for info in self.engine.list_versions()}
+        return {info.version for info in self.engine.models.list_versions()}
 
     async def _load(self, path: str, version: str) -> None:
         # The version label is the update's, whatever the checkpoint's arbiter.json says.
-        await self.engine.load_version(path, version, activate=True)
-        self.on_loaded()
+        await self.engine.models.load_version(path, version, activate=True)

@@ -3,37 +3,40 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from arbiter.config import flag, require
 from arbiter.policy.engine import PolicyEngineConfig
 from arbiter.stream import KafkaSettings
-from arbiter.config import require
-from services.common.settings import ServerSettings
+from services.common.settings import ModelServerSettings
 
 _REPLICA_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
 @dataclass(frozen=True)
-class PolicySettings(ServerSettings):
-    model_dir: str = ""
-    # Overrides the version label in the checkpoint's arbiter.json.
-    model_version: str | None = None
+class PolicySettings(ModelServerSettings):
+    port: int = 50052
+    model_dir: str = field(default="", metadata=flag(
+        "--model", help="Hugging Face causal-LM directory (the initial policy)"))
+    # A new version per trainer update: keep the serving one and its predecessor.
+    max_loaded_versions: int = field(default=2, metadata=flag(
+        help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
     max_prompts_per_request: int = 64
-    max_samples_per_prompt: int = 16
-    max_rows_per_request: int = 256
+    max_samples_per_prompt: int = field(default=16, metadata=flag(help="limit on sampling.n"))
+    max_rows_per_request: int = field(default=256, metadata=flag(help="limit on prompts x n"))
     # Upper limit a request may ask for; requests without one get the default.
-    max_new_tokens: int = 1024
+    max_new_tokens: int = field(default=1024, metadata=flag(help="limit on sampling.max_new_tokens"))
     default_max_new_tokens: int = 64
     max_stop_strings: int = 8
     max_concurrent_generations: int = 8
-    max_loaded_versions: int = 2
-    max_tokens: int | None = None
     # Follow the policy-updates topic: load and activate each new version.
-    follow_updates: bool = False
+    follow_updates: bool = field(default=False, metadata=flag(
+        help="load and activate each new version published on the policy-updates topic (needs --kafka-*)"))
     # Names this replica's consumer group; must differ between replicas
     # (default: HOST-PID).
-    replica_id: str = ""
-    kafka: KafkaSettings | None = None
+    replica_id: str = field(default="", metadata=flag(
+        help="this replica's consumer-group suffix, unique per replica (default: HOST-PID)"))
+    kafka: KafkaSettings | None = field(default=None, metadata=flag(None))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,15 +47,16 @@ class PolicySettings(ServerSettings):
             _REPLICA_ID_RE.match(self.replica_id) is not None, "replica_id",
             "may only use letters, digits, '.', '_' and '-' (1..100 characters)", self.replica_id,
         )
+        require(self.backend.kind == "torch", "backend",
+                "policy generation runs in-process only (torch); Triton generation is not supported", self.backend.kind)
         if self.follow_updates:
             require(
                 isinstance(self.kafka, KafkaSettings), "kafka",
                 "follow_updates needs KafkaSettings (--kafka-bootstrap-servers or ARBITER_KAFKA_*)", self.kafka,
             )
-        require(bool(self.model_dir), "model_dir", "must name a Hugging Face causal-LM directory", self.model_dir)
         for name in (
             "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens",
-            "default_max_new_tokens", "max_concurrent_generations", "max_loaded_versions",
+            "default_max_new_tokens", "max_concurrent_generations",
         ):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0", self.max_stop_strings)
@@ -61,8 +65,6 @@ class PolicySettings(ServerSettings):
             "default_max_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})",
             self.default_max_new_tokens,
         )
-        if self.max_tokens is not None:
-            require(self.max_tokens >= 1, "max_tokens", "must be >= 1 or unset", self.max_tokens)
 
     def engine_config(self) -> PolicyEngineConfig:
         return PolicyEngineConfig(

@@ -1,0 +1,54 @@
+"""The in-process backend: the model is loaded into the service process and
+its forward pass runs on the caller's model thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from arbiter.backends import ModelKind
+from arbiter.backends.triton import checkpoint_dir
+from arbiter.hf import check_checkpoint_dir, describe
+from arbiter.lm import is_adapter_dir
+
+
+class InProcessBackend:
+    name = "torch"
+
+    def __init__(self, kind: ModelKind, model: Any, tokenizer: Any, info):
+        self.kind = kind
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+
+    def forward(self, batch: list) -> list:
+        return self.kind.forward_torch(self.model, batch)
+
+    def release(self) -> None:
+        self.model = None
+
+
+class InProcessBackends:
+    name = "torch"
+
+    def __init__(self, kind: ModelKind):
+        self.kind = kind
+
+    def open(
+        self, path: str | Path, *, version: str | None, max_tokens: int | None, base_dir: str | Path | None = None
+    ) -> InProcessBackend:
+        """A checkpoint (or a LoRA adapter, for kinds that take them), or the
+        ``checkpoint/`` of an exported version directory, so in-process serves
+        exactly what Triton serves."""
+        root = check_checkpoint_dir(checkpoint_dir(path))
+        base = None if base_dir is None else checkpoint_dir(base_dir)
+        model, tokenizer, config = self.kind.load_torch(root, base)
+        adapter = self.kind.takes_adapters and is_adapter_dir(root)
+        info = describe(
+            self.kind.name, root, source_path=path, tokenizer=tokenizer, config=config, version=version,
+            max_tokens=max_tokens, backend=self.name, extra={"adapter": "true"} if adapter else None,
+        )
+        return InProcessBackend(self.kind, model, tokenizer, info)
+
+    async def aclose(self) -> None:
+        pass

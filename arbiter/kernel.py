@@ -1,0 +1,233 @@
+"""The versioned-model kernel: what the reward, reference and policy services
+share about holding models, so ``ModelService`` behaves the same on all three.
+
+A service's engine owns one ``ModelKernel`` and gives it a ``ModelSpec``: how
+to load (and validate) one version of its kind, how a version runs a batch
+(the reward and reference kinds put a ``DynamicBatcher`` in front of it; the
+policy schedules generation itself), and what makes a new version a drop-in
+replacement for the serving one. The kernel owns the rest, once:
+
+- **Loading**: one load at a time (each holds a full copy of the weights), on
+  the loader thread so serving goes on; a label that is already loaded is
+  refused before any weights are read; a version that fails to load, to
+  validate or to match the serving one is released and nothing changes.
+- **Activation** swaps one pointer (``arbiter.versions.ModelVersions``): a
+  request takes its version once and keeps it to its end, so it never mixes
+  two versions; in-flight requests finish on the version they started with.
+- **Unloading** refuses the active version; the version's batcher drains what
+  it queued, then its backend is released (for Triton: unloaded there).
+- **Eviction**: with ``max_loaded_versions``, loading past the limit unloads
+  the oldest inactive versions, exactly as ``UnloadModelVersion`` would.
+- **Observers** hear of every load, activation and removal (metrics, drift
+  monitors, the reward service's shadow scoring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Protocol, TypeVar
+
+from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
+from arbiter.errors import FailedPrecondition
+from arbiter.types import ModelInfo
+from arbiter.versions import ModelVersions
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel(Protocol):
+    info: ModelInfo
+
+    def release(self) -> None: ...
+
+
+M = TypeVar("M", bound=ServedModel)
+
+# A version's batch function and how many batches it may have outstanding
+# (more than one only for a remote backend, whose function is a coroutine).
+BatchFunction = tuple[Callable[[list], Sequence[Any]] | Callable[[list], Awaitable[Sequence[Any]]], int]
+
+
+@dataclass(frozen=True)
+class ModelSpec(Generic[M]):
+    kind: str
+    # (path, version label or None) -> a loaded, validated version. Blocking.
+    load: Callable[[str, str | None], M]
+    # The function a version's batcher runs; None: the kind batches itself.
+    batch: Callable[[M], BatchFunction] | None = None
+    # (new, serving) -> raises ModelLoadError unless new can replace serving.
+    check_compatible: Callable[[M, M], None] | None = None
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # The batchers' settings (queue delay resolved for the backend); unused
+    # when the spec has no batch function.
+    batching: BatchingConfig = BatchingConfig()
+    # Loaded versions kept; loading past it unloads the oldest inactive. 0: no limit.
+    max_loaded_versions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_loaded_versions < 0:
+            raise ValueError(f"max_loaded_versions must be >= 0, got {self.max_loaded_versions}")
+
+
+class VersionObserver:
+    """Hooks on version changes; override what you need. Called on the event loop."""
+
+    def on_version_loaded(self, model: Any) -> None:
+        pass
+
+    def on_version_activated(self, version: str, previous: str | None) -> None:
+        pass
+
+    def on_version_removed(self, version: str) -> None:
+        pass
+
+    def on_versions_changed(self, active: str | None, loaded: list[str], removed: list[str]) -> None:
+        pass
+
+
+@dataclass
+class LoadedVersion(Generic[M]):
+    model: M
+    batcher: DynamicBatcher | None
+
+    async def run(self, items: Sequence[Any]) -> list:
+        """Results for ``items`` through this version's batcher."""
+        if self.batcher is None:
+            raise TypeError(f"model kind {self.model.info.kind!r} has no batcher")
+        return await self.batcher.submit(items)
+
+
+class ModelKernel(Generic[M]):
+    def __init__(
+        self,
+        spec: ModelSpec[M],
+        config: KernelConfig,
+        *,
+        executor: Executor,
+        loader: Executor,
+        batch_observer: BatchObserver | None = None,
+    ):
+        self.spec = spec
+        self.config = config
+        self._executor = executor
+        self._loader = loader
+        self._batch_observer = batch_observer
+        self._versions: ModelVersions[LoadedVersion[M]] = ModelVersions()
+        self._observers: list[VersionObserver] = []
+        self._load_lock = asyncio.Lock()
+
+    def add_observer(self, observer: VersionObserver) -> None:
+        self._observers.append(observer)
+
+    # -- queries ----------------------------------------------------------
+
+    @property
+    def active_version(self) -> str | None:
+        return self._versions.active_version
+
+    def get(self, version: str = "") -> LoadedVersion[M]:
+        """The entry of ``version`` (empty: the active one), or VersionNotFound."""
+        return self._versions.get(version)
+
+    def info(self, version: str = "") -> ModelInfo:
+        info = self._versions.get(version).model.info
+        return replace(info, active=self._versions.is_active(info.version))
+
+    def list_versions(self) -> list[ModelInfo]:
+        return [self.info(version) for version in self._versions.versions()]
+
+    # -- changes ----------------------------------------------------------
+
+    async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
+        """Load, validate and register a version; activate it when asked (or
+        when nothing is active yet). Returns its info."""
+        loop = asyncio.get_running_loop()
+        async with self._load_lock:
+            if version and version in self._versions.versions():
+                raise FailedPrecondition(
+                    f"model version {version!r} is already loaded; unload it first or pick another version label"
+                )
+            model = await loop.run_in_executor(self._loader, self.spec.load, path, version or None)
+            try:
+                if self.spec.check_compatible is not None and self._versions.active_version is not None:
+                    self.spec.check_compatible(model, self._versions.get().model)
+                previous = self._versions.add(model.info.version, LoadedVersion(model, self._batcher(model)), activate)
+            except BaseException:
+                await loop.run_in_executor(self._loader, model.release)
+                raise
+            label = model.info.version
+            for observer in self._observers:
+                observer.on_version_loaded(model)
+            if self._versions.is_active(label) and previous != label:
+                for observer in self._observers:
+                    observer.on_version_activated(label, previous)
+            removed = await self._evict(keep=label)
+            self._changed(removed)
+            return self.info(label)
+
+    def activate(self, version: str) -> tuple[ModelInfo, str | None]:
+        previous = self._versions.activate(version)
+        for observer in self._observers:
+            observer.on_version_activated(version, previous)
+        self._changed([])
+        return self.info(version), previous
+
+    async def unload(self, version: str) -> None:
+        entry = self._versions.remove(version)
+        await self._drop(version, entry)
+        self._changed([version])
+
+    async def close(self) -> None:
+        """Stop serving: batchers drain what they queued. Versions stay loaded
+        in a remote backend (Triton), where a restarting service or its other
+        replicas keep using them."""
+        for _, entry in self._versions.items():
+            if entry.batcher is not None:
+                await entry.batcher.close()
+
+    # -- internals ----------------------------------------------------------
+
+    def _batcher(self, model: M) -> DynamicBatcher | None:
+        if self.spec.batch is None:
+            return None
+        run_batch, max_in_flight = self.spec.batch(model)
+        return DynamicBatcher(run_batch, self.config.batching, self._executor, self._batch_observer,
+                              max_in_flight=max_in_flight)
+
+    async def _evict(self, keep: str) -> list[str]:
+        limit = self.config.max_loaded_versions
+        removed: list[str] = []
+        while limit and len(self._versions.versions()) > limit:
+            # Oldest first: versions() is in load order.
+            victims = [v for v in self._versions.versions() if v != keep and not self._versions.is_active(v)]
+            if not victims:
+                break
+            entry = self._versions.remove(victims[0])
+            await self._drop(victims[0], entry)
+            removed.append(victims[0])
+        return removed
+
+    async def _drop(self, version: str, entry: LoadedVersion[M]) -> None:
+        """Requests still running on the version hold their own reference and
+        finish; its batcher drains, then the backend lets go."""
+        if entry.batcher is not None:
+            await entry.batcher.close()
+        for observer in self._observers:
+            observer.on_version_removed(version)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._loader, entry.model.release)
+        except Exception:  # the version is gone from this service either way
+            log.warning("%s model version %r unloaded, but its backend did not release it", self.spec.kind, version,
+                        exc_info=True)
+
+    def _changed(self, removed: list[str]) -> None:
+        loaded = self._versions.versions()
+        for observer in self._observers:
+            observer.on_versions_changed(self._versions.active_version, loaded, removed)

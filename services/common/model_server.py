@@ -1,0 +1,121 @@
+"""The one factory for the three model servers (reward, reference, policy).
+
+Each service describes itself with a ``ModelServerSpec`` (its settings class,
+metrics, engine and gRPC servicer); everything else is the same for all:
+a model thread and a loader thread, the first version loaded through the
+kernel (``arbiter.kernel``), ``ModelService`` over that kernel, version
+metrics kept current by a kernel observer, health, reflection, TLS/auth,
+graceful stop, and the command line (flags generated from the settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from arbiter.config import add_flags, from_flags
+from arbiter.kernel import VersionObserver
+from arbiter.v1 import common_pb2, common_pb2_grpc
+from services.common.metrics import RpcMetrics
+from services.common.model_service import ModelServicer
+from services.common.server import RunningServer, serve_forever, start_server
+from services.common.settings import ModelServerSettings, auth_token_from_env
+
+MODEL_SERVICE = common_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+# Closes what a service attached (a feedback producer, an update follower)
+# before its engine and threads go.
+Closer = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ModelServerSpec:
+    kind: str  # reward | reference | policy
+    service_name: str  # the kind's gRPC service, e.g. arbiter.v1.RewardService
+    settings: type[ModelServerSettings]
+    metrics: Callable[[CollectorRegistry, Any], RpcMetrics]
+    # (settings, model executor, loader executor, metrics) -> engine with a ``models`` kernel
+    engine: Callable[[Any, ThreadPoolExecutor, ThreadPoolExecutor, Any], Any]
+    # Adds the kind's servicer to the server; returns what to close at stop.
+    register: Callable[[grpc.aio.Server, Any, Any, Any], list[Closer]]
+    # Settings fields that come from elsewhere than flags (e.g. Kafka settings).
+    extra_settings: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
+    add_extra_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    # Appended to the startup line.
+    banner: Callable[[Any], str] = lambda settings: ""
+
+
+class VersionMetrics(VersionObserver):
+    """``arbiter_model_active`` follows every load, activation and unload."""
+
+    def __init__(self, metrics: RpcMetrics):
+        self.metrics = metrics
+
+    def on_versions_changed(self, active: str | None, loaded: list[str], removed: list[str]) -> None:
+        self.metrics.set_versions(active, loaded, removed)
+
+
+async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettings) -> tuple[RunningServer, int]:
+    registry = CollectorRegistry()
+    metrics = spec.metrics(registry, settings)
+    # One model thread: torch parallelises inside a forward pass; two would
+    # only contend for the same cores. Loads get their own thread, so serving
+    # goes on during a swap.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.kind}-model")
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.kind}-loader")
+    engine = spec.engine(settings, executor, loader, metrics)
+    closers: list[Closer] = []
+
+    async def release() -> None:
+        for close in closers:
+            await close()
+        await engine.close()
+        executor.shutdown(wait=True)
+        loader.shutdown(wait=True)
+
+    try:
+        engine.models.add_observer(VersionMetrics(metrics))
+        await engine.models.load_version(settings.model_dir, settings.model_version or "", activate=True)
+
+        def register(server: grpc.aio.Server) -> None:
+            closers.extend(spec.register(server, engine, metrics, settings))
+            common_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine.models, metrics), server)
+
+        running = await start_server(
+            settings, (spec.service_name, MODEL_SERVICE), register, registry, engine=engine, metrics=metrics
+        )
+    except BaseException:
+        await release()
+        raise
+    running.on_stop(release)
+    return running, running.port
+
+
+def add_arguments(spec: ModelServerSpec, parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, spec.settings, required=("model_dir",))
+    spec.add_extra_arguments(parser)
+
+
+def settings_from_args(spec: ModelServerSpec, args: argparse.Namespace) -> ModelServerSettings:
+    """Raises ``arbiter.config.ConfigError`` naming the bad setting."""
+    return from_flags(spec.settings, args, auth_token=auth_token_from_env(), **spec.extra_settings(args))
+
+
+def serve(spec: ModelServerSpec, settings: ModelServerSettings) -> None:
+    """Run until SIGTERM/SIGINT, announcing what is served where."""
+
+    def banner(running: RunningServer) -> str:
+        info = running.engine.models.info()
+        metrics = f", metrics on {settings.metrics_host}:{running.metrics_port}" if running.metrics_port else ""
+        return (
+            f"{spec.kind} service: model {info.name!r} version {info.version!r} on "
+            f"{settings.host}:{running.port}{metrics}{spec.banner(settings)}"
+        )
+
+    serve_forever(lambda: create_model_server(spec, settings), banner)
