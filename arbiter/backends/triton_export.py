@@ -3,7 +3,7 @@
 Writes the layout Triton's model repository expects::
 
     REPO/NAME/config.pbtxt      python backend, dynamic batching, instance groups
-    REPO/NAME/N/model.py        arbiter/backends/triton_models/<kind>.py
+    REPO/NAME/N/model.py        arbiter/backends/triton_models/model.py (every kind)
     REPO/NAME/N/checkpoint/     the Hugging Face checkpoint, copied whole
 
 Versions are immutable: a new export is a new N (the next free number unless
@@ -25,16 +25,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from arbiter.backends import pad_token_id
+from arbiter.backends.signatures import SIGNATURES, TritonSignature
 from arbiter.backends.triton import CHECKPOINT_DIR, CONFIG_FILE
-from arbiter.errors import ModelLoadError
-from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_metadata
+from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_config, read_metadata
 from arbiter.lm import is_adapter_dir
+from arbiter.reward.backend import check_reward_config
 
 KINDS = ("reward", "reference", "policy")
 EXPORTABLE = ("reward", "reference")
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "float16", "bfloat16")
-_TEMPLATES = Path(__file__).parent / "triton_models"
+_MODEL_FILE = Path(__file__).parent / "triton_models" / "model.py"
 
 
 class ExportError(ValueError):
@@ -84,7 +86,7 @@ def export(model_dir: str | Path, kind: str, repository: str | Path, options: Ex
             "(--backend torch). See the README's Triton section for what is and is not supported."
         )
     source = check_checkpoint_dir(model_dir)
-    pad_token_id = _reward_pad_token_id(source) if kind == "reward" else _reference_pad_token_id(source)
+    pad_id = _pad_token_id(source, kind)
     name = options.name or read_metadata(source).name or source.name
     model_root = Path(repository) / name
     _check_same_kind(model_root, kind)
@@ -98,13 +100,13 @@ def export(model_dir: str | Path, kind: str, repository: str | Path, options: Ex
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        shutil.copy2(_TEMPLATES / f"{kind}.py", staging / "model.py")
+        shutil.copy2(_MODEL_FILE, staging / "model.py")
         shutil.copytree(source, staging / CHECKPOINT_DIR, ignore=shutil.ignore_patterns(".*", "__pycache__"))
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     # One config for every version of the model: rewritten with this export's options.
-    (model_root / CONFIG_FILE).write_text(model_config(name, pad_token_id, options, kind))
+    (model_root / CONFIG_FILE).write_text(model_config(name, pad_id, options, kind))
     return target
 
 
@@ -123,94 +125,34 @@ def _check_same_kind(model_root: Path, kind: str) -> None:
         )
 
 
-def _reward_pad_token_id(checkpoint: Path) -> int:
-    """The pad id the in-process backend pads (and HF pools) with."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
-    except Exception as err:
-        raise ModelLoadError(f"cannot read the model config in {str(checkpoint)!r}: {err}") from err
-    if config.num_labels != 1:
-        raise ModelLoadError(f"{str(checkpoint)!r} has num_labels={config.num_labels}; a reward model needs exactly 1")
-    if config.pad_token_id is not None:
-        return int(config.pad_token_id)
-    return int(load_tokenizer(checkpoint).pad_token_id)
-
-
-def _reference_pad_token_id(checkpoint: Path) -> int:
-    """The pad id the in-process reference backend pads with (the config's,
-    else the tokenizer's, which falls back to eos as in ``load_causal_lm``)."""
-    from transformers import AutoConfig
-
-    if is_adapter_dir(checkpoint):
+def _pad_token_id(checkpoint: Path, kind: str) -> int:
+    """The pad id the in-process backend pads with (the config's, else the
+    tokenizer's); the service reads the tokenizer from the exported
+    checkpoint, so it must be there."""
+    if kind == "reference" and is_adapter_dir(checkpoint):
         raise ExportError(
             f"{str(checkpoint)!r} is a LoRA adapter; Triton serves full checkpoints: merge it into its base "
             "(peft merge_and_unload + save_pretrained, with the tokenizer) and export that"
         )
-    try:
-        config = AutoConfig.from_pretrained(str(checkpoint), local_files_only=True)
-    except Exception as err:
-        raise ModelLoadError(f"cannot read the model config in {str(checkpoint)!r}: {err}") from err
-    # The service reads the tokenizer from the exported checkpoint: it must be there.
-    tokenizer = load_tokenizer(checkpoint)
-    if config.pad_token_id is not None:
-        return int(config.pad_token_id)
-    return int(tokenizer.pad_token_id)
+    config = read_config(checkpoint)
+    if kind == "reward":
+        check_reward_config(config, checkpoint)
+    return pad_token_id(config, load_tokenizer(checkpoint))
 
 
-# The tensors each kind's model.py reads and writes (see triton_models/).
-_TENSORS = {
-    "reward": """input [
-  {
-    name: "INPUT_IDS"
-    data_type: TYPE_INT64
-    dims: [ -1 ]
-    allow_ragged_batch: true
-  },
-  {
-    name: "LENGTHS"
-    data_type: TYPE_INT64
-    dims: [ 1 ]
-  }
-]
-output [
-  {
-    name: "SCORES"
-    data_type: TYPE_FP32
-    dims: [ 1 ]
-  }
-]
-""",
-    # LOGPROBS is as wide as each request's longest completion: the Python
-    # backend answers every request with its own tensors.
-    "reference": """input [
-  {
-    name: "INPUT_IDS"
-    data_type: TYPE_INT64
-    dims: [ -1 ]
-    allow_ragged_batch: true
-  },
-  {
-    name: "PROMPT_LENGTHS"
-    data_type: TYPE_INT64
-    dims: [ 1 ]
-  },
-  {
-    name: "COMPLETION_LENGTHS"
-    data_type: TYPE_INT64
-    dims: [ 1 ]
-  }
-]
-output [
-  {
-    name: "LOGPROBS"
-    data_type: TYPE_FP32
-    dims: [ -1 ]
-  }
-]
-""",
-}
+def _tensors(signature: TritonSignature) -> str:
+    """config.pbtxt's input/output blocks; dims leave out the batch dimension."""
+    def block(kind: str, tensors) -> str:
+        entries = []
+        for t in tensors:
+            lines = [f'    name: "{t.name}"', f"    data_type: TYPE_{t.datatype}",
+                     f"    dims: [ {', '.join(str(d) for d in t.shape[1:])} ]"]
+            if t.ragged:
+                lines.append("    allow_ragged_batch: true")
+            entries.append("  {\n" + "\n".join(lines) + "\n  }")
+        return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+    return block("input", signature.inputs) + block("output", signature.outputs)
 
 
 def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kind: str = "reward") -> str:
@@ -235,7 +177,7 @@ max_batch_size: {options.max_batch_size}
 dynamic_batching {{
   max_queue_delay_microseconds: {options.max_queue_delay_us}
 }}
-{_TENSORS[model_kind]}instance_group [
+{_tensors(SIGNATURES[model_kind])}instance_group [
   {{
     count: {options.instances}
     kind: {kind}
