@@ -23,9 +23,8 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    add_subcommands(
-        parser, "service", {kind: (_server_arguments(module), help_text) for kind, (module, help_text) in KINDS.items()}, argv
-    )
+    kinds = {kind: (_server_arguments(module), help_text) for kind, (module, help_text) in KINDS.items()}
+    add_subcommands(parser, "service", kinds, argv)
     parser.set_defaults(run=run)
 
 
