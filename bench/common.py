@@ -61,7 +61,7 @@ class ServiceProcess:
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, start_timeout_s: float = 300,
                  wait: bool = True):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "arbiter.cli", "serve", *args, "--port", "0"],
+            [sys.executable, "-m", "cli", "serve", *args, "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "ARBITER_LOG_LEVEL": "WARNING", **(env or {})},
         )

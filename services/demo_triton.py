@@ -38,7 +38,7 @@ EXAMPLES = [
 
 def start_service(args: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "arbiter.cli", "serve", "reward", "--port", "0", *args],
+        [sys.executable, "-m", "cli", "serve", "reward", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     output = []
@@ -63,7 +63,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def export(model: Path, repo: Path, name: str) -> Path:
     done = subprocess.run(
-        [sys.executable, "-m", "arbiter.cli", "triton", "export", "--model", str(model), "--kind", "reward",
+        [sys.executable, "-m", "cli", "triton", "export", "--model", str(model), "--kind", "reward",
          "--out", str(repo), "--name", name, "--torch-threads", "1"],
         capture_output=True, text=True,
     )

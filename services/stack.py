@@ -142,7 +142,7 @@ class Stack:
         return port or free_port()
 
     def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
-        process = ManagedProcess(name, [sys.executable, "-m", "arbiter.cli", *args], self.logs / f"{name}.log", self.env())
+        process = ManagedProcess(name, [sys.executable, "-m", "cli", *args], self.logs / f"{name}.log", self.env())
         self.processes.append(process)
         return process
 

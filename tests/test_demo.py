@@ -9,7 +9,7 @@ import sys
 def test_quick_demo_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "arbiter.cli", "demo", "--quick", "--workdir", str(workdir)],
+        [sys.executable, "-m", "cli", "demo", "--quick", "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "ARBITER_LOG_LEVEL": "WARNING"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

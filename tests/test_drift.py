@@ -100,7 +100,7 @@ def test_service_reports_drift_and_cli_renders_it(tiny_models, tmp_path):
 
         png = tmp_path / "drift.png"
         done = subprocess.run(
-            [sys.executable, "-m", "arbiter.cli", "drift", "report", "--target", srv.target, "--png", str(png)],
+            [sys.executable, "-m", "cli", "drift", "report", "--target", srv.target, "--png", str(png)],
             capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, done.stderr

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from lm_fixtures import perturbed
 
-from arbiter.cli import main as cli_main
+from cli.main import main as cli_main
 from arbiter.elo import ELO_PER_LOGIT, Outcome, fit_elo, sequential_elo, tie, win
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.background import BackgroundServer

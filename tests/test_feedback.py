@@ -10,7 +10,7 @@ import grpc
 import pytest
 from rm_fixtures import rule_rows
 
-from arbiter.cli import main as cli_main
+from cli.main import main as cli_main
 from arbiter.rm.config import TopicConfig
 from arbiter.rm.topic import read_preferences
 from arbiter.stream import StreamConsumer, ensure_topics, topics

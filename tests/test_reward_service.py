@@ -475,7 +475,7 @@ def test_arbiter_score_cli(server, reference):
         json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
     ]
     done = subprocess.run(
-        [sys.executable, "-m", "arbiter.cli", "score", "--target", server.target],
+        [sys.executable, "-m", "cli", "score", "--target", server.target],
         input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -485,12 +485,12 @@ def test_arbiter_score_cli(server, reference):
     assert rows[1]["score"] == pytest.approx(reference.score_chat([("user", "hi"), ("assistant", "hello")]), abs=1e-5)
 
     bad = subprocess.run(
-        [sys.executable, "-m", "arbiter.cli", "score", "--target", server.target],
+        [sys.executable, "-m", "cli", "score", "--target", server.target],
         input='{"prompt": "x", "response": " ok"}\n{not json\n', capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "line 2" in bad.stderr
     empty = subprocess.run(
-        [sys.executable, "-m", "arbiter.cli", "score", "--target", server.target],
+        [sys.executable, "-m", "cli", "score", "--target", server.target],
         input='{"prompt": "x", "response": ""}\n', capture_output=True, text=True, timeout=120,
     )
     assert empty.returncode == 1 and "INVALID_ARGUMENT" in empty.stderr and "inputs[0].text.response" in empty.stderr

@@ -17,7 +17,7 @@ import torch
 from rm_fixtures import rule_rows, write_jsonl
 
 from arbiter.batching import BatchingConfig
-from arbiter.cli import main as cli_main
+from cli.main import main as cli_main
 from arbiter.hf import read_metadata
 from arbiter.config import ConfigError
 from arbiter.rm.config import config_from_dict, load_config

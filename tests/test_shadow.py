@@ -99,13 +99,13 @@ def test_shadow_live_cli(tiny_models):
         with grpc.insecure_channel(srv.target) as channel:
             common_pb2_grpc.ModelServiceStub(channel).LoadModelVersion(
                 common_pb2.LoadModelVersionRequest(path=str(tiny_models["reward"]), version="twin"), timeout=60)
-        on = subprocess.run([sys.executable, "-m", "arbiter.cli", "rm", "shadow-live", "--target", srv.target,
+        on = subprocess.run([sys.executable, "-m", "cli", "rm", "shadow-live", "--target", srv.target,
                              "--candidate", "twin", "--fraction", "0.5"], capture_output=True, text=True, timeout=120)
         assert on.returncode == 0 and "50% of 'v0'" in on.stdout, on.stderr
         assert srv.engine.shadow == ("twin", 0.5)
-        off = subprocess.run([sys.executable, "-m", "arbiter.cli", "rm", "shadow-live", "--target", srv.target],
+        off = subprocess.run([sys.executable, "-m", "cli", "rm", "shadow-live", "--target", srv.target],
                              capture_output=True, text=True, timeout=120)
         assert off.returncode == 0 and "shadowing off" in off.stdout and srv.engine.shadow is None
-        bad = subprocess.run([sys.executable, "-m", "arbiter.cli", "rm", "shadow-live", "--target", srv.target,
+        bad = subprocess.run([sys.executable, "-m", "cli", "rm", "shadow-live", "--target", srv.target,
                               "--candidate", "missing"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr

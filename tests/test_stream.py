@@ -263,7 +263,7 @@ def test_local_broker_lifecycle(tmp_path, kafka_broker):
 def test_cli_broker_writes_ready_file_and_stops_on_sigterm(tmp_path):
     ready = tmp_path / "ready"
     process = subprocess.Popen(
-        [sys.executable, "-m", "arbiter.cli", "broker", "--port", "0", "--create-topics",
+        [sys.executable, "-m", "cli", "broker", "--port", "0", "--create-topics",
          "--ready-file", str(ready), "--log-file", str(tmp_path / "tansu.log")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

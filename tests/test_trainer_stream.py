@@ -101,7 +101,7 @@ def test_kill_9_and_restart_loses_nothing_and_trains_nothing_twice(tiny_models, 
     first = [to_rollout(t) for t in sample_trajectories(lm, tokenizer, 3 * BATCH, seed=10)]
     second = [to_rollout(t) for t in sample_trajectories(lm, tokenizer, 3 * BATCH, seed=11)]
     produced_ids = {r.rollout_id for r in first + second}
-    command = [sys.executable, "-m", "arbiter.cli", "train", "ppo", "--config", str(config_path)]
+    command = [sys.executable, "-m", "cli", "train", "ppo", "--config", str(config_path)]
     env = {**os.environ, "ARBITER_LOG_LEVEL": "WARNING"}
     run_dir = tmp_path / "run"
 

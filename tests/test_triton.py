@@ -70,7 +70,7 @@ def repo(tiny_models, triton_repo, tmp_path_factory):
     """REPO/rm/1 (the tiny RM, exported through the CLI) and REPO/rm/2 (another seed)."""
     out = triton_repo
     done = subprocess.run(
-        [sys.executable, "-m", "arbiter.cli", "triton", "export", "--model", str(tiny_models["reward"]),
+        [sys.executable, "-m", "cli", "triton", "export", "--model", str(tiny_models["reward"]),
          "--kind", "reward", "--out", str(out), "--name", MODEL, "--torch-threads", "1"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )

@@ -17,7 +17,7 @@ from lm_fixtures import lora_adapter, perturbed
 
 from arbiter.backends.triton import TritonModel
 from arbiter.backends.triton_export import ExportError, ExportOptions, export
-from arbiter.cli import build_parser, main
+from cli.main import main, parse_args
 from arbiter.errors import BackendError, BackendUnavailable
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.reference.model import ReferenceModel, TokenSequence
@@ -174,7 +174,7 @@ def test_export_writes_a_reference_model(repo, tiny_models, tmp_path):
 
 def test_cli_flags_select_the_triton_backend(repo):
     path = str(repo / MODEL / "1")
-    args = build_parser().parse_args(
+    args = parse_args(
         ["serve", "reference", "--model", path, "--backend", "triton", "--triton-url", "127.0.0.1:8001",
          "--triton-model", MODEL, "--triton-max-in-flight", "3"]
     )

@@ -434,7 +434,7 @@ def test_prompts_topic_commits_after_rollouts_are_acknowledged(servers, kafka):
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "ARBITER_LOG_LEVEL": "WARNING"}
-    return subprocess.run([sys.executable, "-m", "arbiter.cli", "worker", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", "worker", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
 
 

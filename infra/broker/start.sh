@@ -20,7 +20,7 @@ if [[ -f "$PID_FILE" ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
   exit 1
 fi
 rm -f "$READY_FILE"
-nohup "$PYTHON" -m arbiter.cli broker --port "$PORT" --create-topics \
+nohup "$PYTHON" -m cli broker --port "$PORT" --create-topics \
   --topic-prefix "${ARBITER_TOPIC_PREFIX:-}" --ready-file "$READY_FILE" \
   --log-file "$RUN_DIR/tansu.log" >"$RUN_DIR/broker.out" 2>&1 &
 echo $! >"$PID_FILE"

@@ -1,0 +1,19 @@
+"""``arbiter demo``: the end-to-end demo (what ``make demo`` runs)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--updates", type=int, help="PPO updates (default 60, 4 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smaller and shorter, for tests")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.demo import run_from_args
+
+    return run_from_args(args)

@@ -1,0 +1,19 @@
+"""``arbiter up``: the whole loop (broker, services, worker, trainer) until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    parser.add_argument("--config", required=True, help="stack YAML (see services/stack.py StackConfig)")
+    parser.add_argument("--workdir", help="overrides the config's workdir")
+    parser.add_argument("--kafka-bootstrap", help="use this Kafka cluster instead of a local broker")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.stack import up_main
+
+    return up_main(args)
