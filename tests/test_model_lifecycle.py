@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from arbiter.backends import BackendConfig
-from arbiter.backends.triton import TritonModel, map_triton_error
+from arbiter.backends.triton import TritonBackends, TritonModel, map_triton_error
 from arbiter.backends.triton_export import ExportError, ExportOptions, export
 from arbiter.batching import BatchingConfig, DynamicBatcher
 from arbiter.errors import BackendError, BackendTimeout, BackendUnavailable, ModelLoadError, Overloaded
-from arbiter.reward.backend import TritonRewardBackends
+from arbiter.reward.backend import REWARD
 from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
@@ -32,7 +32,8 @@ from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.background import BackgroundServer
 from services.common.errors import status_for
 from arbiter.config import ConfigError
-from services.reward.server import create_server
+from cli.main import parse_args
+from services.reward.server import create_server, settings_from_args
 from services.reward.settings import RewardSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,16 +93,15 @@ def control(triton):
         yield model
 
 
-def triton_settings(repo, triton, version=1, **overrides):
-    return RewardSettings(
-        model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend="triton",
-        triton_url=triton.url, triton_model=MODEL, **overrides,
-    )
+def triton_settings(repo, triton, version=1, retry_s=10.0, **overrides):
+    backend = BackendConfig(kind="triton", triton_url=triton.url, triton_model=MODEL, triton_retry_s=retry_s)
+    return RewardSettings(model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend=backend, **overrides)
 
 
 @pytest.fixture(scope="module")
 def service(repo, triton):
-    settings = triton_settings(repo, triton, max_items_per_request=16, max_queue_delay_ms=20.0, triton_retry_s=2.0)
+    settings = triton_settings(repo, triton, max_items_per_request=16, batching=BatchingConfig(max_queue_delay_ms=20.0),
+                               retry_s=2.0)
     with BackgroundServer(lambda: create_server(settings)) as srv:
         yield srv
 
@@ -184,13 +184,16 @@ def test_export_refusals_name_the_problem(repo, tiny_models, tmp_path):
 def test_backend_settings_errors_name_the_field(repo):
     path = str(repo / MODEL / "1")
     with pytest.raises(ConfigError, match="backend='onnx'"):
-        RewardSettings(model_dir=path, backend="onnx")
+        BackendConfig(kind="onnx")
     with pytest.raises(ConfigError, match="triton_url=''"):
-        RewardSettings(model_dir=path, backend="triton", triton_model=MODEL)
+        BackendConfig(kind="triton", triton_model=MODEL)
     with pytest.raises(ConfigError, match="triton_model=''"):
-        RewardSettings(model_dir=path, backend="triton", triton_url="127.0.0.1:8001")
+        BackendConfig(kind="triton", triton_url="127.0.0.1:8001")
     with pytest.raises(ConfigError, match="triton_max_in_flight=0"):
-        RewardSettings(model_dir=path, triton_max_in_flight=0)
+        BackendConfig(triton_max_in_flight=0)
+    # The same checks reach the command line's settings, nested under the service's.
+    with pytest.raises(ConfigError, match="triton_url=''"):
+        settings_from_args(parse_args(["serve", "reward", "--model", path, "--backend", "triton"]))
 
 
 # -- scoring through Triton --------------------------------------------------------------
@@ -255,7 +258,7 @@ def test_async_batches_overlap_up_to_max_in_flight():
             running -= 1
             return [x * 2 for x in items]
 
-        batcher = DynamicBatcher(remote, BatchingConfig(max_batch_size=2, max_queue_delay_s=0), None, max_in_flight=3)
+        batcher = DynamicBatcher(remote, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0), None, max_in_flight=3)
         results = await asyncio.gather(*(batcher.submit([i]) for i in range(12)))
         await batcher.close()
         return results, peak
@@ -349,10 +352,10 @@ def test_a_triton_model_with_other_tensors_is_refused(triton, repo, tiny_models)
     odd = export(tiny_models["reward"], "reward", repo, ExportOptions(name="odd"))
     config = repo / "odd" / "config.pbtxt"
     config.write_text(config.read_text().replace('name: "SCORES"', 'name: "LOGITS"'))
-    backends = TritonRewardBackends(BackendConfig(kind="triton", triton_url=triton.url, triton_model="odd"))
+    backends = TritonBackends(BackendConfig(kind="triton", triton_url=triton.url, triton_model="odd"), REWARD)
     try:
         with pytest.raises(ModelLoadError, match="has no output 'SCORES'"):
-            backends.open(odd, odd / "checkpoint", 1)
+            backends.open(odd, version=None, max_tokens=None)
         assert backends.server.ready_versions() == set()
     finally:
         asyncio.run(backends.aclose())

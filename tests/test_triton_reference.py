@@ -15,6 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from lm_fixtures import lora_adapter, perturbed
 
+from arbiter.backends import BackendConfig
+from arbiter.batching import BatchingConfig
 from arbiter.backends.triton import TritonModel
 from arbiter.backends.triton_export import ExportError, ExportOptions, export
 from cli.main import main, parse_args
@@ -101,16 +103,14 @@ def control(triton):
         yield model
 
 
-def triton_settings(repo, triton, version=1, **overrides):
-    return ReferenceSettings(
-        model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend="triton",
-        triton_url=triton.url, triton_model=MODEL, **overrides,
-    )
+def triton_settings(repo, triton, version=1, retry_s=10.0, **overrides):
+    backend = BackendConfig(kind="triton", triton_url=triton.url, triton_model=MODEL, triton_retry_s=retry_s)
+    return ReferenceSettings(model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend=backend, **overrides)
 
 
 @pytest.fixture(scope="module")
 def service(repo, triton):
-    settings = triton_settings(repo, triton, max_queue_delay_ms=5.0, triton_retry_s=2.0)
+    settings = triton_settings(repo, triton, batching=BatchingConfig(max_queue_delay_ms=5.0), retry_s=2.0)
     with BackgroundServer(lambda: create_server(settings)) as srv:
         yield srv
 
@@ -188,11 +188,11 @@ def test_cli_flags_select_the_triton_backend(repo):
     assert config.batching.max_queue_delay_s == 0.0
     assert ReferenceSettings(model_dir=path).engine_config().batching.max_queue_delay_s == 0.002
     with pytest.raises(ConfigError, match="triton_url=''"):
-        ReferenceSettings(model_dir=path, backend="triton", triton_model=MODEL)
+        BackendConfig(kind="triton", triton_model=MODEL)
     with pytest.raises(ConfigError, match="triton_model=''"):
-        ReferenceSettings(model_dir=path, backend="triton", triton_url="127.0.0.1:8001")
+        BackendConfig(kind="triton", triton_url="127.0.0.1:8001")
     with pytest.raises(ConfigError, match="backend='onnx'"):
-        ReferenceSettings(model_dir=path, backend="onnx")
+        BackendConfig(kind="onnx")
 
 
 # -- log-probs and KL through Triton -----------------------------------------------------
@@ -328,7 +328,7 @@ def test_a_version_missing_from_triton_is_unavailable_then_reloaded(repo, triton
     that cannot wait for the reload gets UNAVAILABLE saying so; the service
     reloads the version itself and serves again."""
     [version] = control.ready_versions()
-    settings = triton_settings(repo, triton, version=version, triton_retry_s=0.0)
+    settings = triton_settings(repo, triton, version=version, retry_s=0.0)
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         impatient = reference_pb2_grpc.ReferenceServiceStub(channel)
         request = logprobs_request([SEQUENCES[1]])
@@ -361,11 +361,11 @@ def test_triton_failures_map_to_clear_statuses(triton, control):
         control.infer(version, inputs(2, 3), ["LOGPROBS"])
 
     # Triton unreachable at load: UNAVAILABLE naming it, nothing loaded.
-    unreachable = ReferenceSettings(model_dir="unused", backend="triton", triton_url="127.0.0.1:9",
-                                    triton_model=MODEL, triton_retry_s=0.2)
-    engine = ReferenceEngine(unreachable.engine_config(), None, None)
+    unreachable = ReferenceSettings(model_dir="unused", backend=BackendConfig(
+        kind="triton", triton_url="127.0.0.1:9", triton_model=MODEL, triton_retry_s=0.2))
+    engine = ReferenceEngine(unreachable.engine_config(), None, None, None)
     with pytest.raises(BackendUnavailable) as down:
-        engine.load_blocking(str(triton.repository / MODEL / str(version)))
+        engine.models.spec.load(str(triton.repository / MODEL / str(version)), None)
     assert status_for(down.value) == (grpc.StatusCode.UNAVAILABLE, str(down.value))
     assert "Triton at 127.0.0.1:9 is unavailable" in str(down.value)
     asyncio.run(engine.close())

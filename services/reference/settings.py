@@ -26,7 +26,7 @@ class ReferenceSettings(ModelServerSettings):
 
     def engine_config(self) -> ReferenceEngineConfig:
         return ReferenceEngineConfig(
-            batching=self.batching,
+            batching=self.batching.for_backend(self.backend.kind),
             max_sequences_per_request=self.max_sequences_per_request,
             max_tokens=self.max_tokens,
             # LoRA adapters loaded later apply to the server's base model.

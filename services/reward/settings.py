@@ -42,7 +42,7 @@ class RewardSettings(ModelServerSettings):
 
     def engine_config(self) -> RewardEngineConfig:
         return RewardEngineConfig(
-            batching=self.batching,
+            batching=self.batching.for_backend(self.backend.kind),
             max_items_per_request=self.max_items_per_request,
             max_tokens=self.max_tokens,
             backend=self.backend,

@@ -75,24 +75,28 @@ class TritonPythonModel:
     def _read(self, request):
         """-> [(ids of one row, prompt length or 0)] of one request, or ValueError."""
         ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
+        width = ids.shape[1] if ids.ndim == 2 else 0
         if self.kind == "reward":
             lengths = pb_utils.get_input_tensor_by_name(request, "LENGTHS").as_numpy().reshape(-1)
             prompts = np.zeros_like(lengths)
-            names = "LENGTHS"
+            if ids.ndim != 2 or ids.shape[0] != lengths.shape[0]:
+                raise ValueError(
+                    f"INPUT_IDS {list(ids.shape)} and LENGTHS {list(lengths.shape)} disagree on batch size")
+            if lengths.size and (lengths.min() < 1 or lengths.max() > width):
+                raise ValueError(f"LENGTHS must be in 1..{width} (the width of INPUT_IDS)")
         else:
             prompts = pb_utils.get_input_tensor_by_name(request, "PROMPT_LENGTHS").as_numpy().reshape(-1)
             completions = pb_utils.get_input_tensor_by_name(request, "COMPLETION_LENGTHS").as_numpy().reshape(-1)
-            if prompts.shape != completions.shape:
-                raise ValueError(f"PROMPT_LENGTHS {list(prompts.shape)} and COMPLETION_LENGTHS "
-                                 f"{list(completions.shape)} disagree on batch size")
+            if ids.ndim != 2 or not ids.shape[0] == prompts.shape[0] == completions.shape[0]:
+                raise ValueError(
+                    f"INPUT_IDS {list(ids.shape)}, PROMPT_LENGTHS {list(prompts.shape)} and COMPLETION_LENGTHS "
+                    f"{list(completions.shape)} disagree on batch size"
+                )
             if prompts.size and (prompts.min() < 1 or completions.min() < 1):
                 raise ValueError("PROMPT_LENGTHS and COMPLETION_LENGTHS must be >= 1")
             lengths = prompts + completions
-            names = "PROMPT_LENGTHS + COMPLETION_LENGTHS"
-        if ids.ndim != 2 or ids.shape[0] != lengths.shape[0]:
-            raise ValueError(f"INPUT_IDS {list(ids.shape)} and {names} {list(lengths.shape)} disagree on batch size")
-        if lengths.size and (lengths.min() < 1 or lengths.max() > ids.shape[1]):
-            raise ValueError(f"{names} must be in 1..{ids.shape[1]} (the width of INPUT_IDS)")
+            if lengths.size and lengths.max() > width:
+                raise ValueError(f"PROMPT_LENGTHS + COMPLETION_LENGTHS must be <= {width} (the width of INPUT_IDS)")
         if self.max_tokens is not None and lengths.size and lengths.max() > self.max_tokens:
             raise ValueError(f"a sequence of {lengths.max()} tokens is over the model's max of {self.max_tokens}")
         rows = []
