@@ -38,7 +38,7 @@ def run(coro):
 
 def test_concurrent_requests_coalesce_into_one_batch(executor):
     model = Recorder()
-    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_queue_delay_s=0.05), executor)
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_queue_delay_ms=50.0), executor)
 
     async def main():
         results = await asyncio.gather(*(batcher.submit([i]) for i in range(10)))
@@ -51,7 +51,7 @@ def test_concurrent_requests_coalesce_into_one_batch(executor):
 
 def test_batches_never_exceed_max_batch_size_and_keep_order(executor):
     model = Recorder()
-    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_s=0.05), executor)
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=50.0), executor)
 
     async def main():
         out = await batcher.submit(list(range(10)))
@@ -65,7 +65,7 @@ def test_batches_never_exceed_max_batch_size_and_keep_order(executor):
 def test_cancelled_request_frees_its_slot(executor):
     model = Recorder()
     model.gate.clear()  # hold the first batch inside the model
-    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_s=0.0), executor)
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0.0), executor)
 
     async def main():
         first = asyncio.create_task(batcher.submit([1]))
@@ -89,7 +89,7 @@ def test_full_queue_is_refused_with_overloaded(executor):
     model = Recorder()
     model.gate.clear()
     batcher = DynamicBatcher(
-        model, BatchingConfig(max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=4), executor
+        model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0.0, max_queue_size=4), executor
     )
 
     async def main():
@@ -122,7 +122,7 @@ def test_disabled_batching_runs_each_request_alone(executor):
 
 def test_close_drains_queue_then_refuses(executor):
     model = Recorder(delay_s=0.02)
-    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=2, max_queue_delay_s=0.0), executor)
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0.0), executor)
 
     async def main():
         pending = asyncio.gather(*(batcher.submit([i]) for i in range(6)))
@@ -144,7 +144,7 @@ def test_model_failure_fails_that_batch_only(executor):
             raise RuntimeError("boom")
         return items
 
-    batcher = DynamicBatcher(flaky, BatchingConfig(max_batch_size=8, max_queue_delay_s=0.0), executor)
+    batcher = DynamicBatcher(flaky, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0.0), executor)
 
     async def main():
         with pytest.raises(RuntimeError, match="boom"):
