@@ -223,34 +223,26 @@ class DynamicBatcher(Generic[T, R]):
             self._in_flight += 1
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
-            except Exception as err:  # the model failed: fail this batch's requests, keep serving
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
+            except Exception as err:
+                _fail(batch, err)
                 continue
             finally:
                 self._in_flight -= 1
             self._observer.on_batch(len(batch), time.perf_counter() - started)
-            for p, result in zip(batch, results, strict=True):
-                if not p.future.done():
-                    p.future.set_result(result)
+            _deliver(batch, results)
 
     async def _run_async_batch(self, batch: list[_Pending[T]]) -> None:
         started = time.perf_counter()
         try:
             results = await self._run_batch([p.item for p in batch])
-        except Exception as err:  # the model failed: fail this batch's requests, keep serving
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(err)
+        except Exception as err:
+            _fail(batch, err)
             return
         finally:
             self._in_flight -= 1
             self._slot_freed.set()
         self._observer.on_batch(len(batch), time.perf_counter() - started)
-        for p, result in zip(batch, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(result)
+        _deliver(batch, results)
 
     async def close(self) -> None:
         """Stop taking work, finish what is queued, then stop the loop."""
@@ -260,3 +252,17 @@ class DynamicBatcher(Generic[T, R]):
             await self._task
         while self._in_flight:
             await asyncio.sleep(0.01)
+
+
+def _fail(batch: list[_Pending], err: Exception) -> None:
+    """The model failed: this batch's requests fail, the batcher keeps serving."""
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(err)
+
+
+def _deliver(batch: list[_Pending], results: Sequence) -> None:
+    """Results to the requests still waiting (a cancelled one no longer is)."""
+    for p, result in zip(batch, results, strict=True):
+        if not p.future.done():
+            p.future.set_result(result)

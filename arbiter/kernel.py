@@ -31,6 +31,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
+from arbiter.backends import BackendConfig
 from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
 from arbiter.errors import FailedPrecondition
 from arbiter.types import ModelInfo
@@ -74,6 +75,23 @@ class KernelConfig:
     def __post_init__(self) -> None:
         if self.max_loaded_versions < 0:
             raise ValueError(f"max_loaded_versions must be >= 0, got {self.max_loaded_versions}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What every batched model engine (reward, reference) is configured
+    with; each adds its own request limits."""
+
+    batching: BatchingConfig = BatchingConfig()
+    # Caps the model's own limit (never raises it).
+    max_tokens: int | None = None
+    # Where forward passes run: in-process torch (default) or Triton.
+    backend: BackendConfig = BackendConfig()
+    # Loaded versions kept (0: no limit).
+    max_loaded_versions: int = 0
+
+    def kernel_config(self) -> KernelConfig:
+        return KernelConfig(self.batching.for_backend(self.backend.kind), self.max_loaded_versions)
 
 
 class VersionObserver:

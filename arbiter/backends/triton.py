@@ -88,6 +88,27 @@ def checkpoint_dir(path: str | Path) -> Path:
     return root
 
 
+class _Attempts:
+    """The one retry policy of an inference call: an unreachable Triton is
+    retried with exponential backoff (50 ms doubling to 1 s) until
+    ``retry_s`` has passed; anything else fails the call at once."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.delay = 0.05
+        self.healed = False
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def backoff(self, err: ArbiterError) -> float:
+        """Seconds to wait before the next attempt, or raises ``err``."""
+        if not isinstance(err, BackendUnavailable) or time.monotonic() + self.delay >= self.deadline:
+            raise err
+        delay, self.delay = self.delay, min(self.delay * 2, 1.0)
+        return delay
+
+
 class TritonModel:
     def __init__(
         self,
@@ -230,8 +251,7 @@ class TritonModel:
         """Blocking inference (probes, tools, threads)."""
         import tritonclient.grpc as grpcclient
 
-        deadline = time.monotonic() + self.retry_s
-        delay, healed = 0.05, False
+        attempts = _Attempts(time.monotonic() + self.retry_s)
         while True:
             try:
                 result = self._client.infer(
@@ -241,20 +261,15 @@ class TritonModel:
                 return {o: result.as_numpy(o) for o in outputs}
             except Exception as raw:
                 err = self._domain_error(raw, version)
-            if isinstance(err, ModelNotReady) and not healed and version in self._wanted:
-                healed = True
+            if self._heals(err, version, attempts):
                 try:
-                    self._start_heal().result(timeout=max(0.0, deadline - time.monotonic()))
+                    self._start_heal().result(timeout=attempts.remaining())
                     continue
                 except TimeoutError:
                     raise self._reloading(version) from err
                 except ArbiterError as heal_err:
                     err = self._heal_failed(version, heal_err)
-            if isinstance(err, BackendUnavailable) and time.monotonic() + delay < deadline:
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            raise err
+            time.sleep(attempts.backoff(err))
 
     async def infer_async(
         self, version: int, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
@@ -263,8 +278,7 @@ class TritonModel:
         import tritonclient.grpc as grpcclient
 
         client = self._aio_client()
-        deadline = time.monotonic() + self.retry_s
-        delay, healed = 0.05, False
+        attempts = _Attempts(time.monotonic() + self.retry_s)
         while True:
             try:
                 result = await client.infer(
@@ -276,21 +290,23 @@ class TritonModel:
                 raise
             except Exception as raw:
                 err = self._domain_error(raw, version)
-            if isinstance(err, ModelNotReady) and not healed and version in self._wanted:
-                healed = True
+            if self._heals(err, version, attempts):
                 heal = asyncio.shield(asyncio.wrap_future(self._start_heal()))
                 try:
-                    await asyncio.wait_for(heal, max(0.0, deadline - time.monotonic()))
+                    await asyncio.wait_for(heal, attempts.remaining())
                     continue
                 except TimeoutError:
                     raise self._reloading(version) from err
                 except ArbiterError as heal_err:
                     err = self._heal_failed(version, heal_err)
-            if isinstance(err, BackendUnavailable) and time.monotonic() + delay < deadline:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            raise err
+            await asyncio.sleep(attempts.backoff(err))
+
+    def _heals(self, err: ArbiterError, version: int, attempts: _Attempts) -> bool:
+        """A version Triton lost (restart) is reloaded once per call."""
+        if isinstance(err, ModelNotReady) and not attempts.healed and version in self._wanted:
+            attempts.healed = True
+            return True
+        return False
 
     def _aio_client(self):
         import tritonclient.grpc.aio as aioclient

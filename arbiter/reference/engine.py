@@ -10,11 +10,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.backends import BackendConfig, RemoteBackend, open_backends
-from arbiter.batching import BatchingConfig, BatchObserver
+from arbiter.backends import RemoteBackend, open_backends
+from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
-from arbiter.kernel import BatchFunction, KernelConfig, LoadedVersion, ModelKernel, ModelSpec
+from arbiter.kernel import BatchFunction, EngineConfig, LoadedVersion, ModelKernel, ModelSpec
 from arbiter.reference.backend import REFERENCE
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.types import ModelInfo
@@ -26,18 +26,11 @@ class ReferenceObserver(BatchObserver, Protocol):
 
 
 @dataclass(frozen=True)
-class ReferenceEngineConfig:
-    batching: BatchingConfig = BatchingConfig()
+class ReferenceEngineConfig(EngineConfig):
     max_sequences_per_request: int = 256
-    # Caps the model's own limit (never raises it).
-    max_tokens: int | None = None
     # LoRA adapters loaded later apply to this base (the server's --model);
     # in-process only: Triton serves exported (merged) checkpoints.
     base_model_dir: str | None = None
-    # Where forward passes run: in-process torch (default) or Triton.
-    backend: BackendConfig = BackendConfig()
-    # Loaded versions kept (0: no limit); see arbiter.kernel.
-    max_loaded_versions: int = 0
 
     def __post_init__(self) -> None:
         if self.max_sequences_per_request < 1:
@@ -92,7 +85,7 @@ class ReferenceEngine:
         self._backends = open_backends(config.backend, REFERENCE)
         self.models: ModelKernel[ReferenceModel] = ModelKernel(
             ModelSpec("reference", self._load, batch_function),
-            KernelConfig(config.batching.for_backend(config.backend.kind), config.max_loaded_versions),
+            config.kernel_config(),
             executor=executor, loader=loader, batch_observer=observer,
         )
 

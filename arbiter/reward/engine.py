@@ -15,10 +15,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.backends import BackendConfig, RemoteBackend, open_backends
-from arbiter.batching import BatchingConfig, BatchObserver
+from arbiter.backends import RemoteBackend, open_backends
+from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
-from arbiter.kernel import BatchFunction, KernelConfig, ModelKernel, ModelSpec, VersionObserver
+from arbiter.kernel import BatchFunction, EngineConfig, ModelKernel, ModelSpec, VersionObserver
 from arbiter.reward.backend import REWARD
 from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
@@ -42,15 +42,8 @@ class RewardObserver(BatchObserver, Protocol):
 
 
 @dataclass(frozen=True)
-class RewardEngineConfig:
-    batching: BatchingConfig = BatchingConfig()
+class RewardEngineConfig(EngineConfig):
     max_items_per_request: int = 256
-    # Caps the model's own limit (never raises it).
-    max_tokens: int | None = None
-    # Where forward passes run: in-process torch (default) or Triton.
-    backend: BackendConfig = BackendConfig()
-    # Loaded versions kept (0: no limit); see arbiter.kernel.
-    max_loaded_versions: int = 0
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
@@ -71,7 +64,7 @@ class RewardEngine(VersionObserver):
         self._backends = open_backends(config.backend, REWARD)
         self.models: ModelKernel[RewardModel] = ModelKernel(
             ModelSpec("reward", self._load, batch_function),
-            KernelConfig(config.batching.for_backend(config.backend.kind), config.max_loaded_versions),
+            config.kernel_config(),
             executor=executor, loader=loader, batch_observer=observer,
         )
         self.models.add_observer(self)

@@ -119,3 +119,19 @@ def serve(spec: ModelServerSpec, settings: ModelServerSettings) -> None:
         )
 
     serve_forever(lambda: create_model_server(spec, settings), banner)
+
+
+def entry_points(spec: ModelServerSpec):
+    """A service module's ``create_server(settings) -> (server, port)`` (tests:
+    port 0 works), ``serve(settings)`` (deployment), and the CLI's
+    ``add_arguments(parser)`` / ``settings_from_args(args)``."""
+
+    async def create_server(settings: ModelServerSettings) -> tuple[RunningServer, int]:
+        return await create_model_server(spec, settings)
+
+    return (
+        create_server,
+        lambda settings: serve(spec, settings),
+        lambda parser: add_arguments(spec, parser),
+        lambda args: settings_from_args(spec, args),
+    )

@@ -1,6 +1,7 @@
 """The policy server: ``create_server(settings)`` for tests (port 0 works),
 ``serve(settings)`` for deployment, ``add_arguments`` / ``settings_from_args``
-for the CLI. Built by the common model-server factory."""
+for the CLI, all from the common model-server factory (``SPEC`` says what is
+particular to this service)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_arg
 from arbiter.v1 import policy_pb2, policy_pb2_grpc
 from services.common import model_server
 from services.common.model_server import ModelServerSpec
-from services.common.server import RunningServer
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
@@ -60,19 +60,4 @@ SPEC = ModelServerSpec(
 )
 
 SERVICE_NAMES = (SPEC.service_name, model_server.MODEL_SERVICE)
-
-
-async def create_server(settings: PolicySettings) -> tuple[RunningServer, int]:
-    return await model_server.create_model_server(SPEC, settings)
-
-
-def serve(settings: PolicySettings) -> None:
-    model_server.serve(SPEC, settings)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model_server.add_arguments(SPEC, parser)
-
-
-def settings_from_args(args: argparse.Namespace) -> PolicySettings:
-    return model_server.settings_from_args(SPEC, args)
+create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)

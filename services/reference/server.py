@@ -1,16 +1,14 @@
 """The reference server: ``create_server(settings)`` for tests (port 0 works),
 ``serve(settings)`` for deployment, ``add_arguments`` / ``settings_from_args``
-for the CLI. Built by the common model-server factory."""
+for the CLI, all from the common model-server factory (``SPEC`` says what is
+particular to this service)."""
 
 from __future__ import annotations
-
-import argparse
 
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.v1 import reference_pb2, reference_pb2_grpc
 from services.common import model_server
 from services.common.model_server import ModelServerSpec
-from services.common.server import RunningServer
 from services.reference.metrics import ReferenceMetrics
 from services.reference.servicer import ReferenceServicer
 from services.reference.settings import ReferenceSettings
@@ -32,19 +30,4 @@ SPEC = ModelServerSpec(
 )
 
 SERVICE_NAMES = (SPEC.service_name, model_server.MODEL_SERVICE)
-
-
-async def create_server(settings: ReferenceSettings) -> tuple[RunningServer, int]:
-    return await model_server.create_model_server(SPEC, settings)
-
-
-def serve(settings: ReferenceSettings) -> None:
-    model_server.serve(SPEC, settings)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model_server.add_arguments(SPEC, parser)
-
-
-def settings_from_args(args: argparse.Namespace) -> ReferenceSettings:
-    return model_server.settings_from_args(SPEC, args)
+create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)

@@ -1,6 +1,7 @@
 """The reward server: ``create_server(settings)`` for tests (port 0 works),
 ``serve(settings)`` for deployment, ``add_arguments`` / ``settings_from_args``
-for the CLI. Built by the common model-server factory."""
+for the CLI, all from the common model-server factory (``SPEC`` says what is
+particular to this service)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_arg
 from arbiter.v1 import reward_pb2, reward_pb2_grpc
 from services.common import model_server
 from services.common.model_server import ModelServerSpec
-from services.common.server import RunningServer
 from services.reward.feedback import PreferenceFeedback
 from services.reward.metrics import RewardMetrics
 from services.reward.servicer import RewardServicer
@@ -51,19 +51,4 @@ SPEC = ModelServerSpec(
 )
 
 SERVICE_NAMES = (SPEC.service_name, model_server.MODEL_SERVICE)
-
-
-async def create_server(settings: RewardSettings) -> tuple[RunningServer, int]:
-    return await model_server.create_model_server(SPEC, settings)
-
-
-def serve(settings: RewardSettings) -> None:
-    model_server.serve(SPEC, settings)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model_server.add_arguments(SPEC, parser)
-
-
-def settings_from_args(args: argparse.Namespace) -> RewardSettings:
-    return model_server.settings_from_args(SPEC, args)
+create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)
