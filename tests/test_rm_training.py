@@ -441,8 +441,8 @@ def test_shadow_compare_and_promote(first_version, tiny_models, data_files, work
             c, _ = score_examples(client, examples, "v1")
         same = sum((x[0] > x[1]) == (y[0] > y[1]) for x, y in zip(a, c))
         assert report["pairwise_agreement"] == pytest.approx(same / 30)
-        assert server.engine.active_version == "v0"
+        assert server.engine.models.active_version == "v0"
         capsys.readouterr()
         assert cli_main([*common, "--candidate", "v1", "--promote", "--min-accuracy", "0.85"]) == 0
         assert "promoted v1" in capsys.readouterr().out
-        assert server.engine.active_version == "v1"
+        assert server.engine.models.active_version == "v1"
