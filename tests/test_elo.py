@@ -179,7 +179,7 @@ def test_elo_cli_errors_name_the_input(services, tmp_path, capsys):
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 7}\n')
     base = ["elo", "--policy-target", policy.target, "--reward-target", reward.target, "--prompts", str(prompts)]
     assert cli_main([*base, "--versions", "v0,ppo-1"]) == 2
-    assert f"{prompts}:2: needs a non-empty 'prompt'" in capsys.readouterr().err
+    assert f"{prompts}:2: prompt: must be a non-empty string or a list of chat messages" in capsys.readouterr().err
     prompts.write_text('{"prompt": "ok"}\n')
     assert cli_main([*base, "--versions", "v0"]) == 2
     assert "at least two" in capsys.readouterr().err
