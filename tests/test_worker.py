@@ -117,6 +117,46 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
+class WorkerThread:
+    """``worker.run()`` on a thread once ``start()``ed; ``finished`` is set when
+    it returns or raises. Leaving the ``with`` block stops and closes the worker."""
+
+    def __init__(self, worker: RolloutWorker):
+        self.worker = worker
+        self.finished = threading.Event()
+        self.stats = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.worker.run()
+        except BaseException as err:  # re-raised by result()
+            self.error = err
+        finally:
+            self.finished.set()
+
+    def start(self) -> WorkerThread:
+        self._thread.start()
+        return self
+
+    def result(self, timeout_s: float = 60.0):
+        """run()'s stats (or what it raised) once it returns."""
+        assert self.finished.wait(timeout_s), f"the worker did not finish within {timeout_s}s"
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    def __enter__(self) -> WorkerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.stop()
+        if self._thread.is_alive():
+            self.finished.wait(10)
+        self.worker.close()
+
+
 # -- the rollouts --------------------------------------------------------------
 
 
@@ -367,36 +407,21 @@ def test_reward_service_restart_delays_but_loses_nothing(servers, kafka, tiny_mo
         prompts_per_call=1, passes=2,
     )
     worker = RolloutWorker(settings)
-    outcome = {}
-
-    def run():
-        try:
-            outcome["stats"] = worker.run()
-        except BaseException as err:  # pragma: no cover - reported below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run)
     try:
-        # Connected and producing; then the reward service goes away under it.
-        first = worker.run_once([PROMPTS[0]])
-        reward.stop()
-        reward = None
-        thread.start()
-        wait_for(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
-                 what="Score to fail while the reward service is down")
-        assert worker.stats.rollouts == len(first)  # the generated batch is waiting, not dropped
-        reward = BackgroundServer(lambda: create_reward(reward_settings))  # same port
-        thread.join(60)
-        assert not thread.is_alive()
+        with WorkerThread(worker) as running:
+            # Connected and producing; then the reward service goes away under it.
+            first = worker.run_once([PROMPTS[0]])
+            reward.stop()
+            reward = None
+            running.start()
+            wait_for(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
+                     what="Score to fail while the reward service is down")
+            assert worker.stats.rollouts == len(first)  # the generated batch is waiting, not dropped
+            reward = BackgroundServer(lambda: create_reward(reward_settings))  # same port
+            stats = running.result(60)
     finally:
-        worker.stop()
-        if thread.is_alive():
-            thread.join(10)
-        worker.close()
         if reward is not None:
             reward.stop(grace=0)
-    assert "error" not in outcome, outcome.get("error")
-    stats = outcome["stats"]
     assert stats.prompts == 1 + 2 * len(PROMPTS)
     # Every generated sample became a rollout or a counted skip: none was lost in the outage.
     assert stats.prompts * 2 == stats.rollouts + stats.skipped
@@ -495,9 +520,8 @@ def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_mo
             return info
 
         worker.pipeline.policy.info = counted_info
-        thread = threading.Thread(target=worker.run)
-        thread.start()
-        try:
+        with WorkerThread(worker) as running:
+            running.start()
             wait_for(lambda: sample_value(worker.registry, "arbiter_worker_waiting_for_policy") == 1,
                      what="the worker to wait for a new version")
             # Ten polls, version_poll_s = 0.05 s apart: it has waited >= 9 x 0.05 = 0.45 s by the tenth.
@@ -506,12 +530,7 @@ def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_mo
             assert set(polls) == {"v0"}
             with PolicyClient(policy.target) as client:
                 client.load_version(str(v1), activate=True)
-            thread.join(30)
-            assert not thread.is_alive()
-        finally:
-            worker.stop()
-            thread.join(10)
-            worker.close()
+            running.result(30)
     versions = [r.message.policy_version for r in consume_all(kafka, worker.stats.rollouts)]
     assert 4 <= versions.count("v0") == produced_by_v0 < 6
     assert 4 <= versions.count("v1") < 6
@@ -527,17 +546,11 @@ def test_prompts_topic_commits_after_rollouts_are_acknowledged(servers, kafka):
         producer.send(topics.PROMPTS, rollout_pb2.PromptRecord(prompt_id="empty"))
         producer.flush()
     worker = RolloutWorker(worker_settings(servers, kafka, prompts_topic=True, samples_per_prompt=2))
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    try:
+    with WorkerThread(worker) as running:
+        running.start()
         wait_for(lambda: worker.stats.prompts == 4 and worker.stats.skipped >= 1, what="all prompts")
         worker.stop()
-        thread.join(30)
-        assert not thread.is_alive()
-    finally:
-        worker.stop()
-        thread.join(10)
-        worker.close()
+        running.result(30)
     assert sample_value(worker.registry, "arbiter_worker_samples_skipped_total", reason="invalid_prompt_record") == 1
     records = consume_all(kafka, worker.stats.rollouts)
     assert {r.message.prompt_id for r in records} <= {"fox", "chat-1", content_id(text="A good answer is"),

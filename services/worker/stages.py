@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Generic, TypeVar
 
 import grpc
@@ -62,16 +62,16 @@ class ReferenceLogProbs:
     model_version: str
 
 
+@dataclass
 class ServiceStage(Generic[Item, Answer]):
     """What the service stages share: the retry and splitting a refused batch.
-    ``name`` labels the stage's metrics; ``skip_reason`` counts its refusals."""
+    ``name`` labels the stage's metrics; ``skip_reason`` counts its refusals
+    with ``skip``."""
 
     name: ClassVar[str]
     skip_reason: ClassVar[str]
-
-    def __init__(self, retry: StageRetry, skip: Callable[[str], None]):
-        self._retry = retry
-        self._skip = skip
+    retry: StageRetry
+    skip: Callable[[str], None]
 
     def _each_or_skip(
         self, items: Sequence[Item], request_for: Callable[[Sequence[Item]], Callable[[], list[Answer]]],
@@ -98,7 +98,7 @@ class ServiceStage(Generic[Item, Answer]):
     def _send(self, send: Callable[[], list[Answer]]) -> list[Answer]:
         """``send()`` under the retry; only INVALID_ARGUMENT leaves as an RpcError."""
         try:
-            return self._retry.call(self.name, send)
+            return self.retry.call(self.name, send)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise
@@ -106,9 +106,10 @@ class ServiceStage(Generic[Item, Answer]):
 
     def _refused(self, item: Item, err: grpc.RpcError, describe_item: Callable[[Item], str]) -> None:
         log.warning("%s refused %s: %s; skipping it", self.name, describe_item(item), err.details())
-        self._skip(self.skip_reason)
+        self.skip(self.skip_reason)
 
 
+@dataclass
 class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
     """Prompts -> ``samples_per_prompt`` Generations each. Samples with an
     empty completion are skipped and counted (the reward and reference
@@ -117,16 +118,10 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
 
     name = "generate"
     skip_reason = "prompt_rejected"
-
-    def __init__(
-        self, policy: PolicyClient, sampling: SamplingParams, tokenizer_fingerprint: str, retry: StageRetry,
-        skip: Callable[[str], None],
-    ):
-        super().__init__(retry, skip)
-        self._policy = policy
-        self._sampling = sampling
-        self._tokenizer_fingerprint = tokenizer_fingerprint
-        self._calls = 0
+    policy: PolicyClient
+    sampling: SamplingParams
+    tokenizer_fingerprint: str
+    calls: int = field(default=0, init=False)
 
     def __call__(self, prompts: Sequence[Prompt]) -> list[Generation]:
         answers = self._each_or_skip(prompts, self._request, lambda prompt: f"prompt {prompt.id!r}")
@@ -135,28 +130,28 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
             if answer is None:
                 continue
             samples, fingerprint = answer
-            if fingerprint and fingerprint != self._tokenizer_fingerprint:
+            if fingerprint and fingerprint != self.tokenizer_fingerprint:
                 raise WorkerError(
                     f"the policy's tokenizer changed (fingerprint {fingerprint[:16]}..., paired with "
-                    f"{self._tokenizer_fingerprint[:16]}...): restart the worker to re-check the reference pairing"
+                    f"{self.tokenizer_fingerprint[:16]}...): restart the worker to re-check the reference pairing"
                 )
             group_id = uuid.uuid4().hex
             for sample in samples:
                 if not sample.completion_token_ids or not sample.text.strip():
-                    self._skip("empty_completion")
+                    self.skip("empty_completion")
                     continue
-                generations.append(Generation(prompt, sample, group_id, fingerprint or self._tokenizer_fingerprint))
+                generations.append(Generation(prompt, sample, group_id, fingerprint or self.tokenizer_fingerprint))
         return generations
 
     def _request(self, batch: Sequence[Prompt]) -> Callable[[], list[tuple[list[policy_pb2.Sample], str]]]:
-        sampling = self._sampling
+        sampling = self.sampling
         if sampling.seed is not None:
             # seed + call number: reproducible runs without repeating a call's samples.
-            sampling = dataclasses.replace(sampling, seed=sampling.seed + self._calls)
-        self._calls += 1
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + self.calls)
+        self.calls += 1
 
         def send() -> list[tuple[list[policy_pb2.Sample], str]]:
-            response = self._policy.generate(batch, sampling)
+            response = self.policy.generate(batch, sampling)
             groups: list[list[policy_pb2.Sample]] = [[] for _ in batch]
             for sample in response.samples:
                 groups[sample.prompt_index].append(sample)
@@ -169,21 +164,17 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
         return send
 
 
+@dataclass
 class ScoreStage(ServiceStage[Generation, Reward]):
     """Generations -> Rewards of the reward service's active version, with
     its shipped normalization when the version has statistics."""
 
     name = "score"
     skip_reason = "reward_rejected"
-
-    def __init__(
-        self, reward: RewardClient, truncation: Truncation, normalize: bool, retry: StageRetry,
-        skip: Callable[[str], None],
-    ):
-        super().__init__(retry, skip)
-        self._reward = reward
-        self._truncation = truncation
-        self.normalize = normalize
+    reward: RewardClient
+    truncation: Truncation
+    # Off once the active RM version ships no statistics.
+    normalize: bool
 
     def __call__(self, generations: Sequence[Generation]) -> list[Reward | None]:
         return self._each_or_skip(generations, self._request, Generation.describe)
@@ -194,12 +185,12 @@ class ScoreStage(ServiceStage[Generation, Reward]):
 
     def _score(self, inputs: list[RewardInput]) -> list[Reward]:
         try:
-            response = self._reward.score(inputs, normalize=self.normalize, truncation=self._truncation)
+            response = self.reward.score(inputs, normalize=self.normalize, truncation=self.truncation)
         except grpc.RpcError as err:
             lost = self.normalize and err.code() == grpc.StatusCode.FAILED_PRECONDITION and self._lost_statistics()
             if not lost:
                 raise
-            response = self._reward.score(inputs, normalize=False, truncation=self._truncation)
+            response = self.reward.score(inputs, normalize=False, truncation=self.truncation)
         return [
             Reward(r.raw_score, r.score if response.normalized else r.raw_score, response.model_version)
             for r in response.results
@@ -208,7 +199,7 @@ class ScoreStage(ServiceStage[Generation, Reward]):
     def _lost_statistics(self) -> bool:
         """Whether the active RM version is now one without shipped statistics
         (normalizing is then refused); if so, raw scores from now on."""
-        info = self._reward.info()
+        info = self.reward.info()
         if info.HasField("normalization"):
             return False
         log.warning("reward model %s %s ships no normalization statistics: reward_normalized = reward",
@@ -217,6 +208,7 @@ class ScoreStage(ServiceStage[Generation, Reward]):
         return True
 
 
+@dataclass
 class ReferenceStage(ServiceStage[Generation, ReferenceLogProbs]):
     """Generations -> the reference model's log-probs of each completion. The
     reference client sends the paired tokenizer fingerprint, which the service
@@ -224,10 +216,7 @@ class ReferenceStage(ServiceStage[Generation, ReferenceLogProbs]):
 
     name = "reference"
     skip_reason = "reference_rejected"
-
-    def __init__(self, reference: ReferenceClient, retry: StageRetry, skip: Callable[[str], None]):
-        super().__init__(retry, skip)
-        self._reference = reference
+    reference: ReferenceClient
 
     def __call__(self, generations: Sequence[Generation]) -> list[ReferenceLogProbs | None]:
         return self._each_or_skip(generations, self._request, Generation.describe)
@@ -236,7 +225,7 @@ class ReferenceStage(ServiceStage[Generation, ReferenceLogProbs]):
         pairs = [(g.sample.prompt_token_ids, g.sample.completion_token_ids) for g in batch]
 
         def send() -> list[ReferenceLogProbs]:
-            response = self._reference.logprobs(pairs)
+            response = self.reference.logprobs(pairs)
             answers = []
             for (_, completion), result in zip(pairs, response.results):
                 if len(result.logprobs) != len(completion):

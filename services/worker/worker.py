@@ -247,9 +247,9 @@ class RolloutWorker:
         )
         return _Pipeline(
             policy, reward, reference,
-            generate=GenerateStage(policy, sampling, fingerprint, self._retry, self._skip),
-            score=ScoreStage(reward, s.reward_truncation, normalize, self._retry, self._skip),
-            logprobs=ReferenceStage(reference, self._retry, self._skip),
+            generate=GenerateStage(self._retry, self._skip, policy, sampling, tokenizer_fingerprint=fingerprint),
+            score=ScoreStage(self._retry, self._skip, reward, s.reward_truncation, normalize=normalize),
+            logprobs=ReferenceStage(self._retry, self._skip, reference),
             sink=RolloutSink(s.kafka, self.metrics, self._retry),
             tokenizer_fingerprint=fingerprint,
         )
