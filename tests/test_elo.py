@@ -114,6 +114,20 @@ def test_elo_from_submitted_preferences(tmp_path, capsys):
     assert "--policy-target, --reward-target, --prompts required" in capsys.readouterr().err
 
 
+def test_elo_prompts_read_the_prompts_format_and_other_datasets_rows(tmp_path):
+    from arbiter.types import ChatMessage, Prompt
+    from services.elo import read_prompts
+
+    # A preference dataset's rows serve as prompts: their other keys are not elo's business.
+    rows = tmp_path / "prefs.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q?", "chosen": " a", "rejected": " b"}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "x", "rejected": "y"}) + "\n")
+    assert [(p.text, p.messages) for p in read_prompts(str(rows))] == [("Q?", None), ("", (ChatMessage("user", "Hi"),))]
+    text = tmp_path / "prompts.txt"
+    text.write_text("The quick brown\n\nThe weather today\n")
+    assert read_prompts(str(text)) == [Prompt(text="The quick brown"), Prompt(text="The weather today")]
+
+
 @pytest.fixture(scope="module")
 def services(tiny_models, tmp_path_factory):
     policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, max_loaded_versions=2)

@@ -44,6 +44,10 @@ def describe(err: Exception) -> str:
     return str(err)
 
 
+def fatal(stage: str, err: Exception) -> WorkerError:
+    return WorkerError(f"{stage} failed and retrying cannot fix it: {describe(err)}")
+
+
 @dataclass(frozen=True)
 class StageRetry:
     """``call(stage, attempt)``: ``attempt()`` until it succeeds. Each failed

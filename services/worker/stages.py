@@ -26,7 +26,7 @@ from arbiter.v1 import policy_pb2
 from services.policy.client import PolicyClient
 from services.reference.client import ReferenceClient
 from services.reward.client import RewardClient
-from services.worker.retry import StageRetry, WorkerError, describe
+from services.worker.retry import StageRetry, WorkerError, fatal
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,9 @@ class ServiceStage(Generic[Item, Answer]):
         try:
             return self._send(request_for(items))
         except grpc.RpcError as err:
-            if len(items) > 1:
-                log.warning("%s refused a batch of %d (%s); retrying one by one", self.name, len(items), err.details())
-            else:
+            if len(items) == 1:
                 return [self._refused(items[0], err, describe_item)]
+            log.warning("%s refused a batch of %d (%s); retrying one by one", self.name, len(items), err.details())
         answers: list[Answer | None] = []
         for item in items:
             try:
@@ -102,7 +101,7 @@ class ServiceStage(Generic[Item, Answer]):
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise
-            raise WorkerError(f"{self.name} failed and retrying cannot fix it: {describe(err)}") from None
+            raise fatal(self.name, err) from None
 
     def _refused(self, item: Item, err: grpc.RpcError, describe_item: Callable[[Item], str]) -> None:
         log.warning("%s refused %s: %s; skipping it", self.name, describe_item(item), err.details())

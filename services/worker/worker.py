@@ -74,12 +74,10 @@ from services.reward.client import RewardClient
 from services.worker.gold import make_gold_scorer
 from services.worker.metrics import WorkerMetrics
 from services.worker.prompts import FilePrompts, PromptSource, TopicPrompts
-from services.worker.retry import StageRetry, WorkerError, WorkerStopped, describe
+from services.worker.retry import StageRetry, WorkerError, WorkerStopped, describe, fatal
 from services.worker.settings import WorkerSettings
 from services.worker.sink import RolloutSink, build_rollout
 from services.worker.stages import GenerateStage, ReferenceStage, ScoreStage
-
-__all__ = ["RolloutWorker", "WorkerError", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
-class _Pipeline:
+class Pipeline:
     """What ``start()`` connected: the clients and the stages over them."""
 
     policy: PolicyClient
@@ -139,7 +137,7 @@ class RolloutWorker:
             settings.retry_initial_backoff_s, settings.retry_max_backoff_s, lambda: self._stopping,
             lambda stage: self.metrics.errors.labels(stage).inc(),
         )
-        self._pipeline: _Pipeline | None = None
+        self._pipeline: Pipeline | None = None
         self._metrics_httpd: HTTPServer | None = None
         self._file_prompts: list[Prompt] = []
         self._gold: Callable[[str], float] | None = None
@@ -148,7 +146,7 @@ class RolloutWorker:
         self._last_version: str | None = None
 
     @property
-    def pipeline(self) -> _Pipeline:
+    def pipeline(self) -> Pipeline:
         if self._pipeline is None:
             raise WorkerError("the worker is not started: call start() (or use it as a context manager)")
         return self._pipeline
@@ -201,7 +199,7 @@ class RolloutWorker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connect(self) -> _Pipeline:
+    def _connect(self) -> Pipeline:
         s = self.settings
 
         def client(client_type: type[Client], target: str) -> Client:
@@ -220,7 +218,7 @@ class RolloutWorker:
                 opened.close()
             raise
 
-    def _pipeline_over(self, policy: PolicyClient, reward: RewardClient, reference: ReferenceClient) -> _Pipeline:
+    def _pipeline_over(self, policy: PolicyClient, reward: RewardClient, reference: ReferenceClient) -> Pipeline:
         """Checks the services (up, of the right kind, policy and reference
         paired) and the topics, then builds the stages over the clients."""
         s = self.settings
@@ -245,7 +243,7 @@ class RolloutWorker:
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             n=s.samples_per_prompt, stop=s.stop, seed=s.seed,
         )
-        return _Pipeline(
+        return Pipeline(
             policy, reward, reference,
             generate=GenerateStage(self._retry, self._skip, policy, sampling, tokenizer_fingerprint=fingerprint),
             score=ScoreStage(self._retry, self._skip, reward, s.reward_truncation, normalize=normalize),
@@ -367,7 +365,7 @@ class RolloutWorker:
                 try:
                     active = self._retry.call("wait_for_policy", lambda: policy.info().version)
                 except grpc.RpcError as err:
-                    raise WorkerError(f"wait_for_policy failed and retrying cannot fix it: {describe(err)}") from None
+                    raise fatal("wait_for_policy", err) from None
                 if active != version:
                     log.info("policy now serves %s (waited %.1fs)", active, time.monotonic() - started)
                     self._last_version = active
