@@ -23,19 +23,19 @@ import itertools
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from arbiter.types import Prompt
+
+if TYPE_CHECKING:
+    from arbiter.elo import Outcome
+    from services.policy.client import PolicyClient
+    from services.reward.client import RewardClient
 
 
 class EloInputError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str = ""
-    messages: tuple[tuple[str, str], ...] | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,57 +65,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(path: str) -> list[Prompt]:
-    prompts: list[Prompt] = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """A .txt file, one prompt per line, or JSON lines in the prompts format
+    (``arbiter.prompts``); other keys of a row are ignored, so another
+    dataset's rows (e.g. preference pairs) serve as prompts."""
+    from arbiter.prompts import read_prompts as read_prompt_rows
+
     if path.endswith(".txt"):
-        return [Prompt(text=line) for line in lines if line.strip()]
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EloInputError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise EloInputError(f"{where}: expected a JSON object")
-        value = row.get("messages", row.get("prompt"))
-        if isinstance(value, str) and value.strip():
-            prompts.append(Prompt(text=value))
-        elif isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        ):
-            prompts.append(Prompt(messages=tuple((m["role"], m["content"]) for m in value)))
-        else:
-            raise EloInputError(f"{where}: needs a non-empty 'prompt' string or 'messages' list of {{role, content}}")
-    if not prompts:
-        raise EloInputError(f"{path}: no prompts")
-    return prompts
+        return [Prompt(text=line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_prompt_rows(path, other_keys=True)
 
 
-def read_preferences(path: str, versions: Sequence[str] | None):
+def read_preferences(path: str, versions: Sequence[str] | None) -> list[Outcome]:
     from arbiter.elo import Outcome
+    from arbiter.jsonl import JsonlError, read_jsonl
 
     outcomes = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EloInputError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise EloInputError(f"{where}: expected a JSON object")
-        winner, loser, is_tie = row.get("winner"), row.get("loser"), row.get("tie", False)
+    for row in read_jsonl(path):
+        winner, loser, is_tie = row.value.get("winner"), row.value.get("loser"), row.value.get("tie", False)
         for name, value in (("winner", winner), ("loser", loser)):
             if not isinstance(value, str) or not value:
-                raise EloInputError(f"{where}: {name}: must be a version name")
+                raise JsonlError(row.where, name, "must be a version name")
         if winner == loser:
-            raise EloInputError(f"{where}: loser: is the same version as winner")
+            raise JsonlError(row.where, "loser", "is the same version as winner")
         if not isinstance(is_tie, bool):
-            raise EloInputError(f"{where}: tie: must be true or false")
+            raise JsonlError(row.where, "tie", "must be true or false")
         if versions and (winner not in versions or loser not in versions):
             continue  # --versions filters the file on purpose
         outcomes.append(Outcome(winner, loser, 0.5 if is_tie else 1.0))
@@ -127,31 +100,17 @@ def read_preferences(path: str, versions: Sequence[str] | None):
 # -- reward-model judged games ---------------------------------------------------
 
 
-def _reward_input(prompt: Prompt, completion: str):
-    from arbiter.v1 import common_pb2, reward_pb2
-
-    if prompt.messages is None:
-        return reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=prompt.text, response=completion))
-    messages = [common_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages]
-    messages.append(common_pb2.ChatMessage(role="assistant", content=completion))
-    return reward_pb2.RewardInput(conversation=common_pb2.Conversation(messages=messages))
-
-
-def generate_completions(policy, prompts: Sequence[Prompt], versions: Sequence[str], args) -> dict:
+def generate_completions(
+    policy: PolicyClient, prompts: Sequence[Prompt], versions: Sequence[str], args
+) -> dict[tuple[int, int, str], str]:
     """{(prompt index, sample, version): completion text}."""
-    from services.policy.client import prompt_input
-
-    inputs = [
-        prompt_input(p.text if p.messages is None else [{"role": r, "content": c} for r, c in p.messages])
-        for p in prompts
-    ]
     out: dict[tuple[int, int, str], str] = {}
     chunk = 32
     for version in versions:
         for sample in range(args.samples):
-            for start in range(0, len(inputs), chunk):
+            for start in range(0, len(prompts), chunk):
                 response = policy.generate(
-                    inputs[start : start + chunk], model_version=version, max_new_tokens=args.max_new_tokens,
+                    prompts[start : start + chunk], model_version=version, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, seed=args.seed + sample, n=1,
                 )
                 if response.policy_version != version:
@@ -161,9 +120,14 @@ def generate_completions(policy, prompts: Sequence[Prompt], versions: Sequence[s
     return out
 
 
-def judge_games(reward, prompts: Sequence[Prompt], versions: Sequence[str], completions: dict, args):
+def judge_games(
+    reward: RewardClient, prompts: Sequence[Prompt], versions: Sequence[str],
+    completions: dict[tuple[int, int, str], str], args,
+) -> tuple[list[Outcome], list[dict[str, Any]], str]:
     """(outcomes, game records, the judging RM version)."""
     from arbiter.elo import Outcome
+    from arbiter.prompts import reward_input_for
+    from arbiter.types import Truncation
 
     keys = [(i, s) for i in range(len(prompts)) for s in range(args.samples)]
     # Only non-empty completions can be scored (the service refuses empty ones).
@@ -174,8 +138,8 @@ def judge_games(reward, prompts: Sequence[Prompt], versions: Sequence[str], comp
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
         response = reward.score(
-            [_reward_input(prompts[i], completions[(i, s, v)]) for i, s, v in part],
-            model_version=args.reward_version, truncation="left",
+            [reward_input_for(prompts[i], completions[(i, s, v)]) for i, s, v in part],
+            model_version=args.reward_version, truncation=Truncation.LEFT,
         )
         rm_version = response.model_version
         for key, result in zip(part, response.results):

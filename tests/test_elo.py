@@ -114,6 +114,20 @@ def test_elo_from_submitted_preferences(tmp_path, capsys):
     assert "--policy-target, --reward-target, --prompts required" in capsys.readouterr().err
 
 
+def test_elo_prompts_read_the_prompts_format_and_other_datasets_rows(tmp_path):
+    from arbiter.types import ChatMessage, Prompt
+    from services.elo import read_prompts
+
+    # A preference dataset's rows serve as prompts: their other keys are not elo's business.
+    rows = tmp_path / "prefs.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q?", "chosen": " a", "rejected": " b"}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "Hi"}], "chosen": "x", "rejected": "y"}) + "\n")
+    assert [(p.text, p.messages) for p in read_prompts(str(rows))] == [("Q?", None), ("", (ChatMessage("user", "Hi"),))]
+    text = tmp_path / "prompts.txt"
+    text.write_text("The quick brown\n\nThe weather today\n")
+    assert read_prompts(str(text)) == [Prompt(text="The quick brown"), Prompt(text="The weather today")]
+
+
 @pytest.fixture(scope="module")
 def services(tiny_models, tmp_path_factory):
     policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, max_loaded_versions=2)
@@ -179,7 +193,7 @@ def test_elo_cli_errors_name_the_input(services, tmp_path, capsys):
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 7}\n')
     base = ["elo", "--policy-target", policy.target, "--reward-target", reward.target, "--prompts", str(prompts)]
     assert cli_main([*base, "--versions", "v0,ppo-1"]) == 2
-    assert f"{prompts}:2: needs a non-empty 'prompt'" in capsys.readouterr().err
+    assert f"{prompts}:2: prompt: must be a non-empty string or a list of chat messages" in capsys.readouterr().err
     prompts.write_text('{"prompt": "ok"}\n')
     assert cli_main([*base, "--versions", "v0"]) == 2
     assert "at least two" in capsys.readouterr().err

@@ -488,7 +488,7 @@ def test_arbiter_score_cli(server, reference):
         [sys.executable, "-m", "cli", "score", "--target", server.target],
         input='{"prompt": "x", "response": " ok"}\n{not json\n', capture_output=True, text=True, timeout=120,
     )
-    assert bad.returncode == 2 and "line 2" in bad.stderr
+    assert bad.returncode == 2 and "arbiter score: <stdin>:2: row: not valid JSON" in bad.stderr
     empty = subprocess.run(
         [sys.executable, "-m", "cli", "score", "--target", server.target],
         input='{"prompt": "x", "response": ""}\n', capture_output=True, text=True, timeout=120,

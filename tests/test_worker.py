@@ -16,14 +16,18 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import grpc
 import pytest
 from lm_fixtures import other_tokenizer_policy
 
-from arbiter.stream import StreamConsumer, StreamProducer, TopicPartition, ensure_topics, topics
+from arbiter.config import ConfigError
+from arbiter.jsonl import JsonlError
+from arbiter.prompts import content_id, display_text, read_prompts, reward_input_for
+from arbiter.stream import ProduceError, StreamConsumer, StreamProducer, TopicPartition, ensure_topics, topics
 from arbiter.stream.broker import free_port
+from arbiter.types import ChatMessage, Prompt
 from arbiter.v1 import policy_pb2, reward_pb2, rollout_pb2
 from services.common.background import BackgroundServer
-from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy
 from services.policy.settings import PolicySettings
@@ -33,7 +37,8 @@ from services.reference.settings import ReferenceSettings
 from services.reward.client import RewardClient
 from services.reward.server import create_server as create_reward
 from services.reward.settings import RewardSettings
-from services.worker.prompts import PromptError, PromptItem, content_id, load_prompts, publish_prompts
+from services.worker.prompts import prompt_from_record, prompt_record, publish_prompts
+from services.worker.retry import StageRetry, WorkerStopped
 from services.worker.settings import WorkerSettings
 from services.worker.worker import RolloutWorker, WorkerError
 
@@ -112,13 +117,53 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
+class WorkerThread:
+    """``worker.run()`` on a thread once ``start()``ed; ``finished`` is set when
+    it returns or raises. Leaving the ``with`` block stops and closes the worker."""
+
+    def __init__(self, worker: RolloutWorker):
+        self.worker = worker
+        self.finished = threading.Event()
+        self.stats = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            self.stats = self.worker.run()
+        except BaseException as err:  # re-raised by result()
+            self.error = err
+        finally:
+            self.finished.set()
+
+    def start(self) -> WorkerThread:
+        self._thread.start()
+        return self
+
+    def result(self, timeout_s: float = 60.0):
+        """run()'s stats (or what it raised) once it returns."""
+        assert self.finished.wait(timeout_s), f"the worker did not finish within {timeout_s}s"
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    def __enter__(self) -> WorkerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.stop()
+        if self._thread.is_alive():
+            self.finished.wait(10)
+        self.worker.close()
+
+
 # -- the rollouts --------------------------------------------------------------
 
 
 def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
     import vaderSentiment.vaderSentiment as vader
 
-    items = load_prompts(write_prompts(tmp_path / "prompts.jsonl", PROMPTS))
+    items = read_prompts(write_prompts(tmp_path / "prompts.jsonl", PROMPTS))
     settings = worker_settings(servers, kafka, gold="vader", metrics_port=0)
     started = time.time()
     with RolloutWorker(settings) as worker:
@@ -140,7 +185,7 @@ def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
         policy_info = policy.info()
         ref.pair_with(policy_info)
         direct_ref = ref.logprobs([(r.prompt_token_ids, r.completion_token_ids) for r in rollouts])
-        inputs = [items_by_id(items)[r.prompt_id].reward_input(r.completion_text) for r in rollouts]
+        inputs = [reward_input_for(items_by_id(items)[r.prompt_id], r.completion_text) for r in rollouts]
         raw = reward.score(inputs).results
         normalized = reward.score(inputs, normalize=True).results
         # The worker's text pairs are (prompt, completion) exactly as a caller would send them.
@@ -179,7 +224,7 @@ def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
         assert len({by_id[m.rollout_id].partition for m in members}) == 1
         assert sorted(m.sample_index for m in members) == sorted(set(m.sample_index for m in members))
         assert {m.sample_index for m in members} <= {0, 1, 2}
-        assert {m.prompt_text for m in members} == {items_by_id(items)[prompt_id].display_text()}
+        assert {m.prompt_text for m in members} == {display_text(items_by_id(items)[prompt_id])}
     assert len(group_ids) == len(groups)
     chat = groups["chat-1"][0]
     assert json.loads(chat.prompt_text) == PROMPTS[2]["messages"]
@@ -192,8 +237,8 @@ def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
     assert sample_value(registry, "arbiter_worker_errors_total", stage="score") == 0
 
 
-def items_by_id(items: list[PromptItem]) -> dict[str, PromptItem]:
-    return {item.prompt_id: item for item in items}
+def items_by_id(items: list[Prompt]) -> dict[str, Prompt]:
+    return {item.id: item for item in items}
 
 
 def test_chat_prompts_are_scored_as_a_conversation_with_the_completion(servers, kafka):
@@ -258,42 +303,73 @@ def test_missing_topic_and_unreachable_service(servers, kafka_settings):
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
-        ("{not json", "line 2: not valid JSON"),
-        ("[1, 2]", "line 2: expected a JSON object, got list"),
-        ('{"text": "hi"}', "line 2: unknown key(s) 'text'"),
-        ('{"prompt": "  "}', "line 2: 'prompt' must be a non-empty string"),
-        ('{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}', "line 2: needs exactly one of"),
-        ('{"messages": [{"role": "user"}]}', "line 2: messages[0] must be"),
+        ("{not json", ":2: row: not valid JSON"),
+        ("[1, 2]", ":2: row: is a JSON list; expected an object"),
+        ('{"text": "hi"}', ":2: row: unknown key(s) 'text'"),
+        ('{"prompt": "  "}', ":2: prompt: must be a non-empty string"),
+        ('{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}', ":2: row: needs exactly one of"),
+        ('{"messages": [{"role": "user"}]}', ":2: messages[0]: must be {'role': str, 'content': str}"),
+        ('{"messages": []}', ":2: messages: must be a non-empty list"),
+        ('{"prompt": [{"role": "user", "content": " "}]}', ":2: prompt[0]: has an empty role or content"),
         ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
-         "line 2: the last message is an assistant turn"),
-        ('{"id": 5, "prompt": "a"}', "line 2: 'id' must be a non-empty string"),
-        ('{"id": "a", "prompt": "something else"}', "line 2: id 'a' is already used by line 1"),
+         ":2: messages[1]: is an assistant turn"),
+        ('{"id": 5, "prompt": "a"}', ":2: id: must be a non-empty string"),
+        ('{"id": "%s", "prompt": "a"}' % ("x" * 257), ":2: id: is 257 characters; at most 256"),
     ],
 )
-def test_malformed_prompt_lines_name_the_line(tmp_path, line, needle):
+def test_malformed_prompt_lines_name_file_line_and_field(tmp_path, line, needle):
     path = write_prompts(tmp_path / "bad.jsonl", [{"id": "a", "prompt": "first"}, line])
-    with pytest.raises(PromptError) as err:
-        load_prompts(path)
-    assert needle in str(err.value) and str(path) in str(err.value)
+    with pytest.raises(JsonlError) as err:
+        read_prompts(path)
+    assert str(err.value).startswith(f"{path}{needle}")
 
 
 def test_prompt_file_edge_cases(tmp_path):
-    with pytest.raises(PromptError, match="no such prompts file"):
-        load_prompts(tmp_path / "missing.jsonl")
-    with pytest.raises(PromptError, match="holds no prompts"):
-        load_prompts(write_prompts(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(JsonlError, match="missing.jsonl: file: does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(JsonlError, match="empty.jsonl: file: holds no prompts"):
+        read_prompts(write_prompts(tmp_path / "empty.jsonl", ["", "  "]))
     # Ids without "id" hash the content: stable across files, distinct per content.
-    a = load_prompts(write_prompts(tmp_path / "a.jsonl", [{"prompt": "x"}, "", {"messages": PROMPTS[2]["messages"]}]))
-    b = load_prompts(write_prompts(tmp_path / "b.jsonl", [{"messages": PROMPTS[2]["messages"]}, {"prompt": "x"}]))
-    assert [i.prompt_id for i in a] == [i.prompt_id for i in reversed(b)]
-    assert a[0].prompt_id != a[1].prompt_id and a[0].prompt_id.startswith("p-")
-    # The same prompt twice is fine (same id); a bad file stops the worker before it connects.
-    assert len(load_prompts(write_prompts(tmp_path / "dup.jsonl", [{"prompt": "x"}, {"prompt": "x"}]))) == 2
+    a = read_prompts(write_prompts(tmp_path / "a.jsonl", [{"prompt": "x"}, "", {"messages": PROMPTS[2]["messages"]}]))
+    b = read_prompts(write_prompts(tmp_path / "b.jsonl", [{"messages": PROMPTS[2]["messages"]}, {"prompt": "x"}]))
+    assert [i.id for i in a] == [i.id for i in reversed(b)]
+    assert a[0].id != a[1].id and a[0].id.startswith("p-")
+    # TRL's conversational form: "prompt" holding the chat is the same prompt as "messages".
+    trl = read_prompts(write_prompts(tmp_path / "trl.jsonl", [{"prompt": PROMPTS[2]["messages"]}]))
+    assert trl == [a[1]] and trl[0].messages == (ChatMessage("user", "What is the capital of France?"),)
+    # The same prompt twice is fine (same id); one id for two prompts is not.
+    assert len(read_prompts(write_prompts(tmp_path / "dup.jsonl", [{"prompt": "x"}, {"prompt": "x"}]))) == 2
+    clash = write_prompts(tmp_path / "clash.jsonl", [{"id": "a", "prompt": "first"}, "", {"id": "a", "prompt": "b"}])
+    with pytest.raises(JsonlError) as err:
+        read_prompts(clash)
+    assert str(err.value) == f"{clash}:3: id: 'a' is already used by {clash}:1 for another prompt"
+    # A bad file stops the worker before it connects.
     bad = write_prompts(tmp_path / "bad.jsonl", [{"prompt": "x"}, "oops"])
     settings = WorkerSettings(policy_target="127.0.0.1:1", reward_target="127.0.0.1:1",
                               reference_target="127.0.0.1:1", prompts_file=str(bad))
-    with pytest.raises(PromptError, match="line 2"):
+    with pytest.raises(JsonlError, match=f"{bad}:2: row: not valid JSON"):
         RolloutWorker(settings).start()
+
+
+def test_prompt_records_round_trip_and_bad_ones_name_the_record():
+    chat = Prompt(messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi?")), id="c1")
+    text = Prompt(text="The quick brown", id="t1")
+    for prompt in (chat, text):
+        assert prompt_from_record(prompt_record(prompt), "here") == prompt
+    where = "prompts[1]@7"
+    bad = [
+        (rollout_pb2.PromptRecord(prompt_id="x", chat_roles=["user"]), f"{where}: chat_contents: has 0 entries"),
+        (rollout_pb2.PromptRecord(prompt_id="x", text="t", chat_roles=["user"], chat_contents=["c"]),
+         f"{where}: text: is set beside a chat"),
+        (rollout_pb2.PromptRecord(prompt_id="x"), f"{where}: prompt: must be a non-empty string"),
+        (rollout_pb2.PromptRecord(text="t"), f"{where}: id: must be a non-empty string"),
+        (rollout_pb2.PromptRecord(prompt_id="x", chat_roles=["assistant"], chat_contents=["c"]),
+         f"{where}: messages[0]: is an assistant turn"),
+    ]
+    for record, needle in bad:
+        with pytest.raises(JsonlError) as err:
+            prompt_from_record(record, where)
+        assert str(err.value).startswith(needle)
 
 
 @pytest.mark.parametrize(
@@ -331,41 +407,95 @@ def test_reward_service_restart_delays_but_loses_nothing(servers, kafka, tiny_mo
         prompts_per_call=1, passes=2,
     )
     worker = RolloutWorker(settings)
-    outcome = {}
-
-    def run():
-        try:
-            outcome["stats"] = worker.run()
-        except BaseException as err:  # pragma: no cover - reported below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run)
     try:
-        # Connected and producing; then the reward service goes away under it.
-        first = worker.run_once([PROMPTS[0]])
-        reward.stop()
-        reward = None
-        thread.start()
-        wait_for(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
-                 what="Score to fail while the reward service is down")
-        assert worker.stats.rollouts == len(first)  # the generated batch is waiting, not dropped
-        reward = BackgroundServer(lambda: create_reward(reward_settings))  # same port
-        thread.join(60)
-        assert not thread.is_alive()
+        with WorkerThread(worker) as running:
+            # Connected and producing; then the reward service goes away under it.
+            first = worker.run_once([PROMPTS[0]])
+            reward.stop()
+            reward = None
+            running.start()
+            wait_for(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
+                     what="Score to fail while the reward service is down")
+            assert worker.stats.rollouts == len(first)  # the generated batch is waiting, not dropped
+            reward = BackgroundServer(lambda: create_reward(reward_settings))  # same port
+            stats = running.result(60)
     finally:
-        worker.stop()
-        if thread.is_alive():
-            thread.join(10)
-        worker.close()
         if reward is not None:
             reward.stop(grace=0)
-    assert "error" not in outcome, outcome.get("error")
-    stats = outcome["stats"]
     assert stats.prompts == 1 + 2 * len(PROMPTS)
     # Every generated sample became a rollout or a counted skip: none was lost in the outage.
     assert stats.prompts * 2 == stats.rollouts + stats.skipped
     records = consume_all(kafka, stats.rollouts)
     assert len(records) == stats.rollouts == len({r.message.rollout_id for r in records})
+    # The outage was the score stage's alone: no other stage counted a failure.
+    assert all(sample_value(worker.registry, "arbiter_worker_errors_total", stage=stage) == 0
+               for stage in ("connect", "generate", "reference", "produce"))
+
+
+class Rpc(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "test"
+
+
+class RecordedWaits:
+    """Stands in for the stop event: records each backoff, stops when told to."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.waits: list[float] = []
+        self.stop_after = stop_after
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        return self.stop_after is not None and len(self.waits) >= self.stop_after
+
+
+def failing(*outcomes):
+    """A call that raises each exception of ``outcomes`` in turn, then returns "ok"."""
+    queue = list(outcomes)
+
+    def attempt():
+        if queue:
+            raise queue.pop(0)
+        return "ok"
+
+    return attempt
+
+
+def test_stage_retry_backs_off_on_transient_failures_and_counts_them_under_the_stage():
+    failed, waits = [], RecordedWaits()
+    retry = StageRetry(0.5, 2.0, lambda: waits, failed.append)
+    transient = [Rpc(grpc.StatusCode.UNAVAILABLE), Rpc(grpc.StatusCode.DEADLINE_EXCEEDED),
+                 Rpc(grpc.StatusCode.ABORTED), Rpc(grpc.StatusCode.UNAVAILABLE)]
+    assert retry.call("score", failing(*transient)) == "ok"
+    # Backoff doubles from 0.5 s and is capped at 2 s: 0.5, 1, 2, 2.
+    assert waits.waits == [0.5, 1.0, 2.0, 2.0] and failed == ["score"] * 4
+    # Anything else is raised at once, counted once, never waited on.
+    with pytest.raises(Rpc) as err:
+        retry.call("generate", failing(Rpc(grpc.StatusCode.INVALID_ARGUMENT)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed[4:] == ["generate"] and len(waits.waits) == 4
+    # The sink's notion of transient: unacknowledged records.
+    assert retry.call("produce", failing(ProduceError("nack")), transient=lambda e: isinstance(e, ProduceError)) == "ok"
+    assert failed[5:] == ["produce"]
+
+
+def test_stage_retry_gives_up_at_the_deadline_and_when_stopped():
+    failed = []
+    retry = StageRetry(0.5, 2.0, lambda: RecordedWaits(), failed.append)
+    with pytest.raises(Rpc):
+        retry.call("connect", failing(Rpc(grpc.StatusCode.UNAVAILABLE)), deadline=time.monotonic())
+    assert failed == ["connect"]
+    stopping = RecordedWaits(stop_after=2)
+    retry = StageRetry(0.5, 2.0, lambda: stopping, failed.append)
+    with pytest.raises(WorkerStopped, match="reference"):
+        retry.call("reference", failing(*[Rpc(grpc.StatusCode.UNAVAILABLE)] * 5))
+    assert stopping.waits == [0.5, 1.0] and failed[1:] == ["reference"] * 2
 
 
 def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_models, tmp_path):
@@ -379,26 +509,35 @@ def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_mo
             servers, kafka, policy_target=policy.target, prompts_file=str(path), samples_per_prompt=2,
             max_rollouts_per_version=4, max_rollouts=8, version_poll_s=0.05,
         )
-        worker = RolloutWorker(settings)
-        thread = threading.Thread(target=worker.run)
-        thread.start()
-        try:
+        worker = RolloutWorker(settings).start()
+        # The waiting worker's version polls (the only policy info calls after start), counted as they return.
+        polls = []
+        ask = worker.pipeline.policy.info
+
+        def counted_info(*args, **kwargs):
+            info = ask(*args, **kwargs)
+            polls.append(info.version)
+            return info
+
+        worker.pipeline.policy.info = counted_info
+        with WorkerThread(worker) as running:
+            running.start()
             wait_for(lambda: sample_value(worker.registry, "arbiter_worker_waiting_for_policy") == 1,
                      what="the worker to wait for a new version")
-            time.sleep(0.3)
+            # Ten polls, version_poll_s = 0.05 s apart: it has waited >= 9 x 0.05 = 0.45 s by the tenth.
+            wait_for(lambda: len(polls) >= 10, what="ten version polls while waiting")
             produced_by_v0 = worker.stats.rollouts
+            assert set(polls) == {"v0"}
             with PolicyClient(policy.target) as client:
                 client.load_version(str(v1), activate=True)
-            thread.join(30)
-            assert not thread.is_alive()
-        finally:
-            worker.stop()
-            thread.join(10)
-            worker.close()
+            running.result(30)
     versions = [r.message.policy_version for r in consume_all(kafka, worker.stats.rollouts)]
     assert 4 <= versions.count("v0") == produced_by_v0 < 6
     assert 4 <= versions.count("v1") < 6
     assert sample_value(worker.registry, "arbiter_worker_policy_wait_seconds_total") > 0.3
+    # The polls were the wait_for_policy stage's, and none of them failed.
+    assert all(sample_value(worker.registry, "arbiter_worker_errors_total", stage=stage) == 0
+               for stage in ("wait_for_policy", "generate"))
 
 
 def test_prompts_topic_commits_after_rollouts_are_acknowledged(servers, kafka):
@@ -407,17 +546,11 @@ def test_prompts_topic_commits_after_rollouts_are_acknowledged(servers, kafka):
         producer.send(topics.PROMPTS, rollout_pb2.PromptRecord(prompt_id="empty"))
         producer.flush()
     worker = RolloutWorker(worker_settings(servers, kafka, prompts_topic=True, samples_per_prompt=2))
-    thread = threading.Thread(target=worker.run)
-    thread.start()
-    try:
+    with WorkerThread(worker) as running:
+        running.start()
         wait_for(lambda: worker.stats.prompts == 4 and worker.stats.skipped >= 1, what="all prompts")
         worker.stop()
-        thread.join(30)
-        assert not thread.is_alive()
-    finally:
-        worker.stop()
-        thread.join(10)
-        worker.close()
+        running.result(30)
     assert sample_value(worker.registry, "arbiter_worker_samples_skipped_total", reason="invalid_prompt_record") == 1
     records = consume_all(kafka, worker.stats.rollouts)
     assert {r.message.prompt_id for r in records} <= {"fox", "chat-1", content_id(text="A good answer is"),
@@ -459,6 +592,6 @@ def test_cli(servers, kafka, tmp_path):
     bad = write_prompts(tmp_path / "bad.jsonl", [{"prompt": "x"}, '{"prompt": 3}'])
     failed = run_cli(*common, "--prompts", str(bad))
     assert failed.returncode == 2
-    assert f"arbiter worker: {bad}, line 2: 'prompt' must be a non-empty string" in failed.stderr
+    assert f"arbiter worker: {bad}:2: prompt: must be a non-empty string" in failed.stderr
     invalid = run_cli(*common, "--prompts", str(path), "--temperature", "0")
     assert invalid.returncode == 2 and "temperature=0.0 is invalid" in invalid.stderr

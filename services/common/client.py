@@ -1,19 +1,31 @@
-"""Client channels with deadlines, retries and client-side load balancing.
+"""Client channels with deadlines, retries and client-side load balancing,
+and the part every service client shares (``ModelServiceClient``).
 
 A target may name several replicas (``ipv4:127.0.0.1:5001,127.0.0.1:5002``
 or a DNS name with several records); calls are spread round-robin and
 retried on UNAVAILABLE, so one restarting replica delays but does not fail a
-caller.
+caller. That retry is the channel's; a caller that must outlast a longer
+outage retries above it (the rollout worker's ``StageRetry``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Self
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from arbiter.v1 import common_pb2, common_pb2_grpc
 
 RETRYABLE = ["UNAVAILABLE"]
+MODEL_SERVICE = common_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+
+def service_names(service: ServiceDescriptor) -> tuple[str, str]:
+    """The services a model server answers on one port: its own and ModelService."""
+    return service.full_name, MODEL_SERVICE
 
 
 def service_config(services: Sequence[str], timeout_s: float, max_attempts: int = 5) -> str:
@@ -37,13 +49,28 @@ def service_config(services: Sequence[str], timeout_s: float, max_attempts: int 
     )
 
 
-def channel_options(services: Sequence[str], timeout_s: float, max_message_bytes: int) -> list[tuple[str, object]]:
-    return [
+def channel_options(
+    services: Sequence[str],
+    timeout_s: float,
+    max_message_bytes: int,
+    reconnect_backoff_s: tuple[float, float] | None = None,
+) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = [
         ("grpc.service_config", service_config(services, timeout_s)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
+    if reconnect_backoff_s is not None:
+        # gRPC's default reconnect backoff grows to 120 s: a service back after
+        # a restart would sit unused for up to two minutes.
+        initial_ms, max_ms = (int(s * 1000) for s in reconnect_backoff_s)
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", initial_ms),
+            ("grpc.min_reconnect_backoff_ms", initial_ms),
+            ("grpc.max_reconnect_backoff_ms", max_ms),
+        ]
+    return options
 
 
 def call_credentials_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -57,12 +84,70 @@ def open_channel(
     timeout_s: float = 30.0,
     tls_ca_file: str | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
+    reconnect_backoff_s: tuple[float, float] | None = None,
     aio: bool = False,
 ):
-    options = channel_options(services, timeout_s, max_message_bytes)
+    options = channel_options(services, timeout_s, max_message_bytes, reconnect_backoff_s)
     module = grpc.aio if aio else grpc
     if tls_ca_file:
         with open(tls_ca_file, "rb") as fh:
             creds = grpc.ssl_channel_credentials(root_certificates=fh.read())
         return module.secure_channel(target, creds, options=options)
     return module.insecure_channel(target, options=options)
+
+
+class ModelServiceClient:
+    """One channel to a model server: its ``ModelService`` (``models``), the
+    deadline (``timeout_s``, default ``DEFAULT_TIMEOUT_S``) and credentials of
+    every call. Subclasses add the service's own stub and calls. ``reconnect_backoff_s``: (initial, max) seconds between
+    reconnection attempts, for callers that must notice a restart quickly."""
+
+    SERVICE: ServiceDescriptor
+    DEFAULT_TIMEOUT_S = 30.0
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        token: str | None = None,
+        tls_ca_file: str | None = None,
+        reconnect_backoff_s: tuple[float, float] | None = None,
+    ):
+        self.target = target
+        self.timeout_s = timeout_s or self.DEFAULT_TIMEOUT_S
+        self.channel = open_channel(
+            target, service_names(self.SERVICE), timeout_s=self.timeout_s, tls_ca_file=tls_ca_file,
+            reconnect_backoff_s=reconnect_backoff_s,
+        )
+        self.models = common_pb2_grpc.ModelServiceStub(self.channel)
+        self.metadata = call_credentials_metadata(token)
+
+    def info(
+        self, model_version: str = "", *, timeout_s: float | None = None, wait_for_ready: bool = False
+    ) -> common_pb2.ModelInfo:
+        """The version's ModelInfo (default: the active one). ``wait_for_ready``
+        waits up to the deadline for a server that is not up yet."""
+        request = common_pb2.GetModelInfoRequest(model_version=model_version)
+        return self.models.GetModelInfo(
+            request, timeout=timeout_s or self.timeout_s, metadata=self.metadata, wait_for_ready=wait_for_ready
+        ).info
+
+    def load_version(self, path: str, version: str = "", activate: bool = True) -> common_pb2.LoadModelVersionResponse:
+        """With ``activate``, the hot swap: in-flight requests finish on the old version."""
+        request = common_pb2.LoadModelVersionRequest(path=path, version=version, activate=activate)
+        return self.models.LoadModelVersion(request, timeout=self.timeout_s, metadata=self.metadata)
+
+    def activate_version(self, version: str) -> common_pb2.ActivateModelVersionResponse:
+        """Atomic: the previous version stays loaded (activate it again to roll back)."""
+        request = common_pb2.ActivateModelVersionRequest(version=version)
+        return self.models.ActivateModelVersion(request, timeout=self.timeout_s, metadata=self.metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -2,73 +2,72 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cached_property
 
-from arbiter.v1 import common_pb2, common_pb2_grpc, policy_pb2, policy_pb2_grpc
-from services.common.client import call_credentials_metadata, open_channel
-from services.policy.server import SERVICE_NAMES
+from arbiter.policy.types import SamplingParams
+from arbiter.types import ChatMessage, Prompt
+from arbiter.v1 import policy_pb2, policy_pb2_grpc
+from services.common.client import ModelServiceClient
+from services.common.convert import conversation_to_pb
 
-Prompt = str | Sequence[Mapping[str, str]] | policy_pb2.PromptInput
+# A Prompt, a string, a list of {"role", "content"} chat messages, or the message itself.
+PromptLike = Prompt | str | Sequence[Mapping[str, str]] | policy_pb2.PromptInput
 
 
-def prompt_input(prompt: Prompt, prompt_id: str = "") -> policy_pb2.PromptInput:
-    """A string, a list of {"role", "content"} chat messages, or a Prompt as is."""
+def prompt_input(prompt: PromptLike, prompt_id: str = "") -> policy_pb2.PromptInput:
+    """``prompt`` as a PromptInput; ``prompt_id`` names a string or chat (a
+    Prompt carries its own id)."""
     if isinstance(prompt, policy_pb2.PromptInput):
         return prompt
     if isinstance(prompt, str):
         return policy_pb2.PromptInput(text=prompt, id=prompt_id)
-    messages = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt]
-    return policy_pb2.PromptInput(conversation=common_pb2.Conversation(messages=messages), id=prompt_id)
+    if not isinstance(prompt, Prompt):
+        prompt = Prompt(messages=tuple(ChatMessage(m["role"], m["content"]) for m in prompt), id=prompt_id)
+    if prompt.messages is None:
+        return policy_pb2.PromptInput(text=prompt.text, id=prompt.id)
+    return policy_pb2.PromptInput(conversation=conversation_to_pb(prompt.messages), id=prompt.id)
 
 
-class PolicyClient:
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout_s: float = 60.0,
-        token: str | None = None,
-        tls_ca_file: str | None = None,
-    ):
-        self.channel = open_channel(target, SERVICE_NAMES, timeout_s=timeout_s, tls_ca_file=tls_ca_file)
-        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channel)
-        self.models = common_pb2_grpc.ModelServiceStub(self.channel)
-        self.timeout_s = timeout_s
-        self.metadata = call_credentials_metadata(token)
+def sampling_to_pb(sampling: SamplingParams) -> policy_pb2.SamplingParams:
+    params = policy_pb2.SamplingParams(
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, n=sampling.n, stop=list(sampling.stop),
+    )
+    if sampling.seed is not None:
+        params.seed = sampling.seed
+    return params
+
+
+class PolicyClient(ModelServiceClient):
+    SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"]
+    DEFAULT_TIMEOUT_S = 60.0
+
+    @cached_property
+    def policy(self) -> policy_pb2_grpc.PolicyServiceStub:
+        return policy_pb2_grpc.PolicyServiceStub(self.channel)
 
     def generate(
-        self, prompts: Iterable[Prompt], *, model_version: str = "", **sampling
+        self, prompts: Iterable[PromptLike], sampling: SamplingParams = SamplingParams(), *, model_version: str = "",
+        **overrides,
     ) -> policy_pb2.GenerateResponse:
-        """``sampling``: max_new_tokens, temperature, top_p, top_k, n, stop, seed."""
+        """``overrides``: fields of ``sampling`` (max_new_tokens, temperature,
+        top_p, top_k, n, stop, seed)."""
         request = policy_pb2.GenerateRequest(
             prompts=[prompt_input(p) for p in prompts],
-            sampling=policy_pb2.SamplingParams(**sampling),
+            sampling=sampling_to_pb(dataclasses.replace(sampling, **overrides)),
             model_version=model_version,
         )
         return self.policy.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def generate_stream(
-        self, prompt: Prompt, *, model_version: str = "", **sampling
+        self, prompt: PromptLike, sampling: SamplingParams = SamplingParams(), *, model_version: str = "",
+        **overrides,
     ) -> Iterator[policy_pb2.GenerateStreamResponse]:
         request = policy_pb2.GenerateStreamRequest(
-            prompt=prompt_input(prompt), sampling=policy_pb2.SamplingParams(**sampling), model_version=model_version
+            prompt=prompt_input(prompt),
+            sampling=sampling_to_pb(dataclasses.replace(sampling, **overrides)),
+            model_version=model_version,
         )
         return self.policy.GenerateStream(request, timeout=self.timeout_s, metadata=self.metadata)
-
-    def info(self, model_version: str = "") -> common_pb2.ModelInfo:
-        request = common_pb2.GetModelInfoRequest(model_version=model_version)
-        return self.models.GetModelInfo(request, timeout=self.timeout_s, metadata=self.metadata).info
-
-    def load_version(self, path: str, version: str = "", activate: bool = True) -> common_pb2.LoadModelVersionResponse:
-        """The hot swap, with ``activate``: in-flight requests finish on the old weights."""
-        request = common_pb2.LoadModelVersionRequest(path=path, version=version, activate=activate)
-        return self.models.LoadModelVersion(request, timeout=self.timeout_s, metadata=self.metadata)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> PolicyClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

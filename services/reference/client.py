@@ -4,46 +4,36 @@ tokenizer differs (see ``services.common.pairing``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 
-from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
-from services.common.client import call_credentials_metadata, open_channel
+from arbiter.v1 import common_pb2, reference_pb2, reference_pb2_grpc
+from services.common.client import ModelServiceClient
 from services.common.pairing import check_tokenizer_pair
-from services.reference.server import SERVICE_NAMES
 
 _ESTIMATORS = {
     "k1": reference_pb2.KL_ESTIMATOR_K1,
     "k2": reference_pb2.KL_ESTIMATOR_K2,
     "k3": reference_pb2.KL_ESTIMATOR_K3,
 }
+# (prompt token ids, completion token ids)
 TokenPair = tuple[Sequence[int], Sequence[int]]
 
 
-class ReferenceClient:
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout_s: float = 30.0,
-        token: str | None = None,
-        tls_ca_file: str | None = None,
-    ):
-        self.channel = open_channel(target, SERVICE_NAMES, timeout_s=timeout_s, tls_ca_file=tls_ca_file)
-        self.reference = reference_pb2_grpc.ReferenceServiceStub(self.channel)
-        self.models = common_pb2_grpc.ModelServiceStub(self.channel)
-        self.timeout_s = timeout_s
-        self.metadata = call_credentials_metadata(token)
-        # Sent with every request once paired: the server re-checks it, so a
-        # later swap to a reference with another tokenizer fails loudly too.
-        self.tokenizer_fingerprint = ""
+class ReferenceClient(ModelServiceClient):
+    SERVICE = reference_pb2.DESCRIPTOR.services_by_name["ReferenceService"]
+    # Sent with every request once paired: the server re-checks it, so a
+    # later swap to a reference with another tokenizer fails loudly too.
+    tokenizer_fingerprint = ""
 
-    def info(self, model_version: str = "") -> common_pb2.ModelInfo:
-        request = common_pb2.GetModelInfoRequest(model_version=model_version)
-        return self.models.GetModelInfo(request, timeout=self.timeout_s, metadata=self.metadata).info
+    @cached_property
+    def reference(self) -> reference_pb2_grpc.ReferenceServiceStub:
+        return reference_pb2_grpc.ReferenceServiceStub(self.channel)
 
-    def pair_with(self, policy_info: common_pb2.ModelInfo) -> str:
+    def pair_with(self, policy_info: common_pb2.ModelInfo, reference_info: common_pb2.ModelInfo | None = None) -> str:
         """Checks the policy (e.g. ``PolicyClient.info()``) shares this
-        reference's tokenizer; raises ``TokenizerMismatch`` if not."""
-        self.tokenizer_fingerprint = check_tokenizer_pair(policy_info, self.info())
+        reference's tokenizer; raises ``TokenizerMismatch`` if not.
+        ``reference_info``: this reference's info, when the caller has it."""
+        self.tokenizer_fingerprint = check_tokenizer_pair(policy_info, reference_info or self.info())
         return self.tokenizer_fingerprint
 
     def logprobs(self, sequences: Iterable[TokenPair], *, model_version: str = "") -> reference_pb2.LogProbsResponse:
@@ -71,15 +61,6 @@ class ReferenceClient:
             tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
         return self.reference.KL(request, timeout=self.timeout_s, metadata=self.metadata)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> ReferenceClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _sequence(prompt: Sequence[int], completion: Sequence[int]) -> reference_pb2.TokenSequence:

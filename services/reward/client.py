@@ -5,29 +5,23 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from typing import Any, TextIO
 
 import grpc
 
-from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.client import call_credentials_metadata, open_channel
-from services.reward.server import SERVICE_NAMES
-
-_TRUNCATION = {
-    "reject": common_pb2.TRUNCATION_REJECT,
-    "left": common_pb2.TRUNCATION_LEFT,
-    "right": common_pb2.TRUNCATION_RIGHT,
-}
+from arbiter.jsonl import JsonlError, read_stream
+from arbiter.types import ChatMessage, RewardInput, Truncation
+from arbiter.v1 import reward_pb2, reward_pb2_grpc
+from services.common.client import ModelServiceClient
+from services.common.convert import conversation_to_pb, truncation_to_pb
 
 
-class InputLineError(ValueError):
-    pass
-
-
-def reward_input(row: dict[str, Any], where: str) -> reward_pb2.RewardInput:
-    """A JSON object -> RewardInput: {"prompt", "response"} or {"messages": [{"role", "content"}...]}."""
+def reward_input(row: dict[str, Any], where: str) -> RewardInput:
+    """A JSON object -> RewardInput: {"prompt", "response"} or {"messages": [{"role", "content"}...]},
+    with an optional "id"; errors are ``JsonlError`` naming the field."""
     if not isinstance(row, dict):
-        raise InputLineError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise JsonlError(where, "row", f"must be a JSON object, got {type(row).__name__}")
     item_id = str(row.get("id", ""))
     if "messages" in row:
         messages = row["messages"]
@@ -35,46 +29,44 @@ def reward_input(row: dict[str, Any], where: str) -> reward_pb2.RewardInput:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages
         ):
-            raise InputLineError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}}")
-        conversation = common_pb2.Conversation(
-            messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-        )
-        return reward_pb2.RewardInput(conversation=conversation, id=item_id)
+            raise JsonlError(where, "messages", "must be a list of {'role': str, 'content': str}")
+        return RewardInput(messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages), id=item_id)
     if not isinstance(row.get("response"), str):
-        raise InputLineError(f"{where}: needs a string 'response' (with an optional 'prompt') or 'messages'")
+        raise JsonlError(where, "response", "must be a string (with an optional 'prompt'), or give 'messages'")
     prompt = row.get("prompt", "")
     if not isinstance(prompt, str):
-        raise InputLineError(f"{where}: 'prompt' must be a string")
-    return reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=prompt, response=row["response"]), id=item_id)
+        raise JsonlError(where, "prompt", "must be a string")
+    return RewardInput(prompt=prompt, response=row["response"], id=item_id)
 
 
-class RewardClient:
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout_s: float = 30.0,
-        token: str | None = None,
-        tls_ca_file: str | None = None,
-    ):
-        self.channel = open_channel(target, SERVICE_NAMES, timeout_s=timeout_s, tls_ca_file=tls_ca_file)
-        self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
-        self.models = common_pb2_grpc.ModelServiceStub(self.channel)
-        self.timeout_s = timeout_s
-        self.metadata = call_credentials_metadata(token)
+def reward_input_to_pb(item: RewardInput | reward_pb2.RewardInput) -> reward_pb2.RewardInput:
+    if isinstance(item, reward_pb2.RewardInput):
+        return item
+    if item.messages is None:
+        return reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=item.prompt, response=item.response), id=item.id)
+    return reward_pb2.RewardInput(conversation=conversation_to_pb(item.messages), id=item.id)
+
+
+class RewardClient(ModelServiceClient):
+    SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"]
+
+    @cached_property
+    def reward(self) -> reward_pb2_grpc.RewardServiceStub:
+        return reward_pb2_grpc.RewardServiceStub(self.channel)
 
     def score(
         self,
-        inputs: Iterable[reward_pb2.RewardInput],
+        inputs: Iterable[RewardInput | reward_pb2.RewardInput],
         *,
         model_version: str = "",
         normalize: bool = False,
-        truncation: str = "reject",
+        truncation: Truncation | str = Truncation.REJECT,
     ) -> reward_pb2.ScoreResponse:
+        """``truncation``: a Truncation or its name ("reject", "left", "right")."""
         request = reward_pb2.ScoreRequest(
-            inputs=list(inputs),
+            inputs=[reward_input_to_pb(item) for item in inputs],
             options=reward_pb2.ScoreOptions(
-                model_version=model_version, normalize=normalize, truncation=_TRUNCATION[truncation]
+                model_version=model_version, normalize=normalize, truncation=truncation_to_pb(Truncation(truncation))
             ),
         )
         return self.reward.Score(request, timeout=self.timeout_s, metadata=self.metadata)
@@ -97,30 +89,11 @@ class RewardClient:
         request = reward_pb2.SetShadowRequest(model_version=model_version, sample_fraction=sample_fraction)
         return self.reward.SetShadow(request, timeout=self.timeout_s, metadata=self.metadata)
 
-    def info(self, model_version: str = "") -> common_pb2.ModelInfo:
-        request = common_pb2.GetModelInfoRequest(model_version=model_version)
-        return self.models.GetModelInfo(request, timeout=self.timeout_s, metadata=self.metadata).info
 
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> RewardClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _read_batches(lines: TextIO, batch_size: int) -> Iterator[list[reward_pb2.RewardInput]]:
-    batch: list[reward_pb2.RewardInput] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputLineError(f"line {number}: not valid JSON ({err.msg})") from None
-        batch.append(reward_input(row, f"line {number}"))
+def _read_batches(lines: TextIO, batch_size: int) -> Iterator[list[RewardInput]]:
+    batch: list[RewardInput] = []
+    for row in read_stream(lines):
+        batch.append(reward_input(row.value, row.where))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -130,7 +103,7 @@ def _read_batches(lines: TextIO, batch_size: int) -> Iterator[list[reward_pb2.Re
 
 def score_lines(
     client: RewardClient, lines: TextIO, out: TextIO, *, batch_size: int = 32, normalize: bool = False,
-    model_version: str = "", truncation: str = "reject",
+    model_version: str = "", truncation: Truncation | str = Truncation.REJECT,
 ) -> int:
     """Scores JSON lines; returns how many were scored."""
     count = 0
@@ -151,13 +124,14 @@ def score_lines(
 def score_main(args) -> int:
     from services.common.settings import auth_token_from_env
 
+    token = auth_token_from_env()
     try:
-        with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env(), tls_ca_file=args.tls_ca_file) as client:
+        with RewardClient(args.target, timeout_s=args.timeout, token=token, tls_ca_file=args.tls_ca_file) as client:
             score_lines(
                 client, sys.stdin, sys.stdout, batch_size=args.batch_size, normalize=args.normalize,
-                model_version=args.model_version, truncation=args.truncation,
+                model_version=args.model_version, truncation=Truncation(args.truncation),
             )
-    except InputLineError as err:
+    except JsonlError as err:
         print(f"arbiter score: {err}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from arbiter.types import RewardInput
+from arbiter.types import Truncation
 
 # Exit status when --promote refused: the gates were not met.
 EXIT_NOT_PROMOTED = 3
@@ -37,16 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
 
 
-def _input_pb(item: RewardInput):
-    from arbiter.v1 import common_pb2, reward_pb2
-
-    if item.messages is None:
-        return reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=item.prompt, response=item.response))
-    return reward_pb2.RewardInput(conversation=common_pb2.Conversation(
-        messages=[common_pb2.ChatMessage(role=m.role, content=m.content) for m in item.messages]
-    ))
-
-
 def score_examples(client, examples: Sequence, version: str, chunk: int = 64) -> tuple[list[list[float]], str]:
     """Raw scores of every example's responses under ``version`` (best first,
     as labelled), and the version that answered."""
@@ -55,7 +45,7 @@ def score_examples(client, examples: Sequence, version: str, chunk: int = 64) ->
     answered = version
     for start in range(0, len(flat), chunk):
         part = flat[start : start + chunk]
-        response = client.score([_input_pb(item) for _, item in part], model_version=version, truncation="left")
+        response = client.score([item for _, item in part], model_version=version, truncation=Truncation.LEFT)
         answered = response.model_version
         for (i, _), result in zip(part, response.results):
             scores[i].append(result.raw_score)
@@ -80,7 +70,6 @@ def main(args) -> int:
     from rich.table import Table
 
     from arbiter.rm.data import DatasetError, load_jsonl
-    from arbiter.v1 import common_pb2
     from services.common.settings import auth_token_from_env
     from services.reward.client import RewardClient
 
@@ -100,10 +89,7 @@ def main(args) -> int:
         with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env()) as client:
             candidate = args.candidate
             if args.candidate_path:
-                request = common_pb2.LoadModelVersionRequest(
-                    path=str(Path(args.candidate_path).resolve()), version=candidate, activate=False
-                )
-                loaded = client.models.LoadModelVersion(request, timeout=args.timeout, metadata=client.metadata)
+                loaded = client.load_version(str(Path(args.candidate_path).resolve()), candidate, activate=False)
                 candidate = loaded.info.version
                 console.print(f"loaded candidate {candidate} from {args.candidate_path} ({loaded.load_seconds:.2f}s)")
             result, active, candidate = shadow_compare(client, examples, candidate, args.active)
@@ -126,10 +112,7 @@ def main(args) -> int:
                 failed.append(f"candidate accuracy {result.candidate_accuracy:.4f} < {args.min_accuracy}")
             promoted, previous = False, None
             if args.promote and not failed:
-                swapped = client.models.ActivateModelVersion(
-                    common_pb2.ActivateModelVersionRequest(version=candidate), timeout=args.timeout,
-                    metadata=client.metadata,
-                )
+                swapped = client.activate_version(candidate)
                 promoted, previous = True, swapped.previous_version
                 console.print(f"promoted {candidate} (was {previous}; still loaded for a rollback)")
             elif args.promote:

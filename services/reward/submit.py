@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def request_from_row(row: dict, where: str, annotator: str = ""):
     """A training-format row -> SubmitPreferenceRequest; DataError names the field."""
     from arbiter.rm.data import DataError, parse_row
-    from arbiter.v1 import common_pb2, reward_pb2
+    from arbiter.v1 import reward_pb2
+    from services.common.convert import conversation_to_pb
 
     example = parse_row(row, where)
     request = reward_pb2.SubmitPreferenceRequest()
@@ -37,9 +38,7 @@ def request_from_row(row: dict, where: str, annotator: str = ""):
             if candidate.messages[:-1] != prefix:
                 raise DataError(where, field, "must continue the same conversation as the other responses with "
                                               "one assistant message")
-        request.conversation.CopyFrom(common_pb2.Conversation(
-            messages=[common_pb2.ChatMessage(role=m.role, content=m.content) for m in prefix]
-        ))
+        request.conversation.CopyFrom(conversation_to_pb(prefix))
         responses = [c.messages[-1].content for c in example.candidates]
     if example.k == 2:
         request.chosen, request.rejected = responses
@@ -60,25 +59,19 @@ def request_from_row(row: dict, where: str, annotator: str = ""):
 def main(args) -> int:
     import grpc
 
+    from arbiter.jsonl import JsonlError, read_jsonl
     from arbiter.rm.data import DataError
     from services.common.settings import auth_token_from_env
     from services.reward.client import RewardClient
 
-    with open(args.file, encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
-    requests = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{args.file}:{number}"
-        try:
-            requests.append((where, request_from_row(json.loads(line), where, args.annotator)))
-        except json.JSONDecodeError as err:
-            print(f"arbiter rm submit: {where}: row: not valid JSON ({err.msg})", file=sys.stderr)
-            return 2
-        except DataError as err:
-            print(f"arbiter rm submit: {err}", file=sys.stderr)
-            return 2
+    try:
+        # Every row is checked before the first is sent: a bad file sends nothing.
+        requests = [
+            (row.where, request_from_row(row.value, row.where, args.annotator)) for row in read_jsonl(args.file)
+        ]
+    except (JsonlError, DataError) as err:
+        print(f"arbiter rm submit: {err}", file=sys.stderr)
+        return 2
     with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env()) as client:
         for where, request in requests:
             try:

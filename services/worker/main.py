@@ -94,9 +94,9 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 
 
 def main(args: argparse.Namespace) -> int:
-    from arbiter.stream import topics
     from arbiter.config import ConfigError
-    from services.worker.prompts import PromptError
+    from arbiter.jsonl import JsonlError
+    from arbiter.stream import topics
     from services.worker.worker import RolloutWorker, WorkerError
 
     try:
@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
             flush=True,
         )
         stats = worker.run(stop)
-    except PromptError as err:
+    except JsonlError as err:
         print(f"arbiter worker: {err}", file=sys.stderr)
         return 2
     except WorkerError as err:

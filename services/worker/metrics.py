@@ -10,7 +10,9 @@ from services.common.metrics import LATENCY_BUCKETS
 
 # Completion lengths in tokens.
 LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-STAGES = ("connect", "generate", "score", "reference", "produce", "commit")
+# Each stage's failures and time are counted under its own name; "wait_for_policy"
+# is asking the policy for its version while max_rollouts_per_version holds the worker.
+STAGES = ("connect", "generate", "score", "reference", "produce", "commit", "wait_for_policy")
 SKIP_REASONS = (
     "empty_completion", "prompt_rejected", "reward_rejected", "reference_rejected", "invalid_prompt_record",
 )

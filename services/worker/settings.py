@@ -9,11 +9,12 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from arbiter.config import require, require_choice
 from arbiter.stream import KafkaSettings
-from arbiter.config import require
+from arbiter.types import Truncation
 from services.worker.gold import GOLD_SCORERS
 
-TRUNCATIONS = ("reject", "left", "right")
+TRUNCATIONS = tuple(t.value for t in Truncation)
 
 
 def default_worker_id() -> str:
@@ -55,9 +56,10 @@ class WorkerSettings:
     # Seeds the shuffle and every Generate call (seed + call number), for
     # reproducible runs; give concurrent workers different seeds. None: random.
     seed: int | None = None
-    # What the reward service does with a sample longer than the RM's limit.
-    # "left" keeps the end of the response, where a last-token RM head reads.
-    reward_truncation: str = "left"
+    # What the reward service does with a sample longer than the RM's limit
+    # (a Truncation or its name). LEFT keeps the end of the response, where a
+    # last-token RM head reads.
+    reward_truncation: Truncation = Truncation.LEFT
     # Held-out scorer of the completion text, stored as Rollout.gold_score.
     gold: str | None = None
     worker_id: str = field(default_factory=default_worker_id)
@@ -111,10 +113,9 @@ class WorkerSettings:
         )
         object.__setattr__(self, "stop", tuple(self.stop))
         require(all(bool(s) for s in self.stop), "stop", "stop strings must be non-empty", self.stop)
-        require(
-            self.reward_truncation in TRUNCATIONS, "reward_truncation", f"must be one of {', '.join(TRUNCATIONS)}",
-            self.reward_truncation,
-        )
+        if not isinstance(self.reward_truncation, Truncation):
+            require_choice(self.reward_truncation, "reward_truncation", TRUNCATIONS)
+            object.__setattr__(self, "reward_truncation", Truncation(self.reward_truncation))
         if self.gold is not None:
             require(
                 self.gold in GOLD_SCORERS, "gold", f"must be one of {', '.join(sorted(GOLD_SCORERS))} or unset",
