@@ -21,13 +21,12 @@ from prometheus_client import CollectorRegistry
 
 from arbiter.config import add_flags, from_flags
 from arbiter.kernel import VersionObserver
-from arbiter.v1 import common_pb2, common_pb2_grpc
+from arbiter.v1 import common_pb2_grpc
+from services.common.client import MODEL_SERVICE
 from services.common.metrics import RpcMetrics
 from services.common.model_service import ModelServicer
 from services.common.server import RunningServer, serve_forever, start_server
 from services.common.settings import ModelServerSettings, auth_token_from_env
-
-MODEL_SERVICE = common_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 # Closes what a service attached (a feedback producer, an update follower)
 # before its engine and threads go.

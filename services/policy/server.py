@@ -59,5 +59,4 @@ SPEC = ModelServerSpec(
     banner=_banner,
 )
 
-SERVICE_NAMES = (SPEC.service_name, model_server.MODEL_SERVICE)
 create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)

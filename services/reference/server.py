@@ -29,5 +29,4 @@ SPEC = ModelServerSpec(
     register=_register,
 )
 
-SERVICE_NAMES = (SPEC.service_name, model_server.MODEL_SERVICE)
 create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)

@@ -50,5 +50,4 @@ SPEC = ModelServerSpec(
     add_extra_arguments=add_kafka_arguments,
 )
 
-SERVICE_NAMES = (SPEC.service_name, model_server.MODEL_SERVICE)
 create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)
