@@ -11,7 +11,7 @@ import pytest
 
 from arbiter.drift import DriftConfig, ScoreDriftMonitor, bin_proportions, drift_statistics
 from arbiter.v1 import reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 

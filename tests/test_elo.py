@@ -13,7 +13,7 @@ from lm_fixtures import perturbed
 from arbiter.cli import main as cli_main
 from arbiter.elo import ELO_PER_LOGIT, Outcome, fit_elo, sequential_elo, tie, win
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.policy.server import create_server as create_policy_server
 from services.policy.settings import PolicySettings
 from services.reward.server import create_server as create_reward_server

@@ -15,7 +15,7 @@ from arbiter.errors import ModelLoadError
 from arbiter.hf import weights_sha256
 from arbiter.stream import StreamProducer, ensure_topics, topics
 from arbiter.v1 import rollout_pb2
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import add_arguments, create_server, settings_from_args

@@ -15,7 +15,7 @@ from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, pertu
 from arbiter.policy.types import SamplingParams
 from arbiter.types import Prompt
 from arbiter.v1 import common_pb2, policy_pb2
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.policy.client import PolicyClient
 from services.policy.server import create_server
 from services.policy.settings import PolicySettings

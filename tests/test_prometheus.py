@@ -15,7 +15,7 @@ import yaml
 from arbiter.reward.model import RewardModel
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 from tests.prometheus_server import LocalPrometheus

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed
 
 from arbiter.v1 import reference_pb2
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.common.pairing import TokenizerMismatch, check_tokenizer_pair
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy_server

@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from arbiter.hf import read_metadata, tokenizer_fingerprint
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from arbiter.config import ConfigError
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings

@@ -10,7 +10,7 @@ import pytest
 from arbiter.shadow import ShadowMonitor, pairwise_agreement
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 

@@ -29,7 +29,7 @@ from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from services.reward.server import create_server

@@ -22,7 +22,7 @@ from arbiter.errors import BackendError, BackendUnavailable
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from services.reference.server import create_server, settings_from_args
