@@ -23,11 +23,6 @@ PROMPTS = ["The quick brown", "Please explain how a reward model"]
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tiny_models):
-    return tiny_models["policy"]
-
-
-@pytest.fixture(scope="module")
 def server(policy_dir):
     settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0, max_loaded_versions=4)
     with BackgroundServer(lambda: create_server(settings)) as running:
@@ -41,20 +36,13 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def hf_model(policy_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def tokenizer(policy_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(policy_dir))
 
 
-def teacher_forced(hf_model, prompt, completion, temperature, top_k=0, top_p=1.0):
+def teacher_forced(hf_policy, prompt, completion, temperature, top_k=0, top_p=1.0):
     """Independent of the service: one full forward of prompt + completion,
     then Hugging Face's own warpers for the same sampling processing."""
     from transformers.generation.logits_process import (
@@ -66,7 +54,7 @@ def teacher_forced(hf_model, prompt, completion, temperature, top_k=0, top_p=1.0
 
     ids = torch.tensor([list(prompt) + list(completion)])
     with torch.no_grad():
-        logits = hf_model(ids).logits[0, len(prompt) - 1 : -1].double()
+        logits = hf_policy(ids).logits[0, len(prompt) - 1 : -1].double()
     warpers = [TemperatureLogitsWarper(temperature)]
     if top_k:
         warpers.append(TopKLogitsWarper(top_k))
@@ -113,14 +101,14 @@ def client_prompt(messages, prompt_id=""):
     "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.5, 40, 1.0), (0.8, 0, 0.9), (1.2, 50, 0.8)]
 )
 def test_logprobs_equal_teacher_forced_forward_of_sampling_distribution(
-    client, hf_model, temperature, top_k, top_p
+    client, hf_policy, temperature, top_k, top_p
 ):
     response = client.generate(
         PROMPTS, max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, n=2, seed=11
     )
     for sample in response.samples:
         expected = teacher_forced(
-            hf_model, sample.prompt_token_ids, sample.completion_token_ids, temperature, top_k, top_p
+            hf_policy, sample.prompt_token_ids, sample.completion_token_ids, temperature, top_k, top_p
         )
         assert list(sample.logprobs) == pytest.approx(expected, abs=1e-4)
         # Every sampled token was inside the processed (top-k / top-p) support.
@@ -135,14 +123,14 @@ def test_server_side_teacher_forced_helper_matches(server, client):
     assert list(sample.logprobs) == pytest.approx(again, abs=1e-5)
 
 
-def test_greedy_is_argmax_with_zero_logprobs(client, hf_model):
+def test_greedy_is_argmax_with_zero_logprobs(client, hf_policy):
     response = client.generate([PROMPTS[0]], max_new_tokens=10, temperature=0.0, n=2)
     first, second = response.samples
     assert list(first.completion_token_ids) == list(second.completion_token_ids)
     assert list(first.logprobs) == [0.0] * 10
     ids = list(first.prompt_token_ids) + list(first.completion_token_ids)
     with torch.no_grad():
-        logits = hf_model(torch.tensor([ids])).logits[0, len(first.prompt_token_ids) - 1 : -1]
+        logits = hf_policy(torch.tensor([ids])).logits[0, len(first.prompt_token_ids) - 1 : -1]
     assert logits.argmax(-1).tolist() == list(first.completion_token_ids)
 
 
