@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -146,8 +147,6 @@ def metrics_text(server: BackgroundServer) -> str:
 def metric_value(server: BackgroundServer, name: str, **labels: str) -> float | None:
     """One sample from the server's /metrics page, matched on its name and
     exact labels; None when the page does not have it."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     for family in text_string_to_metric_families(metrics_text(server)):
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:
