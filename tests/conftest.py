@@ -20,6 +20,21 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def policy_dir(tiny_models):
+    """The tiny policy's directory: the policy model, and the reference model (RLHF's initial weights)."""
+    return tiny_models["policy"]
+
+
+@pytest.fixture(scope="session")
+def hf_policy(policy_dir):
+    """The tiny policy as a plain Hugging Face causal LM: the independent
+    forward the policy and reference services are checked against."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory):
     """A real Kafka-protocol broker (Tansu, in memory) shared by the session.
     Isolate tests with a topic prefix (``kafka_settings``), never by restarting it."""

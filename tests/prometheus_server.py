@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from helpers import wait_until
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from arbiter.stream.broker import free_port
 
 
 class LocalPrometheus:
@@ -33,7 +29,7 @@ class LocalPrometheus:
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        self.wait_until(self._ready, timeout_s=60, what="Prometheus /-/ready")
+        wait_until(self._ready, 60, "Prometheus /-/ready", interval_s=0.25)
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -43,16 +39,6 @@ class LocalPrometheus:
                 return r.status == 200
         except OSError:
             return False
-
-    @staticmethod
-    def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval_s)
-        raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
 
     def api(self, path: str, **params) -> dict:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""

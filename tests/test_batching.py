@@ -6,22 +6,25 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import wait_until_async
 
 from arbiter.batching import BatchingConfig, DynamicBatcher
 from arbiter.errors import Overloaded, ShuttingDown
 
 
 class Recorder:
-    def __init__(self, delay_s: float = 0.0):
+    """Records each batch; ``entered`` is set once a batch is inside the model,
+    where ``gate`` (open unless a test closes it) holds it."""
+
+    def __init__(self):
         self.batches: list[list[int]] = []
-        self.delay_s = delay_s
+        self.entered = threading.Event()
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, items):
+        self.entered.set()
         self.gate.wait()
-        if self.delay_s:
-            threading.Event().wait(self.delay_s)
         self.batches.append(list(items))
         return [x * 10 for x in items]
 
@@ -69,11 +72,12 @@ def test_cancelled_request_frees_its_slot(executor):
 
     async def main():
         first = asyncio.create_task(batcher.submit([1]))
-        await asyncio.sleep(0.05)  # first batch is now running
+        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
         doomed = asyncio.create_task(batcher.submit([2, 3]))
         survivor = asyncio.create_task(batcher.submit([4]))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: batcher.queue_depth == 3, what="both requests to be queued")
         doomed.cancel()
+        await wait_until_async(lambda: batcher.queue_depth == 1, what="the cancelled items to leave the queue")
         model.gate.set()
         assert await first == [10]
         assert await survivor == [40]
@@ -94,9 +98,9 @@ def test_full_queue_is_refused_with_overloaded(executor):
 
     async def main():
         running = asyncio.create_task(batcher.submit([1, 2]))
-        await asyncio.sleep(0.05)
+        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
         queued = asyncio.create_task(batcher.submit([3, 4, 5, 6]))
-        await asyncio.sleep(0.01)
+        await wait_until_async(lambda: batcher.queue_depth == 4, what="the queue to fill")
         with pytest.raises(Overloaded, match="queue is full"):
             await batcher.submit([7])
         model.gate.set()
@@ -121,18 +125,23 @@ def test_disabled_batching_runs_each_request_alone(executor):
 
 
 def test_close_drains_queue_then_refuses(executor):
-    model = Recorder(delay_s=0.02)
+    model = Recorder()
+    model.gate.clear()
     batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0.0), executor)
 
     async def main():
         pending = asyncio.gather(*(batcher.submit([i]) for i in range(6)))
-        await asyncio.sleep(0)
+        await wait_until_async(lambda: model.entered.is_set() and batcher.queue_depth == 4,
+                               what="two items in the model and four queued")
+        # Opens the gate only once close() below is waiting: it starts with all the work outstanding.
+        asyncio.get_running_loop().call_soon(model.gate.set)
         await batcher.close()
         assert await pending == [[i * 10] for i in range(6)]
         with pytest.raises(ShuttingDown):
             await batcher.submit([9])
 
     run(main())
+    assert model.batches == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_model_failure_fails_that_batch_only(executor):

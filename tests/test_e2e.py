@@ -4,10 +4,10 @@ iterations raise the mean reward, policy versions advance, and the policy
 service ends up serving the trainer's newest version."""
 
 import json
-import time
 
 import grpc
 import torch
+from helpers import wait_until
 from transformers import AutoTokenizer, GPT2ForSequenceClassification
 
 from arbiter.hf import write_metadata
@@ -66,18 +66,19 @@ def test_ppo_through_the_services_raises_reward(tiny_models, tmp_path):
             "kl": {"mode": "fixed", "init_coef": 0.01}}},
     )
     history = tmp_path / "stack" / "trainer" / "history.jsonl"
+    rows: list[dict] = []
+
+    def all_updates_written(stack: Stack) -> bool:
+        stack.check_alive()  # a crashed component fails the test now, not at the timeout
+        rows[:] = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+        return len(rows) >= UPDATES
+
     with Stack(config) as stack:
-        deadline = time.monotonic() + 420
-        rows = []
-        while len(rows) < UPDATES and time.monotonic() < deadline:
-            stack.check_alive()
-            rows = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
-            time.sleep(0.5)
-        assert len(rows) == UPDATES, f"only {len(rows)} updates in time"
-        deadline = time.monotonic() + 60
-        while served_version(stack.targets["policy"]) != f"ppo-{UPDATES}" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert served_version(stack.targets["policy"]) == f"ppo-{UPDATES}"
+        wait_until(lambda: all_updates_written(stack), 420, lambda: f"{UPDATES} updates (only {len(rows)})",
+                   interval_s=0.5)
+        assert len(rows) == UPDATES
+        wait_until(lambda: served_version(stack.targets["policy"]) == f"ppo-{UPDATES}", 60,
+                   f"the policy service to serve ppo-{UPDATES}", interval_s=0.5)
     assert [r["policy_version"] for r in rows] == [f"ppo-{i}" for i in range(1, UPDATES + 1)]
     assert all(r["staleness"] <= 1 for r in rows)
     rewards = [r["reward_raw"] for r in rows]

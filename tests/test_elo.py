@@ -8,16 +8,21 @@ import math
 
 import grpc
 import pytest
+from helpers import BackgroundServer
 from lm_fixtures import perturbed
+from scipy.special import expit
 
 from cli.main import main as cli_main
 from arbiter.elo import ELO_PER_LOGIT, Outcome, fit_elo, sequential_elo, tie, win
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
 from services.policy.server import create_server as create_policy_server
 from services.policy.settings import PolicySettings
 from services.reward.server import create_server as create_reward_server
 from services.reward.settings import RewardSettings
+
+
+# A 3:1 record's MLE gap: sigmoid(d) = 3/4 -> d = ln 3 logits = 400 log10(3) = 190.849 Elo.
+THREE_TO_ONE = 400 * math.log10(3)
 
 
 def games(a, b, a_wins, b_wins):
@@ -25,10 +30,10 @@ def games(a, b, a_wins, b_wins):
 
 
 def test_two_players_three_to_one():
-    # MLE: sigmoid(d) = 3/4 -> d = ln 3 logits = 400 log10(3) = 190.849 Elo, split around 1000.
+    # The MLE gap, split around 1000.
     result = fit_elo(games("A", "B", 3, 1), prior=0, n_bootstrap=0)
-    assert result.rating("A").elo == pytest.approx(1000 + 190.849 / 2, abs=1e-3)
-    assert result.rating("B").elo == pytest.approx(1000 - 190.849 / 2, abs=1e-3)
+    assert result.rating("A").elo == pytest.approx(1000 + THREE_TO_ONE / 2, abs=1e-3)
+    assert result.rating("B").elo == pytest.approx(1000 - THREE_TO_ONE / 2, abs=1e-3)
     assert [r.player for r in result.ratings] == ["A", "B"]
     assert result.rating("A").games == 4 and result.rating("A").score == 3 and result.rating("A").win_rate == 0.75
     assert result.head_to_head == {"A": {"B": 3.0}, "B": {"A": 1.0}}
@@ -36,11 +41,11 @@ def test_two_players_three_to_one():
 
 def test_three_players_consistent_odds():
     # A:B 3:1 and B:C 3:1 imply A:C 9:1; with exactly those records the MLE
-    # reproduces every pair's rate: gaps of ln 3 logits = 190.849 Elo each.
+    # reproduces every pair's rate: gaps of ln 3 logits each.
     outcomes = games("A", "B", 3, 1) + games("B", "C", 3, 1) + games("A", "C", 9, 1)
     result = fit_elo(outcomes, prior=0, n_bootstrap=0)
     a, b, c = (result.rating(p).elo for p in "ABC")
-    assert (a - b, b - c, (a + b + c) / 3) == pytest.approx((190.849, 190.849, 1000.0), abs=1e-3)
+    assert (a - b, b - c, (a + b + c) / 3) == pytest.approx((THREE_TO_ONE, THREE_TO_ONE, 1000.0), abs=1e-3)
 
 
 def test_ties_count_half_and_order_does_not_matter():
@@ -53,11 +58,38 @@ def test_ties_count_half_and_order_does_not_matter():
                                                      .rating("A").elo)
 
 
+def gap_in_logits(result):
+    return (result.rating("A").elo - result.rating("B").elo) / ELO_PER_LOGIT
+
+
 def test_prior_keeps_a_clean_sweep_finite_and_barely_moves_real_data():
+    # With the prior lambda/2 (theta_A^2 + theta_B^2) the optimum has theta_A = -theta_B = d/2,
+    # and setting the derivative of the penalized NLL
+    #   -[w log sigmoid(d) + l log sigmoid(-d)] + lambda d^2 / 4
+    # to zero gives  g(d) = w - n sigmoid(d) - lambda d / 2 = 0  (n = w + l),
+    # whose left side falls strictly in d: one root, finite even for l = 0.
+    lam = 0.01  # fit_elo's default prior
+
+    def stationarity(w, l, d):
+        return w - (w + l) * expit(d) - lam * d / 2
+
     sweep = fit_elo(games("A", "B", 10, 0), n_bootstrap=0)
-    assert 1200 < sweep.rating("A").elo < 2000 and math.isfinite(sweep.rating("B").elo)
-    # The default prior moves a 3:1 record by under a point.
-    assert fit_elo(games("A", "B", 3, 1), n_bootstrap=0).rating("A").elo == pytest.approx(1095.42, abs=1.0)
+    d = gap_in_logits(sweep)
+    assert math.isfinite(d) and stationarity(10, 0, d) == pytest.approx(0, abs=1e-6)
+    # 10 (1 - sigmoid(d)) = 0.005 d, i.e. d e^d ~ 2000: d ~ 5.8 logits, A ~ 1000 + 500.
+    assert 1200 < sweep.rating("A").elo < 2000
+
+    # 3:1: without the prior d0 = ln 3. One Newton step on g from d0, with
+    # g(d0) = -lambda ln(3) / 2 and g'(d0) = -(n p (1 - p) + lambda / 2) = -(3/4 + lambda / 2),
+    # gives d = ln 3 - (lambda ln(3) / 2) / (3/4 + lambda / 2) = ln 3 - 0.0072755
+    # (the next term is O(1e-5) logits): A moves in by 0.0072755 / 2 logits = 0.63 Elo.
+    real = fit_elo(games("A", "B", 3, 1), n_bootstrap=0)
+    d = gap_in_logits(real)
+    assert stationarity(3, 1, d) == pytest.approx(0, abs=1e-6)
+    newton = math.log(3) - (lam * math.log(3) / 2) / (3 / 4 + lam / 2)
+    assert real.rating("A").elo == pytest.approx(1000 + ELO_PER_LOGIT * newton / 2, abs=0.01)
+    # Under a point from the prior-free rating.
+    assert 0 < 1000 + THREE_TO_ONE / 2 - real.rating("A").elo < 1
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
@@ -104,7 +136,7 @@ def test_elo_from_submitted_preferences(tmp_path, capsys):
     document = json.loads(out.read_text())
     ratings = {r["player"]: r for r in document["ratings"]}
     assert set(ratings) == {"v0", "v1"} and document["outcomes"] == 4  # v2's game filtered out
-    assert ratings["v1"]["elo"] - ratings["v0"]["elo"] == pytest.approx(190.849, abs=1e-3)
+    assert ratings["v1"]["elo"] - ratings["v0"]["elo"] == pytest.approx(THREE_TO_ONE, abs=1e-3)
     assert document["judge"]["kind"] == "human_preferences"
 
     path.write_text('{"winner": "v1", "loser": "v0"}\n{"winner": "v1"}\n')

@@ -17,7 +17,7 @@ from arbiter.stream import StreamConsumer, ensure_topics, topics
 from arbiter.stream.broker import free_port
 from arbiter.stream.settings import KafkaSettings
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer, expect_error
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 
@@ -40,14 +40,6 @@ def read_all(kafka, count, timeout_s=20.0):
         while len(records) < count and time.monotonic() < deadline:
             records += consumer.poll(timeout_s=0.5).records
     return records
-
-
-def expect_error(call, code, *fragments):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    for fragment in fragments:
-        assert fragment in info.value.details(), info.value.details()
 
 
 def conversation(*turns):

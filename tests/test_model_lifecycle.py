@@ -10,8 +10,6 @@ requests."""
 import collections
 import shutil
 import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -30,7 +28,7 @@ from arbiter.v1 import (
     reward_pb2,
     reward_pb2_grpc,
 )
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer, expect_error, metrics_text, wait_until
 
 CASES = [
     ("reward", "torch"), ("reference", "torch"), ("policy", "torch"), ("reward", "triton"), ("reference", "triton"),
@@ -105,9 +103,8 @@ class Served:
         return [(v.version, v.active) for v in listed]
 
     def metric_lines(self) -> list[str]:
-        port = self.server.running.metrics_port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        return sorted(line for line in text.splitlines() if line.startswith("arbiter_model_active{"))
+        return sorted(line for line in metrics_text(self.server).splitlines()
+                      if line.startswith("arbiter_model_active{"))
 
 
 @pytest.fixture(params=CASES, ids=[f"{k}-{b}" for k, b in CASES])
@@ -143,13 +140,6 @@ def served(request, tiny_models, tmp_path):
                 triton.release(version)
             triton.close()
 
-
-def expect_error(call, code, *fragments):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    for fragment in fragments:
-        assert fragment in info.value.details(), info.value.details()
 
 
 def test_load_activate_unload(served):
@@ -219,21 +209,15 @@ def test_swap_under_load_fails_no_request(served):
             except grpc.RpcError as err:
                 failures.append(f"{err.code().name}: {err.details()}")
 
-    def wait_for(condition, what):
-        deadline = time.monotonic() + 120
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
-
     client = threading.Thread(target=call_continuously)
     client.start()
     try:
-        wait_for(lambda: seen["v0"] >= 3, "answers from v0")
+        wait_until(lambda: seen["v0"] >= 3, 120, "answers from v0")
         served.load(served.paths[0], "v1", activate=True)
-        wait_for(lambda: seen["v1"] >= 3, "answers from v1")
+        wait_until(lambda: seen["v1"] >= 3, 120, "answers from v1")
         served.models.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v0"), timeout=300)
         after = seen["v1"]
-        wait_for(lambda: seen["v1"] >= after + 3, "answers after the unload")
+        wait_until(lambda: seen["v1"] >= after + 3, 120, "answers after the unload")
     finally:
         stop.set()
         client.join(timeout=60)

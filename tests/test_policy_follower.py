@@ -6,17 +6,16 @@ and a (re)started replica replays the topic to the newest loadable version."""
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
+from helpers import BackgroundServer, metrics_text, sample_value, wait_until
 from lm_fixtures import lora_adapter, nan_weights, perturbed
 
+from arbiter.config import ConfigError
 from arbiter.errors import ModelLoadError
 from arbiter.hf import weights_sha256
 from arbiter.stream import StreamProducer, ensure_topics, topics
 from arbiter.v1 import rollout_pb2
-from services.common.background import BackgroundServer
-from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import add_arguments, create_server, settings_from_args
 from services.policy.settings import PolicySettings
@@ -67,18 +66,10 @@ def follower_server(policy_dir, kafka, replica_id: str) -> BackgroundServer:
 
 
 def outcomes(server) -> dict[str, float]:
-    registry = server.running.registry
     return {
-        o: registry.get_sample_value("arbiter_policy_updates_total", {"outcome": o}) or 0.0
+        o: sample_value(server.running.registry, "arbiter_policy_updates_total", outcome=o)
         for o in ("applied", "skipped", "refused", "failed")
     }
-
-
-def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kafka, checkpoints):
@@ -89,11 +80,11 @@ def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kaf
 
         # Weights that do not hash to what the update announces: refused, v0 keeps serving.
         publish(kafka, update("v1", checkpoints["v1"], sha="0" * 64))
-        wait_for(lambda: outcomes(server)["refused"] == 1, what="the bad sha to be refused")
+        wait_until(lambda: outcomes(server)["refused"] == 1, what="the bad sha to be refused")
         assert client.info().version == "v0"
 
         publish(kafka, update("v1", checkpoints["v1"], step=7))
-        wait_for(lambda: client.info().version == "v1", what="v1 to be activated")
+        wait_until(lambda: client.info().version == "v1", what="v1 to be activated")
         after = client.generate([PROMPT], **probe).samples[0]
         assert after.policy_version == "v1"
         assert list(after.logprobs) != pytest.approx(list(before.logprobs), abs=1e-3)
@@ -104,20 +95,20 @@ def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kaf
 
         # The same version again: skipped. A checkpoint that fails validation: failed, v1 keeps serving.
         publish(kafka, update("v1", checkpoints["v1"]))
-        wait_for(lambda: outcomes(server)["skipped"] == 1, what="the duplicate to be skipped")
+        wait_until(lambda: outcomes(server)["skipped"] == 1, what="the duplicate to be skipped")
         publish(kafka, update("v2", checkpoints["nan"]))
-        wait_for(lambda: outcomes(server)["failed"] == 1, what="the NaN checkpoint to fail")
+        wait_until(lambda: outcomes(server)["failed"] == 1, what="the NaN checkpoint to fail")
         assert client.info().version == "v1"
 
         # An adapter must be announced as one; then it loads like LoadModelVersion would.
         publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=False))
-        wait_for(lambda: outcomes(server)["refused"] == 2, what="the unannounced adapter to be refused")
+        wait_until(lambda: outcomes(server)["refused"] == 2, what="the unannounced adapter to be refused")
         publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=True, step=8))
-        wait_for(lambda: client.info().version == "lora-1", what="the adapter to be activated")
+        wait_until(lambda: client.info().version == "lora-1", what="the adapter to be activated")
         assert client.generate([PROMPT], **probe).samples[0].policy_version == "lora-1"
         assert outcomes(server) == {"applied": 2, "skipped": 1, "refused": 2, "failed": 1}
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics").read().decode()
+        text = metrics_text(server)
         assert 'arbiter_policy_updates_total{outcome="applied"} 2.0' in text
         assert 'arbiter_model_active{model_version="lora-1",service="policy"} 1.0' in text
 
@@ -133,7 +124,7 @@ def test_restarted_replica_replays_to_the_newest_loadable_version(tiny_models, k
     for _ in range(2):  # the same replica id twice: a restart replays as well
         with follower_server(tiny_models["policy"], kafka, "replica-b") as server, \
                 PolicyClient(server.target) as client:
-            wait_for(lambda: sum(outcomes(server).values()) == 3, what="the history to be handled")
+            wait_until(lambda: sum(outcomes(server).values()) == 3, what="the history to be handled")
             # Newest first: v2 fails, v1 applies, the refused older record is superseded.
             assert outcomes(server) == {"applied": 1, "skipped": 1, "refused": 0, "failed": 1}
             assert client.info().version == "v1"

@@ -3,29 +3,23 @@ seeds, streaming, bad input, and weight swaps under load."""
 
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import BackgroundServer, expect_error, metric_value, metrics_text, sample_value, wait_until
 from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed, with_eos, wrong_shapes
 
 from arbiter.policy.types import SamplingParams
 from arbiter.types import Prompt
 from arbiter.v1 import common_pb2, policy_pb2
-from services.common.background import BackgroundServer
 from services.policy.client import PolicyClient
 from services.policy.server import create_server
 from services.policy.settings import PolicySettings
 
 PROMPTS = ["The quick brown", "Please explain how a reward model"]
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tiny_models):
-    return tiny_models["policy"]
 
 
 @pytest.fixture(scope="module")
@@ -42,31 +36,13 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def hf_model(policy_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def tokenizer(policy_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(policy_dir))
 
 
-def expect_error(call, code, *needles):
-    with pytest.raises(grpc.RpcError) as err:
-        result = call()
-        if hasattr(result, "__iter__") and not isinstance(result, policy_pb2.GenerateResponse):
-            list(result)
-    assert err.value.code() == code, err.value.details()
-    for needle in needles:
-        assert needle in err.value.details()
-    return err.value.details()
-
-
-def teacher_forced(hf_model, prompt, completion, temperature, top_k=0, top_p=1.0):
+def teacher_forced(hf_policy, prompt, completion, temperature, top_k=0, top_p=1.0):
     """Independent of the service: one full forward of prompt + completion,
     then Hugging Face's own warpers for the same sampling processing."""
     from transformers.generation.logits_process import (
@@ -78,7 +54,7 @@ def teacher_forced(hf_model, prompt, completion, temperature, top_k=0, top_p=1.0
 
     ids = torch.tensor([list(prompt) + list(completion)])
     with torch.no_grad():
-        logits = hf_model(ids).logits[0, len(prompt) - 1 : -1].double()
+        logits = hf_policy(ids).logits[0, len(prompt) - 1 : -1].double()
     warpers = [TemperatureLogitsWarper(temperature)]
     if top_k:
         warpers.append(TopKLogitsWarper(top_k))
@@ -125,14 +101,14 @@ def client_prompt(messages, prompt_id=""):
     "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.5, 40, 1.0), (0.8, 0, 0.9), (1.2, 50, 0.8)]
 )
 def test_logprobs_equal_teacher_forced_forward_of_sampling_distribution(
-    client, hf_model, temperature, top_k, top_p
+    client, hf_policy, temperature, top_k, top_p
 ):
     response = client.generate(
         PROMPTS, max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p, n=2, seed=11
     )
     for sample in response.samples:
         expected = teacher_forced(
-            hf_model, sample.prompt_token_ids, sample.completion_token_ids, temperature, top_k, top_p
+            hf_policy, sample.prompt_token_ids, sample.completion_token_ids, temperature, top_k, top_p
         )
         assert list(sample.logprobs) == pytest.approx(expected, abs=1e-4)
         # Every sampled token was inside the processed (top-k / top-p) support.
@@ -147,14 +123,14 @@ def test_server_side_teacher_forced_helper_matches(server, client):
     assert list(sample.logprobs) == pytest.approx(again, abs=1e-5)
 
 
-def test_greedy_is_argmax_with_zero_logprobs(client, hf_model):
+def test_greedy_is_argmax_with_zero_logprobs(client, hf_policy):
     response = client.generate([PROMPTS[0]], max_new_tokens=10, temperature=0.0, n=2)
     first, second = response.samples
     assert list(first.completion_token_ids) == list(second.completion_token_ids)
     assert list(first.logprobs) == [0.0] * 10
     ids = list(first.prompt_token_ids) + list(first.completion_token_ids)
     with torch.no_grad():
-        logits = hf_model(torch.tensor([ids])).logits[0, len(first.prompt_token_ids) - 1 : -1]
+        logits = hf_policy(torch.tensor([ids])).logits[0, len(first.prompt_token_ids) - 1 : -1]
     assert logits.argmax(-1).tolist() == list(first.completion_token_ids)
 
 
@@ -345,14 +321,12 @@ def test_swap_under_load(policy_dir, tmp_path):
         for worker in workers:
             worker.start()
         try:
-            deadline = time.monotonic() + 30
-            while len(done) < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: len(done) >= 4, what="four responses before the swap")
             swapped = client.load_version(str(v1), activate=True)
             swapped_at = time.monotonic()
             assert swapped.info.version == "v1" and swapped.info.active
-            while sum(1 for t, _ in done if t > swapped_at) < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: sum(1 for t, _ in done if t > swapped_at) >= 4,
+                       what="four responses to requests started after the swap")
         finally:
             stop.set()
             for worker in workers:
@@ -398,17 +372,12 @@ def test_swap_under_load(policy_dir, tmp_path):
 
 def test_cancelled_stream_frees_its_generation(server, client):
     def active():
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics").read().decode()
-        line = next(x for x in text.splitlines() if x.startswith("arbiter_policy_active_generations "))
-        return float(line.split()[-1])
+        return metric_value(server, "arbiter_policy_active_generations")
 
     stream = client.generate_stream(PROMPTS[0], max_new_tokens=240, temperature=1.0, n=8)
     next(stream)
     stream.cancel()
-    deadline = time.monotonic() + 10
-    while active() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert active() == 0
+    wait_until(lambda: active() == 0, 10, "the cancelled generation to be released")
     assert client.generate([PROMPTS[0]], max_new_tokens=2, temperature=1.0).samples
 
 
@@ -416,12 +385,19 @@ def test_graceful_stop_finishes_in_flight_requests(policy_dir):
     settings = PolicySettings(model_dir=str(policy_dir), port=0, grace_seconds=30)
     server = BackgroundServer(lambda: create_server(settings))
     client = PolicyClient(server.target, timeout_s=30)
+
+    def decoding_steps():  # arbiter_batch_size observes one decoding step each
+        return sample_value(server.running.registry, "arbiter_batch_size_count", service="policy")
+
     try:
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(client.generate, PROMPTS, max_new_tokens=200, temperature=1.0, n=4, seed=1)
-            time.sleep(0.2)
+            wait_until(decoding_steps, what="the request's first decoding step", interval_s=0.001)
+            steps_before_stop = decoding_steps()
             server.stop()
             response = pending.result()
+        # The generation was still running when stop() began, and stop() let it finish.
+        assert decoding_steps() > steps_before_stop
         for sample in response.samples:
             ended = len(sample.completion_token_ids) == 200 or sample.finish_reason == policy_pb2.FINISH_REASON_EOS
             assert ended and sample.finish_reason != policy_pb2.FINISH_REASON_UNSPECIFIED
@@ -437,7 +413,7 @@ def test_health_and_metrics(server, client):
     status = health.Check(health_pb2.HealthCheckRequest(service="arbiter.v1.PolicyService")).status
     assert status == health_pb2.HealthCheckResponse.SERVING
     client.generate([PROMPTS[0]], max_new_tokens=3, temperature=1.0)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics").read().decode()
+    text = metrics_text(server)
     assert 'arbiter_requests_total{code="OK",method="Generate",service="policy"}' in text
     assert 'arbiter_policy_samples_total{finish_reason="length"}' in text
     assert "arbiter_policy_generated_tokens_total" in text

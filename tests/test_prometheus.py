@@ -11,14 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from helpers import BackgroundServer, wait_until
+from prometheus_server import LocalPrometheus
 
 from arbiter.reward.model import RewardModel
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
-from tests.prometheus_server import LocalPrometheus
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 PROM = INFRA / "prometheus"
@@ -168,8 +168,8 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
         }
         prometheus = LocalPrometheus(tmp_path, yaml.safe_dump(config))
         try:
-            prometheus.wait_until(lambda: prometheus.query('up{job="arbiter-reward"} == 1'), 60, "first scrape")
-            psi = prometheus.wait_until(
+            wait_until(lambda: prometheus.query('up{job="arbiter-reward"} == 1'), 60, "first scrape")
+            psi = wait_until(
                 lambda: prometheus.query('arbiter_reward_drift_psi{model_version="v0"}'), 30, "PSI gauge"
             )
             assert float(psi[0]["value"][1]) == pytest.approx(0.0, abs=1e-9)  # window == reference
@@ -182,14 +182,14 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
             assert not drift_alert("pending") and not drift_alert("firing")
 
             serve(high)  # inject the shifted distribution
-            firing = prometheus.wait_until(lambda: drift_alert("firing"), 60, "ArbiterRewardDrift to fire")
+            firing = wait_until(lambda: drift_alert("firing"), 60, "ArbiterRewardDrift to fire")
             assert firing[0]["labels"]["model_version"] == "v0"
             assert float(prometheus.query('arbiter_reward_drift_psi{model_version="v0"}')[0]["value"][1]) > 0.2
             assert float(prometheus.query('arbiter_reward_drift_ks_statistic{model_version="v0"}')[0]["value"][1]) > 0.5
 
             # Every dashboard query is valid PromQL here and names only metrics that exist.
-            prometheus.wait_until(lambda: prometheus.query("arbiter:reward_scores:rate1m"), 30, "recording rules")
-            prometheus.wait_until(lambda: len(prometheus.query('up{job=~"arbiter-.*"} == 1')) == 4, 30, "all scrapes")
+            wait_until(lambda: prometheus.query("arbiter:reward_scores:rate1m"), 30, "recording rules")
+            wait_until(lambda: len(prometheus.query('up{job=~"arbiter-.*"} == 1')) == 4, 30, "all scrapes")
             exported = set(prometheus.api("label/__name__/values"))
             known = exported | recorded_names()
             for expr in dashboard_exprs():

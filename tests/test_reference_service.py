@@ -2,18 +2,17 @@
 the policy service's own samples, tokenizer pairing, bad input, versions."""
 
 import math
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import BackgroundServer, expect_error, metric_value, metrics_text
 from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed
 
 from arbiter.batching import BatchingConfig
 from arbiter.v1 import reference_pb2
-from services.common.background import BackgroundServer
 from services.common.pairing import TokenizerMismatch, check_tokenizer_pair
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy_server
@@ -25,11 +24,6 @@ from services.reference.settings import ReferenceSettings
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PROMPT = [280, 462, 406]
 COMPLETION = [293, 427, 79, 12]
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tiny_models):
-    return tiny_models["policy"]
 
 
 @pytest.fixture(scope="module")
@@ -53,37 +47,21 @@ def policy(policy_dir):
         yield c
 
 
-@pytest.fixture(scope="module")
-def hf_model(policy_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
-
-
-def expect_error(call, code, *needles):
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    assert err.value.code() == code, err.value.details()
-    for needle in needles:
-        assert needle in err.value.details()
-    return err.value.details()
-
-
-def by_hand(hf_model, prompt, completion):
+def by_hand(hf_policy, prompt, completion):
     """log softmax of an unpadded forward, read at the positions that predict each completion token."""
     with torch.no_grad():
-        logits = hf_model(torch.tensor([prompt + completion])).logits[0].double()
+        logits = hf_policy(torch.tensor([prompt + completion])).logits[0].double()
     logprobs = torch.log_softmax(logits, dim=-1)
     return [float(logprobs[len(prompt) - 1 + k, token]) for k, token in enumerate(completion)]
 
 
-def test_logprobs_match_an_unpadded_forward(client, hf_model):
+def test_logprobs_match_an_unpadded_forward(client, hf_policy):
     sequences = [(PROMPT, COMPLETION), ([5], [6, 7, 8, 9, 10, 11, 12, 13]), (PROMPT + COMPLETION, [1])]
     response = client.logprobs(sequences)
     assert response.model_version == "v0"
     assert len(response.results) == 3
     for (prompt, completion), result in zip(sequences, response.results):
-        assert list(result.logprobs) == pytest.approx(by_hand(hf_model, prompt, completion), abs=1e-5)
+        assert list(result.logprobs) == pytest.approx(by_hand(hf_policy, prompt, completion), abs=1e-5)
 
 
 def test_dynamic_batching_gives_the_same_numbers(server, client):
@@ -98,8 +76,7 @@ def test_dynamic_batching_gives_the_same_numbers(server, client):
 
 
 def batch_count(server):
-    line = next(x for x in metrics_text(server).splitlines() if x.startswith("arbiter_batch_size_count"))
-    return float(line.split()[-1])
+    return metric_value(server, "arbiter_batch_size_count", service="reference")
 
 
 def test_kl_is_zero_against_the_policy_it_started_from(client, policy):
@@ -269,10 +246,6 @@ def test_reference_versions_swap_through_model_service(client, policy_dir, tmp_p
                  grpc.StatusCode.FAILED_PRECONDITION, "does not exist")
     assert client.info().version == "v0"
     assert [v.version for v in models.ListModelVersions(common_pb2.ListModelVersionsRequest()).versions] == ["v0"]
-
-
-def metrics_text(server):
-    return urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics").read().decode()
 
 
 def test_health_and_metrics(server, client):

@@ -5,21 +5,20 @@ import json
 import math
 import subprocess
 import sys
-import urllib.request
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import BackgroundServer, expect_error, metric_value, metrics_text, sample_value, wait_until
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from arbiter.batching import BatchingConfig
+from arbiter.config import ConfigError
 from arbiter.hf import read_metadata, tokenizer_fingerprint
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
-from arbiter.config import ConfigError
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 
@@ -93,23 +92,9 @@ def models_stub(channel):
     return common_pb2_grpc.ModelServiceStub(channel)
 
 
-def expect_error(call, code, *fragments):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    for fragment in fragments:
-        assert fragment in info.value.details(), info.value.details()
-    return info.value.details()
-
-
 def assert_still_serving(stub, reference):
     response = stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=10)
     assert response.results[0].score == pytest.approx(reference.score_text("".join(PROMPTS[0])), abs=1e-5)
-
-
-def metrics_text(server):
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=5) as r:
-        return r.read().decode()
 
 
 # -- scores -------------------------------------------------------------------
@@ -140,10 +125,7 @@ def test_concurrent_small_requests_are_batched_and_exact(server, stub, reference
     server ran them in fewer, larger forward passes."""
 
     def batch_count():
-        for line in metrics_text(server).splitlines():
-            if line.startswith("arbiter_batch_size_count"):
-                return float(line.split()[-1])
-        return 0.0
+        return metric_value(server, "arbiter_batch_size_count", service="reward") or 0.0
 
     texts = [(f"Prompt number {i}.", " word" * (1 + i % 7)) for i in range(32)]
     before = batch_count()
@@ -397,13 +379,15 @@ def test_bad_checkpoints_are_refused_and_nothing_changes(tmp_path, tiny_models, 
 
 
 def test_graceful_stop_drains_in_flight_requests(tiny_models):
-    # A long queue delay keeps the request in flight while stop() begins.
+    # A long queue delay keeps the request queued while stop() begins.
     settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, batching=BatchingConfig(max_queue_delay_ms=800.0, max_batch_size=64))
     srv = BackgroundServer(lambda: create_server(settings))
     channel = grpc.insecure_channel(srv.target)
     stub = reward_pb2_grpc.RewardServiceStub(channel)
     stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=10)  # connected
     in_flight = stub.Score.future(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])]), timeout=30)
+    wait_until(lambda: sample_value(srv.running.registry, "arbiter_queue_depth", service="reward") == 1,
+               what="the request to be queued on the server", interval_s=0.005)
     srv.stop(grace=10)
     assert in_flight.result().results[0].num_tokens > 0
     with pytest.raises(grpc.RpcError) as after:

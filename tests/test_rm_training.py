@@ -32,7 +32,7 @@ from arbiter.rm.registry import ModelRegistry, RegistryError
 from arbiter.rm.train import split_examples, train_reward_model
 from arbiter.types import ChatMessage, RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 

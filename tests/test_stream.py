@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from helpers import drain
 
 from arbiter.config import ConfigError
 from arbiter.errors import InvalidInput
@@ -85,19 +86,6 @@ def produce(settings: KafkaSettings, rollouts, topic: str = topics.ROLLOUTS):
         futures = [producer.send(topic, r) for r in rollouts]
         producer.flush(timeout_s=30)
         return [f.result(timeout=0) for f in futures]
-
-
-def drain(consumer: StreamConsumer, expected: int, timeout_s: float = 30.0, idle_polls: int = 1):
-    """Poll until ``expected`` records arrived, then ``idle_polls`` more empty polls
-    (so an extra record would be seen)."""
-    records = []
-    deadline = time.monotonic() + timeout_s
-    while len(records) < expected:
-        assert time.monotonic() < deadline, f"got {len(records)} of {expected} records in {timeout_s}s"
-        records.extend(consumer.poll(timeout_s=0.5).records)
-    for _ in range(idle_polls):
-        records.extend(consumer.poll(timeout_s=0.5).records)
-    return records
 
 
 # -- settings and codec (no broker) ------------------------------------------------

@@ -11,6 +11,7 @@ import time
 
 import torch
 import yaml
+from helpers import wait_until
 
 from arbiter.hf import weights_sha256
 from arbiter.stream import StreamConsumer, StreamProducer, ensure_topics, topics
@@ -74,16 +75,6 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
     assert committed_total == len(fresh) + 3 + 2
 
 
-def wait_for(predicate, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(what)
-
-
 def checkpoint_state(run_dir):
     path = latest_checkpoint(run_dir / "checkpoints")
     return json.loads((path / "state.json").read_text()) if path else None
@@ -108,7 +99,7 @@ def test_kill_9_and_restart_loses_nothing_and_trains_nothing_twice(tiny_models, 
     produce(kafka_settings, first)
     victim = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (checkpoint_state(run_dir) or {}).get("step", 0) >= 1, 180, "a first checkpoint")
+        wait_until(lambda: (checkpoint_state(run_dir) or {}).get("step", 0) >= 1, 180, "a first checkpoint")
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
@@ -117,7 +108,7 @@ def test_kill_9_and_restart_loses_nothing_and_trains_nothing_twice(tiny_models, 
     produce(kafka_settings, second)
     survivor = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        state = wait_for(lambda: (s := checkpoint_state(run_dir)) and s["step"] >= 6 and s, 240, "step 6 after restart")
+        state = wait_until(lambda: (s := checkpoint_state(run_dir)) and s["step"] >= 6 and s, 240, "step 6 after restart")
         time.sleep(3)  # give a (wrong) seventh update the chance to happen
         state = checkpoint_state(run_dir)
     finally:

@@ -29,7 +29,7 @@ from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer, expect_error, wait_until
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from cli.main import parse_args
@@ -50,20 +50,6 @@ def text_input(prompt, response):
     return reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=prompt, response=response))
 
 
-def expect_error(call, code, *fragments):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    for fragment in fragments:
-        assert fragment in info.value.details(), info.value.details()
-    return info.value.details()
-
-
-def wait_until(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

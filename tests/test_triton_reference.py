@@ -24,7 +24,7 @@ from arbiter.errors import BackendError, BackendUnavailable
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer, expect_error, wait_until
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from services.reference.server import create_server, settings_from_args
@@ -50,20 +50,6 @@ def logprobs_request(sequences, **kw):
     return reference_pb2.LogProbsRequest(sequences=[seq(p, c) for p, c in sequences], **kw)
 
 
-def expect_error(call, code, *fragments):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    for fragment in fragments:
-        assert fragment in info.value.details(), info.value.details()
-    return info.value.details()
-
-
-def wait_until(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def in_process_logprobs(checkpoint, sequences):

@@ -27,7 +27,8 @@ from arbiter.stream import ProduceError, StreamConsumer, StreamProducer, TopicPa
 from arbiter.stream.broker import free_port
 from arbiter.types import ChatMessage, Prompt
 from arbiter.v1 import policy_pb2, reward_pb2, rollout_pb2
-from services.common.background import BackgroundServer
+from helpers import BackgroundServer, drain, sample_value, wait_until
+from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy
 from services.policy.settings import PolicySettings
@@ -96,25 +97,8 @@ def worker_settings(servers, kafka, **overrides) -> WorkerSettings:
 
 
 def consume_all(kafka, expected: int, timeout_s: float = 30.0):
-    records = []
     with StreamConsumer(kafka, [topics.ROLLOUTS], None) as consumer:
-        deadline = time.monotonic() + timeout_s
-        while len(records) < expected:
-            assert time.monotonic() < deadline, f"got {len(records)} of {expected} rollouts"
-            records.extend(consumer.poll(timeout_s=0.5).records)
-        records.extend(consumer.poll(timeout_s=0.5).records)  # nothing extra
-    return records
-
-
-def sample_value(registry, name: str, **labels) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
-
-
-def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        return drain(consumer, expected, timeout_s)
 
 
 class WorkerThread:
@@ -414,7 +398,7 @@ def test_reward_service_restart_delays_but_loses_nothing(servers, kafka, tiny_mo
             reward.stop()
             reward = None
             running.start()
-            wait_for(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
+            wait_until(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 2,
                      what="Score to fail while the reward service is down")
             assert worker.stats.rollouts == len(first)  # the generated batch is waiting, not dropped
             reward = BackgroundServer(lambda: create_reward(reward_settings))  # same port
@@ -522,10 +506,10 @@ def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_mo
         worker.pipeline.policy.info = counted_info
         with WorkerThread(worker) as running:
             running.start()
-            wait_for(lambda: sample_value(worker.registry, "arbiter_worker_waiting_for_policy") == 1,
+            wait_until(lambda: sample_value(worker.registry, "arbiter_worker_waiting_for_policy") == 1,
                      what="the worker to wait for a new version")
             # Ten polls, version_poll_s = 0.05 s apart: it has waited >= 9 x 0.05 = 0.45 s by the tenth.
-            wait_for(lambda: len(polls) >= 10, what="ten version polls while waiting")
+            wait_until(lambda: len(polls) >= 10, what="ten version polls while waiting")
             produced_by_v0 = worker.stats.rollouts
             assert set(polls) == {"v0"}
             with PolicyClient(policy.target) as client:
@@ -548,7 +532,7 @@ def test_prompts_topic_commits_after_rollouts_are_acknowledged(servers, kafka):
     worker = RolloutWorker(worker_settings(servers, kafka, prompts_topic=True, samples_per_prompt=2))
     with WorkerThread(worker) as running:
         running.start()
-        wait_for(lambda: worker.stats.prompts == 4 and worker.stats.skipped >= 1, what="all prompts")
+        wait_until(lambda: worker.stats.prompts == 4 and worker.stats.skipped >= 1, what="all prompts")
         worker.stop()
         running.result(30)
     assert sample_value(worker.registry, "arbiter_worker_samples_skipped_total", reason="invalid_prompt_record") == 1

@@ -1,0 +1,154 @@
+"""What the test files share: a server on its own event-loop thread, waiting
+for a condition (never a fixed sleep), and the checks of gRPC errors,
+metrics and stream contents that many files make."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from arbiter.stream import StreamConsumer
+    from services.common.server import RunningServer
+
+T = TypeVar("T")
+
+
+class BackgroundServer:
+    """An async server run on its own event-loop thread, so a test drives it
+    with ordinary blocking gRPC clients."""
+
+    def __init__(self, create: Callable[[], Awaitable[tuple[RunningServer, int]]], start_timeout_s: float = 300.0):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.running, self.port = self.run(create(), timeout=start_timeout_s)
+        except BaseException:
+            self._close_loop()
+            raise
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self) -> Any:
+        return self.running.engine
+
+    def run(self, coro: Awaitable[T], timeout: float | None = 60.0) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = None) -> None:
+        try:
+            self.run(self.running.stop(grace), timeout=None)
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- waiting ------------------------------------------------------------------
+
+
+def _timed_out(timeout_s: float, what: str | Callable[[], str]) -> AssertionError:
+    return AssertionError(f"timed out after {timeout_s}s waiting for {what() if callable(what) else what}")
+
+
+def wait_until(
+    condition: Callable[[], T], timeout_s: float = 30.0, what: str | Callable[[], str] = "condition",
+    interval_s: float = 0.05,
+) -> T:
+    """Poll ``condition`` until it returns something truthy and return that;
+    fail the test, naming ``what`` (a callable is asked at the time, so it can
+    report progress), if ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout_s, what)
+        time.sleep(interval_s)
+    return value
+
+
+async def wait_until_async(
+    condition: Callable[[], T], timeout_s: float = 10.0, what: str = "condition", interval_s: float = 0.001
+) -> T:
+    """``wait_until`` for a test running on an event loop: polls without
+    blocking the loop, so the tasks it waits on make progress."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout_s, what)
+        await asyncio.sleep(interval_s)
+    return value
+
+
+def drain(consumer: StreamConsumer, expected: int, timeout_s: float = 30.0, idle_polls: int = 1) -> list:
+    """Poll until ``expected`` records arrived, then ``idle_polls`` more polls
+    (so an extra record would be seen)."""
+    records = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < expected:
+        assert time.monotonic() < deadline, f"got {len(records)} of {expected} records in {timeout_s}s"
+        records.extend(consumer.poll(timeout_s=0.5).records)
+    for _ in range(idle_polls):
+        records.extend(consumer.poll(timeout_s=0.5).records)
+    return records
+
+
+# -- checks -------------------------------------------------------------------
+
+
+def expect_error(call: Callable[[], Any], code: grpc.StatusCode, *fragments: str) -> str:
+    """``call()`` fails with ``code`` and details containing every fragment;
+    returns the details. A streaming call's responses are read, since its
+    error arrives with them."""
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if isinstance(result, Iterator):
+            list(result)
+    details = info.value.details()
+    assert info.value.code() == code, details
+    for fragment in fragments:
+        assert fragment in details, details
+    return details
+
+
+def sample_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """A metric sample read in-process; 0 for one never observed."""
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def metrics_text(server: BackgroundServer) -> str:
+    """The server's /metrics page, as a scraper gets it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric_value(server: BackgroundServer, name: str, **labels: str) -> float | None:
+    """One sample from the server's /metrics page, matched on its name and
+    exact labels; None when the page does not have it."""
+    for family in text_string_to_metric_families(metrics_text(server)):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
