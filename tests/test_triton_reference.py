@@ -7,7 +7,6 @@ import asyncio
 import collections
 import concurrent.futures
 import threading
-import time
 
 import grpc
 import numpy as np

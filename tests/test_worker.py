@@ -28,7 +28,6 @@ from arbiter.stream.broker import free_port
 from arbiter.types import ChatMessage, Prompt
 from arbiter.v1 import policy_pb2, reward_pb2, rollout_pb2
 from helpers import BackgroundServer, drain, sample_value, wait_until
-from arbiter.config import ConfigError
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy
 from services.policy.settings import PolicySettings
