@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from arbiter.config import ConfigError, require
+from arbiter.config import ConfigError, require, require_choice
+from arbiter.kl import ESTIMATOR_NAMES
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class KLConfig:
     init_coef: float = 0.1
     target: float = 6.0
     horizon: int = 10000
-    # Per-token estimator inside the reward: k1 (log-ratio, unbiased) or k3.
+    # Per-token estimator inside the reward (arbiter.kl): k1 (InstructGPT's
+    # log-ratio), k2 or k3 (Schulman 2020).
     estimator: str = "k1"
 
     def validate(self, prefix: str) -> None:
@@ -30,7 +32,7 @@ class KLConfig:
         require(self.init_coef >= 0, f"{prefix}.init_coef", "must be >= 0", self.init_coef)
         require(self.target > 0, f"{prefix}.target", "must be > 0", self.target)
         require(self.horizon >= 1, f"{prefix}.horizon", "must be >= 1", self.horizon)
-        require(self.estimator in ("k1", "k2", "k3"), f"{prefix}.estimator", "one of k1, k2, k3", self.estimator)
+        require_choice(self.estimator, f"{prefix}.estimator", ESTIMATOR_NAMES)
 
 
 @dataclass(frozen=True)
