@@ -55,6 +55,9 @@ def test_on_policy_ratio_is_one_and_ppo_raises_the_reward(tiny_models, tmp_path)
         record = trainer.train_on(rollouts)
         rewards.append(record.stats.reward_raw)
         assert record.stats.skipped_steps == 0 and record.stats.optimizer_steps == 8
+        # The value head's explained variance (cleanrl's diagnostic) is in the stats and the gauge.
+        assert record.stats.explained_variance <= 1.0
+        assert trainer.metrics.explained_variance._value.get() == record.stats.explained_variance
     assert trainer.state.step == 8
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards
 
@@ -104,6 +107,7 @@ def test_critic_free_estimators_train_on_whole_groups(tiny_models, tmp_path, est
     rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=5, group_size=4)
     record = trainer.train_on(rollouts)
     assert record.stats.optimizer_steps == 8 and record.stats.value_loss == 0.0
+    assert record.stats.explained_variance is None  # no value head
     assert math.isfinite(record.stats.policy_loss)
 
 

@@ -37,6 +37,9 @@ class UpdateStats:
     response_length: float
     optimizer_steps: int
     skipped_steps: int  # minibatch steps dropped for a non-finite loss or gradient
+    # How much of the returns' variance the value head explained before the
+    # update (cleanrl's explained_variance); None without a value head (rloo, grpo).
+    explained_variance: float | None = None
 
 
 def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,11 +80,12 @@ def ppo_update(
         old_values = policy_outputs(model, batch, cfg.temperature)[1] if use_critic else None
         if use_critic:
             advantages, returns = pm.gae(penalized.rewards, old_values, mask, cfg.gamma, cfg.lam)
+            explained_variance = pm.explained_variance(old_values, returns, mask)
         else:
             sequence_rewards = penalized.rewards.sum(dim=1)  # (B,)
             estimator = pm.rloo_advantages if cfg.advantage == "rloo" else pm.grpo_advantages
             advantages = pm.broadcast_sequence_advantages(estimator(sequence_rewards, batch.group_ids), mask)
-            returns = None
+            returns = explained_variance = None
         if cfg.whiten_advantages:
             advantages = pm.masked_whiten(advantages, mask)
 
@@ -143,6 +147,7 @@ def ppo_update(
         response_length=float(mask.sum(dim=1).float().mean()),
         optimizer_steps=steps,
         skipped_steps=skipped,
+        explained_variance=explained_variance,
         **means,
     )
 
