@@ -15,6 +15,8 @@ import yaml
 from arbiter.config import ConfigError, require, require_choice
 from arbiter.kl import ESTIMATOR_NAMES
 
+REWARD_SOURCES = ("raw", "reward_model")
+
 
 @dataclass(frozen=True)
 class KLConfig:
@@ -67,7 +69,17 @@ class PPOConfig:
     # gae (value head), rloo or grpo (critic-free, need samples_per_prompt >= 2).
     advantage: str = "gae"
     samples_per_prompt: int = 1
-    # Scale RM scores by running std before the KL penalty (reward normalization).
+    # Which score of a rollout is the reward. "raw": Rollout.reward, the reward
+    # model's raw score, normalized by the trainer's running statistics when
+    # normalize_rewards is set. "reward_model": Rollout.reward_normalized, the
+    # score normalized with the statistics its reward-model version ships, so
+    # rewards keep one scale when the reward model is swapped mid-run (running
+    # statistics would mix the versions' scales until they caught up);
+    # normalize_rewards does not apply, and a rollout whose reward model ships
+    # no statistics is dropped as invalid.
+    reward_source: str = "raw"
+    # With reward_source raw: normalize RM scores with running mean and std
+    # before the KL penalty (reward normalization).
     normalize_rewards: bool = True
     whiten_advantages: bool = True
     # Sampling temperature of the workers: log-probs are recomputed under it.
@@ -96,6 +108,7 @@ class PPOConfig:
         require(0 <= self.lam <= 1, f"{prefix}.lam", "must be in [0, 1]", self.lam)
         require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0", self.max_grad_norm)
         require(self.advantage in ("gae", "rloo", "grpo"), f"{prefix}.advantage", "one of gae, rloo, grpo", self.advantage)
+        require_choice(self.reward_source, f"{prefix}.reward_source", REWARD_SOURCES)
         if self.advantage != "gae":
             require(
                 self.samples_per_prompt >= 2, f"{prefix}.samples_per_prompt",

@@ -120,7 +120,7 @@ class PPOTrainer:
         tp = TopicPartition(record.topic, record.partition)
         self.consumed[tp] = max(self.consumed.get(tp, 0), record.offset + 1)
         try:
-            trajectory = trajectory_from_record(record)
+            trajectory = trajectory_from_record(record, self.config.ppo.reward_source)
         except InvalidRollout as err:
             log.warning("dropping invalid rollout: %s", err)
             self.metrics.rollouts.labels("invalid").inc()

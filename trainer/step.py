@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from arbiter.errors import InvalidInput
 from trainer import ppo_math as pm
 from trainer.batch import PPOBatch, gather_positions
 from trainer.config import PPOConfig
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UpdateStats:
-    reward_raw: float  # mean RM score of the batch
-    reward_normalized: float  # mean score after running normalization
+    reward_raw: float  # mean raw RM score of the batch
+    reward_normalized: float  # mean of the scores the update used (after normalization)
     kl: float  # mean per-sequence Σ_t KL_t to the reference (before the update)
     kl_coef: float  # β used for this batch's rewards
     entropy: float
@@ -52,6 +53,18 @@ def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) 
     return pm.token_logprobs(logits, batch.completion_ids), values, logits
 
 
+def reward_scores(batch: PPOBatch, reward_moments: pm.RunningMoments, cfg: PPOConfig) -> Tensor:
+    """(B,) the scores the update rewards, per ``cfg.reward_source``."""
+    if cfg.reward_source == "reward_model":
+        if batch.rm_normalized_scores is None:
+            raise InvalidInput("batch", "reward_source is reward_model, but some rollouts have no RM-normalized reward")
+        return batch.rm_normalized_scores
+    reward_moments.update(batch.scores)
+    if cfg.normalize_rewards and reward_moments.count >= 2:
+        return reward_moments.normalize(batch.scores)
+    return batch.scores
+
+
 def ppo_update(
     model: PolicyWithValue,
     optimizer: torch.optim.Optimizer,
@@ -65,11 +78,11 @@ def ppo_update(
     mask = batch.mask  # (B, T)
     use_critic = cfg.advantage == "gae"
     with torch.no_grad():
-        # 1. Reward: the RM score, normalized with running statistics so β and the
-        #    value head keep one scale as the policy drifts, minus β·KL per token
+        # 1. Reward: the RM score, normalized so β and the value head keep one
+        #    scale as the policy drifts (with running statistics, or with those
+        #    each RM version ships: cfg.reward_source), minus β·KL per token
         #    (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019 put r_θ on the last token).
-        reward_moments.update(batch.scores)
-        scores = reward_moments.normalize(batch.scores) if cfg.normalize_rewards and reward_moments.count >= 2 else batch.scores
+        scores = reward_scores(batch, reward_moments, cfg)
         beta = kl_controller.value
         penalized = pm.kl_penalized_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask, beta, cfg.kl.estimator)
         kl_per_sequence = penalized.kl.sum(dim=1)  # (B,)
