@@ -132,6 +132,11 @@ def test_config_errors_name_the_field(tiny_models):
         config_from_dict({"model_dir": "m", "ppo": {"kl": {"mode": "sometimes"}}})
     with pytest.raises(ConfigError, match="unknown field"):
         config_from_dict({"model_dir": "m", "learning_rate": 1})
+    with pytest.raises(ConfigError, match=r"^ppo\.epochs='two' is invalid: must be an integer$"):
+        config_from_dict({"model_dir": "m", "ppo": {"epochs": "two"}})
+    # YAML lists become tuples; YAML 1.1's string "1e-5" is the number meant.
+    config = config_from_dict({"model_dir": "m", "ppo": {"learning_rate": "1e-5", "lora": {"target_modules": ["c_attn"]}}})
+    assert config.ppo.learning_rate == 1e-5 and config.ppo.lora.target_modules == ("c_attn",)
     with pytest.raises(ConfigError, match=r"^ppo\.kl\.estimator='k4' is invalid: must be one of k1, k2, k3$"):
         config_from_dict({"model_dir": "m", "ppo": {"kl": {"estimator": "k4"}}})
     with pytest.raises(ConfigError, match=r"^ppo\.reward_source='shipped' is invalid: must be one of raw, reward_model$"):

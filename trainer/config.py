@@ -6,13 +6,11 @@ accepts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from arbiter.config import ConfigError, require, require_choice
+from arbiter.config import config_from_mapping, load_config_file, require, require_choice
 from arbiter.kl import ESTIMATOR_NAMES
 
 REWARD_SOURCES = ("raw", "reward_model")
@@ -44,6 +42,10 @@ class LoRAConfig:
     dropout: float = 0.0
     # None: peft's defaults for the architecture.
     target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     def validate(self, prefix: str) -> None:
         require(self.r >= 1, f"{prefix}.r", "must be >= 1", self.r)
@@ -173,38 +175,9 @@ class TrainerConfig:
         self.ppo.validate("ppo")
 
 
-def _build(cls, data: Any, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown field(s) {', '.join(where + u for u in unknown)}; allowed: {', '.join(sorted(known))}")
-    values = {}
-    for name, value in data.items():
-        target = {"kl": KLConfig, "lora": LoRAConfig, "ppo": PPOConfig}.get(name)
-        child = f"{path}.{name}" if path else name
-        if target is not None and value is not None and is_dataclass(target):
-            values[name] = _build(target, value, child)
-        elif name == "target_modules" and value is not None:
-            values[name] = tuple(value)
-        else:
-            values[name] = value
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from err
-
-
 def load_config(path: str | Path, **overrides: Any) -> TrainerConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read trainer config {str(path)!r}: {err}") from err
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(TrainerConfig, data, "")
+    return load_config_file(TrainerConfig, path, "trainer config", **overrides)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainerConfig:
-    return _build(TrainerConfig, data, "")
+    return config_from_mapping(TrainerConfig, data)
