@@ -153,7 +153,9 @@ def test_settings_from_env_and_secrets_stay_hidden(tmp_path):
     assert settings.session_timeout_ms == 6000 and settings.ssl_check_hostname is False
     assert settings.client_id == "t1"
     assert "s3cret" not in repr(settings)
-    with pytest.raises(ConfigError, match=r"^session_timeout_ms='6s' is invalid: ARBITER_KAFKA_SESSION_TIMEOUT_MS must be an integer$"):
+    with pytest.raises(
+        ConfigError, match=r"^session_timeout_ms='6s' is invalid: ARBITER_KAFKA_SESSION_TIMEOUT_MS must be an integer$"
+    ):
         KafkaSettings.from_env({"ARBITER_KAFKA_SESSION_TIMEOUT_MS": "6s"})
     with pytest.raises(ConfigError, match=r"^ssl_check_hostname='maybe' is invalid: ARBITER_KAFKA_SSL_CHECK_HOSTNAME must"):
         KafkaSettings.from_env({"ARBITER_KAFKA_SSL_CHECK_HOSTNAME": "maybe"})
