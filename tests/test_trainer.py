@@ -167,6 +167,27 @@ def test_rm_normalized_reward_is_read_only_when_the_rm_version_normalized_it():
         trajectory_from_record(consumed(rollout), "reward_model")
 
 
+def test_stale_and_unknown_versions_are_dropped_on_arrival_and_while_waiting(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path, max_staleness=1)
+    trainer.state.version_steps.update({"ppo-1": 1, "ppo-2": 2})
+    trainer.state.step = 2
+    t = Trajectory("r", "p", "g", (5, 6), (8, 9), (-0.5, -0.25), (-0.75, -1.5), 0.75, "v0")
+    for i, version in enumerate(["v0", "ppo-1", "ppo-2", "ppo-9"]):
+        trainer.admit(consumed(to_rollout(Trajectory(**{**t.__dict__, "rollout_id": version, "policy_version": version})), i))
+    # Step 2, bound 1: v0 (lag 2) is stale, ppo-9 was never published; ppo-1 and ppo-2 wait for a batch.
+    assert [p.rollout_id for p in trainer.pending] == ["ppo-1", "ppo-2"]
+
+    def count(outcome):
+        return trainer.metrics.rollouts.labels(outcome)._value.get()
+
+    assert (count("stale"), count("unknown_version")) == (1, 1)
+    # One update later ppo-1 is 2 versions old: dropped while waiting, before a batch is formed.
+    trainer.state.step = 3
+    assert trainer._take_batch() is None
+    assert [p.rollout_id for p in trainer.pending] == ["ppo-2"] and count("stale") == 2
+    assert set(trainer.seen) == {"v0", "ppo-9", "ppo-1"}  # dropped ones are remembered (dedupe)
+
+
 def test_reward_source_reward_model_trains_on_the_rm_version_statistics(tiny_models, tmp_path):
     trainer = make_trainer(tiny_models, tmp_path, reward_source="reward_model")
     rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=7)

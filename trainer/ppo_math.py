@@ -650,7 +650,7 @@ class RunningMoments:
 
 
 class Staleness(str, Enum):
-    """What becomes of a rollout; the values are the trainer's rollout outcome labels."""
+    """What becomes of a rollout; a dropped one is counted under its verdict's value (the metrics' outcome label)."""
 
     KEEP = "keep"
     STALE = "stale"  # sampled more than max_lag policy updates ago
