@@ -1,15 +1,22 @@
-"""Per-token KL estimators between the policy and the frozen reference.
+"""Per-token KL estimators between the policy and the frozen reference: the
+one home of k1/k2/k3, used by the reference service (``ReferenceService.KL``),
+the PPO trainer's reward shaping and its config validation.
 
 Schulman, "Approximating KL Divergence" (2020), http://joschu.net/blog/kl-approx.html.
-With tokens x sampled from the policy pi and r = pi_ref(x) / pi(x):
+With tokens x sampled from the policy pi and r = pi_ref(x) / pi(x), written
+in terms of the log-ratio d = log pi - log pi_ref = -log r:
 
-    k1 = log pi - log pi_ref = -log r            unbiased, high variance, can be < 0
-    k2 = 1/2 (log pi - log pi_ref)^2 = 1/2 (log r)^2   biased, low variance, >= 0
-    k3 = (r - 1) - log r                         unbiased, low variance, >= 0
+    k1 = -log r             = d                   unbiased, high variance, can be < 0
+    k2 = 1/2 (log r)^2      = d^2 / 2             biased, low variance, >= 0
+    k3 = (r - 1) - log r    = (e^-d - 1) + d      unbiased, low variance, >= 0
 
 Each is an estimate of KL(pi || pi_ref) at one token; their sum over a
 completion estimates the sequence-level KL. Inputs are log-probabilities of
 the sampled tokens only, never full distributions.
+
+:func:`kl_from_log_ratio` is written once for Python floats and tensors alike
+(anything with ``.expm1()``), so the service's per-token values and the
+trainer's (B, T) penalty are the same formulas.
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from arbiter.errors import InvalidInput
+
+X = TypeVar("X")
 
 
 class KLEstimator(enum.Enum):
@@ -25,22 +37,32 @@ class KLEstimator(enum.Enum):
     K3 = "k3"
 
 
-def k1(logp: float, logp_ref: float) -> float:
-    return logp - logp_ref
+# The names a config file or flag may use ("k1", "k2", "k3").
+ESTIMATOR_NAMES: tuple[str, ...] = tuple(e.value for e in KLEstimator)
 
 
-def k2(logp: float, logp_ref: float) -> float:
-    return 0.5 * (logp - logp_ref) ** 2
+def parse_estimator(estimator: KLEstimator | str) -> KLEstimator:
+    """``KLEstimator.K3`` or ``"k3"`` -> ``KLEstimator.K3``; anything else is InvalidInput."""
+    try:
+        return KLEstimator(estimator)
+    except ValueError:
+        raise InvalidInput("estimator", f"must be one of {', '.join(ESTIMATOR_NAMES)}, got {estimator!r}") from None
 
 
-def k3(logp: float, logp_ref: float) -> float:
-    log_r = logp_ref - logp
+def _expm1(x: Any) -> Any:
+    return math.expm1(x) if isinstance(x, int | float) else x.expm1()
+
+
+def kl_from_log_ratio(estimator: KLEstimator | str, log_ratio: X) -> X:
+    """The estimate at each token from d = log pi - log pi_ref (a float, or a tensor of any shape)."""
+    estimator = parse_estimator(estimator)
+    if estimator is KLEstimator.K1:
+        return log_ratio
+    if estimator is KLEstimator.K2:
+        return 0.5 * log_ratio**2
     # expm1 keeps (r - 1) exact when r is close to 1, i.e. when the two
     # models agree, which is exactly where k3 is tiny and must not be noise.
-    return math.expm1(log_r) - log_r
-
-
-_ESTIMATORS = {KLEstimator.K1: k1, KLEstimator.K2: k2, KLEstimator.K3: k3}
+    return _expm1(-log_ratio) + log_ratio
 
 
 def per_token_kl(
@@ -51,8 +73,10 @@ def per_token_kl(
         raise ValueError(
             f"policy has {len(policy_logprobs)} log-probs, reference {len(reference_logprobs)}; they must match"
         )
-    fn = _ESTIMATORS[estimator]
-    return [fn(float(p), float(q)) for p, q in zip(policy_logprobs, reference_logprobs, strict=True)]
+    return [
+        kl_from_log_ratio(estimator, float(p) - float(q))
+        for p, q in zip(policy_logprobs, reference_logprobs, strict=True)
+    ]
 
 
 def sequence_kl(per_token: Sequence[float]) -> float:

@@ -108,7 +108,7 @@ def label_pairs(prompts: list[str], completions: list[list[str]], gold) -> list[
 
 
 def prepare_models(out: Path, quick: bool, console) -> DemoModels:
-    from arbiter.pretrain import PretrainConfig, load_fortunes, pretrain
+    from services.demo_pretrain import PretrainConfig, load_fortunes, pretrain
     from arbiter.rm.config import config_from_dict
     from arbiter.rm.train import train_reward_model
     from services.worker.gold import make_gold_scorer

@@ -69,7 +69,8 @@ def test_preferences_land_on_the_topic(tiny_models, kafka):
     assert list(message.policy_versions) == ["v0", "ppo-3"] and message.schema_version == 1
     assert abs(message.created_at.ToSeconds() - time.time()) < 120
     chat = records[ranking.preference_id].message
-    assert list(chat.chat_roles) == ["system", "user"] and list(chat.chat_contents) == ["Be kind.", "Hi"]
+    assert [(m.role, m.content) for m in chat.conversation.messages] == [("system", "Be kind."), ("user", "Hi")]
+    assert not chat.chat_roles and not chat.chat_contents  # the schema 1.0 layout is never written
     assert list(chat.ranked_responses) == ["Hello, friend!", "Hello.", "What?"] and not chat.prompt
 
 
@@ -204,5 +205,5 @@ def test_arbiter_rm_submit_sends_a_labelled_file(tiny_models, kafka, tmp_path, c
     assert (first.chosen, first.annotator_id, list(first.policy_versions)) == (" yes!", "dave", ["v0", "v1"])
     ranked = next(m for m in by_id.values() if m.ranked_responses)
     assert list(ranked.ranked_responses) == [" a", " b", " c"] and ranked.annotator_id == "carol"
-    chat = next(m for m in by_id.values() if m.chat_roles)
-    assert (list(chat.chat_contents), chat.chosen, chat.rejected) == (["Hi"], "Hello!", "Bye.")
+    chat = next(m for m in by_id.values() if m.conversation.messages)
+    assert ([m.content for m in chat.conversation.messages], chat.chosen, chat.rejected) == (["Hi"], "Hello!", "Bye.")

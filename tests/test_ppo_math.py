@@ -21,10 +21,7 @@ from trainer.ppo_math import (
     gae,
     grpo_advantages,
     kl_controller_from_state_dict,
-    kl_estimate,
-    kl_loss,
     kl_penalized_rewards,
-    kl_penalized_scores,
     last_token_index,
     masked_aggregate,
     masked_mean,
@@ -35,11 +32,9 @@ from trainer.ppo_math import (
     ppo_total_loss,
     ptx_loss,
     rloo_advantages,
-    staleness_keep_mask,
     staleness_verdict,
     token_entropy,
     token_logprobs,
-    truncated_importance_weights,
     value_loss,
 )
 
@@ -125,24 +120,17 @@ REF_LOGPROBS = t([[-1.5, -1.0, -0.5]])
 # log π/π_ref per token = 0.5, −1.0, 0.0
 
 
-def test_kl_estimators_by_hand():
-    lr = [0.5, -1.0, 0.0]
-    close(kl_estimate(LOGPROBS, REF_LOGPROBS, "k1"), [lr])
-    close(kl_estimate(LOGPROBS, REF_LOGPROBS, "k2"), [[0.125, 0.5, 0.0]])  # ½ lr²
-    # k3 = e^{−lr} − 1 + lr: e^{−0.5} − 0.5 = 0.10653065971, e − 2 = 0.71828182846, 0
-    close(kl_estimate(LOGPROBS, REF_LOGPROBS, "k3"), [[math.exp(-0.5) - 0.5, math.e - 2, 0.0]])
-    assert kl_estimate(LOGPROBS, REF_LOGPROBS, "k3").min() >= 0
-    with pytest.raises(InvalidInput, match="estimator: must be one of"):
-        kl_estimate(LOGPROBS, REF_LOGPROBS, "k4")
-
-
 def test_kl_penalized_rewards_1x3():
     # β = 0.1, k1 KL = [0.5, −1.0, 0.0] → −βKL = [−0.05, 0.1, 0.0]; RM score 2.0 on the last token.
     out = kl_penalized_rewards(t([2.0]), LOGPROBS, REF_LOGPROBS, torch.ones(1, 3, dtype=torch.bool), kl_coef=0.1)
     close(out.kl, [[0.5, -1.0, 0.0]])
     close(out.rewards, [[-0.05, 0.1, 2.0]])
-    # Sequence-level reward for RLOO: −0.05 + 0.1 + 2.0 = 2.05
-    close(kl_penalized_scores(t([2.0]), LOGPROBS, REF_LOGPROBS, torch.ones(1, 3, dtype=torch.bool), 0.1), [2.05])
+    # Sequence-level reward for RLOO / GRPO (the trainer sums the row): −0.05 + 0.1 + 2.0 = 2.05
+    close(out.rewards.sum(dim=1), [2.05])
+    # k3 (arbiter.kl) per token: e^{−0.5} − 1 + 0.5, e^{1} − 1 − 1 = e − 2, 0; −β·k3 with the score on the last token.
+    k3 = kl_penalized_rewards(t([2.0]), LOGPROBS, REF_LOGPROBS, torch.ones(1, 3, dtype=torch.bool), 0.1, "k3")
+    close(k3.kl, [[math.exp(-0.5) - 0.5, math.e - 2, 0.0]])
+    close(k3.rewards, [[-0.1 * (math.exp(-0.5) - 0.5), -0.1 * (math.e - 2), 2.0]])
 
 
 def test_kl_penalized_rewards_puts_the_score_on_each_rows_last_real_token():
@@ -163,6 +151,8 @@ def test_kl_penalized_rewards_rejects_bad_input():
         kl_penalized_rewards(t([1.0]), LOGPROBS, REF_LOGPROBS, mask, -0.1)
     with pytest.raises(InvalidInput, match=r"ref_logprobs: has shape \(1, 2\)"):
         kl_penalized_rewards(t([1.0]), LOGPROBS, REF_LOGPROBS[:, :2], mask, 0.1)
+    with pytest.raises(InvalidInput, match="estimator: must be one of k1, k2, k3, got 'k4'"):
+        kl_penalized_rewards(t([1.0]), LOGPROBS, REF_LOGPROBS, mask, 0.1, "k4")
 
 
 # ---------------------------------------------------------------- GAE
@@ -237,7 +227,7 @@ def test_policy_loss_clipping_branches_by_hand():
     close(logprobs.grad, [[0.0, -0.125, 0.0, 0.375, 0.0]])
 
 
-def test_policy_loss_sequence_aggregation_and_behaviour_weights():
+def test_policy_loss_sequence_aggregation():
     # ratio = 1 everywhere, so per-token loss = −A.
     old = torch.zeros(2, 2, dtype=F64)
     adv = t([[1.0, 3.0], [-2.0, 0.0]])
@@ -245,9 +235,6 @@ def test_policy_loss_sequence_aggregation_and_behaviour_weights():
     # token mean: −(1 + 3 − 2)/3 = −2/3; sequence mean: mean(−2, +2) = 0
     close(policy_loss(old, old, adv, mask, 0.2).loss, -2 / 3)
     close(policy_loss(old, old, adv, mask, 0.2, aggregation="sequence").loss, 0.0)
-    # Weights [0.5, 1 | 1]: −(0.5·1 + 1·3 − 1·2)/3 = −1.5/3 = −0.5
-    weights = t([[0.5, 1.0], [1.0, 0.0]])
-    close(policy_loss(old, old, adv, mask, 0.2, behaviour_weights=weights).loss, -0.5)
     with pytest.raises(InvalidInput, match="clip_coef: must be > 0"):
         policy_loss(old, old, adv, mask, 0.0)
     with pytest.raises(InvalidInput, match=r"advantages: has shape \(2,\), expected \(2, 2\)"):
@@ -305,23 +292,12 @@ def test_token_logprobs_and_ptx_loss_by_hand():
     close(ptx_loss(logits, ids, torch.tensor([[1, 1, 0]])), math.log(2))
 
 
-def test_kl_loss_is_k3_mean_with_gradient_in_logprobs():
-    logprobs = LOGPROBS.clone().requires_grad_(True)
-    mask = torch.ones(1, 3, dtype=torch.bool)
-    loss = kl_loss(logprobs, REF_LOGPROBS, mask)
-    close(loss, (math.exp(-0.5) - 0.5 + math.e - 2) / 3)
-    # d/d lr of e^{−lr} − 1 + lr = 1 − e^{−lr}: (1 − e^{−0.5})/3, (1 − e)/3, 0
-    loss.backward()
-    close(logprobs.grad, [[(1 - math.exp(-0.5)) / 3, (1 - math.e) / 3, 0.0]])
-
-
 def test_ppo_total_loss():
-    # 1 + 0.1·2 − 0.01·3 + 0.5·4 + 0.04·5 = 1 + 0.2 − 0.03 + 2 + 0.2 = 3.37
+    # 1 + 0.1·2 − 0.01·3 + 0.5·4 = 1 + 0.2 − 0.03 + 2 = 3.17
     total = ppo_total_loss(
-        t(1.0), vf_loss=t(2.0), vf_coef=0.1, entropy=t(3.0), ent_coef=0.01,
-        ptx_loss=t(4.0), ptx_coef=0.5, kl_loss=t(5.0), kl_coef=0.04,
+        t(1.0), vf_loss=t(2.0), vf_coef=0.1, entropy=t(3.0), ent_coef=0.01, ptx_loss=t(4.0), ptx_coef=0.5,
     )  # fmt: skip
-    close(total, 3.37)
+    close(total, 3.17)
     # Critic-free, no ptx; an entropy given only for logging (coef 0) adds nothing.
     close(ppo_total_loss(t(1.0), entropy=t(3.0)), 1.0)
     with pytest.raises(InvalidInput, match="ptx_loss: is required when its coefficient is 0.5"):
@@ -332,10 +308,19 @@ def test_ppo_total_loss():
 
 def test_explained_variance():
     mask = t([[1, 1, 1, 0]], dtype=torch.bool)
-    returns = t([[1.0, 2.0, 3.0, 9.0]])
+    returns = t([[1.0, 2.0, 3.0, 9.0]])  # real returns 1, 2, 3: Var = 2/3 (the padded 9 must not count)
     close(explained_variance(returns, returns, mask), 1.0)
     # values = mean → Var[R − V] = Var[R] → 0
     close(explained_variance(t([[2.0, 2.0, 2.0, 0.0]]), returns, mask), 0.0)
+    # values 1, 1, 1: R − V = 0, 1, 2, Var = 2/3 → 0 (a constant offset explains nothing either)
+    close(explained_variance(t([[1.0, 1.0, 1.0, 5.0]]), returns, mask), 0.0)
+    # values 3, 2, 1: R − V = −2, 0, 2, Var = 8/3 → 1 − (8/3)/(2/3) = −3 (worse than a constant)
+    close(explained_variance(t([[3.0, 2.0, 1.0, 0.0]]), returns, mask), -3.0)
+    # values 1.5, 2, 2.5: R − V = −0.5, 0, 0.5, Var = 1/6 → 1 − (1/6)/(2/3) = 0.75
+    close(explained_variance(t([[1.5, 2.0, 2.5, 0.0]]), returns, mask), 0.75)
+    # Constant returns: nothing to explain. One real token is such a case.
+    assert math.isnan(explained_variance(returns, t([[4.0, 4.0, 4.0, 1.0]]), mask))
+    assert math.isnan(explained_variance(returns, returns, t([[1, 0, 0, 0]], dtype=torch.bool)))
 
 
 def test_minibatch_indices_cover_the_batch_once():
@@ -473,24 +458,15 @@ def test_running_moments_need_two_values_before_normalizing():
 
 
 def test_staleness_verdicts():
-    # Trainer at step 10, bound 2: lags 0 and 2 kept, 3 dropped, −1 (future) dropped.
+    # Trainer at step 10, bound 2: lags 0 and 2 kept, 3 dropped as stale.
     assert staleness_verdict(10, 10, max_lag=2) is Staleness.KEEP
     assert staleness_verdict(8, 10, max_lag=2) is Staleness.KEEP
     assert staleness_verdict(7, 10, max_lag=2) is Staleness.STALE
-    assert staleness_verdict(11, 10, max_lag=2) is Staleness.FUTURE
     assert staleness_verdict(9, 10, max_lag=0) is Staleness.STALE
-    keep = staleness_keep_mask(torch.tensor([10, 8, 7, 11]), 10, max_lag=2)
-    assert keep.tolist() == [True, True, False, False]
+    # A version the trainer never published, or one from a later step (lag −1): unknown.
+    assert staleness_verdict(None, 10, max_lag=2) is Staleness.UNKNOWN_VERSION
+    assert staleness_verdict(11, 10, max_lag=2) is Staleness.UNKNOWN_VERSION
+    # The verdicts are the trainer's rollout outcome labels.
+    assert [v.value for v in (Staleness.STALE, Staleness.UNKNOWN_VERSION)] == ["stale", "unknown_version"]
     with pytest.raises(InvalidInput, match="max_lag: must be >= 0"):
         staleness_verdict(1, 1, -1)
-
-
-def test_truncated_importance_weights():
-    # π_prox/μ = 0.5/0.25 = 2 → truncated to ρ̄ = 1; 0.45/0.9 = 0.5 kept; padding → 0
-    prox = torch.log(t([[0.5, 0.45, 0.3]]))
-    behaviour = torch.log(t([[0.25, 0.9, 0.01]]))
-    mask = t([[1, 1, 0]], dtype=torch.bool)
-    close(truncated_importance_weights(prox, behaviour, mask), [[1.0, 0.5, 0.0]])
-    close(truncated_importance_weights(prox, behaviour, mask, rho_max=1.5), [[1.5, 0.5, 0.0]])
-    with pytest.raises(InvalidInput, match="rho_max: must be > 0"):
-        truncated_importance_weights(prox, behaviour, mask, rho_max=0.0)

@@ -115,7 +115,7 @@ def test_every_format_parses_to_the_inputs_the_service_scores():
 
 BAD_ROWS = [
     ('{"prompt": "x", "chosen": " a",', "row", "not valid JSON"),
-    ('["not", "an", "object"]', "row", "must be a JSON object"),
+    ('["not", "an", "object"]', "row", "is a JSON list; expected an object"),
     ('{"prompt": "x", "chosen": " a"}', "rejected", "is missing"),
     ('{"prompt": "x", "chosen": "  ", "rejected": " b"}', "chosen", "is empty"),
     ('{"prompt": "x", "chosen": " a", "rejected": " a"}', "rejected", "identical to chosen"),
@@ -144,7 +144,7 @@ def test_malformed_rows_name_the_line_and_field(tmp_path, line, field, message):
     with pytest.raises(DatasetError) as info:
         load_jsonl(path)
     [error] = info.value.errors
-    assert error.location == f"{path}:3" and error.field == field
+    assert error.where == f"{path}:3" and error.field == field
     assert message in str(error), str(error)
     assert f"{path}:3: {field}: " in str(info.value)
 
@@ -161,9 +161,9 @@ def test_every_bad_row_is_reported_not_dropped(tmp_path):
     with pytest.raises(DatasetError) as info:
         load_jsonl(path)
     assert info.value.total == 27
-    assert [e.location for e in info.value.errors[:3]] == [f"{path}:2", f"{path}:4", f"{path}:8"]
+    assert [e.where for e in info.value.errors[:3]] == [f"{path}:2", f"{path}:4", f"{path}:8"]
     assert "27 malformed row(s)" in str(info.value) and "and 7 more" in str(info.value)
-    with pytest.raises(DatasetError, match="cannot be read"):
+    with pytest.raises(DatasetError, match=f"{tmp_path}/missing.jsonl: file: does not exist"):
         load_jsonl(tmp_path / "missing.jsonl")
 
 

@@ -49,6 +49,7 @@ from arbiter.stream import (
     topics,
 )
 from arbiter.stream.broker import LocalBroker, find_tansu_binary
+from arbiter.types import ChatMessage, Prompt
 from arbiter.v1 import policy_pb2, rollout_pb2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,7 @@ def make_rollout(index: int, prompt_id: str | None = None, completion_bytes: int
         reference_logprobs=[-0.75, -1.0, -2.5],
         reward=0.125 * index,
         reward_normalized=-0.5,
+        reward_normalization_applied=True,
         policy_version="policy-v3",
         reward_model_version="rm-v1",
         reference_model_version="ref-v0",
@@ -103,7 +105,7 @@ def produce(settings: KafkaSettings, rollouts, topic: str = topics.ROLLOUTS):
          "sasl_password", "required with sasl_mechanism=PLAIN"),
         ({"sasl_username": "u"}, "sasl_username", "does not use SASL"),
         ({"ssl_cafile": "/nonexistent/ca.pem"}, "ssl_cafile", "does not use TLS"),
-        ({"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"}, "ssl_cafile", "not an existing file"),
+        ({"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"}, "ssl_cafile", "must be an existing file"),
         ({"session_timeout_ms": 10}, "session_timeout_ms", "1000..1800000"),
         ({"heartbeat_interval_ms": 6000, "session_timeout_ms": 6000}, "heartbeat_interval_ms", "100..5999"),
         ({"compression_type": "brotli"}, "compression_type", "gzip, snappy, lz4, zstd"),
@@ -116,7 +118,8 @@ def test_settings_errors_name_the_field(changes, field, text):
     with pytest.raises(ConfigError) as err:
         KafkaSettings(**changes)
     assert err.value.field == field
-    assert str(err.value).startswith(f"{field}: ")
+    assert str(err.value).startswith(f"{field}=")
+    assert "is invalid: " in str(err.value)
     assert text in str(err.value)
 
 
@@ -138,8 +141,15 @@ def test_settings_from_env_and_secrets_stay_hidden(tmp_path):
     assert settings.session_timeout_ms == 6000 and settings.ssl_check_hostname is False
     assert settings.client_id == "t1"
     assert "s3cret" not in repr(settings)
-    with pytest.raises(ConfigError, match=r"^session_timeout_ms: ARBITER_KAFKA_SESSION_TIMEOUT_MS='6s'"):
+    with pytest.raises(
+        ConfigError, match=r"^session_timeout_ms='6s' is invalid: ARBITER_KAFKA_SESSION_TIMEOUT_MS must be an integer$"
+    ):
         KafkaSettings.from_env({"ARBITER_KAFKA_SESSION_TIMEOUT_MS": "6s"})
+    with pytest.raises(ConfigError, match=r"^ssl_check_hostname='maybe' is invalid: ARBITER_KAFKA_SSL_CHECK_HOSTNAME must"):
+        KafkaSettings.from_env({"ARBITER_KAFKA_SSL_CHECK_HOSTNAME": "maybe"})
+    with pytest.raises(ConfigError, match="^sasl_password='\\*\\*\\*' is invalid: must be unset") as err:
+        KafkaSettings(sasl_password="s3cret-password")
+    assert "s3cret" not in str(err.value)
     assert KafkaSettings(topic_prefix="dev.").topic(topics.ROLLOUTS) == "dev.rollouts"
 
 
@@ -154,7 +164,7 @@ def test_settings_from_command_line(monkeypatch):
     settings = kafka_settings_from_args(args, session_timeout_ms=6000)
     assert settings.bootstrap_servers == ("a:1", "b:2")  # flags win over the environment
     assert (settings.client_id, settings.topic_prefix, settings.session_timeout_ms) == ("from-env", "staging.", 6000)
-    with pytest.raises(ConfigError, match="^bootstrap_servers: 'nope' is not host:port"):
+    with pytest.raises(ConfigError, match="^bootstrap_servers='nope' is invalid: 'nope' is not host:port"):
         kafka_settings_from_args(parser.parse_args(["--kafka-bootstrap-servers", "nope"]))
 
 
@@ -166,12 +176,12 @@ def test_codec_round_trip_stamps_version_on_a_copy():
     headers = dict(encoded.headers)
     assert headers == {
         "content-type": b"application/x-protobuf",
-        "arbiter-schema-version": b"1.0",
+        "arbiter-schema-version": b"1.1",
         "arbiter-message-type": b"arbiter.v1.Rollout",
         "arbiter-producer": b"w1",
     }
     decoded, version = codec.decode(topics.ROLLOUTS, encoded.value, headers)
-    assert version == "1.0"
+    assert version == "1.1"
     expected = rollout_pb2.Rollout()
     expected.CopyFrom(rollout)
     expected.schema_version = 1
@@ -189,12 +199,12 @@ def test_codec_refuses_ambiguous_payloads():
         codec.decode(topics.ROLLOUTS, encoded.value, {**headers, "arbiter-schema-version": b"2.0"}, "t[0]@5")
     assert str(err.value) == (
         "t[0]@5: arbiter.v1.Rollout schema version 2.0 is not readable by this build "
-        "(reads major 1, writes 1.0): upgrade the consumer"
+        "(reads major 1, writes 1.1): upgrade the consumer"
     )
     v2 = rollout_pb2.Rollout()
     v2.CopyFrom(rollout)
     v2.schema_version = 2
-    with pytest.raises(PayloadError, match="payload schema_version 2 contradicts header arbiter-schema-version=1.0"):
+    with pytest.raises(PayloadError, match="payload schema_version 2 contradicts header arbiter-schema-version=1.1"):
         codec.decode(topics.ROLLOUTS, v2.SerializeToString(), headers)
     with pytest.raises(PayloadError, match="'rollouts' carries arbiter.v1.Rollout, record is arbiter.v1.Preference"):
         codec.decode(topics.ROLLOUTS, encoded.value, {**headers, "arbiter-message-type": b"arbiter.v1.Preference"})
@@ -218,6 +228,104 @@ def test_codec_refuses_ambiguous_payloads():
         codec.encode(topics.ROLLOUTS, v2)
     with pytest.raises(ValueError, match="unknown topic 'rollout'"):
         codec.encode("rollout", rollout)
+
+
+HEADERS_1_0 = {"content-type": b"application/x-protobuf", "arbiter-schema-version": b"1.0"}
+
+
+def written_by_1_0(message) -> tuple[bytes, dict[str, bytes]]:
+    """Value and headers as a schema 1.0 producer wrote them (chats as parallel lists)."""
+    type_name = message.DESCRIPTOR.full_name.encode()
+    return message.SerializeToString(), {**HEADERS_1_0, "arbiter-message-type": type_name}
+
+
+def test_records_in_the_1_0_chat_layout_still_decode():
+    old_prompt = rollout_pb2.PromptRecord(
+        schema_version=1, prompt_id="p1", chat_roles=["system", "user"], chat_contents=["Be brief.", "Hi"]
+    )
+    decoded, version = codec.decode(topics.PROMPTS, *written_by_1_0(old_prompt), "prompts[2]@9")
+    assert version == "1.0"
+    assert [(m.role, m.content) for m in decoded.conversation.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert not decoded.chat_roles and not decoded.chat_contents  # consumers see one layout
+    chat = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"))
+    assert codec.prompt_from_record(decoded) == Prompt(messages=chat, id="p1")
+    plain, _ = codec.decode(topics.PROMPTS, *written_by_1_0(rollout_pb2.PromptRecord(
+        schema_version=1, prompt_id="p2", text="Say hi.")))
+    assert codec.prompt_from_record(plain) == Prompt(text="Say hi.", id="p2")
+
+    old_preference = rollout_pb2.Preference(
+        schema_version=1, preference_id="f1", chat_roles=["user"], chat_contents=["Hi"], chosen="Hello!",
+        rejected="Bye.",
+    )
+    decoded, _ = codec.decode(topics.PREFERENCES, *written_by_1_0(old_preference))
+    assert codec.preference_to_row(decoded) == {
+        "prompt": [{"role": "user", "content": "Hi"}], "id": "f1", "chosen": "Hello!", "rejected": "Bye.",
+    }
+
+    # Lists of different lengths cannot be paired up: refused, with the record's location.
+    broken = rollout_pb2.PromptRecord(schema_version=1, prompt_id="p3", chat_roles=["user", "user"], chat_contents=["Hi"])
+    with pytest.raises(PayloadError, match=r"^prompts\[0\]@3: has 2 chat_roles but 1 chat_contents$"):
+        codec.decode(topics.PROMPTS, *written_by_1_0(broken), "prompts[0]@3")
+    both = rollout_pb2.PromptRecord(schema_version=1, prompt_id="p4", chat_roles=["user"], chat_contents=["Hi"])
+    both.conversation.messages.add(role="user", content="Hello")
+    with pytest.raises(PayloadError, match="sets both conversation and the 1.0 chat_roles/chat_contents"):
+        codec.decode(topics.PROMPTS, *written_by_1_0(both))
+
+    # A message still built in the 1.0 layout is written in the 1.1 one (on a copy).
+    encoded = codec.encode(topics.PROMPTS, old_prompt)
+    assert dict(encoded.headers)["arbiter-schema-version"] == b"1.1"
+    wire = rollout_pb2.PromptRecord.FromString(encoded.value)
+    assert not wire.chat_roles and [m.content for m in wire.conversation.messages] == ["Be brief.", "Hi"]
+    assert list(old_prompt.chat_roles) == ["system", "user"] and not old_prompt.conversation.messages
+    with pytest.raises(InvalidInput, match="^message: has 2 chat_roles but 1 chat_contents$"):
+        codec.encode(topics.PROMPTS, broken)
+
+
+def test_prompt_records_round_trip_through_the_codec():
+    text = Prompt(text="Write a haiku about the sea.", id="p-1")
+    chat = Prompt(messages=(ChatMessage("system", "Be kind."), ChatMessage("user", "How was the movie?")), id="p-2")
+    for prompt in (text, chat):
+        encoded = codec.encode(topics.PROMPTS, codec.prompt_to_record(prompt))
+        assert encoded.key == prompt.id.encode()
+        decoded, _ = codec.decode(topics.PROMPTS, encoded.value, dict(encoded.headers))
+        assert codec.prompt_from_record(decoded) == prompt
+    assert not codec.prompt_to_record(chat).text and not codec.prompt_to_record(text).conversation.messages
+
+
+def chat_record(*turns, **fields):
+    record = rollout_pb2.PromptRecord(**fields)
+    for role, content in turns:
+        record.conversation.messages.add(role=role, content=content)
+    return record
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    (rollout_pb2.PromptRecord(text="Hi"), "prompt_id is empty"),
+    (chat_record(("user", "Hi"), prompt_id="p", text="Hi"), "sets both text and a conversation; use one"),
+    (rollout_pb2.PromptRecord(prompt_id="p", text="  "), "has neither text nor a conversation"),
+    (rollout_pb2.PromptRecord(prompt_id="p"), "has neither text nor a conversation"),
+    (chat_record(("user", "Hi"), ("user", " "), prompt_id="p"), "conversation.messages[1] has an empty role or content"),
+    (chat_record(("", "Hi"), prompt_id="p"), "conversation.messages[0] has an empty role or content"),
+    (chat_record(("user", "Hi"), ("assistant", "Hello"), prompt_id="p"),
+     "the conversation ends with an assistant turn; end with the turn to answer"),
+])
+def test_unusable_prompt_records_are_refused_saying_where_and_why(record, message):
+    with pytest.raises(PayloadError) as err:
+        codec.prompt_from_record(record, "prompts[1]@7")
+    assert str(err.value) == f"prompts[1]@7: {message}"
+    with pytest.raises(PayloadError) as err:
+        codec.prompt_from_record(record)
+    assert str(err.value) == f"prompt record {record.prompt_id!r}: {message}"
+
+
+def test_preference_rows_are_the_training_format():
+    pair = rollout_pb2.Preference(preference_id="f1", prompt="Q?", chosen=" yes", rejected=" no")
+    assert codec.preference_to_row(pair) == {"prompt": "Q?", "id": "f1", "chosen": " yes", "rejected": " no"}
+    ranking = rollout_pb2.Preference(preference_id="f2", ranked_responses=["a", "b", "c"])
+    ranking.conversation.messages.add(role="user", content="Hi")
+    assert codec.preference_to_row(ranking) == {
+        "prompt": [{"role": "user", "content": "Hi"}], "id": "f2", "responses": ["a", "b", "c"], "ranking": [0, 1, 2],
+    }
 
 
 def test_offset_helpers():
@@ -316,7 +424,7 @@ def test_rollout_round_trip_with_headers(kafka_settings):
         assert record.message.HasField("gold_score") == rollout.HasField("gold_score")
         assert (record.topic, record.partition, record.offset) == (delivery.topic, delivery.partition, delivery.offset)
         assert record.key == rollout.prompt_id
-        assert record.schema_version == "1.0"
+        assert record.schema_version == "1.1"
         assert record.headers["content-type"] == b"application/x-protobuf"
         assert record.headers["arbiter-message-type"] == b"arbiter.v1.Rollout"
         assert record.headers["arbiter-producer"] == b"arbiter-test"

@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
+from arbiter.config import ConfigError
+from arbiter.errors import InvalidInput
 from arbiter.hf import read_metadata
+from arbiter.stream import ConsumedRecord
 from trainer.batch import Trajectory, collate
 from trainer.checkpoint import latest_checkpoint
-from arbiter.config import ConfigError
 from trainer.config import config_from_dict
+from trainer.convert import InvalidRollout, trajectory_from_record
 from trainer.loop import PPOTrainer
 from trainer.step import policy_outputs
-from tests.rollout_fixtures import sample_trajectories
+from tests.rollout_fixtures import sample_trajectories, to_rollout
 
 
 def make_trainer(tiny_models, tmp_path, **ppo):
@@ -55,6 +58,9 @@ def test_on_policy_ratio_is_one_and_ppo_raises_the_reward(tiny_models, tmp_path)
         record = trainer.train_on(rollouts)
         rewards.append(record.stats.reward_raw)
         assert record.stats.skipped_steps == 0 and record.stats.optimizer_steps == 8
+        # The value head's explained variance (cleanrl's diagnostic) is in the stats and the gauge.
+        assert record.stats.explained_variance <= 1.0
+        assert trainer.metrics.explained_variance._value.get() == record.stats.explained_variance
     assert trainer.state.step == 8
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards
 
@@ -104,6 +110,7 @@ def test_critic_free_estimators_train_on_whole_groups(tiny_models, tmp_path, est
     rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=5, group_size=4)
     record = trainer.train_on(rollouts)
     assert record.stats.optimizer_steps == 8 and record.stats.value_loss == 0.0
+    assert record.stats.explained_variance is None  # no value head
     assert math.isfinite(record.stats.policy_loss)
 
 
@@ -125,6 +132,81 @@ def test_config_errors_name_the_field(tiny_models):
         config_from_dict({"model_dir": "m", "ppo": {"kl": {"mode": "sometimes"}}})
     with pytest.raises(ConfigError, match="unknown field"):
         config_from_dict({"model_dir": "m", "learning_rate": 1})
+    with pytest.raises(ConfigError, match=r"^ppo\.epochs='two' is invalid: must be an integer$"):
+        config_from_dict({"model_dir": "m", "ppo": {"epochs": "two"}})
+    # YAML lists become tuples; YAML 1.1's string "1e-5" is the number meant.
+    config = config_from_dict({"model_dir": "m", "ppo": {"learning_rate": "1e-5", "lora": {"target_modules": ["c_attn"]}}})
+    assert config.ppo.learning_rate == 1e-5 and config.ppo.lora.target_modules == ("c_attn",)
+    with pytest.raises(ConfigError, match=r"^ppo\.kl\.estimator='k4' is invalid: must be one of k1, k2, k3$"):
+        config_from_dict({"model_dir": "m", "ppo": {"kl": {"estimator": "k4"}}})
+    with pytest.raises(ConfigError, match=r"^ppo\.reward_source='shipped' is invalid: must be one of raw, reward_model$"):
+        config_from_dict({"model_dir": "m", "ppo": {"reward_source": "shipped"}})
+
+
+def consumed(rollout, offset=5):
+    return ConsumedRecord("rollouts", 0, offset, rollout.prompt_id, 0, "1.1", rollout)
+
+
+def test_rm_normalized_reward_is_read_only_when_the_rm_version_normalized_it():
+    t = Trajectory("r1", "p", "g", (5, 6), (8, 9), (-0.5, -0.25), (-0.75, -1.5), 0.75, "v0", reward_model_version="rm-3")
+    rollout = to_rollout(t)
+    rollout.reward_model_version = "rm-3"
+    rollout.reward_normalized, rollout.reward_normalization_applied = 1.5, True
+    assert trajectory_from_record(consumed(rollout), "reward_model").reward_normalized == 1.5
+    assert trajectory_from_record(consumed(rollout)).reward_normalized == 1.5
+    # An RM version without shipped statistics: the worker copies the raw score, which is not normalized.
+    rollout.reward_normalized, rollout.reward_normalization_applied = 0.75, False
+    assert trajectory_from_record(consumed(rollout)) == Trajectory(
+        **{**t.__dict__, "topic": "rollouts", "partition": 0, "offset": 5}
+    )
+    with pytest.raises(InvalidRollout, match=r"^rollout r1 at rollouts\[0\]@5: reward_source is reward_model, but "
+                       r"reward model version 'rm-3' did not normalize this reward"):
+        trajectory_from_record(consumed(rollout), "reward_model")
+    rollout.reward_normalized, rollout.reward_normalization_applied = math.nan, True
+    with pytest.raises(InvalidRollout, match=r"reward_normalized is nan"):
+        trajectory_from_record(consumed(rollout), "reward_model")
+
+
+def test_stale_and_unknown_versions_are_dropped_on_arrival_and_while_waiting(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path, max_staleness=1)
+    trainer.state.version_steps.update({"ppo-1": 1, "ppo-2": 2})
+    trainer.state.step = 2
+    t = Trajectory("r", "p", "g", (5, 6), (8, 9), (-0.5, -0.25), (-0.75, -1.5), 0.75, "v0")
+    for i, version in enumerate(["v0", "ppo-1", "ppo-2", "ppo-9"]):
+        trainer.admit(consumed(to_rollout(Trajectory(**{**t.__dict__, "rollout_id": version, "policy_version": version})), i))
+    # Step 2, bound 1: v0 (lag 2) is stale, ppo-9 was never published; ppo-1 and ppo-2 wait for a batch.
+    assert [p.rollout_id for p in trainer.pending] == ["ppo-1", "ppo-2"]
+
+    def count(outcome):
+        return trainer.metrics.rollouts.labels(outcome)._value.get()
+
+    assert (count("stale"), count("unknown_version")) == (1, 1)
+    # One update later ppo-1 is 2 versions old: dropped while waiting, before a batch is formed.
+    trainer.state.step = 3
+    assert trainer._take_batch() is None
+    assert [p.rollout_id for p in trainer.pending] == ["ppo-2"] and count("stale") == 2
+    assert set(trainer.seen) == {"v0", "ppo-9", "ppo-1"}  # dropped ones are remembered (dedupe)
+
+
+def test_reward_source_reward_model_trains_on_the_rm_version_statistics(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path, reward_source="reward_model")
+    rollouts = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=7)
+    # As an RM version shipping mean 0.5 and std 0.25 normalizes: (r − 0.5) / 0.25.
+    shipped = [Trajectory(**{**t.__dict__, "reward_normalized": (t.reward - 0.5) / 0.25}) for t in rollouts]
+    record = trainer.train_on(shipped)
+    raw_mean = sum(t.reward for t in rollouts) / 16
+    assert record.stats.reward_raw == pytest.approx(raw_mean, abs=1e-6)
+    assert record.stats.reward_normalized == pytest.approx((raw_mean - 0.5) / 0.25, abs=1e-5)
+    assert trainer.reward_moments.count == 0  # the running normalizer plays no part
+    with pytest.raises(InvalidInput, match="reward_source is reward_model, but some rollouts have no RM-normalized"):
+        trainer.train_on(rollouts)
+    # From the stream, a rollout the RM did not normalize is dropped as invalid.
+    good, bad = map(to_rollout, sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 2, seed=8))
+    good.reward_normalized, good.reward_normalization_applied = -1.0, True
+    trainer.admit(consumed(good, 0))
+    trainer.admit(consumed(bad, 1))
+    assert [(t.rollout_id, t.reward_normalized) for t in trainer.pending] == [(good.rollout_id, -1.0)]
+    assert trainer.metrics.rollouts.labels("invalid")._value.get() == 1
 
 
 def test_reset_offsets_keeps_the_model_but_not_the_stream_position(tiny_models, tmp_path):

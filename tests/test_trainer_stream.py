@@ -6,10 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-import torch
 import yaml
 from helpers import wait_until
 
@@ -59,6 +57,10 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
     assert [r.policy_version for r in history] == ["ppo-1", "ppo-2"]
     count = {o: trainer.metrics.rollouts.labels(o)._value.get() for o in ("trained", "duplicate", "unknown_version", "invalid")}
     assert count == {"trained": 16, "duplicate": 3, "unknown_version": 1, "invalid": 1}
+    # The training curve: one JSON line per update, with the value head's explained variance.
+    rows = [json.loads(line) for line in trainer.history_path.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["explained_variance"] == r.stats.explained_variance <= 1.0 for row, r in zip(rows, history))
 
     # Both versions were announced, with the weights' digest, in order.
     with StreamConsumer(kafka_settings, [topics.POLICY_UPDATES], group_id=None) as consumer:
@@ -78,6 +80,12 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
 def checkpoint_state(run_dir):
     path = latest_checkpoint(run_dir / "checkpoints")
     return json.loads((path / "state.json").read_text()) if path else None
+
+
+def accounted_for(state) -> int:
+    """Rollouts a checkpoint has consumed and settled (trained or dropped): its
+    offsets stop at the first rollout still waiting for a batch."""
+    return sum(o for parts in state["offsets"].values() for o in parts.values())
 
 
 def test_kill_9_and_restart_loses_nothing_and_trains_nothing_twice(tiny_models, tmp_path, kafka_settings):
@@ -108,16 +116,21 @@ def test_kill_9_and_restart_loses_nothing_and_trains_nothing_twice(tiny_models, 
     produce(kafka_settings, second)
     survivor = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        state = wait_until(lambda: (s := checkpoint_state(run_dir)) and s["step"] >= 6 and s, 240, "step 6 after restart")
-        time.sleep(3)  # give a (wrong) seventh update the chance to happen
-        state = checkpoint_state(run_dir)
+        # Done once a checkpoint has settled every produced rollout: none waits
+        # for a batch and none is left to read, so a seventh update could only
+        # come from training something twice.
+        wait_until(lambda: (s := checkpoint_state(run_dir)) and accounted_for(s) == len(produced_ids), 240,
+                 "every rollout settled after restart")
     finally:
         survivor.send_signal(signal.SIGTERM)
         output = survivor.communicate(timeout=60)[0]
+    # Read after the process has exited: whatever it did before stopping is in here.
+    state = checkpoint_state(run_dir)
     assert survivor.returncode == 0, output
     assert f"trainer ready: step {killed_at}" in output
     # 48 rollouts at 8 per update: exactly 6 updates, every id accounted for once.
     assert state["step"] == 6, output
     assert sorted(state["seen_ids"]) == sorted(produced_ids)
-    assert sum(o for parts in state["offsets"].values() for o in parts.values()) == len(produced_ids)
+    assert accounted_for(state) == len(produced_ids)
     assert state["published"][-1] == "crash-6"
+    assert "explained_var=" in output  # the console line of each update

@@ -26,6 +26,9 @@ class Trajectory:
     reward: float
     policy_version: str
     reward_model_version: str = ""
+    # The score normalized with its reward-model version's shipped statistics;
+    # None when that version ships none.
+    reward_normalized: float | None = None
     gold_score: float | None = None
     # Where it came from, for offsets.
     topic: str = ""
@@ -44,8 +47,11 @@ class PPOBatch:
     mask: Tensor  # (B, T) true on real completion tokens
     old_logprobs: Tensor  # (B, T)
     ref_logprobs: Tensor  # (B, T)
-    scores: Tensor  # (B,)
+    scores: Tensor  # (B,) raw reward-model scores
     group_ids: list[str]
+    # (B,) scores normalized with their reward-model versions' statistics; None
+    # unless every trajectory has one.
+    rm_normalized_scores: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -57,6 +63,7 @@ class PPOBatch:
             positions=self.positions[index], completion_ids=self.completion_ids[index], mask=self.mask[index],
             old_logprobs=self.old_logprobs[index], ref_logprobs=self.ref_logprobs[index], scores=self.scores[index],
             group_ids=[self.group_ids[i] for i in index.tolist()],
+            rm_normalized_scores=None if self.rm_normalized_scores is None else self.rm_normalized_scores[index],
         )
 
 
@@ -83,8 +90,10 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> PPOBatch:
         old_logprobs[b, :C] = torch.tensor(t.sampling_logprobs)
         ref_logprobs[b, :C] = torch.tensor(t.reference_logprobs)
     scores = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
+    normalized = [t.reward_normalized for t in trajectories]
+    rm_normalized = None if None in normalized else torch.tensor(normalized, dtype=torch.float32)
     return PPOBatch(input_ids, attention_mask, positions, completion_ids, mask, old_logprobs, ref_logprobs, scores,
-                    [t.group_id for t in trajectories])
+                    [t.group_id for t in trajectories], rm_normalized)
 
 
 def gather_positions(per_position: Tensor, positions: Tensor) -> Tensor:

@@ -6,13 +6,14 @@ accepts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from arbiter.config import config_from_mapping, load_config_file, require, require_choice
+from arbiter.kl import ESTIMATOR_NAMES
 
-from arbiter.config import ConfigError, require
+REWARD_SOURCES = ("raw", "reward_model")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class KLConfig:
     init_coef: float = 0.1
     target: float = 6.0
     horizon: int = 10000
-    # Per-token estimator inside the reward: k1 (log-ratio, unbiased) or k3.
+    # Per-token estimator inside the reward (arbiter.kl): k1 (InstructGPT's
+    # log-ratio), k2 or k3 (Schulman 2020).
     estimator: str = "k1"
 
     def validate(self, prefix: str) -> None:
@@ -30,7 +32,7 @@ class KLConfig:
         require(self.init_coef >= 0, f"{prefix}.init_coef", "must be >= 0", self.init_coef)
         require(self.target > 0, f"{prefix}.target", "must be > 0", self.target)
         require(self.horizon >= 1, f"{prefix}.horizon", "must be >= 1", self.horizon)
-        require(self.estimator in ("k1", "k2", "k3"), f"{prefix}.estimator", "one of k1, k2, k3", self.estimator)
+        require_choice(self.estimator, f"{prefix}.estimator", ESTIMATOR_NAMES)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class LoRAConfig:
     dropout: float = 0.0
     # None: peft's defaults for the architecture.
     target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     def validate(self, prefix: str) -> None:
         require(self.r >= 1, f"{prefix}.r", "must be >= 1", self.r)
@@ -65,7 +71,17 @@ class PPOConfig:
     # gae (value head), rloo or grpo (critic-free, need samples_per_prompt >= 2).
     advantage: str = "gae"
     samples_per_prompt: int = 1
-    # Scale RM scores by running std before the KL penalty (reward normalization).
+    # Which score of a rollout is the reward. "raw": Rollout.reward, the reward
+    # model's raw score, normalized by the trainer's running statistics when
+    # normalize_rewards is set. "reward_model": Rollout.reward_normalized, the
+    # score normalized with the statistics its reward-model version ships, so
+    # rewards keep one scale when the reward model is swapped mid-run (running
+    # statistics would mix the versions' scales until they caught up);
+    # normalize_rewards does not apply, and a rollout whose reward model ships
+    # no statistics is dropped as invalid.
+    reward_source: str = "raw"
+    # With reward_source raw: normalize RM scores with running mean and std
+    # before the KL penalty (reward normalization).
     normalize_rewards: bool = True
     whiten_advantages: bool = True
     # Sampling temperature of the workers: log-probs are recomputed under it.
@@ -94,6 +110,7 @@ class PPOConfig:
         require(0 <= self.lam <= 1, f"{prefix}.lam", "must be in [0, 1]", self.lam)
         require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0", self.max_grad_norm)
         require(self.advantage in ("gae", "rloo", "grpo"), f"{prefix}.advantage", "one of gae, rloo, grpo", self.advantage)
+        require_choice(self.reward_source, f"{prefix}.reward_source", REWARD_SOURCES)
         if self.advantage != "gae":
             require(
                 self.samples_per_prompt >= 2, f"{prefix}.samples_per_prompt",
@@ -158,38 +175,9 @@ class TrainerConfig:
         self.ppo.validate("ppo")
 
 
-def _build(cls, data: Any, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown field(s) {', '.join(where + u for u in unknown)}; allowed: {', '.join(sorted(known))}")
-    values = {}
-    for name, value in data.items():
-        target = {"kl": KLConfig, "lora": LoRAConfig, "ppo": PPOConfig}.get(name)
-        child = f"{path}.{name}" if path else name
-        if target is not None and value is not None and is_dataclass(target):
-            values[name] = _build(target, value, child)
-        elif name == "target_modules" and value is not None:
-            values[name] = tuple(value)
-        else:
-            values[name] = value
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from err
-
-
 def load_config(path: str | Path, **overrides: Any) -> TrainerConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read trainer config {str(path)!r}: {err}") from err
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(TrainerConfig, data, "")
+    return load_config_file(TrainerConfig, path, "trainer config", **overrides)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainerConfig:
-    return _build(TrainerConfig, data, "")
+    return config_from_mapping(TrainerConfig, data)

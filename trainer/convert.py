@@ -15,7 +15,10 @@ class InvalidRollout(ValueError):
     pass
 
 
-def trajectory_from_record(record: ConsumedRecord) -> Trajectory:
+def trajectory_from_record(record: ConsumedRecord, reward_source: str = "raw") -> Trajectory:
+    """A consumed Rollout -> Trajectory; InvalidRollout says what makes it
+    unusable. With ``reward_source`` "reward_model" (``PPOConfig``) the
+    rollout must carry a reward normalized with its RM version's statistics."""
     r: rollout_pb2.Rollout = record.message
     where = f"rollout {r.rollout_id or '?'} at {record.topic}[{record.partition}]@{record.offset}"
     if not r.rollout_id:
@@ -28,6 +31,14 @@ def trajectory_from_record(record: ConsumedRecord) -> Trajectory:
             raise InvalidRollout(f"{where}: {name} has {len(getattr(r, name))} values for {n} completion tokens")
     if not math.isfinite(r.reward):
         raise InvalidRollout(f"{where}: reward is {r.reward}")
+    if reward_source == "reward_model":
+        if not r.reward_normalization_applied:
+            raise InvalidRollout(
+                f"{where}: reward_source is reward_model, but reward model version {r.reward_model_version!r} did "
+                "not normalize this reward (the version ships no statistics, or the worker did not ask for them)"
+            )
+        if not math.isfinite(r.reward_normalized):
+            raise InvalidRollout(f"{where}: reward_normalized is {r.reward_normalized}")
     if not all(math.isfinite(x) for x in itertools.chain(r.sampling_logprobs, r.reference_logprobs)):
         raise InvalidRollout(f"{where}: log-probabilities must be finite")
     if not r.policy_version:
@@ -43,6 +54,7 @@ def trajectory_from_record(record: ConsumedRecord) -> Trajectory:
         reward=r.reward,
         policy_version=r.policy_version,
         reward_model_version=r.reward_model_version,
+        reward_normalized=r.reward_normalized if r.reward_normalization_applied else None,
         gold_score=r.gold_score if r.HasField("gold_score") else None,
         topic=record.topic,
         partition=record.partition,

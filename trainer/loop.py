@@ -107,9 +107,10 @@ class PPOTrainer:
         while len(self.seen) > self.config.dedupe_window:
             self.seen.popitem(last=False)
 
-    def _lag(self, version: str) -> int | None:
-        step = self.state.version_steps.get(version)
-        return None if step is None else self.state.step - step
+    def _staleness(self, trajectory: Trajectory) -> pm.Staleness:
+        return pm.staleness_verdict(
+            self.state.version_steps.get(trajectory.policy_version), self.state.step, self.config.ppo.max_staleness
+        )
 
     def _drop(self, trajectory: Trajectory, outcome: str) -> None:
         self._remember(trajectory.rollout_id)
@@ -119,7 +120,7 @@ class PPOTrainer:
         tp = TopicPartition(record.topic, record.partition)
         self.consumed[tp] = max(self.consumed.get(tp, 0), record.offset + 1)
         try:
-            trajectory = trajectory_from_record(record)
+            trajectory = trajectory_from_record(record, self.config.ppo.reward_source)
         except InvalidRollout as err:
             log.warning("dropping invalid rollout: %s", err)
             self.metrics.rollouts.labels("invalid").inc()
@@ -128,14 +129,13 @@ class PPOTrainer:
         if trajectory.rollout_id in self.seen or trajectory.rollout_id in pending_ids:
             self.metrics.rollouts.labels("duplicate").inc()
             return
-        lag = self._lag(trajectory.policy_version)
-        if lag is None:
-            log.warning("dropping rollout %s from unknown policy version %r", trajectory.rollout_id, trajectory.policy_version)
-            self._drop(trajectory, "unknown_version")
-        elif lag > self.config.ppo.max_staleness:
-            self._drop(trajectory, "stale")
-        else:
+        verdict = self._staleness(trajectory)
+        if verdict is pm.Staleness.KEEP:
             self.pending.append(trajectory)
+            return
+        if verdict is pm.Staleness.UNKNOWN_VERSION:
+            log.warning("dropping rollout %s from unknown policy version %r", trajectory.rollout_id, trajectory.policy_version)
+        self._drop(trajectory, verdict.value)
 
     def _take_batch(self) -> list[Trajectory] | None:
         """The next batch, oldest first. Rollouts that went stale while waiting
@@ -143,10 +143,11 @@ class PPOTrainer:
         ppo = self.config.ppo
         fresh = []
         for t in self.pending:
-            if self._lag(t.policy_version) > ppo.max_staleness:
-                self._drop(t, "stale")
-            else:
+            verdict = self._staleness(t)
+            if verdict is pm.Staleness.KEEP:
                 fresh.append(t)
+            else:
+                self._drop(t, verdict.value)
         self.pending = fresh
         if ppo.advantage == "gae":
             if len(self.pending) < ppo.batch_size:
@@ -196,7 +197,8 @@ class PPOTrainer:
 
     def train_on(self, batch: list[Trajectory]) -> IterationRecord:
         started = time.perf_counter()
-        staleness = sum(self._lag(t.policy_version) for t in batch) / len(batch)
+        # Every rollout of a batch was kept, so its version has a step.
+        staleness = sum(self.state.step - self.state.version_steps[t.policy_version] for t in batch) / len(batch)
         stats = ppo_update(
             self.model, self.optimizer, collate(batch, self.model.tokenizer.pad_token_id), self.kl_controller,
             self.reward_moments, self.config.ppo, self.rng, self._ptx,

@@ -46,9 +46,10 @@ def ppo_main(args) -> int:
     def report(record) -> None:
         s = record.stats
         gold = f" gold={record.gold_score:+.3f}" if record.gold_score is not None else ""
+        explained = f" explained_var={s.explained_variance:.3f}" if s.explained_variance is not None else ""
         print(
             f"step {record.step} policy={record.policy_version} reward={s.reward_raw:+.4f}{gold} kl={s.kl:.4f} "
-            f"beta={s.kl_coef:.4f} entropy={s.entropy:.3f} clipfrac={s.clip_fraction:.3f} "
+            f"beta={s.kl_coef:.4f} entropy={s.entropy:.3f} clipfrac={s.clip_fraction:.3f}{explained} "
             f"staleness={record.staleness:.2f} {record.seconds:.2f}s",
             flush=True,
         )

@@ -32,6 +32,11 @@ class TrainerMetrics:
         self.clip_fraction = Gauge("arbiter_trainer_clip_fraction", "Fraction of tokens where the ratio was clipped.", registry=r)
         self.approx_kl = Gauge("arbiter_trainer_approx_kl", "Approximate KL(π_old‖π_θ) moved by the update.", registry=r)
         self.value_loss = Gauge("arbiter_trainer_value_loss", "Mean clipped value loss.", registry=r)
+        self.explained_variance = Gauge(
+            "arbiter_trainer_explained_variance",
+            "1 - Var[returns - values] / Var[returns] of the last batch: how well the value head predicts returns.",
+            registry=r,
+        )
         self.policy_loss = Gauge("arbiter_trainer_policy_loss", "Mean clipped surrogate loss.", registry=r)
         self.policy_step = Gauge("arbiter_trainer_policy_step", "Training step of the newest policy.", registry=r)
         self.staleness = Gauge(
@@ -65,4 +70,6 @@ class TrainerMetrics:
             (self.response_length, stats.response_length),
         ):
             gauge.set(value)
+        if stats.explained_variance is not None:
+            self.explained_variance.set(stats.explained_variance)
         self.staleness.set(staleness)

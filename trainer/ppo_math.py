@@ -30,27 +30,19 @@ Shapes and conventions (every function below uses them):
   behaviour policy); rollouts carry them (``Rollout.sampling_logprobs``).
 
 Stale rollouts. Rollouts arrive asynchronously, so some were sampled by a
-policy a few updates behind the one being trained. The policy we recommend for
-the trainer, and which these functions implement:
+policy a few updates behind the one being trained. The trainer's policy:
 
-1. Drop rollouts whose lag exceeds a bound (:func:`staleness_verdict`,
-   :func:`staleness_keep_mask`); rollouts "from the future" (a version the
-   trainer has not published, e.g. after a restart from an older checkpoint)
-   are dropped too.
+1. Drop rollouts whose lag exceeds a bound, and rollouts from a policy version
+   the trainer has not published (:func:`staleness_verdict`).
 2. Within the bound use the rollout's own sampling log-probs as PPO's
    ``old_logprobs``. PPO's ratio π_θ/π_behaviour *is* the importance
    correction, and clipping bounds how far an update can move on off-policy
    data: a lag of k versions is no different in kind from PPO's own later
-   minibatch epochs. Do not recompute ``old_logprobs`` with the current policy
-   unless you also apply the behaviour weights below.
-3. Optional (decoupled PPO, Hilton et al. 2021, "Batch size-invariance for
-   policy optimization"): take ``old_logprobs`` from the current (proximal)
-   policy and weight each token by the truncated importance weight
-   min(ρ̄, π_prox/π_behaviour) of :func:`truncated_importance_weights`
-   (IMPALA's ρ̄ truncation, Espeholt et al. 2018), passed to
-   :func:`policy_loss` as ``behaviour_weights``.
+   minibatch epochs. (Recomputing ``old_logprobs`` with the current policy
+   would need decoupled PPO's behaviour weights, Hilton et al. 2021, "Batch
+   size-invariance for policy optimization"; the trainer does not do that.)
 
-Rewards, advantages and weights depend on rollout data only: compute them
+Rewards and advantages depend on rollout data only: compute them
 under ``torch.no_grad()``. The losses are differentiable in ``logprobs``,
 ``values`` and ``logits``.
 """
@@ -66,8 +58,8 @@ import torch
 from torch import Tensor
 
 from arbiter.errors import FailedPrecondition, InvalidInput
+from arbiter.kl import KLEstimator, kl_from_log_ratio
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token", "sequence")
 
 
@@ -174,24 +166,6 @@ def last_token_index(mask: Tensor) -> Tensor:
 # KL penalty and rewards
 
 
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π (B, T).
-
-    Schulman 2020, "Approximating KL Divergence", with r = π_ref/π:
-    k1 = −log r (unbiased, can be negative per token; what InstructGPT uses),
-    k2 = ½ (log r)² (biased, low variance), k3 = (r − 1) − log r (unbiased,
-    always ≥ 0; GRPO's KL term).
-    """
-    log_ratio = logprobs - ref_logprobs  # log π/π_ref = −log r
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise InvalidInput("estimator", f"must be one of {KL_ESTIMATORS}, got {estimator!r}")
-
-
 class PenalizedRewards(NamedTuple):
     rewards: Tensor  # (B, T) −β·KL_t, plus the RM score on the last real token
     kl: Tensor  # (B, T) per-token KL estimate, 0 on padding
@@ -203,40 +177,27 @@ def kl_penalized_rewards(
     ref_logprobs: Tensor,
     mask: Tensor,
     kl_coef: float,
-    estimator: str = "k1",
+    estimator: KLEstimator | str = KLEstimator.K1,
 ) -> PenalizedRewards:
     """Per-token rewards r_t = −β·KL_t + [t = last] · r_θ (Ziegler et al. 2019).
 
     rm_score (B,) is the reward model's score of the full sample (InstructGPT
     scores only the finished sequence, so it lands on the last real token);
-    logprobs, ref_logprobs, mask (B, T).
+    logprobs, ref_logprobs, mask (B, T). KL_t is one of Schulman's estimators
+    (:mod:`arbiter.kl`): k1 is InstructGPT's log-ratio. Critic-free
+    estimators (RLOO, Ahmadian et al. 2024 §3) treat the completion as one
+    action: their reward is ``rewards.sum(dim=1)``.
     """
     m = _as_mask(mask, logprobs)
     _check_shape("ref_logprobs", ref_logprobs, logprobs.shape)
     _check_shape("rm_score", rm_score, logprobs.shape[:1])
     if not kl_coef >= 0:
         raise InvalidInput("kl_coef", f"must be >= 0, got {kl_coef}")
-    kl = torch.where(m, kl_estimate(logprobs, ref_logprobs, estimator), 0)  # (B, T)
+    kl = torch.where(m, kl_from_log_ratio(estimator, logprobs - ref_logprobs), 0)  # (B, T)
     rewards = -kl_coef * kl  # (B, T)
     last = last_token_index(m)  # (B,)
     rewards = rewards.scatter_add(1, last[:, None], rm_score.to(rewards.dtype)[:, None])
     return PenalizedRewards(rewards=rewards, kl=kl)
-
-
-def kl_penalized_scores(
-    rm_score: Tensor,
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    mask: Tensor,
-    kl_coef: float,
-    estimator: str = "k1",
-) -> Tensor:
-    """(B,) sequence-level reward r_θ − β·Σ_t KL_t, for critic-free estimators.
-
-    RLOO treats the whole completion as one action (Ahmadian et al. 2024 §3),
-    so its reward is the sum of the per-token rewards above.
-    """
-    return kl_penalized_rewards(rm_score, logprobs, ref_logprobs, mask, kl_coef, estimator).rewards.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------
@@ -384,7 +345,6 @@ def policy_loss(
     mask: Tensor,
     clip_coef: float,
     *,
-    behaviour_weights: Tensor | None = None,
     aggregation: str = "token",
 ) -> PolicyLoss:
     """Clipped surrogate (Schulman et al. 2017, eq. 7), negated into a loss.
@@ -392,9 +352,7 @@ def policy_loss(
     ratio = π_θ/π_old,  L = −min(ratio·A, clip(ratio, 1−ε, 1+ε)·A) per token;
     for A > 0 the min caps the gain at ratio 1+ε, for A < 0 at 1−ε, and a
     ratio that moved the wrong way is never clipped. All inputs (B, T).
-    ``behaviour_weights`` (B, T), optional: decoupled-PPO weights from
-    :func:`truncated_importance_weights` when ``old_logprobs`` is not the
-    sampling policy. approx_kl is cleanrl's (ratio − 1) − log ratio.
+    approx_kl is cleanrl's (ratio − 1) − log ratio.
     """
     m = _as_mask(mask, logprobs)
     _check_shape("old_logprobs", old_logprobs, logprobs.shape)
@@ -406,9 +364,6 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
     per_token = torch.maximum(unclipped, clipped)  # (B, T) = −min(·, ·)
-    if behaviour_weights is not None:
-        _check_shape("behaviour_weights", behaviour_weights, logprobs.shape)
-        per_token = per_token * behaviour_weights.detach()
     loss = masked_aggregate(per_token, m, aggregation)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), m)
@@ -464,16 +419,6 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(token_entropy(logits), mask)
 
 
-def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k3") -> Tensor:
-    """KL to the reference as a loss term instead of a reward penalty (GRPO, Shao et al. 2024 eq. 4).
-
-    k3 by default: unbiased and non-negative per token, with a gradient that
-    pulls π_θ toward π_ref. Scalar masked mean; logprobs carry the gradient.
-    """
-    _check_shape("ref_logprobs", ref_logprobs, logprobs.shape)
-    return masked_mean(kl_estimate(logprobs, ref_logprobs.detach(), estimator), mask)
-
-
 def ptx_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Pretraining LM loss for PPO-ptx (Ouyang et al. 2022, eq. 2: + γ·E_pretrain[log π(x)]).
 
@@ -499,23 +444,20 @@ def ppo_total_loss(
     ent_coef: float = 0.0,
     ptx_loss: Tensor | None = None,
     ptx_coef: float = 0.0,
-    kl_loss: Tensor | None = None,
-    kl_coef: float = 0.0,
 ) -> Tensor:
-    """pg + c_vf·vf − c_ent·H + γ_ptx·ptx + β·kl_loss.
+    """pg + c_vf·vf − c_ent·H + γ_ptx·ptx.
 
     The entropy is a bonus, hence the minus. A term whose coefficient is
     non-zero must be given; a term given with a zero coefficient (e.g. an
     entropy computed only for logging) contributes nothing. Critic-free runs
-    leave vf_loss out; ``kl_loss``/``kl_coef`` is GRPO's in-loss KL, for runs
-    that do not put the KL into the reward.
+    leave vf_loss out. The KL to the reference is in the reward
+    (:func:`kl_penalized_rewards`), not here.
     """
     total = pg_loss
     for name, term, coef, sign in (
         ("vf_loss", vf_loss, vf_coef, 1.0),
         ("entropy", entropy, ent_coef, -1.0),
         ("ptx_loss", ptx_loss, ptx_coef, 1.0),
-        ("kl_loss", kl_loss, kl_coef, 1.0),
     ):
         if coef < 0:
             raise InvalidInput(name, f"coefficient must be >= 0, got {coef}")
@@ -528,11 +470,18 @@ def ppo_total_loss(
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """1 − Var[R − V] / Var[R] over real tokens: 1 is a perfect critic, ≤ 0 is no better than a constant."""
-    var_returns = float(masked_var(returns, mask))
+    """1 − Var[R − V] / Var[R] over real tokens, as cleanrl's ppo.py logs it.
+
+    values: the value head's estimates the advantages were computed with,
+    returns: their GAE targets, both (B, T). 1 is a perfect critic, 0 is no
+    better than predicting the mean return, < 0 is worse. NaN when the returns
+    do not vary (nothing to explain). The ratio of variances is the same
+    biased or not, so one real token is enough.
+    """
+    var_returns = float(masked_var(returns, mask, unbiased=False))
     if var_returns == 0:
         return math.nan
-    return 1.0 - float(masked_var(returns - values, mask)) / var_returns
+    return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_returns
 
 
 def minibatch_indices(n: int, minibatch_size: int, *, generator: torch.Generator | None = None) -> list[Tensor]:
@@ -701,48 +650,25 @@ class RunningMoments:
 
 
 class Staleness(str, Enum):
+    """What becomes of a rollout; a dropped one is counted under its verdict's value (the metrics' outcome label)."""
+
     KEEP = "keep"
-    STALE = "stale"  # sampled more than max_lag policy updates ago: drop
-    FUTURE = "future"  # from a policy version the trainer has not published: drop
+    STALE = "stale"  # sampled more than max_lag policy updates ago
+    UNKNOWN_VERSION = "unknown_version"  # a policy version this trainer has not published (by this step)
 
 
-def staleness_verdict(behaviour_step: int, current_step: int, max_lag: int) -> Staleness:
+def staleness_verdict(behaviour_step: int | None, current_step: int, max_lag: int) -> Staleness:
     """Keep a rollout iff 0 ≤ current_step − behaviour_step ≤ max_lag.
 
     Steps are the training steps at which the policy versions were published
     (``PolicyUpdate.training_step``); the trainer maps a rollout's
-    ``policy_version`` string to its step. max_lag=0 is strictly on-policy.
+    ``policy_version`` to its step, None when it never published that
+    version (another run's, or one published after the checkpoint it
+    restarted from). A version from a later step than the current one is
+    unknown too. max_lag=0 is strictly on-policy.
     """
     if max_lag < 0:
         raise InvalidInput("max_lag", f"must be >= 0, got {max_lag}")
-    lag = current_step - behaviour_step
-    if lag < 0:
-        return Staleness.FUTURE
-    return Staleness.KEEP if lag <= max_lag else Staleness.STALE
-
-
-def staleness_keep_mask(behaviour_steps: Tensor, current_step: int, max_lag: int) -> Tensor:
-    """(B,) bool: the batched :func:`staleness_verdict` == KEEP."""
-    if max_lag < 0:
-        raise InvalidInput("max_lag", f"must be >= 0, got {max_lag}")
-    lag = current_step - behaviour_steps
-    return (lag >= 0) & (lag <= max_lag)
-
-
-def truncated_importance_weights(
-    logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, rho_max: float = 1.0
-) -> Tensor:
-    """min(ρ̄, π/μ) per token, detached, 0 on padding (IMPALA's truncated ρ, Espeholt et al. 2018).
-
-    logprobs: the proximal policy's (the one used as ``old_logprobs``);
-    behaviour_logprobs: the sampling policy's, from the rollout. (B, T).
-    Truncation bounds the variance a very stale token can add, at the cost of
-    bias toward the behaviour policy's value.
-    """
-    m = _as_mask(mask, logprobs)
-    _check_shape("behaviour_logprobs", behaviour_logprobs, logprobs.shape)
-    if not rho_max > 0:
-        raise InvalidInput("rho_max", f"must be > 0, got {rho_max}")
-    with torch.no_grad():
-        rho = torch.exp(logprobs - behaviour_logprobs).clamp(max=rho_max)
-        return torch.where(m, rho, 0)
+    if behaviour_step is None or behaviour_step > current_step:
+        return Staleness.UNKNOWN_VERSION
+    return Staleness.KEEP if current_step - behaviour_step <= max_lag else Staleness.STALE

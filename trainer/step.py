@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from arbiter.errors import InvalidInput
 from trainer import ppo_math as pm
 from trainer.batch import PPOBatch, gather_positions
 from trainer.config import PPOConfig
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UpdateStats:
-    reward_raw: float  # mean RM score of the batch
-    reward_normalized: float  # mean score after running normalization
+    reward_raw: float  # mean raw RM score of the batch
+    reward_normalized: float  # mean of the scores the update used (after normalization)
     kl: float  # mean per-sequence Σ_t KL_t to the reference (before the update)
     kl_coef: float  # β used for this batch's rewards
     entropy: float
@@ -37,6 +38,9 @@ class UpdateStats:
     response_length: float
     optimizer_steps: int
     skipped_steps: int  # minibatch steps dropped for a non-finite loss or gradient
+    # How much of the returns' variance the value head explained before the
+    # update (cleanrl's explained_variance); None without a value head (rloo, grpo).
+    explained_variance: float | None = None
 
 
 def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,6 +51,18 @@ def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) 
     logits = gather_positions(logits, batch.positions) / temperature  # (B, T, V)
     values = gather_positions(values, batch.positions)  # (B, T)
     return pm.token_logprobs(logits, batch.completion_ids), values, logits
+
+
+def reward_scores(batch: PPOBatch, reward_moments: pm.RunningMoments, cfg: PPOConfig) -> Tensor:
+    """(B,) the scores the update rewards, per ``cfg.reward_source``."""
+    if cfg.reward_source == "reward_model":
+        if batch.rm_normalized_scores is None:
+            raise InvalidInput("batch", "reward_source is reward_model, but some rollouts have no RM-normalized reward")
+        return batch.rm_normalized_scores
+    reward_moments.update(batch.scores)
+    if cfg.normalize_rewards and reward_moments.count >= 2:
+        return reward_moments.normalize(batch.scores)
+    return batch.scores
 
 
 def ppo_update(
@@ -62,11 +78,11 @@ def ppo_update(
     mask = batch.mask  # (B, T)
     use_critic = cfg.advantage == "gae"
     with torch.no_grad():
-        # 1. Reward: the RM score, normalized with running statistics so β and the
-        #    value head keep one scale as the policy drifts, minus β·KL per token
+        # 1. Reward: the RM score, normalized so β and the value head keep one
+        #    scale as the policy drifts (with running statistics, or with those
+        #    each RM version ships: cfg.reward_source), minus β·KL per token
         #    (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019 put r_θ on the last token).
-        reward_moments.update(batch.scores)
-        scores = reward_moments.normalize(batch.scores) if cfg.normalize_rewards and reward_moments.count >= 2 else batch.scores
+        scores = reward_scores(batch, reward_moments, cfg)
         beta = kl_controller.value
         penalized = pm.kl_penalized_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask, beta, cfg.kl.estimator)
         kl_per_sequence = penalized.kl.sum(dim=1)  # (B,)
@@ -77,11 +93,12 @@ def ppo_update(
         old_values = policy_outputs(model, batch, cfg.temperature)[1] if use_critic else None
         if use_critic:
             advantages, returns = pm.gae(penalized.rewards, old_values, mask, cfg.gamma, cfg.lam)
+            explained_variance = pm.explained_variance(old_values, returns, mask)
         else:
             sequence_rewards = penalized.rewards.sum(dim=1)  # (B,)
             estimator = pm.rloo_advantages if cfg.advantage == "rloo" else pm.grpo_advantages
             advantages = pm.broadcast_sequence_advantages(estimator(sequence_rewards, batch.group_ids), mask)
-            returns = None
+            returns = explained_variance = None
         if cfg.whiten_advantages:
             advantages = pm.masked_whiten(advantages, mask)
 
@@ -143,6 +160,7 @@ def ppo_update(
         response_length=float(mask.sum(dim=1).float().mean()),
         optimizer_steps=steps,
         skipped_steps=skipped,
+        explained_variance=explained_variance,
         **means,
     )
 

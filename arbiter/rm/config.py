@@ -25,18 +25,15 @@ bottom; it is available as ``ranking_loss: all_pairs``.
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from arbiter.config import ConfigError, require
+from arbiter.config import config_from_mapping, load_config_file, require
+from arbiter.types import Truncation
 
 RANKING_LOSSES = ("plackett_luce", "all_pairs")
-TRUNCATIONS = ("reject", "left", "right")
+TRUNCATIONS = tuple(t.value for t in Truncation)
 
 
 def _files(value: Any, path: str) -> tuple[str, ...]:
@@ -162,81 +159,9 @@ class RMTrainConfig:
                 require(Path(path).is_file(), f"{name}[{i}]", "must be an existing JSONL file", path)
 
 
-_NESTED = {"topic": TopicConfig}
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True  # containers and nested sections are checked where they are built
-
-
-def _yaml_float(value: Any, hint: Any) -> Any:
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; a number is meant."""
-    if isinstance(value, str) and float in (hint, *typing.get_args(hint)):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    args = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
-    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
-
-
-def _build(cls, data: Any, path: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown field(s) {', '.join(where + u for u in unknown)}; allowed: {', '.join(sorted(known))}"
-        )
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        child = f"{path}.{name}" if path else name
-        target = _NESTED.get(name)
-        if target is not None and value is not None and is_dataclass(target):
-            values[name] = _build(target, value, child)
-            continue
-        value = _yaml_float(value, hints[name])
-        if not _type_ok(value, hints[name]):
-            raise ConfigError(f"{child}={value!r} is invalid: must be {_type_name(hints[name])}")
-        values[name] = value
-    try:
-        return cls(**values)
-    except TypeError as err:
-        # A wrongly typed value (e.g. a string where a number goes) fails a comparison.
-        raise ConfigError(f"{path or 'config'}: {err}") from err
-
-
 def load_config(path: str | Path, **overrides: Any) -> RMTrainConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read reward-model training config {str(path)!r}: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} must hold a mapping of fields, got {type(data).__name__}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(RMTrainConfig, data, "")
+    return load_config_file(RMTrainConfig, path, "reward-model training config", **overrides)
 
 
 def config_from_dict(data: dict[str, Any]) -> RMTrainConfig:
-    return _build(RMTrainConfig, dict(data), "")
+    return config_from_mapping(RMTrainConfig, data)

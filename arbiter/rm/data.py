@@ -21,12 +21,12 @@ reward service renders a ``conversation`` input: the same code
 (``arbiter.reward.model.RewardModel.encode``) turns examples into token ids here
 and there, so a trained version scores served inputs as it saw them in training.
 
-Malformed rows are errors naming FILE:LINE and the field; none is dropped.
+Malformed rows are errors naming FILE:LINE and the field (``arbiter.jsonl``'s
+format); none is dropped.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,26 +34,27 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.errors import ArbiterError, InvalidInput
+from arbiter.jsonl import JsonlError, read_jsonl
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, Truncation
 
 # Rows listed in one DatasetError; the count of the rest is still reported.
 MAX_LISTED_ERRORS = 20
 
 
-class DataError(InvalidInput):
-    """One malformed row. ``location``: FILE:LINE, or topic[partition]@offset."""
+class DataError(JsonlError, InvalidInput):
+    """One malformed row or candidate: ``arbiter.jsonl``'s row error (``where``
+    is FILE:LINE, or topic[partition]@offset for a preference from Kafka),
+    and an invalid input to the reward model's encoder."""
 
-    def __init__(self, location: str, field: str, message: str):
-        super().__init__(field, message)
-        self.location = location
-        self.message = message
-        self.args = (f"{location}: {field}: {message}",)
+    def __init__(self, where: str, field: str, message: str):
+        JsonlError.__init__(self, where, field, message)
 
 
 class DatasetError(ArbiterError):
-    """Every malformed row of a load (the first ``MAX_LISTED_ERRORS`` listed)."""
+    """Every malformed row of a load (the first ``MAX_LISTED_ERRORS`` listed):
+    DataErrors, and the reader's JsonlErrors for lines that are no JSON object."""
 
-    def __init__(self, errors: Sequence[DataError], total: int | None = None):
+    def __init__(self, errors: Sequence[JsonlError], total: int | None = None):
         self.errors = list(errors)
         total = len(self.errors) if total is None else total
         listed = "\n".join(f"  {err}" for err in self.errors[:MAX_LISTED_ERRORS])
@@ -196,43 +197,22 @@ def parse_row(row: Any, where: str) -> RankedExample:
     )
 
 
-def parse_lines(lines: Iterable[str], name: str) -> tuple[list[RankedExample], list[DataError]]:
-    """Examples and the errors of every malformed line (1-based line numbers)."""
-    examples: list[RankedExample] = []
-    errors: list[DataError] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            errors.append(DataError(where, "row", f"not valid JSON ({err.msg} at column {err.colno})"))
-            continue
-        try:
-            examples.append(parse_row(row, where))
-        except DataError as err:
-            errors.append(err)
-    return examples, errors
-
-
 def load_jsonl(paths: str | Path | Sequence[str | Path]) -> list[RankedExample]:
-    """Every example of the files, in order; DatasetError lists every bad row."""
+    """Every example of the files (read by ``arbiter.jsonl``), in order;
+    DatasetError lists every bad row, in file and line order."""
     if isinstance(paths, str | Path):
         paths = [paths]
     examples: list[RankedExample] = []
-    errors: list[DataError] = []
+    errors: list[JsonlError] = []
     for path in paths:
-        path = Path(path)
         try:
-            with path.open(encoding="utf-8") as fh:
-                found, bad = parse_lines(fh, str(path))
-        except OSError as err:
-            raise DatasetError([DataError(str(path), "file", f"cannot be read: {err.strerror or err}")]) from err
-        except UnicodeDecodeError as err:
-            raise DatasetError([DataError(str(path), "file", f"is not UTF-8 text ({err.reason})")]) from err
-        examples += found
-        errors += bad
+            for row in read_jsonl(path, errors):
+                try:
+                    examples.append(parse_row(row.value, row.where))
+                except DataError as err:
+                    errors.append(err)
+        except JsonlError as err:  # the file itself cannot be read
+            raise DatasetError([err]) from None
     if errors:
         raise DatasetError(errors)
     return examples

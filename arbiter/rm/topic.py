@@ -18,39 +18,15 @@ from dataclasses import dataclass, field
 
 from arbiter.rm.config import TopicConfig
 from arbiter.rm.data import DataError, DatasetError, RankedExample, dedupe, parse_row
-from arbiter.stream import KafkaSettings, StreamConsumer, merge_offsets, topics
+from arbiter.stream import KafkaSettings, StreamConsumer, codec, merge_offsets, topics
 from arbiter.stream.types import TopicPartition
 
 log = logging.getLogger(__name__)
 
 
-def preference_row(preference) -> dict:
-    """A Preference payload (arbiter.v1.Preference) as a JSONL-format row."""
-    if preference.chat_roles or preference.chat_contents:
-        if len(preference.chat_roles) != len(preference.chat_contents):
-            raise DataError(
-                "", "chat_roles", f"has {len(preference.chat_roles)} entries but chat_contents has "
-                f"{len(preference.chat_contents)}",
-            )
-        prompt = [{"role": r, "content": c} for r, c in zip(preference.chat_roles, preference.chat_contents)]
-    else:
-        prompt = preference.prompt
-    row: dict = {"prompt": prompt, "id": preference.preference_id}
-    if preference.ranked_responses:
-        responses = list(preference.ranked_responses)
-        row.update(responses=responses, ranking=list(range(len(responses))))
-    else:
-        row.update(chosen=preference.chosen, rejected=preference.rejected)
-    return row
-
-
 def preference_example(preference, where: str) -> RankedExample:
-    try:
-        return parse_row(preference_row(preference), where)
-    except DataError as err:
-        if err.location:
-            raise
-        raise DataError(where, err.field, err.message) from None
+    """A decoded Preference payload -> a training example; DataError names ``where`` and the field."""
+    return parse_row(codec.preference_to_row(preference), where)
 
 
 @dataclass

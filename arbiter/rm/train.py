@@ -39,8 +39,6 @@ from arbiter.types import Truncation
 
 log = logging.getLogger(__name__)
 
-_TRUNCATION = {"reject": Truncation.REJECT, "left": Truncation.LEFT, "right": Truncation.RIGHT}
-
 
 class TrainingError(ArbiterError):
     """Training ran (or could not start) but produced no version; says why."""
@@ -260,7 +258,7 @@ def train_reward_model(
     model, tokenizer, init_kind, source = init_model(start_dir, config.seed)
     pad_id = model.config.pad_token_id
     max_tokens = model_max_tokens(model.config, tokenizer, config.max_tokens)
-    encoder = ServiceEncoder(tokenizer, config.name, max_tokens, _TRUNCATION[config.truncation])
+    encoder = ServiceEncoder(tokenizer, config.name, max_tokens, Truncation(config.truncation))
     train_ids, truncated = encoder.encode_all(train_set)
     eval_ids, eval_truncated = encoder.encode_all(eval_set)
     reference_ids = eval_ids or train_ids

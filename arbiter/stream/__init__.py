@@ -2,7 +2,8 @@
 
 All Kafka protocol code is in ``arbiter.stream.kafka``; names shared by every
 component (topics, groups, headers) in ``arbiter.stream.topics``; payload
-(de)serialization in ``arbiter.stream.codec``.
+(de)serialization, schema versions and the prompt / preference record <->
+core-type conversions in ``arbiter.stream.codec``.
 """
 
 from arbiter.stream.errors import (

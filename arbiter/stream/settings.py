@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from arbiter.config import ConfigError
+from arbiter.config import require, require_choice
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # Username/password mechanisms; Kerberos and OAuth need more than settings.
@@ -24,11 +24,6 @@ COMPRESSION_TYPES = ("gzip", "snappy", "lz4", "zstd")
 ENV_PREFIX = "ARBITER_KAFKA_"
 _SERVER_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-]*$")
-
-
-def _require(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{name}: {message}", name)
 
 
 @dataclass(frozen=True)
@@ -72,107 +67,96 @@ class KafkaSettings:
     delivery_timeout_ms: int = 120_000
 
     def __post_init__(self) -> None:
-        servers = self.bootstrap_servers
-        if isinstance(servers, str):
-            servers = tuple(s.strip() for s in servers.split(",") if s.strip())
+        given = self.bootstrap_servers
+        if isinstance(given, str):
+            servers = tuple(s.strip() for s in given.split(",") if s.strip())
         else:
-            servers = tuple(servers)
+            servers = tuple(given)
         object.__setattr__(self, "bootstrap_servers", servers)
-        _require(bool(servers), "bootstrap_servers", "at least one host:port is required")
+        require(bool(servers), "bootstrap_servers", "at least one host:port is required", given)
         for server in servers:
             match = _SERVER_RE.match(server)
-            _require(
+            require(
                 match is not None and 1 <= int(match.group(2)) <= 65535,
-                "bootstrap_servers", f"{server!r} is not host:port (port 1..65535)",
+                "bootstrap_servers", f"{server!r} is not host:port (port 1..65535)", ",".join(servers),
             )
-        _require(
-            self.security_protocol in SECURITY_PROTOCOLS,
-            "security_protocol", f"{self.security_protocol!r} is not one of {', '.join(SECURITY_PROTOCOLS)}",
-        )
+        require_choice(self.security_protocol, "security_protocol", SECURITY_PROTOCOLS)
         sasl = self.security_protocol.startswith("SASL_")
         tls = self.security_protocol.endswith("SSL")
         if sasl:
-            _require(
-                self.sasl_mechanism in SASL_MECHANISMS,
-                "sasl_mechanism", f"{self.sasl_mechanism!r} is not one of {', '.join(SASL_MECHANISMS)} "
-                f"(required by security_protocol={self.security_protocol})",
+            require(
+                self.sasl_mechanism in SASL_MECHANISMS, "sasl_mechanism",
+                f"must be one of {', '.join(SASL_MECHANISMS)} (required by security_protocol={self.security_protocol})",
+                self.sasl_mechanism,
             )
-            _require(bool(self.sasl_username), "sasl_username", f"required with sasl_mechanism={self.sasl_mechanism}")
-            _require(bool(self.sasl_password), "sasl_password", f"required with sasl_mechanism={self.sasl_mechanism}")
+            for name in ("sasl_username", "sasl_password"):
+                require(bool(getattr(self, name)), name, f"required with sasl_mechanism={self.sasl_mechanism}",
+                        getattr(self, name))
         else:
             # Set but unused would look like authentication that never happens.
             for name in ("sasl_mechanism", "sasl_username", "sasl_password"):
-                _require(
+                require(
                     getattr(self, name) is None, name,
-                    f"is set but security_protocol={self.security_protocol} does not use SASL",
+                    f"must be unset: security_protocol={self.security_protocol} does not use SASL",
+                    # A password never goes into a message.
+                    "***" if name == "sasl_password" else getattr(self, name),
                 )
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             value = getattr(self, name)
             if value is None:
                 continue
-            _require(tls, name, f"is set but security_protocol={self.security_protocol} does not use TLS")
-            _require(Path(value).is_file(), name, f"{value!r} is not an existing file")
-        _require(
+            require(tls, name, f"must be unset: security_protocol={self.security_protocol} does not use TLS", value)
+            require(Path(value).is_file(), name, "must be an existing file", value)
+        require(
             (self.ssl_certfile is None) == (self.ssl_keyfile is None),
-            "ssl_certfile", "set ssl_certfile and ssl_keyfile together (mutual TLS) or neither",
+            "ssl_certfile", "set ssl_certfile and ssl_keyfile together (mutual TLS) or neither", self.ssl_certfile,
         )
-        _require(bool(self.client_id), "client_id", "must not be empty")
-        _require(
+        require(bool(self.client_id), "client_id", "must not be empty", self.client_id)
+        require(
             len(self.topic_prefix) <= 100 and _TOPIC_PREFIX_RE.match(self.topic_prefix) is not None,
-            "topic_prefix", f"{self.topic_prefix!r} may only use letters, digits, '.', '_' and '-' (<= 100)",
+            "topic_prefix", "may only use letters, digits, '.', '_' and '-' (<= 100)", self.topic_prefix,
         )
-        _require(
+        require(
             self.replication_factor == -1 or self.replication_factor >= 1,
-            "replication_factor", f"must be -1 (cluster default) or >= 1, got {self.replication_factor}",
+            "replication_factor", "must be -1 (cluster default) or >= 1", self.replication_factor,
         )
-        _require(
+        require(
             1000 <= self.session_timeout_ms <= 1_800_000,
-            "session_timeout_ms", f"must be in 1000..1800000, got {self.session_timeout_ms}",
+            "session_timeout_ms", "must be in 1000..1800000", self.session_timeout_ms,
         )
         if self.heartbeat_interval_ms is not None:
-            _require(
-                100 <= self.heartbeat_interval_ms < self.session_timeout_ms,
-                "heartbeat_interval_ms",
-                f"must be in 100..{self.session_timeout_ms - 1} (below session_timeout_ms), "
-                f"got {self.heartbeat_interval_ms}",
+            require(
+                100 <= self.heartbeat_interval_ms < self.session_timeout_ms, "heartbeat_interval_ms",
+                f"must be in 100..{self.session_timeout_ms - 1} (below session_timeout_ms)", self.heartbeat_interval_ms,
             )
-        _require(
-            self.max_poll_interval_ms >= 1000,
-            "max_poll_interval_ms", f"must be >= 1000, got {self.max_poll_interval_ms}",
+        require(self.max_poll_interval_ms >= 1000, "max_poll_interval_ms", "must be >= 1000", self.max_poll_interval_ms)
+        require(
+            1 <= self.max_poll_records <= 100_000, "max_poll_records", "must be in 1..100000", self.max_poll_records,
         )
-        _require(
-            1 <= self.max_poll_records <= 100_000,
-            "max_poll_records", f"must be in 1..100000, got {self.max_poll_records}",
-        )
-        _require(
-            0 <= self.fetch_max_wait_ms <= 60_000,
-            "fetch_max_wait_ms", f"must be in 0..60000, got {self.fetch_max_wait_ms}",
+        require(
+            0 <= self.fetch_max_wait_ms <= 60_000, "fetch_max_wait_ms", "must be in 0..60000", self.fetch_max_wait_ms,
         )
         # The client requires fetch wait (500 ms) < request timeout < idle timeout (9 min).
-        _require(
+        require(
             1000 <= self.request_timeout_ms < 540_000,
-            "request_timeout_ms", f"must be in 1000..539999, got {self.request_timeout_ms}",
+            "request_timeout_ms", "must be in 1000..539999", self.request_timeout_ms,
         )
-        _require(0 <= self.linger_ms <= 60_000, "linger_ms", f"must be in 0..60000, got {self.linger_ms}")
-        _require(
-            1024 <= self.batch_size <= 64 * 1024 * 1024,
-            "batch_size", f"must be in 1 KiB..64 MiB, got {self.batch_size}",
-        )
+        require(0 <= self.linger_ms <= 60_000, "linger_ms", "must be in 0..60000", self.linger_ms)
+        require(1024 <= self.batch_size <= 64 * 1024 * 1024, "batch_size", "must be in 1 KiB..64 MiB", self.batch_size)
         if self.compression_type is not None:
-            _require(
-                self.compression_type in COMPRESSION_TYPES,
-                "compression_type", f"{self.compression_type!r} is not one of {', '.join(COMPRESSION_TYPES)} or unset",
+            require(
+                self.compression_type in COMPRESSION_TYPES, "compression_type",
+                f"must be one of {', '.join(COMPRESSION_TYPES)} or unset", self.compression_type,
             )
-        _require(
+        require(
             1024 <= self.max_request_size <= 100 * 1024 * 1024,
-            "max_request_size", f"must be in 1 KiB..100 MiB, got {self.max_request_size}",
+            "max_request_size", "must be in 1 KiB..100 MiB", self.max_request_size,
         )
-        _require(self.max_block_ms >= 0, "max_block_ms", f"must be >= 0, got {self.max_block_ms}")
-        _require(
-            self.delivery_timeout_ms >= self.linger_ms + self.request_timeout_ms,
-            "delivery_timeout_ms",
-            f"must be >= linger_ms + request_timeout_ms ({self.linger_ms + self.request_timeout_ms}), "
-            f"got {self.delivery_timeout_ms}",
+        require(self.max_block_ms >= 0, "max_block_ms", "must be >= 0", self.max_block_ms)
+        require(
+            self.delivery_timeout_ms >= self.linger_ms + self.request_timeout_ms, "delivery_timeout_ms",
+            f"must be >= linger_ms + request_timeout_ms ({self.linger_ms + self.request_timeout_ms})",
+            self.delivery_timeout_ms,
         )
 
     def topic(self, name: str) -> str:
@@ -209,18 +193,18 @@ class KafkaSettings:
         return cls(**values)
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_INTEGER_RE = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
 def _parse_env(name: str, type_text: str, raw: str) -> Any:
+    variable = ENV_PREFIX + name.upper()
     if type_text.startswith("bool"):
-        if raw.lower() in ("1", "true", "yes"):
-            return True
-        if raw.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"{name}: {ENV_PREFIX}{name.upper()}={raw!r} is not a boolean", name)
+        require(raw.lower() in _BOOLEANS, name, f"{variable} must be a boolean (true/false, 1/0, yes/no)", raw)
+        return _BOOLEANS[raw.lower()]
     if type_text.startswith("int"):
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}: {ENV_PREFIX}{name.upper()}={raw!r} is not an integer", name) from None
+        require(_INTEGER_RE.match(raw) is not None, name, f"{variable} must be an integer", raw)
+        return int(raw)
     return raw
 
 

@@ -55,8 +55,7 @@ def preference_from_request(request: reward_pb2.SubmitPreferenceRequest) -> roll
         for j, message in enumerate(messages):
             _require_text(message.role, f"conversation.messages[{j}].role", "every message needs a role")
             _require_text(message.content, f"conversation.messages[{j}].content", "every message needs content")
-        preference.chat_roles.extend(m.role for m in messages)
-        preference.chat_contents.extend(m.content for m in messages)
+        preference.conversation.CopyFrom(request.conversation)
 
     if request.ranked_responses:
         for name in ("chosen", "rejected"):

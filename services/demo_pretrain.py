@@ -1,4 +1,4 @@
-"""A small GPT-2 pretrained here, on a real corpus from the package registries.
+"""The demo's policy: a small GPT-2 pretrained here, on a real corpus from the package registries.
 
 No pretrained causal LM ships offline, so the demo makes one: Debian's
 ``fortunes`` / ``fortunes-min`` packages (the BSD fortune-mod quotes, ~15k
