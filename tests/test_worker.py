@@ -23,10 +23,19 @@ from lm_fixtures import other_tokenizer_policy
 from arbiter.config import ConfigError
 from arbiter.jsonl import JsonlError
 from arbiter.prompts import content_id, display_text, read_prompts, reward_input_for
-from arbiter.stream import ProduceError, StreamConsumer, StreamProducer, TopicPartition, ensure_topics, topics
+from arbiter.stream import (
+    PayloadError,
+    ProduceError,
+    StreamConsumer,
+    StreamProducer,
+    TopicPartition,
+    codec,
+    ensure_topics,
+    topics,
+)
 from arbiter.stream.broker import free_port
 from arbiter.types import ChatMessage, Prompt
-from arbiter.v1 import policy_pb2, reward_pb2, rollout_pb2
+from arbiter.v1 import common_pb2, policy_pb2, reward_pb2, rollout_pb2
 from helpers import BackgroundServer, drain, sample_value, wait_until
 from services.policy.client import PolicyClient
 from services.policy.server import create_server as create_policy
@@ -37,7 +46,7 @@ from services.reference.settings import ReferenceSettings
 from services.reward.client import RewardClient
 from services.reward.server import create_server as create_reward
 from services.reward.settings import RewardSettings
-from services.worker.prompts import prompt_from_record, prompt_record, publish_prompts
+from services.worker.prompts import publish_prompts
 from services.worker.retry import StageRetry, WorkerStopped
 from services.worker.settings import WorkerSettings
 from services.worker.worker import RolloutWorker, WorkerError
@@ -189,6 +198,7 @@ def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
         assert r.reward == pytest.approx(raw[i].raw_score, abs=1e-5)
         assert r.reward_normalized == pytest.approx(normalized[i].score, abs=1e-5)
         assert r.reward_normalized != pytest.approx(r.reward)  # the tiny RM ships statistics
+        assert r.reward_normalization_applied  # so the trainer may train on reward_normalized
         assert (r.policy_version, r.reward_model_version, r.reference_model_version) == ("v0", "v0", "v0")
         assert r.tokenizer_fingerprint == policy_info.tokenizer_fingerprint
         assert r.finish_reason in (policy_pb2.FINISH_REASON_LENGTH, policy_pb2.FINISH_REASON_EOS)
@@ -335,23 +345,29 @@ def test_prompt_file_edge_cases(tmp_path):
 
 
 def test_prompt_records_round_trip_and_bad_ones_name_the_record():
+    """The worker reads prompt records through the codec's conversions."""
     chat = Prompt(messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi?")), id="c1")
     text = Prompt(text="The quick brown", id="t1")
     for prompt in (chat, text):
-        assert prompt_from_record(prompt_record(prompt), "here") == prompt
+        assert codec.prompt_from_record(codec.prompt_to_record(prompt), "here") == prompt
     where = "prompts[1]@7"
+
+    def conversation(*turns):
+        return common_pb2.Conversation(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in turns])
+
     bad = [
-        (rollout_pb2.PromptRecord(prompt_id="x", chat_roles=["user"]), f"{where}: chat_contents: has 0 entries"),
-        (rollout_pb2.PromptRecord(prompt_id="x", text="t", chat_roles=["user"], chat_contents=["c"]),
-         f"{where}: text: is set beside a chat"),
-        (rollout_pb2.PromptRecord(prompt_id="x"), f"{where}: prompt: must be a non-empty string"),
-        (rollout_pb2.PromptRecord(text="t"), f"{where}: id: must be a non-empty string"),
-        (rollout_pb2.PromptRecord(prompt_id="x", chat_roles=["assistant"], chat_contents=["c"]),
-         f"{where}: messages[0]: is an assistant turn"),
+        (rollout_pb2.PromptRecord(prompt_id="x", text="t", conversation=conversation(("user", "c"))),
+         f"{where}: sets both text and a conversation"),
+        (rollout_pb2.PromptRecord(prompt_id="x"), f"{where}: has neither text nor a conversation"),
+        (rollout_pb2.PromptRecord(text="t"), f"{where}: prompt_id is empty"),
+        (rollout_pb2.PromptRecord(prompt_id="x", conversation=conversation(("assistant", "c"))),
+         f"{where}: the conversation ends with an assistant turn"),
+        (rollout_pb2.PromptRecord(prompt_id="x", conversation=conversation(("user", " "))),
+         f"{where}: conversation.messages[0] has an empty role or content"),
     ]
     for record, needle in bad:
-        with pytest.raises(JsonlError) as err:
-            prompt_from_record(record, where)
+        with pytest.raises(PayloadError) as err:
+            codec.prompt_from_record(record, where)
         assert str(err.value).startswith(needle)
 
 

@@ -15,9 +15,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from arbiter.jsonl import JsonlError
-from arbiter.prompts import as_prompts, prompt_from_row
-from arbiter.stream import CommitError, KafkaSettings, RecordBatch, StreamConsumer, StreamError, StreamProducer, topics
+from arbiter.prompts import as_prompts
+from arbiter.stream import (
+    CommitError,
+    KafkaSettings,
+    PayloadError,
+    RecordBatch,
+    StreamConsumer,
+    StreamError,
+    StreamProducer,
+    codec,
+    topics,
+)
 from arbiter.types import Prompt
 from arbiter.v1 import rollout_pb2
 from services.worker.retry import WorkerError
@@ -25,33 +34,10 @@ from services.worker.retry import WorkerError
 log = logging.getLogger(__name__)
 
 
-def prompt_record(prompt: Prompt) -> rollout_pb2.PromptRecord:
-    """The prompts-topic payload of a prompt."""
-    record = rollout_pb2.PromptRecord(prompt_id=prompt.id, text=prompt.text)
-    for m in prompt.messages or ():
-        record.chat_roles.append(m.role)
-        record.chat_contents.append(m.content)
-    return record
-
-
-def prompt_from_record(record: rollout_pb2.PromptRecord, where: str) -> Prompt:
-    """A prompts-topic payload -> Prompt, checked as a file's row would be
-    (``JsonlError`` naming ``where`` when unusable)."""
-    if record.chat_roles or record.chat_contents:
-        if len(record.chat_roles) != len(record.chat_contents):
-            raise JsonlError(where, "chat_contents", f"has {len(record.chat_contents)} entries for "
-                                                     f"{len(record.chat_roles)} chat_roles")
-        if record.text:
-            raise JsonlError(where, "text", "is set beside a chat; use one")
-        chat = [{"role": r, "content": c} for r, c in zip(record.chat_roles, record.chat_contents)]
-        return prompt_from_row({"id": record.prompt_id, "messages": chat}, where)
-    return prompt_from_row({"id": record.prompt_id, "prompt": record.text}, where)
-
-
 def publish_prompts(kafka: KafkaSettings, prompts: Iterable[Prompt | str | Mapping[str, Any]]) -> int:
     """Produce prompts to the prompts topic (acks=all); returns how many.
     For feeding ``arbiter worker --prompts-topic`` from a script or a test."""
-    records = [prompt_record(p) for p in as_prompts(prompts)]
+    records = [codec.prompt_to_record(p) for p in as_prompts(prompts)]
     with StreamProducer(kafka) as producer:
         for record in records:
             producer.send(topics.PROMPTS, record)
@@ -125,8 +111,9 @@ class TopicPrompts:
         prompts = []
         for record in polled.records:
             try:
-                prompts.append(prompt_from_record(record.message, f"{record.topic}[{record.partition}]@{record.offset}"))
-            except JsonlError as err:
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                prompts.append(codec.prompt_from_record(record.message, where))
+            except PayloadError as err:
                 log.warning("skipping prompt record: %s", err)
                 self._skip("invalid_prompt_record")
         return PromptBatch(prompts, lambda: self._commit(polled))

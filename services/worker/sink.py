@@ -30,6 +30,7 @@ def build_rollout(
         reference_logprobs=reference.logprobs,
         reward=reward.raw,
         reward_normalized=reward.normalized,
+        reward_normalization_applied=reward.normalization_applied,
         policy_version=sample.policy_version,
         reward_model_version=reward.model_version,
         reference_model_version=reference.model_version,

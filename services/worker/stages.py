@@ -54,6 +54,9 @@ class Reward:
     # The RM version's shipped statistics applied; the raw score without them.
     normalized: float
     model_version: str
+    # Whether ``normalized`` really is normalized (the trainer's
+    # ``ppo.reward_source: reward_model`` trains only on rollouts where it is).
+    normalization_applied: bool
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,8 @@ class ScoreStage(ServiceStage[Generation, Reward]):
                 raise
             response = self.reward.score(inputs, normalize=False, truncation=self.truncation)
         return [
-            Reward(r.raw_score, r.score if response.normalized else r.raw_score, response.model_version)
+            Reward(r.raw_score, r.score if response.normalized else r.raw_score, response.model_version,
+                   response.normalized)
             for r in response.results
         ]
 
