@@ -9,23 +9,20 @@ from arbiter.errors import InvalidInput
 from arbiter.kernel import ModelKernel
 from arbiter.v1 import common_pb2, common_pb2_grpc
 from services.common.convert import model_info_to_pb
-from services.common.handlers import unary
-from services.common.metrics import RpcMetrics
+from services.common.handlers import Servicer, unary
 
 
-class ModelServicer(common_pb2_grpc.ModelServiceServicer):
-    def __init__(self, models: ModelKernel, metrics: RpcMetrics):
-        self.models = models
-        self.metrics = metrics
+class ModelServicer(Servicer, common_pb2_grpc.ModelServiceServicer):
+    engine: ModelKernel
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request, context):
-        return common_pb2.GetModelInfoResponse(info=model_info_to_pb(self.models.info(request.model_version)))
+        return common_pb2.GetModelInfoResponse(info=model_info_to_pb(self.engine.info(request.model_version)))
 
     @unary("ListModelVersions")
     async def ListModelVersions(self, request, context):
         return common_pb2.ListModelVersionsResponse(
-            versions=[model_info_to_pb(info) for info in self.models.list_versions()]
+            versions=[model_info_to_pb(info) for info in self.engine.list_versions()]
         )
 
     @unary("LoadModelVersion")
@@ -33,7 +30,7 @@ class ModelServicer(common_pb2_grpc.ModelServiceServicer):
         if not request.path:
             raise InvalidInput("path", "is empty; give the checkpoint directory to load")
         started = time.perf_counter()
-        info = await self.models.load_version(request.path, request.version, request.activate)
+        info = await self.engine.load_version(request.path, request.version, request.activate)
         return common_pb2.LoadModelVersionResponse(
             info=model_info_to_pb(info), load_seconds=time.perf_counter() - started
         )
@@ -42,12 +39,12 @@ class ModelServicer(common_pb2_grpc.ModelServiceServicer):
     async def ActivateModelVersion(self, request, context):
         if not request.version:
             raise InvalidInput("version", "is empty; name the loaded version to activate")
-        info, previous = self.models.activate(request.version)
+        info, previous = self.engine.activate(request.version)
         return common_pb2.ActivateModelVersionResponse(info=model_info_to_pb(info), previous_version=previous or "")
 
     @unary("UnloadModelVersion")
     async def UnloadModelVersion(self, request, context):
         if not request.version:
             raise InvalidInput("version", "is empty; name the loaded version to unload")
-        await self.models.unload(request.version)
+        await self.engine.unload(request.version)
         return common_pb2.UnloadModelVersionResponse()

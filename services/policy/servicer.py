@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from arbiter.policy.engine import PolicyEngine
 from arbiter.v1 import policy_pb2_grpc
-from services.common.handlers import streaming, unary
+from services.common.handlers import Servicer, streaming, unary
 from services.policy.convert import (
     generate_response_to_pb,
     prompt_from_pb,
@@ -15,10 +15,9 @@ from services.policy.convert import (
 from services.policy.metrics import PolicyMetrics
 
 
-class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, engine: PolicyEngine, metrics: PolicyMetrics):
-        self.engine = engine
-        self.metrics = metrics
+class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
+    engine: PolicyEngine
+    metrics: PolicyMetrics
 
     @unary("Generate")
     async def Generate(self, request, context):

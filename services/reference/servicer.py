@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.v1 import reference_pb2_grpc
-from services.common.handlers import unary
+from services.common.handlers import Servicer, unary
 from services.reference.convert import (
     estimator_from_pb,
     kl_inputs_from_pb,
@@ -15,10 +15,9 @@ from services.reference.convert import (
 from services.reference.metrics import ReferenceMetrics
 
 
-class ReferenceServicer(reference_pb2_grpc.ReferenceServiceServicer):
-    def __init__(self, engine: ReferenceEngine, metrics: ReferenceMetrics):
-        self.engine = engine
-        self.metrics = metrics
+class ReferenceServicer(Servicer, reference_pb2_grpc.ReferenceServiceServicer):
+    engine: ReferenceEngine
+    metrics: ReferenceMetrics
 
     @unary("LogProbs")
     async def LogProbs(self, request, context):
