@@ -10,11 +10,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.backends import RemoteBackend, open_backends
+from arbiter.backends import open_backends
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
-from arbiter.kernel import BatchFunction, EngineConfig, LoadedVersion, ModelKernel, ModelSpec
+from arbiter.kernel import EngineConfig, LoadedVersion, ModelKernel, ModelSpec
 from arbiter.reference.backend import REFERENCE
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.types import ModelInfo
@@ -70,12 +70,6 @@ def as_float32(values: Sequence[float]) -> list[float]:
     return array("f", values).tolist()
 
 
-def batch_function(model: ReferenceModel) -> BatchFunction:
-    """Token sequences -> completion log-probs, on the model thread or awaited remotely."""
-    if isinstance(model.backend, RemoteBackend):
-        return model.logprobs_async, model.backend.max_in_flight
-    return model.logprobs, 1
-
 
 class ReferenceEngine:
     def __init__(self, config: ReferenceEngineConfig, executor: Executor, loader: Executor,
@@ -84,7 +78,7 @@ class ReferenceEngine:
         self._observer = observer
         self._backends = open_backends(config.backend, REFERENCE)
         self.models: ModelKernel[ReferenceModel] = ModelKernel(
-            ModelSpec("reference", self._load, batch_function),
+            ModelSpec("reference", self._load, ReferenceModel.batch_function),
             config.kernel_config(),
             executor=executor, loader=loader, batch_observer=observer,
         )

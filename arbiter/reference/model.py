@@ -16,9 +16,9 @@ from pathlib import Path
 
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.lm import PROBE_TEXT, check_token_ids
-from arbiter.backends import Backend, BackendConfig, Backends, open_backends
+from arbiter.backends import Backends
+from arbiter.backends.model import BackendModel
 from arbiter.reference.backend import REFERENCE
-from arbiter.types import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -27,33 +27,21 @@ class TokenSequence:
     completion_token_ids: tuple[int, ...]
 
 
-class ReferenceModel:
-    def __init__(self, backend: Backend, tokenizer, info: ModelInfo):
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.info = info
+class ReferenceModel(BackendModel):
+    """Batches are ``TokenSequence``s; results, per sequence, log pi_ref of
+    each completion token (float64 in-process, float32 values from Triton)."""
+
+    KIND = REFERENCE
 
     @classmethod
     def load(
-        cls,
-        model_dir: str | Path,
-        version: str | None = None,
-        base_dir: str | Path | None = None,
-        max_tokens: int | None = None,
-        backends: Backends | None = None,
+        cls, model_dir: str | Path, version: str | None = None, base_dir: str | Path | None = None,
+        max_tokens: int | None = None, backends: Backends | None = None,
     ) -> ReferenceModel:
         """``model_dir``: a checkpoint or LoRA adapter directory, or with
         Triton a version directory REPO/NAME/N of an exported repository.
         Validated before it is returned (probe log-probs must be finite)."""
-        backends = backends or open_backends(BackendConfig(), REFERENCE)
-        backend = backends.open(model_dir, version=version, max_tokens=max_tokens, base_dir=base_dir)
-        loaded = cls(backend, backend.tokenizer, backend.info)
-        try:
-            loaded.validate()
-        except BaseException:
-            loaded.release()
-            raise
-        return loaded
+        return cls.open(model_dir, backends, version=version, base_dir=base_dir, max_tokens=max_tokens)
 
     def validate(self) -> None:
         """Refuse a version whose log-probs fail or are not finite (a diverged
@@ -62,7 +50,7 @@ class ReferenceModel:
         if len(ids) < 2:
             ids = [0, *ids] if ids else [0, 0]
         try:
-            [logprobs] = self.forward([(ids[:1], ids[1:])])
+            [logprobs] = self.forward([TokenSequence(tuple(ids[:1]), tuple(ids[1:]))])
         except Exception as err:
             raise ModelLoadError(f"probe forward pass failed: {err}") from err
         bad = sum(not math.isfinite(x) for x in logprobs)
@@ -91,22 +79,9 @@ class ReferenceModel:
                 field, f"is {total} tokens (prompt + completion), over the model's max of {self.info.max_tokens}"
             )
 
-    @staticmethod
-    def _pairs(batch: Sequence[TokenSequence]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    def to_backend(self, batch: Sequence[TokenSequence]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         return [(s.prompt_token_ids, s.completion_token_ids) for s in batch]
 
-    def forward(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[list[float]]:
-        return self.backend.forward(pairs)
-
     def logprobs(self, batch: Sequence[TokenSequence]) -> list[list[float]]:
-        """Per item, log pi_ref(completion token | prefix) for each completion
-        token (blocking; float64 in-process, float32 values from Triton)."""
-        return self.backend.forward(self._pairs(batch))
-
-    async def logprobs_async(self, batch: Sequence[TokenSequence]) -> list[list[float]]:
-        """The same through a remote backend, awaited on the event loop."""
-        return await self.backend.forward_async(self._pairs(batch))
-
-    def release(self) -> None:
-        """Free the backend's hold on this version (it is being unloaded)."""
-        self.backend.release()
+        """Per item, log pi_ref(completion token | prefix) for each completion token (blocking)."""
+        return self.forward(batch)

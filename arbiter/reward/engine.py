@@ -15,10 +15,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.backends import RemoteBackend, open_backends
+from arbiter.backends import open_backends
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
-from arbiter.kernel import BatchFunction, EngineConfig, ModelKernel, ModelSpec, VersionObserver
+from arbiter.kernel import EngineConfig, ModelKernel, ModelSpec, VersionObserver
 from arbiter.reward.backend import REWARD
 from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
@@ -50,12 +50,6 @@ class RewardEngineConfig(EngineConfig):
             raise ValueError(f"max_items_per_request must be >= 1, got {self.max_items_per_request}")
 
 
-def batch_function(model: RewardModel) -> BatchFunction:
-    """Token-id sequences -> scores, on the model thread or awaited remotely."""
-    if isinstance(model.backend, RemoteBackend):
-        return model.backend.forward_async, model.backend.max_in_flight
-    return model.forward, 1
-
 
 class RewardEngine(VersionObserver):
     def __init__(self, config: RewardEngineConfig, executor: Executor, loader: Executor, observer: RewardObserver):
@@ -63,7 +57,7 @@ class RewardEngine(VersionObserver):
         self._observer = observer
         self._backends = open_backends(config.backend, REWARD)
         self.models: ModelKernel[RewardModel] = ModelKernel(
-            ModelSpec("reward", self._load, batch_function),
+            ModelSpec("reward", self._load, RewardModel.batch_function),
             config.kernel_config(),
             executor=executor, loader=loader, batch_observer=observer,
         )

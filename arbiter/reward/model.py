@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from arbiter.backends import Backend, BackendConfig, Backends, open_backends
+from arbiter.backends import Backend, Backends
+from arbiter.backends.model import BackendModel
 from arbiter.backends.triton import checkpoint_dir
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.hf import read_metadata
@@ -30,42 +31,35 @@ class EncodedInput:
     truncated: bool
 
 
-class RewardModel:
+class RewardModel(BackendModel):
+    KIND = REWARD
+
     def __init__(
         self, backend: Backend | None, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None
     ):
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.info = info
+        super().__init__(backend, tokenizer, info)
         # Raw scores on the version's calibration set, shipped in arbiter.json:
         # the drift monitor's reference when present.
         self.calibration_scores = calibration_scores
 
     @classmethod
     def load(
-        cls,
-        model_dir: str | Path,
-        version: str | None = None,
-        max_tokens: int | None = None,
+        cls, model_dir: str | Path, version: str | None = None, max_tokens: int | None = None,
         backends: Backends | None = None,
     ) -> RewardModel:
         """``model_dir``: a checkpoint directory, or with Triton a version
         directory REPO/NAME/N of an exported repository. Validated before
         it is returned (a probe score must be finite)."""
-        backends = backends or open_backends(BackendConfig(), REWARD)
-        backend = backends.open(model_dir, version=version, max_tokens=max_tokens, base_dir=None)
-        try:
-            calibration = (read_metadata(checkpoint_dir(model_dir)).extra or {}).get("calibration_scores")
-            if calibration is not None and not (
-                isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
-            ):
-                raise ModelLoadError(f"{str(model_dir)!r}: arbiter.json calibration_scores must be a list of numbers")
-            loaded = cls(backend, backend.tokenizer, backend.info, calibration)
-            loaded.validate()
-        except BaseException:
-            backend.release()
-            raise
-        return loaded
+        return cls.open(model_dir, backends, version=version, max_tokens=max_tokens)
+
+    @classmethod
+    def from_backend(cls, backend: Backend, model_dir: str | Path) -> RewardModel:
+        calibration = (read_metadata(checkpoint_dir(model_dir)).extra or {}).get("calibration_scores")
+        if calibration is not None and not (
+            isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
+        ):
+            raise ModelLoadError(f"{str(model_dir)!r}: arbiter.json calibration_scores must be a list of numbers")
+        return cls(backend, backend.tokenizer, backend.info, calibration)
 
     def with_info(self, **changes) -> RewardModel:
         return RewardModel(self.backend, self.tokenizer, replace(self.info, **changes), self.calibration_scores)
@@ -119,13 +113,7 @@ class RewardModel:
 
     # -- model ----------------------------------------------------------
 
-    def forward(self, batch: list[list[int]]) -> list[float]:
-        """Scores of a batch of token-id sequences (blocking)."""
-        return self.backend.forward(batch)
 
-    def release(self) -> None:
-        """Free the backend's hold on this version (it is being unloaded)."""
-        self.backend.release()
 
 
 def _check_conversation(messages: Sequence[ChatMessage], field: str) -> None:

@@ -1,0 +1,69 @@
+"""What the reward and reference kinds share about one loaded version: a
+backend (in-process or Triton), its tokenizer and info, opened and validated
+together (a version that fails validation is released, never served), and
+the batch function the kernel's batcher runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from arbiter.backends import Backend, BackendConfig, Backends, ModelKind, RemoteBackend, open_backends
+from arbiter.types import ModelInfo
+
+Self = TypeVar("Self", bound="BackendModel")
+
+
+class BackendModel:
+    KIND: ClassVar[ModelKind]
+
+    def __init__(self, backend: Backend | None, tokenizer: Any, info: ModelInfo):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.info = info
+
+    @classmethod
+    def open(cls: type[Self], model_dir: str | Path, backends: Backends | None = None, **options: Any) -> Self:
+        """The version at ``model_dir`` (in-process unless ``backends`` says
+        otherwise), validated; ``options``: version, max_tokens, base_dir."""
+        backends = backends or open_backends(BackendConfig(), cls.KIND)
+        backend = backends.open(model_dir, **{"version": None, "max_tokens": None, "base_dir": None, **options})
+        try:
+            loaded = cls.from_backend(backend, model_dir)
+            loaded.validate()
+        except BaseException:
+            backend.release()
+            raise
+        return loaded
+
+    @classmethod
+    def from_backend(cls: type[Self], backend: Backend, model_dir: str | Path) -> Self:
+        return cls(backend, backend.tokenizer, backend.info)
+
+    def validate(self) -> None:
+        """Refuse a version that cannot serve (raises ModelLoadError)."""
+
+    def to_backend(self, items: Sequence[Any]) -> list:
+        """The batcher's items as the backend's batch (the same by default)."""
+        return list(items)
+
+    def forward(self, items: Sequence[Any]) -> list:
+        """Results of a batch (blocking: on the model thread)."""
+        return self.backend.forward(self.to_backend(items))
+
+    async def forward_async(self, items: Sequence[Any]) -> list:
+        """The same through a remote backend, awaited on the event loop."""
+        return await self.backend.forward_async(self.to_backend(items))
+
+    def batch_function(self):
+        """What this version's batcher runs: a remote backend is awaited with
+        up to its ``max_in_flight`` batches out; a local one runs on the model
+        thread, one batch at a time."""
+        if isinstance(self.backend, RemoteBackend):
+            return self.forward_async, self.backend.max_in_flight
+        return self.forward, 1
+
+    def release(self) -> None:
+        """Free the backend's hold on this version (it is being unloaded)."""
+        self.backend.release()
