@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arbiter.backends import BackendConfig
+from arbiter.batching import BatchingConfig
 from arbiter.config import flag, require
 
 LOOPBACK = "127.0.0.1"
@@ -87,6 +88,18 @@ class ModelServerSettings(ServerSettings):
         require(self.max_loaded_versions >= 0, "max_loaded_versions", "must be >= 0 (0: no limit)",
                 self.max_loaded_versions)
         require(isinstance(self.backend, BackendConfig), "backend", "must be a BackendConfig", self.backend)
+
+
+@dataclass(frozen=True)
+class BatchedModelServerSettings(ModelServerSettings):
+    """A model server whose requests are coalesced into batches (reward, reference)."""
+
+    batching: BatchingConfig = BatchingConfig()
+
+    def engine_fields(self) -> dict:
+        """The ``arbiter.kernel.EngineConfig`` fields, queue delay resolved for the backend."""
+        return dict(batching=self.batching.for_backend(self.backend.kind), max_tokens=self.max_tokens,
+                    backend=self.backend, max_loaded_versions=self.max_loaded_versions)
 
 
 def auth_token_from_env() -> str | None:

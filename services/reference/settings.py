@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from arbiter.batching import BatchingConfig
 from arbiter.config import flag, require
 from arbiter.reference.engine import ReferenceEngineConfig
-from services.common.settings import ModelServerSettings
+from services.common.settings import BatchedModelServerSettings
 
 
 @dataclass(frozen=True)
-class ReferenceSettings(ModelServerSettings):
+class ReferenceSettings(BatchedModelServerSettings):
     port: int = 50053
     model_dir: str = field(default="", metadata=flag(
         "--model", help="Hugging Face causal-LM directory (the frozen reference); with --backend triton, REPO/NAME/N"))
@@ -26,11 +26,8 @@ class ReferenceSettings(ModelServerSettings):
 
     def engine_config(self) -> ReferenceEngineConfig:
         return ReferenceEngineConfig(
-            batching=self.batching.for_backend(self.backend.kind),
+            **self.engine_fields(),
             max_sequences_per_request=self.max_sequences_per_request,
-            max_tokens=self.max_tokens,
             # LoRA adapters loaded later apply to the server's base model.
             base_model_dir=self.model_dir,
-            backend=self.backend,
-            max_loaded_versions=self.max_loaded_versions,
         )

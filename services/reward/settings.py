@@ -2,19 +2,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from arbiter.batching import BatchingConfig
 from arbiter.config import flag, require
 from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
 from arbiter.stream import KafkaSettings
-from services.common.settings import ModelServerSettings
+from services.common.settings import BatchedModelServerSettings
 
 
 @dataclass(frozen=True)
-class RewardSettings(ModelServerSettings):
+class RewardSettings(BatchedModelServerSettings):
     model_dir: str = field(default="", metadata=flag(
         "--model", help="Hugging Face reward-model directory (num_labels=1); with --backend triton, REPO/NAME/N"))
-    batching: BatchingConfig = BatchingConfig()
     max_items_per_request: int = field(default=256, metadata=flag(help="items in one Score request"))
     # Requests of one ScoreStream processed concurrently; more wait (backpressure).
     stream_max_in_flight: int = field(default=64, metadata=flag(help="ScoreStream messages scored at once"))
@@ -41,13 +39,7 @@ class RewardSettings(ModelServerSettings):
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
 
     def engine_config(self) -> RewardEngineConfig:
-        return RewardEngineConfig(
-            batching=self.batching.for_backend(self.backend.kind),
-            max_items_per_request=self.max_items_per_request,
-            max_tokens=self.max_tokens,
-            backend=self.backend,
-            max_loaded_versions=self.max_loaded_versions,
-        )
+        return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request)
 
     def drift_config(self) -> DriftConfig:
         return DriftConfig(
