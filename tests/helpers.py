@@ -5,6 +5,7 @@ metrics and stream contents that many files make."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 import urllib.request
@@ -152,3 +153,39 @@ def metric_value(server: BackgroundServer, name: str, **labels: str) -> float | 
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return None
+
+
+class Traffic:
+    """Client threads calling ``call`` back to back while a test changes the
+    server under them (a version swap): ``seen`` counts the answers by what
+    ``call`` returns (the version that answered), ``failures`` keeps every
+    RPC error. ``wait_for(key, n)`` waits until ``n`` more answers came from
+    ``key``."""
+
+    def __init__(self, call: Callable[[], Any], clients: int = 1):
+        self.call = call
+        self.seen: collections.Counter = collections.Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name=f"traffic-{i}") for i in range(clients)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.seen[self.call()] += 1
+            except grpc.RpcError as err:
+                self.failures.append(f"{err.code().name}: {err.details()}")
+
+    def wait_for(self, key: Any, more: int = 3, timeout_s: float = 60.0) -> None:
+        target = self.seen[key] + more
+        wait_until(lambda: self.seen[key] >= target, timeout_s, f"{more} more answers from {key!r}")
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)

@@ -7,9 +7,7 @@ refusals that change nothing, eviction past ``max_loaded_versions``, the
 ``arbiter_model_active`` metric, and swaps under load with zero failed
 requests."""
 
-import collections
 import shutil
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -28,7 +26,7 @@ from arbiter.v1 import (
     reward_pb2,
     reward_pb2_grpc,
 )
-from helpers import BackgroundServer, expect_error, metrics_text, wait_until
+from helpers import BackgroundServer, Traffic, expect_error, metrics_text
 
 CASES = [
     ("reward", "torch"), ("reference", "torch"), ("policy", "torch"), ("reward", "triton"), ("reference", "triton"),
@@ -199,27 +197,11 @@ def test_loading_past_the_limit_evicts_the_oldest_inactive_version(served):
 
 
 def test_swap_under_load_fails_no_request(served):
-    seen, failures = collections.Counter(), []
-    stop = threading.Event()
-
-    def call_continuously():
-        while not stop.is_set():
-            try:
-                seen[served.call()] += 1
-            except grpc.RpcError as err:
-                failures.append(f"{err.code().name}: {err.details()}")
-
-    client = threading.Thread(target=call_continuously)
-    client.start()
-    try:
-        wait_until(lambda: seen["v0"] >= 3, 120, "answers from v0")
+    with Traffic(served.call) as traffic:
+        traffic.wait_for("v0")
         served.load(served.paths[0], "v1", activate=True)
-        wait_until(lambda: seen["v1"] >= 3, 120, "answers from v1")
+        traffic.wait_for("v1")
         served.models.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v0"), timeout=300)
-        after = seen["v1"]
-        wait_until(lambda: seen["v1"] >= after + 3, 120, "answers after the unload")
-    finally:
-        stop.set()
-        client.join(timeout=60)
-    assert failures == []
-    assert set(seen) == {"v0", "v1"}
+        traffic.wait_for("v1")
+    assert traffic.failures == []
+    assert set(traffic.seen) == {"v0", "v1"}

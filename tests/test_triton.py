@@ -5,12 +5,10 @@ test_triton_reference.py). Scores through Triton are compared with the in-proces
 backend serving the same exported directory."""
 
 import asyncio
-import collections
 import concurrent.futures
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from helpers import BackgroundServer, expect_error, wait_until
+from helpers import BackgroundServer, Traffic, expect_error
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from cli.main import parse_args
@@ -266,39 +264,27 @@ def test_swap_versions_with_zero_failed_requests(stub, models_stub, control, rep
         "v1": in_process_scores(repo / MODEL / "2" / "checkpoint", [pair])[0],
     }
     request = reward_pb2.ScoreRequest(inputs=[text_input(*pair)])
-    seen, failures, wrong = collections.Counter(), [], []
-    stop = threading.Event()
+    wrong = []
 
-    def score_continuously():
-        while not stop.is_set():
-            try:
-                response = stub.Score(request, timeout=30)
-            except grpc.RpcError as err:
-                failures.append(f"{err.code().name}: {err.details()}")
-                continue
-            seen[response.model_version] += 1
-            if abs(response.results[0].score - expected[response.model_version]) > 1e-5:
-                wrong.append(response)
+    def score():
+        response = stub.Score(request, timeout=30)
+        if abs(response.results[0].score - expected[response.model_version]) > 1e-5:
+            wrong.append(response)
+        return response.model_version
 
-    client = threading.Thread(target=score_continuously)
-    client.start()
-    try:
-        wait_until(lambda: seen["v0"] >= 3, 30, "scores from v0")
+    with Traffic(score) as traffic:
+        traffic.wait_for("v0")
         loaded = models_stub.LoadModelVersion(
             common_pb2.LoadModelVersionRequest(path=str(repo / MODEL / "2"), version="v1", activate=False), timeout=300
         )
         assert loaded.info.backend == "triton" and not loaded.info.active
         assert control.ready_versions() == {1, 2}
         models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="v1"), timeout=10)
-        wait_until(lambda: seen["v1"] >= 3, 30, "scores from v1")
+        traffic.wait_for("v1")
         models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v0"), timeout=300)
         assert control.ready_versions() == {2}
-        after = seen["v1"]
-        wait_until(lambda: seen["v1"] >= after + 3, 30, "scores after the unload")
-    finally:
-        stop.set()
-        client.join(timeout=60)
-    assert failures == []
+        traffic.wait_for("v1")
+    assert traffic.failures == []
     assert wrong == []
     versions = models_stub.ListModelVersions(common_pb2.ListModelVersionsRequest(), timeout=10).versions
     assert [(v.version, v.active, v.source_path) for v in versions] == [("v1", True, str(repo / MODEL / "2"))]

@@ -4,9 +4,7 @@ and KL equal the in-process backend serving the same exported directory,
 version swaps under load fail nothing, Triton's failures are clear statuses."""
 
 import asyncio
-import collections
 import concurrent.futures
-import threading
 
 import grpc
 import numpy as np
@@ -23,7 +21,7 @@ from arbiter.errors import BackendError, BackendUnavailable
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
-from helpers import BackgroundServer, expect_error, wait_until
+from helpers import BackgroundServer, Traffic, expect_error, wait_until
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from services.reference.server import create_server, settings_from_args
@@ -248,41 +246,27 @@ def test_swap_versions_with_zero_failed_requests(stub, models_stub, control, rep
     }
     assert expected["v0"] != pytest.approx(expected["ref-v2"], abs=1e-3)
     request = logprobs_request([pair])
-    seen, failures, wrong = collections.Counter(), [], []
-    stop = threading.Event()
+    wrong = []
 
-    def ask_continuously():
-        while not stop.is_set():
-            try:
-                response = stub.LogProbs(request, timeout=30)
-            except grpc.RpcError as err:
-                failures.append(f"{err.code().name}: {err.details()}")
-                continue
-            seen[response.model_version] += 1
-            if list(response.results[0].logprobs) != pytest.approx(expected[response.model_version], abs=1e-5):
-                wrong.append(response)
+    def ask():
+        response = stub.LogProbs(request, timeout=30)
+        if list(response.results[0].logprobs) != pytest.approx(expected[response.model_version], abs=1e-5):
+            wrong.append(response)
+        return response.model_version
 
-    clients = [threading.Thread(target=ask_continuously) for _ in range(2)]
-    for client in clients:
-        client.start()
-    try:
-        wait_until(lambda: seen["v0"] >= 3, 30, "log-probs from v0")
+    with Traffic(ask, clients=2) as traffic:
+        traffic.wait_for("v0")
         loaded = models_stub.LoadModelVersion(
             common_pb2.LoadModelVersionRequest(path=str(repo / MODEL / "2"), activate=False), timeout=300
         )
         assert (loaded.info.version, loaded.info.backend, loaded.info.active) == ("ref-v2", "triton", False)
         assert control.ready_versions() == {1, 2}
         models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="ref-v2"), timeout=10)
-        wait_until(lambda: seen["ref-v2"] >= 3, 30, "log-probs from ref-v2")
+        traffic.wait_for("ref-v2")
         models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v0"), timeout=300)
         assert control.ready_versions() == {2}
-        after = seen["ref-v2"]
-        wait_until(lambda: seen["ref-v2"] >= after + 3, 30, "log-probs after the unload")
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(timeout=60)
-    assert failures == []
+        traffic.wait_for("ref-v2")
+    assert traffic.failures == []
     assert wrong == []
     versions = models_stub.ListModelVersions(common_pb2.ListModelVersionsRequest(), timeout=10).versions
     assert [(v.version, v.active, v.source_path) for v in versions] == [("ref-v2", True, str(repo / MODEL / "2"))]
