@@ -67,3 +67,38 @@ class BackendModel:
     def release(self) -> None:
         """Free the backend's hold on this version (it is being unloaded)."""
         self.backend.release()
+
+
+class BackendEngine:
+    """The engine of a backend kind (reward, reference): its backends and its
+    versioned-model kernel, with one batcher per version. Subclasses add the
+    kind's requests; ``load_options`` what else a version loads with."""
+
+    MODEL: ClassVar[type[BackendModel]]
+
+    def __init__(self, config, executor, loader, observer):
+        from arbiter.kernel import ModelKernel, ModelSpec
+
+        self.config = config
+        self._observer = observer
+        self._backends = open_backends(config.backend, self.MODEL.KIND)
+        self.models = ModelKernel(
+            ModelSpec(self.MODEL.KIND.name, self._load, self.MODEL.batch_function),
+            config.kernel_config(), executor=executor, loader=loader, batch_observer=observer,
+        )
+
+    def load_options(self) -> dict[str, Any]:
+        return {}
+
+    def _load(self, path: str, version: str | None) -> BackendModel:
+        return self.MODEL.open(path, self._backends, version=version, max_tokens=self.config.max_tokens,
+                               **self.load_options())
+
+    def info(self, version: str = "") -> ModelInfo:
+        return self.models.info(version)
+
+    async def close(self) -> None:
+        """Stop serving. Versions stay loaded in a remote backend (Triton):
+        a restarting service, or its other replicas, keep using them."""
+        await self.models.close()
+        await self._backends.aclose()

@@ -6,19 +6,15 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.backends import open_backends
+from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
-from arbiter.kernel import EngineConfig, LoadedVersion, ModelKernel, ModelSpec
-from arbiter.reference.backend import REFERENCE
+from arbiter.kernel import EngineConfig, LoadedVersion, ModelKernel
 from arbiter.reference.model import ReferenceModel, TokenSequence
-from arbiter.types import ModelInfo
-
 
 
 class ReferenceObserver(BatchObserver, Protocol):
@@ -71,26 +67,14 @@ def as_float32(values: Sequence[float]) -> list[float]:
 
 
 
-class ReferenceEngine:
-    def __init__(self, config: ReferenceEngineConfig, executor: Executor, loader: Executor,
-                 observer: ReferenceObserver):
-        self.config = config
-        self._observer = observer
-        self._backends = open_backends(config.backend, REFERENCE)
-        self.models: ModelKernel[ReferenceModel] = ModelKernel(
-            ModelSpec("reference", self._load, ReferenceModel.batch_function),
-            config.kernel_config(),
-            executor=executor, loader=loader, batch_observer=observer,
-        )
+class ReferenceEngine(BackendEngine):
+    MODEL = ReferenceModel
+    models: ModelKernel[ReferenceModel]
+    config: ReferenceEngineConfig
 
-    def _load(self, path: str, version: str | None) -> ReferenceModel:
-        return ReferenceModel.load(
-            path, version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
-            backends=self._backends,
-        )
-
-    def info(self, version: str = "") -> ModelInfo:
-        return self.models.info(version)
+    def load_options(self) -> dict:
+        # LoRA adapters apply to the server's base model.
+        return {"base_dir": self.config.base_model_dir}
 
     # -- requests -------------------------------------------------------
 
@@ -152,9 +136,3 @@ class ReferenceEngine:
             per_token = per_token_kl(estimator, as_float32(item.policy_logprobs), ref32)
             results.append(KLSequence(per_token, sequence_kl(per_token), ref32))
         return KLResult(results, estimator, entry.model.info.version)
-
-    async def close(self) -> None:
-        """Stop serving. Versions stay loaded in a remote backend (Triton):
-        a restarting service, or its other replicas, keep using them."""
-        await self.models.close()
-        await self._backends.aclose()

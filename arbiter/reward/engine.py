@@ -15,13 +15,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-from arbiter.backends import open_backends
+from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
-from arbiter.kernel import EngineConfig, ModelKernel, ModelSpec, VersionObserver
-from arbiter.reward.backend import REWARD
+from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
 from arbiter.reward.model import RewardModel
-from arbiter.types import ChatMessage, ModelInfo, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
+from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +50,17 @@ class RewardEngineConfig(EngineConfig):
 
 
 
-class RewardEngine(VersionObserver):
+class RewardEngine(BackendEngine, VersionObserver):
+    MODEL = RewardModel
+    models: ModelKernel[RewardModel]
+
     def __init__(self, config: RewardEngineConfig, executor: Executor, loader: Executor, observer: RewardObserver):
-        self.config = config
-        self._observer = observer
-        self._backends = open_backends(config.backend, REWARD)
-        self.models: ModelKernel[RewardModel] = ModelKernel(
-            ModelSpec("reward", self._load, RewardModel.batch_function),
-            config.kernel_config(),
-            executor=executor, loader=loader, batch_observer=observer,
-        )
+        super().__init__(config, executor, loader, observer)
         self.models.add_observer(self)
         # (candidate version, fraction of requests also scored by it)
         self._shadow: tuple[str, float] | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_rng = random.Random(0)
-
-    def _load(self, path: str, version: str | None) -> RewardModel:
-        return RewardModel.load(path, version=version, max_tokens=self.config.max_tokens, backends=self._backends)
-
-    def info(self, version: str = "") -> ModelInfo:
-        return self.models.info(version)
 
     # -- version hooks (arbiter.kernel) ------------------------------------
 
@@ -192,12 +181,9 @@ class RewardEngine(VersionObserver):
         self._observer.on_shadow(active, candidate, raw, shadow_raw)
 
     async def close(self) -> None:
-        """Stop serving. Versions stay loaded in a remote backend (Triton):
-        a restarting service, or its other replicas, keep using them."""
         for task in list(self._shadow_tasks):
             task.cancel()
-        await self.models.close()
-        await self._backends.aclose()
+        await super().close()
 
 
 def _sigmoid(x: float) -> float:
