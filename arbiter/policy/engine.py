@@ -23,9 +23,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from arbiter.config import flag, require
 from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
 from arbiter.lm import check_compatible
@@ -49,39 +50,41 @@ class PolicyObserver(Protocol):
 
 
 @dataclass(frozen=True)
-class PolicyEngineConfig:
-    max_prompts_per_request: int = 64
-    max_samples_per_prompt: int = 16
+class GenerationLimits:
+    """What one Generate request may ask for; nested in the policy server's
+    settings, so each is also its flag (``--max-rows-per-request``)."""
+
+    max_prompts_per_request: int = field(default=64, metadata=flag(help="prompts in one request"))
+    max_samples_per_prompt: int = field(default=16, metadata=flag(help="limit on sampling.n"))
     # prompts x n rows of one batched generation.
-    max_rows_per_request: int = 256
-    max_new_tokens_limit: int = 1024
-    default_max_new_tokens: int = 64
-    max_stop_strings: int = 8
+    max_rows_per_request: int = field(default=256, metadata=flag(help="limit on prompts x n"))
+    # Upper limit a request may ask for; requests without one get the default.
+    max_new_tokens: int = field(default=1024, metadata=flag(help="limit on sampling.max_new_tokens"))
+    default_max_new_tokens: int = field(default=64, metadata=flag(help="sampling.max_new_tokens when unset"))
+    max_stop_strings: int = field(default=8, metadata=flag(help="limit on sampling.stop"))
     # Generations running at once (each holds a KV cache); more wait their turn.
-    max_concurrent_generations: int = 8
+    max_concurrent_generations: int = field(default=8, metadata=flag(help="generations decoding at once"))
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens",
+            "default_max_new_tokens", "max_concurrent_generations",
+        ):
+            require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0", self.max_stop_strings)
+        require(self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
+                f"must be <= max_new_tokens ({self.max_new_tokens})", self.default_max_new_tokens)
+
+
+@dataclass(frozen=True)
+class PolicyEngineConfig:
+    limits: GenerationLimits = GenerationLimits()
     # Loaded versions kept; loading past it unloads the oldest inactive (0: no limit).
     max_loaded_versions: int = 2
     # Caps the model's own limit (never raises it).
     max_tokens: int | None = None
     # LoRA adapters loaded later apply to this base (the server's --model).
     base_model_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens_limit",
-            "default_max_new_tokens", "max_concurrent_generations",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_loaded_versions < 0:
-            raise ValueError(f"max_loaded_versions must be >= 0, got {self.max_loaded_versions}")
-        if self.max_stop_strings < 0:
-            raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
-        if self.default_max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError(
-                f"default_max_new_tokens ({self.default_max_new_tokens}) must be <= max_new_tokens_limit "
-                f"({self.max_new_tokens_limit})"
-            )
 
 
 def check_replacement(new: PolicyModel, serving: PolicyModel) -> None:
@@ -101,7 +104,7 @@ class PolicyEngine:
             KernelConfig(max_loaded_versions=config.max_loaded_versions),
             executor=executor, loader=loader,
         )
-        self._slots = asyncio.Semaphore(config.max_concurrent_generations)
+        self._slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
         self._active_generations = 0
         self._closed = False
 
@@ -119,12 +122,12 @@ class PolicyEngine:
     # -- requests -------------------------------------------------------
 
     def resolve(self, params: SamplingParams) -> ResolvedSampling:
-        cfg = self.config
+        cfg = self.config.limits
         max_new = params.max_new_tokens or cfg.default_max_new_tokens
-        if params.max_new_tokens < 0 or max_new > cfg.max_new_tokens_limit:
+        if params.max_new_tokens < 0 or max_new > cfg.max_new_tokens:
             raise InvalidInput(
                 "sampling.max_new_tokens",
-                f"is {params.max_new_tokens}; allowed 1..{cfg.max_new_tokens_limit} (0 means the server's "
+                f"is {params.max_new_tokens}; allowed 1..{cfg.max_new_tokens} (0 means the server's "
                 f"default of {cfg.default_max_new_tokens})",
             )
         if not (math.isfinite(params.temperature) and params.temperature >= 0):
@@ -154,17 +157,17 @@ class PolicyEngine:
             raise ShuttingDown("the server is stopping; retry on another replica")
         if not prompts:
             raise InvalidInput(field, "is empty; send at least one prompt")
-        if len(prompts) > self.config.max_prompts_per_request:
+        if len(prompts) > self.config.limits.max_prompts_per_request:
             raise LimitExceeded(
                 f"{len(prompts)} prompts in one request, over the limit of "
-                f"{self.config.max_prompts_per_request}; split the request"
+                f"{self.config.limits.max_prompts_per_request}; split the request"
             )
         resolved = self.resolve(params)
         rows = len(prompts) * resolved.n
-        if rows > self.config.max_rows_per_request:
+        if rows > self.config.limits.max_rows_per_request:
             raise LimitExceeded(
                 f"{len(prompts)} prompts x n={resolved.n} = {rows} samples, over the limit of "
-                f"{self.config.max_rows_per_request} per request; split the request or lower n"
+                f"{self.config.limits.max_rows_per_request} per request; split the request or lower n"
             )
         # The version is fixed here, for the whole generation.
         model = self.models.get(model_version).model

@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass, field
 
 from arbiter.config import flag, require
-from arbiter.policy.engine import PolicyEngineConfig
+from arbiter.policy.engine import GenerationLimits, PolicyEngineConfig
 from arbiter.stream import KafkaSettings
 from services.common.settings import ModelServerSettings
 
@@ -21,14 +21,7 @@ class PolicySettings(ModelServerSettings):
     # A new version per trainer update: keep the serving one and its predecessor.
     max_loaded_versions: int = field(default=2, metadata=flag(
         help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
-    max_prompts_per_request: int = 64
-    max_samples_per_prompt: int = field(default=16, metadata=flag(help="limit on sampling.n"))
-    max_rows_per_request: int = field(default=256, metadata=flag(help="limit on prompts x n"))
-    # Upper limit a request may ask for; requests without one get the default.
-    max_new_tokens: int = field(default=1024, metadata=flag(help="limit on sampling.max_new_tokens"))
-    default_max_new_tokens: int = 64
-    max_stop_strings: int = 8
-    max_concurrent_generations: int = 8
+    limits: GenerationLimits = GenerationLimits()
     # Follow the policy-updates topic: load and activate each new version.
     follow_updates: bool = field(default=False, metadata=flag(
         help="load and activate each new version published on the policy-updates topic (needs --kafka-*)"))
@@ -54,28 +47,6 @@ class PolicySettings(ModelServerSettings):
                 isinstance(self.kafka, KafkaSettings), "kafka",
                 "follow_updates needs KafkaSettings (--kafka-bootstrap-servers or ARBITER_KAFKA_*)", self.kafka,
             )
-        for name in (
-            "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens",
-            "default_max_new_tokens", "max_concurrent_generations",
-        ):
-            require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0", self.max_stop_strings)
-        require(
-            self.default_max_new_tokens <= self.max_new_tokens,
-            "default_max_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})",
-            self.default_max_new_tokens,
-        )
 
     def engine_config(self) -> PolicyEngineConfig:
-        return PolicyEngineConfig(
-            max_prompts_per_request=self.max_prompts_per_request,
-            max_samples_per_prompt=self.max_samples_per_prompt,
-            max_rows_per_request=self.max_rows_per_request,
-            max_new_tokens_limit=self.max_new_tokens,
-            default_max_new_tokens=self.default_max_new_tokens,
-            max_stop_strings=self.max_stop_strings,
-            max_concurrent_generations=self.max_concurrent_generations,
-            max_loaded_versions=self.max_loaded_versions,
-            max_tokens=self.max_tokens,
-            base_model_dir=self.model_dir,
-        )
+        return PolicyEngineConfig(self.limits, self.max_loaded_versions, self.max_tokens, base_model_dir=self.model_dir)
