@@ -9,6 +9,7 @@ given and what is allowed, so a user can fix it without reading code.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from pathlib import Path
@@ -55,9 +56,6 @@ def flag(name: str | None = "", *, help: str = "", **argparse: Any) -> dict[str,
 
 
 def _flag_fields(cls: type) -> list[tuple[Any, Any, dict[str, Any]]]:
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -68,62 +66,69 @@ def _flag_fields(cls: type) -> list[tuple[Any, Any, dict[str, Any]]]:
     return out
 
 
-def _scalar(annotation: Any) -> tuple[type | None, bool]:
-    """(int | float | str | bool | None, optional) of a field annotation."""
-    import types
-    import typing
-
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return (inner[0] if len(inner) == 1 and inner[0] in (int, float, str, bool) else None), True
-    return (annotation if annotation in (int, float, str, bool) else None), False
+def _flag_type(hint: Any, spec: dict[str, Any]) -> type | None:
+    """The one scalar (or enum) type a flag parses; None for structured fields
+    (tuples, mappings) unless their metadata says how (``action="append"``)."""
+    kinds = [a for a in _hint_args(hint) if a is not type(None)]
+    if len(kinds) != 1:
+        return None
+    kind = kinds[0]
+    if kind in (int, float, str, bool) or (isinstance(kind, type) and issubclass(kind, enum.Enum)):
+        return kind
+    return str if spec.get("action") == "append" else None
 
 
 def add_flags(parser: Any, cls: type, *, defaults: dict[str, Any] | None = None, required: tuple[str, ...] = ()) -> None:
     """Declare ``cls``'s fields as flags on an argparse parser (or group).
     ``defaults`` overrides per-component defaults (a service's port);
     ``required`` lists fields that must be given."""
-    import dataclasses
-
     defaults = defaults or {}
-    for f, annotation, spec in _flag_fields(cls):
-        if dataclasses.is_dataclass(annotation):
+    for f, hint, spec in _flag_fields(cls):
+        section = _section(hint)
+        if section is not None:
             # A component may default a nested block differently (the reference
             # batches 16 items, the reward 32): its instance gives the defaults.
             nested = {} if f.default is dataclasses.MISSING else {
-                n.name: getattr(f.default, n.name) for n in dataclasses.fields(annotation)}
-            add_flags(parser, annotation, defaults={**nested, **defaults}, required=required)
+                n.name: getattr(f.default, n.name) for n in dataclasses.fields(section)}
+            add_flags(parser, section, defaults={**nested, **defaults}, required=required)
             continue
-        kind, optional = _scalar(annotation)
+        kind = _flag_type(hint, spec)
         if kind is None:
-            continue  # structured fields (tuples, other settings) are not flags
+            continue
         name = spec.pop("name") or "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        # A default factory (a generated id, say) runs when the flag is not given.
+        default = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         kwargs: dict[str, Any] = {"dest": f.name, **spec}
         if kind is bool:
             kwargs["action"] = "store_false" if default else "store_true"
+        elif issubclass(kind, enum.Enum):
+            kwargs.update(choices=[e.value for e in kind], default=None if default is None else kind(default).value)
+        elif spec.get("action") == "append":
+            kwargs["default"] = list(default or ())
         else:
             kwargs.setdefault("type", kind)
-            kwargs["default"] = None if optional and default is None else default
-            if f.name in required:
-                kwargs["required"] = True
+            kwargs["default"] = default
+        if f.name in required:
+            kwargs["required"] = True
         parser.add_argument(name, **kwargs)
 
 
 def from_flags(cls: type, args: Any, **given: Any) -> Any:
     """``cls`` built from parsed flags (nested settings included) and ``given``
-    fields (those without flags, e.g. secrets read from the environment)."""
-    import dataclasses
-
+    fields (those without flags, e.g. secrets read from the environment). A
+    flag left unset for a field with a default factory gets the factory's value."""
     values = dict(given)
-    for f, annotation, _ in _flag_fields(cls):
+    for f, hint, spec in _flag_fields(cls):
         if f.name in values:
             continue
-        if dataclasses.is_dataclass(annotation):
-            values[f.name] = from_flags(annotation, args)
-        elif _scalar(annotation)[0] is not None and hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
+        section = _section(hint)
+        if section is not None:
+            values[f.name] = from_flags(section, args)
+        elif _flag_type(hint, spec) is not None and hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if value is None and f.default_factory is not dataclasses.MISSING:
+                continue
+            values[f.name] = value
     return cls(**values)
 
 

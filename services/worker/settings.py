@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from arbiter.config import require, require_choice
+from arbiter.config import flag, require, require_choice
 from arbiter.stream import KafkaSettings
 from arbiter.types import Truncation
 from services.worker.gold import GOLD_SCORERS
@@ -25,61 +25,71 @@ def default_worker_id() -> str:
 @dataclass(frozen=True)
 class WorkerSettings:
     # gRPC targets (HOST:PORT, or several replicas: ipv4:H:P,H:P / dns:///name).
-    policy_target: str = ""
-    reward_target: str = ""
-    reference_target: str = ""
+    policy_target: str = field(default="", metadata=flag("--policy", help="HOST:PORT of the policy service"))
+    reward_target: str = field(default="", metadata=flag("--reward", help="HOST:PORT of the reward service"))
+    reference_target: str = field(default="", metadata=flag(
+        "--reference", help="HOST:PORT of the reference service"))
     # The prompt source of run(): a JSON-lines file, or the prompts topic
     # (run_once takes its prompts as an argument and needs neither).
-    prompts_file: str | None = None
-    prompts_topic: bool = False
+    # Their flags (--prompts FILE | --prompts-topic) are one required choice: services/worker/main.py.
+    prompts_file: str | None = field(default=None, metadata=flag(None))
+    prompts_topic: bool = field(default=False, metadata=flag(None))
     # File source: passes over the file (0: forever), reshuffled each pass.
-    passes: int = 0
-    shuffle: bool = False
+    passes: int = field(default=0, metadata=flag(help="passes over --prompts (0: loop forever)"))
+    shuffle: bool = field(default=False, metadata=flag(help="shuffle --prompts every pass (with --seed)"))
     # Stop once this many rollouts were produced (None: never). Groups are
     # never split, so the last batch may overshoot by < samples_per_prompt.
-    max_rollouts: int | None = None
+    max_rollouts: int | None = field(default=None, metadata=flag(help="stop after producing this many rollouts"))
     # Bounds staleness: after this many rollouts from one policy version the
     # worker waits until the policy serves a newer one (None: never waits).
     # With W workers and a trainer batch of B rollouts, keep W x this >= B, or
     # the trainer never gets a full batch and nobody moves.
-    max_rollouts_per_version: int | None = None
+    max_rollouts_per_version: int | None = field(default=None, metadata=flag(
+        help="after this many rollouts from one policy version, wait for a newer one (bounds staleness)"))
     # How often a waiting worker asks the policy for its active version.
-    version_poll_s: float = 0.5
+    version_poll_s: float = field(default=0.5, metadata=flag(help="how often a waiting worker asks for the version"))
     # Sampling. One Generate call = prompts_per_call prompts x samples_per_prompt.
-    samples_per_prompt: int = 4
-    prompts_per_call: int = 8
+    samples_per_prompt: int = field(default=4, metadata=flag(help="samples per prompt (one group)"))
+    prompts_per_call: int = field(default=8, metadata=flag(help="prompts per Generate call"))
     max_new_tokens: int = 64
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
+    top_k: int = field(default=0, metadata=flag(help="0: off"))
+    top_p: float = field(default=1.0, metadata=flag(help="1: off"))
+    stop: tuple[str, ...] = field(default=(), metadata=flag(action="append", help="stop string (repeatable)"))
     # Seeds the shuffle and every Generate call (seed + call number), for
     # reproducible runs; give concurrent workers different seeds. None: random.
-    seed: int | None = None
+    seed: int | None = field(default=None, metadata=flag(
+        help="seeds the shuffle and generation (seed + call number)"))
     # What the reward service does with a sample longer than the RM's limit
     # (a Truncation or its name). LEFT keeps the end of the response, where a
     # last-token RM head reads.
-    reward_truncation: Truncation = Truncation.LEFT
+    reward_truncation: Truncation = field(default=Truncation.LEFT, metadata=flag(
+        help="samples longer than the RM's limit: keep the end (left), the start (right), or fail"))
     # Held-out scorer of the completion text, stored as Rollout.gold_score.
-    gold: str | None = None
-    worker_id: str = field(default_factory=default_worker_id)
-    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    gold: str | None = field(default=None, metadata=flag(
+        choices=sorted(GOLD_SCORERS), help="also store a gold score of each completion"))
+    worker_id: str = field(default_factory=default_worker_id, metadata=flag(help="default: HOST-PID-random"))
+    kafka: KafkaSettings = field(default_factory=KafkaSettings, metadata=flag(None))
     # Create the rollouts (and prompts) topics if missing, with their final
     # partition counts; off by default: production topics are provisioned.
-    create_topics: bool = False
+    create_topics: bool = field(default=False, metadata=flag(
+        help="create missing topics (final partition counts)"))
     metrics_host: str = "127.0.0.1"
     # None: no /metrics endpoint. 0: any free port.
-    metrics_port: int | None = None
+    metrics_port: int | None = field(default=None, metadata=flag(help="serve Prometheus /metrics on this port"))
     # Deadline of one RPC; a Generate of prompts_per_call x n samples must fit.
-    rpc_timeout_s: float = 120.0
+    rpc_timeout_s: float = field(default=120.0, metadata=flag("--rpc-timeout", help="deadline per RPC, seconds"))
     # How long start() waits for the three services to answer.
-    connect_timeout_s: float = 120.0
+    connect_timeout_s: float = field(default=120.0, metadata=flag(
+        "--connect-timeout", help="wait this long for the services"))
     # Backoff between attempts of a stage that failed transiently
     # (UNAVAILABLE / DEADLINE_EXCEEDED after the channel's own retries).
-    retry_initial_backoff_s: float = 0.5
-    retry_max_backoff_s: float = 10.0
-    tls_ca_file: str | None = None
-    auth_token: str | None = field(default=None, repr=False)
+    retry_initial_backoff_s: float = field(default=0.5, metadata=flag(
+        "--retry-initial-backoff", help="first wait between retries, seconds"))
+    retry_max_backoff_s: float = field(default=10.0, metadata=flag(
+        "--retry-max-backoff", help="longest wait between retries, seconds"))
+    tls_ca_file: str | None = field(default=None, metadata=flag(help="CA bundle for TLS services"))
+    auth_token: str | None = field(default=None, repr=False, metadata=flag(None))
 
     def __post_init__(self) -> None:
         for name in ("policy_target", "reward_target", "reference_target"):
