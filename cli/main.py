@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cli.commands import COMMANDS
+from cli.commands import COMMANDS, module_name
 from cli.subcommands import Register, add_subcommands
 
 
@@ -38,7 +38,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv`` (without the program name); exits like argparse on bad input or ``--help``."""
     parser = argparse.ArgumentParser(prog="arbiter", description="Reward models as a service, and RLHF on them.")
     add_subcommands(
-        parser, "command", {name: (_command(module), help_text) for name, (module, help_text) in COMMANDS.items()}, argv
+        parser, "command",
+        {name: (_command(module_name(name)), importlib.import_module(module_name(name)).HELP) for name in COMMANDS},
+        argv
     )
     return parser.parse_args(argv)
 

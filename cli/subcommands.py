@@ -9,6 +9,7 @@ choice" errors stay complete; only the chosen one is registered in full.
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 
 # Declares a subcommand's arguments and sets its ``run`` handler; gets the
@@ -30,3 +31,15 @@ def add_subcommands(
         subparser = choices.add_parser(name, help=help_text)
         if chosen is not None and argv[chosen] == name:
             register(subparser, argv[chosen + 1:])
+
+
+def delegate(module: str, add_arguments: str, run: str) -> Register:
+    """A (sub)command whose arguments and handler live in ``module``: its
+    ``add_arguments(parser)`` and ``run(args) -> exit code``, imported only
+    when argv chooses the command."""
+
+    def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+        getattr(importlib.import_module(module), add_arguments)(parser)
+        parser.set_defaults(run=lambda args: getattr(importlib.import_module(module), run)(args))
+
+    return register

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+HELP = "run a local Kafka-protocol broker (Tansu, in memory) for dev and demos"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--port", type=int, default=9092, help="listen port (0: a free one)")

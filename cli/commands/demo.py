@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+HELP = "the end-to-end demo (what `make demo` runs)"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--workdir", default="runs/demo")

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from cli.subcommands import add_subcommands
 
+HELP = "reward drift tools"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     add_subcommands(

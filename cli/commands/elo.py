@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
+from cli.subcommands import delegate
 
+HELP = "Elo ratings of policy versions (reward-model or human judged), with CIs"
 
-def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from services.elo import add_arguments
-
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from services.elo import main
-
-    return main(args)
+# Its arguments are declared beside its implementation.
+register = delegate("services.elo", "add_arguments", "main")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+HELP = "write tiny policy and reward models (HF directories)"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("out_dir", help="writes OUT_DIR/policy and OUT_DIR/reward")

@@ -5,47 +5,24 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from cli.subcommands import add_subcommands
+from cli.subcommands import add_subcommands, delegate
+
+HELP = "reward-model versions: list the registry, shadow-compare and promote"
 
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     add_subcommands(parser, "rm_command", {
-        "list": (_register_list, "versions in a registry, with their held-out accuracy"),
-        "shadow": (
-            _register_shadow, "score labelled data with a candidate and the active version; report agreement; --promote"
-        ),
+        "list": (delegate("arbiter.rm.main", "add_list_arguments", "list_main"),
+                 "versions in a registry, with their held-out accuracy"),
+        "shadow": (delegate("services.reward.shadow", "add_arguments", "main"),
+                   "score labelled data with a candidate and the active version; report agreement; --promote"),
         "shadow-live": (
             _register_shadow_live,
             "score a fraction of live traffic with a loaded candidate too; agreement goes to metrics",
         ),
-        "submit": (_register_submit, "send labelled JSON lines to SubmitPreference (preferences topic)"),
+        "submit": (delegate("services.reward.submit", "add_arguments", "main"),
+                   "send labelled JSON lines to SubmitPreference (preferences topic)"),
     }, argv)
-
-
-def _register_list(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from arbiter.rm.main import add_list_arguments
-
-    add_list_arguments(parser)
-    parser.set_defaults(run=_list)
-
-
-def _list(args: argparse.Namespace) -> int:
-    from arbiter.rm.main import list_main
-
-    return list_main(args)
-
-
-def _register_shadow(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from services.reward.shadow import add_arguments
-
-    add_arguments(parser)
-    parser.set_defaults(run=_shadow)
-
-
-def _shadow(args: argparse.Namespace) -> int:
-    from services.reward.shadow import main
-
-    return main(args)
 
 
 def _register_shadow_live(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -60,16 +37,3 @@ def _shadow_live(args: argparse.Namespace) -> int:
     from services.reward.shadow import live_main
 
     return live_main(args)
-
-
-def _register_submit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from services.reward.submit import add_arguments
-
-    add_arguments(parser)
-    parser.set_defaults(run=_submit)
-
-
-def _submit(args: argparse.Namespace) -> int:
-    from services.reward.submit import main
-
-    return main(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+HELP = "score JSON lines from stdin: {prompt, response} or {messages}"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--target", required=True, help="HOST:PORT of a reward service (several: ipv4:H:P,H:P)")

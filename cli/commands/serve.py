@@ -21,6 +21,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "reference": ("services.reference.server", "the frozen reference model: log-probs and KL"),
 }
 
+HELP = "run a model service"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     kinds = {kind: (_server_arguments(module), help_text) for kind, (module, help_text) in KINDS.items()}

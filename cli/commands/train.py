@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from cli.subcommands import add_subcommands
+from cli.subcommands import add_subcommands, delegate
+
+HELP = "training jobs"
 
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     add_subcommands(parser, "train_command", {
         "ppo": (_register_ppo, "the PPO trainer: rollouts from Kafka, policy versions out"),
-        "rm": (_register_rm, "train a reward model on preferences: a new registry version"),
+        "rm": (delegate("arbiter.rm.main", "add_train_arguments", "train_main"),
+               "train a reward model on preferences: a new registry version"),
     }, argv)
 
 
@@ -27,16 +30,3 @@ def _ppo(args: argparse.Namespace) -> int:
     from trainer.main import ppo_main
 
     return ppo_main(args)
-
-
-def _register_rm(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from arbiter.rm.main import add_train_arguments
-
-    add_train_arguments(parser)
-    parser.set_defaults(run=_rm)
-
-
-def _rm(args: argparse.Namespace) -> int:
-    from arbiter.rm.main import train_main
-
-    return train_main(args)

@@ -6,13 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cli.subcommands import add_subcommands
+from cli.subcommands import add_subcommands, delegate
+
+HELP = "NVIDIA Triton Inference Server: export models, run one locally"
 
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     add_subcommands(parser, "triton_command", {
         "export": (_register_export, "write a checkpoint as a new version REPO/NAME/N of a Triton model"),
-        "serve": (_register_serve, "run the tritonserver bundled in .venv-triton (dev, demos)"),
+        "serve": (delegate("arbiter.backends.triton_local", "add_serve_arguments", "serve"),
+                  "run the tritonserver bundled in .venv-triton (dev, demos)"),
     }, argv)
 
 
@@ -47,16 +50,3 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     print(path)
     return 0
-
-
-def _register_serve(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    from arbiter.backends.triton_local import add_serve_arguments
-
-    add_serve_arguments(parser)
-    parser.set_defaults(run=_serve)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from arbiter.backends.triton_local import serve
-
-    return serve(args)

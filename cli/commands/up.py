@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+HELP = "run the whole loop (broker, services, worker, trainer) until Ctrl-C"
+
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--config", required=True, help="stack YAML (see services/stack.py StackConfig)")
