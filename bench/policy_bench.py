@@ -177,14 +177,3 @@ def run(seconds: float = 8.0, clients_list=(1, 4, 16), threads: int = 1, n: int 
         "service_vs_hf_generate": {c: s.throughput / b.throughput for c, _, b, s in cells},
         "merged_ceiling_vs_in_process": ceiling.throughput / base.throughput,
     }
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m bench.policy_bench")
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(seconds=args.seconds, quick=args.quick), indent=2))

@@ -367,14 +367,3 @@ def report(mono_runs, dist_runs, batch: int, n: int, max_new_tokens: int, thread
         "overhead_by_kind_s": kinds,
         "breakdown_s": breakdown,
     }
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m bench.ppo_bench")
-    parser.add_argument("--iterations", type=int, default=6)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(iterations=args.iterations, quick=args.quick), indent=2))

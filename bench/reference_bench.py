@@ -119,14 +119,3 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         "service_vs_in_process_same_batch": {c: b.throughput / a.throughput for c, a, b in cells},
         "saturation_ratio_vs_in_process_limit": max(b.throughput for _, _, b in cells) / limit.throughput,
     }
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m bench.reference_bench")
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(seconds=args.seconds, quick=args.quick), indent=2))

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Measurement, ServiceProcess, merge, print_table, ratio
+from bench.common import Measurement, ServiceProcess, drive, merge, print_table, ratio
 
 BENCH_MODEL = dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=512)
 WORDS = "the a policy reward model good bad answer question kind helpful short long quick brown fox".split()
@@ -70,26 +70,12 @@ async def _drive(target: str, texts, clients: int, seconds: float, warmup_s: flo
     async with grpc.aio.insecure_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         await stub.Score(requests[0], timeout=60)
-        latencies: list[float] = []
-        counting = False
-        stop_at = time.perf_counter() + warmup_s + seconds
 
-        async def client(k: int) -> None:
-            j = k
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                await stub.Score(requests[j % len(requests)], timeout=120)
-                if counting:
-                    latencies.append(time.perf_counter() - t0)
-                j += clients
+        async def score(request) -> int:
+            await stub.Score(request, timeout=120)
+            return 1
 
-        tasks = [asyncio.create_task(client(k)) for k in range(clients)]
-        await asyncio.sleep(warmup_s)
-        counting, started = True, time.perf_counter()
-        done_before = len(latencies)
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
-    return Measurement("", clients, len(latencies) - done_before, elapsed, latencies)
+        return await drive(score, requests, clients, seconds, warmup_s)
 
 
 def run(seconds: float = 8.0, token_lengths=(16, 128), **kwargs) -> dict:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import Measurement, ServiceProcess, print_table
+from bench.common import Measurement, ServiceProcess, drive, merge, print_table
 from bench.reward_bench import _drive, build_model, make_texts
 
 TARGET_RATIO = 0.85
@@ -41,35 +40,15 @@ async def _drive_direct(url: str, model: str, sequences: list[list[int]], client
     outputs = [grpcclient.InferRequestedOutput("SCORES")]
     try:
         await client.infer(model, inputs(sequences[0]), model_version="1", outputs=outputs)
-        latencies: list[float] = []
-        counting = False
-        stop_at = time.perf_counter() + warmup_s + seconds
 
-        async def caller(k: int) -> None:
-            j = k
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                await client.infer(model, inputs(sequences[j % len(sequences)]), model_version="1",
-                                   outputs=outputs, client_timeout=120)
-                if counting:
-                    latencies.append(time.perf_counter() - t0)
-                j += clients
+        async def infer(ids: list[int]) -> int:
+            await client.infer(model, inputs(ids), model_version="1", outputs=outputs, client_timeout=120)
+            return 1
 
-        tasks = [asyncio.create_task(caller(k)) for k in range(clients)]
-        await asyncio.sleep(warmup_s)
-        counting, started = True, time.perf_counter()
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
+        return await drive(infer, sequences, clients, seconds, warmup_s, "direct Triton (tritonclient)")
     finally:
         await client.close()
-    return Measurement("direct Triton (tritonclient)", clients, len(latencies), elapsed, latencies)
 
-
-def _merge(parts: list[Measurement]) -> Measurement:
-    return Measurement(
-        parts[0].label, parts[0].clients, sum(m.items for m in parts), sum(m.seconds for m in parts),
-        [x for m in parts for x in m.latencies_s],
-    )
 
 
 def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_size: int = 32, tokens: int = 128,
@@ -103,8 +82,8 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_s
                         a_parts.append(asyncio.run(_drive(service.target, texts, clients, per_round, warmup_s)))
                         b_parts.append(asyncio.run(_drive_direct(triton.url, "rm", sequences, clients, per_round,
                                                                  warmup_s)))
-                    via_arbiter.append(_merge(a_parts))
-                    direct.append(_merge(b_parts))
+                    via_arbiter.append(merge(a_parts))
+                    direct.append(merge(b_parts))
         with ServiceProcess(["reward", "--model", str(version_dir), *common]) as service:
             in_process = [asyncio.run(_drive(service.target, texts, c, seconds, warmup_s)) for c in clients_list]
     rows, ratios = [], {}
