@@ -13,11 +13,13 @@ import math
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy, ks_2samp, wasserstein_distance
+
+from arbiter.config import flag, require
 
 # Keeps PSI finite when a bin is empty on one side (a common convention).
 _BIN_FLOOR = 1e-4
@@ -25,27 +27,32 @@ _BIN_FLOOR = 1e-4
 
 @dataclass(frozen=True)
 class DriftConfig:
+    """Nested in the reward server's settings; each field is its flag (``--drift-window-size``)."""
+
     # Current window: the last N served scores of a version.
-    window_size: int = 1000
-    # Reference when the version ships no calibration set: its first N served scores.
-    reference_size: int = 1000
+    window_size: int = field(default=1000, metadata=flag(
+        "--drift-window-size", help="recent scores compared to the reference"))
+    # Reference when the version ships no calibration set (>= min_samples
+    # scores in arbiter.json): its first N served scores.
+    reference_size: int = field(default=1000, metadata=flag(
+        "--drift-reference-size", help="first served scores used as reference"))
     # Both sides need this many samples before statistics are reported.
-    min_samples: int = 100
-    bins: int = 10
+    min_samples: int = field(default=100, metadata=flag(
+        "--drift-min-samples", help="samples on both sides before drift statistics are reported"))
+    bins: int = field(default=10, metadata=flag("--drift-bins", help="histogram bins of PSI and JS"))
     # Page-Hinkley on standardised scores: tolerated drift per sample, and the
     # cumulative deviation (in reference standard deviations) that alarms.
-    ph_delta: float = 0.05
-    ph_threshold: float = 25.0
+    ph_delta: float = field(default=0.05, metadata=flag("--drift-ph-delta", help="Page-Hinkley tolerance per sample"))
+    ph_threshold: float = field(default=25.0, metadata=flag(
+        "--drift-ph-threshold", help="Page-Hinkley alarm threshold (reference standard deviations)"))
 
     def __post_init__(self) -> None:
-        for name in ("window_size", "reference_size", "min_samples", "bins"):
-            if getattr(self, name) < 1 if name != "bins" else getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= {2 if name == 'bins' else 1}, got {getattr(self, name)}")
-        if self.min_samples > min(self.window_size, self.reference_size):
-            raise ValueError(
-                f"min_samples ({self.min_samples}) must be <= window_size ({self.window_size}) "
-                f"and reference_size ({self.reference_size})"
-            )
+        for name in ("window_size", "reference_size", "min_samples"):
+            require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require(self.bins >= 2, "bins", "must be >= 2", self.bins)
+        require(self.min_samples <= min(self.window_size, self.reference_size), "min_samples",
+                f"must be <= window_size ({self.window_size}) and reference_size ({self.reference_size})",
+                self.min_samples)
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,8 @@ def test_config_validation():
 
 def test_service_reports_drift_and_cli_renders_it(tiny_models, tmp_path):
     settings = RewardSettings(
-        model_dir=str(tiny_models["reward"]), port=0, drift_window_size=40, drift_reference_size=40,
-        drift_min_samples=20,
+        model_dir=str(tiny_models["reward"]), port=0,
+        drift=DriftConfig(window_size=40, reference_size=40, min_samples=20),
     )
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)

@@ -14,6 +14,7 @@ import yaml
 from helpers import BackgroundServer, wait_until
 from prometheus_server import LocalPrometheus
 
+from arbiter.drift import DriftConfig
 from arbiter.reward.model import RewardModel
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import reward_pb2, reward_pb2_grpc
@@ -137,7 +138,7 @@ def test_drift_alert_fires_in_a_real_prometheus(tiny_models, tmp_path):
     low, high = split_by_score(tiny_models["reward"], window)
     settings = RewardSettings(
         model_dir=str(tiny_models["reward"]), port=0, metrics_port=0,
-        drift_window_size=window, drift_reference_size=window, drift_min_samples=100,
+        drift=DriftConfig(window_size=window, reference_size=window, min_samples=100),
     )
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
