@@ -189,3 +189,34 @@ class Traffic:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
+
+
+def service_fixtures(create_server: Callable, stub_class: type, settings: Callable, in_process_settings: Callable):
+    """Module fixtures of a model service under test against a reference
+    deployment of the same model (the Triton tests: the service on Triton,
+    the same exported directory in-process): ``service``, ``in_process``
+    (BackgroundServers built from ``settings(repo, triton)`` and
+    ``in_process_settings(repo)``), and ``stub``, ``models_stub``,
+    ``in_process_stub`` on plain channels (no client-side retries to hide a
+    failed request). Assign them to the test module's globals."""
+
+    def serve(make):
+        with BackgroundServer(lambda: create_server(make())) as srv:
+            yield srv
+
+    def stub_on(server, cls):
+        with grpc.insecure_channel(server.target) as channel:
+            yield cls(channel)
+
+    from arbiter.v1 import common_pb2_grpc
+
+    def fixture(name, function):
+        return pytest.fixture(function, scope="module", name=name)
+
+    return (
+        fixture("service", lambda repo, triton: (yield from serve(lambda: settings(repo, triton)))),
+        fixture("in_process", lambda repo: (yield from serve(lambda: in_process_settings(repo)))),
+        fixture("stub", lambda service: (yield from stub_on(service, stub_class))),
+        fixture("models_stub", lambda service: (yield from stub_on(service, common_pb2_grpc.ModelServiceStub))),
+        fixture("in_process_stub", lambda in_process: (yield from stub_on(in_process, stub_class))),
+    )

@@ -26,8 +26,8 @@ from arbiter.reward.backend import REWARD
 from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
-from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
-from helpers import BackgroundServer, Traffic, expect_error
+from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from helpers import Traffic, expect_error, service_fixtures
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from cli.main import parse_args
@@ -82,38 +82,13 @@ def triton_settings(repo, triton, version=1, retry_s=10.0, **overrides):
     return RewardSettings(model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend=backend, **overrides)
 
 
-@pytest.fixture(scope="module")
-def service(repo, triton):
-    settings = triton_settings(repo, triton, max_items_per_request=16, batching=BatchingConfig(max_queue_delay_ms=20.0),
-                               retry_s=2.0)
-    with BackgroundServer(lambda: create_server(settings)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def in_process(repo):
-    """The in-process backend serving the same exported directory."""
-    settings = RewardSettings(model_dir=str(repo / MODEL / "1"), port=0)
-    with BackgroundServer(lambda: create_server(settings)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def models_stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield common_pb2_grpc.ModelServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def in_process_stub(in_process):
-    with grpc.insecure_channel(in_process.target) as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel)
+service, in_process, stub, models_stub, in_process_stub = service_fixtures(
+    create_server, reward_pb2_grpc.RewardServiceStub,
+    lambda repo, triton: triton_settings(
+        repo, triton, max_items_per_request=16, batching=BatchingConfig(max_queue_delay_ms=20.0), retry_s=2.0),
+    # The in-process backend serving the same exported directory.
+    lambda repo: RewardSettings(model_dir=str(repo / MODEL / "1"), port=0),
+)
 
 
 def in_process_scores(checkpoint, pairs):

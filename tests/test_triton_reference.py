@@ -20,8 +20,8 @@ from cli.main import main, parse_args
 from arbiter.errors import BackendError, BackendUnavailable
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.reference.model import ReferenceModel, TokenSequence
-from arbiter.v1 import common_pb2, common_pb2_grpc, reference_pb2, reference_pb2_grpc
-from helpers import BackgroundServer, Traffic, expect_error, wait_until
+from arbiter.v1 import common_pb2, reference_pb2, reference_pb2_grpc
+from helpers import BackgroundServer, Traffic, expect_error, service_fixtures, wait_until
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from services.reference.server import create_server, settings_from_args
@@ -91,38 +91,12 @@ def triton_settings(repo, triton, version=1, retry_s=10.0, **overrides):
     return ReferenceSettings(model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend=backend, **overrides)
 
 
-@pytest.fixture(scope="module")
-def service(repo, triton):
-    settings = triton_settings(repo, triton, batching=BatchingConfig(max_queue_delay_ms=5.0), retry_s=2.0)
-    with BackgroundServer(lambda: create_server(settings)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def in_process(repo):
-    """The in-process backend serving the same exported directory."""
-    settings = ReferenceSettings(model_dir=str(repo / MODEL / "1"), port=0)
-    with BackgroundServer(lambda: create_server(settings)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    # A plain channel: no client-side retries to hide a failed request.
-    with grpc.insecure_channel(service.target) as channel:
-        yield reference_pb2_grpc.ReferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def models_stub(service):
-    with grpc.insecure_channel(service.target) as channel:
-        yield common_pb2_grpc.ModelServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def in_process_stub(in_process):
-    with grpc.insecure_channel(in_process.target) as channel:
-        yield reference_pb2_grpc.ReferenceServiceStub(channel)
+service, in_process, stub, models_stub, in_process_stub = service_fixtures(
+    create_server, reference_pb2_grpc.ReferenceServiceStub,
+    lambda repo, triton: triton_settings(repo, triton, batching=BatchingConfig(max_queue_delay_ms=5.0), retry_s=2.0),
+    # The in-process backend serving the same exported directory.
+    lambda repo: ReferenceSettings(model_dir=str(repo / MODEL / "1"), port=0),
+)
 
 
 # -- export and settings ---------------------------------------------------------------
