@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,15 +28,12 @@ log = logging.getLogger(__name__)
 # Default metrics ports: the ones infra/prometheus/prometheus.yml scrapes.
 METRICS_PORTS = {"reward": 9101, "policy": 9102, "reference": 9103, "worker": 9104, "trainer": 9105}
 
+from arbiter.net import free_port
+
 
 class StackError(RuntimeError):
     pass
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,12 @@ from pathlib import Path
 DEFAULT_VENV = ".venv-triton"
 _SHM_GLOB = "/dev/shm/triton_python_backend_shm_region_*"
 
+from arbiter.net import free_port
+
 
 class TritonNotAvailable(RuntimeError):
     pass
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _site_packages(venv: Path) -> Path:

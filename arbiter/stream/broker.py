@@ -24,13 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from arbiter.net import LOOPBACK, free_port
 from arbiter.stream.errors import BrokerError, StreamError
 from arbiter.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 ENV_BINARY = "ARBITER_TANSU_BIN"
-LOOPBACK = "127.0.0.1"
 # Tansu reads these from the environment; a stray value would change the
 # broker under test (schema validation, trace export).
 _TANSU_ENV_BLOCKLIST = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "STORAGE_ENGINE", "LISTENER_URL",
@@ -87,11 +87,6 @@ def _executable(path: Path) -> Path:
         tmp.replace(copy)
     return copy
 
-
-def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _port_open(host: str, port: int) -> bool:

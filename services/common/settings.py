@@ -16,9 +16,7 @@ from pathlib import Path
 from arbiter.backends import BackendConfig
 from arbiter.batching import BatchingConfig
 from arbiter.config import flag, require
-
-LOOPBACK = "127.0.0.1"
-
+from arbiter.net import LOOPBACK
 
 @dataclass(frozen=True)
 class ServerSettings:
