@@ -191,32 +191,71 @@ class Traffic:
             thread.join(timeout=60)
 
 
-def service_fixtures(create_server: Callable, stub_class: type, settings: Callable, in_process_settings: Callable):
-    """Module fixtures of a model service under test against a reference
-    deployment of the same model (the Triton tests: the service on Triton,
-    the same exported directory in-process): ``service``, ``in_process``
-    (BackgroundServers built from ``settings(repo, triton)`` and
-    ``in_process_settings(repo)``), and ``stub``, ``models_stub``,
-    ``in_process_stub`` on plain channels (no client-side retries to hide a
-    failed request). Assign them to the test module's globals."""
+class TritonServiceCase:
+    """A model service under test with its forward passes in the session's
+    Triton (``triton_server``), against the same exported directory served
+    in-process. ``settings(repo, triton, version, retry_s, **overrides)``
+    builds the service's settings; ``fixtures()`` the module fixtures
+    ``triton`` (this model unloaded from the shared server afterwards),
+    ``control`` (a TritonModel on it), ``service``, ``in_process`` and stubs on
+    plain channels (no client-side retries to hide a failed request): assign
+    them to the test module's globals."""
 
-    def serve(make):
-        with BackgroundServer(lambda: create_server(make())) as srv:
-            yield srv
+    def __init__(self, model: str, settings_class: type, create_server: Callable, stub_class: type,
+                 **service_options: Any):
+        self.model = model
+        self.settings_class = settings_class
+        self.create_server = create_server
+        self.stub_class = stub_class
+        self.service_options = service_options
 
-    def stub_on(server, cls):
-        with grpc.insecure_channel(server.target) as channel:
-            yield cls(channel)
+    def settings(self, repo, triton, version: int = 1, retry_s: float = 10.0, **overrides: Any):
+        from arbiter.backends import BackendConfig
 
-    from arbiter.v1 import common_pb2_grpc
+        backend = BackendConfig(kind="triton", triton_url=triton.url, triton_model=self.model, triton_retry_s=retry_s)
+        return self.settings_class(model_dir=str(repo / self.model / str(version)), port=0, metrics_port=0,
+                                   backend=backend, **overrides)
 
-    def fixture(name, function):
-        return pytest.fixture(function, scope="module", name=name)
+    def fixtures(self) -> tuple:
+        from arbiter.v1 import common_pb2_grpc
 
-    return (
-        fixture("service", lambda repo, triton: (yield from serve(lambda: settings(repo, triton)))),
-        fixture("in_process", lambda repo: (yield from serve(lambda: in_process_settings(repo)))),
-        fixture("stub", lambda service: (yield from stub_on(service, stub_class))),
-        fixture("models_stub", lambda service: (yield from stub_on(service, common_pb2_grpc.ModelServiceStub))),
-        fixture("in_process_stub", lambda in_process: (yield from stub_on(in_process, stub_class))),
-    )
+        def serve(make):
+            with BackgroundServer(lambda: self.create_server(make())) as srv:
+                yield srv
+
+        def stub_on(server, cls):
+            with grpc.insecure_channel(server.target) as channel:
+                yield cls(channel)
+
+        def triton(repo, triton_server):
+            import tritonclient.grpc as grpcclient
+
+            yield triton_server
+            with grpcclient.InferenceServerClient(triton_server.url) as client:
+                try:
+                    client.unload_model(self.model)
+                except Exception:  # not loaded (a restart test may end with it gone)
+                    pass
+
+        def control(triton):
+            from arbiter.backends.triton import TritonModel
+
+            with TritonModel(triton.url, self.model) as model:
+                yield model
+
+        def fixture(name, function):
+            return pytest.fixture(function, scope="module", name=name)
+
+        in_process = self.settings_class
+        return (
+            fixture("triton", triton),
+            fixture("control", control),
+            fixture("service", lambda repo, triton: (
+                yield from serve(lambda: self.settings(repo, triton, **self.service_options)))),
+            # The in-process backend serving the same exported directory.
+            fixture("in_process", lambda repo: (
+                yield from serve(lambda: in_process(model_dir=str(repo / self.model / "1"), port=0)))),
+            fixture("stub", lambda service: (yield from stub_on(service, self.stub_class))),
+            fixture("models_stub", lambda service: (yield from stub_on(service, common_pb2_grpc.ModelServiceStub))),
+            fixture("in_process_stub", lambda in_process: (yield from stub_on(in_process, self.stub_class))),
+        )

@@ -27,7 +27,7 @@ from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from helpers import Traffic, expect_error, service_fixtures
+from helpers import Traffic, expect_error, TritonServiceCase
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from cli.main import parse_args
@@ -66,29 +66,10 @@ def repo(tiny_models, triton_repo, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def triton(repo, triton_server):
-    return triton_server
-
-
-@pytest.fixture(scope="module")
-def control(triton):
-    with TritonModel(triton.url, MODEL) as model:
-        yield model
-
-
-def triton_settings(repo, triton, version=1, retry_s=10.0, **overrides):
-    backend = BackendConfig(kind="triton", triton_url=triton.url, triton_model=MODEL, triton_retry_s=retry_s)
-    return RewardSettings(model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend=backend, **overrides)
-
-
-service, in_process, stub, models_stub, in_process_stub = service_fixtures(
-    create_server, reward_pb2_grpc.RewardServiceStub,
-    lambda repo, triton: triton_settings(
-        repo, triton, max_items_per_request=16, batching=BatchingConfig(max_queue_delay_ms=20.0), retry_s=2.0),
-    # The in-process backend serving the same exported directory.
-    lambda repo: RewardSettings(model_dir=str(repo / MODEL / "1"), port=0),
-)
+CASE = TritonServiceCase(MODEL, RewardSettings, create_server, reward_pb2_grpc.RewardServiceStub,
+                         max_items_per_request=16, batching=BatchingConfig(max_queue_delay_ms=20.0), retry_s=2.0)
+triton_settings = CASE.settings
+triton, control, service, in_process, stub, models_stub, in_process_stub = CASE.fixtures()
 
 
 def in_process_scores(checkpoint, pairs):

@@ -14,14 +14,13 @@ from lm_fixtures import lora_adapter, perturbed
 
 from arbiter.backends import BackendConfig
 from arbiter.batching import BatchingConfig
-from arbiter.backends.triton import TritonModel
 from arbiter.backends.triton_export import ExportError, ExportOptions, export
 from cli.main import main, parse_args
 from arbiter.errors import BackendError, BackendUnavailable
 from arbiter.reference.engine import ReferenceEngine
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.v1 import common_pb2, reference_pb2, reference_pb2_grpc
-from helpers import BackgroundServer, Traffic, expect_error, service_fixtures, wait_until
+from helpers import BackgroundServer, Traffic, expect_error, TritonServiceCase, wait_until
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from services.reference.server import create_server, settings_from_args
@@ -69,34 +68,10 @@ def repo(tiny_models, triton_repo, tmp_path_factory):
     return triton_repo
 
 
-@pytest.fixture(scope="module")
-def triton(repo, triton_server):
-    yield triton_server
-    # Leave the shared server as this file found it.
-    with grpcclient.InferenceServerClient(triton_server.url) as client:
-        try:
-            client.unload_model(MODEL)
-        except Exception:
-            pass
-
-
-@pytest.fixture(scope="module")
-def control(triton):
-    with TritonModel(triton.url, MODEL) as model:
-        yield model
-
-
-def triton_settings(repo, triton, version=1, retry_s=10.0, **overrides):
-    backend = BackendConfig(kind="triton", triton_url=triton.url, triton_model=MODEL, triton_retry_s=retry_s)
-    return ReferenceSettings(model_dir=str(repo / MODEL / str(version)), port=0, metrics_port=0, backend=backend, **overrides)
-
-
-service, in_process, stub, models_stub, in_process_stub = service_fixtures(
-    create_server, reference_pb2_grpc.ReferenceServiceStub,
-    lambda repo, triton: triton_settings(repo, triton, batching=BatchingConfig(max_queue_delay_ms=5.0), retry_s=2.0),
-    # The in-process backend serving the same exported directory.
-    lambda repo: ReferenceSettings(model_dir=str(repo / MODEL / "1"), port=0),
-)
+CASE = TritonServiceCase(MODEL, ReferenceSettings, create_server, reference_pb2_grpc.ReferenceServiceStub,
+                         batching=BatchingConfig(max_queue_delay_ms=5.0), retry_s=2.0)
+triton_settings = CASE.settings
+triton, control, service, in_process, stub, models_stub, in_process_stub = CASE.fixtures()
 
 
 # -- export and settings ---------------------------------------------------------------
