@@ -216,6 +216,25 @@ class TritonServiceCase:
         return self.settings_class(model_dir=str(repo / self.model / str(version)), port=0, metrics_port=0,
                                    backend=backend, **overrides)
 
+    def swap_version_2_in(self, traffic: Traffic, models_stub, control, repo, label: str = "") -> str:
+        """While ``traffic`` runs against version 1 (Arbiter's "v0"): load
+        Triton version 2 beside it (as ``label``, or its arbiter.json label),
+        activate it, unload v0; Triton holds {1, 2} then {2} and the traffic
+        keeps being answered throughout. Returns the new version's label."""
+        from arbiter.v1 import common_pb2
+
+        traffic.wait_for("v0")
+        loaded = models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(
+            path=str(repo / self.model / "2"), version=label, activate=False), timeout=300).info
+        assert (loaded.backend, loaded.active) == ("triton", False)
+        assert control.ready_versions() == {1, 2}
+        models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version=loaded.version), timeout=10)
+        traffic.wait_for(loaded.version)
+        models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v0"), timeout=300)
+        assert control.ready_versions() == {2}
+        traffic.wait_for(loaded.version)
+        return loaded.version
+
     def fixtures(self) -> tuple:
         from arbiter.v1 import common_pb2_grpc
 

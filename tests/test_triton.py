@@ -229,17 +229,7 @@ def test_swap_versions_with_zero_failed_requests(stub, models_stub, control, rep
         return response.model_version
 
     with Traffic(score) as traffic:
-        traffic.wait_for("v0")
-        loaded = models_stub.LoadModelVersion(
-            common_pb2.LoadModelVersionRequest(path=str(repo / MODEL / "2"), version="v1", activate=False), timeout=300
-        )
-        assert loaded.info.backend == "triton" and not loaded.info.active
-        assert control.ready_versions() == {1, 2}
-        models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="v1"), timeout=10)
-        traffic.wait_for("v1")
-        models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v0"), timeout=300)
-        assert control.ready_versions() == {2}
-        traffic.wait_for("v1")
+        assert CASE.swap_version_2_in(traffic, models_stub, control, repo, label="v1") == "v1"
     assert traffic.failures == []
     assert wrong == []
     versions = models_stub.ListModelVersions(common_pb2.ListModelVersionsRequest(), timeout=10).versions

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from arbiter.backends import pad_token_id
+from arbiter.config import flag
 from arbiter.backends.signatures import SIGNATURES, TritonSignature
 from arbiter.backends.triton import CHECKPOINT_DIR, CONFIG_FILE
 from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_config, read_metadata
@@ -45,17 +46,19 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class ExportOptions:
-    name: str | None = None
-    version: int | None = None
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 2000
-    instances: int = 1
-    device: str = "cpu"
-    # Threads per CPU instance (0: torch's default). Bound it: Triton runs one
-    # process per instance and they share the cores.
-    torch_threads: int = 0
+    """``arbiter triton export``'s options; each field is its flag."""
+
+    name: str | None = field(default=None, metadata=flag(
+        help="model name in the repository (default: arbiter.json name, else the dir name)"))
+    version: int | None = field(default=None, metadata=flag(help="version number (default: the next free one)"))
+    max_batch_size: int = field(default=64, metadata=flag(help="Triton's max_batch_size (sequences)"))
+    max_queue_delay_us: int = field(default=2000, metadata=flag(help="Triton's dynamic-batching delay"))
+    instances: int = field(default=1, metadata=flag(help="model instances (instance_group count)"))
+    device: str = field(default="cpu", metadata=flag(choices=DEVICES, help="instance kind"))
+    # Bound it: Triton runs one process per instance and they share the cores.
+    torch_threads: int = field(default=0, metadata=flag(help="torch threads per CPU instance (0: default)"))
     # float32 matches the in-process backend exactly; half precision is for GPUs.
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata=flag(choices=DTYPES, help="weights' dtype in Triton"))
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):

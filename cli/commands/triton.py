@@ -20,31 +20,23 @@ def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
 
 
 def _register_export(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    from arbiter.backends.triton_export import KINDS, ExportOptions
+    from arbiter.config import add_flags
+
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--kind", required=True, choices=["reward", "reference", "policy"])
+    parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--out", required=True, help="the Triton model repository (created if missing)")
-    parser.add_argument("--name", help="model name in the repository (default: arbiter.json name, else the dir name)")
-    parser.add_argument("--version", type=int, help="version number (default: the next free one)")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size (sequences)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton's dynamic-batching delay")
-    parser.add_argument("--instances", type=int, default=1, help="model instances (instance_group count)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind")
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch threads per CPU instance (0: default)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    add_flags(parser, ExportOptions)
     parser.set_defaults(run=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from arbiter.backends.triton_export import ExportError, ExportOptions, export
+    from arbiter.config import from_flags
     from arbiter.errors import ModelLoadError
 
     try:
-        options = ExportOptions(
-            name=args.name, version=args.version, max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, device=args.device,
-            torch_threads=args.torch_threads, dtype=args.dtype,
-        )
-        path = export(args.model, args.kind, args.out, options)
+        path = export(args.model, args.kind, args.out, from_flags(ExportOptions, args))
     except (ExportError, ModelLoadError) as err:
         print(f"arbiter triton export: {err}", file=sys.stderr)
         return 2

@@ -12,12 +12,10 @@ from services.policy.convert import (
     sampling_from_pb,
     stream_event_to_pb,
 )
-from services.policy.metrics import PolicyMetrics
 
 
 class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
     engine: PolicyEngine
-    metrics: PolicyMetrics
 
     @unary("Generate")
     async def Generate(self, request, context):

@@ -12,12 +12,10 @@ from services.reference.convert import (
     logprobs_response_to_pb,
     sequence_from_pb,
 )
-from services.reference.metrics import ReferenceMetrics
 
 
 class ReferenceServicer(Servicer, reference_pb2_grpc.ReferenceServiceServicer):
     engine: ReferenceEngine
-    metrics: ReferenceMetrics
 
     @unary("LogProbs")
     async def LogProbs(self, request, context):
