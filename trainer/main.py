@@ -20,6 +20,13 @@ def kafka_settings(config: TrainerConfig) -> KafkaSettings:
     return KafkaSettings.from_env(**config.kafka)
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="trainer YAML (see trainer/config.py for every field)")
+    parser.add_argument("--max-updates", type=int, help="stop after this many updates (overrides the config)")
+    parser.add_argument("--reset-offsets", action="store_true",
+                        help="resume weights and optimizer but not stream offsets (the topics were recreated)")
+
+
 def ppo_main(args) -> int:
     try:
         config = load_config(args.config, max_updates=args.max_updates)

@@ -15,6 +15,9 @@ from services.policy.convert import (
 
 
 class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
+    """Generation over the policy engine, whole (Generate) or token by token
+    (GenerateStream); the engine picks the version when a request starts."""
+
     engine: PolicyEngine
 
     @unary("Generate")
