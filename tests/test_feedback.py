@@ -170,7 +170,7 @@ def test_train_from_the_topic(tiny_models, kafka, tmp_path, capsys):
     assert out["version"] == "v1" and out["metrics"]["train_examples"] + out["metrics"]["eval_examples"] == 40
     meta = json.loads((tmp_path / "registry" / "human-rm" / "v1" / "arbiter.json").read_text())
     assert meta["training"]["from_topic"] == {
-        "records": 41, "examples": 40, "duplicates": 1, "skipped": 0, "replay": False}
+        "records": 41, "examples": 40, "duplicates": 1, "skipped": 0, "skipped_reasons": {}, "replay": False}
 
     # The group's offsets were committed after publishing: nothing is new now;
     # a replay still sees everything.

@@ -12,19 +12,46 @@ from trainer.batch import Trajectory
 
 
 class InvalidRollout(ValueError):
-    pass
+    """``reason``: one of arbiter.stream.REJECT_REASONS."""
+
+    def __init__(self, message: str, reason: str = "invalid_record"):
+        super().__init__(message)
+        self.reason = reason
 
 
-def trajectory_from_record(record: ConsumedRecord, reward_source: str = "raw") -> Trajectory:
+def trajectory_from_record(
+    record: ConsumedRecord, reward_source: str = "raw", *, vocab_size: int | None = None,
+    max_tokens: int | None = None,
+) -> Trajectory:
     """A consumed Rollout -> Trajectory; InvalidRollout says what makes it
     unusable. With ``reward_source`` "reward_model" (``PPOConfig``) the
-    rollout must carry a reward normalized with its RM version's statistics."""
+    rollout must carry a reward normalized with its RM version's statistics.
+    Token ids must lie in ``range(vocab_size)`` and prompt plus completion
+    fit ``max_tokens`` (the trained model's embedding rows and positions):
+    checked here, before any forward pass, because such a rollout would fail
+    the whole batch it lands in."""
     r: rollout_pb2.Rollout = record.message
     where = f"rollout {r.rollout_id or '?'} at {record.topic}[{record.partition}]@{record.offset}"
     if not r.rollout_id:
         raise InvalidRollout(f"{where}: rollout_id is empty (needed for dedupe)")
     if not r.prompt_token_ids or not r.completion_token_ids:
         raise InvalidRollout(f"{where}: prompt_token_ids and completion_token_ids must be non-empty")
+    tokens = len(r.prompt_token_ids) + len(r.completion_token_ids)
+    if max_tokens is not None and tokens > max_tokens:
+        raise InvalidRollout(
+            f"{where}: {len(r.prompt_token_ids)} prompt + {len(r.completion_token_ids)} completion tokens, over "
+            f"the model's {max_tokens}", "too_long",
+        )
+    if vocab_size is not None:
+        for name in ("prompt_token_ids", "completion_token_ids"):
+            ids = getattr(r, name)
+            low, high = min(ids), max(ids)
+            if low < 0 or high >= vocab_size:
+                bad = low if low < 0 else high
+                raise InvalidRollout(
+                    f"{where}: {name}[{list(ids).index(bad)}]={bad} is outside the model's vocabulary "
+                    f"(0..{vocab_size - 1}): sampled by a model with another tokenizer?", "out_of_vocab",
+                )
     n = len(r.completion_token_ids)
     for name in ("sampling_logprobs", "reference_logprobs"):
         if len(getattr(r, name)) != n:

@@ -116,14 +116,25 @@ class PPOTrainer:
         self._remember(trajectory.rollout_id)
         self.metrics.rollouts.labels(outcome).inc()
 
-    def admit(self, record: ConsumedRecord) -> None:
+    def admit(self, record: ConsumedRecord, consumer: StreamConsumer | None = None) -> None:
+        """Take one consumed rollout: pending for a batch, or dropped (counted
+        by outcome). An invalid one (its ids or length do not fit the model,
+        fields missing or inconsistent) is dropped here, before any forward
+        pass, so it never fails a batch; ``consumer`` (when given) logs,
+        counts and dead-letters it as a rejected record."""
         tp = TopicPartition(record.topic, record.partition)
         self.consumed[tp] = max(self.consumed.get(tp, 0), record.offset + 1)
         try:
-            trajectory = trajectory_from_record(record, self.config.ppo.reward_source)
+            trajectory = trajectory_from_record(
+                record, self.config.ppo.reward_source, vocab_size=self.model.vocab_size,
+                max_tokens=self.model.max_tokens,
+            )
         except InvalidRollout as err:
-            log.warning("dropping invalid rollout: %s", err)
             self.metrics.rollouts.labels("invalid").inc()
+            if consumer is not None:
+                consumer.reject(record, err.reason, err)
+            else:
+                log.warning("dropping invalid rollout (%s): %s", err.reason, err)
             return
         pending_ids = {t.rollout_id for t in self.pending}
         if trajectory.rollout_id in self.seen or trajectory.rollout_id in pending_ids:
@@ -287,7 +298,10 @@ class PPOTrainer:
                    if self.kafka.topic(t) not in existing}
         if missing:
             ensure_topics(self.kafka, missing)
-        with StreamConsumer(self.kafka, [topics.ROLLOUTS], topics.TRAINER_GROUP) as consumer, \
+        # A record that cannot be trained on is skipped and counted, never
+        # retried: stopping on it would stop training at every restart.
+        with StreamConsumer(self.kafka, [topics.ROLLOUTS], topics.TRAINER_GROUP, skip_invalid=True,
+                            observer=self.metrics.rejected_records) as consumer, \
                 StreamProducer(self.kafka) as producer:
             if self.state.offsets:
                 consumer.seek(self.state.offsets)
@@ -298,7 +312,7 @@ class PPOTrainer:
             while not stop.is_set() and (cfg.max_updates is None or self.state.step < cfg.max_updates):
                 polled = consumer.poll(timeout_s=poll_timeout_s)
                 for record in polled.records:
-                    self.admit(record)
+                    self.admit(record, consumer)
                 for rejected in polled.rejected:
                     tp = rejected.topic_partition
                     self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)

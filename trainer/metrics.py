@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from arbiter.stream import topics
+from arbiter.stream.metrics import RejectedRecordsMetric
 from trainer.step import UpdateStats
 
 ROLLOUT_OUTCOMES = ("trained", "duplicate", "stale", "unknown_version", "invalid", "incomplete_group")
@@ -52,6 +54,8 @@ class TrainerMetrics:
         )
         self.lag = Gauge("arbiter_trainer_consumer_lag_records", "Rollouts waiting in the topic.", registry=r)
         self.publish = Counter("arbiter_trainer_policy_publishes", "Policy versions published.", registry=r)
+        # Rollout records skipped as unusable (also counted as rollouts{outcome="invalid"}).
+        self.rejected_records = RejectedRecordsMetric(r, [topics.ROLLOUTS])
 
     def on_update(self, stats: UpdateStats, kl_target: float | None, staleness: float, gold: float | None) -> None:
         self.updates.inc()

@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from arbiter.hf import check_checkpoint_dir, content_version, load_tokenizer, quiet_transformers, read_metadata, write_metadata
+from arbiter.errors import ModelLoadError
+from arbiter.hf import (
+    check_checkpoint_dir, content_version, load_tokenizer, model_max_tokens, quiet_transformers, read_metadata,
+    write_metadata,
+)
 from trainer.config import LoRAConfig
 
 
@@ -25,6 +29,13 @@ class PolicyWithValue(nn.Module):
         self.tokenizer = tokenizer
         self.base_version = base_version
         self.is_lora = lora
+        # What a rollout must fit before it reaches a forward pass: ids index
+        # embedding rows, prompt + completion take positions.
+        self.vocab_size: int = lm.get_input_embeddings().num_embeddings
+        try:
+            self.max_tokens: int | None = model_max_tokens(lm.config, tokenizer)
+        except ModelLoadError:  # a config naming no limit: only the ids are checked
+            self.max_tokens = None
 
     @classmethod
     def load(cls, model_dir: str | Path, lora: LoRAConfig | None = None, seed: int = 0) -> PolicyWithValue:

@@ -62,9 +62,11 @@ class TopicConfig:
     idle_timeout_s: float = 5.0
     # Stop after this many records (None: read until idle).
     max_records: int | None = None
-    # A record that is not a valid preference stops training with its
-    # location unless this is set; skipped records are counted and logged.
-    skip_invalid: bool = False
+    # A record that is not a valid preference (undecodable, another schema
+    # major, refused by the training format, ...) is skipped, counted and
+    # logged (and dead-lettered with kafka.dead_letter), so one bad record
+    # cannot block training; false stops the run at it, naming its location.
+    skip_invalid: bool = True
     # Upper bound on training time while the group membership is held: the
     # consumer's max.poll.interval (its offsets are committed afterwards).
     max_train_seconds: float = 3600.0

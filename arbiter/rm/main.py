@@ -55,10 +55,11 @@ def train_main(args) -> int:
             extra = batch.examples
             note = {"from_topic": {"records": batch.records, "examples": len(batch.examples),
                                    "duplicates": batch.duplicates, "skipped": len(batch.skipped),
-                                   "replay": config.topic.replay}}
+                                   "skipped_reasons": batch.skipped_reasons, "replay": config.topic.replay}}
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(batch.skipped_reasons.items()))
             stderr.print(
                 f"read {batch.records} preference(s) from {kafka.topic('preferences')}"
-                + (f" ({len(batch.skipped)} invalid, skipped)" if batch.skipped else "")
+                + (f" ({len(batch.skipped)} invalid, skipped: {reasons})" if batch.skipped else "")
             )
         result = train_reward_model(config, extra, console=stderr, source_note=note)
         if batch is not None:

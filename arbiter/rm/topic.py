@@ -8,11 +8,16 @@ Two ways to read (``TopicConfig.replay``):
   again next time and a successful one never does (at-least-once; duplicates
   within a run are dropped by preference id).
 - replay: every preference on the topic, no group, nothing committed.
+
+A record that is not a usable preference (poison of any kind, see
+``StreamConsumer``; or a preference the training format refuses) is skipped,
+logged and counted by reason (``TopicBatch.skipped_reasons``), dead-lettered
+with ``kafka.dead_letter``, and committed past with the rest; with
+``topic.skip_invalid: false`` it stops the run instead, naming the record.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,8 +25,6 @@ from arbiter.rm.config import TopicConfig
 from arbiter.rm.data import DataError, DatasetError, RankedExample, dedupe, parse_row
 from arbiter.stream import KafkaSettings, StreamConsumer, codec, merge_offsets, topics
 from arbiter.stream.types import TopicPartition
-
-log = logging.getLogger(__name__)
 
 
 def preference_example(preference, where: str) -> RankedExample:
@@ -37,6 +40,8 @@ class TopicBatch:
     examples: list[RankedExample]
     records: int
     skipped: list[str] = field(default_factory=list)
+    # {reject reason (arbiter.stream.REJECT_REASONS): records} of ``skipped``.
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     _consumer: StreamConsumer | None = None
     _offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -93,6 +98,7 @@ def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: 
                     batch.examples.append(preference_example(record.message, where))
                 except DataError as err:
                     if config.skip_invalid:
+                        consumer.reject(record, "invalid_record", err)
                         batch.skipped.append(str(err))
                     else:
                         errors.append(err)
@@ -103,8 +109,7 @@ def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: 
         unique = dedupe(batch.examples)
         batch.duplicates = len(batch.examples) - len(unique)
         batch.examples = unique
-        for line in batch.skipped:
-            log.warning("skipped invalid preference %s", line)
+        batch.skipped_reasons = dict(consumer.stats().rejected_reasons)
         batch._offsets = offsets
         if group is None:
             consumer.close()

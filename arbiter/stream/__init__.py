@@ -7,6 +7,7 @@ core-type conversions in ``arbiter.stream.codec``.
 """
 
 from arbiter.stream.errors import (
+    REJECT_REASONS,
     BrokerError,
     CommitError,
     PayloadError,
@@ -34,7 +35,7 @@ from arbiter.stream.types import (
 )
 
 __all__ = [
-    "BrokerError", "CommitError", "ConsumedRecord", "ConsumerObserver", "ConsumerStats", "Delivery",
+    "REJECT_REASONS", "BrokerError", "CommitError", "ConsumedRecord", "ConsumerObserver", "ConsumerStats", "Delivery",
     "KafkaSettings", "PayloadError", "ProduceError", "ProducerObserver", "ProducerStats",
     "RecordBatch", "RejectedRecord", "SchemaVersionError", "StreamConsumer", "StreamError", "StreamProducer",
     "TopicError", "TopicPartition", "add_kafka_arguments", "delete_topics", "ensure_topics",

@@ -49,9 +49,11 @@ def _chat_lists_to_conversation(message: Message, location: str) -> None:
     if not roles and not contents:
         return
     if len(roles) != len(contents):
-        raise PayloadError(f"has {len(roles)} chat_roles but {len(contents)} chat_contents", location)
+        raise PayloadError(f"has {len(roles)} chat_roles but {len(contents)} chat_contents", location, "invalid_record")
     if message.conversation.messages:
-        raise PayloadError("sets both conversation and the 1.0 chat_roles/chat_contents; use conversation", location)
+        raise PayloadError(
+            "sets both conversation and the 1.0 chat_roles/chat_contents; use conversation", location, "invalid_record"
+        )
     message.conversation.messages.extend(
         common_pb2.ChatMessage(role=role, content=content) for role, content in zip(roles, contents)
     )
@@ -99,7 +101,7 @@ def payload_spec(topic: str) -> PayloadSpec:
 def parse_schema_version(text: str) -> tuple[int, int]:
     match = _VERSION_RE.match(text)
     if not match:
-        raise PayloadError(f"header {topics.HEADER_SCHEMA_VERSION}={text!r} is not MAJOR.MINOR")
+        raise PayloadError(f"header {topics.HEADER_SCHEMA_VERSION}={text!r} is not MAJOR.MINOR", reason="bad_headers")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -145,11 +147,11 @@ def encode(topic: str, message: Message, producer: str = "") -> EncodedRecord:
 def _header(headers: Mapping[str, bytes], name: str, location: str) -> str:
     raw = headers.get(name)
     if raw is None:
-        raise PayloadError(f"missing header {name!r}: not written by an Arbiter producer?", location)
+        raise PayloadError(f"missing header {name!r}: not written by an Arbiter producer?", location, "bad_headers")
     try:
         return raw.decode()
     except UnicodeDecodeError:
-        raise PayloadError(f"header {name!r} is not UTF-8", location) from None
+        raise PayloadError(f"header {name!r} is not UTF-8", location, "bad_headers") from None
 
 
 def decode(
@@ -164,15 +166,17 @@ def decode(
     spec = payload_spec(topic)
     content_type = _header(headers, topics.HEADER_CONTENT_TYPE, location)
     if content_type != topics.CONTENT_TYPE_PROTOBUF:
-        raise PayloadError(f"content type {content_type!r}, expected {topics.CONTENT_TYPE_PROTOBUF!r}", location)
+        raise PayloadError(
+            f"content type {content_type!r}, expected {topics.CONTENT_TYPE_PROTOBUF!r}", location, "bad_headers"
+        )
     type_name = _header(headers, topics.HEADER_MESSAGE_TYPE, location)
     if type_name != spec.type_name:
-        raise PayloadError(f"topic {topic!r} carries {spec.type_name}, record is {type_name}", location)
+        raise PayloadError(f"topic {topic!r} carries {spec.type_name}, record is {type_name}", location, "wrong_type")
     version = _header(headers, topics.HEADER_SCHEMA_VERSION, location)
     try:
         major, _minor = parse_schema_version(version)
     except PayloadError as err:
-        raise PayloadError(str(err), location) from None
+        raise PayloadError(str(err), location, err.reason) from None
     if major not in SUPPORTED_MAJORS:
         raise SchemaVersionError(
             f"{spec.type_name} schema version {version} is not readable by this build (reads major "
@@ -222,19 +226,21 @@ def prompt_from_record(record: rollout_pb2.PromptRecord, where: str = "") -> Pro
     """
     where = where or f"prompt record {record.prompt_id!r}"
     if not record.prompt_id:
-        raise PayloadError("prompt_id is empty", where)
+        raise PayloadError("prompt_id is empty", where, "invalid_record")
     messages = record.conversation.messages
     if not messages:
         if not record.text.strip():
-            raise PayloadError("has neither text nor a conversation", where)
+            raise PayloadError("has neither text nor a conversation", where, "invalid_record")
         return Prompt(text=record.text, id=record.prompt_id)
     if record.text:
-        raise PayloadError("sets both text and a conversation; use one", where)
+        raise PayloadError("sets both text and a conversation; use one", where, "invalid_record")
     for j, message in enumerate(messages):
         if not message.role.strip() or not message.content.strip():
-            raise PayloadError(f"conversation.messages[{j}] has an empty role or content", where)
+            raise PayloadError(f"conversation.messages[{j}] has an empty role or content", where, "invalid_record")
     if messages[-1].role == "assistant":
-        raise PayloadError("the conversation ends with an assistant turn; end with the turn to answer", where)
+        raise PayloadError(
+            "the conversation ends with an assistant turn; end with the turn to answer", where, "invalid_record"
+        )
     return Prompt(messages=tuple(ChatMessage(m.role, m.content) for m in messages), id=record.prompt_id)
 
 

@@ -46,6 +46,7 @@ from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as _KafkaTP
 
 from arbiter.stream import codec
+from arbiter.stream import topics as names
 from arbiter.stream.errors import CommitError, PayloadError, ProduceError, StreamError, TopicError
 from arbiter.stream.settings import KafkaSettings
 from arbiter.stream.types import (
@@ -246,16 +247,22 @@ class StreamProducer:
         field (Rollout: prompt_id). Raises InvalidInput for a message the topic
         does not carry, ProduceError when it cannot even be queued."""
         encoded = codec.encode(topic, message, producer=self.settings.client_id)
-        wire = self.settings.topic(topic)
+        return self._send(self.settings.topic(topic), encoded.key, encoded.value, encoded.headers)
+
+    def _send(
+        self, wire: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> concurrent.futures.Future[Delivery]:
+        """Queue an already encoded record for the ``wire`` topic (also how
+        dead-letter copies go out, bytes unchanged)."""
         result: concurrent.futures.Future[Delivery] = concurrent.futures.Future()
-        size = len(encoded.value)
+        size = len(value or b"")
         started = time.monotonic()
         with self._lock:
             self._stats = replace(self._stats, sent=self._stats.sent + 1)
         if wire not in self._existing_topics:
             self._check_topic(wire)
         try:
-            future = self._producer.send(wire, key=encoded.key, value=encoded.value, headers=encoded.headers)
+            future = self._producer.send(wire, key=key, value=value, headers=headers)
         except kerrors.KafkaTimeoutError as err:
             error = ProduceError(
                 f"{wire}: not queued within max_block_ms={self.settings.max_block_ms} "
@@ -342,6 +349,57 @@ class StreamProducer:
         self.close()
 
 
+# -- dead letters -------------------------------------------------------------
+
+# Room left under max_request_size for the headers a dead-letter copy adds.
+_DEAD_LETTER_HEADROOM = 16 * 1024
+_DEAD_LETTER_ERROR_CHARS = 2000
+
+
+class _DeadLetters:
+    """Copies of rejected records on "<topic>.dead-letter" (topics created here,
+    with their declared partition count), acknowledged before the consumer
+    moves past the originals: a copy is never lost, but a record rejected
+    again after a restart is copied again (the source headers tell them apart)."""
+
+    def __init__(self, settings: KafkaSettings, logical_topics: Iterable[str]):
+        self._settings = settings
+        self._targets = {t: names.DEAD_LETTER_TOPICS[t] for t in logical_topics}
+        ensure_topics(settings, {target: names.DEAD_LETTER_PARTITIONS for target in self._targets.values()})
+        self._producer = StreamProducer(settings)
+
+    def copy(self, rejected: Sequence[RejectedRecord]) -> None:
+        """Raises StreamError unless every copy is acknowledged."""
+        if not rejected:
+            return
+        for record in rejected:
+            value = record.value
+            headers = [
+                *record.headers,
+                (names.HEADER_DEAD_LETTER_REASON, record.reason.encode()),
+                (names.HEADER_DEAD_LETTER_ERROR, str(record.error)[:_DEAD_LETTER_ERROR_CHARS].encode()),
+                (names.HEADER_SOURCE_TOPIC, record.topic.encode()),
+                (names.HEADER_SOURCE_PARTITION, str(record.partition).encode()),
+                (names.HEADER_SOURCE_OFFSET, str(record.offset).encode()),
+            ]
+            if value is not None and len(value) > self._settings.max_request_size - _DEAD_LETTER_HEADROOM:
+                # The broker would refuse the copy as it may have the original
+                # (e.g. an oversize record): keep the evidence, not the bytes.
+                headers.append((names.HEADER_DEAD_LETTER_VALUE_OMITTED, str(len(value)).encode()))
+                value = b""
+            target = self._settings.topic(self._targets[record.logical_topic])
+            self._producer._send(target, record.key, value, headers)
+        try:
+            self._producer.flush(timeout_s=self._settings.delivery_timeout_ms / 1000)
+        except ProduceError as err:
+            raise StreamError(
+                f"dead-letter copies not acknowledged (the rejected records will be read again): {err}"
+            ) from err
+
+    def close(self) -> None:
+        self._producer.close()
+
+
 # -- consumer ----------------------------------------------------------------
 
 
@@ -376,11 +434,23 @@ class StreamConsumer(Generic[M]):
     record (never "latest": the dev broker answers it wrongly, and a trainer
     wants every sample anyway).
 
-    Invalid records (unknown schema major, wrong payload type, garbage) raise
-    PayloadError/SchemaVersionError from ``poll`` with the consumer rewound to
-    the start of that batch, so nothing is skipped silently; with
-    ``skip_invalid=True`` they come back in ``RecordBatch.rejected`` instead
-    and their offsets count as consumed.
+    Invalid records ("poison": larger than ``settings.max_record_bytes``,
+    missing or unknown headers, unknown schema major, wrong payload type,
+    garbage) raise PayloadError/SchemaVersionError from ``poll`` with the
+    consumer rewound to the start of that batch, so nothing is skipped
+    silently. With ``skip_invalid=True`` (every Arbiter service) they come back
+    in ``RecordBatch.rejected`` instead, their offsets count as consumed, and
+    each is logged (topic[partition]@offset, reason, error) and counted
+    (``stats().rejected_reasons``, ``ConsumerObserver.on_rejected``). A caller
+    refuses a record that decoded but that it cannot use with ``reject``: the
+    same log line, counters and dead-letter copy.
+
+    With ``settings.dead_letter`` every rejected record is also copied, raw,
+    to its topic's dead-letter topic (``arbiter.stream.topics``; created here)
+    with the reason and source topic/partition/offset as headers, and the copy
+    is acknowledged before ``poll``/``reject`` return: when it cannot be, they
+    raise StreamError (``poll`` rewound, as above) rather than lose the record.
+    Off by default.
     """
 
     def __init__(
@@ -440,6 +510,7 @@ class StreamConsumer(Generic[M]):
                 self._set_assignment(frozenset(map(_ours, assignment)))
             else:
                 self._consumer.subscribe(list(self._logical), listener=_Listener(self))
+            self._dead_letters = _DeadLetters(settings, topics) if settings.dead_letter else None
         except BaseException:
             self._consumer.close(autocommit=False)
             raise
@@ -505,30 +576,42 @@ class StreamConsumer(Generic[M]):
         records: list[ConsumedRecord[M]] = []
         rejected: list[RejectedRecord] = []
         sizes: dict[TopicPartition, tuple[int, int]] = {}
+        limit = self.settings.max_record_bytes
         for ktp, batch in raw.items():
             logical = self._logical[ktp.topic]
             for record in batch:
-                headers = dict(record.headers or ())
                 location = f"{ktp.topic}[{ktp.partition}]@{record.offset}"
+                size = len(record.value or b"")
                 try:
+                    if size > limit:
+                        # Before decoding: parsing (and training on) it is the cost to avoid.
+                        raise PayloadError(f"{size} bytes, over max_record_bytes={limit}", location, "oversize")
+                    headers = dict(record.headers or ())
                     message, version = codec.decode(logical, record.value, headers, location)
                 except PayloadError as err:
                     if not self._skip_invalid:
                         self._rewind(raw)
                         raise
-                    rejected_record = RejectedRecord(ktp.topic, ktp.partition, record.offset, err)
-                    rejected.append(rejected_record)
+                    rejected.append(RejectedRecord(
+                        ktp.topic, ktp.partition, record.offset, err, logical,
+                        record.key, record.value, tuple(record.headers or ()),
+                    ))
                     continue
-                size = len(record.value or b"")
                 key = record.key.decode(errors="replace") if record.key is not None else None
                 records.append(
                     ConsumedRecord(
                         ktp.topic, ktp.partition, record.offset, key, record.timestamp,
-                        version, message, headers, size,
+                        version, message, headers, size, record.value,
                     )
                 )
                 count, total = sizes.get(_ours(ktp), (0, 0))
                 sizes[_ours(ktp)] = (count + 1, total + size)
+        if self._dead_letters is not None and rejected:
+            try:
+                self._dead_letters.copy(rejected)
+            except StreamError:
+                self._rewind(raw)
+                raise
         result: RecordBatch[M] = RecordBatch(records, rejected)
         advanced = result.next_offsets()
         with self._lock:
@@ -537,15 +620,45 @@ class StreamConsumer(Generic[M]):
                 self._stats,
                 records=self._stats.records + len(records),
                 record_bytes=self._stats.record_bytes + sum(total for _, total in sizes.values()),
-                rejected=self._stats.rejected + len(rejected),
             )
         for tp, (count, total) in sizes.items():
             self._observer.on_records(tp.topic, tp.partition, count, total)
-        for rejected_record in rejected:
-            log.warning("skipped invalid record %s[%d]@%d: %s", rejected_record.topic, rejected_record.partition,
-                        rejected_record.offset, rejected_record.error)
-            self._observer.on_rejected(rejected_record)
+        self._count_rejected(rejected)
         return result
+
+    def reject(self, record: ConsumedRecord[M], reason: str, error: Exception | str) -> RejectedRecord:
+        """Skip a record that decoded but that the caller cannot use (e.g. token
+        ids outside its model's vocabulary): logged, counted and dead-lettered
+        like an undecodable one. ``reason`` is one of REJECT_REASONS. Its
+        offset stays the caller's to account for: commit past it as past a
+        processed record, so it is never redelivered. Raises StreamError when
+        its dead-letter copy is not acknowledged."""
+        location = f"{record.topic}[{record.partition}]@{record.offset}"
+        text = str(error)
+        payload_error = PayloadError(text if location in text else f"{location}: {text}", reason=reason)
+        payload_error.location = location
+        rejected = RejectedRecord(
+            record.topic, record.partition, record.offset, payload_error, self._logical[record.topic],
+            record.key.encode() if record.key is not None else None, record.value, tuple(record.headers.items()),
+        )
+        if self._dead_letters is not None:
+            self._dead_letters.copy([rejected])
+        self._count_rejected([rejected])
+        return rejected
+
+    def _count_rejected(self, rejected: Sequence[RejectedRecord]) -> None:
+        if not rejected:
+            return
+        with self._lock:
+            reasons = dict(self._stats.rejected_reasons)
+            for record in rejected:
+                reasons[record.reason] = reasons.get(record.reason, 0) + 1
+            self._stats = replace(self._stats, rejected=self._stats.rejected + len(rejected), rejected_reasons=reasons)
+        for record in rejected:
+            # The error's text starts with (or names) topic[partition]@offset.
+            log.warning("skipped invalid record (%s%s): %s", record.reason,
+                        ", copied to dead letters" if self._dead_letters is not None else "", record.error)
+            self._observer.on_rejected(record)
 
     def _rewind(self, raw: Mapping[_KafkaTP, list]) -> None:
         for ktp, batch in raw.items():
@@ -655,6 +768,8 @@ class StreamConsumer(Generic[M]):
     def close(self, timeout_s: float = 10.0) -> None:
         """Leave the group (its partitions move at once, not after a session
         timeout). Commits nothing."""
+        if self._dead_letters is not None:
+            self._dead_letters.close()
         self._consumer.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
 
     def __enter__(self) -> StreamConsumer[M]:

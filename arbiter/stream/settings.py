@@ -55,6 +55,14 @@ class KafkaSettings:
     # How long the broker may hold a fetch that has no new data. Low, because
     # a policy update or a rollout batch waiting on it is pipeline latency.
     fetch_max_wait_ms: int = 100
+    # Consumers reject (skip, count, log) a record whose value is larger,
+    # before decoding it. Real records are far smaller (a 4k-token rollout is
+    # ~50 KiB); at least max_request_size, so what this client's producers
+    # write is always readable.
+    max_record_bytes: int = 4 * 1024 * 1024
+    # Consumers copy each record they reject to "<topic>.dead-letter"
+    # (arbiter.stream.topics), creating that topic if needed.
+    dead_letter: bool = False
     request_timeout_ms: int = 30_000
     # Producer.
     linger_ms: int = 5
@@ -152,6 +160,11 @@ class KafkaSettings:
             1024 <= self.max_request_size <= 100 * 1024 * 1024,
             "max_request_size", "must be in 1 KiB..100 MiB", self.max_request_size,
         )
+        require(
+            self.max_request_size <= self.max_record_bytes <= 1024 * 1024 * 1024, "max_record_bytes",
+            f"must be in max_request_size ({self.max_request_size})..1 GiB: records this client may produce "
+            "must be readable", self.max_record_bytes,
+        )
         require(self.max_block_ms >= 0, "max_block_ms", "must be >= 0", self.max_block_ms)
         require(
             self.delivery_timeout_ms >= self.linger_ms + self.request_timeout_ms, "delivery_timeout_ms",
@@ -219,6 +232,10 @@ def add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kafka-ssl-cafile")
     group.add_argument("--kafka-topic-prefix")
     group.add_argument("--kafka-client-id")
+    group.add_argument("--kafka-max-record-bytes", type=int,
+                       help="consumers skip (count, log) records larger than this (default 4 MiB)")
+    group.add_argument("--kafka-dead-letter", action="store_true", default=None,
+                       help="copy every record a consumer rejects to <topic>.dead-letter")
 
 
 def kafka_settings_from_args(args: argparse.Namespace, **overrides: Any) -> KafkaSettings:
@@ -230,6 +247,8 @@ def kafka_settings_from_args(args: argparse.Namespace, **overrides: Any) -> Kafk
         "ssl_cafile": args.kafka_ssl_cafile,
         "topic_prefix": args.kafka_topic_prefix,
         "client_id": args.kafka_client_id,
+        "max_record_bytes": args.kafka_max_record_bytes,
+        "dead_letter": args.kafka_dead_letter,
     }
     flags.update(overrides)
     return KafkaSettings.from_env(**flags)

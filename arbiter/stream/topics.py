@@ -28,6 +28,23 @@ DEFAULT_PARTITIONS = MappingProxyType({
     PREFERENCES: 4,
 })
 
+# Dead letters: a consumer with ``KafkaSettings.dead_letter`` copies each record
+# it rejects (raw value and headers, plus why and where from) to the dead-letter
+# topic of its topic, for inspection and replay. Created by that consumer with
+# one partition (a trickle, read by people), never by auto-creation.
+DEAD_LETTER_SUFFIX = ".dead-letter"
+ROLLOUTS_DEAD_LETTER = ROLLOUTS + DEAD_LETTER_SUFFIX
+POLICY_UPDATES_DEAD_LETTER = POLICY_UPDATES + DEAD_LETTER_SUFFIX
+PROMPTS_DEAD_LETTER = PROMPTS + DEAD_LETTER_SUFFIX
+PREFERENCES_DEAD_LETTER = PREFERENCES + DEAD_LETTER_SUFFIX
+DEAD_LETTER_TOPICS = MappingProxyType({
+    ROLLOUTS: ROLLOUTS_DEAD_LETTER,
+    POLICY_UPDATES: POLICY_UPDATES_DEAD_LETTER,
+    PROMPTS: PROMPTS_DEAD_LETTER,
+    PREFERENCES: PREFERENCES_DEAD_LETTER,
+})
+DEAD_LETTER_PARTITIONS = 1
+
 # -- consumer groups ---------------------------------------------------------
 
 # The PPO trainer: manual commits of the offsets covered by a durable checkpoint.
@@ -49,5 +66,17 @@ HEADER_SCHEMA_VERSION = "arbiter-schema-version"
 HEADER_MESSAGE_TYPE = "arbiter-message-type"
 # KafkaSettings.client_id of the producer, for tracing a bad record to its source.
 HEADER_PRODUCER = "arbiter-producer"
+
+# Added to a dead-letter copy (its source record's headers come first, unchanged):
+# the reject reason (arbiter.stream.errors.REJECT_REASONS), the error message,
+# and where the record was: wire topic, partition and offset (decimal).
+HEADER_DEAD_LETTER_REASON = "arbiter-dead-letter-reason"
+HEADER_DEAD_LETTER_ERROR = "arbiter-dead-letter-error"
+HEADER_SOURCE_TOPIC = "arbiter-source-topic"
+HEADER_SOURCE_PARTITION = "arbiter-source-partition"
+HEADER_SOURCE_OFFSET = "arbiter-source-offset"
+# Set instead of copying a value larger than the producer's max_request_size:
+# the value's size in bytes (the copy's value is then empty).
+HEADER_DEAD_LETTER_VALUE_OMITTED = "arbiter-dead-letter-value-omitted"
 
 CONTENT_TYPE_PROTOBUF = "application/x-protobuf"

@@ -36,6 +36,8 @@ class ConsumedRecord(Generic[M]):
     message: M
     headers: Mapping[str, bytes] = field(default_factory=dict)
     size_bytes: int = 0
+    # The raw value, for a dead-letter copy if the caller rejects the record.
+    value: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def topic_partition(self) -> TopicPartition:
@@ -48,16 +50,29 @@ class ConsumedRecord(Generic[M]):
 
 @dataclass(frozen=True)
 class RejectedRecord:
-    """A record that failed to decode, returned only when the consumer skips invalid records."""
+    """A record the consumer skipped (it failed to decode, or the caller
+    refused it with ``StreamConsumer.reject``): returned only by consumers
+    that skip invalid records."""
 
     topic: str
     partition: int
     offset: int
+    # A PayloadError: its ``reason`` is one of arbiter.stream.errors.REJECT_REASONS.
     error: Exception
+    # The topic's name in arbiter.stream.topics (``topic`` without the prefix).
+    logical_topic: str = ""
+    # The raw record, for a dead-letter copy.
+    key: bytes | None = field(default=None, repr=False)
+    value: bytes | None = field(default=None, repr=False)
+    headers: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
 
     @property
     def topic_partition(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+    @property
+    def reason(self) -> str:
+        return getattr(self.error, "reason", "undecodable")
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,7 @@ class ConsumerObserver:
     def on_records(self, topic: str, partition: int, count: int, size_bytes: int) -> None:
         pass
 
+    # Every record skipped: undecodable ones and those the caller rejected.
     def on_rejected(self, record: RejectedRecord) -> None:
         pass
 
@@ -184,6 +200,8 @@ class ConsumerStats:
     records: int = 0
     record_bytes: int = 0
     rejected: int = 0
+    # {reason: records} of ``rejected``.
+    rejected_reasons: Mapping[str, int] = field(default_factory=dict)
     commits: int = 0
     commit_failures: int = 0
     rebalances: int = 0

@@ -80,7 +80,10 @@ class PolicyUpdateFollower:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                consumer = StreamConsumer(self.kafka, [topics.POLICY_UPDATES], self.group_id, skip_invalid=True)
+                # An unusable record is skipped and counted (refused), never
+                # retried: stopping on it would freeze this replica's version.
+                consumer = StreamConsumer(self.kafka, [topics.POLICY_UPDATES], self.group_id, skip_invalid=True,
+                                          observer=self.metrics.rejected_records)
             except StreamError as err:
                 # The broker or topic may come later than the server: keep serving, keep trying.
                 log.warning("policy updates: cannot consume (%s); retrying in %.0fs", err, self.retry_s)
@@ -113,19 +116,24 @@ class PolicyUpdateFollower:
             batch = consumer.poll(timeout_s=self.poll_timeout_s)
             if not batch.records and not batch.rejected:
                 continue
-            self._handle(batch)
+            self._handle(consumer, batch)
             try:
                 consumer.commit(batch.next_offsets())
             except CommitError as err:
                 log.warning("policy updates: %s", err)
 
-    def _handle(self, batch: RecordBatch) -> None:
+    def _handle(self, consumer: StreamConsumer, batch: RecordBatch) -> None:
         for _rejected in batch.rejected:  # the consumer logged the reason
             self._count(REFUSED)
         settled = False
         for record in reversed(batch.records):
             update: rollout_pb2.PolicyUpdate = record.message
             where = f"{record.topic}[{record.partition}]@{record.offset}"
+            missing = _missing_fields(update)
+            if missing:
+                consumer.reject(record, "invalid_record", f"policy update {update.policy_version!r}: {missing}")
+                self._count(REFUSED)
+                continue
             if settled:
                 log.info("policy update %r (%s): superseded by a newer one", update.policy_version, where)
                 self._count(SKIPPED)
@@ -141,8 +149,9 @@ class PolicyUpdateFollower:
         """Verify and load one update; returns its outcome (never raises)."""
         version, path = update.policy_version, update.checkpoint_path
         label = f"policy update {version!r} ({where or 'direct'})"
-        if not version or not path:
-            log.error("%s: refused: policy_version and checkpoint_path are required", label)
+        missing = _missing_fields(update)
+        if missing:
+            log.error("%s: refused: %s", label, missing)
             return REFUSED
         if version in self._on_loop(self._loaded_versions()):
             log.info("%s: version already loaded; skipped", label)
@@ -200,3 +209,9 @@ class PolicyUpdateFollower:
     async def _load(self, path: str, version: str) -> None:
         # The version label is the update's, whatever the checkpoint's arbiter.json says.
         await self.engine.models.load_version(path, version, activate=True)
+
+
+def _missing_fields(update: rollout_pb2.PolicyUpdate) -> str | None:
+    if not update.policy_version or not update.checkpoint_path:
+        return "policy_version and checkpoint_path are required"
+    return None

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from arbiter.policy.types import GeneratedSample
+from arbiter.stream import topics
+from arbiter.stream.metrics import RejectedRecordsMetric
 from services.common.metrics import RpcMetrics
 
 SERVICE = "policy"
@@ -44,6 +46,8 @@ class PolicyMetrics(RpcMetrics):
             "arbiter_policy_update_training_step", "training_step of the last policy update applied.",
             registry=registry,
         )
+        # Records of the policy-updates topic skipped as unusable (each is also a "refused" update).
+        self.rejected_records = RejectedRecordsMetric(registry, [topics.POLICY_UPDATES])
         self._known_versions: set[str] = set()
 
     def on_samples(self, samples: Sequence[GeneratedSample]) -> None:

@@ -6,6 +6,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from arbiter.stream import topics
+from arbiter.stream.metrics import RejectedRecordsMetric
 from services.common.metrics import LATENCY_BUCKETS
 
 # Completion lengths in tokens.
@@ -71,6 +73,8 @@ class WorkerMetrics:
             "arbiter_worker_response_length_tokens", "Completion tokens per produced rollout.",
             buckets=LENGTH_BUCKETS, registry=registry,
         )
+        # Records of the prompts topic skipped as unusable (also samples_skipped{reason="invalid_prompt_record"}).
+        self.rejected_records = RejectedRecordsMetric(registry, [topics.PROMPTS])
         for reason in SKIP_REASONS:
             self.skipped.labels(reason)
         for stage in STAGES:

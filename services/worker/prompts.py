@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from arbiter.prompts import as_prompts
 from arbiter.stream import (
     CommitError,
+    ConsumerObserver,
     KafkaSettings,
     PayloadError,
     RecordBatch,
@@ -90,13 +91,21 @@ class FilePrompts:
 
 class TopicPrompts:
     """The prompts topic, its partitions split between the workers of
-    ``ROLLOUT_WORKERS_GROUP``. Invalid records are skipped and counted with
-    ``skip``; a failed commit is counted with ``failed("commit")`` and the
-    partition's next owner processes those prompts again."""
+    ``ROLLOUT_WORKERS_GROUP``. Records that are not usable prompts (poison of
+    any kind: see ``StreamConsumer``) are skipped, never retried: logged,
+    counted with ``skip`` and by ``observer`` (per reason), dead-lettered with
+    ``kafka.dead_letter``, and committed past with their batch. A failed
+    commit is counted with ``failed("commit")`` and the partition's next
+    owner processes those prompts again."""
 
-    def __init__(self, kafka: KafkaSettings, skip: Callable[[str], None], failed: Callable[[str], None]):
+    def __init__(
+        self, kafka: KafkaSettings, skip: Callable[[str], None], failed: Callable[[str], None],
+        observer: ConsumerObserver | None = None,
+    ):
         try:
-            self._consumer = StreamConsumer(kafka, [topics.PROMPTS], topics.ROLLOUT_WORKERS_GROUP, skip_invalid=True)
+            self._consumer = StreamConsumer(
+                kafka, [topics.PROMPTS], topics.ROLLOUT_WORKERS_GROUP, skip_invalid=True, observer=observer,
+            )
         except StreamError as err:
             raise WorkerError(f"kafka: cannot consume the prompts topic: {err}") from None
         self._skip = skip
@@ -114,7 +123,7 @@ class TopicPrompts:
                 where = f"{record.topic}[{record.partition}]@{record.offset}"
                 prompts.append(codec.prompt_from_record(record.message, where))
             except PayloadError as err:
-                log.warning("skipping prompt record: %s", err)
+                self._consumer.reject(record, err.reason, err)
                 self._skip("invalid_prompt_record")
         return PromptBatch(prompts, lambda: self._commit(polled))
 

@@ -301,7 +301,7 @@ class RolloutWorker:
         self.start()
         source: PromptSource
         if s.prompts_topic:
-            source = TopicPrompts(s.kafka, self._skip, self._retry.failed)
+            source = TopicPrompts(s.kafka, self._skip, self._retry.failed, self.metrics.rejected_records)
         else:
             source = FilePrompts(self._file_prompts, s.passes, s.shuffle, s.seed)
         try:
