@@ -11,19 +11,24 @@ import random
 from collections import Counter
 
 import pytest
-from helpers import sample_value, wait_until
+from helpers import BackgroundServer, sample_value, wait_until
 from kafka import KafkaConsumer, KafkaProducer
 from lm_fixtures import perturbed
 from prometheus_client import CollectorRegistry
 
 from arbiter.config import ConfigError
+from arbiter.hf import weights_sha256
 from arbiter.rm.config import TopicConfig
 from arbiter.rm.topic import read_preferences
 from arbiter.stream import REJECT_REASONS, KafkaSettings, StreamConsumer, TopicPartition, codec, ensure_topics, topics
 from arbiter.v1 import rollout_pb2
-from rollout_fixtures import sample_trajectories, to_rollout
+from rollout_fixtures import to_rollout
+from services.policy.client import PolicyClient
+from services.policy.server import create_server
+from services.policy.settings import PolicySettings
 from services.worker.metrics import WorkerMetrics
 from services.worker.prompts import TopicPrompts
+from trainer.batch import Trajectory
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import config_from_dict
 from trainer.loop import PPOTrainer
@@ -108,7 +113,13 @@ def test_trainer_skips_every_poison_rollout_and_trains_each_good_one_once(tiny_m
     trainer = PPOTrainer(config, KafkaSettings.from_env(**config.kafka))
     model = trainer.model
     assert (model.vocab_size, model.max_tokens) == (512, 256)  # the tiny policy's embedding rows and positions
-    samples = sample_trajectories(model.lm, model.tokenizer, 2 * BATCH + 4, seed=3)
+    # Counting, not learning, is under test: made-up samples (sampling from the model costs seconds).
+    rng = random.Random(3)
+    samples = [
+        Trajectory(f"r{i}", f"p{i}", f"g{i}", (5, 6, 7), tuple(rng.randrange(512) for _ in range(8)), (-3.0,) * 8,
+                   (-3.1,) * 8, rng.random(), model.base_version)
+        for i in range(2 * BATCH + 4)
+    ]
     good = [to_rollout(t) for t in samples[:2 * BATCH]]
 
     def spoiled(i: int, change) -> rollout_pb2.Rollout:
@@ -142,9 +153,10 @@ def test_trainer_skips_every_poison_rollout_and_trains_each_good_one_once(tiny_m
     # Every rejected record was copied, raw, to the dead-letter topic, saying why and from where.
     copies = read_raw(kafka, topics.ROLLOUTS_DEAD_LETTER, len(poison))
     by_offset = {int(c["arbiter-source-offset"]): c for c in copies}
-    for offset, (key, value, hdrs) in enumerate(records):
-        if offset not in by_offset:
-            continue
+    poison_offsets = [i for i, record in enumerate(records) if any(record is p for _, p in poison)]
+    assert sorted(by_offset) == poison_offsets
+    for offset in poison_offsets:
+        key, value, hdrs = records[offset]
         copy = by_offset[offset]
         assert copy["arbiter-source-topic"] == kafka.topic(topics.ROLLOUTS)
         assert copy["arbiter-source-partition"] == "0"
@@ -156,7 +168,7 @@ def test_trainer_skips_every_poison_rollout_and_trains_each_good_one_once(tiny_m
     assert sorted(c["arbiter-dead-letter-reason"] for c in copies) == sorted(r for r, _ in poison)
     too_long = next(c for c in copies if c["arbiter-dead-letter-reason"] == "too_long")
     assert too_long["arbiter-dead-letter-error"].endswith(
-        f"{len(samples[0].prompt_ids) + 250} prompt + 8 completion tokens, over the model's 256")
+        "253 prompt + 8 completion tokens, over the model's 256")
 
 
 def read_raw(kafka: KafkaSettings, topic: str, count: int) -> list[dict]:
@@ -179,19 +191,11 @@ def read_raw(kafka: KafkaSettings, topic: str, count: int) -> list[dict]:
 
 
 def test_policy_follower_skips_poison_updates_and_applies_the_good_ones(tiny_models, kafka_settings, tmp_path):
-    from helpers import BackgroundServer
-
-    from services.policy.client import PolicyClient
-    from services.policy.server import create_server
-    from services.policy.settings import PolicySettings
-
     kafka = kafka_settings.with_overrides(**SMALL)
     ensure_topics(kafka, {topics.POLICY_UPDATES: 1})
     checkpoint = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
 
     def update(version: str) -> rollout_pb2.PolicyUpdate:
-        from arbiter.hf import weights_sha256
-
         return rollout_pb2.PolicyUpdate(policy_version=version, checkpoint_path=str(checkpoint), training_step=1,
                                         weights_sha256=weights_sha256(checkpoint))
 
