@@ -16,11 +16,12 @@ from kafka import KafkaConsumer, KafkaProducer
 from lm_fixtures import perturbed
 from prometheus_client import CollectorRegistry
 
-from arbiter.config import ConfigError
 from arbiter.hf import weights_sha256
 from arbiter.rm.config import TopicConfig
 from arbiter.rm.topic import read_preferences
-from arbiter.stream import REJECT_REASONS, KafkaSettings, StreamConsumer, TopicPartition, codec, ensure_topics, topics
+from arbiter.stream import (
+    REJECT_REASONS, KafkaSettings, PayloadError, StreamConsumer, TopicPartition, codec, ensure_topics, topics,
+)
 from arbiter.v1 import rollout_pb2
 from rollout_fixtures import to_rollout
 from services.policy.client import PolicyClient
@@ -284,11 +285,5 @@ def test_rm_training_skips_poison_preferences_and_reads_each_good_one_once(kafka
         assert group.committed([TopicPartition(kafka.topic(topics.PREFERENCES), 0)]) == {
             TopicPartition(kafka.topic(topics.PREFERENCES), 0): len(records)}
     # Strict mode, on request: the first poison record stops the run, naming it.
-    with pytest.raises(Exception, match=rf"{kafka.topic(topics.PREFERENCES)}\[0\]@1"):
+    with pytest.raises(PayloadError, match=rf"{kafka.topic(topics.PREFERENCES)}\[0\]@1"):
         read_preferences(kafka, TopicConfig(idle_timeout_s=1.0, replay=True, skip_invalid=False))
-
-
-def test_max_record_bytes_is_validated():
-    assert KafkaSettings().max_record_bytes == 4 * 1024 * 1024 >= KafkaSettings().max_request_size
-    with pytest.raises(ConfigError, match=r"max_record_bytes=1000 is invalid: must be in max_request_size \(1048576\)"):
-        KafkaSettings(max_record_bytes=1000)

@@ -112,6 +112,7 @@ def produce(settings: KafkaSettings, rollouts, topic: str = topics.ROLLOUTS):
         ({"topic_prefix": "a b"}, "topic_prefix", "letters, digits"),
         ({"replication_factor": 0}, "replication_factor", "-1 (cluster default)"),
         ({"client_id": ""}, "client_id", "must not be empty"),
+        ({"max_record_bytes": 1000}, "max_record_bytes", "max_request_size (1048576)..1 GiB"),
     ],
 )
 def test_settings_errors_name_the_field(changes, field, text):
@@ -164,6 +165,11 @@ def test_settings_from_command_line(monkeypatch):
     settings = kafka_settings_from_args(args, session_timeout_ms=6000)
     assert settings.bootstrap_servers == ("a:1", "b:2")  # flags win over the environment
     assert (settings.client_id, settings.topic_prefix, settings.session_timeout_ms) == ("from-env", "staging.", 6000)
+    # Poison handling: a 4 MiB record-size guard and no dead letters unless asked for.
+    assert (settings.max_record_bytes, settings.dead_letter) == (4 * 1024 * 1024, False)
+    args = parser.parse_args(["--kafka-dead-letter", "--kafka-max-record-bytes", "2097152"])
+    assert (kafka_settings_from_args(args).max_record_bytes, kafka_settings_from_args(args).dead_letter) == (
+        2 * 1024 * 1024, True)
     with pytest.raises(ConfigError, match="^bootstrap_servers='nope' is invalid: 'nope' is not host:port"):
         kafka_settings_from_args(parser.parse_args(["--kafka-bootstrap-servers", "nope"]))
 

@@ -112,6 +112,14 @@ class TopicPrompts:
         self._failed = failed
 
     def next_batch(self, limit: int) -> PromptBatch:
+        try:
+            return self._next_batch(limit)
+        except StreamError as err:
+            # A dead-letter copy went unacknowledged: nothing was committed, so
+            # these records are read again by whoever consumes the partition next.
+            raise WorkerError(f"kafka: {err}") from None
+
+    def _next_batch(self, limit: int) -> PromptBatch:
         polled = self._consumer.poll(timeout_s=0.5, max_records=limit)
         if not polled.records and not polled.rejected:
             return PromptBatch([])
