@@ -111,10 +111,12 @@ class ModelServerSettings(ServerSettings):
         help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
     # LoadModelVersion only reads checkpoints under these directories (after
     # resolving symlinks). Empty: the directory holding --model, so sibling
-    # versions (REGISTRY/NAME/v2 beside v1, Triton's REPO/NAME/2 beside 1) load.
+    # versions load (REGISTRY/NAME/v2 beside v1); with Triton, the model
+    # repository (REPO of --model REPO/NAME/N), the directory Triton loads from.
     model_roots: tuple[str, ...] = field(default=(), metadata=flag(
         action="append", metavar="DIR",
-        help="a directory LoadModelVersion may load from (repeatable; default: the directory holding --model)"))
+        help="a directory LoadModelVersion may load from (repeatable; default: the directory holding --model, "
+             "with Triton the model repository)"))
     # A load still running after this long fails (DEADLINE_EXCEEDED) and
     # stops holding up other loads; see arbiter.kernel for what is abandoned.
     load_timeout_s: float = field(default=600.0, metadata=flag(
@@ -138,7 +140,8 @@ class ModelServerSettings(ServerSettings):
 
     def allowed_model_roots(self) -> tuple[Path, ...]:
         """Where LoadModelVersion may read, symlinks resolved."""
-        roots = self.model_roots or (str(Path(self.model_dir).parent),)
+        default = Path(self.model_dir).parent
+        roots = self.model_roots or (str(default.parent if self.backend.remote else default),)
         return tuple(Path(os.path.realpath(root)) for root in roots)
         require(isinstance(self.backend, BackendConfig), "backend", "must be a BackendConfig", self.backend)
 
