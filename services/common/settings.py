@@ -137,13 +137,14 @@ class ModelServerSettings(ServerSettings):
         for root in self.model_roots:
             require(Path(root).is_dir(), "model_roots", "must list existing directories", root)
         require(self.load_timeout_s > 0, "load_timeout_s", "must be > 0", self.load_timeout_s)
+        require(isinstance(self.backend, BackendConfig), "backend", "must be a BackendConfig", self.backend)
 
     def allowed_model_roots(self) -> tuple[Path, ...]:
         """Where LoadModelVersion may read, symlinks resolved."""
-        default = Path(self.model_dir).parent
-        roots = self.model_roots or (str(default.parent if self.backend.remote else default),)
-        return tuple(Path(os.path.realpath(root)) for root in roots)
-        require(isinstance(self.backend, BackendConfig), "backend", "must be a BackendConfig", self.backend)
+        if self.model_roots:
+            return tuple(Path(os.path.realpath(root)) for root in self.model_roots)
+        holder = Path(os.path.realpath(self.model_dir)).parent
+        return (holder.parent if self.backend.remote else holder,)
 
 
 @dataclass(frozen=True)
