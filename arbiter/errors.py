@@ -39,6 +39,14 @@ class ModelLoadError(ArbiterError):
     """A checkpoint could not be loaded or failed validation; nothing was swapped."""
 
 
+class PermissionDenied(ArbiterError):
+    """The caller may not do this here (e.g. load a model from outside the allowed roots)."""
+
+
+class LoadTimeout(ArbiterError):
+    """A model version did not finish loading within the configured time; nothing was swapped."""
+
+
 class ShuttingDown(ArbiterError):
     """The server is draining and takes no new work."""
 

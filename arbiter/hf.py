@@ -178,6 +178,53 @@ def read_config(model_dir: str | os.PathLike):
         raise ModelLoadError(f"cannot read the model config in {str(model_dir)!r}: {err}") from err
 
 
+# Config fields that decide a model's shapes (transformers maps each family's
+# own names onto these, e.g. GPT-2's n_embd onto hidden_size).
+_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "intermediate_size")
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_CLASSIFIER_HEAD = "ForSequenceClassification"
+
+
+def architecture(config) -> str:
+    """A readable signature of what makes two checkpoints interchangeable:
+    model type and the shape-deciding sizes (``gpt2 vocab_size=512
+    hidden_size=64 ...``). Equal for a LoRA adapter merged into its base and
+    that base; different when any weight shape would differ."""
+    text = config.get_text_config()
+    sizes = []
+    for name in _ARCHITECTURE_FIELDS:
+        try:
+            value = getattr(text, name)
+        except AttributeError:
+            continue
+        if value is not None:
+            sizes.append(f"{name}={value}")
+    return " ".join([str(getattr(config, "model_type", "?")), *sizes])
+
+
+def _heads(config) -> list[str]:
+    return [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+
+
+def require_causal_lm(config, root: str | os.PathLike) -> None:
+    """Refuse a reward (sequence-classification) checkpoint where a causal LM
+    is needed (the policy, the reference): its language-model head would be
+    made up (tied to the embedding), and every log-prob wrong."""
+    classifiers = [a for a in _heads(config) if a.endswith(_CLASSIFIER_HEAD)]
+    if classifiers:
+        raise ModelLoadError(
+            f"{str(root)!r} is a reward model ({classifiers[0]}, num_labels={config.num_labels}), not a causal "
+            "language model: the policy and the reference need a *ForCausalLM / *LMHeadModel checkpoint; serve "
+            "this one with `arbiter serve reward`"
+        )
+
+
+def causal_lm_head(config) -> str | None:
+    """The causal-LM class a checkpoint was saved as, if it says so."""
+    return next((a for a in _heads(config) if a.endswith(_CAUSAL_HEADS)), None)
+
+
 def describe(
     kind: str,
     root: Path,
@@ -199,6 +246,13 @@ def describe(
     vocab_size = getattr(config.get_text_config(), "vocab_size", None)
     if not isinstance(vocab_size, int):
         raise ModelLoadError(f"{str(root)!r}: config.json names no vocab_size")
+    if len(tokenizer) > vocab_size:
+        # One request hitting those ids would fail the whole batch it shares.
+        raise ModelLoadError(
+            f"{str(root)!r}: the tokenizer has {len(tokenizer)} ids but the model's embedding has {vocab_size} rows "
+            f"(config vocab_size): ids {vocab_size}..{len(tokenizer) - 1} index no embedding row. Resize the "
+            "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save both again"
+        )
     return ModelInfo(
         kind=kind,
         name=meta.name or root.name,
@@ -210,5 +264,5 @@ def describe(
         backend=backend,
         normalization=meta.normalization,
         loaded_at=time.time(),
-        extra=extra or {},
+        extra={"architecture": architecture(config), **(extra or {})},
     )

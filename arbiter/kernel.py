@@ -8,9 +8,17 @@ policy schedules generation itself), and what makes a new version a drop-in
 replacement for the serving one. The kernel owns the rest, once:
 
 - **Loading**: one load at a time (each holds a full copy of the weights), on
-  the loader thread so serving goes on; a label that is already loaded is
+  a thread of its own so serving goes on; a label that is already loaded is
   refused before any weights are read; a version that fails to load, to
-  validate or to match the serving one is released and nothing changes.
+  validate or to match the serving one is released and nothing changes. A
+  load, once started, is carried out even if its caller goes away (the
+  caller can see the outcome in the version list).
+- **Load timeout**: a load still running after ``load_timeout_s`` fails
+  (``LoadTimeout``) and the next load may start. Python cannot interrupt a
+  thread blocked in a read (a FIFO, a hung network filesystem), so the
+  thread is abandoned, not stopped: it is a daemon (it never holds up the
+  process's exit), and if it ever finishes, the version it loaded is
+  released, never served. Until then it keeps whatever it had read.
 - **Activation** swaps one pointer (``arbiter.versions.ModelVersions``): a
   request takes its version once and keeps it to its end, so it never mixes
   two versions; in-flight requests finish on the version they started with.
@@ -18,6 +26,10 @@ replacement for the serving one. The kernel owns the rest, once:
   it queued, then its backend is released (for Triton: unloaded there).
 - **Eviction**: with ``max_loaded_versions``, loading past the limit unloads
   the oldest inactive versions, exactly as ``UnloadModelVersion`` would.
+- **Compatibility**: the spec's ``check_compatible`` refuses a version that
+  cannot replace the serving one (the policy and the reference: the same
+  tokenizer and architecture; reward versions may change both, since the
+  service tokenizes text with each version's own tokenizer).
 - **Observers** hear of every load, activation and removal (metrics, drift
   monitors, the reward service's shadow scoring).
 """
@@ -25,7 +37,10 @@ replacement for the serving one. The kernel owns the rest, once:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -33,7 +48,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from arbiter.backends import BackendConfig
 from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
-from arbiter.errors import FailedPrecondition
+from arbiter.errors import FailedPrecondition, LoadTimeout
 from arbiter.types import ModelInfo
 from arbiter.versions import ModelVersions
 
@@ -70,11 +85,15 @@ class KernelConfig:
     # when the spec has no batch function.
     batching: BatchingConfig = BatchingConfig()
     # Loaded versions kept; loading past it unloads the oldest inactive. 0: no limit.
-    max_loaded_versions: int = 0
+    max_loaded_versions: int = 3
+    # A load still running after this long fails and is abandoned.
+    load_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_loaded_versions < 0:
             raise ValueError(f"max_loaded_versions must be >= 0, got {self.max_loaded_versions}")
+        if not self.load_timeout_s > 0:
+            raise ValueError(f"load_timeout_s must be > 0, got {self.load_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -88,10 +107,12 @@ class EngineConfig:
     # Where forward passes run: in-process torch (default) or Triton.
     backend: BackendConfig = BackendConfig()
     # Loaded versions kept (0: no limit).
-    max_loaded_versions: int = 0
+    max_loaded_versions: int = 3
+    load_timeout_s: float = 600.0
 
     def kernel_config(self) -> KernelConfig:
-        return KernelConfig(self.batching.for_backend(self.backend.kind), self.max_loaded_versions)
+        return KernelConfig(self.batching.for_backend(self.backend.kind), self.max_loaded_versions,
+                            self.load_timeout_s)
 
 
 class VersionObserver:
@@ -140,6 +161,7 @@ class ModelKernel(Generic[M]):
         self._versions: ModelVersions[LoadedVersion[M]] = ModelVersions()
         self._observers: list[VersionObserver] = []
         self._load_lock = asyncio.Lock()
+        self._loads: set[asyncio.Task] = set()
 
     def add_observer(self, observer: VersionObserver) -> None:
         self._observers.append(observer)
@@ -165,14 +187,28 @@ class ModelKernel(Generic[M]):
 
     async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
         """Load, validate and register a version; activate it when asked (or
-        when nothing is active yet). Returns its info."""
+        when nothing is active yet). Returns its info. The load goes on if
+        the caller is cancelled (one load at a time, never two copies read
+        at once because a client gave up and retried)."""
+        task = asyncio.get_running_loop().create_task(self._load_version(path, version, activate))
+        self._loads.add(task)
+        task.add_done_callback(self._load_done)
+        return await asyncio.shield(task)
+
+    def _load_done(self, task: asyncio.Task) -> None:
+        self._loads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Read here too, for a caller that went away (it is still raised to a caller that waits).
+            log.debug("%s load failed: %s", self.spec.kind, task.exception())
+
+    async def _load_version(self, path: str, version: str, activate: bool) -> ModelInfo:
         loop = asyncio.get_running_loop()
         async with self._load_lock:
             if version and version in self._versions.versions():
                 raise FailedPrecondition(
                     f"model version {version!r} is already loaded; unload it first or pick another version label"
                 )
-            model = await loop.run_in_executor(self._loader, self.spec.load, path, version or None)
+            model = await self._read(path, version or None)
             try:
                 if self.spec.check_compatible is not None and self._versions.active_version is not None:
                     self.spec.check_compatible(model, self._versions.get().model)
@@ -203,14 +239,55 @@ class ModelKernel(Generic[M]):
         self._changed([version])
 
     async def close(self) -> None:
-        """Stop serving: batchers drain what they queued. Versions stay loaded
-        in a remote backend (Triton), where a restarting service or its other
-        replicas keep using them."""
+        """Stop serving: batchers drain what they queued; a load in progress
+        is abandoned. Versions stay loaded in a remote backend (Triton),
+        where a restarting service or its other replicas keep using them."""
+        for task in list(self._loads):
+            task.cancel()
         for _, entry in self._versions.items():
             if entry.batcher is not None:
                 await entry.batcher.close()
 
     # -- internals ----------------------------------------------------------
+
+    async def _read(self, path: str, version: str | None) -> M:
+        """``spec.load`` on a daemon thread of its own, awaited up to the load
+        timeout; past it (or if cancelled) the thread is abandoned and what it
+        loads, if it ever finishes, is released."""
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+        outcome.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                outcome.set_result(self.spec.load(path, version))
+            except BaseException as err:  # delivered to the awaiting side
+                outcome.set_exception(err)
+
+        threading.Thread(target=run, name=f"{self.spec.kind}-load", daemon=True).start()
+        waited = asyncio.wrap_future(outcome)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waited), self.config.load_timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as err:
+            waited.add_done_callback(lambda f: f.cancelled() or f.exception())  # nothing left to raise it to
+            outcome.add_done_callback(functools.partial(self._discard_abandoned, path))
+            if isinstance(err, TimeoutError):
+                raise LoadTimeout(
+                    f"loading {path!r} did not finish within {self.config.load_timeout_s:g}s (load_timeout_s); it "
+                    "was abandoned and nothing changed. A load blocks like this on a file that never delivers "
+                    "its data (a FIFO, a hung network filesystem)"
+                ) from None
+            raise
+
+    def _discard_abandoned(self, path: str, outcome: concurrent.futures.Future) -> None:
+        """An abandoned load ended: never serve what it loaded."""
+        if outcome.exception() is not None:
+            log.warning("%s load of %r, abandoned earlier, failed: %s", self.spec.kind, path, outcome.exception())
+            return
+        log.warning("%s load of %r finished after it was abandoned; releasing it", self.spec.kind, path)
+        try:
+            outcome.result().release()
+        except Exception:
+            log.warning("releasing the abandoned %s load of %r failed", self.spec.kind, path, exc_info=True)
 
     def _batcher(self, model: M) -> DynamicBatcher | None:
         if self.spec.batch is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arbiter.errors import InvalidInput, ModelLoadError
-from arbiter.hf import check_checkpoint_dir, describe, load_tokenizer, quiet_transformers
+from arbiter.hf import check_checkpoint_dir, describe, load_tokenizer, quiet_transformers, read_config, require_causal_lm
 from arbiter.types import ModelInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,6 +49,7 @@ def _from_pretrained(path: str | Path):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    require_causal_lm(read_config(path), path)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     except Exception as err:  # transformers raises many types (shape mismatch: RuntimeError)
@@ -170,13 +171,31 @@ def probe_finite(model, tokenizer) -> None:
         )
 
 
+def _check_same_tokenizer(new: ModelInfo, serving: ModelInfo) -> None:
+    if new.tokenizer_fingerprint != serving.tokenizer_fingerprint:
+        raise ModelLoadError(
+            f"tokenizer fingerprint {new.tokenizer_fingerprint[:12]}... differs from the serving version's "
+            f"{serving.tokenizer_fingerprint[:12]}...; a new version must keep the tokenizer (callers send token "
+            "ids, which would mean other tokens)"
+        )
+
+
+def check_same_model(new, serving) -> None:
+    """A new version of a served causal LM whose callers send token ids (the
+    reference, in-process or in Triton): the same tokenizer and the same
+    architecture (``arbiter.hf.architecture``), judged from ``info``."""
+    _check_same_tokenizer(new.info, serving.info)
+    ours, theirs = new.info.extra.get("architecture"), serving.info.extra.get("architecture")
+    if ours != theirs:
+        raise ModelLoadError(
+            f"architecture {ours!r} differs from the serving version {serving.info.version!r}'s {theirs!r}; a new "
+            "version must keep the architecture: load another model on a server of its own"
+        )
+
+
 def check_compatible(new: LoadedLM, serving: LoadedLM) -> None:
     """A new version must be a drop-in replacement for the serving one."""
-    if new.info.tokenizer_fingerprint != serving.info.tokenizer_fingerprint:
-        raise ModelLoadError(
-            f"tokenizer fingerprint {new.info.tokenizer_fingerprint[:12]}... differs from the serving version's "
-            f"{serving.info.tokenizer_fingerprint[:12]}...; a new version must keep the tokenizer"
-        )
+    _check_same_tokenizer(new.info, serving.info)
     for name, shape in serving.shapes.items():
         got = new.shapes.get(name)
         if got != shape:

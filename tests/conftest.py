@@ -20,6 +20,13 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_roots(tmp_path_factory):
+    """Model roots (``--model-roots``) for servers whose tests load checkpoints
+    from their own tmp_path: pytest's base temp directory, which holds them all."""
+    return (str(tmp_path_factory.getbasetemp()),)
+
+
+@pytest.fixture(scope="session")
 def policy_dir(tiny_models):
     """The tiny policy's directory: the policy model, and the reference model (RLHF's initial weights)."""
     return tiny_models["policy"]

@@ -213,8 +213,10 @@ class TritonServiceCase:
         from arbiter.backends import BackendConfig
 
         backend = BackendConfig(kind="triton", triton_url=triton.url, triton_model=self.model, triton_retry_s=retry_s)
+        # The tests load checkpoints from all over pytest's base temp, which holds the repository.
+        roots = (str(repo.parent),)
         return self.settings_class(model_dir=str(repo / self.model / str(version)), port=0, metrics_port=0,
-                                   backend=backend, **overrides)
+                                   backend=backend, model_roots=roots, **overrides)
 
     def swap_version_2_in(self, traffic: Traffic, models_stub, control, repo, label: str = "") -> str:
         """While ``traffic`` runs against version 1 (Arbiter's "v0"): load

@@ -161,8 +161,9 @@ def test_elo_prompts_read_the_prompts_format_and_other_datasets_rows(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def services(tiny_models, tmp_path_factory):
-    policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, max_loaded_versions=2)
+def services(tiny_models, tmp_path_factory, model_roots):
+    policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, max_loaded_versions=2,
+                                     model_roots=model_roots)
     reward_settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0)
     candidate = perturbed(tiny_models["policy"], tmp_path_factory.mktemp("elo") / "ppo-1", version="ppo-1")
     with BackgroundServer(lambda: create_policy_server(policy_settings)) as policy, \

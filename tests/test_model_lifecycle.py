@@ -106,7 +106,7 @@ class Served:
 
 
 @pytest.fixture(params=CASES, ids=[f"{k}-{b}" for k, b in CASES])
-def served(request, tiny_models, tmp_path):
+def served(request, tiny_models, tmp_path, model_roots):
     name, backend = request.param
     kind = _kind(name)
     extra = {}
@@ -124,7 +124,7 @@ def served(request, tiny_models, tmp_path):
     else:
         paths = [str(tiny_models[kind.source])] * 4
     settings = kind.settings(model_dir=paths[0], model_version="v0", port=0, metrics_port=0, max_loaded_versions=3,
-                             **extra)
+                             model_roots=model_roots, **extra)
     server = BackgroundServer(lambda: kind.create_server(settings))
     channel = grpc.insecure_channel(server.target)
     try:

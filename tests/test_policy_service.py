@@ -23,8 +23,9 @@ PROMPTS = ["The quick brown", "Please explain how a reward model"]
 
 
 @pytest.fixture(scope="module")
-def server(policy_dir):
-    settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0, max_loaded_versions=4)
+def server(policy_dir, model_roots):
+    settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0, max_loaded_versions=4,
+                              model_roots=model_roots)
     with BackgroundServer(lambda: create_server(settings)) as running:
         yield running
 
@@ -295,7 +296,7 @@ def test_swap_under_load(policy_dir, tmp_path):
     and a request already running finishes on the old weights."""
     v1 = perturbed(policy_dir, tmp_path / "v1", version="v1")
     lora = lora_adapter(policy_dir, tmp_path / "lora")
-    settings = PolicySettings(model_dir=str(policy_dir), port=0, max_loaded_versions=2)
+    settings = PolicySettings(model_dir=str(policy_dir), port=0, max_loaded_versions=2, model_roots=(str(tmp_path),))
     with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
         probe = dict(max_new_tokens=12, temperature=1.0, seed=3)
         before = client.generate([PROMPTS[0]], **probe).samples[0]

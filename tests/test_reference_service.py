@@ -27,9 +27,10 @@ COMPLETION = [293, 427, 79, 12]
 
 
 @pytest.fixture(scope="module")
-def server(policy_dir):
+def server(policy_dir, model_roots):
     # The reference is the policy's initial weights, as in RLHF.
-    settings = ReferenceSettings(model_dir=str(policy_dir), port=0, metrics_port=0, batching=BatchingConfig(max_queue_delay_ms=5.0))
+    settings = ReferenceSettings(model_dir=str(policy_dir), port=0, metrics_port=0, batching=BatchingConfig(max_queue_delay_ms=5.0),
+                                 model_roots=model_roots)
     with BackgroundServer(lambda: create_server(settings)) as running:
         yield running
 

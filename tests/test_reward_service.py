@@ -67,10 +67,10 @@ def reference(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models):
+def server(tiny_models, model_roots):
     settings = RewardSettings(
         model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, max_items_per_request=16,
-        batching=BatchingConfig(max_queue_delay_ms=20.0),
+        batching=BatchingConfig(max_queue_delay_ms=20.0), model_roots=model_roots,
     )
     with BackgroundServer(lambda: create_server(settings)) as srv:
         yield srv

@@ -355,8 +355,10 @@ def _chat(messages):
     ))
 
 
-def test_trained_version_swaps_in_live_and_serves_its_own_statistics(first_version, tiny_models, data_files):
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, batching=BatchingConfig(max_queue_delay_ms=1.0))
+def test_trained_version_swaps_in_live_and_serves_its_own_statistics(first_version, tiny_models, data_files,
+                                                                      model_roots):
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, batching=BatchingConfig(max_queue_delay_ms=1.0),
+                              model_roots=model_roots)
     probe = reward_pb2.ScoreRequest(inputs=[_text("Say something.", " great sunny weather!!")],
                                     options=reward_pb2.ScoreOptions(normalize=True))
     seen, failures, stop = [], [], threading.Event()

@@ -24,8 +24,8 @@ def test_pairwise_agreement_by_hand():
     assert stats.samples == 3 and stats.pairwise_agreement == pytest.approx(1.0) and stats.spearman == pytest.approx(1.0)
 
 
-def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path):
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, metrics_port=0)
+def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path, model_roots):
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, model_roots=model_roots)
     candidate = make_reward(tmp_path / "candidate", TinyConfig(seed=11), calibrate=False)
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         reward = reward_pb2_grpc.RewardServiceStub(channel)

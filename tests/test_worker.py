@@ -502,7 +502,7 @@ def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_mo
 
     v1 = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
     path = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
-    policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0)
+    policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, model_roots=(str(tmp_path),))
     with BackgroundServer(lambda: create_policy(policy_settings)) as policy:
         settings = worker_settings(
             servers, kafka, policy_target=policy.target, prompts_file=str(path), samples_per_prompt=2,

@@ -5,7 +5,7 @@ the batch function the kernel's batcher runs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -75,6 +75,8 @@ class BackendEngine:
     kind's requests; ``load_options`` what else a version loads with."""
 
     MODEL: ClassVar[type[BackendModel]]
+    # (new, serving) -> raises ModelLoadError unless new can replace serving; None: any version may.
+    COMPATIBLE: ClassVar[Callable[[Any, Any], None] | None] = None
 
     def __init__(self, config, executor, loader, observer):
         from arbiter.kernel import ModelKernel, ModelSpec
@@ -83,7 +85,7 @@ class BackendEngine:
         self._observer = observer
         self._backends = open_backends(config.backend, self.MODEL.KIND)
         self.models = ModelKernel(
-            ModelSpec(self.MODEL.KIND.name, self._load, self.MODEL.batch_function),
+            ModelSpec(self.MODEL.KIND.name, self._load, self.MODEL.batch_function, type(self).COMPATIBLE),
             config.kernel_config(), executor=executor, loader=loader, batch_observer=observer,
         )
 

@@ -85,6 +85,8 @@ class PolicyEngineConfig:
     max_tokens: int | None = None
     # LoRA adapters loaded later apply to this base (the server's --model).
     base_model_dir: str | None = None
+    # A load still running after this long fails and is abandoned (arbiter.kernel).
+    load_timeout_s: float = 600.0
 
 
 def check_replacement(new: PolicyModel, serving: PolicyModel) -> None:
@@ -101,7 +103,7 @@ class PolicyEngine:
         # through a batcher: the spec has no batch function.
         self.models: ModelKernel[PolicyModel] = ModelKernel(
             ModelSpec("policy", self._load, check_compatible=check_replacement),
-            KernelConfig(max_loaded_versions=config.max_loaded_versions),
+            KernelConfig(max_loaded_versions=config.max_loaded_versions, load_timeout_s=config.load_timeout_s),
             executor=executor, loader=loader,
         )
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_generations)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from arbiter.backends import ModelKind
 from arbiter.backends.signatures import REFERENCE as REFERENCE_TENSORS
 from arbiter.backends.signatures import Pair
+from arbiter.hf import require_causal_lm
 from arbiter.lm import completion_logits, load_causal_weights, probe_finite, token_logprobs
 
 
@@ -37,5 +38,5 @@ def reference_forward(model, batch: list[Pair]) -> list[list[float]]:
 
 REFERENCE = ModelKind(
     name="reference", load_torch=load_reference_weights, forward_torch=reference_forward, triton=REFERENCE_TENSORS,
-    takes_adapters=True,
+    check_config=require_causal_lm, takes_adapters=True,
 )

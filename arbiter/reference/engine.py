@@ -14,6 +14,7 @@ from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
 from arbiter.kernel import EngineConfig, LoadedVersion, ModelKernel
+from arbiter.lm import check_same_model
 from arbiter.reference.model import ReferenceModel, TokenSequence
 
 
@@ -69,6 +70,8 @@ def as_float32(values: Sequence[float]) -> list[float]:
 
 class ReferenceEngine(BackendEngine):
     MODEL = ReferenceModel
+    # Callers send token ids: a version with another tokenizer or architecture would score other tokens.
+    COMPATIBLE = staticmethod(check_same_model)
     models: ModelKernel[ReferenceModel]
     config: ReferenceEngineConfig
 

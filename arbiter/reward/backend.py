@@ -15,12 +15,22 @@ from pathlib import Path
 from arbiter.backends import ModelKind
 from arbiter.backends.signatures import REWARD as REWARD_TENSORS
 from arbiter.errors import ModelLoadError
-from arbiter.hf import load_tokenizer, read_config
+from arbiter.hf import causal_lm_head, load_tokenizer, read_config
 
 
 def check_reward_config(config, root: Path) -> None:
+    causal = causal_lm_head(config)
+    if causal is not None:
+        raise ModelLoadError(
+            f"{str(root)!r} is a causal language model ({causal}), not a reward model: a reward model is a "
+            "sequence-classification checkpoint with one output (num_labels=1), as `arbiter train rm` and TRL's "
+            "RewardTrainer write it. Train one from this model with `arbiter train rm`"
+        )
     if config.num_labels != 1:
-        raise ModelLoadError(f"{str(root)!r} has num_labels={config.num_labels}; a reward model needs exactly 1")
+        raise ModelLoadError(
+            f"{str(root)!r} has num_labels={config.num_labels}; a reward model has exactly one output "
+            "(num_labels=1). Train one with `arbiter train rm`"
+        )
 
 
 def load_reward_weights(root: Path, base_dir: Path | None = None):

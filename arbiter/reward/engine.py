@@ -52,6 +52,8 @@ class RewardEngineConfig(EngineConfig):
 
 class RewardEngine(BackendEngine, VersionObserver):
     MODEL = RewardModel
+    # No COMPATIBLE check: callers send text, which each version tokenizes
+    # with its own tokenizer, so a new version may change tokenizer and size.
     models: ModelKernel[RewardModel]
 
     def __init__(self, config: RewardEngineConfig, executor: Executor, loader: Executor, observer: RewardObserver):

@@ -77,21 +77,37 @@ def call_credentials_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def open_channel(
     target: str,
     services: Sequence[str],
     *,
     timeout_s: float = 30.0,
     tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
     reconnect_backoff_s: tuple[float, float] | None = None,
     aio: bool = False,
 ):
+    """TLS when ``tls_ca_file`` (the server's CA) or a client certificate is
+    given; ``tls_cert_file``/``tls_key_file`` are this client's certificate
+    for a server that requires one (mTLS)."""
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise ValueError("tls_cert_file and tls_key_file: give both or neither")
     options = channel_options(services, timeout_s, max_message_bytes, reconnect_backoff_s)
     module = grpc.aio if aio else grpc
-    if tls_ca_file:
-        with open(tls_ca_file, "rb") as fh:
-            creds = grpc.ssl_channel_credentials(root_certificates=fh.read())
+    if tls_ca_file or tls_cert_file:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
+            certificate_chain=_read(tls_cert_file),
+        )
         return module.secure_channel(target, creds, options=options)
     return module.insecure_channel(target, options=options)
 
@@ -100,7 +116,12 @@ class ModelServiceClient:
     """One channel to a model server: its ``ModelService`` (``models``), the
     deadline (``timeout_s``, default ``DEFAULT_TIMEOUT_S``) and credentials of
     every call. Subclasses add the service's own stub and calls. ``reconnect_backoff_s``: (initial, max) seconds between
-    reconnection attempts, for callers that must notice a restart quickly."""
+    reconnection attempts, for callers that must notice a restart quickly.
+
+    ``token`` (the scoring token) goes with every call; control-plane calls
+    (load, activate, unload, shadow) send ``admin_token`` instead when given
+    (else the scoring token, which the server refuses there with a message
+    that says so)."""
 
     SERVICE: ServiceDescriptor
     DEFAULT_TIMEOUT_S = 30.0
@@ -111,17 +132,21 @@ class ModelServiceClient:
         *,
         timeout_s: float | None = None,
         token: str | None = None,
+        admin_token: str | None = None,
         tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
         reconnect_backoff_s: tuple[float, float] | None = None,
     ):
         self.target = target
         self.timeout_s = timeout_s or self.DEFAULT_TIMEOUT_S
         self.channel = open_channel(
             target, service_names(self.SERVICE), timeout_s=self.timeout_s, tls_ca_file=tls_ca_file,
-            reconnect_backoff_s=reconnect_backoff_s,
+            tls_cert_file=tls_cert_file, tls_key_file=tls_key_file, reconnect_backoff_s=reconnect_backoff_s,
         )
         self.models = common_pb2_grpc.ModelServiceStub(self.channel)
         self.metadata = call_credentials_metadata(token)
+        self.admin_metadata = call_credentials_metadata(admin_token) or self.metadata
 
     def info(
         self, model_version: str = "", *, timeout_s: float | None = None, wait_for_ready: bool = False
@@ -136,12 +161,17 @@ class ModelServiceClient:
     def load_version(self, path: str, version: str = "", activate: bool = True) -> common_pb2.LoadModelVersionResponse:
         """With ``activate``, the hot swap: in-flight requests finish on the old version."""
         request = common_pb2.LoadModelVersionRequest(path=path, version=version, activate=activate)
-        return self.models.LoadModelVersion(request, timeout=self.timeout_s, metadata=self.metadata)
+        return self.models.LoadModelVersion(request, timeout=self.timeout_s, metadata=self.admin_metadata)
 
     def activate_version(self, version: str) -> common_pb2.ActivateModelVersionResponse:
         """Atomic: the previous version stays loaded (activate it again to roll back)."""
         request = common_pb2.ActivateModelVersionRequest(version=version)
-        return self.models.ActivateModelVersion(request, timeout=self.timeout_s, metadata=self.metadata)
+        return self.models.ActivateModelVersion(request, timeout=self.timeout_s, metadata=self.admin_metadata)
+
+    def unload_version(self, version: str) -> common_pb2.UnloadModelVersionResponse:
+        """Refused for the active version; in-flight requests on it finish first."""
+        request = common_pb2.UnloadModelVersionRequest(version=version)
+        return self.models.UnloadModelVersion(request, timeout=self.timeout_s, metadata=self.admin_metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -14,8 +14,10 @@ from arbiter.errors import (
     FailedPrecondition,
     InvalidInput,
     LimitExceeded,
+    LoadTimeout,
     ModelLoadError,
     Overloaded,
+    PermissionDenied,
     ShuttingDown,
     VersionNotFound,
 )
@@ -32,6 +34,9 @@ _STATUS: dict[type[ArbiterError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    # Not retried by clients (only UNAVAILABLE is): a stuck load would just stick again.
+    LoadTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     # Triton down or restarting, or the version reloading there: transient.
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     BackendTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -26,7 +26,7 @@ from services.common.client import MODEL_SERVICE
 from services.common.metrics import RpcMetrics
 from services.common.model_service import ModelServicer
 from services.common.server import RunningServer, serve_forever, start_server
-from services.common.settings import ModelServerSettings, auth_token_from_env
+from services.common.settings import ModelServerSettings, admin_token_from_env, auth_token_from_env
 
 # Closes what a service attached (a feedback producer, an update follower)
 # before its engine and threads go.
@@ -64,8 +64,8 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     registry = CollectorRegistry()
     metrics = spec.metrics(registry, settings)
     # One model thread: torch parallelises inside a forward pass; two would
-    # only contend for the same cores. Loads get their own thread, so serving
-    # goes on during a swap.
+    # only contend for the same cores. Loads run off it (arbiter.kernel), so
+    # serving goes on during a swap; the loader thread releases versions.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.kind}-model")
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.kind}-loader")
     engine = spec.engine(settings, executor, loader, metrics)
@@ -84,7 +84,8 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
 
         def register(server: grpc.aio.Server) -> None:
             closers.extend(spec.register(server, engine, metrics, settings))
-            common_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine.models, metrics), server)
+            common_pb2_grpc.add_ModelServiceServicer_to_server(
+                ModelServicer(engine.models, metrics, settings.allowed_model_roots()), server)
 
         running = await start_server(
             settings, (spec.service_name, MODEL_SERVICE), register, registry, engine=engine, metrics=metrics
@@ -103,7 +104,8 @@ def add_arguments(spec: ModelServerSpec, parser: argparse.ArgumentParser) -> Non
 
 def settings_from_args(spec: ModelServerSpec, args: argparse.Namespace) -> ModelServerSettings:
     """Raises ``arbiter.config.ConfigError`` naming the bad setting."""
-    return from_flags(spec.settings, args, auth_token=auth_token_from_env(), **spec.extra_settings(args))
+    return from_flags(spec.settings, args, auth_token=auth_token_from_env(), admin_token=admin_token_from_env(),
+                      **spec.extra_settings(args))
 
 
 def serve(spec: ModelServerSpec, settings: ModelServerSettings) -> None:

@@ -1,19 +1,45 @@
 """``arbiter.v1.ModelService``: version management, identical on every model
-server: it drives the service's versioned-model kernel (``arbiter.kernel``)."""
+server: it drives the service's versioned-model kernel (``arbiter.kernel``).
+Who may call the changing RPCs is decided by the server's interceptor
+(``services.common.server``); what they may load, here."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
-from arbiter.errors import InvalidInput
+from arbiter.errors import InvalidInput, PermissionDenied
 from arbiter.kernel import ModelKernel
 from arbiter.v1 import common_pb2, common_pb2_grpc
 from services.common.convert import model_info_to_pb
 from services.common.handlers import Servicer, unary
+from services.common.metrics import RpcMetrics
+
+# Version labels become metric label values and log fields: short, printable.
+_VERSION_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,127}$")
+
+
+def check_model_root(path: str, roots: Sequence[Path]) -> None:
+    """Refuse a path outside ``roots`` (symlinks resolved, as the loader
+    would follow them). The answer is the same whether or not the path
+    exists, so a caller learns nothing about the filesystem outside."""
+    resolved = Path(os.path.realpath(path))
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise PermissionDenied(
+            f"path {path!r} is outside the directories this server loads models from; the server's "
+            "--model-roots (default: the directory holding --model) decide them"
+        )
 
 
 class ModelServicer(Servicer, common_pb2_grpc.ModelServiceServicer):
     engine: ModelKernel
+
+    def __init__(self, engine: ModelKernel, metrics: RpcMetrics, model_roots: Sequence[Path]):
+        super().__init__(engine, metrics)
+        self.model_roots = tuple(model_roots)
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request, context):
@@ -29,6 +55,12 @@ class ModelServicer(Servicer, common_pb2_grpc.ModelServiceServicer):
     async def LoadModelVersion(self, request, context):
         if not request.path:
             raise InvalidInput("path", "is empty; give the checkpoint directory to load")
+        if request.version and not _VERSION_LABEL.match(request.version):
+            raise InvalidInput("version", "must be 1-128 characters: letters, digits and . _ : + @ / - "
+                                          "(starting with a letter or digit)")
+        if "\0" in request.path:
+            raise InvalidInput("path", "contains a NUL character")
+        check_model_root(request.path, self.model_roots)
         started = time.perf_counter()
         info = await self.engine.load_version(request.path, request.version, request.activate)
         return common_pb2.LoadModelVersionResponse(

@@ -1,5 +1,22 @@
 """What every Arbiter gRPC server shares: health, reflection, optional TLS
-and token auth, a Prometheus endpoint on its own port, graceful stop."""
+(and mTLS), the scoring and admin tokens, a Prometheus endpoint on its own
+port, graceful stop.
+
+Rights (``AuthInterceptor``, the one place they are checked):
+
+- Health and reflection are open: probes and debugging tools need no secret.
+- The data plane (scoring, generation, log-probs, model info, drift,
+  preferences) needs the scoring token when one is configured
+  (ARBITER_AUTH_TOKEN); the admin token is accepted there too.
+- The control plane (``CONTROL_PLANE``: load, activate and unload versions,
+  shadow scoring) needs the admin token (ARBITER_ADMIN_TOKEN). The scoring
+  token is refused there with PERMISSION_DENIED, a missing or unknown token
+  with UNAUTHENTICATED. A server with a scoring token but no admin token has
+  no control plane (PERMISSION_DENIED saying so).
+- With no token at all (development), everything is open if the server
+  listens on loopback only; bound to another address, the control plane is
+  refused (PERMISSION_DENIED) until an admin token is configured.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from arbiter.v1 import common_pb2, reward_pb2
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -24,31 +42,72 @@ log = logging.getLogger(__name__)
 _UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer-token check on every RPC except health and reflection (probes
-    and debugging tools must work without the secret)."""
+def _methods(descriptor, service: str, *names: str) -> set[str]:
+    methods = descriptor.services_by_name[service].methods_by_name
+    return {f"/{methods[name].containing_service.full_name}/{name}" for name in names}
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+
+# Every RPC that changes what a server serves.
+CONTROL_PLANE = frozenset(
+    _methods(common_pb2.DESCRIPTOR, "ModelService", "LoadModelVersion", "ActivateModelVersion", "UnloadModelVersion")
+    | _methods(reward_pb2.DESCRIPTOR, "RewardService", "SetShadow")
+)
+
+_BEARER_HINT = "send metadata 'authorization: Bearer <token>'"
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the caller's bearer token against the RPC's plane (see the module docstring)."""
+
+    def __init__(self, scoring_token: str | None, admin_token: str | None, loopback_only: bool):
+        self._scoring = f"Bearer {scoring_token}".encode() if scoring_token else None
+        self._admin = f"Bearer {admin_token}".encode() if admin_token else None
+        self._loopback_only = loopback_only
+
+    def _is(self, sent: bytes, expected: bytes | None) -> bool:
+        return expected is not None and hmac.compare_digest(sent, expected)
+
+    def verdict(self, method: str, sent: bytes) -> tuple[grpc.StatusCode, str] | None:
+        """None to let the call through, else the status to refuse it with."""
+        admin, scoring = self._is(sent, self._admin), self._is(sent, self._scoring)
+        if method not in CONTROL_PLANE:
+            if self._scoring is None or scoring or admin:
+                return None
+            return grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong bearer token: {_BEARER_HINT}"
+        if admin:
+            return None
+        if scoring:
+            if self._admin is None:
+                return grpc.StatusCode.PERMISSION_DENIED, (
+                    f"{method} is a control-plane RPC and this server has no admin token: start it with "
+                    "ARBITER_ADMIN_TOKEN (or ARBITER_ADMIN_TOKEN_FILE) to load, activate or unload versions and "
+                    "set shadows")
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"{method} is a control-plane RPC: the scoring token cannot change what is served; send the admin "
+                "token")
+        if self._admin is None and self._scoring is None:
+            if self._loopback_only:
+                return None
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"{method} is a control-plane RPC: without tokens it is open only on a server bound to loopback; "
+                "configure an admin token (ARBITER_ADMIN_TOKEN) to use it on this address")
+        return grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong admin token: {_BEARER_HINT}"
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_UNAUTHENTICATED_OK):
             return handler
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(sent.encode(), self._expected):
-            return handler
-        return _deny_like(handler)
+        refused = self.verdict(details.method, sent.encode() if isinstance(sent, str) else sent)
+        return handler if refused is None else _deny_like(handler, *refused)
 
 
-def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    message = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
-
+def _deny_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     kwargs = dict(
@@ -61,6 +120,34 @@ def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+
+
+def interceptors_for(settings: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
+    """None when every RPC is open anyway (no tokens, loopback)."""
+    if settings.auth_token is None and settings.admin_token is None and settings.loopback_only:
+        return []
+    return [AuthInterceptor(settings.auth_token, settings.admin_token, settings.loopback_only)]
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
+    """TLS with the server's certificate; with a client CA, mTLS: a client
+    without a certificate signed by that CA fails the handshake."""
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None,
+    )
+
+
+def start_metrics_endpoint(settings: ServerSettings, registry: CollectorRegistry):
+    """The /metrics HTTP(S) server; returns (httpd, port)."""
+    tls = {}
+    if settings.metrics_tls_cert_file:
+        tls = dict(certfile=settings.metrics_tls_cert_file, keyfile=settings.metrics_tls_key_file,
+                   client_cafile=settings.metrics_tls_client_ca_file,
+                   client_auth_required=settings.metrics_tls_client_ca_file is not None)
+    httpd, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry, **tls)
+    return httpd, httpd.server_port
 
 
 @dataclass
@@ -107,7 +194,7 @@ async def start_server(
     engine: Any = None,
     metrics: Any = None,
 ) -> RunningServer:
-    interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    interceptors = interceptors_for(settings)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -123,10 +210,7 @@ async def start_server(
     )
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert_file:
-        creds = grpc.ssl_server_credentials(
-            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())]
-        )
-        port = server.add_secure_port(address, creds)
+        port = server.add_secure_port(address, server_credentials(settings))
     else:
         port = server.add_insecure_port(address)
     if port == 0:
@@ -135,9 +219,7 @@ async def start_server(
     running = RunningServer(server, port, health_servicer, service_names, registry, settings.grace_seconds,
                             engine=engine, metrics=metrics)
     if settings.metrics_port is not None:
-        httpd, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
-        running._metrics_httpd = httpd
-        running.metrics_port = httpd.server_port
+        running._metrics_httpd, running.metrics_port = start_metrics_endpoint(settings, registry)
     for name in (*service_names, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return running

@@ -87,7 +87,7 @@ class RewardClient(ModelServiceClient):
 
     def set_shadow(self, model_version: str, sample_fraction: float = 1.0) -> reward_pb2.SetShadowResponse:
         request = reward_pb2.SetShadowRequest(model_version=model_version, sample_fraction=sample_fraction)
-        return self.reward.SetShadow(request, timeout=self.timeout_s, metadata=self.metadata)
+        return self.reward.SetShadow(request, timeout=self.timeout_s, metadata=self.admin_metadata)
 
 
 def _read_batches(lines: TextIO, batch_size: int) -> Iterator[list[RewardInput]]:

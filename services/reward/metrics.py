@@ -114,7 +114,15 @@ class RewardMetrics(RpcMetrics):
         )
         registry.register(_ShadowCollector(self))
 
+    def _loaded(self, *versions: str) -> bool:
+        """Label values are versions loaded now: a late callback (a shadow
+        score finishing after its version was unloaded) must not bring back
+        a series nobody removes."""
+        return all(self.drift.monitor(version) is not None for version in versions)
+
     def on_shadow(self, active_version: str, shadow_version: str, active: Sequence[float], shadow: Sequence[float]) -> None:
+        if not self._loaded(active_version, shadow_version):
+            return
         monitor = self.shadow_monitor
         if monitor is None or (monitor.active_version, monitor.shadow_version) != (active_version, shadow_version):
             # A new pairing starts a fresh window: agreement of another pair says nothing.
@@ -122,7 +130,8 @@ class RewardMetrics(RpcMetrics):
         monitor.observe(active, shadow)
 
     def on_shadow_error(self, shadow_version: str) -> None:
-        self.shadow_errors.labels(shadow_version).inc()
+        if self._loaded(shadow_version):
+            self.shadow_errors.labels(shadow_version).inc()
 
     def on_shadow_cleared(self) -> None:
         self.shadow_monitor = None
@@ -131,14 +140,17 @@ class RewardMetrics(RpcMetrics):
         self.drift.add_version(model_version, calibration_scores)
 
     def on_scores(self, model_version: str, raw_scores: Sequence[float]) -> None:
+        if not self._loaded(model_version):
+            return
         child = self.scores.labels(model_version)
         for score in raw_scores:
             child.observe(score)
         self.drift.observe(model_version, raw_scores)
 
     def on_version_removed(self, model_version: str) -> None:
-        try:
-            self.scores.remove(model_version)
-        except KeyError:
-            pass
         self.drift.remove_version(model_version)
+        for metric in (self.scores, self.shadow_errors):
+            try:
+                metric.remove(model_version)
+            except KeyError:
+                pass

@@ -70,7 +70,7 @@ def main(args) -> int:
     from rich.table import Table
 
     from arbiter.rm.data import DatasetError, load_jsonl
-    from services.common.settings import auth_token_from_env
+    from services.common.settings import admin_token_from_env, auth_token_from_env
     from services.reward.client import RewardClient
 
     try:
@@ -86,7 +86,9 @@ def main(args) -> int:
         return 2
     console = Console()
     try:
-        with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env()) as client:
+        # The admin token loads (--candidate-path) and promotes (--promote).
+        with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env(),
+                          admin_token=admin_token_from_env()) as client:
             candidate = args.candidate
             if args.candidate_path:
                 loaded = client.load_version(str(Path(args.candidate_path).resolve()), candidate, activate=False)
@@ -134,11 +136,12 @@ def live_main(args) -> int:
     """``arbiter rm shadow-live``: turn server-side shadow scoring on or off."""
     import grpc
 
-    from services.common.settings import auth_token_from_env
+    from services.common.settings import admin_token_from_env, auth_token_from_env
     from services.reward.client import RewardClient
 
     try:
-        with RewardClient(args.target, token=auth_token_from_env(), tls_ca_file=args.tls_ca_file) as client:
+        with RewardClient(args.target, token=auth_token_from_env(), admin_token=admin_token_from_env(),
+                          tls_ca_file=args.tls_ca_file) as client:
             answer = client.set_shadow(args.candidate, args.fraction)
     except grpc.RpcError as err:
         print(f"arbiter rm shadow-live: {err.code().name}: {err.details()}", file=sys.stderr)

@@ -89,6 +89,9 @@ class WorkerSettings:
     retry_max_backoff_s: float = field(default=10.0, metadata=flag(
         "--retry-max-backoff", help="longest wait between retries, seconds"))
     tls_ca_file: str | None = field(default=None, metadata=flag(help="CA bundle for TLS services"))
+    # This worker's certificate, for services that require one (mTLS).
+    tls_cert_file: str | None = field(default=None, metadata=flag(help="client certificate for mTLS services"))
+    tls_key_file: str | None = field(default=None, metadata=flag(help="key of --tls-cert-file"))
     auth_token: str | None = field(default=None, repr=False, metadata=flag(None))
 
     def __post_init__(self) -> None:
@@ -141,8 +144,11 @@ class WorkerSettings:
             self.retry_max_backoff_s >= self.retry_initial_backoff_s, "retry_max_backoff_s",
             f"must be >= retry_initial_backoff_s ({self.retry_initial_backoff_s})", self.retry_max_backoff_s,
         )
-        if self.tls_ca_file is not None:
-            require(Path(self.tls_ca_file).is_file(), "tls_ca_file", "must be an existing file", self.tls_ca_file)
+        require((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_cert_file/tls_key_file",
+                "set both or neither", (self.tls_cert_file, self.tls_key_file))
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, name) is not None:
+                require(Path(getattr(self, name)).is_file(), name, "must be an existing file", getattr(self, name))
         if self.auth_token is not None:
             require(len(self.auth_token) >= 16, "auth_token", "must be at least 16 characters", "<hidden>")
 

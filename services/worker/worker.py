@@ -205,6 +205,7 @@ class RolloutWorker:
         def client(client_type: type[Client], target: str) -> Client:
             return client_type(
                 target, timeout_s=s.rpc_timeout_s, token=s.auth_token, tls_ca_file=s.tls_ca_file,
+                tls_cert_file=s.tls_cert_file, tls_key_file=s.tls_key_file,
                 reconnect_backoff_s=(s.retry_initial_backoff_s, s.retry_max_backoff_s),
             )
 
