@@ -18,9 +18,29 @@ from arbiter.errors import ModelLoadError
 from arbiter.hf import load_tokenizer, read_config
 
 
+# Architecture name endings of generative checkpoints (transformers' naming).
+_CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
+_SEQUENCE_CLASSIFICATION = "ForSequenceClassification"
+
+
 def check_reward_config(config, root: Path) -> None:
+    """Refuse a checkpoint that is not a reward model, saying what it is. A
+    causal LM's config usually names no labels, so transformers reports its
+    default num_labels=2: the architecture tells more than that number."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith(_SEQUENCE_CLASSIFICATION) for a in architectures):
+        names = ", ".join(architectures)
+        what = (f"a causal language model ({names})" if any(a.endswith(_CAUSAL_LM) for a in architectures)
+                else f"a {names} checkpoint")
+        raise ModelLoadError(
+            f"{str(root)!r} is {what}, not a reward model (sequence classification with one label); "
+            "train one from it with `arbiter train rm`"
+        )
     if config.num_labels != 1:
-        raise ModelLoadError(f"{str(root)!r} has num_labels={config.num_labels}; a reward model needs exactly 1")
+        raise ModelLoadError(
+            f"{str(root)!r} has num_labels={config.num_labels}: a reward model is a sequence-classification model "
+            "with exactly one label (its score); train one with `arbiter train rm`"
+        )
 
 
 def load_reward_weights(root: Path, base_dir: Path | None = None):
