@@ -103,6 +103,13 @@ class RMTrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ranking_loss: str = "plackett_luce"
+    # Whether plain-text inputs end with the tokenizer's end token (TRL's
+    # RewardTrainer convention; conversations are never changed). The version's
+    # arbiter.json records it as text_convention, so the reward service scores
+    # exactly what training saw. null: continuing a reward model keeps its
+    # convention (its arbiter.json, or TRL's when it is a TRL checkpoint, else
+    # none); a fresh head appends the end token, as TRL does.
+    append_eos: bool | None = None
     # Caps the model's own limit. Longer inputs are truncated as the reward
     # service does (left keeps the end, where the score is read) or refused.
     max_tokens: int | None = None
