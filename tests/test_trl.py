@@ -25,7 +25,8 @@ from helpers import BackgroundServer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from arbiter.errors import InvalidInput, ModelLoadError
-from arbiter.reward.model import RewardModel, resolve_text_convention, trl_reward_checkpoint
+from arbiter.reward.convention import resolve_text_convention, trl_reward_checkpoint
+from arbiter.reward.model import RewardModel
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from cli.main import main as cli_main

@@ -19,7 +19,8 @@ from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
-from arbiter.reward.model import TEXT_CONVENTIONS, RewardModel
+from arbiter.reward.convention import TEXT_CONVENTIONS
+from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class RewardObserver(BatchObserver, Protocol):
 class RewardEngineConfig(EngineConfig):
     max_items_per_request: int = 256
     # For versions whose checkpoint does not say how their text was built
-    # (arbiter.reward.model.resolve_text_convention); "auto": detect.
+    # (arbiter.reward.convention.resolve_text_convention); "auto": detect.
     text_convention: str = "auto"
 
     def __post_init__(self) -> None:

@@ -236,11 +236,12 @@ def dedupe(examples: Iterable[RankedExample]) -> list[RankedExample]:
 
 class ServiceEncoder:
     """Token ids of examples, rendered and truncated by the reward service's own
-    code under the version's text convention (``arbiter.reward.model.TextConvention``),
+    code under the version's text convention (``arbiter.reward.convention.TextConvention``),
     so training sees exactly the ids the service will score."""
 
     def __init__(self, tokenizer, name: str, max_tokens: int, truncation: Truncation, text_convention=None):
-        from arbiter.reward.model import RewardModel, TextConvention
+        from arbiter.reward.convention import TextConvention
+        from arbiter.reward.model import RewardModel
 
         info = ModelInfo(
             kind="reward", name=name, version="training", tokenizer_fingerprint="", max_tokens=max_tokens,

@@ -34,7 +34,7 @@ from arbiter.rm.losses import (
     pairwise_accuracy,
     plackett_luce_loss,
 )
-from arbiter.reward.model import TextConvention, resolve_text_convention
+from arbiter.reward.convention import TextConvention, resolve_text_convention
 from arbiter.rm.registry import ModelRegistry, RegistryVersion
 from arbiter.types import Truncation
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from arbiter.config import flag, require, require_choice
 from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
-from arbiter.reward.model import TEXT_CONVENTIONS
+from arbiter.reward.convention import TEXT_CONVENTIONS
 from arbiter.stream import KafkaSettings
 from services.common.settings import BatchedModelServerSettings
 
