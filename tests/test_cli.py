@@ -19,7 +19,7 @@ COMMANDS = ["make-tiny-models", "serve", "score", "broker", "drift", "triton", "
 HELP_SHOWS = {
     ("make-tiny-models",): ["out_dir"],
     ("serve",): ["reward", "policy", "reference"],
-    ("serve", "reward"): ["--model", "--max-batch-size", "--drift-window-size"],
+    ("serve", "reward"): ["--model", "--max-batch-size", "--drift-window-size", "--text-convention"],
     ("serve", "policy"): ["--model"],
     ("serve", "reference"): ["--model"],
     ("score",): ["--target", "--normalize", "--truncation"],

@@ -473,11 +473,23 @@ def test_arbiter_score_cli(server, reference):
         input='{"prompt": "x", "response": " ok"}\n{not json\n', capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "arbiter score: <stdin>:2: row: not valid JSON" in bad.stderr
-    empty = subprocess.run(
-        [sys.executable, "-m", "cli", "score", "--target", server.target],
-        input='{"prompt": "x", "response": ""}\n', capture_output=True, text=True, timeout=120,
+    # A line the service refuses is named by its line, not by its place in a
+    # request; every line before it is scored, none after. Lines 5 (too long)
+    # and 6 (empty) share a request with line 4: the empty one is found first,
+    # then the long one when the lines before 6 are sent again (" the" is one
+    # token of the tiny tokenizer; its limit is n_positions = 256).
+    good = json.dumps({"prompt": "Say something.", "response": " ok"})
+    lines = [good, "", good, good, json.dumps({"response": " the" * 300}), json.dumps({"response": ""}), good]
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli", "score", "--target", server.target, "--batch-size", "3"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120,
     )
-    assert empty.returncode == 1 and "INVALID_ARGUMENT" in empty.stderr and "inputs[0].text.response" in empty.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert len(refused.stdout.splitlines()) == 3
+    assert refused.stderr == (
+        "arbiter score: <stdin>:5: is 300 tokens, over the model's max of 256; shorten it or set --truncation left "
+        "(keeps the end) or --truncation right; nothing after this line was scored (3 score(s) were written first)\n"
+    )
 
 
 def test_expired_request_frees_its_batch_slot(tiny_models):

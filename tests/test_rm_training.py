@@ -179,6 +179,27 @@ def test_too_long_rows_are_refused_naming_the_field(tiny_models, tmp_path):
     assert truncated == 1 and len(ids[1]) == 20
 
 
+def test_training_text_convention(tiny_models):
+    from arbiter.hf import load_tokenizer
+    from arbiter.rm.train import TrainingError, training_text_convention
+
+    tokenizer = load_tokenizer(tiny_models["reward"])
+    # A fresh head appends the end token (TRL's convention); the config can say otherwise.
+    assert training_text_convention(None, tiny_models["policy"], tokenizer, "backbone").append_eos
+    assert not training_text_convention(False, tiny_models["policy"], tokenizer, "backbone").append_eos
+    # A reward model being continued keeps its own: the tiny RM's arbiter.json
+    # declares none and it is no TRL checkpoint, so its text was given as is.
+    kept = training_text_convention(None, tiny_models["reward"], tokenizer, "reward_model")
+    assert not kept.append_eos and kept.source == "default"
+    [example] = [parse_row({"prompt": "Q?", "chosen": " yes", "rejected": " no"}, "f:1")]
+    ids, _ = ServiceEncoder(tokenizer, "rm", 64, Truncation.LEFT,
+                            training_text_convention(True, "m", tokenizer, "backbone")).encode(example)
+    assert ids[0] == tokenizer("Q? yes")["input_ids"] + [tokenizer.eos_token_id]
+    tokenizer.eos_token = None
+    with pytest.raises(TrainingError, match="has no eos_token; set append_eos: false"):
+        training_text_convention(True, "m", tokenizer, "backbone")
+
+
 def test_config_errors_name_the_field(tmp_path):
     cases = [
         ({}, "model_dir"),
@@ -310,6 +331,8 @@ def test_version_metadata_ships_normalization_and_calibration(first_version):
     assert raw["normalization"]["std"] == pytest.approx(np.std(calibration, ddof=1), abs=1e-9)
     meta = read_metadata(path)  # the reward service's reader accepts it
     assert meta.normalization.sample_count == 6
+    # A fresh head trains on TRL's text (the end token after plain text), and says so.
+    assert raw["text_convention"] == {"append_eos": True} == first_version.text_convention
 
 
 def test_continue_from_an_earlier_rm_version_with_the_cli(first_version, workdir, data_files, capsys):
@@ -325,6 +348,8 @@ def test_continue_from_an_earlier_rm_version_with_the_cli(first_version, workdir
     assert out["metrics"]["eval_accuracy"] >= 0.85
     meta = json.loads((workdir / "registry" / "bang-rm" / "v2" / "arbiter.json").read_text())
     assert meta["parent_version"] == "v1" and meta["training"]["init"] == "reward_model"
+    # Continued training keeps the parent's text convention.
+    assert meta["text_convention"] == out["text_convention"] == {"append_eos": True}
     assert cli_main(["rm", "list", "--registry", str(workdir / "registry"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(r["version"], r["parent_version"]) for r in listed] == [("v1", None), ("v2", "v1")]

@@ -26,11 +26,13 @@ class BackendModel:
     @classmethod
     def open(cls: type[Self], model_dir: str | Path, backends: Backends | None = None, **options: Any) -> Self:
         """The version at ``model_dir`` (in-process unless ``backends`` says
-        otherwise), validated; ``options``: version, max_tokens, base_dir."""
+        otherwise), validated; ``options``: version, max_tokens, base_dir for
+        the backend, anything else for the kind's ``from_backend``."""
         backends = backends or open_backends(BackendConfig(), cls.KIND)
-        backend = backends.open(model_dir, **{"version": None, "max_tokens": None, "base_dir": None, **options})
+        backend_options = {name: options.pop(name, None) for name in ("version", "max_tokens", "base_dir")}
+        backend = backends.open(model_dir, **backend_options)
         try:
-            loaded = cls.from_backend(backend, model_dir)
+            loaded = cls.from_backend(backend, model_dir, **options)
             loaded.validate()
         except BaseException:
             backend.release()

@@ -19,17 +19,19 @@ from arbiter.hf import causal_lm_head, load_tokenizer, read_config
 
 
 def check_reward_config(config, root: Path) -> None:
+    """Refuse a checkpoint that is not a reward model, saying what it is. A
+    causal LM's config usually names no labels, so transformers reports its
+    default num_labels=2: the architecture tells more than that number."""
     causal = causal_lm_head(config)
     if causal is not None:
         raise ModelLoadError(
-            f"{str(root)!r} is a causal language model ({causal}), not a reward model: a reward model is a "
-            "sequence-classification checkpoint with one output (num_labels=1), as `arbiter train rm` and TRL's "
-            "RewardTrainer write it. Train one from this model with `arbiter train rm`"
+            f"{str(root)!r} is a causal language model ({causal}), not a reward model (sequence classification "
+            "with one label); train one from it with `arbiter train rm`"
         )
     if config.num_labels != 1:
         raise ModelLoadError(
-            f"{str(root)!r} has num_labels={config.num_labels}; a reward model has exactly one output "
-            "(num_labels=1). Train one with `arbiter train rm`"
+            f"{str(root)!r} has num_labels={config.num_labels}: a reward model is a sequence-classification model "
+            "with exactly one label (its score); train one with `arbiter train rm`"
         )
 
 

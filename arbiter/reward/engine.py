@@ -19,6 +19,7 @@ from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
+from arbiter.reward.convention import TEXT_CONVENTIONS
 from arbiter.reward.model import RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
@@ -43,10 +44,15 @@ class RewardObserver(BatchObserver, Protocol):
 @dataclass(frozen=True)
 class RewardEngineConfig(EngineConfig):
     max_items_per_request: int = 256
+    # For versions whose checkpoint does not say how their text was built
+    # (arbiter.reward.convention.resolve_text_convention); "auto": detect.
+    text_convention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
             raise ValueError(f"max_items_per_request must be >= 1, got {self.max_items_per_request}")
+        if self.text_convention not in TEXT_CONVENTIONS:
+            raise ValueError(f"text_convention must be one of {', '.join(TEXT_CONVENTIONS)}, got {self.text_convention!r}")
 
 
 
@@ -63,6 +69,9 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._shadow: tuple[str, float] | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_rng = random.Random(0)
+
+    def load_options(self) -> dict:
+        return {"text_convention": self.config.text_convention}
 
     # -- version hooks (arbiter.kernel) ------------------------------------
 

@@ -5,10 +5,15 @@ label loads here (the format TRL's RewardTrainer writes). The score of a
 sequence is that model's own pooled logit (HF pools at the last non-pad token).
 The forward pass runs in a backend (``arbiter.backends``, kind ``arbiter.reward.backend.REWARD``): in this
 process, or in Triton; everything else here is the same for both.
+
+A version is scored on the text it was trained on, as its text convention
+says (``arbiter.reward.convention``): with ``append_eos``, the tokenizer's end
+token follows every plain-text input, as TRL's RewardTrainer (>= 0.24) trains.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,7 +25,10 @@ from arbiter.backends.triton import checkpoint_dir
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.hf import read_metadata
 from arbiter.reward.backend import REWARD
+from arbiter.reward.convention import TextConvention, resolve_text_convention
 from arbiter.types import ChatMessage, ModelInfo, RewardInput, Truncation
+
+log = logging.getLogger(__name__)
 
 _PROBE = RewardInput(prompt="Hello.", response=" Hi, how can I help?")
 
@@ -35,34 +43,42 @@ class RewardModel(BackendModel):
     KIND = REWARD
 
     def __init__(
-        self, backend: Backend | None, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None
+        self, backend: Backend | None, tokenizer, info: ModelInfo, calibration_scores: list[float] | None = None,
+        text_convention: TextConvention = TextConvention(),
     ):
         super().__init__(backend, tokenizer, info)
         # Raw scores on the version's calibration set, shipped in arbiter.json:
         # the drift monitor's reference when present.
         self.calibration_scores = calibration_scores
+        self.text_convention = text_convention
 
     @classmethod
     def load(
         cls, model_dir: str | Path, version: str | None = None, max_tokens: int | None = None,
-        backends: Backends | None = None,
+        backends: Backends | None = None, text_convention: str = "auto",
     ) -> RewardModel:
         """``model_dir``: a checkpoint directory, or with Triton a version
         directory REPO/NAME/N of an exported repository. Validated before
-        it is returned (a probe score must be finite)."""
-        return cls.open(model_dir, backends, version=version, max_tokens=max_tokens)
+        it is returned (a probe score must be finite). ``text_convention``:
+        one of ``arbiter.reward.convention.TEXT_CONVENTIONS``, for a checkpoint
+        that does not say."""
+        return cls.open(model_dir, backends, version=version, max_tokens=max_tokens, text_convention=text_convention)
 
     @classmethod
-    def from_backend(cls, backend: Backend, model_dir: str | Path) -> RewardModel:
-        calibration = (read_metadata(checkpoint_dir(model_dir)).extra or {}).get("calibration_scores")
+    def from_backend(cls, backend: Backend, model_dir: str | Path, text_convention: str = "auto") -> RewardModel:
+        root = checkpoint_dir(model_dir)
+        calibration = (read_metadata(root).extra or {}).get("calibration_scores")
         if calibration is not None and not (
             isinstance(calibration, list) and all(isinstance(x, int | float) for x in calibration)
         ):
             raise ModelLoadError(f"{str(model_dir)!r}: arbiter.json calibration_scores must be a list of numbers")
-        return cls(backend, backend.tokenizer, backend.info, calibration)
+        convention = resolve_text_convention(root, backend.tokenizer, text_convention)
+        log.info("reward version %r scores %s", backend.info.version, convention.describe(backend.tokenizer))
+        return cls(backend, backend.tokenizer, backend.info, calibration, convention)
 
     def with_info(self, **changes) -> RewardModel:
-        return RewardModel(self.backend, self.tokenizer, replace(self.info, **changes), self.calibration_scores)
+        return RewardModel(self.backend, self.tokenizer, replace(self.info, **changes), self.calibration_scores,
+                           self.text_convention)
 
     def validate(self) -> None:
         """Refuse a version whose forward pass fails or is not finite."""
@@ -77,7 +93,9 @@ class RewardModel(BackendModel):
 
     def render(self, item: RewardInput, index: int) -> tuple[str, bool]:
         """Text to tokenize, and whether special tokens still need adding
-        (a chat template already inserts its own)."""
+        (a chat template already inserts its own). Plain text follows the
+        version's text convention: with append_eos, TRL's own rule (the end
+        token after the response unless the response already ends with it)."""
         if item.messages is not None:
             _check_conversation(item.messages, f"inputs[{index}].conversation")
             if getattr(self.tokenizer, "chat_template", None) is None:
@@ -89,9 +107,16 @@ class RewardModel(BackendModel):
             return self.tokenizer.apply_chat_template(messages, tokenize=False), False
         if not item.response.strip():
             raise InvalidInput(f"inputs[{index}].text.response", "is empty; there is nothing to score")
-        return item.prompt + item.response, True
+        text = item.prompt + item.response
+        eos = self.tokenizer.eos_token
+        if self.text_convention.append_eos and not item.response.endswith(eos):
+            text += eos
+        return text, True
 
     def encode(self, items: Sequence[RewardInput], truncation: Truncation) -> list[EncodedInput]:
+        """Token ids per item. Lengths count every token the model reads,
+        the convention's end token included; truncation keeps that end token
+        (the model reads the score there), cutting the text before it."""
         rendered = [self.render(item, i) for i, item in enumerate(items)]
         encoded = []
         limit = self.info.max_tokens
@@ -107,9 +132,17 @@ class RewardModel(BackendModel):
                         f"is {len(ids)} tokens, over the model's max of {limit}; shorten it or set "
                         "options.truncation to TRUNCATION_LEFT (keeps the end) or TRUNCATION_RIGHT",
                     )
-                ids = ids[-limit:] if truncation is Truncation.LEFT else ids[:limit]
+                if truncation is Truncation.LEFT:
+                    ids = ids[-limit:]
+                elif self._ends_with_convention_eos(items[i], ids):
+                    ids = ids[: limit - 1] + ids[-1:]
+                else:
+                    ids = ids[:limit]
             encoded.append(EncodedInput(ids, truncated))
         return encoded
+
+    def _ends_with_convention_eos(self, item: RewardInput, ids: list[int]) -> bool:
+        return self.text_convention.append_eos and item.messages is None and ids[-1] == self.tokenizer.eos_token_id
 
     # -- model ----------------------------------------------------------
 

@@ -236,9 +236,11 @@ def dedupe(examples: Iterable[RankedExample]) -> list[RankedExample]:
 
 class ServiceEncoder:
     """Token ids of examples, rendered and truncated by the reward service's own
-    code, so training sees exactly the ids the service will score."""
+    code under the version's text convention (``arbiter.reward.convention.TextConvention``),
+    so training sees exactly the ids the service will score."""
 
-    def __init__(self, tokenizer, name: str, max_tokens: int, truncation: Truncation):
+    def __init__(self, tokenizer, name: str, max_tokens: int, truncation: Truncation, text_convention=None):
+        from arbiter.reward.convention import TextConvention
         from arbiter.reward.model import RewardModel
 
         info = ModelInfo(
@@ -246,7 +248,7 @@ class ServiceEncoder:
             vocab_size=len(tokenizer), source_path="",
         )
         # No backend: only rendering and tokenization are used.
-        self._model = RewardModel(None, tokenizer, info)
+        self._model = RewardModel(None, tokenizer, info, text_convention=text_convention or TextConvention())
         self.truncation = truncation
         self.max_tokens = max_tokens
 

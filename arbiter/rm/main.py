@@ -83,7 +83,7 @@ def train_main(args) -> int:
         print(json.dumps({
             "name": result.version.name, "version": result.version.version, "path": str(result.version.path),
             "init": result.init, "parent_version": result.parent_version, "metrics": result.metrics,
-            "normalization": result.normalization,
+            "normalization": result.normalization, "text_convention": result.text_convention,
         }, indent=2))
     else:
         from arbiter.rm.train import summary_table

@@ -8,7 +8,8 @@ Layout::
 Each version directory is an ordinary Hugging Face checkpoint (safetensors
 only) that ``LoadModelVersion`` accepts as is; its ``arbiter.json`` says
 ``name``, ``version``, ``parent_version``, ``metrics``, the normalization
-statistics and calibration scores.
+statistics, calibration scores and ``text_convention`` (how plain text was
+built in training: ``arbiter.reward.convention.TextConvention``).
 
 Versions are allocated atomically: a version is written completely into a
 staging directory next to the versions, then renamed to the next free

@@ -34,6 +34,7 @@ from arbiter.rm.losses import (
     pairwise_accuracy,
     plackett_luce_loss,
 )
+from arbiter.reward.convention import TextConvention, resolve_text_convention
 from arbiter.rm.registry import ModelRegistry, RegistryVersion
 from arbiter.types import Truncation
 
@@ -53,6 +54,8 @@ class TrainResult:
     metrics: dict[str, Any]
     normalization: dict[str, float]
     calibration_scores: list[float] = field(repr=False, default_factory=list)
+    # What arbiter.json records as text_convention.
+    text_convention: dict[str, Any] = field(default_factory=dict)
 
 
 # -- model -------------------------------------------------------------------
@@ -91,6 +94,28 @@ def init_model(model_dir: str | Path, seed: int = 0):
         # with this id, exactly as training did.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, ("reward_model" if is_reward_model else "backbone"), read_metadata(root)
+
+
+def training_text_convention(
+    append_eos: bool | None, start_dir: str | Path, tokenizer, init_kind: str
+) -> TextConvention:
+    """The text convention a run trains (and its version is served) with:
+    the config's ``append_eos`` when set; else a reward model being continued
+    keeps its own (as the reward service would resolve it); else, for a fresh
+    head, TRL's (the end token appended)."""
+    if append_eos is not None:
+        convention = TextConvention(append_eos, "the training config's append_eos")
+    elif init_kind == "reward_model":
+        return resolve_text_convention(start_dir, tokenizer)
+    else:
+        # TRL's convention when the tokenizer has an end token to append.
+        convention = TextConvention(tokenizer.eos_token is not None, "the default for a fresh reward head")
+    if convention.append_eos and tokenizer.eos_token is None:
+        raise TrainingError(
+            f"{convention.source} appends the end token, but the tokenizer of {str(start_dir)!r} has no eos_token; "
+            "set append_eos: false"
+        )
+    return convention
 
 
 def forward_scores(model, batch: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
@@ -256,9 +281,10 @@ def train_reward_model(
     if config.resume_latest and (latest := registry.latest(config.name)) is not None:
         start_dir = latest.path
     model, tokenizer, init_kind, source = init_model(start_dir, config.seed)
+    convention = training_text_convention(config.append_eos, start_dir, tokenizer, init_kind)
     pad_id = model.config.pad_token_id
     max_tokens = model_max_tokens(model.config, tokenizer, config.max_tokens)
-    encoder = ServiceEncoder(tokenizer, config.name, max_tokens, Truncation(config.truncation))
+    encoder = ServiceEncoder(tokenizer, config.name, max_tokens, Truncation(config.truncation), convention)
     train_ids, truncated = encoder.encode_all(train_set)
     eval_ids, eval_truncated = encoder.encode_all(eval_set)
     reference_ids = eval_ids or train_ids
@@ -359,10 +385,10 @@ def train_reward_model(
         metrics["seconds"] = round(time.monotonic() - started, 3)
         version = registry.publish(
             config.name, staged, parent_version=parent_version, metrics=metrics, normalization=normalization,
-            calibration_scores=calibration, training=training,
+            calibration_scores=calibration, training=training, text_convention=convention.to_json(),
         )
     log.info("published %s %s at %s", config.name, version.version, version.path)
-    return TrainResult(version, init_kind, parent_version, metrics, normalization, calibration)
+    return TrainResult(version, init_kind, parent_version, metrics, normalization, calibration, convention.to_json())
 
 
 def summary_table(result: TrainResult):
@@ -384,6 +410,7 @@ def summary_table(result: TrainResult):
         ("path", str(result.version.path)),
         ("started from", f"{result.init}" + (f" (parent {result.parent_version})" if result.parent_version else "")),
         *((name, fmt(value)) for name, value in result.metrics.items()),
+        ("text convention", "end token appended" if result.text_convention.get("append_eos") else "text as given"),
         ("normalization mean", fmt(result.normalization["mean"])),
         ("normalization std", fmt(result.normalization["std"])),
         ("calibration scores", str(result.normalization["sample_count"])),

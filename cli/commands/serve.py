@@ -38,7 +38,10 @@ def _server_arguments(module: str) -> Register:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 2: invalid settings; 1: the server could not start (the model
+    does not load, a port is taken), said in one line; 0: stopped by a signal."""
     from arbiter.config import ConfigError
+    from arbiter.errors import ArbiterError
     from cli.main import configure_runtime
 
     server = importlib.import_module(KINDS[args.service][0])
@@ -48,5 +51,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"arbiter serve {args.service}: {err}", file=sys.stderr)
         return 2
     configure_runtime(settings.torch_threads)
-    server.serve(settings)
+    try:
+        server.serve(settings)
+    except ArbiterError as err:
+        print(f"arbiter serve {args.service}: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -11,6 +11,8 @@ graceful stop, and the command line (flags generated from the settings).
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from arbiter.config import add_flags, from_flags
+from arbiter.errors import ArbiterError
 from arbiter.kernel import VersionObserver
 from arbiter.v1 import common_pb2_grpc
 from services.common.client import MODEL_SERVICE
@@ -108,8 +111,42 @@ def settings_from_args(spec: ModelServerSpec, args: argparse.Namespace) -> Model
                       **spec.extra_settings(args))
 
 
+class PortInUse(ArbiterError):
+    """A port the server was told to listen on is taken."""
+
+    def __init__(self, host: str, port: int, flag: str):
+        super().__init__(f"{host}:{port} is already in use (is another server running there?); "
+                         f"choose another port with {flag}")
+
+
+def _check_ports_free(settings: ModelServerSettings) -> None:
+    """Before the (slow) model load: a taken port is reported at once, in one
+    line. SO_REUSEADDR as the servers set it, so a port only in TIME_WAIT
+    counts as free."""
+    wanted = [(settings.host, settings.port, "--port")]
+    if settings.metrics_port:
+        wanted.append((settings.metrics_host, settings.metrics_port, "--metrics-port"))
+    for host, port, flag in wanted:
+        if not port:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # the server's own bind reports an unusable host
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise PortInUse(host, port, flag) from None
+
+
 def serve(spec: ModelServerSpec, settings: ModelServerSettings) -> None:
-    """Run until SIGTERM/SIGINT, announcing what is served where."""
+    """Run until SIGTERM/SIGINT, announcing what is served where. Raises
+    PortInUse (before loading anything, or if the port was taken meanwhile)
+    and the first version's load errors (ArbiterError)."""
 
     def banner(running: RunningServer) -> str:
         info = running.engine.models.info()
@@ -119,7 +156,19 @@ def serve(spec: ModelServerSpec, settings: ModelServerSettings) -> None:
             f"{settings.host}:{running.port}{metrics}{spec.banner(settings)}"
         )
 
-    serve_forever(lambda: create_model_server(spec, settings), banner)
+    _check_ports_free(settings)
+    try:
+        serve_forever(lambda: create_model_server(spec, settings), banner)
+    except RuntimeError as err:
+        # grpc's bind failure; taken while the model loaded.
+        if str(err).startswith("Failed to bind"):
+            raise PortInUse(settings.host, settings.port, "--port") from None
+        raise
+    except OSError as err:
+        # The metrics endpoint's bind (prometheus_client), likewise.
+        if err.errno == errno.EADDRINUSE and settings.metrics_port:
+            raise PortInUse(settings.metrics_host, settings.metrics_port, "--metrics-port") from None
+        raise
 
 
 def entry_points(spec: ModelServerSpec):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import cached_property
 from typing import Any, TextIO
 
@@ -90,51 +91,130 @@ class RewardClient(ModelServiceClient):
         return self.reward.SetShadow(request, timeout=self.timeout_s, metadata=self.admin_metadata)
 
 
-def _read_batches(lines: TextIO, batch_size: int) -> Iterator[list[RewardInput]]:
-    batch: list[RewardInput] = []
-    for row in read_stream(lines):
-        batch.append(reward_input(row.value, row.where))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+class ScoreLineError(Exception):
+    """An input line of ``arbiter score`` that the service refused."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.where = where
 
 
-def score_lines(
-    client: RewardClient, lines: TextIO, out: TextIO, *, batch_size: int = 32, normalize: bool = False,
-    model_version: str = "", truncation: Truncation | str = Truncation.REJECT,
-) -> int:
-    """Scores JSON lines; returns how many were scored."""
-    count = 0
-    for batch in _read_batches(lines, batch_size):
-        response = client.score(batch, model_version=model_version, normalize=normalize, truncation=truncation)
-        for result in response.results:
+# The service names an item inputs[i] and its fields as the proto does; a user
+# of ``arbiter score`` wrote JSON lines with these keys.
+_ITEM_ERROR = re.compile(r"^inputs\[(\d+)\](?:\.(\S+?))?: (.*)$", re.S)
+_JSON_FIELDS = (("text.response", "response"), ("text.prompt", "prompt"), ("conversation.messages", "messages"),
+                ("conversation", "messages"))
+# Request options the service suggests, as ``arbiter score``'s flags.
+_FLAG_WORDING = (("options.truncation to TRUNCATION_LEFT (keeps the end) or TRUNCATION_RIGHT",
+                  "--truncation left (keeps the end) or --truncation right"),)
+
+
+def _item_error(err: grpc.RpcError) -> tuple[int, str] | None:
+    """(item index, message naming the JSON field) of an INVALID_ARGUMENT about one item."""
+    if err.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+        return None
+    match = _ITEM_ERROR.match(err.details() or "")
+    if match is None:
+        return None
+    index, field, message = int(match.group(1)), match.group(2), match.group(3)
+    for option, flag in _FLAG_WORDING:
+        message = message.replace(option, flag)
+    if field is None:
+        return index, message
+    for proto, json_key in _JSON_FIELDS:
+        if field == proto or field.startswith(proto + "."):
+            field = json_key + field[len(proto):]
+            break
+    return index, f"{field}: {message}"
+
+
+class LineScorer:
+    """``arbiter score``: JSON lines in, one JSON line of scores out per input
+    line, in order, ``batch_size`` lines per request. It stops at the first
+    line that cannot be scored (bad JSON, or refused by the service) having
+    written the scores of every line before it and none after, so the output
+    always answers a prefix of the input; ``JsonlError`` or ``ScoreLineError``
+    names that line, and ``scored`` counts what was written."""
+
+    def __init__(
+        self, client: RewardClient, out: TextIO, *, batch_size: int = 32, normalize: bool = False,
+        model_version: str = "", truncation: Truncation | str = Truncation.REJECT,
+    ):
+        self.client, self.out = client, out
+        self.batch_size = batch_size
+        self.options = {"model_version": model_version, "normalize": normalize, "truncation": truncation}
+        self.scored = 0
+
+    def run(self, lines: TextIO) -> int:
+        batch: list[RewardInput] = []
+        wheres: list[str] = []
+        try:
+            for row in read_stream(lines):
+                batch.append(reward_input(row.value, row.where))
+                wheres.append(row.where)
+                if len(batch) == self.batch_size:
+                    self._send(batch, wheres)
+                    batch, wheres = [], []
+        except JsonlError:
+            if batch:
+                self._send(batch, wheres)  # the lines before the bad one
+            raise
+        if batch:
+            self._send(batch, wheres)
+        return self.scored
+
+    def _send(self, batch: list[RewardInput], wheres: list[str]) -> None:
+        # One refused item fails its whole request: the items before it are
+        # sent again on their own (and may hold an earlier refusal: lengths
+        # are checked after every item's emptiness).
+        end, refused, response = len(batch), None, None
+        while end and response is None:
+            try:
+                response = self.client.score(batch[:end], **self.options)
+            except grpc.RpcError as err:
+                item = _item_error(err)
+                if item is None or item[0] >= end:
+                    raise
+                end, refused = item[0], item
+        for result in response.results if response is not None else ():
             row = {"score": result.score, "raw_score": result.raw_score, "model_version": response.model_version}
             if result.id:
                 row["id"] = result.id
             if result.truncated:
                 row["truncated"] = True
-            out.write(json.dumps(row) + "\n")
-            count += 1
-        out.flush()
-    return count
+            self.out.write(json.dumps(row) + "\n")
+            self.scored += 1
+        self.out.flush()
+        if refused is not None:
+            raise ScoreLineError(wheres[refused[0]], refused[1])
 
 
 def score_main(args) -> int:
+    """Exit 2: a flag or an input line is wrong (the message names it; every
+    line before a bad one is scored); 1: the service failed."""
     from services.common.settings import auth_token_from_env
 
     token = auth_token_from_env()
-    try:
-        with RewardClient(args.target, timeout_s=args.timeout, token=token, tls_ca_file=args.tls_ca_file) as client:
-            score_lines(
-                client, sys.stdin, sys.stdout, batch_size=args.batch_size, normalize=args.normalize,
-                model_version=args.model_version, truncation=Truncation(args.truncation),
-            )
-    except JsonlError as err:
-        print(f"arbiter score: {err}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as err:
-        print(f"arbiter score: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
+    with RewardClient(args.target, timeout_s=args.timeout, token=token, tls_ca_file=args.tls_ca_file) as client:
+        scorer = LineScorer(client, sys.stdout, batch_size=args.batch_size, normalize=args.normalize,
+                            model_version=args.model_version, truncation=Truncation(args.truncation))
+
+        def written() -> str:
+            return f" ({scorer.scored} score(s) were written first)" if scorer.scored else ""
+
+        try:
+            if args.normalize:
+                info = client.info(args.model_version)
+                if not info.HasField("normalization"):
+                    print(f"arbiter score: --normalize: model version {info.version!r} ships no normalization "
+                          "statistics (none in its arbiter.json); drop --normalize for raw scores, or choose a "
+                          "version that has them with --model-version", file=sys.stderr)
+                    return 2
+            scorer.run(sys.stdin)
+        except (JsonlError, ScoreLineError) as err:
+            print(f"arbiter score: {err}; nothing after this line was scored{written()}", file=sys.stderr)
+            return 2
+        except grpc.RpcError as err:
+            print(f"arbiter score: {err.code().name}: {err.details()}{written()}", file=sys.stderr)
+            return 1
     return 0

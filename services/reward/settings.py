@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from arbiter.config import flag, require
+from arbiter.config import flag, require, require_choice
 from arbiter.drift import DriftConfig
 from arbiter.reward.engine import RewardEngineConfig
+from arbiter.reward.convention import TEXT_CONVENTIONS
 from arbiter.stream import KafkaSettings
 from services.common.settings import BatchedModelServerSettings
 
@@ -14,6 +15,13 @@ class RewardSettings(BatchedModelServerSettings):
     model_dir: str = field(default="", metadata=flag(
         "--model", help="Hugging Face reward-model directory (num_labels=1); with --backend triton, REPO/NAME/N"))
     max_items_per_request: int = field(default=256, metadata=flag(help="items in one Score request"))
+    # How plain text is built for versions whose checkpoint does not say
+    # (arbiter.json's text_convention always wins): "auto" detects TRL's
+    # RewardTrainer checkpoints (end token appended) and leaves others as given.
+    text_convention: str = field(default="auto", metadata=flag(
+        choices=TEXT_CONVENTIONS,
+        help="for checkpoints whose arbiter.json has no text_convention: auto (detect TRL RewardTrainer "
+             "checkpoints), append_eos (TRL's: prompt + response + end token), plain (prompt + response)"))
     # Requests of one ScoreStream processed concurrently; more wait (backpressure).
     stream_max_in_flight: int = field(default=64, metadata=flag(help="ScoreStream messages scored at once"))
     # Reward drift monitoring of served scores, per version.
@@ -26,8 +34,10 @@ class RewardSettings(BatchedModelServerSettings):
         super().__post_init__()
         require(self.kafka is None or isinstance(self.kafka, KafkaSettings), "kafka", "must be KafkaSettings or unset",
                 self.kafka)
+        require_choice(self.text_convention, "text_convention", TEXT_CONVENTIONS)
         require(self.max_items_per_request >= 1, "max_items_per_request", "must be >= 1", self.max_items_per_request)
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
 
     def engine_config(self) -> RewardEngineConfig:
-        return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request)
+        return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request,
+                                  text_convention=self.text_convention)
