@@ -442,12 +442,12 @@ def test_trained_version_swaps_in_live_and_serves_its_own_statistics(first_versi
         assert back.previous_version == "v1"
 
 
-def test_shadow_compare_and_promote(first_version, tiny_models, data_files, workdir, capsys):
+def test_shadow_compare_and_promote(first_version, tiny_models, data_files, workdir, capsys, model_roots):
     """`arbiter rm shadow`: the candidate (loaded by path, not activated) and
     the active version score held-out labelled data side by side; promotion
     is gated on the candidate's accuracy."""
     held_out = write_jsonl(workdir / "held-out.jsonl", rule_rows(30, seed=99))
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0)
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, model_roots=model_roots)
     with BackgroundServer(lambda: create_server(settings)) as server:
         common = ["rm", "shadow", "--target", server.target, "--data", str(held_out)]
         out = workdir / "shadow.json"
