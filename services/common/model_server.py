@@ -11,6 +11,8 @@ graceful stop, and the command line (flags generated from the settings).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
+
+from grpc_health.v1 import health_pb2
 
 from arbiter.config import add_flags, from_flags
 from arbiter.kernel import VersionObserver
@@ -28,9 +32,26 @@ from services.common.model_service import ModelServicer
 from services.common.server import RunningServer, serve_forever, start_server
 from services.common.settings import ModelServerSettings, auth_token_from_env
 
+log = logging.getLogger(__name__)
+
 # Closes what a service attached (a feedback producer, an update follower)
 # before its engine and threads go.
 Closer = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Attached:
+    """Something a spec's ``register`` attached that gates readiness: health
+    says NOT_SERVING (so a load balancer or Kubernetes' readiness probe sends
+    no traffic) until ``ready()`` is true, e.g. a policy replica that has not
+    yet applied the newest published update. Closed like a ``Closer``."""
+
+    close: Closer
+    ready: Callable[[], bool]
+    waiting_for: str  # logged while not ready
+
+
+READY_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -42,7 +63,7 @@ class ModelServerSpec:
     # (settings, model executor, loader executor, metrics) -> engine with a ``models`` kernel
     engine: Callable[[Any, ThreadPoolExecutor, ThreadPoolExecutor, Any], Any]
     # Adds the kind's servicer to the server; returns what to close at stop.
-    register: Callable[[grpc.aio.Server, Any, Any, Any], list[Closer]]
+    register: Callable[[grpc.aio.Server, Any, Any, Any], list[Closer | Attached]]
     # Settings fields that come from elsewhere than flags (e.g. Kafka settings).
     extra_settings: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
     add_extra_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
@@ -70,6 +91,7 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.kind}-loader")
     engine = spec.engine(settings, executor, loader, metrics)
     closers: list[Closer] = []
+    gates: list[Attached] = []
 
     async def release() -> None:
         for close in closers:
@@ -83,7 +105,12 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
         await engine.models.load_version(settings.model_dir, settings.model_version or "", activate=True)
 
         def register(server: grpc.aio.Server) -> None:
-            closers.extend(spec.register(server, engine, metrics, settings))
+            for attached in spec.register(server, engine, metrics, settings):
+                if isinstance(attached, Attached):
+                    gates.append(attached)
+                    closers.append(attached.close)
+                else:
+                    closers.append(attached)
             common_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine.models, metrics), server)
 
         running = await start_server(
@@ -92,8 +119,39 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     except BaseException:
         await release()
         raise
+    if gates:
+        await gate_health(running, gates)
     running.on_stop(release)
     return running, running.port
+
+
+async def gate_health(running: RunningServer, gates: list[Attached]) -> None:
+    """NOT_SERVING until every gate is ready, then SERVING.
+
+    Awaited right after ``start_server`` set SERVING: setting health never
+    suspends (its lock is uncontended), so no probe runs in between and none
+    can see SERVING before the gates allow it."""
+    names = (*running.service_names, "")
+    for name in names:
+        await running.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def wait_ready() -> None:
+        waiting = [gate for gate in gates if not gate.ready()]
+        if waiting:
+            log.info("health NOT_SERVING until ready: %s", "; ".join(gate.waiting_for for gate in waiting))
+        while any(not gate.ready() for gate in gates):
+            await asyncio.sleep(READY_POLL_S)
+        if not running._stopped:
+            for name in names:
+                await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready: health SERVING")
+
+    task = asyncio.get_running_loop().create_task(wait_ready(), name="readiness")
+
+    async def cancel() -> None:
+        task.cancel()
+
+    running.on_stop(cancel)
 
 
 def add_arguments(spec: ModelServerSpec, parser: argparse.ArgumentParser) -> None:
