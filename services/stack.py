@@ -56,6 +56,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from arbiter.net import LOOPBACK, free_port
+from arbiter.stream.errors import StreamError
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,7 @@ class _Track:
     restarts: deque = field(default_factory=deque)  # when each restart in the window was decided
     next_start: float | None = None
     finished: bool = False
+    total: int = 0  # restarts since the stack started
 
 
 class Supervisor:
@@ -387,9 +389,10 @@ class Supervisor:
         except Exception as err:  # counted as a death on the next pass
             log.error("%s: restart failed: %s", component.name, err)
             return
+        track.total += 1
         self.restarts.labels(component.name).inc()
         self.up.labels(component.name).set(1)
-        log.warning("%s restarted (restart %d)", component.name, track.attempt)
+        log.warning("%s restarted (%d restart(s) since the stack started)", component.name, track.total)
 
 
 class Stack:
@@ -626,7 +629,7 @@ def up_main(args) -> int:
         while not stop["now"]:
             stack.check_alive()
             time.sleep(0.5)
-    except StackError as err:
+    except (StackError, StreamError) as err:  # StreamError: the local broker or its topics
         print(f"arbiter up: {err}", file=sys.stderr)
         return 1
     finally:
