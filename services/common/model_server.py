@@ -11,8 +11,6 @@ graceful stop, and the command line (flags generated from the settings).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,37 +19,19 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from grpc_health.v1 import health_pb2
-
 from arbiter.config import add_flags, from_flags
 from arbiter.kernel import VersionObserver
 from arbiter.v1 import common_pb2_grpc
 from services.common.client import MODEL_SERVICE
 from services.common.metrics import RpcMetrics
 from services.common.model_service import ModelServicer
+from services.common.readiness import Attached, gate_health
 from services.common.server import RunningServer, serve_forever, start_server
 from services.common.settings import ModelServerSettings, auth_token_from_env
-
-log = logging.getLogger(__name__)
 
 # Closes what a service attached (a feedback producer, an update follower)
 # before its engine and threads go.
 Closer = Callable[[], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Attached:
-    """Something a spec's ``register`` attached that gates readiness: health
-    says NOT_SERVING (so a load balancer or Kubernetes' readiness probe sends
-    no traffic) until ``ready()`` is true, e.g. a policy replica that has not
-    yet applied the newest published update. Closed like a ``Closer``."""
-
-    close: Closer
-    ready: Callable[[], bool]
-    waiting_for: str  # logged while not ready
-
-
-READY_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -62,7 +42,8 @@ class ModelServerSpec:
     metrics: Callable[[CollectorRegistry, Any], RpcMetrics]
     # (settings, model executor, loader executor, metrics) -> engine with a ``models`` kernel
     engine: Callable[[Any, ThreadPoolExecutor, ThreadPoolExecutor, Any], Any]
-    # Adds the kind's servicer to the server; returns what to close at stop.
+    # Adds the kind's servicer to the server; returns what to close at stop
+    # (an Attached also holds health at NOT_SERVING until it is ready).
     register: Callable[[grpc.aio.Server, Any, Any, Any], list[Closer | Attached]]
     # Settings fields that come from elsewhere than flags (e.g. Kafka settings).
     extra_settings: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
@@ -91,7 +72,6 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{spec.kind}-loader")
     engine = spec.engine(settings, executor, loader, metrics)
     closers: list[Closer] = []
-    gates: list[Attached] = []
 
     async def release() -> None:
         for close in closers:
@@ -105,12 +85,7 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
         await engine.models.load_version(settings.model_dir, settings.model_version or "", activate=True)
 
         def register(server: grpc.aio.Server) -> None:
-            for attached in spec.register(server, engine, metrics, settings):
-                if isinstance(attached, Attached):
-                    gates.append(attached)
-                    closers.append(attached.close)
-                else:
-                    closers.append(attached)
+            closers.extend(spec.register(server, engine, metrics, settings))
             common_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine.models, metrics), server)
 
         running = await start_server(
@@ -119,39 +94,9 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     except BaseException:
         await release()
         raise
-    if gates:
-        await gate_health(running, gates)
+    await gate_health(running, [close for close in closers if isinstance(close, Attached)])
     running.on_stop(release)
     return running, running.port
-
-
-async def gate_health(running: RunningServer, gates: list[Attached]) -> None:
-    """NOT_SERVING until every gate is ready, then SERVING.
-
-    Awaited right after ``start_server`` set SERVING: setting health never
-    suspends (its lock is uncontended), so no probe runs in between and none
-    can see SERVING before the gates allow it."""
-    names = (*running.service_names, "")
-    for name in names:
-        await running.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    async def wait_ready() -> None:
-        waiting = [gate for gate in gates if not gate.ready()]
-        if waiting:
-            log.info("health NOT_SERVING until ready: %s", "; ".join(gate.waiting_for for gate in waiting))
-        while any(not gate.ready() for gate in gates):
-            await asyncio.sleep(READY_POLL_S)
-        if not running._stopped:
-            for name in names:
-                await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("ready: health SERVING")
-
-    task = asyncio.get_running_loop().create_task(wait_ready(), name="readiness")
-
-    async def cancel() -> None:
-        task.cancel()
-
-    running.on_stop(cancel)
 
 
 def add_arguments(spec: ModelServerSpec, parser: argparse.ArgumentParser) -> None:

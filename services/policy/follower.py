@@ -124,14 +124,6 @@ class PolicyUpdateFollower:
             except CommitError as err:
                 log.warning("policy updates: %s", err)
 
-    def _note_caught_up(self, consumer: StreamConsumer) -> None:
-        if self.caught_up.is_set():
-            return
-        lag = consumer.lag()  # only partitions with a known high watermark
-        if lag.keys() >= consumer.assignment() and not any(lag.values()):
-            log.info("policy updates: caught up, serving %r", self.engine.models.active_version)
-            self.caught_up.set()
-
     def _handle(self, batch: RecordBatch) -> None:
         for _rejected in batch.rejected:  # the consumer logged the reason
             self._count(REFUSED)
@@ -149,6 +141,14 @@ class PolicyUpdateFollower:
 
     def _count(self, outcome: str) -> None:
         self.metrics.policy_updates.labels(outcome).inc()
+
+    def _note_caught_up(self, consumer: StreamConsumer) -> None:
+        if self.caught_up.is_set():
+            return
+        lag = consumer.lag()  # only partitions with a known high watermark
+        if lag.keys() >= consumer.assignment() and not any(lag.values()):
+            log.info("policy updates: caught up, serving %r", self.engine.models.active_version)
+            self.caught_up.set()
 
     def apply(self, update: rollout_pb2.PolicyUpdate, where: str = "") -> str:
         """Verify and load one update; returns its outcome (never raises)."""

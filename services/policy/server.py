@@ -14,7 +14,8 @@ from arbiter.stream import topics
 from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_args
 from arbiter.v1 import policy_pb2, policy_pb2_grpc
 from services.common import model_server
-from services.common.model_server import Attached, ModelServerSpec
+from services.common.model_server import ModelServerSpec
+from services.common.readiness import Attached
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
