@@ -1,10 +1,39 @@
-"""``arbiter up``: the whole RLHF loop as separate processes, as deployed.
+"""``arbiter up``: the whole RLHF loop as separate processes, as deployed,
+under a supervisor.
 
-Broker (a local Tansu unless ``kafka_bootstrap`` names a real cluster), the
-reward, reference and policy services (the policy follows policy-updates and
-hot-swaps), rollout workers and the PPO trainer. Each process logs to
-``WORKDIR/logs/NAME.log``; Ctrl-C (or SIGTERM) stops them in reverse order,
-each given time to drain before it is killed.
+Broker (a local Tansu unless ``kafka_bootstrap`` names a real cluster; durable
+by default, see ``arbiter.stream.broker``), the reward, reference and policy
+services (the policy follows policy-updates and hot-swaps), rollout workers
+and the PPO trainer. Each process logs to ``WORKDIR/logs/NAME.log``; Ctrl-C
+(or SIGTERM) stops them in reverse order, each given time to drain before it
+is killed.
+
+Supervision (``Supervisor``): a component that dies (any exit status, a
+signal such as SIGKILL included) is restarted on the same ports with
+exponential backoff while the rest keep running; the local broker is watched
+and restarted the same way (with ``s3`` storage it comes back with every
+topic, record and committed offset). Exit status 0 ends a worker or the
+trainer for good: they stop by themselves only when their bounded work
+(``max_rollouts``, ``max_updates``) is done. Each component has a restart
+budget (``restart_budget`` restarts within ``restart_window_s``); past it the
+stack stops with a message naming the component, how it died and its log.
+Restarts are log lines and metrics on the stack's own metrics port:
+``arbiter_stack_restarts_total{component}``,
+``arbiter_stack_component_up{component}``.
+
+In a Kubernetes cluster the kubelet takes this role: each service is a
+Deployment whose pods have ``restartPolicy: Always`` (the kubelet restarts a
+dead container with exponential backoff, 10 s doubling to 5 min and reset
+after 10 min of running: CrashLoopBackOff), workers and a bounded trainer run
+are Jobs with ``restartPolicy: OnFailure`` (exit 0 ends them, as here), and
+the broker is a real Kafka cluster. A ``livenessProbe`` and a
+``readinessProbe`` of type ``grpc`` on the service port use the gRPC health
+service every server exposes: liveness restarts a server that stopped
+answering; readiness keeps a pod out of its Service's endpoints while it
+says NOT_SERVING, e.g. a policy replica that has not yet applied the newest
+published version (``services.policy.server``). Kubernetes has no restart
+budget: it keeps retrying with capped backoff, and an alert on
+``kube_pod_container_status_restarts_total`` plays the budget's part.
 """
 
 from __future__ import annotations
@@ -14,7 +43,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,18 +53,21 @@ from typing import Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from arbiter.net import LOOPBACK, free_port
+from arbiter.stream.errors import StreamError
 
 log = logging.getLogger(__name__)
 
 # Default metrics ports: the ones infra/prometheus/prometheus.yml scrapes.
-METRICS_PORTS = {"reward": 9101, "policy": 9102, "reference": 9103, "worker": 9104, "trainer": 9105}
-
-from arbiter.net import free_port
+METRICS_PORTS = {"stack": 9100, "reward": 9101, "policy": 9102, "reference": 9103, "worker": 9104, "trainer": 9105}
+BROKER_STORAGES = ("s3", "memory")
+SUPERVISE_INTERVAL_S = 0.2
 
 
 class StackError(RuntimeError):
     pass
-
 
 
 @dataclass(frozen=True)
@@ -46,6 +80,9 @@ class StackConfig:
     workdir: str = "runs/stack"
     # None: start a local Tansu broker (dev); otherwise the cluster to use.
     kafka_bootstrap: str | None = None
+    # The local broker's storage: "s3" keeps topics, records and offsets in
+    # WORKDIR/broker across broker and stack restarts; "memory" loses them.
+    broker_storage: str = "s3"
     topic_prefix: str = ""
     # gRPC ports (0: pick free ones) and metrics ports (None: defaults above; 0: free).
     policy_port: int = 0
@@ -60,6 +97,15 @@ class StackConfig:
     trainer: dict[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
     seed: int = 0
+    # Supervision: at most restart_budget restarts of one component within
+    # restart_window_s (0: never restart); the delay before a restart doubles
+    # from restart_backoff_s up to restart_backoff_max_s, and falls back to
+    # restart_backoff_s once the component has run restart_reset_after_s.
+    restart_budget: int = 5
+    restart_window_s: float = 300.0
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
+    restart_reset_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("policy_model", "reward_model", "prompts_file"):
@@ -69,6 +115,17 @@ class StackConfig:
                 raise StackError(f"{name}={getattr(self, name)!r} does not exist")
         if self.workers < 1:
             raise StackError(f"workers={self.workers} is invalid: must be >= 1")
+        if self.broker_storage not in BROKER_STORAGES:
+            raise StackError(f"broker_storage={self.broker_storage!r} is invalid: must be one of "
+                             f"{', '.join(BROKER_STORAGES)}")
+        if self.restart_budget < 0:
+            raise StackError(f"restart_budget={self.restart_budget} is invalid: must be >= 0 (0: never restart)")
+        for name in ("restart_window_s", "restart_backoff_s", "restart_reset_after_s"):
+            if not getattr(self, name) > 0:
+                raise StackError(f"{name}={getattr(self, name)} is invalid: must be > 0")
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise StackError(f"restart_backoff_max_s={self.restart_backoff_max_s} is invalid: must be >= "
+                             f"restart_backoff_s ({self.restart_backoff_s})")
 
 
 def load_stack_config(path: str | Path, **overrides: Any) -> StackConfig:
@@ -80,30 +137,262 @@ def load_stack_config(path: str | Path, **overrides: Any) -> StackConfig:
         raise StackError(f"{path}: {err}") from err
 
 
-class ManagedProcess:
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]):
-        self.name = name
-        self.log_path = log_path
-        self._log = log_path.open("a")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is gone"
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def stack_env(config: StackConfig, bootstrap: str) -> dict[str, str]:
+    """The environment of every component process."""
+    return {
+        **os.environ,
+        "ARBITER_LOG_LEVEL": os.environ.get("ARBITER_LOG_LEVEL", "INFO"),
+        "ARBITER_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "ARBITER_KAFKA_TOPIC_PREFIX": config.topic_prefix,
+        "OMP_NUM_THREADS": str(config.torch_threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def service_args(config: StackConfig, kind: str, model: str | Path, port: int, metrics_port: int | None) -> list[str]:
+    """``arbiter serve KIND`` flags (the policy follows policy-updates)."""
+    args = ["serve", kind, "--model", str(model), "--port", str(port), "--torch-threads", str(config.torch_threads)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    return args + (["--follow-updates"] if kind == "policy" else [])
+
+
+def worker_args(config: StackConfig, index: int, targets: dict[str, str], metrics_port: int | None) -> list[str]:
+    """``arbiter worker`` flags for worker ``index`` against the services at ``targets``."""
+    args = ["worker", "--policy", targets["policy"], "--reward", targets["reward"],
+            "--reference", targets["reference"], "--prompts", str(Path(config.prompts_file).resolve()),
+            "--shuffle", "--seed", str(config.seed + 1000 * index), "--worker-id", f"worker-{index}"]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    for key, value in config.worker.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (False, None):
+            args += [flag, str(value)]
+    return args
+
+
+def cli_argv(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "cli", *args]
+
+
+class Component:
+    """One supervised part of the stack. ``always``: restarted whatever its
+    exit status (servers, broker); otherwise exit 0 means its work is done."""
+
+    name: str
+    always: bool
+    log_path: Path
+
+    def start(self) -> None:
+        raise NotImplementedError
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        raise NotImplementedError
+
+    def exit_status(self) -> int | None:
+        raise NotImplementedError
+
+    def how_it_died(self) -> str:
+        return describe_exit(self.exit_status())
+
+    def stop(self) -> None:
+        raise NotImplementedError
 
     def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class ManagedProcess(Component):
+    """An ``arbiter`` subcommand as a child process. ``restart_argv`` (if
+    given) replaces ``argv`` from the first restart on."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], *, always: bool,
+                 restart_argv: list[str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.restart_argv = restart_argv or argv
+        self.log_path = log_path
+        self.env = env
+        self.always = always
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = self.argv if self.proc is None else self.restart_argv
+        with self.log_path.open("a") as log_file:
+            self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exit_status(self) -> int | None:
+        return self.proc.poll() if self.proc else None
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        self.terminate()
+        self.wait_stopped(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM: the component drains and exits (see ``wait_stopped``)."""
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs: killing it", self.name, timeout_s)
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+
+    def wait_stopped(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: killing it", self.name, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+class BrokerComponent(Component):
+    """The local broker (Tansu and, with s3 storage, its object store)."""
+
+    always = True
+    name = "broker"
+
+    def __init__(self, broker: Any, on_restart: Any):
+        self.broker = broker
+        self.log_path = broker.log_path
+        self._on_restart = on_restart
+
+    def start(self) -> None:
+        self.broker.restart()
+        self._on_restart()
+
+    def alive(self) -> bool:
+        return self.broker.running()
+
+    def exit_status(self) -> int | None:
+        return self.broker.exit_status()[1]
+
+    def how_it_died(self) -> str:
+        part, code = self.broker.exit_status()
+        return f"({part}) {describe_exit(code)}"
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+
+@dataclass
+class _Track:
+    started_at: float
+    attempt: int = 0  # restarts since the component last ran restart_reset_after_s
+    restarts: deque = field(default_factory=deque)  # when each restart in the window was decided
+    next_start: float | None = None
+    finished: bool = False
+    total: int = 0  # restarts since the stack started
+
+
+class Supervisor:
+    """Watches components from a thread; restarts the dead ones (see the
+    module docstring). ``failure`` is set, and watching stops, when a
+    component exceeds its restart budget."""
+
+    def __init__(self, components: list[Component], config: StackConfig, registry: CollectorRegistry):
+        self.components = components
+        self.config = config
+        self.failure: StackError | None = None
+        self.restarts = Counter("arbiter_stack_restarts_total",
+                                "Restarts of a stack component by the supervisor.", ["component"], registry=registry)
+        self.up = Gauge("arbiter_stack_component_up", "1 while the component's process runs, else 0.",
+                        ["component"], registry=registry)
+        now = time.monotonic()
+        self._tracks = {c.name: _Track(started_at=now) for c in components}
+        for c in components:
+            self.restarts.labels(c.name)
+            self.up.labels(c.name).set(1 if c.alive() else 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-supervisor", daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SUPERVISE_INTERVAL_S):
+            for component in self.components:
+                if self._stop.is_set() or self.failure is not None:
+                    return
+                try:
+                    self._watch(component)
+                except Exception:  # a supervisor bug must not end supervision silently
+                    log.exception("supervisor: watching %s failed", component.name)
+
+    def _watch(self, component: Component) -> None:
+        c, track, now = self.config, self._tracks[component.name], time.monotonic()
+        if track.finished:
+            return
+        if track.next_start is not None:
+            if now >= track.next_start:
+                self._restart(component, track)
+            return
+        if component.alive():
+            if track.attempt and now - track.started_at >= c.restart_reset_after_s:
+                track.attempt = 0
+            return
+        self.up.labels(component.name).set(0)
+        code = component.exit_status()
+        if code == 0 and not component.always:
+            log.info("%s finished (exit status 0): not restarted", component.name)
+            track.finished = True
+            return
+        while track.restarts and now - track.restarts[0] > c.restart_window_s:
+            track.restarts.popleft()
+        how = component.how_it_died()
+        if len(track.restarts) >= c.restart_budget:
+            self.failure = StackError(
+                f"{component.name} {how} and was already restarted {len(track.restarts)} times within "
+                f"{c.restart_window_s:.0f}s (restart_budget {c.restart_budget}): giving up; stopping the stack. "
+                f"Its log ({component.log_path}) ends:\n{component.log_tail()}"
+            )
+            log.error("%s", self.failure)
+            return
+        delay = min(c.restart_backoff_s * 2 ** track.attempt, c.restart_backoff_max_s)
+        track.restarts.append(now)
+        track.attempt += 1
+        track.next_start = now + delay
+        log.warning("%s %s: restart %d of %d allowed within %.0fs, in %.1fs", component.name, how,
+                    len(track.restarts), c.restart_budget, c.restart_window_s, delay)
+
+    def _restart(self, component: Component, track: _Track) -> None:
+        track.next_start = None
+        track.started_at = time.monotonic()
+        try:
+            component.start()
+        except Exception as err:  # counted as a death on the next pass
+            log.error("%s: restart failed: %s", component.name, err)
+            return
+        track.total += 1
+        self.restarts.labels(component.name).inc()
+        self.up.labels(component.name).set(1)
+        log.warning("%s restarted (%d restart(s) since the stack started)", component.name, track.total)
 
 
 class Stack:
@@ -116,29 +405,23 @@ class Stack:
         self.targets: dict[str, str] = {}
         self.metrics_ports: dict[str, int] = {}
         self.bootstrap = config.kafka_bootstrap
+        self.registry = CollectorRegistry()
+        self.supervisor: Supervisor | None = None
+        self._metrics_httpd: Any = None
+        # Whether the broker's data is new (so a trainer checkpoint's offsets mean nothing).
+        self._fresh_broker = False
 
     # -- lifecycle -----------------------------------------------------------
-
-    def env(self) -> dict[str, str]:
-        c = self.config
-        return {
-            **os.environ,
-            "ARBITER_LOG_LEVEL": os.environ.get("ARBITER_LOG_LEVEL", "INFO"),
-            "ARBITER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "ARBITER_KAFKA_TOPIC_PREFIX": c.topic_prefix,
-            "OMP_NUM_THREADS": str(c.torch_threads),
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
 
     def _metrics_port(self, name: str) -> int:
         c = self.config
         port = c.metrics_ports.get(name, METRICS_PORTS[name])
         return port or free_port()
 
-    def _spawn(self, name: str, args: list[str]) -> ManagedProcess:
-        process = ManagedProcess(name, [sys.executable, "-m", "cli", *args], self.logs / f"{name}.log", self.env())
+    def _spawn(self, name: str, args: list[str], *, always: bool, restart_args: list[str] | None = None) -> ManagedProcess:
+        process = ManagedProcess(name, cli_argv(args), self.logs / f"{name}.log", stack_env(self.config, self.bootstrap),
+                                 always=always, restart_argv=cli_argv(restart_args) if restart_args else None)
+        process.start()
         self.processes.append(process)
         return process
 
@@ -147,34 +430,33 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             self._start_broker()
-            from arbiter.stream import KafkaSettings, ensure_topics, topics
-
-            ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=c.topic_prefix),
-                          dict(topics.DEFAULT_PARTITIONS))
+            self._ensure_topics()
             services = {
-                "reward": (c.reward_model, c.reward_port, []),
-                "reference": (c.reference_model or c.policy_model, c.reference_port, []),
-                "policy": (c.policy_model, c.policy_port, ["--follow-updates"]),
+                "reward": (c.reward_model, c.reward_port),
+                "reference": (c.reference_model or c.policy_model, c.reference_port),
+                "policy": (c.policy_model, c.policy_port),
             }
-            for name, (model, port, extra) in services.items():
+            for name, (model, port) in services.items():
                 port = port or free_port()
                 self.targets[name] = f"127.0.0.1:{port}"
-                args = ["serve", name, "--model", str(model), "--port", str(port), "--torch-threads", str(c.torch_threads)]
                 if c.metrics:
                     self.metrics_ports[name] = self._metrics_port(name)
-                    args += ["--metrics-port", str(self.metrics_ports[name])]
-                self._spawn(name, args + extra)
+                self._spawn(name, service_args(c, name, model, port, self.metrics_ports.get(name)), always=True)
             for name in services:
                 self._wait_healthy(name, wait_s)
             trainer = ["train", "ppo", "--config", str(self._write_trainer_config())]
-            if self.broker is not None:
-                # A fresh in-memory broker: a resumed checkpoint's offsets refer
-                # to topics that died with the previous one.
-                trainer.append("--reset-offsets")
-            self._spawn("trainer", trainer)
+            # New broker data: a resumed checkpoint's offsets refer to topics
+            # that died with the previous broker. A restart by the supervisor
+            # resumes from the checkpoint.
+            self._spawn("trainer", trainer + ["--reset-offsets"] if self._fresh_broker else trainer, always=False,
+                        restart_args=trainer)
             for i in range(c.workers):
-                self._spawn(f"worker-{i}", self._worker_args(i))
+                if c.metrics:
+                    self.metrics_ports[f"worker-{i}"] = self._metrics_port("worker") if i == 0 else free_port()
+                self._spawn(f"worker-{i}", worker_args(c, i, self.targets, self.metrics_ports.get(f"worker-{i}")),
+                            always=False)
             self._wait_for_log("trainer", "trainer ready", wait_s)
+            self._supervise()
         except BaseException:
             self.stop()
             raise
@@ -185,8 +467,46 @@ class Stack:
             return
         from arbiter.stream.broker import LocalBroker
 
-        self.broker = LocalBroker(log_path=self.logs / "broker.log").start()
+        c = self.config
+        data_dir = self.workdir / "broker"
+        self._fresh_broker = c.broker_storage == "memory" or not (data_dir / "s3").exists()
+        self.broker = LocalBroker(log_path=self.logs / "broker.log", storage=c.broker_storage,
+                                  data_dir=data_dir if c.broker_storage == "s3" else None).start()
         self.bootstrap = self.broker.bootstrap_servers
+
+    def _ensure_topics(self) -> None:
+        from arbiter.stream import KafkaSettings, ensure_topics, topics
+
+        ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.config.topic_prefix),
+                      dict(topics.DEFAULT_PARTITIONS))
+
+    def _broker_restarted(self) -> None:
+        if self.config.broker_storage == "memory":
+            log.error("the broker restarted with memory storage: every topic, record and offset is gone "
+                      "(broker_storage: s3 keeps them)")
+        # Idempotent with s3 storage; recreates them (empty) with memory storage.
+        self._ensure_topics()
+
+    def _supervise(self) -> None:
+        components: list[Component] = list(self.processes)
+        if self.broker is not None:
+            components.insert(0, BrokerComponent(self.broker, self._broker_restarted))
+        self.supervisor = Supervisor(components, self.config, self.registry)
+        if self.config.metrics:
+            self._serve_metrics()
+        self.supervisor.start()
+
+    def _serve_metrics(self) -> None:
+        port = self._metrics_port("stack")
+        try:
+            self._metrics_httpd, _ = start_http_server(port, addr=LOOPBACK, registry=self.registry)
+        except OSError as err:
+            if "stack" in self.config.metrics_ports:
+                raise StackError(f"metrics_ports.stack={port}: {err}") from err
+            # Only the default was taken (another stack, a test): the stack's own metrics move.
+            log.warning("stack metrics: default port %d is taken (%s); using a free one", port, err)
+            self._metrics_httpd, _ = start_http_server(0, addr=LOOPBACK, registry=self.registry)
+        self.metrics_ports["stack"] = self._metrics_httpd.server_port
 
     def _write_trainer_config(self) -> Path:
         c = self.config
@@ -206,34 +526,17 @@ class Stack:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def _worker_args(self, index: int) -> list[str]:
-        c = self.config
-        args = ["worker", "--policy", self.targets["policy"], "--reward", self.targets["reward"],
-                "--reference", self.targets["reference"], "--prompts", str(Path(c.prompts_file).resolve()),
-                "--shuffle", "--seed", str(c.seed + 1000 * index), "--worker-id", f"worker-{index}"]
-        if c.metrics:
-            port = self._metrics_port("worker") if index == 0 else free_port()
-            self.metrics_ports[f"worker-{index}"] = port
-            args += ["--metrics-port", str(port)]
-        for key, value in c.worker.items():
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif value not in (False, None):
-                args += [flag, str(value)]
-        return args
-
-    def _process(self, name: str) -> ManagedProcess:
+    def process(self, name: str) -> ManagedProcess:
         return next(p for p in self.processes if p.name == name)
 
     def _wait_healthy(self, name: str, wait_s: float) -> None:
-        process = self._process(name)
+        process = self.process(name)
         deadline = time.monotonic() + wait_s
         with grpc.insecure_channel(self.targets[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not process.alive():
-                    raise StackError(f"{name} exited ({process.proc.returncode}):\n{process.log_tail()}")
+                    raise StackError(f"{name} {process.how_it_died()}:\n{process.log_tail()}")
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -244,36 +547,56 @@ class Stack:
         raise StackError(f"{name} not healthy after {wait_s:.0f}s:\n{process.log_tail()}")
 
     def _wait_for_log(self, name: str, text: str, wait_s: float) -> None:
-        process = self._process(name)
+        process = self.process(name)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if text in process.log_path.read_text(errors="replace"):
                 return
             if not process.alive():
-                raise StackError(f"{name} exited ({process.proc.returncode}):\n{process.log_tail()}")
+                raise StackError(f"{name} {process.how_it_died()}:\n{process.log_tail()}")
             time.sleep(0.3)
         raise StackError(f"{name} did not report {text!r} within {wait_s:.0f}s:\n{process.log_tail()}")
 
     def tail(self, name: str, lines: int = 20) -> str:
-        return f"--- {name} ---\n" + self._process(name).log_tail(lines)
+        return f"--- {name} ---\n" + self.process(name).log_tail(lines)
 
     def check_alive(self) -> None:
-        for process in self.processes:
-            if not process.alive() and process.proc.returncode != 0:
-                raise StackError(f"{process.name} died ({process.proc.returncode}):\n{process.log_tail()}")
+        """Raises StackError once the supervisor has given up on a component
+        (restart budget exceeded); deaths within the budget are its business."""
+        if self.supervisor is not None and self.supervisor.failure is not None:
+            raise self.supervisor.failure
 
     def stop(self) -> None:
-        # Producers first (workers), then the trainer, then the services, then the broker.
-        for process in reversed(self.processes):
-            process.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        # Producers first (workers), then the trainer, then the services, then
+        # the broker; the members of a tier drain together.
+        tiers = ([p for p in self.processes if p.name.startswith("worker-")],
+                 [p for p in self.processes if p.name == "trainer"],
+                 [p for p in self.processes if p.always])
+        for tier in tiers:
+            for process in tier:
+                process.terminate()
+            for process in tier:
+                process.wait_stopped()
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+            self._metrics_httpd = None
 
     def describe(self) -> str:
-        lines = [f"kafka: {self.bootstrap} (topic prefix {self.config.topic_prefix!r})"]
+        where = ""
+        if self.broker is not None:
+            where = (f", local broker, data in {self.broker.data_dir}" if self.broker.store
+                     else ", local broker in memory: lost when it stops")
+        lines = [f"kafka: {self.bootstrap} (topic prefix {self.config.topic_prefix!r}{where})"]
         lines += [f"{name}: {target}" for name, target in self.targets.items()]
         lines += [f"metrics {name}: 127.0.0.1:{port}" for name, port in self.metrics_ports.items()]
+        c = self.config
+        lines.append(f"supervised: restart budget {c.restart_budget} per {c.restart_window_s:.0f}s per component")
         lines.append(f"logs: {self.logs}")
         return "\n".join(lines)
 
@@ -285,7 +608,8 @@ class Stack:
 
 
 def up_main(args) -> int:
-    overrides = {"workdir": args.workdir, "kafka_bootstrap": args.kafka_bootstrap}
+    overrides = {"workdir": args.workdir, "kafka_bootstrap": args.kafka_bootstrap,
+                 "broker_storage": getattr(args, "broker_storage", None)}
     try:
         config = load_stack_config(args.config, **overrides)
     except (StackError, OSError, yaml.YAMLError) as err:
@@ -305,7 +629,7 @@ def up_main(args) -> int:
         while not stop["now"]:
             stack.check_alive()
             time.sleep(0.5)
-    except StackError as err:
+    except (StackError, StreamError) as err:  # StreamError: the local broker or its topics
         print(f"arbiter up: {err}", file=sys.stderr)
         return 1
     finally:

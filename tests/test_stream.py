@@ -366,7 +366,7 @@ def test_cli_broker_writes_ready_file_and_stops_on_sigterm(tmp_path):
     ready = tmp_path / "ready"
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", "broker", "--port", "0", "--create-topics",
-         "--ready-file", str(ready), "--log-file", str(tmp_path / "tansu.log")],
+         "--ready-file", str(ready), "--log-file", str(tmp_path / "tansu.log"), "--data-dir", str(tmp_path / "data")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

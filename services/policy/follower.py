@@ -58,6 +58,10 @@ class PolicyUpdateFollower:
         self.poll_timeout_s = poll_timeout_s
         self.retry_s = retry_s
         self._stop = threading.Event()
+        # Readiness: set once every update published before this replica
+        # joined has been handled (each assigned partition read to its high
+        # watermark); the server reports SERVING only then.
+        self.caught_up = threading.Event()
         self._started_at = time.time()
         self._thread = threading.Thread(target=self._run, name="policy-update-follower", daemon=True)
         for outcome in OUTCOMES:
@@ -113,6 +117,7 @@ class PolicyUpdateFollower:
         consumer.seek({tp: 0 for tp in consumer.assignment()})
         log.info("policy updates: following %s as group %s", self.kafka.topic(topics.POLICY_UPDATES), self.group_id)
         while not self._stop.is_set():
+            self._note_caught_up(consumer)
             batch = consumer.poll(timeout_s=self.poll_timeout_s)
             if not batch.records and not batch.rejected:
                 continue
@@ -144,6 +149,14 @@ class PolicyUpdateFollower:
 
     def _count(self, outcome: str) -> None:
         self.metrics.policy_updates.labels(outcome).inc()
+
+    def _note_caught_up(self, consumer: StreamConsumer) -> None:
+        if self.caught_up.is_set():
+            return
+        lag = consumer.lag()  # only partitions with a known high watermark
+        if lag.keys() >= consumer.assignment() and not any(lag.values()):
+            log.info("policy updates: caught up, serving %r", self.engine.models.active_version)
+            self.caught_up.set()
 
     def apply(self, update: rollout_pb2.PolicyUpdate, where: str = "") -> str:
         """Verify and load one update; returns its outcome (never raises)."""

@@ -15,6 +15,7 @@ from arbiter.stream.settings import add_kafka_arguments, kafka_settings_from_arg
 from arbiter.v1 import policy_pb2, policy_pb2_grpc
 from services.common import model_server
 from services.common.model_server import ModelServerSpec
+from services.common.readiness import Attached
 from services.policy.metrics import PolicyMetrics
 from services.policy.servicer import PolicyServicer
 from services.policy.settings import PolicySettings
@@ -28,8 +29,12 @@ def _register(server, engine: PolicyEngine, metrics: PolicyMetrics, settings: Po
 
     follower = PolicyUpdateFollower(settings.kafka, settings.replica_id, engine, asyncio.get_running_loop(), metrics)
     follower.start()
-    # Closed before the engine: a load in flight finishes first.
-    return [follower.stop]
+    # Closed before the engine: a load in flight finishes first. Not ready
+    # (health NOT_SERVING) until the follower has caught up with the topic: a
+    # (re)started replica would otherwise serve its --model weights while a
+    # newer version is published, and the worker's rollouts would be stale.
+    topic = settings.kafka.topic(topics.POLICY_UPDATES)
+    return [Attached(follower.stop, follower.caught_up.is_set, f"catching up with {topic}")]
 
 
 def _kafka_from_args(args: argparse.Namespace) -> dict:

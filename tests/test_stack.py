@@ -1,0 +1,271 @@
+"""``arbiter up`` supervised, with real processes: killed components come back
+on their ports while the rest keep running, restarts are counted and logged,
+the restart budget stops the stack; the durable local broker keeps records and
+committed offsets through kill -9 (of Tansu and of its object store) and a
+restart from its data directory; a following policy replica says SERVING only
+once it serves the newest published version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import BackgroundServer, drain, wait_until
+from lm_fixtures import perturbed
+from prometheus_client import CollectorRegistry
+
+from arbiter.hf import weights_sha256
+from arbiter.net import free_port
+from arbiter.stream import StreamConsumer, StreamProducer, ensure_topics, topics
+from arbiter.stream.broker import LocalBroker
+from arbiter.v1 import rollout_pb2
+from services.policy.client import PolicyClient
+from services.policy.server import create_server
+from services.policy.settings import PolicySettings
+from services.reference.server import create_server as create_reference_server
+from services.reference.settings import ReferenceSettings
+from services.stack import (BrokerComponent, ManagedProcess, Stack, StackConfig, StackError, Supervisor, cli_argv,
+                            service_args, stack_env, worker_args)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def health(target: str) -> int | None:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return None
+
+
+def restarts(registry: CollectorRegistry, component: str) -> float:
+    return registry.get_sample_value("arbiter_stack_restarts_total", {"component": component})
+
+
+def supervision(**overrides) -> StackConfig:
+    """Supervision settings only (the model paths are checked but unused)."""
+    here = str(Path(__file__))
+    return StackConfig(policy_model=here, reward_model=here, prompts_file=here, **overrides)
+
+
+# -- arbiter up's supervision of real components --------------------------------
+
+
+def test_killed_components_restart_and_the_budget_stops_the_stack(tiny_models, kafka_settings, tmp_path, caplog):
+    """The reward service and a worker run as ``arbiter up`` runs them (same
+    flags, environment and supervisor); policy and reference are in-process
+    servers here, so the test pays for two process start-ups, not five."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say:", "Now:", "Hello", "Go on")))
+    config = StackConfig(
+        policy_model=str(tiny_models["policy"]), reward_model=str(tiny_models["reward"]), prompts_file=str(prompts),
+        topic_prefix=kafka_settings.topic_prefix, worker={"samples_per_prompt": 2, "max_new_tokens": 2},
+        # One restart per component: the second death of one ends the stack.
+        restart_budget=1, restart_window_s=300, restart_backoff_s=0.2,
+    )
+    ensure_topics(kafka_settings, dict(topics.DEFAULT_PARTITIONS))
+    env = stack_env(config, ",".join(kafka_settings.bootstrap_servers))
+    caplog.set_level(logging.INFO, logger="services.stack")
+    policy = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, grace_seconds=0.5)
+    reference = ReferenceSettings(model_dir=str(tiny_models["policy"]), port=0, grace_seconds=0.5)
+    with BackgroundServer(lambda: create_server(policy)) as policy_server, \
+            BackgroundServer(lambda: create_reference_server(reference)) as reference_server:
+        targets = {"policy": policy_server.target, "reference": reference_server.target,
+                   "reward": f"127.0.0.1:{free_port()}"}
+        reward = ManagedProcess(
+            "reward", cli_argv(service_args(config, "reward", tiny_models["reward"], int(targets["reward"].split(":")[1]),
+                                            None)),
+            tmp_path / "reward.log", env, always=True)
+        worker = ManagedProcess("worker-0", cli_argv(worker_args(config, 0, targets, None)), tmp_path / "worker-0.log",
+                                env, always=False)
+        registry = CollectorRegistry()
+        components = [reward, worker]
+        supervisor = None
+        try:
+            reward.start()
+            wait_until(lambda: health(targets["reward"]) == SERVING, 120, "the reward service")
+            worker.start()
+            with StreamConsumer(kafka_settings, [topics.ROLLOUTS], None) as rollouts:
+                drain(rollouts, 1, 120, idle_polls=0)  # the worker works
+                supervisor = Supervisor(components, config, registry).start()
+                first = {"reward": reward.proc.pid, "worker-0": worker.proc.pid}
+                os.kill(first["worker-0"], signal.SIGKILL)
+                os.kill(first["reward"], signal.SIGKILL)
+                wait_until(lambda: restarts(registry, "worker-0") == 1 and restarts(registry, "reward") == 1, 30,
+                           "the worker and the reward service to be restarted")
+                assert (reward.proc.pid, worker.proc.pid) != (first["reward"], first["worker-0"])
+                # Back on the same port, and the restarted worker produces again.
+                wait_until(lambda: health(targets["reward"]) == SERVING, 120, "the restarted reward service")
+                before = rollouts.stats().records
+                drain(rollouts, 1, 120, idle_polls=0)
+                assert rollouts.stats().records > before
+            assert supervisor.failure is None
+            assert registry.get_sample_value("arbiter_stack_component_up", {"component": "reward"}) == 1
+
+            # A second death of the reward service exceeds its budget: the supervisor gives up.
+            os.kill(reward.proc.pid, signal.SIGKILL)
+            wait_until(lambda: supervisor.failure, 30, "the supervisor to give up")
+            message = str(supervisor.failure)
+            assert message.startswith("reward was killed by signal 9 (SIGKILL) and was already restarted 1 times "
+                                      "within 300s (restart_budget 1): giving up")
+            assert restarts(registry, "reward") == 1
+            assert registry.get_sample_value("arbiter_stack_component_up", {"component": "reward"}) == 0
+        finally:
+            if supervisor is not None:
+                supervisor.stop()
+            for component in components:
+                component.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "worker-0 was killed by signal 9 (SIGKILL): restart 1 of 1 allowed within 300s, in 0.2s" in messages
+
+
+def test_stack_check_alive_raises_what_the_supervisor_gave_up_on(tmp_path):
+    stack = Stack(supervision(workdir=str(tmp_path), restart_budget=0, metrics_ports={"stack": 0}))
+    stack.processes.append(python("raise SystemExit(2)", tmp_path, "trainer", always=False))
+    stack._supervise()
+    try:
+        with pytest.raises(StackError, match="trainer exited with status 2 and was already restarted 0 times"):
+            wait_until(lambda: stack.check_alive(), 30, "the stack to give up")
+        url = f"http://127.0.0.1:{stack.metrics_ports['stack']}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert 'arbiter_stack_restarts_total{component="trainer"} 0.0' in text
+        assert 'arbiter_stack_component_up{component="trainer"} 0.0' in text
+    finally:
+        stack.stop()
+
+
+# -- the supervisor's rules, on tiny real processes ---------------------------------
+
+
+def python(code: str, tmp_path: Path, name: str, *, always: bool) -> ManagedProcess:
+    process = ManagedProcess(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", dict(os.environ),
+                             always=always)
+    process.start()
+    return process
+
+
+def test_backoff_doubles_exit_zero_ends_a_job_and_the_budget_names_the_component(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="services.stack")
+    crasher = python("print('bad config'); raise SystemExit(3)", tmp_path, "crasher", always=True)
+    job = python("pass", tmp_path, "job", always=False)
+    registry = CollectorRegistry()
+    config = supervision(restart_budget=3, restart_window_s=300, restart_backoff_s=0.1, restart_backoff_max_s=0.3)
+    supervisor = Supervisor([crasher, job], config, registry).start()
+    try:
+        wait_until(lambda: supervisor.failure, 30, "the crasher to exhaust its budget")
+    finally:
+        supervisor.stop()
+    # Three restarts (delays 0.1, 0.2, then capped at 0.3), the fourth death ends it.
+    assert restarts(registry, "crasher") == 3
+    assert restarts(registry, "job") == 0
+    delays = [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records
+              if r.levelno == logging.WARNING and r.getMessage().startswith("crasher exited")]
+    assert delays == ["0.1s", "0.2s", "0.3s"]
+    message = str(supervisor.failure)
+    assert message.startswith("crasher exited with status 3 and was already restarted 3 times within 300s")
+    assert "bad config" in message  # the log tail
+    assert "job finished (exit status 0): not restarted" in [r.getMessage() for r in caplog.records]
+
+
+def test_supervision_settings_are_checked():
+    for overrides, fragment in (
+        ({"broker_storage": "disk"}, "broker_storage='disk' is invalid: must be one of s3, memory"),
+        ({"restart_budget": -1}, "restart_budget=-1 is invalid"),
+        ({"restart_backoff_s": 2.0, "restart_backoff_max_s": 1.0}, "restart_backoff_max_s=1.0 is invalid"),
+    ):
+        with pytest.raises(StackError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            supervision(**overrides)
+
+
+# -- the durable local broker ------------------------------------------------------
+
+
+def prompt(i: int) -> rollout_pb2.PromptRecord:
+    return rollout_pb2.PromptRecord(prompt_id=f"p{i}", text=f"prompt {i}")
+
+
+def ids(records) -> list[str]:
+    return [r.message.prompt_id for r in records]
+
+
+def test_durable_broker_keeps_records_and_offsets_through_kill9_and_restart(tmp_path):
+    data = tmp_path / "broker"
+    broker = LocalBroker(log_path=tmp_path / "broker.log", storage="s3", data_dir=data).start()
+    registry = CollectorRegistry()
+    supervisor = None
+    try:
+        settings = broker.settings(topic_prefix="durable.", session_timeout_ms=2000, client_id="durable-test")
+        ensure_topics(settings, {topics.PROMPTS: 4})
+        with StreamProducer(settings) as producer:
+            for i in range(40):
+                producer.send(topics.PROMPTS, prompt(i))
+            producer.flush()
+        with StreamConsumer(settings, [topics.PROMPTS], "g") as consumer:
+            first = drain(consumer, 40, idle_polls=0)
+            # Commit part of each partition: up to (and including) its 5th record.
+            offsets = {}
+            for record in first:
+                if record.offset < 5:
+                    offsets[record.topic_partition] = max(offsets.get(record.topic_partition, 0), record.offset + 1)
+            consumer.commit(offsets)
+        expected_rest = sorted(r.message.prompt_id for r in first if r.offset >= offsets[r.topic_partition])
+
+        supervisor = Supervisor([BrokerComponent(broker, lambda: None)],
+                                supervision(restart_budget=5, restart_backoff_s=0.1), registry).start()
+        os.kill(broker.pid, signal.SIGKILL)
+        wait_until(lambda: restarts(registry, "broker") == 1 and broker.running(), 60, "Tansu to be restarted")
+        os.kill(broker.store.pid, signal.SIGKILL)
+        wait_until(lambda: restarts(registry, "broker") == 2 and broker.running(), 60, "the object store to be restarted")
+
+        with StreamConsumer(settings, [topics.PROMPTS], "g") as consumer:
+            rest = drain(consumer, len(expected_rest))
+        assert sorted(ids(rest)) == expected_rest
+        supervisor.stop()
+        broker.stop()
+
+        # A stack restart: a new broker on the same data directory.
+        broker = LocalBroker(log_path=tmp_path / "broker2.log", storage="s3", data_dir=data).start()
+        settings = broker.settings(topic_prefix="durable.", session_timeout_ms=2000, client_id="durable-test")
+        with StreamConsumer(settings, [topics.PROMPTS], "g") as consumer:
+            assert consumer.committed(offsets) == offsets
+        with StreamConsumer(settings, [topics.PROMPTS], "h") as consumer:
+            everything = drain(consumer, 40)
+        assert sorted(ids(everything)) == sorted(f"p{i}" for i in range(40))
+        assert len({r.partition for r in everything}) == 4
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        broker.stop()
+
+
+# -- readiness -------------------------------------------------------------------
+
+
+def test_following_replica_is_not_serving_until_it_serves_the_newest_version(tiny_models, kafka_settings, tmp_path):
+    v1 = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
+    ensure_topics(kafka_settings, {topics.POLICY_UPDATES: 1})
+    update = rollout_pb2.PolicyUpdate(policy_version="v1", checkpoint_path=str(v1), training_step=1,
+                                      parent_version="v0", weights_sha256=weights_sha256(v1))
+    with StreamProducer(kafka_settings) as producer:
+        producer.send(topics.POLICY_UPDATES, update)
+        producer.flush()
+    # A replica (re)started after v1 was published, from the base weights v0.
+    settings = PolicySettings(
+        model_dir=str(tiny_models["policy"]), port=0, follow_updates=True, replica_id="late", kafka=kafka_settings,
+        grace_seconds=1.0,
+    )
+    with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
+        # Loaded and answering on v0, but not ready: joining the replica's
+        # group alone takes the broker seconds.
+        assert client.info().version == "v0"
+        assert health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        wait_until(lambda: health(server.target) == SERVING, 60, "the replica to become ready")
+        assert client.info().version == "v1"
