@@ -22,13 +22,14 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from arbiter.config import flag, require
 from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
+from arbiter.limits import TOKENIZER_THREADS, TextLimits, message_texts, utf8_size
 from arbiter.lm import check_compatible
 from arbiter.policy.model import GenerationRun, PolicyModel
 from arbiter.policy.types import (
@@ -62,6 +63,9 @@ class GenerationLimits:
     max_new_tokens: int = field(default=1024, metadata=flag(help="limit on sampling.max_new_tokens"))
     default_max_new_tokens: int = field(default=64, metadata=flag(help="sampling.max_new_tokens when unset"))
     max_stop_strings: int = field(default=8, metadata=flag(help="limit on sampling.stop"))
+    max_stop_bytes: int = field(default=1024, metadata=flag(help="bytes of one stop string"))
+    # Bytes of text per prompt and per request (prompts and stop strings), checked before tokenizing.
+    text: TextLimits = TextLimits()
     # Generations running at once (each holds a KV cache); more wait their turn.
     max_concurrent_generations: int = field(default=8, metadata=flag(help="generations decoding at once"))
 
@@ -72,6 +76,7 @@ class GenerationLimits:
         ):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0", self.max_stop_strings)
+        require(self.max_stop_bytes >= 1, "max_stop_bytes", "must be >= 1", self.max_stop_bytes)
         require(self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                 f"must be <= max_new_tokens ({self.max_new_tokens})", self.default_max_new_tokens)
 
@@ -105,6 +110,7 @@ class PolicyEngine:
             executor=executor, loader=loader,
         )
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="policy-tokenize")
         self._active_generations = 0
         self._closed = False
 
@@ -147,10 +153,15 @@ class PolicyEngine:
         for i, stop in enumerate(params.stop):
             if not stop:
                 raise InvalidInput(f"sampling.stop[{i}]", "is empty; every stop string needs at least one character")
+            if (size := utf8_size(stop, cfg.max_stop_bytes)) > cfg.max_stop_bytes:
+                raise LimitExceeded(
+                    f"sampling.stop[{i}]: is at least {size} bytes, over the limit of {cfg.max_stop_bytes} "
+                    "per stop string (max_stop_bytes)"
+                )
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return ResolvedSampling(max_new, float(params.temperature), float(top_p), params.top_k, n, params.stop, seed)
 
-    def _prepare(
+    async def _prepare(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str
     ) -> GenerationRun:
         if self._closed:
@@ -171,7 +182,17 @@ class PolicyEngine:
             )
         # The version is fixed here, for the whole generation.
         model = self.models.get(model_version).model
-        ids = model.encode(prompts, resolved.max_new_tokens, field)
+        budget = self.config.limits.text.budget(model.info.max_tokens)
+        for i, prompt in enumerate(prompts):
+            where = f"{field}[{i}]" if field == "prompts" else field
+            budget.add(where, message_texts(prompt.messages) if prompt.is_chat else [prompt.text])
+            budget.add(f"{where}.id", [prompt.id], tokenized=False)
+        for i, stop in enumerate(resolved.stop):
+            budget.add(f"sampling.stop[{i}]", [stop], tokenized=False)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(
+            self._tokenizers, model.encode, prompts, resolved.max_new_tokens, field
+        )
         return model.start(ids, resolved, [p.id for p in prompts])
 
     async def _steps(self, run: GenerationRun) -> AsyncIterator[list[TokenEvent]]:
@@ -194,7 +215,7 @@ class PolicyEngine:
     async def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = ""
     ) -> GenerateResult:
-        run = self._prepare(prompts, params, model_version, "prompts")
+        run = await self._prepare(prompts, params, model_version, "prompts")
         async for _ in self._steps(run):
             pass
         info = run.policy.info
@@ -205,9 +226,10 @@ class PolicyEngine:
     ) -> tuple[GenerationRun, AsyncIterator[list[TokenEvent]]]:
         """Validates first (so errors surface before any token), then returns
         the run and its token events, one list per decoding step."""
-        run = self._prepare([prompt], params, model_version, "prompt")
+        run = await self._prepare([prompt], params, model_version, "prompt")
         return run, self._steps(run)
 
     async def close(self) -> None:
         """New requests are refused; running generations finish (the server's grace period bounds them)."""
         self._closed = True
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)

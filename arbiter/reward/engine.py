@@ -11,7 +11,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +19,8 @@ from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
-from arbiter.reward.model import RewardModel
+from arbiter.limits import TOKENIZER_THREADS, TextLimits, message_texts
+from arbiter.reward.model import EncodedInput, RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class RewardObserver(BatchObserver, Protocol):
 @dataclass(frozen=True)
 class RewardEngineConfig(EngineConfig):
     max_items_per_request: int = 256
+    # Bytes of text per item and per request, checked before tokenizing.
+    text: TextLimits = TextLimits()
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
@@ -61,6 +64,7 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._shadow: tuple[str, float] | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_rng = random.Random(0)
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reward-tokenize")
 
     # -- version hooks (arbiter.kernel) ------------------------------------
 
@@ -116,7 +120,11 @@ class RewardEngine(BackendEngine, VersionObserver):
                 f"model version {info.version!r} ships no normalization statistics; request raw scores "
                 "(options.normalize=false) or load a version with statistics in arbiter.json"
             )
-        encoded = entry.model.encode(inputs, options.truncation)
+        budget = self.config.text.budget(info.max_tokens)
+        for i, item in enumerate(inputs):
+            budget.add(f"inputs[{i}]", _texts(item))
+            budget.add(f"inputs[{i}].id", [item.id], tokenized=False)
+        encoded = await self._encode(entry.model, inputs, options)
         raw = await entry.run([e.token_ids for e in encoded])
         self._observer.on_scores(info.version, raw)
         self._maybe_shadow(info.version, inputs, options, raw)
@@ -145,6 +153,11 @@ class RewardEngine(BackendEngine, VersionObserver):
         for field, response in (("response_a", response_a), ("response_b", response_b)):
             if not response.strip():
                 raise InvalidInput(field, "is empty; there is nothing to compare")
+        # Named by this request's fields before score() names its two items.
+        budget = self.config.text.budget(self.models.get(options.model_version).model.info.max_tokens)
+        context = message_texts(messages) if messages is not None else [prompt]
+        for field, response in (("response_a", response_a), ("response_b", response_b)):
+            budget.add(field, [*context, response])
         if messages is not None:
             pair = [
                 RewardInput(messages=(*messages, ChatMessage("assistant", r)), id=label)
@@ -169,7 +182,7 @@ class RewardEngine(BackendEngine, VersionObserver):
         try:
             entry = self.models.get(candidate)
             # The candidate may tokenize differently: encode with its own tokenizer.
-            encoded = entry.model.encode(inputs, options.truncation)
+            encoded = await self._encode(entry.model, inputs, options)
             shadow_raw = await entry.run([e.token_ids for e in encoded])
         except asyncio.CancelledError:
             raise
@@ -180,10 +193,22 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._observer.on_scores(candidate, shadow_raw)
         self._observer.on_shadow(active, candidate, raw, shadow_raw)
 
+    async def _encode(self, model: RewardModel, inputs: Sequence[RewardInput], options: ScoreOptions
+                      ) -> list[EncodedInput]:
+        """Rendering and tokenizing on the tokenizer threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizers, model.encode, inputs, options.truncation)
+
     async def close(self) -> None:
         for task in list(self._shadow_tasks):
             task.cancel()
         await super().close()
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+
+def _texts(item: RewardInput) -> list[str]:
+    """What of an item is rendered and tokenized."""
+    return message_texts(item.messages) if item.messages is not None else [item.prompt, item.response]
 
 
 def _sigmoid(x: float) -> float:

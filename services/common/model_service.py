@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from arbiter.errors import InvalidInput
+from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.kernel import ModelKernel
 from arbiter.v1 import common_pb2, common_pb2_grpc
 from services.common.convert import model_info_to_pb
@@ -30,7 +30,10 @@ class ModelServicer(Servicer, common_pb2_grpc.ModelServiceServicer):
         if not request.path:
             raise InvalidInput("path", "is empty; give the checkpoint directory to load")
         started = time.perf_counter()
-        info = await self.engine.load_version(request.path, request.version, request.activate)
+        try:
+            info = await self.engine.load_version(request.path, request.version, request.activate)
+        except OSError as err:  # e.g. ENAMETOOLONG: a path the filesystem refuses is the caller's to fix
+            raise ModelLoadError(f"path: cannot read the checkpoint: {err.strerror or err}") from err
         return common_pb2.LoadModelVersionResponse(
             info=model_info_to_pb(info), load_seconds=time.perf_counter() - started
         )

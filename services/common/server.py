@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from services.common.handlers import DecodeGuard
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ async def start_server(
     metrics: Any = None,
 ) -> RunningServer:
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    # Innermost, so even a refused caller's undecodable body raises nothing.
+    interceptors.append(DecodeGuard())
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -21,6 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from arbiter.errors import BackendUnavailable, FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.limits import TextBudget
 from arbiter.stream import KafkaSettings, StreamError, StreamProducer, TopicError, topics
 from arbiter.v1 import reward_pb2, rollout_pb2
 
@@ -38,9 +39,31 @@ def _require_text(value: str, field: str, what: str) -> None:
         raise InvalidInput(field, f"is empty; {what}")
 
 
-def preference_from_request(request: reward_pb2.SubmitPreferenceRequest) -> rollout_pb2.Preference:
+def _check_sizes(request: reward_pb2.SubmitPreferenceRequest, budget: TextBudget) -> None:
+    """Each response with its context is what RM training will tokenize: an
+    item of the reward service's size (``TextBudget``)."""
+    if request.WhichOneof("context") == "conversation":
+        context = [part for m in request.conversation.messages for part in (m.role, m.content)]
+    else:
+        context = [request.prompt]
+    if request.ranked_responses:
+        responses = [(f"ranked_responses[{i}]", r) for i, r in enumerate(request.ranked_responses)]
+    else:
+        responses = [("chosen", request.chosen), ("rejected", request.rejected)]
+    for field, response in responses:
+        budget.add(field, [*context, response])
+    for i, version in enumerate(request.policy_versions):
+        budget.add(f"policy_versions[{i}]", [version], tokenized=False)
+
+
+def preference_from_request(
+    request: reward_pb2.SubmitPreferenceRequest, budget: TextBudget | None = None
+) -> rollout_pb2.Preference:
     """Validate a request and build its Preference payload (schema version is
-    stamped by the codec; created_at and the id are set here)."""
+    stamped by the codec; created_at and the id are set here). ``budget``:
+    the text limits, checked first."""
+    if budget is not None:
+        _check_sizes(request, budget)
     preference = rollout_pb2.Preference()
     context = request.WhichOneof("context")
     if context is None:
@@ -143,8 +166,10 @@ class PreferenceFeedback:
         loop = asyncio.get_running_loop()
         loop.run_in_executor(self._executor, _close_quietly, producer)
 
-    async def submit(self, request: reward_pb2.SubmitPreferenceRequest) -> reward_pb2.SubmitPreferenceResponse:
-        preference = preference_from_request(request)
+    async def submit(
+        self, request: reward_pb2.SubmitPreferenceRequest, budget: TextBudget | None = None
+    ) -> reward_pb2.SubmitPreferenceResponse:
+        preference = preference_from_request(request, budget)
         if self.kafka is None:
             raise FailedPrecondition(
                 "this reward service has no Kafka settings, so it cannot record preferences; start it with "

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from arbiter.config import flag, require
 from arbiter.drift import DriftConfig
+from arbiter.limits import MiB, TextLimits
 from arbiter.reward.engine import RewardEngineConfig
 from arbiter.stream import KafkaSettings
 from services.common.settings import BatchedModelServerSettings
@@ -14,8 +15,15 @@ class RewardSettings(BatchedModelServerSettings):
     model_dir: str = field(default="", metadata=flag(
         "--model", help="Hugging Face reward-model directory (num_labels=1); with --backend triton, REPO/NAME/N"))
     max_items_per_request: int = field(default=256, metadata=flag(help="items in one Score request"))
+    # Text bytes per item and per request, checked before tokenizing.
+    text: TextLimits = TextLimits()
+    # Requests are text (max_request_bytes of it, plus framing) and responses
+    # a few numbers per item: gRPC refuses a bigger message before it is
+    # parsed (RESOURCE_EXHAUSTED), instead of the 64 MiB every server takes.
+    max_message_bytes: int = 20 * MiB
     # Requests of one ScoreStream processed concurrently; more wait (backpressure).
     stream_max_in_flight: int = field(default=64, metadata=flag(help="ScoreStream messages scored at once"))
+    stream_max_messages: int = field(default=0, metadata=flag(help="messages in one ScoreStream (0: no limit)"))
     # Reward drift monitoring of served scores, per version.
     drift: DriftConfig = DriftConfig()
     # SubmitPreference appends human preferences to the preferences topic
@@ -28,6 +36,10 @@ class RewardSettings(BatchedModelServerSettings):
                 self.kafka)
         require(self.max_items_per_request >= 1, "max_items_per_request", "must be >= 1", self.max_items_per_request)
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
+        require(self.stream_max_messages >= 0, "stream_max_messages", "must be >= 0 (0: no limit)",
+                self.stream_max_messages)
+        self.text.require_within(self.max_message_bytes)
 
     def engine_config(self) -> RewardEngineConfig:
-        return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request)
+        return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request,
+                                  text=self.text)
