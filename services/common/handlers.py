@@ -167,14 +167,24 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     """Installed on every server (``services.common.server``): requests that
     do not parse answer INVALID_ARGUMENT, logged at debug level only."""
 
+    def __init__(self) -> None:
+        # A method's handler is the same object on every call: guard it once.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        cached = self._guarded.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary")
         behavior = getattr(handler, kind)
         changes: dict[str, Any] = {"request_deserializer": _tolerant(handler.request_deserializer)}
         if not getattr(behavior, "takes_undecodable", False):
             changes[kind] = _guarded(behavior)
-        return handler._replace(**changes)
+        guarded = handler._replace(**changes)
+        # Bounded: only methods the server has (an unknown one has no handler).
+        self._guarded[details.method] = (handler, guarded)
+        return guarded
