@@ -116,7 +116,7 @@ def test_bad_preferences_are_invalid_argument_naming_the_field(tiny_models, kafk
         over_item = reward_pb2.SubmitPreferenceRequest(prompt="p" * (2 * MiB), chosen="a", rejected="b" * (2 * MiB + 1),
                                                        annotator_id="x")
         expect_error(lambda: stub.SubmitPreference(over_item, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     f"rejected: is at least {4 * MiB + 1} bytes of text, over the limit of {4 * MiB} per item")
+                     f"prompt + rejected: is at least {4 * MiB + 1} bytes of text, over the limit of {4 * MiB} per item")
     assert read_all(kafka, 1, timeout_s=2) == []  # nothing invalid was produced
 
 

@@ -312,7 +312,7 @@ def test_text_over_the_item_limit_is_refused_before_tokenizing(stub, reference):
     chat = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "u" * 4000), ("assistant", "a" * 4183)])])
     expect_error(lambda: stub.Score(chat, timeout=10), exhausted, "inputs[0]: is at least 8196 bytes")
     compare = reward_pb2.CompareRequest(prompt="p", response_a=" fine", response_b="b" * 8192)
-    expect_error(lambda: stub.Compare(compare, timeout=10), exhausted, "response_b: is at least 8193 bytes")
+    expect_error(lambda: stub.Compare(compare, timeout=10), exhausted, "prompt + response_b: is at least 8193 bytes")
     stream = [reward_pb2.ScoreStreamRequest(correlation_id="big", inputs=[text_input("q", "x" * 8192)]),
               reward_pb2.ScoreStreamRequest(correlation_id="ok", inputs=[text_input(*PROMPTS[0])])]
     answers = {r.correlation_id: r for r in stub.ScoreStream(iter(stream), timeout=30)}

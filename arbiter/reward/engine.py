@@ -153,11 +153,12 @@ class RewardEngine(BackendEngine, VersionObserver):
         for field, response in (("response_a", response_a), ("response_b", response_b)):
             if not response.strip():
                 raise InvalidInput(field, "is empty; there is nothing to compare")
-        # Named by this request's fields before score() names its two items.
+        # Named by this request's fields before score() names its two items:
+        # each item is the context with one response.
         budget = self.config.text.budget(self.models.get(options.model_version).model.info.max_tokens)
-        context = message_texts(messages) if messages is not None else [prompt]
+        context, where = (message_texts(messages), "conversation") if messages is not None else ([prompt], "prompt")
         for field, response in (("response_a", response_a), ("response_b", response_b)):
-            budget.add(field, [*context, response])
+            budget.add(f"{where} + {field}", [*context, response])
         if messages is not None:
             pair = [
                 RewardInput(messages=(*messages, ChatMessage("assistant", r)), id=label)

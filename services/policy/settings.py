@@ -26,7 +26,8 @@ class PolicySettings(ModelServerSettings):
     # Requests are text (limits.text.max_request_bytes of it); responses echo
     # prompt token ids, so 256 rows of 32k-token prompts (~24 MiB) still fit.
     # gRPC refuses a bigger message before it is parsed (RESOURCE_EXHAUSTED).
-    max_message_bytes: int = 32 * MiB
+    max_message_bytes: int = field(default=32 * MiB, metadata=flag(
+        help="largest gRPC message either way; a bigger request is refused before it is parsed (RESOURCE_EXHAUSTED)"))
     # Follow the policy-updates topic: load and activate each new version.
     follow_updates: bool = field(default=False, metadata=flag(
         help="load and activate each new version published on the policy-updates topic (needs --kafka-*)"))

@@ -43,15 +43,15 @@ def _check_sizes(request: reward_pb2.SubmitPreferenceRequest, budget: TextBudget
     """Each response with its context is what RM training will tokenize: an
     item of the reward service's size (``TextBudget``)."""
     if request.WhichOneof("context") == "conversation":
-        context = [part for m in request.conversation.messages for part in (m.role, m.content)]
+        context, where = [part for m in request.conversation.messages for part in (m.role, m.content)], "conversation"
     else:
-        context = [request.prompt]
+        context, where = [request.prompt], "prompt"
     if request.ranked_responses:
         responses = [(f"ranked_responses[{i}]", r) for i, r in enumerate(request.ranked_responses)]
     else:
         responses = [("chosen", request.chosen), ("rejected", request.rejected)]
     for field, response in responses:
-        budget.add(field, [*context, response])
+        budget.add(f"{where} + {field}", [*context, response])
     for i, version in enumerate(request.policy_versions):
         budget.add(f"policy_versions[{i}]", [version], tokenized=False)
 

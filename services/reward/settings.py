@@ -19,8 +19,9 @@ class RewardSettings(BatchedModelServerSettings):
     text: TextLimits = TextLimits()
     # Requests are text (max_request_bytes of it, plus framing) and responses
     # a few numbers per item: gRPC refuses a bigger message before it is
-    # parsed (RESOURCE_EXHAUSTED), instead of the 64 MiB every server takes.
-    max_message_bytes: int = 20 * MiB
+    # parsed (RESOURCE_EXHAUSTED); other servers take 64 MiB.
+    max_message_bytes: int = field(default=20 * MiB, metadata=flag(
+        help="largest gRPC message either way; a bigger request is refused before it is parsed (RESOURCE_EXHAUSTED)"))
     # Requests of one ScoreStream processed concurrently; more wait (backpressure).
     stream_max_in_flight: int = field(default=64, metadata=flag(help="ScoreStream messages scored at once"))
     stream_max_messages: int = field(default=0, metadata=flag(help="messages in one ScoreStream (0: no limit)"))
