@@ -20,7 +20,7 @@ from lm_fixtures import (
     wrong_shapes,
 )
 
-from arbiter.limits import TextLimits
+from arbiter.limits import SizeLimits
 from arbiter.policy.engine import GenerationLimits
 from arbiter.policy.types import SamplingParams
 from arbiter.types import Prompt
@@ -260,18 +260,21 @@ def test_bad_prompts(client):
     )
 
 
-# The tiny policy's window is 256 tokens: by default a prompt may carry 256 x 32 = 8192 bytes of text.
+# Sizes are counted as sent (protobuf framing included), before anything is converted. The tiny
+# policy's window is 256 tokens: by default a prompt may be 256 x 32 = 8192 bytes. A PromptInput
+# with an n-byte text (128 <= n < 16384) is n + 3 bytes: tag, 2-byte length, text.
 
 
-def test_text_limits_are_checked_before_tokenizing(client):
+def test_sizes_are_checked_before_converting(client):
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-    expect_error(lambda: client.generate([PROMPTS[0], "x" * 8193]), exhausted,
-                 "prompts[1]: is at least 8193 bytes of text, over the limit of 8192 per item (max_item_bytes; "
+    expect_error(lambda: client.generate([PROMPTS[0], "x" * 8190]), exhausted,
+                 "prompts[1]: is 8193 bytes, over the limit of 8192 per item (max_item_bytes; "
                  "32 per token of the model's 256)")
-    expect_error(lambda: client.generate_stream("x" * 8193), exhausted, "prompt: is at least 8193 bytes")
-    # The role counts too: 4 + 8189 = 8193.
-    expect_error(lambda: client.generate([[{"role": "user", "content": "u" * 8189}]]), exhausted,
-                 "prompts[0]: is at least 8193 bytes")
+    expect_error(lambda: client.generate_stream("x" * 8190), exhausted, "prompt: is 8193 bytes")
+    # ChatMessage("user", 8178 x "u") = (2 + 4) + (3 + 8178) = 8187; Conversation = 3 + 8187;
+    # the PromptInput = 3 + 8190 = 8193.
+    expect_error(lambda: client.generate([[{"role": "user", "content": "u" * 8178}]]), exhausted,
+                 "prompts[0]: is 8193 bytes")
     expect_error(lambda: client.generate(PROMPTS, stop=["ok", "s" * 1025]), exhausted,
                  "sampling.stop[1]: is at least 1025 bytes, over the limit of 1024 per stop string (max_stop_bytes)")
 
@@ -279,16 +282,16 @@ def test_text_limits_are_checked_before_tokenizing(client):
 def test_request_limit_template_refusal_and_undecodable_bodies(policy_dir, tmp_path):
     strict = strict_chat_template(policy_dir, tmp_path / "strict", version="strict")
     settings = PolicySettings(model_dir=str(strict), port=0, limits=GenerationLimits(
-        max_new_tokens=4, default_max_new_tokens=4, text=TextLimits(max_item_bytes=100, max_request_bytes=250)))
+        max_new_tokens=4, default_max_new_tokens=4, sizes=SizeLimits(max_item_bytes=100, max_request_bytes=250)))
     with BackgroundServer(lambda: create_server(settings)) as srv, PolicyClient(srv.target) as client:
         exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-        prompt = "p" * 100
+        prompt = "p" * 98  # a 100-byte PromptInput: tag, length, text
         assert len(client.generate([prompt, prompt]).samples) == 2
+        # 3 x (2 + 100) + the empty SamplingParams the client sets (tag, length 0).
         expect_error(lambda: client.generate([prompt] * 3), exhausted,
-                     "prompts[2]: brings the request to at least 300 bytes of text, over the limit of 250 per request")
-        # Stop strings are text of the request too (100 + 100 + 60).
-        expect_error(lambda: client.generate([prompt] * 2, stop=["s" * 60]), exhausted,
-                     "sampling.stop[0]: brings the request to at least 260 bytes")
+                     "the request is 308 bytes, over the limit of 250 per request (max_request_bytes)")
+        # Stop strings are part of the request: SamplingParams(stop=[60 x "s"]) = 62 bytes, 64 in the request.
+        expect_error(lambda: client.generate([prompt] * 2, stop=["s" * 60]), exhausted, "the request is 268 bytes")
         # The template raises (jinja's raise_exception): the caller's mistake, named.
         alternating = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                        {"role": "user", "content": "and?"}]

@@ -237,6 +237,22 @@ def test_limits_and_unknown_versions(client):
                  "'nope' is not loaded")
 
 
+def test_lengths_are_checked_before_ids_are_copied(client):
+    # 20 million ids took 1.6 s of the event loop and 3 GB to copy before their length was checked.
+    # Now lengths are read as sent, before the engine sees the request: an over-long sequence is
+    # refused even ahead of a wrong fingerprint, which the engine checks first.
+    long = reference_pb2.LogProbsRequest(sequences=[seq(PROMPT, COMPLETION), seq([300] * 300, [1])],
+                                         tokenizer_fingerprint="0" * 64)
+    expect_error(lambda: client.reference.LogProbs(long), INVALID,
+                 "sequences[1]: is 301 tokens (prompt + completion), over the model's max of 256")
+    # KL: one log-prob per completion token, counted before they are copied.
+    kl = reference_pb2.KLRequest(inputs=[reference_pb2.KLInput(sequence=seq(PROMPT, COMPLETION),
+                                                               policy_logprobs=[-1.0] * 100_000)],
+                                 tokenizer_fingerprint="0" * 64)
+    expect_error(lambda: client.reference.KL(kl), INVALID,
+                 "inputs[0].policy_logprobs: has 100000 values for 4 completion tokens")
+
+
 # -- versions and operations ------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from arbiter.batching import BatchingConfig
 from arbiter.config import ConfigError
 from arbiter.hf import read_metadata, tokenizer_fingerprint
-from arbiter.limits import TextLimits
+from arbiter.limits import SizeLimits
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.reward.server import create_server
@@ -293,50 +293,62 @@ def test_unknown_truncation_value(stub, reference):
 
 
 # -- bounded work per request ---------------------------------------------------
-# The tiny RM's window is 256 tokens: by default an item may carry 256 x 32 = 8192 bytes of text.
+# Sizes are counted as sent (protobuf framing included), before anything is
+# converted. The tiny RM's window is 256 tokens: by default an item may be
+# 256 x 32 = 8192 bytes. A RewardInput with an empty prompt and an n-byte
+# response (128 <= n < 16378) is n + 6 bytes: TextPair = tag + 2-byte length + n,
+# RewardInput = tag + 2-byte length + TextPair.
 
 
-def test_text_over_the_item_limit_is_refused_before_tokenizing(stub, reference):
+def test_items_over_the_size_limit_are_refused_before_converting(stub, reference):
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-    over = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0]), text_input("q", "x" * 8192)])
+    over = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0]), text_input("", "x" * 8187)])
     expect_error(lambda: stub.Score(over, timeout=10), exhausted,
-                 "inputs[1]: is at least 8193 bytes of text, over the limit of 8192 per item (max_item_bytes; "
+                 "inputs[1]: is 8193 bytes, over the limit of 8192 per item (max_item_bytes; "
                  "32 per token of the model's 256)")
-    # Bytes, not characters: 4096 x "é" (2 bytes each) is at the limit, and then too many tokens.
-    at_limit = reward_pb2.ScoreRequest(inputs=[text_input("", "é" * 4096)])
+    # Bytes, not characters: 4093 x "é" (2 bytes each) is an item of exactly 8192 bytes, then too many tokens.
+    at_limit = reward_pb2.ScoreRequest(inputs=[text_input("", "é" * 4093)])
     expect_error(lambda: stub.Score(at_limit, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]: is",
                  "over the model's max of 256")
-    past = reward_pb2.ScoreRequest(inputs=[text_input("", "é" * 4097)])
-    expect_error(lambda: stub.Score(past, timeout=10), exhausted, "inputs[0]: is at least 8194 bytes")
-    # A conversation's roles count too: 4 + 4000 + 9 + 4183 = 8196.
-    chat = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "u" * 4000), ("assistant", "a" * 4183)])])
-    expect_error(lambda: stub.Score(chat, timeout=10), exhausted, "inputs[0]: is at least 8196 bytes")
+    past = reward_pb2.ScoreRequest(inputs=[text_input("", "é" * 4094)])
+    expect_error(lambda: stub.Score(past, timeout=10), exhausted, "inputs[0]: is 8194 bytes")
+    # A conversation's framing counts too. ChatMessage("user", 4000 x "u") = (2 + 4) + (3 + 4000) = 4009,
+    # 4012 in the Conversation; ("assistant", 4170 x "a") = (2 + 9) + (3 + 4170) = 4184, 4187 in it;
+    # Conversation = 8199; the RewardInput = 3 + 8199 = 8202.
+    chat = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "u" * 4000), ("assistant", "a" * 4170)])])
+    expect_error(lambda: stub.Score(chat, timeout=10), exhausted, "inputs[0]: is 8202 bytes")
+    # Compare's items are its context with each response: 1 + 8192 bytes.
     compare = reward_pb2.CompareRequest(prompt="p", response_a=" fine", response_b="b" * 8192)
-    expect_error(lambda: stub.Compare(compare, timeout=10), exhausted, "prompt + response_b: is at least 8193 bytes")
-    stream = [reward_pb2.ScoreStreamRequest(correlation_id="big", inputs=[text_input("q", "x" * 8192)]),
+    expect_error(lambda: stub.Compare(compare, timeout=10), exhausted, "prompt + response_b: is 8193 bytes")
+    stream = [reward_pb2.ScoreStreamRequest(correlation_id="big", inputs=[text_input("", "x" * 8187)]),
               reward_pb2.ScoreStreamRequest(correlation_id="ok", inputs=[text_input(*PROMPTS[0])])]
     answers = {r.correlation_id: r for r in stub.ScoreStream(iter(stream), timeout=30)}
-    assert answers["big"].error.code == exhausted.value[0] and "inputs[0]: is at least 8193" in answers["big"].error.message
+    assert answers["big"].error.code == exhausted.value[0] and "inputs[0]: is 8193 bytes" in answers["big"].error.message
     assert answers["ok"].results[0].score == pytest.approx(reference.score_text("".join(PROMPTS[0])), abs=1e-5)
+
+
+def test_counts_are_checked_before_items_are_converted(stub):
+    # 2.9 million one-character items (20 MB) took 7.5 s and 1.5 GB to convert before their count was
+    # checked. Now the count is read as sent: it is refused even ahead of the first item's own error,
+    # which converting would meet first.
+    request = reward_pb2.ScoreRequest(inputs=[reward_pb2.RewardInput()] + [text_input(*PROMPTS[0])] * 16)
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "17 inputs in one request, over the limit of 16")
 
 
 def test_request_and_stream_limits(tiny_models):
     settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, stream_max_messages=3,
-                              text=TextLimits(max_item_bytes=100, max_request_bytes=250))
+                              sizes=SizeLimits(max_item_bytes=100, max_request_bytes=250))
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-        item = text_input("q", " " + "w" * 98)  # 100 bytes: at the item limit
-        expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input("q", " " + "w" * 99)]), timeout=10),
-                     exhausted, "inputs[0]: is at least 101 bytes of text, over the limit of 100 per item (max_item_bytes)")
+        # TextPair("q", 93 bytes) = 3 + 95 = 98; the RewardInput 100: at the item limit; 102 in the request.
+        item = text_input("q", " " + "w" * 92)
+        expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input("q", " " + "w" * 93)]), timeout=10),
+                     exhausted, "inputs[0]: is 101 bytes, over the limit of 100 per item (max_item_bytes)")
         assert len(stub.Score(reward_pb2.ScoreRequest(inputs=[item, item]), timeout=10).results) == 2
         expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[item] * 3), timeout=10), exhausted,
-                     "inputs[2]: brings the request to at least 300 bytes of text, over the limit of 250 per request "
-                     "(max_request_bytes)")
-        # Ids are echoed, not tokenized: they count towards the request only (100 + 60 + 100).
-        tagged = text_input("q", " " + "w" * 98, item_id="i" * 60)
-        expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[tagged, item]), timeout=10), exhausted,
-                     "inputs[1]: brings the request to at least 260 bytes")
+                     "the request is 306 bytes, over the limit of 250 per request (max_request_bytes)")
         # The fourth message of a stream is one too many: the first three are answered, then the stream ends.
         messages = [reward_pb2.ScoreStreamRequest(correlation_id=f"m{i}", inputs=[item]) for i in range(4)]
         answered = []
@@ -598,9 +610,9 @@ def test_settings_errors_name_the_field(tiny_models):
         RewardSettings(model_dir=str(tiny_models["reward"]), port=70000)
     with pytest.raises(ConfigError, match="max_message_bytes=1048576 is invalid: must be > max_request_bytes"):
         RewardSettings(model_dir=str(tiny_models["reward"]), max_message_bytes=1024 * 1024,
-                       text=TextLimits(max_request_bytes=2 * 1024 * 1024))
+                       sizes=SizeLimits(max_request_bytes=2 * 1024 * 1024))
     with pytest.raises(ConfigError, match="max_item_bytes"):
-        RewardSettings(model_dir=str(tiny_models["reward"]), text=TextLimits(max_item_bytes=-1))
+        RewardSettings(model_dir=str(tiny_models["reward"]), sizes=SizeLimits(max_item_bytes=-1))
     with pytest.raises(ConfigError, match="max_queue_size"):
         RewardSettings(model_dir=str(tiny_models["reward"]), batching=BatchingConfig(max_batch_size=64, max_queue_size=8))
     with pytest.raises(ConfigError, match="model_dir"):

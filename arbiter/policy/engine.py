@@ -29,7 +29,7 @@ from typing import Protocol
 from arbiter.config import flag, require
 from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
-from arbiter.limits import TOKENIZER_THREADS, TextLimits, message_texts, utf8_size
+from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits, utf8_size
 from arbiter.lm import check_compatible
 from arbiter.policy.model import GenerationRun, PolicyModel
 from arbiter.policy.types import (
@@ -64,8 +64,9 @@ class GenerationLimits:
     default_max_new_tokens: int = field(default=64, metadata=flag(help="sampling.max_new_tokens when unset"))
     max_stop_strings: int = field(default=8, metadata=flag(help="limit on sampling.stop"))
     max_stop_bytes: int = field(default=1024, metadata=flag(help="bytes of one stop string"))
-    # Bytes of text per prompt and per request (prompts and stop strings), checked before tokenizing.
-    text: TextLimits = TextLimits()
+    # Bytes per prompt and per request as sent; the service checks them
+    # (``size_budget``) before converting a request.
+    sizes: SizeLimits = SizeLimits()
     # Generations running at once (each holds a KV cache); more wait their turn.
     max_concurrent_generations: int = field(default=8, metadata=flag(help="generations decoding at once"))
 
@@ -148,9 +149,16 @@ class PolicyEngine:
             raise InvalidInput(
                 "sampling.n", f"is {params.n}; allowed 1..{cfg.max_samples_per_prompt} samples per prompt"
             )
-        if len(params.stop) > cfg.max_stop_strings:
-            raise InvalidInput("sampling.stop", f"has {len(params.stop)} strings; at most {cfg.max_stop_strings}")
-        for i, stop in enumerate(params.stop):
+        self.check_stops(params.stop)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        return ResolvedSampling(max_new, float(params.temperature), float(top_p), params.top_k, n, params.stop, seed)
+
+    def check_stops(self, stops: Sequence[str]) -> None:
+        """Stop strings, as sent: a service checks them before converting a request."""
+        cfg = self.config.limits
+        if len(stops) > cfg.max_stop_strings:
+            raise InvalidInput("sampling.stop", f"has {len(stops)} strings; at most {cfg.max_stop_strings}")
+        for i, stop in enumerate(stops):
             if not stop:
                 raise InvalidInput(f"sampling.stop[{i}]", "is empty; every stop string needs at least one character")
             if (size := utf8_size(stop, cfg.max_stop_bytes)) > cfg.max_stop_bytes:
@@ -158,21 +166,27 @@ class PolicyEngine:
                     f"sampling.stop[{i}]: is at least {size} bytes, over the limit of {cfg.max_stop_bytes} "
                     "per stop string (max_stop_bytes)"
                 )
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        return ResolvedSampling(max_new, float(params.temperature), float(top_p), params.top_k, n, params.stop, seed)
+
+    def check_count(self, count: int, field: str = "prompts") -> None:
+        """A request's number of prompts: a service checks it before converting them."""
+        if not count:
+            raise InvalidInput(field, "is empty; send at least one prompt")
+        if count > self.config.limits.max_prompts_per_request:
+            raise LimitExceeded(
+                f"{count} prompts in one request, over the limit of "
+                f"{self.config.limits.max_prompts_per_request}; split the request"
+            )
+
+    def size_budget(self, model_version: str = "") -> SizeBudget:
+        """The size limits of a request to ``model_version`` (NOT_FOUND if not loaded)."""
+        return self.config.limits.sizes.budget(self.models.get(model_version).model.info.max_tokens)
 
     async def _prepare(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str
     ) -> GenerationRun:
         if self._closed:
             raise ShuttingDown("the server is stopping; retry on another replica")
-        if not prompts:
-            raise InvalidInput(field, "is empty; send at least one prompt")
-        if len(prompts) > self.config.limits.max_prompts_per_request:
-            raise LimitExceeded(
-                f"{len(prompts)} prompts in one request, over the limit of "
-                f"{self.config.limits.max_prompts_per_request}; split the request"
-            )
+        self.check_count(len(prompts), field)
         resolved = self.resolve(params)
         rows = len(prompts) * resolved.n
         if rows > self.config.limits.max_rows_per_request:
@@ -182,13 +196,6 @@ class PolicyEngine:
             )
         # The version is fixed here, for the whole generation.
         model = self.models.get(model_version).model
-        budget = self.config.limits.text.budget(model.info.max_tokens)
-        for i, prompt in enumerate(prompts):
-            where = f"{field}[{i}]" if field == "prompts" else field
-            budget.add(where, message_texts(prompt.messages) if prompt.is_chat else [prompt.text])
-            budget.add(f"{where}.id", [prompt.id], tokenized=False)
-        for i, stop in enumerate(resolved.stop):
-            budget.add(f"sampling.stop[{i}]", [stop], tokenized=False)
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(
             self._tokenizers, model.encode, prompts, resolved.max_new_tokens, field

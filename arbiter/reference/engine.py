@@ -66,6 +66,12 @@ def as_float32(values: Sequence[float]) -> list[float]:
     return array("f", values).tolist()
 
 
+def check_logprob_count(got: int, want: int, field: str) -> None:
+    """One policy log-prob per completion token (a service checks it before copying them)."""
+    if got != want:
+        raise InvalidInput(field, f"has {got} values for {want} completion tokens; send one log-prob per completion token")
+
+
 # The largest float32: per-token estimates travel as proto ``float``.
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -99,12 +105,16 @@ class ReferenceEngine(BackendEngine):
 
     # -- requests -------------------------------------------------------
 
-    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> LoadedVersion:
+    def check_count(self, count: int, field: str) -> None:
+        """A request's number of sequences: a service checks it before converting them."""
         if count == 0:
             raise InvalidInput(field, "is empty; send at least one sequence")
         limit = self.config.max_sequences_per_request
         if count > limit:
             raise LimitExceeded(f"{count} {field} in one request, over the limit of {limit}; split the request")
+
+    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> LoadedVersion:
+        self.check_count(count, field)
         entry = self.models.get(model_version)
         served = entry.model.info.tokenizer_fingerprint
         if fingerprint and fingerprint != served:
@@ -136,12 +146,8 @@ class ReferenceEngine(BackendEngine):
         entry = self._entry(len(inputs), "inputs", model_version, tokenizer_fingerprint)
         for i, item in enumerate(inputs):
             entry.model.check(item.sequence, f"inputs[{i}].sequence")
-            got, want = len(item.policy_logprobs), len(item.sequence.completion_token_ids)
-            if got != want:
-                raise InvalidInput(
-                    f"inputs[{i}].policy_logprobs",
-                    f"has {got} values for {want} completion tokens; send one log-prob per completion token",
-                )
+            check_logprob_count(len(item.policy_logprobs), len(item.sequence.completion_token_ids),
+                                f"inputs[{i}].policy_logprobs")
             for j, value in enumerate(item.policy_logprobs):
                 if not math.isfinite(value) or value > 1e-3:
                     raise InvalidInput(

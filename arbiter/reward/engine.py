@@ -19,7 +19,7 @@ from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
-from arbiter.limits import TOKENIZER_THREADS, TextLimits, message_texts
+from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits
 from arbiter.reward.model import EncodedInput, RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
@@ -44,8 +44,9 @@ class RewardObserver(BatchObserver, Protocol):
 @dataclass(frozen=True)
 class RewardEngineConfig(EngineConfig):
     max_items_per_request: int = 256
-    # Bytes of text per item and per request, checked before tokenizing.
-    text: TextLimits = TextLimits()
+    # Bytes per item and per request as sent; the service checks them
+    # (``size_budget``) before converting a request.
+    sizes: SizeLimits = SizeLimits()
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
@@ -107,12 +108,20 @@ class RewardEngine(BackendEngine, VersionObserver):
 
     # -- scoring --------------------------------------------------------
 
-    async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
-        if not inputs:
+    def check_count(self, count: int) -> None:
+        """A request's number of items: a service checks it before converting them."""
+        if not count:
             raise InvalidInput("inputs", "is empty; send at least one item")
         limit = self.config.max_items_per_request
-        if len(inputs) > limit:
-            raise LimitExceeded(f"{len(inputs)} inputs in one request, over the limit of {limit}; split the request")
+        if count > limit:
+            raise LimitExceeded(f"{count} inputs in one request, over the limit of {limit}; split the request")
+
+    def size_budget(self, model_version: str = "") -> SizeBudget:
+        """The size limits of a request to ``model_version`` (NOT_FOUND if not loaded)."""
+        return self.config.sizes.budget(self.models.get(model_version).model.info.max_tokens)
+
+    async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
+        self.check_count(len(inputs))
         entry = self.models.get(options.model_version)
         info = entry.model.info
         if options.normalize and info.normalization is None:
@@ -120,10 +129,6 @@ class RewardEngine(BackendEngine, VersionObserver):
                 f"model version {info.version!r} ships no normalization statistics; request raw scores "
                 "(options.normalize=false) or load a version with statistics in arbiter.json"
             )
-        budget = self.config.text.budget(info.max_tokens)
-        for i, item in enumerate(inputs):
-            budget.add(f"inputs[{i}]", _texts(item))
-            budget.add(f"inputs[{i}].id", [item.id], tokenized=False)
         encoded = await self._encode(entry.model, inputs, options)
         raw = await entry.run([e.token_ids for e in encoded])
         self._observer.on_scores(info.version, raw)
@@ -153,12 +158,6 @@ class RewardEngine(BackendEngine, VersionObserver):
         for field, response in (("response_a", response_a), ("response_b", response_b)):
             if not response.strip():
                 raise InvalidInput(field, "is empty; there is nothing to compare")
-        # Named by this request's fields before score() names its two items:
-        # each item is the context with one response.
-        budget = self.config.text.budget(self.models.get(options.model_version).model.info.max_tokens)
-        context, where = (message_texts(messages), "conversation") if messages is not None else ([prompt], "prompt")
-        for field, response in (("response_a", response_a), ("response_b", response_b)):
-            budget.add(f"{where} + {field}", [*context, response])
         if messages is not None:
             pair = [
                 RewardInput(messages=(*messages, ChatMessage("assistant", r)), id=label)
@@ -205,11 +204,6 @@ class RewardEngine(BackendEngine, VersionObserver):
             task.cancel()
         await super().close()
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
-
-
-def _texts(item: RewardInput) -> list[str]:
-    """What of an item is rendered and tokenized."""
-    return message_texts(item.messages) if item.messages is not None else [item.prompt, item.response]
 
 
 def _sigmoid(x: float) -> float:

@@ -23,7 +23,7 @@ class PolicySettings(ModelServerSettings):
     max_loaded_versions: int = field(default=2, metadata=flag(
         help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
     limits: GenerationLimits = GenerationLimits()
-    # Requests are text (limits.text.max_request_bytes of it); responses echo
+    # Requests are text (limits.sizes.max_request_bytes of it); responses echo
     # prompt token ids, so 256 rows of 32k-token prompts (~24 MiB) still fit.
     # gRPC refuses a bigger message before it is parsed (RESOURCE_EXHAUSTED).
     max_message_bytes: int = field(default=32 * MiB, metadata=flag(
@@ -46,7 +46,7 @@ class PolicySettings(ModelServerSettings):
             _REPLICA_ID_RE.match(self.replica_id) is not None, "replica_id",
             "may only use letters, digits, '.', '_' and '-' (1..100 characters)", self.replica_id,
         )
-        self.limits.text.require_within(self.max_message_bytes)
+        self.limits.sizes.require_within(self.max_message_bytes)
         require(self.backend.kind == "torch", "backend",
                 "policy generation runs in-process only (torch); Triton generation is not supported", self.backend.kind)
         if self.follow_updates:

@@ -6,11 +6,14 @@ import asyncio
 
 from arbiter.errors import LimitExceeded
 from arbiter.reward.engine import RewardEngine
+from arbiter.types import ScoreBatch
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.convert import messages_from_pb
 from services.common.errors import status_for
 from services.common.handlers import streaming, unary
 from services.reward.convert import (
+    check_input_sizes,
+    check_response_sizes,
     compare_response_to_pb,
     drift_response_to_pb,
     inputs_from_pb,
@@ -35,13 +38,20 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         # SubmitPreference (services/reward/feedback.py); None: no Kafka settings.
         self.feedback = feedback or PreferenceFeedback(None)
 
+    async def _score_checked(self, request) -> ScoreBatch:
+        """A Score or ScoreStream request, its sizes checked before its inputs are converted."""
+        self.engine.check_count(len(request.inputs))
+        check_input_sizes(self.engine.size_budget(request.options.model_version), request)
+        return await self.engine.score(inputs_from_pb(request.inputs), options_from_pb(request.options))
+
     @unary("Score")
     async def Score(self, request, context):
-        batch = await self.engine.score(inputs_from_pb(request.inputs), options_from_pb(request.options))
-        return score_response_to_pb(batch)
+        return score_response_to_pb(await self._score_checked(request))
 
     @unary("Compare")
     async def Compare(self, request, context):
+        check_response_sizes(self.engine.size_budget(request.options.model_version), request,
+                             [("response_a", request.response_a), ("response_b", request.response_b)])
         messages = messages_from_pb(request.conversation) if request.WhichOneof("context") == "conversation" else None
         probability, batch = await self.engine.compare(
             request.prompt, messages, request.response_a, request.response_b, options_from_pb(request.options)
@@ -63,7 +73,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     @unary("SubmitPreference")
     async def SubmitPreference(self, request, context):
-        return await self.feedback.submit(request, self.engine.config.text.budget(self.engine.info().max_tokens))
+        return await self.feedback.submit(request, self.engine.size_budget())
 
     @streaming("ScoreStream")
     async def ScoreStream(self, request_iterator, context):
@@ -73,13 +83,12 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         does not parse, or one past ``stream_max_messages``, ends the stream
         with its status once every earlier message is answered."""
         responses: asyncio.Queue[reward_pb2.ScoreStreamResponse | None] = asyncio.Queue()
-        slots = _InFlight(self.stream_max_in_flight, self.engine.config.text.max_request_bytes)
+        slots = _InFlight(self.stream_max_in_flight, self.engine.config.sizes.max_request_bytes)
         in_flight: set[asyncio.Task] = set()
 
         async def answer(request: reward_pb2.ScoreStreamRequest, size: int) -> None:
             try:
-                batch = await self.engine.score(inputs_from_pb(request.inputs), options_from_pb(request.options))
-                response = stream_response_to_pb(request.correlation_id, batch)
+                response = stream_response_to_pb(request.correlation_id, await self._score_checked(request))
             except Exception as err:  # one bad message must not end the stream
                 code, message = status_for(err)
                 response = reward_pb2.ScoreStreamResponse(

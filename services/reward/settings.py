@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from arbiter.config import flag, require
 from arbiter.drift import DriftConfig
-from arbiter.limits import MiB, TextLimits
+from arbiter.limits import MiB, SizeLimits
 from arbiter.reward.engine import RewardEngineConfig
 from arbiter.stream import KafkaSettings
 from services.common.settings import BatchedModelServerSettings
@@ -15,8 +15,8 @@ class RewardSettings(BatchedModelServerSettings):
     model_dir: str = field(default="", metadata=flag(
         "--model", help="Hugging Face reward-model directory (num_labels=1); with --backend triton, REPO/NAME/N"))
     max_items_per_request: int = field(default=256, metadata=flag(help="items in one Score request"))
-    # Text bytes per item and per request, checked before tokenizing.
-    text: TextLimits = TextLimits()
+    # Bytes per item and per request as sent, checked before converting a request.
+    sizes: SizeLimits = SizeLimits()
     # Requests are text (max_request_bytes of it, plus framing) and responses
     # a few numbers per item: gRPC refuses a bigger message before it is
     # parsed (RESOURCE_EXHAUSTED); other servers take 64 MiB.
@@ -39,8 +39,8 @@ class RewardSettings(BatchedModelServerSettings):
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
         require(self.stream_max_messages >= 0, "stream_max_messages", "must be >= 0 (0: no limit)",
                 self.stream_max_messages)
-        self.text.require_within(self.max_message_bytes)
+        self.sizes.require_within(self.max_message_bytes)
 
     def engine_config(self) -> RewardEngineConfig:
         return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request,
-                                  text=self.text)
+                                  sizes=self.sizes)
