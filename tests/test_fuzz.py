@@ -66,7 +66,8 @@ ALLOWED = {
     "KL": SCORING,
     "GetModelInfo": {OK, Code.NOT_FOUND},
     "ListModelVersions": {OK},
-    "LoadModelVersion": {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION},
+    # PERMISSION_DENIED: a path outside the server's model roots, where servers have them.
+    "LoadModelVersion": {Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.PERMISSION_DENIED},
     "ActivateModelVersion": {OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND},
     "UnloadModelVersion": {OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION},
     "Check": {OK, Code.NOT_FOUND},

@@ -447,8 +447,9 @@ def test_long_error_details_are_cut_to_fit_a_header(stub):
     assert len(details) < 1100
 
 
-def test_a_path_the_filesystem_refuses_is_failed_precondition(tmp_path, models_stub):
-    too_long = str(tmp_path / ("a" * 256))  # one component over NAME_MAX: ENAMETOOLONG
+def test_a_path_the_filesystem_refuses_is_failed_precondition(tiny_models, models_stub):
+    # Inside the served model's directory (where a server loads from), one component over NAME_MAX.
+    too_long = str(tiny_models["reward"] / ("a" * 256))
     expect_error(lambda: models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=too_long), timeout=30),
                  grpc.StatusCode.FAILED_PRECONDITION, "path: cannot read the checkpoint: File name too long")
 
