@@ -16,13 +16,19 @@ the sampled tokens only, never full distributions.
 
 :func:`kl_from_log_ratio` is written once for Python floats and tensors alike
 (anything with ``.expm1()``), so the service's per-token values and the
-trainer's (B, T) penalty are the same formulas.
+trainer's (B, T) penalty are the same formulas. Neither raises: an estimate
+beyond float64 is ``inf``, as IEEE arithmetic (and torch) gives it. Only k3
+grows that fast, e^-d once the policy's log-prob is far below the
+reference's: e^-d passes float32's range (3.4e38, the wire type of
+``KLResult.kl``) at d < -88.7 and float64's at d < -709.8. No rewriting keeps
+such a value finite, so the reference service refuses the token instead.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -49,8 +55,14 @@ def parse_estimator(estimator: KLEstimator | str) -> KLEstimator:
         raise InvalidInput("estimator", f"must be one of {', '.join(ESTIMATOR_NAMES)}, got {estimator!r}") from None
 
 
+# math.expm1 raises OverflowError past this (e^x > the largest float); the result is inf there.
+_EXPM1_MAX = math.log(sys.float_info.max)
+
+
 def _expm1(x: Any) -> Any:
-    return math.expm1(x) if isinstance(x, int | float) else x.expm1()
+    if isinstance(x, int | float):
+        return math.expm1(x) if x <= _EXPM1_MAX else math.inf
+    return x.expm1()
 
 
 def kl_from_log_ratio(estimator: KLEstimator | str, log_ratio: X) -> X:
@@ -59,7 +71,8 @@ def kl_from_log_ratio(estimator: KLEstimator | str, log_ratio: X) -> X:
     if estimator is KLEstimator.K1:
         return log_ratio
     if estimator is KLEstimator.K2:
-        return 0.5 * log_ratio**2
+        # d * d overflows to inf; a float's d ** 2 raises OverflowError instead.
+        return 0.5 * (log_ratio * log_ratio)
     # expm1 keeps (r - 1) exact when r is close to 1, i.e. when the two
     # models agree, which is exactly where k3 is tiny and must not be noise.
     return _expm1(-log_ratio) + log_ratio

@@ -89,3 +89,28 @@ def other_tokenizer_policy(out: Path) -> Path:
 
     cfg = TinyConfig(vocab_size=384)
     return make_policy(out, cfg, build_tokenizer(cfg.vocab_size, cfg.n_positions))
+
+
+# Like Llama-2's and Mistral's templates: refuses a conversation whose roles
+# do not alternate user/assistant (jinja's raise_exception -> TemplateError).
+STRICT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def strict_chat_template(src: Path, out: Path, version: str) -> Path:
+    """Any checkpoint (policy or reward) with ``STRICT_CHAT_TEMPLATE``."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    tokenizer.chat_template = STRICT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    write_metadata(out, version=version)
+    return out

@@ -11,6 +11,7 @@ import pytest
 from rm_fixtures import rule_rows
 
 from cli.main import main as cli_main
+from arbiter.limits import MiB, SizeLimits
 from arbiter.rm.config import TopicConfig
 from arbiter.rm.topic import read_preferences
 from arbiter.stream import StreamConsumer, ensure_topics, topics
@@ -28,8 +29,8 @@ def kafka(kafka_settings):
     return kafka_settings
 
 
-def serve(tiny_models, kafka):
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, kafka=kafka)
+def serve(tiny_models, kafka, **overrides):
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, kafka=kafka, **overrides)
     return BackgroundServer(lambda: create_server(settings))
 
 
@@ -96,7 +97,9 @@ BAD_REQUESTS = [
 
 
 def test_bad_preferences_are_invalid_argument_naming_the_field(tiny_models, kafka):
-    with serve(tiny_models, kafka) as server, grpc.insecure_channel(server.target) as channel:
+    # Items of up to 4 MiB, so a 2 MB response reaches the record-size check.
+    with serve(tiny_models, kafka, sizes=SizeLimits(max_item_bytes=4 * MiB)) as server, \
+            grpc.insecure_channel(server.target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         for fields, field, fragment in BAD_REQUESTS:
             expect_error(
@@ -109,6 +112,11 @@ def test_bad_preferences_are_invalid_argument_naming_the_field(tiny_models, kafk
         huge = reward_pb2.SubmitPreferenceRequest(prompt="p", chosen="a" * 2_000_000, rejected="b", annotator_id="x")
         expect_error(lambda: stub.SubmitPreference(huge, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
                      "shorten the responses")
+        # prompt + rejected is what RM training tokenizes: one item, over 4 MiB.
+        over_item = reward_pb2.SubmitPreferenceRequest(prompt="p" * (2 * MiB), chosen="a", rejected="b" * (2 * MiB + 1),
+                                                       annotator_id="x")
+        expect_error(lambda: stub.SubmitPreference(over_item, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     f"prompt + rejected: is {4 * MiB + 1} bytes, over the limit of {4 * MiB} per item")
     assert read_all(kafka, 1, timeout_s=2) == []  # nothing invalid was produced
 
 

@@ -97,6 +97,18 @@ def test_tensors_go_through_the_same_formulas():
     assert kl_from_log_ratio("k3", d).min() >= 0
 
 
+def test_estimates_beyond_float_range_are_inf_not_errors():
+    # k3 at d = -100: e^100 - 1 - 100, where e^100 = 2.6881171418161356e43 swamps the rest.
+    assert kl_from_log_ratio("k3", -100.0) == pytest.approx(2.6881171418161356e43, rel=1e-15)
+    # e^715 is past float64 (e^709.78): inf, as torch gives it, where math.expm1 raised OverflowError.
+    assert kl_from_log_ratio("k3", -715.0) == math.inf
+    assert kl_from_log_ratio("k3", torch.tensor([-715.0], dtype=torch.float64)).item() == math.inf
+    # k2 at d = -1e200: d^2 = 1e400 > 1.8e308; a float's d ** 2 raised OverflowError.
+    assert kl_from_log_ratio("k2", -1e200) == math.inf
+    # The other side stays small: at d = 715 (policy far likelier), k3 = e^-715 - 1 + 715 = 714.
+    assert kl_from_log_ratio("k3", 715.0) == 714.0
+
+
 def test_estimator_names_parse_and_unknown_ones_are_refused():
     assert ESTIMATOR_NAMES == ("k1", "k2", "k3")
     assert [parse_estimator(name) for name in ESTIMATOR_NAMES] == list(KLEstimator)

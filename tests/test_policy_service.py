@@ -10,8 +10,18 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import BackgroundServer, expect_error, metric_value, metrics_text, sample_value, wait_until
-from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed, with_eos, wrong_shapes
+from lm_fixtures import (
+    lora_adapter,
+    nan_weights,
+    other_tokenizer_policy,
+    perturbed,
+    strict_chat_template,
+    with_eos,
+    wrong_shapes,
+)
 
+from arbiter.limits import SizeLimits
+from arbiter.policy.engine import GenerationLimits
 from arbiter.policy.types import SamplingParams
 from arbiter.types import Prompt
 from arbiter.v1 import common_pb2, policy_pb2
@@ -249,6 +259,56 @@ def test_bad_prompts(client):
     expect_error(
         lambda: client.generate(PROMPTS, model_version="nope"), grpc.StatusCode.NOT_FOUND, "'nope' is not loaded"
     )
+
+
+# Sizes are counted as sent (protobuf framing included), before anything is converted. The tiny
+# policy's window is 256 tokens: by default a prompt may be 256 x 32 = 8192 bytes. A PromptInput
+# with an n-byte text (128 <= n < 16384) is n + 3 bytes: tag, 2-byte length, text.
+
+
+def test_sizes_are_checked_before_converting(client):
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    expect_error(lambda: client.generate([PROMPTS[0], "x" * 8190]), exhausted,
+                 "prompts[1]: is 8193 bytes, over the limit of 8192 per item (max_item_bytes; "
+                 "32 per token of the model's 256)")
+    expect_error(lambda: client.generate_stream("x" * 8190), exhausted, "prompt: is 8193 bytes")
+    # ChatMessage("user", 8178 x "u") = (2 + 4) + (3 + 8178) = 8187; Conversation = 3 + 8187;
+    # the PromptInput = 3 + 8190 = 8193.
+    expect_error(lambda: client.generate([[{"role": "user", "content": "u" * 8178}]]), exhausted,
+                 "prompts[0]: is 8193 bytes")
+    expect_error(lambda: client.generate(PROMPTS, stop=["ok", "s" * 1025]), exhausted,
+                 "sampling.stop[1]: is at least 1025 bytes, over the limit of 1024 per stop string (max_stop_bytes)")
+
+
+def test_request_limit_template_refusal_and_undecodable_bodies(policy_dir, tmp_path):
+    strict = strict_chat_template(policy_dir, tmp_path / "strict", version="strict")
+    settings = PolicySettings(model_dir=str(strict), port=0, limits=GenerationLimits(
+        max_new_tokens=4, default_max_new_tokens=4, sizes=SizeLimits(max_item_bytes=100, max_request_bytes=250)))
+    with BackgroundServer(lambda: create_server(settings)) as srv, PolicyClient(srv.target) as client:
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        prompt = "p" * 98  # a 100-byte PromptInput: tag, length, text
+        assert len(client.generate([prompt, prompt]).samples) == 2
+        # 3 x (2 + 100) + the empty SamplingParams the client sets (tag, length 0).
+        expect_error(lambda: client.generate([prompt] * 3), exhausted,
+                     "the request is 308 bytes, over the limit of 250 per request (max_request_bytes)")
+        # Stop strings are part of the request: SamplingParams(stop=[60 x "s"]) = 62 bytes, 64 in the request.
+        expect_error(lambda: client.generate([prompt] * 2, stop=["s" * 60]), exhausted, "the request is 268 bytes")
+        # The template raises (jinja's raise_exception): the caller's mistake, named.
+        alternating = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                       {"role": "user", "content": "and?"}]
+        assert len(client.generate([alternating]).samples) == 1
+        two_users = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+        expect_error(lambda: client.generate([alternating, two_users]), INVALID,
+                     "prompts[1].conversation: the model's chat template refuses this conversation: "
+                     "Conversation roles must alternate")
+        expect_error(lambda: client.generate_stream(two_users), INVALID, "prompt.conversation: the model's chat template")
+        channel = client.channel
+        for method, call, type_name in [("/arbiter.v1.PolicyService/Generate", channel.unary_unary,
+                                         "arbiter.v1.GenerateRequest"),
+                                        ("/arbiter.v1.PolicyService/GenerateStream", channel.unary_stream,
+                                         "arbiter.v1.GenerateStreamRequest")]:
+            expect_error(lambda: call(method)(b"\xff\xff\xff\xff", timeout=10), INVALID,
+                         f"request body is not a valid {type_name} message")
 
 
 # -- versions ---------------------------------------------------------------

@@ -114,6 +114,28 @@ def test_kl_estimators_match_hand_computed_values(client):
         assert list(result.reference_logprobs) == reference
 
 
+def test_extreme_policy_logprobs_stay_finite_or_are_refused(client):
+    reference = list(client.logprobs([(PROMPT, COMPLETION)]).results[0].logprobs)
+    # -720: e^720 overflowed math.expm1 (OverflowError, INTERNAL). k1 = d and
+    # k2 = d^2 / 2 with d = -720 - log pi_ref are finite, and what is served.
+    policy = [-720.0] * 4
+    for estimator, value in (("k1", lambda d: d), ("k2", lambda d: 0.5 * d * d)):
+        [result] = client.kl([(PROMPT, COMPLETION, policy)], estimator=estimator).results
+        assert list(result.kl) == pytest.approx([value(-720.0 - q) for q in reference], rel=1e-6)
+    # k3 = e^-d - 1 + d: at -80 nats under the reference it is e^(80 + log pi_ref) - 1 - (80 + log pi_ref),
+    # inside float32 (e^80 = 5.5e34).
+    near = [q - 80.0 for q in reference]
+    [result] = client.kl([(PROMPT, COMPLETION, near)], estimator="k3").results
+    want = [math.exp(q - p) - 1 - (q - p) for q, p in zip(reference, near)]
+    assert list(result.kl) == pytest.approx(want, rel=1e-5) and math.isfinite(result.kl_sum)
+    # At -100, more than 88.7 nats under every reference log-prob here, e^-d is past float32's 3.4e38
+    # (e^88.7; it came back as kl=inf): refused, naming the token.
+    assert all(q > -100 + 88.8 for q in reference)
+    far = [reference[0] - 1.0, -100.0, -1.0, -1.0]
+    expect_error(lambda: client.kl([(PROMPT, COMPLETION, near), (PROMPT, COMPLETION, far)], estimator="k3"), INVALID,
+                 "inputs[1].policy_logprobs[1]: is -100.0", "k3 estimate", "beyond the float range")
+
+
 def test_unspecified_estimator_is_k1(client):
     request = reference_pb2.KLRequest(
         inputs=[reference_pb2.KLInput(
@@ -214,6 +236,22 @@ def test_limits_and_unknown_versions(client):
     expect_error(lambda: client.logprobs(too_many), grpc.StatusCode.RESOURCE_EXHAUSTED, "257 sequences", "limit of 256")
     expect_error(lambda: client.logprobs([(PROMPT, COMPLETION)], model_version="nope"), grpc.StatusCode.NOT_FOUND,
                  "'nope' is not loaded")
+
+
+def test_lengths_are_checked_before_ids_are_copied(client):
+    # 20 million ids took 1.6 s of the event loop and 3 GB to copy before their length was checked.
+    # Now lengths are read as sent, before the engine sees the request: an over-long sequence is
+    # refused even ahead of a wrong fingerprint, which the engine checks first.
+    long = reference_pb2.LogProbsRequest(sequences=[seq(PROMPT, COMPLETION), seq([300] * 300, [1])],
+                                         tokenizer_fingerprint="0" * 64)
+    expect_error(lambda: client.reference.LogProbs(long), INVALID,
+                 "sequences[1]: is 301 tokens (prompt + completion), over the model's max of 256")
+    # KL: one log-prob per completion token, counted before they are copied.
+    kl = reference_pb2.KLRequest(inputs=[reference_pb2.KLInput(sequence=seq(PROMPT, COMPLETION),
+                                                               policy_logprobs=[-1.0] * 100_000)],
+                                 tokenizer_fingerprint="0" * 64)
+    expect_error(lambda: client.reference.KL(kl), INVALID,
+                 "inputs[0].policy_logprobs: has 100000 values for 4 completion tokens")
 
 
 # -- versions and operations ------------------------------------------------

@@ -2,9 +2,11 @@
 
 import concurrent.futures
 import json
+import logging
 import math
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -12,11 +14,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import BackgroundServer, expect_error, metric_value, metrics_text, sample_value, wait_until
+from lm_fixtures import strict_chat_template
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from arbiter.batching import BatchingConfig
 from arbiter.config import ConfigError
 from arbiter.hf import read_metadata, tokenizer_fingerprint
+from arbiter.limits import SizeLimits
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.reward.server import create_server
@@ -288,6 +292,168 @@ def test_unknown_truncation_value(stub, reference):
     assert_still_serving(stub, reference)
 
 
+# -- bounded work per request ---------------------------------------------------
+# Sizes are counted as sent (protobuf framing included), before anything is
+# converted. The tiny RM's window is 256 tokens: by default an item may be
+# 256 x 32 = 8192 bytes. A RewardInput with an empty prompt and an n-byte
+# response (128 <= n < 16378) is n + 6 bytes: TextPair = tag + 2-byte length + n,
+# RewardInput = tag + 2-byte length + TextPair.
+
+
+def test_items_over_the_size_limit_are_refused_before_converting(stub, reference):
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    over = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0]), text_input("", "x" * 8187)])
+    expect_error(lambda: stub.Score(over, timeout=10), exhausted,
+                 "inputs[1]: is 8193 bytes, over the limit of 8192 per item (max_item_bytes; "
+                 "32 per token of the model's 256)")
+    # Bytes, not characters: 4093 x "é" (2 bytes each) is an item of exactly 8192 bytes, then too many tokens.
+    at_limit = reward_pb2.ScoreRequest(inputs=[text_input("", "é" * 4093)])
+    expect_error(lambda: stub.Score(at_limit, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]: is",
+                 "over the model's max of 256")
+    past = reward_pb2.ScoreRequest(inputs=[text_input("", "é" * 4094)])
+    expect_error(lambda: stub.Score(past, timeout=10), exhausted, "inputs[0]: is 8194 bytes")
+    # A conversation's framing counts too. ChatMessage("user", 4000 x "u") = (2 + 4) + (3 + 4000) = 4009,
+    # 4012 in the Conversation; ("assistant", 4170 x "a") = (2 + 9) + (3 + 4170) = 4184, 4187 in it;
+    # Conversation = 8199; the RewardInput = 3 + 8199 = 8202.
+    chat = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "u" * 4000), ("assistant", "a" * 4170)])])
+    expect_error(lambda: stub.Score(chat, timeout=10), exhausted, "inputs[0]: is 8202 bytes")
+    # Compare's items are its context with each response: 1 + 8192 bytes.
+    compare = reward_pb2.CompareRequest(prompt="p", response_a=" fine", response_b="b" * 8192)
+    expect_error(lambda: stub.Compare(compare, timeout=10), exhausted, "prompt + response_b: is 8193 bytes")
+    stream = [reward_pb2.ScoreStreamRequest(correlation_id="big", inputs=[text_input("", "x" * 8187)]),
+              reward_pb2.ScoreStreamRequest(correlation_id="ok", inputs=[text_input(*PROMPTS[0])])]
+    answers = {r.correlation_id: r for r in stub.ScoreStream(iter(stream), timeout=30)}
+    assert answers["big"].error.code == exhausted.value[0] and "inputs[0]: is 8193 bytes" in answers["big"].error.message
+    assert answers["ok"].results[0].score == pytest.approx(reference.score_text("".join(PROMPTS[0])), abs=1e-5)
+
+
+def test_counts_are_checked_before_items_are_converted(stub):
+    # 2.9 million one-character items (20 MB) took 7.5 s and 1.5 GB to convert before their count was
+    # checked. Now the count is read as sent: it is refused even ahead of the first item's own error,
+    # which converting would meet first.
+    request = reward_pb2.ScoreRequest(inputs=[reward_pb2.RewardInput()] + [text_input(*PROMPTS[0])] * 16)
+    expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "17 inputs in one request, over the limit of 16")
+
+
+def test_request_and_stream_limits(tiny_models):
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, stream_max_messages=3,
+                              sizes=SizeLimits(max_item_bytes=100, max_request_bytes=250))
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        # TextPair("q", 93 bytes) = 3 + 95 = 98; the RewardInput 100: at the item limit; 102 in the request.
+        item = text_input("q", " " + "w" * 92)
+        expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input("q", " " + "w" * 93)]), timeout=10),
+                     exhausted, "inputs[0]: is 101 bytes, over the limit of 100 per item (max_item_bytes)")
+        assert len(stub.Score(reward_pb2.ScoreRequest(inputs=[item, item]), timeout=10).results) == 2
+        expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[item] * 3), timeout=10), exhausted,
+                     "the request is 306 bytes, over the limit of 250 per request (max_request_bytes)")
+        # The fourth message of a stream is one too many: the first three are answered, then the stream ends.
+        messages = [reward_pb2.ScoreStreamRequest(correlation_id=f"m{i}", inputs=[item]) for i in range(4)]
+        answered = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for response in stub.ScoreStream(iter(messages), timeout=30):
+                answered.append(response.correlation_id)
+        assert sorted(answered) == ["m0", "m1", "m2"]
+        assert ended.value.code() == exhausted and "more than 3 messages" in ended.value.details()
+
+
+def test_an_oversized_message_is_refused_by_grpc(server, channel):
+    big = reward_pb2.ScoreRequest(inputs=[text_input("", "word " * (12 * 1024 * 1024))]).SerializeToString()
+    assert len(big) > 60 * 1024 * 1024
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as ch:
+        started = time.perf_counter()
+        expect_error(lambda: ch.unary_unary("/arbiter.v1.RewardService/Score")(big, timeout=30),
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max", str(20 * 1024 * 1024))
+        # ~0.1 s is moving 60 MiB over loopback; tokenizing it took 100 s before the limits.
+        assert time.perf_counter() - started < 5
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_answers_while_a_large_request_tokenizes(tiny_models):
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0)
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        # 256 items of 8000 bytes, cut to their last 256 tokens: ~2 MB to tokenize (seconds on a small core).
+        request = reward_pb2.ScoreRequest(inputs=[text_input("", " word" * 1600)] * 256,
+                                          options=reward_pb2.ScoreOptions(truncation=common_pb2.TRUNCATION_LEFT))
+        pending = stub.Score.future(request, timeout=120)
+        slowest = 0.0
+        checks = 0
+        while not pending.done():
+            started = time.perf_counter()
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            slowest = max(slowest, time.perf_counter() - started)
+            checks += 1
+        assert len(pending.result().results) == 256 and checks > 0
+        # Tokenizing on the event loop stalled every check for the whole request (3 s here).
+        assert slowest < 1.0, f"a health check took {slowest:.2f}s while the request was tokenized"
+
+
+def test_undecodable_bodies_are_invalid_argument_and_log_nothing(server, channel, caplog):
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    garbage = b"\xff\xff\xff\xff"  # a tag whose varint never ends
+    count = lambda: sample_value(server.running.registry, "arbiter_requests_total", service="reward",  # noqa: E731
+                                 method="Score", code="INVALID_ARGUMENT")
+    before = count()
+    with caplog.at_level(logging.INFO):
+        for method, type_name in [("/arbiter.v1.RewardService/Score", "arbiter.v1.ScoreRequest"),
+                                  ("/arbiter.v1.ModelService/LoadModelVersion", "arbiter.v1.LoadModelVersionRequest"),
+                                  ("/grpc.health.v1.Health/Check", "grpc.health.v1.HealthCheckRequest")]:
+            expect_error(lambda: channel.unary_unary(method)(garbage, timeout=10), invalid,
+                         f"request body is not a valid {type_name} message")
+        good = reward_pb2.ScoreStreamRequest(correlation_id="good", inputs=[text_input(*PROMPTS[0])]).SerializeToString()
+        answered = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for body in channel.stream_stream("/arbiter.v1.RewardService/ScoreStream")(iter([good, garbage, good]),
+                                                                                       timeout=30):
+                answered.append(reward_pb2.ScoreStreamResponse.FromString(body).correlation_id)
+    # The message before the bad one is answered, none after it; the stream ends instead of hanging.
+    assert answered == ["good"]
+    assert ended.value.code() == invalid
+    assert ended.value.details() == "message 1 of the request stream is not a valid arbiter.v1.ScoreStreamRequest message"
+    assert count() == before + 1
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_a_chat_template_that_refuses_is_invalid_argument(tmp_path, tiny_models, stub, models_stub, reference):
+    strict = strict_chat_template(tiny_models["reward"], tmp_path / "strict", version="strict")
+    models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(strict), activate=False), timeout=60)
+    try:
+        options = reward_pb2.ScoreOptions(model_version="strict")
+        ok = reward_pb2.ScoreRequest(inputs=[chat_input([("user", "hi"), ("assistant", "hello")])], options=options)
+        assert stub.Score(ok, timeout=10).results[0].num_tokens > 0
+        wrong_order = reward_pb2.ScoreRequest(
+            inputs=[chat_input([("user", "hi"), ("assistant", "hello")]), chat_input([("assistant", "hi"), ("assistant", "x")])],
+            options=options,
+        )
+        expect_error(lambda: stub.Score(wrong_order, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+                     "inputs[1].conversation: the model's chat template refuses this conversation: "
+                     "Conversation roles must alternate user/assistant")
+    finally:
+        models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="strict"), timeout=10)
+    assert_still_serving(stub, reference)
+
+
+def test_long_error_details_are_cut_to_fit_a_header(stub):
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])],
+                                      options=reward_pb2.ScoreOptions(model_version="v" * 100_000))
+    # Whole, the details would pass gRPC's 16 KiB header limit (RESOURCE_EXHAUSTED "metadata size exceeds").
+    details = expect_error(lambda: stub.Score(request, timeout=10), grpc.StatusCode.NOT_FOUND, "characters cut")
+    assert details.startswith("model version 'vvv") and details.endswith("(loaded: v0)")
+    assert len(details) < 1100
+
+
+def test_a_path_the_filesystem_refuses_is_failed_precondition(tiny_models, models_stub):
+    # Inside the served model's directory (where a server loads from), one component over NAME_MAX.
+    too_long = str(tiny_models["reward"] / ("a" * 256))
+    expect_error(lambda: models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=too_long), timeout=30),
+                 grpc.StatusCode.FAILED_PRECONDITION, "path: cannot read the checkpoint: File name too long")
+
+
 def test_deadline_is_honoured(stub, reference):
     request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])])
     expect_error(lambda: stub.Score(request, timeout=0.001), grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -443,6 +609,11 @@ def test_any_hf_sequence_classification_checkpoint_loads(tmp_path, tiny_models):
 def test_settings_errors_name_the_field(tiny_models):
     with pytest.raises(ConfigError, match="port=70000"):
         RewardSettings(model_dir=str(tiny_models["reward"]), port=70000)
+    with pytest.raises(ConfigError, match="max_message_bytes=1048576 is invalid: must be > max_request_bytes"):
+        RewardSettings(model_dir=str(tiny_models["reward"]), max_message_bytes=1024 * 1024,
+                       sizes=SizeLimits(max_request_bytes=2 * 1024 * 1024))
+    with pytest.raises(ConfigError, match="max_item_bytes"):
+        RewardSettings(model_dir=str(tiny_models["reward"]), sizes=SizeLimits(max_item_bytes=-1))
     with pytest.raises(ConfigError, match="max_queue_size"):
         RewardSettings(model_dir=str(tiny_models["reward"]), batching=BatchingConfig(max_batch_size=64, max_queue_size=8))
     with pytest.raises(ConfigError, match="model_dir"):

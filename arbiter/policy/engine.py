@@ -22,13 +22,14 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from arbiter.config import flag, require
 from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
+from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits, utf8_size
 from arbiter.lm import check_compatible
 from arbiter.policy.model import GenerationRun, PolicyModel
 from arbiter.policy.types import (
@@ -62,6 +63,10 @@ class GenerationLimits:
     max_new_tokens: int = field(default=1024, metadata=flag(help="limit on sampling.max_new_tokens"))
     default_max_new_tokens: int = field(default=64, metadata=flag(help="sampling.max_new_tokens when unset"))
     max_stop_strings: int = field(default=8, metadata=flag(help="limit on sampling.stop"))
+    max_stop_bytes: int = field(default=1024, metadata=flag(help="bytes of one stop string"))
+    # Bytes per prompt and per request as sent; the service checks them
+    # (``size_budget``) before converting a request.
+    sizes: SizeLimits = SizeLimits()
     # Generations running at once (each holds a KV cache); more wait their turn.
     max_concurrent_generations: int = field(default=8, metadata=flag(help="generations decoding at once"))
 
@@ -72,6 +77,7 @@ class GenerationLimits:
         ):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0", self.max_stop_strings)
+        require(self.max_stop_bytes >= 1, "max_stop_bytes", "must be >= 1", self.max_stop_bytes)
         require(self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                 f"must be <= max_new_tokens ({self.max_new_tokens})", self.default_max_new_tokens)
 
@@ -107,6 +113,7 @@ class PolicyEngine:
             executor=executor, loader=loader,
         )
         self._slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="policy-tokenize")
         self._active_generations = 0
         self._closed = False
 
@@ -144,26 +151,44 @@ class PolicyEngine:
             raise InvalidInput(
                 "sampling.n", f"is {params.n}; allowed 1..{cfg.max_samples_per_prompt} samples per prompt"
             )
-        if len(params.stop) > cfg.max_stop_strings:
-            raise InvalidInput("sampling.stop", f"has {len(params.stop)} strings; at most {cfg.max_stop_strings}")
-        for i, stop in enumerate(params.stop):
-            if not stop:
-                raise InvalidInput(f"sampling.stop[{i}]", "is empty; every stop string needs at least one character")
+        self.check_stops(params.stop)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return ResolvedSampling(max_new, float(params.temperature), float(top_p), params.top_k, n, params.stop, seed)
 
-    def _prepare(
+    def check_stops(self, stops: Sequence[str]) -> None:
+        """Stop strings, as sent: a service checks them before converting a request."""
+        cfg = self.config.limits
+        if len(stops) > cfg.max_stop_strings:
+            raise InvalidInput("sampling.stop", f"has {len(stops)} strings; at most {cfg.max_stop_strings}")
+        for i, stop in enumerate(stops):
+            if not stop:
+                raise InvalidInput(f"sampling.stop[{i}]", "is empty; every stop string needs at least one character")
+            if (size := utf8_size(stop, cfg.max_stop_bytes)) > cfg.max_stop_bytes:
+                raise LimitExceeded(
+                    f"sampling.stop[{i}]: is at least {size} bytes, over the limit of {cfg.max_stop_bytes} "
+                    "per stop string (max_stop_bytes)"
+                )
+
+    def check_count(self, count: int, field: str = "prompts") -> None:
+        """A request's number of prompts: a service checks it before converting them."""
+        if not count:
+            raise InvalidInput(field, "is empty; send at least one prompt")
+        if count > self.config.limits.max_prompts_per_request:
+            raise LimitExceeded(
+                f"{count} prompts in one request, over the limit of "
+                f"{self.config.limits.max_prompts_per_request}; split the request"
+            )
+
+    def size_budget(self, model_version: str = "") -> SizeBudget:
+        """The size limits of a request to ``model_version`` (NOT_FOUND if not loaded)."""
+        return self.config.limits.sizes.budget(self.models.get(model_version).model.info.max_tokens)
+
+    async def _prepare(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str
     ) -> GenerationRun:
         if self._closed:
             raise ShuttingDown("the server is stopping; retry on another replica")
-        if not prompts:
-            raise InvalidInput(field, "is empty; send at least one prompt")
-        if len(prompts) > self.config.limits.max_prompts_per_request:
-            raise LimitExceeded(
-                f"{len(prompts)} prompts in one request, over the limit of "
-                f"{self.config.limits.max_prompts_per_request}; split the request"
-            )
+        self.check_count(len(prompts), field)
         resolved = self.resolve(params)
         rows = len(prompts) * resolved.n
         if rows > self.config.limits.max_rows_per_request:
@@ -173,7 +198,10 @@ class PolicyEngine:
             )
         # The version is fixed here, for the whole generation.
         model = self.models.get(model_version).model
-        ids = model.encode(prompts, resolved.max_new_tokens, field)
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(
+            self._tokenizers, model.encode, prompts, resolved.max_new_tokens, field
+        )
         return model.start(ids, resolved, [p.id for p in prompts])
 
     async def _steps(self, run: GenerationRun) -> AsyncIterator[list[TokenEvent]]:
@@ -196,7 +224,7 @@ class PolicyEngine:
     async def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = ""
     ) -> GenerateResult:
-        run = self._prepare(prompts, params, model_version, "prompts")
+        run = await self._prepare(prompts, params, model_version, "prompts")
         async for _ in self._steps(run):
             pass
         info = run.policy.info
@@ -207,9 +235,10 @@ class PolicyEngine:
     ) -> tuple[GenerationRun, AsyncIterator[list[TokenEvent]]]:
         """Validates first (so errors surface before any token), then returns
         the run and its token events, one list per decoding step."""
-        run = self._prepare([prompt], params, model_version, "prompt")
+        run = await self._prepare([prompt], params, model_version, "prompt")
         return run, self._steps(run)
 
     async def close(self) -> None:
         """New requests are refused; running generations finish (the server's grace period bounds them)."""
         self._closed = True
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)

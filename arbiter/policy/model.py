@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arbiter.chat import render_chat
 from arbiter.errors import InvalidInput
 from arbiter.lm import LoadedLM, completion_logits, forward_step, load_causal_lm, token_logprobs
 from arbiter.policy.sampling import draw, make_generator, row_seed, sampling_logprobs
@@ -84,11 +85,7 @@ class PolicyModel:
                 raise InvalidInput(f"{field}.messages[{j}].role", "is empty")
             if not message.content.strip():
                 raise InvalidInput(f"{field}.messages[{j}].content", "is empty")
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidInput(field, f"model {self.info.name!r} has no chat template; send plain text instead")
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-        )
+        rendered = render_chat(self.tokenizer, self.info.name, messages, field, add_generation_prompt=True)
         # The template inserts its own special tokens.
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 

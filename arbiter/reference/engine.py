@@ -67,6 +67,33 @@ def as_float32(values: Sequence[float]) -> list[float]:
     return array("f", values).tolist()
 
 
+def check_logprob_count(got: int, want: int, field: str) -> None:
+    """One policy log-prob per completion token (a service checks it before copying them)."""
+    if got != want:
+        raise InvalidInput(field, f"has {got} values for {want} completion tokens; send one log-prob per completion token")
+
+
+# The largest float32: per-token estimates travel as proto ``float``.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_estimates(estimator: KLEstimator, per_token: Sequence[float], policy: Sequence[float],
+                    reference: Sequence[float], field: str) -> None:
+    """Refuse a token whose estimate float32 cannot carry: k3 once the
+    policy's log-prob is more than ~88.7 nats below the reference's (e^88.7 =
+    3.4e38), k2 once they differ by more than ~2.6e19. A token the policy
+    sampled cannot be that much less likely under it than under the
+    reference: such log-probs belong to other tokens or another model."""
+    for j, value in enumerate(per_token):
+        if not abs(value) <= FLOAT32_MAX:
+            raise InvalidInput(
+                f"{field}[{j}]",
+                f"is {policy[j]} against the reference's {reference[j]}: the {estimator.value} estimate "
+                f"({value:.4g}) is beyond the float range of KLResult.kl (3.4e38); check that the log-probs "
+                "belong to these tokens and this policy",
+            )
+
+
 
 class ReferenceEngine(BackendEngine):
     MODEL = ReferenceModel
@@ -81,12 +108,16 @@ class ReferenceEngine(BackendEngine):
 
     # -- requests -------------------------------------------------------
 
-    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> LoadedVersion:
+    def check_count(self, count: int, field: str) -> None:
+        """A request's number of sequences: a service checks it before converting them."""
         if count == 0:
             raise InvalidInput(field, "is empty; send at least one sequence")
         limit = self.config.max_sequences_per_request
         if count > limit:
             raise LimitExceeded(f"{count} {field} in one request, over the limit of {limit}; split the request")
+
+    def _entry(self, count: int, field: str, model_version: str, fingerprint: str) -> LoadedVersion:
+        self.check_count(count, field)
         entry = self.models.get(model_version)
         served = entry.model.info.tokenizer_fingerprint
         if fingerprint and fingerprint != served:
@@ -118,12 +149,8 @@ class ReferenceEngine(BackendEngine):
         entry = self._entry(len(inputs), "inputs", model_version, tokenizer_fingerprint)
         for i, item in enumerate(inputs):
             entry.model.check(item.sequence, f"inputs[{i}].sequence")
-            got, want = len(item.policy_logprobs), len(item.sequence.completion_token_ids)
-            if got != want:
-                raise InvalidInput(
-                    f"inputs[{i}].policy_logprobs",
-                    f"has {got} values for {want} completion tokens; send one log-prob per completion token",
-                )
+            check_logprob_count(len(item.policy_logprobs), len(item.sequence.completion_token_ids),
+                                f"inputs[{i}].policy_logprobs")
             for j, value in enumerate(item.policy_logprobs):
                 if not math.isfinite(value) or value > 1e-3:
                     raise InvalidInput(
@@ -132,10 +159,12 @@ class ReferenceEngine(BackendEngine):
         reference = await entry.run([item.sequence for item in inputs])
         self._observer.on_tokens(sum(len(item.policy_logprobs) for item in inputs))
         results = []
-        for item, ref in zip(inputs, reference, strict=True):
+        for i, (item, ref) in enumerate(zip(inputs, reference, strict=True)):
             # Both sides at float32, the precision Generate's log-probs arrive
             # in: identical models then give exactly zero, not rounding noise.
             ref32 = as_float32(ref)
-            per_token = per_token_kl(estimator, as_float32(item.policy_logprobs), ref32)
+            policy32 = as_float32(item.policy_logprobs)
+            per_token = per_token_kl(estimator, policy32, ref32)
+            check_estimates(estimator, per_token, policy32, ref32, f"inputs[{i}].policy_logprobs")
             results.append(KLSequence(per_token, sequence_kl(per_token), ref32))
         return KLResult(results, estimator, entry.model.info.version)

@@ -70,10 +70,13 @@ class ReferenceModel(BackendModel):
             )
         if not completion:
             raise InvalidInput(f"{field}.completion_token_ids", "is empty; there is nothing to score")
+        self.check_length(len(prompt) + len(completion), field)
         vocab = self.info.vocab_size
         check_token_ids(prompt, vocab, f"{field}.prompt_token_ids")
         check_token_ids(completion, vocab, f"{field}.completion_token_ids")
-        total = len(prompt) + len(completion)
+
+    def check_length(self, total: int, field: str) -> None:
+        """A sequence's prompt + completion length; a service checks it before copying the ids."""
         if total > self.info.max_tokens:
             raise InvalidInput(
                 field, f"is {total} tokens (prompt + completion), over the model's max of {self.info.max_tokens}"

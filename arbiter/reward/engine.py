@@ -11,7 +11,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,8 +19,9 @@ from arbiter.backends.model import BackendEngine
 from arbiter.batching import BatchObserver
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
+from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits
 from arbiter.reward.convention import TEXT_CONVENTIONS
-from arbiter.reward.model import RewardModel
+from arbiter.reward.model import EncodedInput, RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class RewardEngineConfig(EngineConfig):
     # For versions whose checkpoint does not say how their text was built
     # (arbiter.reward.convention.resolve_text_convention); "auto": detect.
     text_convention: str = "auto"
+    # Bytes per item and per request as sent; the service checks them
+    # (``size_budget``) before converting a request.
+    sizes: SizeLimits = SizeLimits()
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
@@ -69,6 +73,7 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._shadow: tuple[str, float] | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_rng = random.Random(0)
+        self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reward-tokenize")
 
     def load_options(self) -> dict:
         return {"text_convention": self.config.text_convention}
@@ -114,12 +119,20 @@ class RewardEngine(BackendEngine, VersionObserver):
 
     # -- scoring --------------------------------------------------------
 
-    async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
-        if not inputs:
+    def check_count(self, count: int) -> None:
+        """A request's number of items: a service checks it before converting them."""
+        if not count:
             raise InvalidInput("inputs", "is empty; send at least one item")
         limit = self.config.max_items_per_request
-        if len(inputs) > limit:
-            raise LimitExceeded(f"{len(inputs)} inputs in one request, over the limit of {limit}; split the request")
+        if count > limit:
+            raise LimitExceeded(f"{count} inputs in one request, over the limit of {limit}; split the request")
+
+    def size_budget(self, model_version: str = "") -> SizeBudget:
+        """The size limits of a request to ``model_version`` (NOT_FOUND if not loaded)."""
+        return self.config.sizes.budget(self.models.get(model_version).model.info.max_tokens)
+
+    async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
+        self.check_count(len(inputs))
         entry = self.models.get(options.model_version)
         info = entry.model.info
         if options.normalize and info.normalization is None:
@@ -127,7 +140,7 @@ class RewardEngine(BackendEngine, VersionObserver):
                 f"model version {info.version!r} ships no normalization statistics; request raw scores "
                 "(options.normalize=false) or load a version with statistics in arbiter.json"
             )
-        encoded = entry.model.encode(inputs, options.truncation)
+        encoded = await self._encode(entry.model, inputs, options)
         raw = await entry.run([e.token_ids for e in encoded])
         self._observer.on_scores(info.version, raw)
         self._maybe_shadow(info.version, inputs, options, raw)
@@ -180,7 +193,7 @@ class RewardEngine(BackendEngine, VersionObserver):
         try:
             entry = self.models.get(candidate)
             # The candidate may tokenize differently: encode with its own tokenizer.
-            encoded = entry.model.encode(inputs, options.truncation)
+            encoded = await self._encode(entry.model, inputs, options)
             shadow_raw = await entry.run([e.token_ids for e in encoded])
         except asyncio.CancelledError:
             raise
@@ -191,10 +204,17 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._observer.on_scores(candidate, shadow_raw)
         self._observer.on_shadow(active, candidate, raw, shadow_raw)
 
+    async def _encode(self, model: RewardModel, inputs: Sequence[RewardInput], options: ScoreOptions
+                      ) -> list[EncodedInput]:
+        """Rendering and tokenizing on the tokenizer threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizers, model.encode, inputs, options.truncation)
+
     async def close(self) -> None:
         for task in list(self._shadow_tasks):
             task.cancel()
         await super().close()
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
 
 
 def _sigmoid(x: float) -> float:

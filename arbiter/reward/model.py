@@ -22,6 +22,7 @@ from pathlib import Path
 from arbiter.backends import Backend, Backends
 from arbiter.backends.model import BackendModel
 from arbiter.backends.triton import checkpoint_dir
+from arbiter.chat import render_chat
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.hf import read_metadata
 from arbiter.reward.backend import REWARD
@@ -97,14 +98,9 @@ class RewardModel(BackendModel):
         version's text convention: with append_eos, TRL's own rule (the end
         token after the response unless the response already ends with it)."""
         if item.messages is not None:
-            _check_conversation(item.messages, f"inputs[{index}].conversation")
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                raise InvalidInput(
-                    f"inputs[{index}].conversation",
-                    f"model {self.info.name!r} has no chat template; send plain text instead",
-                )
-            messages = [{"role": m.role, "content": m.content} for m in item.messages]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False), False
+            field = f"inputs[{index}].conversation"
+            _check_conversation(item.messages, field)
+            return render_chat(self.tokenizer, self.info.name, item.messages, field), False
         if not item.response.strip():
             raise InvalidInput(f"inputs[{index}].text.response", "is empty; there is nothing to score")
         text = item.prompt + item.response

@@ -24,8 +24,23 @@ from arbiter.errors import (
 
 log = logging.getLogger(__name__)
 
+# Status details travel in a header, which gRPC caps at 16 KiB (the caller
+# would get RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead) and
+# where non-ASCII bytes take 3 each: longer details, e.g. an echoed 1 MiB
+# version label, keep their start and end.
+MAX_DETAILS_CHARS = 1000
+
+
+class UndecodableRequest(ArbiterError):
+    """A request body, or a stream's message, that is not the RPC's message type."""
+
+    def __init__(self, type_name: str, index: int | None = None):
+        what = "request body" if index is None else f"message {index} of the request stream"
+        super().__init__(f"{what} is not a valid {type_name} message")
+
 _STATUS: dict[type[ArbiterError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    UndecodableRequest: grpc.StatusCode.INVALID_ARGUMENT,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # UNAVAILABLE, not RESOURCE_EXHAUSTED: a full queue is transient and
     # UNAVAILABLE is what client retry policies retry.
@@ -48,7 +63,14 @@ _STATUS: dict[type[ArbiterError], grpc.StatusCode] = {
 def status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls in type(err).__mro__:
         if cls in _STATUS:
-            return _STATUS[cls], str(err)
+            return _STATUS[cls], bounded_details(str(err))
     # A bug, not the caller's fault: log it whole, tell the caller little.
     log.exception("unhandled error in RPC handler", exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); the server logged the details"
+
+
+def bounded_details(message: str) -> str:
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    keep = MAX_DETAILS_CHARS // 2
+    return f"{message[:keep]} [... {len(message) - 2 * keep} characters cut ...] {message[-keep:]}"

@@ -1,19 +1,25 @@
 """What gives every RPC handler the same error mapping and metrics: the
 ``unary`` and ``streaming`` decorators, over a servicer with
-``self.metrics: RpcMetrics`` (``Servicer`` is the base that holds it)."""
+``self.metrics: RpcMetrics`` (``Servicer`` is the base that holds it); and
+``DecodeGuard``, which makes a request that does not parse an ordinary
+INVALID_ARGUMENT on every RPC of a server."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 
-from services.common.errors import status_for
+from services.common.errors import UndecodableRequest, status_for
 from services.common.metrics import RpcMetrics
+
+log = logging.getLogger(__name__)
 
 
 class Servicer:
@@ -54,8 +60,9 @@ def unary(method: str):
         @functools.wraps(fn)
         async def handler(self, request, context):
             async with _handled(self.metrics, method, context):
-                return await fn(self, request, context)
+                return await fn(self, _decoded(request), context)
 
+        handler.takes_undecodable = True
         return handler
 
     return decorate
@@ -68,9 +75,116 @@ def streaming(method: str):
         @functools.wraps(fn)
         async def handler(self, request, context):
             async with _handled(self.metrics, method, context):
-                async for response in fn(self, request, context):
+                async for response in fn(self, _decoded(request), context):
                     yield response
 
+        handler.takes_undecodable = True
         return handler
 
     return decorate
+
+
+# -- request bodies that do not parse ----------------------------------------
+#
+# gRPC runs the request deserializer before any handler: a DecodeError there
+# answers UNKNOWN and logs a traceback per request, and in a request stream it
+# is raised into whatever reads the stream. ``DecodeGuard`` gives every
+# handler a deserializer that returns ``Undecodable`` instead; the decorators
+# above (and ``_guarded`` for handlers without them: health, reflection) turn
+# it into UndecodableRequest, INVALID_ARGUMENT.
+
+
+class Undecodable:
+    """A body that did not parse as ``type_name``."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_type = getattr(deserializer, "__self__", None)
+    type_name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
+
+    def deserialize(body: bytes) -> Any:
+        try:
+            return deserializer(body)
+        except Exception:  # DecodeError, or whatever a custom deserializer raises
+            # Debug only: a client sending garbage must not be able to flood the log.
+            log.debug("request body of %d bytes is not a valid %s", len(body), type_name)
+            return Undecodable(type_name)
+
+    return deserialize
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    index = 0
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise UndecodableRequest(request.type_name, index)
+        index += 1
+        yield request
+
+
+def _decoded(request: Any) -> Any:
+    """A unary request as parsed (UndecodableRequest if it did not), or a
+    request stream that raises UndecodableRequest at its first bad message."""
+    if isinstance(request, Undecodable):
+        raise UndecodableRequest(request.type_name)
+    if hasattr(request, "__aiter__"):
+        return _decoded_stream(request)
+    return request
+
+
+def _guarded(behavior: Callable) -> Callable:
+    """A handler without the decorators (health, reflection), answering
+    INVALID_ARGUMENT for an undecodable request."""
+
+    async def refuse(err: UndecodableRequest, context) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    if inspect.isasyncgenfunction(behavior):
+        async def guarded_stream(request, context):
+            try:
+                async for response in behavior(_decoded(request), context):
+                    yield response
+            except UndecodableRequest as err:
+                await refuse(err, context)
+
+        return guarded_stream
+
+    async def guarded(request, context):
+        try:
+            return await behavior(_decoded(request), context)
+        except UndecodableRequest as err:
+            await refuse(err, context)
+
+    return guarded
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Installed on every server (``services.common.server``): requests that
+    do not parse answer INVALID_ARGUMENT, logged at debug level only."""
+
+    def __init__(self) -> None:
+        # A method's handler is the same object on every call: guard it once.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        cached = self._guarded.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+        changes: dict[str, Any] = {"request_deserializer": _tolerant(handler.request_deserializer)}
+        if not getattr(behavior, "takes_undecodable", False):
+            changes[kind] = _guarded(behavior)
+        guarded = handler._replace(**changes)
+        # Bounded: only methods the server has (an unknown one has no handler).
+        self._guarded[details.method] = (handler, guarded)
+        return guarded

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from arbiter.errors import InvalidInput, PermissionDenied
+from arbiter.errors import InvalidInput, ModelLoadError, PermissionDenied
 from arbiter.kernel import ModelKernel
 from arbiter.v1 import common_pb2, common_pb2_grpc
 from services.common.convert import model_info_to_pb
@@ -62,7 +62,10 @@ class ModelServicer(Servicer, common_pb2_grpc.ModelServiceServicer):
             raise InvalidInput("path", "contains a NUL character")
         check_model_root(request.path, self.model_roots)
         started = time.perf_counter()
-        info = await self.engine.load_version(request.path, request.version, request.activate)
+        try:
+            info = await self.engine.load_version(request.path, request.version, request.activate)
+        except OSError as err:  # e.g. ENAMETOOLONG: a path the filesystem refuses is the caller's to fix
+            raise ModelLoadError(f"path: cannot read the checkpoint: {err.strerror or err}") from err
         return common_pb2.LoadModelVersionResponse(
             info=model_info_to_pb(info), load_seconds=time.perf_counter() - started
         )

@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from arbiter.v1 import common_pb2, reward_pb2
+from services.common.handlers import DecodeGuard
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ async def start_server(
     engine: Any = None,
     metrics: Any = None,
 ) -> RunningServer:
-    interceptors = interceptors_for(settings)
+    # DecodeGuard innermost, so even a refused caller's undecodable body raises nothing.
+    interceptors = [*interceptors_for(settings), DecodeGuard()]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

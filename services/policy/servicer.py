@@ -20,8 +20,18 @@ class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
 
     engine: PolicyEngine
 
+    # Counts and sizes are checked as sent, before anything is converted
+    # (arbiter.limits): a request of millions of tiny prompts or stop strings
+    # fails in microseconds, not seconds and gigabytes.
+
     @unary("Generate")
     async def Generate(self, request, context):
+        self.engine.check_count(len(request.prompts))
+        self.engine.check_stops(request.sampling.stop)
+        budget = self.engine.size_budget(request.model_version)
+        budget.request(request.ByteSize())
+        for i, prompt in enumerate(request.prompts):
+            budget.item(f"prompts[{i}]", prompt.ByteSize())
         result = await self.engine.generate(
             prompts_from_pb(request.prompts), sampling_from_pb(request.sampling), request.model_version
         )
@@ -31,6 +41,10 @@ class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
     async def GenerateStream(self, request, context):
         """One message per sampled token of each sample; a sample's first
         message carries its prompt token ids, its last one the finish reason."""
+        self.engine.check_stops(request.sampling.stop)
+        budget = self.engine.size_budget(request.model_version)
+        budget.request(request.ByteSize())
+        budget.item("prompt", request.prompt.ByteSize())
         prompt = prompt_from_pb(request.prompt, "prompt")
         run, steps = await self.engine.generate_stream(
             prompt, sampling_from_pb(request.sampling), request.model_version

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 
 from arbiter.config import flag, require
+from arbiter.limits import MiB
 from arbiter.policy.engine import GenerationLimits, PolicyEngineConfig
 from arbiter.stream import KafkaSettings
 from services.common.settings import ModelServerSettings
@@ -22,6 +23,11 @@ class PolicySettings(ModelServerSettings):
     max_loaded_versions: int = field(default=2, metadata=flag(
         help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
     limits: GenerationLimits = GenerationLimits()
+    # Requests are text (limits.sizes.max_request_bytes of it); responses echo
+    # prompt token ids, so 256 rows of 32k-token prompts (~24 MiB) still fit.
+    # gRPC refuses a bigger message before it is parsed (RESOURCE_EXHAUSTED).
+    max_message_bytes: int = field(default=32 * MiB, metadata=flag(
+        help="largest gRPC message either way; a bigger request is refused before it is parsed (RESOURCE_EXHAUSTED)"))
     # Follow the policy-updates topic: load and activate each new version.
     follow_updates: bool = field(default=False, metadata=flag(
         help="load and activate each new version published on the policy-updates topic (needs --kafka-*)"))
@@ -40,6 +46,7 @@ class PolicySettings(ModelServerSettings):
             _REPLICA_ID_RE.match(self.replica_id) is not None, "replica_id",
             "may only use letters, digits, '.', '_' and '-' (1..100 characters)", self.replica_id,
         )
+        self.limits.sizes.require_within(self.max_message_bytes)
         require(self.backend.kind == "torch", "backend",
                 "policy generation runs in-process only (torch); Triton generation is not supported", self.backend.kind)
         if self.follow_updates:

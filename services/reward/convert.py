@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from arbiter.drift import DriftStats
 from arbiter.errors import InvalidInput
+from arbiter.limits import SizeBudget, utf8_size
 from arbiter.types import RewardInput, ScoreBatch, ScoreOptions
 from arbiter.v1 import reward_pb2
 from services.common.convert import messages_from_pb, truncation_from_pb
+
+
+# Sizes are checked as sent, before anything is converted (arbiter.limits).
+
+
+def check_input_sizes(budget: SizeBudget, request) -> None:
+    """A Score or ScoreStream request, and each of its inputs."""
+    budget.request(request.ByteSize())
+    for i, item in enumerate(request.inputs):
+        budget.item(f"inputs[{i}]", item.ByteSize())
+
+
+def check_response_sizes(budget: SizeBudget, request, responses: Iterable[tuple[str, str]]) -> None:
+    """A Compare or SubmitPreference request: each of its ``(field, response)``
+    with the request's context is one item (what is scored, or what RM
+    training tokenizes)."""
+    budget.request(request.ByteSize())
+    # Every string fits the request, so sizes up to its limit are exact.
+    cap = budget.request_limit
+    if request.WhichOneof("context") == "conversation":
+        where, context = "conversation", request.conversation.ByteSize()
+    else:
+        where, context = "prompt", utf8_size(request.prompt, cap)
+    for field, response in responses:
+        budget.item(f"{where} + {field}", context + utf8_size(response, cap))
 
 
 def inputs_from_pb(inputs) -> list[RewardInput]:

@@ -21,8 +21,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from arbiter.errors import BackendUnavailable, FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.limits import SizeBudget
 from arbiter.stream import KafkaSettings, StreamError, StreamProducer, TopicError, topics
 from arbiter.v1 import reward_pb2, rollout_pb2
+from services.reward.convert import check_response_sizes
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,35 @@ def _require_text(value: str, field: str, what: str) -> None:
         raise InvalidInput(field, f"is empty; {what}")
 
 
-def preference_from_request(request: reward_pb2.SubmitPreferenceRequest) -> rollout_pb2.Preference:
+def _check_sizes(request: reward_pb2.SubmitPreferenceRequest, budget: SizeBudget | None) -> None:
+    """Before anything is read: the lists' lengths, then each response with
+    its context, what RM training will tokenize, as an item of the reward
+    service's size."""
+    ranked = len(request.ranked_responses)
+    if ranked > MAX_RANKED_RESPONSES:
+        raise LimitExceeded(f"ranked_responses has {ranked} responses, over the limit of {MAX_RANKED_RESPONSES}")
+    count = ranked or 2
+    versions = len(request.policy_versions)
+    if versions and versions not in (1, count):
+        raise InvalidInput(
+            "policy_versions", f"has {versions} entries; send none, one (for all responses) or {count} "
+            "(one per response, in the order the responses were sent)",
+        )
+    if budget is not None:
+        if ranked:
+            responses = [(f"ranked_responses[{i}]", r) for i, r in enumerate(request.ranked_responses)]
+        else:
+            responses = [("chosen", request.chosen), ("rejected", request.rejected)]
+        check_response_sizes(budget, request, responses)
+
+
+def preference_from_request(
+    request: reward_pb2.SubmitPreferenceRequest, budget: SizeBudget | None = None
+) -> rollout_pb2.Preference:
     """Validate a request and build its Preference payload (schema version is
-    stamped by the codec; created_at and the id are set here)."""
+    stamped by the codec; created_at and the id are set here). ``budget``:
+    the reward service's size limits."""
+    _check_sizes(request, budget)
     preference = rollout_pb2.Preference()
     context = request.WhichOneof("context")
     if context is None:
@@ -64,10 +92,6 @@ def preference_from_request(request: reward_pb2.SubmitPreferenceRequest) -> roll
         responses = list(request.ranked_responses)
         if len(responses) < 2:
             raise InvalidInput("ranked_responses", f"has {len(responses)} response; a ranking needs at least 2")
-        if len(responses) > MAX_RANKED_RESPONSES:
-            raise LimitExceeded(
-                f"ranked_responses has {len(responses)} responses, over the limit of {MAX_RANKED_RESPONSES}"
-            )
         seen: dict[str, int] = {}
         for i, response in enumerate(responses):
             _require_text(response, f"ranked_responses[{i}]", "every ranked response needs text")
@@ -77,14 +101,12 @@ def preference_from_request(request: reward_pb2.SubmitPreferenceRequest) -> roll
                 )
             seen[response] = i
         preference.ranked_responses.extend(responses)
-        count = len(responses)
     else:
         _require_text(request.chosen, "chosen", "send the preferred response (or ranked_responses)")
         _require_text(request.rejected, "rejected", "send the dispreferred response (or ranked_responses)")
         if request.chosen == request.rejected:
             raise InvalidInput("rejected", "is identical to chosen; a preference needs two different responses")
         preference.chosen, preference.rejected = request.chosen, request.rejected
-        count = 2
 
     _require_text(request.annotator_id, "annotator_id", "say who judged (labels are audited per annotator)")
     if len(request.annotator_id) > _ANNOTATOR_MAX:
@@ -92,11 +114,6 @@ def preference_from_request(request: reward_pb2.SubmitPreferenceRequest) -> roll
     preference.annotator_id = request.annotator_id
 
     versions = list(request.policy_versions)
-    if versions and len(versions) not in (1, count):
-        raise InvalidInput(
-            "policy_versions", f"has {len(versions)} entries; send none, one (for all responses) or {count} "
-            "(one per response, in the order the responses were sent)",
-        )
     for i, version in enumerate(versions):
         _require_text(version, f"policy_versions[{i}]", "name the policy version or leave the list empty")
     preference.policy_versions.extend(versions)
@@ -143,8 +160,10 @@ class PreferenceFeedback:
         loop = asyncio.get_running_loop()
         loop.run_in_executor(self._executor, _close_quietly, producer)
 
-    async def submit(self, request: reward_pb2.SubmitPreferenceRequest) -> reward_pb2.SubmitPreferenceResponse:
-        preference = preference_from_request(request)
+    async def submit(
+        self, request: reward_pb2.SubmitPreferenceRequest, budget: SizeBudget | None = None
+    ) -> reward_pb2.SubmitPreferenceResponse:
+        preference = preference_from_request(request, budget)
         if self.kafka is None:
             raise FailedPrecondition(
                 "this reward service has no Kafka settings, so it cannot record preferences; start it with "

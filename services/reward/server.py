@@ -23,7 +23,7 @@ from services.reward.settings import RewardSettings
 def _register(server, engine: RewardEngine, metrics: RewardMetrics, settings: RewardSettings):
     feedback = PreferenceFeedback(settings.kafka)
     reward_pb2_grpc.add_RewardServiceServicer_to_server(
-        RewardServicer(engine, metrics, settings.stream_max_in_flight, feedback), server
+        RewardServicer(engine, metrics, settings.stream_max_in_flight, feedback, settings.stream_max_messages), server
     )
     return [feedback.close]
 

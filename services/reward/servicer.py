@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+from arbiter.errors import LimitExceeded
 from arbiter.reward.engine import RewardEngine
+from arbiter.types import ScoreBatch
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.convert import messages_from_pb
 from services.common.errors import status_for
 from services.common.handlers import streaming, unary
 from services.reward.convert import (
+    check_input_sizes,
+    check_response_sizes,
     compare_response_to_pb,
     drift_response_to_pb,
     inputs_from_pb,
@@ -24,21 +28,30 @@ from services.reward.metrics import RewardMetrics
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(
         self, engine: RewardEngine, metrics: RewardMetrics, stream_max_in_flight: int,
-        feedback: PreferenceFeedback | None = None,
+        feedback: PreferenceFeedback | None = None, stream_max_messages: int = 0,
     ):
         self.engine = engine
         self.metrics = metrics
         self.stream_max_in_flight = stream_max_in_flight
+        # 0: a stream may carry any number of messages.
+        self.stream_max_messages = stream_max_messages
         # SubmitPreference (services/reward/feedback.py); None: no Kafka settings.
         self.feedback = feedback or PreferenceFeedback(None)
 
+    async def _score_checked(self, request) -> ScoreBatch:
+        """A Score or ScoreStream request, its sizes checked before its inputs are converted."""
+        self.engine.check_count(len(request.inputs))
+        check_input_sizes(self.engine.size_budget(request.options.model_version), request)
+        return await self.engine.score(inputs_from_pb(request.inputs), options_from_pb(request.options))
+
     @unary("Score")
     async def Score(self, request, context):
-        batch = await self.engine.score(inputs_from_pb(request.inputs), options_from_pb(request.options))
-        return score_response_to_pb(batch)
+        return score_response_to_pb(await self._score_checked(request))
 
     @unary("Compare")
     async def Compare(self, request, context):
+        check_response_sizes(self.engine.size_budget(request.options.model_version), request,
+                             [("response_a", request.response_a), ("response_b", request.response_b)])
         messages = messages_from_pb(request.conversation) if request.WhichOneof("context") == "conversation" else None
         probability, batch = await self.engine.compare(
             request.prompt, messages, request.response_a, request.response_b, options_from_pb(request.options)
@@ -60,20 +73,22 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     @unary("SubmitPreference")
     async def SubmitPreference(self, request, context):
-        return await self.feedback.submit(request)
+        return await self.feedback.submit(request, self.engine.size_budget())
 
     @streaming("ScoreStream")
     async def ScoreStream(self, request_iterator, context):
         """Messages are scored concurrently (at most ``stream_max_in_flight``
-        at once, which back-pressures the caller) and answered as they finish."""
+        at once, holding at most ``max_request_bytes`` between them, which
+        back-pressures the caller) and answered as they finish. A message that
+        does not parse, or one past ``stream_max_messages``, ends the stream
+        with its status once every earlier message is answered."""
         responses: asyncio.Queue[reward_pb2.ScoreStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.stream_max_in_flight)
+        slots = _InFlight(self.stream_max_in_flight, self.engine.config.sizes.max_request_bytes)
         in_flight: set[asyncio.Task] = set()
 
-        async def answer(request: reward_pb2.ScoreStreamRequest) -> None:
+        async def answer(request: reward_pb2.ScoreStreamRequest, size: int) -> None:
             try:
-                batch = await self.engine.score(inputs_from_pb(request.inputs), options_from_pb(request.options))
-                response = stream_response_to_pb(request.correlation_id, batch)
+                response = stream_response_to_pb(request.correlation_id, await self._score_checked(request))
             except Exception as err:  # one bad message must not end the stream
                 code, message = status_for(err)
                 response = reward_pb2.ScoreStreamResponse(
@@ -81,24 +96,63 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                     error=common_pb2.ErrorStatus(code=code.value[0], message=message),
                 )
             finally:
-                slots.release()
+                slots.release(size)
             await responses.put(response)
 
         async def read_requests() -> None:
-            async for request in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            await asyncio.gather(*list(in_flight))
-            await responses.put(None)
+            try:
+                count = 0
+                async for request in request_iterator:
+                    count += 1
+                    if self.stream_max_messages and count > self.stream_max_messages:
+                        raise LimitExceeded(
+                            f"the stream sent more than {self.stream_max_messages} messages, the limit per stream "
+                            "(stream_max_messages); open a new stream"
+                        )
+                    size = request.ByteSize()
+                    await slots.acquire(size)
+                    task = asyncio.create_task(answer(request, size))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            finally:
+                # However the stream ends, the messages read so far are answered first.
+                await asyncio.gather(*list(in_flight), return_exceptions=True)
+                await responses.put(None)
 
         reader = asyncio.create_task(read_requests())
         try:
             while (response := await responses.get()) is not None:
                 yield response
-            await reader
+            await reader  # the stream's own error, if it ended on one
         finally:
             reader.cancel()
             for task in list(in_flight):
                 task.cancel()
+
+
+class _InFlight:
+    """What one stream has in flight: at most ``messages`` messages, holding
+    at most ``max_bytes`` between them (a bigger message runs alone). One
+    reader acquires; finished answers release."""
+
+    def __init__(self, messages: int, max_bytes: int):
+        self.messages = messages
+        self.max_bytes = max_bytes
+        self.count = 0
+        self.bytes = 0
+        self._released = asyncio.Event()
+
+    def _fits(self, size: int) -> bool:
+        return self.count == 0 or (self.count < self.messages and self.bytes + size <= self.max_bytes)
+
+    async def acquire(self, size: int) -> None:
+        while not self._fits(size):
+            self._released.clear()
+            await self._released.wait()
+        self.count += 1
+        self.bytes += size
+
+    def release(self, size: int) -> None:
+        self.count -= 1
+        self.bytes -= size
+        self._released.set()

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from arbiter.config import flag, require, require_choice
 from arbiter.drift import DriftConfig
+from arbiter.limits import MiB, SizeLimits
 from arbiter.reward.engine import RewardEngineConfig
 from arbiter.reward.convention import TEXT_CONVENTIONS
 from arbiter.stream import KafkaSettings
@@ -22,8 +23,16 @@ class RewardSettings(BatchedModelServerSettings):
         choices=TEXT_CONVENTIONS,
         help="for checkpoints whose arbiter.json has no text_convention: auto (detect TRL RewardTrainer "
              "checkpoints), append_eos (TRL's: prompt + response + end token), plain (prompt + response)"))
+    # Bytes per item and per request as sent, checked before converting a request.
+    sizes: SizeLimits = SizeLimits()
+    # Requests are text (max_request_bytes of it, plus framing) and responses
+    # a few numbers per item: gRPC refuses a bigger message before it is
+    # parsed (RESOURCE_EXHAUSTED); other servers take 64 MiB.
+    max_message_bytes: int = field(default=20 * MiB, metadata=flag(
+        help="largest gRPC message either way; a bigger request is refused before it is parsed (RESOURCE_EXHAUSTED)"))
     # Requests of one ScoreStream processed concurrently; more wait (backpressure).
     stream_max_in_flight: int = field(default=64, metadata=flag(help="ScoreStream messages scored at once"))
+    stream_max_messages: int = field(default=0, metadata=flag(help="messages in one ScoreStream (0: no limit)"))
     # Reward drift monitoring of served scores, per version.
     drift: DriftConfig = DriftConfig()
     # SubmitPreference appends human preferences to the preferences topic
@@ -37,7 +46,10 @@ class RewardSettings(BatchedModelServerSettings):
         require_choice(self.text_convention, "text_convention", TEXT_CONVENTIONS)
         require(self.max_items_per_request >= 1, "max_items_per_request", "must be >= 1", self.max_items_per_request)
         require(self.stream_max_in_flight >= 1, "stream_max_in_flight", "must be >= 1", self.stream_max_in_flight)
+        require(self.stream_max_messages >= 0, "stream_max_messages", "must be >= 0 (0: no limit)",
+                self.stream_max_messages)
+        self.sizes.require_within(self.max_message_bytes)
 
     def engine_config(self) -> RewardEngineConfig:
         return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request,
-                                  text_convention=self.text_convention)
+                                  text_convention=self.text_convention, sizes=self.sizes)
