@@ -88,7 +88,7 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_models, tmp_path_factory):
+def servers(tiny_models, tmp_path_factory, model_roots):
     root = tmp_path_factory.mktemp("fuzz")
     strict_reward = strict_chat_template(tiny_models["reward"], root / "reward-strict", version="strict")
     strict_policy = strict_chat_template(tiny_models["policy"], root / "policy-strict", version="strict")
@@ -96,13 +96,14 @@ def servers(tiny_models, tmp_path_factory):
     specs = {
         "reward": (create_reward_server, RewardSettings(
             model_dir=str(tiny_models["reward"]), port=0, max_items_per_request=4, stream_max_in_flight=2,
-            batching=batching)),
+            batching=batching, model_roots=model_roots)),
         "policy": (create_policy_server, PolicySettings(
-            model_dir=str(strict_policy), port=0, limits=GenerationLimits(
+            model_dir=str(strict_policy), port=0, model_roots=model_roots, limits=GenerationLimits(
                 max_prompts_per_request=3, max_samples_per_prompt=2, max_rows_per_request=4, max_new_tokens=3,
                 default_max_new_tokens=2, max_stop_strings=3))),
         "reference": (create_reference_server, ReferenceSettings(
-            model_dir=str(tiny_models["policy"]), port=0, max_sequences_per_request=4, batching=batching)),
+            model_dir=str(tiny_models["policy"]), port=0, max_sequences_per_request=4, batching=batching,
+            model_roots=model_roots)),
     }
     running = {}
     try:
