@@ -57,6 +57,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from arbiter.net import LOOPBACK, free_port
 from arbiter.stream.errors import StreamError
+from services.common.metrics import stop_metrics_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -582,10 +583,8 @@ class Stack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
-            self._metrics_httpd = None
+        stop_metrics_endpoint(self._metrics_httpd)
+        self._metrics_httpd = None
 
     def describe(self) -> str:
         where = ""

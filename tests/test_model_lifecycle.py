@@ -16,16 +16,8 @@ import pytest
 from arbiter.backends import BackendConfig
 from arbiter.backends.triton import TritonModel
 from arbiter.backends.triton_export import ExportOptions, export
-from arbiter.v1 import (
-    common_pb2,
-    common_pb2_grpc,
-    policy_pb2,
-    policy_pb2_grpc,
-    reference_pb2,
-    reference_pb2_grpc,
-    reward_pb2,
-    reward_pb2_grpc,
-)
+from arbiter.v1 import common_pb2, common_pb2_grpc, policy_pb2, policy_pb2_grpc
+from arbiter.v1 import reference_pb2, reference_pb2_grpc, reward_pb2, reward_pb2_grpc
 from helpers import BackgroundServer, Traffic, expect_error, metrics_text
 
 CASES = [

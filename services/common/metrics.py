@@ -71,3 +71,11 @@ class RpcMetrics:
                 pass
         for version in loaded:
             self.active_version.labels(self.service, version).set(1 if version == active else 0)
+
+
+def stop_metrics_endpoint(httpd) -> None:
+    """Free the port of a /metrics endpoint started with prometheus_client's
+    ``start_http_server`` (``None``: there is none)."""
+    if httpd is not None:
+        httpd.shutdown()
+        httpd.server_close()

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from arbiter.v1 import common_pb2, reward_pb2
 from services.common.handlers import DecodeGuard
+from services.common.metrics import stop_metrics_endpoint
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,7 @@ class RunningServer:
         await self.server.stop(self.grace_seconds if grace is None else grace)
         for callback in self._on_stop:
             await callback()
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
+        stop_metrics_endpoint(self._metrics_httpd)
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._on_stop.append(callback)

@@ -67,6 +67,7 @@ from arbiter.stream import StreamError, ensure_topics, list_topics, topics
 from arbiter.types import Prompt
 from arbiter.v1 import common_pb2, rollout_pb2
 from services.common.client import ModelServiceClient
+from services.common.metrics import stop_metrics_endpoint
 from services.common.pairing import TokenizerMismatch
 from services.policy.client import PolicyClient
 from services.reference.client import ReferenceClient
@@ -188,10 +189,8 @@ class RolloutWorker:
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
-        if self._metrics_httpd is not None:
-            self._metrics_httpd.shutdown()
-            self._metrics_httpd.server_close()
-            self._metrics_httpd = None
+        stop_metrics_endpoint(self._metrics_httpd)
+        self._metrics_httpd = None
 
     def __enter__(self) -> RolloutWorker:
         return self.start()
