@@ -92,12 +92,12 @@ class StackConfig:
     metrics: bool = True
     metrics_ports: dict[str, int] = field(default_factory=dict)
     workers: int = 1
+    torch_threads: int = 1
+    seed: int = 0
     # Extra flags per worker, e.g. {"samples_per_prompt": 4, "max_new_tokens": 24, "gold": "vader"}.
     worker: dict[str, Any] = field(default_factory=dict)
     # Trainer config fields (trainer/config.py); model_dir, output_dir and kafka are filled in.
     trainer: dict[str, Any] = field(default_factory=dict)
-    torch_threads: int = 1
-    seed: int = 0
     # Supervision: at most restart_budget restarts of one component within
     # restart_window_s (0: never restart); the delay before a restart doubles
     # from restart_backoff_s up to restart_backoff_max_s, and falls back to
