@@ -2,8 +2,9 @@
 
 Each service describes itself with a ``ModelServerSpec`` (its settings class,
 metrics, engine and gRPC servicer); everything else is the same for all:
-a model thread and a loader thread, the first version loaded through the
-kernel (``arbiter.kernel``), ``ModelService`` over that kernel, version
+a model thread and a release thread (loads run on threads of their own), the
+first version loaded through the kernel (``arbiter.kernel``), ``ModelService``
+over that kernel, version
 metrics kept current by a kernel observer, health, reflection, TLS/auth,
 graceful stop, and the command line (flags generated from the settings).
 """
