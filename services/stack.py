@@ -230,6 +230,8 @@ class ManagedProcess(Component):
         self.name = name
         self.argv = argv
         self.restart_argv = restart_argv or argv
+        # Used once, by the next start only (then restart_argv again).
+        self.next_argv: list[str] | None = None
         self.log_path = log_path
         self.env = env
         self.always = always
@@ -237,6 +239,8 @@ class ManagedProcess(Component):
 
     def start(self) -> None:
         argv = self.argv if self.proc is None else self.restart_argv
+        if self.next_argv is not None:
+            argv, self.next_argv = self.next_argv, None
         with self.log_path.open("a") as log_file:
             self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
@@ -484,7 +488,10 @@ class Stack:
     def _broker_restarted(self) -> None:
         if self.config.broker_storage == "memory":
             log.error("the broker restarted with memory storage: every topic, record and offset is gone "
-                      "(broker_storage: s3 keeps them)")
+                      "(broker_storage: s3 keeps them); the trainer stops at its next checkpoint (its offsets "
+                      "name the old log) and is restarted reading the new one from the start")
+            trainer = self.process("trainer")
+            trainer.next_argv = [*trainer.restart_argv, "--reset-offsets"]
         # Idempotent with s3 storage; recreates them (empty) with memory storage.
         self._ensure_topics()
 

@@ -43,7 +43,12 @@ class TrainerState:
     reward_moments: dict[str, Any] = field(default_factory=dict)
     # Version directories already published (republished after a crash otherwise).
     published: list[str] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
+    # Rollouts settled since the run began, by outcome (trained, stale, ...):
+    # restored with the checkpoint, so after any crash they still count each
+    # rollout once, the ledger an exactly-once check reads.
+    outcomes: dict[str, int] = field(default_factory=dict)
+    # The Kafka cluster ``offsets`` belong to (arbiter.stream.cluster_id).
+    cluster_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -54,6 +59,7 @@ class TrainerState:
     def from_json(cls, data: dict[str, Any]) -> TrainerState:
         data = dict(data)
         data["offsets"] = offsets_from_json(data.get("offsets", {}))
+        data.pop("counters", None)  # unused before outcomes existed
         return cls(**data)
 
 

@@ -26,11 +26,15 @@ import torch
 
 from arbiter.hf import weights_sha256
 from arbiter.stream import (
+    CommitError,
     ConsumedRecord,
     KafkaSettings,
+    ProduceError,
     StreamConsumer,
+    StreamError,
     StreamProducer,
     TopicPartition,
+    cluster_id,
     ensure_topics,
     list_topics,
     topics,
@@ -45,6 +49,10 @@ from trainer.policy_model import PolicyWithValue
 from trainer.step import UpdateStats, make_kl_controller, ppo_update
 
 log = logging.getLogger(__name__)
+
+
+class ClusterChanged(StreamError):
+    """The broker is not the cluster the checkpoint's offsets came from."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,7 @@ class PPOTrainer:
                 # checkpoint's offsets point into a log that no longer exists.
                 log.warning("ignoring the checkpoint's stream offsets: reading the rollouts topic from the start")
                 self.state.offsets = {}
+                self.state.cluster_id = ""
         self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
         self.pending: list[Trajectory] = []
         # Next offset per partition of everything consumed (trained, dropped or pending).
@@ -112,9 +121,13 @@ class PPOTrainer:
             self.state.version_steps.get(trajectory.policy_version), self.state.step, self.config.ppo.max_staleness
         )
 
+    def _count(self, outcome: str, count: int = 1) -> None:
+        self.metrics.rollouts.labels(outcome).inc(count)
+        self.state.outcomes[outcome] = self.state.outcomes.get(outcome, 0) + count
+
     def _drop(self, trajectory: Trajectory, outcome: str) -> None:
         self._remember(trajectory.rollout_id)
-        self.metrics.rollouts.labels(outcome).inc()
+        self._count(outcome)
 
     def admit(self, record: ConsumedRecord, consumer: StreamConsumer | None = None) -> None:
         """Take one consumed rollout: pending for a batch, or dropped (counted
@@ -130,7 +143,7 @@ class PPOTrainer:
                 max_tokens=self.model.max_tokens,
             )
         except InvalidRollout as err:
-            self.metrics.rollouts.labels("invalid").inc()
+            self._count("invalid")
             if consumer is not None:
                 consumer.reject(record, err.reason, err)
             else:
@@ -138,7 +151,7 @@ class PPOTrainer:
             return
         pending_ids = {t.rollout_id for t in self.pending}
         if trajectory.rollout_id in self.seen or trajectory.rollout_id in pending_ids:
-            self.metrics.rollouts.labels("duplicate").inc()
+            self._count("duplicate")
             return
         verdict = self._staleness(trajectory)
         if verdict is pm.Staleness.KEEP:
@@ -216,7 +229,7 @@ class PPOTrainer:
         )
         for t in batch:
             self._remember(t.rollout_id)
-        self.metrics.rollouts.labels("trained").inc(len(batch))
+        self._count("trained", len(batch))
         self.state.step += 1
         golds = [t.gold_score for t in batch if t.gold_score is not None]
         gold = sum(golds) / len(golds) if golds else None
@@ -249,6 +262,8 @@ class PPOTrainer:
         return final
 
     def checkpoint(self, consumer: StreamConsumer | None) -> Path:
+        if consumer is not None:
+            self._check_same_cluster(consumer.cluster_id())
         self.state.offsets = self.safe_offsets()
         self.state.seen_ids = list(self.seen)
         self.state.kl_controller = self.kl_controller.state_dict()
@@ -258,8 +273,38 @@ class PPOTrainer:
         )
         if consumer is not None and self.state.offsets:
             # Only now, with the checkpoint durable, may the group move forward.
-            consumer.commit({tp: o for tp, o in self.state.offsets.items() if tp in consumer.assignment()})
+            try:
+                consumer.commit({tp: o for tp, o in self.state.offsets.items() if tp in consumer.assignment()})
+            except CommitError as err:
+                # The checkpoint, not the group, is what a restart resumes
+                # from; the group's offsets only trail (lag, tools) and catch
+                # up with the next checkpoint. Meanwhile a reassignment
+                # resumes where this consumer is, not at the stale commit.
+                log.warning("checkpoint %s is durable but its offsets were not committed to the group "
+                            "(the next checkpoint commits them): %s", path.name, err)
+                self.metrics.commit_failures.inc()
+                consumer.seek(consumer.positions())
         return path
+
+    def _check_same_cluster(self, current: str | None) -> None:
+        """Offsets are positions in one cluster's log: refuse to store or use
+        them against another (a broker that came back empty, another cluster
+        behind the same address)."""
+        if not current:
+            return
+        if not self.state.cluster_id:
+            self.state.cluster_id = current
+            return
+        if current != self.state.cluster_id and (self.state.offsets or self.consumed):
+            raise ClusterChanged(
+                f"the Kafka cluster at {','.join(self.kafka.bootstrap_servers)} is {current!r}, but the "
+                f"checkpointed stream offsets (step {self.state.step}) belong to cluster {self.state.cluster_id!r}: "
+                "they are positions in another log, so neither resuming from them nor committing them is safe. "
+                "Point kafka.bootstrap_servers at that cluster, or restart with --reset-offsets to read the "
+                "rollouts topic of this one from the start (rollout ids in the checkpoint's dedupe window are "
+                "still skipped)"
+            )
+        self.state.cluster_id = current
 
     def announce(self, producer: StreamProducer, version: str) -> None:
         path = self.policies / version
@@ -273,6 +318,18 @@ class PPOTrainer:
         producer.flush(timeout_s=30)
         self.metrics.publish.inc()
         log.info("published policy %s", version)
+
+    def _try_announce(self, producer: StreamProducer, version: str) -> str | None:
+        """Announce ``version``; on failure (broker down) it stays owed and is
+        retried on the next pass of the loop (returned). Training goes on
+        meanwhile: the version is saved and checkpointed, and only the newest
+        owed announcement matters to followers."""
+        try:
+            self.announce(producer, version)
+            return None
+        except ProduceError as err:
+            log.warning("announcing policy %s failed (retried while training goes on): %s", version, err)
+            return version
 
     def _log_history(self, record: IterationRecord) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
@@ -293,6 +350,7 @@ class PPOTrainer:
         stop = stop or threading.Event()
         cfg = self.config
         # Create what is missing; an existing topic's partition count is the operator's choice.
+        self._check_same_cluster(cluster_id(self.kafka))
         existing = list_topics(self.kafka)
         missing = {t: topics.DEFAULT_PARTITIONS[t] for t in (topics.ROLLOUTS, topics.POLICY_UPDATES)
                    if self.kafka.topic(t) not in existing}
@@ -305,18 +363,20 @@ class PPOTrainer:
                 StreamProducer(self.kafka) as producer:
             if self.state.offsets:
                 consumer.seek(self.state.offsets)
-            if self.state.step > 0 and self.state.policy_version in self.state.published:
-                # The crash may have come between checkpoint and announcement;
-                # announcing twice is harmless (followers skip loaded versions).
-                self.announce(producer, self.state.policy_version)
+            # The crash may have come between checkpoint and announcement;
+            # announcing twice is harmless (followers skip loaded versions).
+            unannounced = self.state.policy_version if (
+                self.state.step > 0 and self.state.policy_version in self.state.published) else None
             while not stop.is_set() and (cfg.max_updates is None or self.state.step < cfg.max_updates):
+                if unannounced:
+                    unannounced = self._try_announce(producer, unannounced)
                 polled = consumer.poll(timeout_s=poll_timeout_s)
                 for record in polled.records:
                     self.admit(record, consumer)
                 for rejected in polled.rejected:
                     tp = rejected.topic_partition
                     self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
-                    self.metrics.rollouts.labels("invalid").inc()
+                    self._count("invalid")
                 self.metrics.lag.set(sum(consumer.lag().values()))
                 while (cfg.max_updates is None or self.state.step < cfg.max_updates) and (batch := self._take_batch()):
                     started = time.perf_counter()
@@ -328,7 +388,7 @@ class PPOTrainer:
                     if self.state.step % cfg.checkpoint_every == 0:
                         self.checkpoint(consumer)
                     if published:
-                        self.announce(producer, published)
+                        unannounced = self._try_announce(producer, published)
                     record = IterationRecord(**{**record.__dict__, "policy_version": self.state.policy_version,
                                                 "seconds": time.perf_counter() - started})
                     self.metrics.iteration.observe(record.seconds)

@@ -54,6 +54,11 @@ class TrainerMetrics:
         )
         self.lag = Gauge("arbiter_trainer_consumer_lag_records", "Rollouts waiting in the topic.", registry=r)
         self.publish = Counter("arbiter_trainer_policy_publishes", "Policy versions published.", registry=r)
+        self.commit_failures = Counter(
+            "arbiter_trainer_offset_commit_failures",
+            "Durable checkpoints whose offsets the consumer group did not take (committed with the next one).",
+            registry=r,
+        )
         # Rollout records skipped as unusable (also counted as rollouts{outcome="invalid"}).
         self.rejected_records = RejectedRecordsMetric(r, [topics.ROLLOUTS])
 

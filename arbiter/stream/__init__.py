@@ -16,7 +16,14 @@ from arbiter.stream.errors import (
     StreamError,
     TopicError,
 )
-from arbiter.stream.kafka import StreamConsumer, StreamProducer, delete_topics, ensure_topics, list_topics
+from arbiter.stream.kafka import (
+    StreamConsumer,
+    StreamProducer,
+    cluster_id,
+    delete_topics,
+    ensure_topics,
+    list_topics,
+)
 from arbiter.stream.settings import KafkaSettings, add_kafka_arguments, kafka_settings_from_args
 from arbiter.stream.types import (
     ConsumedRecord,
@@ -38,7 +45,7 @@ __all__ = [
     "REJECT_REASONS", "BrokerError", "CommitError", "ConsumedRecord", "ConsumerObserver", "ConsumerStats", "Delivery",
     "KafkaSettings", "PayloadError", "ProduceError", "ProducerObserver", "ProducerStats",
     "RecordBatch", "RejectedRecord", "SchemaVersionError", "StreamConsumer", "StreamError", "StreamProducer",
-    "TopicError", "TopicPartition", "add_kafka_arguments", "delete_topics", "ensure_topics",
+    "TopicError", "TopicPartition", "add_kafka_arguments", "cluster_id", "delete_topics", "ensure_topics",
     "kafka_settings_from_args", "list_topics", "merge_offsets", "next_offsets", "offsets_from_json",
     "offsets_to_json",
 ]

@@ -11,6 +11,10 @@ of two storages:
 - ``memory`` (explicit opt-in; the test suite's shared broker): everything is
   lost when Tansu stops.
 
+The cluster id names the log: with ``s3`` it is kept in ``data_dir`` and
+survives restarts; in memory every start gets a new one. A trainer compares
+it with the one its checkpoint's offsets came from (``arbiter.stream.cluster_id``).
+
 Code only ever sees bootstrap servers, so production points the same code at
 real Kafka.
 """
@@ -29,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +51,10 @@ STORAGES = ("s3", "memory")
 # Tansu reads these from the environment; a stray value would change the
 # broker under test (schema validation, trace export).
 _TANSU_ENV_BLOCKLIST = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "STORAGE_ENGINE", "LISTENER_URL",
-                        "ADVERTISED_LISTENER_URL")
+                        "ADVERTISED_LISTENER_URL", "CLUSTER_ID")
+# Where a durable broker keeps its cluster id: the id is what tells a client
+# holding offsets (a trainer's checkpoint) whether they belong to this log.
+CLUSTER_ID_FILE = "cluster-id"
 
 _running: weakref.WeakSet[LocalBroker] = weakref.WeakSet()
 
@@ -149,6 +157,9 @@ class LocalBroker:
         self.storage = storage
         self.data_dir = Path(data_dir).resolve() if data_dir else None
         self.store: LocalObjectStore | None = None
+        # One id per log: kept in data_dir with s3 storage (the log survives
+        # restarts), a new one at every start in memory (the log does not).
+        self.cluster_id: str | None = None
         self._process: subprocess.Popen | None = None
         # Re-entrant: a launch that times out stops the broker while start() holds it.
         self._lock = threading.RLock()
@@ -243,10 +254,26 @@ class LocalBroker:
     def _storage_engine(self) -> str:
         return f"s3://{BUCKET}/" if self.store is not None else "memory://tansu/"
 
+    def _new_cluster_id(self) -> str:
+        if self.storage == "memory":
+            return f"arbiter-memory-{uuid.uuid4().hex}"
+        path = self.data_dir / CLUSTER_ID_FILE
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cluster_id = f"arbiter-{uuid.uuid4().hex}"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(cluster_id + "\n")
+        tmp.replace(path)
+        return cluster_id
+
     def _launch(self, binary: Path, port: int) -> None:
         url = f"tcp://{self.host}:{port}"
+        self.cluster_id = self._new_cluster_id()
         command = [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                   "--storage-engine", self._storage_engine()]
+                   "--storage-engine", self._storage_engine(), "--cluster-id", self.cluster_id]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_BLOCKLIST}
         if self.store is not None:
             env.update(self.store.env())

@@ -116,6 +116,19 @@ def list_topics(settings: KafkaSettings, timeout_s: float = 10.0) -> set[str]:
         admin.close()
 
 
+def cluster_id(settings: KafkaSettings, timeout_s: float = 10.0) -> str:
+    """The cluster's id (DescribeCluster): what offsets stored outside Kafka
+    (a trainer's checkpoint) must be checked against before they are used,
+    since the same topic names on another cluster name another log."""
+    admin = _admin(settings, timeout_s)
+    try:
+        return str(admin.describe_cluster()["cluster_id"])
+    except kerrors.KafkaError as err:
+        raise StreamError(f"cannot describe the Kafka cluster at {','.join(settings.bootstrap_servers)}: {err}") from err
+    finally:
+        admin.close()
+
+
 def _partition_counts(admin: KafkaAdminClient, names: Sequence[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for topic in admin.describe_topics(list(names)):
@@ -215,6 +228,10 @@ class StreamProducer:
     and raises ProduceError if any record queued since the previous flush was
     not acknowledged, so a caller that ignores futures cannot lose records
     silently. Counters: ``stats()`` and the observer's callbacks.
+
+    Broker restarts are ridden out: unacknowledged records are retried until
+    ``delivery_timeout_ms`` (then reported failed), and a client left in a
+    fatal state is replaced before the next send (``stats().rebuilds``).
     """
 
     def __init__(self, settings: KafkaSettings, observer: ProducerObserver | None = None):
@@ -224,8 +241,12 @@ class StreamProducer:
         self._stats = ProducerStats()
         self._failures_since_flush: list[BaseException] = []
         self._existing_topics: set[str] = set()
+        self._producer = self._new_client()
+
+    def _new_client(self) -> KafkaProducer:
+        settings = self.settings
         try:
-            self._producer = KafkaProducer(
+            return KafkaProducer(
                 **client_config(settings),
                 acks="all",
                 # Retries without duplicates: the broker drops a retried batch it already has.
@@ -241,6 +262,28 @@ class StreamProducer:
             )
         except _NO_BROKERS as err:
             raise StreamError(f"no Kafka broker reachable at {','.join(settings.bootstrap_servers)}: {err}") from err
+
+    def _client_is_fatal(self) -> BaseException | None:
+        # An idempotent producer whose InitProducerId failed with an error the
+        # client does not retry (a restarting broker answers UnknownServerError)
+        # is dead for good: every later send fails with that error. Only a new
+        # client (a new producer id) recovers; the records it had not
+        # delivered were already reported failed to their callers.
+        manager = getattr(self._producer, "_transaction_manager", None)
+        if manager is None or not manager.has_fatal_error():
+            return None
+        return manager.last_error or kerrors.KafkaError("fatal producer state")
+
+    def _rebuild_if_fatal(self) -> None:
+        with self._lock:
+            error = self._client_is_fatal()
+            if error is None:
+                return
+            dead, self._producer = self._producer, self._new_client()
+            self._stats = replace(self._stats, rebuilds=self._stats.rebuilds + 1)
+        log.warning("producer %s: the Kafka client hit a fatal error (%s: %s); replaced it with a new one",
+                    self.settings.client_id, type(error).__name__, error)
+        dead.close(timeout=0)
 
     def send(self, topic: str, message: Message) -> concurrent.futures.Future[Delivery]:
         """Queue ``message`` for the logical ``topic``; keyed by the payload's key
@@ -261,6 +304,7 @@ class StreamProducer:
             self._stats = replace(self._stats, sent=self._stats.sent + 1)
         if wire not in self._existing_topics:
             self._check_topic(wire)
+        self._rebuild_if_fatal()
         try:
             future = self._producer.send(wire, key=key, value=value, headers=headers)
         except kerrors.KafkaTimeoutError as err:
@@ -664,6 +708,13 @@ class StreamConsumer(Generic[M]):
         for ktp, batch in raw.items():
             if batch and ktp in (self._consumer.assignment() or ()):
                 self._consumer.seek(ktp, batch[0].offset)
+
+    def cluster_id(self) -> str | None:
+        """The id of the cluster this consumer's newest metadata came from
+        (None before the first metadata response); compared with the id
+        stored beside offsets kept outside Kafka, it tells whether the broker
+        behind the bootstrap servers is still the same log."""
+        return self._consumer._client.cluster.cluster_id
 
     def positions(self) -> dict[TopicPartition, int]:
         """Next offset this consumer will deliver, per partition it has read or

@@ -189,6 +189,8 @@ class ProducerStats:
     delivered: int = 0
     failed: int = 0
     delivered_bytes: int = 0
+    # Times the client was replaced after a fatal error (see StreamProducer).
+    rebuilds: int = 0
 
     @property
     def in_flight(self) -> int:
