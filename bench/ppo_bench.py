@@ -176,6 +176,7 @@ class Distributed:
                 "reward": ["reward", "--model", str(models["reward"]), "--max-batch-size", "32", *common],
                 "reference": ["reference", "--model", str(models["policy"]), "--max-batch-size", "32", *common],
                 "policy": ["policy", "--model", str(models["policy"]), "--follow-updates", "--replica-id", "bench",
+                           "--model-roots", str(workdir),
                            *common],
             }
             for name, args in specs.items():

@@ -168,7 +168,17 @@ def service_args(config: StackConfig, kind: str, model: str | Path, port: int, m
     args = ["serve", kind, "--model", str(model), "--port", str(port), "--torch-threads", str(config.torch_threads)]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
-    return args + (["--follow-updates"] if kind == "policy" else [])
+    if kind == "policy":
+        # Versions the trainer publishes load from its output; --model's
+        # directory stays loadable too (the default root).
+        roots = (Path(model).resolve().parent, trainer_policies_dir(config))
+        args += ["--follow-updates", *(arg for root in roots for arg in ("--model-roots", str(root)))]
+    return args
+
+
+def trainer_policies_dir(config: StackConfig) -> Path:
+    """Where the stack's trainer writes the policy versions it publishes."""
+    return Path(config.workdir).resolve() / "trainer" / "policies"
 
 
 def worker_args(config: StackConfig, index: int, targets: dict[str, str], metrics_port: int | None) -> list[str]:
@@ -433,6 +443,8 @@ class Stack:
     def start(self, wait_s: float = 300.0) -> Stack:
         c = self.config
         self.logs.mkdir(parents=True, exist_ok=True)
+        # The policy's --model-roots must exist before its first version does.
+        trainer_policies_dir(c).mkdir(parents=True, exist_ok=True)
         try:
             self._start_broker()
             self._ensure_topics()
@@ -520,7 +532,7 @@ class Stack:
         c = self.config
         config = {
             "model_dir": str(Path(c.policy_model).resolve()),
-            "output_dir": str(self.workdir / "trainer"),
+            "output_dir": str(trainer_policies_dir(c).parent),
             "seed": c.seed,
             "torch_threads": c.torch_threads,
             **({"metrics_port": self._metrics_port("trainer")} if c.metrics else {}),

@@ -191,7 +191,8 @@ def read_raw(kafka: KafkaSettings, topic: str, count: int) -> list[dict]:
 # -- policy-updates: the policy follower ----------------------------------------
 
 
-def test_policy_follower_skips_poison_updates_and_applies_the_good_ones(tiny_models, kafka_settings, tmp_path):
+def test_policy_follower_skips_poison_updates_and_applies_the_good_ones(tiny_models, kafka_settings, tmp_path,
+                                                                       model_roots):
     kafka = kafka_settings.with_overrides(**SMALL)
     ensure_topics(kafka, {topics.POLICY_UPDATES: 1})
     checkpoint = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
@@ -206,7 +207,8 @@ def test_policy_follower_skips_poison_updates_and_applies_the_good_ones(tiny_mod
     produce_in_order(kafka, topics.POLICY_UPDATES, [encoded(topics.POLICY_UPDATES, update("v1"))]
                      + [p for _, p in poison] + [encoded(topics.POLICY_UPDATES, update("v2"))])
     settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, metrics_port=0, follow_updates=True,
-                              replica_id="poisoned", kafka=kafka, max_loaded_versions=2, grace_seconds=1.0)
+                              replica_id="poisoned", kafka=kafka, max_loaded_versions=2, grace_seconds=1.0,
+                              model_roots=model_roots)
     with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
         registry = server.running.registry
 

@@ -5,6 +5,7 @@ and a (re)started replica replays the topic to the newest loadable version."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -57,10 +58,10 @@ def publish(kafka, *updates) -> None:
         producer.flush()
 
 
-def follower_server(policy_dir, kafka, replica_id: str) -> BackgroundServer:
+def follower_server(policy_dir, kafka, replica_id: str, model_roots) -> BackgroundServer:
     settings = PolicySettings(
         model_dir=str(policy_dir), port=0, metrics_port=0, follow_updates=True, replica_id=replica_id, kafka=kafka,
-        max_loaded_versions=2, grace_seconds=1.0,
+        max_loaded_versions=2, grace_seconds=1.0, model_roots=model_roots,
     )
     return BackgroundServer(lambda: create_server(settings))
 
@@ -72,8 +73,10 @@ def outcomes(server) -> dict[str, float]:
     }
 
 
-def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kafka, checkpoints):
-    with follower_server(tiny_models["policy"], kafka, "replica-a") as server, \
+def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kafka, checkpoints, tmp_path):
+    # Versions load from where the trainer writes them, nowhere else.
+    roots = (str(checkpoints["v1"].parent),)
+    with follower_server(tiny_models["policy"], kafka, "replica-a", roots) as server, \
             PolicyClient(server.target) as client:
         probe = dict(max_new_tokens=8, temperature=1.0, seed=5)
         before = client.generate([PROMPT], **probe).samples[0]
@@ -81,6 +84,11 @@ def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kaf
         # Weights that do not hash to what the update announces: refused, v0 keeps serving.
         publish(kafka, update("v1", checkpoints["v1"], sha="0" * 64))
         wait_until(lambda: outcomes(server)["refused"] == 1, what="the bad sha to be refused")
+        assert client.info().version == "v0"
+        # Intact weights outside the replica's --model-roots: refused, like LoadModelVersion.
+        elsewhere = shutil.copytree(checkpoints["v1"], tmp_path / "elsewhere")
+        publish(kafka, update("v1", elsewhere))
+        wait_until(lambda: outcomes(server)["refused"] == 2, what="the path outside the roots to be refused")
         assert client.info().version == "v0"
 
         publish(kafka, update("v1", checkpoints["v1"], step=7))
@@ -102,18 +110,18 @@ def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kaf
 
         # An adapter must be announced as one; then it loads like LoadModelVersion would.
         publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=False))
-        wait_until(lambda: outcomes(server)["refused"] == 2, what="the unannounced adapter to be refused")
+        wait_until(lambda: outcomes(server)["refused"] == 3, what="the unannounced adapter to be refused")
         publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=True, step=8))
         wait_until(lambda: client.info().version == "lora-1", what="the adapter to be activated")
         assert client.generate([PROMPT], **probe).samples[0].policy_version == "lora-1"
-        assert outcomes(server) == {"applied": 2, "skipped": 1, "refused": 2, "failed": 1}
+        assert outcomes(server) == {"applied": 2, "skipped": 1, "refused": 3, "failed": 1}
 
         text = metrics_text(server)
         assert 'arbiter_policy_updates_total{outcome="applied"} 2.0' in text
         assert 'arbiter_model_active{model_version="lora-1",service="policy"} 1.0' in text
 
 
-def test_restarted_replica_replays_to_the_newest_loadable_version(tiny_models, kafka, checkpoints):
+def test_restarted_replica_replays_to_the_newest_loadable_version(tiny_models, kafka, checkpoints, model_roots):
     # History: a refused update, v1, then a newer version that fails to load.
     publish(
         kafka,
@@ -122,7 +130,7 @@ def test_restarted_replica_replays_to_the_newest_loadable_version(tiny_models, k
         update("v2", checkpoints["nan"]),
     )
     for _ in range(2):  # the same replica id twice: a restart replays as well
-        with follower_server(tiny_models["policy"], kafka, "replica-b") as server, \
+        with follower_server(tiny_models["policy"], kafka, "replica-b", model_roots) as server, \
                 PolicyClient(server.target) as client:
             wait_until(lambda: sum(outcomes(server).values()) == 3, what="the history to be handled")
             # Newest first: v2 fails, v1 applies, the refused older record is superseded.

@@ -249,7 +249,8 @@ def test_durable_broker_keeps_records_and_offsets_through_kill9_and_restart(tmp_
 # -- readiness -------------------------------------------------------------------
 
 
-def test_following_replica_is_not_serving_until_it_serves_the_newest_version(tiny_models, kafka_settings, tmp_path):
+def test_following_replica_is_not_serving_until_it_serves_the_newest_version(tiny_models, kafka_settings, tmp_path,
+                                                                            model_roots):
     v1 = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
     ensure_topics(kafka_settings, {topics.POLICY_UPDATES: 1})
     update = rollout_pb2.PolicyUpdate(policy_version="v1", checkpoint_path=str(v1), training_step=1,
@@ -260,11 +261,10 @@ def test_following_replica_is_not_serving_until_it_serves_the_newest_version(tin
     # A replica (re)started after v1 was published, from the base weights v0.
     settings = PolicySettings(
         model_dir=str(tiny_models["policy"]), port=0, follow_updates=True, replica_id="late", kafka=kafka_settings,
-        grace_seconds=1.0,
+        grace_seconds=1.0, model_roots=model_roots,
     )
     with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
-        # Loaded and answering on v0, but not ready: joining the replica's
-        # group alone takes the broker seconds.
+        # Loaded and answering on v0, but not ready until it has read the topic.
         assert client.info().version == "v0"
         assert health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         wait_until(lambda: health(server.target) == SERVING, 60, "the replica to become ready")

@@ -538,6 +538,9 @@ class StreamConsumer(Generic[M]):
                 max_poll_records=settings.max_poll_records,
                 fetch_max_wait_ms=settings.fetch_max_wait_ms,
                 allow_auto_create_topics=False,
+                # How soon partitions added to a topic (or a topic recreated
+                # after a broker restart) are seen.
+                metadata_max_age_ms=30_000,
             )
         except _NO_BROKERS as err:
             raise StreamError(f"no Kafka broker reachable at {','.join(settings.bootstrap_servers)}: {err}") from err
@@ -546,18 +549,35 @@ class StreamConsumer(Generic[M]):
             if missing:
                 raise TopicError(f"topics do not exist: {', '.join(missing)} (create them with ensure_topics)")
             if group_id is None:
-                assignment = []
-                for wire in self._logical:
-                    for partition in sorted(self._consumer.partitions_for_topic(wire) or ()):
-                        assignment.append(_KafkaTP(wire, partition))
-                self._consumer.assign(assignment)
-                self._set_assignment(frozenset(map(_ours, assignment)))
+                self._assign_every_partition()
             else:
                 self._consumer.subscribe(list(self._logical), listener=_Listener(self))
             self._dead_letters = _DeadLetters(settings, topics) if settings.dead_letter else None
         except BaseException:
             self._consumer.close(autocommit=False)
             raise
+
+    # -- assignment ----------------------------------------------------------
+
+    def _assign_every_partition(self) -> bool:
+        """Without a group: read every partition the metadata knows, a new
+        one (a topic recreated with more partitions) from its start. True if
+        the assignment grew."""
+        current = set(self._consumer.assignment() or ())
+        wanted = {_KafkaTP(wire, partition) for wire in self._logical
+                  for partition in self._consumer.partitions_for_topic(wire) or ()}
+        if wanted <= current:
+            return False
+        added = sorted(wanted - current)
+        self._consumer.assign(sorted(current | wanted))
+        for ktp in added:
+            # Without a resume offset, auto_offset_reset="earliest" starts it.
+            if _ours(ktp) in self._resume:
+                self._consumer.seek(ktp, self._resume[_ours(ktp)])
+        self._set_assignment(frozenset(map(_ours, current | wanted)))
+        if current:
+            log.warning("reading new partitions %s", ", ".join(map(str, map(_ours, added))))
+        return True
 
     # -- rebalance callbacks (client I/O thread) ---------------------------
 
@@ -616,6 +636,8 @@ class StreamConsumer(Generic[M]):
     def poll(self, timeout_s: float = 1.0, max_records: int | None = None) -> RecordBatch[M]:
         """Up to ``max_records`` (default settings.max_poll_records) decoded
         records, waiting at most ``timeout_s`` for the first; empty on timeout."""
+        if self.group_id is None:
+            self._assign_every_partition()  # cached metadata: no request
         raw = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         records: list[ConsumedRecord[M]] = []
         rejected: list[RejectedRecord] = []

@@ -53,9 +53,8 @@ TRAINER_GROUP = "arbiter-trainer"
 ROLLOUT_WORKERS_GROUP = "arbiter-rollout-workers"
 # Reward-model training from human preferences.
 REWARD_TRAINER_GROUP = "arbiter-reward-trainer"
-# Every policy replica must see every update, so replicas do not share a group:
-# each uses POLICY_REPLICA_GROUP_PREFIX + its replica id.
-POLICY_REPLICA_GROUP_PREFIX = "arbiter-policy-replica-"
+# Policy replicas read policy-updates without a group: each must see every
+# update on every partition (services.policy.follower).
 
 # -- record headers ----------------------------------------------------------
 

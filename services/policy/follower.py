@@ -4,10 +4,11 @@ as ``ModelService.LoadModelVersion`` (in-flight requests finish on the old
 weights; a version that fails to load or validate is refused and the serving
 version is untouched).
 
-Every replica sees every update: each consumes with its own group,
-``POLICY_REPLICA_GROUP_PREFIX + replica_id``. A replica starts from its
-``--model`` weights, so whenever it joins it replays the topic from the
-beginning: within what one poll returns, updates are tried newest first and
+Every replica sees every update: each reads every partition of the topic
+without a consumer group (no group join to wait for, no partition another
+member could own, and partitions added when the topic is recreated are read
+too). A replica starts from its ``--model`` weights, so whenever it starts it
+replays the topic from the beginning: within what one poll returns, updates are tried newest first and
 the first that is applied (or already loaded) supersedes all older ones, so a
 (re)started replica loads only the newest loadable version and ends up where
 its long-running peers are, even when the newest update is broken.
@@ -22,14 +23,16 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from arbiter.errors import ArbiterError
+from arbiter.errors import ArbiterError, PermissionDenied
 from arbiter.hf import weights_sha256
 from arbiter.lm import is_adapter_dir
 from arbiter.policy.engine import PolicyEngine
-from arbiter.stream import CommitError, KafkaSettings, RecordBatch, StreamConsumer, StreamError, topics
+from arbiter.stream import KafkaSettings, RecordBatch, StreamConsumer, StreamError, topics
 from arbiter.v1 import rollout_pb2
+from services.common.model_service import check_model_root
 from services.policy.metrics import PolicyMetrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class PolicyUpdateFollower:
         kafka: KafkaSettings,
         replica_id: str,
         engine: PolicyEngine,
+        model_roots: Sequence[Path],
         loop: asyncio.AbstractEventLoop,
         metrics: PolicyMetrics,
         *,
@@ -51,7 +55,10 @@ class PolicyUpdateFollower:
         retry_s: float = 2.0,
     ):
         self.kafka = kafka
-        self.group_id = topics.POLICY_REPLICA_GROUP_PREFIX + replica_id
+        self.replica_id = replica_id
+        # The same rule as LoadModelVersion: an update may name any path, but
+        # only checkpoints under these directories are read.
+        self.model_roots = tuple(model_roots)
         self.engine = engine
         self.loop = loop
         self.metrics = metrics
@@ -86,7 +93,7 @@ class PolicyUpdateFollower:
             try:
                 # An unusable record is skipped and counted (refused), never
                 # retried: stopping on it would freeze this replica's version.
-                consumer = StreamConsumer(self.kafka, [topics.POLICY_UPDATES], self.group_id, skip_invalid=True,
+                consumer = StreamConsumer(self.kafka, [topics.POLICY_UPDATES], None, skip_invalid=True,
                                           observer=self.metrics.rejected_records)
             except StreamError as err:
                 # The broker or topic may come later than the server: keep serving, keep trying.
@@ -105,27 +112,17 @@ class PolicyUpdateFollower:
                 consumer.close()
 
     def _follow(self, consumer: StreamConsumer) -> None:
-        while not consumer.assignment():
-            if self._stop.is_set():
-                return
-            try:
-                consumer.wait_for_assignment(timeout_s=1.0)
-            except StreamError:
-                continue
-        # Replay from the start (see the module docstring); offsets past the
-        # retention horizon fall back to the earliest retained record.
+        # No group: every partition is replayed from the start (see the module
+        # docstring); offset 0 past the retention horizon falls back to the
+        # earliest retained record. Seeking also makes each partition's
+        # position known, so an empty one counts as caught up.
         consumer.seek({tp: 0 for tp in consumer.assignment()})
-        log.info("policy updates: following %s as group %s", self.kafka.topic(topics.POLICY_UPDATES), self.group_id)
+        log.info("policy updates: following %s as replica %s", self.kafka.topic(topics.POLICY_UPDATES), self.replica_id)
         while not self._stop.is_set():
             self._note_caught_up(consumer)
             batch = consumer.poll(timeout_s=self.poll_timeout_s)
-            if not batch.records and not batch.rejected:
-                continue
-            self._handle(consumer, batch)
-            try:
-                consumer.commit(batch.next_offsets())
-            except CommitError as err:
-                log.warning("policy updates: %s", err)
+            if batch.records or batch.rejected:
+                self._handle(consumer, batch)
 
     def _handle(self, consumer: StreamConsumer, batch: RecordBatch) -> None:
         for _rejected in batch.rejected:  # the consumer logged the reason
@@ -169,6 +166,11 @@ class PolicyUpdateFollower:
         if version in self._on_loop(self._loaded_versions()):
             log.info("%s: version already loaded; skipped", label)
             return SKIPPED
+        try:
+            check_model_root(path, self.model_roots)
+        except PermissionDenied as err:
+            log.error("%s: refused: %s", label, err)
+            return REFUSED
         if update.weights_sha256:
             try:
                 actual = weights_sha256(path)
