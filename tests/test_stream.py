@@ -16,6 +16,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import kafka.errors
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import drain
@@ -37,6 +38,7 @@ from arbiter.stream import (
     TopicError,
     TopicPartition,
     add_kafka_arguments,
+    cluster_id,
     codec,
     delete_topics,
     ensure_topics,
@@ -360,6 +362,38 @@ def test_local_broker_lifecycle(tmp_path, kafka_broker):
     assert not broker.running()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_cluster_id_names_the_log_durable_keeps_it_memory_does_not(tmp_path):
+    durable = LocalBroker(log_path=tmp_path / "durable.log", storage="s3", data_dir=tmp_path / "data")
+    with durable:
+        first = cluster_id(durable.settings())
+        durable.kill()
+        durable.restart()
+        # Same data, same log: the id survives a crash and a restart.
+        assert cluster_id(durable.settings()) == first == durable.cluster_id
+    with LocalBroker(log_path=tmp_path / "again.log", storage="s3", data_dir=tmp_path / "data") as again:
+        assert cluster_id(again.settings()) == first
+    with LocalBroker(log_path=tmp_path / "memory.log") as memory:
+        in_memory = cluster_id(memory.settings())
+        memory.kill()
+        memory.restart()
+        # An empty log after a restart is another log.
+        assert cluster_id(memory.settings()) not in (in_memory, first)
+
+
+def test_a_producer_left_fatal_by_its_client_is_replaced_and_delivers(kafka_settings):
+    ensure_topics(kafka_settings, {topics.ROLLOUTS: 1})
+    with StreamProducer(kafka_settings) as producer:
+        producer.send(topics.ROLLOUTS, make_rollout(0)).result(10)
+        # What an InitProducerId answered with an unretriable error (a broker
+        # whose storage is restarting) leaves behind: every later send fails.
+        producer._producer._transaction_manager.transition_to_fatal_error(
+            kafka.errors.KafkaError("InitProducerId: UnknownServerError"))
+        delivery = producer.send(topics.ROLLOUTS, make_rollout(1)).result(10)
+        assert delivery.offset == 1
+        producer.flush(10)
+        assert producer.stats().rebuilds == 1 and producer.stats().failed == 0
 
 
 def test_cli_broker_writes_ready_file_and_stops_on_sigterm(tmp_path):

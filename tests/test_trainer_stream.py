@@ -8,14 +8,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from helpers import wait_until
 
 from arbiter.hf import weights_sha256
-from arbiter.stream import StreamConsumer, StreamProducer, ensure_topics, topics
+from arbiter.stream import StreamConsumer, StreamProducer, cluster_id, ensure_topics, topics
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import config_from_dict
-from trainer.loop import PPOTrainer
+from trainer.loop import ClusterChanged, PPOTrainer
 from tests.rollout_fixtures import sample_trajectories, to_rollout
 
 BATCH = 8
@@ -75,6 +76,41 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
     state = json.loads((latest_checkpoint(trainer.checkpoints) / "state.json").read_text())
     committed_total = sum(o for parts in state["offsets"].values() for o in parts.values())
     assert committed_total == len(fresh) + 3 + 2
+
+
+def test_offsets_from_another_cluster_are_refused_until_reset(tiny_models, tmp_path, kafka_settings):
+    ensure_topics(kafka_settings, {topics.ROLLOUTS: 4, topics.POLICY_UPDATES: 1})
+    config = config_from_dict(trainer_config(tiny_models, tmp_path, kafka_settings, max_updates=1))
+    trainer = PPOTrainer(config, kafka_settings)
+    rollouts = [to_rollout(t) for t in sample_trajectories(
+        trainer.model.lm, trainer.model.tokenizer, 2 * BATCH, version="v0", seed=4)]
+    produce(kafka_settings, rollouts[:BATCH])
+    trainer.run(stop=None, poll_timeout_s=0.2)
+    path = latest_checkpoint(trainer.checkpoints) / "state.json"
+    state = json.loads(path.read_text())
+    # The checkpoint says which log its offsets are positions in.
+    assert state["cluster_id"] == cluster_id(kafka_settings)
+    assert state["outcomes"] == {"trained": BATCH}
+
+    # The same address now answers as another cluster (say, a broker that
+    # came back empty): resuming would read, and commit, positions of the old log.
+    path.write_text(json.dumps({**state, "cluster_id": "the-old-cluster"}))
+    moved = PPOTrainer(config_from_dict(trainer_config(tiny_models, tmp_path, kafka_settings, max_updates=2)),
+                       kafka_settings)
+    with pytest.raises(ClusterChanged, match=(
+            f"is {cluster_id(kafka_settings)!r}, but the checkpointed stream offsets \\(step 1\\) belong to "
+            "cluster 'the-old-cluster'.*restart with --reset-offsets")):
+        moved.run(stop=None, poll_timeout_s=0.2)
+
+    # The documented way on: this cluster's topic from the group's commits
+    # (here the first batch's), or from the start where there are none.
+    produce(kafka_settings, rollouts[BATCH:])
+    reset = PPOTrainer(config_from_dict(trainer_config(tiny_models, tmp_path, kafka_settings, max_updates=2)),
+                       kafka_settings, reset_offsets=True)
+    assert [r.step for r in reset.run(stop=None, poll_timeout_s=0.2)] == [2]
+    state = json.loads((latest_checkpoint(reset.checkpoints) / "state.json").read_text())
+    assert state["cluster_id"] == cluster_id(kafka_settings)
+    assert state["outcomes"] == {"trained": 2 * BATCH}
 
 
 def checkpoint_state(run_dir):

@@ -29,7 +29,6 @@ from arbiter.stream import (
     CommitError,
     ConsumedRecord,
     KafkaSettings,
-    ProduceError,
     StreamConsumer,
     StreamError,
     StreamProducer,
@@ -97,7 +96,8 @@ class PPOTrainer:
             if reset_offsets:
                 # The stream is new (e.g. a fresh in-memory dev broker): the
                 # checkpoint's offsets point into a log that no longer exists.
-                log.warning("ignoring the checkpoint's stream offsets: reading the rollouts topic from the start")
+                log.warning("ignoring the checkpoint's stream offsets: reading the rollouts topic from the group's "
+                            "committed offsets on this cluster, or from the start where it has none")
                 self.state.offsets = {}
                 self.state.cluster_id = ""
         self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
@@ -300,9 +300,9 @@ class PPOTrainer:
                 f"the Kafka cluster at {','.join(self.kafka.bootstrap_servers)} is {current!r}, but the "
                 f"checkpointed stream offsets (step {self.state.step}) belong to cluster {self.state.cluster_id!r}: "
                 "they are positions in another log, so neither resuming from them nor committing them is safe. "
-                "Point kafka.bootstrap_servers at that cluster, or restart with --reset-offsets to read the "
-                "rollouts topic of this one from the start (rollout ids in the checkpoint's dedupe window are "
-                "still skipped)"
+                "Point kafka.bootstrap_servers at that cluster, or restart with --reset-offsets to read this "
+                "one's rollouts topic from the trainer group's committed offsets, or from the start where it has "
+                "none (rollout ids in the checkpoint's dedupe window are still not trained again)"
             )
         self.state.cluster_id = current
 
@@ -327,7 +327,7 @@ class PPOTrainer:
         try:
             self.announce(producer, version)
             return None
-        except ProduceError as err:
+        except StreamError as err:  # not acknowledged, or the broker is not even reachable
             log.warning("announcing policy %s failed (retried while training goes on): %s", version, err)
             return version
 

@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="trainer YAML (see trainer/config.py for every field)")
     parser.add_argument("--max-updates", type=int, help="stop after this many updates (overrides the config)")
     parser.add_argument("--reset-offsets", action="store_true",
-                        help="resume weights and optimizer but not stream offsets (the topics were recreated)")
+                        help="resume weights and optimizer but not the checkpoint's stream offsets (a new cluster or recreated "
+                             "topics): read from the group's committed offsets, or the start where there are none")
 
 
 def ppo_main(args) -> int:
