@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo demo-data bench clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench bench-chaos clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -87,6 +87,12 @@ demo-triton: install triton-env
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# arbiter up with each component killed by SIGKILL in turn (broker and its
+# object store included): seconds until training resumes, and the
+# exactly-once ledger. Minutes; not part of make bench.
+bench-chaos: install
+	$(BIN)/python -m bench.chaos $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .tools $(GEN_STAMP) arbiter/v1/*_pb2*.py* build runs
