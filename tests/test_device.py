@@ -10,10 +10,11 @@ import math
 
 import pytest
 import torch
-from helpers import BackgroundServer
+from helpers import BackgroundServer, head_tolerance
 
 from arbiter.backends import BackendConfig
 from arbiter.backends.placement import Placement
+from arbiter.backends.triton_export import ExportError, ExportOptions, model_config
 from arbiter.config import ConfigError
 from arbiter.lm import completion_logits, forward_step, load_causal_lm, load_causal_weights
 from arbiter.reward.model import RewardModel
@@ -39,24 +40,6 @@ PAIRS = [
     ("", " A response with no prompt at all, a little longer than the others to vary padding."),
 ]
 SEQUENCES = [([280, 462, 406], [293, 427, 79, 12]), ([5], [6, 7, 8, 9, 10, 11, 12, 13])]
-
-# Relative rounding error of one rounding to nearest: half a unit in the last
-# place of a significand of 8 bits (bfloat16) or 11 (float16).
-UNIT_ROUNDOFF = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
-
-
-def head_tolerance(head: torch.Tensor, dtype: str, roundings: int = 8) -> float:
-    """How far a half-precision forward may move an output read off a linear
-    ``head`` (rows w) over the final layer-normed hidden state h. Each output
-    is w.h; a relative error u in w, in h or in the result moves it by at
-    most u * |w| * |h| (Cauchy-Schwarz). |h| = sqrt(width): an untrained
-    LayerNorm (gain 1, bias 0) gives unit variance. ``roundings`` counts the
-    roundings allowed to pile up: the weights', the result's, and h's through
-    the residual stream of the tiny models' two blocks (attention, MLP, two
-    LayerNorms each, plus the final one: about six)."""
-    width = head.shape[-1]
-    return roundings * UNIT_ROUNDOFF[dtype] * float(head.detach().float().norm(dim=-1).max()) * math.sqrt(width)
-
 
 def logprob_tolerance(model, dtype: str) -> float:
     """log p(t) = z_t - logsumexp(z), and logsumexp moves by at most the
@@ -127,6 +110,30 @@ def test_every_service_takes_the_flags(tiny_models):
     assert settings.backend.dtype == "float16"
     with pytest.raises(SystemExit):  # argparse: invalid choice, exit 2
         parse_args(["serve", "reward", "--model", "m", "--dtype", "int8"])
+
+
+def test_export_places_the_triton_model_as_a_service_would_run():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    def exported(device: str):
+        text = model_config("rm", 1, ExportOptions(device=device, dtype="bfloat16", instances=2))
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.parameters["dtype"].string_value == "bfloat16"
+        assert config.parameters["device"].string_value == device
+        return [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus))
+                for g in config.instance_group]
+
+    assert exported("cpu") == [(2, "KIND_CPU", [])]
+    assert exported("cuda") == [(2, "KIND_GPU", [])]
+    assert exported("cuda:1") == [(2, "KIND_GPU", [1])]
+    assert exported("gpu") == [(2, "KIND_GPU", [])]  # as exports before cuda:N spelled it
+    assert exported("auto") == [(2, "KIND_AUTO", [])]
+    # Exporting for a GPU needs none here; a misspelt device or dtype is refused.
+    for options, message in (({"device": "cuda:x"}, "--device must be cpu, cuda, cuda:N or auto, got 'cuda:x'"),
+                             ({"dtype": "int8"}, "--dtype must be one of float32, bfloat16, float16, got 'int8'")):
+        with pytest.raises(ExportError, match=message):
+            ExportOptions(**options)
 
 
 # -- the services in bfloat16 ---------------------------------------------------------

@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,16 @@ class TritonModel:
 
         parsed = text_format.Parse((self._config_dir / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
         return json_format.MessageToDict(parsed, preserving_proto_field_name=True)
+
+    def placement(self) -> tuple[str, str]:
+        """(device, dtype) the loaded model runs with, from the config Triton
+        has: as exported (``arbiter triton export --device/--dtype``)."""
+        config = self._call(self._client.get_model_config, self.name, as_json=True,
+                            client_timeout=self.timeout_s)["config"]
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        kinds = {group.get("kind", "KIND_AUTO") for group in config.get("instance_group", [])}
+        fallback = {frozenset({"KIND_CPU"}): "cpu", frozenset({"KIND_GPU"}): "gpu"}.get(frozenset(kinds), "auto")
+        return params.get("device") or fallback, params.get("dtype") or "float32"
 
     def check_io(
         self,
@@ -479,11 +490,12 @@ class TritonBackends:
         self.server.acquire(number, Path(path).parent)
         try:
             self.server.check_io(number, signature.spec(signature.inputs), signature.spec(signature.outputs))
+            device, dtype = self.server.placement()
         except BaseException:
             self.server.release(number)
             raise
         return TritonBackend(self.server, number, pad_token_id(hf_config, tokenizer), signature,
-                             self.config.triton_max_in_flight, tokenizer, info)
+                             self.config.triton_max_in_flight, tokenizer, replace(info, device=device, dtype=dtype))
 
     async def aclose(self) -> None:
         await self.server.aclose()
