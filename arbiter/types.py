@@ -90,7 +90,7 @@ class ModelInfo:
     backend: str = "torch"
     normalization: NormalizationStats | None = None
     # Where the weights run and their dtype ("cuda:0", "bfloat16"); for a
-    # Triton backend, what its exported config says ("gpu" when Triton picks).
+    # Triton backend, what the config Triton runs says.
     device: str = ""
     dtype: str = ""
     loaded_at: float = 0.0

@@ -79,7 +79,6 @@ class Placement:
         return model.to(torch.device(self.device)).eval()
 
 
-
 CPU_FLOAT32 = Placement()
 
 

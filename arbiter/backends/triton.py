@@ -220,13 +220,21 @@ class TritonModel:
 
     def placement(self) -> tuple[str, str]:
         """(device, dtype) the loaded model runs with, from the config Triton
-        has: as exported (``arbiter triton export --device/--dtype``)."""
+        runs (``arbiter triton export --device/--dtype``): its instance groups
+        (Triton resolves KIND_AUTO when it loads) and the dtype parameter."""
         config = self._call(self._client.get_model_config, self.name, as_json=True,
                             client_timeout=self.timeout_s)["config"]
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        kinds = {group.get("kind", "KIND_AUTO") for group in config.get("instance_group", [])}
-        fallback = {frozenset({"KIND_CPU"}): "cpu", frozenset({"KIND_GPU"}): "gpu"}.get(frozenset(kinds), "auto")
-        return params.get("device") or fallback, params.get("dtype") or "float32"
+        groups = config.get("instance_group", [])
+        kinds = {group.get("kind", "KIND_AUTO") for group in groups}
+        gpus = sorted({int(n) for group in groups for n in group.get("gpus", [])})
+        if kinds == {"KIND_CPU"}:
+            device = "cpu"
+        elif kinds == {"KIND_GPU"}:
+            device = ",".join(f"cuda:{n}" for n in gpus) or "cuda"
+        else:
+            device = "auto"
+        dtype = config.get("parameters", {}).get("dtype", {}).get("string_value") or "float32"
+        return device, dtype
 
     def check_io(
         self,

@@ -64,7 +64,8 @@ class ExportOptions:
         help=f"where Triton runs the model: {DEVICE_FORMS} (the instance group's kind)"))
     # Bound it: Triton runs one process per instance and they share the cores.
     torch_threads: int = field(default=0, metadata=flag(help="torch threads per CPU instance (0: default)"))
-    # float32 matches the in-process backend exactly; half precision is for GPUs.
+    # float32 matches the in-process default exactly; bfloat16/float16 match a
+    # service run with the same --dtype (and halve the weights' memory).
     dtype: str = field(default="float32", metadata=flag(choices=DTYPES, help="weights' dtype in Triton"))
 
     def __post_init__(self) -> None:
@@ -177,9 +178,7 @@ def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kin
         "arbiter_kind": model_kind,
         "pad_token_id": str(pad_token_id),
         "torch_threads": str(options.torch_threads),
-        # The instance group places the model; the device is recorded for the
-        # service's ModelInfo. The dtype is what the model file loads with.
-        "device": options.device,
+        # What the model file loads the weights in; the instance group places them.
         "dtype": options.dtype,
     }
     params = "".join(
