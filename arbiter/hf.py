@@ -236,6 +236,8 @@ def describe(
     max_tokens: int | None,
     backend: str,
     extra: dict[str, str] | None = None,
+    device: str = "",
+    dtype: str = "",
 ) -> ModelInfo:
     """The one ``ModelInfo`` builder, for every kind and backend. ``root`` holds
     arbiter.json (name, version label, normalization statistics); ``config``
@@ -263,6 +265,8 @@ def describe(
         source_path=str(Path(source_path).resolve()),
         backend=backend,
         normalization=meta.normalization,
+        device=device,
+        dtype=dtype,
         loaded_at=time.time(),
         extra={"architecture": architecture(config), **(extra or {})},
     )

@@ -2,10 +2,15 @@
 loading (a full checkpoint or a LoRA adapter on a base), validation, token-id
 checks and the teacher-forced forward pass.
 
-Numerics: weights and logits are float32; log-softmax is taken in float64 so
-that two code paths over the same logits (incremental decoding in the policy,
-one full forward in the reference) agree to well under float32's resolution,
-which is what the wire carries.
+Numerics: weights are float32 unless the service says otherwise
+(``--dtype``, ``arbiter.backends.placement``); log-softmax is taken in float64
+over up-cast logits, so that two code paths over the same logits (incremental
+decoding in the policy, one full forward in the reference) agree to well under
+float32's resolution, which is what the wire carries. With bfloat16 or float16
+weights the logits themselves carry the half-precision forward's error.
+
+Device: a model sits where its ``Placement`` puts it; the helpers here build
+or move their inputs onto the model's device and return log-probs as floats.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from arbiter.backends.placement import CPU_FLOAT32, Placement, device_and_dtype, model_device
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.hf import check_checkpoint_dir, describe, load_tokenizer, quiet_transformers, read_config, require_causal_lm
 from arbiter.types import ModelInfo
@@ -44,14 +50,13 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / name).exists() for name in _TOKENIZER_FILES)
 
 
-def _from_pretrained(path: str | Path):
-    import torch
+def _from_pretrained(path: str | Path, dtype):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     require_causal_lm(read_config(path), path)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except Exception as err:  # transformers raises many types (shape mismatch: RuntimeError)
         # Transformers logs the detail of a shape mismatch and raises a bare
         # "see the report above"; say which tensor is wrong instead.
@@ -102,14 +107,21 @@ def _adapter_base(root: Path, base_dir: str | Path | None) -> Path:
     )
 
 
-def load_causal_weights(root: Path, base_dir: str | Path | None = None) -> tuple[object, object]:
+def load_causal_weights(
+    root: Path, base_dir: str | Path | None = None, placement: Placement = CPU_FLOAT32
+) -> tuple[object, object]:
     """(model, tokenizer) of a full checkpoint, or of a LoRA adapter
     (``adapter_config.json``) merged into a fresh copy of its base so inference
     costs the same as a full model. A directory without tokenizer files uses
-    ``base_dir``'s tokenizer. Blocking; weights float32, in eval mode."""
+    ``base_dir``'s tokenizer. Blocking; in eval mode, on ``placement``'s
+    device and dtype (a checkpoint saved in another dtype is cast as it loads)."""
+    import torch
+
     if is_adapter_dir(root):
         base = _adapter_base(root, base_dir)
-        model = _from_pretrained(base)
+        # Merged in float32 and cast once: merging into half-precision weights
+        # would round the base and then the sum.
+        model = _from_pretrained(base, torch.float32)
         try:
             from peft import PeftModel
 
@@ -121,13 +133,12 @@ def load_causal_weights(root: Path, base_dir: str | Path | None = None) -> tuple
             raise ModelLoadError(f"cannot apply the LoRA adapter in {str(root)!r} to {str(base)!r}: {err}") from err
         tokenizer_dir = root if _has_tokenizer(root) else base
     else:
-        model = _from_pretrained(root)
+        model = _from_pretrained(root, placement.torch_dtype)
         tokenizer_dir = root if _has_tokenizer(root) or base_dir is None else Path(base_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    return model, tokenizer
+    return placement.place(model), tokenizer
 
 
 def load_causal_lm(
@@ -137,14 +148,17 @@ def load_causal_lm(
     version: str | None = None,
     base_dir: str | Path | None = None,
     max_tokens: int | None = None,
+    placement: Placement = CPU_FLOAT32,
 ) -> LoadedLM:
     """``load_causal_weights`` plus the version's ``ModelInfo`` and parameter
     shapes, checked to give finite logits."""
     root = check_checkpoint_dir(model_dir)
-    model, tokenizer = load_causal_weights(root, base_dir)
+    model, tokenizer = load_causal_weights(root, base_dir, placement)
+    device, dtype = device_and_dtype(model)
     info = describe(
         kind, root, source_path=root, tokenizer=tokenizer, config=model.config, version=version,
         max_tokens=max_tokens, backend="torch", extra={"adapter": "true"} if is_adapter_dir(root) else None,
+        device=device, dtype=dtype,
     )
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     loaded = LoadedLM(model, tokenizer, info, shapes)
@@ -160,7 +174,7 @@ def probe_finite(model, tokenizer) -> None:
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] or [0]
     try:
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([ids], dtype=torch.long)).logits
+            logits = model(input_ids=torch.tensor([ids], dtype=torch.long, device=model_device(model))).logits
     except Exception as err:
         raise ModelLoadError(f"probe forward pass failed: {err}") from err
     bad = int((~torch.isfinite(logits)).sum())
@@ -215,10 +229,14 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
 
 
 def forward_step(model, input_ids, attention_mask, position_ids, cache=None, last_only: bool = False):
-    """One forward with a KV cache; returns (logits, cache). Transformers
-    renamed ``past_key_values`` to ``cache``; both spellings work here."""
+    """One forward with a KV cache; returns (logits, cache), logits in the
+    model's dtype on its device. Inputs are moved to the model's device (a
+    no-op when already there). Transformers renamed ``past_key_values`` to
+    ``cache``; both spellings work here."""
     params = _forward_params(model)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    device = model_device(model)
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                  position_ids=position_ids.to(device), use_cache=True)
     if cache is not None:
         kwargs["cache" if "cache" in params else "past_key_values"] = cache
     if last_only and "logits_to_keep" in params:
@@ -243,7 +261,8 @@ def _forward_params(model) -> frozenset[str]:
 def completion_logits(model, pad_id: int, batch: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list:
     """Teacher-forced forward of prompt + completion, right-padded (a causal
     model's real positions are then unaffected by the padding). Returns, per
-    item, the (C, V) float32 logits that predict each completion token."""
+    item, the (C, V) logits that predict each completion token, in the
+    model's dtype on its device (up-cast them before a softmax)."""
     import torch
 
     width = max(len(p) + len(c) for p, c in batch)
@@ -253,15 +272,21 @@ def completion_logits(model, pad_id: int, batch: Sequence[tuple[Sequence[int], S
         ids = [*prompt, *completion]
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
+    device = model_device(model)
     with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
     # Position t predicts token t + 1: completion token k sits at len(prompt) + k.
     return [logits[row, len(p) - 1 : len(p) - 1 + len(c)] for row, (p, c) in enumerate(batch)]
 
 
-def token_logprobs(logprobs, tokens: Sequence[int]) -> list[float]:
-    """(C, V) log-probs and C token ids -> C floats."""
+def gather_tokens(logprobs, tokens: Sequence[int]):
+    """(C, V) log-probs (on any device) and C token ids -> a (C,) tensor beside them."""
     import torch
 
-    index = torch.tensor(list(tokens), dtype=torch.long)[:, None]
-    return logprobs.gather(-1, index)[:, 0].tolist()
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logprobs.device)[:, None]
+    return logprobs.gather(-1, index)[:, 0]
+
+
+def token_logprobs(logprobs, tokens: Sequence[int]) -> list[float]:
+    """(C, V) log-probs (on any device) and C token ids -> C floats."""
+    return gather_tokens(logprobs, tokens).tolist()

@@ -89,6 +89,10 @@ class ModelInfo:
     source_path: str
     backend: str = "torch"
     normalization: NormalizationStats | None = None
+    # Where the weights run and their dtype ("cuda:0", "bfloat16"); for a
+    # Triton backend, what the config Triton runs says.
+    device: str = ""
+    dtype: str = ""
     loaded_at: float = 0.0
     active: bool = False
     extra: dict[str, str] = field(default_factory=dict)

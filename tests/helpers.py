@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import threading
 import time
 import urllib.request
@@ -280,3 +281,23 @@ class TritonServiceCase:
             fixture("models_stub", lambda service: (yield from stub_on(service, common_pb2_grpc.ModelServiceStub))),
             fixture("in_process_stub", lambda in_process: (yield from stub_on(in_process, self.stub_class))),
         )
+
+
+# -- half precision ----------------------------------------------------------------
+
+# Relative rounding error of one rounding to nearest: half a unit in the last
+# place of a significand of 8 bits (bfloat16) or 11 (float16).
+UNIT_ROUNDOFF = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
+
+
+def head_tolerance(head, dtype: str, roundings: int = 8) -> float:
+    """How far a half-precision forward may move an output read off a linear
+    ``head`` (rows w) over the final layer-normed hidden state h. Each output
+    is w.h; a relative error u in w, in h or in the result moves it by at
+    most u * |w| * |h| (Cauchy-Schwarz). |h| = sqrt(width): an untrained
+    LayerNorm (gain 1, bias 0) gives unit variance. ``roundings`` counts the
+    roundings allowed to pile up: the weights', the result's, and h's through
+    the residual stream of the tiny models' two blocks (attention, MLP, two
+    LayerNorms each, plus the final one: about six)."""
+    width = head.shape[-1]
+    return roundings * UNIT_ROUNDOFF[dtype] * float(head.detach().float().norm(dim=-1).max()) * math.sqrt(width)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from arbiter.backends import BackendConfig
+from arbiter.backends import BackendConfig, open_backends
 from arbiter.backends.triton import TritonBackends, TritonModel, map_triton_error
 from arbiter.backends.triton_export import ExportError, ExportOptions, export
 from arbiter.batching import BatchingConfig, DynamicBatcher
@@ -27,7 +27,7 @@ from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from helpers import Traffic, expect_error, TritonServiceCase
+from helpers import Traffic, expect_error, head_tolerance, TritonServiceCase
 from services.common.errors import status_for
 from arbiter.config import ConfigError
 from cli.main import parse_args
@@ -117,7 +117,7 @@ def test_export_refusals_name_the_problem(repo, tiny_models, tmp_path):
         text = (two / "config.json").read_text().replace('"LABEL_0": 0', '"LABEL_0": 0, "LABEL_1": 1')
         (two / "config.json").write_text(text.replace('"0": "LABEL_0"', '"0": "LABEL_0", "1": "LABEL_1"'))
         export(two, "reward", tmp_path)
-    with pytest.raises(ExportError, match="--device must be one of"):
+    with pytest.raises(ExportError, match="--device must be cpu, cuda, cuda:N or auto, got .tpu."):
         ExportOptions(device="tpu")
 
 
@@ -274,6 +274,41 @@ def test_a_triton_model_with_other_tensors_is_refused(triton, repo, tiny_models)
     try:
         with pytest.raises(ModelLoadError, match="has no output 'SCORES'"):
             backends.open(odd, version=None, max_tokens=None)
+        assert backends.server.ready_versions() == set()
+    finally:
+        asyncio.run(backends.aclose())
+
+
+def test_a_bfloat16_export_serves_through_triton(triton, repo, tiny_models):
+    """Exported with --dtype bfloat16 (and --device auto: Triton's KIND_AUTO):
+    Triton runs the weights in bf16, answers float32 scores close to
+    float32's, and the service's ModelInfo says where and how it runs."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    version_dir = export(tiny_models["reward"], "reward", repo,
+                         ExportOptions(name="rm-bf16", device="auto", dtype="bfloat16", torch_threads=1))
+    config = text_format.Parse((repo / "rm-bf16" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_AUTO]
+    assert config.parameters["dtype"].string_value == "bfloat16"
+    pairs = [RewardInput(p, r) for p, r in PROMPTS]
+    float32 = RewardModel.load(version_dir)
+    items = [e.token_ids for e in float32.encode(pairs, Truncation.LEFT)]
+    want = float32.forward(items)
+    in_process = RewardModel.load(version_dir, backends=open_backends(BackendConfig(dtype="bfloat16"), REWARD))
+    backends = TritonBackends(BackendConfig(kind="triton", triton_url=triton.url, triton_model="rm-bf16"), REWARD)
+    try:
+        served = RewardModel.load(version_dir, backends=backends)
+        assert (served.info.backend, served.info.dtype) == ("triton", "bfloat16")
+        # Where Triton put it: KIND_AUTO resolved when it loaded (the CPU, on a machine without CUDA).
+        assert served.info.device == "cpu" or torch.cuda.is_available()
+        got = served.forward(items)
+        tolerance = head_tolerance(float32.backend.model.score.weight, "bfloat16")
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= tolerance
+        assert got != pytest.approx(want, abs=1e-6), "identical to float32: Triton did not run bf16 weights"
+        # The same computation as the in-process backend in bf16 (one padded batch, the same torch).
+        assert got == pytest.approx(in_process.forward(items), abs=1e-6)
+        served.release()
         assert backends.server.ready_versions() == set()
     finally:
         asyncio.run(backends.aclose())

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from arbiter.backends.placement import DEVICE_FORMS, DTYPES, Placement, require_device
 from arbiter.backends.signatures import TritonSignature
 from arbiter.config import flag, require, require_choice
 from arbiter.types import ModelInfo
@@ -51,6 +52,14 @@ class BackendConfig:
     # Batches outstanding at Triton at once, per version: 2 overlaps one
     # batch's round trip with the next one's compute.
     triton_max_in_flight: int = field(default=2, metadata=flag(help="batches outstanding at Triton per version"))
+    # In-process weights (arbiter.backends.placement). CPU float32 by default:
+    # the numbers the trainer recomputes, on any machine; a GPU is chosen.
+    device: str = field(default="cpu", metadata=flag(
+        help=f"where in-process weights run: {DEVICE_FORMS} (auto: cuda when available); "
+             "with --backend triton, set at export"))
+    dtype: str = field(default="float32", metadata=flag(
+        choices=DTYPES, help="in-process weights' dtype (scores and log-probs stay float32); "
+                             "with --backend triton, set at export"))
 
     def __post_init__(self) -> None:
         require_choice(self.kind, "backend", BACKENDS)
@@ -63,10 +72,23 @@ class BackendConfig:
             require(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
         require(self.triton_retry_s >= 0, "triton_retry_s", "must be >= 0", self.triton_retry_s)
         require(self.triton_max_in_flight >= 1, "triton_max_in_flight", "must be >= 1", self.triton_max_in_flight)
+        require_choice(self.dtype, "dtype", DTYPES)
+        if self.remote:
+            # Triton runs the weights as exported; a service-side value would be silently ignored.
+            for name, default in (("device", "cpu"), ("dtype", "float32")):
+                require(getattr(self, name) == default, name,
+                        f"the triton backend runs the model as exported: set it with `arbiter triton export "
+                        f"--{name}` (leave --{name} unset here)", getattr(self, name))
+        else:
+            require_device(self.device, "device")
 
     @property
     def remote(self) -> bool:
         return self.kind != "torch"
+
+    def placement(self) -> Placement:
+        """The in-process device (auto resolved) and dtype."""
+        return Placement.resolve(self.device, self.dtype)
 
 
 class Backend(Protocol):
@@ -113,9 +135,11 @@ class ModelKind:
     """What one kind of model (reward, reference) supplies to the backends."""
 
     name: str
-    # (checkpoint dir, base dir for LoRA adapters) -> (torch model, tokenizer, HF config); blocking.
-    load_torch: Callable[[Path, Path | None], tuple[Any, Any, Any]]
-    # (torch model, batch) -> results; what Triton's model.py runs too.
+    # (checkpoint dir, base dir for LoRA adapters, placement) -> (torch model on
+    # its device, tokenizer, HF config); blocking.
+    load_torch: Callable[[Path, Path | None, Placement], tuple[Any, Any, Any]]
+    # (torch model, batch) -> results as Python floats, inputs moved to the
+    # model's device; what Triton's model.py runs too.
     forward_torch: Callable[[Any, list], list]
     # The same computation in Triton: its tensors and how a batch maps onto them.
     triton: TritonSignature
@@ -132,7 +156,7 @@ def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:
         return TritonBackends(config, kind)
     from arbiter.backends.inprocess import InProcessBackends
 
-    return InProcessBackends(kind)
+    return InProcessBackends(kind, config.placement())
 
 
 def pad_token_id(config: Any, tokenizer: Any) -> int:

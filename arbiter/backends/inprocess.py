@@ -1,5 +1,6 @@
-"""The in-process backend: the model is loaded into the service process and
-its forward pass runs on the caller's model thread."""
+"""The in-process backend: the model is loaded into the service process, on
+the configured device and dtype (``arbiter.backends.placement``), and its
+forward pass runs on the caller's model thread."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.backends import ModelKind
+from arbiter.backends.placement import CPU_FLOAT32, Placement, device_and_dtype
 from arbiter.backends.triton import checkpoint_dir
 from arbiter.hf import check_checkpoint_dir, describe
 from arbiter.lm import is_adapter_dir
@@ -31,8 +33,9 @@ class InProcessBackend:
 class InProcessBackends:
     name = "torch"
 
-    def __init__(self, kind: ModelKind):
+    def __init__(self, kind: ModelKind, placement: Placement = CPU_FLOAT32):
         self.kind = kind
+        self.placement = placement
 
     def open(
         self, path: str | Path, *, version: str | None, max_tokens: int | None, base_dir: str | Path | None = None
@@ -42,11 +45,13 @@ class InProcessBackends:
         exactly what Triton serves."""
         root = check_checkpoint_dir(checkpoint_dir(path))
         base = None if base_dir is None else checkpoint_dir(base_dir)
-        model, tokenizer, config = self.kind.load_torch(root, base)
+        model, tokenizer, config = self.kind.load_torch(root, base, self.placement)
         adapter = self.kind.takes_adapters and is_adapter_dir(root)
+        device, dtype = device_and_dtype(model)
         info = describe(
             self.kind.name, root, source_path=path, tokenizer=tokenizer, config=config, version=version,
             max_tokens=max_tokens, backend=self.name, extra={"adapter": "true"} if adapter else None,
+            device=device, dtype=dtype,
         )
         return InProcessBackend(self.kind, model, tokenizer, info)
 

@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,24 @@ class TritonModel:
 
         parsed = text_format.Parse((self._config_dir / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
         return json_format.MessageToDict(parsed, preserving_proto_field_name=True)
+
+    def placement(self) -> tuple[str, str]:
+        """(device, dtype) the loaded model runs with, from the config Triton
+        runs (``arbiter triton export --device/--dtype``): its instance groups
+        (Triton resolves KIND_AUTO when it loads) and the dtype parameter."""
+        config = self._call(self._client.get_model_config, self.name, as_json=True,
+                            client_timeout=self.timeout_s)["config"]
+        groups = config.get("instance_group", [])
+        kinds = {group.get("kind", "KIND_AUTO") for group in groups}
+        gpus = sorted({int(n) for group in groups for n in group.get("gpus", [])})
+        if kinds == {"KIND_CPU"}:
+            device = "cpu"
+        elif kinds == {"KIND_GPU"}:
+            device = ",".join(f"cuda:{n}" for n in gpus) or "cuda"
+        else:
+            device = "auto"
+        dtype = config.get("parameters", {}).get("dtype", {}).get("string_value") or "float32"
+        return device, dtype
 
     def check_io(
         self,
@@ -479,11 +498,12 @@ class TritonBackends:
         self.server.acquire(number, Path(path).parent)
         try:
             self.server.check_io(number, signature.spec(signature.inputs), signature.spec(signature.outputs))
+            device, dtype = self.server.placement()
         except BaseException:
             self.server.release(number)
             raise
         return TritonBackend(self.server, number, pad_token_id(hf_config, tokenizer), signature,
-                             self.config.triton_max_in_flight, tokenizer, info)
+                             self.config.triton_max_in_flight, tokenizer, replace(info, device=device, dtype=dtype))
 
     async def aclose(self) -> None:
         await self.server.aclose()

@@ -16,6 +16,12 @@ Supported kinds, each a Python backend running transformers (CPU or GPU
 instances) with its own tensors: ``reward`` (ids + lengths -> scores) and
 ``reference`` (ids + prompt/completion lengths -> per-token log-probs of the
 completion). ``policy`` (generation) is not exported: see the README.
+
+``--device`` and ``--dtype`` say how Triton runs the weights, in the words of
+a service's own flags (``arbiter.backends.placement``): the device becomes the
+instance group (cpu: KIND_CPU; cuda: KIND_GPU; cuda:N: KIND_GPU on GPU N;
+auto: KIND_AUTO, a GPU when Triton has one), the dtype a config parameter the
+model file loads with. Nothing here needs a GPU: export on any machine.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arbiter.backends import pad_token_id
+from arbiter.backends.placement import DEVICE_FORMS, DTYPES, is_device_name
 from arbiter.config import flag
 from arbiter.backends.signatures import SIGNATURES, TritonSignature
 from arbiter.backends.triton import CHECKPOINT_DIR, CONFIG_FILE
@@ -35,8 +42,6 @@ from arbiter.reward.backend import check_reward_config
 
 KINDS = ("reward", "reference", "policy")
 EXPORTABLE = ("reward", "reference")
-DEVICES = ("cpu", "gpu")
-DTYPES = ("float32", "float16", "bfloat16")
 _MODEL_FILE = Path(__file__).parent / "triton_models" / "model.py"
 
 
@@ -54,10 +59,13 @@ class ExportOptions:
     max_batch_size: int = field(default=64, metadata=flag(help="Triton's max_batch_size (sequences)"))
     max_queue_delay_us: int = field(default=2000, metadata=flag(help="Triton's dynamic-batching delay"))
     instances: int = field(default=1, metadata=flag(help="model instances (instance_group count)"))
-    device: str = field(default="cpu", metadata=flag(choices=DEVICES, help="instance kind"))
+    # "gpu" (any GPU, Triton's KIND_GPU) is kept for configs written before the service's device names.
+    device: str = field(default="cpu", metadata=flag(
+        help=f"where Triton runs the model: {DEVICE_FORMS} (the instance group's kind)"))
     # Bound it: Triton runs one process per instance and they share the cores.
     torch_threads: int = field(default=0, metadata=flag(help="torch threads per CPU instance (0: default)"))
-    # float32 matches the in-process backend exactly; half precision is for GPUs.
+    # float32 matches the in-process default exactly; bfloat16/float16 match a
+    # service run with the same --dtype (and halve the weights' memory).
     dtype: str = field(default="float32", metadata=flag(choices=DTYPES, help="weights' dtype in Triton"))
 
     def __post_init__(self) -> None:
@@ -71,8 +79,8 @@ class ExportOptions:
             raise ExportError(f"--max-queue-delay-us must be >= 0, got {self.max_queue_delay_us}")
         if self.instances < 1:
             raise ExportError(f"--instances must be >= 1, got {self.instances}")
-        if self.device not in DEVICES:
-            raise ExportError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not (is_device_name(self.device) or self.device == "gpu"):
+            raise ExportError(f"--device must be {DEVICE_FORMS}, got {self.device!r}")
         if self.torch_threads < 0:
             raise ExportError(f"--torch-threads must be >= 0, got {self.torch_threads}")
         if self.dtype not in DTYPES:
@@ -158,12 +166,19 @@ def _tensors(signature: TritonSignature) -> str:
     return block("input", signature.inputs) + block("output", signature.outputs)
 
 
+def _instance_group(options: ExportOptions) -> str:
+    device, _, index = options.device.partition(":")
+    kind = {"cpu": "KIND_CPU", "auto": "KIND_AUTO"}.get(device, "KIND_GPU")
+    gpus = f"\n    gpus: [ {int(index)} ]" if index else ""
+    return f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {kind}{gpus}\n  }}\n]\n"
+
+
 def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kind: str = "reward") -> str:
-    kind = "KIND_GPU" if options.device == "gpu" else "KIND_CPU"
     parameters = {
         "arbiter_kind": model_kind,
         "pad_token_id": str(pad_token_id),
         "torch_threads": str(options.torch_threads),
+        # What the model file loads the weights in; the instance group places them.
         "dtype": options.dtype,
     }
     params = "".join(
@@ -180,10 +195,4 @@ max_batch_size: {options.max_batch_size}
 dynamic_batching {{
   max_queue_delay_microseconds: {options.max_queue_delay_us}
 }}
-{_tensors(SIGNATURES[model_kind])}instance_group [
-  {{
-    count: {options.instances}
-    kind: {kind}
-  }}
-]
-{params}"""
+{_tensors(SIGNATURES[model_kind])}{_instance_group(options)}{params}"""

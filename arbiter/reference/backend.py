@@ -5,21 +5,22 @@ adapter merged into its base).
 Both backends run the same computation (``arbiter.lm.completion_logits`` and
 ``triton_models/model.py``): one forward of prompt + completion, right-padded
 with the model's pad id under an attention mask, log-softmax in float64 of the
-logits predicting each completion token. Triton answers in float32, the
-precision the wire carries anyway.
+(up-cast) logits predicting each completion token, whatever the weights'
+dtype. Triton answers in float32, the precision the wire carries anyway.
 """
 
 from __future__ import annotations
 
 from arbiter.backends import ModelKind
+from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.backends.signatures import REFERENCE as REFERENCE_TENSORS
 from arbiter.backends.signatures import Pair
 from arbiter.hf import require_causal_lm
-from arbiter.lm import completion_logits, load_causal_weights, probe_finite, token_logprobs
+from arbiter.lm import completion_logits, gather_tokens, load_causal_weights, probe_finite
 
 
-def load_reference_weights(root, base_dir=None):
-    model, tokenizer = load_causal_weights(root, base_dir)
+def load_reference_weights(root, base_dir=None, placement: Placement = CPU_FLOAT32):
+    model, tokenizer = load_causal_weights(root, base_dir, placement)
     probe_finite(model, tokenizer)
     return model, tokenizer, model.config
 
@@ -30,10 +31,19 @@ def reference_forward(model, batch: list[Pair]) -> list[list[float]]:
 
     with torch.inference_mode():
         logits = completion_logits(model, int(model.config.pad_token_id), batch)
-        return [
-            token_logprobs(torch.log_softmax(item.double(), dim=-1), completion)
+        # One row at a time: a float64 copy of every row's (C, V) logits at
+        # once would be the batch's biggest allocation by far.
+        values = [
+            gather_tokens(torch.log_softmax(item.double(), dim=-1), completion)
             for item, (_, completion) in zip(logits, batch, strict=True)
         ]
+        # One copy off the device for the whole batch, not one per row.
+        flat = torch.cat(values).tolist()
+    out, start = [], 0
+    for _, completion in batch:
+        out.append(flat[start : start + len(completion)])
+        start += len(completion)
+    return out
 
 
 REFERENCE = ModelKind(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from arbiter.backends import ModelKind
+from arbiter.backends.placement import CPU_FLOAT32, Placement, model_device
 from arbiter.backends.signatures import REWARD as REWARD_TENSORS
 from arbiter.errors import ModelLoadError
 from arbiter.hf import causal_lm_head, load_tokenizer, read_config
@@ -35,32 +36,33 @@ def check_reward_config(config, root: Path) -> None:
         )
 
 
-def load_reward_weights(root: Path, base_dir: Path | None = None):
-    """(model, tokenizer, config); RMs are served whole (no adapters)."""
-    import torch
+def load_reward_weights(root: Path, base_dir: Path | None = None, placement: Placement = CPU_FLOAT32):
+    """(model, tokenizer, config) on ``placement``; RMs are served whole (no adapters)."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(root)
     check_reward_config(read_config(root), root)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(root), local_files_only=True,
-                                                                   dtype=torch.float32)
+                                                                   dtype=placement.torch_dtype)
     except Exception as err:
         raise ModelLoadError(f"cannot load a sequence-classification model from {str(root)!r}: {err}") from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    return model, tokenizer, model.config
+    return placement.place(model), tokenizer, model.config
 
 
 def reward_forward(model, batch: list[list[int]]) -> list[float]:
-    """Scores of token-id sequences. With a causal backbone, right padding
-    leaves every real position's output identical to an unpadded forward."""
+    """Scores of token-id sequences, as float32 values whatever the weights'
+    dtype. With a causal backbone, right padding leaves every real position's
+    output identical to an unpadded forward."""
     import torch
 
     arrays = REWARD_TENSORS.pack(batch, model.config.pad_token_id)
-    input_ids = torch.from_numpy(arrays["INPUT_IDS"])
-    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < torch.from_numpy(arrays["LENGTHS"])).long()
+    device = model_device(model)
+    input_ids = torch.from_numpy(arrays["INPUT_IDS"]).to(device)
+    lengths = torch.from_numpy(arrays["LENGTHS"]).to(device)
+    attention_mask = (torch.arange(input_ids.shape[1], device=device)[None, :] < lengths).long()
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return logits[:, 0].float().tolist()

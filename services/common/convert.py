@@ -50,6 +50,8 @@ def model_info_to_pb(info: ModelInfo) -> common_pb2.ModelInfo:
         active=info.active,
         source_path=info.source_path,
         vocab_size=info.vocab_size,
+        device=info.device,
+        dtype=info.dtype,
     )
     if info.normalization is not None:
         msg.normalization.mean = info.normalization.mean

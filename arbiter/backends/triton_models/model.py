@@ -16,6 +16,10 @@ reference  INPUT_IDS          int64 [B, T] prompt then completion, right-padded
            COMPLETION_LENGTHS int64 [B, 1] >= 1
         -> LOGPROBS           fp32  [B, C] C = the request's longest completion; row i holds
                                            COMPLETION_LENGTHS[i] values (float64 log-softmax), then 0
+
+The weights load in the config parameter ``dtype`` (float32, bfloat16,
+float16) on the instance's device (a KIND_GPU instance's GPU, else the CPU);
+outputs are computed from up-cast logits, as in-process.
 """
 
 import json
@@ -47,7 +51,10 @@ class TritonPythonModel:
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         else:
             self.device = torch.device("cpu")
-        dtype = getattr(torch, params.get("dtype") or "float32")
+        dtype_name = params.get("dtype") or "float32"
+        if dtype_name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {dtype_name!r} is not float32, bfloat16 or float16; re-export with --dtype")
+        dtype = getattr(torch, dtype_name)
         auto = (transformers.AutoModelForSequenceClassification if self.kind == "reward"
                 else transformers.AutoModelForCausalLM)
         model = auto.from_pretrained(checkpoint, local_files_only=True, dtype=dtype)
@@ -158,8 +165,14 @@ class TritonPythonModel:
             # Position t predicts token t + 1: completion token k sits at prompt + k.
             item = logits[i, prompt - 1 : len(ids) - 1]
             tokens = torch.from_numpy(ids[prompt:].astype(np.int64)).to(self.device)[:, None]
-            values.append(torch.log_softmax(item.double(), dim=-1).gather(-1, tokens)[:, 0].float().cpu().numpy())
-        return values
+            values.append(torch.log_softmax(item.double(), dim=-1).gather(-1, tokens)[:, 0])
+        # One copy off the device for the whole batch, not one per row.
+        flat = torch.cat(values).float().cpu().numpy()
+        out, start = [], 0
+        for ids, prompt in rows:
+            out.append(flat[start : start + len(ids) - prompt])
+            start += len(ids) - prompt
+        return out
 
     def finalize(self):
         self.model = None

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU check of issue 12 item 5 (bench/gpu_check.py): the three services
+# with --device cuda --dtype bfloat16 on a GPT-2-medium-shaped random model,
+# ~5 minutes, results in $OUT (gpu_check.json, gpu_check.txt, gpu_check.log,
+# nvidia-smi.txt). Extra arguments go to bench.gpu_check (--seconds, --only ...).
+#
+# On the device machine (python3 there has torch, transformers, grpcio, rich...):
+# carry `arbiter/v1` (the generated protobuf code is git-ignored) and `.whl`,
+# wheels of what that image lacks or has at other versions, downloaded here
+# once, for its Python 3.12 (see /work/.library/device/README.md):
+#   grpcio==1.81.1 protobuf==6.33.6 grpcio-health-checking==1.81.1
+#   grpcio-reflection==1.81.1 kafka-python==3.0.12 crc32c==2.9.post0
+# e.g. run(command="bash bench/gpu_check.sh", carry=["arbiter/v1", ".whl"], timeout_s=540)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+# Fail in seconds, not after building models, when an import is missing.
+python3 -c "import services.reward.server, services.reference.server, services.policy.server" 2>&1 \
+    | tee "$OUT/gpu_check.log" || exit 1
+timeout 500 python3 -m bench.gpu_check --out "$OUT" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
