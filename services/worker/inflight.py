@@ -64,6 +64,8 @@ class Dropped(Exception):
 class Batch:
     """Prompts taken together: one Generate call's worth."""
 
+    # 0, 1, ... in the order taken; -1 for a poll that brought no prompts (it
+    # is settled in order all the same: it may commit skipped records).
     number: int
     prompts: list[Prompt]
     # Commits the prompts' offsets (topic source); called when settled.
@@ -103,6 +105,8 @@ class InFlight(Generic[Prepared, Done]):
         self._threads.shutdown(wait=True)
 
     def new_batch(self, prompts: list[Prompt], acknowledge: Callable[[], None]) -> Batch:
+        if not prompts:
+            return Batch(-1, prompts, acknowledge)
         batch = Batch(self._next_number, prompts, acknowledge)
         self._next_number += 1
         return batch
@@ -125,7 +129,7 @@ class InFlight(Generic[Prepared, Done]):
         if previous is not None:
             wait([previous])
             if previous.exception() is not None:
-                raise Dropped(f"batch {batch.number - 1} was not produced")
+                raise Dropped("an earlier batch was not produced")
         return self._produce(batch, prepared)
 
     def failed(self) -> bool:

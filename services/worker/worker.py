@@ -525,13 +525,14 @@ class RolloutWorker:
         if run.collected is not None:
             run.collected.extend(rollouts)
         self._observe(rollouts)
+        if not batch.prompts:
+            batch.acknowledge()
+            return
         self._observer.stage_started(batch.number, "commit")
         try:
             batch.acknowledge()
         finally:
             self._observer.stage_finished(batch.number, "commit")
-        if not batch.prompts:
-            return
         elapsed = time.perf_counter() - batch.started
         self.metrics.batch_seconds.observe(elapsed)
         self.metrics.prompts.inc(len(batch.prompts))
