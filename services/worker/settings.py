@@ -50,11 +50,12 @@ class WorkerSettings:
     max_rollouts_per_version: int | None = field(default=None, metadata=flag(
         help="after this many rollouts from one policy version, wait for a newer one (bounds staleness)"))
     # Batches in flight at once: the worker generates the next batch while
-    # the reward and reference services work on the previous ones, so the
-    # policy is not idle waiting for them. 1: one batch at a time. Each batch
-    # in flight holds its prompts uncommitted and one thread.
+    # the reward and reference services work on the previous ones (both at
+    # once), so the policy is not idle waiting for them. 1: one batch and one
+    # call at a time. Each batch in flight holds its prompts uncommitted and
+    # a thread or two.
     pipeline_depth: int = field(default=2, metadata=flag(
-        help="batches in flight: generate the next while earlier ones are scored (1: one at a time)"))
+        help="batches in flight: generate the next while earlier ones are scored (1: one call at a time)"))
     # How often a waiting worker asks the policy for its active version.
     version_poll_s: float = field(default=0.5, metadata=flag(help="how often a waiting worker asks for the version"))
     # Sampling. One Generate call = prompts_per_call prompts x samples_per_prompt.

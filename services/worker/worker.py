@@ -4,6 +4,7 @@
       -> generate   PolicyService.Generate            (``stages.py``)
       -> score      RewardService.Score               (``stages.py``)
          reference  ReferenceService.LogProbs, at the same time as score
+                    (after it with pipeline_depth 1)
       -> sink       one ``Rollout`` per sample on the rollouts topic, keyed by
                     prompt id (acks=all, idempotent producer; ``sink.py``)
 
@@ -16,7 +17,8 @@ generated batch is scored, given its reference log-probs and produced on a
 thread of its own, so the next Generate runs while the reward and reference
 services work on the last batch. Generate calls stay one at a time and in
 order (seed + call number stays reproducible). Batches are produced and
-settled (counted, committed) in the order they were taken.
+settled (counted, committed) in the order they were taken. Depth 1 is the
+worker as it was before: one batch, and one call, at a time.
 
 Run several at once: they share nothing but the topics. With the prompts
 topic they split its partitions (group ``ROLLOUT_WORKERS_GROUP``); with a file
@@ -97,7 +99,7 @@ from services.worker.prompts import FilePrompts, PromptSource, TopicPrompts
 from services.worker.retry import StageRetry, WorkerError, WorkerStopped, describe, fatal
 from services.worker.settings import WorkerSettings
 from services.worker.sink import RolloutSink, build_rollout
-from services.worker.stages import GenerateStage, ReferenceStage, ScoreStage
+from services.worker.stages import GenerateStage, ReferenceLogProbs, ReferenceStage, ScoreStage
 
 log = logging.getLogger(__name__)
 
@@ -475,17 +477,27 @@ class RolloutWorker:
         self.metrics.batches_in_flight.set(len(run.flow))
 
     def _prepare(self, batch: Batch) -> _Finished:
-        """Scores and reference log-probs at once (independent calls), then the Rollouts."""
+        """Scores and reference log-probs at once (independent calls), then the
+        Rollouts. With pipeline_depth 1, one call after the other as before
+        pipelining: the reference only for the samples the reward scored."""
         generations = batch.generations
         if not generations:
             return _Finished([], [])
         p = self.pipeline
-        references_call = p.references.submit(self._timed, p.logprobs, generations, batch.number)
-        try:
+        if self.settings.pipeline_depth == 1:
             rewards = self._timed(p.score, generations, batch.number)
-        finally:
-            wait([references_call])
-        references = references_call.result()
+            scored = [i for i, reward in enumerate(rewards) if reward is not None]
+            references: list[ReferenceLogProbs | None] = [None] * len(generations)
+            answers = self._timed(p.logprobs, [generations[i] for i in scored], batch.number)
+            for i, answer in zip(scored, answers, strict=True):
+                references[i] = answer
+        else:
+            references_call = p.references.submit(self._timed, p.logprobs, generations, batch.number)
+            try:
+                rewards = self._timed(p.score, generations, batch.number)
+            finally:
+                wait([references_call])
+            references = references_call.result()
         rollouts, skipped = [], []
         for g, reward, reference in zip(generations, rewards, references, strict=True):
             if reward is None:
