@@ -16,8 +16,10 @@ sampling parameters, PPO config, seeds and torch threads:
     policy follows policy-updates and hot-swaps), a local Kafka broker (Tansu),
     ``RolloutWorker.run_once`` here producing to the rollouts topic (the
     prompts in ``generate_calls`` Generate calls, pipelined ``pipeline_depth``
-    deep: the next call's generation overlaps the last one's scoring and
-    reference log-probs, which overlap each other), and here a
+    deep: a call's scoring and reference log-probs overlap each other and the
+    next call's generation. One call is the default: on the 2-core CPU,
+    splitting the batch into smaller Generate calls to overlap them cost more
+    generation time than the overlap saved), and here a
     ``PPOTrainer`` consuming (``admit``) and training on exactly those
     rollouts, then doing what ``PPOTrainer.run`` does after an update: save
     the policy version, checkpoint (fsync, offset commit), announce it. The
@@ -284,7 +286,7 @@ def _mean(samples: list[dict[str, float]], key: str) -> float:
 
 
 def run(iterations: int = 6, warmup: int = 1, prompts_per_iteration: int = 8, n: int = 4, max_new_tokens: int = 16,
-        threads: int = 1, seed: int = 0, quick: bool = False, generate_calls: int = 2, pipeline_depth: int = 2,
+        threads: int = 1, seed: int = 0, quick: bool = False, generate_calls: int = 1, pipeline_depth: int = 2,
         throughput_rounds: int = 3, throughput_batches: int = 4) -> dict:
     import torch
 

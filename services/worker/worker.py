@@ -352,7 +352,7 @@ class RolloutWorker:
                             break
                         self._take(run, batch.prompts, batch.acknowledge)
                 except WorkerStopped as err:
-                    log.warning("stopped while %s", err)
+                    log.warning("stopped while waiting: %s", err)
                 finally:
                     self._drain(run)
         finally:
@@ -440,7 +440,9 @@ class RolloutWorker:
         try:
             while True:
                 self._settle(run)
-                if not self._over_budget():  # some of the samples in flight were skipped
+                # Some samples in flight were skipped, or a batch failed (its
+                # rollouts, which the trainer may be waiting for, will not come).
+                if not self._over_budget() or run.failing():
                     return
                 try:
                     active = self._retry.call("wait_for_policy", lambda: policy.info().version)
