@@ -20,7 +20,6 @@ of its own, and keeps the guarantees of one batch at a time:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -30,8 +29,6 @@ from typing import Generic, Protocol, TypeVar
 
 from arbiter.types import Prompt
 from services.worker.stages import Generation
-
-log = logging.getLogger(__name__)
 
 Prepared = TypeVar("Prepared")
 Done = TypeVar("Done")
