@@ -383,6 +383,8 @@ def test_prompt_records_round_trip_and_bad_ones_name_the_record():
         ({"prompts_file": "p.jsonl", "prompts_topic": True}, "prompts_file/prompts_topic"),
         ({"max_rollouts": 0}, "max_rollouts=0"),
         ({"retry_max_backoff_s": 0.01}, "retry_max_backoff_s=0.01"),
+        ({"pipeline_depth": 0}, "pipeline_depth=0 is invalid: must be an integer in 1..16"),
+        ({"pipeline_depth": 17}, "pipeline_depth=17"),
     ],
 )
 def test_settings_errors_name_the_field(changes, needle):
@@ -594,3 +596,182 @@ def test_cli(servers, kafka, tmp_path):
     assert f"arbiter worker: {bad}:2: prompt: must be a non-empty string" in failed.stderr
     invalid = run_cli(*common, "--prompts", str(path), "--temperature", "0")
     assert invalid.returncode == 2 and "temperature=0.0 is invalid" in invalid.stderr
+
+
+# -- pipelining ------------------------------------------------------------------
+
+
+class StageEvents:
+    """The worker's StageObserver for tests: records every (batch, stage,
+    "start"/"end") in order, and can hold a stage's start on the worker's own
+    thread until a condition on the events holds: a stage that can only go on
+    once another has started shows that the two overlap, with no timing."""
+
+    def __init__(self, timeout_s: float = 20.0):
+        self.events: list[tuple[int, str, str]] = []
+        self.timed_out: list[str] = []
+        self.timeout_s = timeout_s
+        self._holds: list[tuple[str, int | None, object, object]] = []
+        self._changed = threading.Condition()
+
+    def hold(self, stage: str, until, batch: int | None = None, then=None) -> None:
+        """Before ``stage`` of ``batch`` (None: of any batch) starts, wait until
+        ``until(batch)``; then call ``then()``, still on the worker's thread."""
+        self._holds.append((stage, batch, until, then))
+
+    def stage_started(self, batch: int, stage: str) -> None:
+        self._record(batch, stage, "start")
+        for held_stage, held_batch, until, then in self._holds:
+            if held_stage != stage or held_batch not in (None, batch):
+                continue
+            with self._changed:
+                if not self._changed.wait_for(lambda: until(batch), timeout=self.timeout_s):
+                    self.timed_out.append(f"{stage} of batch {batch}")
+            if then is not None:
+                then()
+
+    def stage_finished(self, batch: int, stage: str) -> None:
+        self._record(batch, stage, "end")
+
+    def _record(self, batch: int, stage: str, edge: str) -> None:
+        with self._changed:
+            self.events.append((batch, stage, edge))
+            self._changed.notify_all()
+
+    def seen(self, batch: int, stage: str, edge: str) -> bool:
+        return (batch, stage, edge) in self.events
+
+    def at(self, batch: int, stage: str, edge: str) -> int:
+        return self.events.index((batch, stage, edge))
+
+    def order(self, stage: str, edge: str = "end") -> list[int]:
+        return [b for b, s, e in self.events if (s, e) == (stage, edge)]
+
+
+def test_pipelined_batches_overlap_and_settle_in_order_and_depth_1_runs_one_at_a_time(servers, kafka):
+    prompts = ["The cat sat on", "I love this movie", "The weather today"]
+    events = StageEvents()
+    # Batch 0's Score waits for batch 1's Generate to start: one batch at a time, that would never come.
+    events.hold("score", lambda _: events.seen(1, "generate", "start"), batch=0)
+    # Every Score waits for its batch's LogProbs to start: the two calls run at once.
+    events.hold("score", lambda batch: events.seen(batch, "reference", "start"))
+    settings = worker_settings(servers, kafka, samples_per_prompt=2, prompts_per_call=1, seed=5)
+    with RolloutWorker(settings, observer=events) as worker:
+        pipelined = worker.run_once(prompts)
+        registry = worker.registry
+    assert events.timed_out == []
+    assert events.at(1, "generate", "start") < events.at(0, "score", "end")
+    for batch in range(3):
+        starts = max(events.at(batch, stage, "start") for stage in ("score", "reference"))
+        assert starts < min(events.at(batch, stage, "end") for stage in ("score", "reference"))
+    # Produced one batch after the other, committed in the same order.
+    assert events.order("produce", "start") == events.order("produce") == events.order("commit") == [0, 1, 2]
+    assert events.at(0, "produce", "end") < events.at(1, "produce", "start")
+    assert [r.prompt_id for r in pipelined] == sorted((r.prompt_id for r in pipelined), key=[
+        content_id(text=p) for p in prompts].index)
+    assert sample_value(registry, "arbiter_worker_batches_in_flight") == 0
+    assert sample_value(registry, "arbiter_worker_batches_dropped_total") == 0
+
+    sequential_events = StageEvents()
+    with RolloutWorker(worker_settings(servers, kafka, samples_per_prompt=2, prompts_per_call=1, seed=5,
+                                       pipeline_depth=1), observer=sequential_events) as worker:
+        sequential = worker.run_once(prompts)
+    # Depth 1: one batch, and one call, at a time.
+    stages = ("generate", "score", "reference", "produce", "commit")
+    assert sequential_events.events == [(b, s, e) for b in range(3) for s in stages for e in ("start", "end")]
+    # Pipelining changes when samples are drawn, not which: Generate calls stay in order, seed + call number.
+    assert [list(r.completion_token_ids) for r in sequential] == [list(r.completion_token_ids) for r in pipelined]
+    records = consume_all(kafka, len(pipelined) + len(sequential))
+    assert sorted(r.message.rollout_id for r in records) == sorted(r.rollout_id for r in pipelined + sequential)
+
+
+def committed_prompts(kafka) -> int:
+    with StreamConsumer(kafka, [topics.PROMPTS], topics.ROLLOUT_WORKERS_GROUP) as group:
+        committed = group.committed([TopicPartition(kafka.topic(topics.PROMPTS), p) for p in range(2)])
+    return sum(v or 0 for v in committed.values())
+
+
+def test_a_later_batch_done_first_waits_to_be_produced_and_committed(servers, kafka):
+    publish_prompts(kafka, ["The cat sat on", "I love this movie", "The weather today"])
+    events = StageEvents()
+    # Batch 0's Score waits until the two after it are scored and have their reference log-probs.
+    later_done = [(b, stage, "end") for b in (1, 2) for stage in ("score", "reference")]
+    events.hold("score", lambda _: all(events.seen(*event) for event in later_done), batch=0)
+    settings = worker_settings(servers, kafka, prompts_topic=True, samples_per_prompt=2, prompts_per_call=1,
+                               pipeline_depth=3)
+    worker = RolloutWorker(settings, observer=events)
+    with WorkerThread(worker) as running:
+        running.start()
+        wait_until(lambda: worker.stats.prompts == 3, what="three prompts")
+        worker.stop()
+        stats = running.result(30)
+    assert events.timed_out == []
+    assert events.at(1, "score", "end") < events.at(0, "score", "end")
+    # Yet produced and committed in the order taken: nothing commits past the held batch.
+    assert events.order("produce", "start") == events.order("commit") == [0, 1, 2]
+    assert events.at(0, "produce", "end") < events.at(0, "commit", "start")
+    assert stats.dropped == 0
+    assert len(consume_all(kafka, stats.rollouts)) == stats.rollouts
+    assert committed_prompts(kafka) == 3
+
+
+def test_a_batch_abandoned_in_flight_drops_the_later_ones_unproduced_and_they_are_redone_once(
+    servers, kafka, tiny_models,
+):
+    prompts = ["The cat sat on", "I love this movie", "The weather today", "A good answer is"]
+    publish_prompts(kafka, prompts)
+    port = free_port()
+    reward_settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=port, grace_seconds=1.0)
+    reward = BackgroundServer(lambda: create_reward(reward_settings))
+    events = StageEvents()
+
+    def stop_reward():
+        nonlocal reward
+        reward.stop(grace=0)
+        reward = None
+
+    # Batch 1's Score waits until batch 0 is committed and batch 2 scored and referenced; then the reward
+    # service goes down under it, and the worker is stopped while it waits to retry.
+    events.hold(
+        "score", lambda _: events.seen(0, "commit", "end") and all(
+            events.seen(2, stage, "end") for stage in ("score", "reference")),
+        batch=1, then=stop_reward,
+    )
+    settings = worker_settings(servers, kafka, reward_target=f"127.0.0.1:{port}", prompts_topic=True,
+                               samples_per_prompt=2, prompts_per_call=1, pipeline_depth=3)
+    worker = RolloutWorker(settings, observer=events)
+    try:
+        with WorkerThread(worker) as running:
+            running.start()
+            wait_until(lambda: sample_value(worker.registry, "arbiter_worker_errors_total", stage="score") >= 1,
+                       what="Score to fail once the reward service is down")
+            worker.stop()
+            stats = running.result(30)
+        assert events.timed_out == []
+        # Only the first batch was produced; the second was abandoned, the third (scored, waiting to be
+        # produced) and any after it dropped before producing anything.
+        assert events.order("produce", "start") == [0]
+        assert stats.prompts == 1 and stats.dropped >= 2
+        assert sample_value(worker.registry, "arbiter_worker_batches_dropped_total") == stats.dropped
+        assert committed_prompts(kafka) == 1
+
+        # Another worker of the group, with the reward service back: the other prompts, once each.
+        reward = BackgroundServer(lambda: create_reward(reward_settings))
+        again = RolloutWorker(settings)
+        with WorkerThread(again) as running:
+            running.start()
+            wait_until(lambda: again.stats.prompts == 3, what="the three uncommitted prompts")
+            again.stop()
+            redone = running.result(30)
+    finally:
+        if reward is not None:
+            reward.stop(grace=0)
+    records = consume_all(kafka, stats.rollouts + redone.rollouts)
+    assert len(records) == stats.rollouts + redone.rollouts
+    groups = defaultdict(set)
+    for record in records:
+        groups[record.message.prompt_id].add(record.message.group_id)
+    assert set(groups) <= {content_id(text=p) for p in prompts}
+    # No prompt was produced twice: one group (one Generate call) per prompt.
+    assert all(len(ids) == 1 for ids in groups.values())
+    assert redone.dropped == 0 and committed_prompts(kafka) == 4

@@ -1,5 +1,5 @@
 """``arbiter worker``: flags -> WorkerSettings -> RolloutWorker.run until
-SIGTERM/SIGINT (the batch in progress is finished), the passes are done, or
+SIGTERM/SIGINT (the batches in flight are finished), the passes are done, or
 --max-rollouts is reached.
 
 Exit codes: 0 done or stopped; 2 bad flags or prompts file; 1 the worker
@@ -70,9 +70,10 @@ def main(args: argparse.Namespace) -> int:
         return 1
     finally:
         worker.close()
+    dropped = f", {stats.dropped} batches dropped uncommitted" if stats.dropped else ""
     print(
         f"rollout worker {settings.worker_id}: {stats.rollouts} rollouts from {stats.prompts} prompts "
-        f"in {stats.batches} batches ({stats.skipped} skipped)",
+        f"in {stats.batches} batches ({stats.skipped} skipped{dropped})",
         flush=True,
     )
     return 0

@@ -43,12 +43,29 @@ class WorkerMetrics:
             registry=registry,
         )
         self.batch_seconds = Histogram(
-            "arbiter_worker_batch_seconds", "Wall time of one batch: generate, score, reference log-probs, produce.",
+            "arbiter_worker_batch_seconds",
+            "Wall time of one batch from generation to acknowledged (waiting for earlier batches included).",
             buckets=(*LATENCY_BUCKETS, 60.0, 120.0, 300.0), registry=registry,
         )
         self.stage_seconds = Histogram(
             "arbiter_worker_stage_seconds", "Wall time of one stage of a batch, retries included.",
             ["stage"], buckets=(*LATENCY_BUCKETS, 60.0, 120.0, 300.0), registry=registry,
+        )
+        self.batches_in_flight = Gauge(
+            "arbiter_worker_batches_in_flight", "Batches taken and not yet settled (at most pipeline_depth).",
+            registry=registry,
+        )
+        self.pipeline_wait_seconds = Counter(
+            "arbiter_worker_pipeline_wait_seconds",
+            "Time the worker waited for the oldest batch in flight before generating the next (the policy idle "
+            "because scoring, reference log-probs or produce are behind).",
+            registry=registry,
+        )
+        self.batches_dropped = Counter(
+            "arbiter_worker_batches_dropped",
+            "Batches taken but never produced (a fatal error, stopped during a retry, or after an earlier batch "
+            "that was not produced); their prompts stay uncommitted.",
+            registry=registry,
         )
         self.policy_version = Gauge(
             "arbiter_worker_last_policy_version",

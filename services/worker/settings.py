@@ -15,6 +15,9 @@ from arbiter.types import Truncation
 from services.worker.gold import GOLD_SCORERS
 
 TRUNCATIONS = tuple(t.value for t in Truncation)
+# Past a few batches more depth buys nothing (generation cannot run further
+# ahead than scoring keeps up) and each one holds a thread and its prompts.
+MAX_PIPELINE_DEPTH = 16
 
 
 def default_worker_id() -> str:
@@ -46,6 +49,13 @@ class WorkerSettings:
     # the trainer never gets a full batch and nobody moves.
     max_rollouts_per_version: int | None = field(default=None, metadata=flag(
         help="after this many rollouts from one policy version, wait for a newer one (bounds staleness)"))
+    # Batches in flight at once: the worker generates the next batch while
+    # the reward and reference services work on the previous ones (both at
+    # once), so the policy is not idle waiting for them. 1: one batch and one
+    # call at a time. Each batch in flight holds its prompts uncommitted and
+    # a thread or two.
+    pipeline_depth: int = field(default=2, metadata=flag(
+        help="batches in flight: generate the next while earlier ones are scored (1: one call at a time)"))
     # How often a waiting worker asks the policy for its active version.
     version_poll_s: float = field(default=0.5, metadata=flag(help="how often a waiting worker asks for the version"))
     # Sampling. One Generate call = prompts_per_call prompts x samples_per_prompt.
@@ -110,6 +120,10 @@ class WorkerSettings:
                 self.max_rollouts_per_version >= 1, "max_rollouts_per_version", "must be >= 1 or unset",
                 self.max_rollouts_per_version,
             )
+        require(
+            isinstance(self.pipeline_depth, int) and 1 <= self.pipeline_depth <= MAX_PIPELINE_DEPTH, "pipeline_depth",
+            f"must be an integer in 1..{MAX_PIPELINE_DEPTH} (1: one batch at a time)", self.pipeline_depth,
+        )
         require(self.version_poll_s > 0, "version_poll_s", "must be > 0", self.version_poll_s)
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", self.samples_per_prompt)
         require(self.prompts_per_call >= 1, "prompts_per_call", "must be >= 1", self.prompts_per_call)

@@ -4,8 +4,10 @@
 Each is called with a batch and answers per item. A stage sends its batch in
 one request, retried by ``StageRetry`` while it fails transiently; a batch
 the service refuses as INVALID_ARGUMENT is sent again item by item, and the
-items refused on their own are skipped, logged and counted (their answer is
-None); any other failure is a ``WorkerError``.
+items refused on their own are logged and answered None; any other failure
+is a ``WorkerError``. Generate counts its refusals itself; the worker counts
+those of score and reference, which see the same samples at once, so that a
+sample both refuse is counted once.
 """
 
 from __future__ import annotations
@@ -68,13 +70,12 @@ class ReferenceLogProbs:
 @dataclass
 class ServiceStage(Generic[Item, Answer]):
     """What the service stages share: the retry and splitting a refused batch.
-    ``name`` labels the stage's metrics; ``skip_reason`` counts its refusals
-    with ``skip``."""
+    ``name`` labels the stage's metrics; ``skip_reason`` is what its refusals
+    are counted as."""
 
     name: ClassVar[str]
     skip_reason: ClassVar[str]
     retry: StageRetry
-    skip: Callable[[str], None]
 
     def _each_or_skip(
         self, items: Sequence[Item], request_for: Callable[[Sequence[Item]], Callable[[], list[Answer]]],
@@ -108,7 +109,6 @@ class ServiceStage(Generic[Item, Answer]):
 
     def _refused(self, item: Item, err: grpc.RpcError, describe_item: Callable[[Item], str]) -> None:
         log.warning("%s refused %s: %s; skipping it", self.name, describe_item(item), err.details())
-        self.skip(self.skip_reason)
 
 
 @dataclass
@@ -120,6 +120,7 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
 
     name = "generate"
     skip_reason = "prompt_rejected"
+    skip: Callable[[str], None]
     policy: PolicyClient
     sampling: SamplingParams
     tokenizer_fingerprint: str
@@ -130,6 +131,7 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
         generations = []
         for prompt, answer in zip(prompts, answers):
             if answer is None:
+                self.skip(self.skip_reason)
                 continue
             samples, fingerprint = answer
             if fingerprint and fingerprint != self.tokenizer_fingerprint:

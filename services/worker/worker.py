@@ -3,12 +3,22 @@
     prompt source (a JSON-lines file or the prompts topic; ``prompts.py``)
       -> generate   PolicyService.Generate            (``stages.py``)
       -> score      RewardService.Score               (``stages.py``)
-      -> reference  ReferenceService.LogProbs         (``stages.py``)
+         reference  ReferenceService.LogProbs, at the same time as score
+                    (after it with pipeline_depth 1)
       -> sink       one ``Rollout`` per sample on the rollouts topic, keyed by
                     prompt id (acks=all, idempotent producer; ``sink.py``)
 
 ``RolloutWorker`` wires the stages, owns their lifecycle and ``stop``, and
 keeps the budgets (``max_rollouts``, ``max_rollouts_per_version``).
+
+Pipelining (``pipeline_depth`` batches in flight, ``inflight.py``): the
+worker's thread takes prompts and generates one batch after another; each
+generated batch is scored, given its reference log-probs and produced on a
+thread of its own, so the next Generate runs while the reward and reference
+services work on the last batch. Generate calls stay one at a time and in
+order (seed + call number stays reproducible). Batches are produced and
+settled (counted, committed) in the order they were taken. Depth 1 is the
+worker as it was before: one batch, and one call, at a time.
 
 Run several at once: they share nothing but the topics. With the prompts
 topic they split its partitions (group ``ROLLOUT_WORKERS_GROUP``); with a file
@@ -24,7 +34,8 @@ Failure handling, by stage:
 - INVALID_ARGUMENT for a batch: its items are retried one by one and the ones
   refused on their own are skipped, logged and counted (``samples_skipped``);
 - anything else (a tokenizer mismatch after a swap, auth, a server bug) stops
-  the worker with ``WorkerError``: retrying would not fix it;
+  the worker with ``WorkerError``, once the batches taken before the failed
+  one are produced: retrying would not fix it;
 - samples with an empty completion are skipped and counted (the reward and
   reference services refuse them);
 - records the brokers do not acknowledge are re-sent (same rollout_id).
@@ -32,13 +43,21 @@ Failure handling, by stage:
 Each stage's failed attempts and time are counted under its own name
 (``arbiter_worker_errors_total`` / ``arbiter_worker_stage_seconds`` by ``stage``).
 
+A batch that ends unproduced (a fatal error, or stopped during a retry) is
+counted in ``arbiter_worker_batches_dropped_total`` together with the
+batches after it, which are then dropped before they produce anything;
+``stop`` finishes the batches in flight before ``run`` returns.
+
 Staleness: with ``max_rollouts_per_version`` the worker stops generating once
-that many rollouts came from the serving policy version, and resumes when the
-policy serves a newer one (the trainer's next PolicyUpdate), so rollouts are
-never more than about one version behind.
+that many rollouts came from the serving policy version (samples of batches
+still in flight count), and resumes when the policy serves a newer one (the
+trainer's next PolicyUpdate), so rollouts are never more than about one
+version behind. Each rollout records the version that generated it.
 
 Delivery: a prompt-topic offset is committed only after all rollouts of its
-batch were acknowledged, so a crash re-processes the batch (at-least-once).
+batch and of every batch taken before it were acknowledged, so a crash
+re-processes the batches in flight (at-least-once), and a batch dropped
+after a failure is never produced, so its prompts are not produced twice.
 Re-processing samples anew under fresh rollout_ids: for RL that is just more
 on-policy data, and the trainer's dedupe by rollout_id only needs to catch
 producer re-sends, which reuse the id.
@@ -54,6 +73,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from http.server import HTTPServer
 from typing import Any, Protocol, TypeVar
@@ -73,12 +93,13 @@ from services.policy.client import PolicyClient
 from services.reference.client import ReferenceClient
 from services.reward.client import RewardClient
 from services.worker.gold import make_gold_scorer
+from services.worker.inflight import Batch, Dropped, InFlight, NoObserver, StageObserver
 from services.worker.metrics import WorkerMetrics
 from services.worker.prompts import FilePrompts, PromptSource, TopicPrompts
 from services.worker.retry import StageRetry, WorkerError, WorkerStopped, describe, fatal
 from services.worker.settings import WorkerSettings
 from services.worker.sink import RolloutSink, build_rollout
-from services.worker.stages import GenerateStage, ReferenceStage, ScoreStage
+from services.worker.stages import GenerateStage, ReferenceLogProbs, ReferenceStage, ScoreStage
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +121,8 @@ class WorkerStats:
     prompts: int = 0
     rollouts: int = 0
     skipped: int = 0
+    # Batches taken but not produced (see services/worker/inflight.py).
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,8 +137,11 @@ class Pipeline:
     logprobs: ReferenceStage
     sink: RolloutSink
     tokenizer_fingerprint: str
+    # Where the reference stage runs, beside the score stage of the same batch.
+    references: ThreadPoolExecutor
 
     def close(self) -> None:
+        self.references.shutdown(wait=True)
         self.sink.close()
         for client in (self.policy, self.reward, self.reference):
             client.close()
@@ -127,9 +153,13 @@ class RolloutWorker:
     ``start()`` (implicit in both) connects and checks the services; use the
     worker as a context manager, or ``close()`` it."""
 
-    def __init__(self, settings: WorkerSettings, registry: CollectorRegistry | None = None):
+    def __init__(
+        self, settings: WorkerSettings, registry: CollectorRegistry | None = None,
+        observer: StageObserver | None = None,
+    ):
         self.settings = settings
         self.registry = registry or CollectorRegistry()
+        self._observer = observer or NoObserver()
         self.metrics = WorkerMetrics(self.registry)
         self.stats = WorkerStats()
         self.metrics_port: int | None = None
@@ -142,7 +172,8 @@ class RolloutWorker:
         self._metrics_httpd: HTTPServer | None = None
         self._file_prompts: list[Prompt] = []
         self._gold: Callable[[str], float] | None = None
-        # Rollouts produced per policy version, and the version of the last batch.
+        # Rollouts produced (and samples in flight) per policy version, and the
+        # version of the last batch generated.
         self._per_version: dict[str, int] = {}
         self._last_version: str | None = None
 
@@ -181,8 +212,9 @@ class RolloutWorker:
         return self
 
     def stop(self) -> None:
-        """Ask ``run`` to return after the batch in progress (a batch waiting on
-        a retry is abandoned: with the prompts topic it is processed again)."""
+        """Ask ``run`` to return once the batches in flight are produced (a
+        batch waiting on a retry is abandoned and the batches after it are
+        dropped: with the prompts topic they are processed again)."""
         self._stopping.set()
 
     def close(self) -> None:
@@ -246,10 +278,11 @@ class RolloutWorker:
         return Pipeline(
             policy, reward, reference,
             generate=GenerateStage(self._retry, self._skip, policy, sampling, tokenizer_fingerprint=fingerprint),
-            score=ScoreStage(self._retry, self._skip, reward, s.reward_truncation, normalize=normalize),
-            logprobs=ReferenceStage(self._retry, self._skip, reference),
+            score=ScoreStage(self._retry, reward, s.reward_truncation, normalize=normalize),
+            logprobs=ReferenceStage(self._retry, reference),
             sink=RolloutSink(s.kafka, self.metrics, self._retry),
             tokenizer_fingerprint=fingerprint,
+            references=ThreadPoolExecutor(max_workers=s.pipeline_depth, thread_name_prefix="rollout-reference"),
         )
 
     def _wait_for_info(self, role: str, client: ModelServiceClient, deadline: float) -> common_pb2.ModelInfo:
@@ -291,8 +324,9 @@ class RolloutWorker:
 
     def run(self, stop_event: threading.Event | None = None) -> WorkerStats:
         """Produce rollouts until ``stop_event`` is set (or ``stop()``), the file's
-        passes are done, or ``max_rollouts`` is reached. Raises WorkerError
-        when a failure is not transient."""
+        passes are done, or ``max_rollouts`` is reached; the batches in flight
+        are finished first. Raises WorkerError when a failure is not transient
+        (once the batches taken before it are finished)."""
         if stop_event is not None:
             self._stopping = stop_event
         s = self.settings
@@ -304,64 +338,112 @@ class RolloutWorker:
             source = TopicPrompts(s.kafka, self._skip, self._retry.failed, self.metrics.rejected_records)
         else:
             source = FilePrompts(self._file_prompts, s.passes, s.shuffle, s.seed)
+        run = self._new_run(collect=False)
         try:
-            while not self._done():
-                # Before taking prompts, so none are held uncommitted while waiting.
-                self._wait_for_new_policy()
-                batch = source.next_batch(self._batch_limit())
-                if batch is None:
-                    break
-                if batch.prompts:
-                    self._run_batch(batch.prompts)
-                batch.acknowledge()
-        except WorkerStopped as err:
-            log.warning("stopped while the %s stage was waiting for a retry; its batch was not produced", err)
+            with run.flow:
+                try:
+                    while not self._done() and not run.failing():
+                        if self._make_room(run, s.max_rollouts):
+                            continue
+                        # Before taking prompts, so none are held uncommitted while waiting.
+                        self._wait_for_new_policy(run)
+                        batch = source.next_batch(self._batch_limit(run))
+                        if batch is None:
+                            break
+                        self._take(run, batch.prompts, batch.acknowledge)
+                except WorkerStopped as err:
+                    log.warning("stopped while waiting: %s", err)
+                finally:
+                    self._drain(run)
         finally:
             source.close()
+        if run.failure is not None and not isinstance(run.failure, WorkerStopped):
+            raise run.failure
         return self.stats
 
     def run_once(self, prompts: Iterable[Prompt | str | Mapping[str, Any]]) -> list[rollout_pb2.Rollout]:
-        """Rollouts of these prompts (prompts_per_call per Generate call),
-        produced and acknowledged before this returns."""
+        """Rollouts of these prompts (prompts_per_call per Generate call,
+        pipelined like ``run``), produced and acknowledged before this returns."""
         self.start()
         items = as_prompts(prompts)
-        out: list[rollout_pb2.Rollout] = []
         per_call = self.settings.prompts_per_call
-        for i in range(0, len(items), per_call):
-            out.extend(self._run_batch(items[i:i + per_call]))
-        return out
+        run = self._new_run(collect=True)
+        with run.flow:
+            try:
+                for i in range(0, len(items), per_call):
+                    while self._make_room(run, None):
+                        pass
+                    if run.failing():
+                        break
+                    self._wait_for_new_policy(run)
+                    self._take(run, items[i:i + per_call], _nothing_to_commit)
+            finally:
+                self._drain(run)
+        if run.failure is not None:
+            raise run.failure
+        return run.collected
+
+    def _new_run(self, collect: bool) -> _Run:
+        flow: InFlight[_Finished, _Finished] = InFlight(self.settings.pipeline_depth, self._prepare, self._produce)
+        return _Run(flow, [] if collect else None)
 
     def _done(self) -> bool:
         limit = self.settings.max_rollouts
         return self._stopping.is_set() or (limit is not None and self.stats.rollouts >= limit)
 
-    def _batch_limit(self) -> int:
+    def _make_room(self, run: _Run, max_rollouts: int | None) -> bool:
+        """Settles the batches that are done; when ``pipeline_depth`` batches
+        are in flight (or those in flight may already reach ``max_rollouts``),
+        waits for the oldest first. True if it waited."""
+        flow = run.flow
+        full = len(flow) >= flow.depth or (
+            max_rollouts is not None and self.stats.rollouts + flow.generated() >= max_rollouts
+        )
+        if not full or not len(flow):
+            self._settle(run)
+            return False
+        started = time.perf_counter()
+        self._settle(run, block=True)
+        self.metrics.pipeline_wait_seconds.inc(time.perf_counter() - started)
+        return True
+
+    def _batch_limit(self, run: _Run) -> int:
         """Prompts for the next call: fewer near max_rollouts or the per-version
-        budget, never a split group."""
+        budget (counting what the batches in flight generated), never a split group."""
         s = self.settings
         limit = s.prompts_per_call
         remaining = []
         if s.max_rollouts is not None:
-            remaining.append(s.max_rollouts - self.stats.rollouts)
+            remaining.append(s.max_rollouts - self.stats.rollouts - run.flow.generated())
         if s.max_rollouts_per_version is not None and self._last_version is not None:
             remaining.append(s.max_rollouts_per_version - self._per_version.get(self._last_version, 0))
         for left in remaining:
             limit = min(limit, math.ceil(max(left, 1) / s.samples_per_prompt))
         return max(1, limit)
 
-    def _wait_for_new_policy(self) -> None:
+    def _over_budget(self) -> bool:
+        budget, version = self.settings.max_rollouts_per_version, self._last_version
+        return budget is not None and version is not None and self._per_version.get(version, 0) >= budget
+
+    def _wait_for_new_policy(self, run: _Run) -> None:
         """With max_rollouts_per_version: once the last batch's version has its
-        budget, wait until the policy's active version is another one."""
-        s = self.settings
-        budget, version = s.max_rollouts_per_version, self._last_version
-        if budget is None or version is None or self._per_version.get(version, 0) < budget:
+        budget (rollouts produced plus samples in flight), wait until the
+        policy's active version is another one. The batches in flight are
+        settled meanwhile."""
+        if not self._over_budget():
             return
+        s, version = self.settings, self._last_version
         log.info("%d rollouts from policy %s: waiting for a newer version", self._per_version[version], version)
         started = time.monotonic()
         self.metrics.waiting_for_policy.set(1)
         policy = self.pipeline.policy
         try:
             while True:
+                self._settle(run)
+                # Some samples in flight were skipped, or a batch failed (its
+                # rollouts, which the trainer may be waiting for, will not come).
+                if not self._over_budget() or run.failing():
+                    return
                 try:
                     active = self._retry.call("wait_for_policy", lambda: policy.info().version)
                 except grpc.RpcError as err:
@@ -378,41 +460,140 @@ class RolloutWorker:
 
     # -- one batch ------------------------------------------------------
 
-    def _run_batch(self, prompts: Sequence[Prompt]) -> list[rollout_pb2.Rollout]:
-        self._wait_for_new_policy()
+    def _take(self, run: _Run, prompts: Sequence[Prompt], acknowledge: Callable[[], None]) -> None:
+        """Generates ``prompts`` here, then hands the batch to the pipeline:
+        scoring, reference log-probs and produce run beside the next generation."""
+        batch = run.flow.new_batch(list(prompts), acknowledge)
+        if batch.prompts:
+            try:
+                batch.generations = self._timed(self.pipeline.generate, batch.prompts, batch.number)
+            except (WorkerError, WorkerStopped) as err:
+                run.flow.add_failed(batch, err)
+                return
+        # Counted from generation on, so that batches in flight count against the budget.
+        for version, count in batch.versions().items():
+            self._per_version[version] = self._per_version.get(version, 0) + count
+        if batch.generations:
+            self._last_version = batch.generations[-1].sample.policy_version
+        run.flow.submit(batch)
+        self.metrics.batches_in_flight.set(len(run.flow))
+
+    def _prepare(self, batch: Batch) -> _Finished:
+        """Scores and reference log-probs at once (independent calls), then the
+        Rollouts. With pipeline_depth 1, one call after the other as before
+        pipelining: the reference only for the samples the reward scored."""
+        generations = batch.generations
+        if not generations:
+            return _Finished([], [])
         p = self.pipeline
-        started = time.perf_counter()
-        generations = self._timed(p.generate, prompts)
-        rewards = self._timed(p.score, generations)
-        scored = [(g, r) for g, r in zip(generations, rewards) if r is not None]
-        references = self._timed(p.logprobs, [g for g, _ in scored])
-        rollouts = [
-            build_rollout(g, r, ref, self.settings.worker_id, self._gold(g.sample.text) if self._gold else None)
-            for (g, r), ref in zip(scored, references)
-            if ref is not None
-        ]
-        rollouts = self._timed(p.sink, rollouts)
-        elapsed = time.perf_counter() - started
-        self.metrics.batch_seconds.observe(elapsed)
-        self.metrics.prompts.inc(len(prompts))
-        self.stats.batches += 1
-        self.stats.prompts += len(prompts)
+        if self.settings.pipeline_depth == 1:
+            rewards = self._timed(p.score, generations, batch.number)
+            scored = [i for i, reward in enumerate(rewards) if reward is not None]
+            references: list[ReferenceLogProbs | None] = [None] * len(generations)
+            answers = self._timed(p.logprobs, [generations[i] for i in scored], batch.number)
+            for i, answer in zip(scored, answers, strict=True):
+                references[i] = answer
+        else:
+            references_call = p.references.submit(self._timed, p.logprobs, generations, batch.number)
+            try:
+                rewards = self._timed(p.score, generations, batch.number)
+            finally:
+                wait([references_call])
+            references = references_call.result()
+        rollouts, skipped = [], []
+        for g, reward, reference in zip(generations, rewards, references, strict=True):
+            if reward is None:
+                skipped.append(p.score.skip_reason)
+            elif reference is None:
+                skipped.append(p.logprobs.skip_reason)
+            else:
+                gold = self._gold(g.sample.text) if self._gold else None
+                rollouts.append(build_rollout(g, reward, reference, self.settings.worker_id, gold))
+        return _Finished(rollouts, skipped)
+
+    def _produce(self, batch: Batch, finished: _Finished) -> _Finished:
+        self._timed(self.pipeline.sink, finished.rollouts, batch.number)
+        return finished
+
+    def _settle(self, run: _Run, block: bool = False) -> None:
+        """Counts and commits the batches that are done, oldest first (with
+        ``block``, waiting for the oldest)."""
+        for batch, done in run.flow.finished(block):
+            # The samples counted at generation become the rollouts produced.
+            for version, count in batch.versions().items():
+                self._per_version[version] -= count
+            error = done.exception()
+            if error is None:
+                self._settle_produced(run, batch, done.result())
+            else:
+                self._settle_dropped(run, batch, error)
+        self.metrics.batches_in_flight.set(len(run.flow))
+        if len(self._per_version) > 16:  # only recent versions matter
+            keep = run.flow.versions() | {self._last_version}
+            self._per_version = {v: n for v, n in self._per_version.items() if v in keep}
+
+    def _settle_produced(self, run: _Run, batch: Batch, finished: _Finished) -> None:
+        for reason in finished.skipped:
+            self._skip(reason)
+        rollouts = finished.rollouts
+        if run.collected is not None:
+            run.collected.extend(rollouts)
         self._observe(rollouts)
+        if not batch.prompts:
+            batch.acknowledge()
+            return
+        self._observer.stage_started(batch.number, "commit")
+        try:
+            batch.acknowledge()
+        finally:
+            self._observer.stage_finished(batch.number, "commit")
+        elapsed = time.perf_counter() - batch.started
+        self.metrics.batch_seconds.observe(elapsed)
+        self.metrics.prompts.inc(len(batch.prompts))
+        self.stats.batches += 1
+        self.stats.prompts += len(batch.prompts)
         if rollouts:
             log.info(
-                "batch of %d prompts: %d rollouts (policy %s, mean reward %.4f) in %.2fs", len(prompts), len(rollouts),
-                rollouts[-1].policy_version, sum(r.reward for r in rollouts) / len(rollouts), elapsed,
+                "batch %d of %d prompts: %d rollouts (policy %s, mean reward %.4f) in %.2fs", batch.number,
+                len(batch.prompts), len(rollouts), rollouts[-1].policy_version,
+                sum(r.reward for r in rollouts) / len(rollouts), elapsed,
             )
         else:
-            log.info("batch of %d prompts: no rollouts (all skipped) in %.2fs", len(prompts), elapsed)
-        return rollouts
+            log.info("batch %d of %d prompts: no rollouts (all skipped) in %.2fs", batch.number, len(batch.prompts),
+                     elapsed)
 
-    def _timed(self, stage: _Stage[In, Out], items: Sequence[In]) -> list[Out]:
-        """``stage(items)``, its wall time (retries included) counted under its name."""
+    def _settle_dropped(self, run: _Run, batch: Batch, error: BaseException) -> None:
+        """Not produced, not committed: the prompts topic hands its prompts out again."""
+        self.metrics.batches_dropped.inc()
+        self.stats.dropped += 1
+        if isinstance(error, Dropped):
+            log.warning("batch %d of %d prompts dropped uncommitted: %s", batch.number, len(batch.prompts), error)
+            return
+        if isinstance(error, WorkerStopped):
+            log.warning("stopped while the %s stage was waiting for a retry; batch %d was not produced", error,
+                        batch.number)
+        else:
+            log.error("batch %d of %d prompts failed: %s", batch.number, len(batch.prompts), error)
+        if run.failure is None:
+            run.failure = error
+
+    def _drain(self, run: _Run) -> None:
+        if len(run.flow):
+            log.info("finishing %d batch(es) in flight", len(run.flow))
+        while len(run.flow):
+            self._settle(run, block=True)
+
+    def _timed(self, stage: _Stage[In, Out], items: Sequence[In], batch: int) -> list[Out]:
+        """``stage(items)``, its wall time (retries included) counted under its
+        name and its start and end told to the observer."""
         if not items:
             return []
-        with self.metrics.stage_seconds.labels(stage.name).time():
-            return stage(items)
+        self._observer.stage_started(batch, stage.name)
+        try:
+            with self.metrics.stage_seconds.labels(stage.name).time():
+                return stage(items)
+        finally:
+            self._observer.stage_finished(batch, stage.name)
 
     def _observe(self, rollouts: Sequence[rollout_pb2.Rollout]) -> None:
         if not rollouts:
@@ -422,10 +603,6 @@ class RolloutWorker:
         self.stats.rollouts += len(rollouts)
         for r in rollouts:
             self._per_version[r.policy_version] = self._per_version.get(r.policy_version, 0) + 1
-        self._last_version = rollouts[-1].policy_version
-        if len(self._per_version) > 16:  # only recent versions matter
-            self._per_version = {self._last_version: self._per_version[self._last_version]}
-        for r in rollouts:
             m.response_length.observe(len(r.completion_token_ids))
         m.reward_mean.set(sum(r.reward for r in rollouts) / len(rollouts))
         gold = [r.gold_score for r in rollouts if r.HasField("gold_score")]
@@ -436,3 +613,30 @@ class RolloutWorker:
     def _skip(self, reason: str) -> None:
         self.metrics.skipped.labels(reason).inc()
         self.stats.skipped += 1
+
+
+def _nothing_to_commit() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A batch's rollouts, and the reasons of the samples it skipped after generation."""
+
+    rollouts: list[rollout_pb2.Rollout]
+    skipped: list[str]
+
+
+@dataclass
+class _Run:
+    """One ``run`` or ``run_once``: its batches in flight and how it ended."""
+
+    flow: InFlight[_Finished, _Finished]
+    # run_once's rollouts, in the order of its prompts.
+    collected: list[rollout_pb2.Rollout] | None
+    # The first batch that failed or was abandoned (not one dropped after it).
+    failure: BaseException | None = None
+
+    def failing(self) -> bool:
+        """A batch failed: take no more."""
+        return self.failure is not None or self.flow.failed()
