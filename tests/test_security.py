@@ -23,7 +23,7 @@ import pytest
 from arbiter.hf import write_metadata
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.server import CONTROL_PLANE, AuthInterceptor
-from tests.helpers import BackgroundServer, expect_error, metrics_text, wait_until
+from tests.helpers import BackgroundServer, expect_error, metric_value, metrics_text, wait_until
 
 SCORING = "scoring-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
@@ -321,6 +321,32 @@ def test_metrics_carry_no_client_chosen_version_labels(guarded, stubs, outside):
     expect_error(load(models, "/tmp", version="bad label\n"), grpc.StatusCode.INVALID_ARGUMENT, "version")
     page = metrics_text(guarded)
     assert chosen not in page and 'model_version="v0"' in page
+
+
+def test_calls_refused_for_their_token_are_counted_under_their_method_and_code(guarded, stubs):
+    models, reward = stubs
+
+    def count(method: str, code: str) -> float:
+        return metric_value(guarded, "arbiter_requests_total", service="reward", method=method, code=code) or 0.0
+
+    before = {key: count(*key) for key in (("Score", "UNAUTHENTICATED"), ("LoadModelVersion", "PERMISSION_DENIED"),
+                                           ("ScoreStream", "UNAUTHENTICATED"))}
+    for token in (None, "not-the-token-at-all"):
+        metadata = bearer(token) if token else ()
+        expect_error(lambda: reward.Score(reward_pb2.ScoreRequest(inputs=[TEXT]), metadata=metadata, timeout=10),
+                     grpc.StatusCode.UNAUTHENTICATED)
+    expect_error(load(models, "/tmp", SCORING), grpc.StatusCode.PERMISSION_DENIED)
+    stream = reward.ScoreStream(iter([reward_pb2.ScoreStreamRequest(inputs=[TEXT])]), timeout=10)
+    expect_error(lambda: list(stream), grpc.StatusCode.UNAUTHENTICATED)
+    # A method the server does not have is no label, whatever its name.
+    with grpc.insecure_channel(guarded.target) as channel:
+        expect_error(lambda: channel.unary_unary("/arbiter.v1.RewardService/attacker-chosen")(b"", timeout=10),
+                     grpc.StatusCode.UNIMPLEMENTED)
+
+    assert count("Score", "UNAUTHENTICATED") == before["Score", "UNAUTHENTICATED"] + 2
+    assert count("LoadModelVersion", "PERMISSION_DENIED") == before["LoadModelVersion", "PERMISSION_DENIED"] + 1
+    assert count("ScoreStream", "UNAUTHENTICATED") == before["ScoreStream", "UNAUTHENTICATED"] + 1
+    assert "attacker-chosen" not in metrics_text(guarded)
 
 
 # -- mTLS ---------------------------------------------------------------------------
