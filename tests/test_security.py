@@ -7,6 +7,8 @@ labels and settings never print their secrets."""
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
 import shutil
 import ssl
@@ -421,3 +423,32 @@ def test_mtls_refuses_an_untrusted_client_certificate(mtls, pki):
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         with urllib.request.urlopen(url, context=anonymous, timeout=10) as page:
             page.read()
+
+
+def test_arbiter_score_presents_its_client_certificate_to_an_mtls_server(mtls, pki, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.setenv("ARBITER_AUTH_TOKEN", SCORING)
+    command = ["score", "--target", mtls.target, "--timeout", "10", "--tls-ca-file", str(pki / "ca.pem")]
+
+    def score(*flags: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO('{"prompt": "Hello.", "response": " Hi there!"}\n'))
+        code = main([*command, *flags])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = score("--tls-cert-file", str(pki / "client.pem"), "--tls-key-file", str(pki / "client.key"))
+    assert code == 0, err
+    assert json.loads(out)["model_version"] == "v0"
+
+    code, out, err = score()
+    assert (code, out) == (1, ""), err
+    assert err.startswith("arbiter score: UNAVAILABLE:") and "--tls-cert-file and --tls-key-file" in err, err
+    code, out, err = score("--tls-cert-file", str(pki / "intruder.pem"), "--tls-key-file", str(pki / "intruder.key"))
+    assert (code, out) == (1, ""), err
+    assert err.startswith("arbiter score: UNAVAILABLE:") and "it trusts the CA of --tls-cert-file" in err, err
+
+    with pytest.raises(SystemExit) as exit:
+        score("--tls-cert-file", str(pki / "client.pem"))
+    assert exit.value.code == 2
+    assert "arbiter score: tls_cert_file/tls_key_file=" in capsys.readouterr().err
