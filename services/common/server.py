@@ -211,7 +211,7 @@ async def start_server(
     # DecodeGuard innermost, so even a refused caller's undecodable body raises nothing.
     interceptors = [*interceptors_for(settings, metrics), DecodeGuard()]
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
