@@ -22,8 +22,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from arbiter.errors import PermissionDenied
 from arbiter.hf import write_metadata
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.common.model_service import check_model_root
 from services.common.server import CONTROL_PLANE, AuthInterceptor
 from tests.helpers import BackgroundServer, expect_error, metric_value, metrics_text, wait_until
 
@@ -191,6 +193,9 @@ def test_paths_outside_the_model_roots_are_refused_without_saying_what_exists(st
         refusals[str(path)] = details.replace(repr(str(path)), "PATH")
     # One answer for existing and missing paths alike.
     assert len(set(refusals.values())) == 1, refusals
+    # Where paths come from the topic (the policy follower), a NUL is one more path outside, not a ValueError.
+    with pytest.raises(PermissionDenied, match="outside the directories"):
+        check_model_root(f"{root}/reward\0x", [root])
     # Inside the root, loads work; a missing path there may say so.
     expect_error(load(models, root / "missing"), grpc.StatusCode.FAILED_PRECONDITION, "does not exist")
     assert versions(models) == ["v0"]
