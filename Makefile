@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo demo-data bench bench-chaos clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -93,6 +93,11 @@ bench: install
 # exactly-once ledger. Minutes; not part of make bench.
 bench-chaos: install
 	$(BIN)/python -m bench.chaos $(BENCH_ARGS)
+
+# Three services as processes under mixed valid and hostile traffic for 3
+# minutes: RSS growth, 60 MiB refusals, health latency (not part of `bench`).
+bench-soak: install
+	$(BIN)/python -m bench.run --only soak $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .tools $(GEN_STAMP) arbiter/v1/*_pb2*.py* build runs

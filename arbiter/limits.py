@@ -15,6 +15,14 @@ request may ask for.
 
 Both are ``LimitExceeded`` (RESOURCE_EXHAUSTED, like gRPC's own refusal of an
 oversized message): configured sizes, not malformed requests.
+
+A request has to be parsed before it can be measured, and parsing holds the
+GIL: a 16 MiB message of two million tiny items takes about 0.4 s (and a few
+hundred MB) on a small core, during which the server's event loop, health
+checks included, waits. So the servers also set gRPC's receive limit just
+above ``max_request_bytes`` (``receive_limit``): anything bigger is refused by
+gRPC before it is parsed; what is left is the cost of the largest request the
+limits allow, which ``max_request_bytes`` bounds.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ MiB = 1024 * 1024
 # Bytes allowed per token of a model's window when max_item_bytes is unset:
 # 8x what English text takes, so no item that fits the window is refused.
 BYTES_PER_TOKEN = 32
+# How far past max_request_bytes gRPC still delivers a request to the
+# handler: far enough that a request just over the limit is refused with the
+# message naming max_request_bytes, short enough that parsing it costs little.
+REQUEST_SLACK_BYTES = 64 * 1024
 # Threads an engine tokenizes on: off the event loop (health checks and other
 # requests stay responsive) and off the model thread (tokenizing never waits
 # behind forward passes). Hugging Face's fast tokenizers release the GIL, so
@@ -54,6 +66,10 @@ class SizeLimits:
         require(max_message_bytes > self.max_request_bytes, "max_message_bytes",
                 f"must be > max_request_bytes ({self.max_request_bytes}), or gRPC refuses requests the size "
                 "limits allow", max_message_bytes)
+
+    def receive_limit(self, max_message_bytes: int) -> int:
+        """gRPC's receive limit for a server with these limits and ``max_message_bytes``."""
+        return min(max_message_bytes, self.max_request_bytes + REQUEST_SLACK_BYTES)
 
     def budget(self, max_tokens: int) -> SizeBudget:
         """The checks for one request to a version with ``max_tokens``."""

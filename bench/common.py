@@ -67,6 +67,8 @@ class ServiceProcess:
         )
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
+        # From the banner, when started with --metrics-port.
+        self.metrics_port: int | None = None
         self.log_tail: deque[str] = deque(maxlen=200)
         if wait:
             self.wait_ready()
@@ -85,6 +87,8 @@ class ServiceProcess:
             match = re.search(r" on [\d.]+:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
+                metrics = re.search(r"metrics on [\d.]+:(\d+)", line)
+                self.metrics_port = int(metrics.group(1)) if metrics else None
                 # Keep reading: a full pipe would block the service's logging.
                 threading.Thread(target=self._drain, daemon=True).start()
                 return self

@@ -1,7 +1,12 @@
 """``make bench``: every benchmark, each against its named baseline measured
 in the same run. ``--only NAME`` (repeatable) picks some; ``--seconds`` sets
 time per cell; ``--quick`` shrinks every benchmark to half a second per path per cell
-(a smoke run: proves they run, measures nothing worth quoting)."""
+(a smoke run: proves they run, measures nothing worth quoting).
+
+``soak`` (``--only soak``, ``make bench-soak``) is not among the defaults:
+it is a several-minute acceptance check (RSS growth, oversize refusals,
+health under hostile load), not a ratio against a baseline; ``--soak-seconds``
+sets its length."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from bench.common import QUICK_SECONDS
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BENCHES = ("reward", "triton", "policy", "reference", "ppo")
+# Run only when named (--only soak).
+EXTRA = ("soak",)
 TRITON_VENV = ".venv-triton"
 
 
@@ -33,7 +40,7 @@ def triton_unavailable(venv: str = TRITON_VENV) -> str | None:
     return None
 
 
-def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int) -> dict:
+def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int, soak_seconds: float = 180.0) -> dict:
     if name == "reward":
         from bench import reward_bench
 
@@ -60,6 +67,10 @@ def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int) -> di
         from bench import ppo_bench
 
         return ppo_bench.run(iterations=ppo_iterations, quick=quick)
+    if name == "soak":
+        from bench import soak
+
+        return soak.run(seconds=20.0 if quick else soak_seconds)
     raise ValueError(name)
 
 
@@ -73,16 +84,17 @@ def _finite(value) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="make bench")
-    parser.add_argument("--only", choices=BENCHES, action="append", help="run only this benchmark (repeatable)")
+    parser.add_argument("--only", choices=BENCHES + EXTRA, action="append", help="run only this benchmark (repeatable)")
     parser.add_argument("--seconds", type=float, default=8.0, help="time per path per cell (not ppo)")
     parser.add_argument("--ppo-iterations", type=int, default=6, help="measured iterations of each ppo side")
     parser.add_argument("--quick", action="store_true", help=f"~{QUICK_SECONDS:g}s per cell, one ppo iteration")
+    parser.add_argument("--soak-seconds", type=float, default=180.0, help="measured load of the soak (after warm-up)")
     parser.add_argument("--json", help="also write the summary ratios here")
     args = parser.parse_args(argv)
     summary = {}
     for name in args.only or BENCHES:
         started = time.perf_counter()
-        summary[name] = run_bench(name, args.seconds, args.quick, args.ppo_iterations)
+        summary[name] = run_bench(name, args.seconds, args.quick, args.ppo_iterations, args.soak_seconds)
         print(f"{name}: {time.perf_counter() - started:.0f}s", flush=True)
     print(json.dumps(summary, indent=2))
     if args.json:

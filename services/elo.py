@@ -39,6 +39,8 @@ class EloInputError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from services.common.client import add_client_tls_flags
+
     parser.add_argument("--versions", help="comma-separated policy versions to rate (>= 2); with --preferences, "
                                            "a filter (default: every version in the file)")
     judge = parser.add_argument_group("judged by a reward model")
@@ -59,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--confidence", type=float, default=0.95)
     fit.add_argument("--prior", type=float, default=0.01, help="Gaussian prior strength on the logit strengths")
     parser.add_argument("--out", help="write the ratings (and every game) as JSON here")
+    add_client_tls_flags(judge)
 
 
 # -- inputs -------------------------------------------------------------------
@@ -186,7 +189,9 @@ def main(args) -> int:
     from rich.console import Console
 
     from arbiter.elo import fit_elo
+    from services.common.client import client_tls_from_args, rpc_error_text
 
+    tls = client_tls_from_args(args, "arbiter elo")
     versions = [v.strip() for v in (args.versions or "").split(",") if v.strip()]
     if len(set(versions)) != len(versions):
         print("arbiter elo: --versions: lists a version twice", file=sys.stderr)
@@ -218,8 +223,8 @@ def main(args) -> int:
             from services.reward.client import RewardClient
 
             token = auth_token_from_env()
-            with PolicyClient(args.policy_target, timeout_s=args.timeout, token=token) as policy, \
-                    RewardClient(args.reward_target, timeout_s=args.timeout, token=token) as reward:
+            with PolicyClient(args.policy_target, timeout_s=args.timeout, token=token, **tls.kwargs()) as policy, \
+                    RewardClient(args.reward_target, timeout_s=args.timeout, token=token, **tls.kwargs()) as reward:
                 completions = generate_completions(policy, prompts, versions, args)
                 outcomes, games, rm_version = judge_games(reward, prompts, versions, completions, args)
             judge = {"kind": "reward_model", "target": args.reward_target, "model_version": rm_version,
@@ -231,7 +236,7 @@ def main(args) -> int:
         print(f"arbiter elo: {err}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:
-        print(f"arbiter elo: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"arbiter elo: {rpc_error_text(err, tls)}", file=sys.stderr)
         return 1
     judged_by = (f"reward model {judge['model_version']}" if judge["kind"] == "reward_model"
                  else f"human preferences ({args.preferences})")

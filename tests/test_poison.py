@@ -289,3 +289,55 @@ def test_rm_training_skips_poison_preferences_and_reads_each_good_one_once(kafka
     # Strict mode, on request: the first poison record stops the run, naming it.
     with pytest.raises(PayloadError, match=rf"{kafka.topic(topics.PREFERENCES)}\[0\]@1"):
         read_preferences(kafka, TopicConfig(idle_timeout_s=1.0, replay=True, skip_invalid=False))
+
+
+def test_rm_training_skips_a_preference_over_the_window_with_truncation_reject(
+        tiny_models, kafka_settings, tmp_path, capsys, caplog):
+    """With ``truncation: reject`` a preference longer than the model's window
+    is only found when training encodes it: it is rejected like any poison
+    record (too_long, logged with its location, counted, dead-lettered,
+    committed past) and the run trains on the rest."""
+    from cli.main import main as cli_main
+
+    kafka = kafka_settings.with_overrides(dead_letter=True)
+    ensure_topics(kafka, {topics.PREFERENCES: 1})
+    good = [rollout_pb2.Preference(preference_id=f"f{i}", prompt="Q?", chosen=f" yes {i}", rejected=" no")
+            for i in range(10)]
+    # Over the tiny model's 256 positions, in a field the decoder accepts.
+    long = rollout_pb2.Preference(preference_id="long", prompt="Q?", chosen=" yes" * 400, rejected=" no")
+    records = [encoded(topics.PREFERENCES, p) for p in [*good[:4], long, *good[4:]]]
+    produce_in_order(kafka, topics.PREFERENCES, records)
+    where = f"{kafka.topic(topics.PREFERENCES)}[0]@4"
+
+    def config(name: str, **topic) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({
+            "model_dir": str(tiny_models["policy"]), "registry": str(tmp_path / "registry"), "name": name,
+            "eval_fraction": 0.0, "epochs": 1, "truncation": "reject", "calibration_size": 8,
+            "topic": {"idle_timeout_s": 1.0, **topic},
+            "kafka": {"bootstrap_servers": kafka.bootstrap_servers[0], "topic_prefix": kafka.topic_prefix,
+                      "session_timeout_ms": 6000, "dead_letter": True},
+        }))
+        return str(path)
+
+    # Strict mode, on request: the run stops at the record, naming it; nothing is published or committed.
+    assert cli_main(["train", "rm", "--config", config("strict", skip_invalid=False), "--from-topic",
+                     "--no-progress", "--json"]) == 2
+    assert f"{where}: chosen: is " in capsys.readouterr().err
+
+    assert cli_main(["train", "rm", "--config", config("rm"), "--from-topic", "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["metrics"]["train_examples"] == len(good)
+    assert "1 more preference(s) from the topic skipped" in captured.err and "1 too_long" in captured.err
+    meta = json.loads((tmp_path / "registry" / "rm" / "v1" / "arbiter.json").read_text())
+    assert meta["training"]["from_topic"] == {"records": len(good) + 1, "examples": len(good), "duplicates": 0,
+                                              "skipped": 1, "skipped_reasons": {"too_long": 1}, "replay": False}
+    assert any("skipped invalid record (too_long, copied to dead letters)" in r.getMessage()
+               and where in r.getMessage() for r in caplog.records)
+    with StreamConsumer(kafka, [topics.PREFERENCES], topics.REWARD_TRAINER_GROUP) as group:
+        assert group.committed([TopicPartition(kafka.topic(topics.PREFERENCES), 0)]) == {
+            TopicPartition(kafka.topic(topics.PREFERENCES), 0): len(good) + 1}
+    [copy] = read_raw(kafka, topics.PREFERENCES_DEAD_LETTER, 1)
+    assert copy["value"] == records[4][1] and copy["arbiter-dead-letter-reason"] == "too_long"
+    assert copy["arbiter-source-offset"] == "4"

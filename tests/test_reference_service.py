@@ -12,6 +12,7 @@ from helpers import BackgroundServer, expect_error, metric_value, metrics_text
 from lm_fixtures import lora_adapter, nan_weights, other_tokenizer_policy, perturbed
 
 from arbiter.batching import BatchingConfig
+from arbiter.limits import MiB
 from arbiter.v1 import reference_pb2
 from services.common.pairing import TokenizerMismatch, check_tokenizer_pair
 from services.policy.client import PolicyClient
@@ -236,6 +237,14 @@ def test_limits_and_unknown_versions(client):
     expect_error(lambda: client.logprobs(too_many), grpc.StatusCode.RESOURCE_EXHAUSTED, "257 sequences", "limit of 256")
     expect_error(lambda: client.logprobs([(PROMPT, COMPLETION)], model_version="nope"), grpc.StatusCode.NOT_FOUND,
                  "'nope' is not loaded")
+
+
+def test_requests_over_the_request_limit_are_refused_before_they_are_parsed(client):
+    # Parsing holds the event loop (health checks included): gRPC refuses a
+    # request over max_request_bytes (16 MiB) before it is parsed.
+    huge = reference_pb2.LogProbsRequest(sequences=[seq(PROMPT, COMPLETION)], model_version="x" * 16 * MiB)
+    expect_error(lambda: client.reference.LogProbs(huge), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 f"larger than max ({huge.ByteSize()} vs. {16 * MiB})")
 
 
 def test_lengths_are_checked_before_ids_are_copied(client):

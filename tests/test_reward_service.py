@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from arbiter.batching import BatchingConfig
 from arbiter.config import ConfigError
 from arbiter.hf import read_metadata, tokenizer_fingerprint
-from arbiter.limits import SizeLimits
+from arbiter.limits import REQUEST_SLACK_BYTES, SizeLimits
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.reward.server import create_server
@@ -349,6 +349,10 @@ def test_request_and_stream_limits(tiny_models):
         assert len(stub.Score(reward_pb2.ScoreRequest(inputs=[item, item]), timeout=10).results) == 2
         expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[item] * 3), timeout=10), exhausted,
                      "the request is 306 bytes, over the limit of 250 per request (max_request_bytes)")
+        # Further past it than the slack gRPC leaves: refused by gRPC, before it is parsed.
+        far = reward_pb2.ScoreRequest(inputs=[text_input("q", " " + "w" * (REQUEST_SLACK_BYTES + 250))])
+        expect_error(lambda: stub.Score(far, timeout=10), exhausted,
+                     f"larger than max ({far.ByteSize()} vs. {250 + REQUEST_SLACK_BYTES})")
         # The fourth message of a stream is one too many: the first three are answered, then the stream ends.
         messages = [reward_pb2.ScoreStreamRequest(correlation_id=f"m{i}", inputs=[item]) for i in range(4)]
         answered = []
@@ -365,7 +369,8 @@ def test_an_oversized_message_is_refused_by_grpc(server, channel):
     with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as ch:
         started = time.perf_counter()
         expect_error(lambda: ch.unary_unary("/arbiter.v1.RewardService/Score")(big, timeout=30),
-                     grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max", str(20 * 1024 * 1024))
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max",
+                     f"vs. {16 * 1024 * 1024 + REQUEST_SLACK_BYTES})")  # max_request_bytes + the slack
         # ~0.1 s is moving 60 MiB over loopback; tokenizing it took 100 s before the limits.
         assert time.perf_counter() - started < 5
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status

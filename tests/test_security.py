@@ -7,6 +7,8 @@ labels and settings never print their secrets."""
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
 import shutil
 import ssl
@@ -20,10 +22,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from arbiter.errors import PermissionDenied
 from arbiter.hf import write_metadata
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.common.model_service import check_model_root
 from services.common.server import CONTROL_PLANE, AuthInterceptor
-from tests.helpers import BackgroundServer, expect_error, metrics_text, wait_until
+from tests.helpers import BackgroundServer, expect_error, metric_value, metrics_text, wait_until
 
 SCORING = "scoring-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
@@ -189,6 +193,9 @@ def test_paths_outside_the_model_roots_are_refused_without_saying_what_exists(st
         refusals[str(path)] = details.replace(repr(str(path)), "PATH")
     # One answer for existing and missing paths alike.
     assert len(set(refusals.values())) == 1, refusals
+    # Where paths come from the topic (the policy follower), a NUL is one more path outside, not a ValueError.
+    with pytest.raises(PermissionDenied, match="outside the directories"):
+        check_model_root(f"{root}/reward\0x", [root])
     # Inside the root, loads work; a missing path there may say so.
     expect_error(load(models, root / "missing"), grpc.StatusCode.FAILED_PRECONDITION, "does not exist")
     assert versions(models) == ["v0"]
@@ -323,6 +330,32 @@ def test_metrics_carry_no_client_chosen_version_labels(guarded, stubs, outside):
     assert chosen not in page and 'model_version="v0"' in page
 
 
+def test_calls_refused_for_their_token_are_counted_under_their_method_and_code(guarded, stubs):
+    models, reward = stubs
+
+    def count(method: str, code: str) -> float:
+        return metric_value(guarded, "arbiter_requests_total", service="reward", method=method, code=code) or 0.0
+
+    before = {key: count(*key) for key in (("Score", "UNAUTHENTICATED"), ("LoadModelVersion", "PERMISSION_DENIED"),
+                                           ("ScoreStream", "UNAUTHENTICATED"))}
+    for token in (None, "not-the-token-at-all"):
+        metadata = bearer(token) if token else ()
+        expect_error(lambda: reward.Score(reward_pb2.ScoreRequest(inputs=[TEXT]), metadata=metadata, timeout=10),
+                     grpc.StatusCode.UNAUTHENTICATED)
+    expect_error(load(models, "/tmp", SCORING), grpc.StatusCode.PERMISSION_DENIED)
+    stream = reward.ScoreStream(iter([reward_pb2.ScoreStreamRequest(inputs=[TEXT])]), timeout=10)
+    expect_error(lambda: list(stream), grpc.StatusCode.UNAUTHENTICATED)
+    # A method the server does not have is no label, whatever its name.
+    with grpc.insecure_channel(guarded.target) as channel:
+        expect_error(lambda: channel.unary_unary("/arbiter.v1.RewardService/attacker-chosen")(b"", timeout=10),
+                     grpc.StatusCode.UNIMPLEMENTED)
+
+    assert count("Score", "UNAUTHENTICATED") == before["Score", "UNAUTHENTICATED"] + 2
+    assert count("LoadModelVersion", "PERMISSION_DENIED") == before["LoadModelVersion", "PERMISSION_DENIED"] + 1
+    assert count("ScoreStream", "UNAUTHENTICATED") == before["ScoreStream", "UNAUTHENTICATED"] + 1
+    assert "attacker-chosen" not in metrics_text(guarded)
+
+
 # -- mTLS ---------------------------------------------------------------------------
 
 
@@ -395,3 +428,32 @@ def test_mtls_refuses_an_untrusted_client_certificate(mtls, pki):
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         with urllib.request.urlopen(url, context=anonymous, timeout=10) as page:
             page.read()
+
+
+def test_arbiter_score_presents_its_client_certificate_to_an_mtls_server(mtls, pki, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.setenv("ARBITER_AUTH_TOKEN", SCORING)
+    command = ["score", "--target", mtls.target, "--timeout", "10", "--tls-ca-file", str(pki / "ca.pem")]
+
+    def score(*flags: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO('{"prompt": "Hello.", "response": " Hi there!"}\n'))
+        code = main([*command, *flags])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = score("--tls-cert-file", str(pki / "client.pem"), "--tls-key-file", str(pki / "client.key"))
+    assert code == 0, err
+    assert json.loads(out)["model_version"] == "v0"
+
+    code, out, err = score()
+    assert (code, out) == (1, ""), err
+    assert err.startswith("arbiter score: UNAVAILABLE:") and "--tls-cert-file and --tls-key-file" in err, err
+    code, out, err = score("--tls-cert-file", str(pki / "intruder.pem"), "--tls-key-file", str(pki / "intruder.key"))
+    assert (code, out) == (1, ""), err
+    assert err.startswith("arbiter score: UNAVAILABLE:") and "it trusts the CA of --tls-cert-file" in err, err
+
+    with pytest.raises(SystemExit) as exit:
+        score("--tls-cert-file", str(pki / "client.pem"))
+    assert exit.value.code == 2
+    assert "arbiter score: tls_cert_file/tls_key_file=" in capsys.readouterr().err

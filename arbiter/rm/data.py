@@ -50,6 +50,11 @@ class DataError(JsonlError, InvalidInput):
         JsonlError.__init__(self, where, field, message)
 
 
+class TooLong(DataError):
+    """A candidate has more tokens than the model's window, and the
+    truncation setting is ``reject``."""
+
+
 class DatasetError(ArbiterError):
     """Every malformed row of a load (the first ``MAX_LISTED_ERRORS`` listed):
     DataErrors, and the reader's JsonlErrors for lines that are no JSON object."""
@@ -253,7 +258,8 @@ class ServiceEncoder:
         self.max_tokens = max_tokens
 
     def encode(self, example: RankedExample) -> tuple[list[list[int]], int]:
-        """(token ids per candidate, how many were truncated)."""
+        """(token ids per candidate, how many were truncated); TooLong when
+        only the length (with truncation ``reject``) stops it."""
         try:
             encoded = self._model.encode(example.candidates, self.truncation)
         except InvalidInput as err:
@@ -265,8 +271,19 @@ class ServiceEncoder:
                     field = name + field[len(prefix):]
                     break
             message = str(err).split(": ", 1)[1] if ": " in str(err) else str(err)
-            raise DataError(example.source, field, message) from None
+            raise (TooLong if self._only_too_long(example) else DataError)(example.source, field, message) from None
         return [e.token_ids for e in encoded], sum(e.truncated for e in encoded)
+
+    def _only_too_long(self, example: RankedExample) -> bool:
+        """Whether the example encodes once truncation is allowed (the service
+        says "too long" only in its message; this asks the encoder instead)."""
+        if self.truncation is not Truncation.REJECT:
+            return False
+        try:
+            self._model.encode(example.candidates, Truncation.RIGHT)
+        except InvalidInput:
+            return False
+        return True
 
     def encode_all(self, examples: Sequence[RankedExample]) -> tuple[list[list[list[int]]], int]:
         """Token ids of every example, and the number of truncated candidates;

@@ -41,7 +41,6 @@ def train_main(args) -> int:
     stderr = Console(file=sys.stderr)
     batch = None
     try:
-        extra, note = [], {}
         if args.from_topic:
             from arbiter.rm.topic import read_preferences
             from arbiter.stream import KafkaSettings
@@ -52,17 +51,14 @@ def train_main(args) -> int:
                 print(f"arbiter train rm: kafka.{err}", file=sys.stderr)
                 return 2
             batch = read_preferences(kafka, config.topic)
-            extra = batch.examples
-            note = {"from_topic": {"records": batch.records, "examples": len(batch.examples),
-                                   "duplicates": batch.duplicates, "skipped": len(batch.skipped),
-                                   "skipped_reasons": batch.skipped_reasons, "replay": config.topic.replay}}
-            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(batch.skipped_reasons.items()))
-            stderr.print(
-                f"read {batch.records} preference(s) from {kafka.topic('preferences')}"
-                + (f" ({len(batch.skipped)} invalid, skipped: {reasons})" if batch.skipped else "")
-            )
-        result = train_reward_model(config, extra, console=stderr, source_note=note)
+            stderr.print(f"read {batch.records} preference(s) from {kafka.topic('preferences')}"
+                         + _skipped(batch.skipped_reasons))
+            skipped_before = len(batch.skipped)
+        result = train_reward_model(config, batch, console=stderr)
         if batch is not None:
+            if len(batch.skipped) > skipped_before:
+                stderr.print(f"{len(batch.skipped) - skipped_before} more preference(s) from the topic skipped: the "
+                             f"model cannot take them" + _skipped(batch.skipped_reasons))
             try:
                 batch.commit()
             except ArbiterError as err:
@@ -90,6 +86,11 @@ def train_main(args) -> int:
 
         Console().print(summary_table(result))
     return 0
+
+
+def _skipped(reasons: dict[str, int]) -> str:
+    listed = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return f" (skipped so far: {listed})" if reasons else ""
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:

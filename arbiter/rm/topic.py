@@ -10,21 +10,25 @@ Two ways to read (``TopicConfig.replay``):
 - replay: every preference on the topic, no group, nothing committed.
 
 A record that is not a usable preference (poison of any kind, see
-``StreamConsumer``; or a preference the training format refuses) is skipped,
-logged and counted by reason (``TopicBatch.skipped_reasons``), dead-lettered
-with ``kafka.dead_letter``, and committed past with the rest; with
+``StreamConsumer``; a preference the training format refuses; or one the
+model cannot take, e.g. over its window with ``truncation: reject``, found
+when training encodes it: ``TopicBatch.usable``) is skipped, logged and
+counted by reason (``TopicBatch.skipped_reasons``), dead-lettered with
+``kafka.dead_letter``, and committed past with the rest; with
 ``topic.skip_invalid: false`` it stops the run instead, naming the record.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from arbiter.rm.config import TopicConfig
-from arbiter.rm.data import DataError, DatasetError, RankedExample, dedupe, parse_row
+from arbiter.rm.data import DataError, DatasetError, RankedExample, TooLong, dedupe, parse_row
 from arbiter.stream import KafkaSettings, StreamConsumer, codec, merge_offsets, topics
-from arbiter.stream.types import TopicPartition
+from arbiter.stream.types import ConsumedRecord, TopicPartition
 
 
 def preference_example(preference, where: str) -> RankedExample:
@@ -43,12 +47,52 @@ class TopicBatch:
     # {reject reason (arbiter.stream.REJECT_REASONS): records} of ``skipped``.
     skipped_reasons: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    replay: bool = False
+    skip_invalid: bool = True
+    # Open until close(): rejects found while training are counted and
+    # dead-lettered through it, and (incremental mode) it commits.
     _consumer: StreamConsumer | None = None
     _offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    # The record of each example, by its source (topic[partition]@offset).
+    _records: dict[str, ConsumedRecord] = field(default_factory=dict, repr=False)
+
+    def usable(self, examples: Sequence[RankedExample],
+               encode: Callable[[RankedExample], Any]) -> list[RankedExample]:
+        """``examples`` without those from this batch that ``encode`` refuses
+        (DataError): each of those is rejected like any poison record (reason
+        ``too_long`` or ``invalid_record``), so one preference the model
+        cannot take does not stop training. Examples from elsewhere (the data
+        files) pass unchecked: their errors are the caller's to report. With
+        ``skip_invalid`` off, the first refusal raises DatasetError naming it."""
+        kept = []
+        for example in examples:
+            if example.source in self._records:
+                try:
+                    encode(example)
+                except DataError as err:
+                    self.reject(example, err)
+                    continue
+            kept.append(example)
+        return kept
+
+    def reject(self, example: RankedExample, error: DataError) -> None:
+        if not self.skip_invalid:
+            raise DatasetError([error])
+        reason = "too_long" if isinstance(error, TooLong) else "invalid_record"
+        self._consumer.reject(self._records.pop(example.source), reason, error)
+        self.skipped.append(str(error))
+        self.skipped_reasons = dict(self._consumer.stats().rejected_reasons)
+        self.examples = [e for e in self.examples if e.source != example.source]
+
+    def note(self) -> dict[str, Any]:
+        """What a registry version trained from this batch records about it."""
+        return {"from_topic": {"records": self.records, "examples": len(self.examples),
+                               "duplicates": self.duplicates, "skipped": len(self.skipped),
+                               "skipped_reasons": self.skipped_reasons, "replay": self.replay}}
 
     def commit(self) -> None:
         """Mark everything read as trained on (incremental mode only)."""
-        if self._consumer is not None and self._offsets:
+        if self._consumer is not None and not self.replay and self._offsets:
             self._consumer.commit(self._offsets)
 
     def close(self) -> None:
@@ -73,7 +117,7 @@ def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: 
     settings = kafka.with_overrides(max_poll_interval_ms=int(config.max_train_seconds * 1000))
     consumer: StreamConsumer = StreamConsumer(settings, [topics.PREFERENCES], group,
                                               skip_invalid=config.skip_invalid)
-    batch = TopicBatch([], 0, _consumer=consumer if group else None)
+    batch = TopicBatch([], 0, replay=config.replay, skip_invalid=config.skip_invalid, _consumer=consumer)
     try:
         if group:
             consumer.wait_for_assignment(join_timeout_s)
@@ -96,6 +140,7 @@ def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: 
                 where = f"{record.topic}[{record.partition}]@{record.offset}"
                 try:
                     batch.examples.append(preference_example(record.message, where))
+                    batch._records[where] = record
                 except DataError as err:
                     if config.skip_invalid:
                         consumer.reject(record, "invalid_record", err)
@@ -111,8 +156,6 @@ def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: 
         batch.examples = unique
         batch.skipped_reasons = dict(consumer.stats().rejected_reasons)
         batch._offsets = offsets
-        if group is None:
-            consumer.close()
         return batch
     except BaseException:
         consumer.close()

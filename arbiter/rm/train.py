@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from arbiter.rm.losses import (
 from arbiter.reward.convention import TextConvention, resolve_text_convention
 from arbiter.rm.registry import ModelRegistry, RegistryVersion
 from arbiter.types import Truncation
+
+if TYPE_CHECKING:
+    from arbiter.rm.topic import TopicBatch
 
 log = logging.getLogger(__name__)
 
@@ -253,17 +256,20 @@ def _progress(enabled: bool, console):
 
 def train_reward_model(
     config: RMTrainConfig,
-    extra_examples: Sequence[RankedExample] = (),
+    topic: TopicBatch | None = None,
     *,
     console=None,
     on_step: Callable[[int, float], None] | None = None,
-    source_note: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train on ``config.data`` plus ``extra_examples`` (e.g. from the
-    preferences topic) and publish the result as the next registry version."""
+    """Train on ``config.data`` plus the preferences read from the topic, and
+    publish the result as the next registry version. A malformed file row
+    stops the run (DatasetError); a preference from the topic the model
+    cannot take is rejected through ``topic`` (``TopicBatch.usable``) and
+    training goes on without it."""
     started = time.monotonic()
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    extra_examples = topic.examples if topic is not None else []
     examples = dedupe([*load_jsonl(config.data), *extra_examples] if config.data else list(extra_examples))
     if not examples:
         raise TrainingError("no training examples: the data files and the topic are empty")
@@ -285,6 +291,13 @@ def train_reward_model(
     pad_id = model.config.pad_token_id
     max_tokens = model_max_tokens(model.config, tokenizer, config.max_tokens)
     encoder = ServiceEncoder(tokenizer, config.name, max_tokens, Truncation(config.truncation), convention)
+    if topic is not None:
+        train_set, eval_set = topic.usable(train_set, encoder.encode), topic.usable(eval_set, encoder.encode)
+        if not train_set:
+            raise TrainingError("no training examples left: the model cannot take any preference read from the "
+                                "topic (see the skipped records above)")
+        if config.min_eval_accuracy is not None and not eval_set:
+            raise TrainingError("no held-out examples left for min_eval_accuracy: the model cannot take them")
     train_ids, truncated = encoder.encode_all(train_set)
     eval_ids, eval_truncated = encoder.encode_all(eval_set)
     reference_ids = eval_ids or train_ids
@@ -377,7 +390,7 @@ def train_reward_model(
         "seed": config.seed,
         "truncation": config.truncation,
         "data": list(config.data),
-        **(source_note or {}),
+        **(topic.note() if topic is not None else {}),
     }
     with registry.staging(config.name) as staged:
         model.save_pretrained(staged)

@@ -20,7 +20,9 @@ def _register_report(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
     parser.add_argument("--target", required=True, help="HOST:PORT of a reward service")
     parser.add_argument("--model-version", default="", help="default: the active version")
     parser.add_argument("--png", help="write a histogram of reference vs current scores here")
-    parser.add_argument("--tls-ca-file")
+    from services.common.client import add_client_tls_flags
+
+    add_client_tls_flags(parser)
     parser.set_defaults(run=_report)
 
 

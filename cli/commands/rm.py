@@ -29,7 +29,9 @@ def _register_shadow_live(parser: argparse.ArgumentParser, argv: Sequence[str]) 
     parser.add_argument("--target", required=True, help="HOST:PORT of the reward service")
     parser.add_argument("--candidate", default="", help="loaded version to shadow (omit to turn shadowing off)")
     parser.add_argument("--fraction", type=float, default=1.0, help="share of requests also scored by the candidate")
-    parser.add_argument("--tls-ca-file")
+    from services.common.client import add_client_tls_flags
+
+    add_client_tls_flags(parser)
     parser.set_defaults(run=_shadow_live)
 
 

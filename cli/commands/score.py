@@ -15,7 +15,9 @@ def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--truncation", choices=["reject", "left", "right"], default="reject")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
-    parser.add_argument("--tls-ca-file", help="CA bundle for a TLS server")
+    from services.common.client import add_client_tls_flags
+
+    add_client_tls_flags(parser)
     parser.set_defaults(run=run)
 
 

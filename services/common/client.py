@@ -6,17 +6,25 @@ or a DNS name with several records); calls are spread round-robin and
 retried on UNAVAILABLE, so one restarting replica delays but does not fail a
 caller. That retry is the channel's; a caller that must outlast a longer
 outage retries above it (the rollout worker's ``StageRetry``).
+
+``ClientTLS`` is how every client reaches a TLS or mTLS server, and the
+``--tls-*`` flags of every command that calls one.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Sequence
-from typing import Self
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Self
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from arbiter.config import ConfigError, add_flags, flag, from_flags, require
 from arbiter.v1 import common_pb2, common_pb2_grpc
 
 RETRYABLE = ["UNAVAILABLE"]
@@ -77,11 +85,79 @@ def call_credentials_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _read(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as fh:
-        return fh.read()
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS as a client: the CA that signed the server's certificate (None:
+    the system's roots) and, for a server that requires client certificates
+    (mTLS), this client's certificate and key. Off when no field is set."""
+
+    tls_ca_file: str | None = field(default=None, metadata=flag(
+        help="CA bundle that signed the server's certificate (TLS)"))
+    tls_cert_file: str | None = field(default=None, metadata=flag(
+        help="this client's certificate, for a server that requires one (mTLS; with --tls-key-file)"))
+    tls_key_file: str | None = field(default=None, metadata=flag(help="the key of --tls-cert-file"))
+
+    def __post_init__(self) -> None:
+        require((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_cert_file/tls_key_file",
+                "set both or neither", (self.tls_cert_file, self.tls_key_file))
+        for name, value in asdict(self).items():
+            if value is not None:
+                require(Path(value).is_file(), name, "must be an existing file", value)
+
+    @property
+    def enabled(self) -> bool:
+        return any(asdict(self).values())
+
+    def kwargs(self) -> dict[str, Any]:
+        """As the keyword arguments of ``open_channel`` and the clients."""
+        return asdict(self)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca_file),
+                                            private_key=read(self.tls_key_file),
+                                            certificate_chain=read(self.tls_cert_file))
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca-file``, ``--tls-cert-file``, ``--tls-key-file`` on a command that calls a service."""
+    add_flags(parser, ClientTLS)
+
+
+def client_tls_from_args(args: argparse.Namespace, prog: str) -> ClientTLS:
+    """The flags of ``add_client_tls_flags``; a wrong combination or a missing
+    file ends the command with exit status 2 and a message naming the flag."""
+    try:
+        return from_flags(ClientTLS, args)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# What a failed TLS handshake looks like to a client: with TLS 1.3 a server
+# that refuses the client's certificate (or its lack of one) just closes the
+# connection once the client thinks the handshake is done.
+_HANDSHAKE_SIGNS = ("ssl", "handshake", "certificate", "socket closed")
+
+
+def rpc_error_text(err: grpc.RpcError, tls: ClientTLS | None = None) -> str:
+    """``CODE: details`` of a failed call, with what to check when the
+    connection failed as a TLS handshake does (``tls``: the client's)."""
+    text = f"{err.code().name}: {err.details()}"
+    if err.code() is not grpc.StatusCode.UNAVAILABLE or not any(
+            sign in (err.details() or "").lower() for sign in _HANDSHAKE_SIGNS):
+        return text
+    if tls is None or not tls.enabled:
+        return text + ("; the server closed the connection: if it serves TLS, pass --tls-ca-file (and "
+                       "--tls-cert-file/--tls-key-file if it requires client certificates)")
+    if tls.tls_cert_file is None:
+        return text + ("; the server closed the connection during the TLS handshake: if it requires client "
+                       "certificates (mTLS), pass --tls-cert-file and --tls-key-file; check that --tls-ca-file "
+                       "is the CA of the server's certificate")
+    return text + ("; the server closed the connection during the TLS handshake: check that it trusts the CA of "
+                   "--tls-cert-file and that --tls-ca-file is the CA of the server's certificate")
 
 
 def open_channel(
@@ -97,18 +173,12 @@ def open_channel(
     aio: bool = False,
 ):
     """TLS when ``tls_ca_file`` (the server's CA) or a client certificate is
-    given; ``tls_cert_file``/``tls_key_file`` are this client's certificate
-    for a server that requires one (mTLS)."""
-    if (tls_cert_file is None) != (tls_key_file is None):
-        raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+    given (``ClientTLS``; its ConfigError, a ValueError, names a wrong one)."""
+    tls = ClientTLS(tls_ca_file or None, tls_cert_file or None, tls_key_file or None)
     options = channel_options(services, timeout_s, max_message_bytes, reconnect_backoff_s)
     module = grpc.aio if aio else grpc
-    if tls_ca_file or tls_cert_file:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
-            certificate_chain=_read(tls_cert_file),
-        )
-        return module.secure_channel(target, creds, options=options)
+    if tls.enabled:
+        return module.secure_channel(target, tls.credentials(), options=options)
     return module.insecure_channel(target, options=options)
 
 

@@ -25,9 +25,11 @@ _VERSION_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@/-]{0,127}$")
 def check_model_root(path: str, roots: Sequence[Path]) -> None:
     """Refuse a path outside ``roots`` (symlinks resolved, as the loader
     would follow them). The answer is the same whether or not the path
-    exists, so a caller learns nothing about the filesystem outside."""
-    resolved = Path(os.path.realpath(path))
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+    exists, so a caller learns nothing about the filesystem outside. A path
+    with a NUL character (no file has one; realpath raises ValueError on it)
+    is outside too: the policy follower takes paths from the topic."""
+    resolved = None if "\0" in path else Path(os.path.realpath(path))
+    if resolved is None or not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise PermissionDenied(
             f"path {path!r} is outside the directories this server loads models from; the server's "
             "--model-roots (default: the directory holding --model) decide them"

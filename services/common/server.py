@@ -16,6 +16,9 @@ Rights (``AuthInterceptor``, the one place they are checked):
 - With no token at all (development), everything is open if the server
   listens on loopback only; bound to another address, the control plane is
   refused (PERMISSION_DENIED) until an admin token is configured.
+
+A refused call is counted in ``arbiter_requests_total`` under its method and
+code like any other (only methods the server has: the labels stay bounded).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from arbiter.v1 import common_pb2, reward_pb2
 from services.common.handlers import DecodeGuard
-from services.common.metrics import stop_metrics_endpoint
+from services.common.metrics import RpcMetrics, stop_metrics_endpoint
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -61,10 +64,12 @@ _BEARER_HINT = "send metadata 'authorization: Bearer <token>'"
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks the caller's bearer token against the RPC's plane (see the module docstring)."""
 
-    def __init__(self, scoring_token: str | None, admin_token: str | None, loopback_only: bool):
+    def __init__(self, scoring_token: str | None, admin_token: str | None, loopback_only: bool,
+                 metrics: RpcMetrics | None = None):
         self._scoring = f"Bearer {scoring_token}".encode() if scoring_token else None
         self._admin = f"Bearer {admin_token}".encode() if admin_token else None
         self._loopback_only = loopback_only
+        self._metrics = metrics
 
     def _is(self, sent: bytes, expected: bytes | None) -> bool:
         return expected is not None and hmac.compare_digest(sent, expected)
@@ -101,15 +106,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
         refused = self.verdict(details.method, sent.encode() if isinstance(sent, str) else sent)
-        return handler if refused is None else _deny_like(handler, *refused)
+        if refused is None:
+            return handler
+        # A method the server has (handler is not None): a bounded label.
+        return _deny_like(handler, *refused, self._metrics, details.method.rsplit("/", 1)[-1])
 
 
-def _deny_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _deny_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, metrics: RpcMetrics | None,
+               method: str) -> grpc.RpcMethodHandler:
     async def deny(request, context):
-        await context.abort(code, message)
+        if metrics is None:
+            await context.abort(code, message)
+        with metrics.rpc(method) as final:
+            final[0] = code
+            await context.abort(code, message)
 
     async def deny_stream(request, context):
-        await context.abort(code, message)
+        await deny(request, context)
         yield  # pragma: no cover - makes this an async generator
 
     kwargs = dict(
@@ -124,11 +137,12 @@ def _deny_like(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: s
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
-def interceptors_for(settings: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
-    """None when every RPC is open anyway (no tokens, loopback)."""
+def interceptors_for(settings: ServerSettings, metrics: RpcMetrics | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """None when every RPC is open anyway (no tokens, loopback); ``metrics``
+    counts the refused calls."""
     if settings.auth_token is None and settings.admin_token is None and settings.loopback_only:
         return []
-    return [AuthInterceptor(settings.auth_token, settings.admin_token, settings.loopback_only)]
+    return [AuthInterceptor(settings.auth_token, settings.admin_token, settings.loopback_only, metrics)]
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
@@ -195,9 +209,9 @@ async def start_server(
     metrics: Any = None,
 ) -> RunningServer:
     # DecodeGuard innermost, so even a refused caller's undecodable body raises nothing.
-    interceptors = [*interceptors_for(settings), DecodeGuard()]
+    interceptors = [*interceptors_for(settings, metrics), DecodeGuard()]
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]

@@ -81,6 +81,12 @@ class ServerSettings:
         require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024", self.max_message_bytes)
 
     @property
+    def max_receive_bytes(self) -> int:
+        """gRPC's receive limit: a bigger request is refused before it is
+        parsed. Servers with a request-size limit tighten it (``arbiter.limits``)."""
+        return self.max_message_bytes
+
+    @property
     def loopback_only(self) -> bool:
         """Whether the gRPC port is reachable from this machine only."""
         if self.host == "localhost":

@@ -55,6 +55,10 @@ class PolicySettings(ModelServerSettings):
                 "follow_updates needs KafkaSettings (--kafka-bootstrap-servers or ARBITER_KAFKA_*)", self.kafka,
             )
 
+    @property
+    def max_receive_bytes(self) -> int:
+        return self.limits.sizes.receive_limit(self.max_message_bytes)
+
     def engine_config(self) -> PolicyEngineConfig:
         return PolicyEngineConfig(self.limits, self.max_loaded_versions, self.max_tokens, base_model_dir=self.model_dir,
                                   load_timeout_s=self.load_timeout_s)

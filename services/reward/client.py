@@ -192,10 +192,12 @@ class LineScorer:
 def score_main(args) -> int:
     """Exit 2: a flag or an input line is wrong (the message names it; every
     line before a bad one is scored); 1: the service failed."""
+    from services.common.client import client_tls_from_args, rpc_error_text
     from services.common.settings import auth_token_from_env
 
+    tls = client_tls_from_args(args, "arbiter score")
     token = auth_token_from_env()
-    with RewardClient(args.target, timeout_s=args.timeout, token=token, tls_ca_file=args.tls_ca_file) as client:
+    with RewardClient(args.target, timeout_s=args.timeout, token=token, **tls.kwargs()) as client:
         scorer = LineScorer(client, sys.stdout, batch_size=args.batch_size, normalize=args.normalize,
                             model_version=args.model_version, truncation=Truncation(args.truncation))
 
@@ -215,6 +217,6 @@ def score_main(args) -> int:
             print(f"arbiter score: {err}; nothing after this line was scored{written()}", file=sys.stderr)
             return 2
         except grpc.RpcError as err:
-            print(f"arbiter score: {err.code().name}: {err.details()}{written()}", file=sys.stderr)
+            print(f"arbiter score: {rpc_error_text(err, tls)}{written()}", file=sys.stderr)
             return 1
     return 0

@@ -70,14 +70,16 @@ def write_png(response: reward_pb2.GetScoreDriftResponse, path: str) -> None:
 
 
 def report_main(args) -> int:
+    from services.common.client import client_tls_from_args, rpc_error_text
     from services.common.settings import auth_token_from_env
     from services.reward.client import RewardClient
 
+    tls = client_tls_from_args(args, "arbiter drift report")
     try:
-        with RewardClient(args.target, token=auth_token_from_env(), tls_ca_file=args.tls_ca_file) as client:
+        with RewardClient(args.target, token=auth_token_from_env(), **tls.kwargs()) as client:
             response = client.drift(args.model_version)
     except grpc.RpcError as err:
-        print(f"arbiter drift report: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"arbiter drift report: {rpc_error_text(err, tls)}", file=sys.stderr)
         return 1
     Console(width=120).print(render_table(response))
     if args.png:

@@ -50,6 +50,10 @@ class RewardSettings(BatchedModelServerSettings):
                 self.stream_max_messages)
         self.sizes.require_within(self.max_message_bytes)
 
+    @property
+    def max_receive_bytes(self) -> int:
+        return self.sizes.receive_limit(self.max_message_bytes)
+
     def engine_config(self) -> RewardEngineConfig:
         return RewardEngineConfig(**self.engine_fields(), max_items_per_request=self.max_items_per_request,
                                   text_convention=self.text_convention, sizes=self.sizes)

@@ -23,6 +23,8 @@ EXIT_NOT_PROMOTED = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from services.common.client import add_client_tls_flags
+
     parser.add_argument("--target", required=True, help="HOST:PORT of the reward service")
     parser.add_argument("--candidate", default="", help="the candidate version (loaded, or the label for --candidate-path)")
     parser.add_argument("--candidate-path", help="load this checkpoint (e.g. REGISTRY/NAME/vN) as the candidate first, "
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-accuracy", type=float, help="gate: the candidate's accuracy against the labels")
     parser.add_argument("--out", help="write the report as JSON here")
     parser.add_argument("--timeout", type=float, default=60.0)
+    add_client_tls_flags(parser)
 
 
 def score_examples(client, examples: Sequence, version: str, chunk: int = 64) -> tuple[list[list[float]], str]:
@@ -70,9 +73,11 @@ def main(args) -> int:
     from rich.table import Table
 
     from arbiter.rm.data import DatasetError, load_jsonl
+    from services.common.client import client_tls_from_args, rpc_error_text
     from services.common.settings import admin_token_from_env, auth_token_from_env
     from services.reward.client import RewardClient
 
+    tls = client_tls_from_args(args, "arbiter rm shadow")
     try:
         examples = load_jsonl(args.data)
     except DatasetError as err:
@@ -88,7 +93,7 @@ def main(args) -> int:
     try:
         # The admin token loads (--candidate-path) and promotes (--promote).
         with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env(),
-                          admin_token=admin_token_from_env()) as client:
+                          admin_token=admin_token_from_env(), **tls.kwargs()) as client:
             candidate = args.candidate
             if args.candidate_path:
                 loaded = client.load_version(str(Path(args.candidate_path).resolve()), candidate, activate=False)
@@ -120,7 +125,7 @@ def main(args) -> int:
             elif args.promote:
                 console.print(f"not promoted: {'; '.join(failed)}")
     except grpc.RpcError as err:
-        print(f"arbiter rm shadow: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"arbiter rm shadow: {rpc_error_text(err, tls)}", file=sys.stderr)
         return 1
     except ValueError as err:
         print(f"arbiter rm shadow: {err}", file=sys.stderr)
@@ -136,15 +141,17 @@ def live_main(args) -> int:
     """``arbiter rm shadow-live``: turn server-side shadow scoring on or off."""
     import grpc
 
+    from services.common.client import client_tls_from_args, rpc_error_text
     from services.common.settings import admin_token_from_env, auth_token_from_env
     from services.reward.client import RewardClient
 
+    tls = client_tls_from_args(args, "arbiter rm shadow-live")
     try:
         with RewardClient(args.target, token=auth_token_from_env(), admin_token=admin_token_from_env(),
-                          tls_ca_file=args.tls_ca_file) as client:
+                          **tls.kwargs()) as client:
             answer = client.set_shadow(args.candidate, args.fraction)
     except grpc.RpcError as err:
-        print(f"arbiter rm shadow-live: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"arbiter rm shadow-live: {rpc_error_text(err, tls)}", file=sys.stderr)
         return 1
     if answer.shadow_version:
         print(f"shadowing: {answer.sample_fraction:.0%} of {answer.active_version!r}'s requests are also scored by "

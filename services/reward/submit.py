@@ -14,10 +14,13 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from services.common.client import add_client_tls_flags
+
     parser.add_argument("--target", required=True, help="HOST:PORT of a reward service with Kafka settings")
     parser.add_argument("--file", required=True, help="JSON lines (arbiter train rm formats)")
     parser.add_argument("--annotator", default="", help="annotator id for rows without annotator_id")
     parser.add_argument("--timeout", type=float, default=30.0)
+    add_client_tls_flags(parser)
 
 
 def request_from_row(row: dict, where: str, annotator: str = ""):
@@ -61,9 +64,11 @@ def main(args) -> int:
 
     from arbiter.jsonl import JsonlError, read_jsonl
     from arbiter.rm.data import DataError
+    from services.common.client import client_tls_from_args, rpc_error_text
     from services.common.settings import auth_token_from_env
     from services.reward.client import RewardClient
 
+    tls = client_tls_from_args(args, "arbiter rm submit")
     try:
         # Every row is checked before the first is sent: a bad file sends nothing.
         requests = [
@@ -72,12 +77,12 @@ def main(args) -> int:
     except (JsonlError, DataError) as err:
         print(f"arbiter rm submit: {err}", file=sys.stderr)
         return 2
-    with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env()) as client:
+    with RewardClient(args.target, timeout_s=args.timeout, token=auth_token_from_env(), **tls.kwargs()) as client:
         for where, request in requests:
             try:
                 answer = client.submit_preference(request)
             except grpc.RpcError as err:
-                print(f"arbiter rm submit: {where}: {err.code().name}: {err.details()}", file=sys.stderr)
+                print(f"arbiter rm submit: {where}: {rpc_error_text(err, tls)}", file=sys.stderr)
                 return 1
             print(json.dumps({"line": where, "preference_id": answer.preference_id, "topic": answer.topic,
                               "partition": answer.partition, "offset": answer.offset}), flush=True)
