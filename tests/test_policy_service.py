@@ -153,10 +153,13 @@ def test_seeded_generation_is_reproducible_under_concurrency(client):
         busy = [pool.submit(client.generate, PROMPTS, **request) for _ in range(2)]
         results = [f.result() for f in busy]
         [f.result() for f in noise]
+    # Each sample has its own uniform stream, so sharing decoding steps with
+    # other requests changes only the float rounding of a differently shaped
+    # batch: the same tokens, log-probs equal to float32 rounding.
     for other in results:
         for a, b in zip(alone.samples, other.samples, strict=True):
             assert list(a.completion_token_ids) == list(b.completion_token_ids)
-            assert list(a.logprobs) == list(b.logprobs)
+            assert list(b.logprobs) == pytest.approx(list(a.logprobs), abs=1e-5)
     ids = [tuple(s.completion_token_ids) for s in alone.samples]
     assert len(set(ids)) == len(ids), "samples of one request must differ"
     reseeded = client.generate(PROMPTS, **{**request, "seed": 4321})
