@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,6 +33,10 @@ from arbiter.policy.model import Generation
 from arbiter.policy.types import TokenEvent
 
 log = logging.getLogger(__name__)
+
+# Decoding steps one call on the model thread may run before it returns to
+# the event loop even when nothing needs it there (metrics stay current).
+_MAX_STEPS_PER_CALL = 32
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ class DecodeScheduler:
         self._rows = 0
         self._tokens = 0
         self._wakeup = asyncio.Event()
+        # Set on the loop, read on the model thread (a bool: atomic).
+        self._arrived = False
         self._task: asyncio.Task | None = None
         self._closed = False
 
@@ -158,6 +164,7 @@ class DecodeScheduler:
             )
         ticket = Ticket(generation)
         self._queue.append(ticket)
+        self._arrived = True
         self._observer.on_queue_depth(len(self._queue))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="policy-decode")
@@ -196,7 +203,10 @@ class DecodeScheduler:
                     continue
                 work = self._admit()
                 if work:
-                    self._after(work, await loop.run_in_executor(self._executor, _step_all, work))
+                    self._arrived = False
+                    results = await loop.run_in_executor(
+                        self._executor, _run_steps, work, self._interrupted, _MAX_STEPS_PER_CALL)
+                    self._after(work, results)
         except Exception as err:
             # A bug, not a request's fault: its requests fail, the next one starts a new loop.
             log.exception("the decoding loop failed")
@@ -228,15 +238,19 @@ class DecodeScheduler:
         self._observer.on_queue_depth(len(self._queue))
         return [(batch, joining.get(key, [])) for key, batch in self._batches.items()]
 
-    def _after(self, work, results: list[_StepResult]) -> None:
-        for (batch, _), result in zip(work, results, strict=True):
+    def _interrupted(self) -> bool:
+        """Read on the model thread: a request arrived, or the server stops."""
+        return self._arrived or self._closed
+
+    def _after(self, work, results: list[_BatchResult]) -> None:
+        for result in results:
             if result.error is not None:
                 log.error("decoding step failed; its %d generations fail", len(result.generations),
                           exc_info=result.error)
-            if result.rows:
-                self._observer.on_batch(result.rows, result.seconds)
-                self._observer.on_decode_step(result.sharing)
-            for generation in result.generations:
+            for rows, seconds, sharing in result.steps:
+                self._observer.on_batch(rows, seconds)
+                self._observer.on_decode_step(sharing)
+            for generation in result.generations.values():
                 ticket = self._tickets.get(id(generation))
                 if ticket is None:
                     continue
@@ -261,31 +275,48 @@ class DecodeScheduler:
 
 
 @dataclass
-class _StepResult:
-    rows: int
-    seconds: float
-    # Every generation the step concerned (for their callers), and how many
-    # of them sampled in it (shared the forward).
-    generations: list[Generation]
-    sharing: int = 0
+class _BatchResult:
+    """What one call on the model thread did to one batch."""
+
+    # (rows sampled, seconds, generations sharing the forward) per step.
+    steps: list[tuple[int, float, int]] = field(default_factory=list)
+    # Every generation the steps concerned (for their callers).
+    generations: dict[int, Generation] = field(default_factory=dict)
     error: BaseException | None = None
 
 
-def _step_all(work: Sequence[tuple[DecodeBatch, list[Generation]]]) -> list[_StepResult]:
-    """On the model thread: one step of every batch."""
-    results = []
-    for batch, joining in work:
-        before = {id(row.generation): row.generation for row in batch.rows}
-        started = time.perf_counter()
-        try:
-            stepped = batch.step(joining)
-        except Exception as err:  # noqa: BLE001 - reported to the generations' callers, logged on the loop
-            involved = {**before, **{id(g): g for g in joining}}
-            batch.release()
-            batch.rows.clear()
-            results.append(_StepResult(0, time.perf_counter() - started, list(involved.values()), error=err))
-            continue
-        seconds = time.perf_counter() - started
-        sampled = {id(row.generation): row.generation for row in stepped}
-        results.append(_StepResult(len(stepped), seconds, list({**before, **sampled}.values()), len(sampled)))
+def _run_steps(work: Sequence[tuple[DecodeBatch, list[Generation]]], interrupted: Callable[[], bool],
+               max_steps: int) -> list[_BatchResult]:
+    """On the model thread: steps of every batch, the joiners in the first.
+    More than one only while nothing needs the event loop: no request is
+    waiting to join, none has ended, no stream has a token to send (each hop
+    to the loop and back costs about what a small batch's forward does)."""
+    results = [_BatchResult() for _ in work]
+    for step in range(max_steps):
+        needs_loop = False
+        for (batch, joining), result in zip(work, results, strict=True):
+            if result.error is not None:
+                continue
+            present = {id(row.generation): row.generation for row in batch.rows}
+            result.generations.update(present)
+            # Rows of a cancelled generation leave in this step: its budget frees on the loop.
+            needs_loop = needs_loop or any(g.cancelled for g in present.values())
+            started = time.perf_counter()
+            try:
+                stepped = batch.step(joining if step == 0 else ())
+            except Exception as err:  # noqa: BLE001 - reported to the generations' callers, logged on the loop
+                result.generations.update((id(g), g) for g in joining)
+                batch.release()
+                batch.rows.clear()
+                result.error = err
+                needs_loop = True
+                continue
+            seconds = time.perf_counter() - started
+            sampled = {id(row.generation): row.generation for row in stepped}
+            result.generations.update(sampled)
+            if stepped:
+                result.steps.append((len(stepped), seconds, len(sampled)))
+            needs_loop = needs_loop or any(g.done or g.cancelled or g.stream for g in sampled.values())
+        if needs_loop or interrupted() or all(batch.empty for batch, _ in work):
+            break
     return results
