@@ -134,8 +134,8 @@ def test_requests_wait_for_room_then_a_full_queue_refuses(small_server):
         request = policy_pb2.GenerateRequest(prompts=[policy_pb2.PromptInput(text=SHORT)],
                                              sampling=policy_pb2.SamplingParams(max_new_tokens=2))
         expect_error(lambda: stub.Generate(request, timeout=30), grpc.StatusCode.UNAVAILABLE,
-                     "1 requests are waiting for room in the decoding batch, the limit (max_queued_generations); "
-                     "retry with backoff")
+                     "the queue of requests waiting for room in the decoding batch is full (1, "
+                     "max_queued_generations); retry with backoff")
         assert waiter.is_alive()
         holder.cancel()  # its rows leave: the queued request gets room
         waiter.join(timeout=30)

@@ -35,7 +35,7 @@ from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits, utf8_size
 from arbiter.lm import check_compatible
 from arbiter.policy.model import Generation, PolicyModel
-from arbiter.policy.scheduler import DecodeScheduler, DecodingConfig, Ticket
+from arbiter.policy.scheduler import DecodeObserver, DecodeScheduler, DecodingConfig, Ticket
 from arbiter.policy.types import (
     GeneratedSample,
     GenerateResult,
@@ -46,19 +46,7 @@ from arbiter.policy.types import (
 from arbiter.types import ModelInfo, Prompt
 
 
-class PolicyObserver(Protocol):
-    # One decoding step of one version: rows sampled, wall time.
-    def on_batch(self, size: int, seconds: float) -> None: ...
-
-    # Generations (requests) whose rows shared that step.
-    def on_decode_step(self, generations: int) -> None: ...
-
-    # The KV-cache budget in use: rows, reserved tokens, generations admitted.
-    def on_budget(self, rows: int, tokens: int, generations: int) -> None: ...
-
-    # Generations waiting for room in the batch.
-    def on_queue_depth(self, depth: int) -> None: ...
-
+class PolicyObserver(DecodeObserver, Protocol):
     def on_samples(self, samples: Sequence[GeneratedSample]) -> None: ...
 
 

@@ -144,6 +144,9 @@ class Generation:
             for s in range(params.n)
         ]
         self.sampling_key = (params.temperature, params.top_k, params.top_p)
+        # KV-cache tokens the generation may come to hold: each row's prompt
+        # (left-padded to the longest) and every token it may generate.
+        self.reserved_tokens = len(self.rows) * (max(map(len, prompts)) + params.max_new_tokens)
         self.cancelled = False
         self.unfinished = len(self.rows)
         self._events: list[TokenEvent] = []
@@ -154,13 +157,6 @@ class Generation:
     @property
     def done(self) -> bool:
         return self.unfinished == 0
-
-    @property
-    def reserved_tokens(self) -> int:
-        """KV-cache tokens the generation may come to hold: each row's prompt
-        (left-padded to the longest) and every token it may generate."""
-        width = max(len(row.prompt_ids) for row in self.rows)
-        return len(self.rows) * (width + self.params.max_new_tokens)
 
     def step(self) -> None:
         """One decoding step of this generation alone (a batch of its own),

@@ -42,7 +42,14 @@ _MAX_STEPS_PER_CALL = 32
 @dataclass(frozen=True)
 class DecodingConfig:
     """The decoding batch and its admission control; nested in the policy
-    server's settings, so each field is also its flag."""
+    server's settings, so each field is also its flag.
+
+    Admitted generations together hold at most ``max_batch_rows`` rows and
+    ``max_batch_tokens`` reserved tokens (per row: its request's longest
+    prompt plus ``max_new_tokens``). Each version's batch preallocates its
+    cache as row slots (at most ``max_batch_rows``) x columns (at most about
+    twice its longest sequence, plus a few), resized only when generations
+    join or leave and freed when the batch empties."""
 
     continuous_batching: bool = field(default=True, metadata=flag(
         "--no-continuous-batching", help="decode each request as a batch of its own (no merging across requests)"))
@@ -59,12 +66,16 @@ class DecodingConfig:
 
 
 class DecodeObserver(Protocol):
+    # One decoding step of one version: rows sampled, wall time.
     def on_batch(self, size: int, seconds: float) -> None: ...
 
+    # Generations (requests) whose rows shared that step.
     def on_decode_step(self, generations: int) -> None: ...
 
+    # The KV-cache budget in use: rows, reserved tokens, generations admitted.
     def on_budget(self, rows: int, tokens: int, generations: int) -> None: ...
 
+    # Generations waiting for room in the batch.
     def on_queue_depth(self, depth: int) -> None: ...
 
 
@@ -158,9 +169,14 @@ class DecodeScheduler:
             raise ShuttingDown("the server is stopping; retry on another replica")
         self.check_fits(generation)
         if len(self._queue) >= self.config.max_queued_generations:
+            # Requests whose callers went away wait no longer.
+            for ticket in [t for t in self._queue if t.generation.cancelled]:
+                self._queue.remove(ticket)
+                ticket._end(asyncio.CancelledError())
+        if len(self._queue) >= self.config.max_queued_generations:
             raise Overloaded(
-                f"{len(self._queue)} requests are waiting for room in the decoding batch, the limit "
-                f"(max_queued_generations); retry with backoff"
+                f"the queue of requests waiting for room in the decoding batch is full ({len(self._queue)}, "
+                "max_queued_generations); retry with backoff"
             )
         ticket = Ticket(generation)
         self._queue.append(ticket)
