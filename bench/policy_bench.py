@@ -6,9 +6,9 @@ d=256 GPT-2 policy, with the same torch threads.
 
 (a) in-process core, the named baseline: one request at a time, back to back
     in this process (``PolicyModel.encode`` + ``start`` + ``step`` until
-    done): the service's exact decoding code (KV-cached batch of the request's
-    rows, log-probs, text) without gRPC, the asyncio engine or merging, i.e.
-    the engine as it ran before continuous batching, minus serving costs;
+    done): the service's decoding code (the request's rows as one KV-cached
+    batch, log-probs, text) without gRPC, the asyncio engine or merging: how
+    the engine served requests before continuous batching, minus serving costs;
 (b) Hugging Face ``model.generate`` on the merged batch: the cell's
     ``clients`` requests as one left-padded ``generate`` call (``do_sample``,
     ``num_return_sequences=n``, text decoded at the end): static batching with
