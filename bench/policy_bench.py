@@ -4,25 +4,23 @@ Every path does the same work: one request = one prompt x ``n`` samples of
 ``max_new_tokens`` at temperature 1 (no top-k/top-p), on the same 4-layer
 d=256 GPT-2 policy, with the same torch threads.
 
-(a) in-process core, the named baseline: ``PolicyModel.encode`` + ``start`` +
-    ``step`` until done, back to back in this process: the service's exact
-    sampling code (same KV-cached batch, same log-probs and incremental text)
-    without gRPC, the asyncio engine or the model-thread hops, so service / (a)
-    is what serving costs;
-(b) Hugging Face ``model.generate`` on the same weights (``do_sample``,
-    ``num_return_sequences=n``, text decoded once at the end): the outside
-    reference for whether the core sampling loop itself is competitive;
-(c) ``Generate`` RPCs from 1/4/16 concurrent clients to ``arbiter serve
-    policy`` in its own process, as deployed.
+(a) in-process core, the named baseline: one request at a time, back to back
+    in this process (``PolicyModel.encode`` + ``start`` + ``step`` until
+    done): the service's decoding code (the request's rows as one KV-cached
+    batch, log-probs, text) without gRPC, the asyncio engine or merging: how
+    the engine served requests before continuous batching, minus serving costs;
+(b) Hugging Face ``model.generate`` on the merged batch: the cell's
+    ``clients`` requests as one left-padded ``generate`` call (``do_sample``,
+    ``num_return_sequences=n``, text decoded at the end): static batching with
+    the library's own loop, for whether ours is competitive (latency is per call);
+(c0) ``Generate`` RPCs from ``clients`` concurrent clients to ``arbiter serve
+    policy --no-continuous-batching``: requests interleave one step at a time
+    on the model thread, never sharing a forward (the service before
+    continuous batching);
+(c) the same to ``arbiter serve policy`` as deployed: continuous batching.
 
-The service does not merge requests (a seeded request's output must not
-depend on its neighbours): concurrent generations interleave one decoding
-step at a time on one model thread, so concurrency hides RPC time but cannot
-beat (a). The "(a) merged" row is (a) with 16 requests as one batch: the
-ceiling cross-request (continuous) batching could reach.
-
-(a), (b) and (c) alternate in ``rounds`` slices within each cell so that load
-from anything else on the machine hits all three alike.
+The paths alternate in ``rounds`` slices within each cell so that load from
+anything else on the machine hits them alike.
 """
 
 from __future__ import annotations
@@ -74,12 +72,14 @@ class InProcess:
             run.step()
         return sum(len(s.completion_token_ids) for s in run.samples())
 
-    def hf_generate(self, prompt: str, seed: int) -> int:
+    def hf_generate(self, prompts: list[str], seed: int) -> int:
+        """Tokens generated for ``prompts`` as one merged ``generate`` call."""
         import torch
 
         tokenizer, model = self.policy.tokenizer, self.policy.model
         torch.manual_seed(seed)
-        encoded = tokenizer(prompt, return_tensors="pt")
+        tokenizer.padding_side = "left"
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = model.generate(
                 **encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=self.n,
@@ -96,7 +96,7 @@ class InProcess:
 
 
 async def _through_service(target: str, prompts: list[str], n: int, max_new_tokens: int, clients: int,
-                           seconds: float, warmup_s: float) -> Measurement:
+                           seconds: float, warmup_s: float, label: str) -> Measurement:
     import grpc
 
     from arbiter.v1 import policy_pb2, policy_pb2_grpc
@@ -115,65 +115,65 @@ async def _through_service(target: str, prompts: list[str], n: int, max_new_toke
             response = await stub.Generate(request, timeout=300)
             return sum(len(s.completion_token_ids) for s in response.samples)
 
-        return await drive(call, requests, clients, seconds, warmup_s, "service Generate (c)")
+        return await drive(call, requests, clients, seconds, warmup_s, label)
 
 
-def run(seconds: float = 8.0, clients_list=(1, 4, 16), threads: int = 1, n: int = 4, max_new_tokens: int = 32,
+def run(seconds: float = 8.0, clients_list=(1, 4, 16, 64), threads: int = 1, n: int = 4, max_new_tokens: int = 32,
         rounds: int = 2, quick: bool = False) -> dict:
     if quick:
-        seconds, rounds, max_new_tokens = QUICK_SECONDS, 1, min(max_new_tokens, 16)
+        seconds, rounds, max_new_tokens, clients_list = QUICK_SECONDS, 1, min(max_new_tokens, 16), (1, 4, 16)
     prompts = make_prompts(64)
     per_slice = seconds / rounds
     warmup_s = min(1.0, per_slice / 4)
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
-        service = ServiceProcess(["policy", "--model", str(model_dir), "--torch-threads", str(threads)], wait=False)
-        with service:
+        common = ["policy", "--model", str(model_dir), "--torch-threads", str(threads)]
+        services = {
+            "off": ServiceProcess([*common, "--no-continuous-batching"], wait=False),
+            "on": ServiceProcess(common, wait=False),
+        }
+        with services["off"], services["on"]:
             local = InProcess(model_dir, threads, n, max_new_tokens)
-            service.wait_ready()
+            for service in services.values():
+                service.wait_ready()
             for clients in clients_list:
-                core, hf, svc = [], [], []
+                core, hf, off, on = [], [], [], []
                 for r in range(rounds):
                     offset = 1000 * r
                     core.append(timed_loop(lambda i: local.core([prompts[i % len(prompts)]], offset + i),
-                                           per_slice, "in-process core (a)"))
-                    hf.append(timed_loop(lambda i: local.hf_generate(prompts[i % len(prompts)], offset + i),
-                                         per_slice, "HF model.generate (b)"))
-                    svc.append(asyncio.run(_through_service(service.target, prompts, n, max_new_tokens, clients,
-                                                            per_slice, warmup_s)))
-                cells.append((clients, merge(core), merge(hf), merge(svc)))
-        merged_batch = max(clients_list)
-        ceiling = timed_loop(
-            lambda i: local.core([prompts[(i * merged_batch + k) % len(prompts)] for k in range(merged_batch)], i),
-            seconds / 2, f"in-process core, {merged_batch} requests merged",
-        )
-    # A merged call serves `merged_batch` requests: latency per call, not per request.
+                                           per_slice, "in-process core, one request at a time (a)"))
+                    hf.append(timed_loop(
+                        lambda i: local.hf_generate([prompts[(i * clients + k) % len(prompts)] for k in range(clients)],
+                                                    offset + i),
+                        per_slice, "HF model.generate, merged batch (b)"))
+                    for label, store, service in (("service, continuous batching off (c0)", off, services["off"]),
+                                                  ("service Generate (c)", on, services["on"])):
+                        store.append(asyncio.run(_through_service(
+                            service.target, prompts, n, max_new_tokens, clients, per_slice, warmup_s, label)))
+                cells.append((clients, merge(core), merge(hf), merge(off), merge(on)))
     rows = []
-    for clients, a, b, c in cells:
-        for label, m in ((a.label, a), (b.label, b)):
-            rows.append([label, "-", f"{m.throughput:.0f}", f"{m.percentile_ms(50):.1f}",
+    for clients, a, b, c0, c in cells:
+        rows.append([a.label, "-", f"{a.throughput:.0f}", f"{a.percentile_ms(50):.1f}", f"{a.percentile_ms(99):.1f}",
+                     "1.00", ratio(a.throughput, b.throughput), "-"])
+        rows.append([b.label + " (per call)", clients, f"{b.throughput:.0f}", f"{b.percentile_ms(50):.1f}",
+                     f"{b.percentile_ms(99):.1f}", ratio(b.throughput, a.throughput), "1.00", "-"])
+        for m in (c0, c):
+            rows.append([m.label, clients, f"{m.throughput:.0f}", f"{m.percentile_ms(50):.1f}",
                          f"{m.percentile_ms(99):.1f}", ratio(m.throughput, a.throughput),
-                         ratio(m.throughput, b.throughput)])
-        rows.append([c.label, clients, f"{c.throughput:.0f}", f"{c.percentile_ms(50):.1f}",
-                     f"{c.percentile_ms(99):.1f}", ratio(c.throughput, a.throughput),
-                     ratio(c.throughput, b.throughput)])
-    base = merge([a for _, a, _, _ in cells])
-    hf_all = merge([b for _, _, b, _ in cells])
-    rows.append([ceiling.label + " (per call)", "-", f"{ceiling.throughput:.0f}", f"{ceiling.percentile_ms(50):.1f}",
-                 f"{ceiling.percentile_ms(99):.1f}", ratio(ceiling.throughput, base.throughput),
-                 ratio(ceiling.throughput, hf_all.throughput)])
+                         ratio(m.throughput, b.throughput), ratio(m.throughput, c0.throughput)])
     print_table(
         f"Policy generation, 1 prompt x n={n} per request, {max_new_tokens} new tokens, model {BENCH_MODEL}, "
         f"torch threads {threads}, {seconds:g}s per path per cell in {rounds} alternating slice(s). "
         "Baseline: (a), re-measured in each cell",
-        ["path", "clients", "tokens/s", "p50 ms", "p99 ms", "vs in-process core (a)", "vs HF generate (b)"],
+        ["path", "clients", "tokens/s", "p50 ms", "p99 ms", "vs in-process core (a)", "vs HF generate (b)",
+         "vs batching off (c0)"],
         rows,
     )
     return {
-        "in_process_tokens_per_s": base.throughput,
-        "hf_generate_tokens_per_s": hf_all.throughput,
-        "service_vs_in_process": {c: s.throughput / a.throughput for c, a, _, s in cells},
-        "service_vs_hf_generate": {c: s.throughput / b.throughput for c, _, b, s in cells},
-        "merged_ceiling_vs_in_process": ceiling.throughput / base.throughput,
+        "in_process_tokens_per_s": merge([a for _, a, *_ in cells]).throughput,
+        "service_vs_in_process": {c: s.throughput / a.throughput for c, a, _, _, s in cells},
+        "service_vs_hf_generate": {c: s.throughput / b.throughput for c, _, b, _, s in cells},
+        "service_vs_batching_off": {c: s.throughput / off.throughput for c, _, _, off, s in cells},
+        "batching_off_vs_in_process": {c: off.throughput / a.throughput for c, a, _, off, _ in cells},
     }

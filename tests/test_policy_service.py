@@ -1,6 +1,7 @@
 """The policy service over real gRPC: generation, the log-probs it returns,
 seeds, streaming, bad input, and weight swaps under load."""
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,19 +149,74 @@ def test_greedy_is_argmax_with_zero_logprobs(client, hf_policy):
 def test_seeded_generation_is_reproducible_under_concurrency(client):
     request = dict(max_new_tokens=20, temperature=1.0, n=3, seed=1234)
     alone = client.generate(PROMPTS, **request)
+    assert client.generate(PROMPTS, **request) == alone  # alone, bit for bit
     with ThreadPoolExecutor(4) as pool:
         noise = [pool.submit(client.generate, [PROMPTS[1]], max_new_tokens=30, temperature=1.0, n=4) for _ in range(3)]
         busy = [pool.submit(client.generate, PROMPTS, **request) for _ in range(2)]
         results = [f.result() for f in busy]
         [f.result() for f in noise]
+    # Each sample has its own uniform stream, so sharing decoding steps with
+    # other requests changes only the float rounding of a differently shaped
+    # batch: the same tokens, log-probs equal to float32 rounding.
     for other in results:
         for a, b in zip(alone.samples, other.samples, strict=True):
             assert list(a.completion_token_ids) == list(b.completion_token_ids)
-            assert list(a.logprobs) == list(b.logprobs)
+            assert list(b.logprobs) == pytest.approx(list(a.logprobs), abs=1e-5)
     ids = [tuple(s.completion_token_ids) for s in alone.samples]
     assert len(set(ids)) == len(ids), "samples of one request must differ"
     reseeded = client.generate(PROMPTS, **{**request, "seed": 4321})
     assert [tuple(s.completion_token_ids) for s in reseeded.samples] != ids
+
+
+def test_requests_join_a_running_generation_share_its_steps_and_leave_when_done(server, hf_policy):
+    """Requests with different sampling parameters join a generation that is
+    already decoding, share its forward passes and return as soon as their
+    own rows finish; every token's log-prob is still that of the
+    distribution it was drawn from, under its own request's parameters."""
+    registry = server.running.registry
+
+    def shared_steps() -> float:  # decoding steps with rows of more than one request
+        name = "arbiter_policy_decode_batch_generations"
+        return sample_value(registry, f"{name}_count") - sample_value(registry, f"{name}_bucket", le="1.0")
+
+    joiners = [
+        (PROMPTS[1:], SamplingParams(max_new_tokens=12, temperature=0.7, top_k=20, n=2, seed=2)),
+        (PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.0)),
+        (PROMPTS[1:], SamplingParams(max_new_tokens=16, temperature=1.2, top_p=0.8, n=2, seed=3, stop=("e",))),
+    ]
+
+    async def scenario():
+        engine = server.engine
+        # Eight rows of 120 tokens: decoding long after the joiners are done.
+        anchor, steps = await engine.generate_stream(
+            Prompt(text=PROMPTS[0]), SamplingParams(max_new_tokens=120, temperature=1.0, n=8, seed=1))
+        await steps.__anext__()
+        results = await asyncio.gather(*[
+            engine.generate([Prompt(text=p) for p in prompts], params) for prompts, params in joiners])
+        anchor_was_running = not anchor.done
+        async for _ in steps:
+            pass
+        return anchor, results, anchor_was_running
+
+    before = shared_steps()
+    anchor, results, anchor_was_running = server.run(scenario())
+    assert anchor_was_running and shared_steps() > before
+    checks = [(s, SamplingParams(temperature=1.0)) for s in anchor.samples()]
+    checks += [(s, params) for (_, params), result in zip(joiners, results, strict=True) for s in result.samples]
+    for sample, params in checks:
+        assert len(sample.completion_token_ids) == len(sample.logprobs) >= 1
+        if params.temperature == 0.0:
+            assert sample.logprobs == [0.0] * len(sample.logprobs)
+            continue
+        expected = teacher_forced(hf_policy, sample.prompt_token_ids, sample.completion_token_ids,
+                                  params.temperature, params.top_k, params.top_p or 1.0)
+        assert sample.logprobs == pytest.approx(expected, abs=1e-4)
+    # The seeded joiner gives the same tokens alone.
+    prompts, params = joiners[0]
+    alone = server.run(server.engine.generate([Prompt(text=p) for p in prompts], params))
+    for shared, solo in zip(results[0].samples, alone.samples, strict=True):
+        assert shared.completion_token_ids == solo.completion_token_ids
+        assert shared.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
 
 
 def test_stop_strings_cut_text_and_keep_the_sampled_tokens(client):
@@ -417,6 +473,40 @@ def test_swap_under_load(policy_dir, tmp_path):
         after = client.generate([PROMPTS[0]], **probe).samples[0]
         assert after.policy_version == "v1"
         assert list(after.logprobs) != pytest.approx(list(before.logprobs), abs=1e-3)
+
+        # Every sample was decoded by its own version's weights alone: its
+        # log-probs are a teacher-forced forward's under that version.
+        def decoded_by_its_version(samples, version):
+            model = server.engine.model(version)
+            for sample in samples:
+                forced = model.teacher_forced_logprobs(sample.prompt_token_ids, sample.completion_token_ids, 1.0)
+                assert list(sample.logprobs) == pytest.approx(forced, abs=1e-4), version
+
+        for _, response in done:
+            decoded_by_its_version(response.samples, response.policy_version)
+
+        # Both versions decoding at once: rows of an old-version generation
+        # (eight rows of 100 tokens, pinned to v0 as an in-flight request is)
+        # and of new-version requests share steps, one forward per version.
+        async def both_versions():
+            engine = server.engine
+            old, steps = await engine.generate_stream(
+                Prompt(text=PROMPTS[0]), SamplingParams(max_new_tokens=100, temperature=1.0, n=8, seed=4), "v0")
+            await steps.__anext__()
+            new = await asyncio.gather(*[engine.generate([Prompt(text=p) for p in PROMPTS],
+                                                         SamplingParams(max_new_tokens=12, temperature=1.0, n=2))
+                                         for _ in range(3)])
+            overlapped = not old.done
+            async for _ in steps:
+                pass
+            return old.samples(), new, overlapped
+
+        old, new, overlapped = server.run(both_versions())
+        assert overlapped
+        decoded_by_its_version(old, "v0")
+        for result in new:
+            assert result.policy_version == "v1"
+            decoded_by_its_version(result.samples, "v1")
 
         # A LoRA adapter swaps in the same way; the oldest inactive version is unloaded.
         loaded = client.load_version(str(lora), version="lora-1", activate=True)

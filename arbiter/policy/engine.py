@@ -9,10 +9,14 @@ version. A new version is loaded and validated on a separate loader thread
 checkpoint that fails to load, changes parameter shapes or the tokenizer, or
 gives non-finite logits is refused and the serving version is untouched.
 
-Batching: each request's prompts x n samples run as one KV-cached batch;
-requests are not merged with each other, so a seeded request's output does
-not depend on what else the server is doing. Concurrent requests interleave
-one decoding step at a time on the model thread.
+Batching: continuous (``arbiter.policy.scheduler``). The rows (prompts x n
+samples) of every running request of a version decode together, one forward
+per step; requests join at step boundaries and rows leave as they finish,
+within a KV-cache budget, behind a bounded queue. Every sample draws from its
+own seeded uniform stream with its request's own sampling parameters, so a
+seeded request gives the same tokens alone or beside others, except where the
+float rounding of a differently shaped batch moves a token's CDF boundary
+across its draw (log-probs agree to about 1e-6; see ``arbiter.policy.batch``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +34,8 @@ from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits, utf8_size
 from arbiter.lm import check_compatible
-from arbiter.policy.model import GenerationRun, PolicyModel
+from arbiter.policy.model import Generation, PolicyModel
+from arbiter.policy.scheduler import DecodeObserver, DecodeScheduler, DecodingConfig, Ticket
 from arbiter.policy.types import (
     GeneratedSample,
     GenerateResult,
@@ -42,12 +46,8 @@ from arbiter.policy.types import (
 from arbiter.types import ModelInfo, Prompt
 
 
-class PolicyObserver(Protocol):
-    def on_batch(self, size: int, seconds: float) -> None: ...
-
+class PolicyObserver(DecodeObserver, Protocol):
     def on_samples(self, samples: Sequence[GeneratedSample]) -> None: ...
-
-    def on_active_generations(self, count: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,11 @@ class GenerationLimits:
     # Bytes per prompt and per request as sent; the service checks them
     # (``size_budget``) before converting a request.
     sizes: SizeLimits = SizeLimits()
-    # Generations running at once (each holds a KV cache); more wait their turn.
-    max_concurrent_generations: int = field(default=8, metadata=flag(help="generations decoding at once"))
 
     def __post_init__(self) -> None:
         for name in (
             "max_prompts_per_request", "max_samples_per_prompt", "max_rows_per_request", "max_new_tokens",
-            "default_max_new_tokens", "max_concurrent_generations",
+            "default_max_new_tokens",
         ):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(self.max_stop_strings >= 0, "max_stop_strings", "must be >= 0", self.max_stop_strings)
@@ -85,6 +83,7 @@ class GenerationLimits:
 @dataclass(frozen=True)
 class PolicyEngineConfig:
     limits: GenerationLimits = GenerationLimits()
+    decoding: DecodingConfig = DecodingConfig()
     # Loaded versions kept; loading past it unloads the oldest inactive (0: no limit).
     max_loaded_versions: int = 2
     # Caps the model's own limit (never raises it).
@@ -105,16 +104,15 @@ class PolicyEngine:
         self.config = config
         self._executor = executor
         self._observer = observer
-        # Generation is scheduled here (one KV-cached batch per request), not
-        # through a batcher: the spec has no batch function.
+        # Generation is scheduled by the decode scheduler, not through the
+        # kernel's batcher: the spec has no batch function.
         self.models: ModelKernel[PolicyModel] = ModelKernel(
             ModelSpec("policy", self._load, check_compatible=check_replacement),
             KernelConfig(max_loaded_versions=config.max_loaded_versions, load_timeout_s=config.load_timeout_s),
             executor=executor, loader=loader,
         )
-        self._slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
+        self.scheduler = DecodeScheduler(config.decoding, executor, observer)
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="policy-tokenize")
-        self._active_generations = 0
         self._closed = False
 
     def _load(self, path: str, version: str | None) -> PolicyModel:
@@ -183,9 +181,10 @@ class PolicyEngine:
         """The size limits of a request to ``model_version`` (NOT_FOUND if not loaded)."""
         return self.config.limits.sizes.budget(self.models.get(model_version).model.info.max_tokens)
 
-    async def _prepare(
-        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str
-    ) -> GenerationRun:
+    async def _start(
+        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str, stream: bool = False
+    ) -> tuple[Generation, Ticket]:
+        """Validated, tokenized and queued for decoding (or refused)."""
         if self._closed:
             raise ShuttingDown("the server is stopping; retry on another replica")
         self.check_count(len(prompts), field)
@@ -202,43 +201,40 @@ class PolicyEngine:
         ids = await loop.run_in_executor(
             self._tokenizers, model.encode, prompts, resolved.max_new_tokens, field
         )
-        return model.start(ids, resolved, [p.id for p in prompts])
-
-    async def _steps(self, run: GenerationRun) -> AsyncIterator[list[TokenEvent]]:
-        loop = asyncio.get_running_loop()
-        async with self._slots:
-            self._active_generations += 1
-            self._observer.on_active_generations(self._active_generations)
-            try:
-                while not run.done:
-                    rows = run.active_rows
-                    started = time.perf_counter()
-                    events = await loop.run_in_executor(self._executor, run.step)
-                    self._observer.on_batch(rows, time.perf_counter() - started)
-                    yield events
-            finally:
-                self._active_generations -= 1
-                self._observer.on_active_generations(self._active_generations)
-        self._observer.on_samples(run.samples())
+        generation = model.start(ids, resolved, [p.id for p in prompts], stream=stream)
+        return generation, self.scheduler.submit(generation)
 
     async def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = ""
     ) -> GenerateResult:
-        run = await self._prepare(prompts, params, model_version, "prompts")
-        async for _ in self._steps(run):
-            pass
-        info = run.policy.info
-        return GenerateResult(run.samples(), info.version, info.tokenizer_fingerprint)
+        generation, ticket = await self._start(prompts, params, model_version, "prompts")
+        await ticket.wait()
+        samples = generation.samples()
+        self._observer.on_samples(samples)
+        info = generation.policy.info
+        return GenerateResult(samples, info.version, info.tokenizer_fingerprint)
 
     async def generate_stream(
         self, prompt: Prompt, params: SamplingParams, model_version: str = ""
-    ) -> tuple[GenerationRun, AsyncIterator[list[TokenEvent]]]:
-        """Validates first (so errors surface before any token), then returns
-        the run and its token events, one list per decoding step."""
-        run = await self._prepare([prompt], params, model_version, "prompt")
-        return run, self._steps(run)
+    ) -> tuple[Generation, AsyncIterator[list[TokenEvent]]]:
+        """Validates and queues first (so errors surface before any token),
+        then returns the generation and its token events, one list per
+        decoding step; closing the iterator early cancels the generation."""
+        generation, ticket = await self._start([prompt], params, model_version, "prompt", stream=True)
+        return generation, self._stream(generation, ticket)
+
+    async def _stream(self, generation: Generation, ticket: Ticket) -> AsyncIterator[list[TokenEvent]]:
+        steps = ticket.steps()
+        try:
+            async for events in steps:
+                yield events
+        finally:
+            await steps.aclose()
+        self._observer.on_samples(generation.samples())
 
     async def close(self) -> None:
-        """New requests are refused; running generations finish (the server's grace period bounds them)."""
+        """New requests are refused; generations still running fail (the
+        server's grace period has let in-flight requests finish before this)."""
         self._closed = True
+        await self.scheduler.close()
         self._tokenizers.shutdown(wait=False, cancel_futures=True)

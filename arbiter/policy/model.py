@@ -1,10 +1,7 @@
-"""One loaded policy version: prompt rendering and batched sampling with a KV cache.
-
-A request's prompts x n samples run as one batch: prompts are left-padded
-(so every row's next token sits in the last column) with position ids taken
-from the attention mask, so padding changes neither positions nor attention.
-Finished rows keep their slot and are fed padding (masked out) until the whole
-batch is done.
+"""One loaded policy version: prompt rendering, and the per-request state
+of a generation (``Generation``: its rows, their tokens, log-probs, text and
+finish). The rows of all running generations decode together in
+``arbiter.policy.batch``.
 """
 
 from __future__ import annotations
@@ -15,8 +12,8 @@ from pathlib import Path
 
 from arbiter.chat import render_chat
 from arbiter.errors import InvalidInput
-from arbiter.lm import LoadedLM, completion_logits, forward_step, load_causal_lm, token_logprobs
-from arbiter.policy.sampling import draw, make_generator, row_seed, sampling_logprobs
+from arbiter.lm import LoadedLM, completion_logits, load_causal_lm, token_logprobs
+from arbiter.policy.sampling import row_seed, row_uniforms, sampling_logprobs
 from arbiter.policy.types import (
     FinishReason,
     GeneratedSample,
@@ -92,9 +89,9 @@ class PolicyModel:
     # -- generation -----------------------------------------------------
 
     def start(
-        self, prompts: list[list[int]], params: ResolvedSampling, prompt_ids: Sequence[str] = ()
-    ) -> GenerationRun:
-        return GenerationRun(self, prompts, params, list(prompt_ids))
+        self, prompts: list[list[int]], params: ResolvedSampling, prompt_ids: Sequence[str] = (), stream: bool = False,
+    ) -> Generation:
+        return Generation(self, prompts, params, list(prompt_ids), stream)
 
     def teacher_forced_logprobs(
         self, prompt: Sequence[int], completion: Sequence[int], temperature: float = 1.0, top_k: int = 0,
@@ -106,116 +103,111 @@ class PolicyModel:
         return token_logprobs(sampling_logprobs(logits, temperature, top_k, top_p), completion)
 
 
-@dataclass
-class _Row:
+@dataclass(eq=False)
+class Row:
+    """One sample of a generation: a row of the decoding batch."""
+
+    generation: Generation
+    index: int
     prompt_index: int
     sample_index: int
     prompt_ids: list[int]
-    generator: object
+    uniforms: list[float]
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
     finish: FinishReason | None = None
+    # Where the batch keeps it (arbiter.policy.batch): the position its next
+    # token takes, that token, and the first cache column it uses.
+    position: int = 0
+    next_token: int = 0
+    start_col: int = 0
 
 
-class GenerationRun:
-    """The state of one batched generation. ``step()`` runs one forward pass
-    (the prompt prefill first) and samples one token for every unfinished
-    row; it is blocking and meant for the model thread, one step per call, so
-    several requests interleave at token granularity."""
+class Generation:
+    """One request's prompts x n samples. Rows are added to a decoding batch
+    (``arbiter.policy.batch``), which calls ``record`` with each sampled
+    token; ``stream`` generations keep a ``TokenEvent`` per token for
+    ``take_events``, the others decode their text once, when a row ends
+    (or at every token when stop strings need it)."""
 
-    def __init__(self, policy: PolicyModel, prompts: list[list[int]], params: ResolvedSampling, prompt_ids: list[str]):
+    def __init__(self, policy: PolicyModel, prompts: list[list[int]], params: ResolvedSampling,
+                 prompt_ids: list[str], stream: bool = False):
         self.policy = policy
         self.params = params
         self.prompt_ids = prompt_ids
+        self.stream = stream
         self.rows = [
-            _Row(p, s, ids, make_generator(row_seed(params.seed, p, s)))
+            Row(self, p * params.n + s, p, s, ids, row_uniforms(row_seed(params.seed, p, s), params.max_new_tokens))
             for p, ids in enumerate(prompts)
             for s in range(params.n)
         ]
+        self.sampling_key = (params.temperature, params.top_k, params.top_p)
+        # KV-cache tokens the generation may come to hold: each row's prompt
+        # (left-padded to the longest) and every token it may generate.
+        self.reserved_tokens = len(self.rows) * (max(map(len, prompts)) + params.max_new_tokens)
+        self.cancelled = False
+        self.unfinished = len(self.rows)
+        self._events: list[TokenEvent] = []
+        self._incremental_text = stream or bool(params.stop)
         self._stop_holdback = max((len(s) for s in params.stop), default=1) - 1
-        self._cache = None
-        self._mask = None
-        self._next_pos = None
-        self._next_tokens = None
-        self.steps = 0
+        self._alone = None
 
     @property
     def done(self) -> bool:
-        return all(row.finish is not None for row in self.rows)
+        return self.unfinished == 0
 
-    @property
-    def active_rows(self) -> int:
-        return sum(1 for row in self.rows if row.finish is None)
+    def step(self) -> None:
+        """One decoding step of this generation alone (a batch of its own),
+        synchronously: for in-process callers (the benchmarks' baseline, a
+        monolith trainer); the service decodes through the scheduler."""
+        from arbiter.policy.batch import DecodeBatch
 
-    def step(self) -> list[TokenEvent]:
-        import torch
+        if self._alone is None:
+            self._alone = DecodeBatch(self.policy, len(self.rows))
+            self._alone.step([self])
+        else:
+            self._alone.step()
 
-        with torch.inference_mode():
-            logits = self._prefill() if self._cache is None else self._decode()
-            dist = sampling_logprobs(logits, self.params.temperature, self.params.top_k, self.params.top_p)
-        events = []
-        next_tokens = []
-        for index, row in enumerate(self.rows):
-            if row.finish is not None:
-                next_tokens.append(self.policy.pad_id)
-                continue
-            token = draw(dist[index], self.params, row.generator)
-            events.append(self._append(index, row, token, float(dist[index, token])))
-            next_tokens.append(token)
-        self._next_tokens = torch.tensor(next_tokens, dtype=torch.long)[:, None]
-        self.steps += 1
+    def cancel(self) -> None:
+        """Its rows leave the batch at the next step boundary."""
+        self.cancelled = True
+
+    def take_events(self) -> list[TokenEvent]:
+        events, self._events = self._events, []
         return events
 
-    def _prefill(self):
-        import torch
-
-        width = max(len(row.prompt_ids) for row in self.rows)
-        input_ids = torch.full((len(self.rows), width), self.policy.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
-        for r, row in enumerate(self.rows):
-            input_ids[r, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            mask[r, width - len(row.prompt_ids) :] = 1
-        # A left-padded row's first real token is position 0, as unpadded.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, self._cache = forward_step(self.policy.model, input_ids, mask, positions, last_only=True)
-        self._mask = mask
-        self._next_pos = positions[:, -1:] + 1
-        return logits[:, -1, :]
-
-    def _decode(self):
-        import torch
-
-        live = torch.tensor([[0 if row.finish is not None else 1] for row in self.rows], dtype=torch.long)
-        self._mask = torch.cat([self._mask, live], dim=-1)
-        logits, self._cache = forward_step(
-            self.policy.model, self._next_tokens, self._mask, self._next_pos, cache=self._cache
-        )
-        self._next_pos = self._next_pos + 1
-        return logits[:, -1, :]
-
-    def _append(self, index: int, row: _Row, token: int, logprob: float) -> TokenEvent:
+    def record(self, row: Row, token: int, logprob: float) -> None:
         params = self.params
         row.ids.append(token)
         row.logprobs.append(logprob)
-        searched = len(row.text)
-        text = self.policy.tokenizer.decode(row.ids, skip_special_tokens=True)
         if token in self.policy.eos_ids:
             row.finish = FinishReason.EOS
-        elif params.stop:
+        elif len(row.ids) >= params.max_new_tokens:
+            row.finish = FinishReason.LENGTH
+        if self._incremental_text or row.finish is not None:
+            self._update_text(row, token)
+        if row.finish is not None:
+            self.unfinished -= 1
+
+    def _update_text(self, row: Row, token: int) -> None:
+        params = self.params
+        searched = len(row.text)
+        text = self.policy.tokenizer.decode(row.ids, skip_special_tokens=True)
+        if params.stop and row.finish is not FinishReason.EOS:
             # Back off by the holdback plus one UTF-8 sequence: the previous
             # text may have ended in U+FFFD that this token completed.
-            start = max(0, searched - self._stop_holdback - 4)
+            start = max(0, searched - self._stop_holdback - 4) if self._incremental_text else 0
             hits = [i for i in (text.find(s, start) for s in params.stop) if i >= 0]
             if hits:
                 # Token ids (and log-probs) keep the token that completed the
                 # stop string: it was sampled, so PPO must see it. Text ends before it.
                 text = text[: min(hits)]
                 row.finish = FinishReason.STOP
-        if row.finish is None and len(row.ids) >= params.max_new_tokens:
-            row.finish = FinishReason.LENGTH
         row.text = text
+        if not self.stream:
+            return
         if row.finish is not None:
             final = len(text)
         else:
@@ -225,7 +217,9 @@ class GenerationRun:
                 final -= 1
         delta = text[row.emitted : final]
         row.emitted = final
-        return TokenEvent(index, row.prompt_index, row.sample_index, token, logprob, delta, row.finish)
+        self._events.append(
+            TokenEvent(row.index, row.prompt_index, row.sample_index, token, row.logprobs[-1], delta, row.finish)
+        )
 
     def samples(self) -> list[GeneratedSample]:
         version = self.policy.info.version

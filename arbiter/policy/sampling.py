@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 
-from arbiter.policy.types import ResolvedSampling
-
 
 def sampling_logprobs(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
     """(R, V) logits -> (R, V) float64 log-probs of the sampling
@@ -52,16 +50,29 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def make_generator(seed: int):
+def row_uniforms(seed: int, count: int) -> list[float]:
+    """The uniform draws of one sample, one per token it may generate, from
+    its own generator: a sample's tokens depend on its own distributions and
+    these numbers only, never on the rows it shares a decoding step with."""
     import torch
 
-    return torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(count, generator=generator, dtype=torch.float64).tolist()
 
 
-def draw(logprobs_row, params: ResolvedSampling, generator) -> int:
-    """One token from a (V,) row of ``sampling_logprobs``."""
+def draw(logprobs, uniforms):
+    """One token per row of ``sampling_logprobs`` (R, V), by inverting each
+    row's CDF at its uniform (R,): vectorized over rows, so rows of many
+    requests are sampled together. A greedy row (a point mass) yields its argmax."""
     import torch
 
-    if params.greedy:
-        return int(logprobs_row.argmax())
-    return int(torch.multinomial(logprobs_row.exp(), 1, generator=generator))
+    probs = logprobs.exp()
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+    # u * total can round up to total: take the last token that can be drawn.
+    impossible = probs.gather(-1, tokens[:, None])[:, 0] == 0
+    if bool(impossible.any()):
+        last = torch.arange(probs.shape[-1], device=probs.device).masked_fill(probs == 0, -1).amax(dim=-1)
+        tokens = torch.where(impossible, last, tokens)
+    return tokens

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from arbiter.policy.types import GeneratedSample
 from arbiter.stream import topics
 from arbiter.stream.metrics import RejectedRecordsMetric
-from services.common.metrics import RpcMetrics
+from services.common.metrics import BATCH_BUCKETS, RpcMetrics
 
 SERVICE = "policy"
 # Publish-to-serving latency of a policy update: hashing and loading a
@@ -19,7 +19,8 @@ UPDATE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 
 class PolicyMetrics(RpcMetrics):
     """``arbiter_batch_size`` / ``arbiter_batch_duration_seconds`` observe one
-    decoding step each (rows in the step, its wall time)."""
+    decoding step of one version each (rows in the step, its wall time);
+    ``arbiter_queue_depth`` counts requests waiting for room in the batch."""
 
     def __init__(self, registry: CollectorRegistry):
         super().__init__(registry, SERVICE)
@@ -30,7 +31,19 @@ class PolicyMetrics(RpcMetrics):
             "arbiter_policy_samples", "Samples generated, by finish reason.", ["finish_reason"], registry=registry,
         )
         self.active_generations = Gauge(
-            "arbiter_policy_active_generations", "Generations holding a KV cache right now.", registry=registry,
+            "arbiter_policy_active_generations", "Generations (requests) admitted to the decoding batch.",
+            registry=registry,
+        )
+        self.active_rows = Gauge(
+            "arbiter_policy_active_rows", "Samples (rows) in the decoding batch.", registry=registry,
+        )
+        self.reserved_tokens = Gauge(
+            "arbiter_policy_kv_reserved_tokens",
+            "KV-cache tokens reserved by admitted generations (prompt + max_new_tokens per row).", registry=registry,
+        )
+        self.step_generations = Histogram(
+            "arbiter_policy_decode_batch_generations", "Generations (requests) whose rows shared one decoding step.",
+            buckets=BATCH_BUCKETS, registry=registry,
         )
         # Following the policy-updates topic (--follow-updates).
         self.policy_updates = Counter(
@@ -55,8 +68,13 @@ class PolicyMetrics(RpcMetrics):
         for sample in samples:
             self.samples.labels(sample.finish_reason.value).inc()
 
-    def on_active_generations(self, count: int) -> None:
-        self.active_generations.set(count)
+    def on_decode_step(self, generations: int) -> None:
+        self.step_generations.observe(generations)
+
+    def on_budget(self, rows: int, tokens: int, generations: int) -> None:
+        self.active_rows.set(rows)
+        self.reserved_tokens.set(tokens)
+        self.active_generations.set(generations)
 
     def set_versions(self, active: str | None, loaded: list[str], removed: list[str] = ()) -> None:
         # The engine also unloads old versions by itself after a swap; drop

@@ -46,17 +46,17 @@ class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
         budget.request(request.ByteSize())
         budget.item("prompt", request.prompt.ByteSize())
         prompt = prompt_from_pb(request.prompt, "prompt")
-        run, steps = await self.engine.generate_stream(
+        generation, steps = await self.engine.generate_stream(
             prompt, sampling_from_pb(request.sampling), request.model_version
         )
-        version = run.policy.info.version
+        version = generation.policy.info.version
         started: set[int] = set()
         try:
             async for events in steps:
                 for event in events:
                     first = event.row not in started
                     started.add(event.row)
-                    yield stream_event_to_pb(event, version, run.rows[event.row].prompt_ids if first else None)
+                    yield stream_event_to_pb(event, version, generation.rows[event.row].prompt_ids if first else None)
         finally:
             # A cancelled stream frees its generation slot now, not at GC.
             await steps.aclose()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from arbiter.config import flag, require
 from arbiter.limits import MiB
 from arbiter.policy.engine import GenerationLimits, PolicyEngineConfig
+from arbiter.policy.scheduler import DecodingConfig
 from arbiter.stream import KafkaSettings
 from services.common.settings import ModelServerSettings
 
@@ -23,6 +24,7 @@ class PolicySettings(ModelServerSettings):
     max_loaded_versions: int = field(default=2, metadata=flag(
         help="loaded versions kept; older inactive ones are unloaded (0: no limit)"))
     limits: GenerationLimits = GenerationLimits()
+    decoding: DecodingConfig = DecodingConfig()
     # Requests are text (limits.sizes.max_request_bytes of it); responses echo
     # prompt token ids, so 256 rows of 32k-token prompts (~24 MiB) still fit.
     # gRPC refuses a bigger message before it is parsed (RESOURCE_EXHAUSTED).
@@ -60,5 +62,5 @@ class PolicySettings(ModelServerSettings):
         return self.limits.sizes.receive_limit(self.max_message_bytes)
 
     def engine_config(self) -> PolicyEngineConfig:
-        return PolicyEngineConfig(self.limits, self.max_loaded_versions, self.max_tokens, base_model_dir=self.model_dir,
-                                  load_timeout_s=self.load_timeout_s)
+        return PolicyEngineConfig(self.limits, self.decoding, self.max_loaded_versions, self.max_tokens,
+                                  base_model_dir=self.model_dir, load_timeout_s=self.load_timeout_s)

@@ -1,0 +1,301 @@
+"""A decoding batch: the rows of running generations of one policy version,
+advanced together, one token per row per forward pass (continuous batching).
+
+Generations join at a step boundary (their prompts are prefilled in one
+forward and their rows added to the batch) and each row leaves the moment it
+finishes, so a long sample never holds a short one back.
+
+The KV cache is preallocated: per layer, keys and values of shape
+(row slots, heads, columns, head dim), grown and compacted by copying only
+when rows join or leave, never per token (a ``DynamicCache`` re-concatenates
+the whole cache at every step, which on a CPU costs as much as the forward).
+All rows write their next token into the same column, so every row's
+sequence ends at that column and is left-padded before it (masked out; each
+row's position ids are its own, so padding changes nothing it computes). The
+attention window is the columns from the longest row's start to that column.
+Rows live in slots 0..B-1: a leaving row's slot is refilled from the end.
+
+Each row samples with its own parameters and its own uniform stream
+(``arbiter.policy.sampling``), so a row's tokens depend on nothing but its
+own distributions. What sharing a forward can change is float rounding of the
+logits (batched kernels may sum in another order): log-probs then differ in
+the last bits, and a token only if a uniform lands within that rounding of a
+CDF boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from arbiter.lm import forward_step
+from arbiter.policy.model import Generation, PolicyModel, Row
+from arbiter.policy.sampling import draw, sampling_logprobs
+
+# Columns allocated past what the rows in the batch can still use, so a few
+# later joiners do not force a copy at once.
+_SLACK_COLUMNS = 16
+_MIN_ROW_SLOTS = 4
+
+
+class DecodeBatch:
+    """Not thread-safe: ``step`` runs on the model thread, one call at a time."""
+
+    def __init__(self, policy: PolicyModel, max_rows: int):
+        self.policy = policy
+        self.max_rows = max_rows
+        self.rows: list[Row] = []
+        self.device = next(policy.model.parameters()).device
+        self._keys: list = []
+        self._values: list = []
+        self._mask = None
+        self._start = 0  # first column of the attention window
+        self._end = 0  # the column the next token of every row goes to
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows
+
+    @property
+    def generations(self) -> int:
+        return len({id(row.generation) for row in self.rows})
+
+    @property
+    def allocated_tokens(self) -> int:
+        """Token slots the cache holds now (rows x columns)."""
+        return 0 if self._mask is None else self._mask.shape[0] * self._mask.shape[1]
+
+    def step(self, joining: Sequence[Generation] = ()) -> list[Row]:
+        """One forward for the rows already here (their next token), one for
+        ``joining`` (their prompts), one sampled token for each of them.
+        Rows of cancelled generations leave first; finished rows leave after.
+        Returns the rows that sampled a token."""
+        import torch
+
+        # The buffers are inference tensors: every update of them in here.
+        with torch.inference_mode():
+            self._leave([row for row in self.rows if row.generation.cancelled])
+            logits = []
+            if self.rows:
+                logits.append(self._decode())
+            joined = [row for generation in joining for row in generation.rows]
+            if joined:
+                logits.append(self._prefill(joined))
+            if not logits:
+                return []
+            stepped = list(self.rows)
+            tokens, logprobs = _sample(torch.cat(logits) if len(logits) > 1 else logits[0], stepped)
+            for row, token, logprob in zip(stepped, tokens, logprobs, strict=True):
+                row.next_token = token
+                row.generation.record(row, token, logprob)
+            self._leave([row for row in stepped if row.finish is not None])
+        return stepped
+
+    def release(self) -> None:
+        self._keys, self._values, self._mask = [], [], None
+        self._start = self._end = 0
+
+    # -- forward passes --------------------------------------------------
+
+    def _decode(self):
+        import torch
+
+        count = len(self.rows)
+        self._ensure(count, 0, 1)
+        self._mask[:count, self._end] = 1
+        ids = torch.tensor([[row.next_token] for row in self.rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[row.position] for row in self.rows], dtype=torch.long, device=self.device)
+        logits, _ = forward_step(
+            self.policy.model, ids, self._mask[:count, self._start : self._end + 1], positions,
+            cache=_SlotCache(self, count),
+        )
+        self._end += 1
+        for row in self.rows:
+            row.position += 1
+        return logits[:, -1, :]
+
+    def _prefill(self, joined: list[Row]):
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(row.prompt_ids) for row in joined)
+        input_ids = torch.full((len(joined), width), self.policy.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(joined), width), dtype=torch.long)
+        for r, row in enumerate(joined):
+            input_ids[r, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            mask[r, width - len(row.prompt_ids) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        # A left-padded row's first real token is position 0, as unpadded.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # A plain full-length cache whatever the model's config says: its
+        # columns are copied into the slots below.
+        logits, cache = forward_step(self.policy.model, input_ids, mask, positions, cache=DynamicCache(),
+                                     last_only=True)
+        first, count = len(self.rows), len(self.rows) + len(joined)
+        if self._mask is None:
+            self._allocate(cache, count, width, _ahead(joined))
+        else:
+            self._ensure(count, width, _ahead([*self.rows, *joined]))
+        lo, hi = self._end - width, self._end
+        for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            keys[first:count, :, lo:hi] = cache.layers[layer].keys
+            values[first:count, :, lo:hi] = cache.layers[layer].values
+        self._mask[first:count] = 0
+        self._mask[first:count, lo:hi] = mask
+        for row in joined:
+            row.position = len(row.prompt_ids)
+            row.start_col = lo
+        self._start = min(self._start, lo) if self.rows else lo
+        self.rows.extend(joined)
+        return logits[:, -1, :]
+
+    # -- the slots ---------------------------------------------------------
+
+    def _allocate(self, cache, rows: int, width: int, ahead: int) -> None:
+        import torch
+
+        slots = _row_slots(rows, self.max_rows)
+        columns = width + ahead + _SLACK_COLUMNS
+        self._keys, self._values = [], []
+        for layer in cache.layers:
+            for store, like in ((self._keys, layer.keys), (self._values, layer.values)):
+                batch, heads, _, dim = like.shape
+                store.append(torch.zeros((slots, heads, columns, dim), dtype=like.dtype, device=like.device))
+        self._mask = torch.zeros((slots, columns), dtype=torch.long, device=self.device)
+        self._start = self._end = width
+
+    def _ensure(self, rows: int, left: int, ahead: int) -> None:
+        """Room for ``rows`` rows, ``left`` columns before the write column and
+        ``ahead`` from it on; else copies the window into new buffers sized
+        for the rows' remaining tokens (shrinking them as well as growing)."""
+        slots, columns = self._mask.shape
+        if rows <= slots and self._end >= left and self._end + ahead <= columns:
+            return
+        import torch
+
+        window = self._end - self._start
+        end = max(window, left)
+        start = end - window
+        remaining = max(ahead, _ahead(self.rows))
+        new_slots = _row_slots(rows, self.max_rows) if rows > slots or 4 * rows < slots else slots
+        new_columns = end + remaining + _SLACK_COLUMNS
+        count = len(self.rows)
+        for store in (self._keys, self._values):
+            for layer, old in enumerate(store):
+                new = old.new_zeros((new_slots, old.shape[1], new_columns, old.shape[3]))
+                new[:count, :, start:end] = old[:count, :, self._start : self._end]
+                store[layer] = new
+        mask = torch.zeros((new_slots, new_columns), dtype=torch.long, device=self.device)
+        mask[:count, start:end] = self._mask[:count, self._start : self._end]
+        self._mask = mask
+        shift = start - self._start
+        for row in self.rows:
+            row.start_col += shift
+        self._start, self._end = start, end
+
+    def _leave(self, leaving: list[Row]) -> None:
+        """Rows out; the last rows move into the slots they free."""
+        if not leaving:
+            return
+        import torch
+
+        gone = {id(row) for row in leaving}
+        kept = len(self.rows) - len(gone)
+        holes = [i for i in range(kept) if id(self.rows[i]) in gone]
+        movers = [i for i in range(kept, len(self.rows)) if id(self.rows[i]) not in gone]
+        if movers:
+            dst = torch.tensor(holes, dtype=torch.long, device=self.device)
+            src = torch.tensor(movers, dtype=torch.long, device=self.device)
+            for store in (self._keys, self._values):
+                for layer in store:
+                    layer[dst, :, self._start : self._end] = layer[src, :, self._start : self._end]
+            self._mask[dst] = self._mask[src]
+            for h, m in zip(holes, movers, strict=True):
+                self.rows[h] = self.rows[m]
+        del self.rows[kept:]
+        if self.rows:
+            self._start = min(row.start_col for row in self.rows)
+        else:
+            self.release()
+
+
+def _ahead(rows: Sequence[Row]) -> int:
+    """Columns the rows may still fill: their most remaining tokens."""
+    return max((row.generation.params.max_new_tokens - len(row.ids) for row in rows), default=0)
+
+
+def _row_slots(rows: int, max_rows: int) -> int:
+    """Doubling, so rows joining one request at a time copy rarely."""
+    slots = _MIN_ROW_SLOTS
+    while slots < rows:
+        slots *= 2
+    return max(rows, min(slots, max_rows))
+
+
+def _sample(logits, rows: Sequence[Row]) -> tuple[list[int], list[float]]:
+    """One token per row, each from its own generation's sampling
+    distribution (rows with equal parameters processed together) and its own
+    next uniform; returns the tokens and their log-probs under that distribution."""
+    import torch
+
+    uniforms = torch.tensor([row.uniforms[len(row.ids)] for row in rows], dtype=torch.float64)
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.generation.sampling_key, []).append(i)
+    if len(groups) == 1:
+        [key] = groups
+        dist = sampling_logprobs(logits, *key)
+        tokens = draw(dist, uniforms)
+        return tokens.tolist(), dist.gather(-1, tokens[:, None])[:, 0].tolist()
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(len(rows), dtype=torch.float64, device=logits.device)
+    for key, members in groups.items():
+        index = torch.tensor(members, dtype=torch.long, device=logits.device)
+        dist = sampling_logprobs(logits.index_select(0, index), *key)
+        chosen = draw(dist, uniforms[members])
+        tokens[index] = chosen
+        logprobs[index] = dist.gather(-1, chosen[:, None])[:, 0]
+    return tokens.tolist(), logprobs.tolist()
+
+
+def _slot_cache_class():
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        """One layer's view of the slot buffers for one forward: new keys and
+        values are written into the write column, attention reads the window."""
+
+        def __init__(self, batch: DecodeBatch, layer: int, rows: int):
+            super().__init__()
+            self.batch, self.layer, self.rows = batch, layer, rows
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            batch, rows = self.batch, self.rows
+            end = batch._end + key_states.shape[-2]
+            keys, values = batch._keys[self.layer], batch._values[self.layer]
+            keys[:rows, :, batch._end : end] = key_states
+            values[:rows, :, batch._end : end] = value_states
+            return keys[:rows, :, batch._start : end], values[:rows, :, batch._start : end]
+
+        def get_seq_length(self) -> int:
+            return self.batch._end - self.batch._start
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.get_seq_length() + query_length, 0
+
+    class SlotCache(DynamicCache):
+        def __init__(self, batch: DecodeBatch, rows: int):
+            Cache.__init__(self, layers=[SlotLayer(batch, i, rows) for i in range(len(batch._keys))])
+
+    return SlotCache
+
+
+_SLOT_CACHE = None
+
+
+def _SlotCache(batch: DecodeBatch, rows: int):  # noqa: N802 - a class, built once transformers is imported
+    global _SLOT_CACHE
+    if _SLOT_CACHE is None:
+        _SLOT_CACHE = _slot_cache_class()
+    return _SLOT_CACHE(batch, rows)

@@ -1,0 +1,161 @@
+"""Continuous batching in the policy engine: the decoding batch as rows join
+and leave (``arbiter.policy.batch``, on the real tiny policy), and the
+scheduler's admission control through a real server (KV budget, bounded
+queue, batching off)."""
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+from helpers import BackgroundServer, expect_error, sample_value, wait_until
+
+from arbiter.policy.batch import DecodeBatch
+from arbiter.policy.model import Generation, PolicyModel
+from arbiter.policy.scheduler import DecodingConfig
+from arbiter.policy.types import FinishReason, ResolvedSampling, SamplingParams
+from arbiter.types import Prompt
+from arbiter.v1 import policy_pb2, policy_pb2_grpc
+from services.policy.client import PolicyClient
+from services.policy.server import create_server
+from services.policy.settings import PolicySettings
+
+# 2, 6 and 29 tokens with the tiny tokenizer.
+SHORT, MEDIUM = "hi", "The quick brown"
+LONG = "The quick brown fox jumps over the lazy dog while the cat sleeps"
+
+
+@pytest.fixture(scope="module")
+def policy(policy_dir):
+    return PolicyModel.load(policy_dir)
+
+
+def start(policy: PolicyModel, prompts, max_new_tokens=20, temperature=1.0, top_p=1.0, top_k=0, n=1, stop=(),
+          seed=0) -> Generation:
+    params = ResolvedSampling(max_new_tokens, temperature, top_p, top_k, n, tuple(stop), seed)
+    return policy.start(policy.encode([Prompt(text=p) for p in prompts], max_new_tokens), params)
+
+
+def alone(policy: PolicyModel, generation: Generation) -> Generation:
+    """The same request decoded as a batch of its own."""
+    ids = [generation.rows[p * generation.params.n].prompt_ids for p in range(len(generation.rows) // generation.params.n)]
+    again = policy.start(ids, generation.params)
+    while not again.done:
+        again.step()
+    return again
+
+
+def test_rows_join_and_leave_a_running_batch(policy):
+    """Generations with different prompts, lengths and sampling parameters
+    join a running batch at step boundaries (forcing its cache to grow in
+    rows and columns and to make room before its write column) and leave
+    as they finish or are cancelled; every sample is what the same request
+    gives alone, with the log-probs of the distribution it was drawn from."""
+    batch = DecodeBatch(policy, max_rows=64)
+    a = start(policy, [SHORT], max_new_tokens=20, seed=1)
+    batch.step([a])
+    allocated = [batch.allocated_tokens]
+    batch.step()
+    # 29 prompt tokens before a write column 4 columns in; 1 + 4 rows in 4 slots.
+    b = start(policy, [LONG], max_new_tokens=24, temperature=0.7, top_k=20, n=4, seed=2)
+    batch.step([b])
+    allocated.append(batch.allocated_tokens)
+    # c (greedy) leaves after 3 tokens from slots in the middle; d's rows move into them.
+    c = start(policy, [MEDIUM, SHORT], max_new_tokens=3, temperature=0.0)
+    d = start(policy, [MEDIUM], max_new_tokens=16, temperature=1.2, top_p=0.8, n=2, seed=4)
+    batch.step([c, d])
+    assert batch.generations == 4 and len(batch.rows) == 1 + 4 + 2 + 2
+    e = start(policy, [LONG], max_new_tokens=20, n=2, seed=5)
+    batch.step([e])
+    batch.step()
+    e.cancel()
+    batch.step()
+    assert all(row.generation is not e for row in batch.rows)
+    while not batch.empty:
+        batch.step()
+        allocated.append(batch.allocated_tokens)
+    assert allocated[1] > allocated[0]
+    assert batch.allocated_tokens == 0  # released when the last row left
+    assert all(0 < len(row.ids) < 20 and row.finish is None for row in e.rows)
+
+    for generation in (a, b, c, d):
+        params = generation.params
+        reference = alone(policy, generation)
+        for row, solo in zip(generation.rows, reference.rows, strict=True):
+            assert row.finish is not None and len(row.ids) == len(row.logprobs) >= 1
+            assert row.ids == solo.ids and row.finish == solo.finish
+            assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
+            forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
+                                                    params.top_p)
+            assert row.logprobs == pytest.approx(forced, abs=1e-4)
+    assert all(row.logprobs == [0.0] * 3 and row.finish is FinishReason.LENGTH for row in c.rows)  # greedy
+
+
+# -- admission control, through a server ---------------------------------------
+
+# Two rows of 250 new tokens hold the batch (4 rows) while others queue.
+BUDGET = DecodingConfig(max_batch_rows=4, max_batch_tokens=600, max_queued_generations=1)
+
+
+@pytest.fixture(scope="module")
+def small_server(policy_dir):
+    settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0, decoding=BUDGET)
+    with BackgroundServer(lambda: create_server(settings)) as running:
+        yield running
+
+
+def test_a_request_that_can_never_fit_is_refused_at_once(small_server):
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    with PolicyClient(small_server.target) as client:
+        expect_error(lambda: client.generate([MEDIUM], n=5), exhausted,
+                     "prompts x sampling.n = 5 samples, over the 4 samples the server decodes at once (max_batch_rows)")
+        # 3 rows x (6 prompt tokens + 200) = 618 > 600.
+        expect_error(lambda: client.generate([MEDIUM], n=3, max_new_tokens=200), exhausted,
+                     "3 samples x (longest prompt + sampling.max_new_tokens=200) = 618 KV-cache tokens, over the "
+                     "server's budget of 600 (max_batch_tokens)")
+        expect_error(lambda: list(client.generate_stream(MEDIUM, n=5)), exhausted, "(max_batch_rows)")
+        assert len(client.generate([MEDIUM], n=3, max_new_tokens=190).samples) == 3  # 3 x 196 fits
+
+
+def test_requests_wait_for_room_then_a_full_queue_refuses(small_server):
+    registry = small_server.running.registry
+    with PolicyClient(small_server.target) as client, grpc.insecure_channel(small_server.target) as raw:
+        # 2 rows x (6 + 250) = 512 tokens: holds the batch until they end.
+        holder = client.generate_stream(MEDIUM, max_new_tokens=250, temperature=1.0, n=2, seed=1)
+        next(holder)
+        queued = {}
+        waiter = threading.Thread(target=lambda: queued.update(
+            response=client.generate([SHORT], max_new_tokens=2, temperature=1.0, n=3)))
+        waiter.start()  # 2 + 3 rows > 4: waits in the queue
+        wait_until(lambda: sample_value(registry, "arbiter_queue_depth", service="policy") == 1,
+                   what="the second request to be queued")
+        # A channel without the client's retry policy: the refusal itself, not a retry of it.
+        stub = policy_pb2_grpc.PolicyServiceStub(raw)
+        request = policy_pb2.GenerateRequest(prompts=[policy_pb2.PromptInput(text=SHORT)],
+                                             sampling=policy_pb2.SamplingParams(max_new_tokens=2))
+        expect_error(lambda: stub.Generate(request, timeout=30), grpc.StatusCode.UNAVAILABLE,
+                     "the queue of requests waiting for room in the decoding batch is full (1, "
+                     "max_queued_generations); retry with backoff")
+        assert waiter.is_alive()
+        holder.cancel()  # its rows leave: the queued request gets room
+        waiter.join(timeout=30)
+        assert len(queued["response"].samples) == 3
+    wait_until(lambda: sample_value(registry, "arbiter_policy_active_rows") == 0, what="the batch to empty")
+    assert sample_value(registry, "arbiter_policy_kv_reserved_tokens") == 0
+
+
+def test_with_batching_off_requests_never_share_a_step(policy_dir):
+    settings = PolicySettings(model_dir=str(policy_dir), port=0, decoding=DecodingConfig(continuous_batching=False))
+    with BackgroundServer(lambda: create_server(settings)) as server:
+        async def concurrent():
+            return await asyncio.gather(*[
+                server.engine.generate([Prompt(text=MEDIUM)], SamplingParams(max_new_tokens=20, temperature=1.0, n=2))
+                for _ in range(3)
+            ])
+
+        results = server.run(concurrent())
+        registry = server.running.registry
+        # Three requests at once, each decoding alone: every step had one generation.
+        steps = sample_value(registry, "arbiter_policy_decode_batch_generations_count")
+        assert steps >= 3 and sample_value(registry, "arbiter_policy_decode_batch_generations_sum") == steps
+        assert all(len(r.samples) == 2 for r in results)
