@@ -214,8 +214,6 @@ def test_the_policy_load_path_takes_a_placement(policy_dir, hf_policy, tmp_path)
         assert torch.equal(weight, merged.get_parameter(name).to(torch.bfloat16)), name
 
 
-@pytest.mark.xfail(strict=True, reason="the policy engine passes settings.backend.placement() to its loads when the "
-                   "continuous-batching engine (arbiter/policy/**) lands; remove this mark then")
 def test_policy_service_serves_bfloat16(policy_dir, hf_policy, model_roots):
     tolerance = logprob_tolerance(hf_policy, "bfloat16")
     settings = PolicySettings(model_dir=str(policy_dir), port=0, backend=BF16, model_roots=model_roots)

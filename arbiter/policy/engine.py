@@ -29,6 +29,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.config import flag, require
 from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
@@ -92,6 +93,8 @@ class PolicyEngineConfig:
     base_model_dir: str | None = None
     # A load still running after this long fails and is abandoned (arbiter.kernel).
     load_timeout_s: float = 600.0
+    # Device and dtype of every version's weights (--device / --dtype).
+    placement: Placement = CPU_FLOAT32
 
 
 def check_replacement(new: PolicyModel, serving: PolicyModel) -> None:
@@ -117,7 +120,8 @@ class PolicyEngine:
 
     def _load(self, path: str, version: str | None) -> PolicyModel:
         return PolicyModel.load(
-            path, version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens
+            path, version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
+            placement=self.config.placement,
         )
 
     def info(self, version: str = "") -> ModelInfo:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.chat import render_chat
 from arbiter.errors import InvalidInput
 from arbiter.lm import LoadedLM, completion_logits, load_causal_lm, token_logprobs
@@ -43,8 +44,10 @@ class PolicyModel:
         version: str | None = None,
         base_dir: str | Path | None = None,
         max_tokens: int | None = None,
+        placement: Placement = CPU_FLOAT32,
     ) -> PolicyModel:
-        return cls(load_causal_lm(model_dir, kind="policy", version=version, base_dir=base_dir, max_tokens=max_tokens))
+        return cls(load_causal_lm(model_dir, kind="policy", version=version, base_dir=base_dir, max_tokens=max_tokens,
+                                  placement=placement))
 
     def release(self) -> None:
         """Unloaded: generations still running hold their own reference and

@@ -63,4 +63,5 @@ class PolicySettings(ModelServerSettings):
 
     def engine_config(self) -> PolicyEngineConfig:
         return PolicyEngineConfig(self.limits, self.decoding, self.max_loaded_versions, self.max_tokens,
-                                  base_model_dir=self.model_dir, load_timeout_s=self.load_timeout_s)
+                                  base_model_dir=self.model_dir, load_timeout_s=self.load_timeout_s,
+                                  placement=self.backend.placement())
