@@ -18,10 +18,11 @@ loop that serves RPCs.
   sequence length (on a CPU a padded batch of 32 long items can be slower per
   item than batches of 2; on a GPU the opposite), so no fixed number is right
   everywhere. ``BatchSizer`` keeps, per length bucket (powers of two of
-  tokens) and batch size, the seconds per item-token: measured by a short
-  calibration when the version loads (``DynamicBatcher.calibrate``), then
-  refined from the batches actually served, with an occasional batch one size
-  above or below the cap to keep the neighbours' figures current. The cap of
+  tokens) and batch size, the seconds per token of the items: measured by a
+  short calibration when the version loads (``DynamicBatcher.calibrate``),
+  then refined from the batches actually served (whose padding counts
+  against them), with a batch one size above or below the cap now and then
+  to keep the neighbours' figures current. The cap of
   a bucket is the smallest size within 3 % of the best. ``max_batch_size`` is
   the upper bound; ``fixed`` always uses it. A remote backend batches again
   on its side (Triton's own dynamic batcher), so it always gets the bound.
@@ -152,8 +153,10 @@ MIN_BUCKET_TOKENS = 16
 CAP_TOLERANCE = 0.03
 # Weight of a new observation in a size's running figure.
 OBSERVED_WEIGHT = 0.25
-# Every this many saturated batches of a bucket (more like items waiting than
-# the cap), one is formed a size above or below the cap (alternately).
+# A batch counts as a grid size when it holds at least this fraction of it.
+RECORDED_FILL = 0.8
+# Every this many batches of a bucket with enough like items waiting, one is
+# formed a size above or below the cap (alternately).
 EXPLORE_EVERY = 16
 # Batches are formed from this many caps' worth of the oldest queued items
 # (bounds the work of forming one under a long queue).
@@ -174,8 +177,8 @@ def _grid(limit: int, start: int) -> list[int]:
 
 
 class BatchSizer:
-    """The batch cap per length bucket, from seconds per item-token measured
-    per (bucket, batch size). Pure bookkeeping: ``DynamicBatcher`` feeds it.
+    """The batch cap per length bucket, from seconds per token measured per
+    (bucket, batch size). Pure bookkeeping: ``DynamicBatcher`` feeds it.
 
     Calibration figures give the curve's shape; the batches served give its
     level: a size never served is estimated as its calibration figure times
@@ -192,7 +195,7 @@ class BatchSizer:
         self._observed: list[list[float | None]] = [[None] * shape[1] for _ in range(shape[0])]
         # Per bucket: the number of sizes that can run (a failed size and all above it cannot).
         self._feasible = [shape[1]] * shape[0]
-        self._saturated = [0] * shape[0]
+        self._turns = [0] * shape[0]
         self._caps = [self._choose(b) for b in range(shape[0])]
 
     # -- lookups -----------------------------------------------------------
@@ -212,42 +215,54 @@ class BatchSizer:
         return dict(zip(self.lengths, self._caps, strict=True))
 
     def size_for(self, tokens: int, waiting: int) -> int:
-        """How many of ``waiting`` like items the next batch takes: the cap,
-        except when more are waiting than it takes: then the size above it
-        if no batch that large was served at this length yet (calibration
-        on a busy machine may have misjudged it), and else every
-        ``EXPLORE_EVERY``-th time the size above or below it, so that their
+        """How many of ``waiting`` like items the next batch takes: up to the
+        cap; but the size above it if that many are waiting and no batch that
+        large was served at this length yet (calibration on a busy machine
+        may have misjudged it), and else every ``EXPLORE_EVERY``-th time the
+        size above or below it when that many are waiting, so that their
         figures follow the load and the cap can move."""
         bucket = self.bucket(tokens)
         cap = self._caps[bucket]
-        if not self.auto or waiting <= cap:
+        if not self.auto:
             return min(cap, waiting)
         index = self.sizes.index(cap)
         above = index + 1 if index + 1 < self._feasible[bucket] and self.sizes[index + 1] <= waiting else None
+        below = index - 1 if index > 0 and self.sizes[index - 1] < waiting else None
         if above is not None and not self.observed(bucket, above):
             return self.sizes[above]
-        self._saturated[bucket] += 1
-        turn = self._saturated[bucket] % EXPLORE_EVERY
+        if above is None and below is None:
+            return min(cap, waiting)
+        self._turns[bucket] += 1
+        turn = self._turns[bucket] % EXPLORE_EVERY
         if turn == 0 and above is not None:
             return self.sizes[above]
-        if turn == EXPLORE_EVERY // 2 and index > 0:
-            return self.sizes[index - 1]
-        return cap
+        if turn == EXPLORE_EVERY // 2 and below is not None:
+            return self.sizes[below]
+        return min(cap, waiting)
 
     # -- measurements --------------------------------------------------------
 
-    def record(self, size: int, tokens: int, seconds: float, calibration: bool = False) -> list[tuple[int, int]]:
-        """A batch of ``size`` items padded to ``tokens`` took ``seconds``;
-        returns the (bucket length, cap) pairs that changed. Only sizes of
-        the grid count: a saturated queue runs those (the cap and its
-        neighbours), and a smaller batch only says how many items were left."""
-        if not self.auto or size not in self.sizes or seconds <= 0:
+    def record(self, size: int, longest: int, seconds: float, tokens: int | None = None,
+               calibration: bool = False) -> list[tuple[int, int]]:
+        """A batch of ``size`` items, the longest ``longest`` tokens, together
+        ``tokens`` (default: all as long as the longest), took ``seconds``;
+        returns the (bucket length, cap) pairs that changed. The figure is
+        per token of the items, so a size that carries more padding in the
+        traffic served pays for it. A batch counts for the grid size it
+        (nearly) fills, 26 to 32 items for 32: one further below says how many
+        items were left more than what the size costs."""
+        index = self._size_index(size) if size >= 1 else 0
+        if not self.auto or seconds <= 0 or not RECORDED_FILL * self.sizes[index] <= size <= self.sizes[index]:
             return []
-        bucket, index = self.bucket(tokens), self.sizes.index(size)
-        cost = seconds / (size * max(tokens, 1))
+        bucket = self.bucket(longest)
+        cost = seconds / max(tokens if tokens is not None else size * longest, 1)
+        compared = self._compares(bucket)
         table = self._calibrated if calibration else self._observed
         old = table[bucket][index]
         table[bucket][index] = cost if old is None or calibration else old + OBSERVED_WEIGHT * (cost - old)
+        if compared and self._choose(bucket) == self._caps[bucket]:
+            # Other lengths only follow this one's cap, or its first comparable figures.
+            return []
         return self._update()
 
     def record_failure(self, size: int, tokens: int) -> list[tuple[int, int]]:
@@ -300,6 +315,11 @@ class BatchSizer:
                     index = min(self._size_index(round(wanted)), self._feasible[bucket] - 1)
                     return self.sizes[index]
         return self.sizes[self._feasible[bucket] - 1]
+
+    def _compares(self, bucket: int) -> bool:
+        """Whether this length has figures for two sizes or more (cheap: every served batch asks)."""
+        figures = zip(self._calibrated[bucket][: self._feasible[bucket]], self._observed[bucket])
+        return sum(c is not None or o is not None for c, o in figures) >= 2
 
     def _known(self, bucket: int) -> list[tuple[float, int]]:
         """(estimate, size index) of the sizes with a figure at this length."""
@@ -394,8 +414,13 @@ class DynamicBatcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         self._ensure_loop()
-        now = loop.time()
         tokens = self._shape.tokens if self._shape else (lambda item: 1)
+        self._drop_done()
+        if len(items) == 1 and not self._in_flight and not self._queue:
+            # An idle model and a lone item: run it now, as batching off
+            # would; what arrives meanwhile queues for the next batch.
+            return await self._run_alone(items[0], tokens(items[0]))
+        now = loop.time()
         pending = [_Pending(item, loop.create_future(), now, tokens(item)) for item in items]
         self._queue.extend(pending)
         self._observer.on_queue_depth(self.queue_depth)
@@ -406,6 +431,32 @@ class DynamicBatcher(Generic[T, R]):
             for p in pending:
                 p.future.cancel()
             raise
+
+    async def _run_alone(self, item: T, tokens: int) -> list[R]:
+        """One item as its own batch, bypassing the queue. The batch counts
+        as in flight until the model is done with it, even if the caller
+        goes away first, so the next batch still waits its turn."""
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        started = self._clock()
+        if self._is_async:
+            running = asyncio.ensure_future(self._run_batch([item]))
+        else:
+            running = loop.run_in_executor(self._executor, self._run_batch, [item])
+        running.add_done_callback(self._alone_done)
+        results = await asyncio.shield(running)
+        seconds = self._clock() - started
+        self._observer.on_batch(1, seconds)
+        if not self._is_async:
+            self._caps_changed(self.sizer.record(1, tokens, seconds))
+        return list(results)
+
+    def _alone_done(self, running: asyncio.Future) -> None:
+        self._in_flight -= 1
+        self._slot_freed.set()
+        if not running.cancelled():
+            running.exception()  # raised to the caller, if it still waits; read here for one that left
+        self._wakeup.set()
 
     async def calibrate(self) -> None:
         """Measure seconds per batch over the grid of sizes x lengths, each
@@ -532,6 +583,9 @@ class DynamicBatcher(Generic[T, R]):
         if not self._queue:
             return [], 0
         anchor = self._queue[0]
+        if len(self._queue) == 1:  # a lone caller: the common case at low load
+            self._queue.clear()
+            return [anchor], anchor.tokens
         centre = _span(anchor.tokens)
         # Nearest in length first; among equals, oldest first.
         window = itertools.islice(self._queue, 1, SCAN_WINDOW * self._config.max_batch_size)
@@ -563,7 +617,7 @@ class DynamicBatcher(Generic[T, R]):
         while True:
             # Wait for a free slot before forming a batch, so items that arrive
             # meanwhile join it instead of waiting for the one after.
-            while self._is_async and self._in_flight >= self._max_in_flight:
+            while self._in_flight >= self._max_in_flight:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
             self._drop_done()
@@ -598,7 +652,7 @@ class DynamicBatcher(Generic[T, R]):
                 self._in_flight -= 1
             seconds = self._clock() - started
             self._observer.on_batch(len(batch), seconds)
-            self._caps_changed(self.sizer.record(len(batch), longest, seconds))
+            self._caps_changed(self.sizer.record(len(batch), longest, seconds, sum(p.tokens for p in batch)))
             _deliver(batch, results)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:

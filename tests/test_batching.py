@@ -46,6 +46,8 @@ def run(coro):
 
 
 def test_concurrent_requests_coalesce_into_one_batch(executor):
+    """The first runs at once on the idle model; the nine sent with it,
+    queued while it runs, share the next batch."""
     model = Recorder()
     batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_queue_delay_ms=50.0), executor)
 
@@ -55,7 +57,7 @@ def test_concurrent_requests_coalesce_into_one_batch(executor):
         return results
 
     assert run(main()) == [[i * 10] for i in range(10)]
-    assert model.batches == [list(range(10))]
+    assert model.batches == [[0], list(range(1, 10))]
 
 
 def test_batches_never_exceed_max_batch_size_and_keep_order(executor):
@@ -137,8 +139,8 @@ def test_close_drains_queue_then_refuses(executor):
 
     async def main():
         pending = asyncio.gather(*(batcher.submit([i]) for i in range(6)))
-        await wait_until_async(lambda: model.entered.is_set() and batcher.queue_depth == 4,
-                               what="two items in the model and four queued")
+        await wait_until_async(lambda: model.entered.is_set() and batcher.queue_depth == 5,
+                               what="the first item in the model (alone: it found the model idle) and five queued")
         # Opens the gate only once close() below is waiting: it starts with all the work outstanding.
         asyncio.get_running_loop().call_soon(model.gate.set)
         await batcher.close()
@@ -147,7 +149,7 @@ def test_close_drains_queue_then_refuses(executor):
             await batcher.submit([9])
 
     run(main())
-    assert model.batches == [[0, 1], [2, 3], [4, 5]]
+    assert model.batches == [[0], [1, 2], [3, 4], [5]]
 
 
 def test_model_failure_fails_that_batch_only(executor):
@@ -292,8 +294,25 @@ def test_served_batches_refine_the_cap():
     # 16 (0.5 * 1.03 = 0.515): the cap is 16, and the unmeasured lengths
     # follow (256 tokens per batch).
     assert sizer.record(16, 16, 16 * 0.5 / 1000) == [(16, 16), (32, 8), (64, 4)]
-    # A batch that is no size of the grid says nothing.
+    # 12 items fill no size of the grid (13 to 16 count as 16): no figure.
     assert sizer.record(12, 16, 1.0) == []
+
+
+def test_padding_in_served_batches_counts_against_their_size():
+    """Calibrated at 16 tokens (per item 1.0, 0.75, 0.625, 0.575, 0.5,
+    0.625 ms for 1..32 items): 16 is the best, by more than 3 %."""
+    sizer = BatchSizer(max_batch_size=32, max_tokens=64)
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.6), (16, 8.0), (32, 20.0)):
+        sizer.record(size, 16, ms / 1000, calibration=True)
+    assert sizer.caps() == {16: 16, 32: 8, 64: 4}
+    # Served batches of 16 padded to 16 tokens hold 128 tokens of items: per
+    # token of the items, twice calibration (which had no padding). Alone,
+    # that raises every size's estimate alike: no change.
+    assert sizer.record(16, 16, 8.0 / 1000, tokens=128) == []
+    # Served batches of 8 (nearer lengths, no padding) at their calibrated
+    # speed: 4.6/128 = 0.036 us per token beats 16's 8.0/128 = 0.0625: the
+    # cap is 8, and the lengths scaled from it follow (128 tokens per batch).
+    assert sizer.record(8, 16, 4.6 / 1000, tokens=128) == [(16, 8), (32, 4), (64, 2)]
 
 
 def test_saturated_batches_explore_one_size_up_and_one_down():
@@ -337,8 +356,8 @@ def test_fixed_policy_always_uses_max_batch_size():
 class CostModel:
     """A model whose forward pass advances a fake clock by
     1 ms + 10 us * x + 0.1 us * x^2 for x = batch size * longest item: per
-    item-token that is 1000/x + 10 + 0.1 x us, least at x = 100 tokens. Items
-    are their own lengths."""
+    token that is 1000/x + 10 + 0.1 x us, least at x = 100 tokens. Items are
+    their own lengths."""
 
     def __init__(self):
         self.now = 0.0
@@ -353,7 +372,7 @@ class CostModel:
 
 
 def test_calibration_measures_each_length_and_picks_its_best_size(executor):
-    """Per item-token, x = 16, 32, ..., 512: 74.1, 44.45, 32.03, 30.61, 39.5,
+    """Per token, x = 16, 32, ..., 512: 74.1, 44.45, 32.03, 30.61, 39.5,
     63.1 us. At 16 tokens the best is 8 items (x=128; 4 items, 32.03, is
     beyond 3 %); at 32 tokens 4, at 64 tokens 2, at 128 tokens 1."""
     model = CostModel()
