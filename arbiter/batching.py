@@ -7,7 +7,8 @@ loop that serves RPCs.
 - **An idle model runs at once.** A local model runs one batch at a time:
   when it is free, whatever is queued (up to the cap) goes now; items that
   arrive while a batch runs wait for it and form the next batch. A lone
-  caller therefore never pays a queue delay.
+  caller therefore never pays a queue delay: its item, finding the model
+  idle and nothing queued, skips the queue and runs as batching off would.
 - **A remote model** (an async ``run_batch``, e.g. a Triton client) is awaited
   on the loop with up to ``max_in_flight`` batches outstanding, so the network
   round trip overlaps the server's compute. While a batch is in flight, the
@@ -22,10 +23,11 @@ loop that serves RPCs.
   short calibration when the version loads (``DynamicBatcher.calibrate``),
   then refined from the batches actually served (whose padding counts
   against them), with a batch one size above or below the cap now and then
-  to keep the neighbours' figures current. The cap of
-  a bucket is the smallest size within 3 % of the best. ``max_batch_size`` is
-  the upper bound; ``fixed`` always uses it. A remote backend batches again
-  on its side (Triton's own dynamic batcher), so it always gets the bound.
+  to keep the neighbours' figures current. The cap of a bucket is the
+  smallest size within 3 % of the best. ``max_batch_size`` is the upper
+  bound; ``fixed`` always uses it. A remote backend batches again on its
+  side (Triton's own dynamic batcher), so it always gets the bound. The caps
+  are exported as ``arbiter_batch_size_cap{service,model_version,tokens}``.
 - **Items of like length share a batch**: a batch is the oldest item plus the
   queued items closest to it in length, no item in it shorter than half the
   longest (items up to ``MIN_BUCKET_TOKENS`` count as that long: there, the
@@ -78,9 +80,12 @@ class _NullObserver:
         pass
 
 
-# Arbiter-side queue delay by backend when none is set: Triton's own dynamic
-# batcher does the waiting (waiting twice only adds latency; while Arbiter's
-# batches are in flight, new items still accumulate into the next one).
+# Arbiter-side queue delay by backend when none is set. Only a remote model
+# waits (while a batch is in flight with slots to spare); Triton's own dynamic
+# batcher does the waiting there (waiting twice only adds latency; while
+# Arbiter's batches are in flight, new items still accumulate into the next
+# one). An in-process model never waits: idle, it runs what came at once;
+# busy, what comes forms its next batch.
 DEFAULT_QUEUE_DELAY_MS = {"torch": 2.0, "triton": 0.0}
 BATCH_SIZE_POLICIES = ("auto", "fixed")
 
@@ -98,8 +103,8 @@ class BatchingConfig:
     # None: the backend's default (DEFAULT_QUEUE_DELAY_MS). Only waited while
     # a batch is in flight at a remote backend: an idle model runs at once.
     max_queue_delay_ms: float | None = field(default=None, metadata=flag(
-        help="with a remote backend, how long the next batch waits to fill while one is in flight "
-             "(default: 2 ms in-process, 0 with Triton, which batches itself)"))
+        help="with --backend triton, how long the next batch waits to fill while one is in flight (default 0: "
+             "Triton batches itself); an in-process model never waits: idle, it runs a request at once"))
     # Forward-pass time a new version spends measuring batch sizes before it
     # serves (auto policy); what it leaves unmeasured, served batches measure.
     batch_calibration_s: float = field(default=0.5, metadata=flag(

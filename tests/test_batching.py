@@ -12,6 +12,7 @@ import pytest
 from helpers import BackgroundServer, metric_value, wait_until_async
 
 from arbiter.batching import EXPLORE_EVERY, BatchingConfig, BatchSizer, DynamicBatcher, ItemShape
+from arbiter.config import ConfigError
 from arbiter.errors import Overloaded, ShuttingDown
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.reward.server import create_server
@@ -177,6 +178,10 @@ def test_config_validation_names_the_field():
         BatchingConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_size"):
         BatchingConfig(max_batch_size=8, max_queue_size=4)
+    with pytest.raises(ConfigError, match="batch_size_policy='sometimes' is invalid: must be one of auto, fixed"):
+        BatchingConfig(batch_size_policy="sometimes")
+    with pytest.raises(ConfigError, match="batch_calibration_s=-1.0 is invalid: must be >= 0"):
+        BatchingConfig(batch_calibration_s=-1.0)
 
 
 # -- an idle model runs at once; the delay is for a remote model with a batch in flight ----------
