@@ -12,7 +12,8 @@ replacement for the serving one. The kernel owns the rest, once:
   refused before any weights are read; a version that fails to load, to
   validate or to match the serving one is released and nothing changes. A
   load, once started, is carried out even if its caller goes away (the
-  caller can see the outcome in the version list).
+  caller can see the outcome in the version list). A batched kind's version
+  measures its batch caps (``DynamicBatcher.calibrate``) before it serves.
 - **Load timeout**: a load still running after ``load_timeout_s`` fails
   (``LoadTimeout``) and the next load may start. Python cannot interrupt a
   thread blocked in a read (a FIFO, a hung network filesystem), so the
@@ -47,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from arbiter.backends import BackendConfig
-from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher
+from arbiter.batching import BatchingConfig, BatchObserver, DynamicBatcher, ItemShape
 from arbiter.errors import FailedPrecondition, LoadTimeout
 from arbiter.types import ModelInfo
 from arbiter.versions import ModelVersions
@@ -77,6 +78,9 @@ class ModelSpec(Generic[M]):
     batch: Callable[[M], BatchFunction] | None = None
     # (new, serving) -> raises ModelLoadError unless new can replace serving.
     check_compatible: Callable[[M, M], None] | None = None
+    # How the batcher sizes a version's items and makes calibration items;
+    # None: every item counts alike and the batch cap is not measured.
+    items: Callable[[M], ItemShape] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,11 @@ class ModelKernel(Generic[M]):
         self._load_lock = asyncio.Lock()
         self._loads: set[asyncio.Task] = set()
 
+    @property
+    def executor(self) -> Executor:
+        """The model thread: every version's forward passes, one at a time."""
+        return self._executor
+
     def add_observer(self, observer: VersionObserver) -> None:
         self._observers.append(observer)
 
@@ -212,11 +221,17 @@ class ModelKernel(Generic[M]):
             try:
                 if self.spec.check_compatible is not None and self._versions.active_version is not None:
                     self.spec.check_compatible(model, self._versions.get().model)
-                previous = self._versions.add(model.info.version, LoadedVersion(model, self._batcher(model)), activate)
+                batcher = self._batcher(model)
+                if batcher is not None:
+                    # Each version (and so each swap) measures its own batch caps.
+                    await batcher.calibrate()
+                previous = self._versions.add(model.info.version, LoadedVersion(model, batcher), activate)
             except BaseException:
                 await loop.run_in_executor(self._loader, model.release)
                 raise
             label = model.info.version
+            if batcher is not None:
+                batcher.report_caps()
             for observer in self._observers:
                 observer.on_version_loaded(model)
             if self._versions.is_active(label) and previous != label:
@@ -293,8 +308,9 @@ class ModelKernel(Generic[M]):
         if self.spec.batch is None:
             return None
         run_batch, max_in_flight = self.spec.batch(model)
+        shape = self.spec.items(model) if self.spec.items is not None else None
         return DynamicBatcher(run_batch, self.config.batching, self._executor, self._batch_observer,
-                              max_in_flight=max_in_flight)
+                              max_in_flight=max_in_flight, shape=shape, label=model.info.version)
 
     async def _evict(self, keep: str) -> list[str]:
         limit = self.config.max_loaded_versions

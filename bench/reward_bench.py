@@ -1,9 +1,12 @@
 """Reward-service throughput and latency vs its two baselines, in one run.
 
-(a) in-process batched forward of the same model and inputs: the limit;
+(a) in-process batched forward of the same model and inputs (batch 32);
 (b) the same service with dynamic batching off.
-Clients send one item per request (many small callers), over real gRPC, from
-this process; the service runs in its own process as deployed.
+The goal, per cell: the service with dynamic batching (``auto`` batch sizes
+up to 32) at >= 0.95x the better of (a) and (b), and at 1 client a p50
+within 0.5 ms of (b)'s. Clients send one item per request (many small
+callers), over real gRPC, from this process; the service runs in its own
+process as deployed.
 """
 
 from __future__ import annotations
@@ -12,9 +15,14 @@ import asyncio
 import random
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench.common import Measurement, ServiceProcess, drive, merge, print_table, ratio
+
+# The goals this benchmark checks (see the module docstring).
+GOAL_VS_BETTER = 0.95
+GOAL_P50_MS_AT_1 = 0.5
 
 BENCH_MODEL = dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=512)
 WORDS = "the a policy reward model good bad answer question kind helpful short long quick brown fox".split()
@@ -86,9 +94,33 @@ def run(seconds: float = 8.0, token_lengths=(16, 128), **kwargs) -> dict:
         return {f"{tokens}_tokens": run_one(model_dir, seconds, tokens=tokens, **kwargs) for tokens in token_lengths}
 
 
-def _service(model_dir: Path, threads: int, batch_size: int, batching: bool) -> ServiceProcess:
-    args = ["reward", "--model", str(model_dir), "--torch-threads", str(threads), "--max-batch-size", str(batch_size)]
-    return ServiceProcess(args if batching else [*args, "--no-dynamic-batching"], wait=False)
+class ServiceMetrics:
+    """The batched service's /metrics: batches run and the caps it chose."""
+
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}/metrics"
+
+    def samples(self) -> list:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url, timeout=10) as response:
+            text = response.read().decode()
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def batches(self) -> tuple[float, float]:
+        """(items, forward passes) so far."""
+        values = {s.name: s.value for s in self.samples() if s.name in ("arbiter_batch_size_sum",
+                                                                        "arbiter_batch_size_count")}
+        return values.get("arbiter_batch_size_sum", 0.0), values.get("arbiter_batch_size_count", 0.0)
+
+    def caps(self) -> dict[int, int]:
+        """{length bucket's longest item in tokens: batch cap} of the active version."""
+        return {int(s.labels["tokens"]): int(s.value) for s in self.samples() if s.name == "arbiter_batch_size_cap"}
+
+
+def service_args(kind: str, model_dir: Path, threads: int, batch_size: int, *extra: str) -> list[str]:
+    return [kind, "--model", str(model_dir), "--torch-threads", str(threads), "--max-batch-size", str(batch_size),
+            *extra]
 
 
 def run_one(
@@ -98,30 +130,53 @@ def run_one(
     """Per client count, (a) the in-process batched forward, the service with
     dynamic batching, and (b) the service with batching off run in alternating
     slices, so machine load falls on all three alike."""
+    from arbiter.net import free_port
+
     texts = make_texts(512, tokens)
     per_slice = seconds / rounds
     warmup_s = min(1.0, per_slice / 4)
     cells = []
-    with _service(model_dir, threads, batch_size, True) as batched, _service(model_dir, threads, batch_size, False) as off:
+    metrics_port = free_port()
+    metrics = ServiceMetrics(metrics_port)
+    with (ServiceProcess(service_args("reward", model_dir, threads, batch_size, "--metrics-port", str(metrics_port)),
+                         wait=False) as batched,
+          ServiceProcess(service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"),
+                         wait=False) as off):
         batched.wait_ready()
         off.wait_ready()
         for clients in clients_list:
             limit, on, unbatched = [], [], []
+            items_before, batches_before = metrics.batches()
             for _ in range(rounds):
                 limit.append(in_process(model_dir, texts, batch_size, per_slice, threads))
                 on.append(asyncio.run(_drive(batched.target, texts, clients, per_slice, warmup_s)))
                 unbatched.append(asyncio.run(_drive(off.target, texts, clients, per_slice, warmup_s)))
-            cells.append((clients, merge(limit), merge(on), merge(unbatched)))
+            items, batches = metrics.batches()
+            mean_batch = (items - items_before) / max(1.0, batches - batches_before)
+            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch))
+        caps = metrics.caps()
     rows = []
-    for clients, a, m, b in cells:
+    versus_better, p50_delta_ms = {}, {}
+    for clients, a, m, b, mean_batch in cells:
+        better = max(a.throughput, b.throughput)
+        versus_better[clients] = m.throughput / better
+        p50_delta_ms[clients] = m.percentile_ms(50) - b.percentile_ms(50)
         for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b)):
-            rows.append([label, "-" if x is a else clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
-                         f"{x.percentile_ms(99):.1f}", ratio(x.throughput, a.throughput), ratio(x.throughput, b.throughput)])
+            dynamic = x is m
+            rows.append([
+                label, "-" if x is a else clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
+                f"{x.percentile_ms(99):.1f}", f"{mean_batch:.1f}" if dynamic else "-",
+                ratio(x.throughput, a.throughput), ratio(x.throughput, b.throughput),
+                ratio(x.throughput, better) if dynamic else "-",
+                f"{p50_delta_ms[clients]:+.2f}" if dynamic else "-",
+            ])
     print_table(
         f"Reward scoring, {tokens}-token items, one per request, model {BENCH_MODEL}, torch threads {threads}, "
-        f"max batch {batch_size}, {seconds:g}s per path per cell in {rounds} alternating slices "
-        "(latency of (a): per batch)",
-        ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs in-process (a)", "vs batching off (b)"],
+        f"batch sizes auto up to {batch_size} (caps chosen, tokens: cap: {caps}), {seconds:g}s per path per cell in "
+        f"{rounds} alternating slices (latency of (a): per batch). Goals: dynamic batching >= {GOAL_VS_BETTER}x the "
+        f"better of (a) and (b) in every cell; at 1 client its p50 within {GOAL_P50_MS_AT_1} ms of (b)'s",
+        ["path", "clients", "items/s", "p50 ms", "p99 ms", "mean batch", "vs in-process (a)", "vs batching off (b)",
+         "vs better of (a),(b)", "p50 - (b) ms"],
         rows,
     )
     saturated = max(cells, key=lambda c: c[0])
@@ -130,4 +185,9 @@ def run_one(
         "in_process_items_per_s": saturated[1].throughput,
         "saturation_ratio_vs_in_process": saturated[2].throughput / saturated[1].throughput,
         "ratio_vs_unbatched_at_32": at_32[2].throughput / at_32[3].throughput if at_32 else None,
+        "dynamic_vs_better_baseline": versus_better,
+        "p50_minus_unbatched_ms": p50_delta_ms,
+        "caps": caps,
+        "goals_met": (all(r >= GOAL_VS_BETTER for r in versus_better.values())
+                      and p50_delta_ms.get(1, 0.0) <= GOAL_P50_MS_AT_1),
     }

@@ -69,6 +69,29 @@ class BackgroundServer:
         self.stop()
 
 
+def hold_model_thread(server: BackgroundServer) -> Callable[[], None]:
+    """Occupy the server's model thread (every version's forward passes run
+    there, one at a time) until the returned function is called: the next
+    batch waits on it, and items sent after that queue in the batcher, which
+    runs an idle model's work at once and so never holds items itself."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def occupy() -> None:
+        entered.set()
+        gate.wait(60)
+
+    held = server.engine.models.executor.submit(occupy)
+    if not entered.wait(30):
+        gate.set()
+        raise AssertionError("the model thread did not become free within 30s")
+
+    def release() -> None:
+        gate.set()
+        held.result(timeout=30)
+
+    return release
+
+
 # -- waiting ------------------------------------------------------------------
 
 

@@ -1,15 +1,22 @@
 """Unit tests of the dynamic batcher's policy, with a recording model in place
-of a real one (the real model path is covered by the service tests)."""
+of a real one (the real model path is covered by the service tests), and one
+check through the reward service: the cap metric, and an idle model's lone
+request run at once."""
 
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
-from helpers import wait_until_async
+from helpers import BackgroundServer, metric_value, wait_until_async
 
-from arbiter.batching import BatchingConfig, DynamicBatcher
+from arbiter.batching import EXPLORE_EVERY, BatchingConfig, BatchSizer, DynamicBatcher, ItemShape
+from arbiter.config import ConfigError
 from arbiter.errors import Overloaded, ShuttingDown
+from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.reward.server import create_server
+from services.reward.settings import RewardSettings
 
 
 class Recorder:
@@ -40,6 +47,8 @@ def run(coro):
 
 
 def test_concurrent_requests_coalesce_into_one_batch(executor):
+    """The first runs at once on the idle model; the nine sent with it,
+    queued while it runs, share the next batch."""
     model = Recorder()
     batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_queue_delay_ms=50.0), executor)
 
@@ -49,7 +58,7 @@ def test_concurrent_requests_coalesce_into_one_batch(executor):
         return results
 
     assert run(main()) == [[i * 10] for i in range(10)]
-    assert model.batches == [list(range(10))]
+    assert model.batches == [[0], list(range(1, 10))]
 
 
 def test_batches_never_exceed_max_batch_size_and_keep_order(executor):
@@ -131,8 +140,8 @@ def test_close_drains_queue_then_refuses(executor):
 
     async def main():
         pending = asyncio.gather(*(batcher.submit([i]) for i in range(6)))
-        await wait_until_async(lambda: model.entered.is_set() and batcher.queue_depth == 4,
-                               what="two items in the model and four queued")
+        await wait_until_async(lambda: model.entered.is_set() and batcher.queue_depth == 5,
+                               what="the first item in the model (alone: it found the model idle) and five queued")
         # Opens the gate only once close() below is waiting: it starts with all the work outstanding.
         asyncio.get_running_loop().call_soon(model.gate.set)
         await batcher.close()
@@ -141,7 +150,7 @@ def test_close_drains_queue_then_refuses(executor):
             await batcher.submit([9])
 
     run(main())
-    assert model.batches == [[0, 1], [2, 3], [4, 5]]
+    assert model.batches == [[0], [1, 2], [3, 4], [5]]
 
 
 def test_model_failure_fails_that_batch_only(executor):
@@ -169,3 +178,263 @@ def test_config_validation_names_the_field():
         BatchingConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_size"):
         BatchingConfig(max_batch_size=8, max_queue_size=4)
+    with pytest.raises(ConfigError, match="batch_size_policy='sometimes' is invalid: must be one of auto, fixed"):
+        BatchingConfig(batch_size_policy="sometimes")
+    with pytest.raises(ConfigError, match="batch_calibration_s=-1.0 is invalid: must be >= 0"):
+        BatchingConfig(batch_calibration_s=-1.0)
+
+
+# -- an idle model runs at once; the delay is for a remote model with a batch in flight ----------
+
+
+def test_idle_model_runs_a_lone_item_at_once_and_later_arrivals_form_the_next_batch(executor):
+    model = Recorder()
+    # A queue delay of ten minutes: a lone item served within the test's
+    # timeout was not held back by it.
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=600_000.0), executor)
+
+    async def main():
+        assert await asyncio.wait_for(batcher.submit([1]), 30) == [10]
+        model.entered.clear()
+        model.gate.clear()
+        first = asyncio.create_task(batcher.submit([2]))
+        await wait_until_async(model.entered.is_set, what="the second batch to enter the model")
+        later = [asyncio.create_task(batcher.submit([x])) for x in (3, 4, 5)]
+        await wait_until_async(lambda: batcher.queue_depth == 3, what="three items to queue behind it")
+        model.gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, *later), 30) == [[20], [30], [40], [50]]
+        await batcher.close()
+
+    run(main())
+    assert model.batches == [[1], [2], [3, 4, 5]]
+
+
+def test_remote_model_waits_for_a_batch_to_fill_only_while_one_is_in_flight():
+    """With nothing in flight a remote batch goes at once; with one in flight
+    the next waits (here: up to ten minutes) until it holds max_batch_size."""
+    release = asyncio.Event
+    batches = []
+
+    async def scenario():
+        gate = release()
+
+        async def remote(items):
+            batches.append(list(items))
+            await gate.wait()
+            return [x * 2 for x in items]
+
+        batcher = DynamicBatcher(remote, BatchingConfig(max_batch_size=3, max_queue_delay_ms=600_000.0,
+                                                        batch_size_policy="fixed"), None, max_in_flight=2)
+        first = asyncio.create_task(batcher.submit([1]))
+        await wait_until_async(lambda: batches == [[1]], what="the first item to go out alone")
+        rest = [asyncio.create_task(batcher.submit([x])) for x in (2, 3)]
+        await wait_until_async(lambda: batcher.queue_depth == 2, what="two items to wait for a third")
+        assert batches == [[1]]
+        rest.append(asyncio.create_task(batcher.submit([4])))
+        await wait_until_async(lambda: len(batches) == 2, what="the full second batch to go out")
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+        await batcher.close()
+        return results
+
+    assert asyncio.run(scenario()) == [[2], [4], [6], [8]]
+    assert batches == [[1], [2, 3, 4]]
+
+
+# -- items of like length share a batch --------------------------------------------------------
+
+
+def test_batches_group_items_by_length(executor):
+    """Items are their own lengths in tokens. After the held first batch,
+    the oldest item (100) takes those nearest it in length, none shorter than
+    half the longest: 110, then 60 (110/60 < 2), not 200 (200/60 > 2); the
+    short ones (all counted as 16 tokens) go together; 200 alone."""
+    model = Recorder()
+    model.gate.clear()
+    shape = ItemShape(tokens=lambda x: x, sample=lambda n: n, max_tokens=256)
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8, batch_size_policy="fixed"), executor,
+                             shape=shape)
+
+    async def main():
+        held = asyncio.create_task(batcher.submit([5]))
+        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
+        queued = [asyncio.create_task(batcher.submit([x])) for x in (100, 20, 110, 16, 60, 200, 8)]
+        await wait_until_async(lambda: batcher.queue_depth == 7, what="seven items to queue")
+        model.gate.set()
+        await asyncio.gather(held, *queued)
+        await batcher.close()
+
+    run(main())
+    assert model.batches == [[5], [100, 110, 60], [20, 16, 8], [200]]
+
+
+# -- the batch cap, measured -------------------------------------------------------------------
+
+
+def sizer_with_16_token_calibration(max_tokens=64):
+    """Calibrated at 16 tokens with seconds per batch of 1, 2, 4, 8, 16, 32
+    items: per item 1.0, 0.75, 0.625, 0.575, 0.5625, 0.625 ms. The best is 16
+    (0.5625); 8 is within 3 % of it (0.575 <= 0.5794), and smaller."""
+    sizer = BatchSizer(max_batch_size=32, max_tokens=max_tokens)
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.6), (16, 9.0), (32, 20.0)):
+        sizer.record(size, 16, ms / 1000, calibration=True)
+    return sizer
+
+
+def test_cap_is_the_smallest_size_within_3_percent_of_the_best_and_scales_to_unmeasured_lengths():
+    sizer = sizer_with_16_token_calibration()
+    assert sizer.lengths == [16, 32, 64]
+    # 32 and 64 tokens are not measured: the 16-token cap's 128 tokens per batch.
+    assert sizer.caps() == {16: 8, 32: 4, 64: 2}
+    assert (sizer.cap(1), sizer.cap(17), sizer.cap(64), sizer.cap(1000)) == (8, 4, 2, 2)
+
+
+def test_served_batches_refine_the_cap():
+    sizer = sizer_with_16_token_calibration()
+    # Served batches of 8 at 0.6 ms per item: the level of the curve is now
+    # 0.6/0.575 of calibration, the shape unchanged: 16 estimates 0.587, 8
+    # stays within 3 % of it (0.6 <= 0.6046). No change.
+    assert sizer.record(8, 16, 8 * 0.6 / 1000) == []
+    # Served batches of 16 at 0.5 ms per item: 8 (0.6) is now beyond 3 % of
+    # 16 (0.5 * 1.03 = 0.515): the cap is 16, and the unmeasured lengths
+    # follow (256 tokens per batch).
+    assert sizer.record(16, 16, 16 * 0.5 / 1000) == [(16, 16), (32, 8), (64, 4)]
+    # 12 items fill no size of the grid (13 to 16 count as 16): no figure.
+    assert sizer.record(12, 16, 1.0) == []
+
+
+def test_padding_in_served_batches_counts_against_their_size():
+    """Calibrated at 16 tokens (per item 1.0, 0.75, 0.625, 0.575, 0.5,
+    0.625 ms for 1..32 items): 16 is the best, by more than 3 %."""
+    sizer = BatchSizer(max_batch_size=32, max_tokens=64)
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.6), (16, 8.0), (32, 20.0)):
+        sizer.record(size, 16, ms / 1000, calibration=True)
+    assert sizer.caps() == {16: 16, 32: 8, 64: 4}
+    # Served batches of 16 padded to 16 tokens hold 128 tokens of items: per
+    # token of the items, twice calibration (which had no padding). Alone,
+    # that raises every size's estimate alike: no change.
+    assert sizer.record(16, 16, 8.0 / 1000, tokens=128) == []
+    # Served batches of 8 (nearer lengths, no padding) at their calibrated
+    # speed: 4.6/128 = 0.036 us per token beats 16's 8.0/128 = 0.0625: the
+    # cap is 8, and the lengths scaled from it follow (128 tokens per batch).
+    assert sizer.record(8, 16, 4.6 / 1000, tokens=128) == [(16, 8), (32, 4), (64, 2)]
+
+
+def test_saturated_batches_explore_one_size_up_and_one_down():
+    sizer = sizer_with_16_token_calibration()
+    assert sizer.size_for(16, waiting=100) == 16  # never served: tried at once
+    assert sizer.record(16, 16, 9.0 / 1000) == []  # as calibrated: no change
+    sizes = [sizer.size_for(16, waiting=100) for _ in range(EXPLORE_EVERY)]
+    half = EXPLORE_EVERY // 2
+    assert sizes == [8] * (half - 1) + [4] + [8] * (half - 1) + [16]
+    assert sizer.size_for(16, waiting=5) == 5  # no more than is waiting, no exploring
+
+
+def test_a_size_above_the_cap_never_served_is_tried_at_once():
+    sizer = sizer_with_16_token_calibration()
+    assert sizer.cap(32) == 4  # extrapolated: nothing measured at 32 tokens
+    assert sizer.size_for(32, waiting=6) == 4  # 8 would need more waiting
+    assert sizer.size_for(32, waiting=100) == 8
+    # One figure at 32 tokens (8 items at 0.5 ms each) compares no sizes: no change.
+    assert sizer.record(8, 32, 8 * 0.5 / 1000) == []
+    # With the cap's own batches (4 at 0.6 ms each), 8 is the better by more
+    # than 3 %: the cap; and 64 tokens, unmeasured, now scale from the nearest
+    # measured length, 32: 8 x 32 = 256 tokens per batch, 4 items of 64.
+    assert sizer.record(4, 32, 4 * 0.6 / 1000) == [(32, 8), (64, 4)]
+    assert sizer.size_for(32, waiting=100) == 16  # the next size up, never measured here either
+
+
+def test_a_failed_size_is_never_used_at_that_length_or_longer():
+    sizer = sizer_with_16_token_calibration(max_tokens=128)
+    assert sizer.caps() == {16: 8, 32: 4, 64: 2, 128: 1}
+    assert sizer.record_failure(4, 32) == [(32, 2)]  # too big here: the largest size below
+    assert sizer.caps() == {16: 8, 32: 2, 64: 2, 128: 1}
+
+
+def test_fixed_policy_always_uses_max_batch_size():
+    sizer = BatchSizer(max_batch_size=24, max_tokens=64, auto=False)
+    assert sizer.record(8, 16, 0.001, calibration=True) == []
+    assert sizer.caps() == {16: 24, 32: 24, 64: 24}
+    assert sizer.size_for(16, waiting=100) == 24
+
+
+class CostModel:
+    """A model whose forward pass advances a fake clock by
+    1 ms + 10 us * x + 0.1 us * x^2 for x = batch size * longest item: per
+    token that is 1000/x + 10 + 0.1 x us, least at x = 100 tokens. Items are
+    their own lengths."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, items):
+        x = len(items) * max(items)
+        self.now += (1000 + 10 * x + 0.1 * x * x) / 1e6
+        return items
+
+
+def test_calibration_measures_each_length_and_picks_its_best_size(executor):
+    """Per token, x = 16, 32, ..., 512: 74.1, 44.45, 32.03, 30.61, 39.5,
+    63.1 us. At 16 tokens the best is 8 items (x=128; 4 items, 32.03, is
+    beyond 3 %); at 32 tokens 4, at 64 tokens 2, at 128 tokens 1."""
+    model = CostModel()
+    shape = ItemShape(tokens=lambda x: x, sample=lambda n: n, max_tokens=128)
+    seen = []
+
+    class Caps:
+        def on_batch(self, size, seconds): pass
+
+        def on_queue_depth(self, depth): pass
+
+        def on_batch_cap(self, model_version, tokens, cap):
+            seen.append((model_version, tokens, cap))
+
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=32), executor, Caps(), shape=shape,
+                             label="v7", clock=model.clock)
+
+    async def main():
+        await batcher.calibrate()
+        assert seen == []  # nothing reported before the version serves
+        batcher.report_caps()
+
+    run(main())
+    assert batcher.sizer.caps() == {16: 8, 32: 4, 64: 2, 128: 1}
+    assert seen == [("v7", 16, 8), ("v7", 32, 4), ("v7", 64, 2), ("v7", 128, 1)]
+
+
+# -- through the reward service ----------------------------------------------------------------
+
+
+def test_reward_service_exports_each_versions_caps_and_runs_a_lone_request_at_once(tiny_models):
+    """A queue delay of ten minutes, and a lone request answered within its
+    30 s deadline, in one forward pass of one item: an idle model does not
+    wait. Every length bucket of a version has its cap on /metrics (the tiny
+    model takes 256 tokens: buckets 16 to 256); a version loaded later
+    measures its own, and its series go when it is unloaded."""
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, metrics_port=0,
+                              batching=BatchingConfig(max_queue_delay_ms=600_000.0))
+    buckets = ("16", "32", "64", "128", "256")
+
+    def caps(version):
+        return [metric_value(srv, "arbiter_batch_size_cap", service="reward", model_version=version, tokens=t)
+                for t in buckets]
+
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        request = reward_pb2.ScoreRequest(
+            inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt="Hi.", response=" Hello!"))])
+        assert len(stub.Score(request, timeout=30).results) == 1
+        assert metric_value(srv, "arbiter_batch_size_count", service="reward") == 1
+        assert metric_value(srv, "arbiter_batch_size_sum", service="reward") == 1
+        assert all(cap in range(1, 33) for cap in caps("v0")), caps("v0")
+
+        models = common_pb2_grpc.ModelServiceStub(channel)
+        models.LoadModelVersion(common_pb2.LoadModelVersionRequest(
+            path=str(tiny_models["reward"]), version="v1", activate=False), timeout=120)
+        assert all(cap in range(1, 33) for cap in caps("v1")), caps("v1")
+        models.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v1"), timeout=60)
+        assert caps("v1") == [None] * len(buckets)
+        assert all(cap in range(1, 33) for cap in caps("v0"))

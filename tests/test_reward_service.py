@@ -6,6 +6,7 @@ import logging
 import math
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -13,7 +14,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import BackgroundServer, expect_error, metric_value, metrics_text, sample_value, wait_until
+from helpers import (
+    BackgroundServer, expect_error, hold_model_thread, metric_value, metrics_text, sample_value, wait_until,
+)
 from lm_fixtures import strict_chat_template
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -550,17 +553,35 @@ def test_bad_checkpoints_are_refused_and_nothing_changes(tmp_path, tiny_models, 
 
 
 def test_graceful_stop_drains_in_flight_requests(tiny_models):
-    # A long queue delay keeps the request queued while stop() begins.
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, batching=BatchingConfig(max_queue_delay_ms=800.0, max_batch_size=64))
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0)
     srv = BackgroundServer(lambda: create_server(settings))
     channel = grpc.insecure_channel(srv.target)
     stub = reward_pb2_grpc.RewardServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
     stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=10)  # connected
-    in_flight = stub.Score.future(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])]), timeout=30)
+    batcher = srv.engine.models.get().batcher
+    # With the model thread held, one request's batch waits on it and a second queues behind.
+    release = hold_model_thread(srv)
+    running = stub.Score.future(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])]), timeout=30)
+    wait_until(lambda: batcher.in_flight == 1, what="the first request's batch to wait for the model",
+               interval_s=0.005)
+    queued = stub.Score.future(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[2])]), timeout=30)
     wait_until(lambda: sample_value(srv.running.registry, "arbiter_queue_depth", service="reward") == 1,
-               what="the request to be queued on the server", interval_s=0.005)
-    srv.stop(grace=10)
-    assert in_flight.result().results[0].num_tokens > 0
+               what="the second request to be queued on the server", interval_s=0.005)
+
+    def stopping() -> bool:
+        try:
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return True
+
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 10})
+    stopper.start()
+    wait_until(stopping, what="the stop to begin", interval_s=0.005)
+    release()
+    stopper.join(30)
+    assert running.result().results[0].num_tokens > 0
+    assert queued.result().results[0].num_tokens > 0
     with pytest.raises(grpc.RpcError) as after:
         stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=2)
     assert after.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -671,20 +692,24 @@ def test_arbiter_score_cli(server, reference):
 def test_expired_request_frees_its_batch_slot(tiny_models):
     """A request whose deadline passes while queued is cancelled server-side
     and never reaches the model."""
-    settings = RewardSettings(
-        model_dir=str(tiny_models["reward"]), port=0, metrics_port=0, batching=BatchingConfig(max_queue_delay_ms=600.0, max_batch_size=64)
-    )
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, metrics_port=0)
     with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         batch_sizes = srv.running.metrics.batch_size.labels("reward")
-        expect_error(
-            lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])] * 3), timeout=0.2),
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        )
+        batcher = srv.engine.models.get().batcher
+        release = hold_model_thread(srv)
+        held = stub.Score.future(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])]), timeout=30)
+        wait_until(lambda: batcher.in_flight == 1, what="the first request's batch to wait for the model",
+                   interval_s=0.005)
+        # Queued behind it, these three expire.
+        expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[2])] * 3), timeout=0.2),
+                     grpc.StatusCode.DEADLINE_EXCEEDED)
+        release()
+        assert len(held.result().results) == 1
         ok = stub.Score(reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[1])]), timeout=10)
         assert len(ok.results) == 1
-        # Only the live request's single item was run: the expired three were skipped.
-        assert batch_sizes._sum.get() == 1.0
-        assert srv.engine.models.get().batcher.queue_depth == 0
+        # Only the two live single-item requests were run: the expired three were skipped.
+        assert batch_sizes._sum.get() == 2.0
+        assert batcher.queue_depth == 0
         text = metrics_text(srv)
         assert 'arbiter_requests_total{code="DEADLINE_EXCEEDED",method="Score",service="reward"} 1.0' in text

@@ -79,6 +79,8 @@ class BackendEngine:
     MODEL: ClassVar[type[BackendModel]]
     # (new, serving) -> raises ModelLoadError unless new can replace serving; None: any version may.
     COMPATIBLE: ClassVar[Callable[[Any, Any], None] | None] = None
+    # A version's items as its batcher sizes them (arbiter.batching.ItemShape).
+    ITEMS: ClassVar[Callable[[Any], Any] | None] = None
 
     def __init__(self, config, executor, loader, observer):
         from arbiter.kernel import ModelKernel, ModelSpec
@@ -87,7 +89,8 @@ class BackendEngine:
         self._observer = observer
         self._backends = open_backends(config.backend, self.MODEL.KIND)
         self.models = ModelKernel(
-            ModelSpec(self.MODEL.KIND.name, self._load, self.MODEL.batch_function, type(self).COMPATIBLE),
+            ModelSpec(self.MODEL.KIND.name, self._load, self.MODEL.batch_function, type(self).COMPATIBLE,
+                      type(self).ITEMS),
             config.kernel_config(), executor=executor, loader=loader, batch_observer=observer,
         )
 

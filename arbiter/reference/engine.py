@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from arbiter.backends.model import BackendEngine
-from arbiter.batching import BatchObserver
+from arbiter.batching import BatchObserver, ItemShape
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kl import KLEstimator, per_token_kl, sequence_kl
 from arbiter.kernel import EngineConfig, LoadedVersion, ModelKernel
@@ -95,8 +95,21 @@ def check_estimates(estimator: KLEstimator, per_token: Sequence[float], policy: 
 
 
 
+def reference_items(model: ReferenceModel) -> ItemShape[TokenSequence]:
+    """A reference batch item is one sequence: the forward pass reads its
+    prompt and completion. Calibration sequences split their tokens evenly
+    (the log-softmax runs over the completion's share)."""
+    token = model.tokenizer.eos_token_id or 0
+
+    def sample(tokens: int) -> TokenSequence:
+        return TokenSequence((token,) * max(1, tokens // 2), (token,) * max(1, tokens - tokens // 2))
+
+    return ItemShape(lambda s: len(s.prompt_token_ids) + len(s.completion_token_ids), sample, model.info.max_tokens)
+
+
 class ReferenceEngine(BackendEngine):
     MODEL = ReferenceModel
+    ITEMS = staticmethod(reference_items)
     # Callers send token ids: a version with another tokenizer or architecture would score other tokens.
     COMPATIBLE = staticmethod(check_same_model)
     models: ModelKernel[ReferenceModel]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from arbiter.backends.model import BackendEngine
-from arbiter.batching import BatchObserver
+from arbiter.batching import BatchObserver, ItemShape
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits
@@ -60,8 +60,16 @@ class RewardEngineConfig(EngineConfig):
 
 
 
+def reward_items(model: RewardModel) -> ItemShape[list[int]]:
+    """A reward batch item is the token ids of one text; calibration scores
+    runs of the end token (any ids take the same time)."""
+    token = model.tokenizer.eos_token_id or 0
+    return ItemShape(len, lambda tokens: [token] * tokens, model.info.max_tokens)
+
+
 class RewardEngine(BackendEngine, VersionObserver):
     MODEL = RewardModel
+    ITEMS = staticmethod(reward_items)
     # No COMPATIBLE check: callers send text, which each version tokenizes
     # with its own tokenizer, so a new version may change tokenizer and size.
     models: ModelKernel[RewardModel]

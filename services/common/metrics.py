@@ -38,6 +38,14 @@ class RpcMetrics:
         self.queue_depth = Gauge(
             "arbiter_queue_depth", "Items waiting for a model batch.", ["service"], registry=registry,
         )
+        self.batch_size_cap = Gauge(
+            "arbiter_batch_size_cap",
+            "Most items per forward pass, as chosen for the version's items up to `tokens` long "
+            "(measured with batch_size_policy auto; else max_batch_size).",
+            ["service", "model_version", "tokens"], registry=registry,
+        )
+        # Length buckets with a cap series, per version (removed with it).
+        self._cap_buckets: dict[str, set[int]] = {}
         self.active_version = Gauge(
             "arbiter_model_active", "1 for the version that serves requests by default, 0 for other loaded ones.",
             ["service", "model_version"], registry=registry,
@@ -63,12 +71,18 @@ class RpcMetrics:
     def on_queue_depth(self, depth: int) -> None:
         self.queue_depth.labels(self.service).set(depth)
 
+    def on_batch_cap(self, model_version: str, tokens: int, cap: int) -> None:
+        self._cap_buckets.setdefault(model_version, set()).add(tokens)
+        self.batch_size_cap.labels(self.service, model_version, str(tokens)).set(cap)
+
     def set_versions(self, active: str | None, loaded: list[str], removed: list[str] = ()) -> None:
         for version in removed:
             try:
                 self.active_version.remove(self.service, version)
             except KeyError:
                 pass
+            for tokens in self._cap_buckets.pop(version, ()):
+                self.batch_size_cap.remove(self.service, version, str(tokens))
         for version in loaded:
             self.active_version.labels(self.service, version).set(1 if version == active else 0)
 
