@@ -151,11 +151,12 @@ class ChaosRun:
                 process.stop()
         records = self.read_topic()
         wanted = len(records)
+        highs = self._highs(records)
 
         def settled_everything_trainable() -> bool:
             state = self.checkpoint_state() or {}
             covered = sum(min(state.get("offsets", {}).get(tp.topic, {}).get(str(tp.partition), 0), high)
-                          for tp, high in self._highs(records).items())
+                          for tp, high in highs.items())
             # What is left can only be less than a batch waiting for company.
             return wanted - covered < BATCH
 
