@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="the server's gRPC port on this pod")
     parser.add_argument("--host", default="127.0.0.1")
@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-name", required=True,
                         help="a name in the server's certificate (the probe dials --host, not that name)")
     parser.add_argument("--timeout-s", type=float, default=4.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     key = Path(args.key_file).read_bytes() if args.key_file else None
     cert = Path(args.cert_file).read_bytes() if args.cert_file else None
     credentials = grpc.ssl_channel_credentials(Path(args.ca_file).read_bytes(), key, cert)
