@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import copy
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -180,6 +181,7 @@ def _strict(node):
     return node
 
 
+@functools.cache
 def crd_validator(api_version: str, kind: str) -> jsonschema.Draft202012Validator | None:
     group, _, version = api_version.partition("/")
     path = K8S / "schemas" / f"{group}_{kind}_{version}.json"
