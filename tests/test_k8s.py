@@ -573,6 +573,27 @@ def test_prometheus_rule_carries_the_rules_of_infra_prometheus(rendered):
     for overlay, docs in rendered.items():
         (rule,) = objects(docs, "PrometheusRule")
         assert rule["spec"] == sync_rules.prometheus_rule()["spec"], overlay
+    # Every rule file is one Prometheus loads, so none is left out of the cluster's rules.
+    prometheus = ROOT / "infra" / "prometheus"
+    loaded = yaml.safe_load((prometheus / "prometheus.yml").read_text())["rule_files"]
+    on_disk = {str(p.relative_to(prometheus)) for p in (prometheus / "rules").glob("*.yml")}
+    assert on_disk == set(loaded), "a rules file infra/prometheus/prometheus.yml does not load"
+
+
+def test_every_series_the_rules_read_is_declared_by_the_code():
+    """A rule over a metric nobody exports never fires: each arbiter_* series
+    in an expression is a metric name the code declares (prometheus_client
+    adds _total to counters, _bucket/_count/_sum to histograms)."""
+    declared = set()
+    for package in ("arbiter", "services", "trainer"):
+        for path in (ROOT / package).rglob("*.py"):
+            declared |= set(re.findall(r"[\"'](arbiter_[a-z0-9_]+)[\"']", path.read_text()))
+    suffixes = ("_total", "_bucket", "_count", "_sum")
+    for group in sync_rules.rule_groups():
+        for rule in group["rules"]:
+            for series in set(re.findall(r"\barbiter_[a-z0-9_]+", rule["expr"])):
+                bases = {series} | {series.removesuffix(s) for s in suffixes if series.endswith(s)}
+                assert bases & declared, f"{rule.get('alert') or rule.get('record')}: {series} is not a declared metric"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -603,7 +624,8 @@ def _allowed(docs: list[dict], source: dict, source_namespace: dict, target: dic
     """Whether the NetworkPolicies let a pod with labels ``source`` (in a
     namespace with labels ``source_namespace``) reach ``target``'s port."""
     selecting = [p for p in objects(docs, "NetworkPolicy")
-                 if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and matches(p["spec"]["podSelector"], target)]
+                 if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and matches(p["spec"]["podSelector"], target)]
     if not selecting:
         return True
     for policy in selecting:
