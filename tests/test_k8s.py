@@ -674,13 +674,21 @@ def test_network_policies_allow_the_loop_and_deny_the_rest(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_container_requests_resources_and_production_runs_models_on_gpus(rendered, overlay):
+def test_containers_request_resources_run_restricted_and_production_runs_models_on_gpus(rendered, overlay):
     docs = rendered[overlay]
     for w in workloads(docs):
         for c in all_containers(w):
             resources = c.get("resources", {})
             assert {"cpu", "memory"} <= set(resources.get("requests", {})), (w["metadata"]["name"], c["name"])
             assert "memory" in resources.get("limits", {}), (w["metadata"]["name"], c["name"])
+    # Pod Security "restricted" (the namespace warns and audits on it).
+    for w in workloads(docs):
+        pod = pod_spec(w)["securityContext"]
+        assert pod["runAsNonRoot"] and pod["seccompProfile"]["type"] == "RuntimeDefault", w["metadata"]["name"]
+        for c in all_containers(w):
+            security = c["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"], (
+                w["metadata"]["name"], c["name"])
     gpus = {kind: sum(_gpu_limit(c) for c in all_containers(workload(docs, kind))) for kind in MODEL_SERVICES}
     if overlay == "dev":
         assert not any(_gpu_limit(c) for w in workloads(docs) for c in all_containers(w))
