@@ -498,8 +498,17 @@ def test_every_arbiter_command_line_builds_valid_settings(rendered, overlay, tmp
             pytest.fail(f"{overlay}/{component}: {err}")
         if component in MODEL_SERVICES:
             assert built.auth_token and built.admin_token, component
-            assert (built.backend.kind == "triton") == any(i["name"] == "triton"
-                                                           for i in pod_spec(w).get("initContainers", []))
+            sidecars = [i for i in pod_spec(w).get("initContainers", []) if i["name"] == "triton"]
+            assert (built.backend.kind == "triton") == bool(sidecars), component
+            if sidecars:
+                # The service reaches its sidecar on loopback, and --model is
+                # version N of --triton-model in the repository Triton serves.
+                (triton,) = sidecars
+                assert triton["restartPolicy"] == "Always", "a native sidecar, started before the service"
+                assert built.backend.triton_url == "127.0.0.1:" + flag_value(triton["args"], "--grpc-port")[0]
+                version = Path(flag_value(c["args"], "--model")[-1])
+                assert version.parent.name == built.backend.triton_model and version.name.isdigit()
+                assert flag_value(triton["args"], "--model-repository") == [str(version.parent.parent)]
         if component in ("reward", "policy", "worker", "trainer"):
             kafka = built[1] if component == "trainer" else built.kafka
             assert kafka is not None and kafka.bootstrap_servers, f"{component}: no Kafka settings"
