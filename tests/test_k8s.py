@@ -313,7 +313,9 @@ def _mounted_file(docs: list[dict], w: dict, c: dict, path: str) -> bytes:
         if not path.startswith(prefix):
             continue
         volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"])
+        source = volume.get("configMap") or volume["secret"]
         key = path[len(prefix):]
+        key = next((i["key"] for i in source.get("items", []) if i["path"] == key), key)
         if "configMap" in volume:
             return one(docs, "ConfigMap", volume["configMap"]["name"])["data"][key].encode()
         return secret_data(one(docs, "Secret", volume["secret"]["secretName"]))[key]
