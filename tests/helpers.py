@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import subprocess
 import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -324,3 +326,31 @@ def head_tolerance(head, dtype: str, roundings: int = 8) -> float:
     LayerNorms each, plus the final one: about six)."""
     width = head.shape[-1]
     return roundings * UNIT_ROUNDOFF[dtype] * float(head.detach().float().norm(dim=-1).max()) * math.sqrt(width)
+
+
+# -- test certificates ----------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _issue(pki: Path, name: str, ca: str, extensions: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=pki)
+    (pki / f"{name}.ext").write_text(extensions + "\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=pki)
+
+
+def make_pki(path: Path) -> Path:
+    """Certificates in ``path`` (NAME.pem, NAME.key), made with the openssl
+    command: CAs 'ca' and 'rogue'; 'server' (for 127.0.0.1 and localhost)
+    and 'client' signed by 'ca'; 'intruder', a client signed by 'rogue'."""
+    for ca in ("ca", "rogue"):
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+                 f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}", cwd=path)
+    _issue(path, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
+    _issue(path, "client", "ca", "extendedKeyUsage=clientAuth")
+    _issue(path, "intruder", "rogue", "extendedKeyUsage=clientAuth")
+    return path

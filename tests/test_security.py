@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import ssl
-import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from arbiter.hf import write_metadata
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.common.model_service import check_model_root
 from services.common.server import CONTROL_PLANE, AuthInterceptor
-from tests.helpers import BackgroundServer, expect_error, metric_value, metrics_text, wait_until
+from tests.helpers import BackgroundServer, expect_error, make_pki, metric_value, metrics_text, wait_until
 
 SCORING = "scoring-token-0123456789"
 ADMIN = "admin-token-0123456789ab"
@@ -359,32 +358,13 @@ def test_calls_refused_for_their_token_are_counted_under_their_method_and_code(g
 # -- mTLS ---------------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(pki: Path, name: str, ca: str, extensions: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=pki)
-    (pki / f"{name}.ext").write_text(extensions + "\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=pki)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """Two CAs made here: 'ca' (trusted by the server) signs the server's and
     a client's certificate; 'rogue' signs another client's."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
-    path = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "rogue"):
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-                 f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN={ca}", cwd=path)
-    _issue(path, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
-    _issue(path, "client", "ca", "extendedKeyUsage=clientAuth")
-    _issue(path, "intruder", "rogue", "extendedKeyUsage=clientAuth")
-    return path
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
