@@ -588,6 +588,26 @@ def test_graceful_stop_drains_in_flight_requests(tiny_models):
     channel.close()
 
 
+def test_aged_connections_are_closed_so_clients_re_resolve(tiny_models):
+    """Clients pick up replicas added behind a DNS name only on a new
+    connection: the server ends each one after max_connection_age_s (GOAWAY),
+    and the client's next call goes out on a fresh one without an error."""
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, max_connection_age_s=0.5)
+    with BackgroundServer(lambda: create_server(settings)) as srv, grpc.insecure_channel(srv.target) as channel:
+        states: list[grpc.ChannelConnectivity] = []
+        channel.subscribe(states.append, try_to_connect=False)
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])])
+        stub.Score(request, timeout=10)
+        wait_until(lambda: grpc.ChannelConnectivity.READY in states, what="the first connection")
+        first_ready = states.index(grpc.ChannelConnectivity.READY)
+        wait_until(lambda: grpc.ChannelConnectivity.IDLE in states[first_ready:], 30,
+                   what="the server to close the aged connection")
+        assert stub.Score(request, timeout=10).results[0].num_tokens > 0
+        with pytest.raises(ConfigError, match="max_connection_age_s"):
+            RewardSettings(model_dir=str(tiny_models["reward"]), max_connection_age_s=0)
+
+
 def test_bearer_token_is_required_when_configured(tiny_models):
     token = "s3cret-token-of-enough-length"
     settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, auth_token=token)

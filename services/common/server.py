@@ -215,6 +215,9 @@ async def start_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_s is not None:
+        # No max_connection_age_grace: a long GenerateStream must never be cut off.
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
     server = grpc.aio.server(interceptors=interceptors, options=options)
     register(server)
     health_servicer = health.aio.HealthServicer()

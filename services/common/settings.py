@@ -50,6 +50,14 @@ class ServerSettings:
         help="require client certificates signed by this CA (mTLS; needs --tls-cert-file)"))
     torch_threads: int | None = None
     max_message_bytes: int = 64 * 1024 * 1024
+    # Clients resolve a service name (a Kubernetes headless Service, DNS round
+    # robin) only when a connection drops, so without an age limit replicas
+    # added later never get traffic. After this many seconds (gRPC adds ±10 %
+    # jitter) the server sends GOAWAY: calls in flight finish, new calls go out
+    # on a fresh connection to a freshly resolved address.
+    max_connection_age_s: float | None = field(default=120.0, metadata=flag(
+        help="close client connections after this many seconds (GOAWAY; calls in flight finish) so clients "
+             "re-resolve and reach new replicas; unset: never"))
 
     def __post_init__(self) -> None:
         require(bool(self.host), "host", "must be a host name or address", self.host)
@@ -79,6 +87,9 @@ class ServerSettings:
         if self.torch_threads is not None:
             require(self.torch_threads >= 1, "torch_threads", "must be >= 1 or unset", self.torch_threads)
         require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024", self.max_message_bytes)
+        if self.max_connection_age_s is not None:
+            require(self.max_connection_age_s >= 0.1, "max_connection_age_s", "must be >= 0.1 seconds or unset",
+                    self.max_connection_age_s)
 
     @property
     def max_receive_bytes(self) -> int:
