@@ -12,15 +12,19 @@ import math
 import random
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from arbiter.backends.model import BackendEngine
-from arbiter.batching import BatchObserver, ItemShape
-from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.batching import BatchObserver, DynamicBatcher, ItemShape
+from arbiter.errors import (
+    ArbiterError, FailedPrecondition, InvalidInput, LimitExceeded, ModelLoadError, VersionNotFound,
+)
 from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits
+from arbiter.reward.composite import RewardSpec, Scored, combine, rule_values, spec_label, term_normalized
 from arbiter.reward.convention import TEXT_CONVENTIONS
+from arbiter.reward.ensemble import StackedEnsemble, stack_refusal
 from arbiter.reward.model import EncodedInput, RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
@@ -41,6 +45,11 @@ class RewardObserver(BatchObserver, Protocol):
 
     def on_shadow_cleared(self) -> None: ...
 
+    def on_composite(self, configured: bool, spec: RewardSpec, resolved: Sequence[tuple[str, ...]],
+                     scored: Sequence[Scored]) -> None: ...
+
+    def on_ensemble_pass(self, mode: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class RewardEngineConfig(EngineConfig):
@@ -51,6 +60,12 @@ class RewardEngineConfig(EngineConfig):
     # Bytes per item and per request as sent; the service checks them
     # (``size_budget``) before converting a request.
     sizes: SizeLimits = SizeLimits()
+    # The reward spec scoring requests that pin no version and bring no spec
+    # of their own (arbiter.reward.composite.RewardSpec); None: the active version.
+    reward_spec: RewardSpec | None = None
+    # Ensembles of interchangeable versions in one stacked forward pass
+    # (arbiter.reward.ensemble); off: member by member (no extra weight copy).
+    stack_ensembles: bool = True
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
@@ -82,6 +97,10 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_rng = random.Random(0)
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reward-tokenize")
+        self._loader = loader
+        # Ensemble members (in order) -> the stack being built or built; its
+        # result is (StackedEnsemble, its batcher), or the reason it runs member by member.
+        self._stacks: dict[tuple[str, ...], asyncio.Task] = {}
 
     def load_options(self) -> dict:
         return {"text_convention": self.config.text_convention}
@@ -98,6 +117,8 @@ class RewardEngine(BackendEngine, VersionObserver):
     def on_version_removed(self, version: str) -> None:
         if self._shadow is not None and self._shadow[0] == version:
             self._clear_shadow()
+        for members in [m for m in self._stacks if version in m]:
+            self._drop_stack(self._stacks.pop(members))
         self._observer.on_version_removed(version)
 
     # -- shadow scoring ---------------------------------------------------
@@ -141,6 +162,13 @@ class RewardEngine(BackendEngine, VersionObserver):
 
     async def score(self, inputs: Sequence[RewardInput], options: ScoreOptions) -> ScoreBatch:
         self.check_count(len(inputs))
+        if options.reward_spec is not None:
+            if options.model_version:
+                raise InvalidInput("options.model_version", "must be empty with options.reward_spec: its terms name "
+                                   "their versions")
+            return await self._score_spec(inputs, options, options.reward_spec, configured=False)
+        if self.config.reward_spec is not None and not options.model_version:
+            return await self._score_spec(inputs, options, self.config.reward_spec, configured=True)
         entry = self.models.get(options.model_version)
         info = entry.model.info
         if options.normalize and info.normalization is None:
@@ -212,6 +240,163 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._observer.on_scores(candidate, shadow_raw)
         self._observer.on_shadow(active, candidate, raw, shadow_raw)
 
+    # -- reward specs (arbiter.reward.composite) -----------------------------
+
+    async def prepare(self) -> None:
+        """Before serving: load the configured spec's models (inactive), keep
+        every version it names loaded, check they can serve it, and stack its
+        ensembles. Raises ModelLoadError naming the spec's field."""
+        spec = self.config.reward_spec
+        if spec is None:
+            return
+        # Pinned first, so loading the spec's models cannot evict each other.
+        self.models.pin(spec.named_versions(), f"used by the reward spec {spec.name!r}")
+        for label, path in spec.models.items():
+            if label not in [info.version for info in self.models.list_versions()]:
+                await self.models.load_version(path, label, activate=False)
+        loaded = [info.version for info in self.models.list_versions()]
+        for i, term in enumerate(spec.terms):
+            for j, version in enumerate(term.versions):
+                where = f"reward_spec.terms[{i}].{term.version_field(j)}"
+                if version and version not in loaded:
+                    raise ModelLoadError(f"{where}={version!r}: not loaded (loaded: {', '.join(loaded)}); give its "
+                                         "checkpoint path under the spec's models")
+                info = self.models.info(version)
+                if term_normalized(term, False) and info.normalization is None:
+                    raise ModelLoadError(f"{where}={info.version!r}: normalize is set but the version ships no "
+                                         "normalization statistics")
+            if term.kind == "ensemble":
+                await self._stack(term.versions)
+
+    def _resolve(self, spec: RewardSpec, configured: bool, normalize: bool):
+        """Each term's versions (the active one filled in) and their entries,
+        taken once: a swap during the request does not mix versions."""
+        where = "reward_spec" if configured else "options.reward_spec"
+        active = self.models.get()
+        entries = {active.model.info.version: active}
+        resolved: list[tuple[str, ...]] = []
+        for i, term in enumerate(spec.terms):
+            versions = []
+            for j, version in enumerate(term.versions):
+                field = f"{where}.terms[{i}].{term.version_field(j)}"
+                try:
+                    entry = self.models.get(version) if version else active
+                except VersionNotFound as err:
+                    if configured:
+                        raise FailedPrecondition(f"{field}: {err}; the configured reward spec cannot score until it "
+                                                 "is loaded again") from None
+                    raise SpecVersionNotFound(field, err) from None
+                info = entry.model.info
+                if term_normalized(term, normalize) and info.normalization is None:
+                    raise FailedPrecondition(
+                        f"{field}: model version {info.version!r} ships no normalization statistics; request raw "
+                        "scores (options.normalize=false, and the term's normalize=false)")
+                entries[info.version] = entry
+                versions.append(info.version)
+            resolved.append(tuple(versions))
+        return active, entries, resolved
+
+    async def _score_spec(self, inputs: Sequence[RewardInput], options: ScoreOptions, spec: RewardSpec,
+                          configured: bool) -> ScoreBatch:
+        active, entries, resolved = self._resolve(spec, configured, options.normalize)
+        loop = asyncio.get_running_loop()
+        rules = loop.run_in_executor(self._tokenizers, rule_values, spec, inputs, _token_counter(active.model))
+        # Read even when scoring fails first (else asyncio logs it as never retrieved).
+        rules.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raw: dict[str, list[float]] = {}
+        encoded: dict[str, list[EncodedInput]] = {}
+        # Stackable ensembles first: one pass scores all their members.
+        for term, versions in zip(spec.terms, resolved, strict=True):
+            if term.kind == "ensemble" and not set(versions) <= set(raw):
+                await self._score_ensemble(versions, entries, inputs, options, raw, encoded)
+        rest = [v for v in dict.fromkeys(v for vs in resolved for v in vs) if v not in raw]
+        scored = await asyncio.gather(*(self._score_version(entries[v], inputs, options) for v in rest))
+        for version, (enc, scores) in zip(rest, scored):
+            raw[version], encoded[version] = scores, enc
+        rule = await rules
+        for version, scores in raw.items():
+            self._observer.on_scores(version, scores)
+        active_version = active.model.info.version
+        if active_version in raw:
+            self._maybe_shadow(active_version, inputs, options, raw[active_version])
+        stats = {v: entries[v].model.info.normalization for v in raw}
+        items = combine(spec, resolved, raw, stats, rule, len(inputs), options.normalize)
+        self._observer.on_composite(configured, spec, resolved, items)
+        first = next((vs[0] for vs in resolved if vs), None)
+        results = [
+            ScoreResult(
+                score=item.total, raw_score=item.raw_total,
+                num_tokens=len(encoded[first][i].token_ids) if first else 0,
+                truncated=any(encoded[v][i].truncated for v in encoded),
+                id=inputs[i].id, components=item.components,
+            )
+            for i, item in enumerate(items)
+        ]
+        normalized = any(term_normalized(t, options.normalize) for t in spec.terms)
+        return ScoreBatch(results, spec.name, spec_label(spec, resolved), normalized, spec.name)
+
+    async def _score_version(self, entry, inputs, options) -> tuple[list[EncodedInput], list[float]]:
+        encoded = await self._encode(entry.model, inputs, options)
+        return encoded, await entry.run([e.token_ids for e in encoded])
+
+    async def _score_ensemble(self, versions: tuple[str, ...], entries, inputs, options, raw, encoded) -> None:
+        """All members in one stacked pass when they allow it; otherwise the
+        caller scores them one by one. Only the configured spec's ensembles
+        are stacked (at startup): a stack copies K models' weights, which a
+        request's spec must not be able to make the service do."""
+        task = self._stacks.get(versions)
+        stack = "not a configured ensemble" if task is None else await asyncio.shield(task)
+        if isinstance(stack, str):
+            self._observer.on_ensemble_pass("sequential")
+            return
+        ensemble, batcher = stack
+        first = entries[versions[0]].model
+        enc = await self._encode(first, inputs, options)
+        per_item = await batcher.submit([e.token_ids for e in enc])
+        for j, version in enumerate(versions):
+            raw[version] = [scores[j] for scores in per_item]
+            encoded[version] = enc
+        self._observer.on_ensemble_pass("stacked")
+
+    async def _stack(self, versions: tuple[str, ...]):
+        """The stack of ``versions`` (built once, on the loader thread), or
+        the reason they are scored member by member."""
+        task = self._stacks.get(versions)
+        if task is None:
+            task = self._stacks[versions] = asyncio.get_running_loop().create_task(self._build_stack(versions))
+        return await asyncio.shield(task)
+
+    async def _build_stack(self, versions: tuple[str, ...]):
+        label = "+".join(versions)
+        models = [self.models.get(v).model for v in versions]
+        reason = "stacking is off (stack_ensembles)" if not self.config.stack_ensembles else stack_refusal(models)
+        if reason is None:
+            try:
+                stack = await asyncio.get_running_loop().run_in_executor(self._loader, StackedEnsemble, models)
+            except Exception as err:  # a model vmap cannot run: the members still can
+                reason = f"stacking failed: {err}"
+        if reason is not None:
+            log.info("ensemble %s: scored member by member (%s)", label, reason)
+            return reason
+        batching = self.models.config.batching
+        # A stacked batch holds K forward passes' activations: K times fewer items.
+        batching = replace(batching, max_batch_size=max(1, batching.max_batch_size // len(versions)))
+        batcher = DynamicBatcher(stack.forward, batching, self.models.executor, label=f"ensemble:{label}")
+        log.info("ensemble %s: one stacked forward pass for its %d members", label, len(versions))
+        return stack, batcher
+
+    def _drop_stack(self, task: asyncio.Task) -> None:
+        async def drop() -> None:
+            try:
+                stack = await task
+            except Exception:
+                return
+            if not isinstance(stack, str):
+                await stack[1].close()
+                stack[0].release()
+
+        asyncio.get_running_loop().create_task(drop())
+
     async def _encode(self, model: RewardModel, inputs: Sequence[RewardInput], options: ScoreOptions
                       ) -> list[EncodedInput]:
         """Rendering and tokenizing on the tokenizer threads."""
@@ -221,8 +406,25 @@ class RewardEngine(BackendEngine, VersionObserver):
     async def close(self) -> None:
         for task in list(self._shadow_tasks):
             task.cancel()
+        for task in self._stacks.values():
+            self._drop_stack(task)
+        self._stacks.clear()
         await super().close()
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+
+
+class SpecVersionNotFound(VersionNotFound):
+    """A request's reward spec names a version that is not loaded (NOT_FOUND), by its field."""
+
+    def __init__(self, field: str, err: VersionNotFound):
+        ArbiterError.__init__(self, f"{field}: {err}")
+        self.version = err.version
+        self.field = field
+
+
+def _token_counter(model: RewardModel):
+    """Tokens of a response under ``model``'s tokenizer, without special tokens."""
+    return lambda text: len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _sigmoid(x: float) -> float:
