@@ -211,17 +211,17 @@ def test_configured_spec_total_and_components(stub, tokenizer):
     assert expected_rules(tokenizer, ITEMS[0][1])["yes"] == 1.0
 
 
-def test_normalized_request_normalizes_every_model_term(stub, tiny_models):
+def test_normalized_terms(stub, tiny_models):
     """double's statistics are v0's times 2, so both normalize to the same z:
     the ensemble's std is 0 and its value is z."""
     stats = read_metadata(tiny_models["reward"]).normalization
     a = single(stub, "v0")
     spec = reward_pb2.RewardSpec(terms=[
-        reward_pb2.RewardTerm(name="rm", weight=1.0, model=reward_pb2.ModelTerm()),
+        reward_pb2.RewardTerm(name="rm", weight=1.0, model=reward_pb2.ModelTerm(normalize=True)),
         reward_pb2.RewardTerm(name="ens", weight=-2.0, ensemble=reward_pb2.EnsembleTerm(
-            versions=["v0", "double"], uncertainty_penalty=3.0)),
+            versions=["v0", "double"], uncertainty_penalty=3.0, normalize=True)),
     ])
-    response = stub.Score(request(OK(reward_spec=spec, normalize=True)), timeout=30)
+    response = stub.Score(request(OK(reward_spec=spec)), timeout=30)
     assert response.normalized and response.reward_spec == "request"
     for i, result in enumerate(response.results):
         z = (a[i] - stats.mean) / stats.std
@@ -231,6 +231,12 @@ def test_normalized_request_normalizes_every_model_term(stub, tiny_models):
         assert result.score == pytest.approx(z - 2 * z, abs=1e-5)
         # raw: rm a, ens over (a, 2a) with k=3
         assert result.raw_score == pytest.approx(a[i] - 2 * (1.5 * a[i] - 3 * abs(a[i]) / 2), abs=1e-5)
+    # The configured spec decides its terms' normalization: an old caller
+    # asking for normalized scores (the rollout worker) gets its total.
+    configured = stub.Score(request(), timeout=30)
+    asked = stub.Score(request(OK(normalize=True)), timeout=30)
+    assert not asked.normalized
+    assert [r.score for r in asked.results] == [r.score for r in configured.results]
 
 
 def test_per_request_spec_overrides_and_pinning_bypasses(server, stub, tokenizer):
@@ -307,9 +313,13 @@ def test_bad_specs_get_the_right_status_naming_the_field(stub, models_stub):
     expect_error(lambda: stub.Score(request(OK(model_version="v0", reward_spec=reward_pb2.RewardSpec(terms=[
         reward_pb2.RewardTerm(name="m", weight=1, model=reward_pb2.ModelTerm())]))), timeout=10),
         grpc.StatusCode.INVALID_ARGUMENT, "options.model_version")
-    # small ships no statistics: normalizing it is the server's state, not a malformed request
-    expect_error(lambda: stub.Score(request(OK(normalize=True)), timeout=10), grpc.StatusCode.FAILED_PRECONDITION,
-                 "reward_spec.terms[2].ensemble.versions[1]", "no normalization statistics")
+    expect_error(lambda: stub.Score(request(OK(normalize=True, reward_spec=reward_pb2.RewardSpec(terms=[
+        reward_pb2.RewardTerm(name="m", weight=1, model=reward_pb2.ModelTerm())]))), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "options.normalize", "set normalize on its model and ensemble terms")
+    # small ships no statistics: FAILED_PRECONDITION, as for a single version
+    expect_error(lambda: stub.Score(spec(reward_pb2.RewardTerm(name="e", weight=1, ensemble=ens(
+        versions=["v0", "small"], normalize=True))), timeout=10), grpc.StatusCode.FAILED_PRECONDITION,
+        "options.reward_spec.terms[0].ensemble.versions[1]", "no normalization statistics")
     # a version the configured spec uses cannot be unloaded
     expect_error(lambda: models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="double"),
                                                         timeout=10),
@@ -319,8 +329,13 @@ def test_bad_specs_get_the_right_status_naming_the_field(stub, models_stub):
 
 
 def test_metrics_and_drift_per_component(server, stub, models_stub):
+    def passes(mode):
+        return metric_value(server, "arbiter_reward_ensemble_passes_total", mode=mode) or 0
+
+    stacked, sequential = passes("stacked"), passes("sequential")
     scored = stub.Score(request(), timeout=30)
-    assert metric_value(server, "arbiter_reward_ensemble_passes_total", mode="stacked") >= 1
+    # ens (v0, double: one architecture) is one stacked pass; mixed (v0, small: other widths) member by member
+    assert (passes("stacked"), passes("sequential")) == (stacked + 1, sequential + 1)
     assert metric_value(server, "arbiter_reward_spec_requests_total", spec="configured") >= 1
     for name in ("rm", "ens", "mixed", "brevity", "yes", "rep", "total"):
         assert metric_value(server, "arbiter_reward_component_value_count", component=name) >= 2, name

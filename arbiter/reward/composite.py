@@ -11,7 +11,23 @@ A spec comes from the reward service's configuration (a YAML file,
 startup) or from one request (``ScoreOptions.reward_spec``); both go through
 ``parse_spec``, so a bad spec gets the same error naming its field
 (``terms[2].regex.pattern``) either way. This module holds the spec and the
-arithmetic; ``arbiter.reward.engine`` scores the models it names.
+arithmetic; ``arbiter.reward.engine`` scores the models it names. A file:
+
+    name: helpful-brief             # responses say it (model_version "helpful-brief@v3,rm-a,rm-b")
+    models:                         # loaded inactive at startup, kept loaded; paths relative to this file
+      rm-a: ../registry/rm/v1
+      rm-b: ../registry/rm/v2
+    terms:                          # component names are metric labels: unique, "total" is reserved
+      - {name: rm, weight: 1.0, model: {}}                    # the active version ("" = active)
+      - {name: ens, weight: 0.5, ensemble: {versions: [rm-a, rm-b], uncertainty_penalty: 1.0, normalize: true}}
+      - {name: brevity, weight: 0.2, length_penalty: {target_tokens: 128, side: over}}
+      - {name: answer_tag, weight: 0.5, regex: {pattern: "^Answer:", full_match: false, ignore_case: false}}
+      - {name: repeats, weight: 1.0, repetition_penalty: {n: 3}}
+
+Which spec scores a request: its own ``reward_spec`` if it sends one; else
+the configured spec unless the request pins ``model_version`` (then that
+version alone, as without a spec: comparing versions keeps working).
+Normalization is per model term (``normalize``), never per request.
 """
 
 from __future__ import annotations
@@ -314,8 +330,8 @@ class Scored:
     components: tuple[RewardComponent, ...]
 
 
-def term_normalized(term: RewardTerm, normalize_all: bool) -> bool:
-    return term.kind in MODEL_SOURCES and (normalize_all or term.source.normalize)
+def term_normalized(term: RewardTerm) -> bool:
+    return term.kind in MODEL_SOURCES and term.source.normalize
 
 
 def combine(
@@ -325,7 +341,6 @@ def combine(
     stats: Mapping[str, NormalizationStats | None],
     rule: Mapping[int, Sequence[float]],
     count: int,
-    normalize_all: bool = False,
 ) -> list[Scored]:
     """Each item's total from its terms. ``resolved``: each term's versions
     (the active one filled in); ``raw``: each version's raw scores per item;
@@ -339,7 +354,7 @@ def combine(
                 components.append(RewardComponent(term.name, term.weight, value, value))
                 continue
             raws = [raw[v][i] for v in versions]
-            used = [stats[v].apply(r) for v, r in zip(versions, raws)] if term_normalized(term, normalize_all) \
+            used = [stats[v].apply(r) for v, r in zip(versions, raws)] if term_normalized(term) \
                 else raws
             if term.kind == "model":
                 components.append(RewardComponent(term.name, term.weight, used[0], raws[0], versions, tuple(used),

@@ -98,8 +98,9 @@ class RewardEngine(BackendEngine, VersionObserver):
         self._shadow_rng = random.Random(0)
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="reward-tokenize")
         self._loader = loader
-        # Ensemble members (in order) -> the stack being built or built; its
-        # result is (StackedEnsemble, its batcher), or the reason it runs member by member.
+        # The configured spec's ensembles (members in order) -> the stack being
+        # built or built: (StackedEnsemble, its batcher), or why the members
+        # run one by one.
         self._stacks: dict[tuple[str, ...], asyncio.Task] = {}
 
     def load_options(self) -> dict:
@@ -117,8 +118,6 @@ class RewardEngine(BackendEngine, VersionObserver):
     def on_version_removed(self, version: str) -> None:
         if self._shadow is not None and self._shadow[0] == version:
             self._clear_shadow()
-        for members in [m for m in self._stacks if version in m]:
-            self._drop_stack(self._stacks.pop(members))
         self._observer.on_version_removed(version)
 
     # -- shadow scoring ---------------------------------------------------
@@ -166,8 +165,15 @@ class RewardEngine(BackendEngine, VersionObserver):
             if options.model_version:
                 raise InvalidInput("options.model_version", "must be empty with options.reward_spec: its terms name "
                                    "their versions")
+            if options.normalize:
+                raise InvalidInput("options.normalize", "must be false with options.reward_spec: set normalize on "
+                                   "its model and ensemble terms")
             return await self._score_spec(inputs, options, options.reward_spec, configured=False)
         if self.config.reward_spec is not None and not options.model_version:
+            # The configured spec says how its terms are normalized: a caller
+            # asking for normalized scores (the rollout worker does when the
+            # active version ships statistics) gets the configured total all
+            # the same, and ``normalized`` says whether any term normalized.
             return await self._score_spec(inputs, options, self.config.reward_spec, configured=True)
         entry = self.models.get(options.model_version)
         info = entry.model.info
@@ -262,13 +268,13 @@ class RewardEngine(BackendEngine, VersionObserver):
                     raise ModelLoadError(f"{where}={version!r}: not loaded (loaded: {', '.join(loaded)}); give its "
                                          "checkpoint path under the spec's models")
                 info = self.models.info(version)
-                if term_normalized(term, False) and info.normalization is None:
+                if term_normalized(term) and info.normalization is None:
                     raise ModelLoadError(f"{where}={info.version!r}: normalize is set but the version ships no "
                                          "normalization statistics")
             if term.kind == "ensemble":
                 await self._stack(term.versions)
 
-    def _resolve(self, spec: RewardSpec, configured: bool, normalize: bool):
+    def _resolve(self, spec: RewardSpec, configured: bool):
         """Each term's versions (the active one filled in) and their entries,
         taken once: a swap during the request does not mix versions."""
         where = "reward_spec" if configured else "options.reward_spec"
@@ -287,10 +293,10 @@ class RewardEngine(BackendEngine, VersionObserver):
                                                  "is loaded again") from None
                     raise SpecVersionNotFound(field, err) from None
                 info = entry.model.info
-                if term_normalized(term, normalize) and info.normalization is None:
+                if term_normalized(term) and info.normalization is None:
                     raise FailedPrecondition(
-                        f"{field}: model version {info.version!r} ships no normalization statistics; request raw "
-                        "scores (options.normalize=false, and the term's normalize=false)")
+                        f"{field}: model version {info.version!r} ships no normalization statistics; set the "
+                        "term's normalize=false or name a version with statistics in its arbiter.json")
                 entries[info.version] = entry
                 versions.append(info.version)
             resolved.append(tuple(versions))
@@ -298,20 +304,33 @@ class RewardEngine(BackendEngine, VersionObserver):
 
     async def _score_spec(self, inputs: Sequence[RewardInput], options: ScoreOptions, spec: RewardSpec,
                           configured: bool) -> ScoreBatch:
-        active, entries, resolved = self._resolve(spec, configured, options.normalize)
+        active, entries, resolved = self._resolve(spec, configured)
         loop = asyncio.get_running_loop()
         rules = loop.run_in_executor(self._tokenizers, rule_values, spec, inputs, _token_counter(active.model))
         # Read even when scoring fails first (else asyncio logs it as never retrieved).
         rules.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # A stacked ensemble scores all its members in one pass; every other
+        # version named once is scored once, through its own batcher.
+        stacks = {}
+        for term, versions in zip(spec.terms, resolved, strict=True):
+            if term.kind == "ensemble":
+                stack = await self._stacked(versions)
+                if stack is not None:
+                    stacks[versions] = stack
+                self._observer.on_ensemble_pass("sequential" if stack is None else "stacked")
+        covered = {v for versions in stacks for v in versions}
+        rest = [v for v in dict.fromkeys(v for vs in resolved for v in vs) if v not in covered]
+        passes = await asyncio.gather(
+            *(self._score_stacked(batcher, entries[versions[0]].model, inputs, options)
+              for versions, batcher in stacks.items()),
+            *(self._score_version(entries[v], inputs, options) for v in rest),
+        )
         raw: dict[str, list[float]] = {}
         encoded: dict[str, list[EncodedInput]] = {}
-        # Stackable ensembles first: one pass scores all their members.
-        for term, versions in zip(spec.terms, resolved, strict=True):
-            if term.kind == "ensemble" and not set(versions) <= set(raw):
-                await self._score_ensemble(versions, entries, inputs, options, raw, encoded)
-        rest = [v for v in dict.fromkeys(v for vs in resolved for v in vs) if v not in raw]
-        scored = await asyncio.gather(*(self._score_version(entries[v], inputs, options) for v in rest))
-        for version, (enc, scores) in zip(rest, scored):
+        for versions, (enc, per_item) in zip(stacks, passes):
+            for j, version in enumerate(versions):
+                raw[version], encoded[version] = [scores[j] for scores in per_item], enc
+        for version, (enc, scores) in zip(rest, passes[len(stacks):]):
             raw[version], encoded[version] = scores, enc
         rule = await rules
         for version, scores in raw.items():
@@ -320,7 +339,7 @@ class RewardEngine(BackendEngine, VersionObserver):
         if active_version in raw:
             self._maybe_shadow(active_version, inputs, options, raw[active_version])
         stats = {v: entries[v].model.info.normalization for v in raw}
-        items = combine(spec, resolved, raw, stats, rule, len(inputs), options.normalize)
+        items = combine(spec, resolved, raw, stats, rule, len(inputs))
         self._observer.on_composite(configured, spec, resolved, items)
         first = next((vs[0] for vs in resolved if vs), None)
         results = [
@@ -332,31 +351,27 @@ class RewardEngine(BackendEngine, VersionObserver):
             )
             for i, item in enumerate(items)
         ]
-        normalized = any(term_normalized(t, options.normalize) for t in spec.terms)
+        normalized = any(term_normalized(t) for t in spec.terms)
         return ScoreBatch(results, spec.name, spec_label(spec, resolved), normalized, spec.name)
 
     async def _score_version(self, entry, inputs, options) -> tuple[list[EncodedInput], list[float]]:
         encoded = await self._encode(entry.model, inputs, options)
         return encoded, await entry.run([e.token_ids for e in encoded])
 
-    async def _score_ensemble(self, versions: tuple[str, ...], entries, inputs, options, raw, encoded) -> None:
-        """All members in one stacked pass when they allow it; otherwise the
-        caller scores them one by one. Only the configured spec's ensembles
-        are stacked (at startup): a stack copies K models' weights, which a
-        request's spec must not be able to make the service do."""
+    async def _stacked(self, versions: tuple[str, ...]) -> DynamicBatcher | None:
+        """The batcher of the stacked forward of ``versions``, if they have
+        one. Only the configured spec's ensembles are stacked (at startup): a
+        stack copies K models' weights, which a request must not be able to
+        make the service do."""
         task = self._stacks.get(versions)
-        stack = "not a configured ensemble" if task is None else await asyncio.shield(task)
-        if isinstance(stack, str):
-            self._observer.on_ensemble_pass("sequential")
-            return
-        ensemble, batcher = stack
-        first = entries[versions[0]].model
-        enc = await self._encode(first, inputs, options)
-        per_item = await batcher.submit([e.token_ids for e in enc])
-        for j, version in enumerate(versions):
-            raw[version] = [scores[j] for scores in per_item]
-            encoded[version] = enc
-        self._observer.on_ensemble_pass("stacked")
+        stack = None if task is None else await asyncio.shield(task)
+        return None if stack is None or isinstance(stack, str) else stack[1]
+
+    async def _score_stacked(self, batcher: DynamicBatcher, first: RewardModel, inputs, options
+                             ) -> tuple[list[EncodedInput], list[list[float]]]:
+        """Each item's member scores; the members share the first's tokenizer and text convention."""
+        encoded = await self._encode(first, inputs, options)
+        return encoded, await batcher.submit([e.token_ids for e in encoded])
 
     async def _stack(self, versions: tuple[str, ...]):
         """The stack of ``versions`` (built once, on the loader thread), or
@@ -385,17 +400,18 @@ class RewardEngine(BackendEngine, VersionObserver):
         log.info("ensemble %s: one stacked forward pass for its %d members", label, len(versions))
         return stack, batcher
 
-    def _drop_stack(self, task: asyncio.Task) -> None:
-        async def drop() -> None:
+    async def _close_stacks(self) -> None:
+        """Stacks live as long as the engine: their members are the
+        configured spec's, pinned (arbiter.kernel), so never unloaded."""
+        for task in self._stacks.values():
             try:
                 stack = await task
-            except Exception:
-                return
+            except BaseException:
+                continue
             if not isinstance(stack, str):
                 await stack[1].close()
                 stack[0].release()
-
-        asyncio.get_running_loop().create_task(drop())
+        self._stacks.clear()
 
     async def _encode(self, model: RewardModel, inputs: Sequence[RewardInput], options: ScoreOptions
                       ) -> list[EncodedInput]:
@@ -406,9 +422,7 @@ class RewardEngine(BackendEngine, VersionObserver):
     async def close(self) -> None:
         for task in list(self._shadow_tasks):
             task.cancel()
-        for task in self._stacks.values():
-            self._drop_stack(task)
-        self._stacks.clear()
+        await self._close_stacks()
         await super().close()
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
 

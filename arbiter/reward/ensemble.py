@@ -73,7 +73,10 @@ class StackedEnsemble:
 
         self.versions = tuple(m.info.version for m in models)
         modules = [m.backend.model for m in models]
-        self.params, self.buffers = stack_module_state(modules)
+        params, buffers = stack_module_state(modules)
+        # Served, never trained: no autograd state on the copy.
+        self.params = {name: t.detach() for name, t in params.items()}
+        self.buffers = {name: t.detach() for name, t in buffers.items()}
         # The skeleton functional_call runs with the stacked weights: on the
         # meta device, so it holds no memory of its own.
         with torch.device("meta"):
