@@ -20,6 +20,8 @@ from arbiter.config import ConfigError
 from arbiter.hf import read_metadata, write_metadata
 from arbiter.reward import rules
 from arbiter.reward.composite import parse_spec
+from arbiter.reward.ensemble import stack_refusal
+from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, build_tokenizer, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.reward.server import create_server
@@ -133,7 +135,8 @@ def registry(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_models, registry, model_roots):
     settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, metrics_port=0,
-                              reward_spec_file=str(registry / "spec.yaml"), model_roots=model_roots)
+                              reward_spec_file=str(registry / "spec.yaml"), model_roots=model_roots,
+                              stack_ensembles="always")  # auto stacks on CUDA only
     with BackgroundServer(lambda: create_server(settings)) as srv:
         yield srv
 
@@ -355,6 +358,15 @@ def test_metrics_and_drift_per_component(server, stub, models_stub):
         assert list(rm.window_scores) == pytest.approx([promoted.results[0].components[0].value], abs=1e-6)
     finally:
         models_stub.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="v0"), timeout=10)
+
+
+def test_which_ensembles_stack(tiny_models, registry):
+    v0, double, small = (RewardModel.load(path) for path in (tiny_models["reward"], registry / "double",
+                                                              registry / "small"))
+    assert stack_refusal([v0, double], "always") is None
+    assert "cuda only" in stack_refusal([v0, double], "auto")  # these tests run on CPU
+    assert stack_refusal([v0, double], "never") == "stack_ensembles=never"
+    assert "other parameters" in stack_refusal([v0, small], "always")
 
 
 def test_spec_file_errors_name_the_field(tiny_models, tmp_path):

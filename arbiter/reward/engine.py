@@ -24,7 +24,7 @@ from arbiter.kernel import EngineConfig, ModelKernel, VersionObserver
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits
 from arbiter.reward.composite import RewardSpec, Scored, combine, rule_values, spec_label, term_normalized
 from arbiter.reward.convention import TEXT_CONVENTIONS
-from arbiter.reward.ensemble import StackedEnsemble, stack_refusal
+from arbiter.reward.ensemble import STACK_MODES, StackedEnsemble, stack_refusal
 from arbiter.reward.model import EncodedInput, RewardModel
 from arbiter.types import ChatMessage, RewardInput, ScoreBatch, ScoreOptions, ScoreResult
 
@@ -63,13 +63,15 @@ class RewardEngineConfig(EngineConfig):
     # The reward spec scoring requests that pin no version and bring no spec
     # of their own (arbiter.reward.composite.RewardSpec); None: the active version.
     reward_spec: RewardSpec | None = None
-    # Ensembles of interchangeable versions in one stacked forward pass
-    # (arbiter.reward.ensemble); off: member by member (no extra weight copy).
-    stack_ensembles: bool = True
+    # Configured ensembles of interchangeable versions in one stacked forward
+    # pass (arbiter.reward.ensemble.STACK_MODES): auto, always, never.
+    stack_ensembles: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1:
             raise ValueError(f"max_items_per_request must be >= 1, got {self.max_items_per_request}")
+        if self.stack_ensembles not in STACK_MODES:
+            raise ValueError(f"stack_ensembles must be one of {', '.join(STACK_MODES)}, got {self.stack_ensembles!r}")
         if self.text_convention not in TEXT_CONVENTIONS:
             raise ValueError(f"text_convention must be one of {', '.join(TEXT_CONVENTIONS)}, got {self.text_convention!r}")
 
@@ -384,7 +386,7 @@ class RewardEngine(BackendEngine, VersionObserver):
     async def _build_stack(self, versions: tuple[str, ...]):
         label = "+".join(versions)
         models = [self.models.get(v).model for v in versions]
-        reason = "stacking is off (stack_ensembles)" if not self.config.stack_ensembles else stack_refusal(models)
+        reason = stack_refusal(models, self.config.stack_ensembles)
         if reason is None:
             try:
                 stack = await asyncio.get_running_loop().run_in_executor(self._loader, StackedEnsemble, models)
