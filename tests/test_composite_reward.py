@@ -23,7 +23,9 @@ from arbiter.reward.composite import parse_spec
 from arbiter.reward.ensemble import stack_refusal
 from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, build_tokenizer, make_reward
+from arbiter.types import ChatMessage, RewardInput
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.reward.client import RewardClient
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
 
@@ -264,15 +266,13 @@ def test_per_request_spec_overrides_and_pinning_bypasses(server, stub, tokenizer
     assert metric_value(server, "arbiter_reward_ensemble_passes_total", mode="sequential") == before + 1
 
 
-def test_rule_terms_judge_a_conversations_last_turn(stub):
+def test_rule_terms_judge_a_conversations_last_turn(server):
     spec = reward_pb2.RewardSpec(terms=[reward_pb2.RewardTerm(
         name="rep", weight=1.0, repetition_penalty=reward_pb2.RepetitionPenaltyTerm(n=1))])
-    conversation = common_pb2.Conversation(messages=[
-        common_pb2.ChatMessage(role="user", content="hi hi hi hi"),
-        common_pb2.ChatMessage(role="assistant", content="go go stop"),  # 3 unigrams, 2 distinct
-    ])
-    response = stub.Score(reward_pb2.ScoreRequest(inputs=[reward_pb2.RewardInput(conversation=conversation)],
-                                                  options=OK(reward_spec=spec)), timeout=30)
+    conversation = RewardInput(messages=(ChatMessage("user", "hi hi hi hi"),
+                                         ChatMessage("assistant", "go go stop")))  # 3 unigrams, 2 distinct
+    with RewardClient(server.target) as client:
+        response = client.score([conversation], reward_spec=spec)
     assert response.results[0].score == pytest.approx(-1 / 3)
     assert response.model_version == "request@"
 
