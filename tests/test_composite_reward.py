@@ -323,6 +323,11 @@ def test_bad_specs_get_the_right_status_naming_the_field(stub, models_stub):
     expect_error(lambda: stub.Score(spec(reward_pb2.RewardTerm(name="e", weight=1, ensemble=ens(
         versions=["v0", "small"], normalize=True))), timeout=10), grpc.StatusCode.FAILED_PRECONDITION,
         "options.reward_spec.terms[0].ensemble.versions[1]", "no normalization statistics")
+    # a pattern that backtracks for ever is stopped, not left holding a thread
+    expect_error(lambda: stub.Score(reward_pb2.ScoreRequest(
+        inputs=[text("", "a" * 5000 + "!")], options=OK(reward_spec=reward_pb2.RewardSpec(terms=[reward_pb2.RewardTerm(
+            name="r", weight=1, regex=reward_pb2.RegexTerm(pattern="(a|aa)+$"))]))), timeout=30),
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "inputs[0]", "term 'r'", "simplify the pattern")
     # a version the configured spec uses cannot be unloaded
     expect_error(lambda: models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="double"),
                                                         timeout=10),
