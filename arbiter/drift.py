@@ -192,6 +192,8 @@ class DriftTracker:
     def __init__(self, config: DriftConfig):
         self.config = config
         self._monitors: dict[str, ScoreDriftMonitor] = {}
+        # observe_on's keys -> the basis their monitor was started on.
+        self._bases: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
     def add_version(self, version: str, calibration_scores: Sequence[float] | None = None) -> None:
@@ -210,6 +212,19 @@ class DriftTracker:
         monitor = self.monitor(version)
         if monitor is not None:
             monitor.observe(scores)
+
+    def observe_on(self, key: str, basis: tuple, scores: Sequence[float]) -> None:
+        """Scores of a series that is not one version (a reward spec's
+        component or total) computed from ``basis`` (the versions behind it):
+        when the basis changes (a promotion), the series starts afresh with a
+        new first-served reference, so a swap is not reported as drift; the
+        versions' own monitors see the swap."""
+        with self._lock:
+            if self._bases.get(key) != basis or key not in self._monitors:
+                self._monitors[key] = ScoreDriftMonitor(self.config)
+                self._bases[key] = basis
+            monitor = self._monitors[key]
+        monitor.observe(scores)
 
     def snapshot(self) -> dict[str, DriftStats]:
         with self._lock:

@@ -166,6 +166,9 @@ class ModelKernel(Generic[M]):
         self._observers: list[VersionObserver] = []
         self._load_lock = asyncio.Lock()
         self._loads: set[asyncio.Task] = set()
+        # Versions a service's configuration uses (a reward spec): never
+        # evicted or unloaded. version -> why, for the refusal.
+        self._pinned: dict[str, str] = {}
 
     @property
     def executor(self) -> Executor:
@@ -193,6 +196,11 @@ class ModelKernel(Generic[M]):
         return [self.info(version) for version in self._versions.versions()]
 
     # -- changes ----------------------------------------------------------
+
+    def pin(self, versions, reason: str) -> None:
+        """Keep ``versions`` loaded: eviction skips them and unloading them is
+        refused with ``reason`` (what uses them)."""
+        self._pinned.update(dict.fromkeys(versions, reason))
 
     async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
         """Load, validate and register a version; activate it when asked (or
@@ -249,6 +257,8 @@ class ModelKernel(Generic[M]):
         return self.info(version), previous
 
     async def unload(self, version: str) -> None:
+        if version in self._pinned:
+            raise FailedPrecondition(f"model version {version!r} is {self._pinned[version]}; it stays loaded")
         entry = self._versions.remove(version)
         await self._drop(version, entry)
         self._changed([version])
@@ -317,7 +327,8 @@ class ModelKernel(Generic[M]):
         removed: list[str] = []
         while limit and len(self._versions.versions()) > limit:
             # Oldest first: versions() is in load order.
-            victims = [v for v in self._versions.versions() if v != keep and not self._versions.is_active(v)]
+            victims = [v for v in self._versions.versions()
+                       if v != keep and not self._versions.is_active(v) and v not in self._pinned]
             if not victims:
                 break
             entry = self._versions.remove(victims[0])

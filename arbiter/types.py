@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,26 @@ class ScoreOptions:
     model_version: str = ""
     truncation: Truncation = Truncation.REJECT
     normalize: bool = False
+    # An arbiter.reward.composite.RewardSpec for this request (None: the
+    # service's configured one, if any, unless model_version pins a version).
+    reward_spec: Any = None
+
+
+@dataclass(frozen=True)
+class RewardComponent:
+    """One term of a reward spec for one item (arbiter.reward.composite)."""
+
+    name: str
+    weight: float
+    # As it enters the total; raw_value: the same with raw model scores.
+    value: float
+    raw_value: float
+    # Model and ensemble terms: the versions that scored, their scores (as
+    # used), and for ensembles their mean and population std.
+    versions: tuple[str, ...] = ()
+    member_scores: tuple[float, ...] = ()
+    mean: float = 0.0
+    std: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,7 @@ class ScoreResult:
     num_tokens: int
     truncated: bool
     id: str = ""
+    components: tuple[RewardComponent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,8 @@ class ScoreBatch:
     model_name: str
     model_version: str
     normalized: bool
+    # The reward spec's name when one scored, else "".
+    reward_spec: str = ""
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class RewardModel(BackendModel):
         token after the response unless the response already ends with it)."""
         if item.messages is not None:
             field = f"inputs[{index}].conversation"
-            _check_conversation(item.messages, field)
+            check_conversation(item.messages, field)
             return render_chat(self.tokenizer, self.info.name, item.messages, field), False
         if not item.response.strip():
             raise InvalidInput(f"inputs[{index}].text.response", "is empty; there is nothing to score")
@@ -145,7 +145,7 @@ class RewardModel(BackendModel):
 
 
 
-def _check_conversation(messages: Sequence[ChatMessage], field: str) -> None:
+def check_conversation(messages: Sequence[ChatMessage], field: str) -> None:
     if not messages:
         raise InvalidInput(field, "has no messages")
     for j, message in enumerate(messages):

@@ -54,6 +54,9 @@ class ModelServerSpec:
     add_extra_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     # Appended to the startup line.
     banner: Callable[[Any], str] = lambda settings: ""
+    # (engine, settings), awaited after the first version loads and before
+    # serving: what else the configuration needs loaded (a reward spec's models).
+    prepare: Callable[[Any, Any], Awaitable[None]] | None = None
 
 
 class VersionMetrics(VersionObserver):
@@ -87,6 +90,8 @@ async def create_model_server(spec: ModelServerSpec, settings: ModelServerSettin
     try:
         engine.models.add_observer(VersionMetrics(metrics))
         await engine.models.load_version(settings.model_dir, settings.model_version or "", activate=True)
+        if spec.prepare is not None:
+            await spec.prepare(engine, settings)
 
         def register(server: grpc.aio.Server) -> None:
             closers.extend(spec.register(server, engine, metrics, settings))

@@ -62,12 +62,15 @@ class RewardClient(ModelServiceClient):
         model_version: str = "",
         normalize: bool = False,
         truncation: Truncation | str = Truncation.REJECT,
+        reward_spec: reward_pb2.RewardSpec | None = None,
     ) -> reward_pb2.ScoreResponse:
-        """``truncation``: a Truncation or its name ("reject", "left", "right")."""
+        """``truncation``: a Truncation or its name ("reject", "left", "right");
+        ``reward_spec``: score with it instead of the service's configured one."""
         request = reward_pb2.ScoreRequest(
             inputs=[reward_input_to_pb(item) for item in inputs],
             options=reward_pb2.ScoreOptions(
-                model_version=model_version, normalize=normalize, truncation=truncation_to_pb(Truncation(truncation))
+                model_version=model_version, normalize=normalize, truncation=truncation_to_pb(Truncation(truncation)),
+                reward_spec=reward_spec,
             ),
         )
         return self.reward.Score(request, timeout=self.timeout_s, metadata=self.metadata)
@@ -78,8 +81,9 @@ class RewardClient(ModelServiceClient):
         )
         return self.reward.Compare(request, timeout=self.timeout_s, metadata=self.metadata)
 
-    def drift(self, model_version: str = "") -> reward_pb2.GetScoreDriftResponse:
-        request = reward_pb2.GetScoreDriftRequest(model_version=model_version)
+    def drift(self, model_version: str = "", component: str = "") -> reward_pb2.GetScoreDriftResponse:
+        """A version's drift, or a configured reward spec's component's (or "total")."""
+        request = reward_pb2.GetScoreDriftRequest(model_version=model_version, component=component)
         return self.reward.GetScoreDrift(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def submit_preference(self, request: reward_pb2.SubmitPreferenceRequest) -> reward_pb2.SubmitPreferenceResponse:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from arbiter.config import ConfigError
 from arbiter.drift import DriftStats
-from arbiter.errors import InvalidInput
+from arbiter.errors import ArbiterError, InvalidInput
 from arbiter.limits import SizeBudget, utf8_size
-from arbiter.types import RewardInput, ScoreBatch, ScoreOptions
+from arbiter.reward.composite import RewardSpec, parse_spec
+from arbiter.types import RewardComponent, RewardInput, ScoreBatch, ScoreOptions
 from arbiter.v1 import reward_pb2
 from services.common.convert import messages_from_pb, truncation_from_pb
 
@@ -55,13 +57,71 @@ def options_from_pb(options: reward_pb2.ScoreOptions) -> ScoreOptions:
         model_version=options.model_version,
         truncation=truncation_from_pb(options.truncation, "options.truncation"),
         normalize=options.normalize,
+        reward_spec=spec_from_pb(options.reward_spec) if options.HasField("reward_spec") else None,
+    )
+
+
+_SIDES = {
+    reward_pb2.LENGTH_PENALTY_SIDE_UNSPECIFIED: "both",
+    reward_pb2.LENGTH_PENALTY_SIDE_BOTH: "both",
+    reward_pb2.LENGTH_PENALTY_SIDE_OVER: "over",
+    reward_pb2.LENGTH_PENALTY_SIDE_UNDER: "under",
+}
+
+
+def _term_mapping(term: reward_pb2.RewardTerm, field: str) -> dict:
+    """A term as the mapping a YAML spec gives, so both are validated by
+    ``arbiter.reward.composite.parse_spec``."""
+    entry: dict = {"name": term.name, "weight": term.weight}
+    source = term.WhichOneof("source")
+    if source == "model":
+        entry["model"] = {"version": term.model.version, "normalize": term.model.normalize}
+    elif source == "ensemble":
+        entry["ensemble"] = {"versions": list(term.ensemble.versions), "normalize": term.ensemble.normalize,
+                             "uncertainty_penalty": term.ensemble.uncertainty_penalty}
+    elif source == "length_penalty":
+        side = term.length_penalty.side
+        if side not in _SIDES:
+            raise InvalidInput(f"{field}.length_penalty.side", f"{side} is not a LengthPenaltySide")
+        entry["length_penalty"] = {"target_tokens": term.length_penalty.target_tokens, "side": _SIDES[side]}
+    elif source == "regex":
+        entry["regex"] = {"pattern": term.regex.pattern, "full_match": term.regex.full_match,
+                          "ignore_case": term.regex.ignore_case}
+    elif source == "repetition_penalty":
+        entry["repetition_penalty"] = {"n": term.repetition_penalty.n}
+    return entry
+
+
+def spec_from_pb(spec: reward_pb2.RewardSpec) -> RewardSpec:
+    where = "options.reward_spec"
+    data = {"name": spec.name or "request",
+            "terms": [_term_mapping(t, f"{where}.terms[{i}]") for i, t in enumerate(spec.terms)]}
+    try:
+        return parse_spec(data, where, allow_models=False)
+    except ConfigError as err:
+        raise InvalidSpec(err) from None
+
+
+class InvalidSpec(InvalidInput):
+    """A request's reward spec that does not validate (INVALID_ARGUMENT), its field named."""
+
+    def __init__(self, err: ConfigError):
+        ArbiterError.__init__(self, str(err))
+        self.field = err.field
+
+
+def _component_to_pb(c: RewardComponent) -> reward_pb2.RewardComponent:
+    return reward_pb2.RewardComponent(
+        name=c.name, weight=c.weight, value=c.value, raw_value=c.raw_value, versions=c.versions,
+        member_scores=c.member_scores, mean=c.mean, std=c.std,
     )
 
 
 def results_to_pb(batch: ScoreBatch) -> list[reward_pb2.ScoreResult]:
     return [
         reward_pb2.ScoreResult(
-            score=r.score, raw_score=r.raw_score, num_tokens=r.num_tokens, truncated=r.truncated, id=r.id
+            score=r.score, raw_score=r.raw_score, num_tokens=r.num_tokens, truncated=r.truncated, id=r.id,
+            components=[_component_to_pb(c) for c in r.components],
         )
         for r in batch.results
     ]
@@ -73,6 +133,7 @@ def score_response_to_pb(batch: ScoreBatch) -> reward_pb2.ScoreResponse:
         model_name=batch.model_name,
         model_version=batch.model_version,
         normalized=batch.normalized,
+        reward_spec=batch.reward_spec,
     )
 
 
@@ -83,6 +144,7 @@ def stream_response_to_pb(correlation_id: str, batch: ScoreBatch) -> reward_pb2.
         model_name=batch.model_name,
         model_version=batch.model_version,
         normalized=batch.normalized,
+        reward_spec=batch.reward_spec,
     )
 
 

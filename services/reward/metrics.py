@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from arbiter.drift import DriftConfig, DriftTracker
+from arbiter.reward.composite import TOTAL, RewardSpec, Scored
 from arbiter.shadow import ShadowMonitor
 from services.common.metrics import RpcMetrics
 
@@ -36,32 +37,40 @@ WINDOW_GAUGES = {
 
 
 class _DriftCollector:
-    """Computes drift statistics at scrape time, so they cost nothing between scrapes."""
+    """Computes drift statistics at scrape time, so they cost nothing between
+    scrapes. Per model version (``arbiter_reward_drift_psi{model_version}``),
+    or per reward-spec component with ``prefix="arbiter_reward_component"``
+    and ``label="component"`` (``arbiter_reward_component_drift_psi{component}``)."""
 
-    def __init__(self, tracker: DriftTracker):
+    def __init__(self, tracker: DriftTracker, prefix: str = "arbiter_reward", label: str = "model_version"):
         self._tracker = tracker
+        self._prefix = prefix
+        self._label = label
 
     def describe(self) -> list[Metric]:
         return []
 
+    def _name(self, name: str) -> str:
+        return self._prefix + name.removeprefix("arbiter_reward")
+
     def collect(self) -> Iterator[Metric]:
         snapshot = self._tracker.snapshot()
         gauges = {
-            name: GaugeMetricFamily(name, help_text, labels=["model_version"])
+            name: GaugeMetricFamily(self._name(name), help_text, labels=[self._label])
             for name, (help_text, _) in {**DRIFT_GAUGES, **WINDOW_GAUGES}.items()
         }
         changes = CounterMetricFamily(
-            "arbiter_reward_drift_change_points",
+            self._name("arbiter_reward_drift_change_points"),
             "Page-Hinkley change alarms on standardised served scores.",
-            labels=["model_version"],
+            labels=[self._label],
         )
-        for version, stats in snapshot.items():
+        for key, stats in snapshot.items():
             for name, (_, field) in WINDOW_GAUGES.items():
-                gauges[name].add_metric([version], getattr(stats, field))
+                gauges[name].add_metric([key], getattr(stats, field))
             if stats.ready:
                 for name, (_, field) in DRIFT_GAUGES.items():
-                    gauges[name].add_metric([version], getattr(stats, field))
-            changes.add_metric([version], stats.change_points)
+                    gauges[name].add_metric([key], getattr(stats, field))
+            changes.add_metric([key], stats.change_points)
         yield from gauges.values()
         yield changes
 
@@ -113,6 +122,45 @@ class RewardMetrics(RpcMetrics):
             ["shadow_version"], registry=registry,
         )
         registry.register(_ShadowCollector(self))
+        # The configured reward spec (arbiter.reward.composite): its
+        # components by name (from the configuration, never from requests)
+        # and "total"; drift on the total and each model/ensemble term.
+        self.components = Histogram(
+            "arbiter_reward_component_value",
+            "Values of the configured reward spec's terms as they enter the total (component=total: the weighted sum).",
+            ["component"], buckets=SCORE_BUCKETS, registry=registry,
+        )
+        self.component_drift = DriftTracker(drift or DriftConfig())
+        registry.register(_DriftCollector(self.component_drift, "arbiter_reward_component", "component"))
+        self.spec_requests = Counter(
+            "arbiter_reward_spec_requests", "Requests scored with a reward spec: the configured one or the request's own.",
+            ["spec"], registry=registry,
+        )
+        self.ensemble_passes = Counter(
+            "arbiter_reward_ensemble_passes",
+            "Ensemble scorings: stacked (one forward pass for all members) or sequential (member by member).",
+            ["mode"], registry=registry,
+        )
+
+    def on_composite(self, configured: bool, spec: RewardSpec, resolved: Sequence[tuple[str, ...]],
+                     scored: Sequence[Scored]) -> None:
+        self.spec_requests.labels("configured" if configured else "request").inc()
+        if not configured:
+            return  # a request's own spec names its components freely: no labels from it
+        for t, (term, versions) in enumerate(zip(spec.terms, resolved)):
+            values = [item.components[t].value for item in scored]
+            child = self.components.labels(term.name)
+            for value in values:
+                child.observe(value)
+            if versions:
+                self.component_drift.observe_on(term.name, versions, values)
+        totals = [item.total for item in scored]
+        for total in totals:
+            self.components.labels(TOTAL).observe(total)
+        self.component_drift.observe_on(TOTAL, tuple(resolved), totals)
+
+    def on_ensemble_pass(self, mode: str) -> None:
+        self.ensemble_passes.labels(mode).inc()
 
     def _loaded(self, *versions: str) -> bool:
         """Label values are versions loaded now: a late callback (a shadow

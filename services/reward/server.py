@@ -48,6 +48,8 @@ SPEC = ModelServerSpec(
     register=_register,
     extra_settings=_kafka_from_args,
     add_extra_arguments=add_kafka_arguments,
+    prepare=lambda engine, settings: engine.prepare(),
+    banner=lambda settings: "" if settings.reward_spec is None else f", reward spec {settings.reward_spec.name!r}",
 )
 
 create_server, serve, add_arguments, settings_from_args = model_server.entry_points(SPEC)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from arbiter.errors import LimitExceeded
+from arbiter.drift import ScoreDriftMonitor
+from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
+from arbiter.reward.composite import TOTAL
 from arbiter.reward.engine import RewardEngine
 from arbiter.types import ScoreBatch
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
@@ -66,10 +68,29 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     @unary("GetScoreDrift")
     async def GetScoreDrift(self, request, context):
+        if request.component:
+            return self._component_drift(request)
         version = self.engine.info(request.model_version).version
         monitor = self.metrics.drift.monitor(version)
         reference, window = monitor.samples()
         return drift_response_to_pb(version, monitor.reference_source, reference, window, monitor.stats())
+
+    def _component_drift(self, request) -> reward_pb2.GetScoreDriftResponse:
+        spec = self.engine.config.reward_spec
+        if request.model_version:
+            raise InvalidInput("model_version", "must be empty with component (a component names its versions)")
+        if spec is None:
+            raise FailedPrecondition("component drift needs a configured reward spec (--reward-spec-file)")
+        tracked = [TOTAL, *(t.name for t in spec.model_terms)]
+        if request.component not in tracked:
+            raise InvalidInput("component", f"{request.component!r} is not tracked; drift is tracked on: "
+                                            f"{', '.join(tracked)}")
+        monitor = self.metrics.component_drift.monitor(request.component)
+        if monitor is None:  # nothing scored with the spec yet
+            monitor = ScoreDriftMonitor(self.metrics.component_drift.config)
+        reference, window = monitor.samples()
+        return drift_response_to_pb(f"component:{request.component}", monitor.reference_source, reference, window,
+                                    monitor.stats())
 
     @unary("SubmitPreference")
     async def SubmitPreference(self, request, context):
