@@ -386,3 +386,29 @@ def test_spec_file_errors_name_the_field(tiny_models, tmp_path):
     with pytest.raises(ConfigError) as info:
         RewardSettings(model_dir=str(tiny_models["reward"]), reward_spec_file=str(path))
     assert info.value.field == "max_loaded_versions"
+
+
+def test_cli_prints_components_and_component_drift(server, stub, capsys, monkeypatch):
+    """`arbiter score` writes each item's components beside the total, and
+    `arbiter drift report --component` reads a term's drift."""
+    import io
+
+    from cli.main import main as cli_main
+
+    expected = stub.Score(request(items=[ITEMS[1]]), timeout=30).results[0]
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"prompt": ITEMS[1][0], "response": ITEMS[1][1]}) + "\n"))
+    assert cli_main(["score", "--target", server.target]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["model_version"] == "mix@v0,double,small"
+    assert row["score"] == pytest.approx(expected.score, abs=1e-6)
+    components = {c.name: c for c in expected.components}
+    assert list(row["components"]) == list(components)
+    for name, got in row["components"].items():
+        assert got["value"] == pytest.approx(components[name].value, abs=1e-6)
+        assert got["weight"] == components[name].weight
+    # ensembles carry their spread and members; single terms do not
+    assert row["components"]["ens"]["std"] == pytest.approx(components["ens"].std, abs=1e-6)
+    assert list(row["components"]["ens"]["members"]) == ["v0", "double"]
+    assert "std" not in row["components"]["rm"]
+    assert cli_main(["drift", "report", "--target", server.target, "--component", "total"]) == 0
+    assert "component:total" in capsys.readouterr().out

@@ -19,6 +19,8 @@ def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
 def _register_report(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--target", required=True, help="HOST:PORT of a reward service")
     parser.add_argument("--model-version", default="", help="default: the active version")
+    parser.add_argument("--component", default="",
+                        help="a term of the service's reward spec, or 'total' (instead of a model version)")
     parser.add_argument("--png", help="write a histogram of reference vs current scores here")
     from services.common.client import add_client_tls_flags
 

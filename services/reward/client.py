@@ -132,6 +132,14 @@ def _item_error(err: grpc.RpcError) -> tuple[int, str] | None:
     return index, f"{field}: {message}"
 
 
+def _component_row(component: reward_pb2.RewardComponent) -> dict:
+    row = {"value": component.value, "weight": component.weight}
+    if len(component.member_scores) > 1:  # an ensemble: its spread is the point
+        row.update(mean=component.mean, std=component.std,
+                   members=dict(zip(component.versions, component.member_scores)))
+    return row
+
+
 class LineScorer:
     """``arbiter score``: JSON lines in, one JSON line of scores out per input
     line, in order, ``batch_size`` lines per request. It stops at the first
@@ -186,6 +194,8 @@ class LineScorer:
                 row["id"] = result.id
             if result.truncated:
                 row["truncated"] = True
+            if result.components:
+                row["components"] = {c.name: _component_row(c) for c in result.components}
             self.out.write(json.dumps(row) + "\n")
             self.scored += 1
         self.out.flush()

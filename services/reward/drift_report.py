@@ -77,7 +77,7 @@ def report_main(args) -> int:
     tls = client_tls_from_args(args, "arbiter drift report")
     try:
         with RewardClient(args.target, token=auth_token_from_env(), **tls.kwargs()) as client:
-            response = client.drift(args.model_version)
+            response = client.drift(args.model_version, component=args.component)
     except grpc.RpcError as err:
         print(f"arbiter drift report: {rpc_error_text(err, tls)}", file=sys.stderr)
         return 1
