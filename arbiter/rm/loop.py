@@ -223,6 +223,9 @@ class LoopMetrics:
         self.active_version = Gauge("arbiter_rm_loop_active_version",
                                     "Registry number of the active version (0: not a registry version).",
                                     registry=registry)
+        self.since_active = Gauge("arbiter_rm_loop_candidates_since_active",
+                                  "Candidates rejected, failed or rolled back since the last one that became "
+                                  "active (passed its watch).", registry=registry)
         self.last_promotion = Gauge("arbiter_rm_loop_last_promotion_timestamp_seconds",
                                     "Unix time of the last promotion.", registry=registry)
         self.commit_failures = Counter("arbiter_rm_loop_offset_commit_failures",
@@ -340,15 +343,18 @@ class RMLoop:
             replica.set_shadow("", 1.0)
         active, _ = self._active()
         self._export_active(active)
+        since = 0
         for version in self._loop_versions():
             record = version.loop_record()
             status = record.get("status", "evaluating")
+            since = 0 if status == "active" else since + (status in NOT_ACTIVE or status == "evaluating")
             if status == "evaluating":
                 self._finish(version, record, "abandoned", "the loop stopped before its gates finished",
                              outcome="failed")
             elif status == "watching" and version.version == active:
                 self._start_watch(version, record.get("previous_version", ""))
                 log.info("candidate %s: watching again after a restart", version.version)
+        self.metrics.since_active.set(since)
 
     # -- running -------------------------------------------------------------
 
@@ -666,6 +672,10 @@ class RMLoop:
             self.metrics.candidates.labels(outcome).inc()
         record.setdefault("events", [])
         record.update(status=status, reason=why)
+        if status == "active":
+            self.metrics.since_active.set(0)
+        elif status in NOT_ACTIVE:
+            self.metrics.since_active.inc()
         self._note(version, record, why)
         return status
 
