@@ -21,8 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +38,7 @@ from helpers import BackgroundServer, sample_value, wait_until
 from kafka import KafkaProducer
 
 from arbiter.config import ConfigError
+from arbiter.net import free_port
 from arbiter.rm.config import config_from_dict
 from arbiter.rm.loop import RMLoop, RMLoopSettings, held_out
 from arbiter.rm.registry import ModelRegistry
@@ -374,11 +380,37 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
         assert ids(v1.path / "holdout.jsonl") == ["p1", "p3", "p5"]
 
         produce(kafka, [preference(f"p{i}", f" yes {i}!", f" no {i}.") for i in range(6, 12)])
-        loop = RMLoop(settings, config, kafka, [replica(server)]).start()
+        # The third run is the command itself, stopped by SIGTERM once its round is over.
+        config_file = tmp_path / "rm.yaml"
+        config_file.write_text(json.dumps({
+            "model_dir": str(planted["base"]), "registry": config.registry, "name": "rm", "epochs": 1,
+            "batch_size": 4, "learning_rate": 1e-3,
+            "kafka": {"bootstrap_servers": kafka.bootstrap_servers[0], "topic_prefix": kafka.topic_prefix,
+                      "session_timeout_ms": 6000}}))
+        metrics_port = free_port()
+        command = [sys.executable, "-m", "cli", "rm", "loop", "--train-config", str(config_file),
+                   "--reward", server.target, "--reward-metrics",
+                   f"http://127.0.0.1:{server.running.metrics_port}/metrics", "--retrain-preferences", "6",
+                   "--holdout-fraction", "0.5", "--min-holdout", "1", "--accuracy-tolerance", "1",
+                   "--shadow-timeout-s", "0.5", "--check-interval-s", "0.1", "--metrics-port", str(metrics_port)]
+        log_path = tmp_path / "rm-loop.log"
+        with log_path.open("w") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
-            assert run_round(loop) == "rejected"
+            wait_until(lambda: process.poll() is None and len(registry.versions("rm")) == 2
+                       and registry.versions("rm")[1].loop_record().get("status") == "rejected", 120,
+                       lambda: f"the command's round (exit {process.poll()}): {log_path.read_text()[-2000:]}")
+            page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            assert 'arbiter_rm_loop_candidates_total{outcome="rejected"} 1.0' in page
+            assert "arbiter_rm_loop_candidates_since_active 2.0" in page  # v1 abandoned, v2 rejected
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0, log_path.read_text()[-2000:]
         finally:
-            loop.close()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert "candidate v2: not promoted, kept loaded but inactive" in log_path.read_text()
         v1_again, v2 = registry.versions("rm")
         # v1 never finished its gates: abandoned, so its preferences went into v2.
         assert v1_again.loop_record()["status"] == "abandoned"
@@ -392,3 +424,35 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
         assert (metrics["train_examples"], metrics["eval_examples"]) == (6, 6)
         assert v2.loop_record()["failed_gate"] == "shadow_samples"
         assert committed(kafka) == 12
+
+
+def test_stack_component_flags_parse_and_let_the_reward_service_load_from_the_registry(tiny_models, tmp_path):
+    import argparse
+
+    from arbiter.config import from_flags
+    from arbiter.rm.config import load_config
+    from services.rm_loop import add_arguments
+    from services.stack import Stack, StackConfig, service_args
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    config = StackConfig(policy_model=str(tiny_models["policy"]), reward_model=str(tiny_models["reward"]),
+                         prompts_file=str(prompts), workdir=str(tmp_path / "stack"),
+                         rm_loop={"retrain_preferences": 50, "watch_s": 120, "train": {"epochs": 2}})
+    registry = tmp_path / "stack" / "rm-registry"
+    args = service_args(config, "reward", tiny_models["reward"], 5001, 9101)
+    assert args[args.index("--model-roots", args.index("--model-roots") + 1) + 1] == str(registry)
+    stack = Stack(config)
+    stack.workdir.mkdir(parents=True)
+    stack.targets["reward"], stack.metrics_ports["reward"] = "127.0.0.1:5001", 9101
+    flags = stack._rm_loop_args()
+    assert flags[:2] == ["rm", "loop"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_flags(RMLoopSettings, parser.parse_args(flags[2:]))
+    assert (settings.reward, settings.reward_metrics) == (("127.0.0.1:5001",), ("http://127.0.0.1:9101/metrics",))
+    assert (settings.retrain_preferences, settings.watch_s, settings.metrics_port) == (50, 120.0, 9106)
+    train = load_config(settings.train_config)
+    assert (train.model_dir, train.registry, train.epochs) == (str(tiny_models["reward"].resolve()), str(registry), 2)
+    with pytest.raises(Exception, match="rm_loop needs metrics"):
+        StackConfig(**{**config.__dict__, "metrics": False})
