@@ -291,6 +291,7 @@ class RMLoop:
         self.batch: TopicBatch | None = None
         self.watch: _Watch | None = None
         self.last_round = time.monotonic()
+        self._deferred = False
 
     # -- start ---------------------------------------------------------------
 
@@ -354,6 +355,9 @@ class RMLoop:
             elif status == "watching" and version.version == active:
                 self._start_watch(version, record.get("previous_version", ""))
                 log.info("candidate %s: watching again after a restart", version.version)
+            elif status == "watching":
+                self._finish(version, record, "rolled_back", f"found inactive ({active} serves) when the loop "
+                             "restarted during its watch", outcome=None)
         self.metrics.since_active.set(since)
 
     # -- running -------------------------------------------------------------
@@ -413,8 +417,12 @@ class RMLoop:
         fraction = self.settings.holdout_fraction
         held = [e for e in batch.examples if held_out(_offset(e), fraction)]
         if len(held) == len(batch.examples):
-            log.info("round deferred: all %d new preference(s) are held out; waiting for one to train on", len(held))
+            if not self._deferred:
+                log.info("round deferred: all %d new preference(s) are held out; waiting for one to train on",
+                         len(held))
+            self._deferred = True
             return None
+        self._deferred = False
         self.metrics.retrains.labels(trigger).inc()
         active, active_path = self._active()
         versions = self._loop_versions()
