@@ -117,6 +117,17 @@ class Planted:
         return SimpleNamespace(version=version)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The servers' and trainer's forwards here are tiny: on the shared cores,
+    syncing two intra-op threads costs more than it saves (sampling 16
+    completions took 13 s with two, 0.5 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def planted(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
@@ -363,9 +374,12 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
     registry = ModelRegistry(config.registry)
     # Gates that end quickly: no traffic, so the shadow gate gives up after 0.5 s.
     settings = loop_settings(min_holdout=1, accuracy_tolerance=1.0, shadow_timeout_s=0.5)
+    # The second run retrains on the interval (1.5 s after its start), not the count.
+    by_interval = loop_settings(min_holdout=1, accuracy_tolerance=1.0, shadow_timeout_s=0.5,
+                                retrain_preferences=100, retrain_interval_s=1.5)
     with serve(planted["base"], model_roots) as server:
-        for trainer in (crash_mid_training, crash_after_publishing):
-            loop = RMLoop(settings, config, kafka, [replica(server)], trainer=trainer).start()
+        for trainer, run_settings in ((crash_mid_training, settings), (crash_after_publishing, by_interval)):
+            loop = RMLoop(run_settings, config, kafka, [replica(server)], trainer=trainer).start()
             try:
                 with pytest.raises(Crash):
                     run_round(loop)
@@ -376,6 +390,7 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
         # covering offsets 0-5 (held out: 1, 3, 5), its offsets not committed.
         [v1] = registry.versions("rm")
         assert v1.metadata()["lineage"]["preference_offsets"] == {wire: {"0": [0, 6]}}
+        assert v1.metadata()["lineage"]["trigger"] == "interval"
         assert ids(v1.path / "preferences.jsonl") == ["p0", "p2", "p4"]
         assert ids(v1.path / "holdout.jsonl") == ["p1", "p3", "p5"]
 
@@ -456,3 +471,75 @@ def test_stack_component_flags_parse_and_let_the_reward_service_load_from_the_re
     assert (train.model_dir, train.registry, train.epochs) == (str(tiny_models["reward"].resolve()), str(registry), 2)
     with pytest.raises(Exception, match="rm_loop needs metrics"):
         StackConfig(**{**config.__dict__, "metrics": False})
+
+
+# -- the PPO trainer across reward-model swaps (raw scores, per-version moments) --
+
+
+def test_versioned_moments_by_hand():
+    from trainer.ppo_math import VersionedMoments
+
+    moments = VersionedMoments()
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # A promoted version scoring on another scale: 100x + 50. Each version's
+    # own moments make both z-scores: (x - 2.5) / std, std = sqrt(5/3).
+    moments.update(x, ["v1"] * 4)
+    moments.update(100 * x + 50, ["v2"] * 4)
+    z = (x - 2.5) / math.sqrt(5 / 3)
+    assert moments.normalize(x, ["v1"] * 4) == pytest.approx(z.tolist(), abs=1e-6)
+    assert moments.normalize(100 * x + 50, ["v2"] * 4) == pytest.approx(z.tolist(), abs=1e-6)
+    # A batch mixing versions: row by row, each with its own version's moments.
+    mixed = moments.normalize(torch.tensor([1.0, 450.0]), ["v1", "v2"])
+    assert mixed.tolist() == pytest.approx([z[0].item(), z[3].item()], abs=1e-6)
+    # A version's first lone score gives no reward signal.
+    moments.update(torch.tensor([7.0]), ["v3"])
+    assert moments.normalize(torch.tensor([7.0]), ["v3"]).tolist() == [0.0]
+    assert moments.count == 9
+    # A checkpoint from before per-version moments: the first version seen adopts its one set.
+    legacy = VersionedMoments()
+    legacy.load_state_dict({"mean": 2.5, "var": 1.25, "count": 4})
+    legacy.update(torch.tensor([2.5]), ["v1"])
+    assert legacy.versions["v1"].state_dict() == {"mean": 2.5, "var": 1.0, "count": 5}
+    restored = VersionedMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.state_dict() == moments.state_dict()
+
+
+def test_ppo_goes_on_across_a_reward_model_promotion_on_the_new_scale(tiny_models, tmp_path):
+    from arbiter.stream import KafkaSettings
+    from trainer.batch import Trajectory, collate
+    from trainer.config import config_from_dict as trainer_config
+    from trainer.loop import PPOTrainer
+    from trainer.ppo_math import VersionedMoments
+    from trainer.step import reward_scores
+
+    from tests.rollout_fixtures import sample_trajectories
+
+    config = trainer_config({"model_dir": str(tiny_models["policy"]), "output_dir": str(tmp_path / "run"), "ppo": {
+        "batch_size": 16, "minibatch_size": 8, "epochs": 2, "learning_rate": 1e-2,
+        "kl": {"mode": "fixed", "init_coef": 0.01}}})
+    trainer = PPOTrainer(config, KafkaSettings())
+
+    def scored(seed: int, version: str, scale: float = 1.0, shift: float = 0.0) -> list[Trajectory]:
+        sampled = sample_trajectories(trainer.model.lm, trainer.model.tokenizer, 16, seed=seed)
+        return [Trajectory(**{**t.__dict__, "reward": scale * t.reward + shift, "reward_model_version": version})
+                for t in sampled]
+
+    # Two updates under rm-v1, then rm-v2 is promoted: the same ordering, 100x the scale, shifted by 1000.
+    batches = [scored(1, "rm-v1"), scored(2, "rm-v1"), scored(3, "rm-v2", 100.0, 1000.0)]
+    stats = [trainer.train_on(batch).stats for batch in batches]
+    # rm-v2's first batch defines its moments: its normalized rewards have mean 0, as rm-v1's first did.
+    assert stats[0].reward_normalized == pytest.approx(0.0, abs=1e-5)
+    assert stats[2].reward_normalized == pytest.approx(0.0, abs=1e-5)
+    assert stats[2].skipped_steps == 0
+    assert stats[2].value_loss <= 3 * max(stats[0].value_loss, stats[1].value_loss)
+
+    # One set of moments for every version (what the trainer did before) would
+    # have moved rm-v2's rewards by sqrt(n1/n2 * (n-1)/n) standard deviations
+    # (n1 = 32 rm-v1 scores, n2 = 16 far away, n = 48), flattening their spread.
+    single, cfg = VersionedMoments(), config.ppo
+    for batch in batches:
+        scores = reward_scores(collate([Trajectory(**{**t.__dict__, "reward_model_version": ""}) for t in batch], 0),
+                               single, cfg)
+    assert scores.mean().item() == pytest.approx(math.sqrt(32 / 16 * 47 / 48), abs=0.01)
+    assert scores.std().item() < 0.2
