@@ -282,6 +282,8 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             assert sample_value(loop.metrics.registry, "arbiter_stream_records_rejected_total",
                                 topic="preferences", reason="undecodable") == 1
             assert trainer.calls[0]["examples"] == ["t2", "t4", "t6"]
+            # Training continues from the active version: the replicas' base checkpoint.
+            assert Path(trainer.calls[0]["model_dir"]).resolve() == planted["base"].resolve()
             record = v1.loop_record()
             assert record["status"] == "rejected" and record["failed_gate"] == "holdout_accuracy"
             accuracy = record["gates"]["holdout_accuracy"]
@@ -318,6 +320,7 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             assert run_round(loop) == "promoted"
             v3 = registry.get("rm", "v3")
             assert v3.metadata()["lineage"]["carried_over"] == []
+            assert Path(trainer.calls[2]["model_dir"]).resolve() == v2.path.resolve()
             assert v3.loop_record()["gates"]["holdout_accuracy"]["active"] == 1.0
             assert active_versions(servers) == ["v3", "v3"]
             traffic.items = [" good!", " nice!"]
