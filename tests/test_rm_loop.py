@@ -13,7 +13,9 @@ three pairs (!, .), (!, ?), (., ?); live traffic is '!' and '?' items only.
     drifting      as C+, shipping calibration scores of the shadow traffic
 
 On the traffic ('!' and '?'), A, C+ and the drifting one all order ! > ?, and
-same-character items tie in both: pairwise agreement 1 and Spearman 1.
+same-character items tie in both: pairwise agreement 1 and Spearman 1. A
+second C+ then passes the gates but fails the post-promotion check on a
+replica that falls back to its previous version.
 """
 
 from __future__ import annotations
@@ -231,6 +233,20 @@ class Traffic:
             channel.close()
 
 
+class Reverting(GrpcReplica):
+    """A real replica that, once asked, goes back to its previous version
+    right after a promotion, as one restarted onto its --model would."""
+
+    revert_once = False
+
+    def activate(self, version: str) -> str:
+        previous = super().activate(version)
+        if self.revert_once:
+            self.revert_once = False
+            super().activate(previous)
+        return previous
+
+
 def test_settings_name_the_field():
     with pytest.raises(ConfigError, match="reward_metrics"):
         loop_settings(reward_metrics=())
@@ -249,7 +265,7 @@ def active_versions(servers) -> list[str]:
     return [replica(s).active()[0] for s in servers]
 
 
-def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_back_drift(
+def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_back(
         planted, kafka, tmp_path, model_roots, caplog):
     caplog.set_level(logging.INFO)
     wire = kafka.topic(topics.PREFERENCES)
@@ -257,7 +273,8 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
     # ('!' and '?' alternating under C+'s values): shadowing matches them,
     # traffic of '!' alone after its promotion is a shift of about +1 std.
     calibration = [planted_score(BETTER["!"]), planted_score(BETTER["?"])] * 50
-    trainer = Planted([(planted["worse"], None), (planted["better"], None), (planted["drifting"], calibration)])
+    trainer = Planted([(planted["worse"], None), (planted["better"], None), (planted["drifting"], calibration),
+                       (planted["better"], None)])
     garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
     produce(kafka, [garbage, *one_round(1)])
     config = train_config(tmp_path, planted["base"])
@@ -265,7 +282,8 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             Traffic([one, two], [" good!", " what?", " nice!", " so?"]) as traffic:
         servers = [one, two]
         settings = loop_settings(watch_s=3.0)
-        loop = RMLoop(settings, config, kafka, [replica(s) for s in servers], trainer=trainer).start()
+        reverting = Reverting(two.target, f"http://127.0.0.1:{two.running.metrics_port}/metrics")
+        loop = RMLoop(settings, config, kafka, [replica(one), reverting], trainer=trainer).start()
         try:
             # Round 1: the worse candidate. Held out: offsets 1, 3, 5 (offset 0 is the garbage).
             assert run_round(loop) == "rejected"
@@ -332,6 +350,21 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             assert sample_value(loop.metrics.registry, "arbiter_rm_loop_active_version") == 2
             assert sample_value(loop.metrics.registry, "arbiter_rm_loop_candidates_total", outcome="promoted") == 2
             assert sample_value(loop.metrics.registry, "arbiter_rm_loop_candidates_total", outcome="rejected") == 1
+
+            # Round 4: the second replica falls back to its previous version right after
+            # the promotion (a restart onto its --model, say): the check rolls both back.
+            traffic.items = [" good!", " what?", " nice!", " so?"]
+            reverting.revert_once = True
+            produce(kafka, one_round(19))
+            assert run_round(loop) == "rolled_back"
+            record = registry.get("rm", "v4").loop_record()
+            assert record["reason"] == (f"rolled back to v2: {two.target} answers with 'v2', not the promoted 'v4'")
+            assert registry.get("rm", "v4").metadata()["lineage"]["carried_over"] == ["v3"]
+            assert active_versions(servers) == ["v2", "v2"]
+            assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total",
+                                cause="post_promotion_check") == 1
+            # v1 rejected, v2 active, v3 and v4 rolled back: two since the last that stayed active.
+            assert sample_value(loop.metrics.registry, "arbiter_rm_loop_candidates_since_active") == 2
         finally:
             loop.close()
 
