@@ -62,7 +62,8 @@ from services.common.metrics import stop_metrics_endpoint
 log = logging.getLogger(__name__)
 
 # Default metrics ports: the ones infra/prometheus/prometheus.yml scrapes.
-METRICS_PORTS = {"stack": 9100, "reward": 9101, "policy": 9102, "reference": 9103, "worker": 9104, "trainer": 9105}
+METRICS_PORTS = {"stack": 9100, "reward": 9101, "policy": 9102, "reference": 9103, "worker": 9104, "trainer": 9105,
+                 "rm-loop": 9106}
 BROKER_STORAGES = ("s3", "memory")
 SUPERVISE_INTERVAL_S = 0.2
 
@@ -98,6 +99,11 @@ class StackConfig:
     worker: dict[str, Any] = field(default_factory=dict)
     # Trainer config fields (trainer/config.py); model_dir, output_dir and kafka are filled in.
     trainer: dict[str, Any] = field(default_factory=dict)
+    # `arbiter rm loop` as a component when set (needs metrics): its settings
+    # (arbiter/rm/loop.py RMLoopSettings, e.g. retrain_preferences) and under
+    # `train` arbiter train rm's config (model_dir defaults to reward_model,
+    # registry to WORKDIR/rm-registry); the reward service may load from the registry.
+    rm_loop: dict[str, Any] | None = None
     # Supervision: at most restart_budget restarts of one component within
     # restart_window_s (0: never restart); the delay before a restart doubles
     # from restart_backoff_s up to restart_backoff_max_s, and falls back to
@@ -124,6 +130,8 @@ class StackConfig:
         for name in ("restart_window_s", "restart_backoff_s", "restart_reset_after_s"):
             if not getattr(self, name) > 0:
                 raise StackError(f"{name}={getattr(self, name)} is invalid: must be > 0")
+        if self.rm_loop is not None and not self.metrics:
+            raise StackError("rm_loop needs metrics: true (the loop reads the reward service's shadow agreement there)")
         if self.restart_backoff_max_s < self.restart_backoff_s:
             raise StackError(f"restart_backoff_max_s={self.restart_backoff_max_s} is invalid: must be >= "
                              f"restart_backoff_s ({self.restart_backoff_s})")
@@ -168,12 +176,21 @@ def service_args(config: StackConfig, kind: str, model: str | Path, port: int, m
     args = ["serve", kind, "--model", str(model), "--port", str(port), "--torch-threads", str(config.torch_threads)]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
+    if kind == "reward" and config.rm_loop is not None:
+        roots = (Path(model).resolve().parent, rm_registry_dir(config))
+        args += [arg for root in roots for arg in ("--model-roots", str(root))]
     if kind == "policy":
         # Versions the trainer publishes load from its output; --model's
         # directory stays loadable too (the default root).
         roots = (Path(model).resolve().parent, trainer_policies_dir(config))
         args += ["--follow-updates", *(arg for root in roots for arg in ("--model-roots", str(root)))]
     return args
+
+
+def rm_registry_dir(config: StackConfig) -> Path:
+    """Where the stack's RM loop publishes reward-model versions."""
+    registry = (config.rm_loop or {}).get("train", {}).get("registry")
+    return Path(registry).resolve() if registry else Path(config.workdir).resolve() / "rm-registry"
 
 
 def trainer_policies_dir(config: StackConfig) -> Path:
@@ -445,6 +462,8 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         # The policy's --model-roots must exist before its first version does.
         trainer_policies_dir(c).mkdir(parents=True, exist_ok=True)
+        if c.rm_loop is not None:
+            rm_registry_dir(c).mkdir(parents=True, exist_ok=True)
         try:
             self._start_broker()
             self._ensure_topics()
@@ -472,6 +491,8 @@ class Stack:
                     self.metrics_ports[f"worker-{i}"] = self._metrics_port("worker") if i == 0 else free_port()
                 self._spawn(f"worker-{i}", worker_args(c, i, self.targets, self.metrics_ports.get(f"worker-{i}")),
                             always=False)
+            if c.rm_loop is not None:
+                self._spawn("rm-loop", self._rm_loop_args(), always=False)
             self._wait_for_log("trainer", "trainer ready", wait_s)
             self._supervise()
         except BaseException:
@@ -546,6 +567,23 @@ class Stack:
         path.write_text(yaml.safe_dump(config))
         return path
 
+    def _rm_loop_args(self) -> list[str]:
+        """``arbiter rm loop`` flags: the stack's reward service, its training config written here."""
+        c = self.config
+        settings = {k: v for k, v in c.rm_loop.items() if k != "train"}
+        train = {"model_dir": str(Path(c.reward_model).resolve()), "registry": str(rm_registry_dir(c)),
+                 "torch_threads": c.torch_threads, "seed": c.seed, **c.rm_loop.get("train", {}),
+                 "kafka": {"session_timeout_ms": 6000, **c.rm_loop.get("train", {}).get("kafka", {})}}
+        path = self.workdir / "rm-loop.yaml"
+        path.write_text(yaml.safe_dump(train))
+        self.metrics_ports["rm-loop"] = self._metrics_port("rm-loop")
+        args = ["rm", "loop", "--train-config", str(path), "--reward", self.targets["reward"],
+                "--reward-metrics", f"http://127.0.0.1:{self.metrics_ports['reward']}/metrics",
+                "--metrics-port", str(self.metrics_ports["rm-loop"])]
+        for key, value in settings.items():
+            args += ["--" + key.replace("_", "-"), str(value)]
+        return args
+
     def process(self, name: str) -> ManagedProcess:
         return next(p for p in self.processes if p.name == name)
 
@@ -592,7 +630,7 @@ class Stack:
         # Producers first (workers), then the trainer, then the services, then
         # the broker; the members of a tier drain together.
         tiers = ([p for p in self.processes if p.name.startswith("worker-")],
-                 [p for p in self.processes if p.name == "trainer"],
+                 [p for p in self.processes if p.name in ("trainer", "rm-loop")],
                  [p for p in self.processes if p.always])
         for tier in tiers:
             for process in tier:

@@ -52,6 +52,8 @@ class PPOBatch:
     # (B,) scores normalized with their reward-model versions' statistics; None
     # unless every trajectory has one.
     rm_normalized_scores: Tensor | None = None
+    # (B,) the reward-model version of each score (raw scores are normalized per version).
+    reward_model_versions: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -64,6 +66,8 @@ class PPOBatch:
             old_logprobs=self.old_logprobs[index], ref_logprobs=self.ref_logprobs[index], scores=self.scores[index],
             group_ids=[self.group_ids[i] for i in index.tolist()],
             rm_normalized_scores=None if self.rm_normalized_scores is None else self.rm_normalized_scores[index],
+            reward_model_versions=tuple(self.reward_model_versions[i] for i in index.tolist())
+            if self.reward_model_versions else (),
         )
 
 
@@ -93,7 +97,8 @@ def collate(trajectories: Sequence[Trajectory], pad_id: int) -> PPOBatch:
     normalized = [t.reward_normalized for t in trajectories]
     rm_normalized = None if None in normalized else torch.tensor(normalized, dtype=torch.float32)
     return PPOBatch(input_ids, attention_mask, positions, completion_ids, mask, old_logprobs, ref_logprobs, scores,
-                    [t.group_id for t in trajectories], rm_normalized)
+                    [t.group_id for t in trajectories], rm_normalized,
+                    tuple(t.reward_model_version for t in trajectories))
 
 
 def gather_positions(per_position: Tensor, positions: Tensor) -> Tensor:

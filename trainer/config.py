@@ -72,13 +72,14 @@ class PPOConfig:
     advantage: str = "gae"
     samples_per_prompt: int = 1
     # Which score of a rollout is the reward. "raw": Rollout.reward, the reward
-    # model's raw score, normalized by the trainer's running statistics when
-    # normalize_rewards is set. "reward_model": Rollout.reward_normalized, the
-    # score normalized with the statistics its reward-model version ships, so
-    # rewards keep one scale when the reward model is swapped mid-run (running
-    # statistics would mix the versions' scales until they caught up);
-    # normalize_rewards does not apply, and a rollout whose reward model ships
-    # no statistics is dropped as invalid.
+    # model's raw score, normalized by the trainer's running statistics of its
+    # reward-model version (Rollout.reward_model_version; ppo_math.VersionedMoments)
+    # when normalize_rewards is set, so a swapped-in RM does not shift the scale
+    # and a batch mixing versions normalizes each row with its own version's.
+    # "reward_model": Rollout.reward_normalized, the score normalized with the
+    # statistics its reward-model version ships, so rewards keep one scale from
+    # a new version's first rollout on; normalize_rewards does not apply, and a
+    # rollout whose reward model ships no statistics is dropped as invalid.
     reward_source: str = "raw"
     # With reward_source raw: normalize RM scores with running mean and std
     # before the KL penalty (reward normalization).

@@ -83,7 +83,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=ppo.learning_rate)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.kl_controller = make_kl_controller(ppo)
-        self.reward_moments = pm.RunningMoments()
+        self.reward_moments = pm.VersionedMoments()
         self.state = TrainerState(
             step=0, policy_version=self.model.base_version, version_steps={self.model.base_version: 0}
         )

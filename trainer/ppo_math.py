@@ -645,6 +645,70 @@ class RunningMoments:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), count
 
 
+class VersionedMoments:
+    """Running moments of raw reward-model scores, one ``RunningMoments`` per
+    reward-model version (``Rollout.reward_model_version``).
+
+    A reward model promoted mid-run (``arbiter rm loop``) scores on its own
+    scale: its scores normalized with statistics gathered under the previous
+    version would hand PPO a reward shifted by the difference between the two
+    scales, a jump in advantages and in the value head's targets. Normalized
+    with its own version's moments, every score is a z-score of its version,
+    so the value head and the KL controller (which only sees KL) keep one
+    scale across the swap. A batch mixing versions (rollouts sampled before
+    and after a promotion) is normalized row by row, each row with its own
+    version's moments after they took that version's scores of the batch. A
+    version's first lone score normalizes to 0 (no reward signal) until a
+    second one arrives. A checkpoint written before per-version moments
+    holds one set: the first version seen after resuming adopts it.
+    """
+
+    # The key of a checkpoint's moments from before per-version moments.
+    LEGACY = "\0legacy"
+
+    def __init__(self) -> None:
+        self.versions: dict[str, RunningMoments] = {}
+
+    @property
+    def count(self) -> int:
+        return sum(m.count for key, m in self.versions.items() if key != self.LEGACY)
+
+    @staticmethod
+    def _rows(versions: Sequence[str]) -> dict[str, Tensor]:
+        rows: dict[str, list[int]] = {}
+        for i, version in enumerate(versions):
+            rows.setdefault(version, []).append(i)
+        return {version: torch.tensor(index) for version, index in rows.items()}
+
+    def update(self, xs: Tensor, versions: Sequence[str]) -> None:
+        """Fold each element of xs (B,) into the moments of its version (B names)."""
+        if len(versions) != xs.numel():
+            raise InvalidInput("versions", f"names {len(versions)} versions for {xs.numel()} scores")
+        for version, index in self._rows(versions).items():
+            if version not in self.versions and self.LEGACY in self.versions:
+                self.versions[version] = self.versions.pop(self.LEGACY)
+            self.versions.setdefault(version, RunningMoments()).update(xs[index])
+
+    def normalize(self, xs: Tensor, versions: Sequence[str], eps: float = 1e-8) -> Tensor:
+        out = torch.empty_like(xs)
+        for version, index in self._rows(versions).items():
+            moments = self.versions.get(version)
+            if moments is None:
+                raise FailedPrecondition(f"no reward statistics of reward-model version {version!r}: update first")
+            out[index] = moments.normalize(xs[index], eps=eps) if moments.count >= 2 else xs[index] - moments.mean
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"versions": {version: m.state_dict() for version, m in self.versions.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        legacy = {} if "versions" in state or not state else {self.LEGACY: state}
+        self.versions = {}
+        for version, moments in {**state.get("versions", {}), **legacy}.items():
+            self.versions[version] = RunningMoments()
+            self.versions[version].load_state_dict(moments)
+
+
 # ----------------------------------------------------------------------------
 # Staleness of asynchronous rollouts
 

@@ -53,15 +53,18 @@ def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) 
     return pm.token_logprobs(logits, batch.completion_ids), values, logits
 
 
-def reward_scores(batch: PPOBatch, reward_moments: pm.RunningMoments, cfg: PPOConfig) -> Tensor:
-    """(B,) the scores the update rewards, per ``cfg.reward_source``."""
+def reward_scores(batch: PPOBatch, reward_moments: pm.VersionedMoments, cfg: PPOConfig) -> Tensor:
+    """(B,) the scores the update rewards, per ``cfg.reward_source``; raw
+    scores are normalized with the running moments of their own reward-model
+    version (``VersionedMoments``: a promoted RM does not shift the scale)."""
     if cfg.reward_source == "reward_model":
         if batch.rm_normalized_scores is None:
             raise InvalidInput("batch", "reward_source is reward_model, but some rollouts have no RM-normalized reward")
         return batch.rm_normalized_scores
-    reward_moments.update(batch.scores)
-    if cfg.normalize_rewards and reward_moments.count >= 2:
-        return reward_moments.normalize(batch.scores)
+    versions = batch.reward_model_versions or ("",) * batch.size
+    reward_moments.update(batch.scores, versions)
+    if cfg.normalize_rewards:
+        return reward_moments.normalize(batch.scores, versions)
     return batch.scores
 
 
@@ -70,7 +73,7 @@ def ppo_update(
     optimizer: torch.optim.Optimizer,
     batch: PPOBatch,
     kl_controller: pm.KLController,
-    reward_moments: pm.RunningMoments,
+    reward_moments: pm.VersionedMoments,
     cfg: PPOConfig,
     generator: torch.Generator,
     ptx_batches: Iterator[tuple[Tensor, Tensor]] | None = None,

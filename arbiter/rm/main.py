@@ -117,6 +117,8 @@ def list_main(args) -> int:
                     "name": name, "version": version.version, "path": str(version.path),
                     "parent_version": meta.get("parent_version"), "eval_accuracy": metrics.get("eval_accuracy"),
                     "train_examples": metrics.get("train_examples"), "normalization": meta.get("normalization"),
+                    # What arbiter rm loop decided (active, rejected, rolled_back, ...), if it trained it.
+                    "loop_status": version.loop_record().get("status"),
                 })
     except ArbiterError as err:
         print(f"arbiter rm list: {err}", file=sys.stderr)
@@ -125,13 +127,14 @@ def list_main(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title=f"reward models in {args.registry}")
-    for column in ("name", "version", "parent", "eval acc", "train examples", "path"):
+    for column in ("name", "version", "parent", "eval acc", "train examples", "loop", "path"):
         table.add_column(column)
     for row in rows:
         accuracy = row["eval_accuracy"]
         table.add_row(
             row["name"], row["version"], row["parent_version"] or "-",
-            "-" if accuracy is None else f"{accuracy:.4f}", str(row["train_examples"] or "-"), row["path"],
+            "-" if accuracy is None else f"{accuracy:.4f}", str(row["train_examples"] or "-"),
+            row["loop_status"] or "-", row["path"],
         )
     Console().print(table)
     return 0

@@ -9,7 +9,9 @@ Each version directory is an ordinary Hugging Face checkpoint (safetensors
 only) that ``LoadModelVersion`` accepts as is; its ``arbiter.json`` says
 ``name``, ``version``, ``parent_version``, ``metrics``, the normalization
 statistics, calibration scores and ``text_convention`` (how plain text was
-built in training: ``arbiter.reward.convention.TextConvention``).
+built in training: ``arbiter.reward.convention.TextConvention``). A version
+``arbiter rm loop`` trained also holds its ``lineage`` in arbiter.json and
+``loop.json`` (its gates and status, updated as the loop decides).
 
 Versions are allocated atomically: a version is written completely into a
 staging directory next to the versions, then renamed to the next free
@@ -38,6 +40,10 @@ from arbiter.hf import METADATA_FILE, read_metadata
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 _STAGING_PREFIX = ".staging-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Beside a version's weights: the gates, status and events ``arbiter rm loop``
+# recorded for it. The only file of a version written after it is published
+# (the weights and arbiter.json never change).
+LOOP_RECORD = "loop.json"
 
 
 class RegistryError(ArbiterError):
@@ -61,6 +67,21 @@ class RegistryVersion:
                 "sample_count": meta.normalization.sample_count,
             }
         return out
+
+    def loop_record(self) -> dict[str, Any]:
+        """What ``arbiter rm loop`` decided about this version (``LOOP_RECORD``; {} when nothing)."""
+        path = self.path / LOOP_RECORD
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_loop_record(self, record: dict[str, Any]) -> None:
+        """Replace the loop's record, atomically (a reader sees the old or the new one)."""
+        fd, tmp = tempfile.mkstemp(prefix=".loop-", dir=self.path)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.path / LOOP_RECORD)
 
 
 class ModelRegistry:

@@ -28,7 +28,7 @@ from typing import Any
 from arbiter.rm.config import TopicConfig
 from arbiter.rm.data import DataError, DatasetError, RankedExample, TooLong, dedupe, parse_row
 from arbiter.stream import KafkaSettings, StreamConsumer, codec, merge_offsets, topics
-from arbiter.stream.types import ConsumedRecord, TopicPartition
+from arbiter.stream.types import ConsumedRecord, RecordBatch, TopicPartition
 
 
 def preference_example(preference, where: str) -> RankedExample:
@@ -55,6 +55,53 @@ class TopicBatch:
     _offsets: dict[TopicPartition, int] = field(default_factory=dict)
     # The record of each example, by its source (topic[partition]@offset).
     _records: dict[str, ConsumedRecord] = field(default_factory=dict, repr=False)
+
+    # {partition: first offset read} and {partition: next offset} of what
+    # this batch read: the offsets a version trained on it covers.
+    first_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def take(self, polled: RecordBatch) -> list[DataError]:
+        """Add what one poll delivered: each preference as an example, each
+        poison record (already skipped by the consumer) and each preference
+        the training format refuses (rejected here as ``invalid_record``)
+        to ``skipped``, naming its topic[partition]@offset. Returns the
+        refusals instead when ``skip_invalid`` is off."""
+        errors: list[DataError] = []
+        for rejected in polled.rejected:
+            self.skipped.append(f"{rejected.topic}[{rejected.partition}]@{rejected.offset}: {rejected.error}")
+        for record in [*polled.records, *polled.rejected]:
+            tp = TopicPartition(record.topic, record.partition)
+            self.first_offsets[tp] = min(self.first_offsets.get(tp, record.offset), record.offset)
+        self._offsets = merge_offsets(self._offsets, polled.next_offsets())
+        for record in polled.records:
+            self.records += 1
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
+            try:
+                self.examples.append(preference_example(record.message, where))
+                self._records[where] = record
+            except DataError as err:
+                if self.skip_invalid:
+                    self._consumer.reject(record, "invalid_record", err)
+                    self.skipped.append(str(err))
+                else:
+                    errors.append(err)
+        self.skipped_reasons = dict(self._consumer.stats().rejected_reasons)
+        return errors
+
+    def settle(self) -> None:
+        """Once reading is done: a client retrying a SubmitPreference it saw
+        no answer to produces the same preference id twice, trained on once."""
+        unique = dedupe(self.examples)
+        self.duplicates += len(self.examples) - len(unique)
+        self.examples = unique
+
+    def offsets(self) -> dict[TopicPartition, int]:
+        """{partition: next offset} after everything this batch read."""
+        return dict(self._offsets)
+
+    def row(self, example: RankedExample) -> dict[str, Any]:
+        """The training-format row of an example read by this batch."""
+        return codec.preference_to_row(self._records[example.source].message)
 
     def usable(self, examples: Sequence[RankedExample],
                encode: Callable[[RankedExample], Any]) -> list[RankedExample]:
@@ -122,40 +169,19 @@ def read_preferences(kafka: KafkaSettings, config: TopicConfig, join_timeout_s: 
         if group:
             consumer.wait_for_assignment(join_timeout_s)
         errors: list[DataError] = []
-        offsets: dict[TopicPartition, int] = {}
         last = time.monotonic()
         while time.monotonic() - last < config.idle_timeout_s:
             remaining = None if config.max_records is None else config.max_records - batch.records
             if remaining is not None and remaining <= 0:
                 break
             polled = consumer.poll(timeout_s=min(1.0, config.idle_timeout_s), max_records=remaining)
-            for rejected in polled.rejected:
-                batch.skipped.append(f"{rejected.topic}[{rejected.partition}]@{rejected.offset}: {rejected.error}")
             if not polled.records and not polled.rejected:
                 continue
             last = time.monotonic()
-            offsets = merge_offsets(offsets, polled.next_offsets())
-            for record in polled.records:
-                batch.records += 1
-                where = f"{record.topic}[{record.partition}]@{record.offset}"
-                try:
-                    batch.examples.append(preference_example(record.message, where))
-                    batch._records[where] = record
-                except DataError as err:
-                    if config.skip_invalid:
-                        consumer.reject(record, "invalid_record", err)
-                        batch.skipped.append(str(err))
-                    else:
-                        errors.append(err)
+            errors += batch.take(polled)
         if errors:
             raise DatasetError(errors)
-        # A client retrying a SubmitPreference it saw no answer to produces the
-        # same preference id twice: trained on once.
-        unique = dedupe(batch.examples)
-        batch.duplicates = len(batch.examples) - len(unique)
-        batch.examples = unique
-        batch.skipped_reasons = dict(consumer.stats().rejected_reasons)
-        batch._offsets = offsets
+        batch.settle()
         return batch
     except BaseException:
         consumer.close()

@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -260,12 +260,16 @@ def train_reward_model(
     *,
     console=None,
     on_step: Callable[[int, float], None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train on ``config.data`` plus the preferences read from the topic, and
     publish the result as the next registry version. A malformed file row
     stops the run (DatasetError); a preference from the topic the model
     cannot take is rejected through ``topic`` (``TopicBatch.usable``) and
-    training goes on without it."""
+    training goes on without it. ``metadata`` (more arbiter.json fields,
+    e.g. the RM loop's lineage) and ``files`` ({name: text}, written beside
+    the weights) are published with the version, atomically with it."""
     started = time.monotonic()
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -395,10 +399,13 @@ def train_reward_model(
     with registry.staging(config.name) as staged:
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
+        for name, text in (files or {}).items():
+            (staged / name).write_text(text)
         metrics["seconds"] = round(time.monotonic() - started, 3)
         version = registry.publish(
-            config.name, staged, parent_version=parent_version, metrics=metrics, normalization=normalization,
-            calibration_scores=calibration, training=training, text_convention=convention.to_json(),
+            config.name, staged, **(metadata or {}), parent_version=parent_version, metrics=metrics,
+            normalization=normalization, calibration_scores=calibration, training=training,
+            text_convention=convention.to_json(),
         )
     log.info("published %s %s at %s", config.name, version.version, version.path)
     return TrainResult(version, init_kind, parent_version, metrics, normalization, calibration, convention.to_json())

@@ -1,4 +1,4 @@
-"""``arbiter rm list|shadow|shadow-live|submit``: reward-model versions in the registry and in service."""
+"""``arbiter rm list|shadow|shadow-live|submit|loop``: reward-model versions in the registry and in service."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
         ),
         "submit": (delegate("services.reward.submit", "add_arguments", "main"),
                    "send labelled JSON lines to SubmitPreference (preferences topic)"),
+        "loop": (delegate("services.rm_loop", "add_arguments", "main"),
+                 "retrain from the preferences topic, gate, shadow, promote and roll back by itself"),
     }, argv)
 
 
