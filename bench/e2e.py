@@ -52,6 +52,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from bench.common import console, print_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +124,8 @@ def training(models, beta: float) -> dict:
             "learning_rate": ppo["learning_rate"], "clip": ppo.get("clip_coef", 0.2), "beta": beta}
 
 
-def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float) -> Run:
+def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
+                worker_overrides: dict | None = None) -> Run:
     from services.demo import read_history, stack_config
     from services.stack import Stack
 
@@ -134,7 +137,7 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float) -
         ppo.update(advantage="grpo", samples_per_prompt=base.worker["samples_per_prompt"])
     # Gold is judged after the run, the same way for every contender: the
     # worker does not spend time on it during the run.
-    worker = {k: v for k, v in base.worker.items() if k != "gold"}
+    worker = {**{k: v for k, v in base.worker.items() if k != "gold"}, **(worker_overrides or {})}
     config = dataclasses.replace(base, worker=worker, trainer={**base.trainer, "max_updates": None, "ppo": ppo,
                                                                  "run_name": algo})
     started = time.monotonic()
@@ -160,7 +163,11 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float) -
     idle = t0 + seconds - (rows[-1]["time"] if rows else t0)
     gaps = sorted(b["time"] - a["time"] for a, b in zip(rows, rows[1:]))
     typical = gaps[len(gaps) // 2] if gaps else (rows[0]["time"] - t0 if rows else seconds)
-    if idle > max(5.0, 4 * typical):
+    if worker_overrides:
+        notes.append("worker " + ", ".join(f"{k}={v}" for k, v in worker_overrides.items()))
+    if not rows:
+        notes.append(f"no update at all (stalled; see {out / 'stack' / 'logs'})")
+    elif idle > max(5.0, 4 * typical):
         notes.append(f"no update in the last {idle:.0f}s (stalled; see {out / 'stack' / 'logs'})")
     return Run(f"arbiter-{algo}", seconds, sum(r["rollouts"] for r in rows), len(rows), final, setup,
                notes="; ".join(notes))
@@ -296,7 +303,16 @@ def main(argv: list[str] | None = None) -> dict:
     # with 1 thread ran 112 optimizer steps in 16 s where 2 threads ran 8 in
     # 19 s (OpenMP threads waiting on each other for a preempted peer).
     parser.add_argument("--trl-threads", type=int, default=1, help="TRL's torch threads (default 1)")
+    parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
+                             "max_rollouts_per_version=64")
     args = parser.parse_args(argv)
+    worker_overrides = {}
+    for item in args.arbiter_worker:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            parser.error(f"--arbiter-worker {item!r}: expected KEY=VALUE")
+        worker_overrides[key] = yaml.safe_load(value)
     seconds = args.seconds or (10.0 if args.quick else 60.0)
     workdir = Path(args.workdir).resolve()
     from services.demo_models import prepare_models
@@ -312,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = run_trl(models, workdir, seconds, args.beta, Path(args.trl_venv), samples_per_prompt,
                           args.trl_threads)
         else:
-            run = run_arbiter(name.split("-", 1)[1], models, workdir, seconds, args.beta)
+            run = run_arbiter(name.split("-", 1)[1], models, workdir, seconds, args.beta, worker_overrides)
         judge(models, run)
         runs[name] = run
         console.print(f"{name}: {run.rollouts} rollouts, {run.updates} updates in {run.seconds:.1f}s; "
