@@ -21,6 +21,15 @@ Restarts are log lines and metrics on the stack's own metrics port:
 ``arbiter_stack_restarts_total{component}``,
 ``arbiter_stack_component_up{component}``.
 
+Placement (``services.placement``): each component runs on CPU cores and with
+torch threads derived from the cores the stack may use (a 2-core laptop
+shares both cores among all, one thread each; from 4 cores up the policy,
+trainer, reward and reference get disjoint core ranges sized by their share
+of the work), overridable per component with ``placement`` in the stack YAML
+and checked when the config is loaded. Affinity is set on every thread of a
+child right after it is spawned (and re-set on each restart); threads reach
+torch through ``OMP_NUM_THREADS`` and ``--torch-threads``.
+
 In a Kubernetes cluster the kubelet takes this role: each service is a
 Deployment whose pods have ``restartPolicy: Always`` (the kubelet restarts a
 dead container with exponential backoff, 10 s doubling to 5 min and reset
@@ -58,6 +67,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from arbiter.net import LOOPBACK, free_port
 from arbiter.stream.errors import StreamError
 from services.common.metrics import stop_metrics_endpoint
+from services.placement import Placement, PlacementError, component_role, pin, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +103,10 @@ class StackConfig:
     metrics: bool = True
     metrics_ports: dict[str, int] = field(default_factory=dict)
     workers: int = 1
-    torch_threads: int = 1
+    # Torch threads of every torch component (null: each one's share of the
+    # cores) and cores/threads per component: see services/placement.py.
+    torch_threads: int | None = None
+    placement: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # Extra flags per worker, e.g. {"samples_per_prompt": 4, "max_new_tokens": 24, "gold": "vader"}.
     worker: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +148,17 @@ class StackConfig:
         if self.restart_backoff_max_s < self.restart_backoff_s:
             raise StackError(f"restart_backoff_max_s={self.restart_backoff_max_s} is invalid: must be >= "
                              f"restart_backoff_s ({self.restart_backoff_s})")
+        self.plan_placement()
+
+    def plan_placement(self) -> dict[str, Placement]:
+        """Cores and torch threads per component on this machine (raises
+        StackError naming the field of a setting that cannot work)."""
+        if self.placement is not None and not isinstance(self.placement, dict):
+            raise StackError(f"placement={self.placement!r} is invalid: must be a mapping (see services/placement.py)")
+        try:
+            return resolve_placement(self.placement, self.torch_threads, os.sched_getaffinity(0))
+        except PlacementError as err:
+            raise StackError(str(err)) from None
 
 
 def load_stack_config(path: str | Path, **overrides: Any) -> StackConfig:
@@ -157,23 +181,26 @@ def describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def stack_env(config: StackConfig, bootstrap: str) -> dict[str, str]:
-    """The environment of every component process."""
+def stack_env(config: StackConfig, bootstrap: str, threads: int = 1) -> dict[str, str]:
+    """The environment of a component process with ``threads`` torch threads."""
     return {
         **os.environ,
         "ARBITER_LOG_LEVEL": os.environ.get("ARBITER_LOG_LEVEL", "INFO"),
         "ARBITER_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "ARBITER_KAFKA_TOPIC_PREFIX": config.topic_prefix,
-        "OMP_NUM_THREADS": str(config.torch_threads),
+        # OpenMP and MKL size their pools from these before torch is imported.
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
 
 
-def service_args(config: StackConfig, kind: str, model: str | Path, port: int, metrics_port: int | None) -> list[str]:
+def service_args(config: StackConfig, kind: str, model: str | Path, port: int, metrics_port: int | None,
+                 threads: int = 1) -> list[str]:
     """``arbiter serve KIND`` flags (the policy follows policy-updates)."""
-    args = ["serve", kind, "--model", str(model), "--port", str(port), "--torch-threads", str(config.torch_threads)]
+    args = ["serve", kind, "--model", str(model), "--port", str(port), "--torch-threads", str(threads)]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
     if kind == "reward" and config.rm_loop is not None:
@@ -250,11 +277,13 @@ class Component:
 
 class ManagedProcess(Component):
     """An ``arbiter`` subcommand as a child process. ``restart_argv`` (if
-    given) replaces ``argv`` from the first restart on."""
+    given) replaces ``argv`` from the first restart on. ``cores``: its CPU
+    affinity, set on every start (threads it creates later inherit it)."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], *, always: bool,
-                 restart_argv: list[str] | None = None):
+                 restart_argv: list[str] | None = None, cores: tuple[int, ...] | None = None):
         self.name = name
+        self.cores = cores
         self.argv = argv
         self.restart_argv = restart_argv or argv
         # Used once, by the next start only (then restart_argv again).
@@ -271,6 +300,11 @@ class ManagedProcess(Component):
         with self.log_path.open("a") as log_file:
             self.proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
+        # After spawn, not in preexec_fn (unsafe with the supervisor's
+        # threads): Popen returns once the child has exec'd, while the new
+        # interpreter is still starting and has no other thread yet.
+        if self.cores is not None:
+            pin(self.proc.pid, self.cores)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -304,13 +338,15 @@ class BrokerComponent(Component):
     always = True
     name = "broker"
 
-    def __init__(self, broker: Any, on_restart: Any):
+    def __init__(self, broker: Any, on_restart: Any, cores: tuple[int, ...] | None = None):
         self.broker = broker
         self.log_path = broker.log_path
         self._on_restart = on_restart
+        self.cores = cores
 
     def start(self) -> None:
         self.broker.restart()
+        pin_broker(self.broker, self.cores)
         self._on_restart()
 
     def alive(self) -> bool:
@@ -325,6 +361,16 @@ class BrokerComponent(Component):
 
     def stop(self) -> None:
         self.broker.stop()
+
+
+def pin_broker(broker: Any, cores: tuple[int, ...] | None) -> None:
+    """Tansu and its object store are started by the broker itself: pinned
+    after the fact, every thread (``pin``)."""
+    if cores is None:
+        return
+    for pid in (broker.pid, broker.store.pid if broker.store is not None else None):
+        if pid is not None:
+            pin(pid, cores)
 
 
 @dataclass
@@ -430,6 +476,7 @@ class Supervisor:
 class Stack:
     def __init__(self, config: StackConfig):
         self.config = config
+        self.placement = config.plan_placement()
         self.workdir = Path(config.workdir).resolve()
         self.logs = self.workdir / "logs"
         self.processes: list[ManagedProcess] = []
@@ -450,9 +497,15 @@ class Stack:
         port = c.metrics_ports.get(name, METRICS_PORTS[name])
         return port or free_port()
 
+    def place(self, name: str) -> Placement:
+        """Component ``name``'s cores and torch threads (services/placement.py)."""
+        return self.placement[component_role(name)]
+
     def _spawn(self, name: str, args: list[str], *, always: bool, restart_args: list[str] | None = None) -> ManagedProcess:
-        process = ManagedProcess(name, cli_argv(args), self.logs / f"{name}.log", stack_env(self.config, self.bootstrap),
-                                 always=always, restart_argv=cli_argv(restart_args) if restart_args else None)
+        placement = self.place(name)
+        process = ManagedProcess(name, cli_argv(args), self.logs / f"{name}.log",
+                                 stack_env(self.config, self.bootstrap, placement.threads), always=always,
+                                 restart_argv=cli_argv(restart_args) if restart_args else None, cores=placement.cores)
         process.start()
         self.processes.append(process)
         return process
@@ -477,7 +530,8 @@ class Stack:
                 self.targets[name] = f"127.0.0.1:{port}"
                 if c.metrics:
                     self.metrics_ports[name] = self._metrics_port(name)
-                self._spawn(name, service_args(c, name, model, port, self.metrics_ports.get(name)), always=True)
+                self._spawn(name, service_args(c, name, model, port, self.metrics_ports.get(name), self.place(name).threads),
+                            always=True)
             for name in services:
                 self._wait_healthy(name, wait_s)
             trainer = ["train", "ppo", "--config", str(self._write_trainer_config())]
@@ -511,6 +565,7 @@ class Stack:
         self.broker = LocalBroker(log_path=self.logs / "broker.log", storage=c.broker_storage,
                                   data_dir=data_dir if c.broker_storage == "s3" else None).start()
         self.bootstrap = self.broker.bootstrap_servers
+        pin_broker(self.broker, self.place("broker").cores)
 
     def _ensure_topics(self) -> None:
         from arbiter.stream import KafkaSettings, ensure_topics, topics
@@ -531,7 +586,7 @@ class Stack:
     def _supervise(self) -> None:
         components: list[Component] = list(self.processes)
         if self.broker is not None:
-            components.insert(0, BrokerComponent(self.broker, self._broker_restarted))
+            components.insert(0, BrokerComponent(self.broker, self._broker_restarted, self.place("broker").cores))
         self.supervisor = Supervisor(components, self.config, self.registry)
         if self.config.metrics:
             self._serve_metrics()
@@ -555,7 +610,7 @@ class Stack:
             "model_dir": str(Path(c.policy_model).resolve()),
             "output_dir": str(trainer_policies_dir(c).parent),
             "seed": c.seed,
-            "torch_threads": c.torch_threads,
+            "torch_threads": self.place("trainer").threads,
             **({"metrics_port": self._metrics_port("trainer")} if c.metrics else {}),
             **c.trainer,
             # Connection comes from the stack's environment (ARBITER_KAFKA_*).
@@ -652,6 +707,8 @@ class Stack:
         lines += [f"{name}: {target}" for name, target in self.targets.items()]
         lines += [f"metrics {name}: 127.0.0.1:{port}" for name, port in self.metrics_ports.items()]
         c = self.config
+        names = (["broker"] if self.broker is not None else []) + [p.name for p in self.processes]
+        lines += [f"placement {name}: {self.place(name).describe()}" for name in names]
         lines.append(f"supervised: restart budget {c.restart_budget} per {c.restart_window_s:.0f}s per component")
         lines.append(f"logs: {self.logs}")
         return "\n".join(lines)

@@ -32,8 +32,9 @@ from services.policy.server import create_server
 from services.policy.settings import PolicySettings
 from services.reference.server import create_server as create_reference_server
 from services.reference.settings import ReferenceSettings
-from services.stack import (BrokerComponent, ManagedProcess, Stack, StackConfig, StackError, Supervisor, cli_argv,
-                            service_args, stack_env, worker_args)
+from services.placement import Placement, format_cores, plan_placement, resolve_placement
+from services.stack import (BrokerComponent, ManagedProcess, Stack, StackConfig, StackError, Supervisor, service_args,
+                            worker_args)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -59,20 +60,42 @@ def supervision(**overrides) -> StackConfig:
 # -- arbiter up's supervision of real components --------------------------------
 
 
+def cpus_allowed(pid: int) -> set[str]:
+    """Cpus_allowed_list of every thread of process ``pid`` (torch's, gRPC's...)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        out.add(next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list")))
+    return out
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
 def test_killed_components_restart_and_the_budget_stops_the_stack(tiny_models, kafka_settings, tmp_path, caplog):
-    """The reward service and a worker run as ``arbiter up`` runs them (same
-    flags, environment and supervisor); policy and reference are in-process
-    servers here, so the test pays for two process start-ups, not five."""
+    """The reward service and a worker run as ``arbiter up`` runs them (spawned
+    by the stack: same flags, environment, placement and supervisor); policy
+    and reference are in-process servers here, so the test pays for two
+    process start-ups, not five. Each child (every thread of it, a restarted
+    one too) runs on the cores its placement names, with its torch threads."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say:", "Now:", "Hello", "Go on")))
+    cores = sorted(os.sched_getaffinity(0))
+    reward_core, worker_core = cores[-1], cores[0]
     config = StackConfig(
         policy_model=str(tiny_models["policy"]), reward_model=str(tiny_models["reward"]), prompts_file=str(prompts),
         topic_prefix=kafka_settings.topic_prefix, worker={"samples_per_prompt": 2, "max_new_tokens": 2},
+        workdir=str(tmp_path / "stack"),
+        placement={"reward": {"cores": [reward_core], "threads": 2}, "worker": {"cores": str(worker_core)}},
         # One restart per component: the second death of one ends the stack.
         restart_budget=1, restart_window_s=300, restart_backoff_s=0.2,
     )
     ensure_topics(kafka_settings, dict(topics.DEFAULT_PARTITIONS))
-    env = stack_env(config, ",".join(kafka_settings.bootstrap_servers))
+    stack = Stack(config)
+    stack.bootstrap = ",".join(kafka_settings.bootstrap_servers)
+    stack.logs.mkdir(parents=True)
     caplog.set_level(logging.INFO, logger="services.stack")
     policy = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, grace_seconds=0.5)
     reference = ReferenceSettings(model_dir=str(tiny_models["policy"]), port=0, grace_seconds=0.5)
@@ -80,19 +103,18 @@ def test_killed_components_restart_and_the_budget_stops_the_stack(tiny_models, k
             BackgroundServer(lambda: create_reference_server(reference)) as reference_server:
         targets = {"policy": policy_server.target, "reference": reference_server.target,
                    "reward": f"127.0.0.1:{free_port()}"}
-        reward = ManagedProcess(
-            "reward", cli_argv(service_args(config, "reward", tiny_models["reward"], int(targets["reward"].split(":")[1]),
-                                            None)),
-            tmp_path / "reward.log", env, always=True)
-        worker = ManagedProcess("worker-0", cli_argv(worker_args(config, 0, targets, None)), tmp_path / "worker-0.log",
-                                env, always=False)
         registry = CollectorRegistry()
-        components = [reward, worker]
+        components = stack.processes
         supervisor = None
         try:
-            reward.start()
+            reward = stack._spawn("reward", service_args(config, "reward", tiny_models["reward"],
+                                                         int(targets["reward"].split(":")[1]), None, 2), always=True)
             wait_until(lambda: health(targets["reward"]) == SERVING, 120, "the reward service")
-            worker.start()
+            worker = stack._spawn("worker-0", worker_args(config, 0, targets, None), always=False)
+            # Serving: torch, gRPC and Kafka threads all exist by now.
+            assert cpus_allowed(reward.proc.pid) == {str(reward_core)}
+            assert environ(reward.proc.pid)["OMP_NUM_THREADS"] == "2"
+            assert "--torch-threads 2" in " ".join(reward.argv)
             with StreamConsumer(kafka_settings, [topics.ROLLOUTS], None) as rollouts:
                 drain(rollouts, 1, 120, idle_polls=0)  # the worker works
                 supervisor = Supervisor(components, config, registry).start()
@@ -107,6 +129,9 @@ def test_killed_components_restart_and_the_budget_stops_the_stack(tiny_models, k
                 before = rollouts.stats().records
                 drain(rollouts, 1, 120, idle_polls=0)
                 assert rollouts.stats().records > before
+                assert cpus_allowed(reward.proc.pid) == {str(reward_core)}
+                assert cpus_allowed(worker.proc.pid) == {str(worker_core)}
+                assert environ(worker.proc.pid)["OMP_NUM_THREADS"] == "1"
             assert supervisor.failure is None
             assert registry.get_sample_value("arbiter_stack_component_up", {"component": "reward"}) == 1
 
@@ -183,6 +208,79 @@ def test_supervision_settings_are_checked():
     ):
         with pytest.raises(StackError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             supervision(**overrides)
+
+
+# -- placement: cores and torch threads per component ------------------------------
+
+
+def placed(plan: dict[str, Placement]) -> dict[str, tuple[str, int]]:
+    """name -> ("first-last" cores, threads), as the expectations below are written."""
+    def cores(p):
+        return f"{p.cores[0]}-{p.cores[-1]}" if len(p.cores) > 1 else str(p.cores[0])
+    return {name: (cores(p), p.threads) for name, p in plan.items()}
+
+
+def test_two_cores_are_shared_by_every_component_one_torch_thread_each():
+    # Fewer cores (2) than torch components (4): no pinning, 1 thread each.
+    assert placed(plan_placement([0, 1])) == {name: ("0-1", 1) for name in
+                                              ("policy", "trainer", "reward", "reference", "broker", "worker")}
+
+
+def test_four_cores_give_each_torch_component_a_core_of_its_own():
+    # Quotas 4*2/6, 4*2/6, 4/6, 4/6 = 1.33, 1.33, 0.67, 0.67: floors 1,1,0,0 and
+    # the 2 cores left go to the largest remainders (reward, reference). Under 8
+    # cores the broker and workers float over all of them.
+    assert placed(plan_placement(range(4))) == {
+        "policy": ("0", 1), "trainer": ("1", 1), "reward": ("2", 1), "reference": ("3", 1),
+        "broker": ("0-3", 1), "worker": ("0-3", 1)}
+
+
+def test_sixteen_cores_split_by_weight_with_two_cores_for_broker_and_workers():
+    # 16 // 8 = 2 cores (14, 15) for the light components; 14 for torch:
+    # quotas 4.67, 4.67, 2.33, 2.33 -> floors 4,4,2,2 (12), the 2 left to the
+    # remainders .67 (policy, trainer) -> 5, 5, 2, 2.
+    assert placed(plan_placement(range(16))) == {
+        "policy": ("0-4", 5), "trainer": ("5-9", 5), "reward": ("10-11", 2), "reference": ("12-13", 2),
+        "broker": ("14-15", 1), "worker": ("14-15", 1)}
+
+
+def test_placement_uses_the_cores_the_stack_may_use_not_cpu_ids_from_zero():
+    # A stack itself confined to cores 8, 10, 12, 14: one each, in that order.
+    plan = plan_placement({14, 8, 12, 10})
+    assert [plan[n].cores for n in ("policy", "trainer", "reward", "reference")] == [(8,), (10,), (12,), (14,)]
+    assert plan["worker"].cores == (8, 10, 12, 14)
+
+
+def test_overrides_win_over_torch_threads_which_win_over_the_rule():
+    plan = resolve_placement({"policy": {"cores": "0-1,3", "threads": 3}, "worker": {"cores": [2]}}, 2, range(4))
+    assert plan["policy"] == Placement((0, 1, 3), 3)
+    assert plan["trainer"] == Placement((1,), 2)  # the rule's core, torch_threads' count
+    assert plan["worker"] == Placement((2,), 1)  # torch_threads is for torch components only
+    off = resolve_placement({"mode": "off", "reward": {"cores": [1]}}, None, range(4))
+    assert off["policy"] == Placement(None, 1) and off["reward"] == Placement((1,), 1)
+
+
+def test_placement_settings_are_checked_up_front_naming_the_field():
+    here = str(Path(__file__))
+    available = format_cores(sorted(os.sched_getaffinity(0)))
+    beyond = max(os.sched_getaffinity(0)) + 1
+    for placement, torch_threads, message in (
+        ({"gpu": {"threads": 1}}, None, "placement.gpu is invalid: not a component; the keys are mode and policy, "
+                                        "trainer, reward, reference, broker, worker"),
+        ({"mode": "pinned"}, None, "placement.mode='pinned' is invalid: must be one of auto, off"),
+        ({"policy": {"cpus": [0]}}, None, "placement.policy.cpus is invalid: not a setting; one of cores, threads"),
+        ({"policy": {"threads": 0}}, None, "placement.policy.threads=0 is invalid: must be an integer >= 1"),
+        ({"trainer": {"cores": "3-1"}}, None, "placement.trainer.cores='3-1' is invalid: range 3-1 runs backwards"),
+        ({"trainer": {"cores": "all"}}, None, "placement.trainer.cores='all' is invalid: expected CPU ids"),
+        ({"reward": {"cores": [beyond]}}, None, f"placement.reward.cores=[{beyond}] is invalid: {beyond} is not among "
+                                                f"the cores this stack may use ({available})"),
+        ({"reward": 2}, None, "placement.reward=2 is invalid: must be a mapping with keys cores and/or threads"),
+        ({}, 0, "torch_threads=0 is invalid: must be an integer >= 1 or null"),
+    ):
+        with pytest.raises(StackError) as caught:
+            StackConfig(policy_model=here, reward_model=here, prompts_file=here, placement=placement,
+                        torch_threads=torch_threads)
+        assert str(caught.value).startswith(message), str(caught.value)
 
 
 # -- the durable local broker ------------------------------------------------------
