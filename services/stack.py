@@ -627,7 +627,7 @@ class Stack:
         c = self.config
         settings = {k: v for k, v in c.rm_loop.items() if k != "train"}
         train = {"model_dir": str(Path(c.reward_model).resolve()), "registry": str(rm_registry_dir(c)),
-                 "torch_threads": c.torch_threads, "seed": c.seed, **c.rm_loop.get("train", {}),
+                 "torch_threads": self.place("rm-loop").threads, "seed": c.seed, **c.rm_loop.get("train", {}),
                  "kafka": {"session_timeout_ms": 6000, **c.rm_loop.get("train", {}).get("kafka", {})}}
         path = self.workdir / "rm-loop.yaml"
         path.write_text(yaml.safe_dump(train))
