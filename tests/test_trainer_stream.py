@@ -78,6 +78,11 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
         while len(updates) < 2 and time.monotonic() < deadline:
             updates += [r.message for r in consumer.poll(timeout_s=1.0).records]
     assert [u.policy_version for u in updates] == ["ppo-1", "ppo-2"]
+    # What the trainer had settled (trained or dropped) at each version, for the workers' staleness bound:
+    # by step 1 its batch of 8 at least, with the second batch's 8 still pending or unread; by step 2
+    # every record (16 fresh, 3 duplicates, the unknown version and the invalid one).
+    assert 8 <= sum(updates[0].rollouts_settled.values()) <= 21 - 8
+    assert sum(updates[1].rollouts_settled.values()) == len(fresh) + 3 + 2
     for update in updates:
         assert update.weights_sha256 == weights_sha256(update.checkpoint_path)
         assert update.training_step == int(update.policy_version.split("-")[1]) and not update.is_adapter

@@ -118,6 +118,8 @@ class PPOTrainer:
             self._adopt_lost_versions()
         self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
         self._checkpointed_step = self.state.step
+        # Per version published by this process: rollouts settled then (PolicyUpdate.rollouts_settled).
+        self._settled_at: dict[str, dict[int, int]] = {}
         self._checkpointed_at = time.monotonic()
         self.pending: list[Trajectory] = []
         # Next offset per partition of everything consumed (trained, dropped or pending).
@@ -232,6 +234,17 @@ class PPOTrainer:
         self.pending = [t for t in self.pending if t.rollout_id not in chosen_ids]
         return chosen
 
+    def settled_positions(self) -> dict[int, int]:
+        """Per partition of the rollouts topic, the records trained or
+        dropped: the position (absolute, so what earlier runs consumed counts
+        too) less the rollouts waiting there for a batch. Workers compare it
+        with the offsets of their own writes to see how far ahead of training
+        they are (PolicyUpdate.rollouts_settled)."""
+        settled = {tp.partition: offset for tp, offset in self.consumed.items()}  # one topic: the rollouts
+        for t in self.pending:
+            settled[t.partition] -= 1
+        return settled
+
     def safe_offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the first offset not yet accounted for: a pending
         rollout's offset if one waits there, else past everything consumed."""
@@ -292,6 +305,7 @@ class PPOTrainer:
 
     def _register_version(self) -> str:
         version = self.version_label(self.state.step)
+        self._settled_at[version] = self.settled_positions()
         self.state.version_steps[version] = self.state.step
         self.state.policy_version = version
         self.state.published.append(version)
@@ -400,6 +414,7 @@ class PPOTrainer:
             policy_update(
                 version, str(path.resolve()), self.model.base_version, self.state.version_steps[version],
                 weights_sha256(path), self.model.is_lora,
+                self._settled_at.get(version),
             ),
         )
         producer.flush(timeout_s=30)
@@ -414,6 +429,7 @@ class PPOTrainer:
         version = self.state.policy_version
         if self.state.step == 0 or version not in self.state.published:
             return
+        self._settled_at[version] = self.settled_positions()  # the checkpoint's position
         if (self.policies / version).is_dir():
             publisher.owe(version)
         elif self.state.version_steps.get(version) == self.state.step:

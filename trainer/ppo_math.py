@@ -43,8 +43,8 @@ policy a few updates behind the one being trained. The trainer's policy:
      rollout's ratio can start outside [1−ε, 1+ε] and be clipped (no
      gradient) before the update has moved at all.
    * ``decoupled``: decoupled PPO (Hilton et al. 2021, "Batch
-     size-invariance for policy optimization", eq. 2; the objective of
-     AReaL, Fu et al. 2025, eq. 5). The trust region is centred on the
+     size-invariance for policy optimization"; the objective of
+     AReaL, Fu et al. 2025). The trust region is centred on the
      *proximal* policy π_prox, the trained policy at the start of the update
      (its log-probs are recomputed once, before the minibatch epochs), and
      the off-policyness is corrected by a separate behaviour importance
@@ -407,7 +407,7 @@ def behaviour_weights(
     proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float | None,
 ) -> BehaviourWeights:
     """Decoupled PPO's behaviour importance weight w_t = π_prox(y_t)/π_behav(y_t)
-    (Hilton et al. 2021, eq. 2), truncated: min(w_t, cap) (Espeholt et al. 2018,
+    (Hilton et al. 2021), truncated: min(w_t, cap) (Espeholt et al. 2018,
     V-trace's ρ̄; ``cap=None`` leaves it untruncated).
 
     proximal_logprobs: the trained policy's at the start of the update;
@@ -436,7 +436,7 @@ def decoupled_policy_loss(
     *,
     aggregation: str = "token",
 ) -> PolicyLoss:
-    """Decoupled clipped surrogate (Hilton et al. 2021, eq. 2; AReaL, Fu et al. 2025, eq. 5):
+    """Decoupled clipped surrogate (Hilton et al. 2021; AReaL, Fu et al. 2025):
 
         L = −w · min(r·A, clip(r, 1−ε, 1+ε)·A),  r = π_θ/π_prox,  w = π_prox/π_behav (truncated),
 
