@@ -10,7 +10,8 @@ Bookkeeping per update is cheap: a version is published after every
 ``publish_every`` updates by a background thread (``trainer/publish.py``:
 written from an in-memory snapshot while training goes on, renamed into place,
 then announced), and a checkpoint is written every ``checkpoint_every``
-updates or ``checkpoint_every_s`` seconds. A crash replays the updates since
+updates or ``checkpoint_every_s`` seconds, and whenever the trainer has
+nothing to train on (free time). A crash replays the updates since
 the newest checkpoint (their rollouts' offsets were not committed); versions
 the crashed run published after it stay on disk and in the followers, so
 their rollouts are still trained (counted as sampled at the checkpoint's
@@ -495,7 +496,12 @@ class PPOTrainer:
                 tp = rejected.topic_partition
                 self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
                 self._count("invalid")
-            self.metrics.lag.set(sum(consumer.lag().values()))
+            lag = sum(consumer.lag().values())
+            self.metrics.lag.set(lag)
+            if not polled.records and not lag and self.state.step != self._checkpointed_step:
+                # Nothing to train on: checkpointing now costs no training time,
+                # and a crash while idle then replays nothing.
+                self.checkpoint(consumer)
             while (cfg.max_updates is None or self.state.step < cfg.max_updates) and (batch := self._take_batch()):
                 started = time.perf_counter()
                 record = self.train_on(batch)
