@@ -206,6 +206,24 @@ def test_a_replayed_step_is_published_under_a_new_label_and_lost_versions_stay_t
     assert resumed.version_label(3) == "ppo-3"
 
 
+def test_a_version_is_written_from_its_snapshot_while_training_moves_on(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tiny_models, tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.lm.state_dict().items()}
+    snapshot = trainer.model.policy_snapshot()
+    # Tied input and output embeddings stay one tensor in the copy.
+    assert snapshot["lm_head.weight"] is snapshot["transformer.wte.weight"]
+    with torch.no_grad():  # the next optimizer step, before the writer gets to it
+        for p in trainer.model.trainable_parameters():
+            p.add_(1.0)
+    trainer.model.save_policy(tmp_path / "v", "v", snapshot)
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "v")).state_dict()
+    assert all(torch.equal(saved[k], before[k]) for k in before)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "v" / "model.safetensors"))  # stored once
+
+
 def test_background_publisher_writes_only_the_newest_waiting_version_and_retries_announcements(tmp_path):
     """The publisher's own logic, with the save and announce functions as
     recorders (the trainer's real ones are exercised in test_trainer_stream)."""

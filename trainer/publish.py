@@ -42,8 +42,10 @@ class Snapshot:
 
 def snapshot_tensors(module: torch.nn.Module, only_trainable: bool) -> dict[str, torch.Tensor]:
     """Copies of ``module``'s state (or of its trainable parameters only, e.g.
-    LoRA adapters), keyed as in its state dict. Tensors that share storage
-    (tied embeddings) stay shared in the copy, so the saved file ties them too."""
+    LoRA adapters) in host memory, keyed as in its state dict: an accelerator
+    keeps no second copy, and the writer reads them from there anyway.
+    Tensors that share storage (tied embeddings) stay shared in the copy, so
+    the saved file ties them too."""
     if only_trainable:
         source = {name: p for name, p in module.named_parameters() if p.requires_grad}
     else:
@@ -53,7 +55,7 @@ def snapshot_tensors(module: torch.nn.Module, only_trainable: bool) -> dict[str,
     for name, tensor in source.items():
         key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if key not in copies:
-            copies[key] = tensor.detach().clone()
+            copies[key] = tensor.detach().to("cpu", copy=True)
         out[name] = copies[key]
     return out
 
