@@ -164,35 +164,37 @@ def test_staleness_objective_and_checkpoint_cadence_that_cannot_work_are_refused
 
 
 def test_decoupled_objective_weighs_stale_rollouts_by_the_truncated_behaviour_ratio(tiny_models, tmp_path):
-    trainer = make_trainer(tiny_models, tmp_path, objective="decoupled", behaviour_weight_cap=2.0)
+    small = {"batch_size": 8, "minibatch_size": 8, "epochs": 1}
+    trainer = make_trainer(tiny_models, tmp_path, objective="decoupled", behaviour_weight_cap=2.0, **small)
     lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
     # Sampled by the trained policy itself: π_prox = π_behav, every weight 1, nothing truncated.
-    fresh = trainer.train_on(sample_trajectories(lm, tokenizer, 16, seed=21)).stats
+    fresh = trainer.train_on(sample_trajectories(lm, tokenizer, 8, seed=21)).stats
     assert fresh.behaviour_weight == pytest.approx(1.0, abs=1e-4) and fresh.behaviour_weight_truncated == 0
-    assert fresh.optimizer_steps == 8 and math.isfinite(fresh.policy_loss)
+    assert fresh.optimizer_steps == 1 and math.isfinite(fresh.policy_loss)
     # As if a policy had sampled each token with a quarter of the probability the
     # trained one gives it: π_prox/π_behav = 4 on every token, truncated at 2.
-    rollouts = sample_trajectories(lm, tokenizer, 16, seed=22)
+    rollouts = sample_trajectories(lm, tokenizer, 8, seed=22)
     quarter = [Trajectory(**{**t.__dict__, "sampling_logprobs": tuple(lp - math.log(4) for lp in t.sampling_logprobs)})
                for t in rollouts]
     stale = trainer.train_on(quarter).stats
     assert stale.behaviour_weight == pytest.approx(2.0) and stale.behaviour_weight_truncated == 1.0
     # The clipped objective has no behaviour weight.
-    assert make_trainer(tiny_models, tmp_path / "c").train_on(rollouts).stats.behaviour_weight is None
+    assert make_trainer(tiny_models, tmp_path / "c", **small).train_on(rollouts).stats.behaviour_weight is None
 
 
 def test_a_replayed_step_is_published_under_a_new_label_and_lost_versions_stay_trainable(tiny_models, tmp_path):
-    trainer = make_trainer(tiny_models, tmp_path, max_staleness=1)
+    small = {"batch_size": 4, "minibatch_size": 4, "epochs": 1, "max_staleness": 1}
+    trainer = make_trainer(tiny_models, tmp_path, **small)
     lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
-    trainer.train_on(sample_trajectories(lm, tokenizer, 16, seed=31))
+    trainer.train_on(sample_trajectories(lm, tokenizer, 4, seed=31))
     trainer.save_policy_version()
     trainer.checkpoint(consumer=None)
     # Step 2 is published but the process dies before a checkpoint covers it.
-    trainer.train_on(sample_trajectories(lm, tokenizer, 16, seed=32))
+    trainer.train_on(sample_trajectories(lm, tokenizer, 4, seed=32))
     lost = trainer.save_policy_version()
     assert lost.name == "ppo-2"
 
-    resumed = make_trainer(tiny_models, tmp_path, max_staleness=1)
+    resumed = make_trainer(tiny_models, tmp_path, **small)
     assert resumed.state.step == 1
     # ppo-2's rollouts are real samples: counted as of the checkpoint's step (lag 0 now), not unknown.
     assert resumed.state.version_steps["ppo-2"] == 1
@@ -200,7 +202,7 @@ def test_a_replayed_step_is_published_under_a_new_label_and_lost_versions_stay_t
     resumed.admit(consumed(to_rollout(t), 0))
     assert [p.rollout_id for p in resumed.pending] == [t.rollout_id]
     # The replayed step 2 has other weights: it never takes the label ppo-2.
-    resumed.train_on(sample_trajectories(lm, tokenizer, 16, seed=34))
+    resumed.train_on(sample_trajectories(lm, tokenizer, 4, seed=34))
     assert resumed.save_policy_version().name == "ppo-2.r1"
     assert read_metadata(lost).version == "ppo-2"  # the lost run's files are untouched
     assert resumed.version_label(3) == "ppo-3"
