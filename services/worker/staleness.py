@@ -38,10 +38,12 @@ know of the others. What a worker cannot see are the others' records written
 after its own newest write on a partition and their samples in flight: with
 W workers the total may run over the bound by about (W − 1) × (a batch in
 flight and a batch written), i.e. some rollouts may be a version staler than
-η. Until the trainer has announced settled positions (it has not published
-since it started), the trainer group's committed offsets stand in for them:
-they trail by at most the trainer's checkpoint cadence. The trainer drops whatever is too stale for its own
-``ppo.max_staleness`` (counted as rollouts{outcome="stale"}); it never
+η. Until the policy serves a version announced with settled positions
+(before the trainer's first update, or a trainer from before
+``rollouts_settled``), the trainer group's committed offsets stand in for
+them: they trail by at most the trainer's checkpoint cadence, so the worker
+is the more careful for it. The trainer drops whatever is too stale for its
+own ``ppo.max_staleness`` (counted as rollouts{outcome="stale"}); it never
 trains it silently.
 """
 

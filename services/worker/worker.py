@@ -105,7 +105,7 @@ from services.worker.prompts import FilePrompts, PromptSource, TopicPrompts
 from services.worker.retry import StageRetry, WorkerError, WorkerStopped, describe, fatal
 from services.worker.settings import WorkerSettings
 from services.worker.sink import RolloutSink, build_rollout
-from services.worker.staleness import GenerationBudget, VersionSteps, wait_caught_up
+from services.worker.staleness import GenerationBudget, VersionProgress, VersionSteps, wait_caught_up
 from services.worker.stages import GenerateStage, ReferenceLogProbs, ReferenceStage, ScoreStage
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,17 @@ class RolloutWorker:
         if self._budget is None or self._steps is None:
             return
         for version in versions:
-            if self._budget.observe(self._steps.progress(version)):
+            progress = self._steps.progress(version)
+            if progress is not None and progress.settled is None and progress.step > (self._budget.step or -1):
+                # A trainer from before PolicyUpdate.rollouts_settled: its
+                # group's committed offsets, or the budget would never refill.
+                try:
+                    committed = group_offsets(self.settings.kafka, topics.TRAINER_GROUP, topics.ROLLOUTS)
+                except StreamError as err:
+                    log.warning("staleness budget: the trainer's committed offsets: %s", err)
+                else:
+                    progress = VersionProgress(progress.step, committed)
+            if self._budget.observe(progress):
                 self.metrics.trainer_step.set(self._budget.step)
 
     def _wait_for_trainer(self, run: _Run) -> None:
