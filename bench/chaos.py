@@ -55,10 +55,13 @@ def stack_config(models: dict[str, Path], root: Path, prompts: int = 48) -> Stac
         workdir=str(root / "stack"), metrics=False,
         # Fast restarts, and a budget no single kill can exhaust.
         restart_backoff_s=0.2, restart_budget=3,
-        worker={"samples_per_prompt": 2, "prompts_per_call": 4, "max_new_tokens": 4,
-                "max_rollouts_per_version": BATCH},
-        trainer={"ppo": {"batch_size": BATCH, "minibatch_size": 4, "epochs": 1, "max_staleness": 2,
-                         "samples_per_prompt": 2}},
+        # Generation overlaps training (the stack bounds the worker by the
+        # trainer's max_staleness); a checkpoint every 3 updates (or when the
+        # trainer is idle), so a trainer kill replays the updates since.
+        worker={"samples_per_prompt": 2, "prompts_per_call": 4, "max_new_tokens": 4},
+        trainer={"checkpoint_every": 3,
+                 "ppo": {"batch_size": BATCH, "minibatch_size": 4, "epochs": 1, "max_staleness": 2,
+                         "samples_per_prompt": 2, "objective": "decoupled"}},
     )
 
 

@@ -21,10 +21,13 @@ sampling parameters, PPO config, seeds and torch threads:
     splitting the batch into smaller Generate calls to overlap them cost more
     generation time than the overlap saved), and here a
     ``PPOTrainer`` consuming (``admit``) and training on exactly those
-    rollouts, then doing what ``PPOTrainer.run`` does after an update: save
-    the policy version, checkpoint (fsync, offset commit), announce it. The
-    iteration ends when the policy service serves the new version, since the
-    next batch must come from it.
+    rollouts, then doing what ``PPOTrainer.run`` does after an update
+    (``after_update``): snapshot the policy for the background publisher,
+    which writes and announces it beside training, and checkpoint (fsync,
+    offset commit) every ``CHECKPOINT_EVERY`` updates. The iteration ends
+    when the policy service serves the new version, since the next batch
+    must come from it (in ``arbiter up`` generation does not wait for it:
+    workers run ahead within the staleness bound).
 
 Timed from the start of generation to that point, per stage; the RPC stages
 include the services' compute, so (b) - (a) per stage is what the hop costs
@@ -50,6 +53,9 @@ from pathlib import Path
 from bench.common import ServiceProcess, console, print_table
 
 TARGET_RATIO = 1.10
+# (b)'s checkpoint cadence; with iterations a multiple of it, the means
+# amortize exactly one checkpoint per CHECKPOINT_EVERY updates.
+CHECKPOINT_EVERY = 5
 BENCH_MODEL = dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, vocab_size=512)
 PROMPTS = [
     "The quick brown fox", "A good answer is", "Please explain how a reward model", "I love this movie",
@@ -70,9 +76,9 @@ STAGES = (
     ("make_rollouts", "rollouts: generate..build (b: ..produce, wall)", True),
     ("consume", "Kafka consume + decode + admit", False),
     ("train", "train: PPOTrainer.train_on", True),
-    ("save_version", "publish: save policy version", False),
-    ("checkpoint", "checkpoint: weights+optimizer, fsync, commit", False),
-    ("announce", "publish: announce on policy-updates", False),
+    ("save_version", "publish: policy snapshot (trainer waits)", False),
+    ("checkpoint", f"checkpoint every {CHECKPOINT_EVERY} updates, fsync, commit (waits)", False),
+    ("announce", "publish: write + announce (background thread)", False),
     ("swap", "policy service hot-swap until serving", False),
 )
 
@@ -95,6 +101,7 @@ def ppo_config(policy_dir: Path, output_dir: Path, batch: int, kafka: dict | Non
 
     return config_from_dict({
         "model_dir": str(policy_dir), "output_dir": str(output_dir), "run_name": "bench", "seed": 0,
+        "checkpoint_every": CHECKPOINT_EVERY,
         "ppo": {"batch_size": batch, "minibatch_size": min(8, batch), "epochs": 4, "learning_rate": 1e-5},
         **({"kafka": kafka} if kafka else {}),
     })
@@ -216,6 +223,7 @@ class Distributed:
         self.consumer = StreamConsumer(self.kafka, [topics.ROLLOUTS], topics.TRAINER_GROUP)
         self.producer = StreamProducer(self.kafka)
         self.consumer.wait_for_assignment(timeout_s=60)
+        self.publisher = self.trainer.new_publisher(self.producer)
         self.worker_settings = WorkerSettings(
             policy_target=targets["policy"], reward_target=targets["reward"], reference_target=targets["reference"],
             kafka=self.kafka, samples_per_prompt=n, prompts_per_call=-(-batch // n // generate_calls),
@@ -251,15 +259,17 @@ class Distributed:
         batch, trainer.pending = trainer.pending, []
         times["consume"], t = time.perf_counter() - t, time.perf_counter()
 
-        # PPOTrainer.run's body after an update (publish_every = checkpoint_every = 1).
+        # PPOTrainer.run's body after an update (after_update, timed in its two parts).
         trainer.train_on(batch)
         times["train"], t = time.perf_counter() - t, time.perf_counter()
-        trainer.save_policy_version()
-        version = trainer.state.policy_version
+        version = trainer.publish(self.publisher)
         times["save_version"], t = time.perf_counter() - t, time.perf_counter()
-        trainer.checkpoint(self.consumer)
+        if trainer.checkpoint_due():
+            trainer.checkpoint(self.consumer)
         times["checkpoint"], t = time.perf_counter() - t, time.perf_counter()
-        trainer.announce(self.producer, version)
+        # Beside the next update in a run; here the next batch needs the version.
+        if not self.publisher.wait_idle(120):
+            raise RuntimeError(f"the publisher did not write and announce {version} within 120 s")
         times["announce"], t = time.perf_counter() - t, time.perf_counter()
 
         deadline = t + 120
@@ -274,6 +284,8 @@ class Distributed:
         return times
 
     def close(self) -> None:
+        if hasattr(self, "publisher"):
+            self.publisher.close()
         for name in ("worker", "policy_client", "consumer", "producer"):
             if hasattr(self, name):
                 getattr(self, name).close()
@@ -426,13 +438,16 @@ def report(mono_runs, dist_runs, batch: int, n: int, max_new_tokens: int, thread
         "checkpoint": delta("checkpoint"),
         "publish_and_swap": delta("save_version", "announce", "swap"),
         "train_noise": delta("train"),
+        # What holds training up after each update (snapshot, amortized checkpoint).
+        "trainer_blocked_bookkeeping": delta("save_version", "checkpoint"),
     }
     per_iter = [f"{m['total']:.2f}/{d['total']:.2f}" for m, d in zip(mono_runs, dist_runs, strict=True)]
     console.print(
         "where (b)'s extra time goes, s per iteration: "
         f"RPC hops, pipelined (rollouts wall less produce vs in-process) {kinds['rpc_hops']:+.3f}, "
         f"Kafka produce+consume {kinds['kafka']:+.3f}, checkpoint {kinds['checkpoint']:+.3f}, "
-        f"publish + hot-swap {kinds['publish_and_swap']:+.3f}; same-work train differs by "
+        f"publish + hot-swap {kinds['publish_and_swap']:+.3f}; training waits on bookkeeping "
+        f"{kinds['trainer_blocked_bookkeeping']:.3f} per update; same-work train differs by "
         f"{kinds['train_noise']:+.3f} (noise)\n"
         f"per iteration (a)/(b) s: {', '.join(per_iter)}; completion tokens per iteration "
         f"(a) {_mean(mono_runs, 'tokens'):.0f}, (b) {_mean(dist_runs, 'tokens'):.0f}; rollouts "

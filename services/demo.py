@@ -51,9 +51,25 @@ def progress_table(rows: list[dict], total: int, started: float) -> Table:
         gold = f"{row['gold_score']:+.3f}" if row.get("gold_score") is not None else "-"
         table.add_row(
             str(row["step"]), row["policy_version"], f"{row['reward_raw']:+.4f}", gold, f"{row['kl']:.3f}",
-            f"{row['kl_coef']:.3f}", f"{row['entropy']:.2f}", f"{row['staleness']:.2f}", f"{rate:.1f}",
+            f"{row['kl_coef']:.3f}", f"{row['entropy']:.2f}", staleness_text(row), f"{rate:.1f}",
         )
     return table
+
+
+def staleness_text(row: dict) -> str:
+    """Trained rollouts by staleness, "lag:count" (versions between sampling and training)."""
+    counts = row.get("staleness_counts")
+    if not counts:
+        return f"{row['staleness']:.2f}"
+    return " ".join(f"{lag}:{n}" for lag, n in sorted(counts.items(), key=lambda kv: int(kv[0])))
+
+
+def staleness_totals(rows: list[dict]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for row in rows:
+        for lag, n in (row.get("staleness_counts") or {}).items():
+            totals[lag] = totals.get(lag, 0) + n
+    return dict(sorted(totals.items(), key=lambda kv: int(kv[0])))
 
 
 def summarize(rows: list[dict], console: Console) -> dict:
@@ -72,6 +88,8 @@ def summarize(rows: list[dict], console: Console) -> dict:
         "kl_last": mean(r["kl"] for r in last),
         "kl_max": max(r["kl"] for r in rows),
         "final_version": rows[-1]["policy_version"],
+        # Trained rollouts by staleness over the run (versions between sampling and training).
+        "staleness_counts": staleness_totals(rows),
     }
     table = Table(title=f"Summary: first vs last {k} update(s)", title_justify="left")
     for column in ("", "first", "last", "change"):
@@ -84,6 +102,9 @@ def summarize(rows: list[dict], console: Console) -> dict:
     table.add_row("KL to reference (nats/sample)", f"{mean(r['kl'] for r in first):.4f}", f"{summary['kl_last']:.4f}",
                   f"max {summary['kl_max']:.4f}")
     console.print(table)
+    if summary["staleness_counts"]:
+        console.print("trained rollouts by staleness (policy versions between sampling and training): "
+                      + ", ".join(f"{lag}: {n}" for lag, n in summary["staleness_counts"].items()))
     return summary
 
 
@@ -169,11 +190,10 @@ def stack_config(models: DemoModels, workdir: Path, updates: int) -> StackConfig
     return StackConfig(
         policy_model=str(models.policy), reward_model=str(models.reward), prompts_file=str(models.prompts),
         workdir=str(workdir / "stack"), metrics_ports={name: 0 for name in ("reward", "policy", "reference", "worker", "trainer")},
-        # One batch per policy version keeps every rollout on-policy or one
-        # version stale at most.
+        # Generation overlaps training: the stack bounds the workers by the
+        # trainer's ppo.max_staleness, trained with the decoupled objective.
         worker={"samples_per_prompt": 4, "prompts_per_call": 8, "max_new_tokens": models.max_new_tokens,
-                "temperature": 1.0, "max_rollouts_per_version": models.ppo.get("batch_size", 32),
-                **({"gold": models.gold} if models.gold else {})},
+                "temperature": 1.0, **({"gold": models.gold} if models.gold else {})},
         trainer={"max_updates": updates, "run_name": "ppo", "ppo": models.ppo},
     )
 

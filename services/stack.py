@@ -149,6 +149,7 @@ class StackConfig:
             raise StackError(f"restart_backoff_max_s={self.restart_backoff_max_s} is invalid: must be >= "
                              f"restart_backoff_s ({self.restart_backoff_s})")
         self.plan_placement()
+        check_worker_staleness(self)
 
     def plan_placement(self) -> dict[str, Placement]:
         """Cores and torch threads per component on this machine (raises
@@ -159,6 +160,32 @@ class StackConfig:
             return resolve_placement(self.placement, self.torch_threads, os.sched_getaffinity(0))
         except PlacementError as err:
             raise StackError(str(err)) from None
+
+
+def worker_staleness(config: StackConfig) -> dict[str, Any]:
+    """The workers' staleness bound: generation overlaps training up to the
+    trainer's own ppo.max_staleness, over its ppo.batch_size (the worker
+    section may set its own, or max_staleness: null for no bound)."""
+    from trainer.config import PPOConfig
+
+    ppo, defaults = config.trainer.get("ppo", {}), PPOConfig()
+    derived = {"max_staleness": ppo.get("max_staleness", defaults.max_staleness),
+               "trainer_batch_size": ppo.get("batch_size", defaults.batch_size)}
+    return {**derived, **{k: config.worker[k] for k in derived if k in config.worker}}
+
+
+def check_worker_staleness(config: StackConfig) -> None:
+    from trainer.config import PPOConfig
+
+    ppo, defaults = config.trainer.get("ppo", {}), PPOConfig()
+    bound, batch = ppo.get("max_staleness", defaults.max_staleness), ppo.get("batch_size", defaults.batch_size)
+    worker = worker_staleness(config)
+    if worker["max_staleness"] is not None and worker["max_staleness"] > bound:
+        raise StackError(f"worker.max_staleness={worker['max_staleness']} is invalid: must be <= "
+                         f"trainer.ppo.max_staleness ({bound}), or the trainer drops what the workers may generate")
+    if worker["trainer_batch_size"] != batch:
+        raise StackError(f"worker.trainer_batch_size={worker['trainer_batch_size']} is invalid: must be the "
+                         f"trainer's ppo.batch_size ({batch}) (or left out: the stack fills it in)")
 
 
 def load_stack_config(path: str | Path, **overrides: Any) -> StackConfig:
@@ -232,7 +259,7 @@ def worker_args(config: StackConfig, index: int, targets: dict[str, str], metric
             "--shuffle", "--seed", str(config.seed + 1000 * index), "--worker-id", f"worker-{index}"]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
-    for key, value in config.worker.items():
+    for key, value in {**config.worker, **worker_staleness(config)}.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)

@@ -57,7 +57,7 @@ def test_ppo_through_the_services_raises_reward(tiny_models, tmp_path):
     config = StackConfig(
         policy_model=str(tiny_models["policy"]), reward_model=str(rm), prompts_file=str(prompts),
         workdir=str(tmp_path / "stack"), metrics_ports={k: 0 for k in ("reward", "policy", "reference", "worker", "trainer")},
-        worker={"samples_per_prompt": 4, "prompts_per_call": 4, "max_new_tokens": 3, "max_rollouts_per_version": 32},
+        worker={"samples_per_prompt": 4, "prompts_per_call": 4, "max_new_tokens": 3},
         trainer={"max_updates": UPDATES, "ppo": {
             "batch_size": 32, "minibatch_size": 8, "epochs": 4, "learning_rate": 1e-2, "max_staleness": 1,
             # Critic-free with groups of 4 (the worker's samples per prompt): the

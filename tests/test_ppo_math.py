@@ -15,7 +15,9 @@ from trainer.ppo_math import (
     FixedKLController,
     RunningMoments,
     Staleness,
+    behaviour_weights,
     broadcast_sequence_advantages,
+    decoupled_policy_loss,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -239,6 +241,78 @@ def test_policy_loss_sequence_aggregation():
         policy_loss(old, old, adv, mask, 0.0)
     with pytest.raises(InvalidInput, match=r"advantages: has shape \(2,\), expected \(2, 2\)"):
         policy_loss(old, old, adv[:, 0], mask, 0.2)
+
+
+# ---------------------------------------------------------------- decoupled PPO
+
+
+def test_decoupled_policy_loss_by_hand():
+    # ε = 0.2, cap 2. Per token: π_behav, π_prox, π_θ, A →
+    #   w = min(π_prox/π_behav, 2), r = π_θ/π_prox, term = −w·min(r·A, clip(r)·A)
+    #   a: 0.5, 0.6,   0.66,  +1: w = 1.2,            r = 1.1 → −1.2·min(1.1, 1.1)   = −1.32 (unclipped)
+    #   b: 0.2, 0.6,   0.9,   +1: w = min(3, 2) = 2,  r = 1.5 → −2·min(1.5, 1.2)     = −2.4  (clipped, truncated)
+    #   c: 0.5, 0.25,  0.225, −2: w = 0.5,            r = 0.9 → −0.5·min(−1.8, −1.8) = +0.9  (unclipped)
+    # loss = (−1.32 − 2.4 + 0.9) / 3 = −0.94; clipfrac 1/3; truncated 1/3; mean w = (1.2 + 2 + 0.5)/3
+    # The 4th column is padding with huge probabilities ratios and advantage.
+    behaviour = torch.log(t([[0.5, 0.2, 0.5, 1e-9]]))
+    proximal = torch.log(t([[0.6, 0.6, 0.25, 0.9]]))
+    logprobs = torch.log(t([[0.66, 0.9, 0.225, 0.9]])).requires_grad_(True)
+    adv = t([[1.0, 1.0, -2.0, 1e9]])
+    mask = t([[1, 1, 1, 0]], dtype=torch.bool)
+    weights = behaviour_weights(proximal, behaviour, mask, cap=2.0)
+    close(weights.weights, [[1.2, 2.0, 0.5, 0.0]])
+    close(weights.truncated_fraction, 1 / 3)
+    assert not weights.weights.requires_grad
+    out = decoupled_policy_loss(logprobs, proximal, weights.weights, adv, mask, clip_coef=0.2)
+    close(out.loss, -0.94)
+    close(out.clipfrac, 1 / 3)
+    # approx_kl against π_prox: mean((r − 1) − ln r) over r = 1.1, 1.5, 0.9.
+    close(out.approx_kl, ((0.1 - math.log(1.1)) + (0.5 - math.log(1.5)) + (-0.1 - math.log(0.9))) / 3)
+    # d(−w·A·r)/d log π_θ = −w·A·r over 3 tokens, unclipped tokens only:
+    #   a: −1.2·1·1.1/3 = −0.44; c: −0.5·(−2)·0.9/3 = +0.3; b (clipped) and padding: 0
+    out.loss.backward()
+    close(logprobs.grad, [[-0.44, 0.0, 0.3, 0.0]])
+    # Untruncated, token b weighs 3: loss = (−1.32 − 3·1.2 + 0.9) / 3 = −1.34.
+    untruncated = behaviour_weights(proximal, behaviour, mask, cap=None)
+    close(untruncated.truncated_fraction, 0.0)
+    close(decoupled_policy_loss(logprobs.detach(), proximal, untruncated.weights, adv, mask, 0.2).loss, -1.34)
+
+
+def test_decoupled_loss_is_the_clipped_loss_on_fresh_rollouts_and_keeps_the_gradient_of_stale_ones():
+    # Fresh: π_prox = π_behav, so w = 1 and both objectives are one function.
+    behaviour = torch.log(t([[0.5, 0.2, 0.4]]))
+    logprobs = torch.log(t([[0.7, 0.1, 0.4]]))
+    adv = t([[1.0, -1.0, 0.5]])
+    mask = t([[1, 1, 1]], dtype=torch.bool)
+    fresh = behaviour_weights(behaviour, behaviour, mask, cap=2.0).weights
+    close(fresh, [[1.0, 1.0, 1.0]])
+    close(decoupled_policy_loss(logprobs, behaviour, fresh, adv, mask, 0.2).loss,
+          policy_loss(logprobs, behaviour, adv, mask, 0.2).loss)
+    # Stale: sampled at π_behav = 0.5, the policy has since moved to 0.9 (= π_prox = π_θ at the
+    # update's start), A = +1. Clipped PPO's ratio 0.9/0.5 = 1.8 > 1 + ε: clipped, no gradient at all.
+    # Decoupled: r = 1, w = 1.8: loss −1.8, gradient −w·A·r = −1.8.
+    behaviour, proximal = torch.log(t([[0.5]])), torch.log(t([[0.9]]))
+    one = t([[1]], dtype=torch.bool)
+    clipped_lp = proximal.clone().requires_grad_(True)
+    policy_loss(clipped_lp, behaviour, t([[1.0]]), one, 0.2).loss.backward()
+    close(clipped_lp.grad, [[0.0]])
+    decoupled_lp = proximal.clone().requires_grad_(True)
+    w = behaviour_weights(proximal, behaviour, one, cap=2.0).weights
+    out = decoupled_policy_loss(decoupled_lp, proximal, w, t([[1.0]]), one, 0.2)
+    close(out.loss, -1.8)
+    out.loss.backward()
+    close(decoupled_lp.grad, [[-1.8]])
+
+
+def test_behaviour_weights_and_decoupled_loss_reject_bad_input():
+    lp = torch.zeros(2, 3, dtype=F64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(InvalidInput, match="cap: must be >= 1 or None, got 0.5"):
+        behaviour_weights(lp, lp, mask, cap=0.5)
+    with pytest.raises(InvalidInput, match=r"behaviour_logprobs: has shape \(2, 2\), expected \(2, 3\)"):
+        behaviour_weights(lp, lp[:, :2], mask, cap=2.0)
+    with pytest.raises(InvalidInput, match=r"behaviour_weights: has shape \(2,\), expected \(2, 3\)"):
+        decoupled_policy_loss(lp, lp, lp[:, 0], lp, mask, 0.2)
 
 
 # ---------------------------------------------------------------- value loss

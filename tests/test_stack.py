@@ -283,6 +283,29 @@ def test_placement_settings_are_checked_up_front_naming_the_field():
         assert str(caught.value).startswith(message), str(caught.value)
 
 
+def test_workers_generate_ahead_of_the_trainer_up_to_its_staleness_bound():
+    targets = {"policy": "h:1", "reward": "h:2", "reference": "h:3"}
+
+    def flags(config: StackConfig) -> dict[str, str]:
+        args = worker_args(config, 0, targets, None)
+        return {name: args[args.index(name) + 1] for name in ("--max-staleness", "--trainer-batch-size")
+                if name in args}
+
+    # From the trainer's ppo section, or its defaults (max_staleness 2, batch_size 32).
+    assert flags(supervision(trainer={"ppo": {"max_staleness": 3, "batch_size": 16}})) == {
+        "--max-staleness": "3", "--trainer-batch-size": "16"}
+    assert flags(supervision()) == {"--max-staleness": "2", "--trainer-batch-size": "32"}
+    # A worker may hold itself to less, or to no bound at all.
+    assert flags(supervision(worker={"max_staleness": 1})) == {"--max-staleness": "1", "--trainer-batch-size": "32"}
+    assert flags(supervision(worker={"max_staleness": None})) == {"--trainer-batch-size": "32"}
+    with pytest.raises(StackError, match=r"worker\.max_staleness=3 is invalid: must be <= trainer\.ppo\.max_staleness "
+                       r"\(2\)"):
+        supervision(worker={"max_staleness": 3})
+    with pytest.raises(StackError, match=r"worker\.trainer_batch_size=8 is invalid: must be the trainer's "
+                       r"ppo\.batch_size \(32\)"):
+        supervision(worker={"trainer_batch_size": 8})
+
+
 # -- the durable local broker ------------------------------------------------------
 
 

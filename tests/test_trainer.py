@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import wait_until
 
 from arbiter.config import ConfigError
 from arbiter.errors import InvalidInput
@@ -141,6 +142,126 @@ def test_config_errors_name_the_field(tiny_models):
         config_from_dict({"model_dir": "m", "ppo": {"kl": {"estimator": "k4"}}})
     with pytest.raises(ConfigError, match=r"^ppo\.reward_source='shipped' is invalid: must be one of raw, reward_model$"):
         config_from_dict({"model_dir": "m", "ppo": {"reward_source": "shipped"}})
+
+
+def test_staleness_objective_and_checkpoint_cadence_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match=r"^ppo\.max_staleness=0 is invalid: must be an integer >= 1: generation "
+                       r"overlaps training"):
+        config_from_dict({"model_dir": "m", "ppo": {"max_staleness": 0}})
+    with pytest.raises(ConfigError, match=r"^ppo\.objective='ppo2' is invalid: must be one of clipped, decoupled$"):
+        config_from_dict({"model_dir": "m", "ppo": {"objective": "ppo2"}})
+    with pytest.raises(ConfigError, match=r"^ppo\.behaviour_weight_cap=0\.5 is invalid: must be >= 1 or null"):
+        config_from_dict({"model_dir": "m", "ppo": {"behaviour_weight_cap": 0.5}})
+    with pytest.raises(ConfigError, match=r"^checkpoint_every=None is invalid: must be set when checkpoint_every_s "
+                       r"is null"):
+        config_from_dict({"model_dir": "m", "checkpoint_every": None})
+    with pytest.raises(ConfigError, match=r"^checkpoint_every_s=0 is invalid: must be > 0 seconds or null$"):
+        config_from_dict({"model_dir": "m", "checkpoint_every_s": 0})
+    # Publishing more often than checkpointing is fine now (a replayed step gets a new label).
+    config = config_from_dict({"model_dir": "m", "checkpoint_every": None, "checkpoint_every_s": 30,
+                               "ppo": {"objective": "decoupled", "behaviour_weight_cap": None}})
+    assert (config.publish_every, config.checkpoint_every, config.checkpoint_every_s) == (1, None, 30)
+
+
+def test_decoupled_objective_weighs_stale_rollouts_by_the_truncated_behaviour_ratio(tiny_models, tmp_path):
+    small = {"batch_size": 8, "minibatch_size": 8, "epochs": 1}
+    trainer = make_trainer(tiny_models, tmp_path, objective="decoupled", behaviour_weight_cap=2.0, **small)
+    lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
+    # Sampled by the trained policy itself: π_prox = π_behav, every weight 1, nothing truncated.
+    fresh = trainer.train_on(sample_trajectories(lm, tokenizer, 8, seed=21)).stats
+    assert fresh.behaviour_weight == pytest.approx(1.0, abs=1e-4) and fresh.behaviour_weight_truncated == 0
+    assert fresh.optimizer_steps == 1 and math.isfinite(fresh.policy_loss)
+    # As if a policy had sampled each token with a quarter of the probability the
+    # trained one gives it: π_prox/π_behav = 4 on every token, truncated at 2.
+    rollouts = sample_trajectories(lm, tokenizer, 8, seed=22)
+    quarter = [Trajectory(**{**t.__dict__, "sampling_logprobs": tuple(lp - math.log(4) for lp in t.sampling_logprobs)})
+               for t in rollouts]
+    stale = trainer.train_on(quarter).stats
+    assert stale.behaviour_weight == pytest.approx(2.0) and stale.behaviour_weight_truncated == 1.0
+    # The clipped objective has no behaviour weight.
+    assert make_trainer(tiny_models, tmp_path / "c", **small).train_on(rollouts).stats.behaviour_weight is None
+
+
+def test_a_replayed_step_is_published_under_a_new_label_and_lost_versions_stay_trainable(tiny_models, tmp_path):
+    small = {"batch_size": 4, "minibatch_size": 4, "epochs": 1, "max_staleness": 1}
+    trainer = make_trainer(tiny_models, tmp_path, **small)
+    lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
+    trainer.train_on(sample_trajectories(lm, tokenizer, 4, seed=31))
+    trainer.save_policy_version()
+    trainer.checkpoint(consumer=None)
+    # Step 2 is published but the process dies before a checkpoint covers it.
+    trainer.train_on(sample_trajectories(lm, tokenizer, 4, seed=32))
+    lost = trainer.save_policy_version()
+    assert lost.name == "ppo-2"
+
+    resumed = make_trainer(tiny_models, tmp_path, **small)
+    assert resumed.state.step == 1
+    # ppo-2's rollouts are real samples: counted as of the checkpoint's step (lag 0 now), not unknown.
+    assert resumed.state.version_steps["ppo-2"] == 1
+    t = sample_trajectories(lm, tokenizer, 1, seed=33, version="ppo-2")[0]
+    resumed.admit(consumed(to_rollout(t), 0))
+    assert [p.rollout_id for p in resumed.pending] == [t.rollout_id]
+    # The replayed step 2 has other weights: it never takes the label ppo-2.
+    resumed.train_on(sample_trajectories(lm, tokenizer, 4, seed=34))
+    assert resumed.save_policy_version().name == "ppo-2.r1"
+    assert read_metadata(lost).version == "ppo-2"  # the lost run's files are untouched
+    assert resumed.version_label(3) == "ppo-3"
+
+
+def test_a_version_is_written_from_its_snapshot_while_training_moves_on(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tiny_models, tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.lm.state_dict().items()}
+    snapshot = trainer.model.policy_snapshot()
+    # Tied input and output embeddings stay one tensor in the copy.
+    assert snapshot["lm_head.weight"] is snapshot["transformer.wte.weight"]
+    with torch.no_grad():  # the next optimizer step, before the writer gets to it
+        for p in trainer.model.trainable_parameters():
+            p.add_(1.0)
+    trainer.model.save_policy(tmp_path / "v", "v", snapshot)
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "v")).state_dict()
+    assert all(torch.equal(saved[k], before[k]) for k in before)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "v" / "model.safetensors"))  # stored once
+
+
+def test_background_publisher_writes_only_the_newest_waiting_version_and_retries_announcements(tmp_path):
+    """The publisher's own logic, with the save and announce functions as
+    recorders (the trainer's real ones are exercised in test_trainer_stream)."""
+    import threading
+
+    from arbiter.stream import StreamError
+    from trainer.publish import BackgroundPublisher, Snapshot
+
+    release, writing = threading.Event(), threading.Event()
+    announced, refusals = [], [1]
+
+    def save(path, snap):
+        writing.set()
+        release.wait(30)
+        path.mkdir()
+        (path / "step").write_text(str(snap.step))
+
+    def announce(version):
+        if version == "v3" and refusals:
+            refusals.pop()
+            raise StreamError("broker down")
+        announced.append(version)
+
+    superseded = []
+    publisher = BackgroundPublisher(tmp_path, save, announce, on_superseded=lambda: superseded.append(1),
+                                    retry_s=0.01)
+    publisher.submit(Snapshot("v1", 1, {}))
+    assert writing.wait(30)
+    publisher.submit(Snapshot("v2", 2, {}))  # waits behind v1...
+    publisher.submit(Snapshot("v3", 3, {}))  # ...and is superseded by v3 before it is written
+    assert len(superseded) == 1 and not (tmp_path / "v1").exists()  # v1 still being written
+    release.set()
+    # v3's first announcement was refused; it stayed owed and was retried.
+    wait_until(lambda: announced == ["v1", "v3"], what="v1 and v3 announced")
+    publisher.close()
+    assert refusals == [] and sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v3"]  # no temporary dir left
 
 
 def consumed(rollout, offset=5):

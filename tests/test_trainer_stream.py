@@ -43,7 +43,9 @@ def produce(kafka_settings, rollouts):
 
 def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path, kafka_settings):
     ensure_topics(kafka_settings, {topics.ROLLOUTS: 4, topics.POLICY_UPDATES: 1})
-    config = config_from_dict(trainer_config(tiny_models, tmp_path, kafka_settings, max_updates=2))
+    # Checkpoints by time only, and not within this run: the one checkpoint is the clean stop's.
+    config = config_from_dict(trainer_config(tiny_models, tmp_path, kafka_settings, max_updates=2,
+                                             checkpoint_every=None, checkpoint_every_s=3600))
     trainer = PPOTrainer(config, kafka_settings)
     lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
     fresh = [to_rollout(t) for t in sample_trajectories(lm, tokenizer, 2 * BATCH, version="v0", seed=1)]
@@ -62,6 +64,13 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
     rows = [json.loads(line) for line in trainer.history_path.read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["explained_variance"] == r.stats.explained_variance <= 1.0 for row, r in zip(rows, history))
+    # All 16 sampled by v0 (step 0): the first batch trained at step 0 (lag 0), the second at step 1 (lag 1).
+    assert [row["staleness_counts"] for row in rows] == [{"0": BATCH}, {"1": BATCH}]
+    bucket = trainer.metrics.registry.get_sample_value
+    assert [bucket("arbiter_trainer_trained_staleness_versions_bucket", {"le": le}) for le in ("0.0", "1.0")] == [
+        BATCH, 2 * BATCH]
+    assert trainer.metrics.checkpoints._value.get() == 1
+    assert latest_checkpoint(trainer.checkpoints).name == "step-00000002"
 
     # Both versions were announced, with the weights' digest, in order.
     with StreamConsumer(kafka_settings, [topics.POLICY_UPDATES], group_id=None) as consumer:
@@ -69,6 +78,11 @@ def test_trainer_consumes_rollouts_and_publishes_versions(tiny_models, tmp_path,
         while len(updates) < 2 and time.monotonic() < deadline:
             updates += [r.message for r in consumer.poll(timeout_s=1.0).records]
     assert [u.policy_version for u in updates] == ["ppo-1", "ppo-2"]
+    # What the trainer had settled (trained or dropped) at each version, for the workers' staleness bound:
+    # by step 1 its batch of 8 at least, with the second batch's 8 still pending or unread; by step 2
+    # every record (16 fresh, 3 duplicates, the unknown version and the invalid one).
+    assert 8 <= sum(updates[0].rollouts_settled.values()) <= 21 - 8
+    assert sum(updates[1].rollouts_settled.values()) == len(fresh) + 3 + 2
     for update in updates:
         assert update.weights_sha256 == weights_sha256(update.checkpoint_path)
         assert update.training_step == int(update.policy_version.split("-")[1]) and not update.is_adapter

@@ -49,6 +49,7 @@ from services.reward.settings import RewardSettings
 from services.worker.prompts import publish_prompts
 from services.worker.retry import StageRetry, WorkerStopped
 from services.worker.settings import WorkerSettings
+from services.worker.staleness import GenerationBudget, VersionProgress
 from services.worker.worker import RolloutWorker, WorkerError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,6 +386,9 @@ def test_prompt_records_round_trip_and_bad_ones_name_the_record():
         ({"retry_max_backoff_s": 0.01}, "retry_max_backoff_s=0.01"),
         ({"pipeline_depth": 0}, "pipeline_depth=0 is invalid: must be an integer in 1..16"),
         ({"pipeline_depth": 17}, "pipeline_depth=17"),
+        ({"max_rollouts_per_version": 32}, "max_rollouts_per_version=32 is invalid: was removed"),
+        ({"max_staleness": 0, "trainer_batch_size": 32}, "max_staleness=0 is invalid: must be an integer >= 1"),
+        ({"max_staleness": 1}, "trainer_batch_size=None is invalid: must be the trainer's ppo.batch_size"),
     ],
 )
 def test_settings_errors_name_the_field(changes, needle):
@@ -499,16 +503,85 @@ def test_stage_retry_gives_up_at_the_deadline_and_when_stopped():
     assert stopping.waits == [0.5, 1.0] and failed[1:] == ["reference"] * 2
 
 
-def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_models, tmp_path):
+def test_generation_budget_counts_rollouts_ahead_of_what_the_trainer_settled():
+    # η = 1, B = 32: at most (1 + 1) x 32 = 64 rollouts written but not settled, samples in flight included.
+    # Before any announcement: the trainer group's commits, partition 0 up to 90, none on partition 1.
+    budget = GenerationBudget(max_staleness=1, batch_size=32, settled={0: 90})
+    assert budget.limit == 64 and budget.room({}, in_flight=0) == 64
+    # This worker's newest writes end at 130 on partition 0 and 40 on partition 1 (others' records before count).
+    end = {0: 130, 1: 40}
+    assert budget.behind(end) == 40 + 40 and budget.room(end, in_flight=10) == 64 - 80 - 10 == -26
+    assert not budget.observe(None)  # a label on no PolicyUpdate (the initial weights)
+    # Version 3: the trainer settled partition 0 up to 125 and partition 1 up to 45 (others' records too).
+    assert budget.observe(VersionProgress(step=3, settled={0: 125, 1: 45}))
+    assert budget.behind(end) == 5 + 0 and budget.room(end, 10) == 64 - 5 - 10 == 49
+    assert not budget.observe(VersionProgress(step=2, settled={0: 130, 1: 40})) and budget.behind(end) == 5  # older
+    # A trainer from before rollouts_settled: the step moves, the positions stay.
+    assert budget.observe(VersionProgress(step=5, settled=None)) and budget.step == 5 and budget.behind(end) == 5
+    with pytest.raises(ValueError, match="max_staleness must be >= 1"):
+        GenerationBudget(max_staleness=0, batch_size=32)
+
+
+def simulate(eta: int, batch: int, workers: int, swap_delay: int, steps: int = 40) -> list[int]:
+    """Workers generating to their budget, one topic partition, a trainer taking
+    rollouts in order, B per update, dropping every 7th record (stale,
+    invalid...), and policies serving a new version up to ``swap_delay``
+    updates late (they catch up while the trainer waits for a batch). The
+    lags of the trained rollouts; fails if the trainer starves."""
+    budgets = [GenerationBudget(eta, batch) for _ in range(workers)]
+    ends: list[dict[int, int]] = [{} for _ in range(workers)]  # after each worker's newest write
+    topic: list[tuple[int, bool]] = []  # (step of the sampling version, dropped by the trainer)
+    progress = {0: VersionProgress(0, {})}
+    position, lags = 0, []
+    for step in range(steps):
+        for serving in (max(step - swap_delay, 0), step):  # the second: caught up while the trainer waited
+            for budget, end in zip(budgets, ends):
+                budget.observe(progress[serving])
+                while budget.room(end, 0) > 0:
+                    topic.append((serving, len(topic) % 7 == 6))
+                    end[0] = len(topic)
+            if sum(not dropped for _, dropped in topic[position:]) >= batch:
+                break
+        else:
+            pytest.fail(f"the trainer starved at step {step}")
+        taken = 0
+        while taken < batch:
+            sampled, dropped = topic[position]
+            position += 1
+            if not dropped:
+                lags.append(step - sampled)
+                taken += 1
+        progress[step + 1] = VersionProgress(step + 1, {0: position})
+    return lags
+
+
+@pytest.mark.parametrize(("eta", "batch", "swap_delay"), [(1, 4, 0), (2, 6, 1), (1, 5, 2), (3, 32, 3)])
+def test_one_worker_within_its_budget_is_never_trained_more_than_eta_versions_late(eta, batch, swap_delay):
+    lags = simulate(eta, batch, workers=1, swap_delay=swap_delay)
+    assert 0 <= min(lags) and max(lags) <= eta
+    if swap_delay == 0:
+        assert max(lags) == eta  # and generation did run that far ahead
+
+
+def test_several_workers_share_the_budget_and_never_starve_the_trainer():
+    # Each sees the others' records only up to its own newest write: the
+    # documented overshoot makes some rollouts one version staler than η.
+    lags = simulate(eta=1, batch=8, workers=4, swap_delay=0)
+    assert 0 <= min(lags) and max(lags) <= 1 + 1
+
+
+def test_max_staleness_waits_for_the_trainer_then_generates_ahead(servers, kafka, tiny_models, tmp_path):
     from lm_fixtures import perturbed
 
+    ensure_topics(kafka, {topics.POLICY_UPDATES: 1})
     v1 = perturbed(tiny_models["policy"], tmp_path / "v1", version="v1")
     path = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
     policy_settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, model_roots=(str(tmp_path),))
     with BackgroundServer(lambda: create_policy(policy_settings)) as policy:
+        # η = 1, B = 2: (1 + 1) x 2 = 4 rollouts ahead of the trainer, which has settled none.
         settings = worker_settings(
             servers, kafka, policy_target=policy.target, prompts_file=str(path), samples_per_prompt=2,
-            max_rollouts_per_version=4, max_rollouts=8, version_poll_s=0.05,
+            max_staleness=1, trainer_batch_size=2, max_rollouts=8, version_poll_s=0.05,
         )
         worker = RolloutWorker(settings).start()
         # The waiting worker's version polls (the only policy info calls after start), counted as they return.
@@ -524,17 +597,30 @@ def test_max_rollouts_per_version_waits_for_a_new_policy(servers, kafka, tiny_mo
         with WorkerThread(worker) as running:
             running.start()
             wait_until(lambda: sample_value(worker.registry, "arbiter_worker_waiting_for_policy") == 1,
-                     what="the worker to wait for a new version")
+                     what="the worker to wait for the trainer")
             # Ten polls, version_poll_s = 0.05 s apart: it has waited >= 9 x 0.05 = 0.45 s by the tenth.
             wait_until(lambda: len(polls) >= 10, what="ten version polls while waiting")
             produced_by_v0 = worker.stats.rollouts
             assert set(polls) == {"v0"}
+            assert sample_value(worker.registry, "arbiter_worker_staleness_budget_rollouts") == 0
+            # The trainer publishes v1 at step 2 (the policy never served step 1), having settled
+            # every rollout written: 4 more may be generated.
+            settled = {}
+            for record in consume_all(kafka, produced_by_v0):
+                settled[record.partition] = max(settled.get(record.partition, 0), record.offset + 1)
+            with StreamProducer(kafka) as producer:
+                producer.send(topics.POLICY_UPDATES, rollout_pb2.PolicyUpdate(
+                    schema_version=1, policy_version="v1", checkpoint_path=str(v1), training_step=2,
+                    rollouts_settled=settled))
+                producer.flush()
             with PolicyClient(policy.target) as client:
                 client.load_version(str(v1), activate=True)
             running.result(30)
     versions = [r.message.policy_version for r in consume_all(kafka, worker.stats.rollouts)]
+    # 4 from v0 (5 if a sample was skipped: a group is never split), the rest of the 8 from v1.
     assert 4 <= versions.count("v0") == produced_by_v0 < 6
-    assert 4 <= versions.count("v1") < 6
+    assert versions.count("v1") == len(versions) - produced_by_v0 >= 8 - produced_by_v0
+    assert sample_value(worker.registry, "arbiter_worker_trainer_step") == 2
     assert sample_value(worker.registry, "arbiter_worker_policy_wait_seconds_total") > 0.3
     # The polls were the wait_for_policy stage's, and none of them failed.
     assert all(sample_value(worker.registry, "arbiter_worker_errors_total", stage=stage) == 0

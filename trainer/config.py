@@ -6,6 +6,7 @@ accepts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from arbiter.config import config_from_mapping, load_config_file, require, requi
 from arbiter.kl import ESTIMATOR_NAMES
 
 REWARD_SOURCES = ("raw", "reward_model")
+OBJECTIVES = ("clipped", "decoupled")
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,19 @@ class PPOConfig:
     whiten_advantages: bool = True
     # Sampling temperature of the workers: log-probs are recomputed under it.
     temperature: float = 1.0
-    # Rollouts sampled more than this many policy versions ago are dropped.
+    # Rollouts sampled more than this many policy versions ago are dropped
+    # (counted as rollouts{outcome="stale"}). Workers with the same bound
+    # (their max_staleness) generate ahead of training only this far.
     max_staleness: int = 2
+    # The policy-gradient objective (trainer/ppo_math.py): "clipped", PPO's
+    # ratio against the sampler's log-probs; "decoupled", decoupled PPO
+    # (Hilton et al. 2021; AReaL): the ratio against the policy at the start
+    # of the update, times a truncated behaviour importance weight, the
+    # objective that stays a trust region on stale (asynchronous) rollouts.
+    objective: str = "clipped"
+    # Decoupled only: the behaviour weight π_prox/π_behav is truncated at this
+    # (min(w, cap), V-trace's ρ̄); null leaves it untruncated.
+    behaviour_weight_cap: float | None = 2.0
     # PPO-ptx: pretraining LM loss mix (Ouyang et al. 2022); 0 disables.
     ptx_coef: float = 0.0
     ptx_data: str | None = None
@@ -124,7 +137,19 @@ class PPOConfig:
                 self.batch_size,
             )
         require(self.temperature > 0, f"{prefix}.temperature", "must be > 0", self.temperature)
-        require(self.max_staleness >= 0, f"{prefix}.max_staleness", "must be >= 0", self.max_staleness)
+        require(
+            isinstance(self.max_staleness, int) and self.max_staleness >= 1, f"{prefix}.max_staleness",
+            "must be an integer >= 1: generation overlaps training, so a rollout is at least one policy version "
+            "old when it is trained (a bound of 0 would drop every rollout sampled while an update ran or a "
+            "new version was being swapped in)", self.max_staleness,
+        )
+        require_choice(self.objective, f"{prefix}.objective", OBJECTIVES)
+        if self.behaviour_weight_cap is not None:
+            require(
+                self.behaviour_weight_cap >= 1, f"{prefix}.behaviour_weight_cap",
+                "must be >= 1 or null (below 1 even on-policy tokens would be down-weighted)",
+                self.behaviour_weight_cap,
+            )
         require(self.ptx_coef >= 0, f"{prefix}.ptx_coef", "must be >= 0", self.ptx_coef)
         if self.ptx_coef > 0:
             require(
@@ -147,7 +172,15 @@ class TrainerConfig:
     # Stop after this many updates (None: run until stopped).
     max_updates: int | None = None
     publish_every: int = 1
-    checkpoint_every: int = 1
+    # A checkpoint is written after every checkpoint_every updates, or once
+    # checkpoint_every_s seconds passed since the last one, whichever comes
+    # first (null: that trigger is off; at least one must be on). The stream
+    # offsets are committed only with the checkpoint that covers them, so a
+    # crash replays the updates since the last checkpoint: their rollouts are
+    # trained again, from the checkpoint's weights. Versions published since
+    # then keep their labels (a replayed step is published under a new one).
+    checkpoint_every: int | None = 1
+    checkpoint_every_s: float | None = None
     # Checkpoints kept on disk (the newest ones).
     keep_checkpoints: int = 2
     seed: int = 0
@@ -166,12 +199,19 @@ class TrainerConfig:
         require(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be non-empty, without '/'", self.run_name)
         if self.max_updates is not None:
             require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
-        for name in ("publish_every", "checkpoint_every", "keep_checkpoints", "dedupe_window"):
+        for name in ("publish_every", "keep_checkpoints", "dedupe_window"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        if self.checkpoint_every is not None:
+            require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 or null", self.checkpoint_every)
+        if self.checkpoint_every_s is not None:
+            require(
+                math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s > 0, "checkpoint_every_s",
+                "must be > 0 seconds or null", self.checkpoint_every_s,
+            )
         require(
-            self.publish_every % self.checkpoint_every == 0, "publish_every",
-            f"must be a multiple of checkpoint_every ({self.checkpoint_every}): a published version must be "
-            "covered by a checkpoint, or a restart would publish it twice", self.publish_every,
+            self.checkpoint_every is not None or self.checkpoint_every_s is not None, "checkpoint_every",
+            "must be set when checkpoint_every_s is null: without a checkpoint no offset is ever committed "
+            "and a restart replays the whole stream", self.checkpoint_every,
         )
         self.ppo.validate("ppo")
 

@@ -90,7 +90,8 @@ def trajectory_from_record(
 
 
 def policy_update(
-    version: str, checkpoint_path: str, parent_version: str, step: int, weights_sha256: str, is_adapter: bool
+    version: str, checkpoint_path: str, parent_version: str, step: int, weights_sha256: str, is_adapter: bool,
+    rollouts_settled: dict[int, int] | None = None,
 ) -> rollout_pb2.PolicyUpdate:
     update = rollout_pb2.PolicyUpdate(
         policy_version=version,
@@ -99,6 +100,7 @@ def policy_update(
         is_adapter=is_adapter,
         weights_sha256=weights_sha256,
         training_step=step,
+        rollouts_settled=rollouts_settled or {},
     )
     update.created_at.FromNanoseconds(time.time_ns())
     return update

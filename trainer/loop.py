@@ -5,6 +5,18 @@ Exactly-once training over an at-least-once stream: the consumer resumes from
 the offsets stored in the newest checkpoint, offsets are committed to Kafka
 only after the checkpoint that covers them is durable, and rollout ids seen
 recently are remembered (and checkpointed) to drop duplicates.
+
+Bookkeeping per update is cheap: a version is published after every
+``publish_every`` updates by a background thread (``trainer/publish.py``:
+written from an in-memory snapshot while training goes on, renamed into place,
+then announced), and a checkpoint is written every ``checkpoint_every``
+updates or ``checkpoint_every_s`` seconds, and whenever the trainer has
+nothing to train on (free time). A crash replays the updates since
+the newest checkpoint (their rollouts' offsets were not committed); versions
+the crashed run published after it stay on disk and in the followers, so
+their rollouts are still trained (counted as sampled at the checkpoint's
+step, where the surviving lineage forked from them), and a replayed step is
+published under a new label (``<run_name>-<step>.r<n>``), never over theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import random
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +57,7 @@ from trainer.config import TrainerConfig
 from trainer.convert import InvalidRollout, policy_update, trajectory_from_record
 from trainer.metrics import TrainerMetrics
 from trainer.policy_model import PolicyWithValue
+from trainer.publish import BackgroundPublisher, Snapshot
 from trainer.step import UpdateStats, make_kl_controller, ppo_update
 
 log = logging.getLogger(__name__)
@@ -65,6 +78,9 @@ class IterationRecord:
     staleness: float
     seconds: float
     rollouts: int
+    # Trained rollouts of this update by staleness (policy versions between
+    # sampling and training): {lag: count}.
+    staleness_counts: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class PPOTrainer:
@@ -100,7 +116,12 @@ class PPOTrainer:
                             "committed offsets on this cluster, or from the start where it has none")
                 self.state.offsets = {}
                 self.state.cluster_id = ""
+            self._adopt_lost_versions()
         self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
+        self._checkpointed_step = self.state.step
+        # Per version published by this process: rollouts settled then (PolicyUpdate.rollouts_settled).
+        self._settled_at: dict[str, dict[int, int]] = {}
+        self._checkpointed_at = time.monotonic()
         self.pending: list[Trajectory] = []
         # Next offset per partition of everything consumed (trained, dropped or pending).
         self.consumed: dict[TopicPartition, int] = dict(self.state.offsets)
@@ -108,6 +129,23 @@ class PPOTrainer:
         # One JSON line per update: the run's training curve, for people and plots.
         self.history_path = self.output / "history.jsonl"
         self._ptx = self._ptx_batches() if ppo.ptx_coef > 0 else None
+
+    def _adopt_lost_versions(self) -> None:
+        """Versions a crashed run published after its newest checkpoint are on
+        disk and may have sampled rollouts still in the topic: those rollouts
+        are real samples with their own behaviour log-probs, so they are
+        trained like any other, their versions counted as of the checkpoint's
+        step (where this run's lineage and theirs part)."""
+        if not self.policies.is_dir():
+            return
+        lost = sorted(p.name for p in self.policies.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and p.name not in self.state.version_steps)
+        for version in lost:
+            self.state.version_steps[version] = self.state.step
+        if lost:
+            log.warning("%d version(s) published after checkpoint step %d by the run before the restart (%s): "
+                        "their rollouts count as sampled at step %d", len(lost), self.state.step,
+                        ", ".join(lost[-3:]), self.state.step)
 
     # -- intake ---------------------------------------------------------------
 
@@ -197,6 +235,17 @@ class PPOTrainer:
         self.pending = [t for t in self.pending if t.rollout_id not in chosen_ids]
         return chosen
 
+    def settled_positions(self) -> dict[int, int]:
+        """Per partition of the rollouts topic, the records trained or
+        dropped: the position (absolute, so what earlier runs consumed counts
+        too) less the rollouts waiting there for a batch. Workers compare it
+        with the offsets of their own writes to see how far ahead of training
+        they are (PolicyUpdate.rollouts_settled)."""
+        settled = {tp.partition: offset for tp, offset in self.consumed.items()}  # one topic: the rollouts
+        for t in self.pending:
+            settled[t.partition] -= 1
+        return settled
+
     def safe_offsets(self) -> dict[TopicPartition, int]:
         """Per partition, the first offset not yet accounted for: a pending
         rollout's offset if one waits there, else past everything consumed."""
@@ -222,7 +271,8 @@ class PPOTrainer:
     def train_on(self, batch: list[Trajectory]) -> IterationRecord:
         started = time.perf_counter()
         # Every rollout of a batch was kept, so its version has a step.
-        staleness = sum(self.state.step - self.state.version_steps[t.policy_version] for t in batch) / len(batch)
+        lags = [self.state.step - self.state.version_steps[t.policy_version] for t in batch]
+        staleness = sum(lags) / len(batch)
         stats = ppo_update(
             self.model, self.optimizer, collate(batch, self.model.tokenizer.pad_token_id), self.kl_controller,
             self.reward_moments, self.config.ppo, self.rng, self._ptx,
@@ -234,32 +284,82 @@ class PPOTrainer:
         golds = [t.gold_score for t in batch if t.gold_score is not None]
         gold = sum(golds) / len(golds) if golds else None
         target = getattr(self.kl_controller, "target", None)
-        self.metrics.on_update(stats, target, staleness, gold)
+        self.metrics.on_update(stats, target, staleness, gold, lags)
         if stats.skipped_steps:
             log.warning("update %d skipped %d non-finite step(s)", self.state.step, stats.skipped_steps)
         return IterationRecord(
-            self.state.step, self.state.policy_version, stats, gold, staleness, time.perf_counter() - started, len(batch)
+            self.state.step, self.state.policy_version, stats, gold, staleness, time.perf_counter() - started,
+            len(batch), dict(sorted(Counter(lags).items())),
         )
 
     # -- persistence and publishing --------------------------------------------
 
     def version_label(self, step: int) -> str:
-        return f"{self.config.run_name}-{step}"
+        """``<run_name>-<step>``; a step replayed after a crash whose label the
+        lost run already used gets ``.r<n>``: a label names one set of weights."""
+        label = base = f"{self.config.run_name}-{step}"
+        n = 0
+        while label in self.state.version_steps or (self.policies / label).exists():
+            n += 1
+            label = f"{base}.r{n}"
+        return label
+
+    def _register_version(self) -> str:
+        version = self.version_label(self.state.step)
+        self._settled_at[version] = self.settled_positions()
+        self.state.version_steps[version] = self.state.step
+        self.state.policy_version = version
+        self.state.published.append(version)
+        self.metrics.policy_step.set(self.state.step)
+        return version
 
     def save_policy_version(self) -> Path:
-        """Write the current policy as a servable version (atomic rename)."""
-        version = self.version_label(self.state.step)
+        """Write the current policy as a servable version now (atomic rename)."""
+        version = self._register_version()
         final = self.policies / version
         tmp = self.policies / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_policy(tmp, version)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        self.state.version_steps[version] = self.state.step
-        self.state.policy_version = version
-        self.state.published.append(version)
-        self.metrics.policy_step.set(self.state.step)
         return final
+
+    def publish(self, publisher: BackgroundPublisher) -> str:
+        """Register the current policy as the next version and hand a snapshot
+        of it to ``publisher`` (written and announced in the background)."""
+        snapshot = self.model.policy_snapshot()
+        version = self._register_version()
+        publisher.submit(Snapshot(version, self.state.step, snapshot))
+        return version
+
+    def new_publisher(self, producer: StreamProducer) -> BackgroundPublisher:
+        self.policies.mkdir(parents=True, exist_ok=True)
+        return BackgroundPublisher(
+            self.policies, lambda path, snap: self.model.save_policy(path, snap.version, snap.tensors),
+            lambda version: self.announce(producer, version),
+            on_saved=lambda version, seconds: self.metrics.publish_write.observe(seconds),
+            on_superseded=self.metrics.publish_superseded.inc,
+        )
+
+    def checkpoint_due(self) -> bool:
+        """After ``checkpoint_every`` updates or ``checkpoint_every_s``
+        seconds, whichever comes first (only with updates to cover)."""
+        cfg = self.config
+        if self.state.step == self._checkpointed_step:
+            return False
+        if cfg.checkpoint_every is not None and self.state.step % cfg.checkpoint_every == 0:
+            return True
+        return cfg.checkpoint_every_s is not None and time.monotonic() - self._checkpointed_at >= cfg.checkpoint_every_s
+
+    def after_update(self, consumer: StreamConsumer | None, publisher: BackgroundPublisher) -> str | None:
+        """What ``run`` does after each update: publish (in the background)
+        and checkpoint when due. Returns the version published, if any."""
+        started = time.perf_counter()
+        published = self.publish(publisher) if self.state.step % self.config.publish_every == 0 else None
+        if self.checkpoint_due():
+            self.checkpoint(consumer)
+        self.metrics.bookkeeping.observe(time.perf_counter() - started)
+        return published
 
     def checkpoint(self, consumer: StreamConsumer | None) -> Path:
         if consumer is not None:
@@ -271,6 +371,8 @@ class PPOTrainer:
         path = save_checkpoint(
             self.checkpoints, self.model, self.optimizer, self.rng, self.state, keep=self.config.keep_checkpoints
         )
+        self._checkpointed_step, self._checkpointed_at = self.state.step, time.monotonic()
+        self.metrics.checkpoints.inc()
         if consumer is not None and self.state.offsets:
             # Only now, with the checkpoint durable, may the group move forward.
             try:
@@ -313,29 +415,36 @@ class PPOTrainer:
             policy_update(
                 version, str(path.resolve()), self.model.base_version, self.state.version_steps[version],
                 weights_sha256(path), self.model.is_lora,
+                self._settled_at.get(version),
             ),
         )
         producer.flush(timeout_s=30)
         self.metrics.publish.inc()
         log.info("published policy %s", version)
 
-    def _try_announce(self, producer: StreamProducer, version: str) -> str | None:
-        """Announce ``version``; on failure (broker down) it stays owed and is
-        retried on the next pass of the loop (returned). Training goes on
-        meanwhile: the version is saved and checkpointed, and only the newest
-        owed announcement matters to followers."""
-        try:
-            self.announce(producer, version)
-            return None
-        except StreamError as err:  # not acknowledged, or the broker is not even reachable
-            log.warning("announcing policy %s failed (retried while training goes on): %s", version, err)
-            return version
+    def _resume_publishing(self, publisher: BackgroundPublisher) -> None:
+        """The crash may have come before the checkpoint's version was written
+        or announced; announcing twice is harmless (followers skip loaded
+        versions). A version whose files never got written is written now
+        when the checkpoint holds its weights (it was taken at its step)."""
+        version = self.state.policy_version
+        if self.state.step == 0 or version not in self.state.published:
+            return
+        self._settled_at[version] = self.settled_positions()  # the checkpoint's position
+        if (self.policies / version).is_dir():
+            publisher.owe(version)
+        elif self.state.version_steps.get(version) == self.state.step:
+            publisher.submit(Snapshot(version, self.state.step, self.model.policy_snapshot()))
+        else:
+            log.warning("policy %s (step %d) was never written before the restart; the next update publishes",
+                        version, self.state.version_steps.get(version, -1))
 
     def _log_history(self, record: IterationRecord) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         row = {"time": time.time(), "step": record.step, "policy_version": record.policy_version,
-               "gold_score": record.gold_score, "staleness": record.staleness, "seconds": record.seconds,
-               "rollouts": record.rollouts, **dataclasses.asdict(record.stats)}
+               "gold_score": record.gold_score, "staleness": record.staleness,
+               "staleness_counts": {str(k): v for k, v in record.staleness_counts.items()},
+               "seconds": record.seconds, "rollouts": record.rollouts, **dataclasses.asdict(record.stats)}
         with self.history_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -348,7 +457,6 @@ class PPOTrainer:
         poll_timeout_s: float = 0.5,
     ) -> list[IterationRecord]:
         stop = stop or threading.Event()
-        cfg = self.config
         # Create what is missing; an existing topic's partition count is the operator's choice.
         self._check_same_cluster(cluster_id(self.kafka))
         existing = list_topics(self.kafka)
@@ -363,37 +471,45 @@ class PPOTrainer:
                 StreamProducer(self.kafka) as producer:
             if self.state.offsets:
                 consumer.seek(self.state.offsets)
-            # The crash may have come between checkpoint and announcement;
-            # announcing twice is harmless (followers skip loaded versions).
-            unannounced = self.state.policy_version if (
-                self.state.step > 0 and self.state.policy_version in self.state.published) else None
-            while not stop.is_set() and (cfg.max_updates is None or self.state.step < cfg.max_updates):
-                if unannounced:
-                    unannounced = self._try_announce(producer, unannounced)
-                polled = consumer.poll(timeout_s=poll_timeout_s)
-                for record in polled.records:
-                    self.admit(record, consumer)
-                for rejected in polled.rejected:
-                    tp = rejected.topic_partition
-                    self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
-                    self._count("invalid")
-                self.metrics.lag.set(sum(consumer.lag().values()))
-                while (cfg.max_updates is None or self.state.step < cfg.max_updates) and (batch := self._take_batch()):
-                    started = time.perf_counter()
-                    record = self.train_on(batch)
-                    published = None
-                    if self.state.step % cfg.publish_every == 0:
-                        self.save_policy_version()
-                        published = self.state.policy_version
-                    if self.state.step % cfg.checkpoint_every == 0:
-                        self.checkpoint(consumer)
-                    if published:
-                        unannounced = self._try_announce(producer, published)
-                    record = IterationRecord(**{**record.__dict__, "policy_version": self.state.policy_version,
-                                                "seconds": time.perf_counter() - started})
-                    self.metrics.iteration.observe(record.seconds)
-                    self.history.append(record)
-                    self._log_history(record)
-                    if on_update is not None:
-                        on_update(record)
+            publisher = self.new_publisher(producer)
+            try:
+                self._resume_publishing(publisher)
+                self._train_from(consumer, publisher, stop, on_update, poll_timeout_s)
+                # A clean stop replays nothing: the updates since the last
+                # checkpoint get one (a crash replays them instead).
+                if self.state.step != self._checkpointed_step:
+                    self.checkpoint(consumer)
+            finally:
+                publisher.close()
         return self.history
+
+    def _train_from(
+        self, consumer: StreamConsumer, publisher: BackgroundPublisher, stop: threading.Event,
+        on_update: Callable[[IterationRecord], None] | None, poll_timeout_s: float,
+    ) -> None:
+        cfg = self.config
+        while not stop.is_set() and (cfg.max_updates is None or self.state.step < cfg.max_updates):
+            polled = consumer.poll(timeout_s=poll_timeout_s)
+            for record in polled.records:
+                self.admit(record, consumer)
+            for rejected in polled.rejected:
+                tp = rejected.topic_partition
+                self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
+                self._count("invalid")
+            lag = sum(consumer.lag().values())
+            self.metrics.lag.set(lag)
+            if not polled.records and not lag and self.state.step != self._checkpointed_step:
+                # Nothing to train on: checkpointing now costs no training time,
+                # and a crash while idle then replays nothing.
+                self.checkpoint(consumer)
+            while (cfg.max_updates is None or self.state.step < cfg.max_updates) and (batch := self._take_batch()):
+                started = time.perf_counter()
+                record = self.train_on(batch)
+                self.after_update(consumer, publisher)
+                record = dataclasses.replace(record, policy_version=self.state.policy_version,
+                                             seconds=time.perf_counter() - started)
+                self.metrics.iteration.observe(record.seconds)
+                self.history.append(record)
+                self._log_history(record)
+                if on_update is not None:
+                    on_update(record)

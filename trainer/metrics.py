@@ -3,6 +3,8 @@ infra/prometheus/rules/arbiter-alerts.yml (KL blow-up, stalled trainer, stale ro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from arbiter.stream import topics
@@ -45,6 +47,12 @@ class TrainerMetrics:
             "arbiter_trainer_rollout_staleness_versions",
             "Mean number of policy versions between sampling and training, last batch.", registry=r,
         )
+        # Base unit: policy versions. Buckets at every lag a sane bound allows.
+        self.trained_staleness = Histogram(
+            "arbiter_trainer_trained_staleness_versions",
+            "Policy versions between a trained rollout's sampling and its update (one observation per rollout).",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 16), registry=r,
+        )
         self.response_length = Gauge(
             "arbiter_trainer_response_length_tokens", "Mean completion length of the last batch.", registry=r
         )
@@ -54,6 +62,22 @@ class TrainerMetrics:
         )
         self.lag = Gauge("arbiter_trainer_consumer_lag_records", "Rollouts waiting in the topic.", registry=r)
         self.publish = Counter("arbiter_trainer_policy_publishes", "Policy versions published.", registry=r)
+        self.bookkeeping = Histogram(
+            "arbiter_trainer_bookkeeping_seconds",
+            "Time an update's bookkeeping holds training up: the policy snapshot for the background publisher, "
+            "and the checkpoint when one is due.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10), registry=r,
+        )
+        self.publish_write = Histogram(
+            "arbiter_trainer_policy_write_seconds",
+            "Time the background publisher took to write one policy version (beside training).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60), registry=r,
+        )
+        self.publish_superseded = Counter(
+            "arbiter_trainer_policy_versions_superseded",
+            "Versions never written because a newer one was ready before the publisher got to them.", registry=r,
+        )
+        self.checkpoints = Counter("arbiter_trainer_checkpoints", "Checkpoints written.", registry=r)
         self.commit_failures = Counter(
             "arbiter_trainer_offset_commit_failures",
             "Durable checkpoints whose offsets the consumer group did not take (committed with the next one).",
@@ -62,7 +86,10 @@ class TrainerMetrics:
         # Rollout records skipped as unusable (also counted as rollouts{outcome="invalid"}).
         self.rejected_records = RejectedRecordsMetric(r, [topics.ROLLOUTS])
 
-    def on_update(self, stats: UpdateStats, kl_target: float | None, staleness: float, gold: float | None) -> None:
+    def on_update(
+        self, stats: UpdateStats, kl_target: float | None, staleness: float, gold: float | None,
+        lags: Sequence[int] = (),
+    ) -> None:
         self.updates.inc()
         self.skipped_steps.inc(stats.skipped_steps)
         self.kl.set(stats.kl)
@@ -82,3 +109,5 @@ class TrainerMetrics:
         if stats.explained_variance is not None:
             self.explained_variance.set(stats.explained_variance)
         self.staleness.set(staleness)
+        for lag in lags:
+            self.trained_staleness.observe(lag)

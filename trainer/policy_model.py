@@ -69,12 +69,24 @@ class PolicyWithValue(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def save_policy(self, out_dir: str | Path, version: str) -> Path:
+    def policy_snapshot(self) -> dict[str, Tensor]:
+        """Copies of what :meth:`save_policy` writes (the LoRA adapter's
+        tensors only, with LoRA), for writing while training goes on."""
+        from trainer.publish import snapshot_tensors
+
+        return snapshot_tensors(self.lm, only_trainable=self.is_lora)
+
+    def save_policy(self, out_dir: str | Path, version: str, snapshot: dict[str, Tensor] | None = None) -> Path:
         """A servable policy version: full weights, or only the LoRA adapter
-        (the policy service applies it to the base it serves)."""
+        (the policy service applies it to the base it serves). With
+        ``snapshot`` (from :meth:`policy_snapshot`) its tensors are written,
+        not the live ones, so training may go on meanwhile."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.lm.save_pretrained(out, safe_serialization=True)
+        if snapshot is None:
+            self.lm.save_pretrained(out, safe_serialization=True)
+        else:
+            self.lm.save_pretrained(out, safe_serialization=True, state_dict=snapshot)
         self.tokenizer.save_pretrained(out)
         write_metadata(out, name="policy", version=version, base_version=self.base_version)
         return out

@@ -34,13 +34,29 @@ policy a few updates behind the one being trained. The trainer's policy:
 
 1. Drop rollouts whose lag exceeds a bound, and rollouts from a policy version
    the trainer has not published (:func:`staleness_verdict`).
-2. Within the bound use the rollout's own sampling log-probs as PPO's
-   ``old_logprobs``. PPO's ratio π_θ/π_behaviour *is* the importance
-   correction, and clipping bounds how far an update can move on off-policy
-   data: a lag of k versions is no different in kind from PPO's own later
-   minibatch epochs. (Recomputing ``old_logprobs`` with the current policy
-   would need decoupled PPO's behaviour weights, Hilton et al. 2021, "Batch
-   size-invariance for policy optimization"; the trainer does not do that.)
+2. Within the bound, one of two objectives (``ppo.objective``):
+
+   * ``clipped``: the rollout's own sampling log-probs are PPO's
+     ``old_logprobs``. The ratio π_θ/π_behav *is* the importance correction
+     and clipping bounds how far an update moves on off-policy data, but the
+     trust region is then centred on a policy k versions old, so a stale
+     rollout's ratio can start outside [1−ε, 1+ε] and be clipped (no
+     gradient) before the update has moved at all.
+   * ``decoupled``: decoupled PPO (Hilton et al. 2021, "Batch
+     size-invariance for policy optimization"; the objective of
+     AReaL, Fu et al. 2025). The trust region is centred on the
+     *proximal* policy π_prox, the trained policy at the start of the update
+     (its log-probs are recomputed once, before the minibatch epochs), and
+     the off-policyness is corrected by a separate behaviour importance
+     weight w = π_prox/π_behav that takes no gradient
+     (:func:`behaviour_weights`, :func:`decoupled_policy_loss`). The weight
+     is truncated at ``behaviour_weight_cap`` (min(w, c), the truncated
+     importance sampling of IMPALA's V-trace, Espeholt et al. 2018, ρ̄):
+     a token the behaviour policy sampled with a far smaller probability
+     than π_prox would otherwise dominate the batch's gradient. AReaL zeroes
+     such tokens instead (its ``behav_imp_weight_cap``); truncation keeps
+     them at the cap. With π_prox = π_behav (fresh rollouts) w = 1 and the
+     objective is exactly the clipped one.
 
 Rewards and advantages depend on rollout data only: compute them
 under ``torch.no_grad()``. The losses are differentiable in ``logprobs``,
@@ -335,7 +351,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 class PolicyLoss(NamedTuple):
     loss: Tensor  # scalar, differentiable in logprobs
     clipfrac: Tensor  # fraction of real tokens where the clipped term was chosen (detached)
-    approx_kl: Tensor  # k3 estimate of KL(π_old ‖ π_θ) (detached)
+    approx_kl: Tensor  # k3 estimate of KL(π_old ‖ π_θ) (detached); decoupled: KL(π_prox ‖ π_θ)
 
 
 def policy_loss(
@@ -354,21 +370,85 @@ def policy_loss(
     ratio that moved the wrong way is never clipped. All inputs (B, T).
     approx_kl is cleanrl's (ratio − 1) − log ratio.
     """
+    return _surrogate(logprobs, old_logprobs, advantages, mask, clip_coef, None, aggregation)
+
+
+def _surrogate(
+    logprobs: Tensor, anchor_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_coef: float,
+    weights: Tensor | None, aggregation: str,
+) -> PolicyLoss:
+    """The clipped surrogate with its ratio against ``anchor_logprobs``, each
+    token's term scaled by ``weights`` (B, T) when given."""
     m = _as_mask(mask, logprobs)
-    _check_shape("old_logprobs", old_logprobs, logprobs.shape)
+    _check_shape("old_logprobs", anchor_logprobs, logprobs.shape)
     _check_shape("advantages", advantages, logprobs.shape)
     if not clip_coef > 0:
         raise InvalidInput("clip_coef", f"must be > 0, got {clip_coef}")
-    log_ratio = logprobs - old_logprobs  # (B, T)
+    log_ratio = logprobs - anchor_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
     per_token = torch.maximum(unclipped, clipped)  # (B, T) = −min(·, ·)
+    if weights is not None:
+        per_token = weights * per_token
     loss = masked_aggregate(per_token, m, aggregation)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), m)
         approx_kl = masked_mean((ratio - 1) - log_ratio, m)
     return PolicyLoss(loss=loss, clipfrac=clipfrac, approx_kl=approx_kl)
+
+
+class BehaviourWeights(NamedTuple):
+    weights: Tensor  # (B, T) min(π_prox/π_behav, cap), 0 on padding; no gradient
+    truncated_fraction: Tensor  # fraction of real tokens whose weight was above the cap (detached)
+
+
+def behaviour_weights(
+    proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float | None,
+) -> BehaviourWeights:
+    """Decoupled PPO's behaviour importance weight w_t = π_prox(y_t)/π_behav(y_t)
+    (Hilton et al. 2021), truncated: min(w_t, cap) (Espeholt et al. 2018,
+    V-trace's ρ̄; ``cap=None`` leaves it untruncated).
+
+    proximal_logprobs: the trained policy's at the start of the update;
+    behaviour_logprobs: the sampler's (``Rollout.sampling_logprobs``); both
+    (B, T). Computed from data only: the result carries no gradient.
+    """
+    m = _as_mask(mask, proximal_logprobs)
+    _check_shape("behaviour_logprobs", behaviour_logprobs, proximal_logprobs.shape)
+    if cap is not None and not cap >= 1:
+        # Below 1 even an on-policy token (w = 1) would be down-weighted.
+        raise InvalidInput("cap", f"must be >= 1 or None, got {cap}")
+    with torch.no_grad():
+        raw = torch.exp(torch.where(m, proximal_logprobs - behaviour_logprobs, 0))  # (B, T)
+        weights = raw if cap is None else torch.clamp(raw, max=cap)
+        truncated = masked_mean((raw > weights).to(raw.dtype), m)
+        return BehaviourWeights(weights=torch.where(m, weights, 0), truncated_fraction=truncated)
+
+
+def decoupled_policy_loss(
+    logprobs: Tensor,
+    proximal_logprobs: Tensor,
+    behaviour_weights: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_coef: float,
+    *,
+    aggregation: str = "token",
+) -> PolicyLoss:
+    """Decoupled clipped surrogate (Hilton et al. 2021; AReaL, Fu et al. 2025):
+
+        L = −w · min(r·A, clip(r, 1−ε, 1+ε)·A),  r = π_θ/π_prox,  w = π_prox/π_behav (truncated),
+
+    per token, aggregated like :func:`policy_loss`. The trust region is
+    around the proximal policy (the trained one at the start of this update),
+    so a stale rollout's tokens are not clipped merely for being stale; w
+    (from :func:`behaviour_weights`, no gradient) corrects for sampling them
+    under π_behav. All inputs (B, T); clipfrac and approx_kl are against π_prox.
+    """
+    _check_shape("behaviour_weights", behaviour_weights, logprobs.shape)
+    return _surrogate(logprobs, proximal_logprobs, advantages, mask, clip_coef, behaviour_weights.detach(),
+                      aggregation)
 
 
 class ValueLoss(NamedTuple):

@@ -1,8 +1,8 @@
 """One PPO update on a batch of rollouts (InstructGPT's objective).
 
 Reads top to bottom like cleanrl's ``ppo.py`` / torchtune's ``rlhf``: rewards,
-old values, advantages, minibatch epochs of the clipped objective, then the KL
-coefficient. The math is in :mod:`trainer.ppo_math`.
+old values (and proximal log-probs), advantages, minibatch epochs of the
+clipped (or decoupled) objective, then the KL coefficient. The math is in :mod:`trainer.ppo_math`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class UpdateStats:
     # How much of the returns' variance the value head explained before the
     # update (cleanrl's explained_variance); None without a value head (rloo, grpo).
     explained_variance: float | None = None
+    # Decoupled objective only (None otherwise): mean truncated behaviour
+    # weight π_prox/π_behav over real tokens, and the fraction truncated.
+    behaviour_weight: float | None = None
+    behaviour_weight_truncated: float | None = None
 
 
 def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,7 +97,17 @@ def ppo_update(
         # 2. Advantages: GAE over the value head's estimates (values before the
         #    update are the "old" values of the clipped value loss), or a
         #    critic-free group baseline (RLOO / GRPO) over sequence rewards.
-        old_values = policy_outputs(model, batch, cfg.temperature)[1] if use_critic else None
+        decoupled = cfg.objective == "decoupled"
+        # One forward of the policy as it is before this update: the value
+        # head's old values, and for the decoupled objective the proximal
+        # log-probs (Hilton et al. 2021) its trust region is centred on.
+        proximal_logprobs, old_values, _ = (
+            policy_outputs(model, batch, cfg.temperature) if use_critic or decoupled else (None, None, None)
+        )
+        behaviour = (
+            pm.behaviour_weights(proximal_logprobs, batch.old_logprobs, mask, cfg.behaviour_weight_cap)
+            if decoupled else None
+        )
         if use_critic:
             advantages, returns = pm.gae(penalized.rewards, old_values, mask, cfg.gamma, cfg.lam)
             explained_variance = pm.explained_variance(old_values, returns, mask)
@@ -116,7 +130,13 @@ def ppo_update(
         for index in pm.minibatch_indices(batch.size, cfg.minibatch_size, generator=generator):
             mb = batch.select(index)
             logprobs, values, logits = policy_outputs(model, mb, cfg.temperature)
-            pg = pm.policy_loss(logprobs, mb.old_logprobs, advantages[index], mb.mask, cfg.clip_coef)
+            if behaviour is not None:
+                pg = pm.decoupled_policy_loss(
+                    logprobs, proximal_logprobs[index], behaviour.weights[index], advantages[index], mb.mask,
+                    cfg.clip_coef,
+                )
+            else:
+                pg = pm.policy_loss(logprobs, mb.old_logprobs, advantages[index], mb.mask, cfg.clip_coef)
             vf = pm.value_loss(values, old_values[index], returns[index], mb.mask, cfg.value_clip_coef) if use_critic else None
             entropy = pm.entropy_from_logits(logits, mb.mask)
             ptx = None
@@ -164,6 +184,8 @@ def ppo_update(
         optimizer_steps=steps,
         skipped_steps=skipped,
         explained_variance=explained_variance,
+        behaviour_weight=float(pm.masked_mean(behaviour.weights, mask)) if behaviour is not None else None,
+        behaviour_weight_truncated=float(behaviour.truncated_fraction) if behaviour is not None else None,
         **means,
     )
 

@@ -22,6 +22,7 @@ from arbiter.stream.kafka import (
     cluster_id,
     delete_topics,
     ensure_topics,
+    group_offsets,
     list_topics,
 )
 from arbiter.stream.settings import KafkaSettings, add_kafka_arguments, kafka_settings_from_args
@@ -46,6 +47,6 @@ __all__ = [
     "KafkaSettings", "PayloadError", "ProduceError", "ProducerObserver", "ProducerStats",
     "RecordBatch", "RejectedRecord", "SchemaVersionError", "StreamConsumer", "StreamError", "StreamProducer",
     "TopicError", "TopicPartition", "add_kafka_arguments", "cluster_id", "delete_topics", "ensure_topics",
-    "kafka_settings_from_args", "list_topics", "merge_offsets", "next_offsets", "offsets_from_json",
+    "group_offsets", "kafka_settings_from_args", "list_topics", "merge_offsets", "next_offsets", "offsets_from_json",
     "offsets_to_json",
 ]

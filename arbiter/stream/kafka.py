@@ -129,6 +129,21 @@ def cluster_id(settings: KafkaSettings, timeout_s: float = 10.0) -> str:
         admin.close()
 
 
+def group_offsets(settings: KafkaSettings, group_id: str, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """A consumer group's committed next offsets on the logical ``topic``, by
+    partition (OffsetFetch through the admin client: the group is not joined,
+    so its members are not rebalanced). Partitions without a commit are absent."""
+    admin = _admin(settings, timeout_s)
+    wire = settings.topic(topic)
+    try:
+        committed = admin.list_group_offsets({group_id: None}).get(group_id, {})
+    except kerrors.KafkaError as err:
+        raise StreamError(f"committed offsets of group {group_id!r}: {err}") from err
+    finally:
+        admin.close()
+    return {ktp.partition: meta.offset for ktp, meta in committed.items() if ktp.topic == wire and meta.offset >= 0}
+
+
 def _partition_counts(admin: KafkaAdminClient, names: Sequence[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for topic in admin.describe_topics(list(names)):

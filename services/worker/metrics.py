@@ -13,7 +13,7 @@ from services.common.metrics import LATENCY_BUCKETS
 # Completion lengths in tokens.
 LENGTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Each stage's failures and time are counted under its own name; "wait_for_policy"
-# is asking the policy for its version while max_rollouts_per_version holds the worker.
+# is asking the policy for its version while the staleness bound (max_staleness) holds the worker.
 STAGES = ("connect", "generate", "score", "reference", "produce", "commit", "wait_for_policy")
 SKIP_REASONS = (
     "empty_completion", "prompt_rejected", "reward_rejected", "reference_rejected", "invalid_prompt_record",
@@ -74,7 +74,17 @@ class WorkerMetrics:
         )
         self.waiting_for_policy = Gauge(
             "arbiter_worker_waiting_for_policy",
-            "1 while the worker waits for a new policy version (max_rollouts_per_version reached).",
+            "1 while the worker waits for the trainer: its staleness budget (max_staleness) is spent.",
+            registry=registry,
+        )
+        self.staleness_budget = Gauge(
+            "arbiter_worker_staleness_budget_rollouts",
+            "Rollouts this worker may still generate before the trainer publishes a newer version "
+            "(max_staleness; samples in flight count as generated).", registry=registry,
+        )
+        self.trainer_step = Gauge(
+            "arbiter_worker_trainer_step",
+            "Training step of the newest policy version this worker sampled on (from policy-updates).",
             registry=registry,
         )
         self.policy_wait_seconds = Counter(

@@ -43,12 +43,20 @@ class WorkerSettings:
     # Stop once this many rollouts were produced (None: never). Groups are
     # never split, so the last batch may overshoot by < samples_per_prompt.
     max_rollouts: int | None = field(default=None, metadata=flag(help="stop after producing this many rollouts"))
-    # Bounds staleness: after this many rollouts from one policy version the
-    # worker waits until the policy serves a newer one (None: never waits).
-    # With W workers and a trainer batch of B rollouts, keep W x this >= B, or
-    # the trainer never gets a full batch and nobody moves.
+    # Asynchronous generation with a bounded staleness (services/worker/
+    # staleness.py, AReaL's rule): the worker generates while the trainer
+    # trains, but no further ahead than lets its rollouts be trained at most
+    # max_staleness policy versions after the one that sampled them. Needs
+    # trainer_batch_size (the trainer's ppo.batch_size); the budget is the
+    # topic's, so several workers share it without knowing of each other. Set
+    # the trainer's ppo.max_staleness to the same bound. None: unbounded.
+    max_staleness: int | None = field(default=None, metadata=flag(
+        help="policy versions a rollout may lag when trained: generate ahead of the trainer only this far"))
+    trainer_batch_size: int | None = field(default=None, metadata=flag(
+        help="the trainer's ppo.batch_size (with --max-staleness)"))
+    # Replaced by max_staleness; setting it is refused with what to set instead.
     max_rollouts_per_version: int | None = field(default=None, metadata=flag(
-        help="after this many rollouts from one policy version, wait for a newer one (bounds staleness)"))
+        help="removed: use --max-staleness and --trainer-batch-size"))
     # Batches in flight at once: the worker generates the next batch while
     # the reward and reference services work on the previous ones (both at
     # once), so the policy is not idle waiting for them. 1: one batch and one
@@ -56,7 +64,8 @@ class WorkerSettings:
     # a thread or two.
     pipeline_depth: int = field(default=2, metadata=flag(
         help="batches in flight: generate the next while earlier ones are scored (1: one call at a time)"))
-    # How often a waiting worker asks the policy for its active version.
+    # How often a worker waiting for the trainer (max_staleness) asks the
+    # policy for its active version.
     version_poll_s: float = field(default=0.5, metadata=flag(help="how often a waiting worker asks for the version"))
     # Sampling. One Generate call = prompts_per_call prompts x samples_per_prompt.
     samples_per_prompt: int = field(default=4, metadata=flag(help="samples per prompt (one group)"))
@@ -115,10 +124,24 @@ class WorkerSettings:
         require(self.passes >= 0, "passes", "must be >= 0 (0 loops over the file forever)", self.passes)
         if self.max_rollouts is not None:
             require(self.max_rollouts >= 1, "max_rollouts", "must be >= 1 or unset", self.max_rollouts)
-        if self.max_rollouts_per_version is not None:
+        require(
+            self.max_rollouts_per_version is None, "max_rollouts_per_version",
+            "was removed: it held generation to one batch per policy version, so generation never overlapped "
+            "training. Set max_staleness (policy versions a rollout may lag when trained, e.g. 1; the trainer's "
+            "ppo.max_staleness) and trainer_batch_size (the trainer's ppo.batch_size) instead",
+            self.max_rollouts_per_version,
+        )
+        if self.max_staleness is not None:
             require(
-                self.max_rollouts_per_version >= 1, "max_rollouts_per_version", "must be >= 1 or unset",
-                self.max_rollouts_per_version,
+                isinstance(self.max_staleness, int) and self.max_staleness >= 1, "max_staleness",
+                "must be an integer >= 1 or unset: the worker generates while the trainer trains, so a rollout is "
+                "at least one version old when trained (0 would allow nothing to be generated during an update)",
+                self.max_staleness,
+            )
+            require(
+                self.trainer_batch_size is not None and self.trainer_batch_size >= 1, "trainer_batch_size",
+                "must be the trainer's ppo.batch_size (>= 1) when max_staleness is set: the budget is counted "
+                "in training batches", self.trainer_batch_size,
             )
         require(
             isinstance(self.pipeline_depth, int) and 1 <= self.pipeline_depth <= MAX_PIPELINE_DEPTH, "pipeline_depth",

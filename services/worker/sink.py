@@ -3,12 +3,22 @@ rollouts topic keyed by prompt id (acks=all, idempotent producer)."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
 
 from arbiter.prompts import display_text
-from arbiter.stream import KafkaSettings, ProduceError, ProducerObserver, StreamError, StreamProducer, codec, topics
+from arbiter.stream import (
+    Delivery,
+    KafkaSettings,
+    ProduceError,
+    ProducerObserver,
+    StreamError,
+    StreamProducer,
+    codec,
+    topics,
+)
 from arbiter.v1 import rollout_pb2
 from services.worker.metrics import WorkerMetrics
 from services.worker.retry import StageRetry, WorkerError
@@ -66,6 +76,20 @@ class RolloutSink:
     def __init__(self, kafka: KafkaSettings, metrics: WorkerMetrics, retry: StageRetry):
         self._producer = StreamProducer(kafka, _CountingObserver(metrics))
         self._retry = retry
+        self._lock = threading.Lock()
+        # Per partition of the rollouts topic, the offset after this sink's
+        # newest acknowledged record: the partition's end as of that write,
+        # other workers' records before it included.
+        self._end: dict[int, int] = {}
+
+    def written_to(self) -> dict[int, int]:
+        """The offset after this sink's newest record, per partition written."""
+        with self._lock:
+            return dict(self._end)
+
+    def _written(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._end[delivery.partition] = max(self._end.get(delivery.partition, 0), delivery.offset + 1)
 
     def __call__(self, rollouts: Sequence[rollout_pb2.Rollout]) -> list[rollout_pb2.Rollout]:
         pending = list(rollouts)
@@ -77,6 +101,8 @@ class RolloutSink:
                 for rollout in pending:
                     sent.append((rollout, self._producer.send(topics.ROLLOUTS, rollout)))
                 self._producer.flush()
+                for _, delivery in sent:
+                    self._written(delivery.result())
             except ProduceError as err:
                 try:
                     self._producer.flush()  # settle what is still in flight before choosing what to re-send

@@ -9,7 +9,7 @@
                     prompt id (acks=all, idempotent producer; ``sink.py``)
 
 ``RolloutWorker`` wires the stages, owns their lifecycle and ``stop``, and
-keeps the budgets (``max_rollouts``, ``max_rollouts_per_version``).
+keeps the budgets (``max_rollouts``, and the staleness bound ``max_staleness``).
 
 Pipelining (``pipeline_depth`` batches in flight, ``inflight.py``): the
 worker's thread takes prompts and generates one batch after another; each
@@ -48,11 +48,17 @@ counted in ``arbiter_worker_batches_dropped_total`` together with the
 batches after it, which are then dropped before they produce anything;
 ``stop`` finishes the batches in flight before ``run`` returns.
 
-Staleness: with ``max_rollouts_per_version`` the worker stops generating once
-that many rollouts came from the serving policy version (samples of batches
-still in flight count), and resumes when the policy serves a newer one (the
-trainer's next PolicyUpdate), so rollouts are never more than about one
-version behind. Each rollout records the version that generated it.
+Staleness: generation overlaps training. With ``max_staleness`` (η) the
+worker generates while the trainer trains, up to AReaL's bound: rollouts
+written to the topic but not yet settled by the trainer (as far as the
+offsets of this worker's own writes show), plus its samples in flight, stay
+below (η + 1) · B (B the trainer's batch size; the trainer's settled
+positions come with the PolicyUpdate of the newest version the worker
+sampled on). At the bound it waits, polling the policy's version,
+until the policy serves a newer one. ``staleness.py`` has the rule, why it
+bounds the lag, and how several workers share it. Each rollout records the
+version that generated it; the trainer drops (and counts) any that are
+still too stale.
 
 Delivery: a prompt-topic offset is committed only after all rollouts of its
 batch and of every batch taken before it were acknowledged, so a crash
@@ -83,7 +89,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from arbiter.policy.types import SamplingParams
 from arbiter.prompts import as_prompts, read_prompts
-from arbiter.stream import StreamError, ensure_topics, list_topics, topics
+from arbiter.stream import StreamError, ensure_topics, group_offsets, list_topics, topics
 from arbiter.types import Prompt
 from arbiter.v1 import common_pb2, rollout_pb2
 from services.common.client import ModelServiceClient
@@ -99,6 +105,7 @@ from services.worker.prompts import FilePrompts, PromptSource, TopicPrompts
 from services.worker.retry import StageRetry, WorkerError, WorkerStopped, describe, fatal
 from services.worker.settings import WorkerSettings
 from services.worker.sink import RolloutSink, build_rollout
+from services.worker.staleness import GenerationBudget, VersionProgress, VersionSteps, wait_caught_up
 from services.worker.stages import GenerateStage, ReferenceLogProbs, ReferenceStage, ScoreStage
 
 log = logging.getLogger(__name__)
@@ -172,10 +179,11 @@ class RolloutWorker:
         self._metrics_httpd: HTTPServer | None = None
         self._file_prompts: list[Prompt] = []
         self._gold: Callable[[str], float] | None = None
-        # Rollouts produced (and samples in flight) per policy version, and the
-        # version of the last batch generated.
-        self._per_version: dict[str, int] = {}
-        self._last_version: str | None = None
+        # With max_staleness: the budget and the version → step map it learns the trainer's progress from.
+        self._budget: GenerationBudget | None = None
+        self._steps: VersionSteps | None = None
+        # Rollouts that may still be generated, as of the last budget check.
+        self._room = 0
 
     @property
     def pipeline(self) -> Pipeline:
@@ -203,6 +211,8 @@ class RolloutWorker:
             self._gold = make_gold_scorer(s.gold)
         try:
             self._pipeline = self._connect()
+            if s.max_staleness is not None:
+                self._start_budget()
             if s.metrics_port is not None:
                 self._metrics_httpd, _ = start_http_server(s.metrics_port, addr=s.metrics_host, registry=self.registry)
                 self.metrics_port = self._metrics_httpd.server_port
@@ -210,6 +220,24 @@ class RolloutWorker:
             self.close()
             raise
         return self
+
+    def _start_budget(self) -> None:
+        """Reads the policy-updates topic to its end, then takes the trainer's
+        progress from the version the policy serves now."""
+        s = self.settings
+        self._steps = VersionSteps(s.kafka).start()
+        try:
+            wait_caught_up(self._steps, s.connect_timeout_s)
+            # Until the trainer announces settled positions: its committed offsets.
+            committed = group_offsets(s.kafka, topics.TRAINER_GROUP, topics.ROLLOUTS)
+        except (TimeoutError, StreamError) as err:
+            raise WorkerError(f"max_staleness needs the trainer's progress: {err}") from None
+        self._budget = GenerationBudget(s.max_staleness, s.trainer_batch_size, settled=committed)
+        active = self.pipeline.policy.info().version
+        self._observe_versions([active])
+        log.info("worker %s: staleness bound %d version(s): at most %d rollouts ahead of training (batch %d); "
+                 "policy %s at trainer step %s", s.worker_id, s.max_staleness, self._budget.limit,
+                 s.trainer_batch_size, active, self._budget.step)
 
     def stop(self) -> None:
         """Ask ``run`` to return once the batches in flight are produced (a
@@ -221,6 +249,9 @@ class RolloutWorker:
         if self._pipeline is not None:
             self._pipeline.close()
             self._pipeline = None
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
         stop_metrics_endpoint(self._metrics_httpd)
         self._metrics_httpd = None
 
@@ -305,7 +336,8 @@ class RolloutWorker:
 
     def _check_topics(self) -> None:
         s = self.settings
-        needed = [topics.ROLLOUTS] + ([topics.PROMPTS] if s.prompts_topic else [])
+        needed = ([topics.ROLLOUTS] + ([topics.PROMPTS] if s.prompts_topic else [])
+                  + ([topics.POLICY_UPDATES] if s.max_staleness is not None else []))
         try:
             if s.create_topics:
                 ensure_topics(s.kafka, {name: topics.DEFAULT_PARTITIONS[name] for name in needed})
@@ -346,7 +378,7 @@ class RolloutWorker:
                         if self._make_room(run, s.max_rollouts):
                             continue
                         # Before taking prompts, so none are held uncommitted while waiting.
-                        self._wait_for_new_policy(run)
+                        self._wait_for_trainer(run)
                         batch = source.next_batch(self._batch_limit(run))
                         if batch is None:
                             break
@@ -375,7 +407,7 @@ class RolloutWorker:
                         pass
                     if run.failing():
                         break
-                    self._wait_for_new_policy(run)
+                    self._wait_for_trainer(run)
                     self._take(run, items[i:i + per_call], _nothing_to_commit)
             finally:
                 self._drain(run)
@@ -408,32 +440,55 @@ class RolloutWorker:
         return True
 
     def _batch_limit(self, run: _Run) -> int:
-        """Prompts for the next call: fewer near max_rollouts or the per-version
+        """Prompts for the next call: fewer near max_rollouts or the staleness
         budget (counting what the batches in flight generated), never a split group."""
         s = self.settings
         limit = s.prompts_per_call
         remaining = []
         if s.max_rollouts is not None:
             remaining.append(s.max_rollouts - self.stats.rollouts - run.flow.generated())
-        if s.max_rollouts_per_version is not None and self._last_version is not None:
-            remaining.append(s.max_rollouts_per_version - self._per_version.get(self._last_version, 0))
+        if self._budget is not None:
+            remaining.append(self._room)  # as _wait_for_trainer just found it
         for left in remaining:
             limit = min(limit, math.ceil(max(left, 1) / s.samples_per_prompt))
         return max(1, limit)
 
-    def _over_budget(self) -> bool:
-        budget, version = self.settings.max_rollouts_per_version, self._last_version
-        return budget is not None and version is not None and self._per_version.get(version, 0) >= budget
+    def _over_budget(self, run: _Run) -> bool:
+        """The staleness budget is spent."""
+        if self._budget is None:
+            return False
+        # A batch in flight counts until settled, even once written (conservative).
+        self._room = self._budget.room(self.pipeline.sink.written_to(), run.flow.generated())
+        self.metrics.staleness_budget.set(max(self._room, 0))
+        return self._room <= 0
 
-    def _wait_for_new_policy(self, run: _Run) -> None:
-        """With max_rollouts_per_version: once the last batch's version has its
-        budget (rollouts produced plus samples in flight), wait until the
-        policy's active version is another one. The batches in flight are
-        settled meanwhile."""
-        if not self._over_budget():
+    def _observe_versions(self, versions: Iterable[str]) -> None:
+        """The trainer's progress, from the versions just sampled on."""
+        if self._budget is None or self._steps is None:
             return
-        s, version = self.settings, self._last_version
-        log.info("%d rollouts from policy %s: waiting for a newer version", self._per_version[version], version)
+        for version in versions:
+            progress = self._steps.progress(version)
+            if progress is not None and progress.settled is None and progress.step > (self._budget.step or -1):
+                # A trainer from before PolicyUpdate.rollouts_settled: its
+                # group's committed offsets, or the budget would never refill.
+                try:
+                    committed = group_offsets(self.settings.kafka, topics.TRAINER_GROUP, topics.ROLLOUTS)
+                except StreamError as err:
+                    log.warning("staleness budget: the trainer's committed offsets: %s", err)
+                else:
+                    progress = VersionProgress(progress.step, committed)
+            if self._budget.observe(progress):
+                self.metrics.trainer_step.set(self._budget.step)
+
+    def _wait_for_trainer(self, run: _Run) -> None:
+        """With max_staleness: while the budget is spent (rollouts produced
+        plus samples in flight), wait until the policy serves a version of a
+        later training step. The batches in flight are settled meanwhile."""
+        if not self._over_budget(run):
+            return
+        s = self.settings
+        log.info("%d rollouts ahead of training (bound %d) at trainer step %s: waiting for a newer policy version",
+                 self._budget.limit - self._room, self._budget.limit, self._budget.step)
         started = time.monotonic()
         self.metrics.waiting_for_policy.set(1)
         policy = self.pipeline.policy
@@ -442,15 +497,18 @@ class RolloutWorker:
                 self._settle(run)
                 # Some samples in flight were skipped, or a batch failed (its
                 # rollouts, which the trainer may be waiting for, will not come).
-                if not self._over_budget() or run.failing():
+                if not self._over_budget(run) or run.failing():
                     return
                 try:
                     active = self._retry.call("wait_for_policy", lambda: policy.info().version)
                 except grpc.RpcError as err:
                     raise fatal("wait_for_policy", err) from None
-                if active != version:
-                    log.info("policy now serves %s (waited %.1fs)", active, time.monotonic() - started)
-                    self._last_version = active
+                # A version the policy-updates reader has not seen yet is
+                # looked up again on the next poll.
+                self._observe_versions([active])
+                if not self._over_budget(run):
+                    log.info("policy serves %s of trainer step %s (waited %.1fs)", active, self._budget.step,
+                             time.monotonic() - started)
                     return
                 if self._stopping.wait(s.version_poll_s):
                     raise WorkerStopped("waiting for a new policy version")
@@ -470,11 +528,8 @@ class RolloutWorker:
             except (WorkerError, WorkerStopped) as err:
                 run.flow.add_failed(batch, err)
                 return
-        # Counted from generation on, so that batches in flight count against the budget.
-        for version, count in batch.versions().items():
-            self._per_version[version] = self._per_version.get(version, 0) + count
-        if batch.generations:
-            self._last_version = batch.generations[-1].sample.policy_version
+        # Its samples count against the budget from now on (flow.generated()).
+        self._observe_versions(batch.versions())
         run.flow.submit(batch)
         self.metrics.batches_in_flight.set(len(run.flow))
 
@@ -519,18 +574,12 @@ class RolloutWorker:
         """Counts and commits the batches that are done, oldest first (with
         ``block``, waiting for the oldest)."""
         for batch, done in run.flow.finished(block):
-            # The samples counted at generation become the rollouts produced.
-            for version, count in batch.versions().items():
-                self._per_version[version] -= count
             error = done.exception()
             if error is None:
                 self._settle_produced(run, batch, done.result())
             else:
                 self._settle_dropped(run, batch, error)
         self.metrics.batches_in_flight.set(len(run.flow))
-        if len(self._per_version) > 16:  # only recent versions matter
-            keep = run.flow.versions() | {self._last_version}
-            self._per_version = {v: n for v, n in self._per_version.items() if v in keep}
 
     def _settle_produced(self, run: _Run, batch: Batch, finished: _Finished) -> None:
         for reason in finished.skipped:
@@ -602,7 +651,6 @@ class RolloutWorker:
         m.rollouts.inc(len(rollouts))
         self.stats.rollouts += len(rollouts)
         for r in rollouts:
-            self._per_version[r.policy_version] = self._per_version.get(r.policy_version, 0) + 1
             m.response_length.observe(len(r.completion_token_ids))
         m.reward_mean.set(sum(r.reward for r in rollouts) / len(rollouts))
         gold = [r.gold_score for r in rollouts if r.HasField("gold_score")]

@@ -1,0 +1,180 @@
+"""Publishing policy versions without stopping training.
+
+After an update the trainer takes a snapshot of the policy's trainable
+tensors (a copy in memory, milliseconds) and hands it here; this module's one
+thread writes it as a servable version (safetensors, tokenizer, arbiter.json)
+into a temporary directory, renames it into place atomically, and only then
+announces it on the policy-updates topic. Training goes on meanwhile: the
+snapshot is a copy, so the next optimizer step cannot tear the files.
+
+Only the newest version matters to followers: a snapshot still waiting when a
+newer one arrives is dropped (counted as superseded) and never written, so a
+slow disk delays versions instead of queueing them. An announcement the
+broker refused stays owed and is retried while the thread is idle, unless a
+newer version supersedes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from arbiter.stream import StreamError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A version's label, training step and tensors (copies, by state-dict key)."""
+
+    version: str
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+
+def snapshot_tensors(module: torch.nn.Module, only_trainable: bool) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s state (or of its trainable parameters only, e.g.
+    LoRA adapters) in host memory, keyed as in its state dict: an accelerator
+    keeps no second copy, and the writer reads them from there anyway.
+    Tensors that share storage (tied embeddings) stay shared in the copy, so
+    the saved file ties them too."""
+    if only_trainable:
+        source = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    else:
+        source = module.state_dict()
+    copies: dict[tuple[int, torch.Size, torch.dtype], torch.Tensor] = {}
+    out = {}
+    for name, tensor in source.items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+class BackgroundPublisher:
+    """``submit(snapshot)`` returns at once; ``save(dir, snapshot)`` and then
+    ``announce(version)`` run on the publisher's thread. ``close()`` finishes
+    the newest pending version (and its announcement) before returning."""
+
+    def __init__(
+        self, root: Path, save: Callable[[Path, Snapshot], None], announce: Callable[[str], None],
+        on_saved: Callable[[str, float], None] | None = None, on_superseded: Callable[[], None] | None = None,
+        retry_s: float = 2.0,
+    ):
+        self.root = root
+        self._save = save
+        self._announce = announce
+        self._on_saved = on_saved or (lambda version, seconds: None)
+        self._on_superseded = on_superseded or (lambda: None)
+        self.retry_s = retry_s
+        self._cond = threading.Condition()
+        self._pending: Snapshot | None = None
+        self._owed: str | None = None  # saved, announcement not acknowledged
+        self._busy = False
+        self._closing = False
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="policy-publisher", daemon=True)
+        self._thread.start()
+
+    def submit(self, snapshot: Snapshot) -> None:
+        with self._cond:
+            if self._pending is not None:
+                log.info("policy %s superseded by %s before it was written", self._pending.version, snapshot.version)
+                self._on_superseded()
+            self._pending = snapshot
+            self._cond.notify_all()
+
+    def owe(self, version: str) -> None:
+        """Announce an already saved version (e.g. after a restart)."""
+        with self._cond:
+            if self._pending is None:
+                self._owed = version
+                self._cond.notify_all()
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Until every submitted version is written and announced (or its
+        announcement failed and is owed). True unless it timed out."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending is not None or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 120.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("the policy publisher did not finish within %.0fs", timeout_s)
+
+    # -- the publisher's thread ----------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closing:
+                    if self._owed is not None:
+                        self._cond.wait(self.retry_s)
+                        break
+                    self._cond.wait()
+                job, self._pending = self._pending, None
+                owed = self._owed
+                if job is None and owed is None and self._closing:
+                    return
+                self._busy = True
+            try:
+                if job is not None:
+                    if self._write(job):
+                        self._try_announce(job.version)
+                elif owed is not None:
+                    self._try_announce(owed)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                    # Closing: a failed announcement is retried by the next
+                    # run (the checkpoint's version is re-announced at start).
+                    if self._closing and self._pending is None:
+                        return
+
+    def _write(self, job: Snapshot) -> bool:
+        started = time.perf_counter()
+        final = self.root / job.version
+        tmp = self.root / f".tmp-{job.version}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._save(tmp, job)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except Exception:  # a full disk must not stop training: the next version tries again
+            self.failures += 1
+            log.exception("writing policy version %s failed; it is not published", job.version)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        self._on_saved(job.version, time.perf_counter() - started)
+        return True
+
+    def _try_announce(self, version: str) -> None:
+        try:
+            self._announce(version)
+        except StreamError as err:  # not acknowledged, or the broker is not even reachable
+            log.warning("announcing policy %s failed (retried while training goes on): %s", version, err)
+            with self._cond:
+                if self._pending is None:
+                    self._owed = version
+            return
+        with self._cond:
+            self._owed = None  # an older owed announcement is superseded by this one
