@@ -53,5 +53,5 @@ def to_rollout(t: Trajectory) -> rollout_pb2.Rollout:
         rollout_id=t.rollout_id, prompt_id=t.prompt_id, group_id=t.group_id,
         prompt_token_ids=list(t.prompt_ids), completion_token_ids=list(t.completion_ids),
         sampling_logprobs=list(t.sampling_logprobs), reference_logprobs=list(t.reference_logprobs),
-        reward=t.reward, policy_version=t.policy_version,
+        reward=t.reward, policy_version=t.policy_version, group_size=t.group_size,
     )

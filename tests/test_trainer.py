@@ -115,6 +115,28 @@ def test_critic_free_estimators_train_on_whole_groups(tiny_models, tmp_path, est
     assert math.isfinite(record.stats.policy_loss)
 
 
+def test_a_group_the_worker_produced_short_is_dropped_at_once(tiny_models, tmp_path):
+    """A worker that skipped a member (an empty completion) says so in
+    group_size; a critic-free trainer drops that group on sight instead of
+    waiting for a member that will never come (it would hold the offset and
+    the workers' staleness budget). Records without group_size still wait."""
+    trainer = make_trainer(tiny_models, tmp_path, advantage="grpo", samples_per_prompt=4, batch_size=4,
+                           minibatch_size=4)
+    version = trainer.state.policy_version
+    base = Trajectory("r", "p", "g", (5, 6), (8, 9), (-0.5, -0.25), (-0.75, -1.5), 0.75, version)
+    groups = {"whole": (4, 4), "short": (3, 3), "unmarked": (3, 0)}  # name: (members, group_size)
+    offset = 0
+    for name, (members, size) in groups.items():
+        for i in range(members):
+            t = Trajectory(**{**base.__dict__, "rollout_id": f"{name}-{i}", "group_id": name, "group_size": size})
+            trainer.admit(consumed(to_rollout(t), offset))
+            offset += 1
+    batch = trainer._take_batch()
+    assert [t.rollout_id for t in batch] == [f"whole-{i}" for i in range(4)]
+    assert trainer.metrics.rollouts.labels("incomplete_group")._value.get() == 3
+    assert [t.rollout_id for t in trainer.pending] == [f"unmarked-{i}" for i in range(3)]
+
+
 def test_lora_trains_adapters_and_publishes_only_them(tiny_models, tmp_path):
     trainer = make_trainer(tiny_models, tmp_path, lora={"r": 4, "alpha": 8})
     base = {k: v.clone() for k, v in trainer.model.lm.get_base_model().state_dict().items() if "lora" not in k}

@@ -5,6 +5,7 @@ service restarted mid-run, refused tokenizer pairs, bad prompt files, the CLI.""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -165,6 +166,9 @@ def test_run_once_rollouts_match_direct_service_calls(servers, kafka, tmp_path):
         registry = worker.registry
     skipped = sample_value(registry, "arbiter_worker_samples_skipped_total", reason="empty_completion")
     assert len(rollouts) + skipped == len(PROMPTS) * 3 and len(rollouts) >= 9
+    # Each rollout says how many members of its group were produced (fewer when one was skipped).
+    produced = collections.Counter(r.group_id for r in rollouts)
+    assert all(r.group_size == produced[r.group_id] for r in rollouts)
 
     records = consume_all(kafka, len(rollouts))
     assert len(records) == len(rollouts)

@@ -30,6 +30,8 @@ class Trajectory:
     # None when that version ships none.
     reward_normalized: float | None = None
     gold_score: float | None = None
+    # Members of group_id the worker produced (0: not recorded, older records).
+    group_size: int = 0
     # Where it came from, for offsets.
     topic: str = ""
     partition: int = 0

@@ -83,6 +83,7 @@ def trajectory_from_record(
         reward_model_version=r.reward_model_version,
         reward_normalized=r.reward_normalized if r.reward_normalization_applied else None,
         gold_score=r.gold_score if r.HasField("gold_score") else None,
+        group_size=r.group_size,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,

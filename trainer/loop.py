@@ -216,6 +216,14 @@ class PPOTrainer:
                 return None
             batch, self.pending = self.pending[: ppo.batch_size], self.pending[ppo.batch_size :]
             return batch
+        # A group the worker produced short (a member skipped) can never
+        # complete: dropped now, so it holds neither its partition's offset
+        # nor the workers' staleness budget, which counts untrained records.
+        short = [t for t in self.pending if 0 < t.group_size < ppo.samples_per_prompt]
+        for t in short:
+            self._drop(t, "incomplete_group")
+        if short:
+            self.pending = [t for t in self.pending if not 0 < t.group_size < ppo.samples_per_prompt]
         groups: OrderedDict[str, list[Trajectory]] = OrderedDict()
         for t in self.pending:
             groups.setdefault(t.group_id, []).append(t)

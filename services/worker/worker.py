@@ -78,6 +78,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -564,6 +565,10 @@ class RolloutWorker:
             else:
                 gold = self._gold(g.sample.text) if self._gold else None
                 rollouts.append(build_rollout(g, reward, reference, self.settings.worker_id, gold))
+        # A prompt's samples are generated, scored and produced in this one batch, so its group is complete here.
+        sizes = Counter(r.group_id for r in rollouts)
+        for r in rollouts:
+            r.group_size = sizes[r.group_id]
         return _Finished(rollouts, skipped)
 
     def _produce(self, batch: Batch, finished: _Finished) -> _Finished:
