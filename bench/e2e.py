@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trl-threads", type=int, default=1, help="TRL's torch threads (default 1)")
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
-                             "max_rollouts_per_version=64")
+                             "max_staleness=2")
     args = parser.parse_args(argv)
     worker_overrides = {}
     for item in args.arbiter_worker:
