@@ -220,7 +220,6 @@ def main(args) -> int:
 
     from arbiter.config import ConfigError, from_flags
     from arbiter.errors import ArbiterError
-    from arbiter.net import LOOPBACK
     from arbiter.rm.config import load_config
     from arbiter.rm.loop import RMLoop
     from arbiter.stream import KafkaSettings
@@ -242,7 +241,7 @@ def main(args) -> int:
     registry = CollectorRegistry()
     httpd = None
     if settings.metrics_port is not None:
-        httpd, _ = start_http_server(settings.metrics_port, addr=LOOPBACK, registry=registry)
+        httpd, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

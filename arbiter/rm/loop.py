@@ -130,6 +130,8 @@ class RMLoopSettings:
         help="after a promotion, roll back on a Page-Hinkley alarm within this long"))
     check_interval_s: float = field(default=1.0, metadata=flag(help="how often shadow and drift are read"))
     join_timeout_s: float = field(default=60.0, metadata=flag(help="wait this long for the consumer group"))
+    metrics_host: str = field(default="127.0.0.1", metadata=flag(
+        help="address of /metrics (0.0.0.0 in a pod, for Prometheus)"))
     metrics_port: int | None = field(default=None, metadata=flag(help="serve /metrics here"))
 
     def __post_init__(self) -> None:
