@@ -468,7 +468,27 @@ class _Track:
     total: int = 0  # restarts since the stack started
 
 
-class Supervisor:
+class _Background:
+    """``_run`` on a daemon thread from ``start`` until ``stop`` (``_stop`` set)."""
+
+    def _start_thread_later(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class Supervisor(_Background):
     """Watches components from a thread; restarts the dead ones (see the
     module docstring). ``failure`` is set, and watching stops, when a
     component exceeds its restart budget."""
@@ -486,17 +506,7 @@ class Supervisor:
         for c in components:
             self.restarts.labels(c.name)
             self.up.labels(c.name).set(1 if c.alive() else 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stack-supervisor", daemon=True)
-
-    def start(self) -> Supervisor:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._start_thread_later("stack-supervisor")
 
     def _run(self) -> None:
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
@@ -586,7 +596,7 @@ def write_scrape_config(path: Path, metrics_ports: dict[str, int]) -> None:
     tmp.replace(path)
 
 
-class PromptFeeder:
+class PromptFeeder(_Background):
     """Keeps the prompts topic fed from a prompts file for the workers' group
     (``arbiter-rollout-workers``): whenever fewer than ``backlog`` prompts it
     published wait beyond the group's committed offsets, it publishes another
@@ -607,17 +617,7 @@ class PromptFeeder:
         self._rng = random.Random(seed)
         # Partition -> next offset after the newest record this feeder published.
         self._published: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stack-prompt-feeder", daemon=True)
-
-    def start(self) -> PromptFeeder:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._start_thread_later("stack-prompt-feeder")
 
     def forget(self) -> None:
         """The broker lost its data (memory storage): nothing published is waiting any more."""
