@@ -478,3 +478,36 @@ def test_replicated_stack_trains_and_every_replica_serves_and_is_scraped(tiny_mo
     check = subprocess.run(["promtool", "check", "config", str(stack.scrape_config_path)], capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 0 and "SUCCESS" in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_the_rm_loop_gets_every_reward_replica_and_every_metrics_port_a_scrape_job(tiny_models, tmp_path):
+    import argparse
+
+    import yaml
+
+    from arbiter.config import from_flags
+    from arbiter.rm.loop import RMLoopSettings
+    from services.rm_loop import add_arguments
+
+    here = str(Path(__file__))
+    config = StackConfig(policy_model=here, reward_model=str(tiny_models["reward"]), prompts_file=here,
+                         workdir=str(tmp_path / "stack"), replicas={"reward": 2}, rm_loop={"watch_s": 60})
+    assert config.replica_names("reward") == ["reward-0", "reward-1"] and config.replica_names("policy") == ["policy"]
+    stack = Stack(config)
+    stack.workdir.mkdir(parents=True)
+    stack.replica_targets.update({"reward-0": "127.0.0.1:5001", "reward-1": "127.0.0.1:5002"})
+    stack.metrics_ports.update({"reward-0": 9101, "reward-1": 9201})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_flags(RMLoopSettings, parser.parse_args(stack._rm_loop_args()[2:]))
+    assert settings.reward == ("127.0.0.1:5001", "127.0.0.1:5002")
+    assert settings.reward_metrics == ("http://127.0.0.1:9101/metrics", "http://127.0.0.1:9201/metrics")
+
+    jobs = {job["job_name"]: [(t["labels"]["replica"], t["targets"]) for t in job["static_configs"]]
+            for job in scrape_config({**stack.metrics_ports, "stack": 9100})["scrape_configs"]}
+    assert jobs == {"arbiter-reward": [("reward-0", ["127.0.0.1:9101"]), ("reward-1", ["127.0.0.1:9201"])],
+                    "arbiter-rm-loop": [("rm-loop", [f"127.0.0.1:{METRICS_PORTS['rm-loop']}"])],
+                    "arbiter-stack": [("stack", ["127.0.0.1:9100"])]}
+    static = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "prometheus.yml")
+                            .read_text())
+    assert set(jobs) <= {job["job_name"] for job in static["scrape_configs"]}
