@@ -39,6 +39,12 @@ Overrides (stack YAML)::
 A per-component value wins over ``torch_threads``, which wins over the rule.
 Cores are CPU ids as ``taskset``/``/proc/self/status`` list them: a list of
 ints or a string like ``"0-3,8"``; each must be one the stack may use.
+
+Replicas (``replicas: {policy: 2}``) share their kind's placement
+(``share_placement``): with at least as many cores as replicas each gets a
+disjoint slice and threads in proportion; with fewer, all of them run on the
+kind's cores with the threads divided among them (at least one each), so N
+replicas never oversubscribe what one would have used.
 """
 
 from __future__ import annotations
@@ -199,10 +205,30 @@ def resolve_placement(settings: Mapping[str, Any] | None, torch_threads: int | N
 
 def component_role(name: str) -> str:
     """A stack component's name -> its key in the plan (``worker-3`` ->
-    ``worker``); a component the rule does not know runs as a light one."""
+    ``worker``, replica ``policy-1`` -> ``policy``); a component the rule does
+    not know runs as a light one."""
     if name in TORCH_WEIGHTS or name == "broker":
         return name
+    kind, dash, index = name.rpartition("-")
+    if dash and index.isdigit() and kind in TORCH_WEIGHTS:
+        return kind
     return "worker"
+
+
+def share_placement(placement: Placement, index: int, count: int) -> Placement:
+    """Replica ``index`` of ``count`` of a kind placed as ``placement`` (see
+    the module docstring)."""
+    if count == 1:
+        return placement
+    if placement.cores is None:
+        return Placement(None, max(1, placement.threads // count))
+    cores = placement.cores
+    if len(cores) < count:
+        return Placement(cores, max(1, placement.threads // count))
+    sizes = list(apportion(len(cores), {str(i): 1 for i in range(count)}).values())
+    start = sum(sizes[:index])
+    mine = cores[start:start + sizes[index]]
+    return Placement(mine, max(1, placement.threads * len(mine) // len(cores)))
 
 
 def pin(pid: int, cores: Sequence[int]) -> None:

@@ -8,6 +8,13 @@ is read from its /metrics page, where the reward service exports it
 (``arbiter_reward_shadow_*``), and its Page-Hinkley alarms from
 ``GetScoreDrift``.
 
+Replicas are named one by one (``--reward H:P --reward-metrics URL``, or
+``--reward-metrics-port`` for ``http://H:PORT/metrics``) or found by DNS
+(``--reward dns:///arbiter-reward-pods:50051 --reward-metrics-port 9101``:
+every A record of a Kubernetes headless Service is a ready replica), resolved
+again before each decision of the loop (``ReplicaDiscovery``), so a replica
+the Deployment adds joins the next round and one it removes leaves it.
+
 Exit status: 0 stopped by SIGTERM/SIGINT; 2 the settings or training config
 are invalid; 1 the broker, the registry or training failed (nothing is
 committed that was not published; a restart goes on from there).
@@ -18,11 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import ssl
 import sys
 import threading
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -107,6 +115,95 @@ class GrpcReplica:
         self.client.close()
 
 
+# -- discovery -------------------------------------------------------------------
+
+
+def dns_host_port(target: str) -> tuple[str, int] | None:
+    """``dns:///NAME:PORT`` (also ``dns://AUTHORITY/NAME:PORT`` and
+    ``dns:NAME:PORT``, gRPC's forms) -> (NAME, PORT); None for HOST:PORT."""
+    if not target.startswith("dns:"):
+        return None
+    rest = target.removeprefix("dns:")
+    if rest.startswith("//"):
+        rest = rest[2:].partition("/")[2]
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ReplicaError(f"{target}: expected dns:///NAME:PORT")
+    return host, int(port)
+
+
+def resolve_ipv4(host: str) -> list[str]:
+    """The A records of ``host``, sorted (ReplicaError when there are none)."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as err:
+        raise ReplicaError(f"cannot resolve {host}: {err}") from None
+    return sorted({info[4][0] for info in infos}, key=socket.inet_aton)
+
+
+class ReplicaDiscovery:
+    """The reward replicas, found again at each call: fixed HOST:PORT entries
+    as given, and every address a ``dns:`` entry resolves to. Replicas seen
+    before are reused (their channels stay open); gone ones are closed. A
+    failed resolution keeps that entry's last addresses (a DNS hiccup must not
+    drop every replica mid-watch); with none known yet it raises ReplicaError."""
+
+    def __init__(self, reward: Sequence[str], reward_metrics: Sequence[str], metrics_port: int | None,
+                 make: Callable[[str, str], GrpcReplica], *, resolve: Callable[[str], list[str]] = resolve_ipv4):
+        self.reward = list(reward)
+        self.reward_metrics = list(reward_metrics)
+        self.metrics_port = metrics_port
+        self._make = make
+        self._resolve = resolve
+        self._known: dict[str, GrpcReplica] = {}
+        self._last: dict[str, list[str]] = {}
+
+    def _url(self, host: str) -> str:
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    def wanted(self) -> list[tuple[str, str]]:
+        """(HOST:PORT, metrics URL) of every replica now."""
+        out: list[tuple[str, str]] = []
+        for i, entry in enumerate(self.reward):
+            dns = dns_host_port(entry)
+            if dns is None:
+                url = self.reward_metrics[i] if self.reward_metrics else self._url(entry.rpartition(":")[0])
+                out.append((entry, url))
+                continue
+            host, port = dns
+            try:
+                addresses = self._resolve(host)
+                self._last[entry] = addresses
+            except ReplicaError as err:
+                if entry not in self._last:
+                    raise
+                addresses = self._last[entry]
+                log.warning("%s; keeping its last addresses %s", err, ", ".join(addresses))
+            out += [(f"{address}:{port}", self._url(address)) for address in addresses]
+        return out
+
+    def __call__(self) -> list[GrpcReplica]:
+        wanted = self.wanted()
+        replicas = []
+        for target, url in wanted:
+            replica = self._known.get(target)
+            if replica is None or replica.metrics_url != url:
+                if replica is not None:
+                    replica.close()
+                replica = self._known[target] = self._make(target, url)
+                log.info("reward replica %s (metrics %s)", target, url)
+            replicas.append(replica)
+        for target in set(self._known) - {target for target, _ in wanted}:
+            log.info("reward replica %s is gone", target)
+            self._known.pop(target).close()
+        return replicas
+
+    def close(self) -> None:
+        for replica in self._known.values():
+            replica.close()
+        self._known.clear()
+
+
 # -- the command ---------------------------------------------------------------
 
 
@@ -123,7 +220,6 @@ def main(args) -> int:
 
     from arbiter.config import ConfigError, from_flags
     from arbiter.errors import ArbiterError
-    from arbiter.net import LOOPBACK
     from arbiter.rm.config import load_config
     from arbiter.rm.loop import RMLoop
     from arbiter.stream import KafkaSettings
@@ -140,28 +236,27 @@ def main(args) -> int:
         print(f"arbiter rm loop: {err}", file=sys.stderr)
         return 2
     token, admin = auth_token_from_env(), admin_token_from_env()
-    replicas = [GrpcReplica(target, url, token=token, admin_token=admin, tls=tls)
-                for target, url in zip(settings.reward, settings.reward_metrics)]
+    replicas = ReplicaDiscovery(settings.reward, settings.reward_metrics, settings.reward_metrics_port,
+                                lambda target, url: GrpcReplica(target, url, token=token, admin_token=admin, tls=tls))
     registry = CollectorRegistry()
     httpd = None
     if settings.metrics_port is not None:
-        httpd, _ = start_http_server(settings.metrics_port, addr=LOOPBACK, registry=registry)
+        httpd, _ = start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     loop = RMLoop(settings, train, kafka, replicas, registry=registry)
     try:
         loop.start()
-        log.info("rm loop ready: %d replica(s), retrain after %d preference(s) or %gs", len(replicas),
+        log.info("rm loop ready: %d replica(s), retrain after %d preference(s) or %gs", len(loop.replicas),
                  settings.retrain_preferences, settings.retrain_interval_s)
         loop.run(stop)
-    except ArbiterError as err:  # StreamError too: the broker
+    except ArbiterError as err:  # StreamError too: the broker; ReplicaError: no replica resolvable
         print(f"arbiter rm loop: {err}", file=sys.stderr)
         return 1
     finally:
         loop.close()
-        for replica in replicas:
-            replica.close()
+        replicas.close()
         if httpd is not None:
             from services.common.metrics import stop_metrics_endpoint
 

@@ -21,6 +21,23 @@ Restarts are log lines and metrics on the stack's own metrics port:
 ``arbiter_stack_restarts_total{component}``,
 ``arbiter_stack_component_up{component}``.
 
+Replication: ``replicas: {policy: N, reward: N, reference: N}`` runs N
+replicas of a model service (``policy-0``, ``policy-1``, ...; one of a kind
+keeps the plain name), each on its own gRPC and metrics port, supervised on
+its own; the workers reach each kind through one round-robin target
+(``ipv4:127.0.0.1:P0,127.0.0.1:P1``, ``services.common.client``). Every
+policy replica follows policy-updates (group-less: each reads every
+partition). ``workers: W`` rollout workers share the prompts topic through
+the ``arbiter-rollout-workers`` group (``prompt_source: topic``, the default
+from 2 workers): the stack keeps that topic fed from ``prompts_file``
+(``PromptFeeder``). The rollouts topic is created with
+``rollout_partitions`` partitions; it is keyed by prompt id, so an RLOO/GRPO
+group (the samples of one prompt) stays in one partition. The trainer is one
+rank: the N-rank trainer is a later item (issue #13 item 1). The stack writes
+``WORKDIR/prometheus.yml``, a scrape config of every metrics port it opened
+(jobs ``arbiter-KIND`` as in infra/prometheus/prometheus.yml, a ``replica``
+label per target), loading infra/prometheus/rules.
+
 Placement (``services.placement``): each component runs on CPU cores and with
 torch threads derived from the cores the stack may use (a 2-core laptop
 shares both cores among all, one thread each; from 4 cores up the policy,
@@ -49,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -65,9 +83,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from arbiter.net import LOOPBACK, free_port
+from arbiter.stream import topics
 from arbiter.stream.errors import StreamError
 from services.common.metrics import stop_metrics_endpoint
-from services.placement import Placement, PlacementError, component_role, pin, resolve_placement
+from services.placement import (Placement, PlacementError, component_role, pin, resolve_placement,
+                                share_placement)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +95,11 @@ log = logging.getLogger(__name__)
 METRICS_PORTS = {"stack": 9100, "reward": 9101, "policy": 9102, "reference": 9103, "worker": 9104, "trainer": 9105,
                  "rm-loop": 9106}
 BROKER_STORAGES = ("s3", "memory")
+# Model services that may run as several replicas (``replicas`` in the stack YAML).
+REPLICATED = ("policy", "reward", "reference")
+PROMPT_SOURCES = ("file", "topic")
+# The alert and recording rules the generated scrape config loads (when this is a checkout).
+RULES_DIR = Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "rules"
 SUPERVISE_INTERVAL_S = 0.2
 
 
@@ -103,6 +128,20 @@ class StackConfig:
     metrics: bool = True
     metrics_ports: dict[str, int] = field(default_factory=dict)
     workers: int = 1
+    # Replicas per model service, e.g. {"policy": 2, "reward": 2} (default 1 each).
+    replicas: dict[str, int] = field(default_factory=dict)
+    # Partitions of the rollouts topic, fixed at creation (Tansu cannot add
+    # partitions; Kafka adding them would move keys): the most trainer ranks
+    # that can ever share the work.
+    rollout_partitions: int = topics.DEFAULT_PARTITIONS[topics.ROLLOUTS]
+    # Where workers get prompts: "file" (each worker loops over prompts_file,
+    # shuffled with its own seed) or "topic" (the stack feeds prompts_file to
+    # the prompts topic; the workers' group spreads it). null: file for one
+    # worker, topic for more.
+    prompt_source: str | None = None
+    # With prompt_source topic: a new pass of prompts_file is published when
+    # fewer than this many prompts wait unconsumed (null: one pass's worth).
+    prompt_backlog: int | None = None
     # Torch threads of every torch component (null: each one's share of the
     # cores) and cores/threads per component: see services/placement.py.
     torch_threads: int | None = None
@@ -133,8 +172,27 @@ class StackConfig:
                 raise StackError(f"{name} is required")
             if not Path(getattr(self, name)).exists():
                 raise StackError(f"{name}={getattr(self, name)!r} does not exist")
-        if self.workers < 1:
-            raise StackError(f"workers={self.workers} is invalid: must be >= 1")
+        if not is_count(self.workers):
+            raise StackError(f"workers={self.workers!r} is invalid: must be an integer >= 1")
+        if not isinstance(self.replicas, dict):
+            raise StackError(f"replicas={self.replicas!r} is invalid: must be a mapping with keys "
+                             f"{', '.join(REPLICATED)}")
+        for kind, count in self.replicas.items():
+            if kind == "trainer":
+                raise StackError("replicas.trainer is invalid: the trainer runs as one rank (the N-rank trainer "
+                                 f"is not built yet); the keys are {', '.join(REPLICATED)}")
+            if kind not in REPLICATED:
+                raise StackError(f"replicas.{kind} is invalid: not a replicated service; the keys are "
+                                 f"{', '.join(REPLICATED)}")
+            if not is_count(count):
+                raise StackError(f"replicas.{kind}={count!r} is invalid: must be an integer >= 1")
+        if not is_count(self.rollout_partitions):
+            raise StackError(f"rollout_partitions={self.rollout_partitions!r} is invalid: must be an integer >= 1")
+        if self.prompt_source is not None and self.prompt_source not in PROMPT_SOURCES:
+            raise StackError(f"prompt_source={self.prompt_source!r} is invalid: must be one of "
+                             f"{', '.join(PROMPT_SOURCES)} (or null: file for one worker, topic for more)")
+        if self.prompt_backlog is not None and not is_count(self.prompt_backlog):
+            raise StackError(f"prompt_backlog={self.prompt_backlog!r} is invalid: must be an integer >= 1 or null")
         if self.broker_storage not in BROKER_STORAGES:
             raise StackError(f"broker_storage={self.broker_storage!r} is invalid: must be one of "
                              f"{', '.join(BROKER_STORAGES)}")
@@ -150,6 +208,18 @@ class StackConfig:
                              f"restart_backoff_s ({self.restart_backoff_s})")
         self.plan_placement()
         check_worker_staleness(self)
+
+    def replica_count(self, kind: str) -> int:
+        return self.replicas.get(kind, 1)
+
+    def replica_names(self, kind: str) -> list[str]:
+        """The components of a model service: ``reward`` alone, or ``reward-0``, ``reward-1``, ..."""
+        n = self.replica_count(kind)
+        return [kind] if n == 1 else [f"{kind}-{i}" for i in range(n)]
+
+    @property
+    def prompts_from_topic(self) -> bool:
+        return (self.prompt_source or ("file" if self.workers == 1 else "topic")) == "topic"
 
     def plan_placement(self) -> dict[str, Placement]:
         """Cores and torch threads per component on this machine (raises
@@ -177,6 +247,12 @@ def worker_staleness(config: StackConfig) -> dict[str, Any]:
 def check_worker_staleness(config: StackConfig) -> None:
     from trainer.config import PPOConfig
 
+    if "max_rollouts_per_version" in config.worker:
+        # Refused here, not by each worker after it started and crash-looped.
+        raise StackError("worker.max_rollouts_per_version is invalid: was removed (it held generation to one batch "
+                         "per policy version); the workers' staleness bound comes from trainer.ppo.max_staleness, "
+                         "or set worker.max_staleness")
+
     ppo, defaults = config.trainer.get("ppo", {}), PPOConfig()
     bound, batch = ppo.get("max_staleness", defaults.max_staleness), ppo.get("batch_size", defaults.batch_size)
     worker = worker_staleness(config)
@@ -186,6 +262,15 @@ def check_worker_staleness(config: StackConfig) -> None:
     if worker["trainer_batch_size"] != batch:
         raise StackError(f"worker.trainer_batch_size={worker['trainer_batch_size']} is invalid: must be the "
                          f"trainer's ppo.batch_size ({batch}) (or left out: the stack fills it in)")
+
+
+def is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def round_robin_target(addresses: list[str]) -> str:
+    """One gRPC target over several HOST:PORT addresses (round robin, services/common/client.py)."""
+    return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
 
 
 def load_stack_config(path: str | Path, **overrides: Any) -> StackConfig:
@@ -225,9 +310,11 @@ def stack_env(config: StackConfig, bootstrap: str, threads: int = 1) -> dict[str
 
 
 def service_args(config: StackConfig, kind: str, model: str | Path, port: int, metrics_port: int | None,
-                 threads: int = 1) -> list[str]:
+                 threads: int = 1, replica_id: str | None = None) -> list[str]:
     """``arbiter serve KIND`` flags (the policy follows policy-updates)."""
     args = ["serve", kind, "--model", str(model), "--port", str(port), "--torch-threads", str(threads)]
+    if kind == "policy" and replica_id:
+        args += ["--replica-id", replica_id]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
     if kind == "reward" and config.rm_loop is not None:
@@ -255,8 +342,12 @@ def trainer_policies_dir(config: StackConfig) -> Path:
 def worker_args(config: StackConfig, index: int, targets: dict[str, str], metrics_port: int | None) -> list[str]:
     """``arbiter worker`` flags for worker ``index`` against the services at ``targets``."""
     args = ["worker", "--policy", targets["policy"], "--reward", targets["reward"],
-            "--reference", targets["reference"], "--prompts", str(Path(config.prompts_file).resolve()),
-            "--shuffle", "--seed", str(config.seed + 1000 * index), "--worker-id", f"worker-{index}"]
+            "--reference", targets["reference"], "--seed", str(config.seed + 1000 * index),
+            "--worker-id", f"worker-{index}"]
+    if config.prompts_from_topic:
+        args.append("--prompts-topic")
+    else:
+        args += ["--prompts", str(Path(config.prompts_file).resolve()), "--shuffle"]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
     for key, value in {**config.worker, **worker_staleness(config)}.items():
@@ -410,7 +501,27 @@ class _Track:
     total: int = 0  # restarts since the stack started
 
 
-class Supervisor:
+class _Background:
+    """``_run`` on a daemon thread from ``start`` until ``stop`` (``_stop`` set)."""
+
+    def _start_thread_later(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class Supervisor(_Background):
     """Watches components from a thread; restarts the dead ones (see the
     module docstring). ``failure`` is set, and watching stops, when a
     component exceeds its restart budget."""
@@ -428,17 +539,7 @@ class Supervisor:
         for c in components:
             self.restarts.labels(c.name)
             self.up.labels(c.name).set(1 if c.alive() else 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stack-supervisor", daemon=True)
-
-    def start(self) -> Supervisor:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._start_thread_later("stack-supervisor")
 
     def _run(self) -> None:
         while not self._stop.wait(SUPERVISE_INTERVAL_S):
@@ -500,6 +601,100 @@ class Supervisor:
         log.warning("%s restarted (%d restart(s) since the stack started)", component.name, track.total)
 
 
+def scrape_job(component: str) -> str:
+    """A component's Prometheus job: ``arbiter-KIND`` (``policy-1`` and
+    ``worker-0`` -> ``arbiter-policy``, ``arbiter-worker``), the job names of
+    infra/prometheus/prometheus.yml and the alert rules."""
+    kind, dash, index = component.rpartition("-")
+    return f"arbiter-{kind if dash and index.isdigit() else component}"
+
+
+def scrape_config(metrics_ports: dict[str, int], host: str = LOOPBACK, interval_s: int = 15) -> dict[str, Any]:
+    """A Prometheus config scraping every metrics port: one job per kind, one
+    target per component labelled ``replica``, infra/prometheus/rules loaded."""
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for name, port in metrics_ports.items():
+        jobs.setdefault(scrape_job(name), []).append({"targets": [f"{host}:{port}"], "labels": {"replica": name}})
+    config: dict[str, Any] = {"global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": f"{interval_s}s"}}
+    if RULES_DIR.is_dir():
+        config["rule_files"] = [str(path) for path in sorted(RULES_DIR.glob("*.yml"))]
+    config["scrape_configs"] = [{"job_name": job, "static_configs": targets} for job, targets in jobs.items()]
+    return config
+
+
+def write_scrape_config(path: Path, metrics_ports: dict[str, int]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("# Written by arbiter up: every metrics port this stack opened.\n"
+                   + yaml.safe_dump(scrape_config(metrics_ports), sort_keys=False))
+    tmp.replace(path)
+
+
+class PromptFeeder(_Background):
+    """Keeps the prompts topic fed from a prompts file for the workers' group
+    (``arbiter-rollout-workers``): whenever fewer than ``backlog`` prompts it
+    published wait beyond the group's committed offsets, it publishes another
+    pass over the file (shuffled, seeded). The backlog is counted from the
+    offsets its own records were acknowledged at, against the group's commits
+    (Tansu's ListOffsets is not reliable, and records left from an earlier run
+    are the workers' anyway). A broker that is down is retried each tick."""
+
+    def __init__(self, kafka: Any, prompts_file: str, backlog: int | None, *, seed: int = 0,
+                 interval_s: float = 0.5):
+        from arbiter.prompts import read_prompts
+
+        self.kafka = kafka
+        self.prompts = read_prompts(prompts_file)
+        self.backlog = backlog or len(self.prompts)
+        self.interval_s = interval_s
+        self.passes = 0
+        self._rng = random.Random(seed)
+        # Partition -> next offset after the newest record this feeder published.
+        self._published: dict[int, int] = {}
+        self._start_thread_later("stack-prompt-feeder")
+
+    def forget(self) -> None:
+        """The broker lost its data (memory storage): nothing published is waiting any more."""
+        self._published = {}
+
+    def waiting(self) -> int:
+        """Prompts this feeder published that the workers' group has not committed."""
+        from arbiter.stream.kafka import _admin
+
+        admin = _admin(self.kafka, 10.0)
+        try:
+            committed = admin.list_group_offsets(topics.ROLLOUT_WORKERS_GROUP).get(topics.ROLLOUT_WORKERS_GROUP, {})
+        finally:
+            admin.close()
+        wire = self.kafka.topic(topics.PROMPTS)
+        done = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == wire}
+        return sum(max(0, end - max(done.get(p, 0), 0)) for p, end in self._published.items())
+
+    def publish_pass(self) -> int:
+        from arbiter.stream import StreamProducer, codec
+
+        order = list(self.prompts)
+        self._rng.shuffle(order)
+        with StreamProducer(self.kafka) as producer:
+            sent = [producer.send(topics.PROMPTS, codec.prompt_to_record(p)) for p in order]
+            producer.flush()
+            for future in sent:
+                delivery = future.result()
+                self._published[delivery.partition] = max(self._published.get(delivery.partition, 0),
+                                                          delivery.offset + 1)
+        self.passes += 1
+        return len(order)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.waiting() < self.backlog:
+                    log.info("prompt feeder: publishing pass %d (%d prompts)", self.passes + 1,
+                             self.publish_pass())
+            except Exception as err:  # the broker restarting: try again next tick
+                log.warning("prompt feeder: %s: %s", type(err).__name__, err)
+            self._stop.wait(self.interval_s)
+
+
 class Stack:
     def __init__(self, config: StackConfig):
         self.config = config
@@ -508,7 +703,11 @@ class Stack:
         self.logs = self.workdir / "logs"
         self.processes: list[ManagedProcess] = []
         self.broker = None
+        # Per model service: the workers' target (round robin over its replicas).
         self.targets: dict[str, str] = {}
+        # Per replica (and per kind with one replica): its own HOST:PORT.
+        self.replica_targets: dict[str, str] = {}
+        self.feeder: PromptFeeder | None = None
         self.metrics_ports: dict[str, int] = {}
         self.bootstrap = config.kafka_bootstrap
         self.registry = CollectorRegistry()
@@ -525,8 +724,13 @@ class Stack:
         return port or free_port()
 
     def place(self, name: str) -> Placement:
-        """Component ``name``'s cores and torch threads (services/placement.py)."""
-        return self.placement[component_role(name)]
+        """Component ``name``'s cores and torch threads (services/placement.py);
+        replicas of a model service share its kind's."""
+        role = component_role(name)
+        names = self.config.replica_names(role) if role in REPLICATED else [name]
+        if name in names and len(names) > 1:
+            return share_placement(self.placement[role], names.index(name), len(names))
+        return self.placement[role]
 
     def _spawn(self, name: str, args: list[str], *, always: bool, restart_args: list[str] | None = None) -> ManagedProcess:
         placement = self.place(name)
@@ -552,14 +756,18 @@ class Stack:
                 "reference": (c.reference_model or c.policy_model, c.reference_port),
                 "policy": (c.policy_model, c.policy_port),
             }
-            for name, (model, port) in services.items():
-                port = port or free_port()
-                self.targets[name] = f"127.0.0.1:{port}"
-                if c.metrics:
-                    self.metrics_ports[name] = self._metrics_port(name)
-                self._spawn(name, service_args(c, name, model, port, self.metrics_ports.get(name), self.place(name).threads),
-                            always=True)
-            for name in services:
+            for kind, (model, first_port) in services.items():
+                for i, name in enumerate(c.replica_names(kind)):
+                    port = first_port + i if first_port else free_port()
+                    self.replica_targets[name] = f"127.0.0.1:{port}"
+                    if c.metrics:
+                        # The first replica on the kind's port (the static prometheus.yml's);
+                        # the rest anywhere: the generated scrape config lists them all.
+                        self.metrics_ports[name] = self._metrics_port(kind) if i == 0 else free_port()
+                    self._spawn(name, service_args(c, kind, model, port, self.metrics_ports.get(name),
+                                                   self.place(name).threads, replica_id=name), always=True)
+                self.targets[kind] = round_robin_target([self.replica_targets[n] for n in c.replica_names(kind)])
+            for name in self.replica_targets:
                 self._wait_healthy(name, wait_s)
             trainer = ["train", "ppo", "--config", str(self._write_trainer_config())]
             # New broker data: a resumed checkpoint's offsets refer to topics
@@ -567,6 +775,9 @@ class Stack:
             # resumes from the checkpoint.
             self._spawn("trainer", trainer + ["--reset-offsets"] if self._fresh_broker else trainer, always=False,
                         restart_args=trainer)
+            if c.prompts_from_topic:
+                self.feeder = PromptFeeder(self._kafka_settings(), c.prompts_file, c.prompt_backlog,
+                                           seed=c.seed).start()
             for i in range(c.workers):
                 if c.metrics:
                     self.metrics_ports[f"worker-{i}"] = self._metrics_port("worker") if i == 0 else free_port()
@@ -576,6 +787,8 @@ class Stack:
                 self._spawn("rm-loop", self._rm_loop_args(), always=False)
             self._wait_for_log("trainer", "trainer ready", wait_s)
             self._supervise()
+            if c.metrics:
+                write_scrape_config(self.scrape_config_path, self.metrics_ports)
         except BaseException:
             self.stop()
             raise
@@ -594,11 +807,21 @@ class Stack:
         self.bootstrap = self.broker.bootstrap_servers
         pin_broker(self.broker, self.place("broker").cores)
 
-    def _ensure_topics(self) -> None:
-        from arbiter.stream import KafkaSettings, ensure_topics, topics
+    @property
+    def scrape_config_path(self) -> Path:
+        return self.workdir / "prometheus.yml"
 
-        ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.config.topic_prefix),
-                      dict(topics.DEFAULT_PARTITIONS))
+    def _kafka_settings(self):
+        from arbiter.stream import KafkaSettings
+
+        return KafkaSettings(bootstrap_servers=self.bootstrap, topic_prefix=self.config.topic_prefix)
+
+    def _ensure_topics(self) -> None:
+        from arbiter.stream import ensure_topics
+
+        # An existing rollouts topic with fewer partitions is refused (TopicError), never grown.
+        ensure_topics(self._kafka_settings(),
+                      {**topics.DEFAULT_PARTITIONS, topics.ROLLOUTS: self.config.rollout_partitions})
 
     def _broker_restarted(self) -> None:
         if self.config.broker_storage == "memory":
@@ -607,6 +830,8 @@ class Stack:
                       "name the old log) and is restarted reading the new one from the start")
             trainer = self.process("trainer")
             trainer.next_argv = [*trainer.restart_argv, "--reset-offsets"]
+            if self.feeder is not None:
+                self.feeder.forget()
         # Idempotent with s3 storage; recreates them (empty) with memory storage.
         self._ensure_topics()
 
@@ -659,9 +884,11 @@ class Stack:
         path = self.workdir / "rm-loop.yaml"
         path.write_text(yaml.safe_dump(train))
         self.metrics_ports["rm-loop"] = self._metrics_port("rm-loop")
-        args = ["rm", "loop", "--train-config", str(path), "--reward", self.targets["reward"],
-                "--reward-metrics", f"http://127.0.0.1:{self.metrics_ports['reward']}/metrics",
-                "--metrics-port", str(self.metrics_ports["rm-loop"])]
+        args = ["rm", "loop", "--train-config", str(path), "--metrics-port", str(self.metrics_ports["rm-loop"])]
+        # Every reward replica: the loop gates and promotes on each.
+        for name in c.replica_names("reward"):
+            args += ["--reward", self.replica_targets[name],
+                     "--reward-metrics", f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"]
         for key, value in settings.items():
             args += ["--" + key.replace("_", "-"), str(value)]
         return args
@@ -672,7 +899,7 @@ class Stack:
     def _wait_healthy(self, name: str, wait_s: float) -> None:
         process = self.process(name)
         deadline = time.monotonic() + wait_s
-        with grpc.insecure_channel(self.targets[name]) as channel:
+        with grpc.insecure_channel(self.replica_targets[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not process.alive():
@@ -709,6 +936,9 @@ class Stack:
     def stop(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder = None
         # Producers first (workers), then the trainer, then the services, then
         # the broker; the members of a tier drain together.
         tiers = ([p for p in self.processes if p.name.startswith("worker-")],
@@ -732,6 +962,10 @@ class Stack:
                      else ", local broker in memory: lost when it stops")
         lines = [f"kafka: {self.bootstrap} (topic prefix {self.config.topic_prefix!r}{where})"]
         lines += [f"{name}: {target}" for name, target in self.targets.items()]
+        lines += [f"replica {name}: {target}" for name, target in self.replica_targets.items()
+                  if name not in self.targets]
+        if self.config.metrics:
+            lines.append(f"prometheus scrape config: {self.scrape_config_path}")
         lines += [f"metrics {name}: 127.0.0.1:{port}" for name, port in self.metrics_ports.items()]
         c = self.config
         names = (["broker"] if self.broker is not None else []) + [p.name for p in self.processes]

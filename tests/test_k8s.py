@@ -368,6 +368,66 @@ def test_worker_and_trainer_metrics_and_shared_volumes_agree_with_the_code(rende
         assert "ReadWriteMany" in claim["spec"]["accessModes"], "pods on several nodes share it"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rm_loop_follows_every_reward_replica_and_shares_their_registry(rendered, overlay, tmp_path):
+    """arbiter rm loop finds the reward replicas through the headless Service
+    (every ready pod's address, re-resolved before each decision), reads each
+    one's /metrics on the reward metrics port, and publishes versions into the
+    volume the reward pods load from, at the same path; the NetworkPolicies
+    let it reach the reward pods and nothing else."""
+    from arbiter.config import from_flags
+    from arbiter.rm.config import load_config
+    from arbiter.rm.loop import RMLoopSettings
+    from cli.main import parse_args
+    from services.rm_loop import dns_host_port
+
+    docs = rendered[overlay]
+    loop = workload(docs, "rm-loop")
+    c = container(loop, "rm-loop")
+    assert loop["spec"]["replicas"] == 1 and loop["spec"]["strategy"]["type"] == "Recreate"
+    args = parse_args(c["args"])
+    assert (args.command, args.rm_command) == ("rm", "loop")
+    settings = from_flags(RMLoopSettings, args)
+    reward = workload(docs, "reward")
+    reward_args = parse_args(container(reward, "reward")["args"])
+    (target,) = settings.reward
+    host, port = dns_host_port(target)
+    headless = one(docs, "Service", host)
+    assert headless["spec"]["clusterIP"] == "None" and selected_workloads(docs, headless) == [reward]
+    assert port == reward_args.port
+    assert settings.reward_metrics_port == reward_args.metrics_port == METRICS_PORTS["reward"]
+    assert settings.metrics_port == container_port(c, "metrics") == METRICS_PORTS["rm-loop"]
+    assert settings.metrics_host == "0.0.0.0"
+
+    config_file = tmp_path / "rm-train.yaml"
+    config_file.write_bytes(_mounted_file(docs, loop, c, settings.train_config))
+    train = load_config(config_file, progress=False)
+    assert train.registry in reward_args.model_roots
+
+    def claim_at(w: dict, c: dict, path: str) -> tuple[str, bool]:
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+        volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == mount["name"])
+        return volume["persistentVolumeClaim"]["claimName"], mount.get("readOnly", False)
+
+    loop_claim, loop_ro = claim_at(loop, c, train.registry)
+    reward_claim, reward_ro = claim_at(reward, container(reward, "reward"), train.registry)
+    assert loop_claim == reward_claim and not loop_ro and reward_ro
+    if reward["spec"].get("replicas", 1) > 1:
+        assert "ReadWriteMany" in one(docs, "PersistentVolumeClaim", loop_claim)["spec"]["accessModes"], (
+            "pods on several nodes share it")
+
+    def labels(component: str) -> dict:
+        return workload(docs, component)["spec"]["template"]["metadata"]["labels"]
+
+    reward_container = container(reward, "reward")
+    for port_name in ("grpc", "metrics"):
+        assert _allowed(docs, labels("rm-loop"), {}, labels("reward"), container_port(reward_container, port_name),
+                        port_name, True), port_name
+    for kind in ("policy", "reference"):
+        kind_port = container_port(container(workload(docs, kind), kind), "grpc")
+        assert not _allowed(docs, labels("rm-loop"), {}, labels(kind), kind_port, "grpc", True), kind
+
+
 # -- every command line through the real CLI and settings ------------------------------
 
 
@@ -440,6 +500,16 @@ def _build_settings(args, component: str):
 
         config = load_config(args.config, max_updates=args.max_updates)
         return config, kafka_settings(config)
+    if component == "rm-loop":
+        from arbiter.config import from_flags
+        from arbiter.rm.config import load_config as load_rm_config
+        from arbiter.rm.loop import RMLoopSettings
+        from arbiter.stream import KafkaSettings
+        from services.common.client import ClientTLS
+
+        settings = from_flags(RMLoopSettings, args)
+        train = load_rm_config(settings.train_config, progress=False)
+        return settings, train, KafkaSettings.from_env(**train.kafka), from_flags(ClientTLS, args)
     from cli.commands.serve import KINDS
 
     return importlib.import_module(KINDS[args.service][0]).settings_from_args(args)
@@ -462,7 +532,7 @@ def test_every_arbiter_command_line_builds_valid_settings(rendered, overlay, tmp
 
     docs = rendered[overlay]
     secrets = operator_secrets(docs)
-    for component in (*MODEL_SERVICES, "worker", "trainer"):
+    for component in (*MODEL_SERVICES, "worker", "trainer", "rm-loop"):
         w = workload(docs, component)
         c = container(w, component)
         assert c["command"] == ["arbiter"], component
@@ -511,7 +581,10 @@ def test_every_arbiter_command_line_builds_valid_settings(rendered, overlay, tmp
                 version = Path(flag_value(c["args"], "--model")[-1])
                 assert version.parent.name == built.backend.triton_model and version.name.isdigit()
                 assert flag_value(triton["args"], "--model-repository") == [str(version.parent.parent)]
-        if component in ("reward", "policy", "worker", "trainer"):
+        if component == "rm-loop":
+            assert built[0].reward_metrics_port and built[1].registry, component
+            assert built[2].bootstrap_servers, "rm-loop: no Kafka settings"
+        elif component in ("reward", "policy", "worker", "trainer"):
             kafka = built[1] if component == "trainer" else built.kafka
             assert kafka is not None and kafka.bootstrap_servers, f"{component}: no Kafka settings"
 

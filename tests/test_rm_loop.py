@@ -48,7 +48,7 @@ from arbiter.stream import codec, ensure_topics, topics
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc, rollout_pb2
 from services.reward.server import create_server
 from services.reward.settings import RewardSettings
-from services.rm_loop import GrpcReplica
+from services.rm_loop import GrpcReplica, ReplicaDiscovery, dns_host_port
 
 BASE = {"!": 2.0, ".": 0.0, "?": 1.0}
 BETTER = {"!": 2.0, ".": 1.0, "?": 0.0}
@@ -256,9 +256,68 @@ def test_settings_name_the_field():
         loop_settings(holdout_fraction=1.0)
     with pytest.raises(ConfigError, match=r"reward_metrics\[0\].*http"):
         loop_settings(reward_metrics=("a:9100",))
+    with pytest.raises(ConfigError, match="reward_metrics_port=None is invalid: is required with a dns: reward target"):
+        loop_settings(reward=("dns:///arbiter-reward-pods:50051",), reward_metrics=("http://a/metrics",))
+    with pytest.raises(ConfigError, match="reward_metrics=.* is invalid: set it or reward_metrics_port, not both"):
+        loop_settings(reward_metrics_port=9101)
+    assert loop_settings(reward=("dns:///r:1",), reward_metrics=(), reward_metrics_port=9101).reward_metrics_port
     # Every 1/f-th offset, so a restart holds out the same ones.
     assert [o for o in range(10) if held_out(o, 0.5)] == [1, 3, 5, 7, 9]
     assert [o for o in range(10) if held_out(o, 0.25)] == [3, 7]
+
+
+def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_roots, caplog):
+    """``dns:///localhost:PORT`` resolves (really) to 127.0.0.1: a replica
+    reached over gRPC and its /metrics page derived from the metrics port.
+    Then, with a scripted resolver (the logic around the resolution only),
+    replicas join and leave between calls, a failed lookup keeps the last
+    addresses, and known replicas are reused, gone ones closed."""
+    assert dns_host_port("dns:///arbiter-reward-pods:50051") == ("arbiter-reward-pods", 50051)
+    assert dns_host_port("dns://8.8.8.8/name:7") == ("name", 7) and dns_host_port("dns:name:7") == ("name", 7)
+    assert dns_host_port("127.0.0.1:5") is None
+    with serve(tiny_models["reward"], model_roots) as server:
+        port, metrics = server.port, server.running.metrics_port
+        discovery = ReplicaDiscovery([f"dns:///localhost:{port}"], (), metrics, GrpcReplica)
+        try:
+            (found,) = discovery()
+            assert (found.name, found.metrics_url) == (f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics")
+            assert found.active()[0] == "v0"
+            assert found.shadow("v0", "candidate") is None  # its page was read: no shadow running
+            assert discovery() == [found]  # the same replica, channel kept
+        finally:
+            discovery.close()
+
+    answers: list = [["10.0.0.1"], ["10.0.0.1", "10.0.0.2"], ["10.0.0.2"], None]
+
+    def resolve(host: str) -> list[str]:
+        from arbiter.rm.loop import ReplicaError
+
+        assert host == "arbiter-reward-pods"
+        answer = answers.pop(0)
+        if answer is None:
+            raise ReplicaError("cannot resolve arbiter-reward-pods: no such host")
+        return answer
+
+    closed: list[str] = []
+
+    class Tracked(GrpcReplica):
+        def close(self) -> None:
+            closed.append(self.name)
+            super().close()
+
+    discovery = ReplicaDiscovery(["dns:///arbiter-reward-pods:50051", "10.0.0.9:50051"], (), 9101, Tracked,
+                                 resolve=resolve)
+    try:
+        names = [[r.name for r in discovery()] for _ in range(4)]
+        assert names == [["10.0.0.1:50051", "10.0.0.9:50051"],
+                         ["10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.9:50051"],
+                         ["10.0.0.2:50051", "10.0.0.9:50051"],
+                         ["10.0.0.2:50051", "10.0.0.9:50051"]]  # the lookup failed: last addresses kept
+        assert closed == ["10.0.0.1:50051"]
+        assert [r.metrics_url for r in discovery._known.values()] == ["http://10.0.0.9:9101/metrics",
+                                                                      "http://10.0.0.2:9101/metrics"]
+    finally:
+        discovery.close()
 
 
 def active_versions(servers) -> list[str]:
@@ -495,7 +554,7 @@ def test_stack_component_flags_parse_and_let_the_reward_service_load_from_the_re
     assert args[args.index("--model-roots", args.index("--model-roots") + 1) + 1] == str(registry)
     stack = Stack(config)
     stack.workdir.mkdir(parents=True)
-    stack.targets["reward"], stack.metrics_ports["reward"] = "127.0.0.1:5001", 9101
+    stack.replica_targets["reward"], stack.metrics_ports["reward"] = "127.0.0.1:5001", 9101
     flags = stack._rm_loop_args()
     assert flags[:2] == ["rm", "loop"]
     parser = argparse.ArgumentParser()

@@ -3,13 +3,16 @@ on their ports while the rest keep running, restarts are counted and logged,
 the restart budget stops the stack; the durable local broker keeps records and
 committed offsets through kill -9 (of Tansu and of its object store) and a
 restart from its data directory; a following policy replica says SERVING only
-once it serves the newest published version."""
+once it serves the newest published version; a replicated stack (2 policy
+and 2 reward replicas, 2 workers, 2 rollout partitions) trains, every replica
+serves the newest version and is listed in the generated scrape config."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import urllib.request
@@ -32,9 +35,9 @@ from services.policy.server import create_server
 from services.policy.settings import PolicySettings
 from services.reference.server import create_server as create_reference_server
 from services.reference.settings import ReferenceSettings
-from services.placement import Placement, format_cores, plan_placement, resolve_placement
-from services.stack import (BrokerComponent, ManagedProcess, Stack, StackConfig, StackError, Supervisor, service_args,
-                            worker_args)
+from services.placement import Placement, format_cores, plan_placement, resolve_placement, share_placement
+from services.stack import (METRICS_PORTS, BrokerComponent, ManagedProcess, Stack, StackConfig, StackError, Supervisor,
+                            scrape_config, service_args, worker_args)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -205,8 +208,17 @@ def test_supervision_settings_are_checked():
         ({"broker_storage": "disk"}, "broker_storage='disk' is invalid: must be one of s3, memory"),
         ({"restart_budget": -1}, "restart_budget=-1 is invalid"),
         ({"restart_backoff_s": 2.0, "restart_backoff_max_s": 1.0}, "restart_backoff_max_s=1.0 is invalid"),
+        ({"replicas": {"trainer": 2}}, "replicas.trainer is invalid: the trainer runs as one rank"),
+        ({"replicas": {"critic": 2}}, "replicas.critic is invalid: not a replicated service; the keys are policy, "
+                                      "reward, reference"),
+        ({"replicas": {"reward": 0}}, "replicas.reward=0 is invalid: must be an integer >= 1"),
+        ({"replicas": [2]}, "replicas=[2] is invalid: must be a mapping with keys policy, reward, reference"),
+        ({"workers": 0}, "workers=0 is invalid: must be an integer >= 1"),
+        ({"rollout_partitions": 0}, "rollout_partitions=0 is invalid: must be an integer >= 1"),
+        ({"prompt_source": "kafka"}, "prompt_source='kafka' is invalid: must be one of file, topic"),
+        ({"prompt_backlog": -1}, "prompt_backlog=-1 is invalid"),
     ):
-        with pytest.raises(StackError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(StackError, match=re.escape(fragment)):
             supervision(**overrides)
 
 
@@ -242,6 +254,19 @@ def test_sixteen_cores_split_by_weight_with_two_cores_for_broker_and_workers():
     assert placed(plan_placement(range(16))) == {
         "policy": ("0-4", 5), "trainer": ("5-9", 5), "reward": ("10-11", 2), "reference": ("12-13", 2),
         "broker": ("14-15", 1), "worker": ("14-15", 1)}
+
+
+def test_replicas_share_their_kind_s_cores_and_threads():
+    # 16 cores: the policy has 0-4 with 5 threads. Two replicas: slices of 3
+    # and 2 cores (largest remainder, ties to the first), threads 5*3//5, 5*2//5.
+    policy = plan_placement(range(16))["policy"]
+    assert [share_placement(policy, i, 2) for i in range(2)] == [Placement((0, 1, 2), 3), Placement((3, 4), 2)]
+    # Fewer cores than replicas (2 cores, a laptop): all share them, threads
+    # divided but never below 1.
+    laptop = plan_placement([0, 1])["reward"]
+    assert [share_placement(laptop, i, 3) for i in range(3)] == [Placement((0, 1), 1)] * 3
+    assert share_placement(Placement((0, 1), 4), 1, 2) == Placement((1,), 2)
+    assert share_placement(Placement(None, 4), 0, 2) == Placement(None, 2)
 
 
 def test_placement_uses_the_cores_the_stack_may_use_not_cpu_ids_from_zero():
@@ -304,6 +329,8 @@ def test_workers_generate_ahead_of_the_trainer_up_to_its_staleness_bound():
     with pytest.raises(StackError, match=r"worker\.trainer_batch_size=8 is invalid: must be the trainer's "
                        r"ppo\.batch_size \(32\)"):
         supervision(worker={"trainer_batch_size": 8})
+    with pytest.raises(StackError, match=r"worker\.max_rollouts_per_version is invalid: was removed"):
+        supervision(worker={"max_rollouts_per_version": 32})
 
 
 # -- the durable local broker ------------------------------------------------------
@@ -390,3 +417,122 @@ def test_following_replica_is_not_serving_until_it_serves_the_newest_version(tin
         assert health(server.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         wait_until(lambda: health(server.target) == SERVING, 60, "the replica to become ready")
         assert client.info().version == "v1"
+
+
+# -- a replicated stack ------------------------------------------------------------
+
+
+def served_version(target: str) -> str:
+    from arbiter.v1 import common_pb2, common_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = common_pb2_grpc.ModelServiceStub(channel)
+        return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info.version
+
+
+def scores_served(metrics_port: int) -> float:
+    """Score RPCs a reward replica answered, from its /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "arbiter_requests_total" and sample.labels.get("method") == "Score")
+
+
+def test_replicated_stack_trains_and_every_replica_serves_and_is_scraped(tiny_models, tmp_path):
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from arbiter.stream import KafkaSettings
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say:", "Now:", "Hello", "Go on", "Tell")))
+    config = StackConfig(
+        policy_model=str(tiny_models["policy"]), reward_model=str(tiny_models["reward"]), prompts_file=str(prompts),
+        workdir=str(tmp_path / "stack"), broker_storage="memory", replicas={"policy": 2, "reward": 2}, workers=2,
+        rollout_partitions=2, metrics_ports={name: 0 for name in METRICS_PORTS},
+        worker={"samples_per_prompt": 2, "prompts_per_call": 2, "max_new_tokens": 2},
+        trainer={"max_updates": 2, "ppo": {"batch_size": 8, "minibatch_size": 8, "epochs": 1, "max_staleness": 1}},
+    )
+    history = tmp_path / "stack" / "trainer" / "history.jsonl"
+
+    def updates(stack: Stack) -> int:
+        stack.check_alive()  # a component the supervisor gave up on fails the test now
+        return len(history.read_text().splitlines()) if history.exists() else 0
+
+    with Stack(config) as stack:
+        assert stack.targets["policy"] == "ipv4:" + ",".join(stack.replica_targets[f"policy-{i}"] for i in range(2))
+        assert stack.targets["reward"].startswith("ipv4:") and stack.targets["reference"].count(":") == 1
+        wait_until(lambda: updates(stack) >= 2, 240, lambda: f"2 updates (got {updates(stack)})", interval_s=0.5)
+        for i in range(2):  # each follows policy-updates on its own
+            wait_until(lambda: served_version(stack.replica_targets[f"policy-{i}"]) == "ppo-2", 60,
+                       f"policy-{i} to serve ppo-2", interval_s=0.5)
+        # The workers' round robin reached both reward replicas.
+        assert all(scores_served(stack.metrics_ports[f"reward-{i}"]) > 0 for i in range(2))
+        settings = KafkaSettings(bootstrap_servers=stack.bootstrap, topic_prefix=config.topic_prefix)
+        with StreamConsumer(settings, [topics.ROLLOUTS], None) as consumer:
+            rollouts = drain(consumer, 16, 60, idle_polls=0)
+        # Both workers got prompts from the group, and a group's samples share a partition.
+        assert {r.message.worker_id for r in rollouts} == {"worker-0", "worker-1"}
+        partitions: dict[str, set[int]] = {}
+        for r in rollouts:
+            partitions.setdefault(r.message.group_id, set()).add(r.partition)
+        assert all(len(p) == 1 for p in partitions.values()) and {r.partition for r in rollouts} <= {0, 1}
+        assert ensure_topics(settings, {topics.ROLLOUTS: 1}) == {topics.ROLLOUTS: 2}
+
+        written = yaml.safe_load(stack.scrape_config_path.read_text())
+        assert written == scrape_config(stack.metrics_ports)
+        listed = {(job["job_name"], target["labels"]["replica"], target["targets"][0])
+                  for job in written["scrape_configs"] for target in job["static_configs"]}
+        expected = {("arbiter-stack", "stack"), ("arbiter-trainer", "trainer"), ("arbiter-reference", "reference"),
+                    *((f"arbiter-{kind}", f"{kind}-{i}") for kind in ("policy", "reward", "worker") for i in range(2))}
+        assert {(job, replica) for job, replica, _ in listed} == expected
+        for job, replica, target in listed:
+            assert target == f"127.0.0.1:{stack.metrics_ports[replica]}"
+            if replica == "trainer":
+                continue  # done, or stopping: it exits after max_updates
+            with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as page:
+                assert page.status == 200, (job, replica)
+    static = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "prometheus.yml")
+                            .read_text())
+    assert {job for job, _, _ in listed} <= {job["job_name"] for job in static["scrape_configs"]}
+    assert shutil.which("promtool"), "promtool is missing: `make test` installs Debian's prometheus package"
+    check = subprocess.run(["promtool", "check", "config", str(stack.scrape_config_path)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0 and "SUCCESS" in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_the_rm_loop_gets_every_reward_replica_and_every_metrics_port_a_scrape_job(tiny_models, tmp_path):
+    import argparse
+
+    import yaml
+
+    from arbiter.config import from_flags
+    from arbiter.rm.loop import RMLoopSettings
+    from services.rm_loop import add_arguments
+
+    here = str(Path(__file__))
+    config = StackConfig(policy_model=here, reward_model=str(tiny_models["reward"]), prompts_file=here,
+                         workdir=str(tmp_path / "stack"), replicas={"reward": 2}, rm_loop={"watch_s": 60})
+    assert config.replica_names("reward") == ["reward-0", "reward-1"] and config.replica_names("policy") == ["policy"]
+    stack = Stack(config)
+    stack.workdir.mkdir(parents=True)
+    stack.replica_targets.update({"reward-0": "127.0.0.1:5001", "reward-1": "127.0.0.1:5002"})
+    stack.metrics_ports.update({"reward-0": 9101, "reward-1": 9201})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_flags(RMLoopSettings, parser.parse_args(stack._rm_loop_args()[2:]))
+    assert settings.reward == ("127.0.0.1:5001", "127.0.0.1:5002")
+    assert settings.reward_metrics == ("http://127.0.0.1:9101/metrics", "http://127.0.0.1:9201/metrics")
+
+    jobs = {job["job_name"]: [(t["labels"]["replica"], t["targets"]) for t in job["static_configs"]]
+            for job in scrape_config({**stack.metrics_ports, "stack": 9100})["scrape_configs"]}
+    assert jobs == {"arbiter-reward": [("reward-0", ["127.0.0.1:9101"]), ("reward-1", ["127.0.0.1:9201"])],
+                    "arbiter-rm-loop": [("rm-loop", [f"127.0.0.1:{METRICS_PORTS['rm-loop']}"])],
+                    "arbiter-stack": [("stack", ["127.0.0.1:9100"])]}
+    static = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "prometheus.yml")
+                            .read_text())
+    assert set(jobs) <= {job["job_name"] for job in static["scrape_configs"]}

@@ -97,11 +97,17 @@ class RMLoopSettings:
     # has no readable path.
     train_config: str = field(default="", metadata=flag(help="arbiter train rm's YAML (registry, name, epochs, ...)"))
     # One entry per replica, in the same order: each is promoted individually.
+    # Or dns:///NAME:PORT: every A record of NAME is a replica (a headless
+    # Service), re-resolved at each decision (services/rm_loop.py).
     reward: tuple[str, ...] = field(default=(), metadata=flag(
-        "--reward", action="append", help="HOST:PORT of one reward replica (repeat for each)"))
+        "--reward", action="append",
+        help="HOST:PORT of one reward replica (repeat for each), or dns:///NAME:PORT for every address of NAME"))
     reward_metrics: tuple[str, ...] = field(default=(), metadata=flag(
         "--reward-metrics", action="append",
         help="URL of that replica's /metrics (shadow agreement is read there; same order as --reward)"))
+    reward_metrics_port: int | None = field(default=None, metadata=flag(
+        help="instead of --reward-metrics: each replica's /metrics is http://ADDRESS:PORT/metrics "
+             "(needed with dns:///)"))
     retrain_preferences: int = field(default=200, metadata=flag(help="retrain after this many new preferences"))
     retrain_interval_s: float = field(default=3600.0, metadata=flag(
         help="... or this long after the last round, when at least one preference is new"))
@@ -124,6 +130,8 @@ class RMLoopSettings:
         help="after a promotion, roll back on a Page-Hinkley alarm within this long"))
     check_interval_s: float = field(default=1.0, metadata=flag(help="how often shadow and drift are read"))
     join_timeout_s: float = field(default=60.0, metadata=flag(help="wait this long for the consumer group"))
+    metrics_host: str = field(default="127.0.0.1", metadata=flag(
+        help="address of /metrics (0.0.0.0 in a pod, for Prometheus)"))
     metrics_port: int | None = field(default=None, metadata=flag(help="serve /metrics here"))
 
     def __post_init__(self) -> None:
@@ -131,8 +139,18 @@ class RMLoopSettings:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         require(bool(self.train_config), "train_config", "must name arbiter train rm's YAML", self.train_config)
         require(bool(self.reward), "reward", "must list at least one reward replica (HOST:PORT)", self.reward)
-        require(len(self.reward_metrics) == len(self.reward), "reward_metrics",
-                f"must give one /metrics URL per reward replica ({len(self.reward)})", self.reward_metrics)
+        if self.reward_metrics_port is None:
+            require(not any(r.startswith("dns:") for r in self.reward), "reward_metrics_port",
+                    "is required with a dns: reward target (one /metrics URL cannot name every address)",
+                    self.reward_metrics_port)
+            require(len(self.reward_metrics) == len(self.reward), "reward_metrics",
+                    f"must give one /metrics URL per reward replica ({len(self.reward)}), or set "
+                    f"reward_metrics_port", self.reward_metrics)
+        else:
+            require(not self.reward_metrics, "reward_metrics", "set it or reward_metrics_port, not both",
+                    self.reward_metrics)
+            require(0 < self.reward_metrics_port < 65536, "reward_metrics_port", "must be a port (1..65535)",
+                    self.reward_metrics_port)
         for i, url in enumerate(self.reward_metrics):
             require(url.startswith(("http://", "https://")), f"reward_metrics[{i}]", "must be an http(s) URL", url)
         require(self.retrain_preferences >= 1, "retrain_preferences", "must be >= 1", self.retrain_preferences)
@@ -264,7 +282,8 @@ def _offset(example: RankedExample) -> int:
 class _Watch:
     version: RegistryVersion
     previous: str
-    baseline: list[int]
+    # Replica name -> change alarms when the watch began (or when it joined).
+    baseline: dict[str, int]
     until: float
 
 
@@ -275,7 +294,8 @@ class RMLoop:
     """Not thread-safe: one thread runs ``run`` (or ``step``)."""
 
     def __init__(
-        self, settings: RMLoopSettings, train: RMTrainConfig, kafka: KafkaSettings, replicas: Sequence[Replica], *,
+        self, settings: RMLoopSettings, train: RMTrainConfig, kafka: KafkaSettings,
+        replicas: Sequence[Replica] | Callable[[], Sequence[Replica]], *,
         trainer: Trainer | None = None, registry: CollectorRegistry | None = None,
     ):
         from arbiter.rm.train import train_reward_model
@@ -283,7 +303,9 @@ class RMLoop:
         self.settings = settings
         self.train_config = train
         self.kafka = kafka
-        self.replicas = list(replicas)
+        # A callable discovers the replicas again before each decision (DNS).
+        self._discover = replicas if callable(replicas) else None
+        self.replicas = [] if callable(replicas) else list(replicas)
         self.trainer = trainer or train_reward_model
         self.metrics = LoopMetrics(registry or CollectorRegistry())
         self.models = ModelRegistry(train.registry)
@@ -303,6 +325,7 @@ class RMLoop:
                                        observer=self.metrics.rejected, skip_invalid=True)
         try:
             self.consumer.wait_for_assignment(self.settings.join_timeout_s)
+            self._refresh()
             self._skip_trained()
             self._recover()
         except BaseException:
@@ -370,11 +393,17 @@ class RMLoop:
         """Poll once; watch a promoted version, or run a round when one is
         due. The round's outcome, or None."""
         self._poll(timeout_s)
+        self._refresh()
         if self.watch is not None:
             self._watch_tick()
             return None
         trigger = self._trigger()
         return self.round(trigger) if trigger else None
+
+    def _refresh(self) -> None:
+        """The replica set one decision (a round, a watch tick) works with."""
+        if self._discover is not None:
+            self.replicas = list(self._discover())
 
     def _poll(self, timeout_s: float) -> None:
         polled = self.consumer.poll(timeout_s=timeout_s)
@@ -622,7 +651,7 @@ class RMLoop:
         return None
 
     def _start_watch(self, version: RegistryVersion, previous: str) -> None:
-        baseline = [replica.change_points(version.version) for replica in self.replicas]
+        baseline = {replica.name: replica.change_points(version.version) for replica in self.replicas}
         self.watch = _Watch(version, previous, baseline, time.monotonic() + self.settings.watch_s)
 
     def _watch_tick(self) -> None:
@@ -632,8 +661,10 @@ class RMLoop:
             alarms = [replica.change_points(watch.version.version) for replica in self.replicas]
         except ReplicaError as err:
             log.warning("drift watch of %s: %s", watch.version.version, err)
-            alarms = watch.baseline
-        for replica, now, before in zip(self.replicas, alarms, watch.baseline):
+            alarms = []  # unknown this tick: nothing to compare
+        for replica, now in zip(self.replicas, alarms):
+            # A replica discovered during the watch is watched from its count now.
+            before = watch.baseline.setdefault(replica.name, now)
             if now > before:
                 self.watch = None
                 self._rollback(watch.version, record, watch.previous, "drift",

@@ -1,15 +1,16 @@
-"""``arbiter up``: the whole loop (broker, services, worker, trainer), supervised, until Ctrl-C."""
+"""``arbiter up``: the whole loop (broker, services and their replicas, workers, trainer), supervised, until Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-HELP = "run the whole loop (broker, services, worker, trainer), restarting what dies, until Ctrl-C"
+HELP = "run the whole loop (broker, service replicas, workers, trainer), restarting what dies, until Ctrl-C"
 
 
 def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    parser.add_argument("--config", required=True, help="stack YAML (see services/stack.py StackConfig)")
+    parser.add_argument("--config", required=True, help="stack YAML (see services/stack.py StackConfig and "
+                        "infra/stack.example.yaml: replicas, workers, rollout_partitions, ...)")
     parser.add_argument("--workdir", help="overrides the config's workdir")
     parser.add_argument("--kafka-bootstrap", help="use this Kafka cluster instead of a local broker")
     parser.add_argument("--broker-storage", choices=("s3", "memory"),
