@@ -43,20 +43,50 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _CANCEL_POLL_S = 0.05
 
 
-class _Quiet:
-    """The scheduler's observer: Triton exports its own metrics."""
+class _Metrics:
+    """The scheduler's observer: the engine's metrics in Triton's /metrics
+    (Python-backend custom metrics), labelled with the model and version."""
+
+    # (name, kind, help); names and units as the in-process service's.
+    FAMILIES = (
+        ("arbiter_policy_generated_tokens_total", "COUNTER", "Tokens sampled by the decoding engine."),
+        ("arbiter_policy_decode_steps_total", "COUNTER", "Decoding steps (one forward of one version's batch)."),
+        ("arbiter_policy_shared_decode_steps_total", "COUNTER",
+         "Decoding steps whose forward carried the rows of two or more requests (in-flight batching)."),
+        ("arbiter_policy_active_rows", "GAUGE", "Samples (rows) in the decoding batch."),
+        ("arbiter_policy_active_generations", "GAUGE", "Requests admitted to the decoding batch."),
+        ("arbiter_policy_kv_reserved_tokens", "GAUGE", "KV-cache tokens reserved by admitted requests."),
+        ("arbiter_queue_depth", "GAUGE", "Requests waiting for room in the decoding batch."),
+    )
+
+    def __init__(self, labels):
+        self.families, self.metrics = [], {}
+        for name, kind, description in self.FAMILIES:
+            family = pb_utils.MetricFamily(name=name, description=description,
+                                           kind=getattr(pb_utils.MetricFamily, kind))
+            self.families.append(family)
+            self.metrics[name] = family.Metric(labels=labels)
 
     def on_batch(self, size, seconds):
-        pass
+        self.metrics["arbiter_policy_generated_tokens_total"].increment(size)
+        self.metrics["arbiter_policy_decode_steps_total"].increment(1)
 
     def on_decode_step(self, generations):
-        pass
+        if generations >= 2:
+            self.metrics["arbiter_policy_shared_decode_steps_total"].increment(1)
 
     def on_budget(self, rows, tokens, generations):
-        pass
+        self.metrics["arbiter_policy_active_rows"].set(rows)
+        self.metrics["arbiter_policy_kv_reserved_tokens"].set(tokens)
+        self.metrics["arbiter_policy_active_generations"].set(generations)
 
     def on_queue_depth(self, depth):
-        pass
+        self.metrics["arbiter_queue_depth"].set(depth)
+
+    def close(self):
+        # Metrics go before their families (the backend insists).
+        self.metrics.clear()
+        self.families.clear()
 
 
 class RequestError(ValueError):
@@ -92,8 +122,18 @@ class TritonPythonModel:
             device = f"cuda:{int(args['model_instance_device_id'])}"
         else:
             device = "cpu"
-        self.policy = PolicyModel.load(os.path.join(version_dir, "checkpoint"),
-                                       placement=Placement.resolve(device, params.get("dtype") or "float32"))
+        # A version that cannot serve (weights that do not load, NaN logits)
+        # still initializes and answers every request with the reason: Triton
+        # 2.51 can crash when a decoupled model's load fails while another
+        # version of it is streaming, and the service probes each version it
+        # loads, so it refuses this one (and unloads it) with that reason.
+        self.load_error = None
+        try:
+            self.policy = PolicyModel.load(os.path.join(version_dir, "checkpoint"),
+                                           placement=Placement.resolve(device, params.get("dtype") or "float32"))
+        except Exception as err:  # noqa: BLE001 - reported to every request, see above
+            self.load_error = f"{type(err).__name__}: {err}"
+            return
         self.vocab = min(self.policy.model.get_input_embeddings().num_embeddings,
                          int(self.policy.model.get_output_embeddings().weight.shape[0]))
         self.max_tokens = self.policy.info.max_tokens
@@ -115,8 +155,10 @@ class TritonPythonModel:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="policy-model")
         self.waiting = {}  # non-streamed generations -> their response senders
 
+        self.observer = _Metrics({"model": args["model_name"], "version": args["model_version"]})
+
         async def make():
-            return DecodeScheduler(decoding, self.executor, _Quiet())
+            return DecodeScheduler(decoding, self.executor, self.observer)
 
         self.scheduler = asyncio.run_coroutine_threadsafe(make(), self.loop).result()
         self.watcher = asyncio.run_coroutine_threadsafe(self._watch_cancelled(), self.loop)
@@ -126,6 +168,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if self.load_error is not None:
+                message = f"FAILED_PRECONDITION: this version failed to load in Triton: {self.load_error}"
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+                            flags=FINAL)
+                continue
             try:
                 prompts, params, stream = self._read(request)
             except RequestError as err:
@@ -211,6 +258,9 @@ class TritonPythonModel:
 
     async def _stream(self, generation, ticket, sender):
         steps = ticket.steps()
+        # Counted from the events sent, not read off the generation: the
+        # model thread may already be steps ahead of the events in hand.
+        running = len(generation.rows)
         try:
             async for events in steps:
                 if sender.is_cancelled():
@@ -219,7 +269,8 @@ class TritonPythonModel:
                 response = _response([e.row for e in events], [e.token_id for e in events],
                                      [e.logprob for e in events],
                                      [self._finish_code(e.finish_reason) for e in events])
-                if generation.done:
+                running -= sum(e.finish_reason is not None for e in events)
+                if not running:
                     sender.send(response, flags=FINAL)
                     return
                 sender.send(response)
@@ -243,16 +294,19 @@ class TritonPythonModel:
         return f"INTERNAL: generation failed: {type(err).__name__}: {err}"
 
     def finalize(self):
+        if self.load_error is not None:
+            return
         async def close():
             self.watcher.cancel()
             await self.scheduler.close()
 
         try:
-            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.executor.shutdown(wait=False)
             self.policy = None
+            self.observer.close()
 
 
 def _response(rows, tokens, logprobs, finish):
