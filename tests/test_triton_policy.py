@@ -8,7 +8,6 @@ import concurrent.futures
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -61,10 +60,29 @@ def samples(response):
              s.finish_reason, s.policy_version) for s in response.samples]
 
 
-def triton_metric(triton, name):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and f'model="{MODEL}"' in line)
+def peak_generations(control, *prompts, max_new_tokens=24):
+    """Straight to Triton, concurrently: each request's PEAK_GENERATIONS (the
+    most requests in the decoding batch at once while it ran)."""
+    import asyncio
+
+    from arbiter.backends.signatures import POLICY, GenerationRequest
+
+    async def one(i, ids):
+        request = GenerationRequest(prompts=[ids], max_new_tokens=max_new_tokens, temperature=1.0, top_k=0,
+                                    top_p=1.0, n=2, seed=i)
+        peaks = []
+        async for out in control.stream_async(1, POLICY.pack(request, 0), ["FINISH", "PEAK_GENERATIONS"],
+                                               lambda: True):
+            peaks.append(int(out["PEAK_GENERATIONS"][0]))
+        return peaks[-1]
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+        finally:
+            await control.aclose_stream_client()
+
+    return asyncio.run(main())
 
 
 # -- export --------------------------------------------------------------------------
@@ -80,7 +98,7 @@ def test_export_writes_a_decoupled_model_carrying_the_engine(repo, tiny_models, 
     assert [i.name for i in config.input] == ["INPUT_IDS", "PROMPT_LENGTHS", "MAX_NEW_TOKENS", "TEMPERATURE",
                                               "TOP_K", "TOP_P", "N", "SEED", "STOP", "STREAM"]
     assert [(o.name, list(o.dims)) for o in config.output] == [
-        ("ROWS", [-1]), ("TOKEN_IDS", [-1]), ("LOGPROBS", [-1]), ("FINISH", [-1])]
+        ("ROWS", [-1]), ("TOKEN_IDS", [-1]), ("LOGPROBS", [-1]), ("FINISH", [-1]), ("PEAK_GENERATIONS", [1])]
     assert config.input[8].data_type == model_config_pb2.TYPE_STRING
     assert config.output[2].data_type == model_config_pb2.TYPE_FP64
     params = {k: v.string_value for k, v in config.parameters.items()}
@@ -154,18 +172,17 @@ def test_generate_stream_equals_the_in_process_stream(stub, in_process_stub):
     assert len(streamed) > 2  # token by token, not one message
 
 
-def test_concurrent_requests_share_decoding_steps_inside_triton(triton, stub):
+def test_concurrent_requests_share_decoding_steps_inside_triton(control, stub):
     """Requests arriving through Triton's execute join the running decoding
-    batch: steps are shared across requests (Triton's own metrics, exported
-    by the model), and a seeded request gives what it gives alone."""
+    batch inside Triton, and a seeded request gives what it gives alone."""
+    assert peak_generations(control, [5, 6, 7]) == [1]
+    assert max(peak_generations(control, *([5, 6, 7 + i] for i in range(6)))) >= 2
     alone = [samples(stub.Generate(request(f"prompt {i}", n=2, temperature=1.0, seed=i, max_new_tokens=24),
                                    timeout=60)) for i in range(4)]
-    shared_before = triton_metric(triton, "arbiter_policy_shared_decode_steps_total")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda i: samples(stub.Generate(
             request(f"prompt {i % 4}", n=2, temperature=1.0, seed=i % 4, max_new_tokens=24), timeout=60)),
             range(8)))
-    assert triton_metric(triton, "arbiter_policy_shared_decode_steps_total") > shared_before
     for i, got in enumerate(together):
         want = alone[i % 4]
         assert [s[:3] for s in got] == [s[:3] for s in want]
@@ -184,7 +201,7 @@ def test_bad_requests_get_the_services_statuses(stub):
                  grpc.StatusCode.NOT_FOUND, "nope")
 
 
-def test_a_cancelled_stream_frees_its_rows_in_triton(triton, stub):
+def test_a_cancelled_stream_frees_its_rows_in_triton(control, stub):
     """A caller that goes away mid-stream cancels its request in Triton:
     its rows leave the decoding batch there (no generation keeps running)."""
     case = policy_pb2.GenerateStreamRequest(prompt=policy_pb2.PromptInput(text="Long one"),
@@ -193,7 +210,8 @@ def test_a_cancelled_stream_frees_its_rows_in_triton(triton, stub):
     call = stub.GenerateStream(case, timeout=60)
     next(call)
     call.cancel()
-    wait_until(lambda: triton_metric(triton, "arbiter_policy_active_rows") == 0, 30,
+    # A request alone in the batch again: the cancelled one has left it.
+    wait_until(lambda: peak_generations(control, [5, 6], max_new_tokens=1) == [1], 30,
                "the cancelled generation's rows to leave Triton's batch")
 
 

@@ -168,8 +168,12 @@ def _pack_generation(request: GenerationRequest, pad_token_id: int) -> dict[str,
     }
 
 
+# What the service reads of each response (PEAK_GENERATIONS is for monitoring and tests).
+TOKEN_OUTPUTS = ("ROWS", "TOKEN_IDS", "LOGPROBS", "FINISH")
+
+
 def _unpack_tokens(outputs: dict[str, np.ndarray], request: GenerationRequest, where: str) -> TokenBatch:
-    arrays = [outputs.get(name) for name in ("ROWS", "TOKEN_IDS", "LOGPROBS", "FINISH")]
+    arrays = [outputs.get(name) for name in TOKEN_OUTPUTS]
     sizes = {None if a is None else a.shape for a in arrays}
     if None in sizes or len(sizes) != 1 or len(next(iter(sizes))) != 1:
         raise BackendError(f"{where} answered ROWS, TOKEN_IDS, LOGPROBS, FINISH of shapes "
@@ -206,6 +210,8 @@ POLICY = TritonSignature(
         Tensor("TOKEN_IDS", "INT64", (-1,)),
         Tensor("LOGPROBS", "FP64", (-1,)),  # the float64 the in-process engine returns
         Tensor("FINISH", "INT64", (-1,)),  # FINISH_CODES, 0: running
+        # The most requests sharing the decoding batch at once while this one ran.
+        Tensor("PEAK_GENERATIONS", "INT64", (1,)),
     ),
     pack=_pack_generation,
     unpack=_unpack_tokens,

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -325,13 +325,18 @@ class TritonModel:
             await asyncio.sleep(attempts.backoff(err))
 
     async def stream_async(
-        self, version: int, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self, version: int, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], done: Callable[[], bool]
     ) -> AsyncIterator[dict[str, np.ndarray]]:
         """The responses of a decoupled (streaming) model to one request, as
-        they come, until the caller stops iterating (closing the iterator
-        cancels the request in Triton). Until the first response arrives,
-        the same retries and heal as ``infer_async``; after it, a failure
-        fails the stream (what was delivered cannot be taken back). At most
+        they come, until ``done()`` says (after the caller handled a
+        response) that it was the last: the stream is then closed the way
+        Triton expects, by the client ending its side and Triton its own.
+        (Cancelling a stream whose request had its final response can leave
+        the request counted in flight in Triton 2.51, and its version never
+        finishes unloading.) A caller that stops iterating early cancels the
+        request in Triton. Until the first response arrives, the same
+        retries and heal as ``infer_async``; after it, a failure fails the
+        stream (what was delivered cannot be taken back). At most
         ``timeout_s`` between two responses."""
         import grpc
         import tritonclient.grpc as grpcclient
@@ -368,6 +373,10 @@ class TritonModel:
                         raise map_model_error(error.message() or str(error), self.url, self.name, version)
                     received = True
                     yield {o: result.as_numpy(o) for o in outputs}
+                    if done():
+                        finished.set()
+                        await self._stream_end(responses)
+                        return
             except ArbiterError as err:
                 if received:
                     raise
@@ -385,6 +394,16 @@ class TritonModel:
                 except ArbiterError as heal_err:
                     failure = self._heal_failed(version, heal_err)
             await asyncio.sleep(attempts.backoff(failure))
+
+    async def _stream_end(self, responses) -> None:
+        """Until Triton closes a stream whose side we have closed (briefly)."""
+        import grpc
+
+        try:
+            await asyncio.wait_for(responses.__anext__(), min(self.timeout_s, 5.0))
+            log.warning("triton %s: model %r answered past its last response", self.url, self.name)
+        except (StopAsyncIteration, TimeoutError, grpc.aio.AioRpcError):
+            pass
 
     def first_response(self, version: int, inputs: Mapping[str, np.ndarray],
                        outputs: Sequence[str]) -> dict[str, np.ndarray]:
@@ -406,7 +425,8 @@ class TritonModel:
                     raise BackendTimeout(f"Triton at {self.url} did not answer a probe of model {self.name!r} "
                                          f"version {version} in {self.timeout_s:g}s") from None
             finally:
-                client.stop_stream(cancel_requests=True)
+                # Not cancelled: see stream_async.
+                client.stop_stream()
         if error is not None:
             raise map_model_error(error.message() or str(error), self.url, self.name, version)
         return {o: result.as_numpy(o) for o in outputs}
@@ -474,10 +494,14 @@ class TritonModel:
     # -- lifecycle ------------------------------------------------------
 
     async def aclose(self) -> None:
+        await self.aclose_stream_client()
+        self.close()
+
+    async def aclose_stream_client(self) -> None:
+        """Close the event loop's client (``infer_async``, ``stream_async``); the blocking one stays."""
         if self._aio is not None and self._aio_loop is asyncio.get_running_loop():
             await self._aio.close()
         self._aio = None
-        self.close()
 
     def close(self) -> None:
         self._heal_pool.shutdown(wait=False, cancel_futures=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from arbiter.backends import BackendConfig, ModelKind
 from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.backends.signatures import FINISH_CODES, POLICY as POLICY_TENSORS
-from arbiter.backends.signatures import GenerationRequest
+from arbiter.backends.signatures import TOKEN_OUTPUTS, GenerationRequest
 from arbiter.backends.triton import TritonBackend, TritonBackends, checkpoint_dir
 from arbiter.errors import BackendError, ModelLoadError, ShuttingDown
 from arbiter.hf import read_config, require_causal_lm
@@ -107,7 +107,7 @@ class TritonDecoder:
                                   n=1, seed=0)
         where = f"Triton model {backend.server.name!r} version {backend.version}"
         outputs = backend.server.first_response(backend.version, POLICY_TENSORS.pack(probe, model.pad_id),
-                                                [t.name for t in POLICY_TENSORS.outputs])
+                                                TOKEN_OUTPUTS)
         tokens = POLICY_TENSORS.unpack(outputs, probe, where)
         if len(tokens.token_ids) != 1:
             raise ModelLoadError(f"{where} answered a one-token probe with {len(tokens.token_ids)} tokens")
@@ -133,13 +133,11 @@ class TritonDecoder:
         backend = model.backend
         where = f"Triton model {backend.server.name!r} version {backend.version}"
         responses = backend.server.stream_async(backend.version, POLICY_TENSORS.pack(request, model.pad_id),
-                                                [t.name for t in POLICY_TENSORS.outputs])
+                                                TOKEN_OUTPUTS, lambda: generation.done)
         try:
             async for outputs in responses:
                 self._replay(generation, POLICY_TENSORS.unpack(outputs, request, where), where)
                 ticket._deliver()
-                if generation.done:
-                    break  # closing the stream ends the request in Triton
         except asyncio.CancelledError:
             # The caller went away (closing the stream cancels the request in
             # Triton), or the server stops.

@@ -16,7 +16,9 @@ in   INPUT_IDS int64 [P, T] right-padded prompts, PROMPT_LENGTHS int64 [P] (>= 1
      MAX_NEW_TOKENS, TOP_K, N, SEED int64 [1]; TEMPERATURE, TOP_P fp64 [1]
      STOP bytes [S] (UTF-8 stop strings), STREAM bool [1]
 out  ROWS, TOKEN_IDS int64 [E], LOGPROBS fp64 [E], FINISH int64 [E] (0 running,
-     1 length, 2 stop, 3 eos): one entry per sampled token, row = prompt x N + sample.
+     1 length, 2 stop, 3 eos): one entry per sampled token, row = prompt x N + sample;
+     PEAK_GENERATIONS int64 [1]: the most requests decoding in the batch at once so
+     far while this one ran (itself included): in-flight batching, observable.
      STREAM: one response per decoding step; else one response with every token.
      The last response carries Triton's final flag.
 
@@ -43,50 +45,29 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _CANCEL_POLL_S = 0.05
 
 
-class _Metrics:
-    """The scheduler's observer: the engine's metrics in Triton's /metrics
-    (Python-backend custom metrics), labelled with the model and version."""
+class _Observer:
+    """The scheduler's observer. Not Triton custom metrics: with several
+    stubs creating the same metric family, Triton 2.51's server process
+    corrupted its heap when one of them unloaded (seen in the tests), so the
+    engine's sharing is reported per request instead (``PEAK_GENERATIONS``)."""
 
-    # (name, kind, help); names and units as the in-process service's.
-    FAMILIES = (
-        ("arbiter_policy_generated_tokens_total", "COUNTER", "Tokens sampled by the decoding engine."),
-        ("arbiter_policy_decode_steps_total", "COUNTER", "Decoding steps (one forward of one version's batch)."),
-        ("arbiter_policy_shared_decode_steps_total", "COUNTER",
-         "Decoding steps whose forward carried the rows of two or more requests (in-flight batching)."),
-        ("arbiter_policy_active_rows", "GAUGE", "Samples (rows) in the decoding batch."),
-        ("arbiter_policy_active_generations", "GAUGE", "Requests admitted to the decoding batch."),
-        ("arbiter_policy_kv_reserved_tokens", "GAUGE", "KV-cache tokens reserved by admitted requests."),
-        ("arbiter_queue_depth", "GAUGE", "Requests waiting for room in the decoding batch."),
-    )
-
-    def __init__(self, labels):
-        self.families, self.metrics = [], {}
-        for name, kind, description in self.FAMILIES:
-            family = pb_utils.MetricFamily(name=name, description=description,
-                                           kind=getattr(pb_utils.MetricFamily, kind))
-            self.families.append(family)
-            self.metrics[name] = family.Metric(labels=labels)
+    def __init__(self):
+        # Requests in flight -> the most requests admitted to the batch at once while they ran.
+        self.peaks = {}
 
     def on_batch(self, size, seconds):
-        self.metrics["arbiter_policy_generated_tokens_total"].increment(size)
-        self.metrics["arbiter_policy_decode_steps_total"].increment(1)
+        pass
 
     def on_decode_step(self, generations):
-        if generations >= 2:
-            self.metrics["arbiter_policy_shared_decode_steps_total"].increment(1)
+        pass
 
     def on_budget(self, rows, tokens, generations):
-        self.metrics["arbiter_policy_active_rows"].set(rows)
-        self.metrics["arbiter_policy_kv_reserved_tokens"].set(tokens)
-        self.metrics["arbiter_policy_active_generations"].set(generations)
+        for key, peak in self.peaks.items():
+            if generations > peak:
+                self.peaks[key] = generations
 
     def on_queue_depth(self, depth):
-        self.metrics["arbiter_queue_depth"].set(depth)
-
-    def close(self):
-        # Metrics go before their families (the backend insists).
-        self.metrics.clear()
-        self.families.clear()
+        pass
 
 
 class RequestError(ValueError):
@@ -155,7 +136,7 @@ class TritonPythonModel:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="policy-model")
         self.waiting = {}  # non-streamed generations -> their response senders
 
-        self.observer = _Metrics({"model": args["model_name"], "version": args["model_version"]})
+        self.observer = _Observer()
 
         async def make():
             return DecodeScheduler(decoding, self.executor, self.observer)
@@ -233,6 +214,7 @@ class TritonPythonModel:
         try:
             generation = self.policy.start(prompts, params, stream=stream)
             ticket = self.scheduler.submit(generation)
+            self.observer.peaks[id(generation)] = 1
             if stream:
                 await self._stream(generation, ticket, sender)
                 return
@@ -248,13 +230,16 @@ class TritonPythonModel:
                 tokens += row.ids
                 logprobs += row.logprobs
                 finish += [0] * (count - 1) + [self._finish_code(row.finish)] if count else []
-            sender.send(_response(rows, tokens, logprobs, finish), flags=FINAL)
+            sender.send(self._response(generation, rows, tokens, logprobs, finish), flags=FINAL)
         except asyncio.CancelledError:
             # The client went away (Triton cancelled the request): nothing to answer.
             sender.send(flags=FINAL)
         except Exception as err:  # noqa: BLE001 - every request gets an answer
             sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(self._message(err))),
                         flags=FINAL)
+        finally:
+            if generation is not None:
+                self.observer.peaks.pop(id(generation), None)
 
     async def _stream(self, generation, ticket, sender):
         steps = ticket.steps()
@@ -266,7 +251,7 @@ class TritonPythonModel:
                 if sender.is_cancelled():
                     generation.cancel()
                     raise asyncio.CancelledError
-                response = _response([e.row for e in events], [e.token_id for e in events],
+                response = self._response(generation, [e.row for e in events], [e.token_id for e in events],
                                      [e.logprob for e in events],
                                      [self._finish_code(e.finish_reason) for e in events])
                 running -= sum(e.finish_reason is not None for e in events)
@@ -283,6 +268,16 @@ class TritonPythonModel:
             for generation, sender in list(self.waiting.values()):
                 if sender.is_cancelled():
                     generation.cancel()
+
+    def _response(self, generation, rows, tokens, logprobs, finish):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("ROWS", np.asarray(rows, dtype=np.int64)),
+            pb_utils.Tensor("TOKEN_IDS", np.asarray(tokens, dtype=np.int64)),
+            pb_utils.Tensor("LOGPROBS", np.asarray(logprobs, dtype=np.float64)),
+            pb_utils.Tensor("FINISH", np.asarray(finish, dtype=np.int64)),
+            pb_utils.Tensor("PEAK_GENERATIONS",
+                            np.asarray([self.observer.peaks.get(id(generation), 1)], dtype=np.int64)),
+        ])
 
     def _finish_code(self, reason):
         return 0 if reason is None else self.finish_codes[reason.value]
@@ -306,13 +301,5 @@ class TritonPythonModel:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.executor.shutdown(wait=False)
             self.policy = None
-            self.observer.close()
 
 
-def _response(rows, tokens, logprobs, finish):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("ROWS", np.asarray(rows, dtype=np.int64)),
-        pb_utils.Tensor("TOKEN_IDS", np.asarray(tokens, dtype=np.int64)),
-        pb_utils.Tensor("LOGPROBS", np.asarray(logprobs, dtype=np.float64)),
-        pb_utils.Tensor("FINISH", np.asarray(finish, dtype=np.int64)),
-    ])
