@@ -13,9 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 from helpers import Traffic, TritonServiceCase, expect_error, wait_until
-from lm_fixtures import nan_weights, perturbed
+from lm_fixtures import lora_adapter, nan_weights, perturbed
 
-from arbiter.backends.triton_export import ExportOptions, export
+from arbiter.backends.triton_export import ExportError, ExportOptions, export
+from arbiter.errors import ModelLoadError
 from arbiter.config import ConfigError
 from arbiter.hf import weights_sha256
 from arbiter.policy.scheduler import DecodingConfig
@@ -115,8 +116,10 @@ def test_export_writes_a_decoupled_model_carrying_the_engine(repo, tiny_models, 
         [sys.executable, "-m", "cli", "triton", "export", "--model", str(tiny_models["policy"]), "--kind", "policy",
          "--out", str(tmp_path), "--max-batch-tokens", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "max_batch_tokens=0" in done.stderr, done.stderr
-    with pytest.raises(Exception, match="reward|classif"):
+    with pytest.raises(ModelLoadError, match="is a reward model .* not a causal language model"):
         export(tiny_models["reward"], "policy", tmp_path)
+    with pytest.raises(ExportError, match="LoRA adapter; Triton serves full checkpoints"):
+        export(lora_adapter(tiny_models["policy"], tmp_path / "lora"), "policy", tmp_path)
 
 
 def test_settings_refuse_what_the_export_decides(repo):
