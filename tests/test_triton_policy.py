@@ -336,3 +336,26 @@ def test_a_following_replica_exports_and_loads_each_published_version(tiny_model
 
         with grpcclient.InferenceServerClient(triton.url) as client:
             client.unload_model(name)
+
+
+def test_model_error_messages_map_to_statuses():
+    """A decoupled model's error response carries no status code: the model
+    file names it first (``CODE: message``), Triton's own wording is mapped
+    as for the reward and reference backends."""
+    from arbiter.backends.triton import map_model_error
+    from services.common.errors import status_for
+
+    cases = {
+        "RESOURCE_EXHAUSTED: 4 samples x 44 = 176 KV-cache tokens ... (max_batch_tokens)":
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "UNAVAILABLE: the queue ... is full (max_queued_generations); retry with backoff": grpc.StatusCode.UNAVAILABLE,
+        "FAILED_PRECONDITION: this version failed to load in Triton: ModelLoadError: NaN": (
+            grpc.StatusCode.FAILED_PRECONDITION),
+        "INVALID_ARGUMENT: TOP_P must be in (0, 1], got 2.0": grpc.StatusCode.INTERNAL,
+        "INTERNAL: generation failed: RuntimeError: boom": grpc.StatusCode.INTERNAL,
+        "Request for unknown model: 'policy' version 9 is not found": grpc.StatusCode.UNAVAILABLE,
+    }
+    for message, code in cases.items():
+        status, details = status_for(map_model_error(message, "127.0.0.1:1", MODEL, 9))
+        assert status == code, (message, details)
+        assert "'policy'" in details

@@ -313,16 +313,7 @@ class TritonModel:
                 raise
             except Exception as raw:
                 err = self._domain_error(raw, version)
-            if self._heals(err, version, attempts):
-                heal = asyncio.shield(asyncio.wrap_future(self._start_heal()))
-                try:
-                    await asyncio.wait_for(heal, attempts.remaining())
-                    continue
-                except TimeoutError:
-                    raise self._reloading(version) from err
-                except ArbiterError as heal_err:
-                    err = self._heal_failed(version, heal_err)
-            await asyncio.sleep(attempts.backoff(err))
+            await self._recover(err, version, attempts)
 
     async def stream_async(
         self, version: int, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], done: Callable[[], bool]
@@ -384,16 +375,22 @@ class TritonModel:
             finally:
                 finished.set()
                 responses.cancel()
-            if self._heals(failure, version, attempts):
-                heal = asyncio.shield(asyncio.wrap_future(self._start_heal()))
-                try:
-                    await asyncio.wait_for(heal, attempts.remaining())
-                    continue
-                except TimeoutError:
-                    raise self._reloading(version) from failure
-                except ArbiterError as heal_err:
-                    failure = self._heal_failed(version, heal_err)
-            await asyncio.sleep(attempts.backoff(failure))
+            await self._recover(failure, version, attempts)
+
+    async def _recover(self, err: ArbiterError, version: int, attempts: _Attempts) -> None:
+        """Before the next attempt of an awaited call: a version Triton lost
+        is reloaded (once per call), an unreachable Triton waited for with
+        backoff; raises when the call should fail instead."""
+        if self._heals(err, version, attempts):
+            heal = asyncio.shield(asyncio.wrap_future(self._start_heal()))
+            try:
+                await asyncio.wait_for(heal, attempts.remaining())
+                return
+            except TimeoutError:
+                raise self._reloading(version) from err
+            except ArbiterError as heal_err:
+                err = self._heal_failed(version, heal_err)
+        await asyncio.sleep(attempts.backoff(err))
 
     async def _stream_end(self, responses) -> None:
         """Until Triton closes a stream whose side we have closed (briefly)."""
