@@ -17,6 +17,11 @@ own seeded uniform stream with its request's own sampling parameters, so a
 seeded request gives the same tokens alone or beside others, except where the
 float rounding of a differently shaped batch moves a token's CDF boundary
 across its draw (log-probs agree to about 1e-6; see ``arbiter.policy.batch``).
+
+With ``--backend triton`` the same scheduler runs inside Triton
+(``arbiter.policy.backend``): this engine validates, tokenizes and keeps the
+versions, and each request's tokens stream back from Triton into its
+``Generation``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ the first that is applied (or already loaded) supersedes all older ones, so a
 (re)started replica loads only the newest loadable version and ends up where
 its long-running peers are, even when the newest update is broken.
 
+With the Triton backend (``--backend triton``) each update's checkpoint is
+first exported as the next version of the served Triton model (beside the
+serving one, under the model's existing config.pbtxt), and that version
+directory is loaded: Triton loads it beside the old version, which serves
+until the new one is ready. Triton serves full checkpoints: LoRA updates are
+refused there (failed, the serving version stays).
+
 kafka-python is blocking: the consumer runs on its own thread and hops onto
 the server's event loop only for the load itself.
 """

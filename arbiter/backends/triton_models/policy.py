@@ -46,9 +46,10 @@ _CANCEL_POLL_S = 0.05
 
 
 class _Observer:
-    """The scheduler's observer. Not Triton custom metrics: with several
-    stubs creating the same metric family, Triton 2.51's server process
-    corrupted its heap when one of them unloaded (seen in the tests), so the
+    """The scheduler's observer. Not Triton custom metrics: while several
+    stubs (versions, models) held the same custom metric family, Triton
+    2.51's server process aborted with heap corruption in this project's
+    tests as versions were loaded and unloaded, and never without them; the
     engine's sharing is reported per request instead (``PEAK_GENERATIONS``)."""
 
     def __init__(self):
