@@ -21,7 +21,7 @@ from bench.common import QUICK_SECONDS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BENCHES = ("reward", "triton", "policy", "reference", "ppo")
+BENCHES = ("reward", "triton", "triton-policy", "policy", "reference", "ppo")
 # Run only when named (--only soak).
 EXTRA = ("soak",)
 TRITON_VENV = ".venv-triton"
@@ -55,6 +55,16 @@ def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int, soak_
         from bench import triton_bench
 
         return triton_bench.run(seconds=QUICK_SECONDS if quick else seconds, **({"rounds": 1} if quick else {}))
+    if name == "triton-policy":
+        reason = triton_unavailable()
+        if reason:
+            print(f"triton-policy: skipped: {reason}", flush=True)
+            return {"skipped": reason}
+        from bench import triton_bench
+
+        if quick:
+            return triton_bench.run_policy(seconds=QUICK_SECONDS, rounds=1, max_new_tokens=16)
+        return triton_bench.run_policy(seconds=seconds)
     if name == "policy":
         from bench import policy_bench
 

@@ -1,4 +1,6 @@
-"""Reward scoring with the Triton backend vs its baselines, in one run:
+"""The Triton backend vs its baselines, in one run.
+
+``run`` (section ``triton``): reward scoring.
 
 (a) Arbiter + Triton: the reward service (own process) with ``--backend triton``;
 (b) direct Triton: tritonclient.aio callers sending pre-tokenized sequences
@@ -9,6 +11,19 @@ One item per request (many small callers) at 1/8/32 concurrent clients, over
 real gRPC from this process. Target: (a) >= 0.85 x (b). Triton is the
 tritonserver bundled in nvidia-pytriton, from .venv-triton (`make triton-env`);
 its model instance and the in-process service get the same torch threads.
+
+``run_policy`` (section ``triton-policy``): generation, tokens/s of
+``Generate`` RPCs (1 prompt x n, max_new_tokens at temperature 1) from
+1/4/16 clients:
+
+(a) Arbiter + Triton: ``arbiter serve policy --backend triton`` in front of
+    the exported policy, a decoupled model running Arbiter's engine (continuous
+    batching across Triton requests) inside Triton;
+(c) in-process, the named baseline: ``arbiter serve policy`` (the same engine
+    in the service process).
+
+Target: (a) >= 0.85 x (c). The Triton path has one more process (and hop)
+than (c) on the same cores; the model runs with the same torch threads.
 """
 
 from __future__ import annotations
@@ -107,6 +122,63 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_s
         "arbiter_triton_items_per_s": {m.clients: m.throughput for m in via_arbiter},
         "direct_triton_items_per_s": {m.clients: m.throughput for m in direct},
         "in_process_items_per_s": {m.clients: m.throughput for m in in_process},
+    }
+
+
+POLICY_TARGET_RATIO = 0.85
+
+
+def run_policy(seconds: float = 8.0, clients_list=(1, 4, 16), threads: int = 1, n: int = 4, max_new_tokens: int = 32,
+               rounds: int = 2, venv: str = ".venv-triton") -> dict:
+    """(a) and (c) alternate in ``rounds`` slices of each cell."""
+    from arbiter.backends.triton_export import ExportOptions, export
+    from arbiter.backends.triton_local import LocalTriton
+    from bench.policy_bench import _through_service, make_prompts
+    from bench.policy_bench import build_model as build_policy
+
+    prompts = make_prompts(64)
+    per_round = seconds / rounds
+    warmup_s = min(1.0, per_round / 4)
+    cells = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_policy(Path(tmp))
+        version_dir = export(model_dir, "policy", Path(tmp) / "repo", ExportOptions(name="policy", torch_threads=threads))
+        with LocalTriton(Path(tmp) / "repo", venv=venv, torch_threads=threads,
+                         log_path=Path(tmp) / "triton.log") as triton:
+            via_triton = ServiceProcess(["policy", "--model", str(version_dir), "--backend", "triton",
+                                         "--triton-url", triton.url, "--triton-model", "policy"], wait=False)
+            in_process = ServiceProcess(["policy", "--model", str(model_dir), "--torch-threads", str(threads)],
+                                        wait=False)
+            with via_triton, in_process:
+                via_triton.wait_ready()
+                in_process.wait_ready()
+                for clients in clients_list:
+                    a_parts, c_parts = [], []
+                    for _ in range(rounds):
+                        for label, store, service in (("Arbiter + Triton (a)", a_parts, via_triton),
+                                                      ("Arbiter in-process (c)", c_parts, in_process)):
+                            store.append(asyncio.run(_through_service(
+                                service.target, prompts, n, max_new_tokens, clients, per_round, warmup_s, label)))
+                    cells.append((clients, merge(a_parts), merge(c_parts)))
+    rows, ratios = [], {}
+    for clients, a, c in cells:
+        ratios[clients] = a.throughput / c.throughput
+        for m in (a, c):
+            rows.append([m.label, clients, f"{m.throughput:.0f}", f"{m.percentile_ms(50):.1f}",
+                         f"{m.percentile_ms(99):.1f}", f"{m.throughput / c.throughput:.2f}"])
+    print_table(
+        f"Policy generation through Triton, 1 prompt x n={n} per request, {max_new_tokens} new tokens, torch threads "
+        f"{threads}, {seconds:g}s per path per cell in {rounds} alternating slice(s) "
+        f"(target: a/c >= {POLICY_TARGET_RATIO})",
+        ["path", "clients", "tokens/s", "p50 ms", "p99 ms", "vs in-process (c)"],
+        rows,
+    )
+    return {
+        "arbiter_triton_vs_in_process": ratios,
+        "min_ratio_vs_in_process": min(ratios.values()),
+        "meets_target": min(ratios.values()) >= POLICY_TARGET_RATIO,
+        "arbiter_triton_tokens_per_s": {c: a.throughput for c, a, _ in cells},
+        "in_process_tokens_per_s": {c: m.throughput for c, _, m in cells},
     }
 
 

@@ -105,8 +105,8 @@ def test_export_writes_a_versioned_triton_repository(repo, tiny_models):
 def test_export_refusals_name_the_problem(repo, tiny_models, tmp_path):
     with pytest.raises(ExportError, match="already exists: versions are immutable"):
         export(tiny_models["reward"], "reward", repo, ExportOptions(name=MODEL, version=1))
-    with pytest.raises(ExportError, match="--kind policy is not exported to Triton yet"):
-        export(tiny_models["policy"], "policy", tmp_path)
+    with pytest.raises(ModelLoadError, match="is a reward model .* not a causal language model"):
+        export(tiny_models["reward"], "policy", tmp_path)
     with pytest.raises(ExportError, match="--kind must be one of"):
         export(tiny_models["reward"], "critic", tmp_path)
     with pytest.raises(ModelLoadError, match="does not exist"):

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +40,7 @@ from arbiter.errors import (
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    LimitExceeded,
     ModelLoadError,
     Overloaded,
 )
@@ -58,7 +59,10 @@ CHANNEL_ARGS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-_NP_TO_TRITON = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+_NP_TO_TRITON = {
+    np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64", np.dtype(np.bool_): "BOOL", np.dtype(np.object_): "BYTES",
+}
 
 
 class ModelNotReady(BackendUnavailable):
@@ -309,16 +313,120 @@ class TritonModel:
                 raise
             except Exception as raw:
                 err = self._domain_error(raw, version)
-            if self._heals(err, version, attempts):
-                heal = asyncio.shield(asyncio.wrap_future(self._start_heal()))
+            await self._recover(err, version, attempts)
+
+    async def stream_async(
+        self, version: int, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], done: Callable[[], bool]
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """The responses of a decoupled (streaming) model to one request, as
+        they come, until ``done()`` says (after the caller handled a
+        response) that it was the last: the stream is then closed the way
+        Triton expects, by the client ending its side and Triton its own.
+        (Cancelling a stream whose request had its final response can leave
+        the request counted in flight in Triton 2.51, and its version never
+        finishes unloading.) A caller that stops iterating early cancels the
+        request in Triton. Until the first response arrives, the same
+        retries and heal as ``infer_async``; after it, a failure fails the
+        stream (what was delivered cannot be taken back). At most
+        ``timeout_s`` between two responses."""
+        import grpc
+        import tritonclient.grpc as grpcclient
+
+        client = self._aio_client()
+        attempts = _Attempts(time.monotonic() + self.retry_s)
+        while True:
+            finished = asyncio.Event()
+            request = {"model_name": self.name, "model_version": str(version),
+                       "inputs": _infer_inputs(grpcclient, inputs),
+                       "outputs": [grpcclient.InferRequestedOutput(o) for o in outputs]}
+
+            async def requests(request=request, finished=finished):
+                yield request
+                # The stream stays open until the caller has what it needs.
+                await finished.wait()
+
+            responses = client.stream_infer(requests())
+            received = False
+            try:
+                while True:
+                    try:
+                        result, error = await asyncio.wait_for(responses.__anext__(), self.timeout_s)
+                    except TimeoutError:
+                        raise BackendTimeout(f"Triton at {self.url} sent nothing for {self.timeout_s:g}s on a stream "
+                                             f"of model {self.name!r} version {version}") from None
+                    except StopAsyncIteration:
+                        raise BackendError(f"Triton at {self.url} closed the stream of model {self.name!r} "
+                                           f"version {version} before the last response") from None
+                    except grpc.aio.AioRpcError as raw:
+                        raise map_triton_error(raw.code().name, raw.details() or "", self.url, self.name,
+                                               version) from None
+                    if error is not None:
+                        raise map_model_error(error.message() or str(error), self.url, self.name, version)
+                    received = True
+                    yield {o: result.as_numpy(o) for o in outputs}
+                    if done():
+                        finished.set()
+                        await self._stream_end(responses)
+                        return
+            except ArbiterError as err:
+                if received:
+                    raise
+                failure = err
+            finally:
+                finished.set()
+                responses.cancel()
+            await self._recover(failure, version, attempts)
+
+    async def _recover(self, err: ArbiterError, version: int, attempts: _Attempts) -> None:
+        """Before the next attempt of an awaited call: a version Triton lost
+        is reloaded (once per call), an unreachable Triton waited for with
+        backoff; raises when the call should fail instead."""
+        if self._heals(err, version, attempts):
+            heal = asyncio.shield(asyncio.wrap_future(self._start_heal()))
+            try:
+                await asyncio.wait_for(heal, attempts.remaining())
+                return
+            except TimeoutError:
+                raise self._reloading(version) from err
+            except ArbiterError as heal_err:
+                err = self._heal_failed(version, heal_err)
+        await asyncio.sleep(attempts.backoff(err))
+
+    async def _stream_end(self, responses) -> None:
+        """Until Triton closes a stream whose side we have closed (briefly)."""
+        import grpc
+
+        try:
+            await asyncio.wait_for(responses.__anext__(), min(self.timeout_s, 5.0))
+            log.warning("triton %s: model %r answered past its last response", self.url, self.name)
+        except (StopAsyncIteration, TimeoutError, grpc.aio.AioRpcError):
+            pass
+
+    def first_response(self, version: int, inputs: Mapping[str, np.ndarray],
+                       outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Blocking: the first response of a decoupled model to one request
+        (a probe at load, on the loader thread; no retries)."""
+        import queue
+
+        import tritonclient.grpc as grpcclient
+
+        answers: queue.Queue = queue.Queue()
+        with grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS) as client:
+            client.start_stream(callback=lambda result, error: answers.put((result, error)))
+            try:
+                client.async_stream_infer(self.name, _infer_inputs(grpcclient, inputs), model_version=str(version),
+                                          outputs=[grpcclient.InferRequestedOutput(o) for o in outputs])
                 try:
-                    await asyncio.wait_for(heal, attempts.remaining())
-                    continue
-                except TimeoutError:
-                    raise self._reloading(version) from err
-                except ArbiterError as heal_err:
-                    err = self._heal_failed(version, heal_err)
-            await asyncio.sleep(attempts.backoff(err))
+                    result, error = answers.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise BackendTimeout(f"Triton at {self.url} did not answer a probe of model {self.name!r} "
+                                         f"version {version} in {self.timeout_s:g}s") from None
+            finally:
+                # Not cancelled: see stream_async.
+                client.stop_stream()
+        if error is not None:
+            raise map_model_error(error.message() or str(error), self.url, self.name, version)
+        return {o: result.as_numpy(o) for o in outputs}
 
     def _heals(self, err: ArbiterError, version: int, attempts: _Attempts) -> bool:
         """A version Triton lost (restart) is reloaded once per call."""
@@ -383,10 +491,14 @@ class TritonModel:
     # -- lifecycle ------------------------------------------------------
 
     async def aclose(self) -> None:
+        await self.aclose_stream_client()
+        self.close()
+
+    async def aclose_stream_client(self) -> None:
+        """Close the event loop's client (``infer_async``, ``stream_async``); the blocking one stays."""
         if self._aio is not None and self._aio_loop is asyncio.get_running_loop():
             await self._aio.close()
         self._aio = None
-        self.close()
 
     def close(self) -> None:
         self._heal_pool.shutdown(wait=False, cancel_futures=True)
@@ -417,6 +529,29 @@ def map_triton_error(status: str, message: str, url: str, model: str, version: i
             "match this service; re-export it with `arbiter triton export`"
         )
     return BackendError(f"Triton {what} at {url} failed: {message}")
+
+
+# The statuses an Arbiter model file names at the start of an error message
+# (``CODE: message``): a streamed response carries no status code of its
+# own, so a decoupled model says what the service should answer.
+_MODEL_CODES = {
+    "FAILED_PRECONDITION": ModelLoadError,  # the version cannot serve (its weights did not load)
+    "RESOURCE_EXHAUSTED": LimitExceeded,  # can never fit the model's budget
+    "UNAVAILABLE": Overloaded,  # its queue is full, or it is being unloaded: retry
+}
+
+
+def map_model_error(message: str, url: str, model: str, version: int | None) -> ArbiterError:
+    """An error response of a decoupled model -> the domain error: the
+    model file's own ``CODE: message`` prefix, else Triton's wording."""
+    code, _, rest = message.partition(": ")
+    if code in _MODEL_CODES:
+        return _MODEL_CODES[code](f"Triton model {model!r} version {version}: {rest}")
+    if code in ("INVALID_ARGUMENT", "INTERNAL"):
+        return map_triton_error(code, rest, url, model, version)
+    if "unknown model" in message or "is not found" in message or "not ready" in message:
+        return map_triton_error("NOT_FOUND", message, url, model, version)
+    return map_triton_error("", message, url, model, version)
 
 
 def _infer_inputs(grpcclient, inputs: Mapping[str, np.ndarray]) -> list:

@@ -13,9 +13,15 @@ tokenizer, config and arbiter.json from ``checkpoint/``; Triton runs the
 weights. The same directory served in-process gives the same scores.
 
 Supported kinds, each a Python backend running transformers (CPU or GPU
-instances) with its own tensors: ``reward`` (ids + lengths -> scores) and
+instances) with its own tensors: ``reward`` (ids + lengths -> scores),
 ``reference`` (ids + prompt/completion lengths -> per-token log-probs of the
-completion). ``policy`` (generation) is not exported: see the README.
+completion) and ``policy`` (ids + sampling parameters -> streamed tokens,
+log-probs and finish reasons). A policy version is a decoupled model that
+runs Arbiter's own generation engine (continuous batching across Triton
+requests): its model file is ``triton_models/policy.py`` and the version
+carries a copy of the ``arbiter`` package (``N/engine/``), since Arbiter is
+not installed where Triton runs; the decoding budget (``--max-batch-rows``,
+``--max-batch-tokens``, ``--max-queued-generations``) is set at export.
 
 ``--device`` and ``--dtype`` say how Triton runs the weights, in the words of
 a service's own flags (``arbiter.backends.placement``): the device becomes the
@@ -36,13 +42,19 @@ from arbiter.backends.placement import DEVICE_FORMS, DTYPES, is_device_name
 from arbiter.config import flag
 from arbiter.backends.signatures import SIGNATURES, TritonSignature
 from arbiter.backends.triton import CHECKPOINT_DIR, CONFIG_FILE
-from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_config, read_metadata
+from arbiter.policy.scheduler import DecodingConfig
+from arbiter.hf import check_checkpoint_dir, load_tokenizer, read_config, read_metadata, require_causal_lm
 from arbiter.lm import is_adapter_dir
 from arbiter.reward.backend import check_reward_config
 
 KINDS = ("reward", "reference", "policy")
-EXPORTABLE = ("reward", "reference")
-_MODEL_FILE = Path(__file__).parent / "triton_models" / "model.py"
+_MODELS = Path(__file__).parent / "triton_models"
+# The model file of each kind, written as N/model.py.
+_MODEL_FILES = {"reward": _MODELS / "model.py", "reference": _MODELS / "model.py", "policy": _MODELS / "policy.py"}
+# The policy's version carries the engine it runs (the arbiter package, less
+# what Triton never imports: generated protobuf code, caches).
+ENGINE_DIR = "engine"
+_PACKAGE = Path(__file__).resolve().parents[1]
 
 
 class ExportError(ValueError):
@@ -67,6 +79,10 @@ class ExportOptions:
     # float32 matches the in-process default exactly; bfloat16/float16 match a
     # service run with the same --dtype (and halve the weights' memory).
     dtype: str = field(default="float32", metadata=flag(choices=DTYPES, help="weights' dtype in Triton"))
+    # --kind policy: the KV-cache budget and queue of the engine in Triton
+    # (the in-process service's --max-batch-rows etc.; max_batch_size and the
+    # queue delay do not apply: the engine batches generations itself).
+    decoding: DecodingConfig = DecodingConfig()
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
@@ -87,15 +103,13 @@ class ExportOptions:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
-def export(model_dir: str | Path, kind: str, repository: str | Path, options: ExportOptions = ExportOptions()) -> Path:
-    """Returns the new version directory REPO/NAME/N."""
+def export(model_dir: str | Path, kind: str, repository: str | Path, options: ExportOptions = ExportOptions(),
+           *, write_config: bool = True) -> Path:
+    """Returns the new version directory REPO/NAME/N. ``write_config=False``
+    adds a version under the model's existing config.pbtxt (a policy
+    follower: the options stay those the model was exported with)."""
     if kind not in KINDS:
         raise ExportError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind not in EXPORTABLE:
-        raise ExportError(
-            f"--kind {kind} is not exported to Triton yet (only {', '.join(EXPORTABLE)}); serve it in-process "
-            "(--backend torch). See the README's Triton section for what is and is not supported."
-        )
     source = check_checkpoint_dir(model_dir)
     pad_id = _pad_token_id(source, kind)
     name = options.name or read_metadata(source).name or source.name
@@ -111,13 +125,17 @@ def export(model_dir: str | Path, kind: str, repository: str | Path, options: Ex
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        shutil.copy2(_MODEL_FILE, staging / "model.py")
+        shutil.copy2(_MODEL_FILES[kind], staging / "model.py")
         shutil.copytree(source, staging / CHECKPOINT_DIR, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        if kind == "policy":
+            shutil.copytree(_PACKAGE, staging / ENGINE_DIR / _PACKAGE.name,
+                            ignore=shutil.ignore_patterns(".*", "__pycache__", "v1", "*.so"))
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     # One config for every version of the model: rewritten with this export's options.
-    (model_root / CONFIG_FILE).write_text(model_config(name, pad_id, options, kind))
+    if write_config or not (model_root / CONFIG_FILE).is_file():
+        (model_root / CONFIG_FILE).write_text(model_config(name, pad_id, options, kind))
     return target
 
 
@@ -140,7 +158,7 @@ def _pad_token_id(checkpoint: Path, kind: str) -> int:
     """The pad id the in-process backend pads with (the config's, else the
     tokenizer's); the service reads the tokenizer from the exported
     checkpoint, so it must be there."""
-    if kind == "reference" and is_adapter_dir(checkpoint):
+    if kind in ("reference", "policy") and is_adapter_dir(checkpoint):
         raise ExportError(
             f"{str(checkpoint)!r} is a LoRA adapter; Triton serves full checkpoints: merge it into its base "
             "(peft merge_and_unload + save_pretrained, with the tokenizer) and export that"
@@ -148,16 +166,21 @@ def _pad_token_id(checkpoint: Path, kind: str) -> int:
     config = read_config(checkpoint)
     if kind == "reward":
         check_reward_config(config, checkpoint)
+    elif kind == "policy":
+        require_causal_lm(config, checkpoint)
     return pad_token_id(config, load_tokenizer(checkpoint))
 
 
 def _tensors(signature: TritonSignature) -> str:
-    """config.pbtxt's input/output blocks; dims leave out the batch dimension."""
+    """config.pbtxt's input/output blocks; dims leave out the batch dimension
+    (of a batched signature)."""
     def block(kind: str, tensors) -> str:
         entries = []
         for t in tensors:
-            lines = [f'    name: "{t.name}"', f"    data_type: TYPE_{t.datatype}",
-                     f"    dims: [ {', '.join(str(d) for d in t.shape[1:])} ]"]
+            dims = t.shape[1:] if signature.batched else t.shape
+            type_name = "STRING" if t.datatype == "BYTES" else t.datatype
+            lines = [f'    name: "{t.name}"', f"    data_type: TYPE_{type_name}",
+                     f"    dims: [ {', '.join(str(d) for d in dims)} ]"]
             if t.ragged:
                 lines.append("    allow_ragged_batch: true")
             entries.append("  {\n" + "\n".join(lines) + "\n  }")
@@ -181,18 +204,30 @@ def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kin
         # What the model file loads the weights in; the instance group places them.
         "dtype": options.dtype,
     }
+    signature = SIGNATURES[model_kind]
+    if model_kind == "policy":
+        decoding = options.decoding
+        parameters.update(
+            continuous_batching=str(decoding.continuous_batching).lower(),
+            max_batch_rows=str(decoding.max_batch_rows),
+            max_batch_tokens=str(decoding.max_batch_tokens),
+            max_queued_generations=str(decoding.max_queued_generations),
+        )
     params = "".join(
         f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
         for key, value in parameters.items()
     )
-    # INPUT_IDS is ragged across requests (each request is padded to its own
-    # width); the model re-pads the merged batch, so Triton may batch them.
+    if signature.decoupled:
+        # Each request is a whole generation; the engine batches them itself
+        # (in flight, at decoding-step boundaries), not Triton's batcher.
+        batching = "max_batch_size: 0\nmodel_transaction_policy {\n  decoupled: true\n}\n"
+    else:
+        # INPUT_IDS is ragged across requests (each request is padded to its own
+        # width); the model re-pads the merged batch, so Triton may batch them.
+        batching = (f"max_batch_size: {options.max_batch_size}\ndynamic_batching {{\n"
+                    f"  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}\n")
     return f"""# Written by `arbiter triton export`; Arbiter loads versions with a
 # version_policy override, so the policy here only matters for --load-model.
 name: "{name}"
 backend: "python"
-max_batch_size: {options.max_batch_size}
-dynamic_batching {{
-  max_queue_delay_microseconds: {options.max_queue_delay_us}
-}}
-{_tensors(SIGNATURES[model_kind])}{_instance_group(options)}{params}"""
+{batching}{_tensors(signature)}{_instance_group(options)}{params}"""

@@ -17,6 +17,11 @@ own seeded uniform stream with its request's own sampling parameters, so a
 seeded request gives the same tokens alone or beside others, except where the
 float rounding of a differently shaped batch moves a token's CDF boundary
 across its draw (log-probs agree to about 1e-6; see ``arbiter.policy.batch``).
+
+With ``--backend triton`` the same scheduler runs inside Triton
+(``arbiter.policy.backend``): this engine validates, tokenizes and keeps the
+versions, and each request's tokens stream back from Triton into its
+``Generation``.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from arbiter.backends import BackendConfig
 from arbiter.backends.placement import CPU_FLOAT32, Placement
+from arbiter.backends.triton import checkpoint_dir
 from arbiter.config import flag, require
 from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits, utf8_size
-from arbiter.lm import check_compatible
+from arbiter.lm import check_compatible, check_same_model
 from arbiter.policy.model import Generation, PolicyModel
 from arbiter.policy.scheduler import DecodeObserver, DecodeScheduler, DecodingConfig, Ticket
 from arbiter.policy.types import (
@@ -95,11 +102,18 @@ class PolicyEngineConfig:
     load_timeout_s: float = 600.0
     # Device and dtype of every version's weights (--device / --dtype).
     placement: Placement = CPU_FLOAT32
+    # Where generation runs: in-process (decoding below), or in Triton
+    # (arbiter.policy.backend: the same engine, its budget set at export).
+    backend: BackendConfig = BackendConfig()
 
 
 def check_replacement(new: PolicyModel, serving: PolicyModel) -> None:
-    """Same tokenizer and parameter shapes: a hot swap must not change the architecture."""
-    check_compatible(new.lm, serving.lm)
+    """Same tokenizer and parameter shapes (in Triton, the same
+    architecture): a hot swap must not change the architecture."""
+    if new.lm is None or serving.lm is None:
+        check_same_model(new, serving)
+    else:
+        check_compatible(new.lm, serving.lm)
 
 
 class PolicyEngine:
@@ -115,12 +129,20 @@ class PolicyEngine:
             executor=executor, loader=loader,
         )
         self.scheduler = DecodeScheduler(config.decoding, executor, observer)
+        self._remote = None
+        if config.backend.remote:
+            from arbiter.policy.backend import TritonDecoder
+
+            self._remote = TritonDecoder(config.backend)
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="policy-tokenize")
         self._closed = False
 
     def _load(self, path: str, version: str | None) -> PolicyModel:
+        if self._remote is not None:
+            return self._remote.open(path, version, self.config.max_tokens)
+        # An exported version directory REPO/NAME/N serves its checkpoint/, as Triton does.
         return PolicyModel.load(
-            path, version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
+            checkpoint_dir(path), version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
             placement=self.config.placement,
         )
 
@@ -206,7 +228,7 @@ class PolicyEngine:
             self._tokenizers, model.encode, prompts, resolved.max_new_tokens, field
         )
         generation = model.start(ids, resolved, [p.id for p in prompts], stream=stream)
-        return generation, self.scheduler.submit(generation)
+        return generation, (model.submit(generation) if model.remote else self.scheduler.submit(generation))
 
     async def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = ""
@@ -241,4 +263,7 @@ class PolicyEngine:
         server's grace period has let in-flight requests finish before this)."""
         self._closed = True
         await self.scheduler.close()
+        if self._remote is not None:
+            # Versions stay loaded in Triton: a restarting service, or its other replicas, keep using them.
+            await self._remote.aclose()
         self._tokenizers.shutdown(wait=False, cancel_futures=True)

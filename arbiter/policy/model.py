@@ -25,17 +25,25 @@ from arbiter.types import ChatMessage, ModelInfo, Prompt
 
 
 class PolicyModel:
+    # Decoded here (False), or elsewhere with this object's ``submit``
+    # (``arbiter.policy.backend``: Triton).
+    remote = False
+
     def __init__(self, lm: LoadedLM):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.info: ModelInfo = lm.info
         self.pad_id = int(self.model.config.pad_token_id)
-        eos = {self.tokenizer.eos_token_id, self.model.config.eos_token_id}
+        self.eos_ids = self.end_tokens(self.tokenizer, self.model.config)
+
+    @staticmethod
+    def end_tokens(tokenizer, config) -> frozenset[int]:
+        """Ids that end a sample: the tokenizer's and the model config's end of sequence."""
         flat = set()
-        for value in eos:
+        for value in (tokenizer.eos_token_id, config.eos_token_id):
             flat.update(value if isinstance(value, list) else [value])
-        self.eos_ids = frozenset(int(v) for v in flat if v is not None)
+        return frozenset(int(v) for v in flat if v is not None)
 
     @classmethod
     def load(

@@ -91,6 +91,13 @@ class Ticket:
         # One list of events per step, then None at the end.
         self._steps: asyncio.Queue[list[TokenEvent] | None] | None = (
             asyncio.Queue() if generation.stream else None)
+        # Called when the caller goes away early (a remote decoder stops its stream).
+        self.on_cancel: Callable[[], None] | None = None
+
+    def _cancel(self) -> None:
+        self.generation.cancel()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def _deliver(self) -> None:
         if self._steps is not None:
@@ -118,7 +125,7 @@ class Ticket:
             await asyncio.shield(self.finished)
         finally:
             if not self.finished.done():
-                self.generation.cancel()
+                self._cancel()
 
     async def steps(self) -> AsyncIterator[list[TokenEvent]]:
         """A stream's events, one list per decoding step; closing the
@@ -129,7 +136,7 @@ class Ticket:
             self.finished.result()
         finally:
             if not self.finished.done():
-                self.generation.cancel()
+                self._cancel()
 
 
 class DecodeScheduler:

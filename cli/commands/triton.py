@@ -32,12 +32,12 @@ def _register_export(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
 
 def _export(args: argparse.Namespace) -> int:
     from arbiter.backends.triton_export import ExportError, ExportOptions, export
-    from arbiter.config import from_flags
+    from arbiter.config import ConfigError, from_flags
     from arbiter.errors import ModelLoadError
 
     try:
         path = export(args.model, args.kind, args.out, from_flags(ExportOptions, args))
-    except (ExportError, ModelLoadError) as err:
+    except (ExportError, ModelLoadError, ConfigError) as err:
         print(f"arbiter triton export: {err}", file=sys.stderr)
         return 2
     print(path)

@@ -13,6 +13,13 @@ the first that is applied (or already loaded) supersedes all older ones, so a
 (re)started replica loads only the newest loadable version and ends up where
 its long-running peers are, even when the newest update is broken.
 
+With the Triton backend (``--backend triton``) each update's checkpoint is
+first exported as the next version of the served Triton model (beside the
+serving one, under the model's existing config.pbtxt), and that version
+directory is loaded: Triton loads it beside the old version, which serves
+until the new one is ready. Triton serves full checkpoints: LoRA updates are
+refused there (failed, the serving version stays).
+
 kafka-python is blocking: the consumer runs on its own thread and hops onto
 the server's event loop only for the load itself.
 """
@@ -26,7 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from arbiter.errors import ArbiterError, PermissionDenied
+from arbiter.errors import ArbiterError, ModelLoadError, PermissionDenied
 from arbiter.hf import weights_sha256
 from arbiter.lm import is_adapter_dir
 from arbiter.policy.engine import PolicyEngine
@@ -192,6 +199,8 @@ class PolicyUpdateFollower:
             return REFUSED
         started = time.perf_counter()
         try:
+            if self.engine.config.backend.remote:
+                path = self._export(path, label)
             self._on_loop(self._load(path, version))
         except ArbiterError as err:
             log.error("%s: failed, still serving %r: %s", label, self.engine.models.active_version, err)
@@ -212,6 +221,27 @@ class PolicyUpdateFollower:
             f", serving {latency:.2f}s after publication" if latency is not None else "",
         )
         return APPLIED
+
+    def _export(self, path: str, label: str) -> str:
+        """With the Triton backend: the checkpoint as a new version of the
+        served Triton model (beside the serving one, under its config), whose
+        REPO/NAME/N the engine then loads into Triton."""
+        from arbiter.backends.triton_export import ExportError, ExportOptions, export
+
+        if is_adapter_dir(path):
+            raise ModelLoadError(
+                f"{path} is a LoRA adapter; a policy served by Triton takes full checkpoints (publish merged "
+                "weights: the trainer without LoRA, or merge_and_unload before publishing)"
+            )
+        # The service's --model is REPO/NAME/N: new versions go beside it.
+        repository = Path(self.engine.config.base_model_dir).resolve().parent.parent
+        try:
+            target = export(path, "policy", repository, ExportOptions(name=self.engine.config.backend.triton_model),
+                            write_config=False)
+        except ExportError as err:
+            raise ModelLoadError(f"cannot export {path} to Triton: {err}") from err
+        log.info("%s: exported as %s", label, target)
+        return str(target)
 
     # -- on the server's loop -----------------------------------------------
 

@@ -49,8 +49,14 @@ class PolicySettings(ModelServerSettings):
             "may only use letters, digits, '.', '_' and '-' (1..100 characters)", self.replica_id,
         )
         self.limits.sizes.require_within(self.max_message_bytes)
-        require(self.backend.kind == "torch", "backend",
-                "policy generation runs in-process only (torch); Triton generation is not supported", self.backend.kind)
+        if self.backend.remote:
+            # Triton runs the engine with the budget it was exported with; a
+            # service-side value would be silently ignored.
+            for name, value in vars(self.decoding).items():
+                default = getattr(DecodingConfig(), name)
+                require(value == default, name,
+                        f"with --backend triton the decoding budget is the exported model's: set it with `arbiter "
+                        f"triton export --kind policy --{name.replace('_', '-')}` (leave it unset here)", value)
         if self.follow_updates:
             require(
                 isinstance(self.kafka, KafkaSettings), "kafka",
@@ -64,4 +70,4 @@ class PolicySettings(ModelServerSettings):
     def engine_config(self) -> PolicyEngineConfig:
         return PolicyEngineConfig(self.limits, self.decoding, self.max_loaded_versions, self.max_tokens,
                                   base_model_dir=self.model_dir, load_timeout_s=self.load_timeout_s,
-                                  placement=self.backend.placement())
+                                  placement=self.backend.placement(), backend=self.backend)
