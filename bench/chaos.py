@@ -38,6 +38,8 @@ from trainer.checkpoint import latest_checkpoint
 # separate processes of the broker.
 VICTIMS = ("object-store", "broker", "reward", "reference", "policy", "worker-0", "trainer")
 BATCH = 8
+# The trainer's (and so the worker's) staleness bound in policy versions.
+MAX_STALENESS = 2
 # Updates that must follow each round of kills: the first one after the kill
 # could come from rollouts already in the topic, the second needs every
 # component working again (the worker generates, the policy swaps in).
@@ -60,7 +62,7 @@ def stack_config(models: dict[str, Path], root: Path, prompts: int = 48) -> Stac
         # trainer is idle), so a trainer kill replays the updates since.
         worker={"samples_per_prompt": 2, "prompts_per_call": 4, "max_new_tokens": 4},
         trainer={"checkpoint_every": 3,
-                 "ppo": {"batch_size": BATCH, "minibatch_size": 4, "epochs": 1, "max_staleness": 2,
+                 "ppo": {"batch_size": BATCH, "minibatch_size": 4, "epochs": 1, "max_staleness": MAX_STALENESS,
                          "samples_per_prompt": 2, "objective": "decoupled"}},
     )
 
