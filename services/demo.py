@@ -122,7 +122,7 @@ KL_BOUND = 15.0
 EVAL_SAMPLES = 4
 
 
-def evaluate_gold(models: DemoModels, final_dir: Path) -> dict:
+def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPLES) -> dict:
     """The target compares policies, not training batches: both policies
     sample the same held-out prompts, and the gold scorer judges."""
     from services.demo_models import sample_completions
@@ -131,7 +131,7 @@ def evaluate_gold(models: DemoModels, final_dir: Path) -> dict:
     gold = make_gold_scorer(models.gold)
     out = {}
     for name, model_dir in (("initial", models.policy), ("final", final_dir)):
-        completions = sample_completions(model_dir, models.eval_prompts, EVAL_SAMPLES, models.max_new_tokens, seed=7)
+        completions = sample_completions(model_dir, models.eval_prompts, samples, models.max_new_tokens, seed=7)
         scores = [gold(c) for group in completions for c in group]
         out[f"gold_{name}_policy"] = sum(scores) / len(scores)
     return out
@@ -222,11 +222,13 @@ CURRENT_POLICY_SAMPLES = 4
 
 
 def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm: bool = False,
-        seconds: float | None = None) -> dict:
+        seconds: float | None = None, models: DemoModels | None = None, eval_samples: int = EVAL_SAMPLES) -> dict:
     """``seconds``: stop after this long of training even before ``updates``
-    (a fixed wall-time budget, as bench/online_rm.py compares runs)."""
+    (a fixed wall-time budget); ``models``: already prepared (bench/online_rm.py
+    runs both arms on the same ones)."""
     console.print(f"[bold]1.[/] Models in {workdir} (built here; nothing downloaded)")
-    models = prepare_models(workdir / "models", quick=quick, console=console)
+    if models is None:
+        models = prepare_models(workdir / "models", quick=quick, console=console)
     console.print(f"   {models.description}")
     console.print("[bold]2.[/] Starting the stack: broker, reward/reference/policy services, worker, trainer"
                   + (", rm loop" if online_rm else ""))
@@ -312,6 +314,15 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
         serving = served_version(stack.targets["policy"])
         if online:
             summary.update(online_results(stack, models, reward_model.parents[1], rm_name, annotator, console))
+        elif seconds is not None:
+            # A budgeted run is one arm of a comparison: the frozen RM is
+            # measured on its final policy's samples as the online arm's versions are.
+            pairs, policy_version = fresh_pairs(stack.targets["policy"], models.eval_prompts, models.gold or "vader",
+                                                CURRENT_POLICY_SAMPLES, models.max_new_tokens, seed=11)
+            frozen = {"version": served_version(stack.targets["reward"]), "path": str(models.reward), "status": "frozen"}
+            frozen["accuracy_on_current_policy"] = accuracy_on_current_policy(
+                stack.targets["reward"], [frozen], pairs).get(frozen["version"])
+            summary.update(rm_versions=[frozen], current_policy_pairs=len(pairs), current_policy_version=policy_version)
     console.print(f"[bold]4.[/] The policy service now serves {serving!r} (trainer's last version {final!r})")
     summary.update(summarize(rows, console))
     summary["served_version"] = serving
@@ -319,8 +330,8 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     if models.gold:
         final_dir = workdir / "stack" / "trainer" / "policies" / final
         console.print(f"[bold]5.[/] Gold score of the initial and the final policy on {len(models.eval_prompts)} "
-                      f"held-out prompts x {EVAL_SAMPLES} samples")
-        summary.update(evaluate_gold(models, final_dir))
+                      f"held-out prompts x {eval_samples} samples")
+        summary.update(evaluate_gold(models, final_dir, eval_samples))
     report_targets(summary, console)
     summary["seconds"] = time.monotonic() - started
     png = workdir / "demo.png"
