@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=360.0, help="training wall-clock budget of each arm")
     parser.add_argument("--full", action="store_true", help="the full demo's models (default: --quick's)")
     parser.add_argument("--eval-samples", type=int, default=16, help="gold evaluation samples per held-out prompt")
+    parser.add_argument("--pretrain-seconds", type=float, help="the policy's pretraining budget (default: the "
+                                                               "scale's; a loaded machine needs more)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-online-rm"))
     args = parser.parse_args(argv)
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger().setLevel(logging.WARNING)
     console = Console(width=140)
     workdir = Path(args.workdir).resolve()
-    models = prepare_models(workdir / "models", quick=not args.full, console=console)
+    models = prepare_models(workdir / "models", quick=not args.full, console=console,
+                            pretrain_seconds=args.pretrain_seconds)
     results = {}
     for arm in ("frozen", "online"):
         console.rule(f"{arm}: {args.seconds:.0f}s of training")

@@ -34,7 +34,7 @@ from services.demo_online import (
     FULL_ONLINE, QUICK_ONLINE, Annotator, OnlineRMScale, accuracy_on_current_policy, fresh_pairs, gate_text,
     rm_loop_config, rm_versions, seed_registry,
 )
-from services.stack import Stack, StackConfig, StackError
+from services.stack import Stack, StackConfig, StackError, trainer_policies_dir
 
 
 # The demo fails loudly instead of waiting forever on a stuck pipeline.
@@ -122,9 +122,15 @@ KL_BOUND = 15.0
 EVAL_SAMPLES = 4
 
 
-def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPLES) -> dict:
+def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPLES,
+                  reward_target: str | None = None) -> dict:
     """The target compares policies, not training batches: both policies
-    sample the same held-out prompts, and the gold scorer judges."""
+    sample the same held-out prompts, and the gold scorer judges. With
+    ``reward_target`` the reward service's unpinned score (the run's proxy:
+    its active RM, or its reward spec) of the same samples too, and each
+    score's spread over the initial policy's samples (the unit of a proxy-gold gap)."""
+    from statistics import mean, pstdev
+
     from services.demo_models import sample_completions
     from services.worker.gold import make_gold_scorer
 
@@ -133,7 +139,19 @@ def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPL
     for name, model_dir in (("initial", models.policy), ("final", final_dir)):
         completions = sample_completions(model_dir, models.eval_prompts, samples, models.max_new_tokens, seed=7)
         scores = [gold(c) for group in completions for c in group]
-        out[f"gold_{name}_policy"] = sum(scores) / len(scores)
+        out[f"gold_{name}_policy"] = mean(scores)
+        out[f"gold_{name}_sd"] = pstdev(scores)
+        if reward_target is not None:
+            from arbiter.types import RewardInput
+            from services.reward.client import RewardClient
+
+            inputs = [RewardInput(prompt=p, response=c) for p, group in zip(models.eval_prompts, completions)
+                      for c in group]
+            with RewardClient(reward_target, timeout_s=120) as client:
+                proxy = [r.score for start in range(0, len(inputs), 64)
+                         for r in client.score(inputs[start:start + 64], normalize=True, truncation="left").results]
+            out[f"proxy_{name}_policy"] = mean(proxy)
+            out[f"proxy_{name}_sd"] = pstdev(proxy)
     return out
 
 
@@ -199,8 +217,8 @@ def served_version(target: str) -> str:
 
 
 def stack_config(models: DemoModels, workdir: Path, updates: int, online: OnlineRMScale | None = None,
-                 reward_model: Path | None = None) -> StackConfig:
-    return StackConfig(
+                 reward_model: Path | None = None, **extra) -> StackConfig:
+    return StackConfig(**extra,
         policy_model=str(models.policy), reward_model=str(reward_model or models.reward),
         prompts_file=str(models.prompts), workdir=str(workdir / "stack"),
         metrics_ports={name: 0 for name in ("reward", "policy", "reference", "worker", "trainer", "rm-loop")},
@@ -222,10 +240,13 @@ CURRENT_POLICY_SAMPLES = 4
 
 
 def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm: bool = False,
-        seconds: float | None = None, models: DemoModels | None = None, eval_samples: int = EVAL_SAMPLES) -> dict:
+        seconds: float | None = None, models: DemoModels | None = None, eval_samples: int = EVAL_SAMPLES,
+        stack_extra: dict | None = None) -> dict:
     """``seconds``: stop after this long of training even before ``updates``
-    (a fixed wall-time budget); ``models``: already prepared (bench/online_rm.py
-    runs both arms on the same ones)."""
+    (a fixed wall-time budget; the run is then an arm of a comparison,
+    bench/online_rm.py, bench/ensemble_rm.py, measured while its stack is up);
+    ``models``: already prepared (both arms run on the same ones);
+    ``stack_extra``: more StackConfig fields (e.g. the reward service's flags)."""
     console.print(f"[bold]1.[/] Models in {workdir} (built here; nothing downloaded)")
     if models is None:
         models = prepare_models(workdir / "models", quick=quick, console=console)
@@ -243,7 +264,7 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     annotator: Annotator | None = None
     rm_name = Path(models.reward).parent.name
     summary: dict = {}
-    with Stack(stack_config(models, workdir, updates, online, reward_model)) as stack:
+    with Stack(stack_config(models, workdir, updates, online, reward_model, **(stack_extra or {}))) as stack:
         console.print(f"   up in {time.monotonic() - started:.0f}s: " + ", ".join(f"{k} {v}" for k, v in stack.targets.items()))
         if online:
             annotator = Annotator(
@@ -312,6 +333,9 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
         while served_version(stack.targets["policy"]) != final and time.monotonic() < deadline:
             time.sleep(0.5)
         serving = served_version(stack.targets["policy"])
+        if seconds is not None and models.gold:
+            summary.update(evaluate_gold(models, trainer_policies_dir(stack.config) / final, eval_samples,
+                                         reward_target=stack.targets["reward"]))
         if online:
             summary.update(online_results(stack, models, reward_model.parents[1], rm_name, annotator, console))
         elif seconds is not None:
@@ -327,7 +351,7 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     summary.update(summarize(rows, console))
     summary["served_version"] = serving
     summary["rm_eval_accuracy"] = models.rm_metrics.get("eval_accuracy")
-    if models.gold:
+    if models.gold and "gold_final_policy" not in summary:
         final_dir = workdir / "stack" / "trainer" / "policies" / final
         console.print(f"[bold]5.[/] Gold score of the initial and the final policy on {len(models.eval_prompts)} "
                       f"held-out prompts x {eval_samples} samples")
