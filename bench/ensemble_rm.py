@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 from pathlib import Path
 
 import yaml
@@ -89,15 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.members < 2:
         parser.error(f"--members {args.members}: an ensemble needs at least 2")
 
+    from bench.online_rm import prepare_arms
     from services.demo import run
-    from services.demo_models import prepare_models
 
-    if "ARBITER_LOG_LEVEL" not in os.environ:
-        logging.getLogger().setLevel(logging.WARNING)
-    console = Console(width=140)
-    workdir = Path(args.workdir).resolve()
-    models = prepare_models(workdir / "models", quick=not args.full, console=console,
-                            pretrain_seconds=args.pretrain_seconds)
+    console, workdir, models = prepare_arms(args)
     # The single arm's RM is the ensemble's first member: one RM against that
     # RM with company.
     members = train_members(models, not args.full, args.members, console)

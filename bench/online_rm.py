@@ -48,14 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from services.demo import run
-    from services.demo_models import prepare_models
 
-    if "ARBITER_LOG_LEVEL" not in os.environ:
-        logging.getLogger().setLevel(logging.WARNING)
-    console = Console(width=140)
-    workdir = Path(args.workdir).resolve()
-    models = prepare_models(workdir / "models", quick=not args.full, console=console,
-                            pretrain_seconds=args.pretrain_seconds)
+    console, workdir, models = prepare_arms(args)
     results = {}
     for arm in ("frozen", "online"):
         console.rule(f"{arm}: {args.seconds:.0f}s of training")
@@ -65,6 +59,20 @@ def main(argv: list[str] | None = None) -> dict:
     (workdir / "online_rm.json").write_text(json.dumps({"seconds": args.seconds, "full": args.full, **results},
                                                        indent=2, default=str))
     return results
+
+
+def prepare_arms(args) -> tuple[Console, Path, object]:
+    """What every arm of a demo comparison shares: the console, the workdir
+    and the prepared models (``args``: --workdir, --full, --pretrain-seconds)."""
+    from services.demo_models import prepare_models
+
+    if "ARBITER_LOG_LEVEL" not in os.environ:
+        logging.getLogger().setLevel(logging.WARNING)
+    console = Console(width=140)
+    workdir = Path(args.workdir).resolve()
+    models = prepare_models(workdir / "models", quick=not args.full, console=console,
+                            pretrain_seconds=args.pretrain_seconds)
+    return console, workdir, models
 
 
 def gold_gain(summary: dict) -> float:
