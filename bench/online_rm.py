@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
+ARMS = ("frozen", "online")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=16, help="gold evaluation samples per held-out prompt")
     parser.add_argument("--pretrain-seconds", type=float, help="the policy's pretraining budget (default: the "
                                                                "scale's; a loaded machine needs more)")
+    parser.add_argument("--arm", choices=ARMS, action="append", help="run only this arm (repeatable)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-online-rm"))
     args = parser.parse_args(argv)
 
@@ -51,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     console, workdir, models = prepare_arms(args)
     results = {}
-    for arm in ("frozen", "online"):
+    for arm in args.arm or ARMS:
         console.rule(f"{arm}: {args.seconds:.0f}s of training")
         results[arm] = run(workdir / arm, 100_000, not args.full, console, online_rm=arm == "online",
                            seconds=args.seconds, models=models, eval_samples=args.eval_samples)
     report(results, args, console)
-    (workdir / "online_rm.json").write_text(json.dumps({"seconds": args.seconds, "full": args.full, **results},
+    (workdir / f"online_rm{'-' + '-'.join(args.arm) if args.arm else ''}.json").write_text(json.dumps({"seconds": args.seconds, "full": args.full, **results},
                                                        indent=2, default=str))
     return results
 
