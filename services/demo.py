@@ -145,8 +145,10 @@ def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPL
             from arbiter.types import RewardInput
             from services.reward.client import RewardClient
 
+            # An empty completion is no input to a reward model (the service
+            # refuses it); the proxy is measured on the others.
             inputs = [RewardInput(prompt=p, response=c) for p, group in zip(models.eval_prompts, completions)
-                      for c in group]
+                      for c in group if c]
             with RewardClient(reward_target, timeout_s=120) as client:
                 proxy = [r.score for start in range(0, len(inputs), 64)
                          for r in client.score(inputs[start:start + 64], normalize=True, truncation="left").results]
