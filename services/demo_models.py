@@ -14,6 +14,7 @@ which makes over-optimization (Gao et al. 2022) visible.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -107,13 +108,32 @@ def label_pairs(prompts: list[str], completions: list[list[str]], gold) -> list[
     return rows
 
 
-def prepare_models(out: Path, quick: bool, console) -> DemoModels:
-    from services.demo_pretrain import PretrainConfig, load_fortunes, pretrain
+def rm_config(out: Path, quick: bool, seed: int = 0):
+    """The demo's RM training: Bradley-Terry on the labelled pairs from the
+    pretrained backbone (``seed``: the head's initialization and data order)."""
     from arbiter.rm.config import config_from_dict
+
+    scale = QUICK if quick else FULL
+    return config_from_dict({
+        "model_dir": str(out / "policy"), "registry": str(out / "rm-registry"), "name": "sentiment-rm",
+        "data": [str(out / "preferences.jsonl")], "eval_fraction": 0.15, "epochs": scale.rm_epochs,
+        "batch_size": 16, "learning_rate": 1e-3, "progress": False, "seed": seed,
+        # Plain text, no end token: on this data (FULL scale, 1,200 held-out
+        # pairs) 90.9% held-out accuracy against 86.8% with TRL's appended end
+        # token. The version's arbiter.json records it; the service follows.
+        "append_eos": False,
+    })
+
+
+def prepare_models(out: Path, quick: bool, console, pretrain_seconds: float | None = None) -> DemoModels:
+    """``pretrain_seconds``: the policy's pretraining budget instead of the scale's."""
+    from services.demo_pretrain import PretrainConfig, load_fortunes, pretrain
     from arbiter.rm.train import train_reward_model
     from services.worker.gold import make_gold_scorer
 
     scale = QUICK if quick else FULL
+    if pretrain_seconds is not None:
+        scale = dataclasses.replace(scale, pretrain_seconds=pretrain_seconds)
     out.mkdir(parents=True, exist_ok=True)
     quotes = load_fortunes()
     policy = out / "policy"
@@ -142,16 +162,7 @@ def prepare_models(out: Path, quick: bool, console) -> DemoModels:
     data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
     console.print(f"   {len(pairs)} preference pairs labeled by the simulated annotator (VADER) -> {data}")
 
-    rm_config = config_from_dict({
-        "model_dir": str(policy), "registry": str(out / "rm-registry"), "name": "sentiment-rm",
-        "data": [str(data)], "eval_fraction": 0.15, "epochs": scale.rm_epochs, "batch_size": 16,
-        "learning_rate": 1e-3, "progress": False, "seed": 0,
-        # Plain text, no end token: on this data (FULL scale, 1,200 held-out
-        # pairs) 90.9% held-out accuracy against 86.8% with TRL's appended end
-        # token. The version's arbiter.json records it; the service follows.
-        "append_eos": False,
-    })
-    trained = train_reward_model(rm_config, console=console)
+    trained = train_reward_model(rm_config(out, quick), console=console)
     accuracy = trained.metrics.get("eval_accuracy")
     console.print(f"   reward model {trained.version.version}: held-out pairwise accuracy {accuracy:.1%}")
 

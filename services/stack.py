@@ -149,6 +149,8 @@ class StackConfig:
     seed: int = 0
     # Extra flags per worker, e.g. {"samples_per_prompt": 4, "max_new_tokens": 24, "gold": "vader"}.
     worker: dict[str, Any] = field(default_factory=dict)
+    # Extra flags of the reward service, e.g. {"reward_spec_file": "spec.yaml"}.
+    reward: dict[str, Any] = field(default_factory=dict)
     # Trainer config fields (trainer/config.py); model_dir, output_dir and kafka are filled in.
     trainer: dict[str, Any] = field(default_factory=dict)
     # `arbiter rm loop` as a component when set (needs metrics): its settings
@@ -320,6 +322,8 @@ def service_args(config: StackConfig, kind: str, model: str | Path, port: int, m
     if kind == "reward" and config.rm_loop is not None:
         roots = (Path(model).resolve().parent, rm_registry_dir(config))
         args += [arg for root in roots for arg in ("--model-roots", str(root))]
+    if kind == "reward":
+        args += extra_flags(config.reward)
     if kind == "policy":
         # Versions the trainer publishes load from its output; --model's
         # directory stays loadable too (the default root).
@@ -350,7 +354,13 @@ def worker_args(config: StackConfig, index: int, targets: dict[str, str], metric
         args += ["--prompts", str(Path(config.prompts_file).resolve()), "--shuffle"]
     if metrics_port is not None:
         args += ["--metrics-port", str(metrics_port)]
-    for key, value in {**config.worker, **worker_staleness(config)}.items():
+    return args + extra_flags({**config.worker, **worker_staleness(config)})
+
+
+def extra_flags(flags: dict[str, Any]) -> list[str]:
+    """{"max_new_tokens": 24, "gold": "vader", "shuffle": true} -> command-line flags."""
+    args = []
+    for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)

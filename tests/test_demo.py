@@ -1,6 +1,11 @@
 """`make demo`'s job in --quick mode: corpus pretraining, simulated labels, RM
 training, the stack, PPO, summary and plot — end to end, as a user runs it,
-held to the targets that are meaningful at the quick run's size."""
+held to the targets that are meaningful at the quick run's size.
+
+It runs with --online-rm (one run covers both: the online mode is the plain
+demo plus the annotator and the rm loop): the simulated annotator labels live
+completions with the gold scorer while PPO runs, and `arbiter rm loop`
+retrains the reward model from them."""
 
 import json
 import math
@@ -9,6 +14,8 @@ import subprocess
 import sys
 
 from services.demo import GOLD_GAIN_TARGET, KL_BOUND, RM_ACCURACY_TARGET
+from services.demo_models import MIN_GOLD_GAP
+from services.demo_online import ANNOTATOR_ID
 
 UPDATES = 4  # --quick's default
 # The demo's PPO settings (services/demo_models.py): one 32-rollout batch per
@@ -22,7 +29,7 @@ GOLD_RANGE = (-1.0, 1.0)
 def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
     workdir = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "demo", "--quick", "--workdir", str(workdir)],
+        [sys.executable, "-m", "cli", "demo", "--quick", "--online-rm", "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "ARBITER_LOG_LEVEL": "WARNING"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -76,5 +83,56 @@ def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
     assert targets["gold gain, final vs initial policy"] == (final - initial >= GOLD_GAIN_TARGET)
 
     assert (workdir / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    for text in ("preference pairs labeled", "Targets", f"now serves 'ppo-{UPDATES}'"):
+    for text in ("preference pairs labeled", "Targets", f"now serves 'ppo-{UPDATES}'", "Reward model online"):
         assert text in done.stdout
+    check_online_rm(workdir, summary, rows)
+
+
+# The loop's statuses in loop.json (arbiter/rm/loop.py); "seed" is the demo's RM.
+LOOP_STATUSES = {"evaluating", "watching", "active", "rejected", "failed", "rolled_back", "abandoned"}
+
+
+def check_online_rm(workdir, summary, rows):
+    from services.worker.gold import make_gold_scorer
+
+    gold = make_gold_scorer("vader")
+    # The annotator labelled pairs of live completions, sampled by versions
+    # the policy service served during the run, with the gold scorer: the
+    # more positive completion is chosen, near-ties are not submitted.
+    annotations = [json.loads(line) for line in (workdir / "annotations.jsonl").read_text().splitlines()]
+    assert summary["annotator"]["submitted"] == len(annotations) >= 1
+    base = json.loads((workdir / "models" / "policy" / "arbiter.json").read_text())["version"]
+    served = {base} | {r["policy_version"] for r in rows}
+    for row in annotations:
+        assert row["annotator_id"] == ANNOTATOR_ID
+        assert row["chosen"] != row["rejected"]
+        assert set(row["policy_versions"]) <= served, (row["policy_versions"], served)
+        assert row["gold_chosen"] == gold(row["prompt"] + row["chosen"])
+        assert row["gold_rejected"] == gold(row["prompt"] + row["rejected"])
+        assert row["gold_chosen"] - row["gold_rejected"] >= MIN_GOLD_GAP
+
+    # The loop trained a version from the demo's RM on exactly those
+    # submissions (through SubmitPreference, the topic and its consumer
+    # group) and published it with its lineage, before the demo finished.
+    registry = workdir / "stack" / "rm-registry" / "sentiment-rm"
+    versions = summary["rm_versions"]
+    assert versions[0]["version"] == "v1" and versions[0]["status"] == "seed"
+    assert len(versions) >= 2
+    by_id = {row["id"]: row for row in annotations}
+    for version in versions[1:]:
+        assert version["status"] in LOOP_STATUSES
+        meta = json.loads((registry / version["version"] / "arbiter.json").read_text())
+        lineage = meta["lineage"]
+        assert lineage["parent_version"] == version["parent"]
+        trained = [json.loads(line) for line in (registry / version["version"] / "preferences.jsonl").read_text().splitlines()]
+        assert len(trained) == lineage["preferences"]["train"] == version["trained_on"]
+        held = [json.loads(line) for line in (registry / version["version"] / "holdout.jsonl").read_text().splitlines()]
+        for row in trained + held:
+            source = by_id[row["id"]]
+            assert (row["prompt"], row["chosen"], row["rejected"]) == (source["prompt"], source["chosen"], source["rejected"])
+    assert versions[1]["parent"] == "v1"
+    # Every version was measured on fresh gold-labelled pairs of the final
+    # policy's samples (a count, not a threshold: see the RM accuracy above).
+    assert summary["current_policy_version"] == f"ppo-{UPDATES}"
+    if summary["current_policy_pairs"]:
+        assert all(0.0 <= v["accuracy_on_current_policy"] <= 1.0 for v in versions), versions
