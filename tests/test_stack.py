@@ -536,3 +536,19 @@ def test_the_rm_loop_gets_every_reward_replica_and_every_metrics_port_a_scrape_j
     static = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "prometheus.yml")
                             .read_text())
     assert set(jobs) <= {job["job_name"] for job in static["scrape_configs"]}
+
+
+def test_the_reward_section_passes_flags_the_reward_service_accepts(tmp_path):
+    """`reward:` in the stack YAML (e.g. a reward spec for composite rewards)
+    reaches `arbiter serve reward` as flags its real parser accepts."""
+    from cli.main import parse_args
+
+    spec = tmp_path / "spec.yaml"
+    config = supervision(reward={"reward_spec_file": str(spec), "stack_ensembles": "never", "dynamic_batching": False})
+    args = service_args(config, "reward", tmp_path / "rm", 50051, None)
+    assert args[args.index("--reward-spec-file") + 1] == str(spec)
+    assert args[args.index("--stack-ensembles") + 1] == "never"
+    assert "--dynamic-batching" not in args  # False: the flag is left out, the default applies
+    parsed = parse_args(args)
+    assert (parsed.reward_spec_file, parsed.stack_ensembles) == (str(spec), "never")
+    assert "--reward-spec-file" not in service_args(config, "reference", tmp_path / "rm", 50053, None)
