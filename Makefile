@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak bench-e2e bench-online-rm bench-ensemble clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -105,6 +105,14 @@ bench-soak: install
 # benchmark; never this venv). Minutes; not part of make test or make bench.
 bench-e2e: install demo-data
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+
+# The demo with its reward model retrained online from simulated live
+# annotation vs frozen at v1; PPO against one RM vs a penalized ensemble.
+bench-online-rm: install demo-data
+	$(BIN)/python -m bench.online_rm $(BENCH_ARGS)
+
+bench-ensemble: install demo-data
+	$(BIN)/python -m bench.ensemble_rm $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .tools $(GEN_STAMP) arbiter/v1/*_pb2*.py* build runs
