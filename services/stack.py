@@ -234,30 +234,32 @@ class StackConfig:
             raise StackError(str(err)) from None
 
 
+def trainer_staleness(config: StackConfig) -> dict[str, Any]:
+    """The trainer's staleness bound and batch size (its ppo section, or the
+    defaults), under the worker's flag names."""
+    from trainer.config import PPOConfig
+
+    ppo, defaults = config.trainer.get("ppo", {}), PPOConfig()
+    return {"max_staleness": ppo.get("max_staleness", defaults.max_staleness),
+            "trainer_batch_size": ppo.get("batch_size", defaults.batch_size)}
+
+
 def worker_staleness(config: StackConfig) -> dict[str, Any]:
     """The workers' staleness bound: generation overlaps training up to the
     trainer's own ppo.max_staleness, over its ppo.batch_size (the worker
     section may set its own, or max_staleness: null for no bound)."""
-    from trainer.config import PPOConfig
-
-    ppo, defaults = config.trainer.get("ppo", {}), PPOConfig()
-    derived = {"max_staleness": ppo.get("max_staleness", defaults.max_staleness),
-               "trainer_batch_size": ppo.get("batch_size", defaults.batch_size)}
+    derived = trainer_staleness(config)
     return {**derived, **{k: config.worker[k] for k in derived if k in config.worker}}
 
 
 def check_worker_staleness(config: StackConfig) -> None:
-    from trainer.config import PPOConfig
-
     if "max_rollouts_per_version" in config.worker:
         # Refused here, not by each worker after it started and crash-looped.
         raise StackError("worker.max_rollouts_per_version is invalid: was removed (it held generation to one batch "
                          "per policy version); the workers' staleness bound comes from trainer.ppo.max_staleness, "
                          "or set worker.max_staleness")
-
-    ppo, defaults = config.trainer.get("ppo", {}), PPOConfig()
-    bound, batch = ppo.get("max_staleness", defaults.max_staleness), ppo.get("batch_size", defaults.batch_size)
-    worker = worker_staleness(config)
+    trainer, worker = trainer_staleness(config), worker_staleness(config)
+    bound, batch = trainer["max_staleness"], trainer["trainer_batch_size"]
     if worker["max_staleness"] is not None and worker["max_staleness"] > bound:
         raise StackError(f"worker.max_staleness={worker['max_staleness']} is invalid: must be <= "
                          f"trainer.ppo.max_staleness ({bound}), or the trainer drops what the workers may generate")

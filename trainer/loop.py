@@ -203,27 +203,25 @@ class PPOTrainer:
         """The next batch, oldest first. Rollouts that went stale while waiting
         are dropped; critic-free estimators take whole groups only."""
         ppo = self.config.ppo
+        critic_free = ppo.advantage != "gae"
         fresh = []
         for t in self.pending:
             verdict = self._staleness(t)
-            if verdict is pm.Staleness.KEEP:
-                fresh.append(t)
-            else:
+            if verdict is not pm.Staleness.KEEP:
                 self._drop(t, verdict.value)
+            elif critic_free and 0 < t.group_size < ppo.samples_per_prompt:
+                # The worker produced this group short (a member skipped): it
+                # can never complete, so it is dropped now rather than holding
+                # its partition's offset and the workers' staleness budget.
+                self._drop(t, "incomplete_group")
+            else:
+                fresh.append(t)
         self.pending = fresh
-        if ppo.advantage == "gae":
+        if not critic_free:
             if len(self.pending) < ppo.batch_size:
                 return None
             batch, self.pending = self.pending[: ppo.batch_size], self.pending[ppo.batch_size :]
             return batch
-        # A group the worker produced short (a member skipped) can never
-        # complete: dropped now, so it holds neither its partition's offset
-        # nor the workers' staleness budget, which counts untrained records.
-        short = [t for t in self.pending if 0 < t.group_size < ppo.samples_per_prompt]
-        for t in short:
-            self._drop(t, "incomplete_group")
-        if short:
-            self.pending = [t for t in self.pending if not 0 < t.group_size < ppo.samples_per_prompt]
         groups: OrderedDict[str, list[Trajectory]] = OrderedDict()
         for t in self.pending:
             groups.setdefault(t.group_id, []).append(t)
