@@ -189,8 +189,11 @@ class LocalObjectStore:
     """The object store as a child process on a fixed port (kept across
     restarts, so the broker's endpoint never changes)."""
 
-    def __init__(self, data_dir: str | Path, log_path: Path, *, host: str = LOOPBACK, start_timeout_s: float = 60.0):
+    def __init__(self, data_dir: str | Path, log_path: Path, *, host: str = LOOPBACK, start_timeout_s: float = 60.0,
+                 buckets: Iterable[str] = ()):
         self.data_dir = Path(data_dir).resolve()
+        # Created at start (besides Tansu's), e.g. the policy weights' bucket.
+        self.buckets = tuple(buckets)
         self.log_path = log_path
         self.host = host
         self.port: int | None = None
@@ -206,8 +209,9 @@ class LocalObjectStore:
         return self._process.pid if self._process else None
 
     def env(self) -> dict[str, str]:
-        """What the broker's environment needs to use this store."""
-        return {**CREDENTIALS, "AWS_ENDPOINT": self.endpoint}
+        """What a client's environment needs to use this store: Tansu's
+        object_store crate reads AWS_ENDPOINT, boto3 AWS_ENDPOINT_URL."""
+        return {**CREDENTIALS, "AWS_ENDPOINT": self.endpoint, "AWS_ENDPOINT_URL": self.endpoint}
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -225,7 +229,8 @@ class LocalObjectStore:
         with open(self.log_path, "ab") as log_file:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "arbiter.stream.objectstore", "--host", self.host, "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), "--ready-file", str(ready)],
+                 "--data-dir", str(self.data_dir), "--ready-file", str(ready),
+                 *(arg for bucket in self.buckets for arg in ("--bucket", bucket))],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + self.start_timeout_s
