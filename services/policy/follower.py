@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from arbiter.lm import is_adapter_dir
 from arbiter.policy.engine import PolicyEngine
 from arbiter.stream import KafkaSettings, RecordBatch, StreamConsumer, StreamError, topics
 from arbiter.v1 import rollout_pb2
+from arbiter.weights import REASONS, SHA256, WeightsError, fetch_version, prune_cache, split_uri
 from services.common.model_service import check_model_root
 from services.policy.metrics import PolicyMetrics
 
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 
 APPLIED, SKIPPED, REFUSED, FAILED = "applied", "skipped", "refused", "failed"
 OUTCOMES = (APPLIED, SKIPPED, REFUSED, FAILED)
+# Why an update was refused (arbiter_policy_update_refusals_total{reason}):
+# arbiter.weights.REASONS for a version fetched from a store, and these.
+OUTSIDE_ROOTS, ADAPTER_MISMATCH, INVALID_RECORD = "outside_roots", "adapter_mismatch", "invalid_record"
+REFUSAL_REASONS = (*REASONS, OUTSIDE_ROOTS, ADAPTER_MISMATCH, INVALID_RECORD)
 
 
 class PolicyUpdateFollower:
@@ -60,6 +66,7 @@ class PolicyUpdateFollower:
         *,
         poll_timeout_s: float = 0.5,
         retry_s: float = 2.0,
+        weights_cache_dir: str | Path | None = None,
     ):
         self.kafka = kafka
         self.replica_id = replica_id
@@ -71,6 +78,9 @@ class PolicyUpdateFollower:
         self.metrics = metrics
         self.poll_timeout_s = poll_timeout_s
         self.retry_s = retry_s
+        # Versions fetched from a weights store are materialized here (this
+        # replica's own directory, so it is not subject to model_roots).
+        self.weights_cache_dir = Path(weights_cache_dir or tempfile.mkdtemp(prefix=f"arbiter-weights-{replica_id}-"))
         self._stop = threading.Event()
         # Readiness: set once every update published before this replica
         # joined has been handled (each assigned partition read to its high
@@ -80,6 +90,8 @@ class PolicyUpdateFollower:
         self._thread = threading.Thread(target=self._run, name="policy-update-follower", daemon=True)
         for outcome in OUTCOMES:
             metrics.policy_updates.labels(outcome)
+        for reason in REFUSAL_REASONS:
+            metrics.policy_update_refusals.labels(reason)
 
     def start(self) -> None:
         self._thread.start()
@@ -133,7 +145,7 @@ class PolicyUpdateFollower:
 
     def _handle(self, consumer: StreamConsumer, batch: RecordBatch) -> None:
         for _rejected in batch.rejected:  # the consumer logged the reason
-            self._count(REFUSED)
+            self._refuse(INVALID_RECORD)
         settled = False
         for record in reversed(batch.records):
             update: rollout_pb2.PolicyUpdate = record.message
@@ -141,18 +153,25 @@ class PolicyUpdateFollower:
             missing = _missing_fields(update)
             if missing:
                 consumer.reject(record, "invalid_record", f"policy update {update.policy_version!r}: {missing}")
-                self._count(REFUSED)
+                self._refuse(INVALID_RECORD)
                 continue
             if settled:
                 log.info("policy update %r (%s): superseded by a newer one", update.policy_version, where)
                 self._count(SKIPPED)
                 continue
             outcome = self.apply(update, where)
-            self._count(outcome)
+            if outcome != REFUSED:  # apply counted the refusal with its reason
+                self._count(outcome)
             settled = outcome in (APPLIED, SKIPPED)
 
     def _count(self, outcome: str) -> None:
         self.metrics.policy_updates.labels(outcome).inc()
+
+    def _refuse(self, reason: str) -> str:
+        """Count a refusal (the serving version stays) with why."""
+        self._count(REFUSED)
+        self.metrics.policy_update_refusals.labels(reason).inc()
+        return REFUSED
 
     def _note_caught_up(self, consumer: StreamConsumer) -> None:
         if self.caught_up.is_set():
@@ -163,40 +182,57 @@ class PolicyUpdateFollower:
             self.caught_up.set()
 
     def apply(self, update: rollout_pb2.PolicyUpdate, where: str = "") -> str:
-        """Verify and load one update; returns its outcome (never raises)."""
-        version, path = update.policy_version, update.checkpoint_path
+        """Verify and load one update; returns its outcome (never raises; a
+        refusal is counted here, with its reason)."""
+        version = update.policy_version
         label = f"policy update {version!r} ({where or 'direct'})"
         missing = _missing_fields(update)
         if missing:
             log.error("%s: refused: %s", label, missing)
-            return REFUSED
+            return self._refuse(INVALID_RECORD)
         if version in self._on_loop(self._loaded_versions()):
             log.info("%s: version already loaded; skipped", label)
             return SKIPPED
+        fetched_from = update.weights_uri  # takes precedence over checkpoint_path (rollout.proto)
         try:
-            check_model_root(path, self.model_roots)
-        except PermissionDenied as err:
+            if fetched_from:
+                scheme, local = split_uri(fetched_from)
+                if scheme == "file":  # a shared directory: the same rule as checkpoint_path
+                    check_model_root(local, self.model_roots)
+            else:
+                check_model_root(update.checkpoint_path, self.model_roots)
+        except ArbiterError as err:  # PermissionDenied, or a URI no store serves
             log.error("%s: refused: %s", label, err)
-            return REFUSED
-        if update.weights_sha256:
+            return self._refuse(OUTSIDE_ROOTS if isinstance(err, PermissionDenied) else INVALID_RECORD)
+        expected = update.weights_sha256.lower().removeprefix("sha256:")
+        if fetched_from:
             try:
-                actual = weights_sha256(path)
-            except (ArbiterError, OSError) as err:
-                log.error("%s: failed: cannot hash the weights in %s: %s", label, path, err)
-                return FAILED
-            expected = update.weights_sha256.lower().removeprefix("sha256:")
-            if actual != expected:
-                log.error(
-                    "%s: refused: weights_sha256 of %s is %s, the update says %s (partial copy or tampering?)",
-                    label, path, actual, expected,
-                )
-                return REFUSED
+                fetched = fetch_version(fetched_from, self.weights_cache_dir)
+            except WeightsError as err:
+                log.error("%s: refused, still serving %r: %s", label, self.engine.models.active_version, err)
+                return self._refuse(err.reason)
+            path, actual = str(fetched.path), fetched.weights_sha256
+        else:
+            path = update.checkpoint_path
+            actual = None
+            if expected:
+                try:
+                    actual = weights_sha256(path)
+                except (ArbiterError, OSError) as err:
+                    log.error("%s: failed: cannot hash the weights in %s: %s", label, path, err)
+                    return FAILED
+        if expected and actual != expected:
+            log.error(
+                "%s: refused: weights_sha256 of %s is %s, the update says %s (partial copy or tampering?)",
+                label, fetched_from or path, actual, expected,
+            )
+            return self._refuse(SHA256)
         if Path(path).is_dir() and is_adapter_dir(path) != update.is_adapter:
             log.error(
                 "%s: refused: is_adapter=%s but %s %s adapter_config.json", label, update.is_adapter, path,
                 "has" if is_adapter_dir(path) else "has no",
             )
-            return REFUSED
+            return self._refuse(ADAPTER_MISMATCH)
         started = time.perf_counter()
         try:
             if self.engine.config.backend.remote:
@@ -215,6 +251,9 @@ class PolicyUpdateFollower:
         if latency is not None and published >= self._started_at:
             self.metrics.policy_update_apply_seconds.observe(latency)
         self.metrics.policy_update_step.set(update.training_step)
+        if fetched_from:
+            # Loaded models hold their weights; keep the newest files as the next delta's parent.
+            prune_cache(self.weights_cache_dir, {version} | self._on_loop(self._loaded_versions()))
         log.info(
             "%s: applied (step %d, parent %r, %s) in %.2fs%s", label, update.training_step, update.parent_version,
             "adapter" if update.is_adapter else "full weights", time.perf_counter() - started,
@@ -257,6 +296,6 @@ class PolicyUpdateFollower:
 
 
 def _missing_fields(update: rollout_pb2.PolicyUpdate) -> str | None:
-    if not update.policy_version or not update.checkpoint_path:
-        return "policy_version and checkpoint_path are required"
+    if not update.policy_version or not (update.weights_uri or update.checkpoint_path):
+        return "policy_version and weights_uri or checkpoint_path are required"
     return None

@@ -50,6 +50,12 @@ class PolicyMetrics(RpcMetrics):
             "arbiter_policy_updates", "PolicyUpdate events handled, by outcome (applied|skipped|refused|failed).",
             ["outcome"], registry=registry,
         )
+        self.policy_update_refusals = Counter(
+            "arbiter_policy_update_refusals",
+            "PolicyUpdate events refused (the serving version stays), by reason: download, manifest, sha256, "
+            "parent (a delta's parent missing or different), outside_roots, adapter_mismatch, invalid_record.",
+            ["reason"], registry=registry,
+        )
         self.policy_update_apply_seconds = Histogram(
             "arbiter_policy_update_apply_seconds",
             "From a PolicyUpdate's created_at (the trainer published it) to the new version serving.",

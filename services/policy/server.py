@@ -28,7 +28,8 @@ def _register(server, engine: PolicyEngine, metrics: PolicyMetrics, settings: Po
     from services.policy.follower import PolicyUpdateFollower
 
     follower = PolicyUpdateFollower(settings.kafka, settings.replica_id, engine, settings.allowed_model_roots(),
-                                    asyncio.get_running_loop(), metrics)
+                                    asyncio.get_running_loop(), metrics,
+                                    weights_cache_dir=settings.weights_cache_dir or None)
     follower.start()
     # Closed before the engine: a load in flight finishes first. Not ready
     # (health NOT_SERVING) until the follower has caught up with the topic: a

@@ -37,6 +37,10 @@ class PolicySettings(ModelServerSettings):
     # (default: HOST-PID).
     replica_id: str = field(default="", metadata=flag(
         help="this replica's consumer-group suffix, unique per replica (default: HOST-PID)"))
+    # Where versions announced with a weights_uri (s3:// or file://) are
+    # downloaded and verified before loading (default: a new temporary directory).
+    weights_cache_dir: str = field(default="", metadata=flag(
+        help="directory for versions fetched from a weights store (default: a temporary directory)"))
     kafka: KafkaSettings | None = field(default=None, metadata=flag(None))
 
     def __post_init__(self) -> None:
