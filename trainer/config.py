@@ -13,6 +13,7 @@ from typing import Any
 
 from arbiter.config import config_from_mapping, load_config_file, require, require_choice
 from arbiter.kl import ESTIMATOR_NAMES
+from arbiter.weights import PublishSettings
 
 REWARD_SOURCES = ("raw", "reward_model")
 OBJECTIVES = ("clipped", "decoupled")
@@ -193,6 +194,10 @@ class TrainerConfig:
     # Passed to arbiter.stream.KafkaSettings (bootstrap_servers, topic_prefix, ...);
     # ARBITER_KAFKA_* environment variables fill what is not set here.
     kafka: dict[str, Any] = field(default_factory=dict)
+    # Where published versions go and how they travel (arbiter.weights):
+    # {uri: s3://bucket/prefix, bf16: false, delta: false}; no uri: replicas
+    # read checkpoint_path from a shared filesystem.
+    weights: PublishSettings = field(default_factory=PublishSettings)
 
     def __post_init__(self) -> None:
         require(bool(self.model_dir), "model_dir", "must name the initial policy's Hugging Face directory", self.model_dir)
@@ -214,6 +219,7 @@ class TrainerConfig:
             "and a restart replays the whole stream", self.checkpoint_every,
         )
         self.ppo.validate("ppo")
+        self.weights.validate("weights")
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainerConfig:

@@ -92,11 +92,12 @@ def trajectory_from_record(
 
 def policy_update(
     version: str, checkpoint_path: str, parent_version: str, step: int, weights_sha256: str, is_adapter: bool,
-    rollouts_settled: dict[int, int] | None = None,
+    rollouts_settled: dict[int, int] | None = None, weights_uri: str = "",
 ) -> rollout_pb2.PolicyUpdate:
     update = rollout_pb2.PolicyUpdate(
         policy_version=version,
         checkpoint_path=checkpoint_path,
+        weights_uri=weights_uri,
         parent_version=parent_version,
         is_adapter=is_adapter,
         weights_sha256=weights_sha256,

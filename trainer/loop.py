@@ -342,9 +342,9 @@ class PPOTrainer:
         self.policies.mkdir(parents=True, exist_ok=True)
         return BackgroundPublisher(
             self.policies, lambda path, snap: self.model.save_policy(path, snap.version, snap.tensors),
-            lambda version: self.announce(producer, version),
+            lambda version, weights_uri="": self.announce(producer, version, weights_uri),
             on_saved=lambda version, seconds: self.metrics.publish_write.observe(seconds),
-            on_superseded=self.metrics.publish_superseded.inc,
+            on_superseded=self.metrics.publish_superseded.inc, weights=self.config.weights,
         )
 
     def checkpoint_due(self) -> bool:
@@ -414,14 +414,14 @@ class PPOTrainer:
             )
         self.state.cluster_id = current
 
-    def announce(self, producer: StreamProducer, version: str) -> None:
+    def announce(self, producer: StreamProducer, version: str, weights_uri: str = "") -> None:
         path = self.policies / version
         producer.send(
             topics.POLICY_UPDATES,
             policy_update(
                 version, str(path.resolve()), self.model.base_version, self.state.version_steps[version],
                 weights_sha256(path), self.model.is_lora,
-                self._settled_at.get(version),
+                self._settled_at.get(version), weights_uri=weights_uri,
             ),
         )
         producer.flush(timeout_s=30)

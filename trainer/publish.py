@@ -7,6 +7,14 @@ into a temporary directory, renames it into place atomically, and only then
 announces it on the policy-updates topic. Training goes on meanwhile: the
 snapshot is a copy, so the next optimizer step cannot tear the files.
 
+With ``weights.uri`` (``s3://bucket/prefix`` or ``file:///dir``) the written
+version is then uploaded through :mod:`arbiter.weights` (files, then the
+manifest: an upload cut short is never a version) and announced with its URI,
+so replicas need no filesystem shared with the trainer. ``weights.bf16``
+casts the snapshot's floating-point tensors to bfloat16 before writing;
+``weights.delta`` uploads only the tensors that changed since the previous
+version this publisher uploaded (a full version every ``full_every``).
+
 Only the newest version matters to followers: a snapshot still waiting when a
 newer one arrives is dropped (counted as superseded) and never written, so a
 slow disk delays versions instead of queueing them. An announcement the
@@ -27,6 +35,7 @@ from pathlib import Path
 import torch
 
 from arbiter.stream import StreamError
+from arbiter.weights import MANIFEST, ParentVersion, PublishSettings, StoreError, join_uri, open_store, publish_version
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +69,42 @@ def snapshot_tensors(module: torch.nn.Module, only_trainable: bool) -> dict[str,
     return out
 
 
+def to_bf16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors as bfloat16 for transport (others as they are);
+    tensors that share storage (tied embeddings) still share it."""
+    cast: dict[tuple[int, torch.Size, torch.dtype], torch.Tensor] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.dtype == torch.bfloat16:
+            out[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if key not in cast:
+            cast[key] = tensor.to(torch.bfloat16)
+        out[name] = cast[key]
+    return out
+
+
 class BackgroundPublisher:
-    """``submit(snapshot)`` returns at once; ``save(dir, snapshot)`` and then
-    ``announce(version)`` run on the publisher's thread. ``close()`` finishes
-    the newest pending version (and its announcement) before returning."""
+    """``submit(snapshot)`` returns at once; ``save(dir, snapshot)``, the
+    upload (with ``weights.uri``) and then ``announce(version)`` (with a
+    store: ``announce(version, weights_uri=URI)``) run on the publisher's
+    thread. ``close()`` finishes the newest pending version (and its
+    announcement) before returning."""
 
     def __init__(
-        self, root: Path, save: Callable[[Path, Snapshot], None], announce: Callable[[str], None],
+        self, root: Path, save: Callable[[Path, Snapshot], None], announce: Callable[..., None],
         on_saved: Callable[[str, float], None] | None = None, on_superseded: Callable[[], None] | None = None,
-        retry_s: float = 2.0,
+        retry_s: float = 2.0, weights: PublishSettings | None = None,
     ):
         self.root = root
+        self.weights = weights or PublishSettings()
+        self._store = open_store(self.weights.uri, self.weights.transfer) if self.weights.uri else None
+        # The last version uploaded, the next delta's parent, and deltas since a full version.
+        self._parent: ParentVersion | None = None
+        self._deltas = 0
+        self._uploaded: dict[str, str] = {}  # version -> its URI (the newest few)
+        self.last_published = None  # arbiter.weights.Published of the newest upload
         self._save = save
         self._announce = announce
         self._on_saved = on_saved or (lambda version, seconds: None)
@@ -156,6 +190,8 @@ class BackgroundPublisher:
         tmp = self.root / f".tmp-{job.version}"
         try:
             shutil.rmtree(tmp, ignore_errors=True)
+            if self.weights.bf16:
+                job = Snapshot(job.version, job.step, to_bf16(job.tensors))
             self._save(tmp, job)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -167,11 +203,38 @@ class BackgroundPublisher:
         self._on_saved(job.version, time.perf_counter() - started)
         return True
 
+    def _upload(self, version: str) -> str:
+        """The version in the store (once); returns its URI. Raises StoreError."""
+        if self._store is None:
+            return ""
+        if version in self._uploaded:
+            return self._uploaded[version]
+        if self._store.exists(f"{version}/{MANIFEST}"):  # uploaded before a restart (a label names one set of weights)
+            return join_uri(self._store.uri, version)
+        started = time.perf_counter()
+        directory = self.root / version
+        parent = None
+        if self.weights.delta and self._deltas + 1 < self.weights.full_every and self._parent is not None \
+                and self._parent.directory.is_dir():
+            parent = self._parent
+        published = publish_version(self._store, version, directory, parent=parent,
+                                    dtype="bfloat16" if self.weights.bf16 else None)
+        self._deltas = self._deltas + 1 if published.delta_of else 0
+        self._parent = ParentVersion(version, directory, published.weights_sha256)
+        self._uploaded = {version: published.uri}
+        self.last_published = published
+        log.info("policy %s uploaded to %s: %.1f of %.1f MiB%s in %.2fs", version, published.uri,
+                 published.bytes_uploaded / 2**20, published.bytes_total / 2**20,
+                 f" (delta of {published.delta_of})" if published.delta_of else "", time.perf_counter() - started)
+        return published.uri
+
     def _try_announce(self, version: str) -> None:
         try:
-            self._announce(version)
-        except StreamError as err:  # not acknowledged, or the broker is not even reachable
-            log.warning("announcing policy %s failed (retried while training goes on): %s", version, err)
+            uri = self._upload(version)
+            # Without a store the callback keeps its one-argument form.
+            self._announce(version, weights_uri=uri) if uri else self._announce(version)
+        except (StreamError, StoreError) as err:  # not acknowledged / not stored, or not even reachable
+            log.warning("publishing policy %s failed (retried while training goes on): %s", version, err)
             with self._cond:
                 if self._pending is None:
                     self._owed = version
