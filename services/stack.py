@@ -64,6 +64,7 @@ budget: it keeps retrying with capped backoff, and an alert on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -158,6 +159,13 @@ class StackConfig:
     # `train` arbiter train rm's config (model_dir defaults to reward_model,
     # registry to WORKDIR/rm-registry); the reward service may load from the registry.
     rm_loop: dict[str, Any] | None = None
+    # Published policy versions through a store instead of the trainer's
+    # directory (arbiter/weights): {uri: s3://arbiter-weights/policies, bf16:
+    # false, delta: false, ...} fills the trainer's `weights` section and gives
+    # each policy replica a download cache. An s3:// URI with no endpoint in
+    # the environment (AWS_ENDPOINT_URL) starts a local S3-protocol store
+    # (moto, mirrored to WORKDIR/weights-store) with that bucket.
+    weights: dict[str, Any] = field(default_factory=dict)
     # Supervision: at most restart_budget restarts of one component within
     # restart_window_s (0: never restart); the delay before a restart doubles
     # from restart_backoff_s up to restart_backoff_max_s, and falls back to
@@ -210,6 +218,37 @@ class StackConfig:
                              f"restart_backoff_s ({self.restart_backoff_s})")
         self.plan_placement()
         check_worker_staleness(self)
+        self.weights_settings()
+
+    def weights_settings(self):
+        """The trainer's publish settings from ``weights`` (None without a URI)."""
+        from arbiter.config import ConfigError
+        from arbiter.weights import PublishSettings
+
+        if not isinstance(self.weights, dict):
+            raise StackError(f"weights={self.weights!r} is invalid: must be a mapping (uri, bf16, delta, ...)")
+        if not self.weights:
+            return None
+        unknown = set(self.weights) - {f.name for f in dataclasses.fields(PublishSettings)}
+        if unknown:
+            raise StackError(f"weights.{sorted(unknown)[0]} is invalid: not a setting of arbiter.weights."
+                             "PublishSettings")
+        try:
+            settings = PublishSettings(**self.weights)
+            settings.validate("weights")
+        except ConfigError as err:
+            raise StackError(str(err)) from None
+        if not settings.uri:
+            raise StackError("weights.uri is required when weights is set (s3://BUCKET/PREFIX or file:///DIR)")
+        return settings
+
+    @property
+    def local_weights_store(self) -> str | None:
+        """The bucket of a local store the stack starts for weights (None: none needed)."""
+        uri = self.weights.get("uri", "") if isinstance(self.weights, dict) else ""
+        if not uri.startswith("s3://") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"):
+            return None
+        return uri[len("s3://"):].split("/", 1)[0]
 
     def replica_count(self, kind: str) -> int:
         return self.replicas.get(kind, 1)
@@ -330,8 +369,19 @@ def service_args(config: StackConfig, kind: str, model: str | Path, port: int, m
         # Versions the trainer publishes load from its output; --model's
         # directory stays loadable too (the default root).
         roots = (Path(model).resolve().parent, trainer_policies_dir(config))
+        if weights_directory(config) is not None:  # a file:// store is read in place, under the same rule
+            roots += (weights_directory(config),)
         args += ["--follow-updates", *(arg for root in roots for arg in ("--model-roots", str(root)))]
+        if config.weights:
+            cache = Path(config.workdir).resolve() / "weights-cache" / (replica_id or kind)
+            args += ["--weights-cache-dir", str(cache)]
     return args
+
+
+def weights_directory(config: StackConfig) -> Path | None:
+    """The directory of a ``file://`` weights store (None for s3:// or none)."""
+    uri = config.weights.get("uri", "")
+    return Path(uri[len("file://"):]).resolve() if uri.startswith("file://") else None
 
 
 def rm_registry_dir(config: StackConfig) -> Path:
@@ -491,6 +541,30 @@ class BrokerComponent(Component):
 
     def stop(self) -> None:
         self.broker.stop()
+
+
+class ObjectStoreComponent(Component):
+    """The local S3-protocol store published policy versions go through
+    (restarted on the same port; its objects survive on disk)."""
+
+    always = True
+    name = "weights-store"
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.log_path = store.log_path
+
+    def start(self) -> None:
+        self.store.start()
+
+    def alive(self) -> bool:
+        return self.store.running()
+
+    def exit_status(self) -> int | None:
+        return self.store.returncode()
+
+    def stop(self) -> None:
+        self.store.stop()
 
 
 def pin_broker(broker: Any, cores: tuple[int, ...] | None) -> None:
@@ -713,6 +787,9 @@ class Stack:
         self.placement = config.plan_placement()
         self.workdir = Path(config.workdir).resolve()
         self.logs = self.workdir / "logs"
+        # The local weights store (weights.uri s3:// without an endpoint) and what reaches it.
+        self.weights_store = None
+        self.weights_env: dict[str, str] = {}
         self.processes: list[ManagedProcess] = []
         self.broker = None
         # Per model service: the workers' target (round robin over its replicas).
@@ -747,7 +824,8 @@ class Stack:
     def _spawn(self, name: str, args: list[str], *, always: bool, restart_args: list[str] | None = None) -> ManagedProcess:
         placement = self.place(name)
         process = ManagedProcess(name, cli_argv(args), self.logs / f"{name}.log",
-                                 stack_env(self.config, self.bootstrap, placement.threads), always=always,
+                                 {**stack_env(self.config, self.bootstrap, placement.threads), **self.weights_env},
+                                 always=always,
                                  restart_argv=cli_argv(restart_args) if restart_args else None, cores=placement.cores)
         process.start()
         self.processes.append(process)
@@ -758,10 +836,13 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         # The policy's --model-roots must exist before its first version does.
         trainer_policies_dir(c).mkdir(parents=True, exist_ok=True)
+        if weights_directory(c) is not None:
+            weights_directory(c).mkdir(parents=True, exist_ok=True)
         if c.rm_loop is not None:
             rm_registry_dir(c).mkdir(parents=True, exist_ok=True)
         try:
             self._start_broker()
+            self._start_weights_store()
             self._ensure_topics()
             services = {
                 "reward": (c.reward_model, c.reward_port),
@@ -819,6 +900,17 @@ class Stack:
         self.bootstrap = self.broker.bootstrap_servers
         pin_broker(self.broker, self.place("broker").cores)
 
+    def _start_weights_store(self) -> None:
+        bucket = self.config.local_weights_store
+        if bucket is None:
+            return
+        from arbiter.stream.objectstore import LocalObjectStore
+
+        self.weights_store = LocalObjectStore(self.workdir / "weights-store", self.logs / "weights-store.log",
+                                              buckets=[bucket]).start()
+        # The trainer and the policy replicas reach it as any S3 endpoint (arbiter/weights/store.py).
+        self.weights_env = self.weights_store.env()
+
     @property
     def scrape_config_path(self) -> Path:
         return self.workdir / "prometheus.yml"
@@ -851,6 +943,8 @@ class Stack:
         components: list[Component] = list(self.processes)
         if self.broker is not None:
             components.insert(0, BrokerComponent(self.broker, self._broker_restarted, self.place("broker").cores))
+        if self.weights_store is not None:
+            components.insert(0, ObjectStoreComponent(self.weights_store))
         self.supervisor = Supervisor(components, self.config, self.registry)
         if self.config.metrics:
             self._serve_metrics()
@@ -877,6 +971,7 @@ class Stack:
             "torch_threads": self.place("trainer").threads,
             **({"metrics_port": self._metrics_port("trainer")} if c.metrics else {}),
             **c.trainer,
+            **({"weights": {**c.trainer.get("weights", {}), **c.weights}} if c.weights else {}),
             # Connection comes from the stack's environment (ARBITER_KAFKA_*).
             "kafka": {"session_timeout_ms": 6000, **c.trainer.get("kafka", {})},
         }
@@ -964,6 +1059,9 @@ class Stack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self.weights_store is not None:
+            self.weights_store.stop()
+            self.weights_store = None
         stop_metrics_endpoint(self._metrics_httpd)
         self._metrics_httpd = None
 

@@ -270,3 +270,49 @@ def test_trainer_publishes_through_s3_and_the_replica_swaps(s3, policy, tiny_mod
         # Only the versions still loaded keep their files in the replica's cache.
         assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")) == [
             "ppo-1", "ppo-2"]
+
+
+def test_arbiter_up_publishes_through_a_local_store_it_starts(tiny_models, tmp_path, monkeypatch):
+    """``weights: {uri: s3://...}`` in the stack: with no endpoint in the
+    environment the stack starts a local store with that bucket (supervised:
+    restarted with its objects), the trainer's config gets the settings and
+    every policy replica a download cache; bad settings are refused at load."""
+    from services.policy.server import add_arguments, settings_from_args
+    from services.stack import ObjectStoreComponent, Stack, StackConfig, StackError, service_args, trainer_policies_dir
+    from trainer.config import load_config
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    here = str(tiny_models["policy"])
+    for bad, field in (({"uri": "http://host/x"}, "weights.uri"), ({"delta": True, "uri": ""}, "weights.delta"),
+                       ({"uri": "s3://b/p", "zstd": True}, "weights.zstd")):
+        with pytest.raises(StackError, match=field.replace(".", r"\.")):
+            StackConfig(policy_model=here, reward_model=here, prompts_file=here, weights=bad)
+    config = StackConfig(policy_model=here, reward_model=here, prompts_file=here, metrics=False,
+                         workdir=str(tmp_path / "stack"), weights={"uri": "s3://arbiter-weights/policies", "bf16": True})
+    stack = Stack(config)
+    stack.logs.mkdir(parents=True)
+    trainer_policies_dir(config).mkdir(parents=True)  # as Stack.start does
+    try:
+        stack._start_weights_store()
+        trainer = load_config(stack._write_trainer_config())
+        assert (trainer.weights.uri, trainer.weights.bf16) == ("s3://arbiter-weights/policies", True)
+        import argparse
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = service_args(config, "policy", here, 50099, None, replica_id="policy-1")[2:]
+        assert settings_from_args(parser.parse_args([*args, "--kafka-bootstrap-servers", "k:9092"])).weights_cache_dir == str(
+            tmp_path / "stack" / "weights-cache" / "policy-1")
+
+        for name, value in stack.weights_env.items():  # what every component's environment gets
+            monkeypatch.setenv(name, value)
+        store = open_store("s3://arbiter-weights/policies")
+        store.put_bytes("probe", b"kept")
+        component = ObjectStoreComponent(stack.weights_store)
+        stack.weights_store.kill()
+        assert not component.alive() and component.exit_status() != 0
+        component.start()
+        assert component.alive() and store.get_bytes("probe") == b"kept"
+    finally:
+        stack.stop()
+    assert stack.weights_store is None
