@@ -21,7 +21,7 @@ from bench.common import QUICK_SECONDS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BENCHES = ("reward", "triton", "triton-policy", "policy", "reference", "ppo")
+BENCHES = ("reward", "triton", "triton-policy", "policy", "reference", "ppo", "publish")
 # Run only when named (--only soak).
 EXTRA = ("soak",)
 TRITON_VENV = ".venv-triton"
@@ -77,6 +77,10 @@ def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int, soak_
         from bench import ppo_bench
 
         return ppo_bench.run(iterations=ppo_iterations, quick=quick)
+    if name == "publish":
+        from bench import publish_bench
+
+        return publish_bench.run(quick=quick)
     if name == "soak":
         from bench import soak
 
