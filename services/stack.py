@@ -374,7 +374,7 @@ def service_args(config: StackConfig, kind: str, model: str | Path, port: int, m
         args += ["--follow-updates", *(arg for root in roots for arg in ("--model-roots", str(root)))]
         if config.weights:
             cache = Path(config.workdir).resolve() / "weights-cache" / (replica_id or kind)
-            args += ["--weights-cache-dir", str(cache)]
+            args += ["--weights-cache-dir", str(cache), "--weights-uri-prefix", config.weights["uri"]]
     return args
 
 

@@ -195,6 +195,7 @@ def follower(policy_dir, kafka, cache: Path, roots) -> BackgroundServer:
     settings = PolicySettings(
         model_dir=str(policy_dir), port=0, metrics_port=0, follow_updates=True, replica_id="s3-replica",
         kafka=kafka, max_loaded_versions=2, grace_seconds=1.0, model_roots=roots, weights_cache_dir=str(cache),
+        weights_uri_prefixes=(f"s3://{BUCKET}/run",),
     )
     return BackgroundServer(lambda: create_server(settings))
 
@@ -255,18 +256,22 @@ def test_trainer_publishes_through_s3_and_the_replica_swaps(s3, policy, tiny_mod
         # Cut short before its manifest: refused too.
         v4 = write_version(policy, tmp_path / "elsewhere", "ppo-4", moved(base, seed=4))
         store.put_file("ppo-4/model.safetensors", v4 / "model.safetensors")
+        # Intact, but in a store location this replica does not take versions from.
+        publish_version(open_store(f"s3://{BUCKET}/runaway"), "ppo-5", v3)
         with StreamProducer(kafka_settings) as producer:
-            for version, sha in (("ppo-3", p3.weights_sha256), ("ppo-4", hashlib.sha256(b"").hexdigest())):
+            for version, sha, uri in (("ppo-3", p3.weights_sha256, f"s3://{BUCKET}/run/ppo-3"),
+                                      ("ppo-4", hashlib.sha256(b"").hexdigest(), f"s3://{BUCKET}/run/ppo-4"),
+                                      ("ppo-5", p3.weights_sha256, f"s3://{BUCKET}/runaway/ppo-5")):
                 producer.send(topics.POLICY_UPDATES, policy_update(
-                    version, "/not/on/this/machine", "v0", 9, sha, False, weights_uri=f"s3://{BUCKET}/run/{version}"))
+                    version, "/not/on/this/machine", "v0", 9, sha, False, weights_uri=uri))
                 producer.flush()
-        reasons = ("download", "sha256", "parent", "manifest")
+        reasons = ("download", "sha256", "parent", "manifest", "outside_roots")
         wait_until(lambda: sum(counts(server, "arbiter_policy_update_refusals_total", "reason", reasons).values())
-                   == 2, what="both bad versions to be refused")
+                   == 3, what="the three bad versions to be refused")
         assert counts(server, "arbiter_policy_update_refusals_total", "reason", reasons) == {
-            "download": 1, "sha256": 1, "parent": 0, "manifest": 0}
+            "download": 1, "sha256": 1, "parent": 0, "manifest": 0, "outside_roots": 1}
         assert counts(server, "arbiter_policy_updates_total", "outcome", ("applied", "refused")) == {
-            "applied": 2, "refused": 2}
+            "applied": 2, "refused": 3}
         assert client.info().version == "ppo-2"
         assert client.generate([PROMPT], **probe).samples[0].policy_version == "ppo-2"
         # Only the versions still loaded keep their files in the replica's cache.
@@ -303,8 +308,9 @@ def test_arbiter_up_publishes_through_a_local_store_it_starts(tiny_models, tmp_p
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         args = service_args(config, "policy", here, 50099, None, replica_id="policy-1")[2:]
-        assert settings_from_args(parser.parse_args([*args, "--kafka-bootstrap-servers", "k:9092"])).weights_cache_dir == str(
-            tmp_path / "stack" / "weights-cache" / "policy-1")
+        replica = settings_from_args(parser.parse_args([*args, "--kafka-bootstrap-servers", "k:9092"]))
+        assert replica.weights_cache_dir == str(tmp_path / "stack" / "weights-cache" / "policy-1")
+        assert replica.weights_uri_prefixes == ("s3://arbiter-weights/policies",)
 
         for name, value in stack.weights_env.items():  # what every component's environment gets
             monkeypatch.setenv(name, value)

@@ -167,6 +167,14 @@ class _Digests:
         return self.files[path.name]
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(8 * MiB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
 
@@ -247,7 +255,7 @@ def publish_version(
                 scratch.mkdir(parents=True, exist_ok=True)
                 blob = scratch / (path.name + _DELTA_SUFFIX)
                 _write_delta(path, ranges, blob)
-                entry["delta"] = {"object": blob.name, "sha256": hashlib.sha256(blob.read_bytes()).hexdigest(),
+                entry["delta"] = {"object": blob.name, "sha256": _file_sha256(blob),
                                   "bytes": blob.stat().st_size, "tensors_changed": len(ranges)}
                 store.put_file(f"{version}/{blob.name}", blob)
                 uploaded += entry["delta"]["bytes"]
@@ -360,7 +368,7 @@ def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetc
                     blob = tmp / f".{name}{_DELTA_SUFFIX}"
                     store.get_file(f"{version}/{entry['delta']['object']}", blob)
                     downloaded += blob.stat().st_size
-                    if hashlib.sha256(blob.read_bytes()).hexdigest() != entry["delta"].get("sha256"):
+                    if _file_sha256(blob) != entry["delta"].get("sha256"):
                         raise WeightsError(SHA256, f"{where}: the delta of {name} does not match its sha256")
                     if not (parent_dir / name).is_file():
                         raise WeightsError(PARENT, f"{where}: the parent version has no {name} to patch")

@@ -13,6 +13,17 @@ the first that is applied (or already loaded) supersedes all older ones, so a
 (re)started replica loads only the newest loadable version and ends up where
 its long-running peers are, even when the newest update is broken.
 
+An update with ``weights_uri`` (``s3://bucket/prefix/VERSION`` or
+``file:///dir/VERSION``, published through :mod:`arbiter.weights`) is
+fetched into this replica's ``--weights-cache-dir``: downloaded, every file
+checked against the manifest's sha256 (a delta patched onto its parent after
+the parent's sha256 is checked), and only then loaded; ``weights_uri`` takes
+precedence over ``checkpoint_path``, which older trainers alone set. A
+version that cannot be downloaded or verified is refused (counted in
+``arbiter_policy_update_refusals_total{reason}``) and the serving version
+stays; it is not retried (the trainer's next version is). Only locations
+under ``--weights-uri-prefix`` are fetched when that is set.
+
 With the Triton backend (``--backend triton``) each update's checkpoint is
 first exported as the next version of the served Triton model (beside the
 serving one, under the model's existing config.pbtxt), and that version
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -67,6 +79,7 @@ class PolicyUpdateFollower:
         poll_timeout_s: float = 0.5,
         retry_s: float = 2.0,
         weights_cache_dir: str | Path | None = None,
+        weights_uri_prefixes: Sequence[str] = (),
     ):
         self.kafka = kafka
         self.replica_id = replica_id
@@ -80,7 +93,9 @@ class PolicyUpdateFollower:
         self.retry_s = retry_s
         # Versions fetched from a weights store are materialized here (this
         # replica's own directory, so it is not subject to model_roots).
+        self._own_cache = not weights_cache_dir
         self.weights_cache_dir = Path(weights_cache_dir or tempfile.mkdtemp(prefix=f"arbiter-weights-{replica_id}-"))
+        self.weights_uri_prefixes = tuple(p.rstrip("/") for p in weights_uri_prefixes)
         self._stop = threading.Event()
         # Readiness: set once every update published before this replica
         # joined has been handled (each assigned partition read to its high
@@ -104,6 +119,9 @@ class PolicyUpdateFollower:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
             if self._thread.is_alive():
                 log.warning("policy-update follower did not stop within %.0fs", timeout_s)
+                return
+        if self._own_cache:  # loaded models keep their weights; the files were ours
+            shutil.rmtree(self.weights_cache_dir, ignore_errors=True)
 
     # -- consumer thread ----------------------------------------------------
 
@@ -197,6 +215,10 @@ class PolicyUpdateFollower:
         try:
             if fetched_from:
                 scheme, local = split_uri(fetched_from)
+                if self.weights_uri_prefixes and not any(
+                        fetched_from.startswith(p + "/") for p in self.weights_uri_prefixes):
+                    raise PermissionDenied(f"weights_uri {fetched_from!r} is outside this replica's "
+                                           f"--weights-uri-prefix ({', '.join(self.weights_uri_prefixes)})")
                 if scheme == "file":  # a shared directory: the same rule as checkpoint_path
                     check_model_root(local, self.model_roots)
             else:

@@ -29,7 +29,8 @@ def _register(server, engine: PolicyEngine, metrics: PolicyMetrics, settings: Po
 
     follower = PolicyUpdateFollower(settings.kafka, settings.replica_id, engine, settings.allowed_model_roots(),
                                     asyncio.get_running_loop(), metrics,
-                                    weights_cache_dir=settings.weights_cache_dir or None)
+                                    weights_cache_dir=settings.weights_cache_dir or None,
+                                    weights_uri_prefixes=settings.weights_uri_prefixes)
     follower.start()
     # Closed before the engine: a load in flight finishes first. Not ready
     # (health NOT_SERVING) until the follower has caught up with the topic: a

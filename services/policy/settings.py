@@ -41,6 +41,14 @@ class PolicySettings(ModelServerSettings):
     # downloaded and verified before loading (default: a new temporary directory).
     weights_cache_dir: str = field(default="", metadata=flag(
         help="directory for versions fetched from a weights store (default: a temporary directory)"))
+    # The store locations an update's weights_uri may name (the object-storage
+    # analogue of model_roots): s3://bucket/prefix or file:///dir, prefixes
+    # matched at a "/" boundary. Empty: any s3:// URI, file:// only under
+    # model_roots. Set it wherever the policy-updates topic is writable by
+    # more than the trainer.
+    weights_uri_prefixes: tuple[str, ...] = field(default=(), metadata=flag(
+        "--weights-uri-prefix", action="append", metavar="URI",
+        help="a store location updates may fetch weights from (repeatable; default: any s3:// URI)"))
     kafka: KafkaSettings | None = field(default=None, metadata=flag(None))
 
     def __post_init__(self) -> None:
@@ -61,6 +69,10 @@ class PolicySettings(ModelServerSettings):
                 require(value == default, name,
                         f"with --backend triton the decoding budget is the exported model's: set it with `arbiter "
                         f"triton export --kind policy --{name.replace('_', '-')}` (leave it unset here)", value)
+        object.__setattr__(self, "weights_uri_prefixes", tuple(p.rstrip("/") for p in self.weights_uri_prefixes))
+        for prefix in self.weights_uri_prefixes:
+            require(prefix.startswith(("s3://", "file:///")), "weights_uri_prefixes",
+                    "must be s3://BUCKET[/PREFIX] or file:///DIR", prefix)
         if self.follow_updates:
             require(
                 isinstance(self.kafka, KafkaSettings), "kafka",
