@@ -158,8 +158,14 @@ def test_delta_carries_only_changed_tensors_and_checks_its_parent(s3, policy, tm
     weights.write_bytes(bytes(data))
     with pytest.raises(WeightsError) as err:
         fetch_version(p2.uri, tampered)
-    assert err.value.reason == PARENT and "refusing to patch" in str(err.value)
+    assert err.value.reason == PARENT and "not the one the delta was made against" in str(err.value)
     assert not (tampered / "v2").exists()
+    # A cached parent of the same name but other weights (say, republished): refused before patching.
+    manifest_file = tampered / "v1" / "manifest.json"
+    manifest_file.write_text(manifest_file.read_text().replace(p1.weights_sha256, "1" * 64))
+    with pytest.raises(WeightsError) as err:
+        fetch_version(p2.uri, tampered)
+    assert err.value.reason == PARENT and "refusing to patch" in str(err.value)
 
     # A delta against a parent the store never had: refused cleanly.
     ghost = write_version(policy, tmp_path / "pub", "ghost", moved(base, seed=2))

@@ -311,8 +311,11 @@ def _cached(directory: Path, manifest: dict) -> bool:
     return mine.get("weights_sha256") == manifest["weights_sha256"] and mine.get("files") == manifest["files"]
 
 
-def _verify(directory: Path, manifest: dict, where: str) -> str:
-    """Every file against its sha256, and the weights digest; returns the latter."""
+def _verify(directory: Path, manifest: dict, where: str, patched: frozenset[str] = frozenset()) -> str:
+    """Every file against its sha256, and the weights digest; returns the
+    latter. ``patched``: files made from a (verified) delta and the parent's
+    copy, so a mismatch there means the local parent's bytes are not the ones
+    its manifest vouched for."""
     digests = _Digests()
     for name, entry in sorted(manifest["files"].items()):
         path = directory / name
@@ -320,6 +323,10 @@ def _verify(directory: Path, manifest: dict, where: str) -> str:
             raise WeightsError(DOWNLOAD, f"{where}: {name} is missing")
         actual = digests.add(path)
         if actual != entry.get("sha256"):
+            if name in patched:
+                raise WeightsError(PARENT, f"{where}: {name} patched onto the parent's copy has sha256 {actual}, "
+                                   f"the manifest says {entry.get('sha256')}: the parent here is not the one the "
+                                   "delta was made against; refusing to serve other weights")
             raise WeightsError(SHA256, f"{where}: {name} has sha256 {actual}, the manifest says "
                                f"{entry.get('sha256')} (a corrupted or tampered object)")
     weights = digests.weights.hexdigest()
@@ -357,6 +364,7 @@ def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetc
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     downloaded = 0
+    patched: set[str] = set()
     try:
         parent_dir = None
         for name, entry in sorted(files.items()):
@@ -373,13 +381,14 @@ def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetc
                     if not (parent_dir / name).is_file():
                         raise WeightsError(PARENT, f"{where}: the parent version has no {name} to patch")
                     _apply_delta(parent_dir / name, blob, tmp / name)
+                    patched.add(name)
                     blob.unlink()
                 else:
                     store.get_file(f"{version}/{name}", tmp / name)
                     downloaded += (tmp / name).stat().st_size
             except StoreError as err:
                 raise WeightsError(DOWNLOAD, str(err)) from err
-        weights = _verify(tmp, manifest, where)
+        weights = _verify(tmp, manifest, where, frozenset(patched))
         (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -389,8 +398,11 @@ def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetc
 
 
 def _parent(base: str, manifest: dict, cache_dir: Path, where: str, depth: int) -> tuple[Path, int]:
-    """The parent version's directory, its weights sha256 checked against
-    what the delta was made from; fetched (down its own chain) if not cached."""
+    """The parent version's directory, fetched (down its own chain) if not
+    cached, once its weights sha256 (as verified when it was materialized)
+    is the one the delta was made against. Its bytes are not hashed again
+    here: every patched file is checked against its own sha256 afterwards,
+    which a parent changed since would fail (refused as ``parent``)."""
     parent = manifest.get("parent") or {}
     name, expected = parent.get("version"), parent.get("weights_sha256")
     if not isinstance(name, str) or not isinstance(expected, str):
@@ -405,13 +417,13 @@ def _parent(base: str, manifest: dict, cache_dir: Path, where: str, depth: int) 
         except WeightsError as err:
             raise WeightsError(PARENT, f"{where}: its parent {name!r} cannot be had: {err}") from err
         directory, downloaded = fetched.path, fetched.bytes_downloaded
-    digests = _Digests()
-    for path in sorted(directory.glob("*.safetensors")):
-        digests.add(path)
-    actual = digests.weights.hexdigest()
+    try:
+        actual = json.loads((directory / MANIFEST).read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        actual = None
     if actual != expected:
-        raise WeightsError(PARENT, f"{where}: the parent {name!r} here hashes to {actual}, the delta was made "
-                           f"against {expected}; refusing to patch other weights")
+        raise WeightsError(PARENT, f"{where}: the parent {name!r} here has weights sha256 {actual}, the delta was "
+                           f"made against {expected}; refusing to patch other weights")
     return directory, downloaded
 
 
