@@ -134,8 +134,9 @@ def run(layers: int = 4, width: int = 512, rounds: int = 3, quick: bool = False)
               f"{rounds} round(s) per mode", flush=True)
 
         def shared_dir(n: int) -> tuple[float, float, float, int]:
+            tensors = _moved(base, n, lambda _: True)
             t0 = time.perf_counter()
-            out = save(work / f"shared-{n}", _moved(base, n, lambda _: True), f"s{n}")
+            out = save(work / f"shared-{n}", tensors, f"s{n}")
             t1 = time.perf_counter()
             weights_sha256(out)  # the follower's check of checkpoint_path
             t2 = time.perf_counter()

@@ -143,8 +143,12 @@ class S3Store(Store):
         # An endpoint given by address (a local or in-cluster store) has no
         # bucket subdomains: path-style requests work against every server.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # No per-request CRC on top of TLS/TCP: every file is checked end to
+        # end against the manifest's sha256, which a per-request checksum
+        # cannot replace (it would pass a wrong but intact object).
         config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60,
-                        s3={"addressing_style": "path" if endpoint else "auto"})
+                        s3={"addressing_style": "path" if endpoint else "auto"},
+                        request_checksum_calculation="when_required", response_checksum_validation="when_required")
         self._client = boto3.client("s3", endpoint_url=endpoint or None, config=config)
         self._transfer = TransferConfig(
             multipart_threshold=transfer.multipart_threshold, multipart_chunksize=transfer.multipart_chunksize,
