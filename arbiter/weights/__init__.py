@@ -22,7 +22,10 @@ Encodings, chosen by the trainer (``PublishSettings``), read by every replica:
   objective use the rollout's own log-probs as π_behaviour) stays a correct
   off-policy correction; the rounding shows up as a small extra distance from
   on-policy (ratios ≠ 1 at the first minibatch), like one more step of
-  staleness, never as a bias.
+  staleness, never as a bias (measured: ≤ 9e-3 nats per token on a 13 M
+  parameter GPT-2, ``bench/publish_bench.py``; a ratio within 1 ± 0.01, far
+  inside the 0.2 clip). The trainer keeps training its float32 weights, so
+  rounding never accumulates from one version to the next.
 - **delta**: a ``.safetensors`` file whose header (names, dtypes, shapes,
   offsets) equals the same file of the parent version is stored as only the
   byte ranges of the tensors that changed (``NAME.delta``); the manifest names
