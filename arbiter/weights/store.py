@@ -86,6 +86,17 @@ class Store:
         return None
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the store shares the trainer's filesystem: a
+    published version's files are never rewritten in place, so the store
+    needs no second copy of the bytes (the publish cost stays one write)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, target)
+
+
 class FileStore(Store):
     """A directory (local disk, or a shared volume mounted on every machine)."""
 
@@ -97,7 +108,7 @@ class FileStore(Store):
         return self.root / key
 
     def put_file(self, key: str, path: Path) -> None:
-        self._write(key, lambda tmp: shutil.copyfile(path, tmp))
+        self._write(key, lambda tmp: _link_or_copy(path, tmp))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda tmp: tmp.write_bytes(data))
