@@ -48,12 +48,13 @@ def ppo_main(args) -> int:
     distributed.init(ranks, config.collective_timeout_s)
     try:
         return _run(config, kafka, args, ranks)
-    except DistError as err:
-        # A peer died or hung: this rank stops too (torchrun ends the job;
-        # nothing past the newest checkpoint was committed, so a restart
-        # resumes exactly once).
-        print(f"arbiter train ppo: rank {ranks.rank}: a collective failed ({type(err).__name__}: {err}); "
-              "another rank probably died: stopping without a checkpoint", file=sys.stderr)
+    except (DistError, RuntimeError) as err:
+        # Most often a peer died or hung and a collective failed (gloo reports
+        # a reset connection as a plain RuntimeError): this rank stops too,
+        # torchrun ends the job, and nothing past the newest checkpoint was
+        # committed, so a restart resumes exactly once.
+        print(f"arbiter train ppo: rank {ranks.rank} of {ranks.world} stopped without a checkpoint: "
+              f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()
