@@ -105,10 +105,10 @@ def test_global_batch_is_shared_round_robin():
     assert allocate([3, 4], 8) is None
 
 
-def torchrun(config_path, port, *extra):
+def torchrun(config_path, port):
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
             "--master-addr", "127.0.0.1", "--master-port", str(port),
-            "-m", "cli", "train", "ppo", "--config", str(config_path), *extra]
+            "-m", "cli", "train", "ppo", "--config", str(config_path)]
 
 
 def rank_pids(launcher_pid):
@@ -170,8 +170,10 @@ def test_sigkill_of_one_rank_stops_the_job_and_a_restart_trains_everything_once(
 
     produce(kafka_settings, second)
     # 32 rollouts at 8 per update: the job ends by itself after update 4.
-    job = subprocess.run(torchrun(config_path, free_port(), "--max-updates", "4"), env=env, capture_output=True,
-                         text=True, timeout=180)
+    # Started the way a user would on one machine: arbiter starts torchrun.
+    restart = [sys.executable, "-m", "cli", "train", "ppo", "--config", str(config_path), "--nproc-per-node", "2",
+               "--max-updates", "4"]
+    job = subprocess.run(restart, env=env, capture_output=True, text=True, timeout=180)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output
     assert f"trainer ready: step {killed_at}, policy" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ import threading
 from prometheus_client import start_http_server
 
 from arbiter.stream import KafkaSettings, StreamError
-from arbiter.config import ConfigError
+from arbiter.config import ConfigError, require
 from trainer.config import PARALLEL, TrainerConfig, load_config
 
 log = logging.getLogger("arbiter.trainer")
@@ -26,6 +27,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parallel", choices=PARALLEL,
                         help="ranks under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2, sharded "
                              "weights and optimizer); none is one process (overrides the config)")
+    parser.add_argument("--nproc-per-node", type=int,
+                        help="start this many ranks on this machine (torchrun --standalone) with --parallel ddp|fsdp; "
+                             "for several machines run torchrun yourself: torchrun ... -m cli train ppo ...")
     parser.add_argument("--reset-offsets", action="store_true",
                         help="resume weights and optimizer but not the checkpoint's stream offsets (a new cluster or recreated "
                              "topics): read from the group's committed offsets, or the start where there are none")
@@ -37,6 +41,8 @@ def ppo_main(args) -> int:
         kafka = kafka_settings(config)
         from trainer import distributed
 
+        if args.nproc_per_node is not None and "RANK" not in os.environ:
+            launch_ranks(args, config)  # does not return
         ranks = distributed.ranks_from_env(config.parallel)
     except (ConfigError, ValueError) as err:
         print(f"arbiter train ppo: {err}", file=sys.stderr)
@@ -58,6 +64,23 @@ def ppo_main(args) -> int:
         return 1
     finally:
         distributed.shutdown()
+
+
+def launch_ranks(args, config: TrainerConfig) -> None:
+    """Replace this process with torchrun starting ``--nproc-per-node``
+    ranks of this same command: signals then reach torchrun, which passes
+    them to every rank (SIGTERM: each stops after its update, checkpointed)."""
+    require(args.nproc_per_node >= 1, "nproc_per_node", "must be >= 1", args.nproc_per_node)
+    require(config.parallel != "none", "parallel", "must be ddp or fsdp with --nproc-per-node", config.parallel)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={args.nproc_per_node}", "-m", "cli", "train", "ppo", "--config", str(args.config),
+               f"--parallel={config.parallel}"]
+    if args.max_updates is not None:
+        command.append(f"--max-updates={args.max_updates}")
+    if args.reset_offsets:
+        command.append("--reset-offsets")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
 
 
 def _run(config: TrainerConfig, kafka: KafkaSettings, args, ranks) -> int:
