@@ -63,6 +63,8 @@ def _rank_update(rank, world, port, parallel, model_dir, out):
         batch = uneven_batch(model_dir, seed=7)
         mine = batch[:5] if rank == 0 else batch[5:]  # split unevenly, in order
         record = trainer.train_on(trainer.global_batch(mine), local=len(mine))
+        # The published version: under FSDP gathered from every rank's shards; rank 0 writes it.
+        trainer.save_policy_version()
         state = distributed.full_state_dict(trainer.model) if parallel == "fsdp" else trainer.model.state_dict()
         if rank == 0:
             torch.save({k: v.detach().cpu() for k, v in state.items()}, out / "params.pt")
@@ -86,6 +88,11 @@ def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel):
     assert distributed.keys() == expected.keys()
     worst = max(float((distributed[k] - expected[k].detach()).abs().max()) for k in expected)
     assert worst <= 1e-5
+    # What rank 0 published is those weights, loadable as any Hugging Face policy.
+    from transformers import AutoModelForCausalLM
+
+    published = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "policies" / "ppo-1")).state_dict()
+    assert max(float((v - expected[f"lm.{k}"]).abs().max()) for k, v in published.items()) <= 1e-5
     # The update moved the weights far more than that: the comparison is not vacuous.
     start = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path / "start")), KafkaSettings())
     moved = max(float((v - expected[k]).abs().max()) for k, v in start.model.state_dict().items())

@@ -394,12 +394,16 @@ class PPOTrainer:
         return version
 
     def save_policy_version(self) -> Path:
-        """Write the current policy as a servable version now (atomic rename)."""
+        """Write the current policy as a servable version now (atomic rename;
+        with ranks, every rank calls this and rank 0 writes)."""
+        snapshot = self._policy_snapshot() if self.ranks is not None else None
         version = self._register_version()
         final = self.policies / version
+        if self.ranks is not None and not self.ranks.is_main:
+            return final
         tmp = self.policies / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_policy(tmp, version)
+        self.model.save_policy(tmp, version, snapshot)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
