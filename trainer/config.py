@@ -211,6 +211,18 @@ class TrainerConfig:
             require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
         for name in ("publish_every", "keep_checkpoints", "dedupe_window"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require_choice(self.parallel, "parallel", PARALLEL)
+        require(
+            math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0, "collective_timeout_s",
+            "must be > 0 seconds", self.collective_timeout_s,
+        )
+        if self.parallel == "fsdp":
+            require(self.ppo.lora is None, "ppo.lora",
+                    "must be null with parallel: fsdp (LoRA adapters are small: train them with parallel: ddp)",
+                    self.ppo.lora)
+            require(self.ppo.ptx_coef == 0, "ppo.ptx_coef",
+                    "must be 0 with parallel: fsdp (PPO-ptx's second forward is supported with ddp or none)",
+                    self.ppo.ptx_coef)
         if self.checkpoint_every is not None:
             require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 or null", self.checkpoint_every)
         if self.checkpoint_every_s is not None:
@@ -224,18 +236,6 @@ class TrainerConfig:
             "and a restart replays the whole stream", self.checkpoint_every,
         )
         self.ppo.validate("ppo")
-        require_choice(self.parallel, "parallel", PARALLEL)
-        require(
-            math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0, "collective_timeout_s",
-            "must be > 0 seconds", self.collective_timeout_s,
-        )
-        if self.parallel == "fsdp":
-            require(self.ppo.lora is None, "ppo.lora",
-                    "must be null with parallel: fsdp (LoRA adapters are small: train them with parallel: ddp)",
-                    self.ppo.lora)
-            require(self.ppo.ptx_coef == 0, "ppo.ptx_coef",
-                    "must be 0 with parallel: fsdp (PPO-ptx's second forward is supported with ddp or none)",
-                    self.ppo.ptx_coef)
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainerConfig:
