@@ -7,6 +7,13 @@ offset per partition). It is written to a temporary directory, fsynced, and
 renamed into place; ``LATEST`` is then replaced atomically. Offsets are
 committed to Kafka only after this returns, so the broker never runs ahead of
 a durable checkpoint.
+
+With ranks (``parallel: ddp|fsdp``) one directory holds the whole job: every
+partition's next offset and every rank's RNG state (``rng-<rank>.pt``); under
+DDP rank 0 writes the (replicated) weights and optimizer as above, under FSDP
+every rank writes its shards of both through torch.distributed.checkpoint
+(``sharded/``). Rank 0 renames the directory into place only after every rank
+has written its part, and the ranks commit their offsets only after that.
 """
 
 from __future__ import annotations
@@ -16,18 +23,26 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
 from arbiter.stream import TopicPartition, offsets_from_json, offsets_to_json
 
+if TYPE_CHECKING:
+    from trainer.distributed import Ranks
+
 LATEST = "LATEST"
 STATE = "state.json"
 WEIGHTS = "policy.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
+SHARDED = "sharded"
+
+
+def rank_rng(rank: int) -> str:
+    return f"rng-{rank}.pt"
 
 
 @dataclass
@@ -79,6 +94,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _rng_state(rng: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"generator": rng.get_state(), "torch": torch.get_rng_state()}
+
+
 def save_checkpoint(
     root: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator,
     state: TrainerState, keep: int = 2,
@@ -91,7 +110,40 @@ def save_checkpoint(
     tmp.mkdir()
     save_model(model, str(tmp / WEIGHTS))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    torch.save({"generator": rng.get_state(), "torch": torch.get_rng_state()}, tmp / RNG)
+    torch.save(_rng_state(rng), tmp / RNG)
+    return _install(root, tmp, final, state, keep)
+
+
+def save_distributed_checkpoint(
+    root: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator,
+    state: TrainerState, ranks: Ranks, keep: int = 2,
+) -> Path:
+    """Every rank calls this with the same ``state`` (merged across ranks);
+    ``model`` is the unwrapped module under DDP, the sharded one under FSDP."""
+    from trainer import distributed as dist
+
+    root = Path(root)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-step-{state.step:08d}"
+    if ranks.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    torch.save(_rng_state(rng), tmp / rank_rng(ranks.rank))
+    if ranks.parallel == "fsdp":
+        dist.save_sharded(tmp / SHARDED, model, optimizer)
+    elif ranks.is_main:
+        save_model(model, str(tmp / WEIGHTS))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    dist.barrier()  # every rank's part is written (and, on a shared filesystem, visible)
+    if ranks.is_main:
+        _install(root, tmp, final, state, keep)
+    dist.barrier()  # durable before any rank commits offsets
+    return final
+
+
+def _install(root: Path, tmp: Path, final: Path, state: TrainerState, keep: int) -> Path:
     (tmp / STATE).write_text(json.dumps(state.to_json(), indent=1))
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -116,9 +168,37 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: torch.Generator,
+    ranks: Ranks | None = None,
 ) -> TrainerState:
+    """Restore ``model``, ``optimizer`` and ``rng`` (this rank's, with
+    ``ranks``) and return the state."""
     path = Path(path)
+    sharded = (path / SHARDED).is_dir()
+    if sharded != (ranks is not None and ranks.parallel == "fsdp"):
+        raise RuntimeError(
+            f"checkpoint {path} was written {'sharded (parallel: fsdp)' if sharded else 'unsharded (parallel: none or ddp)'}"
+            f" and cannot be resumed with parallel: {ranks.parallel if ranks else 'none'}: resume it with the "
+            "parallel setting that wrote it"
+        )
+    if sharded:
+        from trainer import distributed as dist
+
+        dist.load_sharded(path / SHARDED, model, optimizer)
+    else:
+        _load_unsharded(path, model, optimizer)
+    # A rank the checkpoint has no RNG state for (the job grew, or it was
+    # written by one process) takes rank 0's, or the single process's.
+    names = ([rank_rng(ranks.rank)] if ranks is not None else []) + [RNG, rank_rng(0)]
+    rng_file = next((path / name for name in names if (path / name).exists()), None)
+    if rng_file is not None:
+        rng_state = torch.load(rng_file, weights_only=False)
+        rng.set_state(rng_state["generator"])
+        torch.set_rng_state(rng_state["torch"])
+    return TrainerState.from_json(json.loads((path / STATE).read_text()))
+
+
+def _load_unsharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
     # Tied embeddings are stored once; anything else missing is a real mismatch.
     real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
@@ -127,7 +207,3 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}"
         )
     optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=False))
-    rng_state = torch.load(path / RNG, weights_only=False)
-    rng.set_state(rng_state["generator"])
-    torch.set_rng_state(rng_state["torch"])
-    return TrainerState.from_json(json.loads((path / STATE).read_text()))

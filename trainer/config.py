@@ -17,6 +17,9 @@ from arbiter.weights import PublishSettings
 
 REWARD_SOURCES = ("raw", "reward_model")
 OBJECTIVES = ("clipped", "decoupled")
+# none: one process; ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard
+# (parameters, gradients and optimizer state sharded across the ranks).
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,13 @@ class TrainerConfig:
     torch_threads: int | None = None
     # How many recent rollout ids are remembered for dedupe (and checkpointed).
     dedupe_window: int = 100_000
+    # How the ranks torchrun starts share the work (trainer/distributed.py):
+    # each reads its own partitions of the rollouts topic, and every update is
+    # one global batch of batch_size rollouts drawn from all of them.
+    parallel: str = "none"
+    # A collective that does not complete within this (a rank died or hangs)
+    # fails the job instead of blocking it forever.
+    collective_timeout_s: float = 300.0
     ppo: PPOConfig = field(default_factory=PPOConfig)
     # Passed to arbiter.stream.KafkaSettings (bootstrap_servers, topic_prefix, ...);
     # ARBITER_KAFKA_* environment variables fill what is not set here.
@@ -206,6 +216,18 @@ class TrainerConfig:
             require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
         for name in ("publish_every", "keep_checkpoints", "dedupe_window"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require_choice(self.parallel, "parallel", PARALLEL)
+        require(
+            math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0, "collective_timeout_s",
+            "must be > 0 seconds", self.collective_timeout_s,
+        )
+        if self.parallel == "fsdp":
+            require(self.ppo.lora is None, "ppo.lora",
+                    "must be null with parallel: fsdp (LoRA adapters are small: train them with parallel: ddp)",
+                    self.ppo.lora)
+            require(self.ppo.ptx_coef == 0, "ppo.ptx_coef",
+                    "must be 0 with parallel: fsdp (PPO-ptx's second forward is supported with ddp or none)",
+                    self.ppo.ptx_coef)
         if self.checkpoint_every is not None:
             require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 or null", self.checkpoint_every)
         if self.checkpoint_every_s is not None:

@@ -21,6 +21,7 @@ published under a new label (``<run_name>-<step>.r<n>``), never over theirs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -48,11 +49,19 @@ from arbiter.stream import (
     cluster_id,
     ensure_topics,
     list_topics,
+    partition_count,
     topics,
 )
+from trainer import distributed as dist
 from trainer import ppo_math as pm
 from trainer.batch import Trajectory, collate
-from trainer.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_distributed_checkpoint,
+)
 from trainer.config import TrainerConfig
 from trainer.convert import InvalidRollout, policy_update, trajectory_from_record
 from trainer.metrics import TrainerMetrics
@@ -86,9 +95,12 @@ class IterationRecord:
 class PPOTrainer:
     def __init__(
         self, config: TrainerConfig, kafka: KafkaSettings, metrics: TrainerMetrics | None = None,
-        reset_offsets: bool = False,
+        reset_offsets: bool = False, ranks: dist.Ranks | None = None,
     ):
+        """``ranks`` (trainer/distributed.py, process group joined): this
+        process is one rank of a ``parallel: ddp|fsdp`` trainer."""
         self.config = config
+        self.ranks = ranks
         self.kafka = kafka
         self.metrics = metrics or TrainerMetrics()
         self.output = Path(config.output_dir)
@@ -96,7 +108,12 @@ class PPOTrainer:
         self.policies = self.output / "policies"
         ppo = config.ppo
         self.model = PolicyWithValue.load(config.model_dir, ppo.lora, config.seed)
+        self.shard: dist.DataParallel | None = None
+        if ranks is not None and ranks.parallel == "fsdp":
+            # Sharded before the optimizer exists, so its state is sharded too.
+            self.shard = dist.DataParallel(ranks, dist.wrap(self.model, ranks, ppo.advantage != "gae"))
         self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=ppo.learning_rate)
+        # The same seed on every rank: the ranks draw one shared minibatch permutation.
         self.rng = torch.Generator().manual_seed(config.seed)
         self.kl_controller = make_kl_controller(ppo)
         self.reward_moments = pm.VersionedMoments()
@@ -105,7 +122,7 @@ class PPOTrainer:
         )
         checkpoint = latest_checkpoint(self.checkpoints)
         if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.rng)
+            self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.rng, ranks)
             self.kl_controller = pm.kl_controller_from_state_dict(self.state.kl_controller)
             self.reward_moments.load_state_dict(self.state.reward_moments)
             log.info("resumed from %s at step %d (policy %s)", checkpoint, self.state.step, self.state.policy_version)
@@ -117,6 +134,15 @@ class PPOTrainer:
                 self.state.offsets = {}
                 self.state.cluster_id = ""
             self._adopt_lost_versions()
+        if ranks is not None:
+            if ranks.parallel == "ddp":
+                # Weights are equal on every rank here (DDP checks them at wrapping).
+                self.shard = dist.DataParallel(ranks, dist.wrap(self.model, ranks, ppo.advantage != "gae"))
+            # A rank reads, and accounts for, only its own partitions; what the
+            # checkpoint counted is rank 0's to carry (merged at every checkpoint).
+            self.state.offsets = {tp: o for tp, o in self.state.offsets.items() if ranks.owns(tp.partition)}
+            if not ranks.is_main:
+                self.state.outcomes = {}
         self.seen: OrderedDict[str, None] = OrderedDict.fromkeys(self.state.seen_ids)
         self._checkpointed_step = self.state.step
         # Per version published by this process: rollouts settled then (PolicyUpdate.rollouts_settled).
@@ -199,9 +225,25 @@ class PPOTrainer:
             log.warning("dropping rollout %s from unknown policy version %r", trajectory.rollout_id, trajectory.policy_version)
         self._drop(trajectory, verdict.value)
 
-    def _take_batch(self) -> list[Trajectory] | None:
+    def _take_batch(self, units: int | None = None) -> list[Trajectory] | None:
         """The next batch, oldest first. Rollouts that went stale while waiting
-        are dropped; critic-free estimators take whole groups only."""
+        are dropped; critic-free estimators take whole groups only. With
+        ``units`` (one rank's share of a global batch): exactly that many
+        rollouts, or groups, when ready."""
+        ready = self._ready_units()
+        unit = 1 if self.config.ppo.advantage == "gae" else self.config.ppo.samples_per_prompt
+        wanted = self.config.ppo.batch_size // unit if units is None else units
+        if len(ready) < wanted:
+            return None
+        chosen = [t for group in ready[:wanted] for t in group]
+        chosen_ids = {t.rollout_id for t in chosen}
+        self.pending = [t for t in self.pending if t.rollout_id not in chosen_ids]
+        return chosen
+
+    def _ready_units(self) -> list[list[Trajectory]]:
+        """What a batch can take, oldest first: single rollouts, or the
+        complete groups of critic-free estimators (``samples_per_prompt``
+        each), after dropping what went stale or can never complete."""
         ppo = self.config.ppo
         critic_free = ppo.advantage != "gae"
         fresh = []
@@ -218,10 +260,7 @@ class PPOTrainer:
                 fresh.append(t)
         self.pending = fresh
         if not critic_free:
-            if len(self.pending) < ppo.batch_size:
-                return None
-            batch, self.pending = self.pending[: ppo.batch_size], self.pending[ppo.batch_size :]
-            return batch
+            return [[t] for t in self.pending]
         groups: OrderedDict[str, list[Trajectory]] = OrderedDict()
         for t in self.pending:
             groups.setdefault(t.group_id, []).append(t)
@@ -235,11 +274,7 @@ class PPOTrainer:
                     self._drop(t, "incomplete_group")
                 self.pending = [t for t in self.pending if t.group_id != oldest[0].group_id]
                 del groups[oldest[0].group_id]
-            return None
-        chosen = [t for g in complete[: ppo.batch_size // ppo.samples_per_prompt] for t in g[: ppo.samples_per_prompt]]
-        chosen_ids = {t.rollout_id for t in chosen}
-        self.pending = [t for t in self.pending if t.rollout_id not in chosen_ids]
-        return chosen
+        return [g[: ppo.samples_per_prompt] for g in complete]
 
     def settled_positions(self) -> dict[int, int]:
         """Per partition of the rollouts topic, the records trained or
@@ -274,18 +309,20 @@ class PPOTrainer:
                 enc = tokenizer(lines[start : start + size], return_tensors="pt", padding=True, truncation=True, max_length=128)
                 yield enc["input_ids"], enc["attention_mask"]
 
-    def train_on(self, batch: list[Trajectory]) -> IterationRecord:
+    def train_on(self, batch: list[Trajectory], local: int | None = None) -> IterationRecord:
+        """One update on ``batch`` (with ranks: the global batch, of which
+        ``local`` rollouts are this rank's to count as trained)."""
         started = time.perf_counter()
         # Every rollout of a batch was kept, so its version has a step.
         lags = [self.state.step - self.state.version_steps[t.policy_version] for t in batch]
         staleness = sum(lags) / len(batch)
         stats = ppo_update(
             self.model, self.optimizer, collate(batch, self.model.tokenizer.pad_token_id), self.kl_controller,
-            self.reward_moments, self.config.ppo, self.rng, self._ptx,
+            self.reward_moments, self.config.ppo, self.rng, self._ptx, self.shard,
         )
         for t in batch:
             self._remember(t.rollout_id)
-        self._count("trained", len(batch))
+        self._count("trained", len(batch) if local is None else local)
         self.state.step += 1
         golds = [t.gold_score for t in batch if t.gold_score is not None]
         gold = sum(golds) / len(golds) if golds else None
@@ -297,6 +334,24 @@ class PPOTrainer:
             self.state.step, self.state.policy_version, stats, gold, staleness, time.perf_counter() - started,
             len(batch), dict(sorted(Counter(lags).items())),
         )
+
+    def take_global_batch(self) -> tuple[list[Trajectory], int] | None:
+        """Ranks: one global batch agreed by all (trainer/distributed.py), in
+        rank order, and how many of its rollouts are this rank's; None on
+        every rank until the ranks together hold a batch."""
+        ppo = self.config.ppo
+        unit = 1 if ppo.advantage == "gae" else ppo.samples_per_prompt
+        ready = [row[0] for row in dist.gather_ints([len(self._ready_units())])]
+        shares = dist.allocate(ready, ppo.batch_size // unit)
+        if shares is None:
+            return None
+        local = self._take_batch(shares[self.ranks.rank])
+        return self.global_batch(local), len(local)
+
+    @staticmethod
+    def global_batch(local: list[Trajectory]) -> list[Trajectory]:
+        """Every rank's ``local`` rollouts, concatenated in rank order, on every rank."""
+        return [t for part in dist.gather_objects(local) for t in part]
 
     # -- persistence and publishing --------------------------------------------
 
@@ -310,9 +365,28 @@ class PPOTrainer:
             label = f"{base}.r{n}"
         return label
 
+    def _settled_everywhere(self) -> dict[int, int]:
+        """settled_positions of every partition (with ranks, each rank's own merged)."""
+        settled = self.settled_positions()
+        if self.ranks is None:
+            return settled
+        return {p: o for part in dist.gather_objects(settled) for p, o in part.items()}
+
+    def _policy_snapshot(self) -> dict[str, torch.Tensor] | None:
+        """What a published version holds (None on ranks that do not publish);
+        under FSDP every rank takes part in gathering the full weights."""
+        if self.ranks is not None and self.ranks.parallel == "fsdp":
+            full = dist.full_state_dict(self.model)
+            return {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")} if full else None
+        if self.ranks is not None and not self.ranks.is_main:
+            return None
+        return self.model.policy_snapshot()
+
     def _register_version(self) -> str:
         version = self.version_label(self.state.step)
-        self._settled_at[version] = self.settled_positions()
+        if self.ranks is not None:
+            version = dist.from_main(version)  # rank 0 publishes: its view of the directory decides
+        self._settled_at[version] = self._settled_everywhere()
         self.state.version_steps[version] = self.state.step
         self.state.policy_version = version
         self.state.published.append(version)
@@ -320,22 +394,27 @@ class PPOTrainer:
         return version
 
     def save_policy_version(self) -> Path:
-        """Write the current policy as a servable version now (atomic rename)."""
+        """Write the current policy as a servable version now (atomic rename;
+        with ranks, every rank calls this and rank 0 writes)."""
+        snapshot = self._policy_snapshot() if self.ranks is not None else None
         version = self._register_version()
         final = self.policies / version
+        if self.ranks is not None and not self.ranks.is_main:
+            return final
         tmp = self.policies / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_policy(tmp, version)
+        self.model.save_policy(tmp, version, snapshot)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
 
-    def publish(self, publisher: BackgroundPublisher) -> str:
+    def publish(self, publisher: BackgroundPublisher | None) -> str:
         """Register the current policy as the next version and hand a snapshot
         of it to ``publisher`` (written and announced in the background)."""
-        snapshot = self.model.policy_snapshot()
+        snapshot = self._policy_snapshot()
         version = self._register_version()
-        publisher.submit(Snapshot(version, self.state.step, snapshot))
+        if publisher is not None:
+            publisher.submit(Snapshot(version, self.state.step, snapshot))
         return version
 
     def new_publisher(self, producer: StreamProducer) -> BackgroundPublisher:
@@ -357,12 +436,15 @@ class PPOTrainer:
             return True
         return cfg.checkpoint_every_s is not None and time.monotonic() - self._checkpointed_at >= cfg.checkpoint_every_s
 
-    def after_update(self, consumer: StreamConsumer | None, publisher: BackgroundPublisher) -> str | None:
+    def after_update(self, consumer: StreamConsumer | None, publisher: BackgroundPublisher | None) -> str | None:
         """What ``run`` does after each update: publish (in the background)
         and checkpoint when due. Returns the version published, if any."""
         started = time.perf_counter()
         published = self.publish(publisher) if self.state.step % self.config.publish_every == 0 else None
-        if self.checkpoint_due():
+        due = self.checkpoint_due()
+        if self.ranks is not None:
+            due = dist.any_rank(due)  # the time trigger reads each rank's clock
+        if due:
             self.checkpoint(consumer)
         self.metrics.bookkeeping.observe(time.perf_counter() - started)
         return published
@@ -374,9 +456,15 @@ class PPOTrainer:
         self.state.seen_ids = list(self.seen)
         self.state.kl_controller = self.kl_controller.state_dict()
         self.state.reward_moments = self.reward_moments.state_dict()
-        path = save_checkpoint(
-            self.checkpoints, self.model, self.optimizer, self.rng, self.state, keep=self.config.keep_checkpoints
-        )
+        if self.ranks is None:
+            path = save_checkpoint(
+                self.checkpoints, self.model, self.optimizer, self.rng, self.state, keep=self.config.keep_checkpoints
+            )
+        else:
+            path = save_distributed_checkpoint(
+                self.checkpoints, self.model, self.optimizer, self.rng, self._merged_state(), self.ranks,
+                keep=self.config.keep_checkpoints,
+            )
         self._checkpointed_step, self._checkpointed_at = self.state.step, time.monotonic()
         self.metrics.checkpoints.inc()
         if consumer is not None and self.state.offsets:
@@ -393,6 +481,22 @@ class PPOTrainer:
                 self.metrics.commit_failures.inc()
                 consumer.seek(consumer.positions())
         return path
+
+    def _merged_state(self) -> TrainerState:
+        """The job's state from every rank's: all partitions' offsets (each
+        rank's own), outcomes summed, the dedupe windows joined."""
+        parts = dist.gather_objects((self.state.offsets, self.state.outcomes, self.state.seen_ids))
+        offsets: dict[TopicPartition, int] = {}
+        outcomes: Counter[str] = Counter()
+        seen: dict[str, None] = {}
+        for part_offsets, part_outcomes, part_seen in parts:
+            offsets.update(part_offsets)
+            outcomes.update(part_outcomes)
+            seen.update(dict.fromkeys(part_seen))
+        return dataclasses.replace(
+            self.state, offsets=offsets, outcomes=dict(outcomes),
+            seen_ids=list(seen)[-self.config.dedupe_window :],
+        )
 
     def _check_same_cluster(self, current: str | None) -> None:
         """Offsets are positions in one cluster's log: refuse to store or use
@@ -428,7 +532,7 @@ class PPOTrainer:
         self.metrics.publish.inc()
         log.info("published policy %s", version)
 
-    def _resume_publishing(self, publisher: BackgroundPublisher) -> None:
+    def _resume_publishing(self, publisher: BackgroundPublisher | None) -> None:
         """The crash may have come before the checkpoint's version was written
         or announced; announcing twice is harmless (followers skip loaded
         versions). A version whose files never got written is written now
@@ -436,11 +540,17 @@ class PPOTrainer:
         version = self.state.policy_version
         if self.state.step == 0 or version not in self.state.published:
             return
-        self._settled_at[version] = self.settled_positions()  # the checkpoint's position
-        if (self.policies / version).is_dir():
-            publisher.owe(version)
+        self._settled_at[version] = self._settled_everywhere()  # the checkpoint's position
+        written = (self.policies / version).is_dir()
+        if self.ranks is not None:
+            written = dist.from_main(written)
+        if written:
+            if publisher is not None:
+                publisher.owe(version)
         elif self.state.version_steps.get(version) == self.state.step:
-            publisher.submit(Snapshot(version, self.state.step, self.model.policy_snapshot()))
+            snapshot = self._policy_snapshot()
+            if publisher is not None:
+                publisher.submit(Snapshot(version, self.state.step, snapshot))
         else:
             log.warning("policy %s (step %d) was never written before the restart; the next update publishes",
                         version, self.state.version_steps.get(version, -1))
@@ -463,59 +573,106 @@ class PPOTrainer:
         poll_timeout_s: float = 0.5,
     ) -> list[IterationRecord]:
         stop = stop or threading.Event()
+        ranks = self.ranks
         # Create what is missing; an existing topic's partition count is the operator's choice.
         self._check_same_cluster(cluster_id(self.kafka))
-        existing = list_topics(self.kafka)
-        missing = {t: topics.DEFAULT_PARTITIONS[t] for t in (topics.ROLLOUTS, topics.POLICY_UPDATES)
-                   if self.kafka.topic(t) not in existing}
-        if missing:
-            ensure_topics(self.kafka, missing)
+        if ranks is None or ranks.is_main:
+            existing = list_topics(self.kafka)
+            missing = {t: topics.DEFAULT_PARTITIONS[t] for t in (topics.ROLLOUTS, topics.POLICY_UPDATES)
+                       if self.kafka.topic(t) not in existing}
+            if topics.ROLLOUTS in missing and ranks is not None:
+                missing[topics.ROLLOUTS] = max(missing[topics.ROLLOUTS], ranks.world)
+            if missing:
+                ensure_topics(self.kafka, missing)
+        if ranks is not None:
+            dist.barrier()
+            dist.check_partitions(ranks, partition_count(self.kafka, topics.ROLLOUTS), self.kafka.topic(topics.ROLLOUTS))
         # A record that cannot be trained on is skipped and counted, never
         # retried: stopping on it would stop training at every restart.
+        # Ranks read fixed partitions (their own), the group only keeps offsets.
         with StreamConsumer(self.kafka, [topics.ROLLOUTS], topics.TRAINER_GROUP, skip_invalid=True,
-                            observer=self.metrics.rejected_records) as consumer, \
-                StreamProducer(self.kafka) as producer:
+                            observer=self.metrics.rejected_records,
+                            partitions=ranks.owns if ranks is not None else None) as consumer, \
+                contextlib.ExitStack() as stack:
             if self.state.offsets:
                 consumer.seek(self.state.offsets)
-            publisher = self.new_publisher(producer)
+            # Rank 0 alone writes and announces versions.
+            publisher = None
+            if ranks is None or ranks.is_main:
+                publisher = self.new_publisher(stack.enter_context(StreamProducer(self.kafka)))
             try:
                 self._resume_publishing(publisher)
-                self._train_from(consumer, publisher, stop, on_update, poll_timeout_s)
+                if ranks is None:
+                    self._train_from(consumer, publisher, stop, on_update, poll_timeout_s)
+                else:
+                    self._train_ranks(consumer, publisher, stop, on_update, poll_timeout_s)
                 # A clean stop replays nothing: the updates since the last
                 # checkpoint get one (a crash replays them instead).
                 if self.state.step != self._checkpointed_step:
                     self.checkpoint(consumer)
             finally:
-                publisher.close()
+                if publisher is not None:
+                    publisher.close()
         return self.history
+
+    def _intake(self, consumer: StreamConsumer, poll_timeout_s: float) -> bool:
+        """One poll, admitted; True when it brought nothing and nothing is left to read."""
+        polled = consumer.poll(timeout_s=poll_timeout_s)
+        for record in polled.records:
+            self.admit(record, consumer)
+        for rejected in polled.rejected:
+            tp = rejected.topic_partition
+            self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
+            self._count("invalid")
+        lag = sum(consumer.lag().values())
+        self.metrics.lag.set(lag)
+        return not polled.records and not lag
+
+    def _update(
+        self, batch: list[Trajectory], consumer: StreamConsumer, publisher: BackgroundPublisher | None,
+        on_update: Callable[[IterationRecord], None] | None, local: int | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        record = self.train_on(batch, local)
+        self.after_update(consumer, publisher)
+        record = dataclasses.replace(record, policy_version=self.state.policy_version,
+                                     seconds=time.perf_counter() - started)
+        self.metrics.iteration.observe(record.seconds)
+        self.history.append(record)
+        if self.ranks is None or self.ranks.is_main:
+            self._log_history(record)
+        if on_update is not None:
+            on_update(record)
+
+    def _more_updates(self) -> bool:
+        return self.config.max_updates is None or self.state.step < self.config.max_updates
 
     def _train_from(
         self, consumer: StreamConsumer, publisher: BackgroundPublisher, stop: threading.Event,
         on_update: Callable[[IterationRecord], None] | None, poll_timeout_s: float,
     ) -> None:
-        cfg = self.config
-        while not stop.is_set() and (cfg.max_updates is None or self.state.step < cfg.max_updates):
-            polled = consumer.poll(timeout_s=poll_timeout_s)
-            for record in polled.records:
-                self.admit(record, consumer)
-            for rejected in polled.rejected:
-                tp = rejected.topic_partition
-                self.consumed[tp] = max(self.consumed.get(tp, 0), rejected.offset + 1)
-                self._count("invalid")
-            lag = sum(consumer.lag().values())
-            self.metrics.lag.set(lag)
-            if not polled.records and not lag and self.state.step != self._checkpointed_step:
+        while not stop.is_set() and self._more_updates():
+            if self._intake(consumer, poll_timeout_s) and self.state.step != self._checkpointed_step:
                 # Nothing to train on: checkpointing now costs no training time,
                 # and a crash while idle then replays nothing.
                 self.checkpoint(consumer)
-            while (cfg.max_updates is None or self.state.step < cfg.max_updates) and (batch := self._take_batch()):
-                started = time.perf_counter()
-                record = self.train_on(batch)
-                self.after_update(consumer, publisher)
-                record = dataclasses.replace(record, policy_version=self.state.policy_version,
-                                             seconds=time.perf_counter() - started)
-                self.metrics.iteration.observe(record.seconds)
-                self.history.append(record)
-                self._log_history(record)
-                if on_update is not None:
-                    on_update(record)
+            while self._more_updates() and (batch := self._take_batch()):
+                self._update(batch, consumer, publisher, on_update)
+
+    def _train_ranks(
+        self, consumer: StreamConsumer, publisher: BackgroundPublisher | None, stop: threading.Event,
+        on_update: Callable[[IterationRecord], None] | None, poll_timeout_s: float,
+    ) -> None:
+        """``_train_from`` for one rank of many: every decision that changes
+        what the ranks do next (stop, checkpoint, train) is agreed first, so
+        all ranks run the same collectives in the same order."""
+        while self._more_updates():
+            idle = self._intake(consumer, poll_timeout_s)
+            flags = dist.gather_ints([int(stop.is_set()), int(idle)])
+            if any(row[0] for row in flags):
+                return
+            if all(row[1] for row in flags) and self.state.step != self._checkpointed_step:
+                self.checkpoint(consumer)
+            while self._more_updates() and (taken := self.take_global_batch()) is not None:
+                batch, local = taken
+                self._update(batch, consumer, publisher, on_update, local)

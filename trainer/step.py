@@ -11,15 +11,19 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from arbiter.errors import InvalidInput
 from trainer import ppo_math as pm
 from trainer.batch import PPOBatch, gather_positions
 from trainer.config import PPOConfig
 from trainer.policy_model import PolicyWithValue
+
+if TYPE_CHECKING:
+    from trainer.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class UpdateStats:
     behaviour_weight_truncated: float | None = None
 
 
-def policy_outputs(model: PolicyWithValue, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def policy_outputs(model: nn.Module, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Log-probs (B, T) and values (B, T) of the completion tokens, plus their logits (B, T, V).
     Logits are divided by the sampling temperature so the ratio compares the
     same distribution the workers sampled from."""
@@ -81,8 +85,14 @@ def ppo_update(
     cfg: PPOConfig,
     generator: torch.Generator,
     ptx_batches: Iterator[tuple[Tensor, Tensor]] | None = None,
+    shard: DataParallel | None = None,
 ) -> UpdateStats:
+    """One update on ``batch``. With ``shard`` (trainer/distributed.py) this
+    rank holds the same global batch as every other, computes steps 1-2 on
+    all of it, and runs only its rows of each minibatch with its loss
+    weighted so that the averaged gradient is the whole minibatch's."""
     mask = batch.mask  # (B, T)
+    forward = model if shard is None else shard.module
     use_critic = cfg.advantage == "gae"
     with torch.no_grad():
         # 1. Reward: the RM score, normalized so β and the value head keep one
@@ -128,8 +138,11 @@ def ppo_update(
     # first step and turn the ratio into noise.
     for _ in range(cfg.epochs):
         for index in pm.minibatch_indices(batch.size, cfg.minibatch_size, generator=generator):
+            weight = 1.0
+            if shard is not None:
+                index, weight = shard.split(index, mask)
             mb = batch.select(index)
-            logprobs, values, logits = policy_outputs(model, mb, cfg.temperature)
+            logprobs, values, logits = policy_outputs(forward, mb, cfg.temperature)
             if behaviour is not None:
                 pg = pm.decoupled_policy_loss(
                     logprobs, proximal_logprobs[index], behaviour.weights[index], advantages[index], mb.mask,
@@ -143,20 +156,30 @@ def ppo_update(
             if cfg.ptx_coef > 0 and ptx_batches is not None:
                 ids, attention = next(ptx_batches)
                 ptx = pm.ptx_loss(model(ids, attention)[0], ids, attention)
+            # Token means of this rank's rows, weighted (1 in one process);
+            # PPO-ptx is the same batch on every rank, so never reweighted.
+            scaled = (lambda term: term) if shard is None else (lambda term: term * weight)
             loss = pm.ppo_total_loss(
-                pg.loss, vf_loss=vf.loss if vf else None, vf_coef=cfg.vf_coef if use_critic else 0.0,
-                entropy=entropy, ent_coef=cfg.ent_coef, ptx_loss=ptx, ptx_coef=cfg.ptx_coef if ptx is not None else 0.0,
+                scaled(pg.loss), vf_loss=scaled(vf.loss) if vf else None, vf_coef=cfg.vf_coef if use_critic else 0.0,
+                entropy=scaled(entropy), ent_coef=cfg.ent_coef, ptx_loss=ptx,
+                ptx_coef=cfg.ptx_coef if ptx is not None else 0.0,
             )
 
             # 4. A non-finite loss or gradient skips this step instead of
             #    poisoning the weights; the run goes on.
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if shard is not None:
+                finite = shard.all_finite(finite)
+            if not finite:
                 skipped += 1
                 log.warning("skipping a PPO step: non-finite loss %s", float(loss.detach()))
                 continue
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if shard is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:  # the same norm on every rank, so every rank skips or steps alike
+                grad_norm = shard.clip_grad_norm(params, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1

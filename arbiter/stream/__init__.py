@@ -24,6 +24,7 @@ from arbiter.stream.kafka import (
     ensure_topics,
     group_offsets,
     list_topics,
+    partition_count,
 )
 from arbiter.stream.settings import KafkaSettings, add_kafka_arguments, kafka_settings_from_args
 from arbiter.stream.types import (
@@ -48,5 +49,5 @@ __all__ = [
     "RecordBatch", "RejectedRecord", "SchemaVersionError", "StreamConsumer", "StreamError", "StreamProducer",
     "TopicError", "TopicPartition", "add_kafka_arguments", "cluster_id", "delete_topics", "ensure_topics",
     "group_offsets", "kafka_settings_from_args", "list_topics", "merge_offsets", "next_offsets", "offsets_from_json",
-    "offsets_to_json",
+    "offsets_to_json", "partition_count",
 ]

@@ -34,7 +34,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
@@ -150,6 +150,15 @@ def _partition_counts(admin: KafkaAdminClient, names: Sequence[str]) -> dict[str
         if topic.get("error_code", 0) == 0 and topic.get("partitions"):
             counts[topic["name"]] = len(topic["partitions"])
     return counts
+
+
+def partition_count(settings: KafkaSettings, topic: str, timeout_s: float = 10.0) -> int:
+    """Partitions of the logical ``topic`` (0 when it does not exist)."""
+    admin = _admin(settings, timeout_s)
+    try:
+        return _partition_counts(admin, [settings.topic(topic)]).get(settings.topic(topic), 0)
+    finally:
+        admin.close()
 
 
 def ensure_topics(
@@ -487,7 +496,10 @@ class StreamConsumer(Generic[M]):
     With ``group_id`` the partitions are shared by the group's members and
     offsets are committed only by ``commit`` (never automatically). Without
     it, every partition is read (from ``seek`` offsets or the beginning) and
-    nothing can be committed: for tools and tests.
+    nothing can be committed: for tools and tests. With ``partitions`` (a
+    predicate on partition numbers) and a group, exactly the partitions it
+    accepts are read, new ones as they appear, and offsets are committed to
+    the group without any rebalancing: the ranks of a distributed trainer.
 
     A partition with no committed offset starts at the earliest retained
     record (never "latest": the dev broker answers it wrongly, and a trainer
@@ -520,6 +532,7 @@ class StreamConsumer(Generic[M]):
         *,
         observer: ConsumerObserver | None = None,
         skip_invalid: bool = False,
+        partitions: Callable[[int], bool] | None = None,
     ):
         if not topics:
             raise ValueError("topics: at least one logical topic is required")
@@ -529,6 +542,9 @@ class StreamConsumer(Generic[M]):
         self.group_id = group_id
         self._observer = observer or ConsumerObserver()
         self._skip_invalid = skip_invalid
+        # Static assignment (the ranks of a distributed trainer each own fixed
+        # partitions): the group then only stores offsets, it never rebalances.
+        self._partition_filter = partitions
         self._logical = {settings.topic(t): t for t in topics}
         self._lock = threading.Lock()
         # Explicit start positions (from seek / a checkpoint). They win over the
@@ -563,7 +579,7 @@ class StreamConsumer(Generic[M]):
             missing = sorted(set(self._logical) - set(self._consumer.topics()))
             if missing:
                 raise TopicError(f"topics do not exist: {', '.join(missing)} (create them with ensure_topics)")
-            if group_id is None:
+            if group_id is None or partitions is not None:
                 self._assign_every_partition()
             else:
                 self._consumer.subscribe(list(self._logical), listener=_Listener(self))
@@ -580,7 +596,8 @@ class StreamConsumer(Generic[M]):
         the assignment grew."""
         current = set(self._consumer.assignment() or ())
         wanted = {_KafkaTP(wire, partition) for wire in self._logical
-                  for partition in self._consumer.partitions_for_topic(wire) or ()}
+                  for partition in self._consumer.partitions_for_topic(wire) or ()
+                  if self._partition_filter is None or self._partition_filter(partition)}
         if wanted <= current:
             return False
         added = sorted(wanted - current)
@@ -651,7 +668,7 @@ class StreamConsumer(Generic[M]):
     def poll(self, timeout_s: float = 1.0, max_records: int | None = None) -> RecordBatch[M]:
         """Up to ``max_records`` (default settings.max_poll_records) decoded
         records, waiting at most ``timeout_s`` for the first; empty on timeout."""
-        if self.group_id is None:
+        if self.group_id is None or self._partition_filter is not None:
             self._assign_every_partition()  # cached metadata: no request
         raw = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         records: list[ConsumedRecord[M]] = []
