@@ -32,8 +32,11 @@ the ``arbiter-rollout-workers`` group (``prompt_source: topic``, the default
 from 2 workers): the stack keeps that topic fed from ``prompts_file``
 (``PromptFeeder``). The rollouts topic is created with
 ``rollout_partitions`` partitions; it is keyed by prompt id, so an RLOO/GRPO
-group (the samples of one prompt) stays in one partition. The trainer is one
-rank: the N-rank trainer is a later item (issue #13 item 1). The stack writes
+group (the samples of one prompt) stays in one partition. ``replicas:
+{trainer: N}`` runs the trainer as one torchrun job of N ranks (``parallel:
+ddp`` unless the trainer section says fsdp; rank r reads the partitions p with
+p mod N == r, so N <= ``rollout_partitions``; rank r's metrics on the
+trainer's metrics port + r). The stack writes
 ``WORKDIR/prometheus.yml``, a scrape config of every metrics port it opened
 (jobs ``arbiter-KIND`` as in infra/prometheus/prometheus.yml, a ``replica``
 label per target), loading infra/prometheus/rules.
@@ -186,18 +189,22 @@ class StackConfig:
             raise StackError(f"workers={self.workers!r} is invalid: must be an integer >= 1")
         if not isinstance(self.replicas, dict):
             raise StackError(f"replicas={self.replicas!r} is invalid: must be a mapping with keys "
-                             f"{', '.join(REPLICATED)}")
+                             f"{', '.join(REPLICATED)}, trainer")
         for kind, count in self.replicas.items():
-            if kind == "trainer":
-                raise StackError("replicas.trainer is invalid: the trainer runs as one rank (the N-rank trainer "
-                                 f"is not built yet); the keys are {', '.join(REPLICATED)}")
-            if kind not in REPLICATED:
-                raise StackError(f"replicas.{kind} is invalid: not a replicated service; the keys are "
-                                 f"{', '.join(REPLICATED)}")
+            if kind not in (*REPLICATED, "trainer"):
+                raise StackError(f"replicas.{kind} is invalid: not a replicated component; the keys are "
+                                 f"{', '.join(REPLICATED)}, trainer")
             if not is_count(count):
                 raise StackError(f"replicas.{kind}={count!r} is invalid: must be an integer >= 1")
         if not is_count(self.rollout_partitions):
             raise StackError(f"rollout_partitions={self.rollout_partitions!r} is invalid: must be an integer >= 1")
+        if self.trainer_ranks > self.rollout_partitions:
+            # Each rank owns the partitions p with p mod N == rank: a rank without one would idle.
+            raise StackError(f"replicas.trainer={self.trainer_ranks} is invalid: at most rollout_partitions "
+                             f"({self.rollout_partitions}) ranks, each reads its own partitions")
+        if self.trainer_ranks > 1 and self.trainer.get("parallel", "ddp") == "none":
+            raise StackError(f"trainer.parallel='none' is invalid with replicas.trainer={self.trainer_ranks}: "
+                             "must be ddp or fsdp")
         if self.prompt_source is not None and self.prompt_source not in PROMPT_SOURCES:
             raise StackError(f"prompt_source={self.prompt_source!r} is invalid: must be one of "
                              f"{', '.join(PROMPT_SOURCES)} (or null: file for one worker, topic for more)")
@@ -252,6 +259,11 @@ class StackConfig:
 
     def replica_count(self, kind: str) -> int:
         return self.replicas.get(kind, 1)
+
+    @property
+    def trainer_ranks(self) -> int:
+        """The trainer's ranks (``replicas.trainer``): one torchrun job of that many processes."""
+        return self.replicas.get("trainer", 1) if isinstance(self.replicas, dict) else 1
 
     def replica_names(self, kind: str) -> list[str]:
         """The components of a model service: ``reward`` alone, or ``reward-0``, ``reward-1``, ..."""
@@ -474,6 +486,11 @@ class ManagedProcess(Component):
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        if self.proc is not None:
+            # What the dead process started may outlive it (a torchrun job's
+            # ranks when torchrun itself was killed): the group goes with it,
+            # or the restart would meet them on its ports and partitions.
+            self._kill_group()
         argv = self.argv if self.proc is None else self.restart_argv
         if self.next_argv is not None:
             argv, self.next_argv = self.next_argv, None
@@ -510,6 +527,15 @@ class ManagedProcess(Component):
             log.warning("%s did not stop in %.0fs: killing it", self.name, timeout_s)
             self.proc.kill()
             self.proc.wait()
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left in the component's process group (each
+        component is a session leader: its pid is the group id)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class BrokerComponent(Component):
@@ -807,10 +833,10 @@ class Stack:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _metrics_port(self, name: str) -> int:
+    def _metrics_port(self, name: str, count: int = 1) -> int:
         c = self.config
         port = c.metrics_ports.get(name, METRICS_PORTS[name])
-        return port or free_port()
+        return port or free_port(count=count)
 
     def place(self, name: str) -> Placement:
         """Component ``name``'s cores and torch threads (services/placement.py);
@@ -863,6 +889,8 @@ class Stack:
             for name in self.replica_targets:
                 self._wait_healthy(name, wait_s)
             trainer = ["train", "ppo", "--config", str(self._write_trainer_config())]
+            if c.trainer_ranks > 1:
+                trainer += ["--nproc-per-node", str(c.trainer_ranks)]
             # New broker data: a resumed checkpoint's offsets refer to topics
             # that died with the previous broker. A restart by the supervisor
             # resumes from the checkpoint.
@@ -968,15 +996,20 @@ class Stack:
             "model_dir": str(Path(c.policy_model).resolve()),
             "output_dir": str(trainer_policies_dir(c).parent),
             "seed": c.seed,
-            "torch_threads": self.place("trainer").threads,
-            **({"metrics_port": self._metrics_port("trainer")} if c.metrics else {}),
+            # The ranks split the trainer's threads (each is a process of its own).
+            "torch_threads": max(1, self.place("trainer").threads // c.trainer_ranks),
+            **({"metrics_port": self._metrics_port("trainer", c.trainer_ranks)} if c.metrics else {}),
+            **({"parallel": "ddp"} if c.trainer_ranks > 1 else {}),
             **c.trainer,
             **({"weights": {**c.trainer.get("weights", {}), **c.weights}} if c.weights else {}),
             # Connection comes from the stack's environment (ARBITER_KAFKA_*).
             "kafka": {"session_timeout_ms": 6000, **c.trainer.get("kafka", {})},
         }
         if c.metrics:
-            self.metrics_ports["trainer"] = config["metrics_port"]
+            # Rank r serves its metrics on metrics_port + r (trainer/main.py).
+            ranks = c.trainer_ranks
+            for rank in range(ranks):
+                self.metrics_ports["trainer" if ranks == 1 else f"trainer-{rank}"] = config["metrics_port"] + rank
         path = self.workdir / "trainer.yaml"
         path.write_text(yaml.safe_dump(config))
         return path

@@ -4,7 +4,7 @@ the restart budget stops the stack; the durable local broker keeps records and
 committed offsets through kill -9 (of Tansu and of its object store) and a
 restart from its data directory; a following policy replica says SERVING only
 once it serves the newest published version; a replicated stack (2 policy
-and 2 reward replicas, 2 workers, 2 rollout partitions) trains, every replica
+and 2 reward replicas, 2 workers, 2 rollout partitions, a 2-rank trainer) trains, every replica
 serves the newest version and is listed in the generated scrape config."""
 
 from __future__ import annotations
@@ -208,11 +208,14 @@ def test_supervision_settings_are_checked():
         ({"broker_storage": "disk"}, "broker_storage='disk' is invalid: must be one of s3, memory"),
         ({"restart_budget": -1}, "restart_budget=-1 is invalid"),
         ({"restart_backoff_s": 2.0, "restart_backoff_max_s": 1.0}, "restart_backoff_max_s=1.0 is invalid"),
-        ({"replicas": {"trainer": 2}}, "replicas.trainer is invalid: the trainer runs as one rank"),
-        ({"replicas": {"critic": 2}}, "replicas.critic is invalid: not a replicated service; the keys are policy, "
-                                      "reward, reference"),
+        ({"replicas": {"trainer": 2}, "rollout_partitions": 1},
+         "replicas.trainer=2 is invalid: at most rollout_partitions (1) ranks"),
+        ({"replicas": {"trainer": 2}, "rollout_partitions": 2, "trainer": {"parallel": "none"}},
+         "trainer.parallel='none' is invalid with replicas.trainer=2: must be ddp or fsdp"),
+        ({"replicas": {"critic": 2}}, "replicas.critic is invalid: not a replicated component; the keys are policy, "
+                                      "reward, reference, trainer"),
         ({"replicas": {"reward": 0}}, "replicas.reward=0 is invalid: must be an integer >= 1"),
-        ({"replicas": [2]}, "replicas=[2] is invalid: must be a mapping with keys policy, reward, reference"),
+        ({"replicas": [2]}, "replicas=[2] is invalid: must be a mapping with keys policy, reward, reference, trainer"),
         ({"workers": 0}, "workers=0 is invalid: must be an integer >= 1"),
         ({"rollout_partitions": 0}, "rollout_partitions=0 is invalid: must be an integer >= 1"),
         ({"prompt_source": "kafka"}, "prompt_source='kafka' is invalid: must be one of file, topic"),
@@ -452,7 +455,8 @@ def test_replicated_stack_trains_and_every_replica_serves_and_is_scraped(tiny_mo
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say:", "Now:", "Hello", "Go on", "Tell")))
     config = StackConfig(
         policy_model=str(tiny_models["policy"]), reward_model=str(tiny_models["reward"]), prompts_file=str(prompts),
-        workdir=str(tmp_path / "stack"), broker_storage="memory", replicas={"policy": 2, "reward": 2}, workers=2,
+        workdir=str(tmp_path / "stack"), broker_storage="memory", replicas={"policy": 2, "reward": 2, "trainer": 2},
+        workers=2,
         rollout_partitions=2, metrics_ports={name: 0 for name in METRICS_PORTS},
         worker={"samples_per_prompt": 2, "prompts_per_call": 2, "max_new_tokens": 2},
         trainer={"max_updates": 2, "ppo": {"batch_size": 8, "minibatch_size": 8, "epochs": 1, "max_staleness": 1}},
@@ -487,15 +491,20 @@ def test_replicated_stack_trains_and_every_replica_serves_and_is_scraped(tiny_mo
         assert written == scrape_config(stack.metrics_ports)
         listed = {(job["job_name"], target["labels"]["replica"], target["targets"][0])
                   for job in written["scrape_configs"] for target in job["static_configs"]}
-        expected = {("arbiter-stack", "stack"), ("arbiter-trainer", "trainer"), ("arbiter-reference", "reference"),
-                    *((f"arbiter-{kind}", f"{kind}-{i}") for kind in ("policy", "reward", "worker") for i in range(2))}
+        expected = {("arbiter-stack", "stack"), ("arbiter-reference", "reference"),
+                    *((f"arbiter-{kind}", f"{kind}-{i}") for kind in ("policy", "reward", "worker", "trainer")
+                      for i in range(2))}
         assert {(job, replica) for job, replica, _ in listed} == expected
         for job, replica, target in listed:
             assert target == f"127.0.0.1:{stack.metrics_ports[replica]}"
-            if replica == "trainer":
+            if replica.startswith("trainer"):
                 continue  # done, or stopping: it exits after max_updates
             with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as page:
                 assert page.status == 200, (job, replica)
+    # The trainer ran as one job of two ranks, each checkpointing its RNG.
+    from trainer.checkpoint import latest_checkpoint
+    checkpoint = latest_checkpoint(tmp_path / "stack" / "trainer" / "checkpoints")
+    assert {p.name for p in checkpoint.glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
     static = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "prometheus" / "prometheus.yml")
                             .read_text())
     assert {job for job, _, _ in listed} <= {job["job_name"] for job in static["scrape_configs"]}
