@@ -334,13 +334,22 @@ def test_worker_and_trainer_metrics_and_shared_volumes_agree_with_the_code(rende
     assert args.metrics_host == "0.0.0.0"
 
     trainer = workload(docs, "trainer")
-    # The distributed trainer is not built: one process, one replica.
-    assert trainer["spec"]["replicas"] == 1
     headless = one(docs, "Service", trainer["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None" and selected_workloads(docs, headless) == [trainer]
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # ranks meet before any is ready
     c = container(trainer, "trainer")
     args = parse_args(c["args"])
     assert (args.command, args.train_command) == ("train", "ppo")
+    # One torchrun job across the pods: a node per pod, all meeting at pod 0
+    # through the headless Service's rendezvous port, each rank with a
+    # partition of the rollouts topic of its own.
+    assert args.parallel in ("ddp", "fsdp") and args.nnodes == trainer["spec"]["replicas"] >= 2
+    assert trainer["spec"]["podManagementPolicy"] == "Parallel"
+    host, port = args.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{trainer['metadata']['name']}-0.{headless['metadata']['name']}"
+    (rendezvous,) = [p for p in headless["spec"]["ports"] if p["name"] == "rendezvous"]
+    assert int(port) == rendezvous["port"] == container_port(c, rendezvous["targetPort"])
+    assert args.nnodes * args.nproc_per_node <= topics.DEFAULT_PARTITIONS[topics.ROLLOUTS]
     config_file = tmp_path / "trainer.yaml"
     config_file.write_bytes(_mounted_file(docs, trainer, c, args.config))
     config = load_config(config_file)
@@ -742,6 +751,12 @@ def test_network_policies_allow_the_loop_and_deny_the_rest(rendered, overlay):
         assert not _allowed(docs, labels("trainer"), {}, labels(kind), port, "grpc", True), kind
         assert not _allowed(docs, {}, {}, labels(kind), port, "grpc", True), kind
         assert not _allowed(docs, labels("worker"), {}, labels(kind), port, "grpc", False), "other namespaces"
+    # The trainer's ranks reach each other on any port (rendezvous, then the
+    # collectives' own connections), and nothing else reaches them there.
+    trainer = labels("trainer")
+    assert _allowed(docs, trainer, {}, trainer, 29400, "rendezvous", True)
+    assert _allowed(docs, trainer, {}, trainer, 45678, "", True)
+    assert not _allowed(docs, labels("worker"), {}, trainer, 29400, "rendezvous", True)
     for component in (*MODEL_SERVICES, "worker", "trainer"):
         port = container_port(container(workload(docs, component), component), "metrics")
         assert _allowed(docs, {}, monitoring, labels(component), port, "metrics", False), component

@@ -28,8 +28,12 @@ def add_arguments(parser) -> None:
                         help="ranks under torchrun: ddp (DistributedDataParallel) or fsdp (FSDP2, sharded "
                              "weights and optimizer); none is one process (overrides the config)")
     parser.add_argument("--nproc-per-node", type=int,
-                        help="start this many ranks on this machine (torchrun --standalone) with --parallel ddp|fsdp; "
-                             "for several machines run torchrun yourself: torchrun ... -m cli train ppo ...")
+                        help="start this many ranks on this machine (through torchrun) with --parallel ddp|fsdp")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="machines in the job, each running this command with the same --rdzv-endpoint "
+                             "(a Kubernetes StatefulSet's pods: infra/k8s/base/trainer.yaml); 1: torchrun --standalone")
+    parser.add_argument("--rdzv-endpoint",
+                        help="HOST:PORT of the c10d rendezvous every node joins (required with --nnodes > 1)")
     parser.add_argument("--reset-offsets", action="store_true",
                         help="resume weights and optimizer but not the checkpoint's stream offsets (a new cluster or recreated "
                              "topics): read from the group's committed offsets, or the start where there are none")
@@ -71,8 +75,22 @@ def launch_ranks(args, config: TrainerConfig) -> None:
     ranks of this same command: signals then reach torchrun, which passes
     them to every rank (SIGTERM: each stops after its update, checkpointed)."""
     require(args.nproc_per_node >= 1, "nproc_per_node", "must be >= 1", args.nproc_per_node)
+    require(args.nnodes >= 1, "nnodes", "must be >= 1", args.nnodes)
     require(config.parallel != "none", "parallel", "must be ddp or fsdp with --nproc-per-node", config.parallel)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+    if args.nnodes == 1 and not args.rdzv_endpoint:
+        rendezvous = ["--standalone", "--nnodes=1"]
+    else:
+        host, _, port = (args.rdzv_endpoint or "").rpartition(":")
+        require(bool(host) and port.isdigit(), "rdzv_endpoint", "must be HOST:PORT with --nnodes > 1",
+                args.rdzv_endpoint)
+        # Ranks are handed out at rendezvous, not by node: which partitions a
+        # rank reads may change across restarts, which the checkpoint (every
+        # partition's offset, whichever rank wrote it) allows. One failed
+        # node ends the job (no elastic restarts); the pods' restart policy
+        # starts a new one from the newest checkpoint.
+        rendezvous = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                      "--rdzv-id=arbiter-train-ppo", "--max-restarts=0"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous,
                f"--nproc-per-node={args.nproc_per_node}", "-m", "cli", "train", "ppo", "--config", str(args.config),
                f"--parallel={config.parallel}"]
     if args.max_updates is not None:
