@@ -111,3 +111,19 @@ def test_help_imports_stay_light(args, unimported):
     done = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    pytest.param(["--nnodes", "2"], "rdzv_endpoint=None is invalid: must be HOST:PORT with --nnodes > 1",
+                 id="nodes without a rendezvous"),
+    pytest.param(["--nnodes", "2", "--rdzv-endpoint", "trainer-0"],
+                 "rdzv_endpoint='trainer-0' is invalid: must be HOST:PORT with --nnodes > 1",
+                 id="rendezvous without a port"),
+    pytest.param(["--nnodes", "0"], "nnodes=0 is invalid: must be >= 1", id="no nodes"),
+])
+def test_a_multi_node_trainer_launch_is_checked_before_torchrun_starts(tmp_path, flags, message):
+    config = tmp_path / "trainer.yaml"
+    config.write_text(f"model_dir: {Path(__file__).parent}\noutput_dir: {tmp_path / 'out'}\n")
+    done = arbiter("train", "ppo", "--config", str(config), "--parallel", "ddp", "--nproc-per-node", "1", *flags)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"arbiter train ppo: {message}"
