@@ -344,6 +344,21 @@ def test_a_size_above_the_cap_never_served_is_tried_at_once():
     assert sizer.size_for(32, waiting=100) == 16  # the next size up, never measured here either
 
 
+def test_a_larger_size_nothing_measured_is_tried_once_past_a_plateau():
+    """Calibration stopped at 8 items (per item 1.0, 0.75, 0.6, 0.6 ms: 4 and
+    8 alike, a plateau): the cap is 4, and 16 and 32 have no figure."""
+    sizer = BatchSizer(max_batch_size=32, max_tokens=16)
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.4), (8, 4.8)):
+        sizer.record(size, 16, ms / 1000, calibration=True)
+    assert sizer.caps() == {16: 4}
+    assert sizer.size_for(16, waiting=100) == 8  # the neighbour, never served
+    assert sizer.record(8, 16, 4.8 / 1000) == []  # as calibrated: still a plateau
+    assert sizer.size_for(16, waiting=12) == 4  # 16 would need 16 waiting
+    assert sizer.size_for(16, waiting=100) == 16  # never measured at all: tried at once
+    # 0.5 ms per item beats the plateau's 0.6 by more than 1 %: the cap.
+    assert sizer.record(16, 16, 16 * 0.5 / 1000) == [(16, 16)]
+
+
 def test_a_failed_size_is_never_used_at_that_length_or_longer():
     sizer = sizer_with_16_token_calibration(max_tokens=128)
     assert sizer.caps() == {16: 8, 32: 4, 64: 2, 128: 1}
