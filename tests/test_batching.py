@@ -420,6 +420,36 @@ def test_calibration_measures_each_length_and_picks_its_best_size(executor):
     assert seen == [("v7", 16, 8), ("v7", 32, 4), ("v7", 64, 2), ("v7", 128, 1)]
 
 
+def test_a_pass_is_timed_on_the_model_thread_not_while_waiting_for_it(executor):
+    """The model thread is busy for 10 s of the batcher's clock before it
+    takes the lone item, whose pass then takes 1 ms: the size's figure is
+    the pass alone, not the wait (a loaded machine's hand-off delays)."""
+    model = CostModel()
+    busy = threading.Event()
+
+    def other_work():
+        busy.wait()
+        model.now += 10.0
+
+    def one_ms_pass(items):
+        model.now += 0.001
+        return items
+
+    shape = ItemShape(tokens=lambda x: x, sample=lambda n: n, max_tokens=16)
+    batcher = DynamicBatcher(one_ms_pass, BatchingConfig(max_batch_size=4), executor, shape=shape,
+                             clock=model.clock)
+    executor.submit(other_work)
+
+    async def main():
+        waiting = asyncio.ensure_future(batcher.submit([16]))
+        await asyncio.sleep(0)  # the lone item is handed to the model thread, behind the other work
+        busy.set()
+        return await waiting
+
+    assert run(main()) == [16]
+    assert batcher.sizer._observed[0][0] == pytest.approx(0.001 / 16)
+
+
 # -- through the reward service ----------------------------------------------------------------
 
 
