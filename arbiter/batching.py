@@ -24,7 +24,8 @@ loop that serves RPCs.
   then refined from the batches actually served (whose padding counts
   against them), with a batch one size above or below the cap now and then
   to keep the neighbours' figures current. The cap of a bucket is the
-  smallest size within 3 % of the best. ``max_batch_size`` is the upper
+  smallest size within 1 % of the best. Passes are timed on the model
+  thread, by the backend's clock (CPU time of a pass on one CPU thread). ``max_batch_size`` is the upper
   bound; ``fixed`` always uses it. A remote backend batches again on its
   side (Triton's own dynamic batcher), so it always gets the bound. The caps
   are exported as ``arbiter_batch_size_cap{service,model_version,tokens}``.
@@ -154,8 +155,13 @@ class ItemShape(Generic[T]):
 # pass dominates there, so padding them to one another costs little.
 MIN_BUCKET_TOKENS = 16
 # A size within this fraction of the best items/s counts as good as the best;
-# the smallest such size is the cap (lower latency, and robust to noise).
-CAP_TOLERANCE = 0.03
+# the smallest such size is the cap (lower latency at the same throughput).
+# Kept small: a saturated service runs at the cap, so every per cent given
+# away here is a per cent of its throughput (on a CPU, batches of 8 short
+# items cost ~5 % more per item than batches of 32); the noise a wider band
+# absorbed is small now that a forward pass on one CPU thread is timed by
+# that thread's CPU time (``arbiter.backends.inprocess``).
+CAP_TOLERANCE = 0.01
 # Weight of a new observation in a size's running figure.
 OBSERVED_WEIGHT = 0.25
 # A batch counts as a grid size when it holds at least this fraction of it.
@@ -223,7 +229,10 @@ class BatchSizer:
         """How many of ``waiting`` like items the next batch takes: up to the
         cap; but the size above it if that many are waiting and no batch that
         large was served at this length yet (calibration on a busy machine
-        may have misjudged it), and else every ``EXPLORE_EVERY``-th time the
+        may have misjudged it), or a larger size nothing was measured for at
+        this length (calibration's budget ran out before it, or it stopped on
+        a plateau: on a CPU, 4 and 8 sequences of 96 tokens can cost the same
+        per item and 16 less); and else every ``EXPLORE_EVERY``-th time the
         size above or below it when that many are waiting, so that their
         figures follow the load and the cap can move."""
         bucket = self.bucket(tokens)
@@ -235,6 +244,11 @@ class BatchSizer:
         below = index - 1 if index > 0 and self.sizes[index - 1] < waiting else None
         if above is not None and not self.observed(bucket, above):
             return self.sizes[above]
+        for larger in range(index + 2, self._feasible[bucket]):
+            if self.sizes[larger] > waiting:
+                break
+            if self._calibrated[bucket][larger] is None and not self.observed(bucket, larger):
+                return self.sizes[larger]
         if above is None and below is None:
             return min(cap, waiting)
         self._turns[bucket] += 1
@@ -431,6 +445,8 @@ class DynamicBatcher(Generic[T, R]):
         self._observer.on_queue_depth(self.queue_depth)
         self._wakeup.set()
         try:
+            if len(pending) == 1:  # most callers: no gathering future to build and wake
+                return [await pending[0].future]
             return list(await asyncio.gather(*(p.future for p in pending)))
         except asyncio.CancelledError:
             for p in pending:
@@ -441,27 +457,41 @@ class DynamicBatcher(Generic[T, R]):
         """One item as its own batch, bypassing the queue. The batch counts
         as in flight until the model is done with it, even if the caller
         goes away first, so the next batch still waits its turn."""
-        loop = asyncio.get_running_loop()
         self._in_flight += 1
-        started = self._clock()
         if self._is_async:
-            running = asyncio.ensure_future(self._run_batch([item]))
+            running = asyncio.ensure_future(self._timed_async([item]))
         else:
-            running = loop.run_in_executor(self._executor, self._run_batch, [item])
+            running = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, [item])
         running.add_done_callback(self._alone_done)
-        results = await asyncio.shield(running)
-        seconds = self._clock() - started
-        self._observer.on_batch(1, seconds)
+        results, wall, cost = await asyncio.shield(running)
+        self._observer.on_batch(1, wall)
         if not self._is_async:
-            self._caps_changed(self.sizer.record(1, tokens, seconds))
+            self._caps_changed(self.sizer.record(1, tokens, cost))
         return list(results)
+
+    def _timed(self, items: list[T]) -> tuple[Sequence[R], float, float]:
+        """A local forward pass, its wall seconds and its cost by the
+        batcher's clock, both taken on the model thread: the hand-offs to and
+        from that thread (waiting for a core, then for the event loop; on a
+        loaded machine often longer than the pass) say nothing about a batch
+        size, and would be counted against it."""
+        started, cost_started = time.perf_counter(), self._clock()
+        results = self._run_batch(items)
+        return results, time.perf_counter() - started, self._clock() - cost_started
+
+    async def _timed_async(self, items: list[T]) -> tuple[Sequence[R], float, float]:
+        """A remote forward pass and its round trip, which is what it costs here."""
+        started, cost_started = time.perf_counter(), self._clock()
+        results = await self._run_batch(items)
+        return results, time.perf_counter() - started, self._clock() - cost_started
 
     def _alone_done(self, running: asyncio.Future) -> None:
         self._in_flight -= 1
         self._slot_freed.set()
         if not running.cancelled():
             running.exception()  # raised to the caller, if it still waits; read here for one that left
-        self._wakeup.set()
+        if self._queue:  # what arrived meanwhile runs now; with nothing queued the batch loop sleeps on
+            self._wakeup.set()
 
     async def calibrate(self) -> None:
         """Measure seconds per batch over the grid of sizes x lengths, each
@@ -484,11 +514,10 @@ class DynamicBatcher(Generic[T, R]):
             items = [self._shape.sample(tokens)] * size
             started = self._clock()
             try:
-                await loop.run_in_executor(self._executor, self._run_batch, items)
+                _, _, elapsed = await loop.run_in_executor(self._executor, self._timed, items)
                 failed = None
             except Exception as err:
-                failed = err
-            elapsed = self._clock() - started
+                failed, elapsed = err, self._clock() - started
             spent += elapsed
             if failed is not None:
                 log.warning("calibrating %r: a batch of %d x %d tokens failed (%s); batches stay below that",
@@ -560,12 +589,12 @@ class DynamicBatcher(Generic[T, R]):
         try:
             for start in range(0, len(items), size):
                 chunk = items[start : start + size]
-                started = self._clock()
                 if self._is_async:
-                    results.extend(await self._run_batch(chunk))
+                    done, wall, _ = await self._timed_async(chunk)
                 else:
-                    results.extend(await loop.run_in_executor(self._executor, self._run_batch, chunk))
-                self._observer.on_batch(len(chunk), self._clock() - started)
+                    done, wall, _ = await loop.run_in_executor(self._executor, self._timed, chunk)
+                results.extend(done)
+                self._observer.on_batch(len(chunk), wall)
         finally:
             self._in_flight -= 1
         return results
@@ -646,18 +675,16 @@ class DynamicBatcher(Generic[T, R]):
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
                 continue
-            started = self._clock()
             self._in_flight += 1
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+                results, wall, cost = await loop.run_in_executor(self._executor, self._timed, [p.item for p in batch])
             except Exception as err:
                 _fail(batch, err)
                 continue
             finally:
                 self._in_flight -= 1
-            seconds = self._clock() - started
-            self._observer.on_batch(len(batch), seconds)
-            self._caps_changed(self.sizer.record(len(batch), longest, seconds, sum(p.tokens for p in batch)))
+            self._observer.on_batch(len(batch), wall)
+            self._caps_changed(self.sizer.record(len(batch), longest, cost, sum(p.tokens for p in batch)))
             _deliver(batch, results)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop, delay_s: float) -> None:
@@ -675,16 +702,15 @@ class DynamicBatcher(Generic[T, R]):
                 return
 
     async def _run_async_batch(self, batch: list[_Pending[T]]) -> None:
-        started = self._clock()
         try:
-            results = await self._run_batch([p.item for p in batch])
+            results, wall, _ = await self._timed_async([p.item for p in batch])
         except Exception as err:
             _fail(batch, err)
             return
         finally:
             self._in_flight -= 1
             self._slot_freed.set()
-        self._observer.on_batch(len(batch), self._clock() - started)
+        self._observer.on_batch(len(batch), wall)
         _deliver(batch, results)
 
     async def close(self) -> None:

@@ -81,6 +81,9 @@ class ModelSpec(Generic[M]):
     # How the batcher sizes a version's items and makes calibration items;
     # None: every item counts alike and the batch cap is not measured.
     items: Callable[[M], ItemShape] | None = None
+    # The clock a version's batcher times its forward passes with (the
+    # batch sizes are chosen from those times); None: wall time.
+    clock: Callable[[M], Callable[[], float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -319,8 +322,9 @@ class ModelKernel(Generic[M]):
             return None
         run_batch, max_in_flight = self.spec.batch(model)
         shape = self.spec.items(model) if self.spec.items is not None else None
+        clock = {} if self.spec.clock is None else {"clock": self.spec.clock(model)}
         return DynamicBatcher(run_batch, self.config.batching, self._executor, self._batch_observer,
-                              max_in_flight=max_in_flight, shape=shape, label=model.info.version)
+                              max_in_flight=max_in_flight, shape=shape, label=model.info.version, **clock)
 
     async def _evict(self, keep: str) -> list[str]:
         limit = self.config.max_loaded_versions

@@ -1,6 +1,10 @@
 """Reward-service throughput and latency vs its two baselines, in one run.
 
-(a) in-process batched forward of the same model and inputs (batch 32);
+(a) in-process batched forward of the same model and inputs, in batches of
+    as many items as the cell has clients (up to the service's batch bound,
+    32): what perfect batching of that many one-item callers gives, as in the
+    reference benchmark (a batch of 32 is no bound for 1 or 8 clients: they
+    never have 32 items to batch);
 (b) the same service with dynamic batching off.
 The goal, per cell: the service with dynamic batching (``auto`` batch sizes
 up to 32) at >= 0.95x the better of (a) and (b), and at 1 client a p50
@@ -148,7 +152,7 @@ def run_one(
             limit, on, unbatched = [], [], []
             items_before, batches_before = metrics.batches()
             for _ in range(rounds):
-                limit.append(in_process(model_dir, texts, batch_size, per_slice, threads))
+                limit.append(in_process(model_dir, texts, min(clients, batch_size), per_slice, threads))
                 on.append(asyncio.run(_drive(batched.target, texts, clients, per_slice, warmup_s)))
                 unbatched.append(asyncio.run(_drive(off.target, texts, clients, per_slice, warmup_s)))
             items, batches = metrics.batches()

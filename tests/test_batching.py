@@ -273,15 +273,15 @@ def test_batches_group_items_by_length(executor):
 
 def sizer_with_16_token_calibration(max_tokens=64):
     """Calibrated at 16 tokens with seconds per batch of 1, 2, 4, 8, 16, 32
-    items: per item 1.0, 0.75, 0.625, 0.575, 0.5625, 0.625 ms. The best is 16
-    (0.5625); 8 is within 3 % of it (0.575 <= 0.5794), and smaller."""
+    items: per item 1.0, 0.75, 0.625, 0.565, 0.5625, 0.625 ms. The best is 16
+    (0.5625); 8 is within 1 % of it (0.565 <= 0.568125), and smaller."""
     sizer = BatchSizer(max_batch_size=32, max_tokens=max_tokens)
-    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.6), (16, 9.0), (32, 20.0)):
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.52), (16, 9.0), (32, 20.0)):
         sizer.record(size, 16, ms / 1000, calibration=True)
     return sizer
 
 
-def test_cap_is_the_smallest_size_within_3_percent_of_the_best_and_scales_to_unmeasured_lengths():
+def test_cap_is_the_smallest_size_within_1_percent_of_the_best_and_scales_to_unmeasured_lengths():
     sizer = sizer_with_16_token_calibration()
     assert sizer.lengths == [16, 32, 64]
     # 32 and 64 tokens are not measured: the 16-token cap's 128 tokens per batch.
@@ -292,11 +292,11 @@ def test_cap_is_the_smallest_size_within_3_percent_of_the_best_and_scales_to_unm
 def test_served_batches_refine_the_cap():
     sizer = sizer_with_16_token_calibration()
     # Served batches of 8 at 0.6 ms per item: the level of the curve is now
-    # 0.6/0.575 of calibration, the shape unchanged: 16 estimates 0.587, 8
-    # stays within 3 % of it (0.6 <= 0.6046). No change.
+    # 0.6/0.565 of calibration, the shape unchanged: 16 estimates 0.5973, 8
+    # stays within 1 % of it (0.6 <= 0.6033). No change.
     assert sizer.record(8, 16, 8 * 0.6 / 1000) == []
-    # Served batches of 16 at 0.5 ms per item: 8 (0.6) is now beyond 3 % of
-    # 16 (0.5 * 1.03 = 0.515): the cap is 16, and the unmeasured lengths
+    # Served batches of 16 at 0.5 ms per item: 8 (0.6) is now beyond 1 % of
+    # 16 (0.5 * 1.01 = 0.505): the cap is 16, and the unmeasured lengths
     # follow (256 tokens per batch).
     assert sizer.record(16, 16, 16 * 0.5 / 1000) == [(16, 16), (32, 8), (64, 4)]
     # 12 items fill no size of the grid (13 to 16 count as 16): no figure.
@@ -305,7 +305,7 @@ def test_served_batches_refine_the_cap():
 
 def test_padding_in_served_batches_counts_against_their_size():
     """Calibrated at 16 tokens (per item 1.0, 0.75, 0.625, 0.575, 0.5,
-    0.625 ms for 1..32 items): 16 is the best, by more than 3 %."""
+    0.625 ms for 1..32 items): 16 is the best, by more than 1 %."""
     sizer = BatchSizer(max_batch_size=32, max_tokens=64)
     for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.6), (16, 8.0), (32, 20.0)):
         sizer.record(size, 16, ms / 1000, calibration=True)
@@ -338,10 +338,25 @@ def test_a_size_above_the_cap_never_served_is_tried_at_once():
     # One figure at 32 tokens (8 items at 0.5 ms each) compares no sizes: no change.
     assert sizer.record(8, 32, 8 * 0.5 / 1000) == []
     # With the cap's own batches (4 at 0.6 ms each), 8 is the better by more
-    # than 3 %: the cap; and 64 tokens, unmeasured, now scale from the nearest
+    # than 1 %: the cap; and 64 tokens, unmeasured, now scale from the nearest
     # measured length, 32: 8 x 32 = 256 tokens per batch, 4 items of 64.
     assert sizer.record(4, 32, 4 * 0.6 / 1000) == [(32, 8), (64, 4)]
     assert sizer.size_for(32, waiting=100) == 16  # the next size up, never measured here either
+
+
+def test_a_larger_size_nothing_measured_is_tried_once_past_a_plateau():
+    """Calibration stopped at 8 items (per item 1.0, 0.75, 0.6, 0.6 ms: 4 and
+    8 alike, a plateau): the cap is 4, and 16 and 32 have no figure."""
+    sizer = BatchSizer(max_batch_size=32, max_tokens=16)
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.4), (8, 4.8)):
+        sizer.record(size, 16, ms / 1000, calibration=True)
+    assert sizer.caps() == {16: 4}
+    assert sizer.size_for(16, waiting=100) == 8  # the neighbour, never served
+    assert sizer.record(8, 16, 4.8 / 1000) == []  # as calibrated: still a plateau
+    assert sizer.size_for(16, waiting=12) == 4  # 16 would need 16 waiting
+    assert sizer.size_for(16, waiting=100) == 16  # never measured at all: tried at once
+    # 0.5 ms per item beats the plateau's 0.6 by more than 1 %: the cap.
+    assert sizer.record(16, 16, 16 * 0.5 / 1000) == [(16, 16)]
 
 
 def test_a_failed_size_is_never_used_at_that_length_or_longer():
@@ -379,7 +394,7 @@ class CostModel:
 def test_calibration_measures_each_length_and_picks_its_best_size(executor):
     """Per token, x = 16, 32, ..., 512: 74.1, 44.45, 32.03, 30.61, 39.5,
     63.1 us. At 16 tokens the best is 8 items (x=128; 4 items, 32.03, is
-    beyond 3 %); at 32 tokens 4, at 64 tokens 2, at 128 tokens 1."""
+    beyond 1 %); at 32 tokens 4, at 64 tokens 2, at 128 tokens 1."""
     model = CostModel()
     shape = ItemShape(tokens=lambda x: x, sample=lambda n: n, max_tokens=128)
     seen = []
@@ -403,6 +418,36 @@ def test_calibration_measures_each_length_and_picks_its_best_size(executor):
     run(main())
     assert batcher.sizer.caps() == {16: 8, 32: 4, 64: 2, 128: 1}
     assert seen == [("v7", 16, 8), ("v7", 32, 4), ("v7", 64, 2), ("v7", 128, 1)]
+
+
+def test_a_pass_is_timed_on_the_model_thread_not_while_waiting_for_it(executor):
+    """The model thread is busy for 10 s of the batcher's clock before it
+    takes the lone item, whose pass then takes 1 ms: the size's figure is
+    the pass alone, not the wait (a loaded machine's hand-off delays)."""
+    model = CostModel()
+    busy = threading.Event()
+
+    def other_work():
+        busy.wait()
+        model.now += 10.0
+
+    def one_ms_pass(items):
+        model.now += 0.001
+        return items
+
+    shape = ItemShape(tokens=lambda x: x, sample=lambda n: n, max_tokens=16)
+    batcher = DynamicBatcher(one_ms_pass, BatchingConfig(max_batch_size=4), executor, shape=shape,
+                             clock=model.clock)
+    executor.submit(other_work)
+
+    async def main():
+        waiting = asyncio.ensure_future(batcher.submit([16]))
+        await asyncio.sleep(0)  # the lone item is handed to the model thread, behind the other work
+        busy.set()
+        return await waiting
+
+    assert run(main()) == [16]
+    assert batcher.sizer._observed[0][0] == pytest.approx(0.001 / 16)
 
 
 # -- through the reward service ----------------------------------------------------------------

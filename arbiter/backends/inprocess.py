@@ -4,6 +4,7 @@ forward pass runs on the caller's model thread."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ class InProcessBackend:
 
     def forward(self, batch: list) -> list:
         return self.kind.forward_torch(self.model, batch)
+
+    def batch_clock(self):
+        """CPU time of the model thread when the pass runs on that thread
+        alone (CPU, one torch thread): it is what a batch size costs there,
+        while wall time on a shared machine adds whatever else ran meanwhile
+        (other processes, the event loop holding the GIL), enough to bury
+        the few per cent between batch sizes. Else (intra-op threads, a
+        GPU) wall time."""
+        import torch
+
+        if self.info.device == "cpu" and torch.get_num_threads() == 1:
+            return time.thread_time
+        return time.perf_counter
 
     def release(self) -> None:
         self.model = None

@@ -5,6 +5,7 @@ the batch function the kernel's batcher runs."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -66,6 +67,12 @@ class BackendModel:
             return self.forward_async, self.backend.max_in_flight
         return self.forward, 1
 
+    def batch_clock(self) -> Callable[[], float]:
+        """The clock this version's batcher times forward passes with (the
+        backend's ``batch_clock`` if it has one, else wall time)."""
+        clock = getattr(self.backend, "batch_clock", None)
+        return clock() if clock is not None else time.perf_counter
+
     def release(self) -> None:
         """Free the backend's hold on this version (it is being unloaded)."""
         self.backend.release()
@@ -90,7 +97,7 @@ class BackendEngine:
         self._backends = open_backends(config.backend, self.MODEL.KIND)
         self.models = ModelKernel(
             ModelSpec(self.MODEL.KIND.name, self._load, self.MODEL.batch_function, type(self).COMPATIBLE,
-                      type(self).ITEMS),
+                      type(self).ITEMS, self.MODEL.batch_clock),
             config.kernel_config(), executor=executor, loader=loader, batch_observer=observer,
         )
 
