@@ -42,7 +42,7 @@ from kafka import KafkaProducer
 from arbiter.config import ConfigError
 from arbiter.net import free_port
 from arbiter.rm.config import config_from_dict
-from arbiter.rm.loop import RMLoop, RMLoopSettings, held_out
+from arbiter.rm.loop import ReplicaError, RMLoop, RMLoopSettings, held_out
 from arbiter.rm.registry import ModelRegistry
 from arbiter.stream import codec, ensure_topics, topics
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc, rollout_pb2
@@ -177,7 +177,7 @@ def serve(model: Path, model_roots):
 
 
 def replica(server) -> GrpcReplica:
-    return GrpcReplica(server.target, f"http://127.0.0.1:{server.running.metrics_port}/metrics")
+    return GrpcReplica(server.target)
 
 
 def train_config(tmp_path: Path, base: Path, **extra):
@@ -186,7 +186,7 @@ def train_config(tmp_path: Path, base: Path, **extra):
 
 
 def loop_settings(**overrides) -> RMLoopSettings:
-    fields = {"train_config": "unused.yaml", "reward": ("a",), "reward_metrics": ("http://a/metrics",),
+    fields = {"train_config": "unused.yaml", "reward": ("a",),
               "retrain_preferences": 6, "holdout_fraction": 0.5, "min_holdout": 3, "accuracy_tolerance": 0.05,
               "shadow_min_samples": 40, "min_shadow_agreement": 0.9, "min_shadow_spearman": 0.9,
               "check_interval_s": 0.1, "join_timeout_s": 30.0, **overrides}
@@ -248,19 +248,17 @@ class Reverting(GrpcReplica):
 
 
 def test_settings_name_the_field():
-    with pytest.raises(ConfigError, match="reward_metrics"):
-        loop_settings(reward_metrics=())
+    with pytest.raises(ConfigError, match="reward=.* at least one reward replica"):
+        loop_settings(reward=())
     with pytest.raises(ConfigError, match="shadow_min_samples.*500"):
         loop_settings(shadow_min_samples=501)
     with pytest.raises(ConfigError, match="holdout_fraction"):
         loop_settings(holdout_fraction=1.0)
-    with pytest.raises(ConfigError, match=r"reward_metrics\[0\].*http"):
-        loop_settings(reward_metrics=("a:9100",))
-    with pytest.raises(ConfigError, match="reward_metrics_port=None is invalid: is required with a dns: reward target"):
-        loop_settings(reward=("dns:///arbiter-reward-pods:50051",), reward_metrics=("http://a/metrics",))
-    with pytest.raises(ConfigError, match="reward_metrics=.* is invalid: set it or reward_metrics_port, not both"):
-        loop_settings(reward_metrics_port=9101)
-    assert loop_settings(reward=("dns:///r:1",), reward_metrics=(), reward_metrics_port=9101).reward_metrics_port
+    with pytest.raises(ConfigError, match="min_shadow_spearman"):
+        loop_settings(min_shadow_spearman=1.5)
+    # The shadow defaults: a Spearman floor, agreement reported only (see RMLoopSettings).
+    defaults = RMLoopSettings(train_config="x.yaml", reward=("dns:///r:1",))
+    assert (defaults.min_shadow_spearman, defaults.min_shadow_agreement) == (0.3, 0.0)
     # Every 1/f-th offset, so a restart holds out the same ones.
     assert [o for o in range(10) if held_out(o, 0.5)] == [1, 3, 5, 7, 9]
     assert [o for o in range(10) if held_out(o, 0.25)] == [3, 7]
@@ -268,7 +266,7 @@ def test_settings_name_the_field():
 
 def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_roots, caplog):
     """``dns:///localhost:PORT`` resolves (really) to 127.0.0.1: a replica
-    reached over gRPC and its /metrics page derived from the metrics port.
+    reached over gRPC, its shadow window too (GetShadow).
     Then, with a scripted resolver (the logic around the resolution only),
     replicas join and leave between calls, a failed lookup keeps the last
     addresses, and known replicas are reused, gone ones closed."""
@@ -276,13 +274,15 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
     assert dns_host_port("dns://8.8.8.8/name:7") == ("name", 7) and dns_host_port("dns:name:7") == ("name", 7)
     assert dns_host_port("127.0.0.1:5") is None
     with serve(tiny_models["reward"], model_roots) as server:
-        port, metrics = server.port, server.running.metrics_port
-        discovery = ReplicaDiscovery([f"dns:///localhost:{port}"], (), metrics, GrpcReplica)
+        port = server.port
+        discovery = ReplicaDiscovery([f"dns:///localhost:{port}"], GrpcReplica)
         try:
             (found,) = discovery()
-            assert (found.name, found.metrics_url) == (f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics")
+            assert found.name == f"127.0.0.1:{port}"
             assert found.active()[0] == "v0"
-            assert found.shadow("v0", "candidate") is None  # its page was read: no shadow running
+            assert found.shadow("v0", "v0") is None  # GetShadow answered: no window
+            with pytest.raises(ReplicaError, match=f"127.0.0.1:{port}: GetShadow: .*NOT_FOUND.*'candidate'"):
+                found.shadow("v0", "candidate")
             assert discovery() == [found]  # the same replica, channel kept
         finally:
             discovery.close()
@@ -290,8 +290,6 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
     answers: list = [["10.0.0.1"], ["10.0.0.1", "10.0.0.2"], ["10.0.0.2"], None]
 
     def resolve(host: str) -> list[str]:
-        from arbiter.rm.loop import ReplicaError
-
         assert host == "arbiter-reward-pods"
         answer = answers.pop(0)
         if answer is None:
@@ -305,8 +303,7 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
             closed.append(self.name)
             super().close()
 
-    discovery = ReplicaDiscovery(["dns:///arbiter-reward-pods:50051", "10.0.0.9:50051"], (), 9101, Tracked,
-                                 resolve=resolve)
+    discovery = ReplicaDiscovery(["dns:///arbiter-reward-pods:50051", "10.0.0.9:50051"], Tracked, resolve=resolve)
     try:
         names = [[r.name for r in discovery()] for _ in range(4)]
         assert names == [["10.0.0.1:50051", "10.0.0.9:50051"],
@@ -314,8 +311,6 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
                          ["10.0.0.2:50051", "10.0.0.9:50051"],
                          ["10.0.0.2:50051", "10.0.0.9:50051"]]  # the lookup failed: last addresses kept
         assert closed == ["10.0.0.1:50051"]
-        assert [r.metrics_url for r in discovery._known.values()] == ["http://10.0.0.9:9101/metrics",
-                                                                      "http://10.0.0.2:9101/metrics"]
     finally:
         discovery.close()
 
@@ -341,7 +336,7 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             Traffic([one, two], [" good!", " what?", " nice!", " so?"]) as traffic:
         servers = [one, two]
         settings = loop_settings(watch_s=3.0)
-        reverting = Reverting(two.target, f"http://127.0.0.1:{two.running.metrics_port}/metrics")
+        reverting = Reverting(two.target)
         loop = RMLoop(settings, config, kafka, [replica(one), reverting], trainer=trainer).start()
         try:
             # Round 1: the worse candidate. Held out: offsets 1, 3, 5 (offset 0 is the garbage).
@@ -498,9 +493,10 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
             "kafka": {"bootstrap_servers": kafka.bootstrap_servers[0], "topic_prefix": kafka.topic_prefix,
                       "session_timeout_ms": 6000}}))
         metrics_port = free_port()
+        # --reward-metrics is what arbiter up passed before GetShadow: accepted and ignored.
         command = [sys.executable, "-m", "cli", "rm", "loop", "--train-config", str(config_file),
-                   "--reward", server.target, "--reward-metrics",
-                   f"http://127.0.0.1:{server.running.metrics_port}/metrics", "--retrain-preferences", "6",
+                   "--reward", server.target, "--reward-metrics", "http://127.0.0.1:1/metrics",
+                   "--retrain-preferences", "6",
                    "--holdout-fraction", "0.5", "--min-holdout", "1", "--accuracy-tolerance", "1",
                    "--shadow-timeout-s", "0.5", "--check-interval-s", "0.1", "--metrics-port", str(metrics_port)]
         log_path = tmp_path / "rm-loop.log"
@@ -521,6 +517,7 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
                 process.kill()
                 process.wait()
         assert "candidate v2: not promoted, kept loaded but inactive" in log_path.read_text()
+        assert "--reward-metrics is deprecated and ignored" in log_path.read_text()
         v1_again, v2 = registry.versions("rm")
         # v1 never finished its gates: abandoned, so its preferences went into v2.
         assert v1_again.loop_record()["status"] == "abandoned"
@@ -560,7 +557,7 @@ def test_stack_component_flags_parse_and_let_the_reward_service_load_from_the_re
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     settings = from_flags(RMLoopSettings, parser.parse_args(flags[2:]))
-    assert (settings.reward, settings.reward_metrics) == (("127.0.0.1:5001",), ("http://127.0.0.1:9101/metrics",))
+    assert settings.reward == ("127.0.0.1:5001",)
     assert (settings.retrain_preferences, settings.watch_s, settings.metrics_port) == (50, 120.0, 9106)
     train = load_config(settings.train_config)
     assert (train.model_dir, train.registry, train.epochs) == (str(tiny_models["reward"].resolve()), str(registry), 2)
