@@ -13,7 +13,7 @@ scores with. Every pair the annotator submitted is written to
 sampled it), so what the loop trained on can be traced back to live samples.
 
 ``rm_versions`` reads the loop's decisions from its registry (lineage and
-``loop.json``); ``accuracy_on_current_policy`` measures every RM version on
+``loop.json``); ``correct_on_pairs`` measures every RM version on
 fresh gold-labelled pairs sampled from the final policy.
 """
 
@@ -236,10 +236,11 @@ def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: 
     return label_pairs(list(prompts), grouped, make_gold_scorer(gold)), response.policy_version
 
 
-def accuracy_on_current_policy(reward_target: str, versions: Sequence[dict], rows: Sequence[dict]) -> dict[str, float]:
-    """Pairwise accuracy of each RM version on ``rows``, scored by the reward
-    service pinned to that version (loaded inactive when it is not loaded)."""
-    from arbiter.rm.agreement import agreement
+def correct_on_pairs(reward_target: str, versions: Sequence[dict], rows: Sequence[dict]) -> dict[str, list[float]]:
+    """Each RM version's verdict on every pair of ``rows`` (1 right, ½ a tie,
+    0 wrong; the same pairs for every version, so versions compare pair by
+    pair), scored by the reward service pinned to that version (loaded
+    inactive when it is not loaded)."""
     from arbiter.rm.data import parse_row
     from services.rm_loop import GrpcReplica
 
@@ -252,7 +253,8 @@ def accuracy_on_current_policy(reward_target: str, versions: Sequence[dict], row
         for row in versions:
             label = replica.load(row["path"])
             scores, _ = replica.scores(examples, label)
-            out[row["version"]] = agreement(scores, scores).candidate_accuracy
+            # Labelled best first: chosen, rejected.
+            out[row["version"]] = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scores]
         return out
     finally:
         replica.close()

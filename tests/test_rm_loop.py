@@ -26,8 +26,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -40,6 +38,7 @@ from helpers import BackgroundServer, sample_value, wait_until
 from kafka import KafkaProducer
 
 from arbiter.config import ConfigError
+from cli.main import main as cli_main
 from arbiter.net import free_port
 from arbiter.rm.config import config_from_dict
 from arbiter.rm.loop import ReplicaError, RMLoop, RMLoopSettings, held_out
@@ -446,7 +445,7 @@ def ids(path: Path) -> list[str]:
     return sorted(json.loads(line)["id"] for line in path.read_text().splitlines())
 
 
-def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp_path, model_roots):
+def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp_path, model_roots, caplog):
     from arbiter.rm.train import train_reward_model
 
     def crash_mid_training(config, topic, **kw):
@@ -485,7 +484,9 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
         assert ids(v1.path / "holdout.jsonl") == ["p1", "p3", "p5"]
 
         produce(kafka, [preference(f"p{i}", f" yes {i}!", f" no {i}.") for i in range(6, 12)])
-        # The third run is the command itself, stopped by SIGTERM once its round is over.
+        # The third run is the command itself (its main(), in this process:
+        # a second interpreter importing torch cost more than the rest of the
+        # test), stopped by SIGTERM once its round is over.
         config_file = tmp_path / "rm.yaml"
         config_file.write_text(json.dumps({
             "model_dir": str(planted["base"]), "registry": config.registry, "name": "rm", "epochs": 1,
@@ -494,30 +495,43 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
                       "session_timeout_ms": 6000}}))
         metrics_port = free_port()
         # --reward-metrics is what arbiter up passed before GetShadow: accepted and ignored.
-        command = [sys.executable, "-m", "cli", "rm", "loop", "--train-config", str(config_file),
+        command = ["rm", "loop", "--train-config", str(config_file),
                    "--reward", server.target, "--reward-metrics", "http://127.0.0.1:1/metrics",
                    "--retrain-preferences", "6",
                    "--holdout-fraction", "0.5", "--min-holdout", "1", "--accuracy-tolerance", "1",
                    "--shadow-timeout-s", "0.5", "--check-interval-s", "0.1", "--metrics-port", str(metrics_port)]
-        log_path = tmp_path / "rm-loop.log"
-        with log_path.open("w") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        seen: dict = {}
+
+        def stop_after_the_round() -> None:
+            try:
+                wait_until(lambda: len(registry.versions("rm")) == 2
+                           and registry.versions("rm")[1].loop_record().get("status") == "rejected", 120,
+                           "the command's round")
+                seen["page"] = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                                      timeout=10).read().decode()
+            except BaseException as err:  # reported by the test thread below
+                seen["error"] = err
+            finally:
+                # Only once the command handles SIGTERM (pytest's own handler would end the session).
+                wait_until(lambda: signal.getsignal(signal.SIGTERM) is not handlers[signal.SIGTERM], 60,
+                           "the command's SIGTERM handler")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        caplog.set_level(logging.INFO)
+        stopper = threading.Thread(target=stop_after_the_round, daemon=True)
+        stopper.start()
         try:
-            wait_until(lambda: process.poll() is None and len(registry.versions("rm")) == 2
-                       and registry.versions("rm")[1].loop_record().get("status") == "rejected", 120,
-                       lambda: f"the command's round (exit {process.poll()}): {log_path.read_text()[-2000:]}")
-            page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-            assert 'arbiter_rm_loop_candidates_total{outcome="rejected"} 1.0' in page
-            assert "arbiter_rm_loop_candidates_since_active 2.0" in page  # v1 abandoned, v2 rejected
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=60) == 0, log_path.read_text()[-2000:]
+            assert cli_main(command) == 0
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        assert "candidate v2: not promoted, kept loaded but inactive" in log_path.read_text()
-        assert "--reward-metrics is deprecated and ignored" in log_path.read_text()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            stopper.join(timeout=60)
+        assert "error" not in seen, seen.get("error")
+        assert 'arbiter_rm_loop_candidates_total{outcome="rejected"} 1.0' in seen["page"]
+        assert "arbiter_rm_loop_candidates_since_active 2.0" in seen["page"]  # v1 abandoned, v2 rejected
+        assert "candidate v2: not promoted, kept loaded but inactive" in caplog.text
+        assert "--reward-metrics is deprecated and ignored" in caplog.text
         v1_again, v2 = registry.versions("rm")
         # v1 never finished its gates: abandoned, so its preferences went into v2.
         assert v1_again.loop_record()["status"] == "abandoned"
