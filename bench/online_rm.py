@@ -129,14 +129,18 @@ def rm_accuracy(summary: dict) -> dict:
         return {}
     v1 = verdicts[versions[0]["version"]]
     end_version = summary.get("rm_active_at_end", versions[0]["version"])
-    end = verdicts.get(end_version, v1)
-    diffs = [e - b for e, b in zip(end, v1)]
-    se = stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     accuracies = {v: sum(c) / len(c) for v, c in verdicts.items()}
     best = max(accuracies, key=accuracies.get)
-    return {"acc_v1": accuracies[versions[0]["version"]], "acc_end": sum(end) / len(end), "rm_at_end": end_version,
-            "acc_best": accuracies[best], "best_version": best, "acc_end_minus_v1": mean(diffs),
-            "acc_end_minus_v1_se": se, "pairs": len(v1)}
+
+    def minus_v1(version: str) -> tuple[float, float]:
+        diffs = [e - b for e, b in zip(verdicts.get(version, v1), v1)]
+        return mean(diffs), stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+
+    (end_diff, end_se), (best_diff, best_se) = minus_v1(end_version), minus_v1(best)
+    return {"acc_v1": accuracies[versions[0]["version"]], "acc_end": accuracies.get(end_version, accuracies[
+            versions[0]["version"]]), "rm_at_end": end_version, "acc_best": accuracies[best], "best_version": best,
+            "acc_end_minus_v1": end_diff, "acc_end_minus_v1_se": end_se, "acc_best_minus_v1": best_diff,
+            "acc_best_minus_v1_se": best_se, "pairs": len(v1)}
 
 
 def loop_decisions(summary: dict) -> str:
@@ -158,7 +162,7 @@ def report(results: dict[str, list[dict]], args, console: Console) -> None:
                         f"the run's final policy, {args.current_policy_samples} samples per held-out prompt)",
                   title_justify="left")
     for column in ("seed", "arm", "updates", "RM at end", "candidates", "gold gain", "KL at end", "pairs",
-                   "acc v1", "acc RM at end", "end − v1 (± se)", "best version"):
+                   "acc v1", "acc RM at end", "end − v1 (± se)", "best version", "best − v1 (± se)"):
         table.add_column(column, justify="right")
     for arm, runs in results.items():
         for s in runs:
@@ -167,19 +171,21 @@ def report(results: dict[str, list[dict]], args, console: Console) -> None:
                 loop_decisions(s) if arm == "online" else "frozen", f"{gold_gain(s):+.3f}", f"{s['kl_last']:.2f}",
                 str(s.get("pairs", 0)), _pct(s.get("acc_v1")), _pct(s.get("acc_end")),
                 f"{s['acc_end_minus_v1']:+.1%} ± {s['acc_end_minus_v1_se']:.1%}" if "acc_end_minus_v1" in s else "-",
-                f"{s.get('best_version', '-')} {_pct(s.get('acc_best'))}")
+                f"{s.get('best_version', '-')} {_pct(s.get('acc_best'))}",
+                f"{s['acc_best_minus_v1']:+.1%} ± {s['acc_best_minus_v1_se']:.1%}" if "acc_best_minus_v1" in s else "-")
     console.print(table)
     summary = Table(title="Over seeds: mean ± sd", title_justify="left")
-    for column in ("arm", "updates", "gold gain", "KL at end", "acc v1", "acc RM at end", "end − v1"):
+    for column in ("arm", "updates", "gold gain", "KL at end", "acc v1", "acc RM at end", "end − v1", "best − v1"):
         summary.add_column(column, justify="right")
     for arm, runs in results.items():
         summary.add_row(arm, mean_sd([s["updates"] for s in runs]), mean_sd([gold_gain(s) for s in runs]),
                         mean_sd([s["kl_last"] for s in runs]), mean_sd([s.get("acc_v1") for s in runs]),
-                        mean_sd([s.get("acc_end") for s in runs]), mean_sd([s.get("acc_end_minus_v1") for s in runs]))
+                        mean_sd([s.get("acc_end") for s in runs]), mean_sd([s.get("acc_end_minus_v1") for s in runs]),
+                        mean_sd([s.get("acc_best_minus_v1") for s in runs]))
     if {"frozen", "online"} <= results.keys():
         frozen = {s["seed"]: s for s in results["frozen"]}
         paired = [gold_gain(s) - gold_gain(frozen[s["seed"]]) for s in results["online"] if s["seed"] in frozen]
-        summary.add_row("online − frozen (same seed)", "", mean_sd(paired), "", "", "", "")
+        summary.add_row("online − frozen (same seed)", "", mean_sd(paired), "", "", "", "", "")
     console.print(summary)
     console.print("A shared CPU: absolute numbers move with load; arms of one seed ran back to back.")
 

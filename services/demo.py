@@ -282,7 +282,7 @@ def kl_crossings(rows: list[dict], levels: Sequence[float], smooth: int = 3) -> 
 def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm: bool = False,
         seconds: float | None = None, models: DemoModels | None = None, eval_samples: int = EVAL_SAMPLES,
         stack_extra: dict | None = None, seed: int = 0, current_policy_samples: int = CURRENT_POLICY_SAMPLES,
-        kl_levels: Sequence[float] = ()) -> dict:
+        kl_levels: Sequence[float] = (), pretrain_seconds: float | None = None) -> dict:
     """``seconds``: stop after this long of training even before ``updates``
     (a fixed wall-time budget; the run is then an arm of a comparison,
     bench/online_rm.py, bench/ensemble_rm.py, measured while its stack is up);
@@ -291,10 +291,11 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     ``seed``: the stack's (sampling, prompt order, training) and the annotator's;
     ``current_policy_samples``: completions per eval prompt whose gold-labelled
     pairs measure the RM versions; ``kl_levels``: also measure (gold and
-    proxy) the first version whose KL reached each level (``kl_crossings``)."""
+    proxy) the first version whose KL reached each level (``kl_crossings``);
+    ``pretrain_seconds``: the policy's pretraining budget when ``models`` are prepared here."""
     console.print(f"[bold]1.[/] Models in {workdir} (built here; nothing downloaded)")
     if models is None:
-        models = prepare_models(workdir / "models", quick=quick, console=console)
+        models = prepare_models(workdir / "models", quick=quick, console=console, pretrain_seconds=pretrain_seconds)
     console.print(f"   {models.description}")
     console.print("[bold]2.[/] Starting the stack: broker, reward/reference/policy services, worker, trainer"
                   + (", rm loop" if online_rm else ""))
@@ -458,7 +459,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     console = Console(width=140)
     updates = args.updates or (4 if args.quick else 60)
     try:
-        run(Path(args.workdir).resolve(), updates, args.quick, console, online_rm=args.online_rm)
+        run(Path(args.workdir).resolve(), updates, args.quick, console, online_rm=args.online_rm,
+            pretrain_seconds=args.pretrain_seconds)
     except StackError as err:
         console.print(f"[red]demo failed:[/] {err}")
         return 1
