@@ -41,7 +41,7 @@ from arbiter.config import ConfigError
 from cli.main import main as cli_main
 from arbiter.net import free_port
 from arbiter.rm.config import config_from_dict
-from arbiter.rm.loop import ReplicaError, RMLoop, RMLoopSettings, held_out
+from arbiter.rm.loop import ReplicaError, RMLoop, RMLoopSettings, ShadowReading, held_out
 from arbiter.rm.registry import ModelRegistry
 from arbiter.stream import codec, ensure_topics, topics
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc, rollout_pb2
@@ -261,6 +261,53 @@ def test_settings_name_the_field():
     # Every 1/f-th offset, so a restart holds out the same ones.
     assert [o for o in range(10) if held_out(o, 0.5)] == [1, 3, 5, 7, 9]
     assert [o for o in range(10) if held_out(o, 0.25)] == [3, 7]
+
+
+class ScriptedShadow:
+    """A replica whose shadow window is given: the gate's logic around
+    GetShadow (the RPC against a real service: test_shadow.py, and the gates
+    test below)."""
+
+    def __init__(self, name: str, reading: ShadowReading):
+        self.name, self.reading = name, reading
+
+    def set_shadow(self, version: str, fraction: float) -> None:
+        pass
+
+    def shadow(self, active: str, candidate: str) -> ShadowReading:
+        return self.reading
+
+
+def test_shadow_gates_are_a_spearman_floor_and_agreement_only_on_request(tmp_path):
+    """A better candidate disagrees with the active version where the active
+    one is wrong: agreement 0.55 (the active version near chance on fresh
+    samples, the candidate right more often) passes the default gates and is
+    recorded; a candidate unrelated to the active one (Spearman 0.05) does
+    not; an agreement gate applies only when one is set."""
+    from arbiter.rm.registry import RegistryVersion
+    from arbiter.stream import KafkaSettings
+
+    def gate(reading: ShadowReading, **settings) -> tuple[str | None, dict]:
+        replicas = [ScriptedShadow("r0", reading), ScriptedShadow("r1", ShadowReading(200, 0.9, 0.95))]
+        loop = RMLoop(RMLoopSettings(train_config="x.yaml", reward=("r0", "r1"), shadow_min_samples=100, **settings),
+                      train_config(tmp_path, tmp_path), KafkaSettings(), replicas)
+        version = RegistryVersion("rm", "v2", 2, tmp_path / f"v2-{len(list(tmp_path.iterdir()))}")
+        version.path.mkdir()
+        record: dict = {"gates": {}, "events": []}
+        return loop._shadow(version, record, "v1", "v2"), record
+
+    passed, record = gate(ShadowReading(150, 0.55, 0.45))
+    assert passed is None
+    assert record["gates"]["shadow"]["agreement"] == [0.55, 0.9]  # reported
+    assert record["gates"]["shadow"]["spearman"] == [0.45, 0.95]
+    rejected, record = gate(ShadowReading(150, 0.52, 0.05))
+    assert rejected == "rejected" and record["failed_gate"] == "shadow_spearman"
+    assert "shadow Spearman 0.0500 is below 0.3 (per replica: 0.0500/0.9500)" in record["reason"]
+    rejected, record = gate(ShadowReading(150, 0.55, 0.45), min_shadow_agreement=0.8)
+    assert rejected == "rejected" and record["failed_gate"] == "shadow_agreement"
+    # Too few samples when the (here immediate) shadow timeout passes.
+    rejected, record = gate(ShadowReading(99, 0.9, 0.9), shadow_timeout_s=1e-6)
+    assert record["failed_gate"] == "shadow_samples" and "r0 shadow-scored 99 of 100" in record["reason"]
 
 
 def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_roots, caplog):
