@@ -132,15 +132,19 @@ def rm_accuracy(summary: dict) -> dict:
     accuracies = {v: sum(c) / len(c) for v, c in verdicts.items()}
     best = max(accuracies, key=accuracies.get)
 
-    def minus_v1(version: str) -> tuple[float, float]:
-        diffs = [e - b for e, b in zip(verdicts.get(version, v1), v1)]
+    def minus_v1(version: str) -> tuple[float | None, float | None]:
+        if version not in verdicts:  # not measured: never v1's numbers in its place
+            return None, None
+        diffs = [e - b for e, b in zip(verdicts[version], v1)]
         return mean(diffs), stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
 
     (end_diff, end_se), (best_diff, best_se) = minus_v1(end_version), minus_v1(best)
-    return {"acc_v1": accuracies[versions[0]["version"]], "acc_end": accuracies.get(end_version, accuracies[
-            versions[0]["version"]]), "rm_at_end": end_version, "acc_best": accuracies[best], "best_version": best,
-            "acc_end_minus_v1": end_diff, "acc_end_minus_v1_se": end_se, "acc_best_minus_v1": best_diff,
-            "acc_best_minus_v1_se": best_se, "pairs": len(v1)}
+    out = {"acc_v1": accuracies[versions[0]["version"]], "acc_end": accuracies.get(end_version),
+           "rm_at_end": end_version, "acc_best": accuracies[best], "best_version": best,
+           "acc_best_minus_v1": best_diff, "acc_best_minus_v1_se": best_se, "pairs": len(v1)}
+    if end_diff is not None:
+        out.update(acc_end_minus_v1=end_diff, acc_end_minus_v1_se=end_se)
+    return out
 
 
 def loop_decisions(summary: dict) -> str:

@@ -430,6 +430,9 @@ def online_results(stack: Stack, models: DemoModels, registry: Path, rm_name: st
                    console: Console, current_policy_samples: int = CURRENT_POLICY_SAMPLES, seed: int = 0) -> dict:
     """The loop's versions and gates, and each version's accuracy on fresh
     pairs of the final policy's samples (held-out prompts), while the stack is up."""
+    # Read before the versions are listed: the loop goes on promoting, and
+    # the version serving now must be among those measured.
+    active_at_end = served_version(stack.targets["reward"])
     versions = rm_versions(registry, rm_name)
     pairs, policy_version = fresh_pairs(stack.targets["policy"], models.eval_prompts, models.gold or "vader",
                                         current_policy_samples, models.max_new_tokens, seed=11 + 1000 * seed)
@@ -447,7 +450,7 @@ def online_results(stack: Stack, models: DemoModels, registry: Path, rm_name: st
     console.print(table)
     return {"online_rm": True, "annotator": annotator.stats.as_dict(), "rm_versions": versions,
             "current_policy_pairs": len(pairs), "current_policy_version": policy_version, "pair_verdicts": verdicts,
-            "rm_active_at_end": served_version(stack.targets["reward"])}
+            "rm_active_at_end": active_at_end}
 
 
 def run_from_args(args: argparse.Namespace) -> int:
