@@ -37,10 +37,16 @@ def pairwise_agreement(active: np.ndarray, candidate: np.ndarray) -> float:
     return float(score.mean()) if score.size else float("nan")
 
 
+# Items of the newest window agreement is measured on: a candidate's shadow
+# sample count stops there.
+WINDOW = 500
+
+
 class ShadowMonitor:
-    def __init__(self, active_version: str, shadow_version: str, window: int = 500):
+    def __init__(self, active_version: str, shadow_version: str, window: int = WINDOW):
         self.active_version = active_version
         self.shadow_version = shadow_version
+        self.window = window
         self._pairs: deque[tuple[float, float]] = deque(maxlen=window)
         self._lock = threading.Lock()
 

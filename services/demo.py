@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,7 @@ from rich.table import Table
 from arbiter.v1 import common_pb2, common_pb2_grpc
 from services.demo_models import DemoModels, prepare_models
 from services.demo_online import (
-    FULL_ONLINE, QUICK_ONLINE, Annotator, OnlineRMScale, accuracy_on_current_policy, fresh_pairs, gate_text,
+    FULL_ONLINE, QUICK_ONLINE, Annotator, OnlineRMScale, correct_on_pairs, fresh_pairs, gate_text,
     rm_loop_config, rm_versions, seed_registry,
 )
 from services.stack import Stack, StackConfig, StackError, trainer_policies_dir
@@ -144,12 +145,13 @@ EVAL_SAMPLES = 4
 
 
 def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPLES,
-                  reward_target: str | None = None) -> dict:
+                  reward_target: str | None = None, more: dict[str, Path] | None = None) -> dict:
     """The target compares policies, not training batches: both policies
     sample the same held-out prompts, and the gold scorer judges. With
     ``reward_target`` the reward service's unpinned score (the run's proxy:
     its active RM, or its reward spec) of the same samples too, and each
-    score's spread over the initial policy's samples (the unit of a proxy-gold gap)."""
+    score's spread over the initial policy's samples (the unit of a proxy-gold
+    gap). ``more``: other policies measured alike, by name (``gold_NAME_policy``...)."""
     from statistics import mean, pstdev
 
     from services.demo_models import sample_completions
@@ -157,7 +159,7 @@ def evaluate_gold(models: DemoModels, final_dir: Path, samples: int = EVAL_SAMPL
 
     gold = make_gold_scorer(models.gold)
     out = {}
-    for name, model_dir in (("initial", models.policy), ("final", final_dir)):
+    for name, model_dir in (("initial", models.policy), ("final", final_dir), *(more or {}).items()):
         completions = sample_completions(model_dir, models.eval_prompts, samples, models.max_new_tokens, seed=7)
         scores = [gold(c) for group in completions for c in group]
         out[f"gold_{name}_policy"] = mean(scores)
@@ -261,17 +263,39 @@ ONLINE_ROUND_WAIT_S = 300
 CURRENT_POLICY_SAMPLES = 4
 
 
+def kl_crossings(rows: list[dict], levels: Sequence[float], smooth: int = 3) -> dict[str, dict]:
+    """For each KL level, the first update whose KL (the mean of the last
+    ``smooth`` updates: one batch's estimate is noisy) reaches it: the policy
+    version that first spent that KL budget. Levels never reached are left out."""
+    out = {}
+    for level in levels:
+        for i, row in enumerate(rows):
+            window = rows[max(0, i - smooth + 1): i + 1]
+            kl = sum(r["kl"] for r in window) / len(window)
+            if kl >= level:
+                out[f"{level:g}"] = {"version": row["policy_version"], "step": row["step"], "kl": kl,
+                                     "seconds": row.get("elapsed_s")}
+                break
+    return out
+
+
 def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm: bool = False,
         seconds: float | None = None, models: DemoModels | None = None, eval_samples: int = EVAL_SAMPLES,
-        stack_extra: dict | None = None) -> dict:
+        stack_extra: dict | None = None, seed: int = 0, current_policy_samples: int = CURRENT_POLICY_SAMPLES,
+        kl_levels: Sequence[float] = (), pretrain_seconds: float | None = None) -> dict:
     """``seconds``: stop after this long of training even before ``updates``
     (a fixed wall-time budget; the run is then an arm of a comparison,
     bench/online_rm.py, bench/ensemble_rm.py, measured while its stack is up);
     ``models``: already prepared (both arms run on the same ones);
-    ``stack_extra``: more StackConfig fields (e.g. the reward service's flags)."""
+    ``stack_extra``: more StackConfig fields (e.g. the reward service's flags);
+    ``seed``: the stack's (sampling, prompt order, training) and the annotator's;
+    ``current_policy_samples``: completions per eval prompt whose gold-labelled
+    pairs measure the RM versions; ``kl_levels``: also measure (gold and
+    proxy) the first version whose KL reached each level (``kl_crossings``);
+    ``pretrain_seconds``: the policy's pretraining budget when ``models`` are prepared here."""
     console.print(f"[bold]1.[/] Models in {workdir} (built here; nothing downloaded)")
     if models is None:
-        models = prepare_models(workdir / "models", quick=quick, console=console)
+        models = prepare_models(workdir / "models", quick=quick, console=console, pretrain_seconds=pretrain_seconds)
     console.print(f"   {models.description}")
     console.print("[bold]2.[/] Starting the stack: broker, reward/reference/policy services, worker, trainer"
                   + (", rm loop" if online_rm else ""))
@@ -286,14 +310,15 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     annotator: Annotator | None = None
     rm_name = Path(models.reward).parent.name
     summary: dict = {}
-    with Stack(stack_config(models, workdir, updates, online, reward_model, **(stack_extra or {}))) as stack:
+    with Stack(stack_config(models, workdir, updates, online, reward_model,
+                            **{"seed": seed, **(stack_extra or {})})) as stack:
         console.print(f"   up in {time.monotonic() - started:.0f}s: " + ", ".join(f"{k} {v}" for k, v in stack.targets.items()))
         if online:
             annotator = Annotator(
                 stack.targets["policy"], stack.targets["reward"],
                 [json.loads(line)["prompt"] for line in Path(models.prompts).read_text().splitlines() if line.strip()],
                 models.gold or "vader", models.max_new_tokens, workdir / "annotations.jsonl",
-                prompts_per_call=online.prompts_per_call, interval_s=online.annotate_interval_s)
+                prompts_per_call=online.prompts_per_call, interval_s=online.annotate_interval_s, seed=seed)
             annotator.start()
             console.print("   simulated annotator: pairs of live completions, labelled by the gold scorer, "
                           "submitted through SubmitPreference")
@@ -301,6 +326,7 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
         started = time.monotonic()
         rows: list[dict] = []
         rm_seen: dict[int, str] = {}
+        seen_at: dict[int, float] = {}
         last_progress = time.monotonic()
 
         def view():
@@ -324,6 +350,10 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
                             f"no PPO update for {STALL_SECONDS}s; see the logs in {stack.logs}:\n"
                             f"{stack.tail('trainer')}\n{stack.tail('worker-0')}"
                         )
+                    now = time.monotonic() - started
+                    for row in fresh:
+                        # Training seconds when the demo first saw the update (to within a poll).
+                        row["elapsed_s"] = seen_at.setdefault(row["step"], now)
                     if online:
                         # The RM version answering when the update was seen: the
                         # worker scores with the active one.
@@ -356,19 +386,24 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
             time.sleep(0.5)
         serving = served_version(stack.targets["policy"])
         if seconds is not None and models.gold:
-            summary.update(evaluate_gold(models, trainer_policies_dir(stack.config) / final, eval_samples,
-                                         reward_target=stack.targets["reward"]))
+            policies = trainer_policies_dir(stack.config)
+            crossings = kl_crossings(rows, kl_levels)
+            summary["kl_crossings"] = crossings
+            summary.update(evaluate_gold(models, policies / final, eval_samples, reward_target=stack.targets["reward"],
+                                         more={f"kl{level}": policies / c["version"] for level, c in crossings.items()}))
         if online:
-            summary.update(online_results(stack, models, reward_model.parents[1], rm_name, annotator, console))
+            summary.update(online_results(stack, models, reward_model.parents[1], rm_name, annotator, console,
+                                          current_policy_samples, seed))
         elif seconds is not None:
             # A budgeted run is one arm of a comparison: the frozen RM is
             # measured on its final policy's samples as the online arm's versions are.
             pairs, policy_version = fresh_pairs(stack.targets["policy"], models.eval_prompts, models.gold or "vader",
-                                                CURRENT_POLICY_SAMPLES, models.max_new_tokens, seed=11)
+                                                current_policy_samples, models.max_new_tokens, seed=11 + 1000 * seed)
             frozen = {"version": served_version(stack.targets["reward"]), "path": str(models.reward), "status": "frozen"}
-            frozen["accuracy_on_current_policy"] = accuracy_on_current_policy(
-                stack.targets["reward"], [frozen], pairs).get(frozen["version"])
-            summary.update(rm_versions=[frozen], current_policy_pairs=len(pairs), current_policy_version=policy_version)
+            verdicts = correct_on_pairs(stack.targets["reward"], [frozen], pairs)
+            frozen["accuracy_on_current_policy"] = _accuracy(verdicts.get(frozen["version"]))
+            summary.update(rm_versions=[frozen], current_policy_pairs=len(pairs), current_policy_version=policy_version,
+                           pair_verdicts=verdicts)
     console.print(f"[bold]4.[/] The policy service now serves {serving!r} (trainer's last version {final!r})")
     summary.update(summarize(rows, console))
     summary["served_version"] = serving
@@ -387,16 +422,23 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     return summary
 
 
+def _accuracy(verdicts: list[float] | None) -> float | None:
+    return sum(verdicts) / len(verdicts) if verdicts else None
+
+
 def online_results(stack: Stack, models: DemoModels, registry: Path, rm_name: str, annotator: Annotator,
-                   console: Console) -> dict:
+                   console: Console, current_policy_samples: int = CURRENT_POLICY_SAMPLES, seed: int = 0) -> dict:
     """The loop's versions and gates, and each version's accuracy on fresh
     pairs of the final policy's samples (held-out prompts), while the stack is up."""
+    # Read before the versions are listed: the loop goes on promoting, and
+    # the version serving now must be among those measured.
+    active_at_end = served_version(stack.targets["reward"])
     versions = rm_versions(registry, rm_name)
     pairs, policy_version = fresh_pairs(stack.targets["policy"], models.eval_prompts, models.gold or "vader",
-                                        CURRENT_POLICY_SAMPLES, models.max_new_tokens, seed=11)
-    accuracy = accuracy_on_current_policy(stack.targets["reward"], versions, pairs)
+                                        current_policy_samples, models.max_new_tokens, seed=11 + 1000 * seed)
+    verdicts = correct_on_pairs(stack.targets["reward"], versions, pairs)
     for row in versions:
-        row["accuracy_on_current_policy"] = accuracy.get(row["version"])
+        row["accuracy_on_current_policy"] = _accuracy(verdicts.get(row["version"]))
     console.print(rm_table(versions, annotator.stats.as_dict()))
     table = Table(title=f"RM versions on {len(pairs)} held-out gold-labelled pairs of {policy_version}'s samples",
                   title_justify="left")
@@ -407,8 +449,8 @@ def online_results(stack: Stack, models: DemoModels, registry: Path, rm_name: st
         table.add_row(row["version"], row["status"], "-" if value is None else f"{value:.1%}")
     console.print(table)
     return {"online_rm": True, "annotator": annotator.stats.as_dict(), "rm_versions": versions,
-            "current_policy_pairs": len(pairs), "current_policy_version": policy_version,
-            "rm_active_at_end": served_version(stack.targets["reward"])}
+            "current_policy_pairs": len(pairs), "current_policy_version": policy_version, "pair_verdicts": verdicts,
+            "rm_active_at_end": active_at_end}
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -420,7 +462,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     console = Console(width=140)
     updates = args.updates or (4 if args.quick else 60)
     try:
-        run(Path(args.workdir).resolve(), updates, args.quick, console, online_rm=args.online_rm)
+        run(Path(args.workdir).resolve(), updates, args.quick, console, online_rm=args.online_rm,
+            pretrain_seconds=args.pretrain_seconds)
     except StackError as err:
         console.print(f"[red]demo failed:[/] {err}")
         return 1

@@ -13,7 +13,7 @@ scores with. Every pair the annotator submitted is written to
 sampled it), so what the loop trained on can be traced back to live samples.
 
 ``rm_versions`` reads the loop's decisions from its registry (lineage and
-``loop.json``); ``accuracy_on_current_policy`` measures every RM version on
+``loop.json``); ``correct_on_pairs`` measures every RM version on
 fresh gold-labelled pairs sampled from the final policy.
 """
 
@@ -66,15 +66,11 @@ def rm_loop_config(scale: OnlineRMScale, rm_name: str) -> dict[str, Any]:
         # A held-out set of 16-100 pairs measures accuracy to +-0.05-0.12
         # (one standard error): the production 0.02 would reject on noise.
         "accuracy_tolerance": 0.05,
-        # Agreement with the active version is the production gate against a
-        # candidate that changed too much; here the active RM is v1, trained on
-        # the initial policy's samples, and once PPO has moved the policy v1
-        # ranks its pairs near chance (bench/online_rm.py, 300 s: v1 at
-        # 0.32-0.53 on the rolling held-out set while candidates reached
-        # 0.46-0.63, all stopped at 0.41-0.75 agreement with v1). Demanding
-        # 0.8 agreement with a model that is wrong keeps it forever; the
-        # held-out gate is what guards quality here.
-        "min_shadow_agreement": 0.6, "min_shadow_spearman": 0.3,
+        # The shadow gates are the loop's defaults (Spearman >= 0.3, agreement
+        # reported): the active RM is v1, trained on the initial policy's
+        # samples, and once PPO has moved the policy v1 ranks its pairs near
+        # chance, so better candidates disagree with it (a 0.8 agreement gate
+        # promoted 0 of 11 in a 300 s run; arbiter/rm/loop.py says why).
         "shadow_min_samples": scale.shadow_min_samples, "shadow_timeout_s": 240, "watch_s": scale.watch_s,
         "check_interval_s": 0.5,
         # Continued from the active version on a few dozen pairs (plus those of
@@ -240,23 +236,25 @@ def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: 
     return label_pairs(list(prompts), grouped, make_gold_scorer(gold)), response.policy_version
 
 
-def accuracy_on_current_policy(reward_target: str, versions: Sequence[dict], rows: Sequence[dict]) -> dict[str, float]:
-    """Pairwise accuracy of each RM version on ``rows``, scored by the reward
-    service pinned to that version (loaded inactive when it is not loaded)."""
-    from arbiter.rm.agreement import agreement
+def correct_on_pairs(reward_target: str, versions: Sequence[dict], rows: Sequence[dict]) -> dict[str, list[float]]:
+    """Each RM version's verdict on every pair of ``rows`` (1 right, ½ a tie,
+    0 wrong; the same pairs for every version, so versions compare pair by
+    pair), scored by the reward service pinned to that version (loaded
+    inactive when it is not loaded)."""
     from arbiter.rm.data import parse_row
     from services.rm_loop import GrpcReplica
 
     if not rows:
         return {}
     examples = [parse_row(row, f"pair {i}") for i, row in enumerate(rows)]
-    replica = GrpcReplica(reward_target, "http://unused/metrics")
+    replica = GrpcReplica(reward_target)
     try:
         out = {}
         for row in versions:
             label = replica.load(row["path"])
             scores, _ = replica.scores(examples, label)
-            out[row["version"]] = agreement(scores, scores).candidate_accuracy
+            # Labelled best first: chosen, rejected.
+            out[row["version"]] = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scores]
         return out
     finally:
         replica.close()

@@ -1,17 +1,15 @@
 """``arbiter rm loop``: the reward-model loop (``arbiter.rm.loop``) against
 live reward replicas.
 
-Each replica is driven on its own (``GrpcReplica``): loading, pinned
-scoring, shadowing and activation go to that replica's ModelService and
-RewardService (the admin token for the control plane); its shadow agreement
-is read from its /metrics page, where the reward service exports it
-(``arbiter_reward_shadow_*``), and its Page-Hinkley alarms from
-``GetScoreDrift``.
+Each replica is driven on its own (``GrpcReplica``), over its gRPC port
+only: loading, pinned scoring, shadowing and activation go to that
+replica's ModelService and RewardService (the admin token for the control
+plane); its shadow window is read with ``GetShadow`` and its Page-Hinkley
+alarms with ``GetScoreDrift``.
 
-Replicas are named one by one (``--reward H:P --reward-metrics URL``, or
-``--reward-metrics-port`` for ``http://H:PORT/metrics``) or found by DNS
-(``--reward dns:///arbiter-reward-pods:50051 --reward-metrics-port 9101``:
-every A record of a Kubernetes headless Service is a ready replica), resolved
+Replicas are named one by one (``--reward H:P``, repeated) or found by DNS
+(``--reward dns:///arbiter-reward-pods:50051``: every A record of a
+Kubernetes headless Service is a ready replica), resolved
 again before each decision of the loop (``ReplicaDiscovery``), so a replica
 the Deployment adds joins the next round and one it removes leaves it.
 
@@ -26,15 +24,12 @@ import argparse
 import logging
 import signal
 import socket
-import ssl
 import sys
 import threading
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from arbiter.rm.data import RankedExample
 from arbiter.rm.loop import ReplicaError, RMLoopSettings, ShadowReading
@@ -45,17 +40,17 @@ from services.reward.shadow import score_examples
 
 log = logging.getLogger(__name__)
 
-_SHADOW = {"arbiter_reward_shadow_samples": "samples", "arbiter_reward_shadow_pairwise_agreement": "agreement",
-           "arbiter_reward_shadow_spearman": "spearman"}
+# Flags of the /metrics scrape GetShadow replaced: accepted (an `arbiter up`
+# or manifest not yet updated keeps working) and ignored.
+DEPRECATED_FLAGS = ("--reward-metrics", "--reward-metrics-port")
 
 
 class GrpcReplica:
-    """``arbiter.rm.loop.Replica`` over one reward replica's gRPC port and /metrics page."""
+    """``arbiter.rm.loop.Replica`` over one reward replica's gRPC port."""
 
-    def __init__(self, target: str, metrics_url: str, *, timeout_s: float = 120.0, token: str | None = None,
+    def __init__(self, target: str, *, timeout_s: float = 120.0, token: str | None = None,
                  admin_token: str | None = None, tls: ClientTLS | None = None):
         self.name = target
-        self.metrics_url = metrics_url
         self.tls = tls or ClientTLS()
         self.client = RewardClient(target, timeout_s=timeout_s, token=token, admin_token=admin_token,
                                    **self.tls.kwargs())
@@ -87,23 +82,11 @@ class GrpcReplica:
         self._call("SetShadow", self.client.set_shadow, version, fraction)
 
     def shadow(self, active: str, candidate: str) -> ShadowReading | None:
-        context = None
-        if self.metrics_url.startswith("https://"):
-            context = ssl.create_default_context(cafile=self.tls.tls_ca_file)
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=10, context=context) as page:
-                text = page.read().decode()
-        except OSError as err:
-            raise ReplicaError(f"{self.name}: cannot read {self.metrics_url}: {err}") from None
-        found: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name in _SHADOW and sample.labels == {"model_version": active, "shadow_version": candidate}:
-                    found[_SHADOW[sample.name]] = sample.value
-        if "samples" not in found:
+        window = self._call("GetShadow", self.client.get_shadow, candidate)
+        # A window against another version (the active one changed meanwhile) says nothing of this pair.
+        if not window.samples or window.active_version != active:
             return None
-        return ShadowReading(int(found["samples"]), found.get("agreement", float("nan")),
-                             found.get("spearman", float("nan")))
+        return ShadowReading(window.samples, window.pairwise_agreement, window.spearman)
 
     def activate(self, version: str) -> str:
         return self._call("ActivateModelVersion", self.client.activate_version, version).previous_version
@@ -148,27 +131,21 @@ class ReplicaDiscovery:
     failed resolution keeps that entry's last addresses (a DNS hiccup must not
     drop every replica mid-watch); with none known yet it raises ReplicaError."""
 
-    def __init__(self, reward: Sequence[str], reward_metrics: Sequence[str], metrics_port: int | None,
-                 make: Callable[[str, str], GrpcReplica], *, resolve: Callable[[str], list[str]] = resolve_ipv4):
+    def __init__(self, reward: Sequence[str], make: Callable[[str], GrpcReplica], *,
+                 resolve: Callable[[str], list[str]] = resolve_ipv4):
         self.reward = list(reward)
-        self.reward_metrics = list(reward_metrics)
-        self.metrics_port = metrics_port
         self._make = make
         self._resolve = resolve
         self._known: dict[str, GrpcReplica] = {}
         self._last: dict[str, list[str]] = {}
 
-    def _url(self, host: str) -> str:
-        return f"http://{host}:{self.metrics_port}/metrics"
-
-    def wanted(self) -> list[tuple[str, str]]:
-        """(HOST:PORT, metrics URL) of every replica now."""
-        out: list[tuple[str, str]] = []
-        for i, entry in enumerate(self.reward):
+    def wanted(self) -> list[str]:
+        """HOST:PORT of every replica now."""
+        out: list[str] = []
+        for entry in self.reward:
             dns = dns_host_port(entry)
             if dns is None:
-                url = self.reward_metrics[i] if self.reward_metrics else self._url(entry.rpartition(":")[0])
-                out.append((entry, url))
+                out.append(entry)
                 continue
             host, port = dns
             try:
@@ -179,21 +156,19 @@ class ReplicaDiscovery:
                     raise
                 addresses = self._last[entry]
                 log.warning("%s; keeping its last addresses %s", err, ", ".join(addresses))
-            out += [(f"{address}:{port}", self._url(address)) for address in addresses]
+            out += [f"{address}:{port}" for address in addresses]
         return out
 
     def __call__(self) -> list[GrpcReplica]:
         wanted = self.wanted()
         replicas = []
-        for target, url in wanted:
+        for target in wanted:
             replica = self._known.get(target)
-            if replica is None or replica.metrics_url != url:
-                if replica is not None:
-                    replica.close()
-                replica = self._known[target] = self._make(target, url)
-                log.info("reward replica %s (metrics %s)", target, url)
+            if replica is None:
+                replica = self._known[target] = self._make(target)
+                log.info("reward replica %s", target)
             replicas.append(replica)
-        for target in set(self._known) - {target for target, _ in wanted}:
+        for target in set(self._known) - set(wanted):
             log.info("reward replica %s is gone", target)
             self._known.pop(target).close()
         return replicas
@@ -213,6 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_flags(parser, RMLoopSettings)
     add_client_tls_flags(parser)
+    for name in DEPRECATED_FLAGS:
+        parser.add_argument(name, dest=f"deprecated_{name[2:].replace('-', '_')}", action="append",
+                            help=argparse.SUPPRESS)
 
 
 def main(args) -> int:
@@ -235,9 +213,13 @@ def main(args) -> int:
     except (ConfigError, TypeError, ValueError) as err:
         print(f"arbiter rm loop: {err}", file=sys.stderr)
         return 2
+    for name in DEPRECATED_FLAGS:
+        if getattr(args, f"deprecated_{name[2:].replace('-', '_')}", None):
+            log.warning("%s is deprecated and ignored: the shadow window is read with RewardService.GetShadow "
+                        "on each replica's gRPC port", name)
     token, admin = auth_token_from_env(), admin_token_from_env()
-    replicas = ReplicaDiscovery(settings.reward, settings.reward_metrics, settings.reward_metrics_port,
-                                lambda target, url: GrpcReplica(target, url, token=token, admin_token=admin, tls=tls))
+    replicas = ReplicaDiscovery(settings.reward,
+                                lambda target: GrpcReplica(target, token=token, admin_token=admin, tls=tls))
     registry = CollectorRegistry()
     httpd = None
     if settings.metrics_port is not None:

@@ -218,8 +218,6 @@ class StackConfig:
         for name in ("restart_window_s", "restart_backoff_s", "restart_reset_after_s"):
             if not getattr(self, name) > 0:
                 raise StackError(f"{name}={getattr(self, name)} is invalid: must be > 0")
-        if self.rm_loop is not None and not self.metrics:
-            raise StackError("rm_loop needs metrics: true (the loop reads the reward service's shadow agreement there)")
         if self.restart_backoff_max_s < self.restart_backoff_s:
             raise StackError(f"restart_backoff_max_s={self.restart_backoff_max_s} is invalid: must be >= "
                              f"restart_backoff_s ({self.restart_backoff_s})")
@@ -1027,8 +1025,7 @@ class Stack:
         args = ["rm", "loop", "--train-config", str(path), "--metrics-port", str(self.metrics_ports["rm-loop"])]
         # Every reward replica: the loop gates and promotes on each.
         for name in c.replica_names("reward"):
-            args += ["--reward", self.replica_targets[name],
-                     "--reward-metrics", f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"]
+            args += ["--reward", self.replica_targets[name]]
         for key, value in settings.items():
             args += ["--" + key.replace("_", "-"), str(value)]
         return args

@@ -37,7 +37,7 @@ HELP_SHOWS = {
     ("rm", "shadow"): ["--candidate", "--promote"],
     ("rm", "shadow-live"): ["--candidate", "--fraction"],
     ("rm", "submit"): ["--file", "--annotator"],
-    ("rm", "loop"): ["--train-config", "--reward", "--reward-metrics", "--retrain-preferences", "--watch-s"],
+    ("rm", "loop"): ["--train-config", "--reward", "--retrain-preferences", "--min-shadow-spearman", "--watch-s"],
     ("elo",): ["--versions", "--preferences", "--bootstrap"],
     ("worker",): ["--policy", "--reward", "--reference"],
     ("up",): ["--config", "--kafka-bootstrap"],

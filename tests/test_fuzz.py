@@ -58,6 +58,7 @@ ALLOWED = {
     "ScoreStream": SCORING,
     "SetShadow": {OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND},
     "GetScoreDrift": {OK, Code.NOT_FOUND},
+    "GetShadow": {OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND},
     # No Kafka behind this reward service: a valid preference is FAILED_PRECONDITION.
     "SubmitPreference": {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION},
     "Generate": {OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.NOT_FOUND},
@@ -78,7 +79,8 @@ MODEL_SERVICE = "arbiter.v1.ModelService"
 MODEL_METHODS = ["GetModelInfo", "ListModelVersions", "LoadModelVersion", "ActivateModelVersion", "UnloadModelVersion"]
 METHODS = {
     "reward": ("arbiter.v1.RewardService",
-               ["Score", "Compare", "ScoreStream", "SetShadow", "GetScoreDrift", "SubmitPreference"]),
+               ["Score", "Compare", "ScoreStream", "SetShadow", "GetShadow", "GetScoreDrift",
+                "SubmitPreference"]),
     "policy": ("arbiter.v1.PolicyService", ["Generate", "GenerateStream"]),
     "reference": ("arbiter.v1.ReferenceService", ["LogProbs", "KL"]),
 }
@@ -225,6 +227,7 @@ REWARD_REQUESTS = {
         reward_pb2.SetShadowRequest, model_version=st.sampled_from(["strict", ""]) if v else VERSION,
         sample_fraction=st.floats(0.1, 1.0) if v else st.one_of(st.floats(), st.sampled_from([0.0, math.nan])))),
     "GetScoreDrift": st.builds(reward_pb2.GetScoreDriftRequest, model_version=VERSION),
+    "GetShadow": st.builds(reward_pb2.GetShadowRequest, model_version=VERSION),
     "SubmitPreference": both(lambda v: st.builds(
         lambda context, pair, ranked, annotator, versions, pid: with_context(
             reward_pb2.SubmitPreferenceRequest(chosen=pair[0], rejected=pair[1], ranked_responses=ranked,

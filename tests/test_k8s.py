@@ -380,10 +380,10 @@ def test_worker_and_trainer_metrics_and_shared_volumes_agree_with_the_code(rende
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rm_loop_follows_every_reward_replica_and_shares_their_registry(rendered, overlay, tmp_path):
     """arbiter rm loop finds the reward replicas through the headless Service
-    (every ready pod's address, re-resolved before each decision), reads each
-    one's /metrics on the reward metrics port, and publishes versions into the
-    volume the reward pods load from, at the same path; the NetworkPolicies
-    let it reach the reward pods and nothing else."""
+    (every ready pod's address, re-resolved before each decision), drives
+    each over gRPC only (the shadow window too, GetShadow), and publishes
+    versions into the volume the reward pods load from, at the same path; the
+    NetworkPolicies let it reach the reward pods' gRPC port and nothing else."""
     from arbiter.config import from_flags
     from arbiter.rm.config import load_config
     from arbiter.rm.loop import RMLoopSettings
@@ -404,7 +404,7 @@ def test_rm_loop_follows_every_reward_replica_and_shares_their_registry(rendered
     headless = one(docs, "Service", host)
     assert headless["spec"]["clusterIP"] == "None" and selected_workloads(docs, headless) == [reward]
     assert port == reward_args.port
-    assert settings.reward_metrics_port == reward_args.metrics_port == METRICS_PORTS["reward"]
+    assert not any(a.startswith("--reward-metrics") for a in c["args"]), "GetShadow replaced the /metrics scrape"
     assert settings.metrics_port == container_port(c, "metrics") == METRICS_PORTS["rm-loop"]
     assert settings.metrics_host == "0.0.0.0"
 
@@ -429,9 +429,10 @@ def test_rm_loop_follows_every_reward_replica_and_shares_their_registry(rendered
         return workload(docs, component)["spec"]["template"]["metadata"]["labels"]
 
     reward_container = container(reward, "reward")
-    for port_name in ("grpc", "metrics"):
-        assert _allowed(docs, labels("rm-loop"), {}, labels("reward"), container_port(reward_container, port_name),
-                        port_name, True), port_name
+    assert _allowed(docs, labels("rm-loop"), {}, labels("reward"), container_port(reward_container, "grpc"),
+                    "grpc", True)
+    assert not _allowed(docs, labels("rm-loop"), {}, labels("reward"), container_port(reward_container, "metrics"),
+                        "metrics", True)
     for kind in ("policy", "reference"):
         kind_port = container_port(container(workload(docs, kind), kind), "grpc")
         assert not _allowed(docs, labels("rm-loop"), {}, labels(kind), kind_port, "grpc", True), kind
@@ -591,7 +592,7 @@ def test_every_arbiter_command_line_builds_valid_settings(rendered, overlay, tmp
                 assert version.parent.name == built.backend.triton_model and version.name.isdigit()
                 assert flag_value(triton["args"], "--model-repository") == [str(version.parent.parent)]
         if component == "rm-loop":
-            assert built[0].reward_metrics_port and built[1].registry, component
+            assert built[0].reward and built[1].registry, component
             assert built[2].bootstrap_servers, "rm-loop: no Kafka settings"
         elif component in ("reward", "policy", "worker", "trainer"):
             kafka = built[1] if component == "trainer" else built.kafka

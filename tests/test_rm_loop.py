@@ -26,8 +26,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -40,9 +38,10 @@ from helpers import BackgroundServer, sample_value, wait_until
 from kafka import KafkaProducer
 
 from arbiter.config import ConfigError
+from cli.main import main as cli_main
 from arbiter.net import free_port
 from arbiter.rm.config import config_from_dict
-from arbiter.rm.loop import RMLoop, RMLoopSettings, held_out
+from arbiter.rm.loop import ReplicaError, RMLoop, RMLoopSettings, ShadowReading, held_out
 from arbiter.rm.registry import ModelRegistry
 from arbiter.stream import codec, ensure_topics, topics
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc, rollout_pb2
@@ -177,7 +176,7 @@ def serve(model: Path, model_roots):
 
 
 def replica(server) -> GrpcReplica:
-    return GrpcReplica(server.target, f"http://127.0.0.1:{server.running.metrics_port}/metrics")
+    return GrpcReplica(server.target)
 
 
 def train_config(tmp_path: Path, base: Path, **extra):
@@ -186,7 +185,7 @@ def train_config(tmp_path: Path, base: Path, **extra):
 
 
 def loop_settings(**overrides) -> RMLoopSettings:
-    fields = {"train_config": "unused.yaml", "reward": ("a",), "reward_metrics": ("http://a/metrics",),
+    fields = {"train_config": "unused.yaml", "reward": ("a",),
               "retrain_preferences": 6, "holdout_fraction": 0.5, "min_holdout": 3, "accuracy_tolerance": 0.05,
               "shadow_min_samples": 40, "min_shadow_agreement": 0.9, "min_shadow_spearman": 0.9,
               "check_interval_s": 0.1, "join_timeout_s": 30.0, **overrides}
@@ -248,27 +247,72 @@ class Reverting(GrpcReplica):
 
 
 def test_settings_name_the_field():
-    with pytest.raises(ConfigError, match="reward_metrics"):
-        loop_settings(reward_metrics=())
+    with pytest.raises(ConfigError, match="reward=.* at least one reward replica"):
+        loop_settings(reward=())
     with pytest.raises(ConfigError, match="shadow_min_samples.*500"):
         loop_settings(shadow_min_samples=501)
     with pytest.raises(ConfigError, match="holdout_fraction"):
         loop_settings(holdout_fraction=1.0)
-    with pytest.raises(ConfigError, match=r"reward_metrics\[0\].*http"):
-        loop_settings(reward_metrics=("a:9100",))
-    with pytest.raises(ConfigError, match="reward_metrics_port=None is invalid: is required with a dns: reward target"):
-        loop_settings(reward=("dns:///arbiter-reward-pods:50051",), reward_metrics=("http://a/metrics",))
-    with pytest.raises(ConfigError, match="reward_metrics=.* is invalid: set it or reward_metrics_port, not both"):
-        loop_settings(reward_metrics_port=9101)
-    assert loop_settings(reward=("dns:///r:1",), reward_metrics=(), reward_metrics_port=9101).reward_metrics_port
+    with pytest.raises(ConfigError, match="min_shadow_spearman"):
+        loop_settings(min_shadow_spearman=1.5)
+    # The shadow defaults: a Spearman floor, agreement reported only (see RMLoopSettings).
+    defaults = RMLoopSettings(train_config="x.yaml", reward=("dns:///r:1",))
+    assert (defaults.min_shadow_spearman, defaults.min_shadow_agreement) == (0.3, 0.0)
     # Every 1/f-th offset, so a restart holds out the same ones.
     assert [o for o in range(10) if held_out(o, 0.5)] == [1, 3, 5, 7, 9]
     assert [o for o in range(10) if held_out(o, 0.25)] == [3, 7]
 
 
+class ScriptedShadow:
+    """A replica whose shadow window is given: the gate's logic around
+    GetShadow (the RPC against a real service: test_shadow.py, and the gates
+    test below)."""
+
+    def __init__(self, name: str, reading: ShadowReading):
+        self.name, self.reading = name, reading
+
+    def set_shadow(self, version: str, fraction: float) -> None:
+        pass
+
+    def shadow(self, active: str, candidate: str) -> ShadowReading:
+        return self.reading
+
+
+def test_shadow_gates_are_a_spearman_floor_and_agreement_only_on_request(tmp_path):
+    """A better candidate disagrees with the active version where the active
+    one is wrong: agreement 0.55 (the active version near chance on fresh
+    samples, the candidate right more often) passes the default gates and is
+    recorded; a candidate unrelated to the active one (Spearman 0.05) does
+    not; an agreement gate applies only when one is set."""
+    from arbiter.rm.registry import RegistryVersion
+    from arbiter.stream import KafkaSettings
+
+    def gate(reading: ShadowReading, **settings) -> tuple[str | None, dict]:
+        replicas = [ScriptedShadow("r0", reading), ScriptedShadow("r1", ShadowReading(200, 0.9, 0.95))]
+        loop = RMLoop(RMLoopSettings(train_config="x.yaml", reward=("r0", "r1"), shadow_min_samples=100, **settings),
+                      train_config(tmp_path, tmp_path), KafkaSettings(), replicas)
+        version = RegistryVersion("rm", "v2", 2, tmp_path / f"v2-{len(list(tmp_path.iterdir()))}")
+        version.path.mkdir()
+        record: dict = {"gates": {}, "events": []}
+        return loop._shadow(version, record, "v1", "v2"), record
+
+    passed, record = gate(ShadowReading(150, 0.55, 0.45))
+    assert passed is None
+    assert record["gates"]["shadow"]["agreement"] == [0.55, 0.9]  # reported
+    assert record["gates"]["shadow"]["spearman"] == [0.45, 0.95]
+    rejected, record = gate(ShadowReading(150, 0.52, 0.05))
+    assert rejected == "rejected" and record["failed_gate"] == "shadow_spearman"
+    assert "shadow Spearman 0.0500 is below 0.3 (per replica: 0.0500/0.9500)" in record["reason"]
+    rejected, record = gate(ShadowReading(150, 0.55, 0.45), min_shadow_agreement=0.8)
+    assert rejected == "rejected" and record["failed_gate"] == "shadow_agreement"
+    # Too few samples when the (here immediate) shadow timeout passes.
+    rejected, record = gate(ShadowReading(99, 0.9, 0.9), shadow_timeout_s=1e-6)
+    assert record["failed_gate"] == "shadow_samples" and "r0 shadow-scored 99 of 100" in record["reason"]
+
+
 def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_roots, caplog):
     """``dns:///localhost:PORT`` resolves (really) to 127.0.0.1: a replica
-    reached over gRPC and its /metrics page derived from the metrics port.
+    reached over gRPC, its shadow window too (GetShadow).
     Then, with a scripted resolver (the logic around the resolution only),
     replicas join and leave between calls, a failed lookup keeps the last
     addresses, and known replicas are reused, gone ones closed."""
@@ -276,13 +320,15 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
     assert dns_host_port("dns://8.8.8.8/name:7") == ("name", 7) and dns_host_port("dns:name:7") == ("name", 7)
     assert dns_host_port("127.0.0.1:5") is None
     with serve(tiny_models["reward"], model_roots) as server:
-        port, metrics = server.port, server.running.metrics_port
-        discovery = ReplicaDiscovery([f"dns:///localhost:{port}"], (), metrics, GrpcReplica)
+        port = server.port
+        discovery = ReplicaDiscovery([f"dns:///localhost:{port}"], GrpcReplica)
         try:
             (found,) = discovery()
-            assert (found.name, found.metrics_url) == (f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics")
+            assert found.name == f"127.0.0.1:{port}"
             assert found.active()[0] == "v0"
-            assert found.shadow("v0", "candidate") is None  # its page was read: no shadow running
+            assert found.shadow("v0", "v0") is None  # GetShadow answered: no window
+            with pytest.raises(ReplicaError, match=f"127.0.0.1:{port}: GetShadow: .*NOT_FOUND.*'candidate'"):
+                found.shadow("v0", "candidate")
             assert discovery() == [found]  # the same replica, channel kept
         finally:
             discovery.close()
@@ -290,8 +336,6 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
     answers: list = [["10.0.0.1"], ["10.0.0.1", "10.0.0.2"], ["10.0.0.2"], None]
 
     def resolve(host: str) -> list[str]:
-        from arbiter.rm.loop import ReplicaError
-
         assert host == "arbiter-reward-pods"
         answer = answers.pop(0)
         if answer is None:
@@ -305,8 +349,7 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
             closed.append(self.name)
             super().close()
 
-    discovery = ReplicaDiscovery(["dns:///arbiter-reward-pods:50051", "10.0.0.9:50051"], (), 9101, Tracked,
-                                 resolve=resolve)
+    discovery = ReplicaDiscovery(["dns:///arbiter-reward-pods:50051", "10.0.0.9:50051"], Tracked, resolve=resolve)
     try:
         names = [[r.name for r in discovery()] for _ in range(4)]
         assert names == [["10.0.0.1:50051", "10.0.0.9:50051"],
@@ -314,8 +357,6 @@ def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_ro
                          ["10.0.0.2:50051", "10.0.0.9:50051"],
                          ["10.0.0.2:50051", "10.0.0.9:50051"]]  # the lookup failed: last addresses kept
         assert closed == ["10.0.0.1:50051"]
-        assert [r.metrics_url for r in discovery._known.values()] == ["http://10.0.0.9:9101/metrics",
-                                                                      "http://10.0.0.2:9101/metrics"]
     finally:
         discovery.close()
 
@@ -341,7 +382,7 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             Traffic([one, two], [" good!", " what?", " nice!", " so?"]) as traffic:
         servers = [one, two]
         settings = loop_settings(watch_s=3.0)
-        reverting = Reverting(two.target, f"http://127.0.0.1:{two.running.metrics_port}/metrics")
+        reverting = Reverting(two.target)
         loop = RMLoop(settings, config, kafka, [replica(one), reverting], trainer=trainer).start()
         try:
             # Round 1: the worse candidate. Held out: offsets 1, 3, 5 (offset 0 is the garbage).
@@ -451,7 +492,7 @@ def ids(path: Path) -> list[str]:
     return sorted(json.loads(line)["id"] for line in path.read_text().splitlines())
 
 
-def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp_path, model_roots):
+def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp_path, model_roots, caplog):
     from arbiter.rm.train import train_reward_model
 
     def crash_mid_training(config, topic, **kw):
@@ -490,7 +531,9 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
         assert ids(v1.path / "holdout.jsonl") == ["p1", "p3", "p5"]
 
         produce(kafka, [preference(f"p{i}", f" yes {i}!", f" no {i}.") for i in range(6, 12)])
-        # The third run is the command itself, stopped by SIGTERM once its round is over.
+        # The third run is the command itself (its main(), in this process:
+        # a second interpreter importing torch cost more than the rest of the
+        # test), stopped by SIGTERM once its round is over.
         config_file = tmp_path / "rm.yaml"
         config_file.write_text(json.dumps({
             "model_dir": str(planted["base"]), "registry": config.registry, "name": "rm", "epochs": 1,
@@ -498,29 +541,44 @@ def test_a_restart_loses_no_preference_and_trains_none_twice(planted, kafka, tmp
             "kafka": {"bootstrap_servers": kafka.bootstrap_servers[0], "topic_prefix": kafka.topic_prefix,
                       "session_timeout_ms": 6000}}))
         metrics_port = free_port()
-        command = [sys.executable, "-m", "cli", "rm", "loop", "--train-config", str(config_file),
-                   "--reward", server.target, "--reward-metrics",
-                   f"http://127.0.0.1:{server.running.metrics_port}/metrics", "--retrain-preferences", "6",
+        # --reward-metrics is what arbiter up passed before GetShadow: accepted and ignored.
+        command = ["rm", "loop", "--train-config", str(config_file),
+                   "--reward", server.target, "--reward-metrics", "http://127.0.0.1:1/metrics",
+                   "--retrain-preferences", "6",
                    "--holdout-fraction", "0.5", "--min-holdout", "1", "--accuracy-tolerance", "1",
                    "--shadow-timeout-s", "0.5", "--check-interval-s", "0.1", "--metrics-port", str(metrics_port)]
-        log_path = tmp_path / "rm-loop.log"
-        with log_path.open("w") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        seen: dict = {}
+
+        def stop_after_the_round() -> None:
+            try:
+                wait_until(lambda: len(registry.versions("rm")) == 2
+                           and registry.versions("rm")[1].loop_record().get("status") == "rejected", 120,
+                           "the command's round")
+                seen["page"] = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                                      timeout=10).read().decode()
+            except BaseException as err:  # reported by the test thread below
+                seen["error"] = err
+            finally:
+                # Only once the command handles SIGTERM (pytest's own handler would end the session).
+                wait_until(lambda: signal.getsignal(signal.SIGTERM) is not handlers[signal.SIGTERM], 60,
+                           "the command's SIGTERM handler")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        caplog.set_level(logging.INFO)
+        stopper = threading.Thread(target=stop_after_the_round, daemon=True)
+        stopper.start()
         try:
-            wait_until(lambda: process.poll() is None and len(registry.versions("rm")) == 2
-                       and registry.versions("rm")[1].loop_record().get("status") == "rejected", 120,
-                       lambda: f"the command's round (exit {process.poll()}): {log_path.read_text()[-2000:]}")
-            page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-            assert 'arbiter_rm_loop_candidates_total{outcome="rejected"} 1.0' in page
-            assert "arbiter_rm_loop_candidates_since_active 2.0" in page  # v1 abandoned, v2 rejected
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=60) == 0, log_path.read_text()[-2000:]
+            assert cli_main(command) == 0
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        assert "candidate v2: not promoted, kept loaded but inactive" in log_path.read_text()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            stopper.join(timeout=60)
+        assert "error" not in seen, seen.get("error")
+        assert 'arbiter_rm_loop_candidates_total{outcome="rejected"} 1.0' in seen["page"]
+        assert "arbiter_rm_loop_candidates_since_active 2.0" in seen["page"]  # v1 abandoned, v2 rejected
+        assert "candidate v2: not promoted, kept loaded but inactive" in caplog.text
+        assert "--reward-metrics is deprecated and ignored" in caplog.text
         v1_again, v2 = registry.versions("rm")
         # v1 never finished its gates: abandoned, so its preferences went into v2.
         assert v1_again.loop_record()["status"] == "abandoned"
@@ -560,12 +618,10 @@ def test_stack_component_flags_parse_and_let_the_reward_service_load_from_the_re
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     settings = from_flags(RMLoopSettings, parser.parse_args(flags[2:]))
-    assert (settings.reward, settings.reward_metrics) == (("127.0.0.1:5001",), ("http://127.0.0.1:9101/metrics",))
+    assert settings.reward == ("127.0.0.1:5001",)
     assert (settings.retrain_preferences, settings.watch_s, settings.metrics_port) == (50, 120.0, 9106)
     train = load_config(settings.train_config)
     assert (train.model_dir, train.registry, train.epochs) == (str(tiny_models["reward"].resolve()), str(registry), 2)
-    with pytest.raises(Exception, match="rm_loop needs metrics"):
-        StackConfig(**{**config.__dict__, "metrics": False})
 
 
 # -- the PPO trainer across reward-model swaps (raw scores, per-version moments) --

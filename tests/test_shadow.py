@@ -1,5 +1,7 @@
 """Shadow scoring on live traffic: agreement math by hand, then the service."""
 
+import math
+
 import grpc
 import numpy as np
 import pytest
@@ -40,6 +42,15 @@ def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path, mod
         bad(reward_pb2.SetShadowRequest(model_version="v0"), grpc.StatusCode.INVALID_ARGUMENT, "active version")
         bad(reward_pb2.SetShadowRequest(model_version="cand", sample_fraction=2), grpc.StatusCode.INVALID_ARGUMENT,
             "sample_fraction")
+        expect_error(lambda: reward.GetShadow(reward_pb2.GetShadowRequest(), timeout=10),
+                     grpc.StatusCode.INVALID_ARGUMENT, "model_version")
+        expect_error(lambda: reward.GetShadow(reward_pb2.GetShadowRequest(model_version="nope"), timeout=10),
+                     grpc.StatusCode.NOT_FOUND, "'nope'")
+        # Loaded, never shadowed: an empty window, compared with nothing yet.
+        window = reward.GetShadow(reward_pb2.GetShadowRequest(model_version="cand"), timeout=10)
+        assert (window.active_version, window.shadow_version, window.shadowing, window.samples, window.window) == (
+            "v0", "cand", False, 0, 500)
+        assert math.isnan(window.pairwise_agreement) and math.isnan(window.spearman)
 
         inputs = [reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=f"Q{i}:", response=" yes" * (1 + i % 6)))
                   for i in range(24)]
@@ -64,11 +75,21 @@ def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path, mod
         expected = pairwise_agreement(np.array(active_scores), np.array([r.raw_score for r in pinned.results]))
         observed = metric_value(srv, "arbiter_reward_shadow_pairwise_agreement", model_version="v0", shadow_version="cand")
         assert observed == pytest.approx(expected, abs=1e-9) and observed < 1.0
+        # GetShadow reads the same window the metrics export; the twin's window ended when cand's began.
+        window = reward.GetShadow(reward_pb2.GetShadowRequest(model_version="cand"), timeout=10)
+        assert (window.active_version, window.shadowing, window.sample_fraction) == ("v0", True, 1.0)
+        assert window.samples == shadow_samples("cand") >= 24
+        assert window.pairwise_agreement == pytest.approx(expected, abs=1e-9)
+        assert window.spearman == pytest.approx(metric_value(
+            srv, "arbiter_reward_shadow_spearman", model_version="v0", shadow_version="cand"), abs=1e-12)
+        assert reward.GetShadow(reward_pb2.GetShadowRequest(model_version="twin"), timeout=10).samples == 0
         assert metric_value(srv, "arbiter_reward_score_count", model_version="cand") >= 24
 
         # Promoting the candidate ends shadowing.
         models.ActivateModelVersion(common_pb2.ActivateModelVersionRequest(version="cand"), timeout=10)
         assert shadow_samples("cand") is None
+        window = reward.GetShadow(reward_pb2.GetShadowRequest(model_version="cand"), timeout=10)
+        assert (window.active_version, window.shadowing, window.samples) == ("cand", False, 0)
         assert reward.Score(reward_pb2.ScoreRequest(inputs=inputs[:1]), timeout=10).model_version == "cand"
 
 

@@ -535,7 +535,6 @@ def test_the_rm_loop_gets_every_reward_replica_and_every_metrics_port_a_scrape_j
     add_arguments(parser)
     settings = from_flags(RMLoopSettings, parser.parse_args(stack._rm_loop_args()[2:]))
     assert settings.reward == ("127.0.0.1:5001", "127.0.0.1:5002")
-    assert settings.reward_metrics == ("http://127.0.0.1:9101/metrics", "http://127.0.0.1:9201/metrics")
 
     jobs = {job["job_name"]: [(t["labels"]["replica"], t["targets"]) for t in job["static_configs"]]
             for job in scrape_config({**stack.metrics_ports, "stack": 9100})["scrape_configs"]}

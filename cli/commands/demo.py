@@ -12,6 +12,9 @@ def register(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--updates", type=int, help="PPO updates (default 60, 4 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smaller and shorter, for tests")
+    parser.add_argument("--pretrain-seconds", type=float,
+                        help="the policy's pretraining budget (default 150, 20 with --quick; a loaded machine needs "
+                             "more for the same steps)")
     parser.add_argument("--online-rm", action="store_true",
                         help="a simulated annotator labels live completions and `arbiter rm loop` retrains and "
                              "promotes the reward model while PPO runs")

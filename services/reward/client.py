@@ -94,6 +94,10 @@ class RewardClient(ModelServiceClient):
         request = reward_pb2.SetShadowRequest(model_version=model_version, sample_fraction=sample_fraction)
         return self.reward.SetShadow(request, timeout=self.timeout_s, metadata=self.admin_metadata)
 
+    def get_shadow(self, model_version: str) -> reward_pb2.GetShadowResponse:
+        request = reward_pb2.GetShadowRequest(model_version=model_version)
+        return self.reward.GetShadow(request, timeout=self.timeout_s, metadata=self.metadata)
+
 
 class ScoreLineError(Exception):
     """An input line of ``arbiter score`` that the service refused."""

@@ -8,6 +8,7 @@ from arbiter.drift import ScoreDriftMonitor
 from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded
 from arbiter.reward.composite import TOTAL
 from arbiter.reward.engine import RewardEngine
+from arbiter.shadow import WINDOW as SHADOW_WINDOW
 from arbiter.types import ScoreBatch
 from arbiter.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.convert import messages_from_pb
@@ -65,6 +66,26 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         fraction = request.sample_fraction or 1.0
         active, shadow, fraction = self.engine.set_shadow(request.model_version, fraction)
         return reward_pb2.SetShadowResponse(active_version=active, shadow_version=shadow, sample_fraction=fraction)
+
+    @unary("GetShadow")
+    async def GetShadow(self, request, context):
+        version = request.model_version
+        if not version:
+            raise InvalidInput("model_version", "is empty; name the candidate version whose shadow window to read")
+        self.engine.models.get(version)  # NOT_FOUND naming the loaded versions
+        shadowing = self.engine.shadow
+        fraction = shadowing[1] if shadowing is not None and shadowing[0] == version else 0.0
+        response = reward_pb2.GetShadowResponse(
+            active_version=self.engine.models.active_version or "", shadow_version=version,
+            shadowing=fraction > 0, sample_fraction=fraction, window=SHADOW_WINDOW,
+            pairwise_agreement=float("nan"), spearman=float("nan"))
+        monitor = self.metrics.shadow_monitor
+        if monitor is not None and monitor.shadow_version == version:
+            stats = monitor.stats()
+            response.active_version, response.samples, response.window = (
+                stats.active_version, stats.samples, monitor.window)
+            response.pairwise_agreement, response.spearman = stats.pairwise_agreement, stats.spearman
+        return response
 
     @unary("GetScoreDrift")
     async def GetScoreDrift(self, request, context):
