@@ -207,7 +207,8 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
                 raise TimeoutError(f"{mode}: {len(rows())} updates in {timeout_s:.0f}s (see {out}/stack/logs)")
             time.sleep(0.2)
         worker = scrape(stack.metrics_ports["worker-0"])
-        trainer_metrics = scrape(stack.metrics_ports["trainer"])
+        # Rank 0's (every rank trains the same global batch).
+        trainer_metrics = scrape(stack.metrics_ports.get("trainer", stack.metrics_ports.get("trainer-0")))
         watch.stopped.set()
     measured = rows()[1:iterations + 1]
     updates = len(rows())
