@@ -18,9 +18,12 @@ Reported per iteration:
   worker's batches divided by the trainer's updates; stages overlap across
   the worker's pipelined batches);
 - trainer seconds (the update itself, from its history) and the seconds it
-  waited on bookkeeping (snapshot, checkpoint, hand-off to the publisher);
-- publish-to-serving seconds: from the moment the trainer finished an update
-  (its history row) to the moment the policy replica answered with that
+  waited on bookkeeping (the in-memory snapshot for the background publisher,
+  and the checkpoint: weights, optimizer and offsets, fsynced; every update
+  by default, ``checkpoint_every``);
+- publish-to-serving seconds: from the moment the trainer's gradient steps
+  for an update ended (``trained_at`` in its history) to the moment the
+  policy replica answered with that
   version (polled every 50 ms here), against the raw cost of writing the same
   safetensors bytes to a new file and reading them back, measured in the
   same run (target ≤ 1.5×).
@@ -221,13 +224,13 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
         count = trainer_metrics.get((f"{histogram}_count", ()), 0)
         return total / count if count else math.nan
 
-    latencies = [watch.first_served[r["policy_version"]] - r["time"] for r in measured
+    latencies = [watch.first_served[r["policy_version"]] - r["trained_at"] for r in measured
                  if r["policy_version"] in watch.first_served]
     skipped = len(measured) - len(latencies)
     return ModeResult(
         mode, len(measured), {s: stage(s) for s in ("generate", "score", "reference")},
-        train_s=statistics.mean(r["seconds"] for r in measured),
-        bookkeeping_s=mean_of("arbiter_trainer_bookkeeping_seconds"),
+        train_s=statistics.mean(r["seconds"] - r["bookkeeping_seconds"] for r in measured),
+        bookkeeping_s=statistics.mean(r["bookkeeping_seconds"] for r in measured),
         write_s=mean_of("arbiter_trainer_policy_write_seconds"),
         publish_to_serving_s=latencies,
         notes=f"{skipped} versions superseded before serving" if skipped else "")

@@ -90,6 +90,11 @@ class IterationRecord:
     # Trained rollouts of this update by staleness (policy versions between
     # sampling and training): {lag: count}.
     staleness_counts: dict[int, int] = dataclasses.field(default_factory=dict)
+    # When the update's gradient steps ended (time.time(): publish-to-serving
+    # is measured from here), and the seconds then spent on bookkeeping
+    # (snapshot for the publisher, checkpoint when due).
+    trained_at: float = 0.0
+    bookkeeping_seconds: float = 0.0
 
 
 class PPOTrainer:
@@ -560,7 +565,8 @@ class PPOTrainer:
         row = {"time": time.time(), "step": record.step, "policy_version": record.policy_version,
                "gold_score": record.gold_score, "staleness": record.staleness,
                "staleness_counts": {str(k): v for k, v in record.staleness_counts.items()},
-               "seconds": record.seconds, "rollouts": record.rollouts, **dataclasses.asdict(record.stats)}
+               "seconds": record.seconds, "rollouts": record.rollouts, "trained_at": record.trained_at,
+               "bookkeeping_seconds": record.bookkeeping_seconds, **dataclasses.asdict(record.stats)}
         with self.history_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -634,9 +640,11 @@ class PPOTrainer:
     ) -> None:
         started = time.perf_counter()
         record = self.train_on(batch, local)
+        trained_at, trained = time.time(), time.perf_counter()
         self.after_update(consumer, publisher)
-        record = dataclasses.replace(record, policy_version=self.state.policy_version,
-                                     seconds=time.perf_counter() - started)
+        done = time.perf_counter()
+        record = dataclasses.replace(record, policy_version=self.state.policy_version, seconds=done - started,
+                                     trained_at=trained_at, bookkeeping_seconds=done - trained)
         self.metrics.iteration.observe(record.seconds)
         self.history.append(record)
         if self.ranks is None or self.ranks.is_main:
