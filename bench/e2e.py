@@ -11,7 +11,9 @@ Contenders, each for the same wall-clock training budget (``--seconds``):
   trainer's consumer has joined its group (so the worker may have produced
   what it is allowed to before the first update: one batch on a synchronous
   loop), and counts the updates the trainer logged before it ran out; the
-  policy judged is the last version published by then.
+  policy judged is the last version published by then. The trainer
+  checkpoints at the example stack's cadence (every 10 updates or 30 s,
+  ``infra/stack.example.yaml``), not after every update.
 - ``trl-grpo``: TRL's ``GRPOTrainer`` in one process (``bench/trl_grpo.py``,
   ``--trl-threads`` torch threads), in a virtual environment of its own that this
   benchmark creates (``.venv-trl``: torch pinned to the project's version
@@ -36,6 +38,23 @@ prompts: ``services.demo.evaluate_gold``), the final KL to the initial policy
 the final policy on the held-out prompts), words per sample, gold gain per nat
 of KL and per wall-second; ratios Arbiter/TRL. The table goes to stdout and
 to WORKDIR/e2e.md (and e2e.json).
+
+Gold per wall-second at matched KL: a contender that drifts further from the
+initial policy buys gold with KL, so gold per second is compared where the
+contenders are equally far. Each run keeps its policy at ``--snapshots``
+evenly spaced times (Arbiter: the version serving then, all are on disk; TRL:
+an in-memory copy at the first batch boundary past each time, written after
+the clock stops); the KL of each is measured as above. In each repeat the
+level is the lowest final KL among the contenders; for each, the time and gold
+gain where its KL first reaches the level are interpolated linearly between
+the two kept policies around the crossing (KL 0 and gain 0 at time 0), and
+gold/wall-s @ matched KL is that gain over that time.
+
+``--repeats N`` runs the contenders interleaved (trl-grpo, arbiter-grpo,
+arbiter-ppo, trl-grpo, ...), so load on the shared machine hits all of them
+alike; each cell is the mean ± half the range over the repeats, and each ratio
+row the mean ± half-range of the ratios within each repeat. The models are
+prepared once per workdir and reused (``--fresh-models`` prepares them anew).
 """
 
 from __future__ import annotations
@@ -62,6 +81,7 @@ TRL_VENV = REPO / ".venv-trl"
 TORCH_PIN = "torch==2.13.0"
 TRL_SPEC = "trl>=1.16,<1.17"
 KL_SAMPLE_SEED = 11
+CHECKPOINTS = {"checkpoint_every": 10, "checkpoint_every_s": 30.0}
 
 
 # -- TRL's environment -----------------------------------------------------------
@@ -92,6 +112,30 @@ def ensure_trl_venv(venv: Path = TRL_VENV) -> Path:
     subprocess.run([*pip, TRL_SPEC, "-c", str(constraints)], check=True)
     stamp.write_text(wanted)
     return python
+
+
+# -- the models -------------------------------------------------------------------
+
+MODELS_CACHE = "e2e-models.json"
+
+
+def prepared_models(out: Path, quick: bool, fresh: bool):
+    """The demo's models (``services.demo_models.prepare_models``), kept in
+    ``out`` with what describes them, so a later run reuses them instead of
+    labelling pairs and training the reward model again (minutes on this
+    machine, more under load); ``fresh`` prepares them anew."""
+    from services.demo_models import DemoModels, prepare_models
+
+    cache = out / MODELS_CACHE
+    if not fresh and cache.exists():
+        data = json.loads(cache.read_text())
+        models = DemoModels(**{**data, **{k: Path(data[k]) for k in ("policy", "reward", "prompts")}})
+        if all(p.exists() for p in (models.policy, models.reward, models.prompts)):
+            console.print(f"   reusing the models in {out} ({cache.name}; --fresh-models prepares them anew)")
+            return models
+    models = prepare_models(out, quick=quick, console=console)
+    cache.write_text(json.dumps(dataclasses.asdict(models), indent=2, default=str))
+    return models
 
 
 # -- the contenders ---------------------------------------------------------------
@@ -142,8 +186,11 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     # Gold is judged after the run, the same way for every contender: the
     # worker does not spend time on it during the run.
     worker = {**{k: v for k, v in base.worker.items() if k != "gold"}, **(worker_overrides or {})}
-    config = dataclasses.replace(base, worker=worker, trainer={**base.trainer, "max_updates": None, "ppo": ppo,
-                                                                 "run_name": algo})
+    # Checkpoints at the example stack's cadence (infra/stack.example.yaml),
+    # not the trainer's default of one per update: a crash replays at most
+    # that many updates, exactly once all the same (TRL's run saves none).
+    trainer = {**base.trainer, "max_updates": None, "ppo": ppo, "run_name": algo, **CHECKPOINTS}
+    config = dataclasses.replace(base, worker=worker, trainer=trainer)
     started = time.monotonic()
     with Stack(config) as stack:
         # The clock starts when the trainer's consumer has its partitions:
@@ -394,6 +441,26 @@ def method(seconds: float, repeats: int, snapshots: int) -> str:
         f"that gain over that time.")
 
 
+def report(runs: list[Run], models, args, seconds: float, samples_per_prompt: int, workdir: Path) -> dict:
+    """The table (stdout, WORKDIR/e2e.md) and the details (WORKDIR/e2e.json)."""
+    header, rows = table(runs)
+    shared = training(models, args.beta)
+    title = (f"End to end, {seconds:g} s of training each: {models.max_new_tokens} new tokens, group "
+             f"{samples_per_prompt}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} "
+             f"epochs, lr {shared['learning_rate']:g}, β {args.beta:g} fixed; {len(os.sched_getaffinity(0))} cores")
+    how = method(seconds, args.repeats, args.snapshots)
+    print_table(title, header, rows)
+    console.print(how)
+    (workdir / "e2e.md").write_text(f"{title}\n\n{how}\n\n" + markdown(header, rows))
+    summary = {"title": title, "method": how, "runs": [
+        {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("final_dir", "curve")},
+         "final_dir": str(r.final_dir), "curve": [(at, str(d)) for at, d in r.curve],
+         "rollouts_per_s": r.rollouts_per_s, "updates_per_s": r.updates_per_s} for r in runs]}
+    (workdir / "e2e.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"table: {workdir / 'e2e.md'}  details: {workdir / 'e2e.json'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="make bench-e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, help="wall-clock training budget of each contender (default 60; "
@@ -404,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="runs of each contender, interleaved (trl, grpo, ppo, trl, ...); default 1")
     parser.add_argument("--snapshots", type=int, default=6,
                         help="policies kept per run for KL over time (matched KL), the final included; default 6")
+    parser.add_argument("--fresh-models", action="store_true",
+                        help="prepare the models anew even if the workdir has them (pairs labelled, RM trained)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every contender (fixed)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-e2e"))
     parser.add_argument("--trl-venv", default=str(TRL_VENV), help="TRL's own environment (created if missing)")
@@ -427,9 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
         worker_overrides[key] = yaml.safe_load(value)
     seconds = args.seconds or (10.0 if args.quick else 60.0)
     workdir = Path(args.workdir).resolve()
-    from services.demo_models import prepare_models
-
-    models = prepare_models(workdir / ("models-quick" if args.quick else "models"), quick=args.quick, console=console)
+    models = prepared_models(workdir / ("models-quick" if args.quick else "models"), args.quick, args.fresh_models)
     console.print(models.description)
     from services.demo import stack_config
 
@@ -455,22 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
         for run in this_repeat:
             at_matched_kl(judge_, run, level)
         runs += this_repeat
-    header, rows = table(runs)
-    shared = training(models, args.beta)
-    title = (f"End to end, {seconds:g} s of training each: {models.max_new_tokens} new tokens, group "
-             f"{samples_per_prompt}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} "
-             f"epochs, lr {shared['learning_rate']:g}, β {args.beta:g} fixed; {len(os.sched_getaffinity(0))} cores")
-    how = method(seconds, args.repeats, args.snapshots)
-    print_table(title, header, rows)
-    console.print(how)
-    (workdir / "e2e.md").write_text(f"{title}\n\n{how}\n\n" + markdown(header, rows))
-    summary = {"title": title, "method": how, "runs": [
-        {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("final_dir", "curve")},
-         "final_dir": str(r.final_dir), "curve": [(at, str(d)) for at, d in r.curve],
-         "rollouts_per_s": r.rollouts_per_s, "updates_per_s": r.updates_per_s} for r in runs]}
-    (workdir / "e2e.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"table: {workdir / 'e2e.md'}  details: {workdir / 'e2e.json'}")
-    return summary
+        if repeat + 1 < args.repeats:  # so far, in case the rest does not finish
+            report(runs, models, args, seconds, samples_per_prompt, workdir)
+    return report(runs, models, args, seconds, samples_per_prompt, workdir)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from trainer.convert import InvalidRollout, policy_update, trajectory_from_recor
 from trainer.metrics import TrainerMetrics
 from trainer.policy_model import PolicyWithValue
 from trainer.publish import BackgroundPublisher, Snapshot
-from trainer.step import UpdateStats, make_kl_controller, ppo_update
+from trainer.step import UpdateStats, make_kl_controller, make_optimizer, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class PPOTrainer:
         self.policies = self.output / "policies"
         ppo = config.ppo
         self.model = PolicyWithValue.load(config.model_dir, ppo.lora, config.seed)
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=ppo.learning_rate)
+        self.optimizer = make_optimizer(self.model.trainable_parameters(), ppo.learning_rate)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.kl_controller = make_kl_controller(ppo)
         self.reward_moments = pm.VersionedMoments()
