@@ -11,7 +11,9 @@ Contenders, each for the same wall-clock training budget (``--seconds``):
   trainer's consumer has joined its group (so the worker may have produced
   what it is allowed to before the first update: one batch on a synchronous
   loop), and counts the updates the trainer logged before it ran out; the
-  policy judged is the last version published by then.
+  policy judged is the last version published by then. The trainer
+  checkpoints at the example stack's cadence (every 10 updates or 30 s,
+  ``infra/stack.example.yaml``), not after every update.
 - ``trl-grpo``: TRL's ``GRPOTrainer`` in one process (``bench/trl_grpo.py``,
   ``--trl-threads`` torch threads), in a virtual environment of its own that this
   benchmark creates (``.venv-trl``: torch pinned to the project's version
@@ -36,6 +38,23 @@ prompts: ``services.demo.evaluate_gold``), the final KL to the initial policy
 the final policy on the held-out prompts), words per sample, gold gain per nat
 of KL and per wall-second; ratios Arbiter/TRL. The table goes to stdout and
 to WORKDIR/e2e.md (and e2e.json).
+
+Gold per wall-second at matched KL: a contender that drifts further from the
+initial policy buys gold with KL, so gold per second is compared where the
+contenders are equally far. Each run keeps its policy at ``--snapshots``
+evenly spaced times (Arbiter: the version serving then, all are on disk; TRL:
+an in-memory copy at the first batch boundary past each time, written after
+the clock stops); the KL of each is measured as above. In each repeat the
+level is the lowest final KL among the contenders; for each, the time and gold
+gain where its KL first reaches the level are interpolated linearly between
+the two kept policies around the crossing (KL 0 and gain 0 at time 0), and
+gold/wall-s @ matched KL is that gain over that time.
+
+``--repeats N`` runs the contenders interleaved (trl-grpo, arbiter-grpo,
+arbiter-ppo, trl-grpo, ...), so load on the shared machine hits all of them
+alike; each cell is the mean ± half the range over the repeats, and each ratio
+row the mean ± half-range of the ratios within each repeat. The models are
+prepared once per workdir and reused (``--fresh-models`` prepares them anew).
 """
 
 from __future__ import annotations
@@ -62,6 +81,7 @@ TRL_VENV = REPO / ".venv-trl"
 TORCH_PIN = "torch==2.13.0"
 TRL_SPEC = "trl>=1.16,<1.17"
 KL_SAMPLE_SEED = 11
+CHECKPOINTS = {"checkpoint_every": 10, "checkpoint_every_s": 30.0}
 
 
 # -- TRL's environment -----------------------------------------------------------
@@ -94,6 +114,30 @@ def ensure_trl_venv(venv: Path = TRL_VENV) -> Path:
     return python
 
 
+# -- the models -------------------------------------------------------------------
+
+MODELS_CACHE = "e2e-models.json"
+
+
+def prepared_models(out: Path, quick: bool, fresh: bool):
+    """The demo's models (``services.demo_models.prepare_models``), kept in
+    ``out`` with what describes them, so a later run reuses them instead of
+    labelling pairs and training the reward model again (minutes on this
+    machine, more under load); ``fresh`` prepares them anew."""
+    from services.demo_models import DemoModels, prepare_models
+
+    cache = out / MODELS_CACHE
+    if not fresh and cache.exists():
+        data = json.loads(cache.read_text())
+        models = DemoModels(**{**data, **{k: Path(data[k]) for k in ("policy", "reward", "prompts")}})
+        if all(p.exists() for p in (models.policy, models.reward, models.prompts)):
+            console.print(f"   reusing the models in {out} ({cache.name}; --fresh-models prepares them anew)")
+            return models
+    models = prepare_models(out, quick=quick, console=console)
+    cache.write_text(json.dumps(dataclasses.asdict(models), indent=2, default=str))
+    return models
+
+
 # -- the contenders ---------------------------------------------------------------
 
 
@@ -107,6 +151,10 @@ class Run:
     setup_seconds: float
     notes: str = ""
     eval: dict = dataclasses.field(default_factory=dict)
+    # The policy along the run: (seconds since the clock started, its directory),
+    # before the final one, for gold and KL over time.
+    curve: list[tuple[float, Path]] = dataclasses.field(default_factory=list)
+    repeat: int = 0
 
     @property
     def rollouts_per_s(self) -> float:
@@ -125,7 +173,7 @@ def training(models, beta: float) -> dict:
 
 
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
-                worker_overrides: dict | None = None) -> Run:
+                worker_overrides: dict | None = None, snapshots: int = 0) -> Run:
     from services.demo import read_history, stack_config
     from services.stack import Stack
 
@@ -138,8 +186,11 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     # Gold is judged after the run, the same way for every contender: the
     # worker does not spend time on it during the run.
     worker = {**{k: v for k, v in base.worker.items() if k != "gold"}, **(worker_overrides or {})}
-    config = dataclasses.replace(base, worker=worker, trainer={**base.trainer, "max_updates": None, "ppo": ppo,
-                                                                 "run_name": algo})
+    # Checkpoints at the example stack's cadence (infra/stack.example.yaml),
+    # not the trainer's default of one per update: a crash replays at most
+    # that many updates, exactly once all the same (TRL's run saves none).
+    trainer = {**base.trainer, "max_updates": None, "ppo": ppo, "run_name": algo, **CHECKPOINTS}
+    config = dataclasses.replace(base, worker=worker, trainer=trainer)
     started = time.monotonic()
     with Stack(config) as stack:
         # The clock starts when the trainer's consumer has its partitions:
@@ -169,12 +220,18 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
         notes.append(f"no update at all (stalled; see {out / 'stack' / 'logs'})")
     elif idle > max(5.0, 4 * typical):
         notes.append(f"no update in the last {idle:.0f}s (stalled; see {out / 'stack' / 'logs'})")
+    # Every version stays on disk: the one serving at each grid time is the curve.
+    curve = []
+    for k in range(1, snapshots):
+        at = [r for r in rows if r["time"] - t0 <= seconds * k / snapshots]
+        if at:
+            curve.append((at[-1]["time"] - t0, Path(config.workdir) / "trainer" / "policies" / at[-1]["policy_version"]))
     return Run(f"arbiter-{algo}", seconds, sum(r["rollouts"] for r in rows), len(rows), final, setup,
-               notes="; ".join(notes))
+               notes="; ".join(notes), curve=curve)
 
 
 def run_trl(models, workdir: Path, seconds: float, beta: float, venv: Path, samples_per_prompt: int,
-            threads: int) -> Run:
+            threads: int, snapshots: int = 0) -> Run:
     python = ensure_trl_venv(venv)
     out = workdir / "trl-grpo"
     shutil.rmtree(out, ignore_errors=True)
@@ -185,7 +242,8 @@ def run_trl(models, workdir: Path, seconds: float, beta: float, venv: Path, samp
             "--seconds", str(seconds), "--beta", str(beta), "--learning-rate", str(shared["learning_rate"]),
             "--num-generations", str(samples_per_prompt), "--max-new-tokens", str(models.max_new_tokens),
             "--batch-size", str(shared["batch_size"]), "--minibatch-size", str(shared["minibatch_size"]),
-            "--epochs", str(shared["epochs"]), "--clip", str(shared["clip"]), "--threads", str(threads)]
+            "--epochs", str(shared["epochs"]), "--clip", str(shared["clip"]), "--threads", str(threads),
+            "--snapshots", str(snapshots)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
@@ -200,7 +258,8 @@ def run_trl(models, workdir: Path, seconds: float, beta: float, venv: Path, samp
     console.print(f"trl-grpo: {result['updates']} updates, {result['optimizer_steps']} optimizer steps in "
                   f"{result['seconds']:.1f}s ({threads} torch threads)")
     return Run("trl-grpo", result["seconds"], result["rollouts"], result["updates"], Path(result["final_dir"]), setup,
-               notes=f"{threads} torch threads, one process")
+               notes=f"{threads} torch threads, one process",
+               curve=[(c["seconds"], Path(c["dir"])) for c in result.get("snapshots", [])])
 
 
 # -- judging, the same way for every contender -------------------------------------
@@ -242,16 +301,70 @@ def sample_kl(initial: Path, final: Path, prompts: list[str], n: int, max_new_to
     return {"kl": sum(kls) / len(kls), "words": sum(words) / len(words)}
 
 
-def judge(models, run: Run) -> None:
-    from services.demo import EVAL_SAMPLES, evaluate_gold
+class Judge:
+    """Gold and KL of a policy directory on the held-out prompts, the same way
+    for every contender (cached per directory: the initial policy's gold is
+    sampled once)."""
 
-    gold = evaluate_gold(models, run.final_dir)
-    kl = sample_kl(models.policy, run.final_dir, models.eval_prompts, EVAL_SAMPLES, models.max_new_tokens,
-                   KL_SAMPLE_SEED)
-    gain = gold["gold_final_policy"] - gold["gold_initial_policy"]
-    run.eval = {**gold, "gold_gain": gain, "kl": kl["kl"], "words": kl["words"],
+    def __init__(self, models):
+        from services.worker.gold import make_gold_scorer
+
+        self.models = models
+        self.gold_scorer = make_gold_scorer(models.gold)
+        self._gold: dict[Path, float] = {}
+        self._kl: dict[Path, dict] = {}
+
+    def gold(self, policy: Path) -> float:
+        """Mean gold score of EVAL_SAMPLES samples per held-out prompt (seed 7,
+        as ``services.demo.evaluate_gold`` samples them)."""
+        from services.demo import EVAL_SAMPLES
+        from services.demo_models import sample_completions
+
+        if policy not in self._gold:
+            m = self.models
+            completions = sample_completions(policy, m.eval_prompts, EVAL_SAMPLES, m.max_new_tokens, seed=7)
+            scores = [self.gold_scorer(c) for group in completions for c in group]
+            self._gold[policy] = sum(scores) / len(scores)
+        return self._gold[policy]
+
+    def gain(self, policy: Path) -> float:
+        return self.gold(policy) - self.gold(Path(self.models.policy))
+
+    def kl(self, policy: Path) -> dict:
+        from services.demo import EVAL_SAMPLES
+
+        if policy not in self._kl:
+            m = self.models
+            self._kl[policy] = sample_kl(Path(m.policy), policy, m.eval_prompts, EVAL_SAMPLES, m.max_new_tokens,
+                                         KL_SAMPLE_SEED)
+        return self._kl[policy]
+
+
+def judge(judge_: Judge, run: Run) -> None:
+    """The final policy's gold gain, KL and words, and the KL along the run."""
+    gain = judge_.gain(run.final_dir)
+    kl = judge_.kl(run.final_dir)
+    run.eval = {"gold_gain": gain, "kl": kl["kl"], "words": kl["words"],
                 "gold_per_nat": gain / kl["kl"] if kl["kl"] > 0 else math.nan,
-                "gold_per_s": gain / run.seconds if run.seconds else math.nan}
+                "gold_per_s": gain / run.seconds if run.seconds else math.nan,
+                "kl_curve": [(at, judge_.kl(d)["kl"]) for at, d in run.curve] + [(run.seconds, kl["kl"])]}
+
+
+def at_matched_kl(judge_: Judge, run: Run, level: float) -> None:
+    """Where ``run`` first reaches KL ``level`` (nats/sample): the time and
+    gold gain there, interpolated linearly between the two sampled policies
+    that bracket the crossing (KL 0 and gain 0 at time 0), and gold gain per
+    wall-second at that point."""
+    points = [(0.0, 0.0, None)] + [(at, judge_.kl(d)["kl"], d) for at, d in run.curve] + \
+             [(run.seconds, run.eval["kl"], run.final_dir)]
+    index = next((i for i, (_, kl, _) in enumerate(points) if i and kl >= level), len(points) - 1)
+    (t0, kl0, d0), (t1, kl1, d1) = points[index - 1], points[index]
+    f = 1.0 if kl1 <= kl0 else min(max((level - kl0) / (kl1 - kl0), 0.0), 1.0)
+    g0 = 0.0 if d0 is None else judge_.gain(d0)
+    g1 = judge_.gain(d1)
+    at, gain = t0 + f * (t1 - t0), g0 + f * (g1 - g0)
+    run.eval.update({"kl_level": level, "seconds_at_level": at, "gold_at_level": gain,
+                     "gold_per_s_at_level": gain / at if at > 0 else math.nan})
 
 
 # -- the table ----------------------------------------------------------------------
@@ -259,7 +372,12 @@ def judge(models, run: Run) -> None:
 COLUMNS = (("rollouts/s", lambda r: r.rollouts_per_s), ("updates/s", lambda r: r.updates_per_s),
            ("gold gain", lambda r: r.eval["gold_gain"]), ("final KL (nats/sample)", lambda r: r.eval["kl"]),
            ("gold/nat KL", lambda r: r.eval["gold_per_nat"]), ("gold/wall-s", lambda r: r.eval["gold_per_s"]),
+           ("matched KL", lambda r: r.eval["kl_level"]), ("s to matched KL", lambda r: r.eval["seconds_at_level"]),
+           ("gold gain @ matched KL", lambda r: r.eval["gold_at_level"]),
+           ("gold/wall-s @ matched KL", lambda r: r.eval["gold_per_s_at_level"]),
            ("words/sample", lambda r: r.eval["words"]))
+# Ratios Arbiter/TRL of these are meaningless (the same level by construction).
+NO_RATIO = ("matched KL",)
 
 
 def fmt(value: float) -> str:
@@ -268,19 +386,40 @@ def fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
-def table(runs: dict[str, Run]) -> tuple[list[str], list[list[str]]]:
-    header = ["", "rollouts", "updates", "seconds", *(name for name, _ in COLUMNS), "notes"]
-    rows = [[r.name, str(r.rollouts), str(r.updates), fmt(r.seconds), *(fmt(get(r)) for _, get in COLUMNS), r.notes]
-            for r in runs.values()]
-    base = runs.get("trl-grpo")
-    if base is not None:
-        for name in ("arbiter-grpo", "arbiter-ppo"):
-            if name in runs:
-                ratios = []
-                for _, get in COLUMNS:
-                    ours, theirs = get(runs[name]), get(base)
-                    ratios.append(fmt(ours / theirs) if theirs and not math.isnan(theirs) else "nan")
-                rows.append([f"{name} / trl-grpo", "", "", "", *ratios, "ratio"])
+def spread(values: list[float]) -> str:
+    """mean ± half the range (the runs' min and max), or the one value."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "nan"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt(mean)
+    return f"{fmt(mean)} ± {fmt((max(values) - min(values)) / 2)}"
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """One row per contender over its repeats; ratio rows are the mean of the
+    ratios within each repeat (contenders of one repeat ran back to back)."""
+    header = ["", "runs", "rollouts", "updates", "seconds", *(name for name, _ in COLUMNS), "notes"]
+    names = [n for n in CONTENDERS if any(r.name == n for r in runs)]
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r.name == name]
+        notes = "; ".join(dict.fromkeys(r.notes for r in mine))
+        rows.append([name, str(len(mine)), spread([float(r.rollouts) for r in mine]),
+                     spread([float(r.updates) for r in mine]), spread([r.seconds for r in mine]),
+                     *(spread([get(r) for r in mine]) for _, get in COLUMNS), notes])
+    base = {r.repeat: r for r in runs if r.name == "trl-grpo"}
+    for name in ("arbiter-grpo", "arbiter-ppo"):
+        pairs = [(r, base[r.repeat]) for r in runs if r.name == name and r.repeat in base]
+        if not pairs:
+            continue
+        ratios = []
+        for column, get in COLUMNS:
+            values = [get(ours) / get(theirs) if get(theirs) and not math.isnan(get(theirs)) else math.nan
+                      for ours, theirs in pairs]
+            ratios.append("" if column in NO_RATIO else spread(values))
+        rows.append([f"{name} / trl-grpo", str(len(pairs)), "", "", "", *ratios, "ratio, per repeat"])
     return header, rows
 
 
@@ -290,12 +429,50 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method(seconds: float, repeats: int, snapshots: int) -> str:
+    """How the table was measured, printed above it."""
+    return (
+        f"{repeats} interleaved repeat(s) (trl-grpo, arbiter-grpo, arbiter-ppo, trl-grpo, ...); each cell is the mean "
+        f"± half the range over the repeats, ratios are the mean ± half-range of the per-repeat ratios. Gold and KL on "
+        f"the held-out prompts, the same judge for all. Matched KL: the policy is kept at {snapshots} evenly spaced "
+        f"times of the {seconds:g} s budget (the last at the end); in each repeat the level is the lowest final KL "
+        f"among the contenders, each contender's gold gain and time where its KL first reaches that level are "
+        f"interpolated linearly between the two kept policies around the crossing, and gold/wall-s @ matched KL is "
+        f"that gain over that time.")
+
+
+def report(runs: list[Run], models, args, seconds: float, samples_per_prompt: int, workdir: Path) -> dict:
+    """The table (stdout, WORKDIR/e2e.md) and the details (WORKDIR/e2e.json)."""
+    header, rows = table(runs)
+    shared = training(models, args.beta)
+    title = (f"End to end, {seconds:g} s of training each: {models.max_new_tokens} new tokens, group "
+             f"{samples_per_prompt}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} "
+             f"epochs, lr {shared['learning_rate']:g}, β {args.beta:g} fixed; {len(os.sched_getaffinity(0))} cores")
+    how = method(seconds, args.repeats, args.snapshots)
+    print_table(title, header, rows)
+    console.print(how)
+    (workdir / "e2e.md").write_text(f"{title}\n\n{how}\n\n" + markdown(header, rows))
+    summary = {"title": title, "method": how, "runs": [
+        {**{k: v for k, v in dataclasses.asdict(r).items() if k not in ("final_dir", "curve")},
+         "final_dir": str(r.final_dir), "curve": [(at, str(d)) for at, d in r.curve],
+         "rollouts_per_s": r.rollouts_per_s, "updates_per_s": r.updates_per_s} for r in runs]}
+    (workdir / "e2e.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"table: {workdir / 'e2e.md'}  details: {workdir / 'e2e.json'}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="make bench-e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, help="wall-clock training budget of each contender (default 60; "
                                                       "--quick: 10)")
     parser.add_argument("--quick", action="store_true", help="the demo's quick models and a 10 s budget: a smoke run")
     parser.add_argument("--only", choices=CONTENDERS, action="append", help="run only this contender (repeatable)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each contender, interleaved (trl, grpo, ppo, trl, ...); default 1")
+    parser.add_argument("--snapshots", type=int, default=6,
+                        help="policies kept per run for KL over time (matched KL), the final included; default 6")
+    parser.add_argument("--fresh-models", action="store_true",
+                        help="prepare the models anew even if the workdir has them (pairs labelled, RM trained)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every contender (fixed)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-e2e"))
     parser.add_argument("--trl-venv", default=str(TRL_VENV), help="TRL's own environment (created if missing)")
@@ -307,6 +484,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be >= 1")
+    if args.snapshots < 1:
+        parser.error(f"--snapshots {args.snapshots}: must be >= 1 (1: the final policy only)")
     worker_overrides = {}
     for item in args.arbiter_worker:
         key, eq, value = item.partition("=")
@@ -315,37 +496,35 @@ def main(argv: list[str] | None = None) -> dict:
         worker_overrides[key] = yaml.safe_load(value)
     seconds = args.seconds or (10.0 if args.quick else 60.0)
     workdir = Path(args.workdir).resolve()
-    from services.demo_models import prepare_models
-
-    models = prepare_models(workdir / ("models-quick" if args.quick else "models"), quick=args.quick, console=console)
+    models = prepared_models(workdir / ("models-quick" if args.quick else "models"), args.quick, args.fresh_models)
     console.print(models.description)
     from services.demo import stack_config
 
     samples_per_prompt = stack_config(models, workdir, 1).worker["samples_per_prompt"]
-    runs: dict[str, Run] = {}
-    for name in args.only or CONTENDERS:
-        if name == "trl-grpo":
-            run = run_trl(models, workdir, seconds, args.beta, Path(args.trl_venv), samples_per_prompt,
-                          args.trl_threads)
-        else:
-            run = run_arbiter(name.split("-", 1)[1], models, workdir, seconds, args.beta, worker_overrides)
-        judge(models, run)
-        runs[name] = run
-        console.print(f"{name}: {run.rollouts} rollouts, {run.updates} updates in {run.seconds:.1f}s; "
-                      f"gold {run.eval['gold_gain']:+.3f}, KL {run.eval['kl']:.2f}")
-    header, rows = table(runs)
-    shared = training(models, args.beta)
-    title = (f"End to end, {seconds:g} s of training each: {models.max_new_tokens} new tokens, group "
-             f"{samples_per_prompt}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} "
-             f"epochs, lr {shared['learning_rate']:g}, β {args.beta:g} fixed; {len(os.sched_getaffinity(0))} cores")
-    print_table(title, header, rows)
-    (workdir / "e2e.md").write_text(f"{title}\n\n" + markdown(header, rows))
-    summary = {"title": title, "runs": {name: {**{k: v for k, v in dataclasses.asdict(r).items() if k != "final_dir"},
-                                               "final_dir": str(r.final_dir), "rollouts_per_s": r.rollouts_per_s,
-                                               "updates_per_s": r.updates_per_s} for name, r in runs.items()}}
-    (workdir / "e2e.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"table: {workdir / 'e2e.md'}  details: {workdir / 'e2e.json'}")
-    return summary
+    judge_ = Judge(models)
+    runs: list[Run] = []
+    for repeat in range(args.repeats):
+        here = workdir / f"r{repeat}" if args.repeats > 1 else workdir
+        this_repeat = []
+        for name in [n for n in CONTENDERS if n in (args.only or CONTENDERS)]:
+            if name == "trl-grpo":
+                run = run_trl(models, here, seconds, args.beta, Path(args.trl_venv), samples_per_prompt,
+                              args.trl_threads, args.snapshots)
+            else:
+                run = run_arbiter(name.split("-", 1)[1], models, here, seconds, args.beta, worker_overrides,
+                                  args.snapshots)
+            run.repeat = repeat
+            judge(judge_, run)
+            this_repeat.append(run)
+            console.print(f"{name} (repeat {repeat + 1}/{args.repeats}): {run.rollouts} rollouts, {run.updates} "
+                          f"updates in {run.seconds:.1f}s; gold {run.eval['gold_gain']:+.3f}, KL {run.eval['kl']:.2f}")
+        level = min(r.eval["kl"] for r in this_repeat)
+        for run in this_repeat:
+            at_matched_kl(judge_, run, level)
+        runs += this_repeat
+        if repeat + 1 < args.repeats:  # so far, in case the rest does not finish
+            report(runs, models, args, seconds, samples_per_prompt, workdir)
+    return report(runs, models, args, seconds, samples_per_prompt, workdir)
 
 
 if __name__ == "__main__":

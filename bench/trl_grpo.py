@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snapshots", type=int, default=0,
+                        help="keep the policy at this many evenly spaced times of the budget (the last at the end), "
+                             "for gold and KL over time")
     args = parser.parse_args()
 
     import torch
@@ -84,10 +87,20 @@ def main() -> None:
         def on_train_begin(self, _args, state, control, **kwargs):
             Budget.started = time.monotonic()
 
-        def on_step_end(self, _args, state, control, **kwargs):
-            if state.global_step % steps_per_batch == 0 and time.monotonic() - Budget.started >= args.seconds:
+        def on_step_end(self, _args, state, control, model=None, **kwargs):
+            if state.global_step % steps_per_batch:
+                return control
+            elapsed = time.monotonic() - Budget.started
+            # At a batch boundary past each grid time: an in-memory copy (a
+            # few MB, about a millisecond), written out after the clock stops.
+            if len(snapshots) < args.snapshots - 1 and elapsed >= args.seconds * (len(snapshots) + 1) / args.snapshots:
+                weights = {k: v.detach().clone() for k, v in (model or trainer.model).state_dict().items()}
+                snapshots.append((elapsed, state.global_step // steps_per_batch, weights))
+            if elapsed >= args.seconds:
                 control.should_training_stop = True
             return control
+
+    snapshots: list[tuple[float, int, dict]] = []
 
     trainer = GRPOTrainer(
         model=policy, reward_funcs=[reward], args=config,
@@ -100,10 +113,16 @@ def main() -> None:
     trainer.model.save_pretrained(out / "final")
     tokenizer.save_pretrained(out / "final")
     logged = [row for row in trainer.state.log_history if "kl" in row]
+    curve = []
+    for i, (at, updates, weights) in enumerate(snapshots):
+        where = out / "snapshots" / str(i)
+        trainer.model.save_pretrained(where, state_dict=weights)
+        tokenizer.save_pretrained(where)
+        curve.append({"seconds": at, "updates": updates, "dir": str(where)})
     result = {
         "seconds": elapsed, "optimizer_steps": trainer.state.global_step, "updates": batches,
         "rollouts": batches * args.batch_size, "final_dir": str(out / "final"), "threads": args.threads,
-        "trl_kl_last": logged[-1]["kl"] if logged else None, "pid": os.getpid(),
+        "trl_kl_last": logged[-1]["kl"] if logged else None, "pid": os.getpid(), "snapshots": curve,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+import pytest
 from lm_fixtures import perturbed
 
-from bench.e2e import Run, sample_kl, table, trl_constraints
+from bench.e2e import Run, at_matched_kl, sample_kl, table, trl_constraints
 
 PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
 
@@ -24,22 +25,59 @@ def test_kl_of_a_policy_against_itself_is_zero_and_against_a_changed_one_positiv
     assert sample_kl(tiny_models["policy"], changed, PROMPTS, n=2, max_new_tokens=6, seed=0)["kl"] > 0
 
 
-def run(name: str, rollouts: int, updates: int, gain: float, kl: float) -> Run:
-    r = Run(name, 10.0, rollouts, updates, Path("."), setup_seconds=0.0)
-    r.eval = {"gold_gain": gain, "kl": kl, "words": 5.0, "gold_per_nat": gain / kl, "gold_per_s": gain / 10.0}
+def run(name: str, rollouts: int, updates: int, gain: float, kl: float, repeat: int = 0) -> Run:
+    r = Run(name, 10.0, rollouts, updates, Path("."), setup_seconds=0.0, repeat=repeat)
+    r.eval = {"gold_gain": gain, "kl": kl, "words": 5.0, "gold_per_nat": gain / kl, "gold_per_s": gain / 10.0,
+              "kl_level": 2.0, "seconds_at_level": 5.0, "gold_at_level": gain / 2, "gold_per_s_at_level": gain / 10.0}
     return r
 
 
-def test_ratio_rows_divide_each_arbiter_column_by_trls():
-    header, rows = table({"trl-grpo": run("trl-grpo", 100, 3, 0.2, 4.0),
-                          "arbiter-grpo": run("arbiter-grpo", 300, 9, 0.3, 2.0)})
-    assert header[4:11] == ["rollouts/s", "updates/s", "gold gain", "final KL (nats/sample)", "gold/nat KL",
-                            "gold/wall-s", "words/sample"]
-    # TRL: 10 rollouts/s, 0.3 updates/s, +0.2 gold at 4 nats (0.05/nat), 0.02 gold/s.
-    assert rows[0][4:11] == ["10.0", "0.300", "0.200", "4.000", "0.050", "0.020", "5.000"]
-    # Arbiter: 30/s, 0.9/s, +0.3 at 2 nats (0.15/nat), 0.03/s -> 3x, 3x, 1.5x, 0.5x, 3x, 1.5x, 1x.
+def test_ratio_rows_divide_each_arbiter_column_by_trls_within_each_repeat():
+    header, rows = table([run("trl-grpo", 100, 3, 0.2, 4.0, repeat=0), run("arbiter-grpo", 300, 9, 0.3, 2.0, repeat=0),
+                          run("trl-grpo", 200, 6, 0.2, 4.0, repeat=1), run("arbiter-grpo", 200, 6, 0.3, 2.0, repeat=1)])
+    assert header[5:12] == ["rollouts/s", "updates/s", "gold gain", "final KL (nats/sample)", "gold/nat KL",
+                            "gold/wall-s", "matched KL"]
+    # TRL: 10 and 20 rollouts/s -> 15 ± 5; 0.3 and 0.6 updates/s -> 0.45 ± 0.15; +0.2 gold at 4 nats twice.
+    assert rows[0][:2] == ["trl-grpo", "2"]
+    assert rows[0][5:11] == ["15.0 ± 5.000", "0.450 ± 0.150", "0.200 ± 0.000", "4.000 ± 0.000", "0.050 ± 0.000",
+                             "0.020 ± 0.000"]
+    # Arbiter/TRL per repeat: rollouts/s 30/10 = 3 and 20/20 = 1 -> 2 ± 1 (not the ratio of the means, 25/15);
+    # gold 1.5 both times; KL 0.5; gold/nat 0.15/0.05 = 3; the matched-KL level has no ratio.
     assert rows[2][0] == "arbiter-grpo / trl-grpo"
-    assert rows[2][4:11] == ["3.000", "3.000", "1.500", "0.500", "3.000", "1.500", "1.000"]
+    assert rows[2][5:12] == ["2.000 ± 1.000", "2.000 ± 1.000", "1.500 ± 0.000", "0.500 ± 0.000", "3.000 ± 0.000",
+                             "1.500 ± 0.000", ""]
+
+
+class FakeJudge:
+    """Gold and KL by directory, as a unit test of the interpolation around them."""
+
+    def __init__(self, kl: dict[str, float], gain: dict[str, float]):
+        self._kl, self._gain = kl, gain
+
+    def kl(self, policy: Path) -> dict:
+        return {"kl": self._kl[str(policy)]}
+
+    def gain(self, policy: Path) -> float:
+        return self._gain[str(policy)]
+
+
+def test_matched_kl_interpolates_between_the_policies_around_the_first_crossing():
+    judge = FakeJudge({"a": 1.0, "b": 5.0, "c": 3.0, "final": 8.0}, {"a": 0.1, "b": 0.3, "c": 0.25, "final": 0.6})
+    r = Run("arbiter-grpo", 40.0, 0, 0, Path("final"), setup_seconds=0.0,
+            curve=[(10.0, Path("a")), (20.0, Path("b")), (30.0, Path("c"))])
+    r.eval = {"kl": 8.0}
+    # Level 4: first reached between a (10 s, KL 1, +0.1) and b (20 s, KL 5, +0.3): 3/4 of the way,
+    # at 17.5 s with +0.25, i.e. 0.25 / 17.5 = 0.0142857 gold per second (the later dip to 3 does not count).
+    at_matched_kl(judge, r, 4.0)
+    assert r.eval["seconds_at_level"] == pytest.approx(17.5)
+    assert r.eval["gold_at_level"] == pytest.approx(0.25)
+    assert r.eval["gold_per_s_at_level"] == pytest.approx(0.25 / 17.5)
+    # Below the first kept policy: from (0 s, KL 0, +0): level 0.5 is half way to a, at 5 s with +0.05.
+    at_matched_kl(judge, r, 0.5)
+    assert (r.eval["seconds_at_level"], r.eval["gold_at_level"]) == pytest.approx((5.0, 0.05))
+    # The run with the lowest final KL sets the level: it reaches it at its end.
+    at_matched_kl(judge, r, 8.0)
+    assert (r.eval["seconds_at_level"], r.eval["gold_at_level"]) == pytest.approx((40.0, 0.6))
 
 
 def test_trl_runs_on_the_projects_torch_and_transformers():

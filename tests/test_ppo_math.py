@@ -19,6 +19,7 @@ from trainer.ppo_math import (
     broadcast_sequence_advantages,
     decoupled_policy_loss,
     entropy_from_logits,
+    entropy_from_logprobs,
     explained_variance,
     gae,
     grpo_advantages,
@@ -352,6 +353,8 @@ def test_entropy_from_logits_by_hand():
     h2 = 0.25 * math.log(4) + 0.75 * math.log(4 / 3)
     close(token_entropy(logits)[0, :2], [math.log(2), h2])
     close(entropy_from_logits(logits, mask), (math.log(2) + h2) / 2)
+    # The same from the log-softmax the trainer already has for the tokens' log-probs.
+    close(entropy_from_logprobs(torch.log_softmax(logits, dim=-1), mask), (math.log(2) + h2) / 2)
 
 
 def test_token_logprobs_and_ptx_loss_by_hand():

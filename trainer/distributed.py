@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +102,27 @@ def init(ranks: Ranks, timeout_s: float) -> None:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group once every rank is done with it. Without the
+    barrier a rank could tear down while a peer's last collective is still in
+    flight, and gloo's destructor then waits forever for its worker threads
+    (seen at exit: ~ProcessGroupGloo joining under ~Reducer)."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except (RuntimeError, dist.DistError):  # a peer is gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a rank's process now: flushed, but without running C++ destructors
+    at interpreter exit (a process group or DDP reducer finalized after its
+    peers left can block there, and torchrun would wait on this rank forever)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def check_partitions(ranks: Ranks, partitions: int, topic: str) -> None:

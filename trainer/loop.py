@@ -67,7 +67,7 @@ from trainer.convert import InvalidRollout, policy_update, trajectory_from_recor
 from trainer.metrics import TrainerMetrics
 from trainer.policy_model import PolicyWithValue
 from trainer.publish import BackgroundPublisher, Snapshot
-from trainer.step import UpdateStats, make_kl_controller, ppo_update
+from trainer.step import UpdateStats, make_kl_controller, make_optimizer, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class PPOTrainer:
         if ranks is not None and ranks.parallel == "fsdp":
             # Sharded before the optimizer exists, so its state is sharded too.
             self.shard = dist.DataParallel(ranks, dist.wrap(self.model, ranks, ppo.advantage != "gae"))
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=ppo.learning_rate)
+        self.optimizer = make_optimizer(self.model.trainable_parameters(), ppo.learning_rate)
         # The same seed on every rank: the ranks draw one shared minibatch permutation.
         self.rng = torch.Generator().manual_seed(config.seed)
         self.kl_controller = make_kl_controller(ppo)

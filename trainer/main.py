@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 from prometheus_client import start_http_server
 
@@ -56,8 +57,9 @@ def ppo_main(args) -> int:
     from torch.distributed import DistError
 
     distributed.init(ranks, config.collective_timeout_s)
+    code = 1
     try:
-        return _run(config, kafka, args, ranks)
+        code = _run(config, kafka, args, ranks)
     except (DistError, RuntimeError) as err:
         # Most often a peer died or hung and a collective failed (gloo reports
         # a reset connection as a plain RuntimeError): this rank stops too,
@@ -65,9 +67,11 @@ def ppo_main(args) -> int:
         # committed, so a restart resumes exactly once.
         print(f"arbiter train ppo: rank {ranks.rank} of {ranks.world} stopped without a checkpoint: "
               f"{type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    except Exception:
+        traceback.print_exc()
     finally:
         distributed.shutdown()
+    distributed.exit_rank(code)
 
 
 def launch_ranks(args, config: TrainerConfig) -> None:

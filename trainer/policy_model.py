@@ -60,10 +60,19 @@ class PolicyWithValue(nn.Module):
         policy = cls(lm, load_tokenizer(root), meta.version or content_version(root), lora is not None)
         return policy.eval()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """logits (B, L, V) and values (B, L), both at every position."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, with_values: bool = True,
+                logits_to_keep: int = 0) -> tuple[Tensor, Tensor | None]:
+        """logits (B, K, V) and values (B, K) at the last K = ``logits_to_keep``
+        positions (0: all L); values None unless ``with_values`` (the hidden
+        states are then not kept at all)."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_values,
+                      logits_to_keep=logits_to_keep)
+        values = None
+        if with_values:
+            hidden = out.hidden_states[-1]  # (B, L, H)
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            values = self.value_head(hidden).squeeze(-1)
         return out.logits, values
 
     def trainable_parameters(self) -> list[nn.Parameter]:

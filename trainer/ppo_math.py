@@ -499,6 +499,15 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(token_entropy(logits), mask)
 
 
+def entropy_from_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Mean policy entropy −Σ p·log p over real completion tokens (scalar),
+    from log-probabilities over the vocabulary (B, T, V) (a log-softmax already
+    computed for the tokens' log-probs: no second softmax); mask (B, T)."""
+    if logprobs.dim() != 3:
+        raise InvalidInput("logprobs", f"must be (B, T, V), got shape {tuple(logprobs.shape)}")
+    return masked_mean(-(logprobs.exp() * logprobs).sum(dim=-1), mask)
+
+
 def ptx_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Pretraining LM loss for PPO-ptx (Ouyang et al. 2022, eq. 2: + γ·E_pretrain[log π(x)]).
 

@@ -51,14 +51,33 @@ class UpdateStats:
     behaviour_weight_truncated: float | None = None
 
 
-def policy_outputs(model: nn.Module, batch: PPOBatch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-probs (B, T) and values (B, T) of the completion tokens, plus their logits (B, T, V).
+def policy_outputs(
+    model: nn.Module, batch: PPOBatch, temperature: float, with_values: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Log-probs (B, T) and values (B, T; None unless ``with_values``) of the
+    completion tokens, plus the log-softmax over the vocabulary (B, T, V) they
+    were read from (for the entropy).
     Logits are divided by the sampling temperature so the ratio compares the
-    same distribution the workers sampled from."""
-    logits, values = model(batch.input_ids, batch.attention_mask)  # (B, L, V), (B, L)
-    logits = gather_positions(logits, batch.positions) / temperature  # (B, T, V)
-    values = gather_positions(values, batch.positions)  # (B, T)
-    return pm.token_logprobs(logits, batch.completion_ids), values, logits
+    same distribution the workers sampled from.
+
+    Only what is needed is computed: the LM head runs from the first position
+    that predicts a completion token on (the prompt positions before it are
+    cut: with short completions the head over the vocabulary is a large share
+    of the forward and backward), and the value head only with a critic (GRPO
+    and RLOO have none). ``model`` is the policy or its DDP/FSDP wrapper: the
+    call goes through the wrapper's forward, which the gradient
+    synchronisation hangs on."""
+    first = int(batch.positions[:, 0].min())  # every row has a completion token
+    keep = batch.input_ids.shape[1] - first
+    logits, values = model(batch.input_ids, batch.attention_mask, with_values=with_values, logits_to_keep=keep)
+    # Padded completion slots hold position 0, which may precede the window:
+    # any index in it will do, they are masked.
+    shifted = (batch.positions - first).clamp(min=0)
+    logp = torch.log_softmax(gather_positions(logits, shifted) / temperature, dim=-1)  # (B, T, V)
+    logprobs = logp.gather(-1, batch.completion_ids.long()[..., None]).squeeze(-1)
+    if values is not None:
+        values = gather_positions(values, shifted)  # (B, T)
+    return logprobs, values, logp
 
 
 def reward_scores(batch: PPOBatch, reward_moments: pm.VersionedMoments, cfg: PPOConfig) -> Tensor:
@@ -112,7 +131,8 @@ def ppo_update(
         # head's old values, and for the decoupled objective the proximal
         # log-probs (Hilton et al. 2021) its trust region is centred on.
         proximal_logprobs, old_values, _ = (
-            policy_outputs(model, batch, cfg.temperature) if use_critic or decoupled else (None, None, None)
+            policy_outputs(model, batch, cfg.temperature, with_values=use_critic) if use_critic or decoupled
+            else (None, None, None)
         )
         behaviour = (
             pm.behaviour_weights(proximal_logprobs, batch.old_logprobs, mask, cfg.behaviour_weight_cap)
@@ -142,7 +162,7 @@ def ppo_update(
             if shard is not None:
                 index, weight = shard.split(index, mask)
             mb = batch.select(index)
-            logprobs, values, logits = policy_outputs(forward, mb, cfg.temperature)
+            logprobs, values, logp = policy_outputs(forward, mb, cfg.temperature, with_values=use_critic)
             if behaviour is not None:
                 pg = pm.decoupled_policy_loss(
                     logprobs, proximal_logprobs[index], behaviour.weights[index], advantages[index], mb.mask,
@@ -151,7 +171,9 @@ def ppo_update(
             else:
                 pg = pm.policy_loss(logprobs, mb.old_logprobs, advantages[index], mb.mask, cfg.clip_coef)
             vf = pm.value_loss(values, old_values[index], returns[index], mb.mask, cfg.value_clip_coef) if use_critic else None
-            entropy = pm.entropy_from_logits(logits, mb.mask)
+            # Without an entropy bonus the entropy is only logged: no graph for it.
+            with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
+                entropy = pm.entropy_from_logprobs(logp, mb.mask)
             ptx = None
             if cfg.ptx_coef > 0 and ptx_batches is not None:
                 ids, attention = next(ptx_batches)
@@ -217,3 +239,12 @@ def make_kl_controller(cfg: PPOConfig) -> pm.KLController:
     if cfg.kl.mode == "fixed":
         return pm.FixedKLController(cfg.kl.init_coef)
     return pm.AdaptiveKLController(cfg.kl.init_coef, cfg.kl.target, cfg.kl.horizon)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel for the parameters' device (one
+    kernel over all tensors instead of about ten ops per tensor: on the demo's
+    model on one CPU thread, 2.3 ms per step instead of 7.5, a tenth of an
+    update). The state (and so a checkpoint) is the same either way."""
+    fusable = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=learning_rate, fused=fusable or None)
