@@ -48,8 +48,8 @@ def uneven_batch(model_dir, seed):
     return cut
 
 
-def _rank_update(rank, world, port, parallel, model_dir, out):
-    """One rank: build the trainer, take this rank's half of the batch, one update."""
+def _rank_update(rank, world, port, parallel, model_dir, out, batch):
+    """One rank: build the trainer, take this rank's part of the batch, one update."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -60,7 +60,6 @@ def _rank_update(rank, world, port, parallel, model_dir, out):
     distributed.init(ranks, 60)
     try:
         trainer = PPOTrainer(config, KafkaSettings(), ranks=ranks)
-        batch = uneven_batch(model_dir, seed=7)
         mine = batch[:5] if rank == 0 else batch[5:]  # split unevenly, in order
         record = trainer.train_on(trainer.global_batch(mine), local=len(mine))
         # The published version: under FSDP gathered from every rank's shards; rank 0 writes it.
@@ -74,17 +73,29 @@ def _rank_update(rank, world, port, parallel, model_dir, out):
         distributed.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_process_update(tiny_models, tmp_path_factory):
+    """The batch (8 uneven rollouts) and what one process's update makes of
+    it: the weights before and after, and the update's record. Both
+    parallel modes are held to this same update."""
+    torch.set_num_threads(1)
+    batch = uneven_batch(tiny_models["policy"], seed=7)
+    single = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path_factory.mktemp("single"))),
+                        KafkaSettings())
+    before = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+    record = single.train_on(batch)
+    return batch, before, single.model.state_dict(), record
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel):
+def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel, one_process_update):
+    batch, before, expected, record = one_process_update
+    # Forked: the ranks get this batch itself (the same rollouts, ids and all).
     torch.multiprocessing.start_processes(
-        _rank_update, args=(2, free_port(), parallel, tiny_models["policy"], tmp_path), nprocs=2,
+        _rank_update, args=(2, free_port(), parallel, tiny_models["policy"], tmp_path, batch), nprocs=2,
         start_method="fork",
     )
-    torch.set_num_threads(1)
-    single = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path / "single")), KafkaSettings())
-    record = single.train_on(uneven_batch(tiny_models["policy"], seed=7))
     distributed = torch.load(tmp_path / "params.pt")
-    expected = single.model.state_dict()
     assert distributed.keys() == expected.keys()
     worst = max(float((distributed[k] - expected[k].detach()).abs().max()) for k in expected)
     assert worst <= 1e-5
@@ -94,8 +105,7 @@ def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel):
     published = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "policies" / "ppo-1")).state_dict()
     assert max(float((v - expected[f"lm.{k}"]).abs().max()) for k, v in published.items()) <= 1e-5
     # The update moved the weights far more than that: the comparison is not vacuous.
-    start = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path / "start")), KafkaSettings())
-    moved = max(float((v - expected[k]).abs().max()) for k, v in start.model.state_dict().items())
+    moved = max(float((v - expected[k]).abs().max()) for k, v in before.items())
     assert moved > 1e-4
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["kl"] == pytest.approx(record.stats.kl, abs=1e-6)
