@@ -78,12 +78,16 @@ def one_process_update(tiny_models, tmp_path_factory):
     """The batch (8 uneven rollouts) and what one process's update makes of
     it: the weights before and after, and the update's record. Both
     parallel modes are held to this same update."""
-    torch.set_num_threads(1)
-    batch = uneven_batch(tiny_models["policy"], seed=7)
-    single = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path_factory.mktemp("single"))),
-                        KafkaSettings())
-    before = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
-    record = single.train_on(batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        batch = uneven_batch(tiny_models["policy"], seed=7)
+        single = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path_factory.mktemp("single"))),
+                            KafkaSettings())
+        before = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+        record = single.train_on(batch)
+    finally:
+        torch.set_num_threads(threads)
     return batch, before, single.model.state_dict(), record
 
 
