@@ -13,7 +13,16 @@ import torch  # noqa: E402
 # too small to split: a second OpenMP thread only waits at every op's barrier
 # for a core, which made a tiny forward ~50 ms instead of ~3 ms on a busy
 # 2-core machine (the trainer tests sample thousands of them).
-torch.set_num_threads(int(os.environ.get("ARBITER_TEST_TORCH_THREADS", "1")))
+TORCH_THREADS = int(os.environ.get("ARBITER_TEST_TORCH_THREADS", "1"))
+torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the session's thread count, whatever the one
+    before it set (a command run in-process with --torch-threads, say)."""
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
