@@ -7,8 +7,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Two cores are shared by servers, clients and the test process.
-torch.set_num_threads(2)
+# One intra-op thread in the test process (ARBITER_TEST_TORCH_THREADS to
+# change it). Its servers, clients and subprocesses (Triton's model stubs,
+# torchrun's ranks) share the two cores with it, and the tiny models' ops are
+# too small to split: a second OpenMP thread only waits at every op's barrier
+# for a core, which made a tiny forward ~50 ms instead of ~3 ms on a busy
+# 2-core machine (the trainer tests sample thousands of them).
+TORCH_THREADS = int(os.environ.get("ARBITER_TEST_TORCH_THREADS", "1"))
+torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the session's thread count, whatever the one
+    before it set (a command run in-process with --torch-threads, say)."""
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")

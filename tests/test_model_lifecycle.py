@@ -23,6 +23,7 @@ from helpers import BackgroundServer, Traffic, expect_error, metrics_text
 CASES = [
     ("reward", "torch"), ("reference", "torch"), ("policy", "torch"), ("reward", "triton"), ("reference", "triton"),
 ]
+IN_PROCESS = [case for case in CASES if case[1] == "torch"]
 
 
 @dataclass
@@ -192,6 +193,13 @@ def test_loading_past_the_limit_evicts_the_oldest_inactive_version(served):
     assert served.call() == "v2"
 
 
+# In-process backends only: Triton's swap under load is
+# test_triton.py and test_triton_reference.py::test_swap_versions_with_zero_failed_requests,
+# the same swap of Triton version 2 in under traffic with more checks (each
+# answer is its version's; Triton holds {1, 2}, then {2}). Each change of a
+# Triton model's versions re-initialises them (seconds each on 2 cores), so
+# that swap runs once per kind, not twice.
+@pytest.mark.parametrize("served", IN_PROCESS, ids=[f"{k}-{b}" for k, b in IN_PROCESS], indirect=True)
 def test_swap_under_load_fails_no_request(served):
     with Traffic(served.call) as traffic:
         traffic.wait_for("v0")

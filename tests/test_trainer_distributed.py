@@ -15,6 +15,7 @@ from helpers import wait_until
 from arbiter.config import ConfigError
 from arbiter.net import free_port
 from arbiter.stream import KafkaSettings, ensure_topics, partition_count, topics
+from cli.main import main
 from trainer.config import config_from_dict
 from trainer.distributed import allocate, check_partitions, ranks_from_env
 from trainer.loop import PPOTrainer
@@ -48,8 +49,8 @@ def uneven_batch(model_dir, seed):
     return cut
 
 
-def _rank_update(rank, world, port, parallel, model_dir, out):
-    """One rank: build the trainer, take this rank's half of the batch, one update."""
+def _rank_update(rank, world, port, parallel, model_dir, out, batch):
+    """One rank: build the trainer, take this rank's part of the batch, one update."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -60,7 +61,6 @@ def _rank_update(rank, world, port, parallel, model_dir, out):
     distributed.init(ranks, 60)
     try:
         trainer = PPOTrainer(config, KafkaSettings(), ranks=ranks)
-        batch = uneven_batch(model_dir, seed=7)
         mine = batch[:5] if rank == 0 else batch[5:]  # split unevenly, in order
         record = trainer.train_on(trainer.global_batch(mine), local=len(mine))
         # The published version: under FSDP gathered from every rank's shards; rank 0 writes it.
@@ -74,17 +74,33 @@ def _rank_update(rank, world, port, parallel, model_dir, out):
         distributed.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_process_update(tiny_models, tmp_path_factory):
+    """The batch (8 uneven rollouts) and what one process's update makes of
+    it: the weights before and after, and the update's record. Both
+    parallel modes are held to this same update."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        batch = uneven_batch(tiny_models["policy"], seed=7)
+        single = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path_factory.mktemp("single"))),
+                            KafkaSettings())
+        before = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+        record = single.train_on(batch)
+    finally:
+        torch.set_num_threads(threads)
+    return batch, before, single.model.state_dict(), record
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel):
+def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel, one_process_update):
+    batch, before, expected, record = one_process_update
+    # Forked: the ranks get this batch itself (the same rollouts, ids and all).
     torch.multiprocessing.start_processes(
-        _rank_update, args=(2, free_port(), parallel, tiny_models["policy"], tmp_path), nprocs=2,
+        _rank_update, args=(2, free_port(), parallel, tiny_models["policy"], tmp_path, batch), nprocs=2,
         start_method="fork",
     )
-    torch.set_num_threads(1)
-    single = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path / "single")), KafkaSettings())
-    record = single.train_on(uneven_batch(tiny_models["policy"], seed=7))
     distributed = torch.load(tmp_path / "params.pt")
-    expected = single.model.state_dict()
     assert distributed.keys() == expected.keys()
     worst = max(float((distributed[k] - expected[k].detach()).abs().max()) for k in expected)
     assert worst <= 1e-5
@@ -94,8 +110,7 @@ def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel):
     published = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "policies" / "ppo-1")).state_dict()
     assert max(float((v - expected[f"lm.{k}"]).abs().max()) for k, v in published.items()) <= 1e-5
     # The update moved the weights far more than that: the comparison is not vacuous.
-    start = PPOTrainer(config_from_dict(ppo_config(tiny_models["policy"], tmp_path / "start")), KafkaSettings())
-    moved = max(float((v - expected[k]).abs().max()) for k, v in start.model.state_dict().items())
+    moved = max(float((v - expected[k]).abs().max()) for k, v in before.items())
     assert moved > 1e-4
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["kl"] == pytest.approx(record.stats.kl, abs=1e-6)
@@ -200,7 +215,8 @@ def test_sigkill_of_one_rank_stops_the_job_and_a_restart_trains_everything_once(
     assert {p.name for p in latest_checkpoint(run_dir / "checkpoints").glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
 
 
-def test_bad_parallel_settings_are_refused_naming_the_field(tiny_models, tmp_path, kafka_settings):
+def test_bad_parallel_settings_are_refused_naming_the_field(tiny_models, tmp_path, kafka_settings, monkeypatch,
+                                                             capsys):
     base = ppo_config(tiny_models["policy"], tmp_path / "run")
     with pytest.raises(ConfigError, match=r"parallel='mpi' is invalid: must be one of none, ddp, fsdp"):
         config_from_dict({**base, "parallel": "mpi"})
@@ -225,11 +241,13 @@ def test_bad_parallel_settings_are_refused_naming_the_field(tiny_models, tmp_pat
             r"ddp with 3 ranks needs the rollouts topic '.*rollouts' to have at least 3 partitions "
             r"\(each rank reads its own\), but it has 1")):
         check_partitions(three, partition_count(kafka_settings, topics.ROLLOUTS), kafka_settings.topic(topics.ROLLOUTS))
-    # The command says so and exits 2, before loading anything.
+    # The command says so and exits 2, before loading anything (its entry
+    # point, called here: `python -m cli` exits with what it returns).
     config_path = tmp_path / "trainer.yaml"
     config_path.write_text(yaml.safe_dump(base))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run([sys.executable, "-m", "cli", "train", "ppo", "--config", str(config_path), "--parallel", "fsdp"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "arbiter train ppo: parallel='fsdp' is invalid: fsdp needs the environment torchrun sets" in done.stderr
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    assert main(["train", "ppo", "--config", str(config_path), "--parallel", "fsdp"]) == 2
+    assert "arbiter train ppo: parallel='fsdp' is invalid: fsdp needs the environment torchrun sets" in (
+        capsys.readouterr().err)
