@@ -189,7 +189,7 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
                        "max_staleness": 1},
                # The example stack's cadence (a full checkpoint is weights,
                # optimizer and offsets, fsynced: 1.5 GB at this size).
-               "checkpoint_every": 10, "checkpoint_every_s": 30}
+               "checkpoint_every": 10, "checkpoint_every_s": 30, "keep_policy_versions": 3}
     replicas = {}
     if ranks > 1:
         trainer["parallel"] = "ddp"

@@ -286,6 +286,30 @@ def test_background_publisher_writes_only_the_newest_waiting_version_and_retries
     assert refusals == [] and sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v3"]  # no temporary dir left
 
 
+def test_the_publisher_keeps_only_the_newest_policy_versions_when_told(tmp_path):
+    import os
+
+    from trainer.config import config_from_dict
+    from trainer.publish import BackgroundPublisher, Snapshot
+
+    def save(path, snap):
+        path.mkdir()
+        (path / "step").write_text(str(snap.step))
+
+    announced = []
+    publisher = BackgroundPublisher(tmp_path, save, announced.append, keep_versions=2)
+    for step in (1, 2, 3, 4):
+        publisher.submit(Snapshot(f"v{step}", step, {}))
+        assert publisher.wait_idle(30)
+        # Modification times order the versions: a coarse clock must not tie them.
+        os.utime(tmp_path / f"v{step}", (step, step))
+    publisher.close()
+    assert announced == ["v1", "v2", "v3", "v4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v3", "v4"]
+    # Unbounded by default; fewer than two is refused naming the field.
+    with pytest.raises(ConfigError, match=r"keep_policy_versions=1 is invalid: must be >= 2 or null"):
+        config_from_dict({"model_dir": str(tmp_path), "output_dir": str(tmp_path), "keep_policy_versions": 1})
+
 def consumed(rollout, offset=5):
     return ConsumedRecord("rollouts", 0, offset, rollout.prompt_id, 0, "1.1", rollout)
 

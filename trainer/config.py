@@ -187,6 +187,11 @@ class TrainerConfig:
     checkpoint_every_s: float | None = None
     # Checkpoints kept on disk (the newest ones).
     keep_checkpoints: int = 2
+    # Published policy versions kept in output_dir/policies (the newest ones,
+    # and a delta's parent); null keeps every one. Every update publishes a
+    # full set of weights, so at real sizes an unbounded run fills the disk
+    # (a 124 M model: 475 MiB per update).
+    keep_policy_versions: int | None = None
     seed: int = 0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -216,6 +221,10 @@ class TrainerConfig:
             require(self.max_updates >= 1, "max_updates", "must be >= 1 or null", self.max_updates)
         for name in ("publish_every", "keep_checkpoints", "dedupe_window"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        if self.keep_policy_versions is not None:
+            # Two at least: a replica may still be loading the one before the newest.
+            require(self.keep_policy_versions >= 2, "keep_policy_versions", "must be >= 2 or null",
+                    self.keep_policy_versions)
         require_choice(self.parallel, "parallel", PARALLEL)
         require(
             math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0, "collective_timeout_s",

@@ -429,6 +429,7 @@ class PPOTrainer:
             lambda version, weights_uri="": self.announce(producer, version, weights_uri),
             on_saved=lambda version, seconds: self.metrics.publish_write.observe(seconds),
             on_superseded=self.metrics.publish_superseded.inc, weights=self.config.weights,
+            keep_versions=self.config.keep_policy_versions,
         )
 
     def checkpoint_due(self) -> bool:

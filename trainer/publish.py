@@ -95,9 +95,10 @@ class BackgroundPublisher:
     def __init__(
         self, root: Path, save: Callable[[Path, Snapshot], None], announce: Callable[..., None],
         on_saved: Callable[[str, float], None] | None = None, on_superseded: Callable[[], None] | None = None,
-        retry_s: float = 2.0, weights: PublishSettings | None = None,
+        retry_s: float = 2.0, weights: PublishSettings | None = None, keep_versions: int | None = None,
     ):
         self.root = root
+        self.keep_versions = keep_versions
         self.weights = weights or PublishSettings()
         self._store = open_store(self.weights.uri, self.weights.transfer) if self.weights.uri else None
         # The last version uploaded, the next delta's parent, and deltas since a full version.
@@ -201,7 +202,23 @@ class BackgroundPublisher:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         self._on_saved(job.version, time.perf_counter() - started)
+        self._prune(keep=final)
         return True
+
+    def _prune(self, keep: Path) -> None:
+        """Only the newest ``keep_versions`` version directories stay (by
+        modification time; the one just written and a delta's parent always
+        do). What the store holds is not touched."""
+        if self.keep_versions is None:
+            return
+        protected = {keep, self._parent.directory if self._parent is not None else None}
+        versions = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                          key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in versions[self.keep_versions:]:
+            if old not in protected:
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("policy %s removed from %s (keep_policy_versions %d)", old.name, self.root,
+                         self.keep_versions)
 
     def _upload(self, version: str) -> str:
         """The version in the store (once); returns its URI. Raises StoreError."""
