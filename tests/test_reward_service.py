@@ -463,7 +463,9 @@ def test_a_path_the_filesystem_refuses_is_failed_precondition(tiny_models, model
 
 
 def test_deadline_is_honoured(stub, reference):
-    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[0])])
+    # As many items as the server takes: more than a millisecond of work even
+    # for the tiny model, which can answer one item within the deadline.
+    request = reward_pb2.ScoreRequest(inputs=[text_input(*PROMPTS[i % len(PROMPTS)]) for i in range(16)])
     expect_error(lambda: stub.Score(request, timeout=0.001), grpc.StatusCode.DEADLINE_EXCEEDED)
     assert_still_serving(stub, reference)
 
