@@ -129,21 +129,9 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def served_version(target: str) -> str | None:
-    import grpc
-
-    from arbiter.v1 import common_pb2, common_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(target) as channel:
-            stub = common_pb2_grpc.ModelServiceStub(channel)
-            return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=5).info.version
-    except grpc.RpcError:
-        return None
-
-
 class ServedWatch(threading.Thread):
-    """When the policy replica first answered with each version."""
+    """When the policy replica first answered with each version (one channel
+    for the whole run: the poll must not cost the loop it measures)."""
 
     def __init__(self, target: str):
         super().__init__(daemon=True)
@@ -151,11 +139,20 @@ class ServedWatch(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.is_set():
-            version = served_version(self.target)
-            if version and version not in self.first_served:
-                self.first_served[version] = time.time()
-            self.stopped.wait(0.05)
+        import grpc
+
+        from arbiter.v1 import common_pb2, common_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            stub = common_pb2_grpc.ModelServiceStub(channel)
+            while not self.stopped.is_set():
+                try:
+                    version = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=5).info.version
+                except grpc.RpcError:  # restarting or swapping: poll again
+                    version = None
+                if version and version not in self.first_served:
+                    self.first_served[version] = time.time()
+                self.stopped.wait(0.05)
 
 
 @dataclasses.dataclass
