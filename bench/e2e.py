@@ -173,7 +173,7 @@ def training(models, beta: float) -> dict:
 
 
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
-                worker_overrides: dict | None = None, snapshots: int = 0) -> Run:
+                worker_overrides: dict | None = None, snapshots: int = 0, max_staleness: int | None = None) -> Run:
     from services.demo import read_history, stack_config
     from services.stack import Stack
 
@@ -181,6 +181,8 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     shutil.rmtree(out, ignore_errors=True)
     base = stack_config(models, out, updates=1)
     ppo = {**models.ppo, "kl": {"mode": "fixed", "init_coef": beta}}
+    if max_staleness is not None:
+        ppo["max_staleness"] = max_staleness
     if algo == "grpo":
         ppo.update(advantage="grpo", samples_per_prompt=base.worker["samples_per_prompt"])
     # Gold is judged after the run, the same way for every contender: the
@@ -208,7 +210,7 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     rows = [r for r in read_history(history) if r["time"] <= t0 + seconds]
     final = (Path(config.workdir) / "trainer" / "policies" / rows[-1]["policy_version"]) if rows else models.policy
     staleness = sum(r["staleness"] for r in rows) / len(rows) if rows else math.nan
-    notes = [f"mean staleness {staleness:.2f}"]
+    notes = [f"mean staleness {staleness:.2f} (bound {ppo.get('max_staleness', 'default')})"]
     # A loop that stopped updating before the budget ran out is named, not
     # averaged away: its rate is not a steady-state rate.
     idle = t0 + seconds - (rows[-1]["time"] if rows else t0)
@@ -480,6 +482,9 @@ def main(argv: list[str] | None = None) -> dict:
     # with 1 thread ran 112 optimizer steps in 16 s where 2 threads ran 8 in
     # 19 s (OpenMP threads waiting on each other for a preempted peer).
     parser.add_argument("--trl-threads", type=int, default=1, help="TRL's torch threads (default 1)")
+    parser.add_argument("--max-staleness", type=int, default=None,
+                        help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
+                             "workers follow it); default: the demo's")
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
@@ -512,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
                               args.trl_threads, args.snapshots)
             else:
                 run = run_arbiter(name.split("-", 1)[1], models, here, seconds, args.beta, worker_overrides,
-                                  args.snapshots)
+                                  args.snapshots, args.max_staleness)
             run.repeat = repeat
             judge(judge_, run)
             this_repeat.append(run)
