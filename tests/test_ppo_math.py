@@ -11,6 +11,7 @@ import torch
 
 from arbiter.errors import FailedPrecondition, InvalidInput
 from trainer.ppo_math import (
+    a2c_policy_loss,
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
@@ -242,6 +243,51 @@ def test_policy_loss_sequence_aggregation():
         policy_loss(old, old, adv, mask, 0.0)
     with pytest.raises(InvalidInput, match=r"advantages: has shape \(2,\), expected \(2, 2\)"):
         policy_loss(old, old, adv[:, 0], mask, 0.2)
+
+
+# ---------------------------------------------------------------- A2C
+
+
+def test_a2c_policy_loss_by_hand():
+    # cap 2. Per token: π_behav, π_θ, A → w = min(π_θ/π_behav, 2), term = −w·A·log π_θ
+    #   a: 0.5, 0.5,  +1: w = 1              → −ln 0.5        = +0.69314718
+    #   b: 0.2, 0.6,  +1: w = min(3, 2) = 2  → −2·ln 0.6      = +1.02165125 (truncated)
+    #   c: 0.5, 0.25, −2: w = 0.5            → −0.5·(−2)·ln ¼ = −1.38629436
+    # loss = 0.32850406 / 3 = 0.10950135; truncated fraction 1/3
+    # approx_kl = mean((r − 1) − ln r) = (0 + (2 − ln 3) + (−0.5 + ln 2)) / 3
+    # The 4th column is padding with a huge ratio and advantage.
+    behaviour = torch.log(t([[0.5, 0.2, 0.5, 1e-9]]))
+    logprobs = torch.log(t([[0.5, 0.6, 0.25, 0.9]])).requires_grad_(True)
+    adv = t([[1.0, 1.0, -2.0, 1e9]])
+    mask = t([[1, 1, 1, 0]], dtype=torch.bool)
+    out = a2c_policy_loss(logprobs, behaviour, adv, mask, cap=2.0)
+    close(out.loss, (-math.log(0.5) - 2 * math.log(0.6) + math.log(0.25)) / 3)
+    close(out.clipfrac, 1 / 3)
+    close(out.approx_kl, ((2 - math.log(3)) + (-0.5 + math.log(2))) / 3)
+    # No ratio in the graph: ∂L/∂log π_θ = −w·A/3 → a: −1/3, b: −2/3, c: +1/3, padding 0.
+    out.loss.backward()
+    close(logprobs.grad, [[-1 / 3, -2 / 3, 1 / 3, 0.0]])
+    # Untruncated, b's weight is the full ratio 3.
+    close(a2c_policy_loss(logprobs.detach(), behaviour, adv, mask, cap=None).loss,
+          (-math.log(0.5) - 3 * math.log(0.6) + math.log(0.25)) / 3)
+    with pytest.raises(InvalidInput, match="cap: must be >= 1 or None"):
+        a2c_policy_loss(logprobs, behaviour, adv, mask, cap=0.5)
+
+
+def test_a2c_and_ppo_take_the_same_first_step_on_policy():
+    # At π_θ = π_behav the clipped ratio is 1, inside [1 − ε, 1 + ε]: PPO's
+    # first gradient is the vanilla policy gradient −A·∇log π, A2C's own.
+    logprobs = torch.log(t([[0.3, 0.7, 0.1], [0.9, 0.4, 0.2]]))
+    adv = t([[0.5, -1.0, 2.0], [1.5, 0.0, -0.25]])
+    mask = t([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    grads = []
+    for loss in (lambda x: a2c_policy_loss(x, logprobs, adv, mask, cap=2.0).loss,
+                 lambda x: policy_loss(x, logprobs, adv, mask, clip_coef=0.2).loss):
+        x = logprobs.clone().requires_grad_(True)
+        loss(x).backward()
+        grads.append(x.grad)
+    close(grads[0], grads[1])
+    close(grads[0], -adv * mask / 5)
 
 
 # ---------------------------------------------------------------- decoupled PPO

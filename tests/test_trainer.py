@@ -115,6 +115,19 @@ def test_critic_free_estimators_train_on_whole_groups(tiny_models, tmp_path, est
     assert math.isfinite(record.stats.policy_loss)
 
 
+def test_a2c_makes_one_pass_per_batch_and_raises_the_reward(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models, tmp_path, algorithm="a2c", epochs=1, ent_coef=0.01)
+    lm, tokenizer = trainer.model.lm, trainer.model.tokenizer
+    rewards = []
+    for i in range(8):
+        record = trainer.train_on(sample_trajectories(lm, tokenizer, 16, seed=300 + i))
+        rewards.append(record.stats.reward_raw)
+        # One pass over 16 rollouts in minibatches of 8: two steps, nothing truncated on-policy.
+        assert record.stats.optimizer_steps == 2 and record.stats.clip_fraction == 0.0
+        assert math.isfinite(record.stats.value_loss) and record.stats.value_loss > 0
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
+
+
 def test_a_group_the_worker_produced_short_is_dropped_at_once(tiny_models, tmp_path):
     """A worker that skipped a member (an empty completion) says so in
     group_size; a critic-free trainer drops that group on sight instead of
@@ -172,6 +185,17 @@ def test_staleness_objective_and_checkpoint_cadence_that_cannot_work_are_refused
         config_from_dict({"model_dir": "m", "ppo": {"max_staleness": 0}})
     with pytest.raises(ConfigError, match=r"^ppo\.objective='ppo2' is invalid: must be one of clipped, decoupled$"):
         config_from_dict({"model_dir": "m", "ppo": {"objective": "ppo2"}})
+    a2c = {"algorithm": "a2c", "epochs": 1, "ent_coef": 0.01}
+    with pytest.raises(ConfigError, match=r"^ppo\.algorithm='trpo' is invalid: must be one of ppo, a2c$"):
+        config_from_dict({"model_dir": "m", "ppo": {"algorithm": "trpo"}})
+    with pytest.raises(ConfigError, match=r"^ppo\.epochs=4 is invalid: must be 1 for algorithm a2c"):
+        config_from_dict({"model_dir": "m", "ppo": {**a2c, "epochs": 4}})
+    with pytest.raises(ConfigError, match=r"^ppo\.advantage='grpo' is invalid: must be gae for algorithm a2c"):
+        config_from_dict({"model_dir": "m", "ppo": {**a2c, "advantage": "grpo", "samples_per_prompt": 4}})
+    with pytest.raises(ConfigError, match=r"^ppo\.ent_coef=0\.0 is invalid: must be > 0 for algorithm a2c"):
+        config_from_dict({"model_dir": "m", "ppo": {**a2c, "ent_coef": 0.0}})
+    with pytest.raises(ConfigError, match=r"^ppo\.objective='decoupled' is invalid: must be clipped"):
+        config_from_dict({"model_dir": "m", "ppo": {**a2c, "objective": "decoupled"}})
     with pytest.raises(ConfigError, match=r"^ppo\.behaviour_weight_cap=0\.5 is invalid: must be >= 1 or null"):
         config_from_dict({"model_dir": "m", "ppo": {"behaviour_weight_cap": 0.5}})
     with pytest.raises(ConfigError, match=r"^checkpoint_every=None is invalid: must be set when checkpoint_every_s "

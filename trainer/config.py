@@ -17,6 +17,7 @@ from arbiter.weights import PublishSettings
 
 REWARD_SOURCES = ("raw", "reward_model")
 OBJECTIVES = ("clipped", "decoupled")
+ALGORITHMS = ("ppo", "a2c")
 # none: one process; ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard
 # (parameters, gradients and optimizer state sharded across the ranks).
 PARALLEL = ("none", "ddp", "fsdp")
@@ -103,6 +104,14 @@ class PPOConfig:
     # of the update, times a truncated behaviour importance weight, the
     # objective that stays a trust region on stale (asynchronous) rollouts.
     objective: str = "clipped"
+    # "ppo": the minibatch epochs of the objective above. "a2c": synchronous
+    # advantage actor-critic (Mnih et al. 2016; Gopher's RL fine-tuning):
+    # one pass over each batch (epochs 1), the plain policy gradient
+    # −A·log π with no ratio clipping (a stale rollout's tokens importance
+    # weighted by min(π_θ/π_behav, behaviour_weight_cap)), the value head as
+    # the baseline (advantage gae) with an unclipped value loss
+    # (value_clip_coef and clip_coef unused), and an entropy bonus (ent_coef > 0).
+    algorithm: str = "ppo"
     # Decoupled only: the behaviour weight π_prox/π_behav is truncated at this
     # (min(w, cap), V-trace's ρ̄); null leaves it untruncated.
     behaviour_weight_cap: float | None = 2.0
@@ -148,6 +157,17 @@ class PPOConfig:
             "new version was being swapped in)", self.max_staleness,
         )
         require_choice(self.objective, f"{prefix}.objective", OBJECTIVES)
+        require_choice(self.algorithm, f"{prefix}.algorithm", ALGORITHMS)
+        if self.algorithm == "a2c":
+            require(self.epochs == 1, f"{prefix}.epochs", "must be 1 for algorithm a2c (one pass over each batch)",
+                    self.epochs)
+            require(self.advantage == "gae", f"{prefix}.advantage",
+                    "must be gae for algorithm a2c (the value head is its baseline)", self.advantage)
+            require(self.objective == "clipped", f"{prefix}.objective",
+                    "must be clipped (the default) for algorithm a2c: it has no trust region to decouple; stale "
+                    "tokens are weighted by min(π_θ/π_behav, behaviour_weight_cap)", self.objective)
+            require(self.ent_coef > 0, f"{prefix}.ent_coef",
+                    "must be > 0 for algorithm a2c (its entropy bonus; Mnih et al. 2016 used 0.01)", self.ent_coef)
         if self.behaviour_weight_cap is not None:
             require(
                 self.behaviour_weight_cap >= 1, f"{prefix}.behaviour_weight_cap",

@@ -15,7 +15,8 @@ value loss and an entropy bonus is optimized for a few minibatch epochs.
 Optional pieces: the pretraining-mix term of PPO-ptx (Ouyang et al. 2022), an
 adaptive KL coefficient (Ziegler et al. 2019), and two critic-free advantage
 estimators on the same loop, RLOO (Ahmadian et al. 2024, "Back to Basics") and
-GRPO (Shao et al. 2024, DeepSeekMath).
+GRPO (Shao et al. 2024, DeepSeekMath), and advantage actor-critic's
+unclipped one-pass policy gradient (A2C; Mnih et al. 2016).
 
 Shapes and conventions (every function below uses them):
 
@@ -396,6 +397,45 @@ def _surrogate(
         clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), m)
         approx_kl = masked_mean((ratio - 1) - log_ratio, m)
     return PolicyLoss(loss=loss, clipfrac=clipfrac, approx_kl=approx_kl)
+
+
+def a2c_policy_loss(
+    logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cap: float | None,
+    *,
+    aggregation: str = "token",
+) -> PolicyLoss:
+    """Advantage actor-critic's policy gradient (Mnih et al. 2016, "Asynchronous
+    Methods for Deep Reinforcement Learning", §4: ∇ log π(a|s)·A), negated into
+    a loss, with no ratio and no clipping:
+
+        L = −w · A · log π_θ,   w = min(π_θ/π_behav, cap), no gradient through w,
+
+    per token. On-policy w = 1 and this is A2C's −A·log π exactly; a rollout
+    sampled a few versions back gets the truncated importance weight of
+    IMPALA's V-trace policy gradient (Espeholt et al. 2018, ρ_t = min(ρ̄,
+    π/μ)), so ∇L = −min(π_θ/π_behav, cap)·A·∇log π_θ. All inputs (B, T).
+    clipfrac is the fraction of real tokens whose weight was truncated;
+    approx_kl is KL(π_behav ‖ π_θ) as in :func:`policy_loss`.
+    """
+    m = _as_mask(mask, logprobs)
+    _check_shape("behaviour_logprobs", behaviour_logprobs, logprobs.shape)
+    _check_shape("advantages", advantages, logprobs.shape)
+    if cap is not None and not cap >= 1:
+        raise InvalidInput("cap", f"must be >= 1 or None, got {cap}")
+    with torch.no_grad():
+        log_ratio = torch.where(m, logprobs - behaviour_logprobs, 0)  # (B, T)
+        ratio = torch.exp(log_ratio)
+        weights = ratio if cap is None else torch.clamp(ratio, max=cap)
+    per_token = -weights * advantages * logprobs  # (B, T)
+    loss = masked_aggregate(per_token, m, aggregation)
+    with torch.no_grad():
+        truncated = masked_mean((ratio > weights).to(logprobs.dtype), m)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, m)
+    return PolicyLoss(loss=loss, clipfrac=truncated, approx_kl=approx_kl)
 
 
 class BehaviourWeights(NamedTuple):

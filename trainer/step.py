@@ -1,4 +1,4 @@
-"""One PPO update on a batch of rollouts (InstructGPT's objective).
+"""One PPO (or A2C) update on a batch of rollouts (InstructGPT's objective).
 
 Reads top to bottom like cleanrl's ``ppo.py`` / torchtune's ``rlhf``: rewards,
 old values (and proximal log-probs), advantages, minibatch epochs of the
@@ -150,7 +150,8 @@ def ppo_update(
             advantages = pm.masked_whiten(advantages, mask)
 
     # 3. Minibatch epochs of the clipped surrogate, clipped value loss, entropy
-    #    bonus and optional pretraining mix (PPO-ptx).
+    #    bonus and optional pretraining mix (PPO-ptx); A2C: one pass of the
+    #    unclipped policy gradient and value loss (cfg.algorithm).
     params = model.trainable_parameters()
     totals = {"entropy": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
     steps = skipped = 0
@@ -163,14 +164,18 @@ def ppo_update(
                 index, weight = shard.split(index, mask)
             mb = batch.select(index)
             logprobs, values, logp = policy_outputs(forward, mb, cfg.temperature, with_values=use_critic)
-            if behaviour is not None:
+            if cfg.algorithm == "a2c":
+                pg = pm.a2c_policy_loss(logprobs, mb.old_logprobs, advantages[index], mb.mask,
+                                        cfg.behaviour_weight_cap)
+            elif behaviour is not None:
                 pg = pm.decoupled_policy_loss(
                     logprobs, proximal_logprobs[index], behaviour.weights[index], advantages[index], mb.mask,
                     cfg.clip_coef,
                 )
             else:
                 pg = pm.policy_loss(logprobs, mb.old_logprobs, advantages[index], mb.mask, cfg.clip_coef)
-            vf = pm.value_loss(values, old_values[index], returns[index], mb.mask, cfg.value_clip_coef) if use_critic else None
+            value_clip = None if cfg.algorithm == "a2c" else cfg.value_clip_coef
+            vf = pm.value_loss(values, old_values[index], returns[index], mb.mask, value_clip) if use_critic else None
             # Without an entropy bonus the entropy is only logged: no graph for it.
             with torch.set_grad_enabled(cfg.ent_coef > 0 and torch.is_grad_enabled()):
                 entropy = pm.entropy_from_logprobs(logp, mb.mask)
