@@ -26,13 +26,15 @@ from arbiter.errors import ModelLoadError
 HEADS_FILE = "ilql_heads.safetensors"
 FORMAT = "arbiter-ilql-heads/1"
 HEAD_NAMES = ("q1", "q2", "target_q1", "target_q2", "v")
+REMEDY = ("sample it on a policy service started with --ilql-beta B (in-process backend); reference and reward "
+          "services, Triton backends and the PPO trainer need a checkpoint without " + HEADS_FILE)
 
 
 def has_heads(model_dir: str | Path) -> bool:
     return (Path(model_dir) / HEADS_FILE).is_file()
 
 
-def refuse_heads(model_dir: str | Path, who: str, remedy: str) -> None:
+def refuse_heads(model_dir: str | Path, who: str, remedy: str = REMEDY) -> None:
     """ModelLoadError (FAILED_PRECONDITION) when ``model_dir`` ships ILQL heads
     that ``who`` cannot use; ``remedy`` says what would serve it."""
     if has_heads(model_dir):
@@ -141,6 +143,8 @@ def load_heads(model_dir: str | Path, hidden_size: int, vocab_size: int):
 
 
 def _sampler_class():
+    import inspect
+
     import torch
     from torch import nn
 
@@ -154,15 +158,26 @@ def _sampler_class():
             super().__init__()
             self.lm, self.heads, self.beta = lm, heads, float(beta)
             self.config = lm.config
+            accepted = inspect.signature(lm.forward).parameters
+            # Transformers renamed past_key_values to cache; pass the LM its own spelling.
+            self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+            self._keeps_logits = "logits_to_keep" in accepted
 
         def get_input_embeddings(self):
             return self.lm.get_input_embeddings()
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    use_cache=None, logits_to_keep=0):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                          output_hidden_states=True)
+        def get_output_embeddings(self):
+            return self.lm.get_output_embeddings()
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                    logits_to_keep=0, past_key_values=None):
+            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, output_hidden_states=True)
+            if cache is not None or past_key_values is not None:
+                kwargs[self._cache_arg] = cache if cache is not None else past_key_values
+            if self._keeps_logits and logits_to_keep:
+                kwargs["logits_to_keep"] = logits_to_keep
+            out = self.lm(**kwargs)
             keep = out.logits.shape[1]
             hidden = out.hidden_states[-1][:, -keep:]  # the positions the logits were kept for
             with torch.no_grad():
@@ -184,6 +199,11 @@ def ILQLSampler(lm, heads, beta: float):  # noqa: N802 - a class, built once tor
     return _SAMPLER(lm, heads, beta)
 
 
+def unwrap(model):
+    """The causal LM itself, under an ``ILQLSampler`` or not."""
+    return model.lm if _SAMPLER is not None and isinstance(model, _SAMPLER) else model
+
+
 def head_sizes(lm) -> tuple[int, int]:
     """(hidden size, logits width) of a causal LM: what its heads read and write."""
     hidden = getattr(lm.config, "hidden_size", None) or lm.get_input_embeddings().embedding_dim
@@ -197,3 +217,4 @@ def with_heads(lm, model_dir: str | Path, beta: float):
     heads = load_heads(model_dir, *head_sizes(lm))
     weight = lm.get_input_embeddings().weight
     return ILQLSampler(lm, heads.to(device=weight.device, dtype=weight.dtype), beta).eval()
+
