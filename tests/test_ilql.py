@@ -226,3 +226,16 @@ def test_replay_of_the_rollouts_topic(policy_dir, tmp_path, kafka_settings):
         train(ilql_config_from_dict(settings), kafka_settings)
     where = f"{kafka_settings.topic(topics.ROLLOUTS)}[0]@{len(good) + 1}"
     assert where in str(err.value) and "vocabulary" in str(err.value)
+
+
+def test_a_restarted_run_resumes_after_its_last_checkpoint(policy_dir, tmp_path):
+    data = write_rows(tmp_path / "rows.jsonl",
+                      [{"prompt": PROMPT, "completion": c, "reward": float(c == REWARDED)} for c in CHOICES])
+    settings = {**ilql_settings(policy_dir, tmp_path / "run", jsonl=data), "epochs": 2, "batch_size": 2}
+    first, second = [], []
+    train(ilql_config_from_dict(settings), on_epoch=first.append)
+    # The same run asked for one more epoch: only epoch 3 runs, its steps
+    # counting on from the checkpoint's (4 rows in batches of 2: 2 steps an epoch).
+    train(ilql_config_from_dict({**settings, "epochs": 3}), on_epoch=second.append)
+    assert [(r.epoch, r.step) for r in first] == [(1, 2), (2, 4)]
+    assert [(r.epoch, r.step) for r in second] == [(3, 6)]
