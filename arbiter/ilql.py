@@ -17,6 +17,7 @@ would be a different policy under the same label.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def perturbed_logits(logits, target_qs, values, beta: float):
     return logits + beta * advantage.to(logits.dtype)
 
 
+@functools.cache
 def _heads_class():
     import torch
     from torch import nn
@@ -91,14 +93,8 @@ def _heads_class():
     return ILQLHeads
 
 
-_HEADS = None
-
-
 def ILQLHeads(hidden_size: int, vocab_size: int):  # noqa: N802 - a class, built once torch is imported
-    global _HEADS
-    if _HEADS is None:
-        _HEADS = _heads_class()
-    return _HEADS(hidden_size, vocab_size)
+    return _heads_class()(hidden_size, vocab_size)
 
 
 def save_heads(heads, model_dir: str | Path, settings: dict[str, Any]) -> Path:
@@ -142,6 +138,7 @@ def load_heads(model_dir: str | Path, hidden_size: int, vocab_size: int):
     return heads.eval()
 
 
+@functools.cache
 def _sampler_class():
     import inspect
 
@@ -189,19 +186,13 @@ def _sampler_class():
     return ILQLSampler
 
 
-_SAMPLER = None
-
-
 def ILQLSampler(lm, heads, beta: float):  # noqa: N802 - a class, built once torch is imported
-    global _SAMPLER
-    if _SAMPLER is None:
-        _SAMPLER = _sampler_class()
-    return _SAMPLER(lm, heads, beta)
+    return _sampler_class()(lm, heads, beta)
 
 
 def unwrap(model):
     """The causal LM itself, under an ``ILQLSampler`` or not."""
-    return model.lm if _SAMPLER is not None and isinstance(model, _SAMPLER) else model
+    return model.lm if isinstance(model, _sampler_class()) else model
 
 
 def head_sizes(lm) -> tuple[int, int]:
