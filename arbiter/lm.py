@@ -25,6 +25,7 @@ from pathlib import Path
 from arbiter.backends.placement import CPU_FLOAT32, Placement, device_and_dtype, model_device
 from arbiter.errors import InvalidInput, ModelLoadError
 from arbiter.hf import check_checkpoint_dir, describe, load_tokenizer, quiet_transformers, read_config, require_causal_lm
+from arbiter.ilql import has_heads, refuse_heads, unwrap, with_heads
 from arbiter.types import ModelInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,15 +109,22 @@ def _adapter_base(root: Path, base_dir: str | Path | None) -> Path:
 
 
 def load_causal_weights(
-    root: Path, base_dir: str | Path | None = None, placement: Placement = CPU_FLOAT32
+    root: Path, base_dir: str | Path | None = None, placement: Placement = CPU_FLOAT32, *,
+    ilql_beta: float | None = None,
 ) -> tuple[object, object]:
     """(model, tokenizer) of a full checkpoint, or of a LoRA adapter
     (``adapter_config.json``) merged into a fresh copy of its base so inference
     costs the same as a full model. A directory without tokenizer files uses
     ``base_dir``'s tokenizer. Blocking; in eval mode, on ``placement``'s
-    device and dtype (a checkpoint saved in another dtype is cast as it loads)."""
+    device and dtype (a checkpoint saved in another dtype is cast as it loads).
+
+    A checkpoint with ILQL heads (``arbiter.ilql``) is refused unless the
+    caller samples with them (``ilql_beta``): the model then returns the
+    perturbed logits ``logits + β·(min Q̂ − V)``."""
     import torch
 
+    if ilql_beta is None:
+        refuse_heads(root, "this service")
     if is_adapter_dir(root):
         base = _adapter_base(root, base_dir)
         # Merged in float32 and cast once: merging into half-precision weights
@@ -138,7 +146,10 @@ def load_causal_weights(
     tokenizer = load_tokenizer(tokenizer_dir)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return placement.place(model), tokenizer
+    model = placement.place(model)
+    if ilql_beta is not None and has_heads(root):
+        model = with_heads(model, root, ilql_beta)
+    return model, tokenizer
 
 
 def load_causal_lm(
@@ -149,18 +160,23 @@ def load_causal_lm(
     base_dir: str | Path | None = None,
     max_tokens: int | None = None,
     placement: Placement = CPU_FLOAT32,
+    ilql_beta: float | None = None,
 ) -> LoadedLM:
     """``load_causal_weights`` plus the version's ``ModelInfo`` and parameter
     shapes, checked to give finite logits."""
     root = check_checkpoint_dir(model_dir)
-    model, tokenizer = load_causal_weights(root, base_dir, placement)
+    model, tokenizer = load_causal_weights(root, base_dir, placement, ilql_beta=ilql_beta)
     device, dtype = device_and_dtype(model)
+    extra = {"adapter": "true"} if is_adapter_dir(root) else {}
+    if unwrap(model) is not model:
+        extra["ilql_beta"] = str(ilql_beta)
     info = describe(
         kind, root, source_path=root, tokenizer=tokenizer, config=model.config, version=version,
-        max_tokens=max_tokens, backend="torch", extra={"adapter": "true"} if is_adapter_dir(root) else None,
-        device=device, dtype=dtype,
+        max_tokens=max_tokens, backend="torch", extra=extra or None, device=device, dtype=dtype,
     )
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # The policy's own parameters: a version with heads may replace one
+    # without (and back), as long as the policy keeps its architecture.
+    shapes = {name: tuple(p.shape) for name, p in unwrap(model).named_parameters()}
     loaded = LoadedLM(model, tokenizer, info, shapes)
     probe_finite(model, tokenizer)
     return loaded
@@ -205,6 +221,13 @@ def check_same_model(new, serving) -> None:
             f"architecture {ours!r} differs from the serving version {serving.info.version!r}'s {theirs!r}; a new "
             "version must keep the architecture: load another model on a server of its own"
         )
+
+
+def require_plain_causal_lm(config, root: str | Path) -> None:
+    """``require_causal_lm``, for a server that serves the policy alone (a
+    Triton backend): a checkpoint with ILQL heads is refused."""
+    require_causal_lm(config, root)
+    refuse_heads(root, "this service's Triton backend")
 
 
 def check_compatible(new: LoadedLM, serving: LoadedLM) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from arbiter.errors import ModelLoadError
+from arbiter.ilql import refuse_heads
 from arbiter.hf import (
     check_checkpoint_dir, content_version, load_tokenizer, model_max_tokens, quiet_transformers, read_metadata,
     write_metadata,
@@ -43,6 +44,7 @@ class PolicyWithValue(nn.Module):
 
         quiet_transformers()
         root = check_checkpoint_dir(model_dir)
+        refuse_heads(root, "the PPO trainer")
         torch.manual_seed(seed)
         lm = AutoModelForCausalLM.from_pretrained(str(root), local_files_only=True, dtype=torch.float32)
         meta = read_metadata(root)

@@ -24,8 +24,8 @@ from arbiter.backends.signatures import FINISH_CODES, POLICY as POLICY_TENSORS
 from arbiter.backends.signatures import TOKEN_OUTPUTS, GenerationRequest
 from arbiter.backends.triton import TritonBackend, TritonBackends, checkpoint_dir
 from arbiter.errors import BackendError, ModelLoadError, ShuttingDown
-from arbiter.hf import read_config, require_causal_lm
-from arbiter.lm import load_causal_weights, probe_finite
+from arbiter.hf import read_config
+from arbiter.lm import load_causal_weights, probe_finite, require_plain_causal_lm
 from arbiter.policy.model import Generation, PolicyModel
 from arbiter.policy.scheduler import Ticket
 
@@ -44,7 +44,7 @@ def _not_batched(model, batch):
 
 POLICY = ModelKind(
     name="policy", load_torch=load_policy_weights, forward_torch=_not_batched, triton=POLICY_TENSORS,
-    check_config=require_causal_lm,
+    check_config=require_plain_causal_lm,
 )
 
 _FINISH_NAMES = {code: name for name, code in FINISH_CODES.items()}

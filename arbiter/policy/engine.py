@@ -105,6 +105,10 @@ class PolicyEngineConfig:
     # Where generation runs: in-process (decoding below), or in Triton
     # (arbiter.policy.backend: the same engine, its budget set at export).
     backend: BackendConfig = BackendConfig()
+    # Versions that ship ILQL heads (arbiter.ilql) sample from
+    # softmax(logits + β·(min Q̂ − V)) with this β; None: such versions are
+    # refused (sampling their policy alone would be another policy).
+    ilql_beta: float | None = None
 
 
 def check_replacement(new: PolicyModel, serving: PolicyModel) -> None:
@@ -143,7 +147,7 @@ class PolicyEngine:
         # An exported version directory REPO/NAME/N serves its checkpoint/, as Triton does.
         return PolicyModel.load(
             checkpoint_dir(path), version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
-            placement=self.config.placement,
+            placement=self.config.placement, ilql_beta=self.config.ilql_beta,
         )
 
     def info(self, version: str = "") -> ModelInfo:

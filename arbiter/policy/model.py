@@ -53,9 +53,12 @@ class PolicyModel:
         base_dir: str | Path | None = None,
         max_tokens: int | None = None,
         placement: Placement = CPU_FLOAT32,
+        ilql_beta: float | None = None,
     ) -> PolicyModel:
+        """``ilql_beta``: sample a version that ships ILQL heads with
+        ``logits + β·(min Q̂ − V)`` (``arbiter.ilql``); None refuses such a version."""
         return cls(load_causal_lm(model_dir, kind="policy", version=version, base_dir=base_dir, max_tokens=max_tokens,
-                                  placement=placement))
+                                  placement=placement, ilql_beta=ilql_beta))
 
     def release(self) -> None:
         """Unloaded: generations still running hold their own reference and

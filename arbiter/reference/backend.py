@@ -15,8 +15,7 @@ from arbiter.backends import ModelKind
 from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.backends.signatures import REFERENCE as REFERENCE_TENSORS
 from arbiter.backends.signatures import Pair
-from arbiter.hf import require_causal_lm
-from arbiter.lm import completion_logits, gather_tokens, load_causal_weights, probe_finite
+from arbiter.lm import completion_logits, gather_tokens, load_causal_weights, probe_finite, require_plain_causal_lm
 
 
 def load_reference_weights(root, base_dir=None, placement: Placement = CPU_FLOAT32):
@@ -48,5 +47,5 @@ def reference_forward(model, batch: list[Pair]) -> list[list[float]]:
 
 REFERENCE = ModelKind(
     name="reference", load_torch=load_reference_weights, forward_torch=reference_forward, triton=REFERENCE_TENSORS,
-    check_config=require_causal_lm, takes_adapters=True,
+    check_config=require_plain_causal_lm, takes_adapters=True,
 )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -50,6 +51,10 @@ class PolicySettings(ModelServerSettings):
         "--weights-uri-prefix", action="append", metavar="URI",
         help="a store location updates may fetch weights from (repeatable; default: any s3:// URI)"))
     kafka: KafkaSettings | None = field(default=None, metadata=flag(None))
+    # Versions shipping ILQL heads (`arbiter train ilql`) sample with
+    # logits + β·(min Q̂ − V); unset, this server refuses them.
+    ilql_beta: float | None = field(default=None, metadata=flag(
+        help="β of ILQL's perturbed sampling for versions that ship ILQL heads (unset: such versions are refused)"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +74,11 @@ class PolicySettings(ModelServerSettings):
                 require(value == default, name,
                         f"with --backend triton the decoding budget is the exported model's: set it with `arbiter "
                         f"triton export --kind policy --{name.replace('_', '-')}` (leave it unset here)", value)
+        if self.ilql_beta is not None:
+            require(math.isfinite(self.ilql_beta) and self.ilql_beta >= 0, "ilql_beta",
+                    "must be a finite number >= 0 (0 samples the policy alone)", self.ilql_beta)
+            require(not self.backend.remote, "ilql_beta",
+                    "needs --backend inprocess: the Triton policy backend decodes without the ILQL heads", self.ilql_beta)
         object.__setattr__(self, "weights_uri_prefixes", tuple(p.rstrip("/") for p in self.weights_uri_prefixes))
         for prefix in self.weights_uri_prefixes:
             require(prefix.startswith(("s3://", "file:///")), "weights_uri_prefixes",
@@ -86,4 +96,5 @@ class PolicySettings(ModelServerSettings):
     def engine_config(self) -> PolicyEngineConfig:
         return PolicyEngineConfig(self.limits, self.decoding, self.max_loaded_versions, self.max_tokens,
                                   base_model_dir=self.model_dir, load_timeout_s=self.load_timeout_s,
-                                  placement=self.backend.placement(), backend=self.backend)
+                                  placement=self.backend.placement(), backend=self.backend,
+                                  ilql_beta=self.ilql_beta)
