@@ -1,0 +1,190 @@
+"""TRL's PPOTrainer, in one process, for ``make bench-e2e`` (bench/e2e.py).
+
+TRL's PPO ("PPOv2": a separate value model, a sequence-classification reward
+model, per-token KL in the reward, GAE) is ``trl.experimental.ppo.PPOTrainer``
+up to TRL 1.12.0, the last release that has it (1.13 removed it; 0.x had it
+as ``trl.PPOTrainer``). It runs in the benchmark's own virtual environment
+(``.venv-trl-ppo``: TRL 1.12.0 beside the project's torch and transformers,
+every package pinned by ``bench/trl-ppo.lock``), never the project's, so it
+imports nothing from Arbiter: everything comes in as flags, and the result is
+a JSON file plus the final policy as a Hugging Face directory, which the
+benchmark evaluates exactly as it evaluates Arbiter's. The transformers there
+is the project's, so the checkpoints load as they are (no conversion).
+
+Arbiter's PPO config (``trainer/config.py`` PPOConfig with the demo's ``ppo``
+dict, ``services/demo_models.py``) mapped onto TRL's PPOConfig:
+
+- batch of ``batch_size`` (32) completions per update: TRL's
+  ``per_device_train_batch_size`` 32 with no gradient accumulation (TRL's
+  batch = per-device batch x accumulation steps, and accumulation would
+  merge its minibatches into one optimizer step); one completion per prompt,
+  TRL PPO's only mode (Arbiter's worker samples its group of 4 per prompt, 8
+  prompts a batch).
+- minibatches of ``minibatch_size`` (8): ``num_mini_batches`` = 32 / 8, one
+  optimizer step each; ``epochs`` (2): ``num_ppo_epochs``. So 8 optimizer
+  steps per update, as Arbiter's trainer takes.
+- learning rate (5e-4), constant (Arbiter's has no schedule; TRL's default
+  is a linear decay): ``learning_rate``, ``lr_scheduler_type="constant"``.
+- clip 0.2: ``cliprange``; value clip 0.2: ``cliprange_value``; value loss
+  coefficient 0.1: ``vf_coef``; GAE γ 1.0, λ 0.95: ``gamma``, ``lam`` (all
+  equal to both sides' defaults).
+- fixed KL β: ``kl_coef`` with the k1 estimator per token inside the reward
+  (TRL PPO has no adaptive controller; Arbiter's runs with ``kl.mode:
+  fixed``). Arbiter subtracts it from the RM score normalized by running
+  statistics; TRL from the raw RM score (``whiten_rewards`` off, its
+  default): the same β, not the same scale, which is why the benchmark
+  measures KL rather than assuming it.
+- ``max_new_tokens`` (12): ``response_length``; temperature 1.0, top-k 0,
+  top-p 1; ``stop_token="eos"``: a completion ends at its first end token
+  (TRL truncates after it and scores the truncated text), as Arbiter's do.
+- value model: initialised from the reward model (a copy of the RM with its
+  scalar head), as TRL's PPO examples do; Arbiter's is a value head on the
+  policy's own trunk. The optimizer covers the policy and the value model.
+- advantages whitened per batch (TRL always does; Arbiter's
+  ``whiten_advantages`` is on). TRL clips no gradient norm (Arbiter: 1.0).
+- dropout off in all models (TRL does; Arbiter's trainer runs the policy in
+  eval mode), fp32 on the CPU (TRL's PPOConfig defaults to bf16), no
+  gradient checkpointing (TRL's default recomputes activations; Arbiter's
+  trainer keeps them), no sample generations for logging.
+
+The reward model scores the prompt and completion tokens as TRL passes them
+(the policy's and the RM's tokenizers are the same file in the demo).
+
+Training stops at the first update boundary past ``--seconds``: TRL's PPO
+loop ignores ``should_training_stop``, so the budget callback raises
+``BudgetSpent`` from ``on_step_end`` (after the update's optimizer steps and
+learning-rate step), and every counted rollout was generated and trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+class BudgetSpent(Exception):
+    """Raised by the budget callback at the update boundary past the budget."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--reward", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seconds", type=float, required=True, help="wall-clock training budget")
+    parser.add_argument("--beta", type=float, required=True, help="TRL's kl_coef (fixed)")
+    parser.add_argument("--learning-rate", type=float, required=True)
+    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True, help="completions (= prompts) per update")
+    parser.add_argument("--minibatch-size", type=int, required=True)
+    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--clip", type=float, required=True)
+    parser.add_argument("--value-clip", type=float, default=0.2)
+    parser.add_argument("--vf-coef", type=float, default=0.1)
+    parser.add_argument("--gamma", type=float, default=1.0)
+    parser.add_argument("--lam", type=float, default=0.95)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snapshots", type=int, default=0,
+                        help="keep the policy at this many evenly spaced times of the budget (the last at the end), "
+                             "for gold and KL over time")
+    args = parser.parse_args()
+    if args.batch_size % args.minibatch_size:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              TrainerCallback)
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    out = Path(args.out)
+    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if len(prompts) < args.batch_size:
+        parser.error(f"{len(prompts)} prompts: TRL's PPO needs at least --batch-size {args.batch_size} (one "
+                     "completion per prompt, and it drops a ragged last batch)")
+    tokenizer = AutoTokenizer.from_pretrained(args.policy)
+    # TRL's PPO generates after left-padded queries.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise SystemExit("the policy's tokenizer needs a pad token other than its end token: TRL's PPO finds a "
+                         "completion's end by its first pad token")
+    policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=torch.float32)
+    dataset = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
+    config = PPOConfig(
+        output_dir=str(out / "trl"), use_cpu=True, seed=args.seed, report_to=[], save_strategy="no",
+        logging_steps=1, disable_tqdm=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        num_mini_batches=args.batch_size // args.minibatch_size, num_ppo_epochs=args.epochs,
+        local_rollout_forward_batch_size=args.batch_size,
+        response_length=args.max_new_tokens, temperature=args.temperature, stop_token="eos",
+        kl_coef=args.beta, kl_estimator="k1", cliprange=args.clip, cliprange_value=args.value_clip,
+        vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam, whiten_rewards=False,
+        num_sample_generations=0,
+        # The clock stops training; this only sizes TRL's (constant) schedule.
+        total_episodes=10**9,
+    )
+
+    class Budget(TrainerCallback):
+        started = None
+
+        def on_train_begin(self, _args, state, control, **kwargs):
+            Budget.started = time.monotonic()
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            # TRL's PPO counts one global step per update (batch).
+            elapsed = time.monotonic() - Budget.started
+            # At an update boundary past each grid time: an in-memory copy (a
+            # few MB, about a millisecond), written out after the clock stops.
+            if len(snapshots) < args.snapshots - 1 and elapsed >= args.seconds * (len(snapshots) + 1) / args.snapshots:
+                weights = {k: v.detach().clone() for k, v in trainer.policy_model.state_dict().items()}
+                snapshots.append((elapsed, state.global_step, weights))
+            if elapsed >= args.seconds:
+                Budget.stopped = elapsed
+                raise BudgetSpent
+            return control
+
+    snapshots: list[tuple[float, int, dict]] = []
+    trainer = PPOTrainer(
+        args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
+        value_model=value, train_dataset=dataset, callbacks=[Budget()],
+    )
+    try:
+        trainer.train()
+    except BudgetSpent:
+        pass
+    else:
+        raise SystemExit("TRL's PPO loop ended before the budget")
+    elapsed = Budget.stopped
+    updates = trainer.state.global_step
+    trainer.policy_model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
+    logged = [row for row in trainer.state.log_history if "objective/kl" in row]
+    curve = []
+    for i, (at, done, weights) in enumerate(snapshots):
+        where = out / "snapshots" / str(i)
+        trainer.policy_model.save_pretrained(where, state_dict=weights)
+        tokenizer.save_pretrained(where)
+        curve.append({"seconds": at, "updates": done, "dir": str(where)})
+    steps = updates * args.epochs * (args.batch_size // args.minibatch_size)
+    result = {
+        "seconds": elapsed, "optimizer_steps": steps, "updates": updates, "rollouts": updates * args.batch_size,
+        "final_dir": str(out / "final"), "threads": args.threads,
+        "trl_kl_last": logged[-1]["objective/kl"] if logged else None, "pid": os.getpid(), "snapshots": curve,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
