@@ -102,7 +102,8 @@ bench-soak: install
 # The demo's task end to end, the same wall-clock budget each: Arbiter's GRPO
 # and PPO through `arbiter up` against TRL's GRPOTrainer and PPOTrainer, each
 # in one process, on the demo's models and prompts. TRL goes into .venv-trl
-# and .venv-trl-ppo (created by the benchmark; never this venv). Minutes; not part of make test or make bench.
+# and .venv-trl-ppo (created by the benchmark; never this venv). Minutes; not
+# part of make test or make bench.
 bench-e2e: install demo-data
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
 

@@ -257,6 +257,16 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
                notes="; ".join(notes), curve=curve)
 
 
+def reward_normalization(reward: Path) -> list[str]:
+    """bench/trl_ppo.py's flags that put the RM's scores on the scale
+    Arbiter's trainer normalizes them to: the statistics the version ships
+    (``arbiter.json`` normalization), a fixed stand-in for the trainer's
+    running ones; none when it ships none (TRL then sees raw scores)."""
+    meta = reward / "arbiter.json"
+    stats = json.loads(meta.read_text()).get("normalization") if meta.exists() else None
+    return ["--reward-mean", str(stats["mean"]), "--reward-std", str(stats["std"])] if stats else []
+
+
 def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv: Path, samples_per_prompt: int,
             threads: int, snapshots: int = 0) -> Run:
     """TRL's GRPO (``bench/trl_grpo.py``, in ``venv``) or PPO
@@ -279,6 +289,7 @@ def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv:
     else:
         argv += ["--value-clip", str(shared["value_clip_coef"]), "--vf-coef", str(shared["vf_coef"]),
                  "--gamma", str(shared["gamma"]), "--lam", str(shared["lam"])]
+        argv += reward_normalization(Path(models.reward))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": "", "TRL_EXPERIMENTAL_SILENCE": "1"}

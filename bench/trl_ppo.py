@@ -30,15 +30,20 @@ dict, ``services/demo_models.py``) mapped onto TRL's PPOConfig:
   equal to both sides' defaults).
 - fixed KL β: ``kl_coef`` with the k1 estimator per token inside the reward
   (TRL PPO has no adaptive controller; Arbiter's runs with ``kl.mode:
-  fixed``). Arbiter subtracts it from the RM score normalized by running
-  statistics; TRL from the raw RM score (``whiten_rewards`` off, its
-  default): the same β, not the same scale, which is why the benchmark
-  measures KL rather than assuming it.
+  fixed``), against a reward on the same scale: Arbiter's trainer normalizes
+  the raw RM score (running mean and std, ``normalize_rewards``) before the
+  KL penalty; TRL adds the raw score, so ``--reward-mean``/``--reward-std``
+  (the statistics the RM version ships in its ``arbiter.json``: a fixed
+  stand-in for the trainer's running ones, which follow the policy's scores
+  as they rise) are folded into the RM's score head here:
+  (score - mean) / std, a linear map of a linear head, exact. Without them
+  the score is raw (TRL's ``whiten_rewards`` stays off, its default: it
+  would whiten the KL terms too).
 - ``max_new_tokens`` (12): ``response_length``; temperature 1.0, top-k 0,
   top-p 1; ``stop_token="eos"``: a completion ends at its first end token
   (TRL truncates after it and scores the truncated text), as Arbiter's do.
 - value model: initialised from the reward model (a copy of the RM with its
-  scalar head), as TRL's PPO examples do; Arbiter's is a value head on the
+  scalar head, normalized as above), as TRL's PPO examples do; Arbiter's is a value head on the
   policy's own trunk. The optimizer covers the policy and the value model.
 - advantages whitened per batch (TRL always does; Arbiter's
   ``whiten_advantages`` is on). TRL clips no gradient norm (Arbiter: 1.0).
@@ -48,7 +53,10 @@ dict, ``services/demo_models.py``) mapped onto TRL's PPOConfig:
   trainer keeps them), no sample generations for logging.
 
 The reward model scores the prompt and completion tokens as TRL passes them
-(the policy's and the RM's tokenizers are the same file in the demo).
+(the policy's and the RM's tokenizers are the same file in the demo), at the
+completion's last token: its end token when it has one, which Arbiter's
+reward service does not append to the text it scores (the demo RM's
+``append_eos`` is off).
 
 Training stops at the first update boundary past ``--seconds``: TRL's PPO
 loop ignores ``should_training_stop``, so the budget callback raises
@@ -69,6 +77,20 @@ class BudgetSpent(Exception):
     """Raised by the budget callback at the update boundary past the budget."""
 
 
+def normalize_score_head(model, mean: float, std: float) -> None:
+    """Replaces the model's scalar head ``score`` (TRL reads the score through
+    it) with one that outputs (score - mean) / std."""
+    import torch
+
+    head = model.score
+    normalized = torch.nn.Linear(head.in_features, 1, bias=True, dtype=head.weight.dtype)
+    with torch.no_grad():
+        normalized.weight.copy_(head.weight / std)
+        bias = head.bias if head.bias is not None else torch.zeros(1, dtype=head.weight.dtype)
+        normalized.bias.copy_((bias - mean) / std)
+    model.score = normalized
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", required=True)
@@ -87,6 +109,8 @@ def main() -> None:
     parser.add_argument("--vf-coef", type=float, default=0.1)
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=0.95)
+    parser.add_argument("--reward-mean", type=float, help="normalize RM scores: (score - mean) / std")
+    parser.add_argument("--reward-std", type=float)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -94,6 +118,9 @@ def main() -> None:
                         help="keep the policy at this many evenly spaced times of the budget (the last at the end), "
                              "for gold and KL over time")
     args = parser.parse_args()
+    if (args.reward_mean is None) != (args.reward_std is None) or (args.reward_std is not None
+                                                                   and args.reward_std <= 0):
+        parser.error("--reward-mean and --reward-std go together, and the std must be > 0")
     if args.batch_size % args.minibatch_size:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
 
@@ -119,6 +146,9 @@ def main() -> None:
     policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=torch.float32)
+    if args.reward_std is not None:
+        for model in (reward, value):
+            normalize_score_head(model, args.reward_mean, args.reward_std)
     dataset = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]} for p in prompts])
     config = PPOConfig(
         output_dir=str(out / "trl"), use_cpu=True, seed=args.seed, report_to=[], save_strategy="no",

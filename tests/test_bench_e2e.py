@@ -99,3 +99,17 @@ def test_trl_ppo_lock_pins_the_trl_it_installs_and_leaves_torch_and_transformers
                 if line.strip() and not line.startswith("#"))
     assert "trl==" + pins["trl"] == TRL_PPO_SPEC
     assert not {"torch", "transformers"} & {name.lower() for name in pins}
+
+
+def test_trl_ppos_reward_head_scores_what_arbiters_trainer_normalizes_to(tiny_models):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from bench.trl_ppo import normalize_score_head
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"], num_labels=1).eval()
+    hidden = torch.randn(3, 5, model.score.in_features)
+    with torch.no_grad():
+        raw = model.score(hidden)
+        normalize_score_head(model, mean=1.5, std=4.0)
+        assert torch.allclose(model.score(hidden), (raw - 1.5) / 4.0, atol=1e-6)
