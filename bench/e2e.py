@@ -277,7 +277,7 @@ def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     shared = training(models, beta)
-    argv = [str(python), str(REPO / "bench" / f"trl_{algo}.py"), "--policy", str(models.policy),
+    argv = [str(python), "-m", f"bench.trl_{algo}", "--policy", str(models.policy),
             "--reward", str(models.reward), "--prompts", str(models.prompts), "--out", str(out),
             "--seconds", str(seconds), "--beta", str(beta), "--learning-rate", str(shared["learning_rate"]),
             "--max-new-tokens", str(models.max_new_tokens),
@@ -295,7 +295,8 @@ def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv:
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
     started = time.monotonic()
     with (out / "trl.log").open("w") as log:
-        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=seconds + 900).returncode
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                              timeout=seconds + 900).returncode
     if code != 0:
         tail = "\n".join((out / "trl.log").read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"TRL's {algo.upper()} run failed (exit {code}); {out / 'trl.log'} ends:\n{tail}")

@@ -6,7 +6,8 @@ up to TRL 1.12.0, the last release that has it (1.13 removed it; 0.x had it
 as ``trl.PPOTrainer``). It runs in the benchmark's own virtual environment
 (``.venv-trl-ppo``: TRL 1.12.0 beside the project's torch and transformers,
 every package pinned by ``bench/trl-ppo.lock``), never the project's, so it
-imports nothing from Arbiter: everything comes in as flags, and the result is
+imports nothing from Arbiter (``bench/trl_runner.py``, what both TRL runners
+share, is stdlib and torch): everything comes in as flags, and the result is
 a JSON file plus the final policy as a Hugging Face directory, which the
 benchmark evaluates exactly as it evaluates Arbiter's. The transformers there
 is the project's, so the checkpoints load as they are (no conversion).
@@ -66,11 +67,10 @@ learning-rate step), and every counted rollout was generated and trained on.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from pathlib import Path
+
+from bench.trl_runner import Snapshots, read_prompts, runner_parser, write_result
 
 
 class BudgetSpent(Exception):
@@ -92,31 +92,14 @@ def normalize_score_head(model, mean: float, std: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seconds", type=float, required=True, help="wall-clock training budget")
-    parser.add_argument("--beta", type=float, required=True, help="TRL's kl_coef (fixed)")
-    parser.add_argument("--learning-rate", type=float, required=True)
-    parser.add_argument("--max-new-tokens", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True, help="completions (= prompts) per update")
-    parser.add_argument("--minibatch-size", type=int, required=True)
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--clip", type=float, required=True)
+    # --beta: TRL's kl_coef (fixed); --batch-size: completions (= prompts) per update.
+    parser = runner_parser()
     parser.add_argument("--value-clip", type=float, default=0.2)
     parser.add_argument("--vf-coef", type=float, default=0.1)
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=0.95)
     parser.add_argument("--reward-mean", type=float, help="normalize RM scores: (score - mean) / std")
     parser.add_argument("--reward-std", type=float)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snapshots", type=int, default=0,
-                        help="keep the policy at this many evenly spaced times of the budget (the last at the end), "
-                             "for gold and KL over time")
     args = parser.parse_args()
     if (args.reward_mean is None) != (args.reward_std is None) or (args.reward_std is not None
                                                                    and args.reward_std <= 0):
@@ -133,7 +116,7 @@ def main() -> None:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     out = Path(args.out)
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = read_prompts(args.prompts)
     if len(prompts) < args.batch_size:
         parser.error(f"{len(prompts)} prompts: TRL's PPO needs at least --batch-size {args.batch_size} (one "
                      "completion per prompt, and it drops a ragged last batch)")
@@ -174,17 +157,13 @@ def main() -> None:
         def on_step_end(self, _args, state, control, **kwargs):
             # TRL's PPO counts one global step per update (batch).
             elapsed = time.monotonic() - Budget.started
-            # At an update boundary past each grid time: an in-memory copy (a
-            # few MB, about a millisecond), written out after the clock stops.
-            if len(snapshots) < args.snapshots - 1 and elapsed >= args.seconds * (len(snapshots) + 1) / args.snapshots:
-                weights = {k: v.detach().clone() for k, v in trainer.policy_model.state_dict().items()}
-                snapshots.append((elapsed, state.global_step, weights))
+            snapshots.offer(elapsed, state.global_step, trainer.policy_model)
             if elapsed >= args.seconds:
                 Budget.stopped = elapsed
                 raise BudgetSpent
             return control
 
-    snapshots: list[tuple[float, int, dict]] = []
+    snapshots = Snapshots(args.snapshots, args.seconds)
     trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
         value_model=value, train_dataset=dataset, callbacks=[Budget()],
@@ -197,23 +176,11 @@ def main() -> None:
         raise SystemExit("TRL's PPO loop ended before the budget")
     elapsed = Budget.stopped
     updates = trainer.state.global_step
-    trainer.policy_model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
     logged = [row for row in trainer.state.log_history if "objective/kl" in row]
-    curve = []
-    for i, (at, done, weights) in enumerate(snapshots):
-        where = out / "snapshots" / str(i)
-        trainer.policy_model.save_pretrained(where, state_dict=weights)
-        tokenizer.save_pretrained(where)
-        curve.append({"seconds": at, "updates": done, "dir": str(where)})
-    steps = updates * args.epochs * (args.batch_size // args.minibatch_size)
-    result = {
-        "seconds": elapsed, "optimizer_steps": steps, "updates": updates, "rollouts": updates * args.batch_size,
-        "final_dir": str(out / "final"), "threads": args.threads,
-        "trl_kl_last": logged[-1]["objective/kl"] if logged else None, "pid": os.getpid(), "snapshots": curve,
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result), flush=True)
+    write_result(out, trainer.policy_model, tokenizer, snapshots, {
+        "seconds": elapsed, "optimizer_steps": updates * args.epochs * (args.batch_size // args.minibatch_size),
+        "updates": updates, "rollouts": updates * args.batch_size, "threads": args.threads,
+        "trl_kl_last": logged[-1]["objective/kl"] if logged else None})
 
 
 if __name__ == "__main__":
