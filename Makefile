@@ -100,9 +100,10 @@ bench-soak: install
 	$(BIN)/python -m bench.run --only soak $(BENCH_ARGS)
 
 # The demo's task end to end, the same wall-clock budget each: Arbiter's GRPO
-# and PPO through `arbiter up` against TRL's GRPOTrainer in one process, on
-# the demo's models and prompts. TRL goes into .venv-trl (created by the
-# benchmark; never this venv). Minutes; not part of make test or make bench.
+# and PPO through `arbiter up` against TRL's GRPOTrainer and PPOTrainer, each
+# in one process, on the demo's models and prompts. TRL goes into .venv-trl
+# and .venv-trl-ppo (created by the benchmark; never this venv). Minutes; not
+# part of make test or make bench.
 bench-e2e: install demo-data
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
 

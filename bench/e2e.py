@@ -18,17 +18,26 @@ Contenders, each for the same wall-clock training budget (``--seconds``):
   ``--trl-threads`` torch threads), in a virtual environment of its own that this
   benchmark creates (``.venv-trl``: torch pinned to the project's version
   first, then TRL 1.16 under a constraints file pinning torch and
-  transformers to the project's; never the project's environment). TRL 1.16
-  has no ``PPOTrainer`` (it left with the 1.x cleanup), so there is no TRL PPO
-  column; Arbiter's PPO is compared with TRL's GRPO.
+  transformers to the project's; never the project's environment).
+- ``trl-ppo``: TRL's ``PPOTrainer`` (a separate value model initialised from
+  the reward model, per-token KL in the reward, GAE) in one process
+  (``bench/trl_ppo.py``, whose docstring maps Arbiter's PPO config onto
+  TRL's), in a second environment of its own (``.venv-trl-ppo``: TRL 1.12.0,
+  the last release with a PPOTrainer — 1.13 removed it — beside the
+  project's torch and transformers, every other package pinned by
+  ``bench/trl-ppo.lock``). TRL's PPO samples one completion per prompt (32
+  prompts an update), Arbiter's worker a group of 4 per prompt.
 
 Same for all: the demo's pretrained policy and reward model and its training
 prompts (``services.demo_models.prepare_models``, cached in the workdir), the
-worker's generation length and group size, temperature 1, a fixed KL
-coefficient β (Arbiter: a penalty on the normalized reward, per token; TRL: β
-times its per-token k3 term in the loss; the same number, not the same
-mechanism, which is why KL is measured rather than assumed), learning rate,
-batch of 32 rollouts in minibatches of 8 for 2 epochs, clip 0.2.
+worker's generation length and group size (but TRL's PPO: one per prompt),
+temperature 1, a fixed KL coefficient β (Arbiter: a penalty on the normalized
+reward, per token; TRL's GRPO: β times its per-token k3 term in the loss;
+TRL's PPO: a per-token k1 penalty on the raw reward; the same number, not the
+same mechanism, which is why KL is measured rather than assumed), learning rate,
+batch of 32 rollouts in minibatches of 8 for 2 epochs, clip 0.2; for the two
+PPOs also the value clip, value-loss coefficient and GAE γ and λ (the
+trainer's defaults, which TRL's equal).
 
 Measured for each, by this process, after its run and the same way for all:
 rollouts/s and updates/s (rollouts trained; an update = one batch), the gold
@@ -36,8 +45,9 @@ gain (the demo's VADER gold scorer, final vs initial policy on the held-out
 prompts: ``services.demo.evaluate_gold``), the final KL to the initial policy
 (nats per sample: Σ_t log π(y_t) - log π_ref(y_t) over completions sampled from
 the final policy on the held-out prompts), words per sample, gold gain per nat
-of KL and per wall-second; ratios Arbiter/TRL. The table goes to stdout and
-to WORKDIR/e2e.md (and e2e.json).
+of KL and per wall-second; ratios Arbiter/TRL per repeat: arbiter-grpo /
+trl-grpo, arbiter-ppo / trl-ppo and arbiter-ppo / trl-grpo (``RATIOS``). The
+table goes to stdout and to WORKDIR/e2e.md (and e2e.json).
 
 Gold per wall-second at matched KL: a contender that drifts further from the
 initial policy buys gold with KL, so gold per second is compared where the
@@ -50,9 +60,9 @@ gain where its KL first reaches the level are interpolated linearly between
 the two kept policies around the crossing (KL 0 and gain 0 at time 0), and
 gold/wall-s @ matched KL is that gain over that time.
 
-``--repeats N`` runs the contenders interleaved (trl-grpo, arbiter-grpo,
-arbiter-ppo, trl-grpo, ...), so load on the shared machine hits all of them
-alike; each cell is the mean ± half the range over the repeats, and each ratio
+``--repeats N`` runs the contenders interleaved (trl-grpo, trl-ppo,
+arbiter-grpo, arbiter-ppo, trl-grpo, ...), so load on the shared machine hits
+all of them alike; each cell is the mean ± half the range over the repeats, and each ratio
 row the mean ± half-range of the ratios within each repeat. The models are
 prepared once per workdir and reused (``--fresh-models`` prepares them anew).
 """
@@ -76,10 +86,17 @@ import yaml
 from bench.common import console, print_table
 
 REPO = Path(__file__).resolve().parents[1]
-CONTENDERS = ("trl-grpo", "arbiter-grpo", "arbiter-ppo")
+CONTENDERS = ("trl-grpo", "trl-ppo", "arbiter-grpo", "arbiter-ppo")
+# Ratio rows: (ours, theirs), per repeat.
+RATIOS = (("arbiter-grpo", "trl-grpo"), ("arbiter-ppo", "trl-ppo"), ("arbiter-ppo", "trl-grpo"))
 TRL_VENV = REPO / ".venv-trl"
 TORCH_PIN = "torch==2.13.0"
 TRL_SPEC = "trl>=1.16,<1.17"
+# TRL's PPOTrainer left with 1.13: 1.12.0 is the last release that has it
+# (trl.experimental.ppo), and it runs on the project's torch and transformers.
+TRL_PPO_VENV = REPO / ".venv-trl-ppo"
+TRL_PPO_SPEC = "trl==1.12.0"
+TRL_PPO_LOCK = REPO / "bench" / "trl-ppo.lock"
 KL_SAMPLE_SEED = 11
 CHECKPOINTS = {"checkpoint_every": 10, "checkpoint_every_s": 30.0}
 
@@ -93,23 +110,26 @@ def trl_constraints() -> str:
     return f"{TORCH_PIN}\ntransformers=={importlib.metadata.version('transformers')}\n"
 
 
-def ensure_trl_venv(venv: Path = TRL_VENV) -> Path:
-    """Creates (once) the benchmark's own environment for TRL; returns its python."""
+def ensure_trl_venv(venv: Path = TRL_VENV, spec: str = TRL_SPEC, lock: Path | None = None) -> Path:
+    """Creates (once) one of the benchmark's own environments for TRL (``spec``,
+    under ``trl_constraints`` and, if given, the constraints file ``lock``);
+    returns its python. It is made again when what it should hold changes."""
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
-    wanted = trl_constraints() + TRL_SPEC + "\n"
+    pins = trl_constraints() + (lock.read_text() if lock else "")
+    wanted = pins + spec + "\n"
     if stamp.exists() and stamp.read_text() == wanted and python.exists():
         return python
-    console.print(f"creating {venv} for TRL ({TRL_SPEC}; {TORCH_PIN} first, pinned): a minute or two")
+    console.print(f"creating {venv} for TRL ({spec}; {TORCH_PIN} first, pinned): a minute or two")
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     constraints = venv / "constraints.txt"
-    constraints.write_text(trl_constraints())
+    constraints.write_text(pins)
     pip = [str(python), "-m", "pip", "install", "-q"]
     # torch first and pinned: it is the CPU wheel on disk; anything that pulled
     # an unpinned torch would fetch a multi-GB CUDA build.
     subprocess.run([*pip, TORCH_PIN], check=True)
-    subprocess.run([*pip, TRL_SPEC, "-c", str(constraints)], check=True)
+    subprocess.run([*pip, spec, "-c", str(constraints)], check=True)
     stamp.write_text(wanted)
     return python
 
@@ -166,10 +186,15 @@ class Run:
 
 
 def training(models, beta: float) -> dict:
-    """The training settings every contender shares (the demo's PPO config, β fixed)."""
-    ppo = dict(models.ppo)
+    """The training settings every contender shares (the demo's PPO config, β
+    fixed; what it leaves out, the trainer's defaults), and the value-function
+    ones the PPO contenders share."""
+    from trainer.config import PPOConfig
+
+    ppo, default = dict(models.ppo), PPOConfig()
     return {"batch_size": ppo["batch_size"], "minibatch_size": ppo["minibatch_size"], "epochs": ppo["epochs"],
-            "learning_rate": ppo["learning_rate"], "clip": ppo.get("clip_coef", 0.2), "beta": beta}
+            "learning_rate": ppo["learning_rate"], "clip": ppo.get("clip_coef", default.clip_coef), "beta": beta,
+            **{key: ppo.get(key, getattr(default, key)) for key in ("value_clip_coef", "vf_coef", "gamma", "lam")}}
 
 
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
@@ -232,34 +257,54 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
                notes="; ".join(notes), curve=curve)
 
 
-def run_trl(models, workdir: Path, seconds: float, beta: float, venv: Path, samples_per_prompt: int,
+def reward_normalization(reward: Path) -> list[str]:
+    """bench/trl_ppo.py's flags that put the RM's scores on the scale
+    Arbiter's trainer normalizes them to: the statistics the version ships
+    (``arbiter.json`` normalization), a fixed stand-in for the trainer's
+    running ones; none when it ships none (TRL then sees raw scores)."""
+    meta = reward / "arbiter.json"
+    stats = json.loads(meta.read_text()).get("normalization") if meta.exists() else None
+    return ["--reward-mean", str(stats["mean"]), "--reward-std", str(stats["std"])] if stats else []
+
+
+def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv: Path, samples_per_prompt: int,
             threads: int, snapshots: int = 0) -> Run:
-    python = ensure_trl_venv(venv)
-    out = workdir / "trl-grpo"
+    """TRL's GRPO (``bench/trl_grpo.py``, in ``venv``) or PPO
+    (``bench/trl_ppo.py``, in ``venv``, pinned by ``TRL_PPO_LOCK``)."""
+    name = f"trl-{algo}"
+    python = ensure_trl_venv(venv) if algo == "grpo" else ensure_trl_venv(venv, TRL_PPO_SPEC, TRL_PPO_LOCK)
+    out = workdir / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     shared = training(models, beta)
-    argv = [str(python), str(REPO / "bench" / "trl_grpo.py"), "--policy", str(models.policy),
+    argv = [str(python), "-m", f"bench.trl_{algo}", "--policy", str(models.policy),
             "--reward", str(models.reward), "--prompts", str(models.prompts), "--out", str(out),
             "--seconds", str(seconds), "--beta", str(beta), "--learning-rate", str(shared["learning_rate"]),
-            "--num-generations", str(samples_per_prompt), "--max-new-tokens", str(models.max_new_tokens),
+            "--max-new-tokens", str(models.max_new_tokens),
             "--batch-size", str(shared["batch_size"]), "--minibatch-size", str(shared["minibatch_size"]),
             "--epochs", str(shared["epochs"]), "--clip", str(shared["clip"]), "--threads", str(threads),
             "--snapshots", str(snapshots)]
+    if algo == "grpo":
+        argv += ["--num-generations", str(samples_per_prompt)]
+    else:
+        argv += ["--value-clip", str(shared["value_clip_coef"]), "--vf-coef", str(shared["vf_coef"]),
+                 "--gamma", str(shared["gamma"]), "--lam", str(shared["lam"])]
+        argv += reward_normalization(Path(models.reward))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
     started = time.monotonic()
     with (out / "trl.log").open("w") as log:
-        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=seconds + 900).returncode
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                              timeout=seconds + 900).returncode
     if code != 0:
         tail = "\n".join((out / "trl.log").read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"TRL's GRPO run failed (exit {code}); {out / 'trl.log'} ends:\n{tail}")
+        raise RuntimeError(f"TRL's {algo.upper()} run failed (exit {code}); {out / 'trl.log'} ends:\n{tail}")
     result = json.loads((out / "result.json").read_text())
     setup = time.monotonic() - started - result["seconds"]
-    console.print(f"trl-grpo: {result['updates']} updates, {result['optimizer_steps']} optimizer steps in "
+    console.print(f"{name}: {result['updates']} updates, {result['optimizer_steps']} optimizer steps in "
                   f"{result['seconds']:.1f}s ({threads} torch threads)")
-    return Run("trl-grpo", result["seconds"], result["rollouts"], result["updates"], Path(result["final_dir"]), setup,
+    return Run(name, result["seconds"], result["rollouts"], result["updates"], Path(result["final_dir"]), setup,
                notes=f"{threads} torch threads, one process",
                curve=[(c["seconds"], Path(c["dir"])) for c in result.get("snapshots", [])])
 
@@ -411,8 +456,8 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         rows.append([name, str(len(mine)), spread([float(r.rollouts) for r in mine]),
                      spread([float(r.updates) for r in mine]), spread([r.seconds for r in mine]),
                      *(spread([get(r) for r in mine]) for _, get in COLUMNS), notes])
-    base = {r.repeat: r for r in runs if r.name == "trl-grpo"}
-    for name in ("arbiter-grpo", "arbiter-ppo"):
+    for name, baseline in RATIOS:
+        base = {r.repeat: r for r in runs if r.name == baseline}
         pairs = [(r, base[r.repeat]) for r in runs if r.name == name and r.repeat in base]
         if not pairs:
             continue
@@ -421,7 +466,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             values = [get(ours) / get(theirs) if get(theirs) and not math.isnan(get(theirs)) else math.nan
                       for ours, theirs in pairs]
             ratios.append("" if column in NO_RATIO else spread(values))
-        rows.append([f"{name} / trl-grpo", str(len(pairs)), "", "", "", *ratios, "ratio, per repeat"])
+        rows.append([f"{name} / {baseline}", str(len(pairs)), "", "", "", *ratios, "ratio, per repeat"])
     return header, rows
 
 
@@ -434,7 +479,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 def method(seconds: float, repeats: int, snapshots: int) -> str:
     """How the table was measured, printed above it."""
     return (
-        f"{repeats} interleaved repeat(s) (trl-grpo, arbiter-grpo, arbiter-ppo, trl-grpo, ...); each cell is the mean "
+        f"{repeats} interleaved repeat(s) ({', '.join(CONTENDERS)}, {CONTENDERS[0]}, ...); each cell is the mean "
         f"± half the range over the repeats, ratios are the mean ± half-range of the per-repeat ratios. Gold and KL on "
         f"the held-out prompts, the same judge for all. Matched KL: the policy is kept at {snapshots} evenly spaced "
         f"times of the {seconds:g} s budget (the last at the end); in each repeat the level is the lowest final KL "
@@ -470,14 +515,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the demo's quick models and a 10 s budget: a smoke run")
     parser.add_argument("--only", choices=CONTENDERS, action="append", help="run only this contender (repeatable)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of each contender, interleaved (trl, grpo, ppo, trl, ...); default 1")
+                        help="runs of each contender, interleaved (trl-grpo, trl-ppo, grpo, ppo, trl-grpo, ...); "
+                             "default 1")
     parser.add_argument("--snapshots", type=int, default=6,
                         help="policies kept per run for KL over time (matched KL), the final included; default 6")
     parser.add_argument("--fresh-models", action="store_true",
                         help="prepare the models anew even if the workdir has them (pairs labelled, RM trained)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every contender (fixed)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-e2e"))
-    parser.add_argument("--trl-venv", default=str(TRL_VENV), help="TRL's own environment (created if missing)")
+    parser.add_argument("--trl-venv", default=str(TRL_VENV), help="TRL GRPO's own environment (created if missing)")
+    parser.add_argument("--trl-ppo-venv", default=str(TRL_PPO_VENV),
+                        help=f"TRL PPO's own environment ({TRL_PPO_SPEC}; created if missing)")
     # One torch thread by default: on the 2-core machine, under other load, TRL
     # with 1 thread ran 112 optimizer steps in 16 s where 2 threads ran 8 in
     # 19 s (OpenMP threads waiting on each other for a preempted peer).
@@ -512,8 +560,10 @@ def main(argv: list[str] | None = None) -> dict:
         here = workdir / f"r{repeat}" if args.repeats > 1 else workdir
         this_repeat = []
         for name in [n for n in CONTENDERS if n in (args.only or CONTENDERS)]:
-            if name == "trl-grpo":
-                run = run_trl(models, here, seconds, args.beta, Path(args.trl_venv), samples_per_prompt,
+            if name.startswith("trl-"):
+                algo = name.split("-", 1)[1]
+                run = run_trl(algo, models, here, seconds, args.beta,
+                              Path(args.trl_venv if algo == "grpo" else args.trl_ppo_venv), samples_per_prompt,
                               args.trl_threads, args.snapshots)
             else:
                 run = run_arbiter(name.split("-", 1)[1], models, here, seconds, args.beta, worker_overrides,

@@ -2,7 +2,8 @@
 
 Runs in the benchmark's own virtual environment (``.venv-trl``: TRL 1.16
 beside the project's torch and transformers), never the project's, so it
-imports nothing from Arbiter: everything comes in as flags, and the result is
+imports nothing from Arbiter (``bench/trl_runner.py``, what both TRL runners
+share, is stdlib and torch): everything comes in as flags, and the result is
 a JSON file plus the final policy as a Hugging Face directory, which the
 benchmark evaluates exactly as it evaluates Arbiter's.
 
@@ -19,34 +20,15 @@ default (its "dapo" loss, group-scaled rewards), except gradient checkpointing
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from pathlib import Path
 
+from bench.trl_runner import Snapshots, read_prompts, runner_parser, write_result
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' field")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seconds", type=float, required=True, help="wall-clock training budget")
-    parser.add_argument("--beta", type=float, required=True)
-    parser.add_argument("--learning-rate", type=float, required=True)
+    parser = runner_parser()
     parser.add_argument("--num-generations", type=int, required=True)
-    parser.add_argument("--max-new-tokens", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--minibatch-size", type=int, required=True)
-    parser.add_argument("--epochs", type=int, required=True)
-    parser.add_argument("--clip", type=float, required=True)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snapshots", type=int, default=0,
-                        help="keep the policy at this many evenly spaced times of the budget (the last at the end), "
-                             "for gold and KL over time")
     args = parser.parse_args()
 
     import torch
@@ -58,7 +40,7 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     out = Path(args.out)
-    prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = read_prompts(args.prompts)
     tokenizer = AutoTokenizer.from_pretrained(args.policy)
     policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=torch.float32)
@@ -91,17 +73,12 @@ def main() -> None:
             if state.global_step % steps_per_batch:
                 return control
             elapsed = time.monotonic() - Budget.started
-            # At a batch boundary past each grid time: an in-memory copy (a
-            # few MB, about a millisecond), written out after the clock stops.
-            if len(snapshots) < args.snapshots - 1 and elapsed >= args.seconds * (len(snapshots) + 1) / args.snapshots:
-                weights = {k: v.detach().clone() for k, v in (model or trainer.model).state_dict().items()}
-                snapshots.append((elapsed, state.global_step // steps_per_batch, weights))
+            snapshots.offer(elapsed, state.global_step // steps_per_batch, model or trainer.model)
             if elapsed >= args.seconds:
                 control.should_training_stop = True
             return control
 
-    snapshots: list[tuple[float, int, dict]] = []
-
+    snapshots = Snapshots(args.snapshots, args.seconds)
     trainer = GRPOTrainer(
         model=policy, reward_funcs=[reward], args=config,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
@@ -110,22 +87,11 @@ def main() -> None:
     trainer.train()
     elapsed = time.monotonic() - Budget.started
     batches = trainer.state.global_step // steps_per_batch
-    trainer.model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(out / "final")
     logged = [row for row in trainer.state.log_history if "kl" in row]
-    curve = []
-    for i, (at, updates, weights) in enumerate(snapshots):
-        where = out / "snapshots" / str(i)
-        trainer.model.save_pretrained(where, state_dict=weights)
-        tokenizer.save_pretrained(where)
-        curve.append({"seconds": at, "updates": updates, "dir": str(where)})
-    result = {
+    write_result(out, trainer.model, tokenizer, snapshots, {
         "seconds": elapsed, "optimizer_steps": trainer.state.global_step, "updates": batches,
-        "rollouts": batches * args.batch_size, "final_dir": str(out / "final"), "threads": args.threads,
-        "trl_kl_last": logged[-1]["kl"] if logged else None, "pid": os.getpid(), "snapshots": curve,
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result), flush=True)
+        "rollouts": batches * args.batch_size, "threads": args.threads,
+        "trl_kl_last": logged[-1]["kl"] if logged else None})
 
 
 if __name__ == "__main__":

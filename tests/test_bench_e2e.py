@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from lm_fixtures import perturbed
 
-from bench.e2e import Run, at_matched_kl, sample_kl, table, trl_constraints
+from bench.e2e import TRL_PPO_LOCK, TRL_PPO_SPEC, Run, at_matched_kl, sample_kl, table, trl_constraints
 
 PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
 
@@ -48,6 +48,16 @@ def test_ratio_rows_divide_each_arbiter_column_by_trls_within_each_repeat():
                              "1.500 ± 0.000", ""]
 
 
+def test_arbiters_ppo_is_divided_by_trls_ppo_and_by_trls_grpo():
+    header, rows = table([run("trl-grpo", 100, 3, 0.2, 4.0), run("trl-ppo", 50, 1, 0.1, 1.0),
+                          run("arbiter-ppo", 200, 6, 0.3, 2.0)])
+    assert [r[0] for r in rows] == ["trl-grpo", "trl-ppo", "arbiter-ppo", "arbiter-ppo / trl-ppo",
+                                    "arbiter-ppo / trl-grpo"]
+    # rollouts/s 20 / 5 = 4 and 20 / 10 = 2; updates/s 0.6 / 0.1 = 6 and 0.6 / 0.3 = 2; gold 3 and 1.5.
+    assert rows[3][5:8] == ["4.000", "6.000", "3.000"]
+    assert rows[4][5:8] == ["2.000", "2.000", "1.500"]
+
+
 class FakeJudge:
     """Gold and KL by directory, as a unit test of the interpolation around them."""
 
@@ -82,3 +92,24 @@ def test_matched_kl_interpolates_between_the_policies_around_the_first_crossing(
 
 def test_trl_runs_on_the_projects_torch_and_transformers():
     assert trl_constraints() == (f"torch==2.13.0\ntransformers=={importlib.metadata.version('transformers')}\n")
+
+
+def test_trl_ppo_lock_pins_the_trl_it_installs_and_leaves_torch_and_transformers_to_the_project():
+    pins = dict(line.split("==") for line in TRL_PPO_LOCK.read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert "trl==" + pins["trl"] == TRL_PPO_SPEC
+    assert not {"torch", "transformers"} & {name.lower() for name in pins}
+
+
+def test_trl_ppos_reward_head_scores_what_arbiters_trainer_normalizes_to(tiny_models):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from bench.trl_ppo import normalize_score_head
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"], num_labels=1).eval()
+    hidden = torch.randn(3, 5, model.score.in_features)
+    with torch.no_grad():
+        raw = model.score(hidden)
+        normalize_score_head(model, mean=1.5, std=4.0)
+        assert torch.allclose(model.score(hidden), (raw - 1.5) / 4.0, atol=1e-6)
