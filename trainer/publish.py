@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from arbiter.errors import ModelLoadError
+from arbiter.hf import combine_weights_sha256, file_sha256
 from arbiter.stream import StreamError
 from arbiter.weights import MANIFEST, ParentVersion, PublishSettings, StoreError, join_uri, open_store, publish_version
 
@@ -87,9 +89,12 @@ def to_bf16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class BackgroundPublisher:
     """``submit(snapshot)`` returns at once; ``save(dir, snapshot)``, the
-    upload (with ``weights.uri``) and then ``announce(version)`` (with a
-    store: ``announce(version, weights_uri=URI)``) run on the publisher's
-    thread. ``close()`` finishes the newest pending version (and its
+    upload (with ``weights.uri``) and then ``announce(version)`` run on the
+    publisher's thread. ``announce`` also gets, as keywords, what the
+    publisher knows: ``weights_uri`` (with a store) and ``weights_sha256``
+    (when the version holds safetensors weights). Each file written is
+    hashed once, right after the write: the announcement's digest and the
+    manifest's both come from that one pass. ``close()`` finishes the newest pending version (and its
     announcement) before returning."""
 
     def __init__(
@@ -105,6 +110,7 @@ class BackgroundPublisher:
         self._parent: ParentVersion | None = None
         self._deltas = 0
         self._uploaded: dict[str, str] = {}  # version -> its URI (the newest few)
+        self._digests: dict[str, dict[str, str]] = {}  # version -> {file: sha256}, the newest written
         self.last_published = None  # arbiter.weights.Published of the newest upload
         self._save = save
         self._announce = announce
@@ -194,8 +200,13 @@ class BackgroundPublisher:
             if self.weights.bf16:
                 job = Snapshot(job.version, job.step, to_bf16(job.tensors))
             self._save(tmp, job)
+            # While the bytes are still in the page cache; the files are never
+            # rewritten in place (written aside, renamed), so the digests stay
+            # theirs (a disk that corrupts them later fails the replicas' check).
+            digests = {path.name: file_sha256(path) for path in sorted(tmp.iterdir()) if path.is_file()}
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            self._digests = {job.version: digests}
         except Exception:  # a full disk must not stop training: the next version tries again
             self.failures += 1
             log.exception("writing policy version %s failed; it is not published", job.version)
@@ -235,7 +246,8 @@ class BackgroundPublisher:
                 and self._parent.directory.is_dir():
             parent = self._parent
         published = publish_version(self._store, version, directory, parent=parent,
-                                    dtype="bfloat16" if self.weights.bf16 else None)
+                                    dtype="bfloat16" if self.weights.bf16 else None,
+                                    digests=self._digests.get(version))
         self._deltas = self._deltas + 1 if published.delta_of else 0
         self._parent = ParentVersion(version, directory, published.weights_sha256)
         self._uploaded = {version: published.uri}
@@ -247,9 +259,16 @@ class BackgroundPublisher:
 
     def _try_announce(self, version: str) -> None:
         try:
+            known = {}
             uri = self._upload(version)
-            # Without a store the callback keeps its one-argument form.
-            self._announce(version, weights_uri=uri) if uri else self._announce(version)
+            if uri:
+                known["weights_uri"] = uri
+            if version in self._digests:
+                try:
+                    known["weights_sha256"] = combine_weights_sha256(self._digests[version])
+                except ModelLoadError:  # no safetensors (an adapter saved otherwise): the caller hashes
+                    pass
+            self._announce(version, **known)
         except (StreamError, StoreError) as err:  # not acknowledged / not stored, or not even reachable
             log.warning("publishing policy %s failed (retried while training goes on): %s", version, err)
             with self._cond:
