@@ -53,6 +53,55 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _publish_in_background(trainer, root: Path, uri: str, version: str, tensors: dict) -> None:
+    """The trainer's BackgroundPublisher from submit to the announcement, the
+    announcement's digest taken as trainer/loop.py takes it (the publisher's
+    when it passes one, else a pass over the files)."""
+    import threading
+
+    from arbiter.hf import weights_sha256
+    from arbiter.weights import PublishSettings
+    from trainer.publish import BackgroundPublisher, Snapshot
+
+    root.mkdir(parents=True, exist_ok=True)
+    announced = threading.Event()
+
+    def announce(version: str, weights_uri: str = "", **known: str) -> None:
+        known.get("weights_sha256") or weights_sha256(root / version)
+        announced.set()
+
+    publisher = BackgroundPublisher(root, lambda path, snap: trainer.save_policy(path, snap.version, snap.tensors),
+                                    announce, weights=PublishSettings(uri=uri))
+    try:
+        publisher.submit(Snapshot(version, 0, tensors))
+        if not announced.wait(600):
+            raise TimeoutError(f"{version} was not announced")
+    finally:
+        publisher.close()
+
+
+def _read_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        while fh.read(8 * MiB):
+            pass
+
+
+def _verify_while_loading(pending, version: str) -> None:
+    """What the follower and ``PolicyEngine.load_checked`` do: the load on
+    a thread of its own, the sha256 check on this one, both awaited."""
+    import threading
+
+    from arbiter.lm import load_causal_lm
+
+    loaded: list = []
+    loader = threading.Thread(target=lambda: loaded.append(load_causal_lm(pending.path, kind="policy",
+                                                                           version=version)))
+    loader.start()
+    pending.verify()
+    loader.join()
+    assert loaded
+
+
 def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | None = None,
         s3: bool = False) -> dict:
     import torch
@@ -62,6 +111,11 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
     from arbiter.lm import load_causal_lm, load_causal_weights
     from arbiter.weights import fetch_version, open_store, publish_version
     from bench.scale import GPT2_SMALL, build_models
+
+    try:
+        from arbiter.weights import download_version
+    except ImportError:  # measuring the code from before the follower verified while loading
+        download_version = None
     from trainer.policy_model import PolicyWithValue
     from trainer.publish import snapshot_tensors
 
@@ -74,6 +128,7 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
     trainer = PolicyWithValue.load(models["policy"])
     scratch = Path(tempfile.mkdtemp(prefix="publish-stages-", dir=workdir))
     store = open_store(f"file://{scratch / 'store'}")
+    store_root = f"file://{scratch / 'publisher-store'}"
     times: dict[str, list[float]] = {}
     size = 0
 
@@ -108,6 +163,9 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
             published: list = []
             record("trainer: publish to file:// (digests, link, manifest)",
                    _timed(lambda: published.append(publish_version(store, version, directory))))
+            record("trainer: publisher, submit → announce, file:// (write, digests, publish)",
+                   _timed(lambda: _publish_in_background(trainer, scratch / "publisher", store_root, f"p{n}",
+                                                          dict(snapshot))))
             # -- the replica
             record("replica: shared-dir check (weights_sha256)", _timed(lambda: weights_sha256(directory)))
             record("replica: fetch_version file:// (verify in place)",
@@ -115,22 +173,28 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
             record("replica: load_causal_weights (weights, tokenizer)", _timed(lambda: load_causal_weights(directory)))
             record("replica: load_causal_lm (+ ModelInfo, probe)",
                    _timed(lambda: load_causal_lm(directory, kind="policy", version=version)))
-            record("replica: fetch + load, file:// (the follower's path)", _timed(lambda: (
+            record("replica: fetch, then load, file:// (in sequence)", _timed(lambda: (
                 load_causal_lm(fetch_version(published[0].uri, scratch / "cache2").path, kind="policy",
                                version=version))))
+            if download_version is not None:
+                record("replica: verify ‖ load, file:// (the follower's path)",
+                       _timed(lambda: _verify_while_loading(download_version(published[0].uri, scratch / "cache3"),
+                                                            version)))
             # -- primitives
             tensors = load_file(str(weights_file))
             record("primitive: sha256 of the file (one pass)", _timed(lambda: _sha256_file(weights_file)))
+            record("primitive: read the file (no hash)", _timed(lambda: _read_file(weights_file)))
             raw = scratch / "raw.safetensors"
             record("primitive: save_file", _timed(lambda: save_file(tensors, str(raw))))
-            record("primitive: load_file", _timed(lambda: load_file(str(raw))))
+            raw.unlink()
+            # As bench.scale measures it: a new file each time, written then read back.
             record("baseline: save_file + load_file", _timed(lambda: (save_file(tensors, str(raw)),
                                                                      load_file(str(raw)))))
             if s3:
                 _s3_round(n, directory, weights_file, raw, scratch, record)
             raw.unlink()
             shutil.rmtree(directory, ignore_errors=True)
-            for cache in ("cache", "cache2"):
+            for cache in ("cache", "cache2", "cache3"):
                 shutil.rmtree(scratch / cache, ignore_errors=True)
     finally:
         if store_proc is not None:
@@ -156,15 +220,15 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
 
 
 def _s3_round(n: int, directory: Path, weights_file: Path, raw: Path, scratch: Path, record) -> None:
-    import boto3
-
     from arbiter.lm import load_causal_lm
     from arbiter.weights import fetch_version, open_store, publish_version
 
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    # The same client and transfer settings as the publish below: boto3
+    # upload_file + download_file of the one weights file, nothing else.
+    raw_store = open_store("s3://bench/raw")
     got = scratch / "got.safetensors"
     record("baseline s3: upload_file + download_file", _timed(lambda: (
-        client.upload_file(str(weights_file), "bench", f"raw-{n}"), client.download_file("bench", f"raw-{n}", str(got)))))
+        raw_store.put_file(f"raw-{n}", weights_file), raw_store.get_file(f"raw-{n}", got))))
     got.unlink()
     store = open_store("s3://bench/versions")
     published: list = []

@@ -25,6 +25,7 @@ from arbiter.weights import (
     StoreError,
     TransferSettings,
     WeightsError,
+    download_version,
     fetch_version,
     open_store,
     publish_version,
@@ -101,6 +102,13 @@ def test_round_trip_multipart_and_refusals(s3, policy, tmp_path):
         fetch_version(published.uri, tmp_path / "other-cache")
     assert err.value.reason == "sha256" and "config.json" in str(err.value)
     assert not (tmp_path / "other-cache" / "v1").exists()
+    # Downloaded, not yet checked (what the follower loads while it hashes):
+    # no cached version until the check passed, and removed when it fails.
+    pending = download_version(published.uri, tmp_path / "other-cache")
+    assert pending.path == tmp_path / "other-cache" / "v1" and not (pending.path / "manifest.json").exists()
+    with pytest.raises(WeightsError) as err:
+        pending.verify()
+    assert err.value.reason == "sha256" and not pending.path.exists()
     # A manifest that is not one.
     store.put_bytes("v2/manifest.json", b"not json")
     with pytest.raises(WeightsError) as err:
