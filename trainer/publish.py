@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from arbiter.errors import ModelLoadError
 from arbiter.hf import combine_weights_sha256, file_sha256
 from arbiter.stream import StreamError
 from arbiter.weights import MANIFEST, ParentVersion, PublishSettings, StoreError, join_uri, open_store, publish_version
@@ -93,9 +92,9 @@ class BackgroundPublisher:
     publisher's thread. ``announce`` also gets, as keywords, what the
     publisher knows: ``weights_uri`` (with a store) and ``weights_sha256``
     (when the version holds safetensors weights). Each file written is
-    hashed once, right after the write: the announcement's digest and the
-    manifest's both come from that one pass. ``close()`` finishes the newest pending version (and its
-    announcement) before returning."""
+    hashed once: by the upload (the manifest's digests), or, without a
+    store, right after the write. ``close()`` finishes the newest pending
+    version (and its announcement) before returning."""
 
     def __init__(
         self, root: Path, save: Callable[[Path, Snapshot], None], announce: Callable[..., None],
@@ -110,7 +109,7 @@ class BackgroundPublisher:
         self._parent: ParentVersion | None = None
         self._deltas = 0
         self._uploaded: dict[str, str] = {}  # version -> its URI (the newest few)
-        self._digests: dict[str, dict[str, str]] = {}  # version -> {file: sha256}, the newest written
+        self._weights_sha256: dict[str, str] = {}  # version -> its weights digest (the newest only)
         self.last_published = None  # arbiter.weights.Published of the newest upload
         self._save = save
         self._announce = announce
@@ -200,13 +199,17 @@ class BackgroundPublisher:
             if self.weights.bf16:
                 job = Snapshot(job.version, job.step, to_bf16(job.tensors))
             self._save(tmp, job)
-            # While the bytes are still in the page cache; the files are never
-            # rewritten in place (written aside, renamed), so the digests stay
-            # theirs (a disk that corrupts them later fails the replicas' check).
-            digests = {path.name: file_sha256(path) for path in sorted(tmp.iterdir()) if path.is_file()}
+            if self._store is None:
+                # The announcement's digest, taken here while the bytes are in
+                # the page cache (with a store, the upload hashes each file once,
+                # beside the transfer). The files are never rewritten in place
+                # (written aside, renamed), so the digest stays theirs.
+                weights = sorted(p for p in tmp.glob("*.safetensors") if p.is_file())
+                if weights:
+                    self._weights_sha256 = {
+                        job.version: combine_weights_sha256({p.name: file_sha256(p) for p in weights})}
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            self._digests = {job.version: digests}
         except Exception:  # a full disk must not stop training: the next version tries again
             self.failures += 1
             log.exception("writing policy version %s failed; it is not published", job.version)
@@ -246,8 +249,8 @@ class BackgroundPublisher:
                 and self._parent.directory.is_dir():
             parent = self._parent
         published = publish_version(self._store, version, directory, parent=parent,
-                                    dtype="bfloat16" if self.weights.bf16 else None,
-                                    digests=self._digests.get(version))
+                                    dtype="bfloat16" if self.weights.bf16 else None)
+        self._weights_sha256 = {version: published.weights_sha256}
         self._deltas = self._deltas + 1 if published.delta_of else 0
         self._parent = ParentVersion(version, directory, published.weights_sha256)
         self._uploaded = {version: published.uri}
@@ -263,11 +266,8 @@ class BackgroundPublisher:
             uri = self._upload(version)
             if uri:
                 known["weights_uri"] = uri
-            if version in self._digests:
-                try:
-                    known["weights_sha256"] = combine_weights_sha256(self._digests[version])
-                except ModelLoadError:  # no safetensors (an adapter saved otherwise): the caller hashes
-                    pass
+            if version in self._weights_sha256:
+                known["weights_sha256"] = self._weights_sha256[version]
             self._announce(version, **known)
         except (StreamError, StoreError) as err:  # not acknowledged / not stored, or not even reachable
             log.warning("publishing policy %s failed (retried while training goes on): %s", version, err)

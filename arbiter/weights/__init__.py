@@ -47,7 +47,8 @@ import mmap
 import shutil
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,23 +211,24 @@ def _apply_delta(parent_file: Path, delta: Path, out: Path) -> None:
 
 def publish_version(
     store: Store, version: str, directory: Path, *, parent: ParentVersion | None = None, dtype: str | None = None,
-    progress: Callable[[str], None] | None = None, digests: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Published:
     """Upload ``directory`` as ``version``: every file (or its delta against
-    ``parent``), then the manifest. ``digests``: the files' sha256 when the
-    caller has them already (the publisher hashes what it just wrote once,
-    for the announcement and this manifest); others are hashed here. Raises
-    StoreError; nothing is visible then."""
-    known = dict(digests or {})
+    ``parent``), then the manifest. Raises StoreError; nothing is visible then.
+
+    Each file is hashed once, on a thread of its own while the uploads go
+    on (sha256 releases the GIL): the hash costs no time of its own unless
+    it outlasts the upload (a local store's hard link)."""
     entries: dict[str, dict] = {}
     uploaded = total = 0
     delta_used = False
     scratch = directory.parent / f".delta-{version}"
+    paths = _files(directory)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="publish-sha256")
+    hashing = {path.name: hasher.submit(file_sha256, path) for path in paths}
     try:
-        for path in _files(directory):
-            sha = known.get(path.name) or file_sha256(path)
-            known[path.name] = sha
-            entry = {"sha256": sha, "bytes": path.stat().st_size}
+        for path in paths:
+            entry = {"bytes": path.stat().st_size}
             total += entry["bytes"]
             ranges = None
             if parent is not None and path.name.endswith(".safetensors") and (parent.directory / path.name).is_file():
@@ -246,7 +248,10 @@ def publish_version(
             entries[path.name] = entry
             if progress is not None:
                 progress(path.name)
+        for name, entry in entries.items():
+            entry["sha256"] = hashing[name].result()
     finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
     try:
         weights = combine_weights_sha256({name: e["sha256"] for name, e in entries.items()})
