@@ -113,9 +113,10 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
     from bench.scale import GPT2_SMALL, build_models
 
     try:
+        from arbiter.hf import file_sha256
         from arbiter.weights import download_version
-    except ImportError:  # measuring the code from before the follower verified while loading
-        download_version = None
+    except ImportError:  # measuring the code from before this change
+        download_version = file_sha256 = None
     from trainer.policy_model import PolicyWithValue
     from trainer.publish import snapshot_tensors
 
@@ -182,7 +183,11 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
                                                             version)))
             # -- primitives
             tensors = load_file(str(weights_file))
-            record("primitive: sha256 of the file (one pass)", _timed(lambda: _sha256_file(weights_file)))
+            record("primitive: sha256 of the file (8 MiB reads, a fixed yardstick)",
+                   _timed(lambda: _sha256_file(weights_file)))
+            if file_sha256 is not None:
+                record("primitive: arbiter.hf.file_sha256 (the path's one pass)",
+                       _timed(lambda: file_sha256(weights_file)))
             record("primitive: read the file (no hash)", _timed(lambda: _read_file(weights_file)))
             raw = scratch / "raw.safetensors"
             record("primitive: save_file", _timed(lambda: save_file(tensors, str(raw))))
