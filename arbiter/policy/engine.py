@@ -135,7 +135,7 @@ class PolicyEngine:
 
             self._remote = TritonDecoder(config.backend)
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="policy-tokenize")
-        self._checks: dict[str, Callable[[], object]] = {}  # version -> load_checked's check
+        self._checks: dict[tuple[str, str | None], Callable[[], object]] = {}  # (path, version) -> load_checked's
         self._closed = False
 
     async def load_checked(self, path: str, version: str, check: Callable[[], object]) -> ModelInfo:
@@ -144,11 +144,11 @@ class PolicyEngine:
         probed and before the kernel takes the model, so a check that runs
         meanwhile (the follower hashing the same files) costs no time of
         its own, and a version that fails it never serves."""
-        self._checks[version] = check
+        self._checks[(path, version)] = check
         try:
             return await self.models.load_version(path, version, activate=True)
         finally:
-            self._checks.pop(version, None)
+            self._checks.pop((path, version), None)
 
     def _load(self, path: str, version: str | None) -> PolicyModel:
         if self._remote is not None:
@@ -159,7 +159,7 @@ class PolicyEngine:
                 checkpoint_dir(path), version=version, base_dir=self.config.base_model_dir,
                 max_tokens=self.config.max_tokens, placement=self.config.placement,
             )
-        check = self._checks.get(version) if version else None
+        check = self._checks.get((path, version))
         if check is not None:
             try:
                 check()
