@@ -110,7 +110,7 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
     from arbiter.hf import weights_sha256
     from arbiter.lm import load_causal_lm, load_causal_weights
     from arbiter.weights import fetch_version, open_store, publish_version
-    from bench.scale import GPT2_SMALL, build_models
+    from bench.scale import GPT2_SMALL, build_models, environment
 
     try:
         from arbiter.hf import file_sha256
@@ -137,78 +137,71 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
         times.setdefault(name, []).append(seconds)
 
     store_proc = None
-    saved_env: dict[str, str | None] = {}
     if s3:
         from arbiter.stream.objectstore import LocalObjectStore
 
         store_proc = LocalObjectStore(scratch / "s3", scratch / "s3.log", buckets=["bench"]).start()
-        saved_env = {k: os.environ.get(k) for k in store_proc.env()}
-        os.environ.update(store_proc.env())
     try:
-        for n in range(rounds):
-            with torch.no_grad():  # a "trained" version: every tensor moved
-                for p in trainer.lm.parameters():
-                    p.add_(1e-4)
-            version = f"v{n}"
-            # -- the trainer
-            snapshot: dict = {}
-            record("trainer: snapshot (in-memory copy)",
-                   _timed(lambda: snapshot.update(snapshot_tensors(trainer.lm, only_trainable=False))))
-            directory = scratch / version
-            saved: list = []
-            record("trainer: version write (save_policy)",
-                   _timed(lambda: saved.append(trainer.save_policy(directory, version, dict(snapshot)))))
-            weights_file = directory / "model.safetensors"
-            size = weights_file.stat().st_size
-            record("trainer: announcement digest (weights_sha256)", _timed(lambda: weights_sha256(directory)))
-            published: list = []
-            record("trainer: publish to file:// (digests, link, manifest)",
-                   _timed(lambda: published.append(publish_version(store, version, directory))))
-            record("trainer: publisher, submit → announce, file:// (write, digests, publish)",
-                   _timed(lambda: _publish_in_background(trainer, scratch / "publisher", store_root, f"p{n}",
-                                                          dict(snapshot))))
-            # -- the replica
-            record("replica: shared-dir check (weights_sha256)", _timed(lambda: weights_sha256(directory)))
-            record("replica: fetch_version file:// (verify in place)",
-                   _timed(lambda: fetch_version(published[0].uri, scratch / "cache")))
-            record("replica: load_causal_weights (weights, tokenizer)", _timed(lambda: load_causal_weights(directory)))
-            record("replica: load_causal_lm (+ ModelInfo, probe)",
-                   _timed(lambda: load_causal_lm(directory, kind="policy", version=version)))
-            record("replica: fetch, then load, file:// (in sequence)", _timed(lambda: (
-                load_causal_lm(fetch_version(published[0].uri, scratch / "cache2").path, kind="policy",
-                               version=version))))
-            if download_version is not None:
-                record("replica: verify ‖ load, file:// (the follower's path)",
-                       _timed(lambda: _verify_while_loading(download_version(published[0].uri, scratch / "cache3"),
-                                                            version)))
-            # -- primitives
-            tensors = load_file(str(weights_file))
-            record("primitive: sha256 of the file (8 MiB reads, a fixed yardstick)",
-                   _timed(lambda: _sha256_file(weights_file)))
-            if file_sha256 is not None:
-                record("primitive: arbiter.hf.file_sha256 (the path's one pass)",
-                       _timed(lambda: file_sha256(weights_file)))
-            record("primitive: read the file (no hash)", _timed(lambda: _read_file(weights_file)))
-            raw = scratch / "raw.safetensors"
-            record("primitive: save_file", _timed(lambda: save_file(tensors, str(raw))))
-            raw.unlink()
-            # As bench.scale measures it: a new file each time, written then read back.
-            record("baseline: save_file + load_file", _timed(lambda: (save_file(tensors, str(raw)),
-                                                                     load_file(str(raw)))))
-            if s3:
-                _s3_round(n, directory, weights_file, raw, scratch, record)
-            raw.unlink()
-            shutil.rmtree(directory, ignore_errors=True)
-            for cache in ("cache", "cache2", "cache3"):
-                shutil.rmtree(scratch / cache, ignore_errors=True)
+        with environment(store_proc.env() if store_proc is not None else {}):
+            for n in range(rounds):
+                with torch.no_grad():  # a "trained" version: every tensor moved
+                    for p in trainer.lm.parameters():
+                        p.add_(1e-4)
+                version = f"v{n}"
+                # -- the trainer
+                snapshot: dict = {}
+                record("trainer: snapshot (in-memory copy)",
+                       _timed(lambda: snapshot.update(snapshot_tensors(trainer.lm, only_trainable=False))))
+                directory = scratch / version
+                saved: list = []
+                record("trainer: version write (save_policy)",
+                       _timed(lambda: saved.append(trainer.save_policy(directory, version, dict(snapshot)))))
+                weights_file = directory / "model.safetensors"
+                size = weights_file.stat().st_size
+                record("trainer: announcement digest (weights_sha256)", _timed(lambda: weights_sha256(directory)))
+                published: list = []
+                record("trainer: publish to file:// (digests, link, manifest)",
+                       _timed(lambda: published.append(publish_version(store, version, directory))))
+                record("trainer: publisher, submit → announce, file:// (write, digests, publish)",
+                       _timed(lambda: _publish_in_background(trainer, scratch / "publisher", store_root, f"p{n}",
+                                                              dict(snapshot))))
+                # -- the replica
+                record("replica: shared-dir check (weights_sha256)", _timed(lambda: weights_sha256(directory)))
+                record("replica: fetch_version file:// (verify in place)",
+                       _timed(lambda: fetch_version(published[0].uri, scratch / "cache")))
+                record("replica: load_causal_weights (weights, tokenizer)", _timed(lambda: load_causal_weights(directory)))
+                record("replica: load_causal_lm (+ ModelInfo, probe)",
+                       _timed(lambda: load_causal_lm(directory, kind="policy", version=version)))
+                record("replica: fetch, then load, file:// (in sequence)", _timed(lambda: (
+                    load_causal_lm(fetch_version(published[0].uri, scratch / "cache2").path, kind="policy",
+                                   version=version))))
+                if download_version is not None:
+                    record("replica: verify ‖ load, file:// (the follower's path)",
+                           _timed(lambda: _verify_while_loading(download_version(published[0].uri, scratch / "cache3"),
+                                                                version)))
+                # -- primitives
+                tensors = load_file(str(weights_file))
+                record("primitive: sha256 of the file (8 MiB reads, a fixed yardstick)",
+                       _timed(lambda: _sha256_file(weights_file)))
+                if file_sha256 is not None:
+                    record("primitive: arbiter.hf.file_sha256 (the path's one pass)",
+                           _timed(lambda: file_sha256(weights_file)))
+                record("primitive: read the file (no hash)", _timed(lambda: _read_file(weights_file)))
+                raw = scratch / "raw.safetensors"
+                record("primitive: save_file", _timed(lambda: save_file(tensors, str(raw))))
+                raw.unlink()
+                # As bench.scale measures it: a new file each time, written then read back.
+                record("baseline: save_file + load_file", _timed(lambda: (save_file(tensors, str(raw)),
+                                                                         load_file(str(raw)))))
+                if s3:
+                    _s3_round(n, directory, weights_file, raw, scratch, record)
+                raw.unlink()
+                shutil.rmtree(directory, ignore_errors=True)
+                for cache in ("cache", "cache2", "cache3"):
+                    shutil.rmtree(scratch / cache, ignore_errors=True)
     finally:
         if store_proc is not None:
             store_proc.stop()
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         shutil.rmtree(scratch, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
     base = medians["baseline: save_file + load_file"]

@@ -189,7 +189,8 @@ class ServedWatch(threading.Thread):
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]):
+def environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` set, restored on exit."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -266,7 +267,7 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
                 # publisher and the replica compete with on this machine.
                 raw_loaded, _ = raw_write_read_seconds(models["policy"], out / "raw", rounds=2)
                 if mode.startswith("s3"):
-                    with _environ(stack.weights_env):
+                    with environment(stack.weights_env):
                         raw_s3 = raw_s3_seconds(models["policy"], out / "raw")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{mode}: {len(rows())} updates in {timeout_s:.0f}s (see {out}/stack/logs)")
