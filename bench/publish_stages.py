@@ -103,7 +103,7 @@ def _verify_while_loading(pending, version: str) -> None:
 
 
 def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | None = None,
-        s3: bool = False) -> dict:
+        s3: bool = False, vocab: int | None = None) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -125,6 +125,8 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
         shape["n_layer"] = layers
     if width is not None:
         shape.update(n_embd=width, n_head=max(1, width // 64))
+    if vocab is not None:
+        shape["vocab_size"] = vocab
     models = build_models(workdir / "models", shape)
     trainer = PolicyWithValue.load(models["policy"])
     scratch = Path(tempfile.mkdtemp(prefix="publish-stages-", dir=workdir))
@@ -244,10 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, help="fewer layers than GPT-2 small's 12 (a quick run)")
     parser.add_argument("--width", type=int)
+    parser.add_argument("--vocab", type=int, help="a smaller vocabulary than GPT-2's (a quick run)")
     parser.add_argument("--s3", action="store_true", help="also through the local S3-protocol server")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    run(args.workdir, args.rounds, args.layers, args.width, args.s3)
+    run(args.workdir, args.rounds, args.layers, args.width, args.s3, args.vocab)
 
 
 if __name__ == "__main__":
