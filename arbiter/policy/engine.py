@@ -151,14 +151,7 @@ class PolicyEngine:
             self._checks.pop((path, version), None)
 
     def _load(self, path: str, version: str | None) -> PolicyModel:
-        if self._remote is not None:
-            model = self._remote.open(path, version, self.config.max_tokens)
-        else:
-            # An exported version directory REPO/NAME/N serves its checkpoint/, as Triton does.
-            model = PolicyModel.load(
-                checkpoint_dir(path), version=version, base_dir=self.config.base_model_dir,
-                max_tokens=self.config.max_tokens, placement=self.config.placement,
-            )
+        model = self._open(path, version)
         check = self._checks.get((path, version))
         if check is not None:
             try:
@@ -167,6 +160,15 @@ class PolicyEngine:
                 model.release()
                 raise
         return model
+
+    def _open(self, path: str, version: str | None) -> PolicyModel:
+        if self._remote is not None:
+            return self._remote.open(path, version, self.config.max_tokens)
+        # An exported version directory REPO/NAME/N serves its checkpoint/, as Triton does.
+        return PolicyModel.load(
+            checkpoint_dir(path), version=version, base_dir=self.config.base_model_dir, max_tokens=self.config.max_tokens,
+            placement=self.config.placement,
+        )
 
     def info(self, version: str = "") -> ModelInfo:
         return self.models.info(version)
