@@ -11,7 +11,8 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def files_sha256(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """``{name: file_sha256}`` of several files, hashed on parallel threads
+    (sha256 releases the GIL): a checkpoint in N shards is hashed up to N
+    times as fast on a machine with the cores (whence one file's sha256 and
+    not one over all the bytes)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) <= 1:
+        return {p.name: file_sha256(p) for p in paths}
+    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1), thread_name_prefix="sha256") as pool:
+        return dict(zip((p.name for p in paths), pool.map(file_sha256, paths), strict=True))
+
+
 def combine_weights_sha256(files: Mapping[str, str]) -> str:
     """The weights digest from each file's sha256 (``{name: hex}``; only
     ``.safetensors`` files count): sha256 over ``NAME\0SHA256\n`` in name
@@ -251,7 +264,7 @@ def weights_sha256(model_dir: str | os.PathLike) -> str:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{str(model_dir)!r} holds no .safetensors weights")
-    return combine_weights_sha256({path.name: file_sha256(path) for path in files})
+    return combine_weights_sha256(files_sha256(files))
 
 
 def read_config(model_dir: str | os.PathLike):

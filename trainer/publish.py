@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from arbiter.hf import combine_weights_sha256, file_sha256
+from arbiter.hf import combine_weights_sha256, files_sha256
 from arbiter.stream import StreamError
 from arbiter.weights import MANIFEST, ParentVersion, PublishSettings, StoreError, join_uri, open_store, publish_version
 
@@ -207,7 +207,7 @@ class BackgroundPublisher:
                 weights = sorted(p for p in tmp.glob("*.safetensors") if p.is_file())
                 if weights:
                     self._weights_sha256 = {
-                        job.version: combine_weights_sha256({p.name: file_sha256(p) for p in weights})}
+                        job.version: combine_weights_sha256(files_sha256(weights))}
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except Exception:  # a full disk must not stop training: the next version tries again

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from arbiter.config import require
 from arbiter.errors import ArbiterError
-from arbiter.hf import combine_weights_sha256, file_sha256
+from arbiter.hf import combine_weights_sha256, file_sha256, files_sha256
 from arbiter.weights.store import MiB, Store, StoreError, TransferSettings, join_uri, open_store, split_uri
 
 __all__ = [
@@ -216,7 +216,7 @@ def publish_version(
     """Upload ``directory`` as ``version``: every file (or its delta against
     ``parent``), then the manifest. Raises StoreError; nothing is visible then.
 
-    Each file is hashed once, on a thread of its own while the uploads go
+    Each file is hashed once, on threads of their own while the uploads go
     on (sha256 releases the GIL): the hash costs no time of its own unless
     it outlasts the upload (a local store's hard link)."""
     entries: dict[str, dict] = {}
@@ -225,7 +225,7 @@ def publish_version(
     scratch = directory.parent / f".delta-{version}"
     paths = _files(directory)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="publish-sha256")
-    hashing = {path.name: hasher.submit(file_sha256, path) for path in paths}
+    hashing = hasher.submit(files_sha256, paths)
     try:
         for path in paths:
             entry = {"bytes": path.stat().st_size}
@@ -248,8 +248,9 @@ def publish_version(
             entries[path.name] = entry
             if progress is not None:
                 progress(path.name)
+        digests = hashing.result()
         for name, entry in entries.items():
-            entry["sha256"] = hashing[name].result()
+            entry["sha256"] = digests[name]
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -304,11 +305,13 @@ def _verify(directory: Path, manifest: dict, where: str, patched: frozenset[str]
     latter. ``patched``: files made from a (verified) delta and the parent's
     copy, so a mismatch there means the local parent's bytes are not the ones
     its manifest vouched for."""
-    for name, entry in sorted(manifest["files"].items()):
-        path = directory / name
-        if not path.is_file():
+    files = sorted(manifest["files"].items())
+    for name, _ in files:
+        if not (directory / name).is_file():
             raise WeightsError(DOWNLOAD, f"{where}: {name} is missing")
-        actual = file_sha256(path)
+    actuals = files_sha256([directory / name for name, _ in files])
+    for name, entry in files:
+        actual = actuals[name]
         if actual != entry.get("sha256"):
             if name in patched:
                 raise WeightsError(PARENT, f"{where}: {name} patched onto the parent's copy has sha256 {actual}, "
