@@ -14,7 +14,6 @@ import pytest
 import torch
 from helpers import BackgroundServer, sample_value, wait_until
 
-from arbiter import hf
 from arbiter.hf import weights_sha256
 from arbiter.stream import StreamProducer, ensure_topics, topics
 from arbiter.stream.objectstore import LocalObjectStore
@@ -230,10 +229,10 @@ def test_trainer_publishes_through_s3_and_the_replica_swaps(s3, policy, tiny_mod
     out.mkdir()
     sent = []
 
-    def announce(version, weights_uri="", weights_sha256=""):  # what trainer/loop.py announces
+    def announce(version, weights_uri="", **known):  # what trainer/loop.py announces
         # The publisher's digest, from its one pass over what it wrote, is the files' own.
-        assert weights_sha256 == hf.weights_sha256(out / version)
-        update = policy_update(version, str(out / version), "v0", len(sent) + 1, weights_sha256,
+        assert known["weights_sha256"] == weights_sha256(out / version)
+        update = policy_update(version, str(out / version), "v0", len(sent) + 1, known["weights_sha256"],
                                False, weights_uri=weights_uri)
         with StreamProducer(kafka_settings) as producer:
             producer.send(topics.POLICY_UPDATES, update)
