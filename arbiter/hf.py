@@ -7,7 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +109,52 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
+# Files a checkpoint directory holds that never decide its tokenizer: each
+# version's own label and weights. Everything else is the tokenizer's key.
+_NOT_TOKENIZER = (METADATA_FILE, "generation_config.json", "manifest.json")
+_SHARED_TOKENIZERS: OrderedDict[str, Any] = OrderedDict()
+_SHARED_TOKENIZERS_MAX = 4
+_shared_lock = threading.Lock()
+# id(tokenizer) -> (a weak reference to it, its fingerprint)
+_FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def _tokenizer_key(root: Path) -> str:
+    """sha256 over the names and bytes of every file of ``root`` but its
+    weights and per-version metadata (a few MiB: milliseconds)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in _NOT_TOKENIZER \
+                and not path.name.startswith("."):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def load_tokenizer(model_dir: str | os.PathLike, shared: bool = False):
+    """The checkpoint's tokenizer. ``shared``: the same object for every
+    directory whose tokenizer files are byte-identical (the serving path:
+    each version the trainer publishes carries the same tokenizer, and
+    loading it and fingerprinting it again cost ~0.4 s per hot swap of a
+    50k-token vocabulary); callers must not modify it."""
+    if shared:
+        try:
+            key = _tokenizer_key(Path(model_dir))
+        except OSError as err:
+            raise ModelLoadError(f"cannot read the tokenizer files in {str(model_dir)!r}: {err}") from err
+        with _shared_lock:
+            if key in _SHARED_TOKENIZERS:
+                _SHARED_TOKENIZERS.move_to_end(key)
+                return _SHARED_TOKENIZERS[key]
+        tokenizer = _load_tokenizer(model_dir)
+        with _shared_lock:
+            tokenizer = _SHARED_TOKENIZERS.setdefault(key, tokenizer)
+            while len(_SHARED_TOKENIZERS) > _SHARED_TOKENIZERS_MAX:
+                _SHARED_TOKENIZERS.popitem(last=False)
+        return tokenizer
+    return _load_tokenizer(model_dir)
+
+
+def _load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -124,7 +174,13 @@ def load_tokenizer(model_dir: str | os.PathLike):
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over everything that decides token ids: vocabulary, merges,
     normalizer/pre-tokenizer, special tokens and chat template. Padding and
-    truncation settings are excluded: they do not change ids."""
+    truncation settings are excluded: they do not change ids. Computed once
+    per tokenizer object (a shared one is fingerprinted once for every
+    version it serves)."""
+    with _shared_lock:
+        known = _FINGERPRINTS.get(id(tokenizer))
+    if known is not None and known[0]() is tokenizer:
+        return known[1]
     if getattr(tokenizer, "is_fast", False):
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         spec.pop("padding", None)
@@ -134,7 +190,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     spec["special_tokens"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
     spec["chat_template"] = getattr(tokenizer, "chat_template", None)
     blob = json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()
+    fingerprint = hashlib.sha256(blob).hexdigest()
+    with _shared_lock:
+        # Only shared tokenizers, which nobody modifies, keep theirs.
+        if any(t is tokenizer for t in _SHARED_TOKENIZERS.values()):
+            for stale in [k for k, (ref, _) in _FINGERPRINTS.items() if ref() is None]:
+                del _FINGERPRINTS[stale]
+            _FINGERPRINTS[id(tokenizer)] = (weakref.ref(tokenizer), fingerprint)
+    return fingerprint
 
 
 def model_max_tokens(config, tokenizer, override: int | None = None) -> int:
@@ -153,19 +216,55 @@ def model_max_tokens(config, tokenizer, override: int | None = None) -> int:
     return min(limits)
 
 
-def weights_sha256(model_dir: str | os.PathLike) -> str:
-    """sha256 over every safetensors file of a checkpoint (names and bytes, in
-    name order): what a publisher announces and a loader verifies before a swap."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of one file's bytes, in one read. Through one reused 1 MiB
+    buffer: it stays in the CPU's cache between the read and the hash
+    (measured on a 475 MiB file: 0.32 s of CPU against 0.51 s reading it
+    in fresh 8 MiB chunks)."""
     digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with Path(path).open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def files_sha256(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """``{name: file_sha256}`` of several files, hashed on parallel threads
+    (sha256 releases the GIL): a checkpoint in N shards is hashed up to N
+    times as fast on a machine with the cores (whence one file's sha256 and
+    not one over all the bytes)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) <= 1:
+        return {p.name: file_sha256(p) for p in paths}
+    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1), thread_name_prefix="sha256") as pool:
+        return dict(zip((p.name for p in paths), pool.map(file_sha256, paths), strict=True))
+
+
+def combine_weights_sha256(files: Mapping[str, str]) -> str:
+    """The weights digest from each file's sha256 (``{name: hex}``; only
+    ``.safetensors`` files count): sha256 over ``NAME\0SHA256\n`` in name
+    order. Derived from the per-file digests a manifest lists, so nothing
+    reads the weights twice to get both (each sha256 pass over a 475 MiB
+    file is ~0.4 s of one core, more than writing the file)."""
+    names = sorted(name for name in files if name.endswith(".safetensors"))
+    if not names:
+        raise ModelLoadError("no .safetensors weights to digest")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\0{files[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def weights_sha256(model_dir: str | os.PathLike) -> str:
+    """sha256 over every safetensors file of a checkpoint (names and each
+    file's sha256, ``combine_weights_sha256``): what a publisher announces
+    and a loader verifies before a swap."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{str(model_dir)!r} holds no .safetensors weights")
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return combine_weights_sha256(files_sha256(files))
 
 
 def read_config(model_dir: str | os.PathLike):

@@ -143,7 +143,9 @@ def load_causal_weights(
     else:
         model = _from_pretrained(root, placement.torch_dtype)
         tokenizer_dir = root if _has_tokenizer(root) or base_dir is None else Path(base_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    # Shared: every version of a policy hot-swapped in carries the same
+    # tokenizer files, loaded and fingerprinted once (serving never modifies it).
+    tokenizer = load_tokenizer(tokenizer_dir, shared=True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = placement.place(model)

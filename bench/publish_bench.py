@@ -28,7 +28,7 @@ Noisy on a shared machine: compare ratios measured side by side.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import shutil
 import statistics
 import tempfile
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from bench.common import print_table
+from bench.scale import environment
 
 MiB = 1 << 20
 
@@ -107,8 +108,8 @@ def run(layers: int = 4, width: int = 512, rounds: int = 3, quick: bool = False)
         layers, width, rounds = 2, 128, 1
     work = Path(tempfile.mkdtemp(prefix="arbiter-publish-bench-"))
     store_proc = LocalObjectStore(work / "s3", work / "s3.log", buckets=["bench"]).start()
-    saved_env = {k: os.environ.get(k) for k in store_proc.env()}
-    os.environ.update(store_proc.env())
+    restore = contextlib.ExitStack()
+    restore.enter_context(environment(store_proc.env()))
     try:
         tiny = make_tiny_models(work / "tiny")
         model, tokenizer = _model(tiny["policy"], layers, width)
@@ -208,11 +209,7 @@ def run(layers: int = 4, width: int = 512, rounds: int = 3, quick: bool = False)
         return summary
     finally:
         store_proc.stop()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -29,7 +29,10 @@ Reported per iteration:
   probe, swap), against the raw cost of writing the same safetensors bytes to
   a new file and reading them back, measured in the same run twice: on the
   idle machine before any stack starts, and while the mode's loop runs (what
-  the publisher and the replica compete with here) (target ≤ 1.5×).
+  the publisher and the replica compete with here) (target ≤ 1.5×); for the
+  s3 modes also against the raw cost of uploading and downloading the same
+  file through the same store (``raw_s3_seconds``) while the loop runs, so
+  that ratio compares like with like.
 
 Noisy on a shared machine; numbers are seconds of one run.
 """
@@ -37,6 +40,7 @@ Noisy on a shared machine; numbers are seconds of one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +56,10 @@ from pathlib import Path
 from bench.common import print_table
 
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
+# The local store is moto's Python server, which assembles a multipart upload
+# by copying its parts: one PUT per file uploads ~1.5x faster there (128 MiB,
+# measured: 67 MiB/s against 43 in 64 MiB parts). A real S3 wants parts.
+S3_TRANSFER = {"multipart_threshold_mb": 1024, "multipart_chunksize_mb": 64}
 PROMPTS = ("Tell me about the sea.", "Write a short story.", "Explain the tide.", "What is a reward model?",
            "Describe a city at night.", "Give me advice on sleep.", "Summarize the news.", "Say something kind.")
 
@@ -120,6 +128,31 @@ def raw_write_read_seconds(model_dir: Path, scratch: Path, rounds: int = 3) -> t
     return statistics.median(times), size
 
 
+def raw_s3_seconds(model_dir: Path, scratch: Path, rounds: int = 1) -> float:
+    """Median seconds to upload the policy's safetensors file to the S3
+    store the environment points at (bucket ``arbiter-weights``) and download
+    it again, through the weights store's own client and transfer settings
+    (boto3 ``upload_file`` / ``download_file``): the raw cost of moving the
+    same bytes through that server, which the s3 modes are divided by (the
+    local S3 server here is Python: tens of MB/s, far slower than a disk)."""
+    from arbiter.weights.store import MiB, TransferSettings, open_store
+
+    store = open_store("s3://arbiter-weights/raw-baseline",
+                       TransferSettings(S3_TRANSFER["multipart_threshold_mb"] * MiB,
+                                        S3_TRANSFER["multipart_chunksize_mb"] * MiB))
+    source = next(model_dir.glob("*.safetensors"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    times = []
+    for i in range(rounds):
+        target = scratch / f"raw-s3-{i}.safetensors"
+        started = time.perf_counter()
+        store.put_file(f"raw-{i}", source)
+        store.get_file(f"raw-{i}", target)
+        times.append(time.perf_counter() - started)
+        target.unlink()
+    return statistics.median(times)
+
+
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -155,6 +188,21 @@ class ServedWatch(threading.Thread):
                 self.stopped.wait(0.05)
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` set, restored on exit."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclasses.dataclass
 class ModeResult:
     mode: str
@@ -165,6 +213,8 @@ class ModeResult:
     write_s: float
     apply_s: float  # announced -> serving, on the replica (download, verify, load, probe, swap)
     raw_loaded_s: float  # raw write+read of the same bytes while this mode's loop ran
+    # s3 modes: the same file uploaded and downloaded through the same store while the loop ran
+    raw_s3_loaded_s: float
     publish_to_serving_s: list[float]
     notes: str = ""
 
@@ -180,7 +230,7 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     weights = {}
     if mode.startswith("s3"):
-        weights = {"uri": "s3://arbiter-weights/policies", "bf16": mode == "s3-bf16"}
+        weights = {"uri": "s3://arbiter-weights/policies", "bf16": mode == "s3-bf16", **S3_TRANSFER}
     trainer = {"max_updates": None, "run_name": "scale",
                "ppo": {"batch_size": batch_size, "minibatch_size": batch_size // ranks, "epochs": 1,
                        "max_staleness": 1},
@@ -207,7 +257,7 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
         watch = ServedWatch(stack.targets["policy"])
         watch.start()
         deadline = time.monotonic() + timeout_s
-        raw_loaded = None
+        raw_loaded = raw_s3 = None
         # One update more than measured: the first pays for warm-up (lazy
         # allocations, the first KV-cache growth, the store's first bucket write).
         while len(rows()) < iterations + 1 or rows()[-1]["policy_version"] not in watch.first_served:
@@ -216,6 +266,9 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
                 # The same bytes written and read while the loop runs: what the
                 # publisher and the replica compete with on this machine.
                 raw_loaded, _ = raw_write_read_seconds(models["policy"], out / "raw", rounds=2)
+                if mode.startswith("s3"):
+                    with environment(stack.weights_env):
+                        raw_s3 = raw_s3_seconds(models["policy"], out / "raw")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{mode}: {len(rows())} updates in {timeout_s:.0f}s (see {out}/stack/logs)")
             time.sleep(0.2)
@@ -245,6 +298,7 @@ def run_mode(mode: str, models: dict[str, Path], workdir: Path, iterations: int,
         write_s=mean_of("arbiter_trainer_policy_write_seconds", trainer_metrics),
         apply_s=mean_of("arbiter_policy_update_apply_seconds", policy_metrics),
         raw_loaded_s=raw_loaded if raw_loaded is not None else math.nan,
+        raw_s3_loaded_s=raw_s3 if raw_s3 is not None else math.nan,
         publish_to_serving_s=latencies,
         notes=f"{skipped} versions superseded before serving" if skipped else "")
 
@@ -284,13 +338,15 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([r.mode, r.iterations, *(f"{r.stage_s[s]:.2f}" for s in ("generate", "score", "reference")),
                      f"{r.train_s:.2f}", f"{r.bookkeeping_s:.3f}", f"{r.write_s:.2f}", f"{r.apply_s:.2f}",
                      f"{p2s:.2f}", f"{p2s / raw_s:.2f}", f"{r.raw_loaded_s:.2f}", f"{p2s / r.raw_loaded_s:.2f}",
-                     r.notes])
+                     "-" if math.isnan(r.raw_s3_loaded_s) else f"{r.raw_s3_loaded_s:.2f}",
+                     "-" if math.isnan(r.raw_s3_loaded_s) else f"{p2s / r.raw_s3_loaded_s:.2f}", r.notes])
     print_table(f"Scale rehearsal: {params / 1e6:.0f} M parameters, {args.ranks}-rank trainer, batch "
                 f"{args.batch_size}, {args.max_new_tokens} new tokens; seconds per iteration; raw safetensors "
                 f"write+read of the same {size / 2**20:.0f} MiB on an idle machine: {raw_s:.2f} s",
                 ["publish mode", "iterations", "generate", "score", "reference", "train step", "bookkeeping",
                  "version write", "replica apply", "publish→serving (median)", "÷ raw (idle)",
-                 "raw under the loop", "÷ raw (under the loop)", "notes"], rows)
+                 "raw under the loop", "÷ raw (under the loop)", "raw s3 under the loop", "÷ raw s3",
+                 "notes"], rows)
     summary = {"parameters": params, "bytes": size, "raw_write_read_s": raw_s, "ranks": args.ranks,
                "modes": [dataclasses.asdict(r) for r in results]}
     if args.json:

@@ -5,6 +5,8 @@ and a (re)started replica replays the topic to the newest loadable version."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 
@@ -14,7 +16,7 @@ from lm_fixtures import lora_adapter, nan_weights, perturbed
 
 from arbiter.config import ConfigError
 from arbiter.errors import ModelLoadError
-from arbiter.hf import weights_sha256
+from arbiter.hf import combine_weights_sha256, load_tokenizer, tokenizer_fingerprint, weights_sha256, write_metadata
 from arbiter.stream import StreamProducer, ensure_topics, topics
 from arbiter.v1 import rollout_pb2
 from services.policy.client import PolicyClient
@@ -90,6 +92,15 @@ def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kaf
         publish(kafka, update("v1", elsewhere))
         wait_until(lambda: outcomes(server)["refused"] == 2, what="the path outside the roots to be refused")
         assert client.info().version == "v0"
+        # Announced as v1's bytes but cut short: the load (which runs while the
+        # files are hashed) fails on them, and the hash decides: refused, not failed.
+        cut = shutil.copytree(checkpoints["v1"], checkpoints["v1"].parent / "cut-short")
+        weights = cut / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        publish(kafka, update("v1", cut, sha=weights_sha256(checkpoints["v1"])))
+        wait_until(lambda: outcomes(server)["refused"] == 3, what="the cut-short file to be refused")
+        assert sample_value(server.running.registry, "arbiter_policy_update_refusals_total", reason="sha256") == 2
+        assert client.info().version == "v0" and outcomes(server)["failed"] == 0
 
         publish(kafka, update("v1", checkpoints["v1"], step=7))
         wait_until(lambda: client.info().version == "v1", what="v1 to be activated")
@@ -110,11 +121,11 @@ def test_follower_applies_verified_updates_and_refuses_bad_ones(tiny_models, kaf
 
         # An adapter must be announced as one; then it loads like LoadModelVersion would.
         publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=False))
-        wait_until(lambda: outcomes(server)["refused"] == 3, what="the unannounced adapter to be refused")
+        wait_until(lambda: outcomes(server)["refused"] == 4, what="the unannounced adapter to be refused")
         publish(kafka, update("lora-1", checkpoints["lora"], is_adapter=True, step=8))
         wait_until(lambda: client.info().version == "lora-1", what="the adapter to be activated")
         assert client.generate([PROMPT], **probe).samples[0].policy_version == "lora-1"
-        assert outcomes(server) == {"applied": 2, "skipped": 1, "refused": 3, "failed": 1}
+        assert outcomes(server) == {"applied": 2, "skipped": 1, "refused": 4, "failed": 1}
 
         text = metrics_text(server)
         assert 'arbiter_policy_updates_total{outcome="applied"} 2.0' in text
@@ -144,7 +155,11 @@ def test_weights_sha256_covers_names_and_bytes(tmp_path, checkpoints):
     import shutil
 
     digest = weights_sha256(checkpoints["v1"])
-    assert len(digest) == 64 and digest == weights_sha256(checkpoints["v1"])
+    # sha256 over "NAME\0SHA256-OF-THE-FILE\n" per .safetensors file, in name order.
+    file_sha = hashlib.sha256((checkpoints["v1"] / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(f"model.safetensors\0{file_sha}\n".encode()).hexdigest()
+    assert combine_weights_sha256({"b.safetensors": "2", "a.safetensors": "1", "config.json": "3"}) == \
+        hashlib.sha256(b"a.safetensors\x001\nb.safetensors\x002\n").hexdigest()
     copy = shutil.copytree(checkpoints["v1"], tmp_path / "copy")
     assert weights_sha256(copy) == digest  # the directory's name does not matter
     weights = copy / "model.safetensors"
@@ -157,6 +172,21 @@ def test_weights_sha256_covers_names_and_bytes(tmp_path, checkpoints):
     assert len(weights_sha256(checkpoints["lora"])) == 64  # adapter directories too
     with pytest.raises(ModelLoadError, match="holds no .safetensors weights"):
         weights_sha256(tmp_path / "missing")
+
+
+def test_versions_with_the_same_tokenizer_files_share_one_tokenizer(checkpoints, tmp_path):
+    first = load_tokenizer(checkpoints["v1"], shared=True)
+    # The trainer's next version (its own weights and arbiter.json), the same tokenizer files: loaded once.
+    second = shutil.copytree(checkpoints["v1"], tmp_path / "v2")
+    write_metadata(second, version="v2")
+    (second / "model.safetensors").write_bytes(b"other weights")
+    assert load_tokenizer(second, shared=True) is first
+    assert tokenizer_fingerprint(first) == tokenizer_fingerprint(load_tokenizer(second))
+    other = shutil.copytree(checkpoints["v1"], tmp_path / "other")
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    changed = load_tokenizer(other, shared=True)
+    assert changed is not first and changed.model_max_length == 77
 
 
 def test_settings_and_flags(tiny_models):

@@ -24,6 +24,7 @@ from arbiter.weights import (
     StoreError,
     TransferSettings,
     WeightsError,
+    download_version,
     fetch_version,
     open_store,
     publish_version,
@@ -100,6 +101,13 @@ def test_round_trip_multipart_and_refusals(s3, policy, tmp_path):
         fetch_version(published.uri, tmp_path / "other-cache")
     assert err.value.reason == "sha256" and "config.json" in str(err.value)
     assert not (tmp_path / "other-cache" / "v1").exists()
+    # Downloaded, not yet checked (what the follower loads while it hashes):
+    # no cached version until the check passed, and removed when it fails.
+    pending = download_version(published.uri, tmp_path / "other-cache")
+    assert pending.path == tmp_path / "other-cache" / "v1" and not (pending.path / "manifest.json").exists()
+    with pytest.raises(WeightsError) as err:
+        pending.verify()
+    assert err.value.reason == "sha256" and not pending.path.exists()
     # A manifest that is not one.
     store.put_bytes("v2/manifest.json", b"not json")
     with pytest.raises(WeightsError) as err:
@@ -221,8 +229,10 @@ def test_trainer_publishes_through_s3_and_the_replica_swaps(s3, policy, tiny_mod
     out.mkdir()
     sent = []
 
-    def announce(version, weights_uri=""):  # what trainer/loop.py announces
-        update = policy_update(version, str(out / version), "v0", len(sent) + 1, weights_sha256(out / version),
+    def announce(version, weights_uri="", **known):  # what trainer/loop.py announces
+        # The publisher's digest, from its one pass over what it wrote, is the files' own.
+        assert known["weights_sha256"] == weights_sha256(out / version)
+        update = policy_update(version, str(out / version), "v0", len(sent) + 1, known["weights_sha256"],
                                False, weights_uri=weights_uri)
         with StreamProducer(kafka_settings) as producer:
             producer.send(topics.POLICY_UPDATES, update)

@@ -426,7 +426,8 @@ class PPOTrainer:
         self.policies.mkdir(parents=True, exist_ok=True)
         return BackgroundPublisher(
             self.policies, lambda path, snap: self.model.save_policy(path, snap.version, snap.tensors),
-            lambda version, weights_uri="": self.announce(producer, version, weights_uri),
+            lambda version, weights_uri="", weights_sha256="": self.announce(producer, version, weights_uri,
+                                                                            weights_sha256),
             on_saved=lambda version, seconds: self.metrics.publish_write.observe(seconds),
             on_superseded=self.metrics.publish_superseded.inc, weights=self.config.weights,
             keep_versions=self.config.keep_policy_versions,
@@ -524,13 +525,15 @@ class PPOTrainer:
             )
         self.state.cluster_id = current
 
-    def announce(self, producer: StreamProducer, version: str, weights_uri: str = "") -> None:
+    def announce(self, producer: StreamProducer, version: str, weights_uri: str = "", digest: str = "") -> None:
+        """``digest``: the weights sha256 when the publisher hashed the files
+        as it wrote them (otherwise they are hashed here)."""
         path = self.policies / version
         producer.send(
             topics.POLICY_UPDATES,
             policy_update(
                 version, str(path.resolve()), self.model.base_version, self.state.version_steps[version],
-                weights_sha256(path), self.model.is_lora,
+                digest or weights_sha256(path), self.model.is_lora,
                 self._settled_at.get(version), weights_uri=weights_uri,
             ),
         )

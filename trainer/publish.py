@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from arbiter.hf import combine_weights_sha256, files_sha256
 from arbiter.stream import StreamError
 from arbiter.weights import MANIFEST, ParentVersion, PublishSettings, StoreError, join_uri, open_store, publish_version
 
@@ -87,10 +88,13 @@ def to_bf16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class BackgroundPublisher:
     """``submit(snapshot)`` returns at once; ``save(dir, snapshot)``, the
-    upload (with ``weights.uri``) and then ``announce(version)`` (with a
-    store: ``announce(version, weights_uri=URI)``) run on the publisher's
-    thread. ``close()`` finishes the newest pending version (and its
-    announcement) before returning."""
+    upload (with ``weights.uri``) and then ``announce(version)`` run on the
+    publisher's thread. ``announce`` also gets, as keywords, what the
+    publisher knows: ``weights_uri`` (with a store) and ``weights_sha256``
+    (when the version holds safetensors weights). Each file written is
+    hashed once: by the upload (the manifest's digests), or, without a
+    store, right after the write. ``close()`` finishes the newest pending
+    version (and its announcement) before returning."""
 
     def __init__(
         self, root: Path, save: Callable[[Path, Snapshot], None], announce: Callable[..., None],
@@ -105,6 +109,7 @@ class BackgroundPublisher:
         self._parent: ParentVersion | None = None
         self._deltas = 0
         self._uploaded: dict[str, str] = {}  # version -> its URI (the newest few)
+        self._weights_sha256: dict[str, str] = {}  # version -> its weights digest (the newest only)
         self.last_published = None  # arbiter.weights.Published of the newest upload
         self._save = save
         self._announce = announce
@@ -194,6 +199,15 @@ class BackgroundPublisher:
             if self.weights.bf16:
                 job = Snapshot(job.version, job.step, to_bf16(job.tensors))
             self._save(tmp, job)
+            if self._store is None:
+                # The announcement's digest, taken here while the bytes are in
+                # the page cache (with a store, the upload hashes each file once,
+                # beside the transfer). The files are never rewritten in place
+                # (written aside, renamed), so the digest stays theirs.
+                weights = sorted(p for p in tmp.glob("*.safetensors") if p.is_file())
+                if weights:
+                    self._weights_sha256 = {
+                        job.version: combine_weights_sha256(files_sha256(weights))}
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except Exception:  # a full disk must not stop training: the next version tries again
@@ -236,6 +250,7 @@ class BackgroundPublisher:
             parent = self._parent
         published = publish_version(self._store, version, directory, parent=parent,
                                     dtype="bfloat16" if self.weights.bf16 else None)
+        self._weights_sha256 = {version: published.weights_sha256}
         self._deltas = self._deltas + 1 if published.delta_of else 0
         self._parent = ParentVersion(version, directory, published.weights_sha256)
         self._uploaded = {version: published.uri}
@@ -247,9 +262,13 @@ class BackgroundPublisher:
 
     def _try_announce(self, version: str) -> None:
         try:
+            known = {}
             uri = self._upload(version)
-            # Without a store the callback keeps its one-argument form.
-            self._announce(version, weights_uri=uri) if uri else self._announce(version)
+            if uri:
+                known["weights_uri"] = uri
+            if version in self._weights_sha256:
+                known["weights_sha256"] = self._weights_sha256[version]
+            self._announce(version, **known)
         except (StreamError, StoreError) as err:  # not acknowledged / not stored, or not even reachable
             log.warning("publishing policy %s failed (retried while training goes on): %s", version, err)
             with self._cond:

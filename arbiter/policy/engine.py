@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -139,9 +139,33 @@ class PolicyEngine:
 
             self._remote = TritonDecoder(config.backend)
         self._tokenizers = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="policy-tokenize")
+        self._checks: dict[tuple[str, str | None], Callable[[], object]] = {}  # (path, version) -> load_checked's
         self._closed = False
 
+    async def load_checked(self, path: str, version: str, check: Callable[[], object]) -> ModelInfo:
+        """Load and activate ``version`` from ``path``; ``check`` (blocking;
+        raising refuses the version) runs after the weights are read and
+        probed and before the kernel takes the model, so a check that runs
+        meanwhile (the follower hashing the same files) costs no time of
+        its own, and a version that fails it never serves."""
+        self._checks[(path, version)] = check
+        try:
+            return await self.models.load_version(path, version, activate=True)
+        finally:
+            self._checks.pop((path, version), None)
+
     def _load(self, path: str, version: str | None) -> PolicyModel:
+        model = self._open(path, version)
+        check = self._checks.get((path, version))
+        if check is not None:
+            try:
+                check()
+            except BaseException:
+                model.release()
+                raise
+        return model
+
+    def _open(self, path: str, version: str | None) -> PolicyModel:
         if self._remote is not None:
             return self._remote.open(path, version, self.config.max_tokens)
         # An exported version directory REPO/NAME/N serves its checkpoint/, as Triton does.

@@ -42,27 +42,30 @@ Encodings, chosen by the trainer (``PublishSettings``), read by every replica:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import shutil
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from arbiter.config import require
 from arbiter.errors import ArbiterError
+from arbiter.hf import combine_weights_sha256, file_sha256, files_sha256
 from arbiter.weights.store import MiB, Store, StoreError, TransferSettings, join_uri, open_store, split_uri
 
 __all__ = [
     "FORMAT", "MANIFEST", "REASONS", "Fetched", "ParentVersion", "PublishSettings", "Published", "Store",
-    "StoreError", "TransferSettings", "WeightsError", "fetch_version", "join_uri", "open_store", "prune_cache",
-    "publish_version", "split_uri",
+    "StoreError", "TransferSettings", "Unverified", "WeightsError", "download_version", "fetch_version", "join_uri",
+    "open_store", "prune_cache", "publish_version", "split_uri",
 ]
 
-FORMAT = "arbiter-weights/1"
+# 2: the manifest's weights_sha256 is arbiter.hf.combine_weights_sha256 of
+# the files' sha256 (1 hashed the bytes a second time for it).
+FORMAT = "arbiter-weights/2"
 MANIFEST = "manifest.json"
 # Why a replica refused a version (label values of arbiter_policy_update_refusals_total).
 DOWNLOAD, MANIFEST_REASON, SHA256, PARENT = "download", "manifest", "sha256", "parent"
@@ -148,36 +151,6 @@ class Fetched:
 # -- hashing and safetensors layout --------------------------------------------
 
 
-class _Digests:
-    """Per-file sha256 and ``arbiter.hf.weights_sha256`` (names and bytes of
-    every .safetensors file, in name order) from one read of each file."""
-
-    def __init__(self) -> None:
-        self.weights = hashlib.sha256()
-        self.files: dict[str, str] = {}
-
-    def add(self, path: Path) -> str:
-        digest = hashlib.sha256()
-        weights = path.name.endswith(".safetensors")
-        if weights:
-            self.weights.update(path.name.encode() + b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(8 * MiB), b""):
-                digest.update(chunk)
-                if weights:
-                    self.weights.update(chunk)
-        self.files[path.name] = digest.hexdigest()
-        return self.files[path.name]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(8 * MiB), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST)
 
@@ -241,15 +214,21 @@ def publish_version(
     progress: Callable[[str], None] | None = None,
 ) -> Published:
     """Upload ``directory`` as ``version``: every file (or its delta against
-    ``parent``), then the manifest. Raises StoreError; nothing is visible then."""
-    digests = _Digests()
+    ``parent``), then the manifest. Raises StoreError; nothing is visible then.
+
+    Each file is hashed once, on threads of their own while the uploads go
+    on (sha256 releases the GIL): the hash costs no time of its own unless
+    it outlasts the upload (a local store's hard link)."""
     entries: dict[str, dict] = {}
     uploaded = total = 0
     delta_used = False
     scratch = directory.parent / f".delta-{version}"
+    paths = _files(directory)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="publish-sha256")
+    hashing = hasher.submit(files_sha256, paths)
     try:
-        for path in _files(directory):
-            entry = {"sha256": digests.add(path), "bytes": path.stat().st_size}
+        for path in paths:
+            entry = {"bytes": path.stat().st_size}
             total += entry["bytes"]
             ranges = None
             if parent is not None and path.name.endswith(".safetensors") and (parent.directory / path.name).is_file():
@@ -258,7 +237,7 @@ def publish_version(
                 scratch.mkdir(parents=True, exist_ok=True)
                 blob = scratch / (path.name + _DELTA_SUFFIX)
                 _write_delta(path, ranges, blob)
-                entry["delta"] = {"object": blob.name, "sha256": _file_sha256(blob),
+                entry["delta"] = {"object": blob.name, "sha256": file_sha256(blob),
                                   "bytes": blob.stat().st_size, "tensors_changed": len(ranges)}
                 store.put_file(f"{version}/{blob.name}", blob)
                 uploaded += entry["delta"]["bytes"]
@@ -269,9 +248,16 @@ def publish_version(
             entries[path.name] = entry
             if progress is not None:
                 progress(path.name)
+        digests = hashing.result()
+        for name, entry in entries.items():
+            entry["sha256"] = digests[name]
     finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
-    weights = digests.weights.hexdigest()
+    try:
+        weights = combine_weights_sha256({name: e["sha256"] for name, e in entries.items()})
+    except ArbiterError as err:
+        raise StoreError(f"{directory}: {err}") from err
     manifest = {
         "format": FORMAT, "version": version, "weights_sha256": weights, "dtype": dtype,
         "parent": {"version": parent.version, "weights_sha256": parent.weights_sha256} if delta_used else None,
@@ -319,12 +305,13 @@ def _verify(directory: Path, manifest: dict, where: str, patched: frozenset[str]
     latter. ``patched``: files made from a (verified) delta and the parent's
     copy, so a mismatch there means the local parent's bytes are not the ones
     its manifest vouched for."""
-    digests = _Digests()
-    for name, entry in sorted(manifest["files"].items()):
-        path = directory / name
-        if not path.is_file():
+    files = sorted(manifest["files"].items())
+    for name, _ in files:
+        if not (directory / name).is_file():
             raise WeightsError(DOWNLOAD, f"{where}: {name} is missing")
-        actual = digests.add(path)
+    actuals = files_sha256([directory / name for name, _ in files])
+    for name, entry in files:
+        actual = actuals[name]
         if actual != entry.get("sha256"):
             if name in patched:
                 raise WeightsError(PARENT, f"{where}: {name} patched onto the parent's copy has sha256 {actual}, "
@@ -332,17 +319,59 @@ def _verify(directory: Path, manifest: dict, where: str, patched: frozenset[str]
                                    "delta was made against; refusing to serve other weights")
             raise WeightsError(SHA256, f"{where}: {name} has sha256 {actual}, the manifest says "
                                f"{entry.get('sha256')} (a corrupted or tampered object)")
-    weights = digests.weights.hexdigest()
+    try:
+        weights = combine_weights_sha256({name: e.get("sha256") for name, e in manifest["files"].items()})
+    except ArbiterError as err:
+        raise WeightsError(MANIFEST_REASON, f"{where}: {err}") from err
     if weights != manifest["weights_sha256"]:
         raise WeightsError(SHA256, f"{where}: the weights hash to {weights}, the manifest says "
                            f"{manifest['weights_sha256']}")
     return weights
 
 
+@dataclass
+class Unverified:
+    """A version on disk and loadable at ``path``, not yet checked against
+    its manifest (``download_version``). ``verify()`` hashes every file and
+    returns the Fetched, or raises WeightsError (removing a download); no
+    version may serve from ``path`` before it returned. Loading can run
+    meanwhile: the replica hashes while it reads the weights, instead of
+    before (the hash is the longest part of a fetch from a local store)."""
+
+    version: str
+    path: Path
+    manifest: dict
+    where: str
+    bytes_downloaded: int = 0
+    patched: frozenset[str] = frozenset()
+    # ``path`` is this cache's own copy: removed if it fails, marked verified
+    # (its manifest written, last) if it passes.
+    downloaded: bool = False
+    verified: str | None = None  # the weights sha256 once checked (a cached copy already is)
+
+    def verify(self) -> Fetched:
+        if self.verified is None:
+            try:
+                self.verified = _verify(self.path, self.manifest, self.where, self.patched)
+            except WeightsError:
+                if self.downloaded:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise
+            if self.downloaded:
+                (self.path / MANIFEST).write_text(json.dumps(self.manifest, sort_keys=True))
+        return Fetched(self.version, self.path, self.verified, self.bytes_downloaded, self.manifest)
+
+
 def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetched:
     """Download, verify and materialize a version as a loadable checkpoint
     directory (``cache_dir/VERSION``; a full version in a ``file://`` store
     is verified and read in place). Raises WeightsError."""
+    return download_version(version_uri, cache_dir, _depth=_depth).verify()
+
+
+def download_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Unverified:
+    """``fetch_version`` up to, not including, the final check of every
+    file's sha256 (a delta's own bytes and its parent are checked here)."""
     base, _, version = version_uri.rstrip("/").rpartition("/")
     if not version or "/" in version or version.startswith("."):
         raise WeightsError(MANIFEST_REASON, f"weights URI {version_uri!r} does not end in a version name")
@@ -358,14 +387,15 @@ def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetc
             raise WeightsError(MANIFEST_REASON, f"{where}: file name {name!r} is not allowed")
     target = Path(cache_dir) / version
     if _cached(target, manifest):
-        return Fetched(version, target, manifest["weights_sha256"], 0, manifest)
+        return Unverified(version, target, manifest, where, verified=manifest["weights_sha256"])
     in_place = store.local_path(version)
     if in_place is not None and not any("delta" in e for e in files.values()):
-        return Fetched(version, in_place, _verify(in_place, manifest, where), 0, manifest)
+        return Unverified(version, in_place, manifest, where)
 
-    tmp = Path(cache_dir) / f".tmp-{version}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Into its place in the cache: it is a cached version only once its
+    # manifest is written there, after the check (``Unverified.verify``).
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
     downloaded = 0
     patched: set[str] = set()
     try:
@@ -376,28 +406,25 @@ def fetch_version(version_uri: str, cache_dir: Path, *, _depth: int = 0) -> Fetc
                     if parent_dir is None:
                         parent_dir, downloaded_parent = _parent(base, manifest, Path(cache_dir), where, _depth)
                         downloaded += downloaded_parent
-                    blob = tmp / f".{name}{_DELTA_SUFFIX}"
+                    blob = target / f".{name}{_DELTA_SUFFIX}"
                     store.get_file(f"{version}/{entry['delta']['object']}", blob)
                     downloaded += blob.stat().st_size
-                    if _file_sha256(blob) != entry["delta"].get("sha256"):
+                    if file_sha256(blob) != entry["delta"].get("sha256"):
                         raise WeightsError(SHA256, f"{where}: the delta of {name} does not match its sha256")
                     if not (parent_dir / name).is_file():
                         raise WeightsError(PARENT, f"{where}: the parent version has no {name} to patch")
-                    _apply_delta(parent_dir / name, blob, tmp / name)
+                    _apply_delta(parent_dir / name, blob, target / name)
                     patched.add(name)
                     blob.unlink()
                 else:
-                    store.get_file(f"{version}/{name}", tmp / name)
-                    downloaded += (tmp / name).stat().st_size
+                    store.get_file(f"{version}/{name}", target / name)
+                    downloaded += (target / name).stat().st_size
             except StoreError as err:
                 raise WeightsError(DOWNLOAD, str(err)) from err
-        weights = _verify(tmp, manifest, where, frozenset(patched))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
+    except BaseException:
         shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Fetched(version, target, weights, downloaded, manifest)
+        raise
+    return Unverified(version, target, manifest, where, downloaded, frozenset(patched), downloaded=True)
 
 
 def _parent(base: str, manifest: dict, cache_dir: Path, where: str, depth: int) -> tuple[Path, int]:

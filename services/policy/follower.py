@@ -38,6 +38,7 @@ the server's event loop only for the load itself.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import shutil
 import tempfile
@@ -52,7 +53,7 @@ from arbiter.lm import is_adapter_dir
 from arbiter.policy.engine import PolicyEngine
 from arbiter.stream import KafkaSettings, RecordBatch, StreamConsumer, StreamError, topics
 from arbiter.v1 import rollout_pb2
-from arbiter.weights import REASONS, SHA256, WeightsError, fetch_version, prune_cache, split_uri
+from arbiter.weights import REASONS, SHA256, WeightsError, download_version, prune_cache, split_uri
 from services.common.model_service import check_model_root
 from services.policy.metrics import PolicyMetrics
 
@@ -229,26 +230,30 @@ class PolicyUpdateFollower:
         expected = update.weights_sha256.lower().removeprefix("sha256:")
         if fetched_from:
             try:
-                fetched = fetch_version(fetched_from, self.weights_cache_dir)
+                pending = download_version(fetched_from, self.weights_cache_dir)
             except WeightsError as err:
                 log.error("%s: refused, still serving %r: %s", label, self.engine.models.active_version, err)
                 return self._refuse(err.reason)
-            path, actual = str(fetched.path), fetched.weights_sha256
+            path = str(pending.path)
+
+            def check() -> None:
+                actual = pending.verify().weights_sha256
+                if expected and actual != expected:
+                    raise WeightsError(SHA256, f"the weights hash to {actual} as {fetched_from} publishes them, "
+                                       f"the update says {expected}")
         else:
             path = update.checkpoint_path
-            actual = None
-            if expected:
+
+            def check() -> None:
+                if not expected:
+                    return
                 try:
                     actual = weights_sha256(path)
                 except (ArbiterError, OSError) as err:
-                    log.error("%s: failed: cannot hash the weights in %s: %s", label, path, err)
-                    return FAILED
-        if expected and actual != expected:
-            log.error(
-                "%s: refused: weights_sha256 of %s is %s, the update says %s (partial copy or tampering?)",
-                label, fetched_from or path, actual, expected,
-            )
-            return self._refuse(SHA256)
+                    raise ModelLoadError(f"cannot hash the weights in {path}: {err}") from err
+                if actual != expected:
+                    raise WeightsError(SHA256, f"weights_sha256 of {path} is {actual}, the update says {expected} "
+                                       "(partial copy or tampering?)")
         if Path(path).is_dir() and is_adapter_dir(path) != update.is_adapter:
             log.error(
                 "%s: refused: is_adapter=%s but %s %s adapter_config.json", label, update.is_adapter, path,
@@ -256,16 +261,41 @@ class PolicyUpdateFollower:
             )
             return self._refuse(ADAPTER_MISMATCH)
         started = time.perf_counter()
+        refusal: WeightsError | None = None
         try:
             if self.engine.config.backend.remote:
+                # Checked first: exporting copies the files into Triton's repository.
+                check()
                 path = self._export(path, label)
-            self._on_loop(self._load(path, version))
+                self._on_loop(self._load(path, version))
+            else:
+                # The files are hashed here while the loader reads them; the
+                # engine hands the model to the kernel only once this check
+                # passed (load_checked), so nothing unverified ever serves.
+                verdict: concurrent.futures.Future = concurrent.futures.Future()
+                loading = asyncio.run_coroutine_threadsafe(
+                    self.engine.load_checked(path, version, verdict.result), self.loop)
+                try:
+                    check()
+                    verdict.set_result(None)
+                except BaseException as err:
+                    verdict.set_exception(err)
+                    if isinstance(err, WeightsError):
+                        refusal = err
+                loading.result()
+        except WeightsError as err:
+            refusal = err
         except ArbiterError as err:
-            log.error("%s: failed, still serving %r: %s", label, self.engine.models.active_version, err)
-            return FAILED
+            if refusal is None:
+                log.error("%s: failed, still serving %r: %s", label, self.engine.models.active_version, err)
+                return FAILED
         except Exception:
-            log.exception("%s: failed, still serving %r", label, self.engine.models.active_version)
-            return FAILED
+            if refusal is None:
+                log.exception("%s: failed, still serving %r", label, self.engine.models.active_version)
+                return FAILED
+        if refusal is not None:  # whatever the load made of the same bytes
+            log.error("%s: refused, still serving %r: %s", label, self.engine.models.active_version, refusal)
+            return self._refuse(refusal.reason)
         published = update.created_at.ToNanoseconds() / 1e9 if update.HasField("created_at") else None
         latency = max(0.0, time.time() - published) if published else None
         # Weight-sync latency: only for updates published while this replica
