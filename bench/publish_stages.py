@@ -13,7 +13,7 @@ directory), ``fetch_version`` (verify in place), the load (weights,
 tokenizer, ``ModelInfo``, the probe forward), and the two combined as the
 follower runs them. Diagnostic rows time the primitives (one sha256 pass,
 ``save_file``, ``load_file``, ``from_pretrained``). Baseline, measured in
-the same run: ``save_file`` + ``load_file`` of the same tensors (what
+the same run: ``save_file`` + ``load_file`` + a read of every byte of the same tensors (what
 ``bench.scale`` divides by). ``--s3`` adds the S3 rows (the project's local
 S3-protocol server) and their own baseline: boto3 ``upload_file`` +
 ``download_file`` of the same file through the same server.
@@ -110,7 +110,7 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
     from arbiter.hf import weights_sha256
     from arbiter.lm import load_causal_lm, load_causal_weights
     from arbiter.weights import fetch_version, open_store, publish_version
-    from bench.scale import GPT2_SMALL, build_models, environment
+    from bench.scale import GPT2_SMALL, build_models, environment, raw_write_read
 
     try:
         from arbiter.hf import file_sha256
@@ -193,8 +193,7 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
                 record("primitive: save_file", _timed(lambda: save_file(tensors, str(raw))))
                 raw.unlink()
                 # As bench.scale measures it: a new file each time, written then read back.
-                record("baseline: save_file + load_file", _timed(lambda: (save_file(tensors, str(raw)),
-                                                                         load_file(str(raw)))))
+                record("baseline: save_file + load_file + read", _timed(lambda: raw_write_read(tensors, raw)))
                 if s3:
                     _s3_round(n, directory, weights_file, raw, scratch, record)
                 raw.unlink()
@@ -206,14 +205,14 @@ def run(workdir: Path, rounds: int = 3, layers: int | None = None, width: int | 
             store_proc.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    base = medians["baseline: save_file + load_file"]
+    base = medians["baseline: save_file + load_file + read"]
     s3_base = medians.get("baseline s3: upload_file + download_file")
     rows = []
     for name, seconds in medians.items():
         ratio = seconds / (s3_base if name.startswith(("s3", "baseline s3")) and s3_base else base)
         rows.append((name, f"{seconds:.3f}", f"{ratio:.2f}"))
     print_table(f"publish stages, {size / MiB:.0f} MiB of float32 safetensors; median of {rounds} round(s); "
-                f"baseline save_file + load_file = {base:.3f} s"
+                f"baseline save_file + load_file + read = {base:.3f} s"
                 + (f", s3 baseline upload_file + download_file = {s3_base:.3f} s" if s3_base else ""),
                 ("stage", "seconds", "÷ its baseline"), rows)
     return {"bytes": size, "rounds": rounds, "seconds": medians}

@@ -108,11 +108,22 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
-def raw_write_read_seconds(model_dir: Path, scratch: Path, rounds: int = 3) -> tuple[float, int]:
-    """Median seconds to write the policy's tensors as a new safetensors file
-    (flushed to the page cache, as the publisher's writes are) and read them
-    back, and the file's size."""
+def raw_write_read(tensors: dict, path: Path) -> dict:
+    """The raw cost publish→serving is measured against: the tensors written
+    as a new safetensors file (to the page cache, as the publisher's writes
+    are) and read back into memory. ``load_file`` alone only maps the file
+    (its tensors are views of an mmap, no byte is read until used), so each
+    tensor is copied out: every byte is read once, as a replica's load reads it."""
     from safetensors.torch import load_file, save_file
+
+    save_file(tensors, str(path))
+    return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+
+
+def raw_write_read_seconds(model_dir: Path, scratch: Path, rounds: int = 3) -> tuple[float, int]:
+    """Median seconds of :func:`raw_write_read` of the policy's tensors, and
+    the file's size."""
+    from safetensors.torch import load_file
 
     tensors = load_file(str(next(model_dir.glob("*.safetensors"))))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -120,8 +131,7 @@ def raw_write_read_seconds(model_dir: Path, scratch: Path, rounds: int = 3) -> t
     for i in range(rounds):
         path = scratch / f"raw-{i}.safetensors"
         started = time.perf_counter()
-        save_file(tensors, str(path))
-        load_file(str(path))
+        raw_write_read(tensors, path)
         times.append(time.perf_counter() - started)
         size = path.stat().st_size
         path.unlink()
