@@ -200,6 +200,7 @@ class BatchSizer:
         self.auto = auto
         self.max_batch_size = max_batch_size
         self.sizes = _grid(max_batch_size, 1)
+        self._index_of = [0] + [self._nearest(size) for size in range(1, max_batch_size + 1)]
         self.lengths = _grid(max_tokens, MIN_BUCKET_TOKENS) if max_tokens > MIN_BUCKET_TOKENS else [max_tokens]
         shape = (len(self.lengths), len(self.sizes))
         self._calibrated: list[list[float | None]] = [[None] * shape[1] for _ in range(shape[0])]
@@ -304,7 +305,13 @@ class BatchSizer:
     # -- internals -----------------------------------------------------------
 
     def _size_index(self, size: int) -> int:
-        """The grid size nearest ``size`` in ratio (a batch of 31 counts as 32)."""
+        """The grid size nearest ``size`` in ratio (a batch of 31 counts as 32);
+        looked up for sizes up to the bound (every served batch asks)."""
+        if size < len(self._index_of):
+            return self._index_of[size]
+        return self._nearest(size)
+
+    def _nearest(self, size: int) -> int:
         return min(range(len(self.sizes)), key=lambda i: (abs(math.log2(self.sizes[i] / size)), i))
 
     def _estimates(self, bucket: int) -> list[float | None]:
