@@ -200,6 +200,7 @@ class BatchSizer:
         self.auto = auto
         self.max_batch_size = max_batch_size
         self.sizes = _grid(max_batch_size, 1)
+        self._index_of = [0] + [self._nearest(size) for size in range(1, max_batch_size + 1)]
         self.lengths = _grid(max_tokens, MIN_BUCKET_TOKENS) if max_tokens > MIN_BUCKET_TOKENS else [max_tokens]
         shape = (len(self.lengths), len(self.sizes))
         self._calibrated: list[list[float | None]] = [[None] * shape[1] for _ in range(shape[0])]
@@ -304,7 +305,13 @@ class BatchSizer:
     # -- internals -----------------------------------------------------------
 
     def _size_index(self, size: int) -> int:
-        """The grid size nearest ``size`` in ratio (a batch of 31 counts as 32)."""
+        """The grid size nearest ``size`` in ratio (a batch of 31 counts as 32);
+        looked up for sizes up to the bound (every served batch asks)."""
+        if size < len(self._index_of):
+            return self._index_of[size]
+        return self._nearest(size)
+
+    def _nearest(self, size: int) -> int:
         return min(range(len(self.sizes)), key=lambda i: (abs(math.log2(self.sizes[i] / size)), i))
 
     def _estimates(self, bucket: int) -> list[float | None]:
@@ -427,7 +434,9 @@ class DynamicBatcher(Generic[T, R]):
             return []
         if not self._config.enabled:
             return await self._run_unbatched(list(items))
-        if self.queue_depth + len(items) > self._config.max_queue_size:
+        # The queue's length bounds its depth: the exact count (a walk) only near the limit.
+        if (len(self._queue) + len(items) > self._config.max_queue_size
+                and self.queue_depth + len(items) > self._config.max_queue_size):
             raise Overloaded(
                 f"queue is full ({self._config.max_queue_size} items waiting); retry with backoff"
             )
@@ -460,14 +469,38 @@ class DynamicBatcher(Generic[T, R]):
         self._in_flight += 1
         if self._is_async:
             running = asyncio.ensure_future(self._timed_async([item]))
+            running.add_done_callback(self._alone_done)
+            results, wall, cost = await asyncio.shield(running)
         else:
-            running = asyncio.get_running_loop().run_in_executor(self._executor, self._timed, [item])
-        running.add_done_callback(self._alone_done)
-        results, wall, cost = await asyncio.shield(running)
+            results, wall, cost = await self._on_model_thread([item], self._alone_done)
         self._observer.on_batch(1, wall)
         if not self._is_async:
             self._caps_changed(self.sizer.record(1, tokens, cost))
         return list(results)
+
+    def _on_model_thread(self, items: list[T], finished: Callable[[], None] | None = None) -> asyncio.Future:
+        """``_timed(items)`` on the executor; its outcome comes in the future
+        returned, set from the model thread in one loop wake-up
+        (``run_in_executor`` under ``shield`` chains three futures, each
+        done-callback a trip through the loop: on a small model, a share of
+        every request). Cancelling the future does not stop the pass;
+        ``finished`` runs on the loop when the pass ends, whatever became of
+        the future."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def work() -> None:
+            try:
+                outcome, error = self._timed(items), None
+            except BaseException as err:  # delivered to the awaiting side, as run_in_executor does
+                outcome, error = None, err
+            try:
+                loop.call_soon_threadsafe(_settle, future, outcome, error, finished)
+            except RuntimeError:  # the loop is closed: nobody waits
+                pass
+
+        self._executor.submit(work)
+        return future
 
     def _timed(self, items: list[T]) -> tuple[Sequence[R], float, float]:
         """A local forward pass, its wall seconds and its cost by the
@@ -485,10 +518,10 @@ class DynamicBatcher(Generic[T, R]):
         results = await self._run_batch(items)
         return results, time.perf_counter() - started, self._clock() - cost_started
 
-    def _alone_done(self, running: asyncio.Future) -> None:
+    def _alone_done(self, running: asyncio.Future | None = None) -> None:
         self._in_flight -= 1
         self._slot_freed.set()
-        if not running.cancelled():
+        if running is not None and not running.cancelled():
             running.exception()  # raised to the caller, if it still waits; read here for one that left
         if self._queue:  # what arrived meanwhile runs now; with nothing queued the batch loop sleeps on
             self._wakeup.set()
@@ -506,7 +539,6 @@ class DynamicBatcher(Generic[T, R]):
         budget_s = self._config.batch_calibration_s
         if not sizer.auto or not self._config.enabled or not budget_s:
             return
-        loop = asyncio.get_running_loop()
         spent = 0.0
 
         async def forward(size: int, tokens: int) -> float | None:
@@ -514,7 +546,7 @@ class DynamicBatcher(Generic[T, R]):
             items = [self._shape.sample(tokens)] * size
             started = self._clock()
             try:
-                _, _, elapsed = await loop.run_in_executor(self._executor, self._timed, items)
+                _, _, elapsed = await self._on_model_thread(items)
                 failed = None
             except Exception as err:
                 failed, elapsed = err, self._clock() - started
@@ -582,7 +614,6 @@ class DynamicBatcher(Generic[T, R]):
             self._observer.on_batch_cap(self._label, tokens, cap)
 
     async def _run_unbatched(self, items: list[T]) -> list[R]:
-        loop = asyncio.get_running_loop()
         size = self._config.max_batch_size
         results: list[R] = []
         self._in_flight += 1
@@ -592,7 +623,7 @@ class DynamicBatcher(Generic[T, R]):
                 if self._is_async:
                     done, wall, _ = await self._timed_async(chunk)
                 else:
-                    done, wall, _ = await loop.run_in_executor(self._executor, self._timed, chunk)
+                    done, wall, _ = await self._on_model_thread(chunk)
                 results.extend(done)
                 self._observer.on_batch(len(chunk), wall)
         finally:
@@ -677,7 +708,7 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             self._in_flight += 1
             try:
-                results, wall, cost = await loop.run_in_executor(self._executor, self._timed, [p.item for p in batch])
+                results, wall, cost = await self._on_model_thread([p.item for p in batch])
             except Exception as err:
                 _fail(batch, err)
                 continue
@@ -721,6 +752,18 @@ class DynamicBatcher(Generic[T, R]):
             await self._task
         while self._in_flight:
             await asyncio.sleep(0.01)
+
+
+def _settle(future: asyncio.Future, outcome, error: BaseException | None, finished: Callable[[], None] | None) -> None:
+    """On the loop: a model-thread pass ended (``DynamicBatcher._on_model_thread``)."""
+    if finished is not None:
+        finished()
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outcome)
 
 
 def _fail(batch: list[_Pending], err: Exception) -> None:

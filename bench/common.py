@@ -56,12 +56,13 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
 
 class ServiceProcess:
     """``arbiter serve ...`` in its own process (its own GIL, as deployed);
-    the port is read from the banner it prints when ready."""
+    the port is read from the banner it prints when ready. ``command``: the
+    module and arguments before ``args`` (another server, e.g. ``bench.rpc_floor``)."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, start_timeout_s: float = 300,
-                 wait: bool = True):
+                 wait: bool = True, command: Sequence[str] = ("cli", "serve")):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", *args, "--port", "0"],
+            [sys.executable, "-m", *command, *args, "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "ARBITER_LOG_LEVEL": "WARNING", **(env or {})},
         )

@@ -6,6 +6,11 @@
     reference benchmark (a batch of 32 is no bound for 1 or 8 clients: they
     never have 32 items to batch);
 (b) the same service with dynamic batching off.
+Alongside, the RPC floor: the same clients and requests against a no-op
+``Score`` (``bench.rpc_floor``, its own process), the most any service could
+answer them at, so the table shows how much of the gap to (a) is the RPC
+itself (at 1 client, a round trip of Python gRPC client and server on top of
+every forward pass).
 The goal, per cell: the service with dynamic batching (``auto`` batch sizes
 up to 32) at >= 0.95x the better of (a) and (b), and at 1 client a p50
 within 0.5 ms of (b)'s. Clients send one item per request (many small
@@ -145,26 +150,31 @@ def run_one(
     with (ServiceProcess(service_args("reward", model_dir, threads, batch_size, "--metrics-port", str(metrics_port)),
                          wait=False) as batched,
           ServiceProcess(service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"),
-                         wait=False) as off):
+                         wait=False) as off,
+          ServiceProcess([], command=["bench.rpc_floor"], wait=False) as floor):
         batched.wait_ready()
         off.wait_ready()
+        floor.wait_ready()
         for clients in clients_list:
-            limit, on, unbatched = [], [], []
+            limit, on, unbatched, no_op = [], [], [], []
             items_before, batches_before = metrics.batches()
             for _ in range(rounds):
                 limit.append(in_process(model_dir, texts, min(clients, batch_size), per_slice, threads))
                 on.append(asyncio.run(_drive(batched.target, texts, clients, per_slice, warmup_s)))
                 unbatched.append(asyncio.run(_drive(off.target, texts, clients, per_slice, warmup_s)))
+                # A quarter of the time: a no-op answers thousands a second, enough to count.
+                no_op.append(asyncio.run(_drive(floor.target, texts, clients, per_slice / 4, warmup_s / 4)))
             items, batches = metrics.batches()
             mean_batch = (items - items_before) / max(1.0, batches - batches_before)
-            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch))
+            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op)))
         caps = metrics.caps()
     rows = []
-    versus_better, p50_delta_ms = {}, {}
-    for clients, a, m, b, mean_batch in cells:
+    versus_better, p50_delta_ms, floors = {}, {}, {}
+    for clients, a, m, b, mean_batch, f in cells:
         better = max(a.throughput, b.throughput)
         versus_better[clients] = m.throughput / better
         p50_delta_ms[clients] = m.percentile_ms(50) - b.percentile_ms(50)
+        floors[clients] = f.throughput
         for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b)):
             dynamic = x is m
             rows.append([
@@ -173,14 +183,16 @@ def run_one(
                 ratio(x.throughput, a.throughput), ratio(x.throughput, b.throughput),
                 ratio(x.throughput, better) if dynamic else "-",
                 f"{p50_delta_ms[clients]:+.2f}" if dynamic else "-",
+                "-" if x is a else f"{f.throughput:.0f} (p50 {f.percentile_ms(50):.2f} ms)",
             ])
     print_table(
         f"Reward scoring, {tokens}-token items, one per request, model {BENCH_MODEL}, torch threads {threads}, "
         f"batch sizes auto up to {batch_size} (caps chosen, tokens: cap: {caps}), {seconds:g}s per path per cell in "
-        f"{rounds} alternating slices (latency of (a): per batch). Goals: dynamic batching >= {GOAL_VS_BETTER}x the "
+        f"{rounds} alternating slices (latency of (a): per batch; RPC floor: items/s of the same clients and "
+        f"requests against a no-op Score, a quarter of the time). Goals: dynamic batching >= {GOAL_VS_BETTER}x the "
         f"better of (a) and (b) in every cell; at 1 client its p50 within {GOAL_P50_MS_AT_1} ms of (b)'s",
         ["path", "clients", "items/s", "p50 ms", "p99 ms", "mean batch", "vs in-process (a)", "vs batching off (b)",
-         "vs better of (a),(b)", "p50 - (b) ms"],
+         "vs better of (a),(b)", "p50 - (b) ms", "RPC floor items/s"],
         rows,
     )
     saturated = max(cells, key=lambda c: c[0])
@@ -192,6 +204,7 @@ def run_one(
         "dynamic_vs_better_baseline": versus_better,
         "p50_minus_unbatched_ms": p50_delta_ms,
         "caps": caps,
+        "rpc_floor_items_per_s": floors,
         "goals_met": (all(r >= GOAL_VS_BETTER for r in versus_better.values())
                       and p50_delta_ms.get(1, 0.0) <= GOAL_P50_MS_AT_1),
     }

@@ -735,3 +735,18 @@ def test_expired_request_frees_its_batch_slot(tiny_models):
         assert batcher.queue_depth == 0
         text = metrics_text(srv)
         assert 'arbiter_requests_total{code="DEADLINE_EXCEEDED",method="Score",service="reward"} 1.0' in text
+
+
+def test_tokenizing_straight_through_the_rust_tokenizer_gives_the_wrappers_ids(tiny_models):
+    from arbiter.reward.model import RewardModel
+
+    model = RewardModel.load(tiny_models["reward"])
+    eos = model.tokenizer.eos_token
+    texts = ["Is this helpful? Yes, very.", f"short{eos}", f"  spaces  and {eos} inside{eos}", "ünïcödé ✓"]
+    for text in texts:
+        for special in (True, False):
+            assert model._token_ids(text, special) == model.tokenizer(text, add_special_tokens=special)["input_ids"]
+    # Truncation left set on the Rust tokenizer by another caller: the wrapper (which resets it) is used.
+    model.tokenizer._tokenizer.enable_truncation(2)
+    whole = model._token_ids(texts[0], True)
+    assert len(whole) > 2 and whole == model.tokenizer(texts[0])["input_ids"]

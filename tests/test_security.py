@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -353,6 +354,19 @@ def test_calls_refused_for_their_token_are_counted_under_their_method_and_code(g
     assert count("LoadModelVersion", "PERMISSION_DENIED") == before["LoadModelVersion", "PERMISSION_DENIED"] + 1
     assert count("ScoreStream", "UNAUTHENTICATED") == before["ScoreStream", "UNAUTHENTICATED"] + 1
     assert "attacker-chosen" not in metrics_text(guarded)
+
+
+def test_undecodable_bodies_behind_the_token_check_are_refused_or_invalid_and_log_nothing(guarded, caplog):
+    # Handlers are guarded as registered, so the auth interceptor hands on a
+    # guarded one: a body that does not parse never raises in grpc's deserializer.
+    garbage = b"\xff\xff\xff\xff"  # a tag whose varint never ends
+    score = "/arbiter.v1.RewardService/Score"
+    with grpc.insecure_channel(guarded.target) as channel, caplog.at_level(logging.INFO):
+        expect_error(lambda: channel.unary_unary(score)(garbage, timeout=10), grpc.StatusCode.UNAUTHENTICATED,
+                     "missing or wrong bearer token")
+        expect_error(lambda: channel.unary_unary(score)(garbage, metadata=bearer(SCORING), timeout=10),
+                     grpc.StatusCode.INVALID_ARGUMENT, "request body is not a valid arbiter.v1.ScoreRequest message")
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
 # -- mTLS ---------------------------------------------------------------------------

@@ -52,6 +52,13 @@ class RewardModel(BackendModel):
         # the drift monitor's reference when present.
         self.calibration_scores = calibration_scores
         self.text_convention = text_convention
+        # Read once: the tokenizer's special-token properties cost a few us per access.
+        self._eos = tokenizer.eos_token if tokenizer is not None else None
+        # The Rust tokenizer behind a fast Hugging Face one, called directly
+        # when nothing the wrapper would change is set (``_token_ids``): the
+        # wrapper's bookkeeping costs more than the tokenizing of a short item.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._rust = backend if type(backend).__module__.startswith("tokenizers") and hasattr(backend, "encode") else None
 
     @classmethod
     def load(
@@ -104,10 +111,20 @@ class RewardModel(BackendModel):
         if not item.response.strip():
             raise InvalidInput(f"inputs[{index}].text.response", "is empty; there is nothing to score")
         text = item.prompt + item.response
-        eos = self.tokenizer.eos_token
-        if self.text_convention.append_eos and not item.response.endswith(eos):
-            text += eos
+        if self.text_convention.append_eos and not item.response.endswith(self._eos):
+            text += self._eos
         return text, True
+
+    def _token_ids(self, text: str, add_special: bool) -> list[int]:
+        """``tokenizer(text, add_special_tokens=add_special)["input_ids"]``;
+        straight from the Rust tokenizer while it truncates and pads nothing
+        and splits special tokens as the wrapper would (what the wrapper
+        sets before every call), else through the wrapper."""
+        rust = self._rust
+        if (rust is not None and rust.truncation is None and rust.padding is None
+                and rust.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))):
+            return rust.encode(text, add_special_tokens=add_special).ids
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
     def encode(self, items: Sequence[RewardInput], truncation: Truncation) -> list[EncodedInput]:
         """Token ids per item. Lengths count every token the model reads,
@@ -117,7 +134,7 @@ class RewardModel(BackendModel):
         encoded = []
         limit = self.info.max_tokens
         for i, (text, add_special) in enumerate(rendered):
-            ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+            ids = self._token_ids(text, add_special)
             if not ids:
                 raise InvalidInput(f"inputs[{i}]", "tokenizes to zero tokens")
             truncated = len(ids) > limit

@@ -51,6 +51,23 @@ class RpcMetrics:
             ["service", "model_version"], registry=registry,
         )
         self.service = service
+        # Children bound once: a labels() lookup (lock, tuple, dict) per
+        # observation is several per request, which a small model's request
+        # pays in event-loop time. Keys are the server's methods x status
+        # codes: bounded.
+        self._rpc_children: dict[tuple[str, grpc.StatusCode], tuple] = {}
+        self._batch_size = self.batch_size.labels(service)
+        self._batch_latency = self.batch_latency.labels(service)
+        self._queue_depth = self.queue_depth.labels(service)
+
+    def record_rpc(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """One RPC of ``method`` ended with ``code`` after ``seconds``."""
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = self._rpc_children[(method, code)] = (
+                self.latency.labels(self.service, method), self.requests.labels(self.service, method, code.name))
+        children[0].observe(seconds)
+        children[1].inc()
 
     @contextmanager
     def rpc(self, method: str) -> Iterator[list[grpc.StatusCode]]:
@@ -60,16 +77,15 @@ class RpcMetrics:
         try:
             yield code
         finally:
-            self.latency.labels(self.service, method).observe(time.perf_counter() - started)
-            self.requests.labels(self.service, method, code[0].name).inc()
+            self.record_rpc(method, code[0], time.perf_counter() - started)
 
     # BatchObserver
     def on_batch(self, size: int, seconds: float) -> None:
-        self.batch_size.labels(self.service).observe(size)
-        self.batch_latency.labels(self.service).observe(seconds)
+        self._batch_size.observe(size)
+        self._batch_latency.observe(seconds)
 
     def on_queue_depth(self, depth: int) -> None:
-        self.queue_depth.labels(self.service).set(depth)
+        self._queue_depth.set(depth)
 
     def on_batch_cap(self, model_version: str, tokens: int, cap: int) -> None:
         self._cap_buckets.setdefault(model_version, set()).add(tokens)

@@ -34,11 +34,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from arbiter.v1 import common_pb2, reward_pb2
-from services.common.handlers import DecodeGuard
+from services.common.handlers import guarded_registration
 from services.common.metrics import RpcMetrics, stop_metrics_endpoint
 from services.common.settings import ServerSettings
 
@@ -208,8 +208,7 @@ async def start_server(
     engine: Any = None,
     metrics: Any = None,
 ) -> RunningServer:
-    # DecodeGuard innermost, so even a refused caller's undecodable body raises nothing.
-    interceptors = [*interceptors_for(settings, metrics), DecodeGuard()]
+    interceptors = interceptors_for(settings, metrics)
     options = [
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -218,14 +217,20 @@ async def start_server(
     if settings.max_connection_age_s is not None:
         # No max_connection_age_grace: a long GenerateStream must never be cut off.
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
-    server = grpc.aio.server(interceptors=interceptors, options=options)
-    register(server)
+    # No interceptor at all without auth: grpc.aio then finds each RPC's
+    # handler without running Python coroutines per call.
+    server = grpc.aio.server(interceptors=interceptors or None, options=options)
+    # Every handler guarded against undecodable bodies, as registered (a
+    # refused caller's body included: the auth interceptor answers with the
+    # guarded handler's deserializer).
+    registration = guarded_registration(server)
+    register(registration)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registration)
+    # What reflection.enable_server_reflection does for an aio server.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)),
+        registration)
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert_file:
         port = server.add_secure_port(address, server_credentials(settings))

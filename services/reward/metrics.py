@@ -114,6 +114,8 @@ class RewardMetrics(RpcMetrics):
             "arbiter_reward_score", "Raw reward scores served, per model version.",
             ["model_version"], buckets=SCORE_BUCKETS, registry=registry,
         )
+        # Per loaded version (``_loaded``), bound once.
+        self._score_children: dict[str, object] = {}
         self.drift = DriftTracker(drift or DriftConfig())
         registry.register(_DriftCollector(self.drift))
         self.shadow_monitor: ShadowMonitor | None = None
@@ -190,13 +192,16 @@ class RewardMetrics(RpcMetrics):
     def on_scores(self, model_version: str, raw_scores: Sequence[float]) -> None:
         if not self._loaded(model_version):
             return
-        child = self.scores.labels(model_version)
+        child = self._score_children.get(model_version)
+        if child is None:
+            child = self._score_children[model_version] = self.scores.labels(model_version)
         for score in raw_scores:
             child.observe(score)
         self.drift.observe(model_version, raw_scores)
 
     def on_version_removed(self, model_version: str) -> None:
         self.drift.remove_version(model_version)
+        self._score_children.pop(model_version, None)
         for metric in (self.scores, self.shadow_errors):
             try:
                 metric.remove(model_version)
