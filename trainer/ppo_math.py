@@ -545,7 +545,22 @@ def entropy_from_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
     computed for the tokens' log-probs: no second softmax); mask (B, T)."""
     if logprobs.dim() != 3:
         raise InvalidInput("logprobs", f"must be (B, T, V), got shape {tuple(logprobs.shape)}")
-    return masked_mean(-(logprobs.exp() * logprobs).sum(dim=-1), mask)
+    # Tokens an action mask removed (NLPO) are -inf: their 0·log 0 is 0, not NaN.
+    finite = logprobs.masked_fill(torch.isinf(logprobs), 0.0)
+    return masked_mean(-(logprobs.exp() * finite).sum(dim=-1), mask)
+
+
+def nlpo_logprobs(logits: Tensor, mask_logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """NLPO's action-masked log-probs (Ramamurthy et al. 2022): log π_θ at
+    ``temperature``, renormalised over the top-p nucleus of the masking
+    policy π_ψ (its own distribution, ``arbiter.policy.sampling.top_p_set``);
+    tokens outside it are -inf. logits, mask_logits (..., V); the mask is
+    not differentiated. The same distribution the policy service samples a
+    masked request from (``sampling_logprobs`` with ``allowed``)."""
+    from arbiter.policy.sampling import top_p_set
+
+    allowed = top_p_set(mask_logits.detach(), top_p)
+    return torch.log_softmax((logits / temperature).masked_fill(~allowed, float("-inf")), dim=-1)
 
 
 def ptx_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
