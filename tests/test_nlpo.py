@@ -4,6 +4,7 @@ log-probs are those of the masked distribution (checked against an
 independent teacher-forced forward), bad mask fields are refused."""
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -120,3 +121,89 @@ def test_masked_and_unmasked_requests_decode_together_unchanged(server):
 ])
 def test_bad_mask_fields_are_refused(server, fields, code, needle):
     expect_error(lambda: server.client.policy.Generate(masked_request(PROMPTS[:1], **fields)), code, needle)
+
+
+# -- the trainer -----------------------------------------------------------
+
+
+def masked_rollouts(policy_dir, mask_version, top_p, seed, n=8):
+    """Rollouts sampled in-process by the policy service's own sampler under
+    the mask (the initial policy masks itself: the trainer's first mask)."""
+    import uuid
+
+    from arbiter.policy.model import PolicyModel, ResolvedMask
+    from arbiter.policy.types import ResolvedSampling
+    from trainer.batch import Trajectory
+
+    model = PolicyModel.load(policy_dir)
+    prompt = model.tokenizer("Say:")["input_ids"]
+    generation = model.start([prompt], ResolvedSampling(8, 1.0, 1.0, 0, n, (), seed), mask=ResolvedMask(model, top_p))
+    while not generation.done:
+        generation.step()
+    return [
+        Trajectory(rollout_id=uuid.uuid4().hex, prompt_id="p", group_id=f"g{i}", prompt_ids=tuple(prompt),
+                   completion_ids=tuple(s.completion_token_ids), sampling_logprobs=tuple(s.logprobs),
+                   reference_logprobs=tuple(s.logprobs), reward=float(sum(s.completion_token_ids) % 3),
+                   policy_version="v0", mask_version=mask_version, mask_top_p=top_p)
+        for i, s in enumerate(generation.samples())
+    ]
+
+
+def test_trainer_masked_update_ratio_is_one_on_fresh_rollouts_and_masks_rotate(policy_dir, tmp_path):
+    from arbiter.stream import ConsumedRecord, KafkaSettings
+    from tests.rollout_fixtures import to_rollout
+    from trainer.batch import collate
+    from trainer.config import config_from_dict
+    from trainer.loop import PPOTrainer
+    from trainer.step import nlpo_action_mask, policy_outputs
+
+    top_p = 0.2
+    config = config_from_dict({
+        "model_dir": str(policy_dir), "output_dir": str(tmp_path / "run"), "checkpoint_every": 100,
+        "ppo": {"batch_size": 8, "minibatch_size": 4, "epochs": 2, "learning_rate": 1e-2,
+                "nlpo": {"top_p": top_p, "mask_update_every": 1}},
+    })
+    trainer = PPOTrainer(config, KafkaSettings())
+    assert trainer.mask_version == "v0"
+    rollouts = masked_rollouts(policy_dir, "v0", top_p, seed=1)
+    batch = collate(rollouts, trainer.model.tokenizer.pad_token_id)
+    batch = dataclasses.replace(batch, action_mask=nlpo_action_mask(
+        trainer.masking_policies, batch, ["v0"] * len(rollouts), top_p))
+    # A real restriction: each real token's action set is a small part of the vocabulary.
+    assert int(batch.action_mask[batch.mask].sum(-1).max()) < trainer.model.vocab_size // 2
+    with torch.no_grad():
+        logprobs, _, _ = policy_outputs(trainer.model, batch, 1.0)
+    # The trainer recomputes the masked distribution the sampler drew from: ratio 1.
+    assert torch.allclose(logprobs[batch.mask], batch.old_logprobs[batch.mask], atol=1e-4)
+
+    record = trainer.train_on(rollouts)
+    assert record.stats.skipped_steps == 0 and record.stats.optimizer_steps == 4
+    assert trainer.after_update(None, None) == "ppo-1"
+    # Synced: the new mask is the version just published, the old one still accepted.
+    assert trainer.mask_version == "ppo-1" and set(trainer.masking_policies) == {"v0", "ppo-1"}
+    trainer.train_on(masked_rollouts(policy_dir, "v0", top_p, seed=2))
+    trainer.after_update(None, None)
+    assert set(trainer.masking_policies) == {"ppo-1", "ppo-2"}
+    # A rollout under a mask the trainer let go, or none, or another top-p: dropped and counted.
+    late, unmasked, other_p = masked_rollouts(policy_dir, "v0", top_p, seed=3, n=3)
+    for i, t in enumerate((late, dataclasses.replace(unmasked, mask_version="", mask_top_p=0.0),
+                           dataclasses.replace(other_p, mask_version="ppo-2", mask_top_p=0.5))):
+        rollout = to_rollout(t)
+        rollout.mask_version, rollout.mask_top_p = t.mask_version, t.mask_top_p
+        trainer.admit(ConsumedRecord("rollouts", 0, i, "p", 0, "1.1", rollout))
+    assert trainer.state.outcomes.get("mask_stale") == 3 and not trainer.pending
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"ppo": {"nlpo": {"top_p": 0.0}}}, r"ppo\.nlpo\.top_p=0\.0 is invalid: must be in \(0, 1\]"),
+    ({"ppo": {"nlpo": {"mask_update_every": 0}}}, r"ppo\.nlpo\.mask_update_every=0 is invalid"),
+    ({"publish_every": 2, "ppo": {"nlpo": {"mask_update_every": 3}}},
+     r"ppo\.nlpo\.mask_update_every=3 is invalid: must be a multiple of publish_every \(2\)"),
+    ({"ppo": {"nlpo": {"top_k": 3}}}, "unknown field"),
+])
+def test_nlpo_settings_are_validated_up_front(settings, needle):
+    from arbiter.config import ConfigError
+    from trainer.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"model_dir": "m", **settings})

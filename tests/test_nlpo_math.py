@@ -8,7 +8,7 @@ import math
 import torch
 
 from arbiter.policy.sampling import draw, sampling_logprobs, top_p_set
-from trainer.ppo_math import entropy_from_logprobs, nlpo_logprobs, policy_loss
+from trainer.ppo_math import entropy_from_logprobs, nlpo_action_mask, nlpo_logprobs, policy_loss
 
 # The masking policy π_ψ: probabilities 0.5, 0.3, 0.15, 0.05.
 MASK = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64).log()
@@ -42,8 +42,11 @@ def test_policy_is_renormalised_over_the_mask():
     got = sampling_logprobs(POLICY, 2.0, allowed=allowed)
     assert torch.allclose(got[:, :2].exp(), torch.tensor([[math.sqrt(2) - 1, 2 - math.sqrt(2)]], dtype=torch.float64))
     # The trainer's recomputation is the same distribution (float64 in, float64 out).
-    assert torch.allclose(nlpo_logprobs(POLICY, MASK, 2.0, 0.7)[:, :2], got[:, :2])
-    assert torch.equal(torch.isinf(nlpo_logprobs(POLICY, MASK, 2.0, 0.7)), torch.isinf(got))
+    trainer = nlpo_logprobs(POLICY, nlpo_action_mask(MASK, 0.7), 2.0)
+    assert torch.allclose(trainer[:, :2], got[:, :2]) and torch.equal(torch.isinf(trainer), torch.isinf(got))
+    # The trainer keeps a sampled token in the set even where its own nucleus
+    # (rounding) left it out: token 2 sampled -> set {0, 1, 2}.
+    assert nlpo_action_mask(MASK, 0.7, torch.tensor([2])).tolist() == [[True, True, True, False]]
     # top-k after the mask: k=1 keeps the policy's best allowed token, 1, with probability 1.
     got = sampling_logprobs(POLICY, 1.0, top_k=1, allowed=allowed)
     assert got.tolist() == [[NEG_INF, 0.0, NEG_INF, NEG_INF]]
@@ -62,7 +65,8 @@ def test_draws_stay_inside_the_mask():
 
 
 def test_masked_entropy_and_loss():
-    logp = nlpo_logprobs(POLICY, MASK, 1.0, 0.7)[:, None, :]  # (B=1, T=1, V)
+    allowed = nlpo_action_mask(MASK, 0.7)
+    logp = nlpo_logprobs(POLICY, allowed, 1.0)[:, None, :]  # (B=1, T=1, V)
     mask = torch.ones(1, 1, dtype=torch.bool)
     # Entropy over {1/3, 2/3}: −(1/3 ln 1/3 + 2/3 ln 2/3) = ln 3 − (2/3) ln 2; removed tokens add 0, not NaN.
     expected = math.log(3) - 2 / 3 * math.log(2)
@@ -71,7 +75,7 @@ def test_masked_entropy_and_loss():
     # policy has probabilities 0.2, 0.2, 0.3, 0.3: under the same mask 0.2/0.4 = 1/2.
     # ratio = (1/2)/(1/3) = 1.5; A = 1, ε = 0.2: −min(1.5·1, 1.2·1) = −1.2, clipped.
     new_logits = torch.tensor([[0.2, 0.2, 0.3, 0.3]], dtype=torch.float64).log().requires_grad_()
-    new = nlpo_logprobs(new_logits, MASK, 1.0, 0.7)[:, None, 0]  # (1, 1): token 0
+    new = nlpo_logprobs(new_logits, allowed, 1.0)[:, None, 0]  # (1, 1): token 0
     out = policy_loss(new, torch.tensor([[math.log(1 / 3)]], dtype=torch.float64),
                       torch.ones(1, 1, dtype=torch.float64), mask, 0.2)
     assert math.isclose(float(out.loss.detach()), -1.2, rel_tol=1e-12)

@@ -550,16 +550,26 @@ def entropy_from_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(-(logprobs.exp() * finite).sum(dim=-1), mask)
 
 
-def nlpo_logprobs(logits: Tensor, mask_logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """NLPO's action-masked log-probs (Ramamurthy et al. 2022): log π_θ at
-    ``temperature``, renormalised over the top-p nucleus of the masking
-    policy π_ψ (its own distribution, ``arbiter.policy.sampling.top_p_set``);
-    tokens outside it are -inf. logits, mask_logits (..., V); the mask is
-    not differentiated. The same distribution the policy service samples a
-    masked request from (``sampling_logprobs`` with ``allowed``)."""
+def nlpo_action_mask(mask_logits: Tensor, top_p: float, tokens: Tensor | None = None) -> Tensor:
+    """NLPO's action set (Ramamurthy et al. 2022): the top-p nucleus of the
+    masking policy π_ψ's own distribution (temperature 1), (..., V) bool, by
+    the rule the policy service samples under (``top_p_set``). ``tokens``
+    (...): the tokens actually sampled stay in the set: they were drawn from
+    it, and a float rounding that moved one across the nucleus's edge here
+    must not make its log-prob -inf (a NaN ratio)."""
     from arbiter.policy.sampling import top_p_set
 
     allowed = top_p_set(mask_logits.detach(), top_p)
+    if tokens is not None:
+        allowed.scatter_(-1, tokens.long()[..., None], True)
+    return allowed
+
+
+def nlpo_logprobs(logits: Tensor, allowed: Tensor, temperature: float) -> Tensor:
+    """log π_θ at ``temperature`` renormalised over the action set
+    ``allowed`` (``nlpo_action_mask``); tokens outside it are -inf. The
+    distribution the policy service samples a masked request from
+    (``sampling_logprobs`` with ``allowed``)."""
     return torch.log_softmax((logits / temperature).masked_fill(~allowed, float("-inf")), dim=-1)
 
 
