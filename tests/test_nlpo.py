@@ -207,3 +207,64 @@ def test_nlpo_settings_are_validated_up_front(settings, needle):
 
     with pytest.raises(ConfigError, match=needle):
         config_from_dict({"model_dir": "m", **settings})
+
+
+# -- the worker ------------------------------------------------------------
+
+
+def test_generate_stage_samples_under_the_announced_mask_or_the_last_one_served(server):
+    import threading
+
+    from services.worker.retry import StageRetry, WorkerError
+    from services.worker.stages import GenerateStage
+
+    announced = [ActionMask("mask", MASK_TOP_P)]
+    skipped = []
+    stage = GenerateStage(
+        StageRetry(0.1, 0.5, threading.Event, lambda stage: None), skipped.append, server.client,
+        SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=1),
+        tokenizer_fingerprint=server.client.info().tokenizer_fingerprint, mask=lambda: announced[0],
+    )
+    prompts = [Prompt(text=PROMPTS[0], id="a")]
+    assert {g.mask for g in stage(prompts)} == {ActionMask("mask", MASK_TOP_P)}
+    # The trainer announced a version this replica has not loaded yet: the last mask served.
+    announced[0] = ActionMask("ppo-9", MASK_TOP_P)
+    assert {g.mask for g in stage(prompts)} == {ActionMask("mask", MASK_TOP_P)}
+    # With no mask served before there is nothing to fall back on: the worker stops, naming it.
+    stage._served_mask = None
+    with pytest.raises(WorkerError, match="ppo-9"):
+        stage(prompts)
+
+
+def test_worker_writes_the_announced_mask_into_its_rollouts(server, tiny_models, kafka_settings, tmp_path):
+    from arbiter.stream import StreamConsumer, StreamProducer, ensure_topics, topics
+    from arbiter.v1 import rollout_pb2
+    from helpers import drain
+    from services.reference.server import create_server as create_reference
+    from services.reference.settings import ReferenceSettings
+    from services.reward.server import create_server as create_reward
+    from services.reward.settings import RewardSettings
+    from services.worker.settings import WorkerSettings
+    from services.worker.worker import RolloutWorker
+
+    ensure_topics(kafka_settings, {topics.ROLLOUTS: 1, topics.PROMPTS: 1, topics.POLICY_UPDATES: 1})
+    with StreamProducer(kafka_settings) as producer:
+        producer.send(topics.POLICY_UPDATES, rollout_pb2.PolicyUpdate(
+            schema_version=1, policy_version="v0", training_step=1, mask_version="mask", mask_top_p=MASK_TOP_P))
+        producer.flush()
+    with BackgroundServer(lambda: create_reward(RewardSettings(model_dir=str(tiny_models["reward"]), port=0))) as rm, \
+            BackgroundServer(lambda: create_reference(
+                ReferenceSettings(model_dir=str(tiny_models["policy"]), port=0))) as ref:
+        settings = WorkerSettings(
+            policy_target=server.target, reward_target=rm.target, reference_target=ref.target, kafka=kafka_settings,
+            samples_per_prompt=2, prompts_per_call=1, max_new_tokens=6, seed=3, connect_timeout_s=30.0,
+            nlpo_top_p=MASK_TOP_P,
+        )
+        with RolloutWorker(settings) as worker:
+            rollouts = worker.run_once([Prompt(text=PROMPTS[1], id="p")])
+    assert rollouts and {r.mask_version for r in rollouts} == {"mask"}
+    # A float on the wire: the trainer compares it with its ppo.nlpo.top_p to a relative 1e-6.
+    assert all(r.mask_top_p == pytest.approx(MASK_TOP_P, rel=1e-6) for r in rollouts)
+    with StreamConsumer(kafka_settings, [topics.ROLLOUTS], None) as consumer:
+        records = drain(consumer, len(rollouts), 30)
+    assert {r.message.mask_version for r in records} == {"mask"}
