@@ -268,3 +268,42 @@ def test_worker_writes_the_announced_mask_into_its_rollouts(server, tiny_models,
     with StreamConsumer(kafka_settings, [topics.ROLLOUTS], None) as consumer:
         records = drain(consumer, len(rollouts), 30)
     assert {r.message.mask_version for r in records} == {"mask"}
+
+
+def test_follower_keeps_the_announced_masks_loaded_past_the_version_limit(policy_dir, kafka_settings, tmp_path):
+    from arbiter.stream import StreamProducer, ensure_topics, topics
+    from arbiter.v1 import rollout_pb2
+    from helpers import wait_until
+
+    ensure_topics(kafka_settings, {topics.POLICY_UPDATES: 1})
+    paths = {v: perturbed(policy_dir, tmp_path / v, version=v, seed=i) for i, v in enumerate(("ppo-1", "ppo-2", "ppo-3",
+                                                                                                  "ppo-4"))}
+    settings = PolicySettings(model_dir=str(policy_dir), port=0, follow_updates=True, replica_id="r",
+                              kafka=kafka_settings, max_loaded_versions=2, model_roots=(str(tmp_path),))
+
+    def announce(version, mask):
+        with StreamProducer(kafka_settings) as producer:
+            producer.send(topics.POLICY_UPDATES, rollout_pb2.PolicyUpdate(
+                policy_version=version, checkpoint_path=str(paths[version]), training_step=int(version[-1]),
+                mask_version=mask, mask_top_p=MASK_TOP_P))
+            producer.flush()
+
+    with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
+        def loaded():
+            return {info.version for info in server.engine.models.list_versions()}
+
+        # Limit 2: without the pin, loading ppo-2 would evict v0, the mask workers sample under.
+        announce("ppo-1", "v0")
+        announce("ppo-2", "v0")
+        wait_until(lambda: client.info().version == "ppo-2", what="ppo-2 to be served")
+        assert loaded() == {"v0", "ppo-2"}
+        assert client.generate([PROMPTS[0]], max_new_tokens=4, temperature=1.0,
+                               mask=ActionMask("v0", MASK_TOP_P)).policy_version == "ppo-2"
+        # The mask moves on to ppo-2: v0 is still kept (the mask before), then let go with the next one.
+        announce("ppo-3", "ppo-2")
+        wait_until(lambda: client.info().version == "ppo-3", what="ppo-3 to be served")
+        assert loaded() == {"v0", "ppo-2", "ppo-3"}
+        expect_error(lambda: client.unload_version("v0"), grpc.StatusCode.FAILED_PRECONDITION, "NLPO masking policy")
+        announce("ppo-4", "ppo-3")
+        wait_until(lambda: client.info().version == "ppo-4", what="ppo-4 to be served")
+        assert loaded() == {"ppo-2", "ppo-3", "ppo-4"}
