@@ -181,6 +181,20 @@ def test_trainer_masked_update_ratio_is_one_on_fresh_rollouts_and_masks_rotate(p
     assert trainer.after_update(None, None) == "ppo-1"
     # Synced: the new mask is the version just published, the old one still accepted.
     assert trainer.mask_version == "ppo-1" and set(trainer.masking_policies) == {"v0", "ppo-1"}
+    # ppo-1 is announced with the mask in force when it was registered (v0): replicas
+    # following in order have ppo-1 loaded by the time a later update names it.
+    announced = []
+
+    class Recorder:  # the producer's two calls announce makes, recorded
+        def send(self, topic, message):
+            announced.append(message)
+
+        def flush(self, timeout_s):
+            pass
+
+    trainer.model.save_policy(trainer.policies / "ppo-1", "ppo-1")
+    trainer.announce(Recorder(), "ppo-1")
+    assert (announced[0].mask_version, announced[0].mask_top_p) == ("v0", pytest.approx(top_p))
     trainer.train_on(masked_rollouts(policy_dir, "v0", top_p, seed=2))
     trainer.after_update(None, None)
     assert set(trainer.masking_policies) == {"ppo-1", "ppo-2"}
