@@ -205,6 +205,11 @@ class ModelKernel(Generic[M]):
         refused with ``reason`` (what uses them)."""
         self._pinned.update(dict.fromkeys(versions, reason))
 
+    def unpin(self, versions) -> None:
+        """``versions`` may be evicted or unloaded again (the next load evicts past the limit)."""
+        for version in versions:
+            self._pinned.pop(version, None)
+
     async def load_version(self, path: str, version: str = "", activate: bool = True) -> ModelInfo:
         """Load, validate and register a version; activate it when asked (or
         when nothing is active yet). Returns its info. The load goes on if

@@ -32,6 +32,9 @@ class Trajectory:
     gold_score: float | None = None
     # Members of group_id the worker produced (0: not recorded, older records).
     group_size: int = 0
+    # NLPO: the masking-policy version and top-p it was sampled under ("": unmasked).
+    mask_version: str = ""
+    mask_top_p: float = 0.0
     # Where it came from, for offsets.
     topic: str = ""
     partition: int = 0
@@ -56,6 +59,9 @@ class PPOBatch:
     rm_normalized_scores: Tensor | None = None
     # (B,) the reward-model version of each score (raw scores are normalized per version).
     reward_model_versions: tuple[str, ...] = ()
+    # NLPO: (B, T, V) the action set of each completion token (its masking
+    # policy's nucleus, ppo_math.nlpo_action_mask); None: unmasked.
+    action_mask: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -70,6 +76,7 @@ class PPOBatch:
             rm_normalized_scores=None if self.rm_normalized_scores is None else self.rm_normalized_scores[index],
             reward_model_versions=tuple(self.reward_model_versions[i] for i in index.tolist())
             if self.reward_model_versions else (),
+            action_mask=None if self.action_mask is None else self.action_mask[index],
         )
 
 

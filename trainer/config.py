@@ -61,6 +61,24 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class NLPOConfig:
+    """NLPO (Ramamurthy et al. 2022): PPO over an action space masked to the
+    top-p nucleus of a masking policy, a frozen copy of the policy synced
+    every ``mask_update_every`` updates (published as a version, which the
+    workers sample under: PolicyUpdate.mask_version)."""
+
+    top_p: float = 0.9
+    mask_update_every: int = 5
+
+    def validate(self, prefix: str) -> None:
+        require(math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]",
+                self.top_p)
+        require(isinstance(self.mask_update_every, int) and self.mask_update_every >= 1,
+                f"{prefix}.mask_update_every", "must be an integer >= 1 (updates between syncs of the masking policy)",
+                self.mask_update_every)
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     # Rollouts per update.
     batch_size: int = 32
@@ -121,6 +139,8 @@ class PPOConfig:
     ptx_batch_size: int = 4
     kl: KLConfig = field(default_factory=KLConfig)
     lora: LoRAConfig | None = None
+    # NLPO's action mask; null: plain PPO (A2C) over the whole vocabulary.
+    nlpo: NLPOConfig | None = None
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "minibatch_size", "epochs", "samples_per_prompt", "ptx_batch_size"):
@@ -183,6 +203,8 @@ class PPOConfig:
         self.kl.validate(f"{prefix}.kl")
         if self.lora is not None:
             self.lora.validate(f"{prefix}.lora")
+        if self.nlpo is not None:
+            self.nlpo.validate(f"{prefix}.nlpo")
 
 
 @dataclass(frozen=True)
@@ -271,6 +293,13 @@ class TrainerConfig:
         )
         self.ppo.validate("ppo")
         self.weights.validate("weights")
+        if self.ppo.nlpo is not None:
+            # The masking policy is a version the workers' policy service loads: one that was published.
+            require(self.ppo.nlpo.mask_update_every % self.publish_every == 0, "ppo.nlpo.mask_update_every",
+                    f"must be a multiple of publish_every ({self.publish_every}): the masking policy is a published "
+                    "version", self.ppo.nlpo.mask_update_every)
+            require(self.parallel == "none", "parallel",
+                    "must be none with ppo.nlpo (the masking policy's copy is not sharded)", self.parallel)
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainerConfig:

@@ -84,6 +84,8 @@ def trajectory_from_record(
         reward_normalized=r.reward_normalized if r.reward_normalization_applied else None,
         gold_score=r.gold_score if r.HasField("gold_score") else None,
         group_size=r.group_size,
+        mask_version=r.mask_version,
+        mask_top_p=r.mask_top_p,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
@@ -92,7 +94,8 @@ def trajectory_from_record(
 
 def policy_update(
     version: str, checkpoint_path: str, parent_version: str, step: int, weights_sha256: str, is_adapter: bool,
-    rollouts_settled: dict[int, int] | None = None, weights_uri: str = "",
+    rollouts_settled: dict[int, int] | None = None, weights_uri: str = "", mask_version: str = "",
+    mask_top_p: float = 0.0,
 ) -> rollout_pb2.PolicyUpdate:
     update = rollout_pb2.PolicyUpdate(
         policy_version=version,
@@ -103,6 +106,8 @@ def policy_update(
         weights_sha256=weights_sha256,
         training_step=step,
         rollouts_settled=rollouts_settled or {},
+        mask_version=mask_version,
+        mask_top_p=mask_top_p,
     )
     update.created_at.FromNanoseconds(time.time_ns())
     return update

@@ -22,10 +22,12 @@ published under a new label (``<run_name>-<step>.r<n>``), never over theirs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import json
 import logging
+import math
 import random
 import shutil
 import threading
@@ -67,7 +69,7 @@ from trainer.convert import InvalidRollout, policy_update, trajectory_from_recor
 from trainer.metrics import TrainerMetrics
 from trainer.policy_model import PolicyWithValue
 from trainer.publish import BackgroundPublisher, Snapshot
-from trainer.step import UpdateStats, make_kl_controller, make_optimizer, ppo_update
+from trainer.step import UpdateStats, make_kl_controller, make_optimizer, nlpo_action_mask, ppo_update
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,11 @@ class PPOTrainer:
             step=0, policy_version=self.model.base_version, version_steps={self.model.base_version: 0}
         )
         checkpoint = latest_checkpoint(self.checkpoints)
+        # NLPO: frozen copies of the policy as published under these labels,
+        # the masking policy and the one before it (rollouts sampled under
+        # either are trained; older ones are dropped as mask_stale).
+        self.masking_policies: dict[str, PolicyWithValue] = {}
+        self.mask_version = ""
         if checkpoint is not None:
             self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.rng, ranks)
             self.kl_controller = pm.kl_controller_from_state_dict(self.state.kl_controller)
@@ -152,6 +159,13 @@ class PPOTrainer:
         self._checkpointed_step = self.state.step
         # Per version published by this process: rollouts settled then (PolicyUpdate.rollouts_settled).
         self._settled_at: dict[str, dict[int, int]] = {}
+        # NLPO, per version published by this process: the mask announced with it.
+        self._mask_at: dict[str, dict] = {}
+        if ppo.nlpo is not None:
+            # The masking policy starts as the policy being served: the initial
+            # weights, or on resume the last version published (the weights
+            # the checkpoint holds; rollouts under older masks are dropped).
+            self._sync_mask(self.state.policy_version)
         self._checkpointed_at = time.monotonic()
         self.pending: list[Trajectory] = []
         # Next offset per partition of everything consumed (trained, dropped or pending).
@@ -179,6 +193,26 @@ class PPOTrainer:
                         ", ".join(lost[-3:]), self.state.step)
 
     # -- intake ---------------------------------------------------------------
+
+    def _sync_mask(self, version: str) -> None:
+        """NLPO: the masking policy becomes a frozen copy of the policy as
+        published under ``version``; the previous one is kept for rollouts
+        still in flight, the one before is let go."""
+        masking = copy.deepcopy(self.model).requires_grad_(False).eval()
+        previous = self.mask_version
+        self.masking_policies = {v: m for v, m in self.masking_policies.items() if v == previous}
+        self.masking_policies[version] = masking
+        self.mask_version = version
+
+    def _mask_fields(self) -> dict:
+        """PolicyUpdate's mask fields: the masking policy workers sample under now."""
+        nlpo = self.config.ppo.nlpo
+        return {} if nlpo is None else {"mask_version": self.mask_version, "mask_top_p": nlpo.top_p}
+
+    def _mask_known(self, trajectory: Trajectory) -> bool:
+        nlpo = self.config.ppo.nlpo
+        return (nlpo is None or (trajectory.mask_version in self.masking_policies
+                                 and math.isclose(trajectory.mask_top_p, nlpo.top_p, rel_tol=1e-6)))
 
     def _remember(self, rollout_id: str) -> None:
         self.seen[rollout_id] = None
@@ -223,6 +257,12 @@ class PPOTrainer:
             self._count("duplicate")
             return
         verdict = self._staleness(trajectory)
+        if verdict is pm.Staleness.KEEP and not self._mask_known(trajectory):
+            log.warning("dropping rollout %s sampled under mask %r (top_p %s); the trainer masks with %s",
+                        trajectory.rollout_id, trajectory.mask_version, trajectory.mask_top_p,
+                        sorted(self.masking_policies))
+            self._drop(trajectory, "mask_stale")
+            return
         if verdict is pm.Staleness.KEEP:
             self.pending.append(trajectory)
             return
@@ -256,6 +296,8 @@ class PPOTrainer:
             verdict = self._staleness(t)
             if verdict is not pm.Staleness.KEEP:
                 self._drop(t, verdict.value)
+            elif not self._mask_known(t):  # its masking policy was let go while it waited
+                self._drop(t, "mask_stale")
             elif critic_free and 0 < t.group_size < ppo.samples_per_prompt:
                 # The worker produced this group short (a member skipped): it
                 # can never complete, so it is dropped now rather than holding
@@ -321,8 +363,12 @@ class PPOTrainer:
         # Every rollout of a batch was kept, so its version has a step.
         lags = [self.state.step - self.state.version_steps[t.policy_version] for t in batch]
         staleness = sum(lags) / len(batch)
+        collated = collate(batch, self.model.tokenizer.pad_token_id)
+        if self.config.ppo.nlpo is not None:
+            collated = dataclasses.replace(collated, action_mask=nlpo_action_mask(
+                self.masking_policies, collated, [t.mask_version for t in batch], self.config.ppo.nlpo.top_p))
         stats = ppo_update(
-            self.model, self.optimizer, collate(batch, self.model.tokenizer.pad_token_id), self.kl_controller,
+            self.model, self.optimizer, collated, self.kl_controller,
             self.reward_moments, self.config.ppo, self.rng, self._ptx, self.shard,
         )
         for t in batch:
@@ -392,6 +438,11 @@ class PPOTrainer:
         if self.ranks is not None:
             version = dist.from_main(version)  # rank 0 publishes: its view of the directory decides
         self._settled_at[version] = self._settled_everywhere()
+        if self.config.ppo.nlpo is not None:
+            # Announced with the version: the mask in force when it was
+            # registered (a mask synced to it is announced from the next one
+            # on, by when replicas following in order have loaded it).
+            self._mask_at[version] = self._mask_fields()
         self.state.version_steps[version] = self.state.step
         self.state.policy_version = version
         self.state.published.append(version)
@@ -448,6 +499,9 @@ class PPOTrainer:
         and checkpoint when due. Returns the version published, if any."""
         started = time.perf_counter()
         published = self.publish(publisher) if self.state.step % self.config.publish_every == 0 else None
+        nlpo = self.config.ppo.nlpo
+        if published is not None and nlpo is not None and self.state.step % nlpo.mask_update_every == 0:
+            self._sync_mask(published)
         due = self.checkpoint_due()
         if self.ranks is not None:
             due = dist.any_rank(due)  # the time trigger reads each rank's clock
@@ -535,6 +589,7 @@ class PPOTrainer:
                 version, str(path.resolve()), self.model.base_version, self.state.version_steps[version],
                 digest or weights_sha256(path), self.model.is_lora,
                 self._settled_at.get(version), weights_uri=weights_uri,
+                **(self._mask_at.get(version) or self._mask_fields()),
             ),
         )
         producer.flush(timeout_s=30)

@@ -11,7 +11,8 @@ from arbiter.stream import topics
 from arbiter.stream.metrics import RejectedRecordsMetric
 from trainer.step import UpdateStats
 
-ROLLOUT_OUTCOMES = ("trained", "duplicate", "stale", "unknown_version", "invalid", "incomplete_group")
+# mask_stale: NLPO, sampled under a masking policy the trainer no longer holds (nor the one before it).
+ROLLOUT_OUTCOMES = ("trained", "duplicate", "stale", "unknown_version", "invalid", "incomplete_group", "mask_stale")
 
 
 class TrainerMetrics:

@@ -545,7 +545,32 @@ def entropy_from_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
     computed for the tokens' log-probs: no second softmax); mask (B, T)."""
     if logprobs.dim() != 3:
         raise InvalidInput("logprobs", f"must be (B, T, V), got shape {tuple(logprobs.shape)}")
-    return masked_mean(-(logprobs.exp() * logprobs).sum(dim=-1), mask)
+    # Tokens an action mask removed (NLPO) are -inf: their 0·log 0 is 0, not NaN.
+    finite = logprobs.masked_fill(torch.isinf(logprobs), 0.0)
+    return masked_mean(-(logprobs.exp() * finite).sum(dim=-1), mask)
+
+
+def nlpo_action_mask(mask_logits: Tensor, top_p: float, tokens: Tensor | None = None) -> Tensor:
+    """NLPO's action set (Ramamurthy et al. 2022): the top-p nucleus of the
+    masking policy π_ψ's own distribution (temperature 1), (..., V) bool, by
+    the rule the policy service samples under (``top_p_set``). ``tokens``
+    (...): the tokens actually sampled stay in the set: they were drawn from
+    it, and a float rounding that moved one across the nucleus's edge here
+    must not make its log-prob -inf (a NaN ratio)."""
+    from arbiter.policy.sampling import top_p_set
+
+    allowed = top_p_set(mask_logits.detach(), top_p)
+    if tokens is not None:
+        allowed.scatter_(-1, tokens.long()[..., None], True)
+    return allowed
+
+
+def nlpo_logprobs(logits: Tensor, allowed: Tensor, temperature: float) -> Tensor:
+    """log π_θ at ``temperature`` renormalised over the action set
+    ``allowed`` (``nlpo_action_mask``); tokens outside it are -inf. The
+    distribution the policy service samples a masked request from
+    (``sampling_logprobs`` with ``allowed``)."""
+    return torch.log_softmax((logits / temperature).masked_fill(~allowed, float("-inf")), dim=-1)
 
 
 def ptx_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -67,17 +67,44 @@ def policy_outputs(
     and RLOO have none). ``model`` is the policy or its DDP/FSDP wrapper: the
     call goes through the wrapper's forward, which the gradient
     synchronisation hangs on."""
+    logits, values = completion_logits(model, batch, with_values)
+    if batch.action_mask is None:
+        logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V)
+    else:
+        logp = pm.nlpo_logprobs(logits, batch.action_mask, temperature)
+    logprobs = logp.gather(-1, batch.completion_ids.long()[..., None]).squeeze(-1)
+    return logprobs, values, logp
+
+
+def completion_logits(model: nn.Module, batch: PPOBatch, with_values: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Logits (B, T, V) at the positions predicting each completion token,
+    and values (B, T) there (None unless ``with_values``)."""
     first = int(batch.positions[:, 0].min())  # every row has a completion token
     keep = batch.input_ids.shape[1] - first
     logits, values = model(batch.input_ids, batch.attention_mask, with_values=with_values, logits_to_keep=keep)
     # Padded completion slots hold position 0, which may precede the window:
     # any index in it will do, they are masked.
     shifted = (batch.positions - first).clamp(min=0)
-    logp = torch.log_softmax(gather_positions(logits, shifted) / temperature, dim=-1)  # (B, T, V)
-    logprobs = logp.gather(-1, batch.completion_ids.long()[..., None]).squeeze(-1)
-    if values is not None:
-        values = gather_positions(values, shifted)  # (B, T)
-    return logprobs, values, logp
+    return gather_positions(logits, shifted), None if values is None else gather_positions(values, shifted)
+
+
+def nlpo_action_mask(masking_policies: dict[str, nn.Module], batch: PPOBatch, versions: list[str],
+                     top_p: float) -> Tensor:
+    """(B, T, V) NLPO action sets of ``batch``: each row's from the masking
+    policy of its own mask version (``versions``, one per row), computed
+    once per update (the masking policy is frozen meanwhile)."""
+    allowed = None
+    with torch.no_grad():
+        for version in sorted(set(versions)):
+            rows = torch.tensor([i for i, v in enumerate(versions) if v == version])
+            part = batch.select(rows)
+            logits, _ = completion_logits(masking_policies[version], part, with_values=False)
+            sets = pm.nlpo_action_mask(logits, top_p, part.completion_ids)
+            if allowed is None:
+                allowed = sets.new_zeros(batch.completion_ids.shape + sets.shape[-1:])
+            allowed[rows] = sets
+    # Padded slots allow everything: their log-probs stay finite (they are masked out).
+    return allowed | ~batch.mask[..., None]
 
 
 def reward_scores(batch: PPOBatch, reward_moments: pm.VersionedMoments, cfg: PPOConfig) -> Tensor:

@@ -15,6 +15,11 @@ row's position ids are its own, so padding changes nothing it computes). The
 attention window is the columns from the longest row's start to that column.
 Rows live in slots 0..B-1: a leaving row's slot is refilled from the end.
 
+A batch of NLPO-masked generations (one masking-policy version) runs the
+masking policy's forward in lock-step with the policy's: same rows, same
+tokens, same columns, its layers' buffers after the policy's in the same
+slot lists, so growing, compacting and leaving treat both alike.
+
 Each row samples with its own parameters and its own uniform stream
 (``arbiter.policy.sampling``), so a row's tokens depend on nothing but its
 own distributions. What sharing a forward can change is float rounding of the
@@ -29,7 +34,7 @@ from collections.abc import Sequence
 
 from arbiter.lm import forward_step
 from arbiter.policy.model import Generation, PolicyModel, Row
-from arbiter.policy.sampling import draw, sampling_logprobs
+from arbiter.policy.sampling import draw, sampling_logprobs, top_p_set
 
 # Columns allocated past what the rows in the batch can still use, so a few
 # later joiners do not force a copy at once.
@@ -40,8 +45,11 @@ _MIN_ROW_SLOTS = 4
 class DecodeBatch:
     """Not thread-safe: ``step`` runs on the model thread, one call at a time."""
 
-    def __init__(self, policy: PolicyModel, max_rows: int):
+    def __init__(self, policy: PolicyModel, max_rows: int, mask_policy: PolicyModel | None = None):
         self.policy = policy
+        # The masking policy (NLPO) of every row here, or None: no second forward.
+        self.mask_policy = mask_policy
+        self._policy_layers = 0  # layers [0, this) of the buffers are the policy's, the rest the mask's
         self.max_rows = max_rows
         self.rows: list[Row] = []
         self.device = next(policy.model.parameters()).device
@@ -74,16 +82,18 @@ class DecodeBatch:
         # The buffers are inference tensors: every update of them in here.
         with torch.inference_mode():
             self._leave([row for row in self.rows if row.generation.cancelled])
-            logits = []
+            outputs = []
             if self.rows:
-                logits.append(self._decode())
+                outputs.append(self._decode())
             joined = [row for generation in joining for row in generation.rows]
             if joined:
-                logits.append(self._prefill(joined))
-            if not logits:
+                outputs.append(self._prefill(joined))
+            if not outputs:
                 return []
             stepped = list(self.rows)
-            tokens, logprobs = _sample(torch.cat(logits) if len(logits) > 1 else logits[0], stepped)
+            logits = _joined([policy for policy, _ in outputs])
+            mask_logits = None if self.mask_policy is None else _joined([mask for _, mask in outputs])
+            tokens, logprobs = _sample(logits, mask_logits, stepped)
             for row, token, logprob in zip(stepped, tokens, logprobs, strict=True):
                 row.next_token = token
                 row.generation.record(row, token, logprob)
@@ -104,14 +114,18 @@ class DecodeBatch:
         self._mask[:count, self._end] = 1
         ids = torch.tensor([[row.next_token] for row in self.rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[row.position] for row in self.rows], dtype=torch.long, device=self.device)
-        logits, _ = forward_step(
-            self.policy.model, ids, self._mask[:count, self._start : self._end + 1], positions,
-            cache=_SlotCache(self, count),
-        )
+        window = self._mask[:count, self._start : self._end + 1]
+        logits, _ = forward_step(self.policy.model, ids, window, positions,
+                                 cache=_SlotCache(self, count, 0, self._policy_layers))
+        mask_logits = None
+        if self.mask_policy is not None:
+            mask_logits, _ = forward_step(self.mask_policy.model, ids, window, positions,
+                                          cache=_SlotCache(self, count, self._policy_layers, len(self._keys)))
+            mask_logits = mask_logits[:, -1, :]
         self._end += 1
         for row in self.rows:
             row.position += 1
-        return logits[:, -1, :]
+        return logits[:, -1, :], mask_logits
 
     def _prefill(self, joined: list[Row]):
         import torch
@@ -130,15 +144,22 @@ class DecodeBatch:
         # columns are copied into the slots below.
         logits, cache = forward_step(self.policy.model, input_ids, mask, positions, cache=DynamicCache(),
                                      last_only=True)
+        layers, mask_logits = list(cache.layers), None
+        if self.mask_policy is not None:
+            mask_logits, mask_cache = forward_step(self.mask_policy.model, input_ids, mask, positions,
+                                                   cache=DynamicCache(), last_only=True)
+            mask_logits = mask_logits[:, -1, :]
+            layers += mask_cache.layers
         first, count = len(self.rows), len(self.rows) + len(joined)
         if self._mask is None:
-            self._allocate(cache, count, width, _ahead(joined))
+            self._policy_layers = len(cache.layers)
+            self._allocate(layers, count, width, _ahead(joined))
         else:
             self._ensure(count, width, _ahead([*self.rows, *joined]))
         lo, hi = self._end - width, self._end
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
-            keys[first:count, :, lo:hi] = cache.layers[layer].keys
-            values[first:count, :, lo:hi] = cache.layers[layer].values
+            keys[first:count, :, lo:hi] = layers[layer].keys
+            values[first:count, :, lo:hi] = layers[layer].values
         self._mask[first:count] = 0
         self._mask[first:count, lo:hi] = mask
         for row in joined:
@@ -146,17 +167,17 @@ class DecodeBatch:
             row.start_col = lo
         self._start = min(self._start, lo) if self.rows else lo
         self.rows.extend(joined)
-        return logits[:, -1, :]
+        return logits[:, -1, :], mask_logits
 
     # -- the slots ---------------------------------------------------------
 
-    def _allocate(self, cache, rows: int, width: int, ahead: int) -> None:
+    def _allocate(self, layers, rows: int, width: int, ahead: int) -> None:
         import torch
 
         slots = _row_slots(rows, self.max_rows)
         columns = width + ahead + _SLACK_COLUMNS
         self._keys, self._values = [], []
-        for layer in cache.layers:
+        for layer in layers:
             for store, like in ((self._keys, layer.keys), (self._values, layer.values)):
                 batch, heads, _, dim = like.shape
                 store.append(torch.zeros((slots, heads, columns, dim), dtype=like.dtype, device=like.device))
@@ -218,6 +239,12 @@ class DecodeBatch:
             self.release()
 
 
+def _joined(parts: list):
+    import torch
+
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _ahead(rows: Sequence[Row]) -> int:
     """Columns the rows may still fill: their most remaining tokens."""
     return max((row.generation.params.max_new_tokens - len(row.ids) for row in rows), default=0)
@@ -231,10 +258,19 @@ def _row_slots(rows: int, max_rows: int) -> int:
     return max(rows, min(slots, max_rows))
 
 
-def _sample(logits, rows: Sequence[Row]) -> tuple[list[int], list[float]]:
+def _distribution(logits, mask_logits, key: tuple):
+    """A group's sampling distribution; with a mask top-p (NLPO), restricted
+    to the masking policy's nucleus at temperature 1."""
+    *sampling, mask_top_p = key
+    allowed = None if mask_top_p is None else top_p_set(mask_logits.double(), mask_top_p)
+    return sampling_logprobs(logits, *sampling, allowed=allowed)
+
+
+def _sample(logits, mask_logits, rows: Sequence[Row]) -> tuple[list[int], list[float]]:
     """One token per row, each from its own generation's sampling
     distribution (rows with equal parameters processed together) and its own
-    next uniform; returns the tokens and their log-probs under that distribution."""
+    next uniform; returns the tokens and their log-probs under that distribution.
+    ``mask_logits``: the masking policy's, row for row (None: no mask)."""
     import torch
 
     uniforms = torch.tensor([row.uniforms[len(row.ids)] for row in rows], dtype=torch.float64)
@@ -243,14 +279,15 @@ def _sample(logits, rows: Sequence[Row]) -> tuple[list[int], list[float]]:
         groups.setdefault(row.generation.sampling_key, []).append(i)
     if len(groups) == 1:
         [key] = groups
-        dist = sampling_logprobs(logits, *key)
+        dist = _distribution(logits, mask_logits, key)
         tokens = draw(dist, uniforms)
         return tokens.tolist(), dist.gather(-1, tokens[:, None])[:, 0].tolist()
     tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     logprobs = torch.empty(len(rows), dtype=torch.float64, device=logits.device)
     for key, members in groups.items():
         index = torch.tensor(members, dtype=torch.long, device=logits.device)
-        dist = sampling_logprobs(logits.index_select(0, index), *key)
+        dist = _distribution(logits.index_select(0, index),
+                             None if mask_logits is None else mask_logits.index_select(0, index), key)
         chosen = draw(dist, uniforms[members])
         tokens[index] = chosen
         logprobs[index] = dist.gather(-1, chosen[:, None])[:, 0]
@@ -285,8 +322,8 @@ def _slot_cache_class():
             return self.get_seq_length() + query_length, 0
 
     class SlotCache(DynamicCache):
-        def __init__(self, batch: DecodeBatch, rows: int):
-            Cache.__init__(self, layers=[SlotLayer(batch, i, rows) for i in range(len(batch._keys))])
+        def __init__(self, batch: DecodeBatch, rows: int, first: int, end: int):
+            Cache.__init__(self, layers=[SlotLayer(batch, i, rows) for i in range(first, end)])
 
     return SlotCache
 
@@ -294,8 +331,9 @@ def _slot_cache_class():
 _SLOT_CACHE = None
 
 
-def _SlotCache(batch: DecodeBatch, rows: int):  # noqa: N802 - a class, built once transformers is imported
+def _SlotCache(batch: DecodeBatch, rows: int, first: int, end: int):  # noqa: N802 - a class, built once transformers is imported
+    """The buffers' layers [first, end): the policy's, or the masking policy's."""
     global _SLOT_CACHE
     if _SLOT_CACHE is None:
         _SLOT_CACHE = _slot_cache_class()
-    return _SLOT_CACHE(batch, rows)
+    return _SLOT_CACHE(batch, rows, first, end)

@@ -38,13 +38,14 @@ from arbiter.backends import BackendConfig
 from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.backends.triton import checkpoint_dir
 from arbiter.config import flag, require
-from arbiter.errors import InvalidInput, LimitExceeded, ShuttingDown
+from arbiter.errors import FailedPrecondition, InvalidInput, LimitExceeded, ShuttingDown
 from arbiter.kernel import KernelConfig, ModelKernel, ModelSpec
 from arbiter.limits import TOKENIZER_THREADS, SizeBudget, SizeLimits, utf8_size
 from arbiter.lm import check_compatible, check_same_model
-from arbiter.policy.model import Generation, PolicyModel
+from arbiter.policy.model import Generation, PolicyModel, ResolvedMask
 from arbiter.policy.scheduler import DecodeObserver, DecodeScheduler, DecodingConfig, Ticket
 from arbiter.policy.types import (
+    ActionMask,
     GeneratedSample,
     GenerateResult,
     ResolvedSampling,
@@ -207,6 +208,21 @@ class PolicyEngine:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return ResolvedSampling(max_new, float(params.temperature), float(top_p), params.top_k, n, params.stop, seed)
 
+    def resolve_mask(self, mask: ActionMask | None) -> ResolvedMask | None:
+        """NLPO's action mask, validated and bound to its loaded version
+        (NOT_FOUND if not loaded, as for the request's own version)."""
+        if mask is None:
+            return None
+        if not mask.model_version:
+            raise InvalidInput("mask_model_version", f"is empty but mask_top_p is {mask.top_p}; an action mask needs "
+                               "the masking policy's version (set both or neither)")
+        if not (math.isfinite(mask.top_p) and 0 < mask.top_p <= 1):
+            raise InvalidInput("mask_top_p", f"is {mask.top_p}; must be in (0, 1] when mask_model_version is set")
+        if self._remote is not None:
+            raise FailedPrecondition("an action mask (mask_model_version) needs the weights in-process; this server "
+                                     "generates in Triton (--backend triton)")
+        return ResolvedMask(self.models.get(mask.model_version).model, float(mask.top_p))
+
     def check_stops(self, stops: Sequence[str]) -> None:
         """Stop strings, as sent: a service checks them before converting a request."""
         cfg = self.config.limits
@@ -236,7 +252,8 @@ class PolicyEngine:
         return self.config.limits.sizes.budget(self.models.get(model_version).model.info.max_tokens)
 
     async def _start(
-        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str, stream: bool = False
+        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str, field: str, stream: bool = False,
+        mask: ActionMask | None = None,
     ) -> tuple[Generation, Ticket]:
         """Validated, tokenized and queued for decoding (or refused)."""
         if self._closed:
@@ -249,19 +266,21 @@ class PolicyEngine:
                 f"{len(prompts)} prompts x n={resolved.n} = {rows} samples, over the limit of "
                 f"{self.config.limits.max_rows_per_request} per request; split the request or lower n"
             )
-        # The version is fixed here, for the whole generation.
+        # The version (and the masking policy's) is fixed here, for the whole generation.
         model = self.models.get(model_version).model
+        resolved_mask = self.resolve_mask(mask)
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(
             self._tokenizers, model.encode, prompts, resolved.max_new_tokens, field
         )
-        generation = model.start(ids, resolved, [p.id for p in prompts], stream=stream)
+        generation = model.start(ids, resolved, [p.id for p in prompts], stream=stream, mask=resolved_mask)
         return generation, (model.submit(generation) if model.remote else self.scheduler.submit(generation))
 
     async def generate(
-        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = ""
+        self, prompts: Sequence[Prompt], params: SamplingParams, model_version: str = "",
+        mask: ActionMask | None = None,
     ) -> GenerateResult:
-        generation, ticket = await self._start(prompts, params, model_version, "prompts")
+        generation, ticket = await self._start(prompts, params, model_version, "prompts", mask=mask)
         await ticket.wait()
         samples = generation.samples()
         self._observer.on_samples(samples)
@@ -269,12 +288,12 @@ class PolicyEngine:
         return GenerateResult(samples, info.version, info.tokenizer_fingerprint)
 
     async def generate_stream(
-        self, prompt: Prompt, params: SamplingParams, model_version: str = ""
+        self, prompt: Prompt, params: SamplingParams, model_version: str = "", mask: ActionMask | None = None,
     ) -> tuple[Generation, AsyncIterator[list[TokenEvent]]]:
         """Validates and queues first (so errors surface before any token),
         then returns the generation and its token events, one list per
         decoding step; closing the iterator early cancels the generation."""
-        generation, ticket = await self._start([prompt], params, model_version, "prompt", stream=True)
+        generation, ticket = await self._start([prompt], params, model_version, "prompt", stream=True, mask=mask)
         return generation, self._stream(generation, ticket)
 
     async def _stream(self, generation: Generation, ticket: Ticket) -> AsyncIterator[list[TokenEvent]]:

@@ -14,7 +14,7 @@ from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.chat import render_chat
 from arbiter.errors import InvalidInput
 from arbiter.lm import LoadedLM, completion_logits, load_causal_lm, token_logprobs
-from arbiter.policy.sampling import row_seed, row_uniforms, sampling_logprobs
+from arbiter.policy.sampling import row_seed, row_uniforms, sampling_logprobs, top_p_set
 from arbiter.policy.types import (
     FinishReason,
     GeneratedSample,
@@ -104,17 +104,32 @@ class PolicyModel:
 
     def start(
         self, prompts: list[list[int]], params: ResolvedSampling, prompt_ids: Sequence[str] = (), stream: bool = False,
+        mask: ResolvedMask | None = None,
     ) -> Generation:
-        return Generation(self, prompts, params, list(prompt_ids), stream)
+        return Generation(self, prompts, params, list(prompt_ids), stream, mask)
 
     def teacher_forced_logprobs(
         self, prompt: Sequence[int], completion: Sequence[int], temperature: float = 1.0, top_k: int = 0,
-        top_p: float = 1.0,
+        top_p: float = 1.0, mask: ResolvedMask | None = None,
     ) -> list[float]:
         """Log-probs of ``completion`` under the same sampling distribution
-        Generate draws from, from one full forward (no KV cache)."""
+        Generate draws from (with ``mask``: restricted to its nucleus), from
+        one full forward of each model (no KV cache)."""
         [logits] = completion_logits(self.model, self.pad_id, [(prompt, completion)])
-        return token_logprobs(sampling_logprobs(logits, temperature, top_k, top_p), completion)
+        allowed = None
+        if mask is not None:
+            [mask_logits] = completion_logits(mask.policy.model, mask.policy.pad_id, [(prompt, completion)])
+            allowed = top_p_set(mask_logits.double(), mask.top_p)
+        return token_logprobs(sampling_logprobs(logits, temperature, top_k, top_p, allowed), completion)
+
+
+@dataclass(frozen=True, eq=False)
+class ResolvedMask:
+    """An ``ActionMask`` with its masking policy resolved to a loaded version
+    (fixed for the whole generation, like the policy's own version)."""
+
+    policy: PolicyModel
+    top_p: float
 
 
 @dataclass(eq=False)
@@ -147,8 +162,11 @@ class Generation:
     (or at every token when stop strings need it)."""
 
     def __init__(self, policy: PolicyModel, prompts: list[list[int]], params: ResolvedSampling,
-                 prompt_ids: list[str], stream: bool = False):
+                 prompt_ids: list[str], stream: bool = False, mask: ResolvedMask | None = None):
         self.policy = policy
+        # NLPO: the masking policy decodes beside the policy, in lock-step
+        # (its own cache rows in the same batch, arbiter.policy.batch).
+        self.mask = mask
         self.params = params
         self.prompt_ids = prompt_ids
         self.stream = stream
@@ -157,10 +175,12 @@ class Generation:
             for p, ids in enumerate(prompts)
             for s in range(params.n)
         ]
-        self.sampling_key = (params.temperature, params.top_k, params.top_p)
+        self.sampling_key = (params.temperature, params.top_k, params.top_p, None if mask is None else mask.top_p)
         # KV-cache tokens the generation may come to hold: each row's prompt
-        # (left-padded to the longest) and every token it may generate.
-        self.reserved_tokens = len(self.rows) * (max(map(len, prompts)) + params.max_new_tokens)
+        # (left-padded to the longest) and every token it may generate; a
+        # masked generation holds them twice (the masking policy's cache too).
+        self.reserved_tokens = (len(self.rows) * (max(map(len, prompts)) + params.max_new_tokens)
+                                * (1 if mask is None else 2))
         self.cancelled = False
         self.unfinished = len(self.rows)
         self._events: list[TokenEvent] = []
@@ -179,7 +199,7 @@ class Generation:
         from arbiter.policy.batch import DecodeBatch
 
         if self._alone is None:
-            self._alone = DecodeBatch(self.policy, len(self.rows))
+            self._alone = DecodeBatch(self.policy, len(self.rows), None if self.mask is None else self.mask.policy)
             self._alone.step([self])
         else:
             self._alone.step()

@@ -16,12 +16,35 @@ from __future__ import annotations
 import hashlib
 
 
-def sampling_logprobs(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
+def top_p_set(logits, top_p: float):
+    """(R, V) logits -> (R, V) bool: the nucleus of softmax(logits), the
+    smallest set of most likely tokens whose mass reaches ``top_p``. A token
+    stays if the mass of the tokens ranked above it is < top_p, so the most
+    likely token always stays. The one definition of a top-p set: the
+    sampler's top_p and NLPO's action mask (its masking policy's nucleus,
+    in the policy service and in the trainer) both use it."""
+    import torch
+
+    sorted_scores, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    mass_above = torch.cumsum(probs, dim=-1) - probs
+    return torch.zeros_like(mass_above, dtype=torch.bool).scatter_(-1, order, mass_above < top_p)
+
+
+def sampling_logprobs(logits, temperature: float, top_k: int = 0, top_p: float = 1.0, allowed=None):
     """(R, V) logits -> (R, V) float64 log-probs of the sampling
-    distribution; tokens it can never draw are -inf."""
+    distribution; tokens it can never draw are -inf.
+
+    ``allowed`` (R, V) bool, NLPO's action mask (``top_p_set`` of the
+    masking policy): tokens outside it are removed after the temperature and
+    before top-k / top-p, so the distribution is the policy's renormalised
+    over the mask (Ramamurthy et al. 2022) and is never empty (the mask keeps
+    at least one token, top-k / top-p keep the most likely one left)."""
     import torch
 
     scores = logits.double()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
     if temperature == 0.0:
         best = scores.argmax(dim=-1, keepdim=True)
         out = torch.full_like(scores, float("-inf"))
@@ -31,15 +54,7 @@ def sampling_logprobs(logits, temperature: float, top_k: int = 0, top_p: float =
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p:
-        # a token stays if the mass of the tokens ranked above it is < top_p,
-        # so the most likely token always stays.
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        mass_above = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = mass_above >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(~top_p_set(scores, top_p), float("-inf"))
     return torch.log_softmax(scores, dim=-1)
 
 

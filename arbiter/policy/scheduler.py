@@ -166,7 +166,8 @@ class DecodeScheduler:
         if generation.reserved_tokens > cfg.max_batch_tokens:
             raise LimitExceeded(
                 f"{rows} samples x (longest prompt + sampling.max_new_tokens="
-                f"{generation.params.max_new_tokens}) = {generation.reserved_tokens} KV-cache tokens, over the "
+                f"{generation.params.max_new_tokens}){' x 2 (an action mask)' if generation.mask else ''} = "
+                f"{generation.reserved_tokens} KV-cache tokens, over the "
                 f"server's budget of {cfg.max_batch_tokens} (max_batch_tokens); lower sampling.max_new_tokens or n, "
                 "shorten the prompts or split the request"
             )
@@ -254,9 +255,12 @@ class DecodeScheduler:
             self._rows += rows
             self._tokens += tokens
             self._tickets[id(generation)] = ticket
-            key = generation.policy if cfg.continuous_batching else generation
+            # Masked generations (NLPO) batch with those of the same masking
+            # policy: one batch runs one mask forward, unmasked ones run none.
+            mask = None if generation.mask is None else generation.mask.policy
+            key = (generation.policy, mask) if cfg.continuous_batching else generation
             if key not in self._batches:
-                self._batches[key] = DecodeBatch(generation.policy, cfg.max_batch_rows)
+                self._batches[key] = DecodeBatch(generation.policy, cfg.max_batch_rows, mask)
             joining.setdefault(key, []).append(generation)
         self._observer.on_queue_depth(len(self._queue))
         return [(batch, joining.get(key, [])) for key, batch in self._batches.items()]

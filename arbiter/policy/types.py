@@ -29,6 +29,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ActionMask:
+    """NLPO's action mask, as the caller sent it: draw only from the top-p
+    nucleus (``top_p``) of the loaded policy version ``model_version`` (the
+    masking policy), renormalised (``arbiter.policy.sampling``)."""
+
+    model_version: str
+    top_p: float
+
+
+@dataclass(frozen=True)
 class ResolvedSampling:
     max_new_tokens: int
     temperature: float  # 0: greedy

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 
-from arbiter.policy.types import SamplingParams
+from arbiter.policy.types import ActionMask, SamplingParams
 from arbiter.types import ChatMessage, Prompt
 from arbiter.v1 import policy_pb2, policy_pb2_grpc
 from services.common.client import ModelServiceClient
@@ -40,6 +40,11 @@ def sampling_to_pb(sampling: SamplingParams) -> policy_pb2.SamplingParams:
     return params
 
 
+def _mask_fields(mask: ActionMask | None) -> dict:
+    """NLPO's action mask as a request's fields (none without a mask)."""
+    return {} if mask is None else {"mask_model_version": mask.model_version, "mask_top_p": mask.top_p}
+
+
 class PolicyClient(ModelServiceClient):
     SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"]
     DEFAULT_TIMEOUT_S = 60.0
@@ -50,6 +55,7 @@ class PolicyClient(ModelServiceClient):
 
     def generate(
         self, prompts: Iterable[PromptLike], sampling: SamplingParams = SamplingParams(), *, model_version: str = "",
+        mask: ActionMask | None = None,
         **overrides,
     ) -> policy_pb2.GenerateResponse:
         """``overrides``: fields of ``sampling`` (max_new_tokens, temperature,
@@ -58,16 +64,19 @@ class PolicyClient(ModelServiceClient):
             prompts=[prompt_input(p) for p in prompts],
             sampling=sampling_to_pb(dataclasses.replace(sampling, **overrides)),
             model_version=model_version,
+            **_mask_fields(mask),
         )
         return self.policy.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def generate_stream(
         self, prompt: PromptLike, sampling: SamplingParams = SamplingParams(), *, model_version: str = "",
+        mask: ActionMask | None = None,
         **overrides,
     ) -> Iterator[policy_pb2.GenerateStreamResponse]:
         request = policy_pb2.GenerateStreamRequest(
             prompt=prompt_input(prompt),
             sampling=sampling_to_pb(dataclasses.replace(sampling, **overrides)),
             model_version=model_version,
+            **_mask_fields(mask),
         )
         return self.policy.GenerateStream(request, timeout=self.timeout_s, metadata=self.metadata)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from arbiter.errors import InvalidInput
-from arbiter.policy.types import FinishReason, GeneratedSample, GenerateResult, SamplingParams, TokenEvent
+from arbiter.policy.types import ActionMask, FinishReason, GeneratedSample, GenerateResult, SamplingParams, TokenEvent
 from arbiter.types import Prompt
 from arbiter.v1 import policy_pb2
 from services.common.convert import messages_from_pb
@@ -38,6 +38,14 @@ def sampling_from_pb(sampling: policy_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(sampling.stop),
         seed=sampling.seed if sampling.HasField("seed") else None,
     )
+
+
+def action_mask_from_pb(request) -> ActionMask | None:
+    """A Generate(Stream)Request's NLPO mask fields; None when neither is set
+    (the engine refuses one set without the other)."""
+    if not request.mask_model_version and not request.mask_top_p:
+        return None
+    return ActionMask(request.mask_model_version, request.mask_top_p)
 
 
 def sample_to_pb(sample: GeneratedSample) -> policy_pb2.Sample:

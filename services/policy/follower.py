@@ -104,6 +104,8 @@ class PolicyUpdateFollower:
         self.caught_up = threading.Event()
         self._started_at = time.time()
         self._thread = threading.Thread(target=self._run, name="policy-update-follower", daemon=True)
+        # NLPO: the masking policies announced last (PolicyUpdate.mask_version), kept loaded.
+        self._masks: list[str] = []
         for outcome in OUTCOMES:
             metrics.policy_updates.labels(outcome)
         for reason in REFUSAL_REASONS:
@@ -209,6 +211,8 @@ class PolicyUpdateFollower:
         if missing:
             log.error("%s: refused: %s", label, missing)
             return self._refuse(INVALID_RECORD)
+        # Before this update's load: its eviction must not take the mask.
+        self._on_loop(self._pin_masks(update.mask_version))
         if version in self._on_loop(self._loaded_versions()):
             log.info("%s: version already loaded; skipped", label)
             return SKIPPED
@@ -341,6 +345,16 @@ class PolicyUpdateFollower:
 
     async def _loaded_versions(self) -> set[str]:
         return {info.version for info in self.engine.models.list_versions()}
+
+    async def _pin_masks(self, mask: str) -> None:
+        """NLPO: the masking policy the trainer announces, and the one before
+        it (workers sample under it until this replica has the new one), stay
+        loaded whatever max_loaded_versions evicts; older ones are let go."""
+        if not mask or mask in self._masks:
+            return
+        released, self._masks = self._masks[:-1], [*self._masks[-1:], mask]
+        self.engine.models.unpin(released)
+        self.engine.models.pin(self._masks, "an NLPO masking policy (PolicyUpdate.mask_version)")
 
     async def _load(self, path: str, version: str) -> None:
         # The version label is the update's, whatever the checkpoint's arbiter.json says.

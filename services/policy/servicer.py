@@ -6,6 +6,7 @@ from arbiter.policy.engine import PolicyEngine
 from arbiter.v1 import policy_pb2_grpc
 from services.common.handlers import Servicer, streaming, unary
 from services.policy.convert import (
+    action_mask_from_pb,
     generate_response_to_pb,
     prompt_from_pb,
     prompts_from_pb,
@@ -33,7 +34,8 @@ class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
         for i, prompt in enumerate(request.prompts):
             budget.item(f"prompts[{i}]", prompt.ByteSize())
         result = await self.engine.generate(
-            prompts_from_pb(request.prompts), sampling_from_pb(request.sampling), request.model_version
+            prompts_from_pb(request.prompts), sampling_from_pb(request.sampling), request.model_version,
+            action_mask_from_pb(request),
         )
         return generate_response_to_pb(result)
 
@@ -47,7 +49,7 @@ class PolicyServicer(Servicer, policy_pb2_grpc.PolicyServiceServicer):
         budget.item("prompt", request.prompt.ByteSize())
         prompt = prompt_from_pb(request.prompt, "prompt")
         generation, steps = await self.engine.generate_stream(
-            prompt, sampling_from_pb(request.sampling), request.model_version
+            prompt, sampling_from_pb(request.sampling), request.model_version, action_mask_from_pb(request),
         )
         version = generation.policy.info.version
         started: set[int] = set()

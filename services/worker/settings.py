@@ -77,6 +77,11 @@ class WorkerSettings:
     top_k: int = field(default=0, metadata=flag(help="0: off"))
     top_p: float = field(default=1.0, metadata=flag(help="1: off"))
     stop: tuple[str, ...] = field(default=(), metadata=flag(action="append", help="stop string (repeatable)"))
+    # NLPO (the trainer's ppo.nlpo.top_p): sample under the action mask the
+    # trainer announces with each version (PolicyUpdate.mask_version), from
+    # the policy's serving version at start until the first announcement.
+    nlpo_top_p: float | None = field(default=None, metadata=flag(
+        help="NLPO: sample under the trainer's action mask with this top-p (its ppo.nlpo.top_p)"))
     # Seeds the shuffle and every Generate call (seed + call number), for
     # reproducible runs; give concurrent workers different seeds. None: random.
     seed: int | None = field(default=None, metadata=flag(
@@ -163,6 +168,9 @@ class WorkerSettings:
             math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1] (1: no nucleus filtering)",
             self.top_p,
         )
+        if self.nlpo_top_p is not None:
+            require(math.isfinite(self.nlpo_top_p) and 0 < self.nlpo_top_p <= 1, "nlpo_top_p",
+                    "must be in (0, 1] (the trainer's ppo.nlpo.top_p), or unset", self.nlpo_top_p)
         object.__setattr__(self, "stop", tuple(self.stop))
         require(all(bool(s) for s in self.stop), "stop", "stop strings must be non-empty", self.stop)
         if not isinstance(self.reward_truncation, Truncation):

@@ -52,6 +52,8 @@ def build_rollout(
         group_id=generation.group_id,
     )
     rollout.created_at.GetCurrentTime()
+    if generation.mask is not None:
+        rollout.mask_version, rollout.mask_top_p = generation.mask.model_version, generation.mask.top_p
     if gold_score is not None:
         rollout.gold_score = gold_score
     return rollout

@@ -21,7 +21,7 @@ from typing import ClassVar, Generic, TypeVar
 
 import grpc
 
-from arbiter.policy.types import SamplingParams
+from arbiter.policy.types import ActionMask, SamplingParams
 from arbiter.prompts import reward_input_for
 from arbiter.types import Prompt, RewardInput, Truncation
 from arbiter.v1 import policy_pb2
@@ -45,6 +45,8 @@ class Generation:
     sample: policy_pb2.Sample
     group_id: str
     tokenizer_fingerprint: str
+    # NLPO: the action mask it was sampled under (None: unmasked).
+    mask: ActionMask | None = None
 
     def describe(self) -> str:
         return f"sample {self.sample.sample_index} of prompt {self.prompt.id!r}"
@@ -124,7 +126,11 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
     policy: PolicyClient
     sampling: SamplingParams
     tokenizer_fingerprint: str
+    # NLPO: the action mask to sample under now (the trainer's latest), or None.
+    mask: Callable[[], ActionMask | None] = lambda: None
     calls: int = field(default=0, init=False)
+    # The last mask the policy service sampled under.
+    _served_mask: ActionMask | None = field(default=None, init=False)
 
     def __call__(self, prompts: Sequence[Prompt]) -> list[Generation]:
         answers = self._each_or_skip(prompts, self._request, lambda prompt: f"prompt {prompt.id!r}")
@@ -133,7 +139,7 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
             if answer is None:
                 self.skip(self.skip_reason)
                 continue
-            samples, fingerprint = answer
+            samples, fingerprint, mask = answer
             if fingerprint and fingerprint != self.tokenizer_fingerprint:
                 raise WorkerError(
                     f"the policy's tokenizer changed (fingerprint {fingerprint[:16]}..., paired with "
@@ -144,18 +150,34 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
                 if not sample.completion_token_ids or not sample.text.strip():
                     self.skip("empty_completion")
                     continue
-                generations.append(Generation(prompt, sample, group_id, fingerprint or self.tokenizer_fingerprint))
+                generations.append(Generation(prompt, sample, group_id, fingerprint or self.tokenizer_fingerprint,
+                                              mask))
         return generations
 
-    def _request(self, batch: Sequence[Prompt]) -> Callable[[], list[tuple[list[policy_pb2.Sample], str]]]:
+    def _request(
+        self, batch: Sequence[Prompt],
+    ) -> Callable[[], list[tuple[list[policy_pb2.Sample], str, ActionMask | None]]]:
         sampling = self.sampling
         if sampling.seed is not None:
             # seed + call number: reproducible runs without repeating a call's samples.
             sampling = dataclasses.replace(sampling, seed=sampling.seed + self.calls)
         self.calls += 1
 
-        def send() -> list[tuple[list[policy_pb2.Sample], str]]:
-            response = self.policy.generate(batch, sampling)
+        def send() -> list[tuple[list[policy_pb2.Sample], str, ActionMask | None]]:
+            mask = self.mask()
+            try:
+                response = self.policy.generate(batch, sampling, mask=mask)
+            except grpc.RpcError as err:
+                # A mask the trainer just announced that this replica has not
+                # loaded yet: the one it served before (the trainer still
+                # takes rollouts of the previous mask).
+                fallback = self._served_mask
+                if err.code() != grpc.StatusCode.NOT_FOUND or mask is None or fallback in (None, mask):
+                    raise
+                log.info("the policy has no mask version %r yet; sampling under %r", mask.model_version,
+                         fallback.model_version)
+                mask, response = fallback, self.policy.generate(batch, sampling, mask=fallback)
+            self._served_mask = mask
             groups: list[list[policy_pb2.Sample]] = [[] for _ in batch]
             for sample in response.samples:
                 groups[sample.prompt_index].append(sample)
@@ -163,7 +185,7 @@ class GenerateStage(ServiceStage[Prompt, tuple[list[policy_pb2.Sample], str]]):
                 raise WorkerError(
                     f"the policy answered {[len(g) for g in groups]} samples per prompt, asked {sampling.n}"
                 )
-            return [(group, response.tokenizer_fingerprint) for group in groups]
+            return [(group, response.tokenizer_fingerprint, mask) for group in groups]
 
         return send
 

@@ -54,6 +54,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from arbiter.policy.types import ActionMask
 from arbiter.stream import KafkaSettings, StreamConsumer, StreamError, topics
 from arbiter.v1 import rollout_pb2
 
@@ -115,6 +116,8 @@ class VersionSteps:
         self.poll_timeout_s = poll_timeout_s
         self.retry_s = retry_s
         self._progress: dict[str, VersionProgress] = {}
+        # NLPO: (training step, mask) of the newest update announcing one.
+        self._mask: tuple[int, ActionMask] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         # Set once every update on the topic when it started was read.
@@ -133,6 +136,11 @@ class VersionSteps:
     def progress(self, version: str) -> VersionProgress | None:
         with self._lock:
             return self._progress.get(version)
+
+    def mask(self) -> ActionMask | None:
+        """The action mask the trainer announced last (NLPO), if any."""
+        with self._lock:
+            return None if self._mask is None else self._mask[1]
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -156,6 +164,9 @@ class VersionSteps:
                             with self._lock:
                                 self._progress[update.policy_version] = VersionProgress(
                                     int(update.training_step), settled)
+                                step = int(update.training_step)
+                                if update.mask_version and (self._mask is None or step >= self._mask[0]):
+                                    self._mask = (step, ActionMask(update.mask_version, update.mask_top_p))
             except StreamError as err:
                 log.warning("policy updates: reading version steps failed (%s); reconnecting in %.0fs", err,
                             self.retry_s)

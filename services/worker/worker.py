@@ -88,7 +88,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from arbiter.policy.types import SamplingParams
+from arbiter.policy.types import ActionMask, SamplingParams
 from arbiter.prompts import as_prompts, read_prompts
 from arbiter.stream import StreamError, ensure_topics, group_offsets, list_topics, topics
 from arbiter.types import Prompt
@@ -183,6 +183,8 @@ class RolloutWorker:
         # With max_staleness: the budget and the version → step map it learns the trainer's progress from.
         self._budget: GenerationBudget | None = None
         self._steps: VersionSteps | None = None
+        # NLPO: the mask until the trainer announces one (the policy's serving version at start).
+        self._initial_mask: ActionMask | None = None
         # Rollouts that may still be generated, as of the last budget check.
         self._room = 0
 
@@ -212,6 +214,8 @@ class RolloutWorker:
             self._gold = make_gold_scorer(s.gold)
         try:
             self._pipeline = self._connect()
+            if s.nlpo_top_p is not None:
+                self._follow_updates("nlpo_top_p needs the trainer's mask announcements")
             if s.max_staleness is not None:
                 self._start_budget()
             if s.metrics_port is not None:
@@ -226,9 +230,8 @@ class RolloutWorker:
         """Reads the policy-updates topic to its end, then takes the trainer's
         progress from the version the policy serves now."""
         s = self.settings
-        self._steps = VersionSteps(s.kafka).start()
+        self._follow_updates("max_staleness needs the trainer's progress")
         try:
-            wait_caught_up(self._steps, s.connect_timeout_s)
             # Until the trainer announces settled positions: its committed offsets.
             committed = group_offsets(s.kafka, topics.TRAINER_GROUP, topics.ROLLOUTS)
         except (TimeoutError, StreamError) as err:
@@ -239,6 +242,22 @@ class RolloutWorker:
         log.info("worker %s: staleness bound %d version(s): at most %d rollouts ahead of training (batch %d); "
                  "policy %s at trainer step %s", s.worker_id, s.max_staleness, self._budget.limit,
                  s.trainer_batch_size, active, self._budget.step)
+
+    def _follow_updates(self, why: str) -> None:
+        """The policy-updates topic, read to its end and then followed (the
+        trainer's progress per version, and NLPO's mask)."""
+        if self._steps is not None:
+            return
+        self._steps = VersionSteps(self.settings.kafka).start()
+        try:
+            wait_caught_up(self._steps, self.settings.connect_timeout_s)
+        except (TimeoutError, StreamError) as err:
+            raise WorkerError(f"{why}: {err}") from None
+
+    def _mask(self) -> ActionMask | None:
+        """NLPO: the mask the trainer announced last, else the initial one."""
+        announced = None if self._steps is None else self._steps.mask()
+        return announced or self._initial_mask
 
     def stop(self) -> None:
         """Ask ``run`` to return once the batches in flight are produced (a
@@ -307,9 +326,12 @@ class RolloutWorker:
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             n=s.samples_per_prompt, stop=s.stop, seed=s.seed,
         )
+        if s.nlpo_top_p is not None:
+            self._initial_mask = ActionMask(policy_info.version, s.nlpo_top_p)
         return Pipeline(
             policy, reward, reference,
-            generate=GenerateStage(self._retry, self._skip, policy, sampling, tokenizer_fingerprint=fingerprint),
+            generate=GenerateStage(self._retry, self._skip, policy, sampling, tokenizer_fingerprint=fingerprint,
+                                   mask=self._mask),
             score=ScoreStage(self._retry, reward, s.reward_truncation, normalize=normalize),
             logprobs=ReferenceStage(self._retry, reference),
             sink=RolloutSink(s.kafka, self.metrics, self._retry),
