@@ -247,6 +247,8 @@ def diagnostics_table(results: dict[str, dict], single: dict[str, dict], penalty
 
 def run_diagnostics(models, args, schemes: list[str], console: Console) -> tuple[dict, dict]:
     """({scheme: its members}, {"schemes": {scheme: {set: diversity}}, "v1": {set: accuracy}})."""
+    from arbiter.rm.agreement import order_credit
+
     sets = diagnostic_sets(models, args, console)
     cache: dict = {}
     members, results, trained = {}, {}, {}
@@ -261,7 +263,7 @@ def run_diagnostics(models, args, schemes: list[str], console: Console) -> tuple
         if key not in cache:
             cache[key] = normalized_scores(Path(models.reward), data["inputs"])
         margins = [cache[key][b] - cache[key][w] for b, w in data["pairs"]]
-        v1[name] = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+        v1[name] = sum(order_credit(m) for m in margins) / len(margins)
     diagnostics_table(results, v1, args.penalty, console)
     return members, {"schemes": results, "v1": v1,
                      "members": {s: [m.__dict__ | {"path": str(m.path)} for m in ms] for s, ms in members.items()}}

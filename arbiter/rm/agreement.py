@@ -41,6 +41,11 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
+def order_credit(margin: float) -> float:
+    """1 for a pair scored the labelled way round, 0.5 for a tie, 0 otherwise."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
 def agreement(active: Sequence[Sequence[float]], candidate: Sequence[Sequence[float]]) -> Agreement:
     """``active[i]`` and ``candidate[i]``: the two versions' scores of example
     i's responses, best first by label."""
@@ -58,8 +63,8 @@ def agreement(active: Sequence[Sequence[float]], candidate: Sequence[Sequence[fl
                 sx, sy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
                 agree += 1.0 if sx == sy else 0.5 if 0 in (sx, sy) else 0.0
                 # i is labelled better than j.
-                right["active"] += 1.0 if sx > 0 else 0.5 if sx == 0 else 0.0
-                right["candidate"] += 1.0 if sy > 0 else 0.5 if sy == 0 else 0.0
+                right["active"] += order_credit(sx)
+                right["candidate"] += order_credit(sy)
                 pairs += 1
     flat_x = [s for row in active for s in row]
     flat_y = [s for row in candidate for s in row]
@@ -92,18 +97,13 @@ class EnsembleDiversity:
     # over these responses): > 0 when the spread is large where the proxy is
     # too high, which is what subtracting it corrects.
     std_overestimate_corr: float
-    # Probability that a pair the mean orders wrongly (a tie is not wrong) has a larger spread of
-    # member margins than one it orders rightly (ties half): 0.5 when the
-    # spread carries no information about the mean's errors.
+    # Probability that a pair the mean orders wrongly (a tie is not wrong)
+    # has a larger spread of member margins than one it orders rightly (ties
+    # half): 0.5 when the spread carries no information about the mean's errors.
     wrong_pair_auc: float
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _order_credit(margin: float) -> float:
-    """1 for a pair scored the labelled way round, 0.5 for a tie, 0 otherwise."""
-    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
 
 
 def _pearson(x, y) -> float:
@@ -143,7 +143,7 @@ def ensemble_diversity(
     mean, std = z.mean(axis=0), z.std(axis=0)  # (R,), population std
     margins = z[:, better] - z[:, worse]  # (K, P)
     k = len(z)
-    member_accuracy = tuple(float(np.mean([_order_credit(m) for m in row])) for row in margins)
+    member_accuracy = tuple(float(np.mean([order_credit(m) for m in row])) for row in margins)
     signs = np.sign(margins)
     disagreement = np.mean([np.mean(np.abs(signs[a] - signs[b]) / 2)
                             for a in range(k) for b in range(a + 1, k)])
@@ -157,8 +157,8 @@ def ensemble_diversity(
         auc = float(np.mean((a > b) + 0.5 * (a == b)))
     return EnsembleDiversity(
         members=k, pairs=len(pairs), member_accuracy=member_accuracy, disagreement=float(disagreement),
-        mean_accuracy=float(np.mean([_order_credit(m) for m in mean_margin])),
-        penalized_accuracy=float(np.mean([_order_credit(m) for m in penalized[better] - penalized[worse]])),
+        mean_accuracy=float(np.mean([order_credit(m) for m in mean_margin])),
+        penalized_accuracy=float(np.mean([order_credit(m) for m in penalized[better] - penalized[worse]])),
         penalty=penalty,
         std_overestimate_corr=_pearson(std, _standardized(mean) - _standardized(gold)),
         wrong_pair_auc=auc,
