@@ -359,7 +359,7 @@ def test_training_from_a_causal_lm_learns_the_rule(first_version, tiny_models):
 def test_an_ensemble_member_trains_on_its_shard_and_holds_out_v1s_split(first_version, workdir, data_files,
                                                                          tiny_models):
     config = config_from_dict({
-        "model_dir": str(tiny_models["policy"]), "registry": str(workdir / "registry"), "name": "bang-member",
+        "model_dir": str(tiny_models["policy"]), "registry": str(workdir / "member-registry"), "name": "bang-member",
         "data": [str(data_files["train"])], "eval_fraction": 0.25, "epochs": 1, "batch_size": 16,
         "learning_rate": 1e-3, "progress": False, "seed": 7, "split_seed": 0,
         "train_subset": "shard", "subset_seed": 0, "shard_index": 2, "shard_count": 3,
