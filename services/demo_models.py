@@ -140,7 +140,8 @@ def pretrained_policy(path: Path, seconds: float, console, quotes: list[str] | N
         console.print(f"   reusing the pretrained policy in {path}")
         return path
     quotes = quotes if quotes is not None else load_fortunes()
-    console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {seconds:.0f}s (seed {seed})")
+    console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {seconds:.0f}s "
+                  f"(seed {seed})")
     result = pretrain(quotes, path, PretrainConfig(max_seconds=seconds, seed=seed),
                       progress=lambda step, loss, t: None)
     write_metadata(path, pretraining={**result, "budget_seconds": seconds, "seed": seed})
