@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak bench-e2e bench-online-rm bench-ensemble bench-scale clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak bench-e2e bench-online-rm bench-ensemble bench-ensemble-members bench-scale clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -114,6 +114,11 @@ bench-online-rm: install demo-data
 
 bench-ensemble: install demo-data
 	$(BIN)/python -m bench.ensemble_rm $(BENCH_ARGS)
+
+# The ensemble's members under each diversity scheme, diagnosed on fresh
+# gold-labelled pairs without PPO (minutes; --full for the full demo's RMs).
+bench-ensemble-members: install demo-data
+	$(BIN)/python -m bench.ensemble_rm --members-only $(BENCH_ARGS)
 
 # The whole loop with a GPT-2-small-shaped (124 M) model and a 2-rank trainer.
 bench-scale: install

@@ -67,7 +67,7 @@ def make_prompts(quotes: list[str], count: int, seed: int) -> list[str]:
 
 @torch.no_grad()
 def sample_completions(model_dir: Path, prompts: list[str], n: int, max_new_tokens: int, seed: int,
-                       prompts_per_batch: int = 32) -> list[list[str]]:
+                       prompts_per_batch: int = 32, temperature: float = 1.0) -> list[list[str]]:
     """n samples per prompt, many prompts per generate call (left-padded):
     batching is what makes this affordable on two cores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,7 +84,7 @@ def sample_completions(model_dir: Path, prompts: list[str], n: int, max_new_toke
         chunk = prompts[start : start + prompts_per_batch]
         enc = tokenizer(chunk, return_tensors="pt", padding=True)
         generated = model.generate(
-            **enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+            **enc, do_sample=True, top_k=0, top_p=1.0, temperature=temperature, max_new_tokens=max_new_tokens,
             num_return_sequences=n, pad_token_id=tokenizer.pad_token_id,
         )
         width = enc["input_ids"].shape[1]
@@ -108,9 +108,11 @@ def label_pairs(prompts: list[str], completions: list[list[str]], gold) -> list[
     return rows
 
 
-def rm_config(out: Path, quick: bool, seed: int = 0):
+def rm_config(out: Path, quick: bool, seed: int = 0, **overrides: Any):
     """The demo's RM training: Bradley-Terry on the labelled pairs from the
-    pretrained backbone (``seed``: the head's initialization and data order)."""
+    pretrained backbone (``seed``: the head's initialization and data order;
+    ``overrides``: more ``RMTrainConfig`` fields, e.g. an ensemble member's
+    ``train_subset``)."""
     from arbiter.rm.config import config_from_dict
 
     scale = QUICK if quick else FULL
@@ -122,12 +124,34 @@ def rm_config(out: Path, quick: bool, seed: int = 0):
         # pairs) 90.9% held-out accuracy against 86.8% with TRL's appended end
         # token. The version's arbiter.json records it; the service follows.
         "append_eos": False,
+        **overrides,
     })
+
+
+def pretrained_policy(path: Path, seconds: float, console, quotes: list[str] | None = None, seed: int = 0) -> Path:
+    """The word-level GPT-2 pretrained for ``seconds`` with ``seed`` at
+    ``path``: reused when one of that budget and seed is there."""
+    from arbiter.hf import write_metadata
+    from services.demo_pretrain import PretrainConfig, load_fortunes, pretrain
+
+    meta = read_metadata(path) if (path / "config.json").exists() else None
+    done = (meta.extra or {}).get("pretraining", {}) if meta is not None else {}
+    if done.get("budget_seconds") == seconds and done.get("seed", 0) == seed:
+        console.print(f"   reusing the pretrained policy in {path}")
+        return path
+    quotes = quotes if quotes is not None else load_fortunes()
+    console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {seconds:.0f}s "
+                  f"(seed {seed})")
+    result = pretrain(quotes, path, PretrainConfig(max_seconds=seconds, seed=seed),
+                      progress=lambda step, loss, t: None)
+    write_metadata(path, pretraining={**result, "budget_seconds": seconds, "seed": seed})
+    console.print(f"   pretrained: {result['steps']} steps, loss {result['loss']:.2f}, {result['tokens']:,} tokens")
+    return path
 
 
 def prepare_models(out: Path, quick: bool, console, pretrain_seconds: float | None = None) -> DemoModels:
     """``pretrain_seconds``: the policy's pretraining budget instead of the scale's."""
-    from services.demo_pretrain import PretrainConfig, load_fortunes, pretrain
+    from services.demo_pretrain import load_fortunes
     from arbiter.rm.train import train_reward_model
     from services.worker.gold import make_gold_scorer
 
@@ -136,19 +160,7 @@ def prepare_models(out: Path, quick: bool, console, pretrain_seconds: float | No
         scale = dataclasses.replace(scale, pretrain_seconds=pretrain_seconds)
     out.mkdir(parents=True, exist_ok=True)
     quotes = load_fortunes()
-    policy = out / "policy"
-    meta = read_metadata(policy) if (policy / "config.json").exists() else None
-    pretrain_config = PretrainConfig(max_seconds=scale.pretrain_seconds)
-    if meta is None or (meta.extra or {}).get("pretraining", {}).get("budget_seconds") != scale.pretrain_seconds:
-        console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {scale.pretrain_seconds:.0f}s")
-        result = pretrain(quotes, policy, pretrain_config,
-                          progress=lambda step, loss, t: None)
-        from arbiter.hf import write_metadata
-
-        write_metadata(policy, pretraining={**result, "budget_seconds": scale.pretrain_seconds})
-        console.print(f"   pretrained: {result['steps']} steps, loss {result['loss']:.2f}, {result['tokens']:,} tokens")
-    else:
-        console.print(f"   reusing the pretrained policy in {policy}")
+    policy = pretrained_policy(out / "policy", scale.pretrain_seconds, console, quotes)
 
     all_prompts = make_prompts(quotes, scale.prompts + 64 + scale.eval_prompts, seed=0)
     rm_prompts, ppo_prompts = all_prompts[: scale.prompts], all_prompts[scale.prompts : scale.prompts + 64]

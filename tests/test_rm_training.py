@@ -29,7 +29,7 @@ from arbiter.rm.losses import (
     plackett_luce_loss,
 )
 from arbiter.rm.registry import ModelRegistry, RegistryError
-from arbiter.rm.train import split_examples, train_reward_model
+from arbiter.rm.train import split_examples, train_reward_model, train_subset
 from arbiter.types import ChatMessage, RewardInput, Truncation
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from helpers import BackgroundServer
@@ -216,6 +216,19 @@ def test_config_errors_name_the_field(tmp_path):
         with pytest.raises(ConfigError) as info:
             config_from_dict(data)
         assert fragment in str(info.value), (data, str(info.value))
+    member_cases = [
+        ({"train_subset": "bagging"}, "train_subset='bagging' is invalid: must be one of all, bootstrap, shard"),
+        ({"train_subset": "shard", "shard_count": 3, "shard_index": 3}, "shard_index=3 is invalid"),
+        ({"train_subset": "shard", "shard_count": 0}, "shard_count=0 is invalid"),
+        ({"shard_count": 2}, "shard_count=2 is invalid: only applies to train_subset: shard"),
+        ({"train_subset": "bootstrap", "shard_index": 1}, "shard_index=1 is invalid: only applies"),
+        ({"split_seed": "x"}, "split_seed='x'"),
+        ({"subset_seed": 1.5}, "subset_seed=1.5"),
+    ]
+    for data, fragment in member_cases:
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"model_dir": "m", **data})
+        assert fragment in str(info.value), (data, str(info.value))
     with pytest.raises(ConfigError, match=r"data\[0\]=.*must be an existing JSONL file"):
         config_from_dict({"model_dir": "m", "data": str(tmp_path / "none.jsonl")}).check_sources(False)
     with pytest.raises(ConfigError, match="or train with --from-topic"):
@@ -230,6 +243,30 @@ def test_split_is_seeded_and_disjoint():
     assert len(held) == 5 and len(train) == 15 and not set(train) & set(held)
     assert split_examples(examples, 0.25, seed=3) == (train, held)
     assert split_examples(examples, 0.25, seed=4)[1] != held
+
+
+def test_bootstrap_is_a_seeded_draw_with_replacement_of_the_same_size():
+    examples = [parse_row({"chosen": f"a{i}", "rejected": f"b{i}"}, f"f:{i}") for i in range(1000)]
+    draw = train_subset(examples, "bootstrap", seed=5)
+    assert len(draw) == 1000 and all(e in examples for e in draw)
+    assert train_subset(examples, "bootstrap", seed=5) == draw
+    assert train_subset(examples, "bootstrap", seed=6) != draw
+    # P(an example is never drawn) = (1 - 1/n)^n ~ 1/e: ~632 distinct of
+    # 1000; the occupancy variance is ~ n (e^-1 - 2 e^-2), sd ~ 10, so
+    # 632 +- 60 is 6 sd.
+    assert 572 <= len({id(e) for e in draw}) <= 692
+    assert train_subset(examples, "all") == examples
+
+
+def test_shards_partition_the_examples():
+    examples = [parse_row({"chosen": f"a{i}", "rejected": f"b{i}"}, f"f:{i}") for i in range(10)]
+    shards = [train_subset(examples, "shard", seed=2, shard_index=i, shard_count=3) for i in range(3)]
+    # 10 = 4 + 3 + 3: every 3rd of a shuffle, from positions 0, 1, 2.
+    assert [len(s) for s in shards] == [4, 3, 3]
+    assert sorted(examples.index(e) for s in shards for e in s) == list(range(10))
+    assert all(s == sorted(s, key=examples.index) for s in shards)  # file order kept within a shard
+    assert train_subset(examples, "shard", seed=2, shard_index=1, shard_count=3) == shards[1]
+    assert train_subset(examples, "shard", seed=3, shard_index=1, shard_count=3) != shards[1]
 
 
 # -- registry -----------------------------------------------------------------
@@ -317,6 +354,24 @@ def test_training_from_a_causal_lm_learns_the_rule(first_version, tiny_models):
     with safe_open(str(result.version.path / "model.safetensors"), "pt") as weights:
         keys = set(weights.keys())
     assert "score.weight" in keys and not any(k.startswith("lm_head") for k in keys)
+
+
+def test_an_ensemble_member_trains_on_its_shard_and_holds_out_v1s_split(first_version, workdir, data_files,
+                                                                         tiny_models):
+    config = config_from_dict({
+        "model_dir": str(tiny_models["policy"]), "registry": str(workdir / "member-registry"), "name": "bang-member",
+        "data": [str(data_files["train"])], "eval_fraction": 0.25, "epochs": 1, "batch_size": 16,
+        "learning_rate": 1e-3, "progress": False, "seed": 7, "split_seed": 0,
+        "train_subset": "shard", "subset_seed": 0, "shard_index": 2, "shard_count": 3,
+    })
+    result = train_reward_model(config)
+    # v1's 180 training rows in 3 shards of 60; the same 60 held out as v1's
+    # (split seed 0, not the member's seed 7): the same held-out pairs.
+    assert result.metrics["train_examples"] == result.metrics["train_distinct_examples"] == 60
+    assert result.metrics["eval_pairs"] == first_version.metrics["eval_pairs"]
+    training = read_metadata(result.version.path).extra["training"]
+    assert training["train_subset"] == {"kind": "shard", "seed": 0, "shard_index": 2, "shard_count": 3}
+    assert training["seed"] == 7 and training["split_seed"] == 0
 
 
 def test_version_metadata_ships_normalization_and_calibration(first_version):

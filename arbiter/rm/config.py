@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arbiter.config import config_from_mapping, load_config_file, require
+from arbiter.config import config_from_mapping, load_config_file, require, require_choice
 from arbiter.types import Truncation
 
 RANKING_LOSSES = ("plackett_luce", "all_pairs")
+TRAIN_SUBSETS = ("all", "bootstrap", "shard")
 TRUNCATIONS = tuple(t.value for t in Truncation)
 
 
@@ -93,6 +94,24 @@ class RMTrainConfig:
     # A separate held-out set; without it eval_fraction of the data is held out.
     eval_data: tuple[str, ...] = ()
     eval_fraction: float = 0.1
+    # Seed of the held-out split (null: seed). Runs that differ only in seed
+    # (ensemble members) hold out the same examples when it is fixed, so
+    # their held-out accuracies are comparable and none trains on another's
+    # held-out set.
+    split_seed: int | None = None
+    # What a run trains on of the examples left after the split, so that
+    # ensemble members can differ in data, not only in head initialization
+    # and order (seed):
+    # - all: every example;
+    # - bootstrap: as many draws with replacement, seeded by subset_seed
+    #   (bagging: each run sees ~63% of the examples, some more than once);
+    # - shard: shard shard_index of shard_count of a partition seeded by
+    #   subset_seed (runs with the same subset_seed and shard_count and
+    #   different shard_index train on disjoint examples).
+    train_subset: str = "all"
+    subset_seed: int = 0
+    shard_index: int = 0
+    shard_count: int = 1
     # Responses whose raw scores define the version's normalization statistics
     # (and ship as calibration_scores): these files' responses, else the
     # held-out responses, else the training responses.
@@ -147,6 +166,19 @@ class RMTrainConfig:
             )
         require(self.calibration_size >= 2, "calibration_size", "must be >= 2 (a std needs two scores)",
                  self.calibration_size)
+        if self.split_seed is not None:
+            require(isinstance(self.split_seed, int), "split_seed", "must be an integer or null", self.split_seed)
+        require_choice(self.train_subset, "train_subset", TRAIN_SUBSETS)
+        require(isinstance(self.subset_seed, int), "subset_seed", "must be an integer", self.subset_seed)
+        if self.train_subset != "shard":
+            for name, default in (("shard_count", 1), ("shard_index", 0)):
+                require(getattr(self, name) == default, name,
+                        f"only applies to train_subset: shard (train_subset is {self.train_subset!r})",
+                        getattr(self, name))
+        require(isinstance(self.shard_count, int) and self.shard_count >= 1, "shard_count",
+                "must be an integer >= 1", self.shard_count)
+        require(isinstance(self.shard_index, int) and 0 <= self.shard_index < self.shard_count, "shard_index",
+                f"must be an integer in [0, shard_count={self.shard_count})", self.shard_index)
         require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0", self.max_grad_norm)
@@ -162,6 +194,11 @@ class RMTrainConfig:
             require(self.torch_threads >= 1, "torch_threads", "must be >= 1 or null", self.torch_threads)
         require(isinstance(self.kafka, dict), "kafka", "must be a mapping of KafkaSettings fields", self.kafka)
         self.topic.validate("topic")
+
+    @property
+    def held_out_seed(self) -> int:
+        """The held-out split's seed: split_seed, else seed."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def check_sources(self, from_topic: bool) -> None:
         """Training needs data files, the topic, or both."""

@@ -219,6 +219,27 @@ def split_examples(
     return [examples[i] for i in train], [examples[i] for i in held]
 
 
+def train_subset(
+    examples: Sequence[RankedExample], subset: str, seed: int = 0, shard_index: int = 0, shard_count: int = 1
+) -> list[RankedExample]:
+    """What a run trains on of ``examples`` (``RMTrainConfig.train_subset``):
+    all of them; a bootstrap resample (len(examples) draws with replacement,
+    from ``random.Random(seed)``); or shard ``shard_index`` of a partition
+    into ``shard_count`` shards (a seeded shuffle, then every
+    ``shard_count``-th example from position ``shard_index``: the shards are
+    disjoint, cover every example, and differ in size by at most one)."""
+    if subset == "all":
+        return list(examples)
+    rng = random.Random(seed)
+    if subset == "bootstrap":
+        return [examples[rng.randrange(len(examples))] for _ in examples]
+    if subset == "shard":
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        return [examples[i] for i in sorted(order[shard_index::shard_count])]
+    raise ValueError(f"unknown train subset {subset!r}")
+
+
 def _reference_sequences(
     encoded: Sequence[list[list[int]]], limit: int, seed: int
 ) -> list[list[int]]:
@@ -280,7 +301,7 @@ def train_reward_model(
     if config.eval_data:
         train_set, eval_set = examples, load_jsonl(config.eval_data)
     else:
-        train_set, eval_set = split_examples(examples, config.eval_fraction, config.seed)
+        train_set, eval_set = split_examples(examples, config.eval_fraction, config.held_out_seed)
     if not train_set:
         raise TrainingError("no training examples left after holding out the evaluation set")
     if config.min_eval_accuracy is not None and not eval_set:
@@ -302,6 +323,13 @@ def train_reward_model(
                                 "topic (see the skipped records above)")
         if config.min_eval_accuracy is not None and not eval_set:
             raise TrainingError("no held-out examples left for min_eval_accuracy: the model cannot take them")
+    # After the topic's refusals, so that a refused record is reported once
+    # however often a resample draws it.
+    train_set = train_subset(train_set, config.train_subset, config.subset_seed, config.shard_index,
+                             config.shard_count)
+    if not train_set:
+        raise TrainingError(f"shard {config.shard_index} of {config.shard_count} is empty: fewer training "
+                            "examples than shards")
     train_ids, truncated = encoder.encode_all(train_set)
     eval_ids, eval_truncated = encoder.encode_all(eval_set)
     reference_ids = eval_ids or train_ids
@@ -369,6 +397,8 @@ def train_reward_model(
     normalization = {"mean": mean, "std": std, "sample_count": len(calibration)}
     metrics: dict[str, Any] = {
         "train_examples": len(train_set),
+        # Fewer than train_examples when a bootstrap resample drew some twice.
+        "train_distinct_examples": len({id(e) for e in train_set}),
         "eval_examples": len(eval_set),
         "epochs": config.epochs,
         "steps": step,
@@ -392,6 +422,10 @@ def train_reward_model(
         "learning_rate": config.learning_rate,
         "batch_size": config.batch_size,
         "seed": config.seed,
+        "split_seed": config.held_out_seed,
+        "train_subset": {"kind": config.train_subset, "seed": config.subset_seed,
+                         **({"shard_index": config.shard_index, "shard_count": config.shard_count}
+                            if config.train_subset == "shard" else {})},
         "truncation": config.truncation,
         "data": list(config.data),
         **(topic.note() if topic is not None else {}),
