@@ -245,6 +245,25 @@ def test_split_is_seeded_and_disjoint():
     assert split_examples(examples, 0.25, seed=4)[1] != held
 
 
+def test_split_by_prompt_holds_out_whole_prompts():
+    # 5 prompts × 4 pairs: a quarter of 20 is 5 examples, so two whole prompts
+    # (8 examples) are held out: one prompt (4) is short of 5.
+    examples = [parse_row({"prompt": f"p{p}", "chosen": f"a{p}{i}", "rejected": f"b{p}{i}"}, f"f:{p}{i}")
+                for p in range(5) for i in range(4)]
+    train, held = split_examples(examples, 0.25, seed=3, by="prompt")
+    held_prompts = {e.candidates[0].prompt for e in held}
+    assert len(held) == 8 and len(held_prompts) == 2 and len(train) == 12
+    assert not held_prompts & {e.candidates[0].prompt for e in train}
+    assert split_examples(examples, 0.25, seed=3, by="prompt") == (train, held)
+    # Never every prompt: with a fraction asking for nearly all, one prompt trains.
+    train, held = split_examples(examples, 0.99, seed=3, by="prompt")
+    assert len(train) == 4 and len(held) == 16
+    # One prompt only: split by pair.
+    single = [parse_row({"prompt": "p", "chosen": f"a{i}", "rejected": f"b{i}"}, f"f:{i}") for i in range(8)]
+    train, held = split_examples(single, 0.25, seed=3, by="prompt")
+    assert len(held) == 2 and len(train) == 6
+
+
 def test_bootstrap_is_a_seeded_draw_with_replacement_of_the_same_size():
     examples = [parse_row({"chosen": f"a{i}", "rejected": f"b{i}"}, f"f:{i}") for i in range(1000)]
     draw = train_subset(examples, "bootstrap", seed=5)
@@ -335,7 +354,7 @@ def first_version(tiny_models, workdir, data_files):
         "model_dir": str(tiny_models["policy"]), "registry": str(workdir / "registry"), "name": "bang-rm",
         "data": [str(data_files["train"])], "reference_data": [str(data_files["reference"])],
         "eval_fraction": 0.25, "epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "progress": False,
-        "min_eval_accuracy": 0.85,
+        "min_eval_accuracy": 0.85, "eval_split": "pair",  # the counts below are of a split by pair
     })
     return train_reward_model(config)
 
@@ -361,7 +380,7 @@ def test_an_ensemble_member_trains_on_its_shard_and_holds_out_v1s_split(first_ve
     config = config_from_dict({
         "model_dir": str(tiny_models["policy"]), "registry": str(workdir / "member-registry"), "name": "bang-member",
         "data": [str(data_files["train"])], "eval_fraction": 0.25, "epochs": 1, "batch_size": 16,
-        "learning_rate": 1e-3, "progress": False, "seed": 7, "split_seed": 0,
+        "learning_rate": 1e-3, "progress": False, "seed": 7, "split_seed": 0, "eval_split": "pair",
         "train_subset": "shard", "subset_seed": 0, "shard_index": 2, "shard_count": 3,
     })
     result = train_reward_model(config)

@@ -34,6 +34,7 @@ from arbiter.types import Truncation
 
 RANKING_LOSSES = ("plackett_luce", "all_pairs")
 TRAIN_SUBSETS = ("all", "bootstrap", "shard")
+EVAL_SPLITS = ("prompt", "pair")
 TRUNCATIONS = tuple(t.value for t in Truncation)
 
 
@@ -99,6 +100,13 @@ class RMTrainConfig:
     # their held-out accuracies are comparable and none trains on another's
     # held-out set.
     split_seed: int | None = None
+    # What the held-out split keeps apart: "prompt" (default) holds out whole
+    # prompts (every example of a held-out prompt), so held-out accuracy is
+    # measured on prompts and completions the model never trained on;
+    # "pair" holds out single examples, whose prompts (and often
+    # completions) also appear in training pairs: measured on the demo's
+    # data, 90.4 % held-out by pair against 71.9 % on fresh pairs.
+    eval_split: str = "prompt"
     # What a run trains on of the examples left after the split, so that
     # ensemble members can differ in data, not only in head initialization
     # and order (seed):
@@ -159,6 +167,7 @@ class RMTrainConfig:
         )
         require(bool(self.registry), "registry", "must name the registry directory", self.registry)
         require(0 <= self.eval_fraction < 1, "eval_fraction", "must be in [0, 1)", self.eval_fraction)
+        require_choice(self.eval_split, "eval_split", EVAL_SPLITS)
         for name in ("epochs", "batch_size", "eval_batch_size", "calibration_size"):
             require(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1",

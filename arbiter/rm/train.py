@@ -204,19 +204,43 @@ def score_sequences(model, sequences: Sequence[list[int]], pad_token_id: int, ba
 # -- data --------------------------------------------------------------------
 
 
+def prompt_key(example: RankedExample) -> str:
+    """What an example's candidates answer: the prompt, or a conversation's
+    turns before the scored one."""
+    first = example.candidates[0]
+    if first.messages is not None:
+        return repr(first.messages[:-1])
+    return first.prompt
+
+
 def split_examples(
-    examples: Sequence[RankedExample], fraction: float, seed: int
+    examples: Sequence[RankedExample], fraction: float, seed: int, by: str = "pair"
 ) -> tuple[list[RankedExample], list[RankedExample]]:
-    """(train, held out): a seeded shuffle, then the first round(n * fraction)
-    held out (at least one when fraction > 0, never all)."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = 0
-    if fraction > 0 and len(examples) >= 2:
-        n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
-    held = sorted(order[:n_eval])
-    train = sorted(order[n_eval:])
-    return [examples[i] for i in train], [examples[i] for i in held]
+    """(train, held out), both in the examples' order.
+
+    ``by="pair"``: a seeded shuffle of the examples, the first
+    round(n * fraction) held out (at least one when fraction > 0, never all).
+    ``by="prompt"``: the same over prompts (:func:`prompt_key`): whole
+    prompts are held out, in a seeded order, until at least round(n *
+    fraction) examples are; never every prompt. Data with a single prompt
+    cannot be split by prompt and is split by pair."""
+    n = len(examples)
+    if fraction <= 0 or n < 2:
+        return list(examples), []
+    target = min(n - 1, max(1, round(n * fraction)))
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(prompt_key(example) if by == "prompt" else str(i), []).append(i)
+    if len(groups) < 2:
+        groups = {str(i): [i] for i in range(n)}
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    held: set[int] = set()
+    for key in keys[:-1]:  # the last prompt always trains
+        if len(held) >= target:
+            break
+        held.update(groups[key])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 def train_subset(
@@ -301,7 +325,8 @@ def train_reward_model(
     if config.eval_data:
         train_set, eval_set = examples, load_jsonl(config.eval_data)
     else:
-        train_set, eval_set = split_examples(examples, config.eval_fraction, config.held_out_seed)
+        train_set, eval_set = split_examples(examples, config.eval_fraction, config.held_out_seed,
+                                             by=config.eval_split)
     if not train_set:
         raise TrainingError("no training examples left after holding out the evaluation set")
     if config.min_eval_accuracy is not None and not eval_set:
