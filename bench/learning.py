@@ -369,10 +369,8 @@ def versus_trl(summary: dict, results: list[dict]) -> str:
         if ours >= theirs:
             lines.append(f"- target met against {name}: {best}'s gold gain {fmt(ours)} ≥ {fmt(theirs)} at equal wall time")
             continue
-        rate = {n: mean_sd([r[k] for r in results if r["contender"] == n])[0]
-                for n in (best, name) for k in ("rollouts_per_s",)}
-        upd = {n: mean_sd([r["updates_per_s"] for r in results if r["contender"] == n])[0] for n in (best, name)}
-        setup = {n: mean_sd([r["setup_seconds"] for r in results if r["contender"] == n])[0] for n in (best, name)}
+        rate, upd, setup = ({n: mean_sd([r.get(key, math.nan) for r in results if r["contender"] == n])[0]
+                             for n in (best, name)} for key in ("rollouts_per_s", "updates_per_s", "setup_seconds"))
         lines.append(f"- target NOT met against {name}: {best} {fmt(ours)} < {fmt(theirs)}. Where the time goes: "
                      f"{best} {fmt(rate[best])} rollouts/s, {fmt(upd[best])} updates/s; {name} {fmt(rate[name])} "
                      f"rollouts/s, {fmt(upd[name])} updates/s; start-up before the clock {fmt(setup[best])} s vs "
