@@ -137,6 +137,30 @@ def cell(stat: tuple[float, float, int]) -> str:
 # -- the judge ----------------------------------------------------------------------
 
 
+def load_reward_model(path: Path):
+    """(tokenizer, model) of the RM version, as Hugging Face loads it: one score per text."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def reward_scores(rm, texts: list[str], batch: int = 64) -> list[float]:
+    """The raw RM score of each text (prompt + completion, as the reward service scores it)."""
+    import torch
+
+    tokenizer, model = rm
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True)
+            out += model(**enc).logits[:, 0].float().tolist()
+    return out
+
+
 class LearningJudge:
     """Gold, RM reward, KL to the reference and fluency of a policy directory
     on the held-out prompts, one sampling pass, cached per directory."""
@@ -144,7 +168,7 @@ class LearningJudge:
     def __init__(self, models, prompts: list[str], samples: int, ilql_beta: float, seed: int = 7,
                  prompts_per_batch: int = 32):
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from arbiter.hf import quiet_transformers
         from services.worker.gold import make_gold_scorer
@@ -156,10 +180,7 @@ class LearningJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(str(models.policy))
         self.tokenizer.padding_side = "left"
         self.reference = AutoModelForCausalLM.from_pretrained(str(models.policy)).eval()
-        self.rm_tokenizer = AutoTokenizer.from_pretrained(str(models.reward))
-        self.rm = AutoModelForSequenceClassification.from_pretrained(str(models.reward), num_labels=1).eval()
-        if self.rm.config.pad_token_id is None:
-            self.rm.config.pad_token_id = self.rm_tokenizer.pad_token_id
+        self.rm = load_reward_model(Path(models.reward))
         self._cache: dict[str, dict] = {}
         self._torch = torch
 
@@ -171,15 +192,6 @@ class LearningJudge:
 
         lm = AutoModelForCausalLM.from_pretrained(str(policy)).eval()
         return with_heads(lm, policy, self.ilql_beta) if has_heads(policy) else lm
-
-    def rm_scores(self, texts: list[str]) -> list[float]:
-        torch = self._torch
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), 64):
-                enc = self.rm_tokenizer(texts[start : start + 64], return_tensors="pt", padding=True)
-                out += self.rm(**enc).logits[:, 0].float().tolist()
-        return out
 
     def measure(self, policy: Path) -> dict:
         key = str(Path(policy).resolve())
@@ -230,7 +242,7 @@ class LearningJudge:
                     texts.append(text)
                     prompts_of.append(chunk[row // n])
                     golds.append(self.gold_scorer(text))
-        rewards = self.rm_scores([p + t for p, t in zip(prompts_of, texts)])
+        rewards = reward_scores(self.rm, [p + t for p, t in zip(prompts_of, texts)])
         result = {"gold": sum(golds) / len(golds), "rm_reward": sum(rewards) / len(rewards),
                   "kl": sum(kls) / len(kls), "fluency": fluency(ref_logps),
                   "words": sum(len(t.split()) for t in texts) / len(texts)}
@@ -248,7 +260,7 @@ class _BudgetSpent(Exception):
 def run_ilql(models, workdir: Path, seconds: float, seed: int, group: int, learning_rate: float,
              data_fraction: float, threads: int) -> Run:
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.trl_runner import read_prompts
     from trainer.ilql import CHECKPOINTS, latest_checkpoint, train
@@ -269,10 +281,7 @@ def run_ilql(models, workdir: Path, seconds: float, seed: int, group: int, learn
         tokenizer = AutoTokenizer.from_pretrained(str(models.policy))
         tokenizer.padding_side = "left"
         policy = AutoModelForCausalLM.from_pretrained(str(models.policy)).eval()
-        rm_tokenizer = AutoTokenizer.from_pretrained(str(models.reward))
-        rm = AutoModelForSequenceClassification.from_pretrained(str(models.reward), num_labels=1).eval()
-        if rm.config.pad_token_id is None:
-            rm.config.pad_token_id = rm_tokenizer.pad_token_id
+        rm = load_reward_model(Path(models.reward))
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
         rows, empty, data_deadline = [], 0, t0 + seconds * data_fraction
         with torch.no_grad():
@@ -287,7 +296,7 @@ def run_ilql(models, workdir: Path, seconds: float, seed: int, group: int, learn
                 width = enc["input_ids"].shape[1]
                 texts = [tokenizer.decode(g[width:], skip_special_tokens=True) for g in generated]
                 full = [chunk[i // group] + t for i, t in enumerate(texts)]
-                scores = rm(**rm_tokenizer(full, return_tensors="pt", padding=True)).logits[:, 0].tolist()
+                scores = reward_scores(rm, full)
                 # A completion that is the end token alone has no text a JSONL
                 # row can carry (the trainer refuses an empty one): left out, counted.
                 rows += [{"prompt": chunk[i // group], "completion": t, "reward": (s - mean) / std}
@@ -374,11 +383,13 @@ def versus_trl(summary: dict, results: list[dict]) -> str:
         lines.append(f"- target NOT met against {name}: {best} {fmt(ours)} < {fmt(theirs)}. Where the time goes: "
                      f"{best} {fmt(rate[best])} rollouts/s, {fmt(upd[best])} updates/s; {name} {fmt(rate[name])} "
                      f"rollouts/s, {fmt(upd[name])} updates/s; start-up before the clock {fmt(setup[best])} s vs "
-                     f"{fmt(setup[name])} s (not counted in either)")
+                     f"{fmt(setup[name])} s (not counted in either)"
+                     + ("; Arbiter ran at least as many updates a second: the gap is what an update buys, not "
+                        "time" if upd[best] >= upd[name] else ""))
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> Path | None:
+def plot(summary: dict, initial: dict, path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -395,8 +406,10 @@ def plot(summary: dict, path: Path) -> Path | None:
         ax.bar(range(len(names)), means, yerr=sds, capsize=3,
                color=["tab:blue" if n.startswith("arbiter-") else "tab:orange" for n in names])
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        if key in initial:  # where the pretrained policy stands
+            ax.axhline(initial[key], color="grey", linestyle="--", linewidth=1)
         ax.set_title(label, fontsize=10)
-    fig.suptitle("mean ± sd over seeds (blue: Arbiter, orange: TRL)", fontsize=10)
+    fig.suptitle("mean ± sd over seeds (blue: Arbiter, orange: TRL; dashed: the initial policy)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -422,7 +435,7 @@ def report(results: list[dict], initial: dict, title: str, how: str, workdir: Pa
         for name, stats in summary.items():
             for metric, (mean, sd, n) in stats.items():
                 writer.writerow({"contender": name, "metric": metric, "mean": mean, "sd": sd, "n": n})
-    png = plot(summary, workdir / "learning.png")
+    png = plot(summary, initial, workdir / "learning.png")
     console.print(f"table: {workdir / 'learning.md'}  runs: {workdir / 'learning.json'}  csv: {workdir / 'learning.csv'}"
                   f"  plot: {png or 'none (matplotlib missing)'}")
     return {"summary": summary, "runs": results}
@@ -439,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every RL contender (fixed)")
     parser.add_argument("--ilql-beta", type=float, default=1.0,
                         help="ILQL's sampling β: logits + β·(min Q̂ − V) (default 1)")
+    parser.add_argument("--ilql-learning-rate", type=float,
+                        help="ILQL's learning rate (default: the RL contenders' learning rate)")
     parser.add_argument("--ilql-data-fraction", type=float, default=0.4,
                         help="share of ILQL's budget spent sampling and scoring its offline data (default 0.4)")
     parser.add_argument("--threads", type=int, default=1,
@@ -487,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   Path(args.trl_venv if algo == "grpo" else args.trl_ppo_venv), group, args.threads,
                                   seed=seed)
                 elif algo == "ilql":
-                    run = run_ilql(models, here, seconds, seed, group, shared["learning_rate"],
+                    run = run_ilql(models, here, seconds, seed, group, args.ilql_learning_rate or shared["learning_rate"],
                                    args.ilql_data_fraction, args.threads)
                 else:
                     ppo, worker = stack_algos[algo]
