@@ -78,3 +78,37 @@ def test_versus_trl_says_where_the_time_goes_when_behind():
     summary["trl-ppo"] = stats(0.005, 0.5, gain=0.3)
     assert "trl-ppo: arbiter-grpo 0.120 < 0.300" in versus_trl(summary, results)
     assert "the gap is what an update buys, not time" in versus_trl(summary, results)
+
+
+PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
+
+
+def test_judge_samples_an_ilql_policy_through_its_heads(tiny_models, tmp_path):
+    """The judge's KL is ~0 for the reference itself and for its ILQL copy at
+    β 0 (the heads change nothing), and > 0 at β 1 (it samples logits +
+    β·(min Q̂ − V), the distribution the policy service would serve)."""
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from arbiter.ilql import ILQLHeads, head_sizes, save_heads
+    from bench.learning import LearningJudge
+
+    policy = tiny_models["policy"]
+    models = SimpleNamespace(policy=policy, reward=tiny_models["reward"], gold="vader", max_new_tokens=6)
+    with_heads = tmp_path / "ilql"
+    shutil.copytree(policy, with_heads)
+    torch.manual_seed(0)
+    save_heads(ILQLHeads(*head_sizes(AutoModelForCausalLM.from_pretrained(str(policy)))), with_heads, {})
+
+    def measure(path, beta):
+        return LearningJudge(models, PROMPTS, samples=2, ilql_beta=beta, prompts_per_batch=3).measure(path)
+
+    itself = measure(policy, 1.0)
+    # Sampled token by token, scored in one pass: equal up to float rounding.
+    assert abs(itself["kl"]) < 1e-4
+    assert itself["fluency"] < 0 and itself["words"] > 0 and math.isfinite(itself["rm_reward"])
+    assert abs(measure(with_heads, 0.0)["kl"]) < 1e-4
+    assert measure(with_heads, 1.0)["kl"] > 0.01
