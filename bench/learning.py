@@ -460,6 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads of TRL and of in-process ILQL (default 1, as bench-e2e's TRL)")
     parser.add_argument("--max-staleness", type=int, default=2, help="the Arbiter trainer's ppo.max_staleness")
     parser.add_argument("--fresh-models", action="store_true", help="prepare the models anew")
+    parser.add_argument("--models", help="the prepared models' directory (default WORKDIR/models; e.g. "
+                                         "runs/bench-e2e/models reuses bench-e2e's, prepared once)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-learning"))
     parser.add_argument("--trl-venv", default=str(TRL_VENV))
     parser.add_argument("--trl-ppo-venv", default=str(TRL_PPO_VENV))
@@ -473,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # The full models even with --quick: the smoke run exercises what the real one does.
-    models = prepared_models(workdir / "models", False, args.fresh_models)
+    models = prepared_models(Path(args.models).resolve() if args.models else workdir / "models", False,
+                             args.fresh_models)
     console.print(models.description)
     from services.demo import stack_config
 
