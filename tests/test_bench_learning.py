@@ -69,14 +69,16 @@ def test_versus_trl_says_where_the_time_goes_when_behind():
                {"contender": "trl-ppo", "rollouts_per_s": 5.0, "updates_per_s": 0.15, "setup_seconds": 6.0}]
     text = versus_trl(summary, results)
     assert "arbiter-grpo (Arbiter best)" in text
-    assert "target met against trl-ppo: arbiter-grpo's gold gain 0.120 ≥ 0.060" in text
-    assert ("target NOT met against trl-grpo: arbiter-grpo 0.120 < 0.180. Where the time goes: arbiter-grpo "
+    # Compared per wall-second (runs stop at an update boundary past the budget).
+    assert "target met against trl-ppo: arbiter-grpo's gold gain per wall-second 0.002 ≥ 0.001" in text
+    assert ("target NOT met against trl-grpo: arbiter-grpo's gold gain per wall-second 0.002 < 0.003. Where the "
+            "time goes: arbiter-grpo "
             "10.0 rollouts/s, 0.300 updates/s; trl-grpo 20.0 rollouts/s, 0.600 updates/s") in text
     # Slower per second than trl-grpo (0.3 < 0.6 updates/s): nothing says the gap is per update.
     assert "what an update buys" not in text
     # Against TRL's PPO at 0.15 updates/s with a gain of 0.3, Arbiter's 0.3 updates/s are not the gap.
     summary["trl-ppo"] = stats(0.005, 0.5, gain=0.3)
-    assert "trl-ppo: arbiter-grpo 0.120 < 0.300" in versus_trl(summary, results)
+    assert "trl-ppo: arbiter-grpo's gold gain per wall-second 0.002 < 0.005" in versus_trl(summary, results)
     assert "the gap is what an update buys, not time" in versus_trl(summary, results)
 
 
