@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak bench-e2e bench-online-rm bench-ensemble bench-ensemble-members bench-scale clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak bench-e2e bench-learning bench-online-rm bench-ensemble bench-ensemble-members bench-scale clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -106,6 +106,14 @@ bench-soak: install
 # part of make test or make bench.
 bench-e2e: install demo-data
 	$(BIN)/python -m bench.e2e $(BENCH_ARGS)
+
+# Arbiter's algorithms (PPO, RLOO, GRPO, A2C, NLPO, offline ILQL with its data
+# sampled inside the budget) and TRL's GRPO and PPO on the demo's task: the
+# same models, wall-clock budget and seeds (3); gold gain, RM reward, KL and
+# fluency, mean ± sd, a table and a plot in runs/bench-learning. About an hour;
+# not part of make test or make bench.
+bench-learning: install demo-data
+	$(BIN)/python -m bench.learning $(BENCH_ARGS)
 
 # The demo with its reward model retrained online from simulated live
 # annotation vs frozen at v1; PPO against one RM vs a penalized ensemble.

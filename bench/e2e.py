@@ -198,7 +198,11 @@ def training(models, beta: float) -> dict:
 
 
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
-                worker_overrides: dict | None = None, snapshots: int = 0, max_staleness: int | None = None) -> Run:
+                worker_overrides: dict | None = None, snapshots: int = 0, max_staleness: int | None = None,
+                ppo_overrides: dict | None = None, seed: int | None = None) -> Run:
+    """``ppo_overrides``: trainer ``ppo`` keys on top of the demo's (another
+    algorithm: bench/learning.py); ``seed``: the stack's (sampling, prompt
+    order, training), its default when None."""
     from services.demo import read_history, stack_config
     from services.stack import Stack
 
@@ -210,6 +214,7 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
         ppo["max_staleness"] = max_staleness
     if algo == "grpo":
         ppo.update(advantage="grpo", samples_per_prompt=base.worker["samples_per_prompt"])
+    ppo.update(ppo_overrides or {})
     # Gold is judged after the run, the same way for every contender: the
     # worker does not spend time on it during the run.
     worker = {**{k: v for k, v in base.worker.items() if k != "gold"}, **(worker_overrides or {})}
@@ -217,7 +222,8 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     # not the trainer's default of one per update: a crash replays at most
     # that many updates, exactly once all the same (TRL's run saves none).
     trainer = {**base.trainer, "max_updates": None, "ppo": ppo, "run_name": algo, **CHECKPOINTS}
-    config = dataclasses.replace(base, worker=worker, trainer=trainer)
+    config = dataclasses.replace(base, worker=worker, trainer=trainer,
+                                 **({"seed": seed} if seed is not None else {}))
     started = time.monotonic()
     with Stack(config) as stack:
         # The clock starts when the trainer's consumer has its partitions:
@@ -268,7 +274,7 @@ def reward_normalization(reward: Path) -> list[str]:
 
 
 def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv: Path, samples_per_prompt: int,
-            threads: int, snapshots: int = 0) -> Run:
+            threads: int, snapshots: int = 0, seed: int | None = None) -> Run:
     """TRL's GRPO (``bench/trl_grpo.py``, in ``venv``) or PPO
     (``bench/trl_ppo.py``, in ``venv``, pinned by ``TRL_PPO_LOCK``)."""
     name = f"trl-{algo}"
@@ -284,6 +290,8 @@ def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv:
             "--batch-size", str(shared["batch_size"]), "--minibatch-size", str(shared["minibatch_size"]),
             "--epochs", str(shared["epochs"]), "--clip", str(shared["clip"]), "--threads", str(threads),
             "--snapshots", str(snapshots)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
     if algo == "grpo":
         argv += ["--num-generations", str(samples_per_prompt)]
     else:
