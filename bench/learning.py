@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="share of ILQL's budget spent sampling and scoring its offline data (default 0.4)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of TRL and of in-process ILQL (default 1, as bench-e2e's TRL)")
-    parser.add_argument("--max-staleness", type=int, default=2, help="the Arbiter trainer's ppo.max_staleness")
+    parser.add_argument("--max-staleness", type=int, default=None, help="the Arbiter trainer's ppo.max_staleness (default: the demo's, 1)")
     parser.add_argument("--fresh-models", action="store_true", help="prepare the models anew")
     parser.add_argument("--models", help="the prepared models' directory (default WORKDIR/models; e.g. "
                                          "runs/bench-e2e/models reuses bench-e2e's, prepared once)")
