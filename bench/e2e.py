@@ -544,6 +544,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-staleness", type=int, default=None,
                         help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
                              "workers follow it); default: the demo's, 1")
+    parser.add_argument("--kl-penalty", choices=("reward", "loss"), default="reward",
+                        help="where Arbiter's β·KL acts (trainer ppo.kl.penalty): reward (β·KL_t in each token's "
+                             "reward, k1) or loss (β·mean k3 in the loss, as GRPO and TRL); default reward")
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
@@ -578,7 +581,10 @@ def main(argv: list[str] | None = None) -> dict:
                               args.trl_threads, args.snapshots)
             else:
                 run = run_arbiter(name.split("-", 1)[1], models, here, seconds, args.beta, worker_overrides,
-                                  args.snapshots, args.max_staleness)
+                                  args.snapshots, args.max_staleness,
+                                  ppo_overrides=None if args.kl_penalty == "reward" else
+                                  {"kl": {"mode": "fixed", "init_coef": args.beta, "penalty": "loss",
+                                          "estimator": "k3"}})
             run.repeat = repeat
             judge(judge_, run)
             this_repeat.append(run)

@@ -11,6 +11,7 @@ import torch
 
 from arbiter.errors import FailedPrecondition, InvalidInput
 from trainer.ppo_math import (
+    kl_loss,
     a2c_policy_loss,
     AdaptiveKLController,
     FixedKLController,
@@ -413,6 +414,24 @@ def test_token_logprobs_and_ptx_loss_by_hand():
     close(ptx_loss(logits, ids, torch.ones(1, 3, dtype=torch.long)), (math.log(2) - math.log(0.75)) / 2)
     # Last token padded: only the first prediction counts.
     close(ptx_loss(logits, ids, torch.tensor([[1, 1, 0]])), math.log(2))
+
+
+def test_kl_loss_k3_by_hand():
+    # d = log π_θ − log π_ref; k3 = e^−d − 1 + d; ∂k3/∂log π_θ = 1 − e^−d.
+    #   a: π_θ 0.5,  π_ref 0.25: d = ln 2  → k3 = ½ − 1 + ln 2 = 0.19314718, grad 1 − ½ = ½
+    #   b: π_θ 0.25, π_ref 0.5:  d = −ln 2 → k3 = 2 − 1 − ln 2 = 0.30685282, grad 1 − 2 = −1
+    # token mean over a, b = (0.19314718 + 0.30685282) / 2 = ¼; gradients /2 → ¼, −½; padding 0.
+    logprobs = torch.log(t([[0.5, 0.25, 1e-9]])).requires_grad_(True)
+    ref = torch.log(t([[0.25, 0.5, 0.9]]))
+    mask = t([[1, 1, 0]], dtype=torch.bool)
+    out = kl_loss(logprobs, ref, mask, "k3")
+    close(out, 0.25)
+    out.backward()
+    close(logprobs.grad, [[0.25, -0.5, 0.0]])
+    # k1 is the plain log-ratio: (ln 2 − ln 2)/2 = 0.
+    close(kl_loss(logprobs.detach(), ref, mask, "k1"), 0.0)
+    # In the total loss it is priced at β.
+    close(ppo_total_loss(t(1.0), kl_loss=t(0.5), kl_coef=0.1), 1.05)
 
 
 def test_ppo_total_loss():

@@ -128,6 +128,21 @@ def test_a2c_makes_one_pass_per_batch_and_raises_the_reward(tiny_models, tmp_pat
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2, rewards
 
 
+def test_kl_as_a_loss_leaves_the_rewards_alone_and_prices_the_kl_in_the_update(tiny_models, tmp_path):
+    small = {"batch_size": 8, "minibatch_size": 8, "epochs": 1, "advantage": "grpo", "samples_per_prompt": 4}
+    loss = make_trainer(tiny_models, tmp_path / "loss", kl={"mode": "fixed", "init_coef": 0.5, "penalty": "loss",
+                                                            "estimator": "k3"}, **small)
+    rollouts = sample_trajectories(loss.model.lm, loss.model.tokenizer, 8, seed=41, group_size=4)
+    # The sampler is the reference here, so the first update's KL is 0 either way and
+    # both placements take the same first step.
+    reward = make_trainer(tiny_models, tmp_path / "reward", kl={"mode": "fixed", "init_coef": 0.5}, **small)
+    a, b = loss.train_on(rollouts).stats, reward.train_on(rollouts).stats
+    assert a.optimizer_steps == b.optimizer_steps == 1
+    assert a.policy_loss == pytest.approx(b.policy_loss, abs=1e-6)
+    with pytest.raises(ConfigError, match=r"^ppo\.kl\.penalty='value' is invalid: must be one of reward, loss$"):
+        config_from_dict({"model_dir": "m", "ppo": {"kl": {"penalty": "value"}}})
+
+
 def test_a_group_the_worker_produced_short_is_dropped_at_once(tiny_models, tmp_path):
     """A worker that skipped a member (an empty completion) says so in
     group_size; a critic-free trainer drops that group on sight instead of

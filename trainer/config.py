@@ -18,6 +18,7 @@ from arbiter.weights import PublishSettings
 REWARD_SOURCES = ("raw", "reward_model")
 OBJECTIVES = ("clipped", "decoupled")
 ALGORITHMS = ("ppo", "a2c")
+KL_PENALTIES = ("reward", "loss")
 # none: one process; ddp: DistributedDataParallel; fsdp: FSDP2 fully_shard
 # (parameters, gradients and optimizer state sharded across the ranks).
 PARALLEL = ("none", "ddp", "fsdp")
@@ -33,9 +34,17 @@ class KLConfig:
     # Per-token estimator inside the reward (arbiter.kl): k1 (InstructGPT's
     # log-ratio), k2 or k3 (Schulman 2020).
     estimator: str = "k1"
+    # Where β·KL acts. "reward": −β·KL_t in every token's reward (InstructGPT,
+    # Ziegler et al. 2019): a sequence pays Σ_t KL_t, so a shorter completion
+    # pays less. "loss": no KL in the rewards; β times the token mean of the
+    # estimator between the trained policy and the reference is added to the
+    # loss (GRPO, Shao et al. 2024 eq. 3, with k3), a per-token price with no
+    # premium on brevity.
+    penalty: str = "reward"
 
     def validate(self, prefix: str) -> None:
         require(self.mode in ("adaptive", "fixed"), f"{prefix}.mode", "one of adaptive, fixed", self.mode)
+        require_choice(self.penalty, f"{prefix}.penalty", KL_PENALTIES)
         require(self.init_coef >= 0, f"{prefix}.init_coef", "must be >= 0", self.init_coef)
         require(self.target > 0, f"{prefix}.target", "must be > 0", self.target)
         require(self.horizon >= 1, f"{prefix}.horizon", "must be >= 1", self.horizon)

@@ -217,6 +217,25 @@ def kl_penalized_rewards(
     return PenalizedRewards(rewards=rewards, kl=kl)
 
 
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: KLEstimator | str = KLEstimator.K3,
+    *,
+    aggregation: str = "token",
+) -> Tensor:
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 3,
+    with Schulman's k3): the estimator at each sampled token between the
+    trained policy's log-probs (differentiable) and the reference's, averaged
+    like the policy loss. With k3 and d = log π_θ − log π_ref the gradient per
+    token is (1 − e^−d)·∇log π_θ. All inputs (B, T); a scalar."""
+    m = _as_mask(mask, logprobs)
+    _check_shape("ref_logprobs", ref_logprobs, logprobs.shape)
+    per_token = torch.where(m, kl_from_log_ratio(estimator, logprobs - ref_logprobs), 0)  # (B, T)
+    return masked_aggregate(per_token, m, aggregation)
+
+
 # ----------------------------------------------------------------------------
 # Advantages
 
@@ -598,20 +617,24 @@ def ppo_total_loss(
     ent_coef: float = 0.0,
     ptx_loss: Tensor | None = None,
     ptx_coef: float = 0.0,
+    kl_loss: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> Tensor:
-    """pg + c_vf·vf − c_ent·H + γ_ptx·ptx.
+    """pg + c_vf·vf − c_ent·H + γ_ptx·ptx (+ β·KL with ``kl.penalty: loss``).
 
     The entropy is a bonus, hence the minus. A term whose coefficient is
     non-zero must be given; a term given with a zero coefficient (e.g. an
     entropy computed only for logging) contributes nothing. Critic-free runs
     leave vf_loss out. The KL to the reference is in the reward
-    (:func:`kl_penalized_rewards`), not here.
+    (:func:`kl_penalized_rewards`) unless ``kl.penalty`` is ``loss``
+    (:func:`kl_loss`).
     """
     total = pg_loss
     for name, term, coef, sign in (
         ("vf_loss", vf_loss, vf_coef, 1.0),
         ("entropy", entropy, ent_coef, -1.0),
         ("ptx_loss", ptx_loss, ptx_coef, 1.0),
+        ("kl_loss", kl_loss, kl_coef, 1.0),
     ):
         if coef < 0:
             raise InvalidInput(name, f"coefficient must be >= 0, got {coef}")

@@ -144,10 +144,13 @@ def ppo_update(
         # 1. Reward: the RM score, normalized so β and the value head keep one
         #    scale as the policy drifts (with running statistics, or with those
         #    each RM version ships: cfg.reward_source), minus β·KL per token
-        #    (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019 put r_θ on the last token).
+        #    (Ouyang et al. 2022, eq. 2; Ziegler et al. 2019 put r_θ on the last token);
+        #    with cfg.kl.penalty "loss" the KL is priced in step 3 instead (GRPO).
         scores = reward_scores(batch, reward_moments, cfg)
         beta = kl_controller.value
-        penalized = pm.kl_penalized_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask, beta, cfg.kl.estimator)
+        kl_in_loss = cfg.kl.penalty == "loss"
+        penalized = pm.kl_penalized_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask,
+                                            0.0 if kl_in_loss else beta, cfg.kl.estimator)
         kl_per_sequence = penalized.kl.sum(dim=1)  # (B,)
 
         # 2. Advantages: GAE over the value head's estimates (values before the
@@ -213,10 +216,12 @@ def ppo_update(
             # Token means of this rank's rows, weighted (1 in one process);
             # PPO-ptx is the same batch on every rank, so never reweighted.
             scaled = (lambda term: term) if shard is None else (lambda term: term * weight)
+            kl_term = pm.kl_loss(logprobs, mb.ref_logprobs, mb.mask, cfg.kl.estimator) if kl_in_loss else None
             loss = pm.ppo_total_loss(
                 scaled(pg.loss), vf_loss=scaled(vf.loss) if vf else None, vf_coef=cfg.vf_coef if use_critic else 0.0,
                 entropy=scaled(entropy), ent_coef=cfg.ent_coef, ptx_loss=ptx,
                 ptx_coef=cfg.ptx_coef if ptx is not None else 0.0,
+                kl_loss=scaled(kl_term) if kl_term is not None else None, kl_coef=beta if kl_in_loss else 0.0,
             )
 
             # 4. A non-finite loss or gradient skips this step instead of
