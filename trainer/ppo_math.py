@@ -441,20 +441,15 @@ def a2c_policy_loss(
     approx_kl is KL(π_behav ‖ π_θ) as in :func:`policy_loss`.
     """
     m = _as_mask(mask, logprobs)
-    _check_shape("behaviour_logprobs", behaviour_logprobs, logprobs.shape)
     _check_shape("advantages", advantages, logprobs.shape)
-    if cap is not None and not cap >= 1:
-        raise InvalidInput("cap", f"must be >= 1 or None, got {cap}")
-    with torch.no_grad():
-        log_ratio = torch.where(m, logprobs - behaviour_logprobs, 0)  # (B, T)
-        ratio = torch.exp(log_ratio)
-        weights = ratio if cap is None else torch.clamp(ratio, max=cap)
-    per_token = -weights * advantages * logprobs  # (B, T)
+    # The same truncated weight as decoupled PPO's, with the trained policy in place of π_prox.
+    weights = behaviour_weights(logprobs.detach(), behaviour_logprobs, m, cap)
+    per_token = -weights.weights * advantages * logprobs  # (B, T)
     loss = masked_aggregate(per_token, m, aggregation)
     with torch.no_grad():
-        truncated = masked_mean((ratio > weights).to(logprobs.dtype), m)
-        approx_kl = masked_mean((ratio - 1) - log_ratio, m)
-    return PolicyLoss(loss=loss, clipfrac=truncated, approx_kl=approx_kl)
+        log_ratio = torch.where(m, logprobs - behaviour_logprobs, 0)  # (B, T)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, m)
+    return PolicyLoss(loss=loss, clipfrac=weights.truncated_fraction, approx_kl=approx_kl)
 
 
 class BehaviourWeights(NamedTuple):
