@@ -197,19 +197,44 @@ def training(models, beta: float) -> dict:
             **{key: ppo.get(key, getattr(default, key)) for key in ("value_clip_coef", "vf_coef", "gamma", "lam")}}
 
 
+# Where Arbiter's β·KL acts unless --kl-penalty says otherwise (kl_section).
+DEFAULT_KL_PENALTY = "reward"
+
+
+def kl_section(beta: float, penalty: str) -> dict:
+    """The trainer's ``ppo.kl`` for a contender: β fixed, as TRL's. ``loss``:
+    β times the token mean of k3 in the loss, as TRL's GRPOTrainer prices it
+    (GRPO, Shao et al. 2024 eq. 3); ``reward``: β·k1 in every token's reward,
+    as TRL's PPOTrainer (InstructGPT)."""
+    from trainer.config import KL_PENALTIES
+
+    if penalty not in KL_PENALTIES:
+        raise ValueError(f"kl_penalty {penalty!r}: one of {', '.join(KL_PENALTIES)}")
+    return {"mode": "fixed", "init_coef": beta,
+            **({"penalty": "loss", "estimator": "k3"} if penalty == "loss" else {"penalty": "reward", "estimator": "k1"})}
+
+
+def add_kl_penalty_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kl-penalty", choices=("reward", "loss"), default=DEFAULT_KL_PENALTY,
+                        help="where Arbiter's β·KL acts (trainer ppo.kl.penalty): reward (β·k1 in each token's "
+                             "reward, as TRL's PPO) or loss (β·mean k3 in the loss, as GRPO and TRL's GRPO); "
+                             f"default {DEFAULT_KL_PENALTY}")
+
+
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
                 worker_overrides: dict | None = None, snapshots: int = 0, max_staleness: int | None = None,
-                ppo_overrides: dict | None = None, seed: int | None = None) -> Run:
+                ppo_overrides: dict | None = None, seed: int | None = None, kl_penalty: str = DEFAULT_KL_PENALTY) -> Run:
     """``ppo_overrides``: trainer ``ppo`` keys on top of the demo's (another
     algorithm: bench/learning.py); ``seed``: the stack's (sampling, prompt
-    order, training), its default when None."""
+    order, training), its default when None; ``kl_penalty``: where β·KL acts
+    (:func:`kl_section`)."""
     from services.demo import read_history, stack_config
     from services.stack import Stack
 
     out = workdir / f"arbiter-{algo}"
     shutil.rmtree(out, ignore_errors=True)
     base = stack_config(models, out, updates=1)
-    ppo = {**models.ppo, "kl": {"mode": "fixed", "init_coef": beta}}
+    ppo = {**models.ppo, "kl": kl_section(beta, kl_penalty)}
     if max_staleness is not None:
         ppo["max_staleness"] = max_staleness
     if algo == "grpo":
@@ -544,9 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-staleness", type=int, default=None,
                         help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
                              "workers follow it); default: the demo's, 1")
-    parser.add_argument("--kl-penalty", choices=("reward", "loss"), default="reward",
-                        help="where Arbiter's β·KL acts (trainer ppo.kl.penalty): reward (β·KL_t in each token's "
-                             "reward, k1) or loss (β·mean k3 in the loss, as GRPO and TRL); default reward")
+    add_kl_penalty_flag(parser)
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
@@ -581,10 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
                               args.trl_threads, args.snapshots)
             else:
                 run = run_arbiter(name.split("-", 1)[1], models, here, seconds, args.beta, worker_overrides,
-                                  args.snapshots, args.max_staleness,
-                                  ppo_overrides=None if args.kl_penalty == "reward" else
-                                  {"kl": {"mode": "fixed", "init_coef": args.beta, "penalty": "loss",
-                                          "estimator": "k3"}})
+                                  args.snapshots, args.max_staleness, kl_penalty=args.kl_penalty)
             run.repeat = repeat
             judge(judge_, run)
             this_repeat.append(run)

@@ -67,8 +67,8 @@ import time
 from pathlib import Path
 
 from bench.common import console, print_table
-from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, fmt, markdown, prepared_models, run_arbiter, run_trl,
-                       training)
+from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_penalty_flag, fmt, markdown, prepared_models,
+                       run_arbiter, run_trl, training)
 
 CONTENDERS = ("arbiter-ppo", "arbiter-rloo", "arbiter-grpo", "arbiter-a2c", "arbiter-nlpo", "arbiter-ilql",
               "trl-grpo", "trl-ppo")
@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a smoke run: 15 s budgets, 32 held-out prompts x 2 samples judged (same models)")
     parser.add_argument("--eval-samples", type=int, help="judged samples per held-out prompt (default 4; --quick 2)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every RL contender (fixed)")
+    add_kl_penalty_flag(parser)
     parser.add_argument("--ilql-beta", type=float, default=1.0,
                         help="ILQL's sampling β: logits + β·(min Q̂ − V) (default 1)")
     parser.add_argument("--ilql-learning-rate", type=float,
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     ppo, worker = stack_algos[algo]
                     run = run_arbiter(algo, models, here, seconds, args.beta, worker, max_staleness=args.max_staleness,
-                                      ppo_overrides=ppo, seed=seed)
+                                      ppo_overrides=ppo, seed=seed, kl_penalty=args.kl_penalty)
                 row = record(run, seed, judge.measure(run.final_dir), initial)
             except Exception as err:  # one broken contender must not lose the others' runs
                 console.print(f"[red]{name} seed {seed} failed: {err}[/red]")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from lm_fixtures import perturbed
 
-from bench.e2e import TRL_PPO_LOCK, TRL_PPO_SPEC, Run, at_matched_kl, sample_kl, table, trl_constraints
+from bench.e2e import TRL_PPO_LOCK, TRL_PPO_SPEC, Run, at_matched_kl, kl_section, sample_kl, table, trl_constraints
 
 PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
 
@@ -88,6 +88,20 @@ def test_matched_kl_interpolates_between_the_policies_around_the_first_crossing(
     # The run with the lowest final KL sets the level: it reaches it at its end.
     at_matched_kl(judge, r, 8.0)
     assert (r.eval["seconds_at_level"], r.eval["gold_at_level"]) == pytest.approx((40.0, 0.6))
+
+
+def test_kl_section_is_a_trainer_kl_config_placing_the_fixed_beta_where_asked():
+    from trainer.config import KLConfig
+
+    loss, reward = KLConfig(**kl_section(0.05, "loss")), KLConfig(**kl_section(0.05, "reward"))
+    for kl in (loss, reward):
+        kl.validate("ppo.kl")
+        assert (kl.mode, kl.init_coef) == ("fixed", 0.05)
+    # TRL's GRPOTrainer: k3 in the loss; TRL's PPOTrainer: k1 in each token's reward.
+    assert (loss.penalty, loss.estimator) == ("loss", "k3")
+    assert (reward.penalty, reward.estimator) == ("reward", "k1")
+    with pytest.raises(ValueError, match="kl_penalty 'both'"):
+        kl_section(0.05, "both")
 
 
 def test_trl_runs_on_the_projects_torch_and_transformers():
