@@ -345,6 +345,30 @@ def run_trl(algo: str, models, workdir: Path, seconds: float, beta: float, venv:
 # -- judging, the same way for every contender -------------------------------------
 
 
+def load_reward_model(path: Path):
+    """(tokenizer, model) of the RM version, as Hugging Face loads it: one score per text."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def reward_scores(rm, texts: list[str], batch: int = 64) -> list[float]:
+    """The raw RM score of each text (prompt + completion, as the reward service scores it)."""
+    import torch
+
+    tokenizer, model = rm
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True)
+            out += model(**enc).logits[:, 0].float().tolist()
+    return out
+
+
 def sample_kl(initial: Path, final: Path, prompts: list[str], n: int, max_new_tokens: int, seed: int,
               prompts_per_batch: int = 32) -> dict:
     """Mean over completions sampled from ``final`` of Σ_t log π_final(y_t) -
@@ -382,33 +406,43 @@ def sample_kl(initial: Path, final: Path, prompts: list[str], n: int, max_new_to
 
 
 class Judge:
-    """Gold and KL of a policy directory on the held-out prompts, the same way
-    for every contender (cached per directory: the initial policy's gold is
-    sampled once)."""
+    """Gold, RM reward and KL of a policy directory on the held-out prompts,
+    the same way for every contender (cached per directory: the initial
+    policy's are sampled once)."""
 
     def __init__(self, models):
         from services.worker.gold import make_gold_scorer
 
         self.models = models
         self.gold_scorer = make_gold_scorer(models.gold)
-        self._gold: dict[Path, float] = {}
+        self.rm = load_reward_model(Path(models.reward))
+        self._scores: dict[Path, tuple[float, float]] = {}
         self._kl: dict[Path, dict] = {}
 
-    def gold(self, policy: Path) -> float:
-        """Mean gold score of EVAL_SAMPLES samples per held-out prompt (seed 7,
-        as ``services.demo.evaluate_gold`` samples them)."""
+    def scores(self, policy: Path) -> tuple[float, float]:
+        """Mean gold and mean raw RM score of the same EVAL_SAMPLES samples per
+        held-out prompt (seed 7, as ``services.demo.evaluate_gold`` samples
+        them): the RM rising while gold falls is the policy exploiting the RM."""
         from services.demo import EVAL_SAMPLES
         from services.demo_models import sample_completions
 
-        if policy not in self._gold:
+        if policy not in self._scores:
             m = self.models
             completions = sample_completions(policy, m.eval_prompts, EVAL_SAMPLES, m.max_new_tokens, seed=7)
-            scores = [self.gold_scorer(c) for group in completions for c in group]
-            self._gold[policy] = sum(scores) / len(scores)
-        return self._gold[policy]
+            texts = [(prompt, c) for prompt, group in zip(m.eval_prompts, completions) for c in group]
+            gold = [self.gold_scorer(c) for _, c in texts]
+            rm = reward_scores(self.rm, [prompt + c for prompt, c in texts])
+            self._scores[policy] = (sum(gold) / len(gold), sum(rm) / len(rm))
+        return self._scores[policy]
+
+    def gold(self, policy: Path) -> float:
+        return self.scores(policy)[0]
 
     def gain(self, policy: Path) -> float:
         return self.gold(policy) - self.gold(Path(self.models.policy))
+
+    def rm_gain(self, policy: Path) -> float:
+        return self.scores(policy)[1] - self.scores(Path(self.models.policy))[1]
 
     def kl(self, policy: Path) -> dict:
         from services.demo import EVAL_SAMPLES
@@ -424,7 +458,7 @@ def judge(judge_: Judge, run: Run) -> None:
     """The final policy's gold gain, KL and words, and the KL along the run."""
     gain = judge_.gain(run.final_dir)
     kl = judge_.kl(run.final_dir)
-    run.eval = {"gold_gain": gain, "kl": kl["kl"], "words": kl["words"],
+    run.eval = {"gold_gain": gain, "rm_gain": judge_.rm_gain(run.final_dir), "kl": kl["kl"], "words": kl["words"],
                 "gold_per_nat": gain / kl["kl"] if kl["kl"] > 0 else math.nan,
                 "gold_per_s": gain / run.seconds if run.seconds else math.nan,
                 "kl_curve": [(at, judge_.kl(d)["kl"]) for at, d in run.curve] + [(run.seconds, kl["kl"])]}
@@ -455,7 +489,7 @@ COLUMNS = (("rollouts/s", lambda r: r.rollouts_per_s), ("updates/s", lambda r: r
            ("matched KL", lambda r: r.eval["kl_level"]), ("s to matched KL", lambda r: r.eval["seconds_at_level"]),
            ("gold gain @ matched KL", lambda r: r.eval["gold_at_level"]),
            ("gold/wall-s @ matched KL", lambda r: r.eval["gold_per_s_at_level"]),
-           ("words/sample", lambda r: r.eval["words"]))
+           ("RM reward gain (raw)", lambda r: r.eval["rm_gain"]), ("words/sample", lambda r: r.eval["words"]))
 # Ratios Arbiter/TRL of these are meaningless (the same level by construction).
 NO_RATIO = ("matched KL",)
 

@@ -67,8 +67,8 @@ import time
 from pathlib import Path
 
 from bench.common import console, print_table
-from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_penalty_flag, fmt, markdown, prepared_models,
-                       run_arbiter, run_trl, training)
+from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_penalty_flag, fmt, load_reward_model, markdown,
+                       prepared_models, reward_scores, run_arbiter, run_trl, training)
 
 CONTENDERS = ("arbiter-ppo", "arbiter-rloo", "arbiter-grpo", "arbiter-a2c", "arbiter-nlpo", "arbiter-ilql",
               "trl-grpo", "trl-ppo")
@@ -136,30 +136,6 @@ def cell(stat: tuple[float, float, int]) -> str:
 
 
 # -- the judge ----------------------------------------------------------------------
-
-
-def load_reward_model(path: Path):
-    """(tokenizer, model) of the RM version, as Hugging Face loads it: one score per text."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model
-
-
-def reward_scores(rm, texts: list[str], batch: int = 64) -> list[float]:
-    """The raw RM score of each text (prompt + completion, as the reward service scores it)."""
-    import torch
-
-    tokenizer, model = rm
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch):
-            enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True)
-            out += model(**enc).logits[:, 0].float().tolist()
-    return out
 
 
 class LearningJudge:

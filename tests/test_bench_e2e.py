@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from lm_fixtures import perturbed
 
-from bench.e2e import TRL_PPO_LOCK, TRL_PPO_SPEC, Run, at_matched_kl, kl_section, sample_kl, table, trl_constraints
+from bench.e2e import (TRL_PPO_LOCK, TRL_PPO_SPEC, Judge, Run, at_matched_kl, kl_section, load_reward_model,
+                       reward_scores, sample_kl, table, trl_constraints)
 
 PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
 
@@ -25,9 +26,29 @@ def test_kl_of_a_policy_against_itself_is_zero_and_against_a_changed_one_positiv
     assert sample_kl(tiny_models["policy"], changed, PROMPTS, n=2, max_new_tokens=6, seed=0)["kl"] > 0
 
 
+def test_judge_scores_gold_and_the_rm_on_the_same_samples_and_gains_are_zero_for_the_initial_policy(
+        tiny_models, tmp_path):
+    from types import SimpleNamespace
+
+    models = SimpleNamespace(policy=tiny_models["policy"], reward=tiny_models["reward"], gold="vader",
+                             eval_prompts=PROMPTS, max_new_tokens=6)
+    judge = Judge(models)
+    assert judge.gain(Path(models.policy)) == 0.0 and judge.rm_gain(Path(models.policy)) == 0.0
+    changed = perturbed(tiny_models["policy"], tmp_path / "changed", version="v1", scale=0.5)
+    gold, rm = judge.scores(changed)
+    assert judge.rm_gain(changed) == rm - judge.scores(Path(models.policy))[1]
+    assert -1.0 <= gold <= 1.0  # VADER compound
+    # The RM's raw score of a text is its one logit, as Hugging Face computes it.
+    import torch
+    tokenizer, model = load_reward_model(Path(models.reward))
+    with torch.no_grad():
+        direct = model(**tokenizer(["Hello there, friend"], return_tensors="pt")).logits[0, 0].item()
+    assert reward_scores((tokenizer, model), ["Hello there, friend"]) == pytest.approx([direct], abs=1e-6)
+
+
 def run(name: str, rollouts: int, updates: int, gain: float, kl: float, repeat: int = 0) -> Run:
     r = Run(name, 10.0, rollouts, updates, Path("."), setup_seconds=0.0, repeat=repeat)
-    r.eval = {"gold_gain": gain, "kl": kl, "words": 5.0, "gold_per_nat": gain / kl, "gold_per_s": gain / 10.0,
+    r.eval = {"gold_gain": gain, "rm_gain": 2 * gain, "kl": kl, "words": 5.0, "gold_per_nat": gain / kl, "gold_per_s": gain / 10.0,
               "kl_level": 2.0, "seconds_at_level": 5.0, "gold_at_level": gain / 2, "gold_per_s_at_level": gain / 10.0}
     return r
 
@@ -46,6 +67,8 @@ def test_ratio_rows_divide_each_arbiter_column_by_trls_within_each_repeat():
     assert rows[2][0] == "arbiter-grpo / trl-grpo"
     assert rows[2][5:12] == ["2.000 ± 1.000", "2.000 ± 1.000", "1.500 ± 0.000", "0.500 ± 0.000", "3.000 ± 0.000",
                              "1.500 ± 0.000", ""]
+    # The RM's gain (twice the gold's here) divides like the gold's.
+    assert rows[2][header.index("RM reward gain (raw)")] == "1.500 ± 0.000"
 
 
 def test_arbiters_ppo_is_divided_by_trls_ppo_and_by_trls_grpo():
