@@ -219,6 +219,9 @@ def gate_text(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+FRESH_PAIRS_PROMPTS_PER_REQUEST = 32
+
+
 def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: int, max_new_tokens: int,
                 seed: int) -> tuple[list[dict], str]:
     """Gold-labelled pairs among ``samples`` completions per prompt by the
@@ -227,13 +230,20 @@ def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: 
     from services.policy.client import PolicyClient
     from services.worker.gold import make_gold_scorer
 
-    with PolicyClient(policy_target, timeout_s=120) as policy:
-        response = policy.generate(list(prompts), max_new_tokens=max_new_tokens, temperature=1.0, n=samples,
-                                   seed=seed)
     grouped: list[list[str]] = [[] for _ in prompts]
-    for sample in response.samples:
-        grouped[sample.prompt_index].append(sample.text)
-    return label_pairs(list(prompts), grouped, make_gold_scorer(gold)), response.policy_version
+    version = ""
+    with PolicyClient(policy_target, timeout_s=120) as policy:
+        # In requests the service accepts (max_prompts_per_request, 64 by
+        # default; the full demo holds out 128 prompts), every one after the
+        # first pinned to the version that answered it: one policy's pairs.
+        for start in range(0, len(prompts), FRESH_PAIRS_PROMPTS_PER_REQUEST):
+            chunk = list(prompts[start : start + FRESH_PAIRS_PROMPTS_PER_REQUEST])
+            response = policy.generate(chunk, max_new_tokens=max_new_tokens, temperature=1.0, n=samples,
+                                       seed=seed + start, model_version=version)
+            version = response.policy_version
+            for sample in response.samples:
+                grouped[start + sample.prompt_index].append(sample.text)
+    return label_pairs(list(prompts), grouped, make_gold_scorer(gold)), version
 
 
 def correct_on_pairs(reward_target: str, versions: Sequence[dict], rows: Sequence[dict]) -> dict[str, list[float]]:

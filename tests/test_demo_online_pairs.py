@@ -1,0 +1,39 @@
+"""The online demo's fresh gold-labelled pairs against a real policy service:
+more held-out prompts than one Generate request may carry (the full demo has
+128, the service takes 64) still yield every prompt's samples, all from one
+policy version."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import BackgroundServer
+
+from services.demo_online import FRESH_PAIRS_PROMPTS_PER_REQUEST, fresh_pairs
+from services.policy.server import create_server as create_policy_server
+from services.policy.settings import PolicySettings
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_models, model_roots):
+    settings = PolicySettings(model_dir=str(tiny_models["policy"]), port=0, model_roots=model_roots)
+    with BackgroundServer(lambda: create_policy_server(settings)) as server:
+        yield server
+
+
+def test_fresh_pairs_split_prompts_over_requests_and_keep_one_policy_version(policy, monkeypatch):
+    import services.demo_models
+
+    labelled = {}
+
+    def capture(prompts, grouped, gold):  # what fresh_pairs hands the labeller
+        labelled.update(prompts=prompts, grouped=grouped)
+        return []
+
+    monkeypatch.setattr(services.demo_models, "label_pairs", capture)
+    count = FRESH_PAIRS_PROMPTS_PER_REQUEST * 2 + 3  # three requests, the last a partial one
+    prompts = [f"Prompt number {i} says" for i in range(count)]
+    rows, version = fresh_pairs(policy.target, prompts, "vader", samples=2, max_new_tokens=4, seed=0)
+    assert version and rows == []
+    assert labelled["prompts"] == prompts
+    # Every prompt, the last request's included, has its own two samples.
+    assert [len(group) for group in labelled["grouped"]] == [2] * count
