@@ -32,6 +32,8 @@ from typing import Any
 
 import grpc
 
+from arbiter.policy.engine import GenerationLimits
+
 log = logging.getLogger(__name__)
 
 ANNOTATOR_ID = "simulated-vader"
@@ -219,7 +221,10 @@ def gate_text(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
-FRESH_PAIRS_PROMPTS_PER_REQUEST = 32
+def prompts_per_request(samples: int, limits: GenerationLimits = GenerationLimits()) -> int:
+    """Prompts of ``samples`` completions each that one Generate request to a
+    policy service with ``limits`` (the demo's: the defaults) may carry."""
+    return max(1, min(limits.max_prompts_per_request, limits.max_rows_per_request // samples))
 
 
 def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: int, max_new_tokens: int,
@@ -232,12 +237,13 @@ def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: 
 
     grouped: list[list[str]] = [[] for _ in prompts]
     version = ""
+    per_request = prompts_per_request(samples)
     with PolicyClient(policy_target, timeout_s=120) as policy:
-        # In requests the service accepts (max_prompts_per_request, 64 by
-        # default; the full demo holds out 128 prompts), every one after the
-        # first pinned to the version that answered it: one policy's pairs.
-        for start in range(0, len(prompts), FRESH_PAIRS_PROMPTS_PER_REQUEST):
-            chunk = list(prompts[start : start + FRESH_PAIRS_PROMPTS_PER_REQUEST])
+        # In requests the service accepts (the full demo holds out 128
+        # prompts), every one after the first pinned to the version that
+        # answered it: one policy's pairs.
+        for start in range(0, len(prompts), per_request):
+            chunk = list(prompts[start : start + per_request])
             response = policy.generate(chunk, max_new_tokens=max_new_tokens, temperature=1.0, n=samples,
                                        seed=seed + start, model_version=version)
             version = response.policy_version

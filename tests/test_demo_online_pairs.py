@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 from helpers import BackgroundServer
 
-from services.demo_online import FRESH_PAIRS_PROMPTS_PER_REQUEST, fresh_pairs
+from arbiter.policy.engine import GenerationLimits
+from services.demo_online import fresh_pairs, prompts_per_request
 from services.policy.server import create_server as create_policy_server
 from services.policy.settings import PolicySettings
 
@@ -30,10 +31,20 @@ def test_fresh_pairs_split_prompts_over_requests_and_keep_one_policy_version(pol
         return []
 
     monkeypatch.setattr(services.demo_models, "label_pairs", capture)
-    count = FRESH_PAIRS_PROMPTS_PER_REQUEST * 2 + 3  # three requests, the last a partial one
+    # 12 samples a prompt (the online benchmark's): 21 prompts a request
+    # (256 rows // 12); 45 prompts are three requests, the last a partial one.
+    assert prompts_per_request(12) == 21
+    count = 45
     prompts = [f"Prompt number {i} says" for i in range(count)]
-    rows, version = fresh_pairs(policy.target, prompts, "vader", samples=2, max_new_tokens=4, seed=0)
+    rows, version = fresh_pairs(policy.target, prompts, "vader", samples=12, max_new_tokens=3, seed=0)
     assert version and rows == []
     assert labelled["prompts"] == prompts
-    # Every prompt, the last request's included, has its own two samples.
-    assert [len(group) for group in labelled["grouped"]] == [2] * count
+    # Every prompt, the last request's included, has its own twelve samples.
+    assert [len(group) for group in labelled["grouped"]] == [12] * count
+
+
+def test_prompts_per_request_respects_both_limits():
+    limits = GenerationLimits(max_prompts_per_request=64, max_rows_per_request=256)
+    assert prompts_per_request(2, limits) == 64  # the prompt limit binds
+    assert prompts_per_request(12, limits) == 21  # the row limit binds
+    assert prompts_per_request(300, limits) == 1  # never zero: one prompt's samples are the service's to refuse
