@@ -393,12 +393,13 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
                                          more={f"kl{level}": policies / c["version"] for level, c in crossings.items()}))
         if online:
             summary.update(online_results(stack, models, reward_model.parents[1], rm_name, annotator, console,
-                                          current_policy_samples, seed))
+                                          trainer_policies_dir(stack.config) / final, current_policy_samples, seed))
         elif seconds is not None:
             # A budgeted run is one arm of a comparison: the frozen RM is
             # measured on its final policy's samples as the online arm's versions are.
-            pairs, policy_version = fresh_pairs(stack.targets["policy"], models.eval_prompts, models.gold or "vader",
-                                                current_policy_samples, models.max_new_tokens, seed=11 + 1000 * seed)
+            pairs, policy_version = fresh_pairs(trainer_policies_dir(stack.config) / final, models.eval_prompts,
+                                                models.gold or "vader", current_policy_samples, models.max_new_tokens,
+                                                seed=11 + 1000 * seed)
             frozen = {"version": served_version(stack.targets["reward"]), "path": str(models.reward), "status": "frozen"}
             verdicts = correct_on_pairs(stack.targets["reward"], [frozen], pairs)
             frozen["accuracy_on_current_policy"] = _accuracy(verdicts.get(frozen["version"]))
@@ -427,14 +428,15 @@ def _accuracy(verdicts: list[float] | None) -> float | None:
 
 
 def online_results(stack: Stack, models: DemoModels, registry: Path, rm_name: str, annotator: Annotator,
-                   console: Console, current_policy_samples: int = CURRENT_POLICY_SAMPLES, seed: int = 0) -> dict:
+                   console: Console, final_policy: Path, current_policy_samples: int = CURRENT_POLICY_SAMPLES,
+                   seed: int = 0) -> dict:
     """The loop's versions and gates, and each version's accuracy on fresh
     pairs of the final policy's samples (held-out prompts), while the stack is up."""
     # Read before the versions are listed: the loop goes on promoting, and
     # the version serving now must be among those measured.
     active_at_end = served_version(stack.targets["reward"])
     versions = rm_versions(registry, rm_name)
-    pairs, policy_version = fresh_pairs(stack.targets["policy"], models.eval_prompts, models.gold or "vader",
+    pairs, policy_version = fresh_pairs(final_policy, models.eval_prompts, models.gold or "vader",
                                         current_policy_samples, models.max_new_tokens, seed=11 + 1000 * seed)
     verdicts = correct_on_pairs(stack.targets["reward"], versions, pairs)
     for row in versions:

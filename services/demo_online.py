@@ -32,8 +32,6 @@ from typing import Any
 
 import grpc
 
-from arbiter.policy.engine import GenerationLimits
-
 log = logging.getLogger(__name__)
 
 ANNOTATOR_ID = "simulated-vader"
@@ -221,35 +219,17 @@ def gate_text(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
-def prompts_per_request(samples: int, limits: GenerationLimits = GenerationLimits()) -> int:
-    """Prompts of ``samples`` completions each that one Generate request to a
-    policy service with ``limits`` (the demo's: the defaults) may carry."""
-    return max(1, min(limits.max_prompts_per_request, limits.max_rows_per_request // samples))
-
-
-def fresh_pairs(policy_target: str, prompts: Sequence[str], gold: str, samples: int, max_new_tokens: int,
+def fresh_pairs(policy_dir: Path, prompts: Sequence[str], gold: str, samples: int, max_new_tokens: int,
                 seed: int) -> tuple[list[dict], str]:
-    """Gold-labelled pairs among ``samples`` completions per prompt by the
-    policy version served now; (rows, that version)."""
-    from services.demo_models import label_pairs
-    from services.policy.client import PolicyClient
+    """Gold-labelled pairs among ``samples`` completions per prompt of the
+    policy in ``policy_dir``, sampled here (as ``evaluate_gold`` samples it):
+    the budget's last version exactly, whatever the stack serves by then (the
+    trainer goes on while the results are measured); (rows, its version)."""
+    from services.demo_models import label_pairs, sample_completions
     from services.worker.gold import make_gold_scorer
 
-    grouped: list[list[str]] = [[] for _ in prompts]
-    version = ""
-    per_request = prompts_per_request(samples)
-    with PolicyClient(policy_target, timeout_s=120) as policy:
-        # In requests the service accepts (the full demo holds out 128
-        # prompts), every one after the first pinned to the version that
-        # answered it: one policy's pairs.
-        for start in range(0, len(prompts), per_request):
-            chunk = list(prompts[start : start + per_request])
-            response = policy.generate(chunk, max_new_tokens=max_new_tokens, temperature=1.0, n=samples,
-                                       seed=seed + start, model_version=version)
-            version = response.policy_version
-            for sample in response.samples:
-                grouped[start + sample.prompt_index].append(sample.text)
-    return label_pairs(list(prompts), grouped, make_gold_scorer(gold)), version
+    grouped = sample_completions(Path(policy_dir), list(prompts), samples, max_new_tokens, seed=seed)
+    return label_pairs(list(prompts), grouped, make_gold_scorer(gold)), Path(policy_dir).name
 
 
 def correct_on_pairs(reward_target: str, versions: Sequence[dict], rows: Sequence[dict]) -> dict[str, list[float]]:
