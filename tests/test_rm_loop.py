@@ -310,6 +310,61 @@ def test_shadow_gates_are_a_spearman_floor_and_agreement_only_on_request(tmp_pat
     assert record["failed_gate"] == "shadow_samples" and "r0 shadow-scored 99 of 100" in record["reason"]
 
 
+class ScriptedAlarms:
+    """A replica whose Page-Hinkley counts per version are given: the watch's
+    logic around GetScoreDrift (against real services: the two tests below)."""
+
+    def __init__(self, name: str):
+        self.name, self.alarms, self.shadowing, self.active = name, {}, [], "v2"
+
+    def change_points(self, version: str) -> int:
+        return self.alarms.get(version, 0)
+
+    def set_shadow(self, version: str, fraction: float) -> None:
+        self.shadowing.append((version, fraction))
+
+    def activate(self, version: str) -> str:
+        previous, self.active = self.active, version
+        return previous
+
+
+def test_the_watch_rolls_back_alarms_beyond_the_shadowing_previous_versions_only(tmp_path, monkeypatch):
+    import arbiter.rm.loop as loop_module
+    from arbiter.rm.registry import RegistryVersion
+    from arbiter.stream import KafkaSettings
+
+    monkeypatch.setattr(loop_module, "SHADOW_CATCH_UP_S", 0.0)
+
+    def watch(new_alarms: int, previous_alarms: int, **settings) -> tuple[dict, ScriptedAlarms]:
+        replica = ScriptedAlarms("r0")
+        loop = RMLoop(RMLoopSettings(train_config="x.yaml", reward=("r0",), watch_s=0.5, check_interval_s=0.01,
+                                     **settings), train_config(tmp_path, tmp_path), KafkaSettings(), [replica])
+        loop._wait = lambda seconds: None  # no consumer here: the watch's own decisions only
+        version = RegistryVersion("rm", "v2", 2, tmp_path / f"v2-{len(list(tmp_path.iterdir()))}")
+        version.path.mkdir()
+        version.write_loop_record({"gates": {}, "events": [], "status": "watching"})
+        replica.alarms = {"v2": 4, "v1": 7}  # counts from before the watch are not the watch's
+        loop._start_watch(version, "v1")
+        replica.alarms = {"v2": 4 + new_alarms, "v1": 7 + previous_alarms}
+        wait_until(lambda: loop._watch_tick() or loop.watch is None, 10, "the watch to end")
+        return version.loop_record(), replica
+
+    # The new version alarms twice where the previous one, on the same items, did not.
+    record, replica = watch(2, 0)
+    assert record["status"] == "rolled_back" and replica.active == "v1"
+    assert "(4 -> 6 alarms)" in record["reason"] and "v1, shadow-scoring the same traffic, alarmed 0 time(s)" \
+        in record["reason"]
+    assert replica.shadowing == [("v1", 1.0), ("", 1.0)]  # shadowing for the watch only
+    # Both alarm alike: the traffic moved, the promotion stands.
+    record, replica = watch(2, 2)
+    assert record["status"] == "active" and replica.active == "v2"
+    assert "beyond the previous version's" in record["reason"]
+    assert any("the traffic drifts, not the version" in e["event"] for e in record["events"])
+    # Not compared: any alarm rolls back.
+    record, replica = watch(2, 2, watch_against_previous=False)
+    assert record["status"] == "rolled_back" and replica.shadowing == []
+
+
 def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_roots, caplog):
     """``dns:///localhost:PORT`` resolves (really) to 127.0.0.1: a replica
     reached over gRPC, its shadow window too (GetShadow).
@@ -381,7 +436,9 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
     with serve(planted["base"], model_roots) as one, serve(planted["base"], model_roots) as two, \
             Traffic([one, two], [" good!", " what?", " nice!", " so?"]) as traffic:
         servers = [one, two]
-        settings = loop_settings(watch_s=3.0)
+        # Any alarm rolls back here (the previous version not compared): the
+        # drift planted below is the traffic's, which the next test keeps.
+        settings = loop_settings(watch_s=3.0, watch_against_previous=False)
         reverting = Reverting(two.target)
         loop = RMLoop(settings, config, kafka, [replica(one), reverting], trainer=trainer).start()
         try:
@@ -465,6 +522,34 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
                                 cause="post_promotion_check") == 1
             # v1 rejected, v2 active, v3 and v4 rolled back: two since the last that stayed active.
             assert sample_value(loop.metrics.registry, "arbiter_rm_loop_candidates_since_active") == 2
+        finally:
+            loop.close()
+
+
+def test_drift_the_shadowing_previous_version_shares_keeps_the_promotion(planted, kafka, tmp_path, model_roots):
+    """By default the previous version shadow-scores the traffic during the
+    watch. Traffic of '!' alone after the promotion is a shift of +1 std for
+    the new version and for the previous one alike (a policy in training
+    moves its traffic so): both alarm, and the promotion stands."""
+    calibration = [planted_score(BETTER["!"]), planted_score(BETTER["?"])] * 50
+    trainer = Planted([(planted["drifting"], calibration)])
+    garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
+    produce(kafka, [garbage, *one_round(1)])
+    config = train_config(tmp_path, planted["base"])
+    with serve(planted["base"], model_roots) as one, \
+            Traffic([one], [" good!", " what?", " nice!", " so?"]) as traffic:
+        loop = RMLoop(loop_settings(watch_s=3.0), config, kafka, [replica(one)], trainer=trainer).start()
+        try:
+            assert run_round(loop) == "promoted"
+            traffic.items = [" good!", " nice!"]
+            run_watch(loop, 30)
+            record = ModelRegistry(config.registry).get("rm", "v1").loop_record()
+            assert record["status"] == "active", record["reason"]
+            assert any("the traffic drifts, not the version" in e["event"] for e in record["events"])
+            assert active_versions([one]) == ["v1"]
+            assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 0
+            # The watch is over: the previous version no longer shadows.
+            assert replica(one).client.get_shadow("base").shadowing is False
         finally:
             loop.close()
 

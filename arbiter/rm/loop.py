@@ -38,7 +38,11 @@ One round, each decision a log line and a metric (``LoopMetrics``):
    scores the held-out set as it did pinned. A failing check rolls back.
 7. **Watch** for ``watch_s``: a Page-Hinkley change alarm on the new
    version (the reward service's drift monitor, ``GetScoreDrift``) on any
-   replica rolls every replica back to the previous version.
+   replica rolls every replica back to the previous version. The previous
+   version shadow-scores the same traffic meanwhile (``watch_against_previous``),
+   and only alarms beyond its own count: a policy in training moves the
+   traffic, and every version then alarms on it (at full demo scale all 11
+   promotions of a run were rolled back on drift that was the policy's).
 
 The replicas are reached through ``Replica`` (``services/rm_loop.py``: each
 replica's gRPC port; the shadow window through ``RewardService.GetShadow``).
@@ -135,6 +139,9 @@ class RMLoopSettings:
              "broken or unrelated candidates; quality is the held-out gate's)"))
     watch_s: float = field(default=600.0, metadata=flag(
         help="after a promotion, roll back on a Page-Hinkley alarm within this long"))
+    watch_against_previous: bool = field(default=True, metadata=flag(
+        help="during the watch the previous version shadow-scores the same traffic, and only alarms beyond its "
+             "own roll back (false: any alarm does, including drift of the traffic itself)"))
     check_interval_s: float = field(default=1.0, metadata=flag(help="how often shadow and drift are read"))
     join_timeout_s: float = field(default=60.0, metadata=flag(help="wait this long for the consumer group"))
     metrics_host: str = field(default="127.0.0.1", metadata=flag(
@@ -271,6 +278,11 @@ def _offset(example: RankedExample) -> int:
     return int(example.source.rsplit("@", 1)[1])
 
 
+# Seconds an excess of the new version's alarms over the shadowing previous
+# version's must last before it rolls back (shadow scores lag their request).
+SHADOW_CATCH_UP_S = 2.0
+
+
 @dataclass
 class _Watch:
     version: RegistryVersion
@@ -278,6 +290,13 @@ class _Watch:
     # Replica name -> change alarms when the watch began (or when it joined).
     baseline: dict[str, int]
     until: float
+    # Replica name -> the previous version's alarms when it began shadowing
+    # there (absent: not shadowing, so its alarms are not counted).
+    previous_baseline: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Replica name -> when its alarms first exceeded the previous version's:
+    # shadow scoring runs behind the request, so an excess must outlast
+    # SHADOW_CATCH_UP_S before it is the version's.
+    excess_since: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 Trainer = Callable[..., Any]
@@ -645,7 +664,26 @@ class RMLoop:
 
     def _start_watch(self, version: RegistryVersion, previous: str) -> None:
         baseline = {replica.name: replica.change_points(version.version) for replica in self.replicas}
-        self.watch = _Watch(version, previous, baseline, time.monotonic() + self.settings.watch_s)
+        watch = _Watch(version, previous, baseline, time.monotonic() + self.settings.watch_s)
+        if self.settings.watch_against_previous and previous and previous != version.version:
+            for replica in self.replicas:
+                try:
+                    # Every item: the two versions' alarms compare on the same traffic.
+                    replica.set_shadow(previous, 1.0)
+                    watch.previous_baseline[replica.name] = replica.change_points(previous)
+                except ReplicaError as err:
+                    log.warning("drift watch of %s: %s does not shadow %s (%s); any alarm there rolls back",
+                                version.version, replica.name, previous, err)
+        self.watch = watch
+
+    def _end_watch(self, watch: _Watch) -> None:
+        self.watch = None
+        for replica in self.replicas:
+            if replica.name in watch.previous_baseline:
+                try:
+                    replica.set_shadow("", 1.0)
+                except ReplicaError as err:
+                    log.warning("could not stop %s shadowing %s: %s", replica.name, watch.previous, err)
 
     def _watch_tick(self) -> None:
         watch = self.watch
@@ -658,18 +696,47 @@ class RMLoop:
         for replica, now in zip(self.replicas, alarms):
             # A replica discovered during the watch is watched from its count now.
             before = watch.baseline.setdefault(replica.name, now)
-            if now > before:
-                self.watch = None
-                self._rollback(watch.version, record, watch.previous, "drift",
-                               f"Page-Hinkley change alarm on {replica.name} ({before} -> {now} alarms) "
-                               f"within {self.settings.watch_s:g}s of the promotion")
-                return
-        if time.monotonic() >= watch.until:
-            self.watch = None
-            self._finish(watch.version, record, "active", f"no drift alarm within {self.settings.watch_s:g}s",
+            if now <= before:
+                continue
+            previous_alarms = self._previous_alarms(watch, replica)
+            if previous_alarms is not None and now - before > previous_alarms:
+                first = watch.excess_since.setdefault(replica.name, time.monotonic())
+                if time.monotonic() - first < SHADOW_CATCH_UP_S:
+                    continue
+            elif previous_alarms is not None:
+                watch.excess_since.pop(replica.name, None)
+                if not record.get("traffic_drift_noted"):
+                    record["traffic_drift_noted"] = True
+                    self._note(watch.version, record, f"Page-Hinkley alarms on {replica.name} ({before} -> {now}) "
+                                                      f"matched by {watch.previous}'s on the same traffic "
+                                                      f"({previous_alarms}): the traffic drifts, not the version")
+                continue
+            self._end_watch(watch)
+            beside = "" if previous_alarms is None else \
+                f"; {watch.previous}, shadow-scoring the same traffic, alarmed {previous_alarms} time(s)"
+            self._rollback(watch.version, record, watch.previous, "drift",
+                           f"Page-Hinkley change alarm on {replica.name} ({before} -> {now} alarms) "
+                           f"within {self.settings.watch_s:g}s of the promotion{beside}")
+            return
+        if time.monotonic() >= watch.until and not watch.excess_since:
+            self._end_watch(watch)
+            beyond = " beyond the previous version's" if watch.previous_baseline else ""
+            self._finish(watch.version, record, "active", f"no drift alarm within {self.settings.watch_s:g}s{beyond}",
                          outcome=None)
             return
         self._wait(self.settings.check_interval_s)
+
+    def _previous_alarms(self, watch: _Watch, replica: Replica) -> int | None:
+        """The previous version's alarms on ``replica`` since it began
+        shadowing there; None when it does not (or cannot be read)."""
+        before = watch.previous_baseline.get(replica.name)
+        if before is None:
+            return None
+        try:
+            return replica.change_points(watch.previous) - before
+        except ReplicaError as err:
+            log.warning("drift watch: %s's alarms on %s unknown (%s)", watch.previous, replica.name, err)
+            return None
 
     def _rollback(self, version: RegistryVersion, record: dict, previous: str, cause: str, why: str) -> str:
         self._activate_each([(replica, previous) for replica in self.replicas])
