@@ -207,21 +207,22 @@ def training(models, beta: float) -> dict:
 DEFAULT_KL_PENALTY = "loss"
 
 
-def kl_section(beta: float, penalty: str) -> dict:
-    """The trainer's ``ppo.kl`` for a contender: β fixed, as TRL's. ``loss``:
-    β times the token mean of k3 in the loss, as TRL's GRPOTrainer prices it
-    (GRPO, Shao et al. 2024 eq. 3); ``reward``: β·k1 in every token's reward,
-    as TRL's PPOTrainer (InstructGPT)."""
-    from trainer.config import KL_PENALTIES
+# The estimator each placement is priced with, as TRL's trainer of that
+# placement does: k3 in the loss (GRPOTrainer; GRPO, Shao et al. 2024 eq. 3),
+# k1 in every token's reward (PPOTrainer; InstructGPT). Keys: trainer.config.KL_PENALTIES.
+KL_ESTIMATOR = {"loss": "k3", "reward": "k1"}
 
-    if penalty not in KL_PENALTIES:
-        raise ValueError(f"kl_penalty {penalty!r}: one of {', '.join(KL_PENALTIES)}")
-    return {"mode": "fixed", "init_coef": beta,
-            **({"penalty": "loss", "estimator": "k3"} if penalty == "loss" else {"penalty": "reward", "estimator": "k1"})}
+
+def kl_section(beta: float, penalty: str) -> dict:
+    """The trainer's ``ppo.kl`` for a contender: β fixed, as TRL's, placed
+    by ``penalty`` with its estimator (``KL_ESTIMATOR``)."""
+    if penalty not in KL_ESTIMATOR:
+        raise ValueError(f"kl_penalty {penalty!r}: one of {', '.join(KL_ESTIMATOR)}")
+    return {"mode": "fixed", "init_coef": beta, "penalty": penalty, "estimator": KL_ESTIMATOR[penalty]}
 
 
 def add_kl_penalty_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kl-penalty", choices=("reward", "loss"), default=DEFAULT_KL_PENALTY,
+    parser.add_argument("--kl-penalty", choices=tuple(KL_ESTIMATOR), default=DEFAULT_KL_PENALTY,
                         help="where Arbiter's β·KL acts (trainer ppo.kl.penalty): reward (β·k1 in each token's "
                              "reward, as TRL's PPO) or loss (β·mean k3 in the loss, as GRPO and TRL's GRPO); "
                              f"default {DEFAULT_KL_PENALTY}")

@@ -385,21 +385,20 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
         while served_version(stack.targets["policy"]) != final and time.monotonic() < deadline:
             time.sleep(0.5)
         serving = served_version(stack.targets["policy"])
+        policies = trainer_policies_dir(stack.config)
         if seconds is not None and models.gold:
-            policies = trainer_policies_dir(stack.config)
             crossings = kl_crossings(rows, kl_levels)
             summary["kl_crossings"] = crossings
             summary.update(evaluate_gold(models, policies / final, eval_samples, reward_target=stack.targets["reward"],
                                          more={f"kl{level}": policies / c["version"] for level, c in crossings.items()}))
         if online:
             summary.update(online_results(stack, models, reward_model.parents[1], rm_name, annotator, console,
-                                          trainer_policies_dir(stack.config) / final, current_policy_samples, seed))
+                                          policies / final, current_policy_samples, seed))
         elif seconds is not None:
             # A budgeted run is one arm of a comparison: the frozen RM is
             # measured on its final policy's samples as the online arm's versions are.
-            pairs, policy_version = fresh_pairs(trainer_policies_dir(stack.config) / final, models.eval_prompts,
-                                                models.gold or "vader", current_policy_samples, models.max_new_tokens,
-                                                seed=11 + 1000 * seed)
+            pairs, policy_version = fresh_pairs(policies / final, models.eval_prompts, models.gold or "vader",
+                                                current_policy_samples, models.max_new_tokens, seed=11 + 1000 * seed)
             frozen = {"version": served_version(stack.targets["reward"]), "path": str(models.reward), "status": "frozen"}
             verdicts = correct_on_pairs(stack.targets["reward"], [frozen], pairs)
             frozen["accuracy_on_current_policy"] = _accuracy(verdicts.get(frozen["version"]))

@@ -114,8 +114,10 @@ def test_matched_kl_interpolates_between_the_policies_around_the_first_crossing(
 
 
 def test_kl_section_is_a_trainer_kl_config_placing_the_fixed_beta_where_asked():
-    from trainer.config import KLConfig
+    from bench.e2e import KL_ESTIMATOR
+    from trainer.config import KL_PENALTIES, KLConfig
 
+    assert set(KL_ESTIMATOR) == set(KL_PENALTIES)  # every placement the trainer has, and no other
     loss, reward = KLConfig(**kl_section(0.05, "loss")), KLConfig(**kl_section(0.05, "reward"))
     for kl in (loss, reward):
         kl.validate("ppo.kl")

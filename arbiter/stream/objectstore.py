@@ -186,6 +186,13 @@ def _error_xml(code: str, message: str) -> bytes:
             "</Error>").encode()
 
 
+def _bucket_and_key(environ: dict) -> tuple[str, str, str]:
+    """(bucket, "/", key) of a path-style request; PEP 3333: PATH_INFO is the
+    URL-decoded path as latin-1 text."""
+    path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+    return path.lstrip("/").partition("/")
+
+
 class DiskMirror:
     """Keeps ``data_dir`` equal to moto's S3 state for every object a request touched."""
 
@@ -272,10 +279,10 @@ class DiskMirror:
     def wrap(self, app: Callable) -> Callable:
         def mirrored(environ: dict, start_response: Callable) -> Any:
             if environ.get("REQUEST_METHOD") == "GET":
-                path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace").strip("/")
+                bucket, _, key = _bucket_and_key(environ)
                 query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-                if path and "/" not in path and query.get("list-type") == ["2"]:
-                    answered = self.list_response(path, query)
+                if bucket and not key and query.get("list-type") == ["2"]:
+                    answered = self.list_response(bucket, query)
                     if answered is not None:
                         status, body = answered
                         start_response("200 OK" if status == 200 else "400 Bad Request",
@@ -283,9 +290,7 @@ class DiskMirror:
                         return [body]
             response = app(environ, start_response)
             if environ.get("REQUEST_METHOD") in _MUTATING:
-                # PEP 3333: PATH_INFO is the URL-decoded path as latin-1 text.
-                path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
-                bucket, _, key = path.lstrip("/").partition("/")
+                bucket, _, key = _bucket_and_key(environ)
                 if bucket:
                     multi = environ["REQUEST_METHOD"] == "POST" and "delete" in parse_qs(
                         environ.get("QUERY_STRING", ""), keep_blank_values=True)
