@@ -86,7 +86,8 @@ class GrpcReplica:
         # A window against another version (the active one changed meanwhile) says nothing of this pair.
         if not window.samples or window.active_version != active:
             return None
-        return ShadowReading(window.samples, window.pairwise_agreement, window.spearman)
+        return ShadowReading(window.samples, window.pairwise_agreement, window.spearman,
+                             window.paired_change_points, window.paired_detecting)
 
     def activate(self, version: str) -> str:
         return self._call("ActivateModelVersion", self.client.activate_version, version).previous_version

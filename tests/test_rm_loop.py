@@ -311,11 +311,13 @@ def test_shadow_gates_are_a_spearman_floor_and_agreement_only_on_request(tmp_pat
 
 
 class ScriptedAlarms:
-    """A replica whose Page-Hinkley counts per version are given: the watch's
-    logic around GetScoreDrift (against real services: the two tests below)."""
+    """A replica whose drift readings are given: the new version's own
+    Page-Hinkley count, and the paired detector's against the shadowing
+    previous version (against real services: the tests below)."""
 
     def __init__(self, name: str):
         self.name, self.alarms, self.shadowing, self.active = name, {}, [], "v2"
+        self.paired: ShadowReading | None = None
 
     def change_points(self, version: str) -> int:
         return self.alarms.get(version, 0)
@@ -323,46 +325,51 @@ class ScriptedAlarms:
     def set_shadow(self, version: str, fraction: float) -> None:
         self.shadowing.append((version, fraction))
 
+    def shadow(self, active: str, candidate: str) -> ShadowReading | None:
+        return self.paired
+
     def activate(self, version: str) -> str:
         previous, self.active = self.active, version
         return previous
 
 
-def test_the_watch_rolls_back_alarms_beyond_the_shadowing_previous_versions_only(tmp_path, monkeypatch):
-    import arbiter.rm.loop as loop_module
+def test_the_watch_rolls_back_on_a_paired_alarm_not_on_drift_both_versions_see(tmp_path):
     from arbiter.rm.registry import RegistryVersion
     from arbiter.stream import KafkaSettings
 
-    monkeypatch.setattr(loop_module, "SHADOW_CATCH_UP_S", 0.0)
-
-    def watch(new_alarms: int, previous_alarms: int, **settings) -> tuple[dict, ScriptedAlarms]:
+    def watch(own_alarms: int, paired: ShadowReading | None, **settings) -> tuple[dict, ScriptedAlarms]:
         replica = ScriptedAlarms("r0")
-        loop = RMLoop(RMLoopSettings(train_config="x.yaml", reward=("r0",), watch_s=0.5, check_interval_s=0.01,
+        loop = RMLoop(RMLoopSettings(train_config="x.yaml", reward=("r0",), watch_s=0.2, check_interval_s=0.01,
                                      **settings), train_config(tmp_path, tmp_path), KafkaSettings(), [replica])
         loop._wait = lambda seconds: None  # no consumer here: the watch's own decisions only
         version = RegistryVersion("rm", "v2", 2, tmp_path / f"v2-{len(list(tmp_path.iterdir()))}")
         version.path.mkdir()
         version.write_loop_record({"gates": {}, "events": [], "status": "watching"})
-        replica.alarms = {"v2": 4, "v1": 7}  # counts from before the watch are not the watch's
+        replica.alarms = {"v2": 4}  # counts from before the watch are not the watch's
         loop._start_watch(version, "v1")
-        replica.alarms = {"v2": 4 + new_alarms, "v1": 7 + previous_alarms}
+        replica.alarms, replica.paired = {"v2": 4 + own_alarms}, paired
         wait_until(lambda: loop._watch_tick() or loop.watch is None, 10, "the watch to end")
         return version.loop_record(), replica
 
-    # The new version alarms twice where the previous one, on the same items, did not.
-    record, replica = watch(2, 0)
+    # The two versions score the same items apart: rolled back, whatever the own count.
+    record, replica = watch(0, ShadowReading(180, 0.9, 0.8, paired_change_points=1, paired_detecting=True))
     assert record["status"] == "rolled_back" and replica.active == "v1"
-    assert "(4 -> 6 alarms)" in record["reason"] and "v1, shadow-scoring the same traffic, alarmed 0 time(s)" \
-        in record["reason"]
+    assert ("paired Page-Hinkley alarm on r0: v2 scores the traffic differently from v1 on the same items "
+            "(1 alarm(s) over 180 shadowed items)") in record["reason"]
     assert replica.shadowing == [("v1", 1.0), ("", 1.0)]  # shadowing for the watch only
-    # Both alarm alike: the traffic moved, the promotion stands.
-    record, replica = watch(2, 2)
+    # The new version alarms on its own, the paired detector does not: the traffic moved.
+    record, replica = watch(2, ShadowReading(180, 0.9, 0.8, paired_change_points=0, paired_detecting=True))
     assert record["status"] == "active" and replica.active == "v2"
-    assert "beyond the previous version's" in record["reason"]
-    assert any("the traffic drifts, not the version" in e["event"] for e in record["events"])
-    # Not compared: any alarm rolls back.
-    record, replica = watch(2, 2, watch_against_previous=False)
+    assert record["reason"] == "no drift alarm within 0.2s against v1 on the same items"
+    assert any("(4 -> 6) without a paired alarm against v1" in e["event"] and
+               "the traffic drifts, not the version" in e["event"] for e in record["events"])
+    # Too little traffic for the paired reference: kept, and the verdict says so.
+    record, _ = watch(0, ShadowReading(40, 0.9, 0.8))
+    assert record["status"] == "active" and "too little traffic on r0" in record["reason"]
+    # Not compared: the new version's own alarm rolls back.
+    record, replica = watch(2, None, watch_against_previous=False)
     assert record["status"] == "rolled_back" and replica.shadowing == []
+    assert "Page-Hinkley change alarm on r0 (4 -> 6 alarms)" in record["reason"]
 
 
 def test_dns_discovery_finds_the_replicas_at_each_decision(tiny_models, model_roots, caplog):
@@ -530,7 +537,8 @@ def test_drift_the_shadowing_previous_version_shares_keeps_the_promotion(planted
     """By default the previous version shadow-scores the traffic during the
     watch. Traffic of '!' alone after the promotion is a shift of +1 std for
     the new version and for the previous one alike (a policy in training
-    moves its traffic so): both alarm, and the promotion stands."""
+    moves its traffic so): the new version's own detector alarms, the paired
+    one does not, and the promotion stands."""
     calibration = [planted_score(BETTER["!"]), planted_score(BETTER["?"])] * 50
     trainer = Planted([(planted["drifting"], calibration)])
     garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
@@ -550,6 +558,35 @@ def test_drift_the_shadowing_previous_version_shares_keeps_the_promotion(planted
             assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 0
             # The watch is over: the previous version no longer shadows.
             assert replica(one).client.get_shadow("base").shadowing is False
+        finally:
+            loop.close()
+
+
+def test_a_version_scoring_new_traffic_unlike_its_predecessor_is_rolled_back(planted, kafka, tmp_path, model_roots):
+    """C+ replaces A. On the '!'/'?' traffic both order alike, each standardised
+    to ±1 on it. Traffic of '.' alone then moves them apart: A scores '.' at
+    planted 0, (0 − 4.53)/0.53 ≈ −8.5 of its std, and C+ at planted(1),
+    (4.0 − 2.53)/2.53 ≈ +0.6 of its own, so the paired difference jumps by
+    about 9 and the promotion is rolled back."""
+    trainer = Planted([(planted["better"], None)])
+    garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
+    produce(kafka, [garbage, *one_round(1)])
+    config = train_config(tmp_path, planted["base"])
+    with serve(planted["base"], model_roots) as one, \
+            Traffic([one], [" good!", " what?", " nice!", " so?"]) as traffic:
+        loop = RMLoop(loop_settings(watch_s=60.0), config, kafka, [replica(one)], trainer=trainer).start()
+        try:
+            assert run_round(loop) == "promoted"
+            # The paired reference (100 shadowed items) is taken on the usual traffic first.
+            wait_until(lambda: replica(one).client.get_shadow("base").paired_detecting, 30,
+                       "the paired detector's reference")
+            traffic.items = [" fine."]
+            run_watch(loop, 30)
+            record = ModelRegistry(config.registry).get("rm", "v1").loop_record()
+            assert record["status"] == "rolled_back", record["reason"]
+            assert "paired Page-Hinkley alarm" in record["reason"] and "differently from base" in record["reason"]
+            assert active_versions([one]) == ["base"]
+            assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 1
         finally:
             loop.close()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import BackgroundServer, expect_error, metric_value, wait_until
 
-from arbiter.shadow import ShadowMonitor, pairwise_agreement
+from arbiter.shadow import PairedChangeDetector, ShadowMonitor, pairwise_agreement
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.reward.server import create_server
@@ -24,6 +24,65 @@ def test_pairwise_agreement_by_hand():
     monitor.observe([1.0, 2.0], [2.0, 3.0])  # the window keeps the last 3 pairs
     stats = monitor.stats()
     assert stats.samples == 3 and stats.pairwise_agreement == pytest.approx(1.0) and stats.spearman == pytest.approx(1.0)
+
+
+def first_alarm_by_hand(c: float, delta: float, threshold: float, reference: int) -> int:
+    """The paired detector after ``reference`` differences of 0 and then a
+    constant difference c: after the n-th shifted item the running mean is
+    n·c/(reference + n), so that item's deviation is reference·c/(reference + n),
+    and Page-Hinkley's increase (its minimum was the reference's end) is
+    Σ_k≤n (reference·c/(reference + k) − δ); the alarm is the first n where it
+    exceeds the threshold (river's fading α = 0.9999 changes it by < 1e-2)."""
+    total, n = 0.0, 0
+    while total <= threshold:
+        n += 1
+        total += reference * c / (reference + n) - delta
+    return n
+
+
+def test_paired_detector_ignores_a_shift_both_versions_share_and_alarms_when_they_part():
+    # Reference: a alternates 1, 3 and b 10, 30, so each standardised is ±1/s
+    # with s = sqrt(100/99) (ddof 1), and z_a − z_b = 0 on every item.
+    s = math.sqrt(100 / 99)
+    reference = [(1.0, 10.0), (3.0, 30.0)] * 50
+    shared = PairedChangeDetector(delta=0.05, threshold=25.0, reference=100)
+    for a, b in reference:
+        shared.observe(a, b)
+    assert shared.detecting and shared.change_points == 0
+    # Traffic moves both to their high score: z_a = z_b = +1/s, the difference stays 0.
+    for _ in range(1000):
+        shared.observe(3.0, 30.0)
+    assert shared.change_points == 0
+    # Only a moves up: z_a − z_b = 1/s − (−1/s) = 2/s on every item.
+    parting = PairedChangeDetector(delta=0.05, threshold=25.0, reference=100)
+    for a, b in reference:
+        parting.observe(a, b)
+    expected = first_alarm_by_hand(2 / s, 0.05, 25.0, 100)
+    assert 12 <= expected <= 16  # ~ 199·ln(1 + n/100) − 0.05·n crossing 25
+    seen = 0
+    while parting.change_points == 0:
+        parting.observe(3.0, 10.0)
+        seen += 1
+    assert seen == expected
+    # Non-finite scores are skipped, before and after the reference.
+    parting.observe(float("nan"), 1.0)
+    assert parting.change_points == 1
+
+
+def test_paired_detector_waits_for_its_reference_and_standardises_a_constant_version_by_its_mean():
+    detector = PairedChangeDetector(delta=0.05, threshold=25.0, reference=100)
+    for i in range(99):
+        detector.observe(5.0, float(i % 2))
+    assert not detector.detecting  # 99 of 100 reference pairs
+    detector.observe(5.0, 1.0)
+    assert detector.detecting and detector.change_points == 0
+    # a is constant (std 0): z_a = a − 5. b alternates 0, 1 (mean 0.5). An item
+    # a = 6, b = 0.5 gives d = 1 − 0 = 1 by hand.
+    assert detector._difference(6.0, 0.5) == pytest.approx(1.0)
+    monitor = ShadowMonitor("a", "b", paired_reference=2)
+    monitor.observe([1.0, 3.0], [10.0, 30.0])
+    stats = monitor.stats()
+    assert (stats.paired_detecting, stats.paired_change_points) == (True, 0)
 
 
 def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path, model_roots):
@@ -83,6 +142,10 @@ def test_shadow_candidate_is_scored_but_never_answers(tiny_models, tmp_path, mod
         assert window.spearman == pytest.approx(metric_value(
             srv, "arbiter_reward_shadow_spearman", model_version="v0", shadow_version="cand"), abs=1e-12)
         assert reward.GetShadow(reward_pb2.GetShadowRequest(model_version="twin"), timeout=10).samples == 0
+        # The paired detector needs its 100 reference items first.
+        assert (window.paired_detecting, window.paired_change_points) == (False, 0)
+        assert metric_value(srv, "arbiter_reward_shadow_paired_change_points_total", model_version="v0",
+                            shadow_version="cand") == 0
         assert metric_value(srv, "arbiter_reward_score_count", model_version="cand") >= 24
 
         # Promoting the candidate ends shadowing.

@@ -36,13 +36,18 @@ One round, each decision a log line and a metric (``LoopMetrics``):
 6. **Promote** on every replica (``ActivateModelVersion``; one failing
    rolls the others back), then check each replica serves the candidate and
    scores the held-out set as it did pinned. A failing check rolls back.
-7. **Watch** for ``watch_s``: a Page-Hinkley change alarm on the new
-   version (the reward service's drift monitor, ``GetScoreDrift``) on any
-   replica rolls every replica back to the previous version. The previous
-   version shadow-scores the same traffic meanwhile (``watch_against_previous``),
-   and only alarms beyond its own count: a policy in training moves the
-   traffic, and every version then alarms on it (at full demo scale all 11
-   promotions of a run were rolled back on drift that was the policy's).
+7. **Watch** for ``watch_s``: a drift alarm on any replica rolls every
+   replica back to the previous version. By default
+   (``watch_against_previous``) the previous version shadow-scores every item
+   meanwhile, and the alarm is the reward service's *paired* Page-Hinkley
+   detector (``GetShadow``): on the difference of the two versions'
+   standardised scores of the same items. A policy in training moves its own
+   traffic, and a detector on the new version's scores alone then alarms on
+   every promotion (at full demo scale all 11 of a run were rolled back on
+   drift that was the policy's); the paired one alarms only when the new
+   version scores the traffic differently from the one it replaced. Where
+   the previous version cannot shadow, and with ``watch_against_previous``
+   off, the new version's own detector (``GetScoreDrift``) decides.
 
 The replicas are reached through ``Replica`` (``services/rm_loop.py``: each
 replica's gRPC port; the shadow window through ``RewardService.GetShadow``).
@@ -71,6 +76,7 @@ from arbiter.rm.config import RMTrainConfig
 from arbiter.rm.data import RankedExample, parse_row
 from arbiter.rm.registry import ModelRegistry, RegistryVersion
 from arbiter.rm.topic import TopicBatch
+from arbiter.shadow import PAIRED_REFERENCE
 from arbiter.shadow import WINDOW as SHADOW_WINDOW
 from arbiter.stream import KafkaSettings, StreamConsumer, topics
 from arbiter.stream.metrics import RejectedRecordsMetric
@@ -140,8 +146,9 @@ class RMLoopSettings:
     watch_s: float = field(default=600.0, metadata=flag(
         help="after a promotion, roll back on a Page-Hinkley alarm within this long"))
     watch_against_previous: bool = field(default=True, metadata=flag(
-        help="during the watch the previous version shadow-scores the same traffic, and only alarms beyond its "
-             "own roll back (false: any alarm does, including drift of the traffic itself)"))
+        help="during the watch the previous version shadow-scores every item, and only a paired alarm (the two "
+             "versions' standardised scores of the same items moving apart) rolls back (false: any alarm on the new "
+             "version's own scores does, including drift of the traffic itself)"))
     check_interval_s: float = field(default=1.0, metadata=flag(help="how often shadow and drift are read"))
     join_timeout_s: float = field(default=60.0, metadata=flag(help="wait this long for the consumer group"))
     metrics_host: str = field(default="127.0.0.1", metadata=flag(
@@ -177,6 +184,10 @@ class ShadowReading:
     samples: int
     agreement: float
     spearman: float
+    # The paired drift detector's alarms on this pairing, and whether its
+    # reference pairs are in (arbiter.shadow.PairedChangeDetector).
+    paired_change_points: int = 0
+    paired_detecting: bool = False
 
 
 class Replica(Protocol):
@@ -278,25 +289,19 @@ def _offset(example: RankedExample) -> int:
     return int(example.source.rsplit("@", 1)[1])
 
 
-# Seconds an excess of the new version's alarms over the shadowing previous
-# version's must last before it rolls back (shadow scores lag their request).
-SHADOW_CATCH_UP_S = 2.0
-
-
 @dataclass
 class _Watch:
     version: RegistryVersion
     previous: str
-    # Replica name -> change alarms when the watch began (or when it joined).
+    # Replica name -> the new version's own change alarms when the watch
+    # began (or when the replica joined it).
     baseline: dict[str, int]
     until: float
-    # Replica name -> the previous version's alarms when it began shadowing
-    # there (absent: not shadowing, so its alarms are not counted).
-    previous_baseline: dict[str, int] = dataclasses.field(default_factory=dict)
-    # Replica name -> when its alarms first exceeded the previous version's:
-    # shadow scoring runs behind the request, so an excess must outlast
-    # SHADOW_CATCH_UP_S before it is the version's.
-    excess_since: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Replicas where the previous version shadow-scores the traffic: their
+    # paired detector decides (the others: the new version's own alarms).
+    paired: set[str] = dataclasses.field(default_factory=set)
+    # Replicas whose paired detector learnt its reference during the watch.
+    detecting: set[str] = dataclasses.field(default_factory=set)
 
 
 Trainer = Callable[..., Any]
@@ -668,18 +673,19 @@ class RMLoop:
         if self.settings.watch_against_previous and previous and previous != version.version:
             for replica in self.replicas:
                 try:
-                    # Every item: the two versions' alarms compare on the same traffic.
+                    # Every item: the paired detector compares the two versions item by item.
+                    # A new pairing starts a fresh window (and detector) on the service.
                     replica.set_shadow(previous, 1.0)
-                    watch.previous_baseline[replica.name] = replica.change_points(previous)
+                    watch.paired.add(replica.name)
                 except ReplicaError as err:
-                    log.warning("drift watch of %s: %s does not shadow %s (%s); any alarm there rolls back",
-                                version.version, replica.name, previous, err)
+                    log.warning("drift watch of %s: %s does not shadow %s (%s); any alarm of %s there rolls back",
+                                version.version, replica.name, previous, err, version.version)
         self.watch = watch
 
     def _end_watch(self, watch: _Watch) -> None:
         self.watch = None
         for replica in self.replicas:
-            if replica.name in watch.previous_baseline:
+            if replica.name in watch.paired:
                 try:
                     replica.set_shadow("", 1.0)
                 except ReplicaError as err:
@@ -688,55 +694,61 @@ class RMLoop:
     def _watch_tick(self) -> None:
         watch = self.watch
         record = watch.version.loop_record()
-        try:
-            alarms = [replica.change_points(watch.version.version) for replica in self.replicas]
-        except ReplicaError as err:
-            log.warning("drift watch of %s: %s", watch.version.version, err)
-            alarms = []  # unknown this tick: nothing to compare
-        for replica, now in zip(self.replicas, alarms):
-            # A replica discovered during the watch is watched from its count now.
-            before = watch.baseline.setdefault(replica.name, now)
-            if now <= before:
-                continue
-            previous_alarms = self._previous_alarms(watch, replica)
-            if previous_alarms is not None and now - before > previous_alarms:
-                first = watch.excess_since.setdefault(replica.name, time.monotonic())
-                if time.monotonic() - first < SHADOW_CATCH_UP_S:
-                    continue
-            elif previous_alarms is not None:
-                watch.excess_since.pop(replica.name, None)
-                if not record.get("traffic_drift_noted"):
-                    record["traffic_drift_noted"] = True
-                    self._note(watch.version, record, f"Page-Hinkley alarms on {replica.name} ({before} -> {now}) "
-                                                      f"matched by {watch.previous}'s on the same traffic "
-                                                      f"({previous_alarms}): the traffic drifts, not the version")
-                continue
+        for replica in self.replicas:
+            why = self._drift_alarm(watch, replica, record)
+            if why is not None:
+                self._end_watch(watch)
+                self._rollback(watch.version, record, watch.previous, "drift",
+                               f"{why} within {self.settings.watch_s:g}s of the promotion")
+                return
+        if time.monotonic() >= watch.until:
             self._end_watch(watch)
-            beside = "" if previous_alarms is None else \
-                f"; {watch.previous}, shadow-scoring the same traffic, alarmed {previous_alarms} time(s)"
-            self._rollback(watch.version, record, watch.previous, "drift",
-                           f"Page-Hinkley change alarm on {replica.name} ({before} -> {now} alarms) "
-                           f"within {self.settings.watch_s:g}s of the promotion{beside}")
-            return
-        if time.monotonic() >= watch.until and not watch.excess_since:
-            self._end_watch(watch)
-            beyond = " beyond the previous version's" if watch.previous_baseline else ""
-            self._finish(watch.version, record, "active", f"no drift alarm within {self.settings.watch_s:g}s{beyond}",
-                         outcome=None)
+            self._finish(watch.version, record, "active", self._watch_verdict(watch), outcome=None)
             return
         self._wait(self.settings.check_interval_s)
 
-    def _previous_alarms(self, watch: _Watch, replica: Replica) -> int | None:
-        """The previous version's alarms on ``replica`` since it began
-        shadowing there; None when it does not (or cannot be read)."""
-        before = watch.previous_baseline.get(replica.name)
-        if before is None:
-            return None
+    def _drift_alarm(self, watch: _Watch, replica: Replica, record: dict) -> str | None:
+        """Why ``replica`` rolls the watched version back now; None: it does not."""
+        name, new = replica.name, watch.version.version
         try:
-            return replica.change_points(watch.previous) - before
+            now = replica.change_points(new)
         except ReplicaError as err:
-            log.warning("drift watch: %s's alarms on %s unknown (%s)", watch.previous, replica.name, err)
+            log.warning("drift watch of %s: %s", new, err)
+            return None  # unknown this tick: nothing to decide on
+        # A replica discovered during the watch is watched from its count now.
+        before = watch.baseline.setdefault(name, now)
+        if name not in watch.paired:
+            return None if now <= before else f"Page-Hinkley change alarm on {name} ({before} -> {now} alarms)"
+        try:
+            reading = replica.shadow(new, watch.previous)
+        except ReplicaError as err:
+            log.warning("drift watch of %s: %s's paired detector unknown (%s)", new, name, err)
             return None
+        if reading is None:
+            return None  # no item shadowed yet since the promotion
+        if reading.paired_detecting:
+            watch.detecting.add(name)
+        if reading.paired_change_points > 0:
+            return (f"paired Page-Hinkley alarm on {name}: {new} scores the traffic differently from "
+                    f"{watch.previous} on the same items ({reading.paired_change_points} alarm(s) over "
+                    f"{reading.samples} shadowed items)")
+        if now > before and not record.get("traffic_drift_noted"):
+            record["traffic_drift_noted"] = True
+            self._note(watch.version, record, f"Page-Hinkley alarms of {new} on {name} ({before} -> {now}) without "
+                                              f"a paired alarm against {watch.previous} on the same items: the "
+                                              f"traffic drifts, not the version")
+        return None
+
+    def _watch_verdict(self, watch: _Watch) -> str:
+        verdict = f"no drift alarm within {self.settings.watch_s:g}s"
+        if not watch.paired:
+            return verdict
+        blind = sorted(watch.paired - watch.detecting)
+        verdict += f" against {watch.previous} on the same items"
+        if blind:
+            verdict += (f" (too little traffic on {', '.join(blind)} for the paired detector's reference of "
+                        f"{PAIRED_REFERENCE} items)")
+        return verdict
 
     def _rollback(self, version: RegistryVersion, record: dict, previous: str, cause: str, why: str) -> str:
         self._activate_each([(replica, previous) for replica in self.replicas])

@@ -96,6 +96,11 @@ class _ShadowCollector:
         samples = GaugeMetricFamily(
             "arbiter_reward_shadow_samples", "Items in the shadow agreement window.", labels=labels
         )
+        paired = CounterMetricFamily(
+            "arbiter_reward_shadow_paired_change_points",
+            "Page-Hinkley alarms on the difference of the two versions' standardised scores of the same items.",
+            labels=labels,
+        )
         monitor = self._metrics.shadow_monitor
         if monitor is not None:
             stats = monitor.stats()
@@ -104,7 +109,8 @@ class _ShadowCollector:
             if stats.samples >= 2:
                 agreement.add_metric(key, stats.pairwise_agreement)
                 spearman.add_metric(key, stats.spearman)
-        yield from (agreement, spearman, samples)
+            paired.add_metric(key, stats.paired_change_points)
+        yield from (agreement, spearman, samples, paired)
 
 
 class RewardMetrics(RpcMetrics):
@@ -176,7 +182,9 @@ class RewardMetrics(RpcMetrics):
         monitor = self.shadow_monitor
         if monitor is None or (monitor.active_version, monitor.shadow_version) != (active_version, shadow_version):
             # A new pairing starts a fresh window: agreement of another pair says nothing.
-            monitor = self.shadow_monitor = ShadowMonitor(active_version, shadow_version)
+            monitor = self.shadow_monitor = ShadowMonitor(active_version, shadow_version,
+                                                          ph_delta=self.drift.config.ph_delta,
+                                                          ph_threshold=self.drift.config.ph_threshold)
         monitor.observe(active, shadow)
 
     def on_shadow_error(self, shadow_version: str) -> None:

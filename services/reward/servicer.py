@@ -85,6 +85,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             response.active_version, response.samples, response.window = (
                 stats.active_version, stats.samples, monitor.window)
             response.pairwise_agreement, response.spearman = stats.pairwise_agreement, stats.spearman
+            response.paired_change_points, response.paired_detecting = (
+                stats.paired_change_points, stats.paired_detecting)
         return response
 
     @unary("GetScoreDrift")
