@@ -236,7 +236,7 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     order, training), its default when None; ``kl_penalty``: where β·KL acts
     (:func:`kl_section`)."""
     from services.demo import read_history, stack_config
-    from services.stack import Stack
+    from services.stack import Stack, prune_policy_versions
 
     out = workdir / f"arbiter-{algo}"
     shutil.rmtree(out, ignore_errors=True)
@@ -285,12 +285,15 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
         notes.append(f"no update at all (stalled; see {out / 'stack' / 'logs'})")
     elif idle > max(5.0, 4 * typical):
         notes.append(f"no update in the last {idle:.0f}s (stalled; see {out / 'stack' / 'logs'})")
-    # Every version stays on disk: the one serving at each grid time is the curve.
+    # Every version stays on disk while the run lasts (the demo's stack
+    # config): the one serving at each grid time is the curve, and only the
+    # curve and the final version stay after it.
     curve = []
     for k in range(1, snapshots):
         at = [r for r in rows if r["time"] - t0 <= seconds * k / snapshots]
         if at:
             curve.append((at[-1]["time"] - t0, Path(config.workdir) / "trainer" / "policies" / at[-1]["policy_version"]))
+    prune_policy_versions(Path(config.workdir) / "trainer" / "policies", {final.name, *(p.name for _, p in curve)})
     return Run(f"arbiter-{algo}", seconds, sum(r["rollouts"] for r in rows), len(rows), final, setup,
                notes="; ".join(notes), curve=curve)
 

@@ -35,7 +35,7 @@ from services.demo_online import (
     FULL_ONLINE, QUICK_ONLINE, Annotator, OnlineRMScale, correct_on_pairs, fresh_pairs, gate_text,
     rm_loop_config, rm_versions, seed_registry,
 )
-from services.stack import Stack, StackConfig, StackError, trainer_policies_dir
+from services.stack import Stack, StackConfig, StackError, prune_policy_versions, trainer_policies_dir
 
 
 # The demo fails loudly instead of waiting forever on a stuck pipeline.
@@ -252,7 +252,9 @@ def stack_config(models: DemoModels, workdir: Path, updates: int, online: Online
         # trainer's ppo.max_staleness, trained with the decoupled objective.
         worker={"samples_per_prompt": 4, "prompts_per_call": 8, "max_new_tokens": models.max_new_tokens,
                 "temperature": 1.0, **({"gold": models.gold} if models.gold else {})},
-        trainer={"max_updates": updates, "run_name": "ppo", "ppo": models.ppo},
+        # Every version stays while the run lasts: the KL crossings are
+        # measured afterwards (and pruned to what was measured, see run).
+        trainer={"max_updates": updates, "run_name": "ppo", "ppo": models.ppo, "keep_policy_versions": None},
     )
 
 
@@ -414,6 +416,11 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
                       f"held-out prompts x {eval_samples} samples")
         summary.update(evaluate_gold(models, final_dir, eval_samples))
     report_targets(summary, console)
+    measured = {final, *(c["version"] for c in summary.get("kl_crossings", {}).values())}
+    removed, freed = prune_policy_versions(workdir / "stack" / "trainer" / "policies", measured)
+    if removed:
+        console.print(f"   removed {removed} policy versions ({freed / 2**30:.1f} GiB) that were not measured; "
+                      f"kept {', '.join(sorted(measured))}")
     summary["seconds"] = time.monotonic() - started
     png = workdir / "demo.png"
     plot(rows, png)

@@ -71,12 +71,14 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,6 +405,23 @@ def rm_registry_dir(config: StackConfig) -> Path:
 def trainer_policies_dir(config: StackConfig) -> Path:
     """Where the stack's trainer writes the policy versions it publishes."""
     return Path(config.workdir).resolve() / "trainer" / "policies"
+
+
+def prune_policy_versions(policies: Path, keep: Collection[str]) -> tuple[int, int]:
+    """Remove every version directory under ``policies`` but ``keep`` (names)
+    after a run that kept them all to measure some (the demo's KL crossings,
+    bench-e2e's curve): at 2 updates/s a 6-minute full demo run leaves ~5 GB.
+    Returns (directories removed, bytes freed)."""
+    removed = freed = 0
+    if not policies.is_dir():
+        return removed, freed
+    for version in policies.iterdir():
+        if version.name in keep or not version.is_dir() or version.name.startswith("."):
+            continue
+        freed += sum(f.stat().st_size for f in version.rglob("*") if f.is_file())
+        shutil.rmtree(version, ignore_errors=True)
+        removed += 1
+    return removed, freed
 
 
 def worker_args(config: StackConfig, index: int, targets: dict[str, str], metrics_port: int | None) -> list[str]:

@@ -51,6 +51,8 @@ def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
     assert all(r["staleness"] <= MAX_STALENESS for r in rows), [r["staleness"] for r in rows]
     # The policy service hot-swapped to the trainer's last version.
     assert summary["served_version"] == summary["final_version"] == f"ppo-{UPDATES}"
+    # Every version stayed while the run lasted; afterwards only the measured one does.
+    assert sorted(p.name for p in (workdir / "stack" / "trainer" / "policies").iterdir()) == [f"ppo-{UPDATES}"]
 
     kls = [r["kl"] for r in rows]
     assert all(math.isfinite(kl) for kl in kls), kls

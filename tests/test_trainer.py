@@ -345,7 +345,10 @@ def test_the_publisher_keeps_only_the_newest_policy_versions_when_told(tmp_path)
     publisher.close()
     assert announced == ["v1", "v2", "v3", "v4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v3", "v4"]
-    # Unbounded by default; fewer than two is refused naming the field.
+    # 20 by default (null: unbounded, as the demo runs); fewer than two is refused naming the field.
+    assert config_from_dict({"model_dir": str(tmp_path), "output_dir": str(tmp_path)}).keep_policy_versions == 20
+    assert config_from_dict({"model_dir": str(tmp_path), "output_dir": str(tmp_path),
+                             "keep_policy_versions": None}).keep_policy_versions is None
     with pytest.raises(ConfigError, match=r"keep_policy_versions=1 is invalid: must be >= 2 or null"):
         config_from_dict({"model_dir": str(tmp_path), "output_dir": str(tmp_path), "keep_policy_versions": 1})
 

@@ -239,10 +239,11 @@ class TrainerConfig:
     # Checkpoints kept on disk (the newest ones).
     keep_checkpoints: int = 2
     # Published policy versions kept in output_dir/policies (the newest ones,
-    # and a delta's parent); null keeps every one. Every update publishes a
-    # full set of weights, so at real sizes an unbounded run fills the disk
-    # (a 124 M model: 475 MiB per update).
-    keep_policy_versions: int | None = None
+    # and a delta's parent); null keeps every one (the demo and bench-e2e do,
+    # to measure versions along the run, and prune afterwards). Every update
+    # publishes a full set of weights, so an unbounded run fills the disk
+    # (a 124 M model: 475 MiB per update; the tiny demo's: 5 GB in 6 minutes).
+    keep_policy_versions: int | None = 20
     seed: int = 0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
