@@ -20,6 +20,7 @@ replica that falls back to its previous version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -533,6 +534,31 @@ def test_gates_promote_the_better_candidate_everywhere_keep_the_worse_and_roll_b
             loop.close()
 
 
+@contextlib.contextmanager
+def promoted_over_base(candidate: Path, calibration: list[float] | None, watch_s: float, kafka, tmp_path,
+                       model_roots):
+    """One replica serving the planted base under '!'/'?' traffic, and a loop
+    that has just promoted ``candidate`` over it (its watch begun): yields
+    (loop, server, traffic, train config)."""
+    trainer = Planted([(candidate, calibration)])
+    garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
+    produce(kafka, [garbage, *one_round(1)])
+    config = train_config(tmp_path, planted_base(candidate))
+    with serve(planted_base(candidate), model_roots) as one, \
+            Traffic([one], [" good!", " what?", " nice!", " so?"]) as traffic:
+        loop = RMLoop(loop_settings(watch_s=watch_s), config, kafka, [replica(one)], trainer=trainer).start()
+        try:
+            assert run_round(loop) == "promoted"
+            yield loop, one, traffic, config
+        finally:
+            loop.close()
+
+
+def planted_base(candidate: Path) -> Path:
+    """The planted base model beside a planted candidate (one fixture directory)."""
+    return candidate.parent / "base"
+
+
 def test_drift_the_shadowing_previous_version_shares_keeps_the_promotion(planted, kafka, tmp_path, model_roots):
     """By default the previous version shadow-scores the traffic during the
     watch. Traffic of '!' alone after the promotion is a shift of +1 std for
@@ -540,26 +566,17 @@ def test_drift_the_shadowing_previous_version_shares_keeps_the_promotion(planted
     moves its traffic so): the new version's own detector alarms, the paired
     one does not, and the promotion stands."""
     calibration = [planted_score(BETTER["!"]), planted_score(BETTER["?"])] * 50
-    trainer = Planted([(planted["drifting"], calibration)])
-    garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
-    produce(kafka, [garbage, *one_round(1)])
-    config = train_config(tmp_path, planted["base"])
-    with serve(planted["base"], model_roots) as one, \
-            Traffic([one], [" good!", " what?", " nice!", " so?"]) as traffic:
-        loop = RMLoop(loop_settings(watch_s=3.0), config, kafka, [replica(one)], trainer=trainer).start()
-        try:
-            assert run_round(loop) == "promoted"
-            traffic.items = [" good!", " nice!"]
-            run_watch(loop, 30)
-            record = ModelRegistry(config.registry).get("rm", "v1").loop_record()
-            assert record["status"] == "active", record["reason"]
-            assert any("the traffic drifts, not the version" in e["event"] for e in record["events"])
-            assert active_versions([one]) == ["v1"]
-            assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 0
-            # The watch is over: the previous version no longer shadows.
-            assert replica(one).client.get_shadow("base").shadowing is False
-        finally:
-            loop.close()
+    with promoted_over_base(planted["drifting"], calibration, 3.0, kafka, tmp_path, model_roots) as (
+            loop, one, traffic, config):
+        traffic.items = [" good!", " nice!"]
+        run_watch(loop, 30)
+        record = ModelRegistry(config.registry).get("rm", "v1").loop_record()
+        assert record["status"] == "active", record["reason"]
+        assert any("the traffic drifts, not the version" in e["event"] for e in record["events"])
+        assert active_versions([one]) == ["v1"]
+        assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 0
+        # The watch is over: the previous version no longer shadows.
+        assert replica(one).client.get_shadow("base").shadowing is False
 
 
 def test_a_version_scoring_new_traffic_unlike_its_predecessor_is_rolled_back(planted, kafka, tmp_path, model_roots):
@@ -568,27 +585,18 @@ def test_a_version_scoring_new_traffic_unlike_its_predecessor_is_rolled_back(pla
     planted 0, (0 − 4.53)/0.53 ≈ −8.5 of its std, and C+ at planted(1),
     (4.0 − 2.53)/2.53 ≈ +0.6 of its own, so the paired difference jumps by
     about 9 and the promotion is rolled back."""
-    trainer = Planted([(planted["better"], None)])
-    garbage = (b"k", b"\xff not a preference", preference("x", " a!", " b.")[2])
-    produce(kafka, [garbage, *one_round(1)])
-    config = train_config(tmp_path, planted["base"])
-    with serve(planted["base"], model_roots) as one, \
-            Traffic([one], [" good!", " what?", " nice!", " so?"]) as traffic:
-        loop = RMLoop(loop_settings(watch_s=60.0), config, kafka, [replica(one)], trainer=trainer).start()
-        try:
-            assert run_round(loop) == "promoted"
-            # The paired reference (100 shadowed items) is taken on the usual traffic first.
-            wait_until(lambda: replica(one).client.get_shadow("base").paired_detecting, 30,
-                       "the paired detector's reference")
-            traffic.items = [" fine."]
-            run_watch(loop, 30)
-            record = ModelRegistry(config.registry).get("rm", "v1").loop_record()
-            assert record["status"] == "rolled_back", record["reason"]
-            assert "paired Page-Hinkley alarm" in record["reason"] and "differently from base" in record["reason"]
-            assert active_versions([one]) == ["base"]
-            assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 1
-        finally:
-            loop.close()
+    with promoted_over_base(planted["better"], None, 60.0, kafka, tmp_path, model_roots) as (
+            loop, one, traffic, config):
+        # The paired reference (100 shadowed items) is taken on the usual traffic first.
+        wait_until(lambda: replica(one).client.get_shadow("base").paired_detecting, 30,
+                   "the paired detector's reference")
+        traffic.items = [" fine."]
+        run_watch(loop, 30)
+        record = ModelRegistry(config.registry).get("rm", "v1").loop_record()
+        assert record["status"] == "rolled_back", record["reason"]
+        assert "paired Page-Hinkley alarm" in record["reason"] and "differently from base" in record["reason"]
+        assert active_versions([one]) == ["base"]
+        assert sample_value(loop.metrics.registry, "arbiter_rm_loop_rollbacks_total", cause="drift") == 1
 
 
 class Crash(BaseException):
