@@ -272,12 +272,15 @@ def run_ilql(models, workdir: Path, seconds: float, seed: int, group: int, learn
                                             pad_token_id=tokenizer.pad_token_id)
                 width = enc["input_ids"].shape[1]
                 texts = [tokenizer.decode(g[width:], skip_special_tokens=True) for g in generated]
+                # Cut at max_new_tokens without an end token: the trainer must not append one.
+                truncated = [tokenizer.eos_token_id not in g[width:].tolist() for g in generated]
                 full = [chunk[i // group] + t for i, t in enumerate(texts)]
                 scores = reward_scores(rm, full)
                 # A completion that is the end token alone has no text a JSONL
                 # row can carry (the trainer refuses an empty one): left out, counted.
-                rows += [{"prompt": chunk[i // group], "completion": t, "reward": (s - mean) / std}
-                         for i, (t, s) in enumerate(zip(texts, scores)) if t]
+                rows += [{"prompt": chunk[i // group], "completion": t, "reward": (s - mean) / std,
+                          "truncated": cut}
+                         for i, (t, s, cut) in enumerate(zip(texts, scores, truncated)) if t]
                 empty += sum(1 for t in texts if not t)
         data = out / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -185,6 +185,25 @@ def test_a_row_without_its_reward_stops_the_run_naming_file_and_line(policy_dir,
     assert not (tmp_path / "run" / "policy").exists()
 
 
+def test_an_end_token_follows_every_completion_but_a_truncated_one(policy_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from arbiter.jsonl import JsonlError
+    from trainer.ilql import samples_from_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    eos = tokenizer.eos_token_id
+    words = tokenizer(" a b", add_special_tokens=False)["input_ids"]
+    rows = [{"prompt": "p", "completion": " a b", "reward": 1.0},
+            {"prompt": "p", "completion": " a b", "reward": 1.0, "truncated": True},
+            {"prompt": "p", "completion": " a b", "reward": 1.0, "truncated": False}]
+    samples = samples_from_jsonl(write_rows(tmp_path / "rows.jsonl", rows), tokenizer, append_eos=True, max_tokens=None)
+    assert [list(s.completion_ids) for s in samples] == [[*words, eos], words, [*words, eos]]
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": " a", "reward": 0, "truncated": "yes"}])
+    with pytest.raises(JsonlError, match=r"bad.jsonl:1: truncated: is \"yes\"; true"):
+        samples_from_jsonl(bad, tokenizer, append_eos=True, max_tokens=None)
+
+
 def test_replay_of_the_rollouts_topic(policy_dir, tmp_path, kafka_settings):
     from transformers import AutoTokenizer
 

@@ -64,7 +64,9 @@ def _sample(prompt_ids, completion_ids, reward: float, where: str, topic: str = 
 
 def samples_from_jsonl(path: str | Path, tokenizer, *, append_eos: bool, max_tokens: int | None) -> list[Trajectory]:
     """Every row of ``path`` tokenized; the first unusable row raises
-    JsonlError (``FILE:LINE: field: message``)."""
+    JsonlError (``FILE:LINE: field: message``). A row may say
+    ``"truncated": true`` (the sample was cut at its length limit): no end
+    token is appended to it."""
     out = []
     for row in read_jsonl(path):
         texts = {}
@@ -79,9 +81,15 @@ def samples_from_jsonl(path: str | Path, tokenizer, *, append_eos: bool, max_tok
         if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
             what = "is missing" if "reward" not in row.value else f"is {json.dumps(reward)[:40]}"
             raise JsonlError(row.where, "reward", f"{what}; ILQL needs a finite number (the sample's score)")
+        truncated = row.value.get("truncated", False)
+        if not isinstance(truncated, bool):
+            raise JsonlError(row.where, "truncated", f"is {json.dumps(truncated)[:40]}; true (the sample hit its "
+                                                     "length limit: no end token follows it) or false")
         prompt_ids = tokenizer(texts["prompt"], add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(texts["completion"], add_special_tokens=False)["input_ids"]
-        if append_eos and tokenizer.eos_token_id is not None:
+        # A sample cut at its length limit did not end: an end token after it
+        # would teach the policy to stop wherever sampling was cut.
+        if append_eos and not truncated and tokenizer.eos_token_id is not None:
             completion_ids = [*completion_ids, tokenizer.eos_token_id]
         if not prompt_ids or not completion_ids:
             raise JsonlError(row.where, "prompt" if not prompt_ids else "completion", "tokenizes to zero tokens")

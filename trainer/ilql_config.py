@@ -62,7 +62,8 @@ class ILQLDataConfig:
     # Rollouts only: which score is the reward (as ppo.reward_source).
     reward_source: str = "raw"
     # JSONL only: end every completion with the tokenizer's end-of-sequence
-    # token, so the policy learns where a sample stops (rollouts carry theirs).
+    # token, so the policy learns where a sample stops (rollouts carry theirs),
+    # except rows marked "truncated": true (cut at a length limit, not ended).
     append_eos: bool = True
 
     def validate(self, prefix: str) -> None:
