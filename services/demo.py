@@ -380,6 +380,10 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
         finally:
             if annotator is not None:
                 annotator.stop()
+        if seconds is not None:
+            # The budget is spent and the run is measured next (while the
+            # services stay up): training on would only compete with it.
+            stack.stop_training()
         if not rows:
             raise StackError(f"no PPO update within {seconds:.0f}s")
         final = rows[-1]["policy_version"]

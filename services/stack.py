@@ -716,6 +716,12 @@ class Supervisor(_Background):
         log.warning("%s %s: restart %d of %d allowed within %.0fs, in %.1fs", component.name, how,
                     len(track.restarts), c.restart_budget, c.restart_window_s, delay)
 
+    def retire(self, name: str) -> None:
+        """Stop watching ``name``: it is being stopped on purpose, not to be restarted."""
+        track = self._tracks.get(name)
+        if track is not None:
+            track.finished, track.next_start = True, None
+
     def _restart(self, component: Component, track: _Track) -> None:
         track.next_start = None
         track.started_at = time.monotonic()
@@ -1088,6 +1094,21 @@ class Stack:
         (restart budget exceeded); deaths within the budget are its business."""
         if self.supervisor is not None and self.supervisor.failure is not None:
             raise self.supervisor.failure
+
+    def stop_training(self) -> None:
+        """Stop the workers, then the trainer (each draining, as ``stop``
+        does), and leave the services, the broker and the RM loop up: a run
+        measured after its budget (the demo's comparisons) must not keep
+        training beside the measurement, which only slowed it down."""
+        tiers = ([p for p in self.processes if p.name.startswith("worker-")],
+                 [p for p in self.processes if p.name == "trainer"])
+        for tier in tiers:
+            for process in tier:
+                if self.supervisor is not None:
+                    self.supervisor.retire(process.name)
+                process.terminate()
+            for process in tier:
+                process.wait_stopped()
 
     def stop(self) -> None:
         if self.supervisor is not None:

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -201,6 +202,37 @@ def test_backoff_doubles_exit_zero_ends_a_job_and_the_budget_names_the_component
     assert message.startswith("crasher exited with status 3 and was already restarted 3 times within 300s")
     assert "bad config" in message  # the log tail
     assert "job finished (exit status 0): not restarted" in [r.getMessage() for r in caplog.records]
+
+
+def test_stop_training_stops_workers_and_trainer_for_good_and_leaves_the_services(tmp_path):
+    stack = Stack(supervision(workdir=str(tmp_path), restart_backoff_s=0.1, metrics_ports={"stack": 0}))
+    forever = "import time\nwhile True: time.sleep(1)"
+    for name, always in (("worker-0", False), ("trainer", False), ("reward", True)):
+        stack.processes.append(python(forever, tmp_path, name, always=always))
+    stack._supervise()
+    supervisor = stack.supervisor
+    passes = threading.Semaphore(0)
+    watch = supervisor._watch
+
+    def counted(component) -> None:
+        watch(component)
+        if component.name == "reward":
+            passes.release()
+
+    supervisor._watch = counted
+    try:
+        stack.stop_training()
+        assert [p.alive() for p in stack.processes] == [False, False, True]
+        # SIGTERM ends these sleepers with a failure status, which the
+        # supervisor would restart: two full passes later it has not.
+        for _ in range(2):
+            assert passes.acquire(timeout=10)
+        assert [p.alive() for p in stack.processes] == [False, False, True]
+        assert restarts(stack.registry, "trainer") == restarts(stack.registry, "worker-0") == 0
+        assert stack.registry.get_sample_value("arbiter_stack_component_up", {"component": "reward"}) == 1
+        stack.check_alive()
+    finally:
+        stack.stop()
 
 
 def test_supervision_settings_are_checked():
