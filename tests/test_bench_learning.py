@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from bench.learning import best_arbiter, cell, fluency, mean_sd, summarize, versus_trl
+from bench.learning import best_arbiter, cell, fluency, mean_sd, ppo_setting, summarize, versus_trl
 
 
 def test_mean_and_sample_sd_over_seeds():
@@ -83,6 +83,16 @@ def test_versus_trl_says_where_the_time_goes_when_behind():
 
 
 PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
+
+
+def test_ppo_settings_read_their_values_as_yaml_and_refuse_a_bare_word():
+    import argparse
+
+    assert ppo_setting("whiten_advantages=false") == ("whiten_advantages", False)
+    assert ppo_setting("behaviour_weight_cap=null") == ("behaviour_weight_cap", None)
+    assert ppo_setting("clip_coef=0.1") == ("clip_coef", 0.1)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+        ppo_setting("whiten_advantages")
 
 
 def test_judge_samples_an_ilql_policy_through_its_heads(tiny_models, tmp_path):
