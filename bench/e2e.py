@@ -236,7 +236,7 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     order, training), its default when None; ``kl_penalty``: where β·KL acts
     (:func:`kl_section`)."""
     from services.demo import read_history, stack_config
-    from services.stack import Stack, prune_policy_versions
+    from services.stack import Stack, prune_policy_versions, trainer_policies_dir
 
     out = workdir / f"arbiter-{algo}"
     shutil.rmtree(out, ignore_errors=True)
@@ -271,7 +271,8 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
             time.sleep(0.25)
         history = Path(config.workdir) / "trainer" / "history.jsonl"
     rows = [r for r in read_history(history) if r["time"] <= t0 + seconds]
-    final = (Path(config.workdir) / "trainer" / "policies" / rows[-1]["policy_version"]) if rows else models.policy
+    policies = trainer_policies_dir(config)
+    final = (policies / rows[-1]["policy_version"]) if rows else models.policy
     staleness = sum(r["staleness"] for r in rows) / len(rows) if rows else math.nan
     notes = [f"mean staleness {staleness:.2f} (bound {ppo.get('max_staleness', 'default')})"]
     # A loop that stopped updating before the budget ran out is named, not
@@ -292,8 +293,8 @@ def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
     for k in range(1, snapshots):
         at = [r for r in rows if r["time"] - t0 <= seconds * k / snapshots]
         if at:
-            curve.append((at[-1]["time"] - t0, Path(config.workdir) / "trainer" / "policies" / at[-1]["policy_version"]))
-    prune_policy_versions(Path(config.workdir) / "trainer" / "policies", {final.name, *(p.name for _, p in curve)})
+            curve.append((at[-1]["time"] - t0, policies / at[-1]["policy_version"]))
+    prune_policy_versions(policies, {final.name, *(p.name for _, p in curve)})
     return Run(f"arbiter-{algo}", seconds, sum(r["rollouts"] for r in rows), len(rows), final, setup,
                notes="; ".join(notes), curve=curve)
 

@@ -415,13 +415,13 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     summary["served_version"] = serving
     summary["rm_eval_accuracy"] = models.rm_metrics.get("eval_accuracy")
     if models.gold and "gold_final_policy" not in summary:
-        final_dir = workdir / "stack" / "trainer" / "policies" / final
+        final_dir = policies / final
         console.print(f"[bold]5.[/] Gold score of the initial and the final policy on {len(models.eval_prompts)} "
                       f"held-out prompts x {eval_samples} samples")
         summary.update(evaluate_gold(models, final_dir, eval_samples))
     report_targets(summary, console)
     measured = {final, *(c["version"] for c in summary.get("kl_crossings", {}).values())}
-    removed, freed = prune_policy_versions(workdir / "stack" / "trainer" / "policies", measured)
+    removed, freed = prune_policy_versions(policies, measured)
     if removed:
         console.print(f"   removed {removed} policy versions ({freed / 2**30:.1f} GiB) that were not measured; "
                       f"kept {', '.join(sorted(measured))}")

@@ -1102,10 +1102,16 @@ class Stack:
         training beside the measurement, which only slowed it down."""
         tiers = ([p for p in self.processes if p.name.startswith("worker-")],
                  [p for p in self.processes if p.name == "trainer"])
+        if self.supervisor is not None:
+            for process in (*tiers[0], *tiers[1]):
+                self.supervisor.retire(process.name)
+        self._drain(tiers)
+
+    @staticmethod
+    def _drain(tiers) -> None:
+        """SIGTERM each tier's processes together, and wait for them before the next tier."""
         for tier in tiers:
             for process in tier:
-                if self.supervisor is not None:
-                    self.supervisor.retire(process.name)
                 process.terminate()
             for process in tier:
                 process.wait_stopped()
@@ -1118,14 +1124,9 @@ class Stack:
             self.feeder = None
         # Producers first (workers), then the trainer, then the services, then
         # the broker; the members of a tier drain together.
-        tiers = ([p for p in self.processes if p.name.startswith("worker-")],
-                 [p for p in self.processes if p.name in ("trainer", "rm-loop")],
-                 [p for p in self.processes if p.always])
-        for tier in tiers:
-            for process in tier:
-                process.terminate()
-            for process in tier:
-                process.wait_stopped()
+        self._drain(([p for p in self.processes if p.name.startswith("worker-")],
+                     [p for p in self.processes if p.name in ("trainer", "rm-loop")],
+                     [p for p in self.processes if p.always]))
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
