@@ -213,35 +213,67 @@ DEFAULT_KL_PENALTY = "loss"
 KL_ESTIMATOR = {"loss": "k3", "reward": "k1"}
 
 
-def kl_section(beta: float, penalty: str) -> dict:
+def kl_section(beta: float, penalty: str, target: float | None = None, horizon: int | None = None) -> dict:
     """The trainer's ``ppo.kl`` for a contender: β fixed, as TRL's, placed
-    by ``penalty`` with its estimator (``KL_ESTIMATOR``)."""
+    by ``penalty`` with its estimator (``KL_ESTIMATOR``); with a ``target``
+    (nats/sample) Arbiter's adaptive controller instead (Ziegler et al. 2019),
+    starting from β, over ``horizon`` samples."""
     if penalty not in KL_ESTIMATOR:
         raise ValueError(f"kl_penalty {penalty!r}: one of {', '.join(KL_ESTIMATOR)}")
-    return {"mode": "fixed", "init_coef": beta, "penalty": penalty, "estimator": KL_ESTIMATOR[penalty]}
+    section = {"mode": "fixed", "init_coef": beta, "penalty": penalty, "estimator": KL_ESTIMATOR[penalty]}
+    if target is not None:
+        if not target > 0:
+            raise ValueError(f"kl_target {target}: must be > 0 (nats per sample)")
+        from services.demo_models import DEMO_KL_HORIZON
+
+        section.update(mode="adaptive", target=target, horizon=horizon or DEMO_KL_HORIZON)
+    return section
 
 
-def add_kl_penalty_flag(parser: argparse.ArgumentParser) -> None:
+def add_kl_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl-penalty", choices=tuple(KL_ESTIMATOR), default=DEFAULT_KL_PENALTY,
                         help="where Arbiter's β·KL acts (trainer ppo.kl.penalty): reward (β·k1 in each token's "
                              "reward, as TRL's PPO) or loss (β·mean k3 in the loss, as GRPO and TRL's GRPO); "
                              f"default {DEFAULT_KL_PENALTY}")
+    parser.add_argument("--kl-target", type=float, default=None, metavar="NATS",
+                        help="Arbiter's RL contenders adapt β from --beta toward this KL per sample (the trainer's "
+                             "adaptive controller with the demo's horizon) instead of "
+                             "keeping it fixed; TRL's stay fixed (they have no controller). Default: fixed")
+    parser.add_argument("--ppo-set", action="append", default=[], metavar="KEY=VALUE", type=ppo_setting,
+                        help="a trainer ppo setting for every Arbiter RL contender (repeatable; the value is read "
+                             "as YAML), e.g. learning_rate=2e-4; named in the table's title")
+
+
+def ppo_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, the value read as YAML: false, 1.5, null...)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (a trainer ppo setting)")
+    return key, yaml.safe_load(value)
+
+
+def kl_title(beta: float, kl_target: float | None) -> str:
+    from services.demo_models import DEMO_KL_HORIZON
+
+    return (f"β {beta:g} fixed" if kl_target is None else
+            f"β {beta:g} (TRL fixed; Arbiter adaptive toward {kl_target:g} nats/sample, horizon {DEMO_KL_HORIZON})")
 
 
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
                 worker_overrides: dict | None = None, snapshots: int = 0, max_staleness: int | None = None,
-                ppo_overrides: dict | None = None, seed: int | None = None, kl_penalty: str = DEFAULT_KL_PENALTY) -> Run:
+                ppo_overrides: dict | None = None, seed: int | None = None, kl_penalty: str = DEFAULT_KL_PENALTY,
+                kl_target: float | None = None) -> Run:
     """``ppo_overrides``: trainer ``ppo`` keys on top of the demo's (another
     algorithm: bench/learning.py); ``seed``: the stack's (sampling, prompt
     order, training), its default when None; ``kl_penalty``: where β·KL acts
-    (:func:`kl_section`)."""
+    (:func:`kl_section`); ``kl_target``: adapt β toward it (nats/sample)."""
     from services.demo import read_history, stack_config
     from services.stack import Stack, prune_policy_versions, trainer_policies_dir
 
     out = workdir / f"arbiter-{algo}"
     shutil.rmtree(out, ignore_errors=True)
     base = stack_config(models, out, updates=1)
-    ppo = {**models.ppo, "kl": kl_section(beta, kl_penalty)}
+    ppo = {**models.ppo, "kl": kl_section(beta, kl_penalty, kl_target)}
     if max_staleness is not None:
         ppo["max_staleness"] = max_staleness
     if algo == "grpo":
@@ -572,7 +604,10 @@ def report(runs: list[Run], models, args, seconds: float, samples_per_prompt: in
     shared = training(models, args.beta)
     title = (f"End to end, {seconds:g} s of training each: {models.max_new_tokens} new tokens, group "
              f"{samples_per_prompt}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} "
-             f"epochs, lr {shared['learning_rate']:g}, β {args.beta:g} fixed; {len(os.sched_getaffinity(0))} cores")
+             f"epochs, lr {shared['learning_rate']:g}, {kl_title(args.beta, args.kl_target)}; "
+             f"{len(os.sched_getaffinity(0))} cores")
+    if args.ppo_set:
+        title += "; Arbiter's ppo " + ", ".join(f"{key}={value}" for key, value in args.ppo_set)
     how = method(seconds, args.repeats, args.snapshots)
     print_table(title, header, rows)
     console.print(how)
@@ -614,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-staleness", type=int, default=None,
                         help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
                              "workers follow it); default: the demo's, 1")
-    add_kl_penalty_flag(parser)
+    add_kl_flags(parser)
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
@@ -649,7 +684,8 @@ def main(argv: list[str] | None = None) -> dict:
                               args.trl_threads, args.snapshots)
             else:
                 run = run_arbiter(name.split("-", 1)[1], models, here, seconds, args.beta, worker_overrides,
-                                  args.snapshots, args.max_staleness, kl_penalty=args.kl_penalty)
+                                  args.snapshots, args.max_staleness, ppo_overrides=dict(args.ppo_set),
+                                  kl_penalty=args.kl_penalty, kl_target=args.kl_target)
             run.repeat = repeat
             judge(judge_, run)
             this_repeat.append(run)

@@ -66,10 +66,8 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-
 from bench.common import console, print_table
-from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_penalty_flag, fmt, load_reward_model, markdown,
+from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_flags, kl_title, fmt, load_reward_model, markdown,
                        prepared_models, reward_scores, run_arbiter, run_trl, training)
 
 CONTENDERS = ("arbiter-ppo", "arbiter-rloo", "arbiter-grpo", "arbiter-a2c", "arbiter-nlpo", "arbiter-ilql",
@@ -427,14 +425,6 @@ def report(results: list[dict], initial: dict, title: str, how: str, workdir: Pa
     return {"summary": summary, "runs": results}
 
 
-def ppo_setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` -> (key, the value read as YAML: false, 1.5, null...)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (a trainer ppo setting)")
-    return key, yaml.safe_load(value)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="make bench-learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, help="wall-clock budget of each run (default 60; --quick: 15)")
@@ -444,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a smoke run: 15 s budgets, 32 held-out prompts x 2 samples judged (same models)")
     parser.add_argument("--eval-samples", type=int, help="judged samples per held-out prompt (default 4; --quick 2)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every RL contender (fixed)")
-    add_kl_penalty_flag(parser)
+    add_kl_flags(parser)
     parser.add_argument("--ilql-beta", type=float, default=1.0,
                         help="ILQL's sampling β: logits + β·(min Q̂ − V) (default 1)")
     parser.add_argument("--ilql-learning-rate", type=float,
@@ -454,9 +444,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of TRL and of in-process ILQL (default 1, as bench-e2e's TRL)")
     parser.add_argument("--max-staleness", type=int, default=None, help="the Arbiter trainer's ppo.max_staleness (default: the demo's, 1)")
-    parser.add_argument("--ppo-set", action="append", default=[], metavar="KEY=VALUE", type=ppo_setting,
-                        help="a trainer ppo setting for every Arbiter RL contender (YAML value; repeatable), "
-                             "e.g. whiten_advantages=false")
     parser.add_argument("--fresh-models", action="store_true", help="prepare the models anew")
     parser.add_argument("--models", help="the prepared models' directory (default WORKDIR/models; e.g. "
                                          "runs/bench-e2e/models reuses bench-e2e's, prepared once)")
@@ -486,9 +473,10 @@ def main(argv: list[str] | None = None) -> dict:
     names = [n for n in CONTENDERS if n in (args.only or CONTENDERS)]
     title = (f"Learning, {seconds:g} s each, seeds 0..{args.seeds - 1}: {models.max_new_tokens} new tokens, group "
              f"{group}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} epochs, lr "
-             f"{shared['learning_rate']:g}, β {args.beta:g} fixed; {len(os.sched_getaffinity(0))} cores")
+             f"{shared['learning_rate']:g}, {kl_title(args.beta, args.kl_target)}; "
+             f"{len(os.sched_getaffinity(0))} cores")
     if args.ppo_set:
-        title += "; Arbiter ppo " + ", ".join(f"{key}={value}" for key, value in args.ppo_set)
+        title += "; Arbiter's ppo " + ", ".join(f"{key}={value}" for key, value in args.ppo_set)
     how = (f"Each cell: mean ± sample sd over the seeds. Judged on {len(prompts)} held-out prompts x {samples} samples "
            f"(one seeded sampler, temperature 1; ILQL through its heads at β {args.ilql_beta:g}): gold gain (VADER "
            f"over the initial policy), RM reward (raw score), KL to the reference (nats/sample), fluency (reference "
@@ -511,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
                     ppo, worker = stack_algos[algo]
                     run = run_arbiter(algo, models, here, seconds, args.beta, worker, max_staleness=args.max_staleness,
                                       ppo_overrides={**ppo, **dict(args.ppo_set)}, seed=seed,
-                                      kl_penalty=args.kl_penalty)
+                                      kl_penalty=args.kl_penalty, kl_target=args.kl_target)
                 row = record(run, seed, judge.measure(run.final_dir), initial)
             except Exception as err:  # one broken contender must not lose the others' runs
                 console.print(f"[red]{name} seed {seed} failed: {err}[/red]")

@@ -25,6 +25,11 @@ import torch
 
 from arbiter.hf import read_metadata
 
+# The demo's KL controller horizon, in samples: β can move up to ±2 % per
+# 32-rollout update, enough to act within a minute of training (Ziegler et
+# al.'s 10,000, the trainer's default, would barely move it).
+DEMO_KL_HORIZON = 320
+
 
 @dataclass(frozen=True)
 class DemoModels:
@@ -186,7 +191,6 @@ def prepare_models(out: Path, quick: bool, console, pretrain_seconds: float | No
                      f"(held-out accuracy {accuracy:.1%}); gold: VADER compound"),
         rm_metrics=trained.metrics,
         eval_prompts=eval_prompts,
-        # Horizon in samples: 320 lets β move up to ±2% per 32-rollout update.
         ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2, "learning_rate": 5e-4, "max_staleness": 1,
-             "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": 320}},
+             "kl": {"mode": "adaptive", "init_coef": 0.05, "target": 4.0, "horizon": DEMO_KL_HORIZON}},
     )

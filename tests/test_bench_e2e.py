@@ -129,6 +129,18 @@ def test_kl_section_is_a_trainer_kl_config_placing_the_fixed_beta_where_asked():
         kl_section(0.05, "both")
 
 
+def test_a_kl_target_hands_beta_to_the_adaptive_controller_with_the_demos_horizon():
+    from services.demo_models import DEMO_KL_HORIZON
+    from trainer.config import KLConfig
+
+    kl = KLConfig(**kl_section(0.05, "loss", target=8.8))
+    kl.validate("ppo.kl")
+    assert (kl.mode, kl.init_coef, kl.target, kl.horizon) == ("adaptive", 0.05, 8.8, DEMO_KL_HORIZON)
+    assert (kl.penalty, kl.estimator) == ("loss", "k3")  # the placement is unchanged
+    with pytest.raises(ValueError, match="kl_target 0"):
+        kl_section(0.05, "loss", target=0)
+
+
 def test_trl_runs_on_the_projects_torch_and_transformers():
     assert trl_constraints() == (f"torch==2.13.0\ntransformers=={importlib.metadata.version('transformers')}\n")
 

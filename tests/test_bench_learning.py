@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from bench.learning import best_arbiter, cell, fluency, mean_sd, ppo_setting, summarize, versus_trl
+from bench.e2e import ppo_setting
+from bench.learning import best_arbiter, cell, fluency, mean_sd, summarize, versus_trl
 
 
 def test_mean_and_sample_sd_over_seeds():
