@@ -192,6 +192,24 @@ def test_config_errors_name_the_field(tiny_models):
         config_from_dict({"model_dir": "m", "ppo": {"kl": {"estimator": "k4"}}})
     with pytest.raises(ConfigError, match=r"^ppo\.reward_source='shipped' is invalid: must be one of raw, reward_model$"):
         config_from_dict({"model_dir": "m", "ppo": {"reward_source": "shipped"}})
+    with pytest.raises(ConfigError, match=r"^ppo\.weight_decay=-0\.1 is invalid: must be >= 0$"):
+        config_from_dict({"model_dir": "m", "ppo": {"weight_decay": -0.1}})
+
+
+def test_the_optimizer_decays_weights_as_configured():
+    from trainer.step import make_optimizer
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_optimizer([weight], learning_rate=0.1, weight_decay=0.5)
+    weight.grad = torch.zeros(3)  # no gradient: only the decay moves the weight
+    optimizer.step()
+    # Decoupled decay (AdamW): w <- w - lr * wd * w = 1 - 0.1 * 0.5.
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.95))
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_optimizer([weight], learning_rate=0.1, weight_decay=0.0)
+    weight.grad = torch.zeros(3)
+    optimizer.step()
+    assert torch.equal(weight.detach(), torch.ones(3))
 
 
 def test_staleness_objective_and_checkpoint_cadence_that_cannot_work_are_refused():

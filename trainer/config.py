@@ -94,6 +94,10 @@ class PPOConfig:
     minibatch_size: int = 8
     epochs: int = 4
     learning_rate: float = 1e-5
+    # AdamW's decoupled weight decay (Loshchilov & Hutter 2019): it pulls every
+    # weight toward 0, not toward the reference, so it is drift the KL term
+    # pays for without any reward. torch's default (0.01) was implicit here.
+    weight_decay: float = 0.01
     clip_coef: float = 0.2
     # None disables value clipping.
     value_clip_coef: float | None = 0.2
@@ -159,6 +163,7 @@ class PPOConfig:
             f"must be <= batch_size ({self.batch_size})", self.minibatch_size,
         )
         require(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0", self.learning_rate)
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0", self.weight_decay)
         require(0 < self.clip_coef < 1, f"{prefix}.clip_coef", "must be in (0, 1)", self.clip_coef)
         if self.value_clip_coef is not None:
             require(self.value_clip_coef > 0, f"{prefix}.value_clip_coef", "must be > 0 or null", self.value_clip_coef)

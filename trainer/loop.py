@@ -119,7 +119,7 @@ class PPOTrainer:
         if ranks is not None and ranks.parallel == "fsdp":
             # Sharded before the optimizer exists, so its state is sharded too.
             self.shard = dist.DataParallel(ranks, dist.wrap(self.model, ranks, ppo.advantage != "gae"))
-        self.optimizer = make_optimizer(self.model.trainable_parameters(), ppo.learning_rate)
+        self.optimizer = make_optimizer(self.model.trainable_parameters(), ppo.learning_rate, ppo.weight_decay)
         # The same seed on every rank: the ranks draw one shared minibatch permutation.
         self.rng = torch.Generator().manual_seed(config.seed)
         self.kl_controller = make_kl_controller(ppo)
