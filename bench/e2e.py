@@ -244,6 +244,20 @@ def add_kl_flags(parser: argparse.ArgumentParser) -> None:
                              "as YAML), e.g. learning_rate=2e-4; named in the table's title")
 
 
+def add_learning_rate_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="every contender's learning rate, Arbiter's and TRL's alike (default: the demo's)")
+
+
+def with_learning_rate(models, learning_rate: float | None):
+    """``models`` with every contender's learning rate set (None: the demo's)."""
+    if learning_rate is None:
+        return models
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate {learning_rate}: must be > 0")
+    return dataclasses.replace(models, ppo={**models.ppo, "learning_rate": learning_rate})
+
+
 def ppo_setting(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` -> (key, the value read as YAML: false, 1.5, null...)."""
     key, sep, value = text.partition("=")
@@ -650,6 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
                              "workers follow it); default: the demo's, 1")
     add_kl_flags(parser)
+    add_learning_rate_flag(parser)
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
@@ -667,6 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = args.seconds or (10.0 if args.quick else 60.0)
     workdir = Path(args.workdir).resolve()
     models = prepared_models(workdir / ("models-quick" if args.quick else "models"), args.quick, args.fresh_models)
+    models = with_learning_rate(models, args.learning_rate)
     console.print(models.description)
     from services.demo import stack_config
 

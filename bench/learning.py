@@ -67,8 +67,9 @@ import time
 from pathlib import Path
 
 from bench.common import console, print_table
-from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_flags, kl_title, fmt, load_reward_model, markdown,
-                       prepared_models, reward_scores, run_arbiter, run_trl, training)
+from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_flags, add_learning_rate_flag, fmt, kl_title,
+                       load_reward_model, markdown, prepared_models, reward_scores, run_arbiter, run_trl, training,
+                       with_learning_rate)
 
 CONTENDERS = ("arbiter-ppo", "arbiter-rloo", "arbiter-grpo", "arbiter-a2c", "arbiter-nlpo", "arbiter-ilql",
               "trl-grpo", "trl-ppo")
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-samples", type=int, help="judged samples per held-out prompt (default 4; --quick 2)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every RL contender (fixed)")
     add_kl_flags(parser)
+    add_learning_rate_flag(parser)
     parser.add_argument("--ilql-beta", type=float, default=1.0,
                         help="ILQL's sampling β: logits + β·(min Q̂ − V) (default 1)")
     parser.add_argument("--ilql-learning-rate", type=float,
@@ -462,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The full models even with --quick: the smoke run exercises what the real one does.
     models = prepared_models(Path(args.models).resolve() if args.models else workdir / "models", False,
                              args.fresh_models)
+    models = with_learning_rate(models, args.learning_rate)
     console.print(models.description)
     from services.demo import stack_config
 

@@ -12,7 +12,7 @@ import pytest
 from lm_fixtures import perturbed
 
 from bench.e2e import (TRL_PPO_LOCK, TRL_PPO_SPEC, Judge, Run, at_matched_kl, kl_section, load_reward_model,
-                       reward_scores, sample_kl, table, trl_constraints)
+                       reward_scores, sample_kl, table, training, trl_constraints)
 
 PROMPTS = ["Hello there", "The weather", "Say:", "One more prompt, longer than the others"]
 
@@ -127,6 +127,22 @@ def test_kl_section_is_a_trainer_kl_config_placing_the_fixed_beta_where_asked():
     assert (reward.penalty, reward.estimator) == ("reward", "k1")
     with pytest.raises(ValueError, match="kl_penalty 'both'"):
         kl_section(0.05, "both")
+
+
+def test_a_learning_rate_reaches_every_contender_through_the_shared_ppo_settings():
+    from bench.e2e import with_learning_rate
+    from services.demo_models import DemoModels
+
+    models = DemoModels(policy=Path("p"), reward=Path("r"), prompts=Path("q"), description="", rm_metrics={},
+                        eval_prompts=[], ppo={"batch_size": 32, "minibatch_size": 8, "epochs": 2,
+                                              "learning_rate": 5e-4})
+    assert with_learning_rate(models, None) is models
+    tuned = with_learning_rate(models, 1.25e-4)
+    # TRL's runners read training(); Arbiter's stack reads models.ppo: both see it.
+    assert tuned.ppo["learning_rate"] == training(tuned, 0.05)["learning_rate"] == 1.25e-4
+    assert models.ppo["learning_rate"] == 5e-4  # the prepared models are not changed
+    with pytest.raises(ValueError, match="learning_rate 0"):
+        with_learning_rate(models, 0)
 
 
 def test_a_kl_target_hands_beta_to_the_adaptive_controller_with_the_demos_horizon():
