@@ -78,7 +78,8 @@ from bench.online_rm import add_seed_flags, mean_sd, prepare_arms, seeds_of
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Measured with --members-only --full --pretrain-seconds 45 (3 members, k = 1,
+# Measured with --members-only --full and 45 s of pretraining (before it was
+# counted in steps; 3 members, k = 1,
 # fresh pairs of 192 unseen prompts; T=1 / T=1.6): accuracy of the penalized
 # mean pretrain 72.1 / 67.7 %, seed 71.5 / 66.6, bootstrap 69.5 / 65.3,
 # disjoint 70.4 / 66.3, pretrain+bootstrap 70.7 / 64.8 (v1 alone 71.9 /
@@ -111,7 +112,7 @@ def member_overrides(scheme: str, j: int, members: int) -> dict:
 
 
 def train_members(models, quick: bool, members: int, scheme: str, console: Console,
-                  pretrain_seconds: float | None = None, trained: dict | None = None) -> list[Member]:
+                  pretrain_steps: int | None = None, trained: dict | None = None) -> list[Member]:
     """The ensemble's members under ``scheme``; v1 itself where a member's
     recipe is v1's (seed 0, all pairs, the demo's backbone). ``trained``:
     members already trained this run, by recipe (schemes share some)."""
@@ -120,7 +121,7 @@ def train_members(models, quick: bool, members: int, scheme: str, console: Conso
 
     out = Path(models.policy).parent
     backbones = scheme.startswith("pretrain")
-    seconds = pretrain_seconds if pretrain_seconds is not None else (QUICK if quick else FULL).pretrain_seconds
+    steps = pretrain_steps if pretrain_steps is not None else (QUICK if quick else FULL).pretrain_steps
     # A registry name per scheme: its members do not pile up among the demo's versions.
     name = "ensemble-" + scheme.replace("+", "-")
     trained = {} if trained is None else trained
@@ -132,7 +133,7 @@ def train_members(models, quick: bool, members: int, scheme: str, console: Conso
             continue
         backbone = Path(models.policy)
         if backbones and j > 0:
-            backbone = pretrained_policy(out / f"backbone-seed{j}", seconds, console, seed=j)
+            backbone = pretrained_policy(out / f"backbone-seed{j}", steps, console, seed=j)
         recipe = (str(backbone), j, tuple(sorted(overrides.items())))
         if recipe not in trained:
             version = train_reward_model(rm_config(out, quick, seed=j, name=name, model_dir=str(backbone),
@@ -254,7 +255,7 @@ def run_diagnostics(models, args, schemes: list[str], console: Console) -> tuple
     members, results, trained = {}, {}, {}
     for scheme in schemes:
         console.rule(f"members: {scheme}")
-        members[scheme] = train_members(models, not args.full, args.members, scheme, console, args.pretrain_seconds,
+        members[scheme] = train_members(models, not args.full, args.members, scheme, console, args.pretrain_steps,
                                         trained)
         results[scheme] = diagnose(members[scheme], sets, args.penalty, cache)
     v1 = {}
@@ -294,6 +295,8 @@ def matched(results: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from services.demo_models import pretrain_steps_arg
+
     parser = argparse.ArgumentParser(prog="python -m bench.ensemble_rm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=300.0, help="training wall-clock budget of each run")
     add_seed_flags(parser)
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "version reaching a level is measured; the table uses the highest both reached")
     parser.add_argument("--full", action="store_true", help="the full demo's models (default: --quick's)")
     parser.add_argument("--eval-samples", type=int, default=16, help="evaluation samples per held-out prompt")
-    parser.add_argument("--pretrain-seconds", type=float, help="the policy's pretraining budget (default: the scale's)")
+    parser.add_argument("--pretrain-steps", type=pretrain_steps_arg,
+                        help="the policy's pretraining steps (default: the scale's)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-ensemble-rm"))
     args = parser.parse_args(argv)
     if args.members < 2:

@@ -68,6 +68,8 @@ def seeds_of(args) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from services.demo_models import pretrain_steps_arg
+
     parser = argparse.ArgumentParser(prog="python -m bench.online_rm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=360.0, help="training wall-clock budget of each run")
     add_seed_flags(parser)
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--current-policy-samples", type=int, default=12,
                         help="completions per held-out prompt of the final policy, whose gold-labelled pairs "
                              "measure every RM version")
-    parser.add_argument("--pretrain-seconds", type=float, help="the policy's pretraining budget (default: the "
-                                                               "scale's; a loaded machine needs more)")
+    parser.add_argument("--pretrain-steps", type=pretrain_steps_arg,
+                        help="the policy's pretraining steps (default: the scale's)")
     parser.add_argument("--arm", choices=ARMS, action="append", help="run only this arm (repeatable)")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-online-rm"))
     args = parser.parse_args(argv)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def prepare_arms(args) -> tuple[Console, Path, object]:
     """What every arm of a demo comparison shares: the console, the workdir
-    and the prepared models (``args``: --workdir, --full, --pretrain-seconds)."""
+    and the prepared models (``args``: --workdir, --full, --pretrain-steps)."""
     from services.demo_models import prepare_models
 
     if "ARBITER_LOG_LEVEL" not in os.environ:
@@ -111,7 +113,7 @@ def prepare_arms(args) -> tuple[Console, Path, object]:
     console = Console(width=160)
     workdir = Path(args.workdir).resolve()
     models = prepare_models(workdir / "models", quick=not args.full, console=console,
-                            pretrain_seconds=args.pretrain_seconds)
+                            pretrain_steps=args.pretrain_steps)
     return console, workdir, models
 
 

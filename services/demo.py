@@ -284,7 +284,7 @@ def kl_crossings(rows: list[dict], levels: Sequence[float], smooth: int = 3) -> 
 def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm: bool = False,
         seconds: float | None = None, models: DemoModels | None = None, eval_samples: int = EVAL_SAMPLES,
         stack_extra: dict | None = None, seed: int = 0, current_policy_samples: int = CURRENT_POLICY_SAMPLES,
-        kl_levels: Sequence[float] = (), pretrain_seconds: float | None = None) -> dict:
+        kl_levels: Sequence[float] = (), pretrain_steps: int | None = None) -> dict:
     """``seconds``: stop after this long of training even before ``updates``
     (a fixed wall-time budget; the run is then an arm of a comparison,
     bench/online_rm.py, bench/ensemble_rm.py, measured while its stack is up);
@@ -294,10 +294,10 @@ def run(workdir: Path, updates: int, quick: bool, console: Console, *, online_rm
     ``current_policy_samples``: completions per eval prompt whose gold-labelled
     pairs measure the RM versions; ``kl_levels``: also measure (gold and
     proxy) the first version whose KL reached each level (``kl_crossings``);
-    ``pretrain_seconds``: the policy's pretraining budget when ``models`` are prepared here."""
+    ``pretrain_steps``: the policy's pretraining steps when ``models`` are prepared here."""
     console.print(f"[bold]1.[/] Models in {workdir} (built here; nothing downloaded)")
     if models is None:
-        models = prepare_models(workdir / "models", quick=quick, console=console, pretrain_seconds=pretrain_seconds)
+        models = prepare_models(workdir / "models", quick=quick, console=console, pretrain_steps=pretrain_steps)
     console.print(f"   {models.description}")
     console.print("[bold]2.[/] Starting the stack: broker, reward/reference/policy services, worker, trainer"
                   + (", rm loop" if online_rm else ""))
@@ -475,7 +475,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     updates = args.updates or (4 if args.quick else 60)
     try:
         run(Path(args.workdir).resolve(), updates, args.quick, console, online_rm=args.online_rm,
-            pretrain_seconds=args.pretrain_seconds)
+            pretrain_steps=args.pretrain_steps)
     except StackError as err:
         console.print(f"[red]demo failed:[/] {err}")
         return 1

@@ -47,7 +47,7 @@ class DemoModels:
 
 @dataclass(frozen=True)
 class DemoScale:
-    pretrain_seconds: float
+    pretrain_steps: int
     prompts: int
     samples_per_prompt: int
     rm_epochs: int
@@ -57,8 +57,8 @@ class DemoScale:
     eval_prompts: int
 
 
-FULL = DemoScale(pretrain_seconds=150, prompts=600, samples_per_prompt=8, rm_epochs=2, max_pairs=8000, eval_prompts=128)
-QUICK = DemoScale(pretrain_seconds=20, prompts=64, samples_per_prompt=4, rm_epochs=1, max_pairs=300, eval_prompts=16)
+FULL = DemoScale(pretrain_steps=3000, prompts=600, samples_per_prompt=8, rm_epochs=2, max_pairs=8000, eval_prompts=128)
+QUICK = DemoScale(pretrain_steps=300, prompts=64, samples_per_prompt=4, rm_epochs=1, max_pairs=300, eval_prompts=16)
 PROMPT_WORDS = 3
 MIN_GOLD_GAP = 0.1
 
@@ -133,39 +133,53 @@ def rm_config(out: Path, quick: bool, seed: int = 0, **overrides: Any):
     })
 
 
-def pretrained_policy(path: Path, seconds: float, console, quotes: list[str] | None = None, seed: int = 0) -> Path:
-    """The word-level GPT-2 pretrained for ``seconds`` with ``seed`` at
-    ``path``: reused when one of that budget and seed is there."""
+def pretrain_steps_arg(text: str) -> int:
+    """argparse type of the ``--pretrain-steps`` flags: an integer >= 1."""
+    import argparse
+
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1") from None
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"{steps}: must be an integer >= 1")
+    return steps
+
+
+def pretrained_policy(path: Path, steps: int, console, quotes: list[str] | None = None, seed: int = 0) -> Path:
+    """The word-level GPT-2 pretrained for ``steps`` with ``seed`` at
+    ``path``: reused when one of that many steps and seed is there."""
     from arbiter.hf import write_metadata
     from services.demo_pretrain import PretrainConfig, load_fortunes, pretrain
 
     meta = read_metadata(path) if (path / "config.json").exists() else None
     done = (meta.extra or {}).get("pretraining", {}) if meta is not None else {}
-    if done.get("budget_seconds") == seconds and done.get("seed", 0) == seed:
+    if done.get("budget_steps") == steps and done.get("seed", 0) == seed:
         console.print(f"   reusing the pretrained policy in {path}")
         return path
     quotes = quotes if quotes is not None else load_fortunes()
-    console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {seconds:.0f}s "
+    console.print(f"   pretraining a word-level GPT-2 on {len(quotes)} fortunes quotes for {steps} steps "
                   f"(seed {seed})")
-    result = pretrain(quotes, path, PretrainConfig(max_seconds=seconds, seed=seed),
+    result = pretrain(quotes, path, PretrainConfig(max_steps=steps, seed=seed),
                       progress=lambda step, loss, t: None)
-    write_metadata(path, pretraining={**result, "budget_seconds": seconds, "seed": seed})
-    console.print(f"   pretrained: {result['steps']} steps, loss {result['loss']:.2f}, {result['tokens']:,} tokens")
+    write_metadata(path, pretraining={**result, "budget_steps": steps, "seed": seed})
+    console.print(f"   pretrained: {result['steps']} steps in {result['seconds']:.0f}s, loss {result['loss']:.2f}, "
+                  f"{result['tokens']:,} tokens")
     return path
 
 
-def prepare_models(out: Path, quick: bool, console, pretrain_seconds: float | None = None) -> DemoModels:
-    """``pretrain_seconds``: the policy's pretraining budget instead of the scale's."""
+def prepare_models(out: Path, quick: bool, console, pretrain_steps: int | None = None) -> DemoModels:
+    """``pretrain_steps``: the policy's pretraining steps instead of the scale's."""
     from services.demo_pretrain import load_fortunes
     from arbiter.rm.train import train_reward_model
     from services.worker.gold import make_gold_scorer
 
     scale = QUICK if quick else FULL
-    if pretrain_seconds is not None:
-        scale = dataclasses.replace(scale, pretrain_seconds=pretrain_seconds)
+    if pretrain_steps is not None:
+        scale = dataclasses.replace(scale, pretrain_steps=pretrain_steps)
     out.mkdir(parents=True, exist_ok=True)
     quotes = load_fortunes()
-    policy = pretrained_policy(out / "policy", scale.pretrain_seconds, console, quotes)
+    policy = pretrained_policy(out / "policy", scale.pretrain_steps, console, quotes)
 
     all_prompts = make_prompts(quotes, scale.prompts + 64 + scale.eval_prompts, seed=0)
     rm_prompts, ppo_prompts = all_prompts[: scale.prompts], all_prompts[scale.prompts : scale.prompts + 64]

@@ -7,20 +7,24 @@ demo plus the annotator and the rm loop): the simulated annotator labels live
 completions with the gold scorer while PPO runs, and `arbiter rm loop`
 retrains the reward model from them."""
 
+import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 
+import pytest
+
+from arbiter.hf import read_metadata
 from services.demo import GOLD_GAIN_TARGET, KL_BOUND, RM_ACCURACY_TARGET
-from services.demo_models import MIN_GOLD_GAP
+from services.demo_models import MIN_GOLD_GAP, pretrain_steps_arg
 from services.demo_online import ANNOTATOR_ID
 
 UPDATES = 4  # --quick's default
-# Half of --quick's 20 s: nothing below depends on how well the policy
+# A third of --quick's steps: nothing below depends on how well the policy
 # learned the corpus (the RM accuracy and gold gain are not held to targets).
-PRETRAIN_SECONDS = 10
+PRETRAIN_STEPS = 100
 # The demo's PPO settings (services/demo_models.py): one 32-rollout batch per
 # policy version, trained on rollouts at most one version old.
 BATCH_SIZE = 32
@@ -32,7 +36,7 @@ GOLD_RANGE = (-1.0, 1.0)
 def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
     workdir = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "demo", "--quick", "--online-rm", "--pretrain-seconds", str(PRETRAIN_SECONDS),
+        [sys.executable, "-m", "cli", "demo", "--quick", "--online-rm", "--pretrain-steps", str(PRETRAIN_STEPS),
          "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=900, env={**os.environ, "ARBITER_LOG_LEVEL": "WARNING"},
     )
@@ -41,6 +45,8 @@ def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
     history = (workdir / "stack" / "trainer" / "history.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in history]
     targets = summary["targets_met"]
+    # Pretraining counts steps, not seconds: the same model on any machine.
+    assert read_metadata(workdir / "models" / "policy").extra["pretraining"]["steps"] == PRETRAIN_STEPS
 
     # The loop ran the requested updates, each on a full batch of fresh-enough
     # rollouts, and every update became the next policy version.
@@ -142,3 +148,10 @@ def check_online_rm(workdir, summary, rows):
     assert summary["current_policy_version"] == f"ppo-{UPDATES}"
     if summary["current_policy_pairs"]:
         assert all(0.0 <= v["accuracy_on_current_policy"] <= 1.0 for v in versions), versions
+
+
+def test_pretraining_steps_must_be_a_positive_integer():
+    assert pretrain_steps_arg("3000") == 3000
+    for bad in ("0", "-5", "1.5", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer >= 1"):
+            pretrain_steps_arg(bad)
