@@ -136,7 +136,12 @@ def summarize(rows: list[dict], console: Console) -> dict:
 
 # The demo's stated targets: the RM learned the simulated annotators'
 # preference, and PPO against it moved the hidden gold score at bounded KL.
-RM_ACCURACY_TARGET = 0.85
+# The RM's accuracy is on pairs of prompts it never trained on (rm train's
+# eval_split "prompt"): 72.8 % on the demo's data (seed 0, with backbones of
+# 1,401 and 3,000 pretraining steps alike), where chance is 50 %. The 85 % this
+# target used to be was set on held-out pairs whose prompts also trained
+# (90.4 % there), a split that overstated accuracy.
+RM_ACCURACY_TARGET = 0.70
 GOLD_GAIN_TARGET = 0.3
 KL_BOUND = 15.0
 
@@ -188,7 +193,7 @@ def report_targets(summary: dict, console: Console) -> None:
     else:
         gold_gain = summary["gold_last"] - summary["gold_first"]
     checks = [
-        ("RM held-out pairwise accuracy", f"{accuracy:.1%}" if accuracy is not None else "n/a",
+        ("RM pairwise accuracy, held-out prompts", f"{accuracy:.1%}" if accuracy is not None else "n/a",
          f">= {RM_ACCURACY_TARGET:.0%}", accuracy is not None and accuracy >= RM_ACCURACY_TARGET),
         ("gold gain, final vs initial policy", f"{gold_gain:+.3f}", f">= +{GOLD_GAIN_TARGET}",
          gold_gain >= GOLD_GAIN_TARGET),

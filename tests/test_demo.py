@@ -84,7 +84,7 @@ def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
     assert rm_metrics["eval_pairs"] > 0
     accuracy = summary["rm_eval_accuracy"]
     assert accuracy == rm_metrics["eval_accuracy"] and 0.0 <= accuracy <= 1.0
-    assert targets["RM held-out pairwise accuracy"] == (accuracy >= RM_ACCURACY_TARGET)
+    assert targets["RM pairwise accuracy, held-out prompts"] == (accuracy >= RM_ACCURACY_TARGET)
 
     # Both policies were judged by the gold scorer on the held-out prompts. The
     # gold gain is not asserted: the full demo takes 60 updates to reach its
