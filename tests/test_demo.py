@@ -75,10 +75,10 @@ def test_quick_demo_runs_end_to_end_and_meets_its_targets(tmp_path):
 
     # The reward model's accuracy is its registry version's held-out measurement.
     # Not asserted against a threshold: at --quick size (at most 300 pairs, 15%
-    # held out, one epoch on a backbone pretrained for 20 s, so how far it
-    # gets depends on the machine's load) the held-out set is at most 45 pairs,
-    # a standard error of at least 0.075 around a chance-level 0.5, so neither
-    # the full demo's 85% nor a clear margin over chance would hold reliably.
+    # held out, one epoch on a backbone pretrained for PRETRAIN_STEPS steps)
+    # the held-out set is at most 45 pairs, a standard error of at least 0.075
+    # around a chance-level 0.5, so neither the full demo's target nor a clear
+    # margin over chance would hold reliably.
     registry_version = workdir / "models" / "rm-registry" / "sentiment-rm" / "v1"
     rm_metrics = json.loads((registry_version / "arbiter.json").read_text())["metrics"]
     assert rm_metrics["eval_pairs"] > 0
