@@ -244,9 +244,17 @@ def add_kl_flags(parser: argparse.ArgumentParser) -> None:
                              "as YAML), e.g. learning_rate=2e-4; named in the table's title")
 
 
-def add_learning_rate_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="every contender's learning rate, Arbiter's and TRL's alike (default: the demo's)")
+# bench-e2e's learning rate for every contender: a quarter of the demo's.
+# Session 9, single 60 s runs of Arbiter's PPO on one set of models: 5e-4
+# ended at KL 16.9 with gold +0.700, 1.25e-4 at 14.5 with +0.787; TRL's
+# contenders are run at the same rate.
+E2E_LEARNING_RATE = 1.25e-4
+
+
+def add_learning_rate_flag(parser: argparse.ArgumentParser, default: float | None = None) -> None:
+    shown = f"{default:g}" if default is not None else "the demo's"
+    parser.add_argument("--learning-rate", type=float, default=default,
+                        help=f"every contender's learning rate, Arbiter's and TRL's alike (default {shown})")
 
 
 def with_learning_rate(models, learning_rate: float | None):
@@ -664,7 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
                              "workers follow it); default: the demo's, 1")
     add_kl_flags(parser)
-    add_learning_rate_flag(parser)
+    add_learning_rate_flag(parser, E2E_LEARNING_RATE)
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")
