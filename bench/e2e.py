@@ -213,11 +213,11 @@ DEFAULT_KL_PENALTY = "loss"
 KL_ESTIMATOR = {"loss": "k3", "reward": "k1"}
 
 
-def kl_section(beta: float, penalty: str, target: float | None = None, horizon: int | None = None) -> dict:
+def kl_section(beta: float, penalty: str, target: float | None = None) -> dict:
     """The trainer's ``ppo.kl`` for a contender: β fixed, as TRL's, placed
     by ``penalty`` with its estimator (``KL_ESTIMATOR``); with a ``target``
     (nats/sample) Arbiter's adaptive controller instead (Ziegler et al. 2019),
-    starting from β, over ``horizon`` samples."""
+    starting from β, with the demo's horizon."""
     if penalty not in KL_ESTIMATOR:
         raise ValueError(f"kl_penalty {penalty!r}: one of {', '.join(KL_ESTIMATOR)}")
     section = {"mode": "fixed", "init_coef": beta, "penalty": penalty, "estimator": KL_ESTIMATOR[penalty]}
@@ -226,11 +226,14 @@ def kl_section(beta: float, penalty: str, target: float | None = None, horizon: 
             raise ValueError(f"kl_target {target}: must be > 0 (nats per sample)")
         from services.demo_models import DEMO_KL_HORIZON
 
-        section.update(mode="adaptive", target=target, horizon=horizon or DEMO_KL_HORIZON)
+        section.update(mode="adaptive", target=target, horizon=DEMO_KL_HORIZON)
     return section
 
 
-def add_kl_flags(parser: argparse.ArgumentParser) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, learning_rate: float | None = None) -> None:
+    """The training flags bench-e2e and bench-learning share: where the KL
+    acts and how β moves, trainer ppo overrides, and every contender's
+    learning rate (``learning_rate``: its default; None: the demo's)."""
     parser.add_argument("--kl-penalty", choices=tuple(KL_ESTIMATOR), default=DEFAULT_KL_PENALTY,
                         help="where Arbiter's β·KL acts (trainer ppo.kl.penalty): reward (β·k1 in each token's "
                              "reward, as TRL's PPO) or loss (β·mean k3 in the loss, as GRPO and TRL's GRPO); "
@@ -242,6 +245,9 @@ def add_kl_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppo-set", action="append", default=[], metavar="KEY=VALUE", type=ppo_setting,
                         help="a trainer ppo setting for every Arbiter RL contender (repeatable; the value is read "
                              "as YAML), e.g. learning_rate=2e-4; named in the table's title")
+    shown = f"{learning_rate:g}" if learning_rate is not None else "the demo's"
+    parser.add_argument("--learning-rate", type=float, default=learning_rate,
+                        help=f"every contender's learning rate, Arbiter's and TRL's alike (default {shown})")
 
 
 # bench-e2e's learning rate for every contender: a quarter of the demo's.
@@ -250,11 +256,6 @@ def add_kl_flags(parser: argparse.ArgumentParser) -> None:
 # contenders are run at the same rate.
 E2E_LEARNING_RATE = 1.25e-4
 
-
-def add_learning_rate_flag(parser: argparse.ArgumentParser, default: float | None = None) -> None:
-    shown = f"{default:g}" if default is not None else "the demo's"
-    parser.add_argument("--learning-rate", type=float, default=default,
-                        help=f"every contender's learning rate, Arbiter's and TRL's alike (default {shown})")
 
 
 def with_learning_rate(models, learning_rate: float | None):
@@ -274,11 +275,16 @@ def ppo_setting(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def kl_title(beta: float, kl_target: float | None) -> str:
+def training_title(args: argparse.Namespace) -> str:
+    """The table title's part for ``add_training_flags``' β and ppo overrides."""
     from services.demo_models import DEMO_KL_HORIZON
 
-    return (f"β {beta:g} fixed" if kl_target is None else
-            f"β {beta:g} (TRL fixed; Arbiter adaptive toward {kl_target:g} nats/sample, horizon {DEMO_KL_HORIZON})")
+    title = (f"β {args.beta:g} fixed" if args.kl_target is None else
+             f"β {args.beta:g} (TRL fixed; Arbiter adaptive toward {args.kl_target:g} nats/sample, horizon "
+             f"{DEMO_KL_HORIZON})")
+    if args.ppo_set:
+        title += "; Arbiter's ppo " + ", ".join(f"{key}={value}" for key, value in args.ppo_set)
+    return title
 
 
 def run_arbiter(algo: str, models, workdir: Path, seconds: float, beta: float,
@@ -626,10 +632,7 @@ def report(runs: list[Run], models, args, seconds: float, samples_per_prompt: in
     shared = training(models, args.beta)
     title = (f"End to end, {seconds:g} s of training each: {models.max_new_tokens} new tokens, group "
              f"{samples_per_prompt}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} "
-             f"epochs, lr {shared['learning_rate']:g}, {kl_title(args.beta, args.kl_target)}; "
-             f"{len(os.sched_getaffinity(0))} cores")
-    if args.ppo_set:
-        title += "; Arbiter's ppo " + ", ".join(f"{key}={value}" for key, value in args.ppo_set)
+             f"epochs, lr {shared['learning_rate']:g}, {training_title(args)}; {len(os.sched_getaffinity(0))} cores")
     how = method(seconds, args.repeats, args.snapshots)
     print_table(title, header, rows)
     console.print(how)
@@ -671,8 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-staleness", type=int, default=None,
                         help="the Arbiter trainer's ppo.max_staleness (policy versions a rollout may lag; the "
                              "workers follow it); default: the demo's, 1")
-    add_kl_flags(parser)
-    add_learning_rate_flag(parser, E2E_LEARNING_RATE)
+    add_training_flags(parser, E2E_LEARNING_RATE)
     parser.add_argument("--arbiter-worker", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the Arbiter stack's worker config (repeatable), e.g. "
                              "max_staleness=2")

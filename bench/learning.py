@@ -67,8 +67,8 @@ import time
 from pathlib import Path
 
 from bench.common import console, print_table
-from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_kl_flags, add_learning_rate_flag, fmt, kl_title,
-                       load_reward_model, markdown, prepared_models, reward_scores, run_arbiter, run_trl, training,
+from bench.e2e import (REPO, TRL_PPO_VENV, TRL_VENV, Run, add_training_flags, fmt, load_reward_model, markdown,
+                       prepared_models, reward_scores, run_arbiter, run_trl, training, training_title,
                        with_learning_rate)
 
 CONTENDERS = ("arbiter-ppo", "arbiter-rloo", "arbiter-grpo", "arbiter-a2c", "arbiter-nlpo", "arbiter-ilql",
@@ -435,8 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a smoke run: 15 s budgets, 32 held-out prompts x 2 samples judged (same models)")
     parser.add_argument("--eval-samples", type=int, help="judged samples per held-out prompt (default 4; --quick 2)")
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of every RL contender (fixed)")
-    add_kl_flags(parser)
-    add_learning_rate_flag(parser)
+    add_training_flags(parser)
     parser.add_argument("--ilql-beta", type=float, default=1.0,
                         help="ILQL's sampling β: logits + β·(min Q̂ − V) (default 1)")
     parser.add_argument("--ilql-learning-rate", type=float,
@@ -476,10 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = [n for n in CONTENDERS if n in (args.only or CONTENDERS)]
     title = (f"Learning, {seconds:g} s each, seeds 0..{args.seeds - 1}: {models.max_new_tokens} new tokens, group "
              f"{group}, batch {shared['batch_size']}/{shared['minibatch_size']} x {shared['epochs']} epochs, lr "
-             f"{shared['learning_rate']:g}, {kl_title(args.beta, args.kl_target)}; "
-             f"{len(os.sched_getaffinity(0))} cores")
-    if args.ppo_set:
-        title += "; Arbiter's ppo " + ", ".join(f"{key}={value}" for key, value in args.ppo_set)
+             f"{shared['learning_rate']:g}, {training_title(args)}; {len(os.sched_getaffinity(0))} cores")
     how = (f"Each cell: mean ± sample sd over the seeds. Judged on {len(prompts)} held-out prompts x {samples} samples "
            f"(one seeded sampler, temperature 1; ILQL through its heads at β {args.ilql_beta:g}): gold gain (VADER "
            f"over the initial policy), RM reward (raw score), KL to the reference (nats/sample), fluency (reference "

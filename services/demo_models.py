@@ -14,6 +14,7 @@ which makes over-optimization (Gao et al. 2022) visible.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import random
@@ -135,8 +136,6 @@ def rm_config(out: Path, quick: bool, seed: int = 0, **overrides: Any):
 
 def pretrain_steps_arg(text: str) -> int:
     """argparse type of the ``--pretrain-steps`` flags: an integer >= 1."""
-    import argparse
-
     try:
         steps = int(text)
     except ValueError:

@@ -145,6 +145,21 @@ def test_a_learning_rate_reaches_every_contender_through_the_shared_ppo_settings
         with_learning_rate(models, 0)
 
 
+def test_the_shared_training_flags_name_what_a_run_changed_in_its_title():
+    import argparse
+
+    from bench.e2e import add_training_flags, training_title
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--beta", type=float, default=0.05)
+    add_training_flags(parser, learning_rate=1.25e-4)
+    plain = parser.parse_args([])
+    assert (plain.learning_rate, training_title(plain)) == (1.25e-4, "β 0.05 fixed")
+    changed = parser.parse_args(["--kl-target", "8", "--ppo-set", "weight_decay=0", "--learning-rate", "5e-4"])
+    assert changed.learning_rate == 5e-4 and changed.ppo_set == [("weight_decay", 0)]
+    assert training_title(changed).endswith("adaptive toward 8 nats/sample, horizon 320); Arbiter's ppo weight_decay=0")
+
+
 def test_a_kl_target_hands_beta_to_the_adaptive_controller_with_the_demos_horizon():
     from services.demo_models import DEMO_KL_HORIZON
     from trainer.config import KLConfig
