@@ -21,7 +21,7 @@ from bench.common import QUICK_SECONDS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BENCHES = ("reward", "triton", "triton-policy", "policy", "reference", "ppo", "publish")
+BENCHES = ("reward", "triton", "triton-policy", "policy", "prefill", "reference", "ppo", "publish")
 # Run only when named (--only soak).
 EXTRA = ("soak",)
 TRITON_VENV = ".venv-triton"
@@ -69,6 +69,10 @@ def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int, soak_
         from bench import policy_bench
 
         return policy_bench.run(seconds=seconds, quick=quick)
+    if name == "prefill":
+        from bench import prefill_bench
+
+        return prefill_bench.run(seconds=seconds, quick=quick)
     if name == "reference":
         from bench import reference_bench
 

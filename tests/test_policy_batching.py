@@ -91,6 +91,52 @@ def test_rows_join_and_leave_a_running_batch(policy):
     assert all(row.logprobs == [0.0] * 3 and row.finish is FinishReason.LENGTH for row in c.rows)  # greedy
 
 
+def test_long_prompts_prefill_in_chunks_while_running_rows_decode(policy):
+    """With a budget of 8 prompt tokens a step, 4 rows of a 29-token prompt
+    prefill 2 columns a step (15 steps) while the running row samples a
+    token every step; a generation cancelled mid-prefill takes its rows out
+    of the group, the rest go on; every sample is what the same request
+    gives alone (prefilled in one forward), with the log-probs of the
+    distribution it was drawn from."""
+    batch = DecodeBatch(policy, max_rows=64, prefill_chunk_tokens=8)
+    a = start(policy, [SHORT], max_new_tokens=40, seed=1)
+    batch.step([a])  # 1 row x 2 columns: within the budget, prefilled at once
+    assert len(a.rows[0].ids) == 1
+    b = start(policy, [LONG], max_new_tokens=12, temperature=0.8, n=3, seed=2)
+    c = start(policy, [MEDIUM], max_new_tokens=12, seed=3)
+    batch.step([b, c])
+    c.cancel()
+    for expected in range(3, 16):
+        assert batch.prefilling_rows == 3 + (1 if expected == 3 else 0)
+        assert batch.step() == [a.rows[0]]  # only the running row samples
+        assert len(a.rows[0].ids) == expected and all(not row.ids for row in b.rows)
+    assert [len(row.ids) for row in b.rows] == [0, 0, 0]
+    stepped = batch.step()  # columns 28-29: the prompt is complete, b's rows join and sample
+    assert len(stepped) == 4 and batch.prefilling_rows == 0
+    assert all(len(row.ids) == 1 for row in b.rows) and not any(row.ids for row in c.rows)
+    assert batch.generations == 2
+    while not batch.empty:
+        batch.step()
+    for generation in (a, b):
+        params = generation.params
+        reference = alone(policy, generation)
+        for row, solo in zip(generation.rows, reference.rows, strict=True):
+            assert row.ids == solo.ids and row.finish == solo.finish
+            assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
+            forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
+                                                    params.top_p)
+            assert row.logprobs == pytest.approx(forced, abs=1e-4)
+
+
+def test_a_generation_cancelled_while_prefilling_leaves_nothing_behind(policy):
+    batch = DecodeBatch(policy, max_rows=8, prefill_chunk_tokens=4)
+    d = start(policy, [LONG], n=2, seed=4)
+    batch.step([d])
+    assert batch.generations == 1 and batch.prefilling_rows == 2 and not batch.empty
+    d.cancel()
+    assert batch.step() == [] and batch.empty and batch.allocated_tokens == 0
+
+
 # -- admission control, through a server ---------------------------------------
 
 # Two rows of 250 new tokens hold the batch (4 rows) while others queue.
@@ -159,3 +205,30 @@ def test_with_batching_off_requests_never_share_a_step(policy_dir):
         steps = sample_value(registry, "arbiter_policy_decode_batch_generations_count")
         assert steps >= 3 and sample_value(registry, "arbiter_policy_decode_batch_generations_sum") == steps
         assert all(len(r.samples) == 2 for r in results)
+
+
+def test_a_long_prompt_prefills_in_chunks_beside_a_running_stream(policy_dir, policy):
+    """Through a server with --prefill-chunk-tokens 4: 4 samples of an
+    87-token prompt joining a running stream prefill a column a step (the
+    gauge shows them; the batch-level test checks the stream's row samples
+    meanwhile) and come out as decoded alone."""
+    settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0,
+                              decoding=DecodingConfig(prefill_chunk_tokens=4))
+    prompt = " ".join([LONG] * 3)
+    with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
+        registry = server.running.registry
+        stream = client.generate_stream(MEDIUM, max_new_tokens=250, temperature=1.0, seed=1)
+        next(stream)
+        done = {}
+        waiter = threading.Thread(target=lambda: done.update(
+            response=client.generate([prompt], max_new_tokens=6, temperature=0.0, n=4)))
+        waiter.start()
+        wait_until(lambda: sample_value(registry, "arbiter_policy_prefilling_rows") == 4,
+                   what="the long prompt's 4 rows to be prefilling")
+        waiter.join(timeout=60)
+        stream.cancel()
+        assert sample_value(registry, "arbiter_policy_prefilling_rows") == 0
+    solo = start(policy, [prompt], max_new_tokens=6, temperature=0.0)
+    while not solo.done:
+        solo.step()
+    assert [list(s.completion_token_ids) for s in done["response"].samples] == [solo.rows[0].ids] * 4

@@ -104,6 +104,7 @@ def test_export_writes_a_decoupled_model_carrying_the_engine(repo, tiny_models, 
     assert config.output[2].data_type == model_config_pb2.TYPE_FP64
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert (params["arbiter_kind"], params["max_batch_rows"], params["max_batch_tokens"]) == ("policy", "256", "262144")
+    assert (params["continuous_batching"], params["prefill_chunk_tokens"]) == ("true", "2048")
     version = repo / MODEL / "1"
     assert (version / "engine" / "arbiter" / "policy" / "scheduler.py").read_text() == (
         ROOT / "arbiter" / "policy" / "scheduler.py").read_text()
@@ -112,6 +113,8 @@ def test_export_writes_a_decoupled_model_carrying_the_engine(repo, tiny_models, 
     # Export options are checked, naming the option.
     with pytest.raises(ConfigError, match="max_batch_rows=0"):
         ExportOptions(decoding=DecodingConfig(max_batch_rows=0))
+    with pytest.raises(ConfigError, match="prefill_chunk_tokens=-1.*must be >= 0"):
+        DecodingConfig(prefill_chunk_tokens=-1)
     done = subprocess.run(
         [sys.executable, "-m", "cli", "triton", "export", "--model", str(tiny_models["policy"]), "--kind", "policy",
          "--out", str(tmp_path), "--max-batch-tokens", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -21,7 +21,8 @@ runs Arbiter's own generation engine (continuous batching across Triton
 requests): its model file is ``triton_models/policy.py`` and the version
 carries a copy of the ``arbiter`` package (``N/engine/``), since Arbiter is
 not installed where Triton runs; the decoding budget (``--max-batch-rows``,
-``--max-batch-tokens``, ``--max-queued-generations``) is set at export.
+``--max-batch-tokens``, ``--max-queued-generations``, ``--prefill-chunk-tokens``)
+is set at export.
 
 ``--device`` and ``--dtype`` say how Triton runs the weights, in the words of
 a service's own flags (``arbiter.backends.placement``): the device becomes the
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from arbiter.backends import pad_token_id
@@ -207,12 +208,9 @@ def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kin
     signature = SIGNATURES[model_kind]
     if model_kind == "policy":
         decoding = options.decoding
-        parameters.update(
-            continuous_batching=str(decoding.continuous_batching).lower(),
-            max_batch_rows=str(decoding.max_batch_rows),
-            max_batch_tokens=str(decoding.max_batch_tokens),
-            max_queued_generations=str(decoding.max_queued_generations),
-        )
+        # Every DecodingConfig field, by name (the model file reads them back).
+        parameters.update({name: str(value).lower() if isinstance(value, bool) else str(value)
+                           for name, value in asdict(decoding).items()})
     params = "".join(
         f'parameters: {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
         for key, value in parameters.items()

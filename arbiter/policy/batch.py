@@ -5,6 +5,15 @@ Generations join at a step boundary (their prompts are prefilled in one
 forward and their rows added to the batch) and each row leaves the moment it
 finishes, so a long sample never holds a short one back.
 
+Chunked prefill: with ``prefill_chunk_tokens`` set, a step prefills at most
+that many prompt tokens (rows x padded columns) besides decoding the running
+rows, so long prompts joining cost the running rows a bounded delay per
+token instead of one long stall: the joiners of a step form a group whose
+left-padded prompts go through the model a chunk of columns per step, into a
+cache of their own, and join the batch when their last column is done.
+Chunks give the same keys, values and logits as one forward, up to float
+rounding.
+
 The KV cache is preallocated: per layer, keys and values of shape
 (row slots, heads, columns, head dim), grown and compacted by copying only
 when rows join or leave, never per token (a ``DynamicCache`` re-concatenates
@@ -45,13 +54,18 @@ _MIN_ROW_SLOTS = 4
 class DecodeBatch:
     """Not thread-safe: ``step`` runs on the model thread, one call at a time."""
 
-    def __init__(self, policy: PolicyModel, max_rows: int, mask_policy: PolicyModel | None = None):
+    def __init__(self, policy: PolicyModel, max_rows: int, mask_policy: PolicyModel | None = None,
+                 prefill_chunk_tokens: int = 0):
         self.policy = policy
         # The masking policy (NLPO) of every row here, or None: no second forward.
         self.mask_policy = mask_policy
         self._policy_layers = 0  # layers [0, this) of the buffers are the policy's, the rest the mask's
         self.max_rows = max_rows
+        # Prompt tokens prefilled per step, over all groups (0: no bound).
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.rows: list[Row] = []
+        # Groups of joiners whose prompts are still being prefilled, oldest first.
+        self._prefilling: list[_Prefill] = []
         self.device = next(policy.model.parameters()).device
         self._keys: list = []
         self._values: list = []
@@ -61,11 +75,23 @@ class DecodeBatch:
 
     @property
     def empty(self) -> bool:
-        return not self.rows
+        return not self.rows and not self._prefilling
+
+    @property
+    def members(self) -> dict[int, Generation]:
+        """Every generation here, decoding or still prefilling, by id."""
+        found = {id(row.generation): row.generation for row in self.rows}
+        for group in self._prefilling:
+            found.update((id(row.generation), row.generation) for row in group.rows)
+        return found
 
     @property
     def generations(self) -> int:
-        return len({id(row.generation) for row in self.rows})
+        return len(self.members)
+
+    @property
+    def prefilling_rows(self) -> int:
+        return sum(len(group.rows) for group in self._prefilling)
 
     @property
     def allocated_tokens(self) -> int:
@@ -73,21 +99,24 @@ class DecodeBatch:
         return 0 if self._mask is None else self._mask.shape[0] * self._mask.shape[1]
 
     def step(self, joining: Sequence[Generation] = ()) -> list[Row]:
-        """One forward for the rows already here (their next token), one for
-        ``joining`` (their prompts), one sampled token for each of them.
-        Rows of cancelled generations leave first; finished rows leave after.
-        Returns the rows that sampled a token."""
+        """One forward for the rows already here (their next token), one per
+        group of joiners prefilled this step (``joining`` starts a group),
+        one sampled token for each row decoded and each row whose prompt is
+        now complete. Rows of cancelled generations leave first; finished
+        rows leave after. Returns the rows that sampled a token."""
         import torch
 
         # The buffers are inference tensors: every update of them in here.
         with torch.inference_mode():
             self._leave([row for row in self.rows if row.generation.cancelled])
+            self._drop_cancelled_prefills()
+            joined = [row for generation in joining for row in generation.rows]
+            if joined:
+                self._prefilling.append(_Prefill(self, joined))
             outputs = []
             if self.rows:
                 outputs.append(self._decode())
-            joined = [row for generation in joining for row in generation.rows]
-            if joined:
-                outputs.append(self._prefill(joined))
+            outputs.extend(self._advance_prefills())
             if not outputs:
                 return []
             stepped = list(self.rows)
@@ -101,6 +130,12 @@ class DecodeBatch:
         return stepped
 
     def release(self) -> None:
+        """Everything out: rows, groups still prefilling and the cache."""
+        self.rows.clear()
+        self._prefilling.clear()
+        self._free_cache()
+
+    def _free_cache(self) -> None:
         self._keys, self._values, self._mask = [], [], None
         self._start = self._end = 0
 
@@ -127,32 +162,44 @@ class DecodeBatch:
             row.position += 1
         return logits[:, -1, :], mask_logits
 
-    def _prefill(self, joined: list[Row]):
-        import torch
-        from transformers import DynamicCache
+    def _advance_prefills(self) -> list:
+        """A chunk of each group's prompts, oldest group first, within the
+        step's token budget (the oldest group always advances a column);
+        the groups whose last column is done join the batch. Returns their
+        (logits, mask logits) at the last prompt position, in joining order."""
+        budget = self.prefill_chunk_tokens or None
+        outputs = []
+        for group in list(self._prefilling):
+            if budget is not None and budget <= 0:
+                break
+            remaining = group.width - group.done
+            columns = remaining if budget is None else min(remaining, max(1, budget // len(group.rows)))
+            if budget is not None:
+                budget -= columns * len(group.rows)
+            logits = group.advance(columns)
+            if group.done == group.width:
+                self._prefilling.remove(group)
+                outputs.append(self._join(group, *logits))
+        return outputs
 
-        width = max(len(row.prompt_ids) for row in joined)
-        input_ids = torch.full((len(joined), width), self.policy.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(joined), width), dtype=torch.long)
-        for r, row in enumerate(joined):
-            input_ids[r, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            mask[r, width - len(row.prompt_ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        # A left-padded row's first real token is position 0, as unpadded.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # A plain full-length cache whatever the model's config says: its
-        # columns are copied into the slots below.
-        logits, cache = forward_step(self.policy.model, input_ids, mask, positions, cache=DynamicCache(),
-                                     last_only=True)
-        layers, mask_logits = list(cache.layers), None
-        if self.mask_policy is not None:
-            mask_logits, mask_cache = forward_step(self.mask_policy.model, input_ids, mask, positions,
-                                                   cache=DynamicCache(), last_only=True)
-            mask_logits = mask_logits[:, -1, :]
-            layers += mask_cache.layers
+    def _drop_cancelled_prefills(self) -> None:
+        for group in list(self._prefilling):
+            kept = [r for r, row in enumerate(group.rows) if not row.generation.cancelled]
+            if not kept:
+                self._prefilling.remove(group)
+            elif len(kept) < len(group.rows):
+                group.select(kept)
+
+    def _join(self, group: _Prefill, logits, mask_logits):
+        """A group whose prompts are prefilled: its cache columns copied into
+        slots ending at the write column, its rows into the batch."""
+        joined, width, mask = group.rows, group.width, group.mask
+        layers = list(group.cache.layers)
+        if group.mask_cache is not None:
+            layers += group.mask_cache.layers
         first, count = len(self.rows), len(self.rows) + len(joined)
         if self._mask is None:
-            self._policy_layers = len(cache.layers)
+            self._policy_layers = len(group.cache.layers)
             self._allocate(layers, count, width, _ahead(joined))
         else:
             self._ensure(count, width, _ahead([*self.rows, *joined]))
@@ -167,7 +214,7 @@ class DecodeBatch:
             row.start_col = lo
         self._start = min(self._start, lo) if self.rows else lo
         self.rows.extend(joined)
-        return logits[:, -1, :], mask_logits
+        return logits, mask_logits
 
     # -- the slots ---------------------------------------------------------
 
@@ -236,7 +283,62 @@ class DecodeBatch:
         if self.rows:
             self._start = min(row.start_col for row in self.rows)
         else:
-            self.release()
+            self._free_cache()
+
+
+class _Prefill:
+    """Rows that joined in one step, their prompts left-padded to the
+    longest (``width`` columns) and prefilled ``done`` columns so far, into
+    a plain full-length cache of their own (and the masking policy's)
+    whatever the model's config says: its columns are copied into the
+    batch's slots when the last one is done."""
+
+    def __init__(self, batch: DecodeBatch, rows: list[Row]):
+        import torch
+        from transformers import DynamicCache
+
+        self.batch = batch
+        self.rows = rows
+        self.width = max(len(row.prompt_ids) for row in rows)
+        ids = torch.full((len(rows), self.width), batch.policy.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), self.width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, self.width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            mask[r, self.width - len(row.prompt_ids) :] = 1
+        self.ids, self.mask = ids.to(batch.device), mask.to(batch.device)
+        # A left-padded row's first real token is position 0, as unpadded.
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.done = 0
+        self.cache = DynamicCache()
+        self.mask_cache = None if batch.mask_policy is None else DynamicCache()
+
+    def advance(self, columns: int):
+        """The next ``columns`` prompt columns through the model(s); the
+        (logits, mask logits) at the last one (only meaningful once it is
+        the prompt's last)."""
+        lo, hi = self.done, self.done + columns
+        ids, window, positions = self.ids[:, lo:hi], self.mask[:, :hi], self.positions[:, lo:hi]
+        logits, self.cache = forward_step(self.batch.policy.model, ids, window, positions, cache=self.cache,
+                                          last_only=True)
+        mask_logits = None
+        if self.mask_cache is not None:
+            mask_logits, self.mask_cache = forward_step(self.batch.mask_policy.model, ids, window, positions,
+                                                        cache=self.mask_cache, last_only=True)
+            mask_logits = mask_logits[:, -1, :]
+        self.done = hi
+        return logits[:, -1, :], mask_logits
+
+    def select(self, kept: list[int]) -> None:
+        """Only rows ``kept`` (indices) go on (the others' generations were
+        cancelled); the padded width stays, so what is done stays valid."""
+        import torch
+
+        index = torch.tensor(kept, dtype=torch.long, device=self.ids.device)
+        self.rows = [self.rows[r] for r in kept]
+        self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
+        for cache in (self.cache, self.mask_cache):
+            if cache is not None and cache.get_seq_length() > 0:
+                cache.batch_select_indices(index)
 
 
 def _joined(parts: list):

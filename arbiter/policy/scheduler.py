@@ -5,7 +5,9 @@ step boundary while the KV-cache budget has room for them (rows and
 reserved tokens, ``DecodingConfig``); each loop iteration is one call on the
 model thread that advances every version's batch by one token (one forward
 per version present, so no sample ever mixes weights), then hands the
-tokens to the waiting requests on the event loop. A generation that can
+tokens to the waiting requests on the event loop. Joining prompts are
+prefilled at most ``prefill_chunk_tokens`` a step, beside the decoding rows
+(chunked prefill, ``arbiter.policy.batch``). A generation that can
 never fit the budget is refused before it queues; one that finds the queue
 full is refused with a retryable error.
 
@@ -59,10 +61,17 @@ class DecodingConfig:
         help="KV-cache tokens reserved at once: each sample's prompt plus its max_new_tokens, summed"))
     max_queued_generations: int = field(default=256, metadata=flag(
         help="requests waiting for room in the batch; more are refused (UNAVAILABLE, retryable)"))
+    # Chunked prefill: what one step spends on joining prompts, so running
+    # rows wait a bounded time per token however long the prompts that join.
+    prefill_chunk_tokens: int = field(default=2048, metadata=flag(
+        help="prompt tokens (samples x padded prompt columns) prefilled per decoding step; longer joins are "
+             "prefilled over several steps while running samples keep decoding. 0: each join in one forward"))
 
     def __post_init__(self) -> None:
         for name in ("max_batch_rows", "max_batch_tokens", "max_queued_generations"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        require(self.prefill_chunk_tokens >= 0, "prefill_chunk_tokens", "must be >= 0 (0: no chunking)",
+                self.prefill_chunk_tokens)
 
 
 class DecodeObserver(Protocol):
@@ -74,6 +83,9 @@ class DecodeObserver(Protocol):
 
     # The KV-cache budget in use: rows, reserved tokens, generations admitted.
     def on_budget(self, rows: int, tokens: int, generations: int) -> None: ...
+
+    # Admitted rows whose prompts are still being prefilled (chunked prefill).
+    def on_prefilling(self, rows: int) -> None: ...
 
     # Generations waiting for room in the batch.
     def on_queue_depth(self, depth: int) -> None: ...
@@ -260,7 +272,8 @@ class DecodeScheduler:
             mask = None if generation.mask is None else generation.mask.policy
             key = (generation.policy, mask) if cfg.continuous_batching else generation
             if key not in self._batches:
-                self._batches[key] = DecodeBatch(generation.policy, cfg.max_batch_rows, mask)
+                self._batches[key] = DecodeBatch(generation.policy, cfg.max_batch_rows, mask,
+                                                 cfg.prefill_chunk_tokens)
             joining.setdefault(key, []).append(generation)
         self._observer.on_queue_depth(len(self._queue))
         return [(batch, joining.get(key, [])) for key, batch in self._batches.items()]
@@ -290,6 +303,7 @@ class DecodeScheduler:
         for key in [key for key, batch in self._batches.items() if batch.empty]:
             del self._batches[key]
         self._observer.on_budget(self._rows, self._tokens, len(self._tickets))
+        self._observer.on_prefilling(sum(batch.prefilling_rows for batch in self._batches.values()))
 
     def _leave(self, ticket: Ticket) -> None:
         generation = ticket.generation
@@ -324,7 +338,7 @@ def _run_steps(work: Sequence[tuple[DecodeBatch, list[Generation]]], interrupted
         for (batch, joining), result in zip(work, results, strict=True):
             if result.error is not None:
                 continue
-            present = {id(row.generation): row.generation for row in batch.rows}
+            present = batch.members
             result.generations.update(present)
             # Rows of a cancelled generation leave in this step: its budget frees on the loop.
             needs_loop = needs_loop or any(g.cancelled for g in present.values())
@@ -334,7 +348,6 @@ def _run_steps(work: Sequence[tuple[DecodeBatch, list[Generation]]], interrupted
             except Exception as err:  # noqa: BLE001 - reported to the generations' callers, logged on the loop
                 result.generations.update((id(g), g) for g in joining)
                 batch.release()
-                batch.rows.clear()
                 result.error = err
                 needs_loop = True
                 continue

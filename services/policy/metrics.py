@@ -41,6 +41,11 @@ class PolicyMetrics(RpcMetrics):
             "arbiter_policy_kv_reserved_tokens",
             "KV-cache tokens reserved by admitted generations (prompt + max_new_tokens per row).", registry=registry,
         )
+        self.prefilling_rows = Gauge(
+            "arbiter_policy_prefilling_rows",
+            "Admitted samples (rows) whose prompts are still being prefilled, a chunk a step (--prefill-chunk-tokens).",
+            registry=registry,
+        )
         self.step_generations = Histogram(
             "arbiter_policy_decode_batch_generations", "Generations (requests) whose rows shared one decoding step.",
             buckets=BATCH_BUCKETS, registry=registry,
@@ -81,6 +86,9 @@ class PolicyMetrics(RpcMetrics):
         self.active_rows.set(rows)
         self.reserved_tokens.set(tokens)
         self.active_generations.set(generations)
+
+    def on_prefilling(self, rows: int) -> None:
+        self.prefilling_rows.set(rows)
 
     def set_versions(self, active: str | None, loaded: list[str], removed: list[str] = ()) -> None:
         # The engine also unloads old versions by itself after a swap; drop

@@ -70,6 +70,9 @@ class _Observer:
     def on_queue_depth(self, depth):
         pass
 
+    def on_prefilling(self, rows):
+        pass
+
 
 class RequestError(ValueError):
     def __init__(self, code, message):
@@ -124,6 +127,7 @@ class TritonPythonModel:
             max_batch_rows=int(params["max_batch_rows"]),
             max_batch_tokens=int(params["max_batch_tokens"]),
             max_queued_generations=int(params["max_queued_generations"]),
+            prefill_chunk_tokens=int(params["prefill_chunk_tokens"]),
         )
         self.ResolvedSampling = ResolvedSampling
         self.finish_codes = FINISH_CODES
