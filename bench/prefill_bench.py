@@ -104,7 +104,7 @@ def run(seconds: float = 8.0, settings=(0, 2048, 512), streams: int = 8, stream_
     from arbiter.v1 import policy_pb2
 
     if quick:
-        seconds, rounds, long_prompts = QUICK_SECONDS, 1, 2
+        seconds, rounds, long_prompts, settings = QUICK_SECONDS, 1, 2, settings[:2]
     per_slice = seconds / rounds
     warmup_s = min(1.0, per_slice / 4)
     results: dict[int, list[dict]] = {s: [] for s in settings}

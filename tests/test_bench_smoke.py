@@ -1,5 +1,5 @@
-"""The benchmarks run (``make bench`` would not rot unnoticed): the policy and
-reference benchmarks at ``--quick`` print their tables and finite ratios.
+"""The benchmarks run (``make bench`` would not rot unnoticed): the policy,
+reference and prefill benchmarks at ``--quick`` print their tables and finite ratios.
 Nothing here is about speed."""
 
 import json
@@ -36,3 +36,19 @@ def test_quick_policy_and_reference_benchmarks_print_tables_with_finite_ratios(t
     assert set(reference["service_vs_in_process_same_batch"]) == {"1", "8", "32"}
     numbers = finite_numbers(summary)
     assert numbers and all(math.isfinite(x) and x > 0 for x in numbers)
+
+
+def test_quick_prefill_benchmark_compares_chunked_prefill_with_none(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--only", "prefill", "--json", str(summary_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=150,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Chunked prefill" in result.stdout and "off (each join in one forward)" in result.stdout
+    prefill = json.loads(summary_path.read_text())["prefill"]
+    assert set(prefill["settings"]) == {"0", "2048"}
+    assert prefill["tokens_per_s_vs_off"]["0"] == 1.0
+    for setting in prefill["settings"].values():
+        assert setting["long_requests"] >= 1 and setting["stream_tokens_per_s"] > 0
+        assert all(math.isfinite(setting[k]) and setting[k] > 0 for k in ("gap_p99_ms", "tokens_per_s"))
