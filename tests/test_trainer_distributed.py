@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -74,6 +75,28 @@ def _rank_update(rank, world, port, parallel, model_dir, out, batch):
         distributed.shutdown()
 
 
+def run_ranks(fn, args, nprocs, timeout_s=180.0):
+    """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes; fail (and kill
+    them) if they are not all done within ``timeout_s``.
+
+    Spawned, not forked: by now this process has gRPC, Kafka and asyncio
+    threads from earlier tests, and a child forked while one of them holds a
+    lock can wait on it forever. The deadline and the kill keep a hung rank
+    from outliving its test: multiprocessing joins live children at exit, so
+    an orphan would hold the whole run open."""
+    context = torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{nprocs} ranks did not finish within {timeout_s:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+
 @pytest.fixture(scope="module")
 def one_process_update(tiny_models, tmp_path_factory):
     """The batch (8 uneven rollouts) and what one process's update makes of
@@ -95,11 +118,8 @@ def one_process_update(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_make_the_one_process_update(tiny_models, tmp_path, parallel, one_process_update):
     batch, before, expected, record = one_process_update
-    # Forked: the ranks get this batch itself (the same rollouts, ids and all).
-    torch.multiprocessing.start_processes(
-        _rank_update, args=(2, free_port(), parallel, tiny_models["policy"], tmp_path, batch), nprocs=2,
-        start_method="fork",
-    )
+    # The ranks get this batch itself, pickled (the same rollouts, ids and all).
+    run_ranks(_rank_update, (2, free_port(), parallel, tiny_models["policy"], tmp_path, batch), nprocs=2)
     distributed = torch.load(tmp_path / "params.pt")
     assert distributed.keys() == expected.keys()
     worst = max(float((distributed[k] - expected[k].detach()).abs().max()) for k in expected)
