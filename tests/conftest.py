@@ -106,3 +106,13 @@ def triton_server(triton_repo, tmp_path_factory):
     server.start(timeout_s=300)
     yield server
     server.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A child process a failed test left running must not hold the run open:
+    multiprocessing joins its live children when the interpreter exits."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
