@@ -61,25 +61,44 @@ def samples(response):
              s.finish_reason, s.policy_version) for s in response.samples]
 
 
-def peak_generations(control, *prompts, max_new_tokens=24):
+def peak_generations(control, *prompts, max_new_tokens=24, joiners=(), joiner_new_tokens=24):
     """Straight to Triton, concurrently: each request's PEAK_GENERATIONS (the
-    most requests in the decoding batch at once while it ran)."""
+    most requests in the decoding batch at once while it ran). ``joiners``
+    are sent once the first request is decoding (its first step, streamed,
+    has come back), and their peaks follow the others'."""
     import asyncio
 
     from arbiter.backends.signatures import POLICY, GenerationRequest
 
-    async def one(i, ids):
-        request = GenerationRequest(prompts=[ids], max_new_tokens=max_new_tokens, temperature=1.0, top_k=0,
-                                    top_p=1.0, n=2, seed=i)
-        peaks = []
+    def generation(i, ids, new_tokens, stream, n=2):
+        return GenerationRequest(prompts=[ids], max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                                 n=n, seed=i, stream=stream)
+
+    async def one(request, decoding=None):
+        peaks, finished = [], []
         async for out in control.stream_async(1, POLICY.pack(request, 0), ["FINISH", "PEAK_GENERATIONS"],
-                                               lambda: True):
+                                               lambda: len(finished) == request.n):
             peaks.append(int(out["PEAK_GENERATIONS"][0]))
+            finished += [code for code in out["FINISH"] if code]
+            if decoding is not None:
+                decoding.set()
         return peaks[-1]
 
+    async def later(decoding):
+        await decoding.wait()
+        return await asyncio.gather(*(one(generation(100 + i, ids, joiner_new_tokens, False))
+                                      for i, ids in enumerate(joiners)))
+
     async def main():
+        decoding = asyncio.Event()
         try:
-            return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+            # With joiners, the first request has 8 samples and lasts until its
+            # longest ends (240 steps here): long enough for them to join it.
+            first = one(generation(0, prompts[0], max_new_tokens, bool(joiners), 8 if joiners else 2), decoding)
+            *peaks, joined = await asyncio.gather(
+                first, *(one(generation(i, ids, max_new_tokens, False)) for i, ids in enumerate(prompts[1:], 1)),
+                later(decoding))
+            return peaks + list(joined)
         finally:
             await control.aclose_stream_client()
 
@@ -182,7 +201,12 @@ def test_concurrent_requests_share_decoding_steps_inside_triton(control, stub):
     """Requests arriving through Triton's execute join the running decoding
     batch inside Triton, and a seeded request gives what it gives alone."""
     assert peak_generations(control, [5, 6, 7]) == [1]
-    assert max(peak_generations(control, *([5, 6, 7 + i] for i in range(6)))) >= 2
+    # Once a long request is decoding (its first step has streamed back),
+    # five more are sent: they join its batch, whatever the machine's load
+    # (sent at once with it, each could finish before the next arrived).
+    long, *joined = peak_generations(control, [5, 6, 7], max_new_tokens=240,
+                                     joiners=[[5, 6, 8 + i] for i in range(5)])
+    assert long >= 2 and max(joined) >= 2, (long, joined)
     alone = [samples(stub.Generate(request(f"prompt {i}", n=2, temperature=1.0, seed=i, max_new_tokens=24),
                                    timeout=60)) for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
