@@ -61,11 +61,11 @@ def samples(response):
              s.finish_reason, s.policy_version) for s in response.samples]
 
 
-def peak_generations(control, *prompts, max_new_tokens=24, joiners=(), joiner_new_tokens=24):
+def peak_generations(control, *prompts, max_new_tokens=24, joiners=()):
     """Straight to Triton, concurrently: each request's PEAK_GENERATIONS (the
     most requests in the decoding batch at once while it ran). ``joiners``
-    are sent once the first request is decoding (its first step, streamed,
-    has come back), and their peaks follow the others'."""
+    (24 new tokens each) are sent once the first request is decoding (its
+    first step, streamed, has come back), and their peaks follow the others'."""
     import asyncio
 
     from arbiter.backends.signatures import POLICY, GenerationRequest
@@ -86,7 +86,7 @@ def peak_generations(control, *prompts, max_new_tokens=24, joiners=(), joiner_ne
 
     async def later(decoding):
         await decoding.wait()
-        return await asyncio.gather(*(one(generation(100 + i, ids, joiner_new_tokens, False))
+        return await asyncio.gather(*(one(generation(100 + i, ids, 24, False))
                                       for i, ids in enumerate(joiners)))
 
     async def main():
