@@ -50,10 +50,15 @@ def test_concurrent_requests_coalesce_into_one_batch(executor):
     """The first runs at once on the idle model; the nine sent with it,
     queued while it runs, share the next batch."""
     model = Recorder()
+    model.gate.clear()  # holds the first batch in the model until the nine are queued
     batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=64, max_queue_delay_ms=50.0), executor)
 
     async def main():
-        results = await asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+        pending = asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+        await wait_until_async(lambda: model.entered.is_set() and batcher.queue_depth == 9,
+                               what="the first item in the model and nine queued behind it")
+        model.gate.set()
+        results = await pending
         await batcher.close()
         return results
 
@@ -173,6 +178,30 @@ def test_model_failure_fails_that_batch_only(executor):
     run(main())
 
 
+def test_a_stopped_model_thread_fails_queued_requests_with_shutting_down():
+    """The executor is shut down while a batch runs: the request queued
+    behind it gets ShuttingDown (retryable), not a wait that never ends."""
+    model = Recorder()
+    model.gate.clear()
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8), pool)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit([1]))
+        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
+        queued = asyncio.create_task(batcher.submit([2]))
+        await wait_until_async(lambda: batcher.queue_depth == 1, what="the second item to queue")
+        pool.shutdown(wait=False)
+        model.gate.set()
+        assert await first == [10]
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(queued, 30)
+        await asyncio.wait_for(batcher.close(), 30)
+
+    run(main())
+    pool.shutdown(wait=True)
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchingConfig(max_batch_size=0)
@@ -207,6 +236,31 @@ def test_idle_model_runs_a_lone_item_at_once_and_later_arrivals_form_the_next_ba
 
     run(main())
     assert model.batches == [[1], [2], [3, 4, 5]]
+
+
+def test_the_model_thread_starts_the_next_batch_while_the_loop_is_busy(executor):
+    """When a pass ends, the model thread forms the next batch from the queue
+    itself: here the event loop is blocked outright (as a loop answering the
+    callers just served holds the GIL), and the queued item still enters the
+    model."""
+    model = Recorder()
+    model.gate.clear()
+    batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8), executor)
+
+    async def main():
+        first = asyncio.create_task(batcher.submit([1]))
+        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
+        second = asyncio.create_task(batcher.submit([2]))
+        await wait_until_async(lambda: batcher.queue_depth == 1, what="the second item to queue")
+        model.entered.clear()
+        model.gate.set()
+        # Blocks the loop thread: nothing on the loop can start the second batch.
+        assert model.entered.wait(timeout=30), "the second batch waited for the event loop"
+        assert await first == [10] and await second == [20]
+        await batcher.close()
+
+    run(main())
+    assert model.batches == [[1], [2]]
 
 
 def test_remote_model_waits_for_a_batch_to_fill_only_while_one_is_in_flight():
