@@ -503,32 +503,44 @@ class DynamicBatcher(Generic[T, R]):
             self._post(self._idle.set)
 
     def _serve(self, batch: list[_Pending[T]], longest: int) -> None:
-        """On the model thread: run a batch, post its results to the loop,
-        then form the next batch from what queued meanwhile and hand it on.
+        """On the model thread: run a batch; then form the next from what
+        queued meanwhile and hand it on, before the results go to the loop.
         Forming it here rather than on the loop keeps the model busy: the
         loop thread, answering the callers just served, holds the GIL that a
-        waking model thread needs. The next batch goes through the executor,
-        behind any other version's work queued there, not straight into a pass."""
+        waking model thread needs. And this thread's bookkeeping is done
+        before the loop wakes, so the two do not contend for the GIL then
+        (a lone caller's answer would wait for it). The next batch goes
+        through the executor, behind any other version's work queued there."""
+        results: Sequence[R] | None = None
+        error: Exception | None = None
         try:
             results, wall, cost = self._timed([p.item for p in batch])
         except Exception as err:
-            self._post(_fail, batch, err)
+            error = err
         else:
-            self._post(_deliver, batch, results)
             self._observer.on_batch(len(batch), wall)
             self._caps_changed(self.sizer.record(len(batch), longest, cost, sum(p.tokens for p in batch)))
         finally:
             with self._lock:
                 self._in_flight -= 1
-                batch, longest = self._take_batch()
-                if batch:
+                following, following_longest = self._take_batch()
+                if following:
                     self._in_flight += 1
                 depth = self._depth()
             self._observer.on_queue_depth(depth)
-            if batch:
-                self._hand_to_model(batch, longest)
-            else:
-                self._post(self._idle.set)
+            if following:
+                self._hand_to_model(following, following_longest)
+            self._post(self._settle_batch, batch, results, error, not following)
+
+    def _settle_batch(self, batch: list[_Pending[T]], results: Sequence[R] | None, error: Exception | None,
+                      idle: bool) -> None:
+        """On the loop: a batch's outcome to its callers."""
+        if results is None:  # the pass raised (or was interrupted: the model thread is going away)
+            _fail(batch, error or ShuttingDown("the model pass was interrupted; retry"))
+        else:
+            _deliver(batch, results)
+        if idle:
+            self._idle.set()
 
     def _post(self, callback: Callable, *args) -> None:
         """``callback(*args)`` on the loop, from the model thread."""
