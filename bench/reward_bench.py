@@ -11,6 +11,12 @@ Alongside, the RPC floor: the same clients and requests against a no-op
 answer them at, so the table shows how much of the gap to (a) is the RPC
 itself (at 1 client, a round trip of Python gRPC client and server on top of
 every forward pass).
+Each service path runs in ``processes`` processes (default 2), its slices
+taking turns among them: identical processes of one service differ in speed
+by up to ~15 %, persistently (measured here: four identical reward services,
+128-token items at 1 client, 30.4 to 40.7 items/s, each the same on a second
+pass: where its pages landed, not the code), so a path measured on a single
+process carries that luck into every ratio.
 The goal, per cell: the service with dynamic batching (``auto`` batch sizes
 up to 32) at >= 0.95x the better of (a) and (b), and at 1 client a p50
 within 0.5 ms of (b)'s. Clients send one item per request (many small
@@ -21,6 +27,7 @@ process as deployed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import tempfile
 import time
@@ -134,40 +141,47 @@ def service_args(kind: str, model_dir: Path, threads: int, batch_size: int, *ext
 
 def run_one(
     model_dir: Path, seconds: float, clients_list=(1, 8, 32, 64), threads: int = 1, batch_size: int = 32,
-    tokens: int = 128, rounds: int = 2,
+    tokens: int = 128, rounds: int = 2, processes: int = 2,
 ) -> dict:
     """Per client count, (a) the in-process batched forward, the service with
     dynamic batching, and (b) the service with batching off run in alternating
-    slices, so machine load falls on all three alike."""
+    slices, so machine load falls on all three alike; each service's slices
+    take turns among its ``processes`` processes."""
     from arbiter.net import free_port
 
     texts = make_texts(512, tokens)
+    rounds = max(rounds, processes)  # every process serves a slice of every cell
     per_slice = seconds / rounds
     warmup_s = min(1.0, per_slice / 4)
     cells = []
-    metrics_port = free_port()
-    metrics = ServiceMetrics(metrics_port)
-    with (ServiceProcess(service_args("reward", model_dir, threads, batch_size, "--metrics-port", str(metrics_port)),
-                         wait=False) as batched,
-          ServiceProcess(service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"),
-                         wait=False) as off,
-          ServiceProcess([], command=["bench.rpc_floor"], wait=False) as floor):
-        batched.wait_ready()
-        off.wait_ready()
-        floor.wait_ready()
+    metrics_ports = [free_port() for _ in range(processes)]
+    metrics = [ServiceMetrics(port) for port in metrics_ports]
+    with contextlib.ExitStack() as stack:
+        batched = [stack.enter_context(ServiceProcess(
+            service_args("reward", model_dir, threads, batch_size, "--metrics-port", str(port)), wait=False))
+            for port in metrics_ports]
+        off = [stack.enter_context(ServiceProcess(
+            service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"), wait=False))
+            for _ in range(processes)]
+        floor = stack.enter_context(ServiceProcess([], command=["bench.rpc_floor"], wait=False))
+        for service in (*batched, *off, floor):
+            service.wait_ready()
         for clients in clients_list:
             limit, on, unbatched, no_op = [], [], [], []
-            items_before, batches_before = metrics.batches()
-            for _ in range(rounds):
+            before = [m.batches() for m in metrics]
+            for turn in range(rounds):
                 limit.append(in_process(model_dir, texts, min(clients, batch_size), per_slice, threads))
-                on.append(asyncio.run(_drive(batched.target, texts, clients, per_slice, warmup_s)))
-                unbatched.append(asyncio.run(_drive(off.target, texts, clients, per_slice, warmup_s)))
+                on.append(asyncio.run(_drive(batched[turn % processes].target, texts, clients, per_slice, warmup_s)))
+                unbatched.append(asyncio.run(_drive(off[turn % processes].target, texts, clients, per_slice,
+                                                    warmup_s)))
                 # A quarter of the time: a no-op answers thousands a second, enough to count.
                 no_op.append(asyncio.run(_drive(floor.target, texts, clients, per_slice / 4, warmup_s / 4)))
-            items, batches = metrics.batches()
-            mean_batch = (items - items_before) / max(1.0, batches - batches_before)
-            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op)))
-        caps = metrics.caps()
+            after = [m.batches() for m in metrics]
+            items = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+            batches = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+            cells.append((clients, merge(limit), merge(on), merge(unbatched), items / max(1.0, batches),
+                          merge(no_op)))
+        caps = metrics[0].caps()
     rows = []
     versus_better, p50_delta_ms, floors = {}, {}, {}
     for clients, a, m, b, mean_batch, f in cells:
@@ -187,8 +201,9 @@ def run_one(
             ])
     print_table(
         f"Reward scoring, {tokens}-token items, one per request, model {BENCH_MODEL}, torch threads {threads}, "
-        f"batch sizes auto up to {batch_size} (caps chosen, tokens: cap: {caps}), {seconds:g}s per path per cell in "
-        f"{rounds} alternating slices (latency of (a): per batch; RPC floor: items/s of the same clients and "
+        f"batch sizes auto up to {batch_size} (caps chosen by the first process, tokens: cap: {caps}), {seconds:g}s per "
+        f"path per cell in {rounds} alternating slices, each service path's slices taking turns among {processes} "
+        f"processes (latency of (a): per batch; RPC floor: items/s of the same clients and "
         f"requests against a no-op Score, a quarter of the time). Goals: dynamic batching >= {GOAL_VS_BETTER}x the "
         f"better of (a) and (b) in every cell; at 1 client its p50 within {GOAL_P50_MS_AT_1} ms of (b)'s",
         ["path", "clients", "items/s", "p50 ms", "p99 ms", "mean batch", "vs in-process (a)", "vs batching off (b)",
