@@ -8,7 +8,8 @@ teacher-forced forward, float64 log-softmax), same torch threads.
     as many sequences as the cell has clients (what perfect batching of that
     many concurrent callers gives), back to back in this process; the
     32-client cell's (a) is the limit, a full max-size batch;
-(b) ``LogProbs`` RPCs to ``arbiter serve reference`` (own process, dynamic
+(b) ``LogProbs`` RPCs to ``arbiter serve reference`` (own processes, two by
+    default whose slices take turns, as in ``bench.reward_bench``; dynamic
     batching with batch sizes chosen per length up to 32 sequences), one
     sequence per request, from 1/8/32 concurrent clients.
 
@@ -21,6 +22,7 @@ anything else on the machine hits both alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import tempfile
 from pathlib import Path
@@ -66,9 +68,11 @@ async def _through_service(target: str, sequences, clients: int, seconds: float,
 
 
 def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_batch: int = 32,
-        prompt_tokens: int = 32, completion_tokens: int = 64, rounds: int = 2, quick: bool = False) -> dict:
+        prompt_tokens: int = 32, completion_tokens: int = 64, rounds: int = 2, quick: bool = False,
+        processes: int = 2) -> dict:
     if quick:
-        seconds, rounds = QUICK_SECONDS, 1
+        seconds, rounds, processes = QUICK_SECONDS, 1, 1
+    rounds = max(rounds, processes)  # every process serves a slice of every cell
     import torch
 
     from arbiter.net import free_port
@@ -79,31 +83,35 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
-        metrics_port = free_port()
-        metrics = ServiceMetrics(metrics_port)
-        service = ServiceProcess(
-            service_args("reference", model_dir, threads, max_batch, "--metrics-port", str(metrics_port)), wait=False)
-        with service:
+        metrics_ports = [free_port() for _ in range(processes)]
+        metrics = [ServiceMetrics(port) for port in metrics_ports]
+        with contextlib.ExitStack() as stack:
+            # Slices take turns among the processes (bench.reward_bench: identical processes differ in speed).
+            services = [stack.enter_context(ServiceProcess(
+                service_args("reference", model_dir, threads, max_batch, "--metrics-port", str(port)), wait=False))
+                for port in metrics_ports]
             torch.set_num_threads(threads)
             model = ReferenceModel.load(model_dir)
             sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
-            service.wait_ready()
+            for service in services:
+                service.wait_ready()
             for clients in clients_list:
                 batch = min(clients, max_batch)
                 local, remote = [], []
-                items_before, batches_before = metrics.batches()
-                for _ in range(rounds):
+                before = [m.batches() for m in metrics]
+                for turn in range(rounds):
                     local.append(timed_loop(
                         lambda i, b=batch: len(model.logprobs([sequences[(i * b + k) % len(sequences)]
                                                                for k in range(b)])),
                         per_slice, f"in-process logprobs, batch {batch} (a)",
                     ))
-                    remote.append(asyncio.run(_through_service(service.target, sequences, clients, per_slice,
-                                                                warmup_s)))
-                items, batches = metrics.batches()
-                cells.append((clients, merge(local), merge(remote),
-                              (items - items_before) / max(1.0, batches - batches_before)))
-            caps = metrics.caps()
+                    remote.append(asyncio.run(_through_service(services[turn % processes].target, sequences,
+                                                                clients, per_slice, warmup_s)))
+                after = [m.batches() for m in metrics]
+                items = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+                batches = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+                cells.append((clients, merge(local), merge(remote), items / max(1.0, batches)))
+            caps = metrics[0].caps()
     limit = max(cells, key=lambda c: c[0])[1]
     rows = []
     for clients, a, b, mean_batch in cells:
@@ -114,8 +122,9 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                      ratio(b.throughput, limit.throughput)])
     print_table(
         f"Reference log-probs, {prompt_tokens}+{completion_tokens}-token sequences, one per request, model "
-        f"{BENCH_MODEL}, torch threads {threads}, batch sizes auto up to {max_batch} (caps chosen, tokens: cap: "
-        f"{caps}), {seconds:g}s per path per cell in {rounds} alternating slice(s). Baseline: (a), re-measured in "
+        f"{BENCH_MODEL}, torch threads {threads}, batch sizes auto up to {max_batch} (caps chosen by the first process, "
+        f"tokens: cap: {caps}), {seconds:g}s per path per cell in {rounds} alternating slice(s), the service's "
+        f"taking turns among {processes} processes. Baseline: (a), re-measured in "
         f"each cell (latency of (a): per batch). Goal: (b) at {max(clients_list)} clients >= {GOAL_VS_BETTER}x the "
         "limit",
         ["path", "clients", "sequences/s", "p50 ms", "p99 ms", "mean batch", "vs in-process same batch (a)",

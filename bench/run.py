@@ -45,7 +45,7 @@ def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int, soak_
         from bench import reward_bench
 
         if quick:  # short items only: long ones at 64 clients take seconds per request
-            return reward_bench.run(seconds=QUICK_SECONDS, token_lengths=(16,))
+            return reward_bench.run(seconds=QUICK_SECONDS, token_lengths=(16,), processes=1)
         return reward_bench.run(seconds=seconds)
     if name == "triton":
         reason = triton_unavailable()
