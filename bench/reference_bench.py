@@ -75,7 +75,6 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
     rounds = max(rounds, processes)  # every process serves a slice of every cell
     import torch
 
-    from arbiter.net import free_port
     from arbiter.reference.model import ReferenceModel
 
     per_slice = seconds / rounds
@@ -83,18 +82,17 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
-        metrics_ports = [free_port() for _ in range(processes)]
-        metrics = [ServiceMetrics(port) for port in metrics_ports]
         with contextlib.ExitStack() as stack:
             # Slices take turns among the processes (bench.reward_bench: identical processes differ in speed).
             services = [stack.enter_context(ServiceProcess(
-                service_args("reference", model_dir, threads, max_batch, "--metrics-port", str(port)), wait=False))
-                for port in metrics_ports]
+                service_args("reference", model_dir, threads, max_batch, "--metrics-port", "0"), wait=False))
+                for _ in range(processes)]
             torch.set_num_threads(threads)
             model = ReferenceModel.load(model_dir)
             sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
             for service in services:
                 service.wait_ready()
+            metrics = [ServiceMetrics(service.metrics_port) for service in services]
             for clients in clients_list:
                 batch = min(clients, max_batch)
                 local, remote = [], []

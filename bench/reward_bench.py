@@ -147,25 +147,23 @@ def run_one(
     dynamic batching, and (b) the service with batching off run in alternating
     slices, so machine load falls on all three alike; each service's slices
     take turns among its ``processes`` processes."""
-    from arbiter.net import free_port
-
     texts = make_texts(512, tokens)
     rounds = max(rounds, processes)  # every process serves a slice of every cell
     per_slice = seconds / rounds
     warmup_s = min(1.0, per_slice / 4)
     cells = []
-    metrics_ports = [free_port() for _ in range(processes)]
-    metrics = [ServiceMetrics(port) for port in metrics_ports]
     with contextlib.ExitStack() as stack:
+        # Metrics on a port each service picks (one chosen here could be taken before the service binds it).
         batched = [stack.enter_context(ServiceProcess(
-            service_args("reward", model_dir, threads, batch_size, "--metrics-port", str(port)), wait=False))
-            for port in metrics_ports]
+            service_args("reward", model_dir, threads, batch_size, "--metrics-port", "0"), wait=False))
+            for _ in range(processes)]
         off = [stack.enter_context(ServiceProcess(
             service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"), wait=False))
             for _ in range(processes)]
         floor = stack.enter_context(ServiceProcess([], command=["bench.rpc_floor"], wait=False))
         for service in (*batched, *off, floor):
             service.wait_ready()
+        metrics = [ServiceMetrics(service.metrics_port) for service in batched]
         for clients in clients_list:
             limit, on, unbatched, no_op = [], [], [], []
             before = [m.batches() for m in metrics]
