@@ -472,16 +472,10 @@ class DynamicBatcher(Generic[T, R]):
         else:
             with self._lock:
                 self._queue.extend(pending)
-                # An idle model runs what is queued now (a lone item: as
-                # batching off would); a busy one forms its next batch from
-                # the queue itself, the moment the running one ends.
-                batch, longest = self._take_batch() if not self._in_flight else ([], 0)
-                if batch:
-                    self._in_flight += 1
-                depth = self._depth()
-            self._observer.on_queue_depth(depth)
-            if batch:
-                self._hand_to_model(batch, longest)
+            # An idle model runs what is queued now (a lone item: as batching
+            # off would); a busy one forms its next batch from the queue
+            # itself, the moment the running one ends.
+            self._start_next(finished=False)
         try:
             if len(pending) == 1:  # most callers: no gathering future to build and wake
                 return [await pending[0].future]
@@ -521,16 +515,23 @@ class DynamicBatcher(Generic[T, R]):
             self._observer.on_batch(len(batch), wall)
             self._caps_changed(self.sizer.record(len(batch), longest, cost, sum(p.tokens for p in batch)))
         finally:
-            with self._lock:
+            started = self._start_next(finished=True)
+            self._post(self._settle_batch, batch, results, error, not started)
+
+    def _start_next(self, finished: bool) -> bool:
+        """If the model is free (or ``finished`` its batch just now), hand it
+        the next batch from the queue; whether one was started."""
+        with self._lock:
+            if finished:
                 self._in_flight -= 1
-                following, following_longest = self._take_batch()
-                if following:
-                    self._in_flight += 1
-                depth = self._depth()
-            self._observer.on_queue_depth(depth)
-            if following:
-                self._hand_to_model(following, following_longest)
-            self._post(self._settle_batch, batch, results, error, not following)
+            batch, longest = self._take_batch() if not self._in_flight else ([], 0)
+            if batch:
+                self._in_flight += 1
+            depth = self._depth()
+        self._observer.on_queue_depth(depth)
+        if batch:
+            self._hand_to_model(batch, longest)
+        return bool(batch)
 
     def _settle_batch(self, batch: list[_Pending[T]], results: Sequence[R] | None, error: Exception | None,
                       idle: bool) -> None:
@@ -549,14 +550,12 @@ class DynamicBatcher(Generic[T, R]):
         except RuntimeError:  # the loop is closed: nobody waits
             pass
 
-    def _on_model_thread(self, items: list[T], finished: Callable[[], None] | None = None) -> asyncio.Future:
-        """``_timed(items)`` on the executor; its outcome comes in the future
-        returned, set from the model thread in one loop wake-up
-        (``run_in_executor`` under ``shield`` chains three futures, each
-        done-callback a trip through the loop: on a small model, a share of
-        every request). Cancelling the future does not stop the pass;
-        ``finished`` runs on the loop when the pass ends, whatever became of
-        the future."""
+    def _on_model_thread(self, items: list[T]) -> asyncio.Future:
+        """``_timed(items)`` on the executor (calibration and unbatched
+        requests); its outcome comes in the future returned, set from the
+        model thread in one loop wake-up (``run_in_executor`` under
+        ``shield`` chains three futures, each done-callback a trip through
+        the loop). Cancelling the future does not stop the pass."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -566,7 +565,7 @@ class DynamicBatcher(Generic[T, R]):
             except BaseException as err:  # delivered to the awaiting side, as run_in_executor does
                 outcome, error = None, err
             try:
-                loop.call_soon_threadsafe(_settle, future, outcome, error, finished)
+                loop.call_soon_threadsafe(_settle, future, outcome, error)
             except RuntimeError:  # the loop is closed: nobody waits
                 pass
 
@@ -815,10 +814,8 @@ class DynamicBatcher(Generic[T, R]):
             await asyncio.sleep(0.01)
 
 
-def _settle(future: asyncio.Future, outcome, error: BaseException | None, finished: Callable[[], None] | None) -> None:
+def _settle(future: asyncio.Future, outcome, error: BaseException | None) -> None:
     """On the loop: a model-thread pass ended (``DynamicBatcher._on_model_thread``)."""
-    if finished is not None:
-        finished()
     if future.done():  # the caller went away
         return
     if error is not None:

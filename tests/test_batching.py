@@ -178,6 +178,16 @@ def test_model_failure_fails_that_batch_only(executor):
     run(main())
 
 
+async def one_held_one_queued(batcher: DynamicBatcher, model: Recorder) -> tuple[asyncio.Task, asyncio.Task]:
+    """Requests for [1] and [2]: the first inside the model (held by its
+    closed gate), the second queued behind it."""
+    first = asyncio.create_task(batcher.submit([1]))
+    await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
+    second = asyncio.create_task(batcher.submit([2]))
+    await wait_until_async(lambda: batcher.queue_depth == 1, what="the second item to queue")
+    return first, second
+
+
 def test_a_stopped_model_thread_fails_queued_requests_with_shutting_down():
     """The executor is shut down while a batch runs: the request queued
     behind it gets ShuttingDown (retryable), not a wait that never ends."""
@@ -187,10 +197,7 @@ def test_a_stopped_model_thread_fails_queued_requests_with_shutting_down():
     batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8), pool)
 
     async def main():
-        first = asyncio.create_task(batcher.submit([1]))
-        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
-        queued = asyncio.create_task(batcher.submit([2]))
-        await wait_until_async(lambda: batcher.queue_depth == 1, what="the second item to queue")
+        first, queued = await one_held_one_queued(batcher, model)
         pool.shutdown(wait=False)
         model.gate.set()
         assert await first == [10]
@@ -248,10 +255,7 @@ def test_the_model_thread_starts_the_next_batch_while_the_loop_is_busy(executor)
     batcher = DynamicBatcher(model, BatchingConfig(max_batch_size=8), executor)
 
     async def main():
-        first = asyncio.create_task(batcher.submit([1]))
-        await wait_until_async(model.entered.is_set, what="the first batch to enter the model")
-        second = asyncio.create_task(batcher.submit([2]))
-        await wait_until_async(lambda: batcher.queue_depth == 1, what="the second item to queue")
+        first, second = await one_held_one_queued(batcher, model)
         model.entered.clear()
         model.gate.set()
         # Blocks the loop thread: nothing on the loop can start the second batch.
