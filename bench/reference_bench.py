@@ -27,9 +27,9 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench.common import QUICK_SECONDS, Measurement, ServiceProcess, drive, merge, print_table, ratio, timed_loop
+from bench.common import QUICK_SECONDS, Measurement, drive, merge, print_table, ratio, timed_loop
 from bench.policy_bench import BENCH_MODEL, build_model
-from bench.reward_bench import GOAL_VS_BETTER, ServiceMetrics, service_args
+from bench.reward_bench import GOAL_VS_BETTER, ServiceMetrics, service_args, start_services
 
 
 def make_sequences(count: int, vocab: int, prompt_tokens: int, completion_tokens: int, seed: int = 0):
@@ -84,19 +84,18 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         model_dir = build_model(Path(tmp))
         with contextlib.ExitStack() as stack:
             # Slices take turns among the processes (bench.reward_bench: identical processes differ in speed).
-            services = [stack.enter_context(ServiceProcess(
-                service_args("reference", model_dir, threads, max_batch, "--metrics-port", "0"), wait=False))
-                for _ in range(processes)]
+            services = start_services(
+                stack, service_args("reference", model_dir, threads, max_batch, "--metrics-port", "0"), processes)
             torch.set_num_threads(threads)
             model = ReferenceModel.load(model_dir)
             sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
             for service in services:
                 service.wait_ready()
-            metrics = [ServiceMetrics(service.metrics_port) for service in services]
+            metrics = ServiceMetrics([service.metrics_port for service in services])
             for clients in clients_list:
                 batch = min(clients, max_batch)
                 local, remote = [], []
-                before = [m.batches() for m in metrics]
+                items_before, batches_before = metrics.batches()
                 for turn in range(rounds):
                     local.append(timed_loop(
                         lambda i, b=batch: len(model.logprobs([sequences[(i * b + k) % len(sequences)]
@@ -105,11 +104,10 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                     ))
                     remote.append(asyncio.run(_through_service(services[turn % processes].target, sequences,
                                                                 clients, per_slice, warmup_s)))
-                after = [m.batches() for m in metrics]
-                items = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-                batches = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-                cells.append((clients, merge(local), merge(remote), items / max(1.0, batches)))
-            caps = metrics[0].caps()
+                items, batches = metrics.batches()
+                cells.append((clients, merge(local), merge(remote),
+                              (items - items_before) / max(1.0, batches - batches_before)))
+            caps = metrics.caps()
     limit = max(cells, key=lambda c: c[0])[1]
     rows = []
     for clients, a, b, mean_batch in cells:

@@ -32,6 +32,7 @@ import random
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import Measurement, ServiceProcess, drive, merge, print_table, ratio
@@ -111,27 +112,40 @@ def run(seconds: float = 8.0, token_lengths=(16, 128), **kwargs) -> dict:
 
 
 class ServiceMetrics:
-    """The batched service's /metrics: batches run and the caps it chose."""
+    """The /metrics of a service's processes (the slices of a path take turns
+    among them): batches run, summed over the processes, and the caps the
+    first one chose."""
 
-    def __init__(self, port: int):
-        self.url = f"http://127.0.0.1:{port}/metrics"
+    def __init__(self, ports: Sequence[int]):
+        self.urls = [f"http://127.0.0.1:{port}/metrics" for port in ports]
 
-    def samples(self) -> list:
+    @staticmethod
+    def samples(url: str) -> list:
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(self.url, timeout=10) as response:
+        with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
     def batches(self) -> tuple[float, float]:
-        """(items, forward passes) so far."""
-        values = {s.name: s.value for s in self.samples() if s.name in ("arbiter_batch_size_sum",
-                                                                        "arbiter_batch_size_count")}
-        return values.get("arbiter_batch_size_sum", 0.0), values.get("arbiter_batch_size_count", 0.0)
+        """(items, forward passes) so far, over every process."""
+        items = passes = 0.0
+        for url in self.urls:
+            values = {s.name: s.value for s in self.samples(url) if s.name in ("arbiter_batch_size_sum",
+                                                                               "arbiter_batch_size_count")}
+            items += values.get("arbiter_batch_size_sum", 0.0)
+            passes += values.get("arbiter_batch_size_count", 0.0)
+        return items, passes
 
     def caps(self) -> dict[int, int]:
-        """{length bucket's longest item in tokens: batch cap} of the active version."""
-        return {int(s.labels["tokens"]): int(s.value) for s in self.samples() if s.name == "arbiter_batch_size_cap"}
+        """{length bucket's longest item in tokens: batch cap} of the first process's active version."""
+        return {int(s.labels["tokens"]): int(s.value) for s in self.samples(self.urls[0])
+                if s.name == "arbiter_batch_size_cap"}
+
+
+def start_services(stack: contextlib.ExitStack, args: list[str], count: int) -> list[ServiceProcess]:
+    """``count`` processes of one service, started together (``wait_ready`` each before use), stopped with ``stack``."""
+    return [stack.enter_context(ServiceProcess(args, wait=False)) for _ in range(count)]
 
 
 def service_args(kind: str, model_dir: Path, threads: int, batch_size: int, *extra: str) -> list[str]:
@@ -154,19 +168,17 @@ def run_one(
     cells = []
     with contextlib.ExitStack() as stack:
         # Metrics on a port each service picks (one chosen here could be taken before the service binds it).
-        batched = [stack.enter_context(ServiceProcess(
-            service_args("reward", model_dir, threads, batch_size, "--metrics-port", "0"), wait=False))
-            for _ in range(processes)]
-        off = [stack.enter_context(ServiceProcess(
-            service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"), wait=False))
-            for _ in range(processes)]
+        batched = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--metrics-port", "0"),
+                                 processes)
+        off = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"),
+                             processes)
         floor = stack.enter_context(ServiceProcess([], command=["bench.rpc_floor"], wait=False))
         for service in (*batched, *off, floor):
             service.wait_ready()
-        metrics = [ServiceMetrics(service.metrics_port) for service in batched]
+        metrics = ServiceMetrics([service.metrics_port for service in batched])
         for clients in clients_list:
             limit, on, unbatched, no_op = [], [], [], []
-            before = [m.batches() for m in metrics]
+            items_before, batches_before = metrics.batches()
             for turn in range(rounds):
                 limit.append(in_process(model_dir, texts, min(clients, batch_size), per_slice, threads))
                 on.append(asyncio.run(_drive(batched[turn % processes].target, texts, clients, per_slice, warmup_s)))
@@ -174,12 +186,10 @@ def run_one(
                                                     warmup_s)))
                 # A quarter of the time: a no-op answers thousands a second, enough to count.
                 no_op.append(asyncio.run(_drive(floor.target, texts, clients, per_slice / 4, warmup_s / 4)))
-            after = [m.batches() for m in metrics]
-            items = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
-            batches = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-            cells.append((clients, merge(limit), merge(on), merge(unbatched), items / max(1.0, batches),
-                          merge(no_op)))
-        caps = metrics[0].caps()
+            items, batches = metrics.batches()
+            mean_batch = (items - items_before) / max(1.0, batches - batches_before)
+            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op)))
+        caps = metrics.caps()
     rows = []
     versus_better, p50_delta_ms, floors = {}, {}, {}
     for clients, a, m, b, mean_batch, f in cells:
