@@ -470,12 +470,10 @@ class DynamicBatcher(Generic[T, R]):
                 self._observer.on_queue_depth(self.queue_depth)
                 self._wakeup.set()
         else:
-            with self._lock:
-                self._queue.extend(pending)
             # An idle model runs what is queued now (a lone item: as batching
             # off would); a busy one forms its next batch from the queue
             # itself, the moment the running one ends.
-            self._start_next(finished=False)
+            self._start_next(finished=False, queued=pending)
         try:
             if len(pending) == 1:  # most callers: no gathering future to build and wake
                 return [await pending[0].future]
@@ -518,10 +516,12 @@ class DynamicBatcher(Generic[T, R]):
             started = self._start_next(finished=True)
             self._post(self._settle_batch, batch, results, error, not started)
 
-    def _start_next(self, finished: bool) -> bool:
-        """If the model is free (or ``finished`` its batch just now), hand it
-        the next batch from the queue; whether one was started."""
+    def _start_next(self, finished: bool, queued: Sequence[_Pending[T]] = ()) -> bool:
+        """Queue ``queued``; then, if the model is free (or ``finished`` its
+        batch just now), hand it the next batch from the queue. Whether one
+        was started."""
         with self._lock:
+            self._queue.extend(queued)
             if finished:
                 self._in_flight -= 1
             batch, longest = self._take_batch() if not self._in_flight else ([], 0)
