@@ -13,7 +13,10 @@ teacher-forced forward, float64 log-softmax), same torch threads.
     batching with batch sizes chosen per length up to 32 sequences), one
     sequence per request, from 1/8/32 concurrent clients.
 
-The goal: (b) at 32 clients >= 0.95x the limit.
+(c) the same service with ``--model-process`` (forward passes in a child
+    process of the service, off the GIL its gRPC handlers take).
+
+The goal: (b) at 32 clients >= 0.95x the limit; (c) is reported beside it.
 
 (a) and (b) alternate in ``rounds`` slices within each cell so that load from
 anything else on the machine hits both alike.
@@ -46,7 +49,8 @@ def make_sequences(count: int, vocab: int, prompt_tokens: int, completion_tokens
     ]
 
 
-async def _through_service(target: str, sequences, clients: int, seconds: float, warmup_s: float) -> Measurement:
+async def _through_service(target: str, sequences, clients: int, seconds: float, warmup_s: float,
+                           label: str = "service LogProbs (b)") -> Measurement:
     import grpc
 
     from arbiter.v1 import reference_pb2, reference_pb2_grpc
@@ -64,7 +68,7 @@ async def _through_service(target: str, sequences, clients: int, seconds: float,
             response = await stub.LogProbs(request, timeout=120)
             return len(response.results)
 
-        return await drive(call, requests, clients, seconds, warmup_s, "service LogProbs (b)")
+        return await drive(call, requests, clients, seconds, warmup_s, label)
 
 
 def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_batch: int = 32,
@@ -86,15 +90,17 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
             # Slices take turns among the processes (bench.reward_bench: identical processes differ in speed).
             services = start_services(
                 stack, service_args("reference", model_dir, threads, max_batch, "--metrics-port", "0"), processes)
+            in_child = start_services(
+                stack, service_args("reference", model_dir, threads, max_batch, "--model-process"), processes)
             torch.set_num_threads(threads)
             model = ReferenceModel.load(model_dir)
             sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
-            for service in services:
+            for service in (*services, *in_child):
                 service.wait_ready()
             metrics = ServiceMetrics([service.metrics_port for service in services])
             for clients in clients_list:
                 batch = min(clients, max_batch)
-                local, remote = [], []
+                local, remote, child = [], [], []
                 items_before, batches_before = metrics.batches()
                 for turn in range(rounds):
                     local.append(timed_loop(
@@ -104,18 +110,23 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                     ))
                     remote.append(asyncio.run(_through_service(services[turn % processes].target, sequences,
                                                                 clients, per_slice, warmup_s)))
+                    child.append(asyncio.run(_through_service(in_child[turn % processes].target, sequences, clients,
+                                                              per_slice, warmup_s, "service, --model-process (c)")))
                 items, batches = metrics.batches()
                 cells.append((clients, merge(local), merge(remote),
-                              (items - items_before) / max(1.0, batches - batches_before)))
+                              (items - items_before) / max(1.0, batches - batches_before), merge(child)))
             caps = metrics.caps()
     limit = max(cells, key=lambda c: c[0])[1]
     rows = []
-    for clients, a, b, mean_batch in cells:
+    for clients, a, b, mean_batch, c in cells:
         rows.append([a.label, "-", f"{a.throughput:.1f}", f"{a.percentile_ms(50):.1f}", f"{a.percentile_ms(99):.1f}",
                      "-", "1.00", ratio(a.throughput, limit.throughput)])
         rows.append([b.label, clients, f"{b.throughput:.1f}", f"{b.percentile_ms(50):.1f}",
                      f"{b.percentile_ms(99):.1f}", f"{mean_batch:.1f}", ratio(b.throughput, a.throughput),
                      ratio(b.throughput, limit.throughput)])
+        rows.append([c.label, clients, f"{c.throughput:.1f}", f"{c.percentile_ms(50):.1f}",
+                     f"{c.percentile_ms(99):.1f}", "-", ratio(c.throughput, a.throughput),
+                     ratio(c.throughput, limit.throughput)])
     print_table(
         f"Reference log-probs, {prompt_tokens}+{completion_tokens}-token sequences, one per request, model "
         f"{BENCH_MODEL}, torch threads {threads}, batch sizes auto up to {max_batch} (caps chosen by the first process, "
@@ -129,10 +140,11 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
     )
     saturated = max(cells, key=lambda c: c[0])
     return {
-        "in_process_sequences_per_s": {c: a.throughput for c, a, _, _ in cells},
-        "service_sequences_per_s": {c: b.throughput for c, _, b, _ in cells},
-        "service_vs_in_process_same_batch": {c: b.throughput / a.throughput for c, a, b, _ in cells},
-        "saturation_ratio_vs_in_process_limit": max(b.throughput for _, _, b, _ in cells) / limit.throughput,
+        "in_process_sequences_per_s": {n: a.throughput for n, a, *_ in cells},
+        "service_sequences_per_s": {n: b.throughput for n, _, b, *_ in cells},
+        "service_vs_in_process_same_batch": {n: b.throughput / a.throughput for n, a, b, *_ in cells},
+        "saturation_ratio_vs_in_process_limit": max(b.throughput for _, _, b, *_ in cells) / limit.throughput,
+        "model_process_vs_limit_at_most_clients": saturated[4].throughput / limit.throughput,
         "service_vs_limit_at_most_clients": saturated[2].throughput / limit.throughput,
         "caps": caps,
         "goal_met": saturated[2].throughput / limit.throughput >= GOAL_VS_BETTER,

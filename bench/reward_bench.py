@@ -6,6 +6,9 @@
     reference benchmark (a batch of 32 is no bound for 1 or 8 clients: they
     never have 32 items to batch);
 (b) the same service with dynamic batching off.
+Beside the default service, the same with ``--model-process`` (each version's
+forward passes in a child process, off the GIL the gRPC handlers take), its
+own row and ratio.
 Alongside, the RPC floor: the same clients and requests against a no-op
 ``Score`` (``bench.rpc_floor``, its own process), the most any service could
 answer them at, so the table shows how much of the gap to (a) is the RPC
@@ -172,39 +175,45 @@ def run_one(
                                  processes)
         off = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--no-dynamic-batching"),
                              processes)
+        in_child = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--model-process"),
+                                  processes)
         floor = stack.enter_context(ServiceProcess([], command=["bench.rpc_floor"], wait=False))
-        for service in (*batched, *off, floor):
+        for service in (*batched, *off, *in_child, floor):
             service.wait_ready()
         metrics = ServiceMetrics([service.metrics_port for service in batched])
         for clients in clients_list:
-            limit, on, unbatched, no_op = [], [], [], []
+            limit, on, unbatched, child, no_op = [], [], [], [], []
             items_before, batches_before = metrics.batches()
             for turn in range(rounds):
                 limit.append(in_process(model_dir, texts, min(clients, batch_size), per_slice, threads))
                 on.append(asyncio.run(_drive(batched[turn % processes].target, texts, clients, per_slice, warmup_s)))
                 unbatched.append(asyncio.run(_drive(off[turn % processes].target, texts, clients, per_slice,
                                                     warmup_s)))
+                child.append(asyncio.run(_drive(in_child[turn % processes].target, texts, clients, per_slice,
+                                                warmup_s)))
                 # A quarter of the time: a no-op answers thousands a second, enough to count.
                 no_op.append(asyncio.run(_drive(floor.target, texts, clients, per_slice / 4, warmup_s / 4)))
             items, batches = metrics.batches()
             mean_batch = (items - items_before) / max(1.0, batches - batches_before)
-            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op)))
+            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op), merge(child)))
         caps = metrics.caps()
     rows = []
-    versus_better, p50_delta_ms, floors = {}, {}, {}
-    for clients, a, m, b, mean_batch, f in cells:
+    versus_better, p50_delta_ms, floors, child_versus_better = {}, {}, {}, {}
+    for clients, a, m, b, mean_batch, f, c in cells:
         better = max(a.throughput, b.throughput)
         versus_better[clients] = m.throughput / better
+        child_versus_better[clients] = c.throughput / better
         p50_delta_ms[clients] = m.percentile_ms(50) - b.percentile_ms(50)
         floors[clients] = f.throughput
-        for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b)):
-            dynamic = x is m
+        for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b),
+                         ("service, dynamic batching, --model-process", c)):
+            dynamic = x is m or x is c
             rows.append([
                 label, "-" if x is a else clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
-                f"{x.percentile_ms(99):.1f}", f"{mean_batch:.1f}" if dynamic else "-",
+                f"{x.percentile_ms(99):.1f}", f"{mean_batch:.1f}" if x is m else "-",
                 ratio(x.throughput, a.throughput), ratio(x.throughput, b.throughput),
                 ratio(x.throughput, better) if dynamic else "-",
-                f"{p50_delta_ms[clients]:+.2f}" if dynamic else "-",
+                f"{x.percentile_ms(50) - b.percentile_ms(50):+.2f}" if dynamic else "-",
                 "-" if x is a else f"{f.throughput:.0f} (p50 {f.percentile_ms(50):.2f} ms)",
             ])
     print_table(
@@ -225,6 +234,7 @@ def run_one(
         "saturation_ratio_vs_in_process": saturated[2].throughput / saturated[1].throughput,
         "ratio_vs_unbatched_at_32": at_32[2].throughput / at_32[3].throughput if at_32 else None,
         "dynamic_vs_better_baseline": versus_better,
+        "model_process_vs_better_baseline": child_versus_better,
         "p50_minus_unbatched_ms": p50_delta_ms,
         "caps": caps,
         "rpc_floor_items_per_s": floors,

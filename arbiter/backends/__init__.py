@@ -60,6 +60,12 @@ class BackendConfig:
     dtype: str = field(default="float32", metadata=flag(
         choices=DTYPES, help="in-process weights' dtype (scores and log-probs stay float32); "
                              "with --backend triton, set at export"))
+    # The torch backend's weights and forward passes in a child process per
+    # version, so the forward does not share the GIL with the service's
+    # request handling (arbiter.backends.model_process).
+    model_process: bool = field(default=False, metadata=flag(
+        help="torch backend: run each version's forward passes in a child process of the service (reward, "
+             "reference), off the GIL the gRPC handlers use"))
 
     def __post_init__(self) -> None:
         require_choice(self.kind, "backend", BACKENDS)
@@ -73,6 +79,8 @@ class BackendConfig:
         require(self.triton_retry_s >= 0, "triton_retry_s", "must be >= 0", self.triton_retry_s)
         require(self.triton_max_in_flight >= 1, "triton_max_in_flight", "must be >= 1", self.triton_max_in_flight)
         require_choice(self.dtype, "dtype", DTYPES)
+        require(not (self.remote and self.model_process), "model_process",
+                "applies to the torch backend (Triton runs models in processes of its own)", self.model_process)
         if self.remote:
             # Triton runs the weights as exported; a service-side value would be silently ignored.
             for name, default in (("device", "cpu"), ("dtype", "float32")):
@@ -130,6 +138,10 @@ class Backends(Protocol):
     async def aclose(self) -> None: ...
 
 
+def accept_any_config(config: Any, root: Path) -> None:
+    """The default ``ModelKind.check_config`` (a named function: kinds are pickled to model processes)."""
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """What one kind of model (reward, reference) supplies to the backends."""
@@ -144,7 +156,7 @@ class ModelKind:
     # The same computation in Triton: its tensors and how a batch maps onto them.
     triton: TritonSignature
     # Refuse a checkpoint this kind cannot serve (reads the HF config only).
-    check_config: Callable[[Any, Path], None] = lambda config, root: None
+    check_config: Callable[[Any, Path], None] = accept_any_config
     # With Triton, LoRA adapters are merged at export.
     takes_adapters: bool = False
 
@@ -156,7 +168,7 @@ def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:
         return TritonBackends(config, kind)
     from arbiter.backends.inprocess import InProcessBackends
 
-    return InProcessBackends(kind, config.placement())
+    return InProcessBackends(kind, config.placement(), model_process=config.model_process)
 
 
 def pad_token_id(config: Any, tokenizer: Any) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.backends import ModelKind
+from arbiter.backends.model_process import ModelProcess, ModelProcessBackend
 from arbiter.backends.placement import CPU_FLOAT32, Placement, device_and_dtype
 from arbiter.backends.triton import checkpoint_dir
 from arbiter.hf import check_checkpoint_dir, describe
@@ -47,27 +48,36 @@ class InProcessBackend:
 class InProcessBackends:
     name = "torch"
 
-    def __init__(self, kind: ModelKind, placement: Placement = CPU_FLOAT32):
+    def __init__(self, kind: ModelKind, placement: Placement = CPU_FLOAT32, model_process: bool = False):
         self.kind = kind
         self.placement = placement
+        # Weights and forward passes in a child process (arbiter.backends.model_process).
+        self.model_process = model_process
 
     def open(
         self, path: str | Path, *, version: str | None, max_tokens: int | None, base_dir: str | Path | None = None
-    ) -> InProcessBackend:
+    ) -> InProcessBackend | ModelProcessBackend:
         """A checkpoint (or a LoRA adapter, for kinds that take them), or the
         ``checkpoint/`` of an exported version directory, so in-process serves
         exactly what Triton serves."""
         root = check_checkpoint_dir(checkpoint_dir(path))
         base = None if base_dir is None else checkpoint_dir(base_dir)
+        extra = {"adapter": "true"} if self.kind.takes_adapters and is_adapter_dir(root) else {}
+        if self.model_process:
+            process = ModelProcess(self.kind, root, base, self.placement)
+            info = self._describe(root, path, version, max_tokens, process.tokenizer, process.config,
+                                  process.device, process.dtype, {**extra, "model_process": "true"})
+            return ModelProcessBackend(process, info)
         model, tokenizer, config = self.kind.load_torch(root, base, self.placement)
-        adapter = self.kind.takes_adapters and is_adapter_dir(root)
         device, dtype = device_and_dtype(model)
-        info = describe(
-            self.kind.name, root, source_path=path, tokenizer=tokenizer, config=config, version=version,
-            max_tokens=max_tokens, backend=self.name, extra={"adapter": "true"} if adapter else None,
-            device=device, dtype=dtype,
-        )
+        info = self._describe(root, path, version, max_tokens, tokenizer, config, device, dtype, extra)
         return InProcessBackend(self.kind, model, tokenizer, info)
+
+    def _describe(self, root, path, version, max_tokens, tokenizer, config, device, dtype, extra):
+        return describe(
+            self.kind.name, root, source_path=path, tokenizer=tokenizer, config=config, version=version,
+            max_tokens=max_tokens, backend=self.name, extra=extra or None, device=device, dtype=dtype,
+        )
 
     async def aclose(self) -> None:
         pass

@@ -52,6 +52,7 @@ def model_info_to_pb(info: ModelInfo) -> common_pb2.ModelInfo:
         vocab_size=info.vocab_size,
         device=info.device,
         dtype=info.dtype,
+        model_process=info.extra.get("model_process") == "true",
     )
     if info.normalization is not None:
         msg.normalization.mean = info.normalization.mean

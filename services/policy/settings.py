@@ -74,6 +74,10 @@ class PolicySettings(ModelServerSettings):
                 require(value == default, name,
                         f"with --backend triton the decoding budget is the exported model's: set it with `arbiter "
                         f"triton export --kind policy --{name.replace('_', '-')}` (leave it unset here)", value)
+        # Generation's decode scheduler and KV cache live on the policy's model thread, not behind a batch forward.
+        require(not self.backend.model_process, "model_process",
+                "applies to the reward and reference services (the policy engine decodes in the service process)",
+                self.backend.model_process)
         if self.ilql_beta is not None:
             require(math.isfinite(self.ilql_beta) and self.ilql_beta >= 0, "ilql_beta",
                     "must be a finite number >= 0 (0 samples the policy alone)", self.ilql_beta)
