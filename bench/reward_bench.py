@@ -13,7 +13,10 @@ Alongside, the RPC floor: the same clients and requests against a no-op
 ``Score`` (``bench.rpc_floor``, its own process), the most any service could
 answer them at, so the table shows how much of the gap to (a) is the RPC
 itself (at 1 client, a round trip of Python gRPC client and server on top of
-every forward pass).
+every forward pass). At 1 client that gives a ceiling no server can pass:
+one forward plus one no-op round trip per item, ``t_a / (t_a + t_rpc)`` of
+(a) (``t_a``: (a)'s time per item, ``t_rpc``: the floor's p50), reported as
+``ceiling_at_1_client``.
 Each service path runs in ``processes`` processes (default 2), its slices
 taking turns among them: identical processes of one service differ in speed
 by up to ~15 %, persistently (measured here: four identical reward services,
@@ -198,13 +201,16 @@ def run_one(
             cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op), merge(child)))
         caps = metrics.caps()
     rows = []
-    versus_better, p50_delta_ms, floors, child_versus_better = {}, {}, {}, {}
+    versus_better, p50_delta_ms, floors, child_versus_better, ceiling = {}, {}, {}, {}, None
     for clients, a, m, b, mean_batch, f, c in cells:
         better = max(a.throughput, b.throughput)
         versus_better[clients] = m.throughput / better
         child_versus_better[clients] = c.throughput / better
         p50_delta_ms[clients] = m.percentile_ms(50) - b.percentile_ms(50)
         floors[clients] = f.throughput
+        if clients == 1:
+            per_item_s = 1.0 / a.throughput
+            ceiling = per_item_s / (per_item_s + f.percentile_ms(50) / 1000.0)
         for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b),
                          ("service, dynamic batching, --model-process", c)):
             dynamic = x is m or x is c
@@ -222,7 +228,9 @@ def run_one(
         f"path per cell in {rounds} alternating slices, each service path's slices taking turns among {processes} "
         f"processes (latency of (a): per batch; RPC floor: items/s of the same clients and "
         f"requests against a no-op Score, a quarter of the time). Goals: dynamic batching >= {GOAL_VS_BETTER}x the "
-        f"better of (a) and (b) in every cell; at 1 client its p50 within {GOAL_P50_MS_AT_1} ms of (b)'s",
+        f"better of (a) and (b) in every cell; at 1 client its p50 within {GOAL_P50_MS_AT_1} ms of (b)'s"
+        + ("" if ceiling is None else f". Ceiling at 1 client (one forward of (a) plus one no-op round trip per item): "
+                                      f"{ceiling:.2f}x (a)"),
         ["path", "clients", "items/s", "p50 ms", "p99 ms", "mean batch", "vs in-process (a)", "vs batching off (b)",
          "vs better of (a),(b)", "p50 - (b) ms", "RPC floor items/s"],
         rows,
@@ -238,6 +246,7 @@ def run_one(
         "p50_minus_unbatched_ms": p50_delta_ms,
         "caps": caps,
         "rpc_floor_items_per_s": floors,
+        "ceiling_at_1_client": ceiling,
         "goals_met": (all(r >= GOAL_VS_BETTER for r in versus_better.values())
                       and p50_delta_ms.get(1, 0.0) <= GOAL_P50_MS_AT_1),
     }
