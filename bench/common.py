@@ -172,3 +172,32 @@ async def drive(
 
 def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}" if base else "nan"
+
+
+class BaselineProcesses:
+    """The in-process baseline in ``count`` worker processes whose slices
+    take turns, as the service paths' do (identical processes differ in
+    speed persistently; a baseline run in the benchmark's own process would
+    carry that one process's luck into every ratio). ``run(turn, fn, *args)``
+    calls a module-level ``fn`` in worker ``turn % count`` and returns its result."""
+
+    def __init__(self, count: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a fresh interpreter, not a fork of this process with its threads and pages.
+        context = multiprocessing.get_context("spawn")
+        self.pools = [ProcessPoolExecutor(max_workers=1, mp_context=context) for _ in range(count)]
+
+    def run(self, turn: int, fn: Callable, *args):
+        return self.pools[turn % len(self.pools)].submit(fn, *args).result()
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> BaselineProcesses:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -6,8 +6,9 @@ teacher-forced forward, float64 log-softmax), same torch threads.
 
 (a) in-process, the named baseline: ``ReferenceModel.logprobs`` on batches of
     as many sequences as the cell has clients (what perfect batching of that
-    many concurrent callers gives), back to back in this process; the
-    32-client cell's (a) is the limit, a full max-size batch;
+    many concurrent callers gives), back to back in worker processes whose
+    slices take turns as the service's do; the 32-client cell's (a) is the
+    limit, a full max-size batch;
 (b) ``LogProbs`` RPCs to ``arbiter serve reference`` (own processes, two by
     default whose slices take turns, as in ``bench.reward_bench``; dynamic
     batching with batch sizes chosen per length up to 32 sequences), one
@@ -30,7 +31,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench.common import QUICK_SECONDS, Measurement, drive, merge, print_table, ratio, timed_loop
+from bench.common import BaselineProcesses, QUICK_SECONDS, Measurement, drive, merge, print_table, ratio, timed_loop
 from bench.policy_bench import BENCH_MODEL, build_model
 from bench.reward_bench import GOAL_VS_BETTER, ServiceMetrics, service_args, start_services
 
@@ -47,6 +48,25 @@ def make_sequences(count: int, vocab: int, prompt_tokens: int, completion_tokens
         )
         for _ in range(count)
     ]
+
+
+_loaded: dict = {}
+
+
+def in_process(model_dir: Path, sequences, batch: int, seconds: float, threads: int) -> Measurement:
+    """(a) in a baseline worker process (the model loaded once per process)."""
+    import torch
+
+    from arbiter.reference.model import ReferenceModel
+
+    torch.set_num_threads(threads)
+    if model_dir not in _loaded:
+        _loaded[model_dir] = ReferenceModel.load(model_dir)
+    model = _loaded[model_dir]
+    return timed_loop(
+        lambda i: len(model.logprobs([sequences[(i * batch + k) % len(sequences)] for k in range(batch)])),
+        seconds, f"in-process logprobs, batch {batch} (a)",
+    )
 
 
 async def _through_service(target: str, sequences, clients: int, seconds: float, warmup_s: float,
@@ -95,6 +115,7 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
             torch.set_num_threads(threads)
             model = ReferenceModel.load(model_dir)
             sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
+            baseline = stack.enter_context(BaselineProcesses(processes))
             for service in (*services, *in_child):
                 service.wait_ready()
             metrics = ServiceMetrics([service.metrics_port for service in services])
@@ -103,11 +124,7 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                 local, remote, child = [], [], []
                 items_before, batches_before = metrics.batches()
                 for turn in range(rounds):
-                    local.append(timed_loop(
-                        lambda i, b=batch: len(model.logprobs([sequences[(i * b + k) % len(sequences)]
-                                                               for k in range(b)])),
-                        per_slice, f"in-process logprobs, batch {batch} (a)",
-                    ))
+                    local.append(baseline.run(turn, in_process, model_dir, sequences, batch, per_slice, threads))
                     remote.append(asyncio.run(_through_service(services[turn % processes].target, sequences,
                                                                 clients, per_slice, warmup_s)))
                     child.append(asyncio.run(_through_service(in_child[turn % processes].target, sequences, clients,

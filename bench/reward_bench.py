@@ -22,7 +22,8 @@ taking turns among them: identical processes of one service differ in speed
 by up to ~15 %, persistently (measured here: four identical reward services,
 128-token items at 1 client, 30.4 to 40.7 items/s, each the same on a second
 pass: where its pages landed, not the code), so a path measured on a single
-process carries that luck into every ratio.
+process carries that luck into every ratio. So does (a): it runs in as many
+worker processes of its own, taking turns likewise.
 The goal, per cell: the service with dynamic batching (``auto`` batch sizes
 up to 32) at >= 0.95x the better of (a) and (b), and at 1 client a p50
 within 0.5 ms of (b)'s. Clients send one item per request (many small
@@ -41,7 +42,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import Measurement, ServiceProcess, drive, merge, print_table, ratio
+from bench.common import BaselineProcesses, Measurement, ServiceProcess, drive, merge, print_table, ratio
 
 # The goals this benchmark checks (see the module docstring).
 GOAL_VS_BETTER = 0.95
@@ -181,6 +182,7 @@ def run_one(
         in_child = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--model-process"),
                                   processes)
         floor = stack.enter_context(ServiceProcess([], command=["bench.rpc_floor"], wait=False))
+        baseline = stack.enter_context(BaselineProcesses(processes))
         for service in (*batched, *off, *in_child, floor):
             service.wait_ready()
         metrics = ServiceMetrics([service.metrics_port for service in batched])
@@ -188,7 +190,8 @@ def run_one(
             limit, on, unbatched, child, no_op = [], [], [], [], []
             items_before, batches_before = metrics.batches()
             for turn in range(rounds):
-                limit.append(in_process(model_dir, texts, min(clients, batch_size), per_slice, threads))
+                limit.append(baseline.run(turn, in_process, model_dir, texts, min(clients, batch_size), per_slice,
+                                          threads))
                 on.append(asyncio.run(_drive(batched[turn % processes].target, texts, clients, per_slice, warmup_s)))
                 unbatched.append(asyncio.run(_drive(off[turn % processes].target, texts, clients, per_slice,
                                                     warmup_s)))
