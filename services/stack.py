@@ -88,6 +88,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from arbiter.exits import describe_exit
 from arbiter.net import LOOPBACK, free_port
 from arbiter.stream import topics
 from arbiter.stream.errors import StreamError
@@ -335,17 +336,6 @@ def load_stack_config(path: str | Path, **overrides: Any) -> StackConfig:
         return StackConfig(**data)
     except TypeError as err:
         raise StackError(f"{path}: {err}") from err
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "is gone"
-    if code < 0:
-        try:
-            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 def stack_env(config: StackConfig, bootstrap: str, threads: int = 1) -> dict[str, str]:

@@ -94,7 +94,7 @@ def test_a_killed_model_process_fails_its_batch_unavailable_and_the_next_batch_r
     os.kill(killed, signal.SIGKILL)
     wait_until(lambda: not process.alive(), timeout_s=30, what="the killed model process to exit")
     expect_error(lambda: score(stub), grpc.StatusCode.UNAVAILABLE,
-                 "model process", "exited (killed by SIGKILL) during this batch", "retry")
+                 "model process", "was killed by signal 9 (SIGKILL) during this batch", "retry")
     assert len(score(stub)) == len(PAIRS)
     assert process.pid not in (None, killed) and process.alive()
 

@@ -36,6 +36,7 @@ from typing import Any
 from arbiter.backends import ModelKind
 from arbiter.backends.placement import Placement
 from arbiter.errors import ArbiterError, BackendError, BackendUnavailable, ModelLoadError
+from arbiter.exits import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ class ModelProcess:
         except (EOFError, OSError):
             process.join(STOP_TIMEOUT_S)
             parent.close()
-            raise ModelLoadError(f"the model process loading {self._args[1]!r} exited "
-                                 f"({_exit_reason(process.exitcode)}) before it was ready") from None
+            raise ModelLoadError(f"the model process loading {self._args[1]!r} {describe_exit(process.exitcode)} "
+                                 "before it was ready") from None
         if status != "ready":
             process.join(STOP_TIMEOUT_S)
             parent.close()
@@ -177,8 +178,8 @@ class ModelProcess:
             except (EOFError, OSError):
                 reason = self._lost()
                 raise BackendUnavailable(
-                    f"the {self.kind.name} model process for {self._args[1]!r} exited ({reason}) during this "
-                    "batch; it restarts on the next one: retry") from None
+                    f"the {self.kind.name} model process for {self._args[1]!r} {reason} during this batch; it "
+                    "restarts on the next one: retry") from None
         if status != "ok":
             raise _rebuilt(payload, BackendError, "the model's forward pass failed")
         results, cpu_seconds = payload
@@ -190,7 +191,7 @@ class ModelProcess:
         self._conn.close()
         self._conn = None
         process.join(STOP_TIMEOUT_S)
-        return _exit_reason(process.exitcode)
+        return describe_exit(process.exitcode)
 
     def stop(self) -> None:
         """Close the pipe (the child leaves at its next read) and wait; kill a child that does not leave."""
@@ -210,16 +211,6 @@ class ModelProcess:
             process.kill()
             process.join(STOP_TIMEOUT_S)
 
-
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
 
 
 class ModelProcessBackend:
