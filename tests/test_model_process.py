@@ -111,13 +111,18 @@ def test_a_version_has_its_own_model_process_until_it_is_unloaded(tmp_path, serv
     assert len(score(stub)) == len(PAIRS)
 
 
-def test_a_checkpoint_the_kind_refuses_is_refused_from_the_model_process(server, models_stub, tiny_models):
+def test_a_checkpoint_the_kind_refuses_is_refused_from_the_model_process(server, stub, models_stub, tiny_models):
+    serving = process_of(server)
     # The reward kind's own check runs in the child; its message crosses back whole.
     expect_error(
         lambda: models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(tiny_models["policy"])),
                                              timeout=120),
         grpc.StatusCode.FAILED_PRECONDITION, "is a causal language model (GPT2LMHeadModel), not a reward model",
     )
+    versions = models_stub.ListModelVersions(common_pb2.ListModelVersionsRequest(), timeout=10).versions
+    assert [v.version for v in versions] == ["v0"]
+    assert process_of(server) is serving and serving.alive()
+    assert score(stub) == pytest.approx(in_process_scores(tiny_models["reward"]), abs=1e-6)
 
 
 def test_a_failing_forward_pass_is_a_backend_error_and_the_process_serves_on(tiny_models):
