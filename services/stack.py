@@ -158,6 +158,8 @@ class StackConfig:
     worker: dict[str, Any] = field(default_factory=dict)
     # Extra flags of the reward service, e.g. {"reward_spec_file": "spec.yaml"}.
     reward: dict[str, Any] = field(default_factory=dict)
+    # Extra flags of the reference service, e.g. {"model_process": true}.
+    reference: dict[str, Any] = field(default_factory=dict)
     # Trainer config fields (trainer/config.py); model_dir, output_dir and kafka are filled in.
     trainer: dict[str, Any] = field(default_factory=dict)
     # `arbiter rm loop` as a component when set (needs metrics): its settings
@@ -367,6 +369,8 @@ def service_args(config: StackConfig, kind: str, model: str | Path, port: int, m
         args += [arg for root in roots for arg in ("--model-roots", str(root))]
     if kind == "reward":
         args += extra_flags(config.reward)
+    if kind == "reference":
+        args += extra_flags(config.reference)
     if kind == "policy":
         # Versions the trainer publishes load from its output; --model's
         # directory stays loadable too (the default root).

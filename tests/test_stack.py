@@ -592,3 +592,14 @@ def test_the_reward_section_passes_flags_the_reward_service_accepts(tmp_path):
     parsed = parse_args(args)
     assert (parsed.reward_spec_file, parsed.stack_ensembles) == (str(spec), "never")
     assert "--reward-spec-file" not in service_args(config, "reference", tmp_path / "rm", 50053, None)
+
+
+def test_the_reference_section_passes_flags_the_reference_service_accepts(tmp_path):
+    from cli.main import parse_args
+
+    config = supervision(reference={"model_process": True, "max_batch_size": 16})
+    args = service_args(config, "reference", tmp_path / "policy", 50053, None)
+    assert "--model-process" in args and args[args.index("--max-batch-size") + 1] == "16"
+    parsed = parse_args(args)
+    assert parsed.model_process and parsed.max_batch_size == 16
+    assert "--model-process" not in service_args(config, "reward", tmp_path / "rm", 50051, None)
