@@ -16,8 +16,11 @@ weights with the kind's own ``load_torch`` on the configured placement and
 runs the kind's ``forward_torch``: the numbers are those of the in-process
 backend. Tokenizing, validation, batching and versions stay in the service.
 
-The child is a daemon of the service and leaves when its pipe closes, so a
-service that dies takes its children with it. A child that dies (killed,
+The fork server imports torch without initializing CUDA, so each child
+sets up its own device context (a process forked after CUDA is initialized
+cannot use it). The child is a daemon of the service and leaves when its
+pipe closes, so a service that dies takes its children with it; it ignores
+SIGINT (the service drains first, then stops it). A child that dies (killed,
 out of memory) fails its batch with UNAVAILABLE and is started again on the
 version's next batch.
 """
