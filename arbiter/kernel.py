@@ -142,6 +142,15 @@ class VersionObserver:
 class LoadedVersion(Generic[M]):
     model: M
     batcher: DynamicBatcher | None
+    # The thread relaying this version's batches to a model process of its
+    # own (None: it shares the kernel's model thread).
+    relay: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def close_batcher(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.relay is not None:
+            self.relay.shutdown(wait=False)
 
     async def run(self, items: Sequence[Any]) -> list:
         """Results for ``items`` through this version's batcher."""
@@ -234,20 +243,24 @@ class ModelKernel(Generic[M]):
                     f"model version {version!r} is already loaded; unload it first or pick another version label"
                 )
             model = await self._read(path, version or None)
+            relay = None
             try:
                 if self.spec.check_compatible is not None and self._versions.active_version is not None:
                     self.spec.check_compatible(model, self._versions.get().model)
-                batcher = self._batcher(model)
-                if batcher is not None:
+                relay = self._relay(model)
+                entry = LoadedVersion(model, self._batcher(model, relay or self._executor), relay)
+                if entry.batcher is not None:
                     # Each version (and so each swap) measures its own batch caps.
-                    await batcher.calibrate()
-                previous = self._versions.add(model.info.version, LoadedVersion(model, batcher), activate)
+                    await entry.batcher.calibrate()
+                previous = self._versions.add(model.info.version, entry, activate)
             except BaseException:
+                if relay is not None:
+                    relay.shutdown(wait=False)
                 await loop.run_in_executor(self._loader, model.release)
                 raise
             label = model.info.version
-            if batcher is not None:
-                batcher.report_caps()
+            if entry.batcher is not None:
+                entry.batcher.report_caps()
             for observer in self._observers:
                 observer.on_version_loaded(model)
             if self._versions.is_active(label) and previous != label:
@@ -278,8 +291,7 @@ class ModelKernel(Generic[M]):
         for task in list(self._loads):
             task.cancel()
         for _, entry in self._versions.items():
-            if entry.batcher is not None:
-                await entry.batcher.close()
+            await entry.close_batcher()
 
     # -- internals ----------------------------------------------------------
 
@@ -322,13 +334,24 @@ class ModelKernel(Generic[M]):
         except Exception:
             log.warning("releasing the abandoned %s load of %r failed", self.spec.kind, path, exc_info=True)
 
-    def _batcher(self, model: M) -> DynamicBatcher | None:
+    def _relay(self, model: M) -> concurrent.futures.ThreadPoolExecutor | None:
+        """A thread of its own for a version whose forward runs in a model
+        process of its own: the kernel's one model thread keeps local
+        forwards from sharing the cores, which a child's do not use, so
+        another version's passes (an ensemble's members, a shadow) need not
+        wait for this one's."""
+        if self.spec.batch is None or not getattr(model, "runs_apart", False):
+            return None
+        return concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{self.spec.kind}-{model.info.version}-relay")
+
+    def _batcher(self, model: M, executor: Executor) -> DynamicBatcher | None:
         if self.spec.batch is None:
             return None
         run_batch, max_in_flight = self.spec.batch(model)
         shape = self.spec.items(model) if self.spec.items is not None else None
         clock = {} if self.spec.clock is None else {"clock": self.spec.clock(model)}
-        return DynamicBatcher(run_batch, self.config.batching, self._executor, self._batch_observer,
+        return DynamicBatcher(run_batch, self.config.batching, executor, self._batch_observer,
                               max_in_flight=max_in_flight, shape=shape, label=model.info.version, **clock)
 
     async def _evict(self, keep: str) -> list[str]:
@@ -348,8 +371,7 @@ class ModelKernel(Generic[M]):
     async def _drop(self, version: str, entry: LoadedVersion[M]) -> None:
         """Requests still running on the version hold their own reference and
         finish; its batcher drains, then the backend lets go."""
-        if entry.batcher is not None:
-            await entry.batcher.close()
+        await entry.close_batcher()
         for observer in self._observers:
             observer.on_version_removed(version)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 
 import grpc
 import pytest
@@ -109,6 +110,27 @@ def test_a_version_has_its_own_model_process_until_it_is_unloaded(tmp_path, serv
     models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v1"), timeout=30)
     wait_until(lambda: not process.alive(), timeout_s=30, what="the unloaded version's model process to exit")
     assert len(score(stub)) == len(PAIRS)
+
+
+def test_a_versions_batches_do_not_wait_for_another_versions_in_its_own_process(tmp_path, server, stub, models_stub):
+    """Each model-process version relays its batches on a thread of its own,
+    so one version's passes (an ensemble member, a shadow) run while another's
+    are busy, rather than queueing behind them on the one model thread."""
+    candidate = make_reward(tmp_path / "rm-v2", TinyConfig(seed=11), calibrate=False)
+    models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(candidate), version="v2",
+                                                                    activate=False), timeout=120)
+    serving = server.engine.models.get("v0")
+    assert serving.relay is not None and serving.relay is not server.engine.models.get("v2").relay
+    entered, gate = threading.Event(), threading.Event()
+    held = serving.relay.submit(lambda: (entered.set(), gate.wait(60)))
+    try:
+        assert entered.wait(30)
+        assert score(stub, version="v2") == pytest.approx(in_process_scores(candidate), abs=1e-6)
+    finally:
+        gate.set()
+        held.result(timeout=30)
+    assert len(score(stub)) == len(PAIRS)
+    models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v2"), timeout=30)
 
 
 def test_a_checkpoint_the_kind_refuses_is_refused_from_the_model_process(server, stub, models_stub, tiny_models):

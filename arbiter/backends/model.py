@@ -67,6 +67,12 @@ class BackendModel:
             return self.forward_async, self.backend.max_in_flight
         return self.forward, 1
 
+    @property
+    def runs_apart(self) -> bool:
+        """Whether its forward passes run in a process of their own (a model
+        process), not on the service's cores."""
+        return bool(getattr(self.backend, "own_process", False))
+
     def batch_clock(self) -> Callable[[], float]:
         """The clock this version's batcher times forward passes with (the
         backend's ``batch_clock`` if it has one, else wall time)."""

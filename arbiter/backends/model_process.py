@@ -33,6 +33,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,8 @@ class ModelProcess:
             parent.close()
             raise _rebuilt(payload, ModelLoadError, f"cannot load {self._args[1]!r}")
         self._conn, self._process = parent, process
+        # A version dropped without release() (a service stopped, not unloaded) still lets its child go.
+        self._finalizer = weakref.finalize(self, parent.close)
         tokenizer, config, device, dtype, pid = payload
         log.info("%s model process %d serves %s", self.kind.name, pid, self._args[1])
         return tokenizer, config, device, dtype
@@ -190,6 +193,7 @@ class ModelProcess:
         return results
 
     def _lost(self) -> str:
+        self._finalizer.detach()
         process, self._process = self._process, None
         self._conn.close()
         self._conn = None
@@ -203,6 +207,7 @@ class ModelProcess:
             self._conn = self._process = None
         if conn is None:
             return
+        self._finalizer.detach()
         try:
             conn.send(None)
         except OSError:
@@ -220,6 +225,8 @@ class ModelProcessBackend:
     """The in-process backend's contract over a ``ModelProcess``."""
 
     name = "torch"
+    # Its forward passes use the child's cores, not the service's (ModelKernel gives it a relay thread).
+    own_process = True
 
     def __init__(self, process: ModelProcess, info):
         self.process = process
