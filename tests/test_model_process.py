@@ -57,19 +57,10 @@ def server(tiny_models, model_roots):
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="module")
-def stub(channel):
-    return reward_pb2_grpc.RewardServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def models_stub(channel):
-    return common_pb2_grpc.ModelServiceStub(channel)
+def stubs(server):
+    """(RewardService, ModelService) stubs on one channel to ``server``."""
+    with grpc.insecure_channel(server.target) as channel:
+        yield reward_pb2_grpc.RewardServiceStub(channel), common_pb2_grpc.ModelServiceStub(channel)
 
 
 def score(stub, pairs=PAIRS, version: str = "") -> list[float]:
@@ -80,7 +71,8 @@ def score(stub, pairs=PAIRS, version: str = "") -> list[float]:
     return [result.score for result in stub.Score(request, timeout=30).results]
 
 
-def test_the_service_scores_in_a_model_process_as_in_process(server, stub, models_stub, tiny_models):
+def test_the_service_scores_in_a_model_process_as_in_process(server, tiny_models, stubs):
+    stub, models_stub = stubs
     process = process_of(server)
     assert process.pid != os.getpid() and process.alive()
     # Same weights, same forward on the same kind of CPU thread: the same floats.
@@ -89,7 +81,8 @@ def test_the_service_scores_in_a_model_process_as_in_process(server, stub, model
     assert info.model_process and info.backend == "torch"
 
 
-def test_a_killed_model_process_fails_its_batch_unavailable_and_the_next_batch_restarts_it(server, stub):
+def test_a_killed_model_process_fails_its_batch_unavailable_and_the_next_batch_restarts_it(server, stubs):
+    stub, _ = stubs
     process = process_of(server)
     killed = process.pid
     os.kill(killed, signal.SIGKILL)
@@ -100,7 +93,8 @@ def test_a_killed_model_process_fails_its_batch_unavailable_and_the_next_batch_r
     assert process.pid not in (None, killed) and process.alive()
 
 
-def test_a_version_has_its_own_model_process_until_it_is_unloaded(tmp_path, server, stub, models_stub):
+def test_a_version_has_its_own_model_process_until_it_is_unloaded(tmp_path, server, stubs):
+    stub, models_stub = stubs
     candidate = make_reward(tmp_path / "rm-v1", TinyConfig(seed=7), calibrate=False)
     models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(candidate), version="v1",
                                                                     activate=False), timeout=120)
@@ -112,10 +106,11 @@ def test_a_version_has_its_own_model_process_until_it_is_unloaded(tmp_path, serv
     assert len(score(stub)) == len(PAIRS)
 
 
-def test_a_versions_batches_do_not_wait_for_another_versions_in_its_own_process(tmp_path, server, stub, models_stub):
+def test_a_versions_batches_do_not_wait_for_another_versions_in_its_own_process(tmp_path, server, stubs):
     """Each model-process version relays its batches on a thread of its own,
     so one version's passes (an ensemble member, a shadow) run while another's
     are busy, rather than queueing behind them on the one model thread."""
+    stub, models_stub = stubs
     candidate = make_reward(tmp_path / "rm-v2", TinyConfig(seed=11), calibrate=False)
     models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(candidate), version="v2",
                                                                     activate=False), timeout=120)
@@ -133,7 +128,8 @@ def test_a_versions_batches_do_not_wait_for_another_versions_in_its_own_process(
     models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v2"), timeout=30)
 
 
-def test_a_checkpoint_the_kind_refuses_is_refused_from_the_model_process(server, stub, models_stub, tiny_models):
+def test_a_checkpoint_the_kind_refuses_is_refused_from_the_model_process(server, tiny_models, stubs):
+    stub, models_stub = stubs
     serving = process_of(server)
     # The reward kind's own check runs in the child; its message crosses back whole.
     expect_error(
