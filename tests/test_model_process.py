@@ -18,7 +18,7 @@ from helpers import BackgroundServer, expect_error, wait_until
 from arbiter.backends import BackendConfig, open_backends
 from arbiter.backends.model_process import ModelProcess
 from arbiter.config import ConfigError
-from arbiter.errors import BackendError, ModelLoadError
+from arbiter.errors import BackendError, BackendTimeout, ModelLoadError
 from arbiter.reference.backend import REFERENCE
 from arbiter.reference.model import ReferenceModel, TokenSequence
 from arbiter.reward.backend import REWARD
@@ -158,6 +158,24 @@ def test_a_failing_forward_pass_is_a_backend_error_and_the_process_serves_on(tin
     wait_until(lambda: not process.alive(), timeout_s=30, what="the released model process to exit")
 
 
+def test_a_pass_that_hangs_is_killed_with_its_process_and_the_next_batch_gets_a_new_one(tiny_models):
+    model = RewardModel.open(tiny_models["reward"], open_backends(
+        BackendConfig(model_process=True, model_process_timeout_s=1.0), REWARD))
+    try:
+        process = model.backend.process
+        encoded = model.encode([RewardInput(*PAIRS[0])], Truncation.LEFT)[0].token_ids
+        hung = process.pid
+        os.kill(hung, signal.SIGSTOP)  # a pass that never returns, as a deadlocked kernel's would
+        with pytest.raises(BackendTimeout, match=r"did not finish this batch within 1s \(model_process_timeout_s\); "
+                                                 r"it was stopped \(was killed by signal 9 \(SIGKILL\)\)"):
+            model.forward([encoded])
+        assert model.forward([encoded]) == pytest.approx(in_process_scores(tiny_models["reward"], PAIRS[:1]),
+                                                         abs=1e-6)
+        assert process.pid != hung and process.alive()
+    finally:
+        model.release()
+
+
 def test_reference_log_probs_from_a_model_process_equal_in_process(tiny_models):
     path = tiny_models["policy"]
     sequences = [TokenSequence((1, 5, 9), (12, 7)), TokenSequence((3,), (4, 4, 8, 2))]
@@ -176,6 +194,8 @@ def test_reference_log_probs_from_a_model_process_equal_in_process(tiny_models):
 def test_model_process_is_refused_where_it_cannot_apply(tiny_models):
     with pytest.raises(ConfigError, match="model_process.*applies to the torch backend"):
         BackendConfig(kind="triton", triton_url="127.0.0.1:8001", triton_model="rm", model_process=True)
+    with pytest.raises(ConfigError, match="model_process_timeout_s.*must be > 0"):
+        BackendConfig(model_process=True, model_process_timeout_s=0)
     with pytest.raises(ConfigError, match="model_process.*reward and reference services"):
         PolicySettings(model_dir=str(tiny_models["policy"]), backend=IN_A_CHILD)
 

@@ -66,6 +66,12 @@ class BackendConfig:
     model_process: bool = field(default=False, metadata=flag(
         help="torch backend: run each version's forward passes in a child process of the service (reward, "
              "reference), off the GIL the gRPC handlers use"))
+    # A child can be killed where a thread cannot: a pass that hangs (a
+    # deadlocked kernel, a wedged device) fails DEADLINE_EXCEEDED and the
+    # child is replaced, instead of holding the version's batches forever.
+    model_process_timeout_s: float = field(default=300.0, metadata=flag(
+        help="with --model-process: a forward pass still running after this long is killed with its process "
+             "(DEADLINE_EXCEEDED); the next batch starts a new one"))
 
     def __post_init__(self) -> None:
         require_choice(self.kind, "backend", BACKENDS)
@@ -79,6 +85,8 @@ class BackendConfig:
         require(self.triton_retry_s >= 0, "triton_retry_s", "must be >= 0", self.triton_retry_s)
         require(self.triton_max_in_flight >= 1, "triton_max_in_flight", "must be >= 1", self.triton_max_in_flight)
         require_choice(self.dtype, "dtype", DTYPES)
+        require(self.model_process_timeout_s > 0, "model_process_timeout_s", "must be > 0",
+                self.model_process_timeout_s)
         require(not (self.remote and self.model_process), "model_process",
                 "applies to the torch backend (Triton runs models in processes of its own)", self.model_process)
         if self.remote:
@@ -168,7 +176,8 @@ def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:
         return TritonBackends(config, kind)
     from arbiter.backends.inprocess import InProcessBackends
 
-    return InProcessBackends(kind, config.placement(), model_process=config.model_process)
+    return InProcessBackends(kind, config.placement(), model_process=config.model_process,
+                             model_process_timeout_s=config.model_process_timeout_s)
 
 
 def pad_token_id(config: Any, tokenizer: Any) -> int:

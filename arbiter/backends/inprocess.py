@@ -48,11 +48,13 @@ class InProcessBackend:
 class InProcessBackends:
     name = "torch"
 
-    def __init__(self, kind: ModelKind, placement: Placement = CPU_FLOAT32, model_process: bool = False):
+    def __init__(self, kind: ModelKind, placement: Placement = CPU_FLOAT32, model_process: bool = False,
+                 model_process_timeout_s: float = 300.0):
         self.kind = kind
         self.placement = placement
         # Weights and forward passes in a child process (arbiter.backends.model_process).
         self.model_process = model_process
+        self.model_process_timeout_s = model_process_timeout_s
 
     def open(
         self, path: str | Path, *, version: str | None, max_tokens: int | None, base_dir: str | Path | None = None
@@ -64,7 +66,7 @@ class InProcessBackends:
         base = None if base_dir is None else checkpoint_dir(base_dir)
         extra = {"adapter": "true"} if self.kind.takes_adapters and is_adapter_dir(root) else {}
         if self.model_process:
-            process = ModelProcess(self.kind, root, base, self.placement)
+            process = ModelProcess(self.kind, root, base, self.placement, self.model_process_timeout_s)
             info = self._describe(root, path, version, max_tokens, process.tokenizer, process.config,
                                   process.device, process.dtype, {**extra, "model_process": "true"})
             return ModelProcessBackend(process, info)

@@ -39,7 +39,7 @@ from typing import Any
 
 from arbiter.backends import ModelKind
 from arbiter.backends.placement import Placement
-from arbiter.errors import ArbiterError, BackendError, BackendUnavailable, ModelLoadError
+from arbiter.errors import ArbiterError, BackendError, BackendTimeout, BackendUnavailable, ModelLoadError
 from arbiter.exits import describe_exit
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,13 @@ class ModelProcess:
     """One version's weights in a child process and the pipe to it; used from
     one thread at a time (the model thread), a lock makes sure."""
 
-    def __init__(self, kind: ModelKind, root: Path, base: Path | None, placement: Placement):
+    def __init__(self, kind: ModelKind, root: Path, base: Path | None, placement: Placement,
+                 timeout_s: float = 300.0):
         import torch
 
         self.kind = kind
+        # A pass not answered within this is killed with its process (BackendTimeout).
+        self.timeout_s = timeout_s
         self._args = (kind, str(root), None if base is None else str(base), placement, torch.get_num_threads())
         self._lock = threading.Lock()
         self._conn = None
@@ -180,6 +183,13 @@ class ModelProcess:
                         from None
             try:
                 self._conn.send(batch)
+                if not self._conn.poll(self.timeout_s):
+                    self._process.kill()
+                    reason = self._lost()
+                    raise BackendTimeout(
+                        f"the {self.kind.name} model process for {self._args[1]!r} did not finish this batch within "
+                        f"{self.timeout_s:g}s (model_process_timeout_s); it was stopped ({reason}) and the next "
+                        "batch starts a new one")
                 status, payload = self._conn.recv()
             except (EOFError, OSError):
                 reason = self._lost()
