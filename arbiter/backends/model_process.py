@@ -4,10 +4,11 @@ Why: in one process, the forward pass and everything else the service does
 per request (gRPC, proto conversion, tokenizing, metrics) take turns on one
 GIL, and a small model's forward is mostly Python (HF module calls), so the
 handlers' work stretches every pass. Measured on 2 CPU cores (reward model,
-16-token items, one torch thread): with the weights in a child, the service
-answered 1.18x the items/s at 8 and at 32 concurrent clients, and the same
-(0.98x) at 1 client. vLLM's V1 engine moved its engine core out of the API
-server's process for the same reason.
+16-token items, one torch thread), against the same service without it:
+1.13x the items/s at 8 concurrent clients and 1.07x at 32, but 0.87-0.94x at
+1 client, which pays two more hand-offs per request (README, "Model
+processes"). vLLM's V1 engine moved its engine core out of the API server's
+process for the same reason.
 
 Each loaded version has its own child (``ModelProcessBackend``), started from
 a fork server that has imported torch and transformers once, so a load costs
@@ -129,13 +130,16 @@ class ModelProcess:
         self.kind = kind
         # A pass not answered within this is killed with its process (BackendTimeout).
         self.timeout_s = timeout_s
-        self._args = (kind, str(root), None if base is None else str(base), placement, torch.get_num_threads())
+        self.root = str(root)
+        self._base = None if base is None else str(base)
+        self._placement = placement
+        # The service's torch threads, for the child's passes.
+        self.threads = torch.get_num_threads()
         self._lock = threading.Lock()
         self._conn = None
         self._process = None
         # Seconds of CPU the child's forward passes took, summed (the batcher's clock).
         self.cpu_seconds = 0.0
-        self.threads = self._args[-1]
         self.tokenizer, self.config, self.device, self.dtype = self._start()
 
     @property
@@ -149,8 +153,9 @@ class ModelProcess:
     def _start(self) -> tuple[Any, Any, str, str]:
         context = _fork_context()
         parent, child = context.Pipe()
-        process = context.Process(target=_serve_model, args=(child, *self._args), daemon=True,
-                                  name=f"arbiter-{self.kind.name}-model")
+        process = context.Process(
+            target=_serve_model, args=(child, self.kind, self.root, self._base, self._placement, self.threads),
+            daemon=True, name=f"arbiter-{self.kind.name}-model")
         process.start()
         child.close()
         try:
@@ -158,24 +163,24 @@ class ModelProcess:
         except (EOFError, OSError):
             process.join(STOP_TIMEOUT_S)
             parent.close()
-            raise ModelLoadError(f"the model process loading {self._args[1]!r} {describe_exit(process.exitcode)} "
+            raise ModelLoadError(f"the model process loading {self.root!r} {describe_exit(process.exitcode)} "
                                  "before it was ready") from None
         if status != "ready":
             process.join(STOP_TIMEOUT_S)
             parent.close()
-            raise _rebuilt(payload, ModelLoadError, f"cannot load {self._args[1]!r}")
+            raise _rebuilt(payload, ModelLoadError, f"cannot load {self.root!r}")
         self._conn, self._process = parent, process
         # A version dropped without release() (a service stopped, not unloaded) still lets its child go.
         self._finalizer = weakref.finalize(self, parent.close)
         tokenizer, config, device, dtype, pid = payload
-        log.info("%s model process %d serves %s", self.kind.name, pid, self._args[1])
+        log.info("%s model process %d serves %s", self.kind.name, pid, self.root)
         return tokenizer, config, device, dtype
 
     def forward(self, batch: list) -> list:
         with self._lock:
             if self._conn is None:
                 # The last child died: this batch waits for a new one rather than failing too.
-                log.warning("restarting the %s model process for %s", self.kind.name, self._args[1])
+                log.warning("restarting the %s model process for %s", self.kind.name, self.root)
                 try:
                     self._start()
                 except ModelLoadError as err:
@@ -187,14 +192,14 @@ class ModelProcess:
                     self._process.kill()
                     reason = self._lost()
                     raise BackendTimeout(
-                        f"the {self.kind.name} model process for {self._args[1]!r} did not finish this batch within "
+                        f"the {self.kind.name} model process for {self.root!r} did not finish this batch within "
                         f"{self.timeout_s:g}s (model_process_timeout_s); it was stopped ({reason}) and the next "
                         "batch starts a new one")
                 status, payload = self._conn.recv()
             except (EOFError, OSError):
                 reason = self._lost()
                 raise BackendUnavailable(
-                    f"the {self.kind.name} model process for {self._args[1]!r} {reason} during this batch; it "
+                    f"the {self.kind.name} model process for {self.root!r} {reason} during this batch; it "
                     "restarts on the next one: retry") from None
         if status != "ok":
             raise _rebuilt(payload, BackendError, "the model's forward pass failed")
@@ -228,7 +233,6 @@ class ModelProcess:
             log.warning("the %s model process %d did not stop; killing it", self.kind.name, process.pid)
             process.kill()
             process.join(STOP_TIMEOUT_S)
-
 
 
 class ModelProcessBackend:
