@@ -97,9 +97,7 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
     if quick:
         seconds, rounds, processes = QUICK_SECONDS, 1, 1
     rounds = max(rounds, processes)  # every process serves a slice of every cell
-    import torch
-
-    from arbiter.reference.model import ReferenceModel
+    from arbiter.hf import read_config
 
     per_slice = seconds / rounds
     warmup_s = min(1.0, per_slice / 4)
@@ -112,9 +110,9 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                 stack, service_args("reference", model_dir, threads, max_batch, "--metrics-port", "0"), processes)
             in_child = start_services(
                 stack, service_args("reference", model_dir, threads, max_batch, "--model-process"), processes)
-            torch.set_num_threads(threads)
-            model = ReferenceModel.load(model_dir)
-            sequences = make_sequences(512, model.info.vocab_size, prompt_tokens, completion_tokens)
+            # The model's id space (what ModelInfo.vocab_size reports): the model itself runs in the workers.
+            vocab = read_config(model_dir).get_text_config().vocab_size
+            sequences = make_sequences(512, vocab, prompt_tokens, completion_tokens)
             baseline = stack.enter_context(BaselineProcesses(processes))
             for service in (*services, *in_child):
                 service.wait_ready()
