@@ -73,6 +73,11 @@ class BackendConfig:
         help="with --model-process: a forward pass still running after this long is killed with its process "
              "(DEADLINE_EXCEEDED); the next batch starts a new one"))
 
+    # torch.compile each version's forward before it serves (arbiter.backends.compiled).
+    compile: bool = field(default=False, metadata=flag(
+        help="torch backend: compile each version's forward pass with torch.compile before it serves (reward, "
+             "reference); the first load of an architecture takes longer, later versions reuse its graphs"))
+
     def __post_init__(self) -> None:
         require_choice(self.kind, "backend", BACKENDS)
         if self.kind == "triton":
@@ -89,6 +94,8 @@ class BackendConfig:
                 self.model_process_timeout_s)
         require(not (self.remote and self.model_process), "model_process",
                 "applies to the torch backend (Triton runs models in processes of its own)", self.model_process)
+        require(not (self.remote and self.compile), "compile",
+                "applies to the torch backend (Triton runs the model as exported)", self.compile)
         if self.remote:
             # Triton runs the weights as exported; a service-side value would be silently ignored.
             for name, default in (("device", "cpu"), ("dtype", "float32")):
@@ -167,6 +174,10 @@ class ModelKind:
     check_config: Callable[[Any, Path], None] = accept_any_config
     # With Triton, LoRA adapters are merged at export.
     takes_adapters: bool = False
+    # Batches of token id 0 whose forward passes reach every graph a compiled
+    # model serves with (arbiter.backends.compiled): one row and several, one
+    # token and several, padded and not. Empty: the kind is not compiled.
+    warmup_batches: tuple[list, ...] = ()
 
 
 def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:
@@ -177,7 +188,7 @@ def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:
     from arbiter.backends.inprocess import InProcessBackends
 
     return InProcessBackends(kind, config.placement(), model_process=config.model_process,
-                             model_process_timeout_s=config.model_process_timeout_s)
+                             model_process_timeout_s=config.model_process_timeout_s, compile=config.compile)
 
 
 def pad_token_id(config: Any, tokenizer: Any) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.backends import ModelKind
+from arbiter.backends.compiled import compile_for_serving
 from arbiter.backends.model_process import ModelProcess, ModelProcessBackend
 from arbiter.backends.placement import CPU_FLOAT32, Placement, device_and_dtype
 from arbiter.backends.triton import checkpoint_dir
@@ -49,12 +50,14 @@ class InProcessBackends:
     name = "torch"
 
     def __init__(self, kind: ModelKind, placement: Placement = CPU_FLOAT32, model_process: bool = False,
-                 model_process_timeout_s: float = 300.0):
+                 model_process_timeout_s: float = 300.0, compile: bool = False):
         self.kind = kind
         self.placement = placement
         # Weights and forward passes in a child process (arbiter.backends.model_process).
         self.model_process = model_process
         self.model_process_timeout_s = model_process_timeout_s
+        # Forward passes compiled before a version serves (arbiter.backends.compiled).
+        self.compile = compile
 
     def open(
         self, path: str | Path, *, version: str | None, max_tokens: int | None, base_dir: str | Path | None = None
@@ -65,12 +68,17 @@ class InProcessBackends:
         root = check_checkpoint_dir(checkpoint_dir(path))
         base = None if base_dir is None else checkpoint_dir(base_dir)
         extra = {"adapter": "true"} if self.kind.takes_adapters and is_adapter_dir(root) else {}
+        if self.compile:
+            extra["compiled"] = "true"
         if self.model_process:
-            process = ModelProcess(self.kind, root, base, self.placement, self.model_process_timeout_s)
+            process = ModelProcess(self.kind, root, base, self.placement, self.model_process_timeout_s,
+                                   compile=self.compile)
             info = self._describe(root, path, version, max_tokens, process.tokenizer, process.config,
                                   process.device, process.dtype, {**extra, "model_process": "true"})
             return ModelProcessBackend(process, info)
         model, tokenizer, config = self.kind.load_torch(root, base, self.placement)
+        if self.compile:
+            compile_for_serving(self.kind, model, str(root))
         device, dtype = device_and_dtype(model)
         info = self._describe(root, path, version, max_tokens, tokenizer, config, device, dtype, extra)
         return InProcessBackend(self.kind, model, tokenizer, info)

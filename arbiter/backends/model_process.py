@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.backends import ModelKind
+from arbiter.backends.compiled import compile_for_serving
 from arbiter.backends.placement import Placement
 from arbiter.errors import ArbiterError, BackendError, BackendTimeout, BackendUnavailable, ModelLoadError
 from arbiter.exits import describe_exit
@@ -63,7 +64,8 @@ def _fork_context():
         return _context
 
 
-def _serve_model(conn, kind: ModelKind, root: str, base: str | None, placement: Placement, threads: int) -> None:
+def _serve_model(conn, kind: ModelKind, root: str, base: str | None, placement: Placement, threads: int,
+                 compile: bool) -> None:
     """The child: load, say ready (with what the parent needs to describe the
     version), then answer batches until the pipe closes."""
     import torch
@@ -75,6 +77,8 @@ def _serve_model(conn, kind: ModelKind, root: str, base: str | None, placement: 
     torch.set_num_threads(threads)
     try:
         model, tokenizer, config = kind.load_torch(Path(root), None if base is None else Path(base), placement)
+        if compile:
+            compile_for_serving(kind, model, root)
         device, dtype = device_and_dtype(model)
         conn.send(("ready", (tokenizer, config, device, dtype, os.getpid())))
     except BaseException as err:  # noqa: BLE001 - every failure is the parent's to report
@@ -124,7 +128,7 @@ class ModelProcess:
     one thread at a time (the model thread), a lock makes sure."""
 
     def __init__(self, kind: ModelKind, root: Path, base: Path | None, placement: Placement,
-                 timeout_s: float = 300.0):
+                 timeout_s: float = 300.0, compile: bool = False):
         import torch
 
         self.kind = kind
@@ -133,6 +137,8 @@ class ModelProcess:
         self.root = str(root)
         self._base = None if base is None else str(base)
         self._placement = placement
+        # Each child compiles its forward before it says ready (a restarted one too).
+        self._compile = compile
         # The service's torch threads, for the child's passes.
         self.threads = torch.get_num_threads()
         self._lock = threading.Lock()
@@ -154,7 +160,8 @@ class ModelProcess:
         context = _fork_context()
         parent, child = context.Pipe()
         process = context.Process(
-            target=_serve_model, args=(child, self.kind, self.root, self._base, self._placement, self.threads),
+            target=_serve_model, args=(child, self.kind, self.root, self._base, self._placement, self.threads,
+                                     self._compile),
             daemon=True, name=f"arbiter-{self.kind.name}-model")
         process.start()
         child.close()

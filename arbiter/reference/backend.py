@@ -48,4 +48,8 @@ def reference_forward(model, batch: list[Pair]) -> list[list[float]]:
 REFERENCE = ModelKind(
     name="reference", load_torch=load_reference_weights, forward_torch=reference_forward, triton=REFERENCE_TENSORS,
     check_config=require_plain_causal_lm, takes_adapters=True,
+    # 1 and 2 pairs, sequences of 2 tokens (the shortest pair) and of 4, one padded: every graph --compile serves with.
+    warmup_batches=(
+        [([0], [0])], [([0], [0]), ([0], [0])], [([0, 0], [0, 0])], [([0, 0], [0, 0]), ([0], [0, 0])],
+    ),
 )

@@ -71,4 +71,6 @@ def reward_forward(model, batch: list[list[int]]) -> list[float]:
 REWARD = ModelKind(
     name="reward", load_torch=load_reward_weights, forward_torch=reward_forward, triton=REWARD_TENSORS,
     check_config=check_reward_config,
+    # Rows of 1 and 2 items, of 1 token and of 4 (one row padded): every graph --compile serves with.
+    warmup_batches=([[0]], [[0], [0]], [[0] * 4], [[0] * 4, [0] * 3]),
 )

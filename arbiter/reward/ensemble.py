@@ -55,6 +55,8 @@ def stack_refusal(models: Sequence[RewardModel], mode: str = "always") -> str | 
         if not isinstance(model.backend, InProcessBackend) or model.backend.model is None:
             where = "in a model process" if model.info.extra.get("model_process") else f"in {model.info.backend}"
             return f"{label!r} does not run in this process (it runs {where})"
+        if model.info.extra.get("compiled"):
+            return f"{label!r} runs compiled (--compile): members run their own compiled forwards"
         if type(model.backend.model) is not type(first.backend.model):
             return f"{label!r} is a {type(model.backend.model).__name__}, {first.info.version!r} a " \
                    f"{type(first.backend.model).__name__}"

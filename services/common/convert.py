@@ -53,6 +53,7 @@ def model_info_to_pb(info: ModelInfo) -> common_pb2.ModelInfo:
         device=info.device,
         dtype=info.dtype,
         model_process=info.extra.get("model_process") == "true",
+        compiled=info.extra.get("compiled") == "true",
     )
     if info.normalization is not None:
         msg.normalization.mean = info.normalization.mean

@@ -78,6 +78,9 @@ class PolicySettings(ModelServerSettings):
         require(not self.backend.model_process, "model_process",
                 "applies to the reward and reference services (the policy engine decodes in the service process)",
                 self.backend.model_process)
+        require(not self.backend.compile, "compile",
+                "applies to the reward and reference services (the policy engine's decode steps are not compiled)",
+                self.backend.compile)
         if self.ilql_beta is not None:
             require(math.isfinite(self.ilql_beta) and self.ilql_beta >= 0, "ilql_beta",
                     "must be a finite number >= 0 (0 samples the policy alone)", self.ilql_beta)
