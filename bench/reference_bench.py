@@ -15,9 +15,12 @@ teacher-forced forward, float64 log-softmax), same torch threads.
     sequence per request, from 1/8/32 concurrent clients.
 
 (c) the same service with ``--model-process`` (forward passes in a child
-    process of the service, off the GIL its gRPC handlers take).
+    process of the service, off the GIL its gRPC handlers take);
+(d) the same service with ``--compile`` (``torch.compile``d forward passes),
+    beside (a'), the in-process log-probs compiled the same way.
 
-The goal: (b) at 32 clients >= 0.95x the limit; (c) is reported beside it.
+The goal: (b) at 32 clients >= 0.95x the limit; (c) and (d) are reported
+beside it, (d) against both the limit and (a')'s.
 
 (a) and (b) alternate in ``rounds`` slices within each cell so that load from
 anything else on the machine hits both alike.
@@ -53,19 +56,23 @@ def make_sequences(count: int, vocab: int, prompt_tokens: int, completion_tokens
 _loaded: dict = {}
 
 
-def in_process(model_dir: Path, sequences, batch: int, seconds: float, threads: int) -> Measurement:
-    """(a) in a baseline worker process (the model loaded once per process)."""
+def in_process(model_dir: Path, sequences, batch: int, seconds: float, threads: int,
+               compile: bool = False) -> Measurement:
+    """(a), or with ``compile`` (a'), in a baseline worker process (the model loaded once per process)."""
     import torch
 
+    from arbiter.backends import BackendConfig, open_backends
+    from arbiter.reference.backend import REFERENCE
     from arbiter.reference.model import ReferenceModel
 
     torch.set_num_threads(threads)
-    if model_dir not in _loaded:
-        _loaded[model_dir] = ReferenceModel.load(model_dir)
-    model = _loaded[model_dir]
+    if (model_dir, compile) not in _loaded:
+        _loaded[model_dir, compile] = ReferenceModel.load(
+            model_dir, backends=open_backends(BackendConfig(compile=compile), REFERENCE))
+    model = _loaded[model_dir, compile]
     return timed_loop(
         lambda i: len(model.logprobs([sequences[(i * batch + k) % len(sequences)] for k in range(batch)])),
-        seconds, f"in-process logprobs, batch {batch} (a)",
+        seconds, f"in-process logprobs, batch {batch}" + (", compiled (a')" if compile else " (a)"),
     )
 
 
@@ -110,16 +117,18 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                 stack, service_args("reference", model_dir, threads, max_batch, "--metrics-port", "0"), processes)
             in_child = start_services(
                 stack, service_args("reference", model_dir, threads, max_batch, "--model-process"), processes)
+            compiled = start_services(
+                stack, service_args("reference", model_dir, threads, max_batch, "--compile"), processes)
             # The model's id space (what ModelInfo.vocab_size reports): the model itself runs in the workers.
             vocab = read_config(model_dir).get_text_config().vocab_size
             sequences = make_sequences(512, vocab, prompt_tokens, completion_tokens)
             baseline = stack.enter_context(BaselineProcesses(processes))
-            for service in (*services, *in_child):
+            for service in (*services, *in_child, *compiled):
                 service.wait_ready()
             metrics = ServiceMetrics([service.metrics_port for service in services])
             for clients in clients_list:
                 batch = min(clients, max_batch)
-                local, remote, child = [], [], []
+                local, remote, child, local_compiled, remote_compiled = [], [], [], [], []
                 items_before, batches_before = metrics.batches()
                 for turn in range(rounds):
                     local.append(baseline.run(turn, in_process, model_dir, sequences, batch, per_slice, threads))
@@ -127,21 +136,34 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                                                                 clients, per_slice, warmup_s)))
                     child.append(asyncio.run(_through_service(in_child[turn % processes].target, sequences, clients,
                                                               per_slice, warmup_s, "service, --model-process (c)")))
+                    local_compiled.append(baseline.run(turn, in_process, model_dir, sequences, batch, per_slice,
+                                                       threads, True))
+                    remote_compiled.append(asyncio.run(_through_service(
+                        compiled[turn % processes].target, sequences, clients, per_slice, warmup_s,
+                        "service, --compile (d)")))
                 items, batches = metrics.batches()
                 cells.append((clients, merge(local), merge(remote),
-                              (items - items_before) / max(1.0, batches - batches_before), merge(child)))
+                              (items - items_before) / max(1.0, batches - batches_before), merge(child),
+                              merge(local_compiled), merge(remote_compiled)))
             caps = metrics.caps()
     limit = max(cells, key=lambda c: c[0])[1]
+    limit_compiled = max(cells, key=lambda c: c[0])[5]
     rows = []
-    for clients, a, b, mean_batch, c in cells:
+    for clients, a, b, mean_batch, c, a_compiled, d in cells:
         rows.append([a.label, "-", f"{a.throughput:.1f}", f"{a.percentile_ms(50):.1f}", f"{a.percentile_ms(99):.1f}",
-                     "-", "1.00", ratio(a.throughput, limit.throughput)])
+                     "-", "1.00", ratio(a.throughput, limit.throughput), "-"])
         rows.append([b.label, clients, f"{b.throughput:.1f}", f"{b.percentile_ms(50):.1f}",
                      f"{b.percentile_ms(99):.1f}", f"{mean_batch:.1f}", ratio(b.throughput, a.throughput),
-                     ratio(b.throughput, limit.throughput)])
+                     ratio(b.throughput, limit.throughput), "-"])
         rows.append([c.label, clients, f"{c.throughput:.1f}", f"{c.percentile_ms(50):.1f}",
                      f"{c.percentile_ms(99):.1f}", "-", ratio(c.throughput, a.throughput),
-                     ratio(c.throughput, limit.throughput)])
+                     ratio(c.throughput, limit.throughput), "-"])
+        rows.append([a_compiled.label, "-", f"{a_compiled.throughput:.1f}", f"{a_compiled.percentile_ms(50):.1f}",
+                     f"{a_compiled.percentile_ms(99):.1f}", "-", ratio(a_compiled.throughput, a.throughput),
+                     ratio(a_compiled.throughput, limit.throughput), "1.00"])
+        rows.append([d.label, clients, f"{d.throughput:.1f}", f"{d.percentile_ms(50):.1f}",
+                     f"{d.percentile_ms(99):.1f}", "-", ratio(d.throughput, a.throughput),
+                     ratio(d.throughput, limit.throughput), ratio(d.throughput, a_compiled.throughput)])
     print_table(
         f"Reference log-probs, {prompt_tokens}+{completion_tokens}-token sequences, one per request, model "
         f"{BENCH_MODEL}, torch threads {threads}, batch sizes auto up to {max_batch} (caps chosen by the first process, "
@@ -150,7 +172,7 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         f"each cell (latency of (a): per batch). Goal: (b) at {max(clients_list)} clients >= {GOAL_VS_BETTER}x the "
         "limit",
         ["path", "clients", "sequences/s", "p50 ms", "p99 ms", "mean batch", "vs in-process same batch (a)",
-         f"vs in-process batch {min(max(clients_list), max_batch)} (limit)"],
+         f"vs in-process batch {min(max(clients_list), max_batch)} (limit)", "vs compiled same batch (a')"],
         rows,
     )
     saturated = max(cells, key=lambda c: c[0])
@@ -161,6 +183,8 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         "saturation_ratio_vs_in_process_limit": max(b.throughput for _, _, b, *_ in cells) / limit.throughput,
         "model_process_vs_limit_at_most_clients": saturated[4].throughput / limit.throughput,
         "service_vs_limit_at_most_clients": saturated[2].throughput / limit.throughput,
+        "compile_vs_limit_at_most_clients": saturated[6].throughput / limit.throughput,
+        "compile_vs_compiled_limit_at_most_clients": saturated[6].throughput / limit_compiled.throughput,
         "caps": caps,
         "goal_met": saturated[2].throughput / limit.throughput >= GOAL_VS_BETTER,
     }

@@ -8,7 +8,10 @@
 (b) the same service with dynamic batching off.
 Beside the default service, the same with ``--model-process`` (each version's
 forward passes in a child process, off the GIL the gRPC handlers take), its
-own row and ratio.
+own row and ratio; and the same with ``--compile`` (``torch.compile``d
+forward passes), with its own baseline beside it: (a') the in-process forward
+compiled the same way, so the table shows both what compiling gains over the
+eager baselines and how close the service comes to a compiled in-process loop.
 Alongside, the RPC floor: the same clients and requests against a no-op
 ``Score`` (``bench.rpc_floor``, its own process), the most any service could
 answer them at, so the table shows how much of the gap to (a) is the RPC
@@ -66,14 +69,19 @@ def build_model(out: Path) -> Path:
     return make_reward(out / "bench-rm", TinyConfig(**BENCH_MODEL), calibrate=False)
 
 
-def in_process(model_dir: Path, texts, batch_size: int, seconds: float, threads: int) -> Measurement:
+def in_process(model_dir: Path, texts, batch_size: int, seconds: float, threads: int,
+               compile: bool = False) -> Measurement:
+    """(a), or with ``compile`` (a'): in a baseline worker, which keeps the
+    compiled graphs between calls (a later load of the model reuses them)."""
     import torch
 
+    from arbiter.backends import BackendConfig, open_backends
+    from arbiter.reward.backend import REWARD
     from arbiter.reward.model import RewardModel
     from arbiter.types import RewardInput, Truncation
 
     torch.set_num_threads(threads)
-    model = RewardModel.load(model_dir)
+    model = RewardModel.open(model_dir, open_backends(BackendConfig(compile=compile), REWARD))
     encoded = [e.token_ids for e in model.encode([RewardInput(p, r) for p, r in texts], Truncation.LEFT)]
     model.forward(encoded[:batch_size])  # warm-up
     items, latencies, started, i = 0, [], time.perf_counter(), 0
@@ -84,7 +92,8 @@ def in_process(model_dir: Path, texts, batch_size: int, seconds: float, threads:
         latencies.append(time.perf_counter() - t0)
         items += batch_size
         i += batch_size
-    return Measurement(f"in-process forward (batch {batch_size})", 0, items, time.perf_counter() - started, latencies)
+    label = f"in-process forward (batch {batch_size})" + (", compiled" if compile else "")
+    return Measurement(label, 0, items, time.perf_counter() - started, latencies)
 
 
 async def _drive(target: str, texts, clients: int, seconds: float, warmup_s: float) -> Measurement:
@@ -181,17 +190,23 @@ def run_one(
                              processes)
         in_child = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--model-process"),
                                   processes)
+        compiled = start_services(stack, service_args("reward", model_dir, threads, batch_size, "--compile"),
+                                  processes)
         floor = stack.enter_context(ServiceProcess([], command=["bench.rpc_floor"], wait=False))
         baseline = stack.enter_context(BaselineProcesses(processes))
-        for service in (*batched, *off, *in_child, floor):
+        for service in (*batched, *off, *in_child, *compiled, floor):
             service.wait_ready()
         metrics = ServiceMetrics([service.metrics_port for service in batched])
         for clients in clients_list:
-            limit, on, unbatched, child, no_op = [], [], [], [], []
+            limit, on, unbatched, child, no_op, limit_compiled, on_compiled = [], [], [], [], [], [], []
             items_before, batches_before = metrics.batches()
             for turn in range(rounds):
                 limit.append(baseline.run(turn, in_process, model_dir, texts, min(clients, batch_size), per_slice,
                                           threads))
+                limit_compiled.append(baseline.run(turn, in_process, model_dir, texts, min(clients, batch_size),
+                                                   per_slice, threads, True))
+                on_compiled.append(asyncio.run(_drive(compiled[turn % processes].target, texts, clients, per_slice,
+                                                      warmup_s)))
                 on.append(asyncio.run(_drive(batched[turn % processes].target, texts, clients, per_slice, warmup_s)))
                 unbatched.append(asyncio.run(_drive(off[turn % processes].target, texts, clients, per_slice,
                                                     warmup_s)))
@@ -201,29 +216,36 @@ def run_one(
                 no_op.append(asyncio.run(_drive(floor.target, texts, clients, per_slice / 4, warmup_s / 4)))
             items, batches = metrics.batches()
             mean_batch = (items - items_before) / max(1.0, batches - batches_before)
-            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op), merge(child)))
+            cells.append((clients, merge(limit), merge(on), merge(unbatched), mean_batch, merge(no_op), merge(child),
+                          merge(limit_compiled), merge(on_compiled)))
         caps = metrics.caps()
     rows = []
     versus_better, p50_delta_ms, floors, child_versus_better, ceiling = {}, {}, {}, {}, None
-    for clients, a, m, b, mean_batch, f, c in cells:
+    compiled_versus_better, compiled_versus_compiled = {}, {}
+    for clients, a, m, b, mean_batch, f, c, a_compiled, m_compiled in cells:
         better = max(a.throughput, b.throughput)
         versus_better[clients] = m.throughput / better
         child_versus_better[clients] = c.throughput / better
+        compiled_versus_better[clients] = m_compiled.throughput / better
+        compiled_versus_compiled[clients] = m_compiled.throughput / a_compiled.throughput
         p50_delta_ms[clients] = m.percentile_ms(50) - b.percentile_ms(50)
         floors[clients] = f.throughput
         if clients == 1:
             per_item_s = 1.0 / a.throughput
             ceiling = per_item_s / (per_item_s + f.percentile_ms(50) / 1000.0)
         for label, x in ((a.label + " (a)", a), ("service, dynamic batching", m), ("service, batching off (b)", b),
-                         ("service, dynamic batching, --model-process", c)):
-            dynamic = x is m or x is c
+                         ("service, dynamic batching, --model-process", c), (a_compiled.label + " (a')", a_compiled),
+                         ("service, dynamic batching, --compile", m_compiled)):
+            dynamic = x is m or x is c or x is m_compiled
+            baseline_row = x is a or x is a_compiled
             rows.append([
-                label, "-" if x is a else clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
+                label, "-" if baseline_row else clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
                 f"{x.percentile_ms(99):.1f}", f"{mean_batch:.1f}" if x is m else "-",
                 ratio(x.throughput, a.throughput), ratio(x.throughput, b.throughput),
                 ratio(x.throughput, better) if dynamic else "-",
                 f"{x.percentile_ms(50) - b.percentile_ms(50):+.2f}" if dynamic else "-",
-                "-" if x is a else f"{f.throughput:.0f} (p50 {f.percentile_ms(50):.2f} ms)",
+                "-" if baseline_row else f"{f.throughput:.0f} (p50 {f.percentile_ms(50):.2f} ms)",
+                ratio(x.throughput, a_compiled.throughput) if x is m_compiled else "-",
             ])
     print_table(
         f"Reward scoring, {tokens}-token items, one per request, model {BENCH_MODEL}, torch threads {threads}, "
@@ -235,7 +257,7 @@ def run_one(
         + ("" if ceiling is None else f". Ceiling at 1 client (one forward of (a) plus one no-op round trip per item): "
                                       f"{ceiling:.2f}x (a)"),
         ["path", "clients", "items/s", "p50 ms", "p99 ms", "mean batch", "vs in-process (a)", "vs batching off (b)",
-         "vs better of (a),(b)", "p50 - (b) ms", "RPC floor items/s"],
+         "vs better of (a),(b)", "p50 - (b) ms", "RPC floor items/s", "vs compiled in-process (a')"],
         rows,
     )
     saturated = max(cells, key=lambda c: c[0])
@@ -246,6 +268,8 @@ def run_one(
         "ratio_vs_unbatched_at_32": at_32[2].throughput / at_32[3].throughput if at_32 else None,
         "dynamic_vs_better_baseline": versus_better,
         "model_process_vs_better_baseline": child_versus_better,
+        "compile_vs_better_baseline": compiled_versus_better,
+        "compile_vs_compiled_in_process": compiled_versus_compiled,
         "p50_minus_unbatched_ms": p50_delta_ms,
         "caps": caps,
         "rpc_floor_items_per_s": floors,

@@ -29,7 +29,8 @@ What it costs, and how each cost is kept off requests:
   (HF's ``forward``), shared by every architecture a process serves (an
   ensemble's members); past it, calls silently fall back to eager. The limit
   is raised to ``RECOMPILE_LIMIT`` so that a handful of architectures stays
-  compiled.
+  compiled; torch's config is per thread (context variables), so it is raised
+  on the thread that compiles, the one that needs it.
 """
 
 from __future__ import annotations
