@@ -12,7 +12,8 @@ Sections (each baseline alternates with the service within a cell):
   1/8/32/64 clients vs (a) the in-process batched forward of 32 items, the
   service as deployed and again with ``--model-process`` (the forward in a
   child process: on a GPU the per-op Python of a launch-bound forward meets
-  the handlers' GIL too);
+  the handlers' GIL too) and with ``--compile`` (the forward compiled by
+  ``torch.compile``: fused kernels, fewer launches);
 - reference: sequences/s of one-sequence ``LogProbs`` requests (64 prompt +
   64 completion tokens) from 1/8/32 clients vs (a) the in-process forward of a
   batch of as many sequences as clients;
@@ -179,7 +180,8 @@ def _cell_summary(cells) -> dict:
             for clients, b, s in cells}
 
 
-def reward_section(args, models, service: ServiceProcess, in_child: ServiceProcess | None = None) -> dict:
+def reward_section(args, models, service: ServiceProcess, variants: dict[str, ServiceProcess] | None = None) -> dict:
+    """``variants``: {flag: the reward service started with it}, each measured in the same cells."""
     from arbiter.backends import BackendConfig, open_backends
     from arbiter.reward.backend import REWARD
     from arbiter.reward.model import RewardModel
@@ -199,30 +201,32 @@ def reward_section(args, models, service: ServiceProcess, in_child: ServiceProce
         model.forward([items[(i * batch + j) % len(items)] for j in range(batch)])
         return batch
 
-    cells, child_cells = [], []
+    variants = variants or {}
+    cells, variant_cells = [], {flag: [] for flag in variants}
     for clients in (1, 8, 32, 64):
-        base, served, child = [], [], []
+        base, served, by_variant = [], [], {flag: [] for flag in variants}
         for _ in range(args.rounds):
             base.append(timed_loop(forward, args.seconds / args.rounds, f"in-process forward, batch {batch} (a)"))
             served.append(asyncio.run(_drive(service.target, _score_call, requests, clients, args.seconds / args.rounds,
                                              args.warmup_s, "service Score, 1 item per request")))
-            if in_child is not None:
-                child.append(asyncio.run(_drive(in_child.target, _score_call, requests, clients,
-                                                args.seconds / args.rounds, args.warmup_s,
-                                                "service Score, --model-process")))
+            for flag, variant in variants.items():
+                by_variant[flag].append(asyncio.run(_drive(variant.target, _score_call, requests, clients,
+                                                           args.seconds / args.rounds, args.warmup_s,
+                                                           f"service Score, {flag}")))
         cells.append((clients, merge(base), merge(served)))
-        if child:
-            child_cells.append((clients, cells[-1][1], merge(child)))
+        for flag, measured in by_variant.items():
+            variant_cells[flag].append((clients, cells[-1][1], merge(measured)))
     mean_tokens = sum(map(len, items)) / len(items)
     print_table(f"Reward on {placed['device']} in {placed['dtype']}, {mean_tokens:.0f}-token items, model "
                 f"{args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
                 ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs (a)"], _rows(cells))
     result = {"placement": placed, "mean_tokens": mean_tokens, "cells": _cell_summary(cells)}
-    if child_cells:
-        print_table("Reward with --model-process, the same cells (the same (a))",
-                    ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs (a)"], _rows(child_cells))
-        result["model_process"] = {"placement": check_placement("reward", in_child, args.device, args.dtype),
-                                   "cells": _cell_summary(child_cells)}
+    for flag, measured in variant_cells.items():
+        print_table(f"Reward with {flag}, the same cells (the same (a))",
+                    ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs (a)"], _rows(measured))
+        result[flag.removeprefix("--").replace("-", "_")] = {
+            "placement": check_placement("reward", variants[flag], args.device, args.dtype),
+            "cells": _cell_summary(measured)}
     model.release()
     return result
 
@@ -398,8 +402,10 @@ def main(argv: list[str] | None = None) -> dict:
         services = {kind: ServiceProcess([kind, "--model", str(models["reward" if kind == "reward" else "policy"]),
                                           *flags], wait=False)
                     for kind in ("reward", "reference", "policy")}
-        services["reward-process"] = ServiceProcess(["reward", "--model", str(models["reward"]), *flags,
-                                                     "--model-process"], wait=False)
+        # Reward variants, each its own service: {flag: name in ``services``}.
+        variants = {"--model-process": "reward-process", "--compile": "reward-compiled"}
+        for flag, kind in variants.items():
+            services[kind] = ServiceProcess(["reward", "--model", str(models["reward"]), *flags, flag], wait=False)
         down = {}
         try:
             for kind, service in services.items():
@@ -423,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
                         results[name] = accuracy_section(args, models, services)
                     else:
                         run = {"reward": reward_section, "reference": reference_section, "policy": policy_section}
-                        extra = (services["reward-process"],) if name == "reward" and "reward-process" not in down else ()
+                        extra = ({flag: services[kind] for flag, kind in variants.items() if kind not in down},) \
+                            if name == "reward" else ()
                         results[name] = run[name](args, models, services[name], *extra)
                 except Exception as err:  # one section failing must not lose the others' figures
                     traceback.print_exc()
