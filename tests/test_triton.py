@@ -314,6 +314,34 @@ def test_a_bfloat16_export_serves_through_triton(triton, repo, tiny_models):
         asyncio.run(backends.aclose())
 
 
+def test_a_compiled_export_serves_through_triton_as_the_eager_forward(triton, repo, tiny_models):
+    """Exported with --compile: Triton's model compiles its forward and warms
+    every graph up while the version loads; the scores are the eager
+    in-process forward's to float32 rounding, batches of one row and of
+    several, one token and many, and ModelInfo says it runs compiled."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    version_dir = export(tiny_models["reward"], "reward", repo,
+                         ExportOptions(name="rm-compiled", compile=True, torch_threads=1))
+    config = text_format.Parse((repo / "rm-compiled" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.parameters["compile"].string_value == "true"
+    eager = RewardModel.load(version_dir)
+    items = [e.token_ids for e in eager.encode([RewardInput(p, r) for p, r in PROMPTS], Truncation.LEFT)]
+    backends = TritonBackends(BackendConfig(kind="triton", triton_url=triton.url, triton_model="rm-compiled"), REWARD)
+    try:
+        served = RewardModel.load(version_dir, backends=backends)
+        assert served.info.extra.get("compiled") == "true" and served.info.backend == "triton"
+        for batch in (items, items[:1], [[7]], [[7], [5, 9, 11]]):
+            assert served.forward(batch) == pytest.approx(eager.forward(batch), abs=1e-5)
+        served.release()
+    finally:
+        eager.release()
+        asyncio.run(backends.aclose())
+    with pytest.raises(ExportError, match="--compile applies to --kind reward and reference"):
+        export(tiny_models["policy"], "policy", repo, ExportOptions(name="policy-compiled", compile=True))
+
+
 # -- errors from Triton -> clear statuses --------------------------------------------------
 
 

@@ -222,10 +222,11 @@ class TritonModel:
         parsed = text_format.Parse((self._config_dir / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
         return json_format.MessageToDict(parsed, preserving_proto_field_name=True)
 
-    def placement(self) -> tuple[str, str]:
-        """(device, dtype) the loaded model runs with, from the config Triton
-        runs (``arbiter triton export --device/--dtype``): its instance groups
-        (Triton resolves KIND_AUTO when it loads) and the dtype parameter."""
+    def placement(self) -> tuple[str, str, bool]:
+        """(device, dtype, compiled) the loaded model runs with, from the
+        config Triton runs (``arbiter triton export --device/--dtype/--compile``):
+        its instance groups (Triton resolves KIND_AUTO when it loads) and the
+        dtype and compile parameters."""
         config = self._call(self._client.get_model_config, self.name, as_json=True,
                             client_timeout=self.timeout_s)["config"]
         groups = config.get("instance_group", [])
@@ -237,8 +238,9 @@ class TritonModel:
             device = ",".join(f"cuda:{n}" for n in gpus) or "cuda"
         else:
             device = "auto"
-        dtype = config.get("parameters", {}).get("dtype", {}).get("string_value") or "float32"
-        return device, dtype
+        parameters = config.get("parameters", {})
+        dtype = parameters.get("dtype", {}).get("string_value") or "float32"
+        return device, dtype, parameters.get("compile", {}).get("string_value") == "true"
 
     def check_io(
         self,
@@ -633,12 +635,14 @@ class TritonBackends:
         self.server.acquire(number, Path(path).parent)
         try:
             self.server.check_io(number, signature.spec(signature.inputs), signature.spec(signature.outputs))
-            device, dtype = self.server.placement()
+            device, dtype, compiled = self.server.placement()
         except BaseException:
             self.server.release(number)
             raise
         return TritonBackend(self.server, number, pad_token_id(hf_config, tokenizer), signature,
-                             self.config.triton_max_in_flight, tokenizer, replace(info, device=device, dtype=dtype))
+                             self.config.triton_max_in_flight, tokenizer,
+                             replace(info, device=device, dtype=dtype,
+                                     extra={**info.extra, **({"compiled": "true"} if compiled else {})}))
 
     async def aclose(self) -> None:
         await self.server.aclose()

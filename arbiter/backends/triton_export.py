@@ -80,6 +80,12 @@ class ExportOptions:
     # float32 matches the in-process default exactly; bfloat16/float16 match a
     # service run with the same --dtype (and halve the weights' memory).
     dtype: str = field(default="float32", metadata=flag(choices=DTYPES, help="weights' dtype in Triton"))
+    # --kind reward/reference: the model file compiles its forward with
+    # torch.compile and warms every graph up in initialize, before Triton
+    # marks the version ready (the service's --compile, inside Triton).
+    compile: bool = field(default=False, metadata=flag(
+        help="reward, reference: Triton runs the forward compiled by torch.compile, its graphs built while the "
+             "version loads"))
     # --kind policy: the KV-cache budget and queue of the engine in Triton
     # (the in-process service's --max-batch-rows etc.; max_batch_size and the
     # queue delay do not apply: the engine batches generations itself).
@@ -111,6 +117,9 @@ def export(model_dir: str | Path, kind: str, repository: str | Path, options: Ex
     follower: the options stay those the model was exported with)."""
     if kind not in KINDS:
         raise ExportError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if options.compile and kind == "policy":
+        raise ExportError("--compile applies to --kind reward and reference (the policy engine's decode steps are "
+                          "not compiled)")
     source = check_checkpoint_dir(model_dir)
     pad_id = _pad_token_id(source, kind)
     name = options.name or read_metadata(source).name or source.name
@@ -204,6 +213,7 @@ def model_config(name: str, pad_token_id: int, options: ExportOptions, model_kin
         "torch_threads": str(options.torch_threads),
         # What the model file loads the weights in; the instance group places them.
         "dtype": options.dtype,
+        "compile": str(options.compile).lower(),
     }
     signature = SIGNATURES[model_kind]
     if model_kind == "policy":

@@ -19,7 +19,12 @@ reference  INPUT_IDS          int64 [B, T] prompt then completion, right-padded
 
 The weights load in the config parameter ``dtype`` (float32, bfloat16,
 float16) on the instance's device (a KIND_GPU instance's GPU, else the CPU);
-outputs are computed from up-cast logits, as in-process.
+outputs are computed from up-cast logits, as in-process. With the parameter
+``compile`` ("true", ``arbiter triton export --compile``) the forward runs
+compiled by ``torch.compile`` with dynamic shapes, every graph built in
+``initialize`` by warm-up batches (as ``arbiter.backends.compiled`` does
+in-process), so Triton marks the version ready only once no request will
+wait for a compile; a failure fails the load and the old version serves on.
 """
 
 import json
@@ -78,6 +83,50 @@ class TritonPythonModel:
         self.max_tokens = min(limits) if limits else None
         self.model = model.to(self.device).eval()
         self.torch = torch
+        if params.get("compile") == "true":
+            self._compile(checkpoint)
+
+    def _compile(self, checkpoint):
+        """Compile the forward and run it once per shape specialization:
+        torch specializes sizes 0 and 1, so one row and two (one padded), one
+        token (a reward item; a reference pair has at least two) and four."""
+        import locale
+
+        torch = self.torch
+        # Inductor reads its kernel templates with the locale's encoding, and
+        # Triton's Python stubs inherit the server's, often C (ASCII): they
+        # are UTF-8 text. This process is this model instance's alone.
+        if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+            try:
+                locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+            except locale.Error:
+                pass  # the compile then fails naming the decode error; PYTHONUTF8=1 for Triton mends it
+        config = torch._dynamo.config
+        # Graphs per code object, shared by every architecture this process runs.
+        config.recompile_limit = max(config.recompile_limit, 64)
+        self.model.compile(dynamic=True)
+        shortest = 1 if self.kind == "reward" else 2
+        try:
+            for rows in (1, 2):
+                for width in (shortest, 4):
+                    input_ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+                    attention_mask = torch.ones((rows, width), dtype=torch.long, device=self.device)
+                    if rows > 1 and width > shortest:
+                        attention_mask[-1, -1] = 0  # a padded row
+                    with torch.inference_mode():
+                        self.model(input_ids=input_ids, attention_mask=attention_mask)
+        except Exception as err:
+            cause = err
+            for _ in range(16):
+                inner = getattr(cause, "inner_exception", None) or cause.__cause__
+                if inner is None:
+                    break
+                cause = inner
+            lines = str(cause).strip().splitlines()
+            raise RuntimeError(
+                f"compile: torch.compile could not compile {checkpoint} ({type(cause).__name__}: "
+                f"{lines[0] if lines else 'no message'}); re-export without --compile"
+            ) from err
 
     def _read(self, request):
         """-> [(ids of one row, prompt length or 0)] of one request, or ValueError."""
