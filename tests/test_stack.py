@@ -597,9 +597,9 @@ def test_the_reward_section_passes_flags_the_reward_service_accepts(tmp_path):
 def test_the_reference_section_passes_flags_the_reference_service_accepts(tmp_path):
     from cli.main import parse_args
 
-    config = supervision(reference={"model_process": True, "max_batch_size": 16})
+    config = supervision(reference={"model_process": True, "compile": True, "max_batch_size": 16})
     args = service_args(config, "reference", tmp_path / "policy", 50053, None)
     assert "--model-process" in args and args[args.index("--max-batch-size") + 1] == "16"
     parsed = parse_args(args)
-    assert parsed.model_process and parsed.max_batch_size == 16
+    assert parsed.model_process and parsed.compile and parsed.max_batch_size == 16
     assert "--model-process" not in service_args(config, "reward", tmp_path / "rm", 50051, None)
