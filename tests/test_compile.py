@@ -7,6 +7,9 @@ apply."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import grpc
 import pytest
 from helpers import BackgroundServer, expect_error
@@ -106,6 +109,23 @@ def test_a_new_version_of_the_architecture_reuses_the_graphs(tmp_path, server, s
     members = [server.engine.models.get(version).model for version in ("v0", "v1")]
     assert "runs compiled (--compile)" in stack_refusal(members)
     models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v1"), timeout=30)
+
+
+def test_a_released_compiled_version_leaves_nothing_holding_its_weights(tmp_path, server):
+    """The graphs outlive every version (the next one reuses them): they must
+    not keep a released version's weights alive, or each trainer publish
+    would leak a model's worth of memory."""
+    backends = open_backends(COMPILED, REWARD)
+    weights = []
+    for seed in (3, 4):
+        model = RewardModel.open(make_reward(tmp_path / f"rm-{seed}", TinyConfig(seed=seed), calibrate=False),
+                                 backends)
+        model.forward([[5, 6], [7]])
+        weights.append(weakref.ref(next(model.backend.model.parameters())))
+        model.release()
+        del model
+        gc.collect()
+        assert [ref() for ref in weights] == [None] * len(weights)
 
 
 def test_a_version_that_fails_to_compile_fails_its_load_and_the_serving_one_stays(tmp_path, server, stubs,

@@ -737,6 +737,26 @@ def test_expired_request_frees_its_batch_slot(tiny_models):
         assert 'arbiter_requests_total{code="DEADLINE_EXCEEDED",method="Score",service="reward"} 1.0' in text
 
 
+def test_a_cancel_at_the_deadline_counts_as_the_deadline():
+    """The client cancels when its deadline passes, which the server (whose
+    copy of the deadline started when the request arrived) may see a little
+    before its own deadline: that is DEADLINE_EXCEEDED, a cancel well before
+    it (or without a deadline) CANCELLED."""
+    from services.common.handlers import _cancel_code
+
+    class Context:
+        def __init__(self, remaining):
+            self.remaining = remaining
+
+        def time_remaining(self):
+            return self.remaining
+
+    assert _cancel_code(Context(-0.5)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _cancel_code(Context(0.002)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _cancel_code(Context(3.0)) == grpc.StatusCode.CANCELLED
+    assert _cancel_code(Context(None)) == grpc.StatusCode.CANCELLED
+
+
 def test_tokenizing_straight_through_the_rust_tokenizer_gives_the_wrappers_ids(tiny_models):
     from arbiter.reward.model import RewardModel
 
