@@ -12,7 +12,8 @@ import weakref
 
 import grpc
 import pytest
-from helpers import BackgroundServer, expect_error
+from helpers import expect_error
+from reward_variants import PAIRS, eager_scores, reward_service, reward_stubs, score
 from torch._dynamo.utils import counters
 from torch._inductor.cpp_builder import cpp_compiler_search
 
@@ -25,25 +26,13 @@ from arbiter.reward.ensemble import stack_refusal
 from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
-from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from arbiter.v1 import common_pb2
 from services.policy.settings import PolicySettings
-from services.reward.server import create_server
-from services.reward.settings import RewardSettings
 
-PAIRS = [("What is RLHF?", " Reinforcement learning from human feedback."), ("Say hi.", " Hi!"),
-         ("2+2?", " 4"), ("Name a colour.", " Blue, like the sky on a clear day.")]
 COMPILED = BackendConfig(compile=True)
 # Fused kernels may sum in another order than eager's: float32 rounding, no more.
 ROUNDING = 1e-5
 
-
-def eager_scores(model_dir, pairs=PAIRS) -> list[float]:
-    model = RewardModel.open(model_dir)
-    try:
-        encoded = model.encode([RewardInput(p, r) for p, r in pairs], Truncation.LEFT)
-        return model.forward([e.token_ids for e in encoded])
-    finally:
-        model.release()
 
 
 def graphs_built() -> int:
@@ -52,25 +41,15 @@ def graphs_built() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_models, model_roots):
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, model_roots=model_roots,
-                              backend=COMPILED)
-    with BackgroundServer(lambda: create_server(settings)) as srv:
+    with reward_service(tiny_models["reward"], model_roots, COMPILED) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def stubs(server):
-    """(RewardService, ModelService) stubs on one channel to ``server``."""
-    with grpc.insecure_channel(server.target) as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel), common_pb2_grpc.ModelServiceStub(channel)
+    with reward_stubs(server) as pair:
+        yield pair
 
-
-def score(stub, pairs=PAIRS, version: str = "") -> list[float]:
-    request = reward_pb2.ScoreRequest(
-        inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=p, response=r)) for p, r in pairs],
-        options=reward_pb2.ScoreOptions(model_version=version),
-    )
-    return [result.score for result in stub.Score(request, timeout=30).results]
 
 
 def test_the_compiled_service_scores_as_the_eager_forward(server, tiny_models, stubs):

@@ -14,6 +14,7 @@ import threading
 import grpc
 import pytest
 from helpers import BackgroundServer, expect_error, wait_until
+from reward_variants import PAIRS, eager_scores, reward_service, reward_stubs, score
 
 from arbiter.backends import BackendConfig, open_backends
 from arbiter.backends.model_process import ModelProcess
@@ -25,23 +26,11 @@ from arbiter.reward.backend import REWARD
 from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
-from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
+from arbiter.v1 import common_pb2
 from services.policy.settings import PolicySettings
-from services.reward.server import create_server
-from services.reward.settings import RewardSettings
 
-PAIRS = [("What is RLHF?", " Reinforcement learning from human feedback."), ("Say hi.", " Hi!"),
-         ("2+2?", " 4"), ("Name a colour.", " Blue, like the sky on a clear day.")]
 IN_A_CHILD = BackendConfig(model_process=True)
 
-
-def in_process_scores(model_dir, pairs=PAIRS) -> list[float]:
-    model = RewardModel.open(model_dir)
-    try:
-        encoded = model.encode([RewardInput(p, r) for p, r in pairs], Truncation.LEFT)
-        return model.forward([e.token_ids for e in encoded])
-    finally:
-        model.release()
 
 
 def process_of(server: BackgroundServer, version: str = "") -> ModelProcess:
@@ -50,25 +39,15 @@ def process_of(server: BackgroundServer, version: str = "") -> ModelProcess:
 
 @pytest.fixture(scope="module")
 def server(tiny_models, model_roots):
-    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, model_roots=model_roots,
-                              backend=IN_A_CHILD)
-    with BackgroundServer(lambda: create_server(settings)) as srv:
+    with reward_service(tiny_models["reward"], model_roots, IN_A_CHILD) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def stubs(server):
-    """(RewardService, ModelService) stubs on one channel to ``server``."""
-    with grpc.insecure_channel(server.target) as channel:
-        yield reward_pb2_grpc.RewardServiceStub(channel), common_pb2_grpc.ModelServiceStub(channel)
+    with reward_stubs(server) as pair:
+        yield pair
 
-
-def score(stub, pairs=PAIRS, version: str = "") -> list[float]:
-    request = reward_pb2.ScoreRequest(
-        inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=p, response=r)) for p, r in pairs],
-        options=reward_pb2.ScoreOptions(model_version=version),
-    )
-    return [result.score for result in stub.Score(request, timeout=30).results]
 
 
 def test_the_service_scores_in_a_model_process_as_in_process(server, tiny_models, stubs):
@@ -76,7 +55,7 @@ def test_the_service_scores_in_a_model_process_as_in_process(server, tiny_models
     process = process_of(server)
     assert process.pid != os.getpid() and process.alive()
     # Same weights, same forward on the same kind of CPU thread: the same floats.
-    assert score(stub) == pytest.approx(in_process_scores(tiny_models["reward"]), abs=1e-6)
+    assert score(stub) == pytest.approx(eager_scores(tiny_models["reward"]), abs=1e-6)
     info = models_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info
     assert info.model_process and info.backend == "torch"
 
@@ -100,7 +79,7 @@ def test_a_version_has_its_own_model_process_until_it_is_unloaded(tmp_path, serv
                                                                     activate=False), timeout=120)
     process = process_of(server, "v1")
     assert process.alive() and process.pid != process_of(server).pid
-    assert score(stub, version="v1") == pytest.approx(in_process_scores(candidate), abs=1e-6)
+    assert score(stub, version="v1") == pytest.approx(eager_scores(candidate), abs=1e-6)
     models_stub.UnloadModelVersion(common_pb2.UnloadModelVersionRequest(version="v1"), timeout=30)
     wait_until(lambda: not process.alive(), timeout_s=30, what="the unloaded version's model process to exit")
     assert len(score(stub)) == len(PAIRS)
@@ -120,7 +99,7 @@ def test_a_versions_batches_do_not_wait_for_another_versions_in_its_own_process(
     held = serving.relay.submit(lambda: (entered.set(), gate.wait(60)))
     try:
         assert entered.wait(30)
-        assert score(stub, version="v2") == pytest.approx(in_process_scores(candidate), abs=1e-6)
+        assert score(stub, version="v2") == pytest.approx(eager_scores(candidate), abs=1e-6)
     finally:
         gate.set()
         held.result(timeout=30)
@@ -140,7 +119,7 @@ def test_a_checkpoint_the_kind_refuses_is_refused_from_the_model_process(server,
     versions = models_stub.ListModelVersions(common_pb2.ListModelVersionsRequest(), timeout=10).versions
     assert [v.version for v in versions] == ["v0"]
     assert process_of(server) is serving and serving.alive()
-    assert score(stub) == pytest.approx(in_process_scores(tiny_models["reward"]), abs=1e-6)
+    assert score(stub) == pytest.approx(eager_scores(tiny_models["reward"]), abs=1e-6)
 
 
 def test_a_failing_forward_pass_is_a_backend_error_and_the_process_serves_on(tiny_models):
@@ -150,7 +129,7 @@ def test_a_failing_forward_pass_is_a_backend_error_and_the_process_serves_on(tin
         with pytest.raises(BackendError, match="the model's forward pass failed: IndexError"):
             model.forward([[model.info.vocab_size + 10]])  # past the embedding table: the model raises
         assert process.alive()
-        expected = in_process_scores(tiny_models["reward"], PAIRS[:1])
+        expected = eager_scores(tiny_models["reward"], PAIRS[:1])
         encoded = model.encode([RewardInput(*PAIRS[0])], Truncation.LEFT)
         assert model.forward([encoded[0].token_ids]) == pytest.approx(expected, abs=1e-6)
     finally:
@@ -169,7 +148,7 @@ def test_a_pass_that_hangs_is_killed_with_its_process_and_the_next_batch_gets_a_
         with pytest.raises(BackendTimeout, match=r"did not finish this batch within 1s \(model_process_timeout_s\); "
                                                  r"it was stopped \(was killed by signal 9 \(SIGKILL\)\)"):
             model.forward([encoded])
-        assert model.forward([encoded]) == pytest.approx(in_process_scores(tiny_models["reward"], PAIRS[:1]),
+        assert model.forward([encoded]) == pytest.approx(eager_scores(tiny_models["reward"], PAIRS[:1]),
                                                          abs=1e-6)
         assert process.pid != hung and process.alive()
     finally:
