@@ -5,7 +5,10 @@
 (a) Arbiter + Triton: the reward service (own process) with ``--backend triton``;
 (b) direct Triton: tritonclient.aio callers sending pre-tokenized sequences
     straight to the same Triton model (no Arbiter: the ceiling for (a));
-(c) in-process: the same service with the torch backend.
+(c) in-process: the same service with the torch backend;
+(d) Arbiter + Triton with the model exported ``--compile`` (its forward
+    compiled by ``torch.compile`` inside Triton), ratio to (a): what compiling
+    gains where the forward runs in Triton.
 
 One item per request (many small callers) at 1/8/32 concurrent clients, over
 real gRPC from this process. Target: (a) >= 0.85 x (b). Triton is the
@@ -77,11 +80,14 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_s
     texts = make_texts(512, tokens)
     warmup_s = min(1.0, seconds / 4)
     per_round = seconds / rounds
-    via_arbiter, direct, in_process = [], [], []
+    via_arbiter, direct, in_process, compiled = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
         version_dir = export(model_dir, "reward", Path(tmp) / "repo",
                              ExportOptions(name="rm", torch_threads=threads, max_batch_size=max(64, batch_size)))
+        compiled_dir = export(model_dir, "reward", Path(tmp) / "repo",
+                              ExportOptions(name="rm-compiled", torch_threads=threads,
+                                            max_batch_size=max(64, batch_size), compile=True))
         tokenizer = load_tokenizer(model_dir)
         # What Arbiter sends for the same texts (TRUNCATION_LEFT at the model's 256).
         sequences = [tokenizer(p + r)["input_ids"][-256:] for p, r in texts]
@@ -90,29 +96,39 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_s
                          log_path=Path(tmp) / "triton.log") as triton:
             arbiter_args = ["reward", "--model", str(version_dir), "--backend", "triton",
                             "--triton-url", triton.url, "--triton-model", "rm", *common]
-            with ServiceProcess(arbiter_args) as service:  # loads version 1 into Triton
+            compiled_args = ["reward", "--model", str(compiled_dir), "--backend", "triton",
+                             "--triton-url", triton.url, "--triton-model", "rm-compiled", *common]
+            # Each loads its version 1 into Triton (the compiled one compiles there first).
+            with ServiceProcess(arbiter_args) as service, ServiceProcess(compiled_args) as compiled_service:
                 for clients in clients_list:
-                    a_parts, b_parts = [], []
+                    a_parts, b_parts, d_parts = [], [], []
                     for _ in range(rounds):
                         a_parts.append(asyncio.run(_drive(service.target, texts, clients, per_round, warmup_s)))
                         b_parts.append(asyncio.run(_drive_direct(triton.url, "rm", sequences, clients, per_round,
                                                                  warmup_s)))
+                        d_parts.append(asyncio.run(_drive(compiled_service.target, texts, clients, per_round,
+                                                          warmup_s)))
                     via_arbiter.append(merge(a_parts))
                     direct.append(merge(b_parts))
+                    compiled.append(merge(d_parts))
         with ServiceProcess(["reward", "--model", str(version_dir), *common]) as service:
             in_process = [asyncio.run(_drive(service.target, texts, c, seconds, warmup_s)) for c in clients_list]
-    rows, ratios = [], {}
-    for a, b, c in zip(via_arbiter, direct, in_process, strict=True):
+    rows, ratios, compiled_ratios = [], {}, {}
+    for a, b, c, d in zip(via_arbiter, direct, in_process, compiled, strict=True):
         ratios[a.clients] = a.throughput / b.throughput
-        for label, m in (("Arbiter + Triton (a)", a), ("direct Triton (b)", b), ("Arbiter in-process (c)", c)):
+        compiled_ratios[a.clients] = d.throughput / a.throughput
+        for label, m in (("Arbiter + Triton (a)", a), ("direct Triton (b)", b), ("Arbiter in-process (c)", c),
+                         ("Arbiter + Triton, exported --compile (d)", d)):
             rows.append([
                 label, m.clients, f"{m.throughput:.1f}", f"{m.percentile_ms(50):.1f}", f"{m.percentile_ms(99):.1f}",
                 f"{m.throughput / b.throughput:.2f}", f"{m.throughput / c.throughput:.2f}",
+                f"{m.throughput / a.throughput:.2f}" if m is d else "-",
             ])
     print_table(
         f"Reward scoring through Triton, {tokens}-token items, one item per request, torch threads {threads}, "
         f"max batch {batch_size}, {seconds:.0f}s per cell (target: a/b >= {TARGET_RATIO})",
-        ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs direct Triton (b)", "vs in-process (c)"],
+        ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs direct Triton (b)", "vs in-process (c)",
+         "vs (a)"],
         rows,
     )
     return {
@@ -122,6 +138,7 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 2, batch_s
         "arbiter_triton_items_per_s": {m.clients: m.throughput for m in via_arbiter},
         "direct_triton_items_per_s": {m.clients: m.throughput for m in direct},
         "in_process_items_per_s": {m.clients: m.throughput for m in in_process},
+        "compiled_vs_eager_triton": compiled_ratios,
     }
 
 

@@ -1,16 +1,17 @@
 """The reward service run with another backend configuration (a model
 process, a compiled forward): the service, stubs to it, and the eager
-in-process scores its answers are held to, for the tests of each variant."""
+in-process scores its answers are held to, for the tests of each variant.
+A test module sets ``BACKEND`` and imports the ``server`` and ``stubs``
+fixtures."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
+import pytest
 from helpers import BackgroundServer
 
-from arbiter.backends import BackendConfig
 from arbiter.reward.model import RewardModel
 from arbiter.types import RewardInput, Truncation
 from arbiter.v1 import common_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -31,15 +32,17 @@ def eager_scores(model_dir, pairs=PAIRS) -> list[float]:
         model.release()
 
 
-@contextmanager
-def reward_service(model_dir, model_roots, backend: BackendConfig) -> Iterator[BackgroundServer]:
-    settings = RewardSettings(model_dir=str(model_dir), port=0, model_roots=model_roots, backend=backend)
-    with BackgroundServer(lambda: create_server(settings)) as server:
-        yield server
+@pytest.fixture(scope="module")
+def server(request, tiny_models, model_roots) -> Iterator[BackgroundServer]:
+    """The reward service with the test module's ``BACKEND``."""
+    settings = RewardSettings(model_dir=str(tiny_models["reward"]), port=0, model_roots=model_roots,
+                              backend=request.module.BACKEND)
+    with BackgroundServer(lambda: create_server(settings)) as srv:
+        yield srv
 
 
-@contextmanager
-def reward_stubs(server: BackgroundServer):
+@pytest.fixture(scope="module")
+def stubs(server):
     """(RewardService, ModelService) stubs on one channel to ``server``."""
     with grpc.insecure_channel(server.target) as channel:
         yield reward_pb2_grpc.RewardServiceStub(channel), common_pb2_grpc.ModelServiceStub(channel)

@@ -13,7 +13,7 @@ import weakref
 import grpc
 import pytest
 from helpers import expect_error
-from reward_variants import PAIRS, eager_scores, reward_service, reward_stubs, score
+from reward_variants import PAIRS, eager_scores, score, server, stubs  # noqa: F401 (fixtures)
 from torch._dynamo.utils import counters
 from torch._inductor.cpp_builder import cpp_compiler_search
 
@@ -30,26 +30,14 @@ from arbiter.v1 import common_pb2
 from services.policy.settings import PolicySettings
 
 COMPILED = BackendConfig(compile=True)
+# The backend of the reward service the fixtures start (reward_variants).
+BACKEND = COMPILED
 # Fused kernels may sum in another order than eager's: float32 rounding, no more.
 ROUNDING = 1e-5
 
 
-
 def graphs_built() -> int:
     return counters["stats"]["unique_graphs"]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models, model_roots):
-    with reward_service(tiny_models["reward"], model_roots, COMPILED) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def stubs(server):
-    with reward_stubs(server) as pair:
-        yield pair
-
 
 
 def test_the_compiled_service_scores_as_the_eager_forward(server, tiny_models, stubs):

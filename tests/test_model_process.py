@@ -14,7 +14,7 @@ import threading
 import grpc
 import pytest
 from helpers import BackgroundServer, expect_error, wait_until
-from reward_variants import PAIRS, eager_scores, reward_service, reward_stubs, score
+from reward_variants import PAIRS, eager_scores, score, server, stubs  # noqa: F401 (fixtures)
 
 from arbiter.backends import BackendConfig, open_backends
 from arbiter.backends.model_process import ModelProcess
@@ -30,24 +30,12 @@ from arbiter.v1 import common_pb2
 from services.policy.settings import PolicySettings
 
 IN_A_CHILD = BackendConfig(model_process=True)
-
+# The backend of the reward service the fixtures start (reward_variants).
+BACKEND = IN_A_CHILD
 
 
 def process_of(server: BackgroundServer, version: str = "") -> ModelProcess:
     return server.engine.models.get(version).model.backend.process
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models, model_roots):
-    with reward_service(tiny_models["reward"], model_roots, IN_A_CHILD) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def stubs(server):
-    with reward_stubs(server) as pair:
-        yield pair
-
 
 
 def test_the_service_scores_in_a_model_process_as_in_process(server, tiny_models, stubs):
