@@ -12,7 +12,7 @@ import weakref
 
 import grpc
 import pytest
-from helpers import expect_error
+from helpers import Traffic, expect_error
 from reward_variants import PAIRS, eager_scores, score, server, stubs  # noqa: F401 (fixtures)
 from torch._dynamo.utils import counters
 from torch._inductor.cpp_builder import cpp_compiler_search
@@ -26,7 +26,7 @@ from arbiter.reward.ensemble import stack_refusal
 from arbiter.reward.model import RewardModel
 from arbiter.tiny import TinyConfig, make_reward
 from arbiter.types import RewardInput, Truncation
-from arbiter.v1 import common_pb2
+from arbiter.v1 import common_pb2, reward_pb2
 from services.policy.settings import PolicySettings
 
 COMPILED = BackendConfig(compile=True)
@@ -153,3 +153,32 @@ def test_compile_is_refused_where_it_cannot_apply(tiny_models):
         BackendConfig(kind="triton", triton_url="127.0.0.1:8001", triton_model="rm", compile=True)
     with pytest.raises(ConfigError, match="compile.*reward and reference services"):
         PolicySettings(model_dir=str(tiny_models["policy"]), backend=COMPILED)
+
+
+def test_a_new_architecture_compiles_beside_traffic_and_swaps_in_with_no_failed_request(tmp_path, server, stubs):
+    """The new version compiles on the loading thread while the serving one
+    answers on the model thread (both through dynamo); every request is
+    answered, each by one version with that version's score."""
+    stub, models_stub = stubs
+    other = make_reward(tmp_path / "rm-3-layers", TinyConfig(n_layer=3, seed=5), calibrate=False)
+    serving = models_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).info.version
+    expected = {serving: eager_scores(server.engine.models.get(serving).model.info.source_path, PAIRS[:1])[0],
+                "v3": eager_scores(other, PAIRS[:1])[0]}
+    wrong = []
+
+    def call() -> str:
+        response = stub.Score(reward_pb2.ScoreRequest(
+            inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=PAIRS[0][0], response=PAIRS[0][1]))]),
+            timeout=60)
+        if abs(response.results[0].score - expected[response.model_version]) > ROUNDING:
+            wrong.append(response)
+        return response.model_version
+
+    built = graphs_built()
+    with Traffic(call, clients=2) as traffic:
+        traffic.wait_for(serving)
+        models_stub.LoadModelVersion(common_pb2.LoadModelVersionRequest(path=str(other), version="v3",
+                                                                        activate=True), timeout=300)
+        traffic.wait_for("v3")
+    assert traffic.failures == [] and wrong == []
+    assert graphs_built() > built  # it did compile: a new architecture's graphs
