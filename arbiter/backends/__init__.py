@@ -72,7 +72,6 @@ class BackendConfig:
     model_process_timeout_s: float = field(default=300.0, metadata=flag(
         help="with --model-process: a forward pass still running after this long is killed with its process "
              "(DEADLINE_EXCEEDED); the next batch starts a new one"))
-
     # torch.compile each version's forward before it serves (arbiter.backends.compiled).
     compile: bool = field(default=False, metadata=flag(
         help="torch backend: compile each version's forward pass with torch.compile before it serves (reward, "
@@ -178,6 +177,17 @@ class ModelKind:
     # model serves with (arbiter.backends.compiled): one row and several, one
     # token and several, padded and not. Empty: the kind is not compiled.
     warmup_batches: tuple[list, ...] = ()
+
+    def load_for_serving(self, root: Path, base: Path | None, placement: Placement, compile: bool = False):
+        """``load_torch``, then with ``compile`` the forward compiled and its
+        graphs built (``arbiter.backends.compiled``): what a version's load
+        runs, in the service or in its model process."""
+        loaded = self.load_torch(root, base, placement)
+        if compile:
+            from arbiter.backends.compiled import compile_for_serving
+
+            compile_for_serving(self, loaded[0], str(root))
+        return loaded
 
 
 def open_backends(config: BackendConfig, kind: ModelKind) -> Backends:

@@ -39,6 +39,7 @@ import logging
 import time
 from typing import Any
 
+from arbiter.backends import ModelKind
 from arbiter.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 64
 
 
-def compile_for_serving(kind: Any, model: Any, where: str) -> float:
+def compile_for_serving(kind: ModelKind, model: Any, where: str) -> float:
     """Compile ``model`` (in place: the same object, its ``__call__``
     compiled) and run ``kind``'s warm-up batches through ``kind``'s forward,
     so that every graph serving will need exists. Returns the seconds it

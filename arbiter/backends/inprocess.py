@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.backends import ModelKind
-from arbiter.backends.compiled import compile_for_serving
 from arbiter.backends.model_process import ModelProcess, ModelProcessBackend
 from arbiter.backends.placement import CPU_FLOAT32, Placement, device_and_dtype
 from arbiter.backends.triton import checkpoint_dir
@@ -76,9 +75,7 @@ class InProcessBackends:
             info = self._describe(root, path, version, max_tokens, process.tokenizer, process.config,
                                   process.device, process.dtype, {**extra, "model_process": "true"})
             return ModelProcessBackend(process, info)
-        model, tokenizer, config = self.kind.load_torch(root, base, self.placement)
-        if self.compile:
-            compile_for_serving(self.kind, model, str(root))
+        model, tokenizer, config = self.kind.load_for_serving(root, base, self.placement, self.compile)
         device, dtype = device_and_dtype(model)
         info = self._describe(root, path, version, max_tokens, tokenizer, config, device, dtype, extra)
         return InProcessBackend(self.kind, model, tokenizer, info)

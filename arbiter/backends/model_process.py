@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from arbiter.backends import ModelKind
-from arbiter.backends.compiled import compile_for_serving
 from arbiter.backends.placement import Placement
 from arbiter.errors import ArbiterError, BackendError, BackendTimeout, BackendUnavailable, ModelLoadError
 from arbiter.exits import describe_exit
@@ -76,9 +75,8 @@ def _serve_model(conn, kind: ModelKind, root: str, base: str | None, placement: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
-        model, tokenizer, config = kind.load_torch(Path(root), None if base is None else Path(base), placement)
-        if compile:
-            compile_for_serving(kind, model, root)
+        model, tokenizer, config = kind.load_for_serving(Path(root), None if base is None else Path(base), placement,
+                                                         compile)
         device, dtype = device_and_dtype(model)
         conn.send(("ready", (tokenizer, config, device, dtype, os.getpid())))
     except BaseException as err:  # noqa: BLE001 - every failure is the parent's to report
