@@ -150,20 +150,15 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
     limit_compiled = max(cells, key=lambda c: c[0])[5]
     rows = []
     for clients, a, b, mean_batch, c, a_compiled, d in cells:
-        rows.append([a.label, "-", f"{a.throughput:.1f}", f"{a.percentile_ms(50):.1f}", f"{a.percentile_ms(99):.1f}",
-                     "-", "1.00", ratio(a.throughput, limit.throughput), "-"])
-        rows.append([b.label, clients, f"{b.throughput:.1f}", f"{b.percentile_ms(50):.1f}",
-                     f"{b.percentile_ms(99):.1f}", f"{mean_batch:.1f}", ratio(b.throughput, a.throughput),
-                     ratio(b.throughput, limit.throughput), "-"])
-        rows.append([c.label, clients, f"{c.throughput:.1f}", f"{c.percentile_ms(50):.1f}",
-                     f"{c.percentile_ms(99):.1f}", "-", ratio(c.throughput, a.throughput),
-                     ratio(c.throughput, limit.throughput), "-"])
-        rows.append([a_compiled.label, "-", f"{a_compiled.throughput:.1f}", f"{a_compiled.percentile_ms(50):.1f}",
-                     f"{a_compiled.percentile_ms(99):.1f}", "-", ratio(a_compiled.throughput, a.throughput),
-                     ratio(a_compiled.throughput, limit.throughput), "1.00"])
-        rows.append([d.label, clients, f"{d.throughput:.1f}", f"{d.percentile_ms(50):.1f}",
-                     f"{d.percentile_ms(99):.1f}", "-", ratio(d.throughput, a.throughput),
-                     ratio(d.throughput, limit.throughput), ratio(d.throughput, a_compiled.throughput)])
+        # (measurement, clients column, mean batch column, vs compiled (a') column), one row each.
+        for x, shown_clients, shown_batch, versus_compiled in (
+            (a, "-", "-", "-"), (b, clients, f"{mean_batch:.1f}", "-"), (c, clients, "-", "-"),
+            (a_compiled, "-", "-", "1.00"), (d, clients, "-", ratio(d.throughput, a_compiled.throughput)),
+        ):
+            rows.append([x.label, shown_clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
+                         f"{x.percentile_ms(99):.1f}", shown_batch,
+                         "1.00" if x is a else ratio(x.throughput, a.throughput),
+                         ratio(x.throughput, limit.throughput), versus_compiled])
     print_table(
         f"Reference log-probs, {prompt_tokens}+{completion_tokens}-token sequences, one per request, model "
         f"{BENCH_MODEL}, torch threads {threads}, batch sizes auto up to {max_batch} (caps chosen by the first process, "
