@@ -9,7 +9,8 @@
 # wheels of what that image lacks or has at other versions, downloaded here
 # once, for its Python 3.12 (see /work/.library/device/README.md):
 #   grpcio==1.81.1 protobuf==6.33.6 grpcio-health-checking==1.81.1
-#   grpcio-reflection==1.81.1 kafka-python==3.0.12 crc32c==2.9.post0
+#   grpcio-reflection==1.81.1 kafka-python==3.0.12 crc32c==2.9.post0 river==0.26.1
+# (the image has torch 2.11 and transformers 5.17: both work)
 # e.g. run(command="bash bench/gpu_check.sh", carry=["arbiter/v1", ".whl"], timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +26,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # Fail in seconds, not after building models, when an import is missing.
 python3 -c "import services.reward.server, services.reference.server, services.policy.server" 2>&1 \
     | tee "$OUT/gpu_check.log" || exit 1
-timeout 500 python3 -m bench.gpu_check --out "$OUT" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
+# `gpu_check.sh profile ...`: where the time goes (bench/gpu_profile.py) instead.
+module=bench.gpu_check
+if [ "${1:-}" = profile ]; then module=bench.gpu_profile; shift; fi
+timeout "${GPU_CHECK_TIMEOUT_S:-500}" python3 -m $module --out "$OUT" "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
