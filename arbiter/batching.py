@@ -51,6 +51,7 @@ import inspect
 import itertools
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -168,8 +169,11 @@ MIN_BUCKET_TOKENS = 16
 # absorbed is small now that a forward pass on one CPU thread is timed by
 # that thread's CPU time (``arbiter.backends.inprocess``).
 CAP_TOLERANCE = 0.01
-# Weight of a new observation in a size's running figure.
-OBSERVED_WEIGHT = 0.25
+# A size's served figure is the median of its last this many batches: one
+# slow batch (a garbage collection, a co-tenant's burst, a GPU library's
+# first call at a new shape) moves it not at all, while a lasting change
+# shows after half as many.
+OBSERVED_WINDOW = 5
 # A batch counts as a grid size when it holds at least this fraction of it.
 RECORDED_FILL = 0.8
 # Every this many batches of a bucket with enough like items waiting, one is
@@ -211,6 +215,7 @@ class BatchSizer:
         shape = (len(self.lengths), len(self.sizes))
         self._calibrated: list[list[float | None]] = [[None] * shape[1] for _ in range(shape[0])]
         self._observed: list[list[float | None]] = [[None] * shape[1] for _ in range(shape[0])]
+        self._recent = [[deque(maxlen=OBSERVED_WINDOW) for _ in range(shape[1])] for _ in range(shape[0])]
         # Per bucket: the number of sizes that can run (a failed size and all above it cannot).
         self._feasible = [shape[1]] * shape[0]
         self._turns = [0] * shape[0]
@@ -283,9 +288,12 @@ class BatchSizer:
         bucket = self.bucket(longest)
         cost = seconds / max(tokens if tokens is not None else size * longest, 1)
         compared = self._compares(bucket)
-        table = self._calibrated if calibration else self._observed
-        old = table[bucket][index]
-        table[bucket][index] = cost if old is None or calibration else old + OBSERVED_WEIGHT * (cost - old)
+        if calibration:
+            self._calibrated[bucket][index] = cost
+        else:
+            recent = self._recent[bucket][index]
+            recent.append(cost)
+            self._observed[bucket][index] = statistics.median(recent)
         if compared and self._choose(bucket) == self._caps[bucket]:
             # Other lengths only follow this one's cap, or its first comparable figures.
             return []

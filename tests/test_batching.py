@@ -11,7 +11,7 @@ import grpc
 import pytest
 from helpers import BackgroundServer, metric_value, wait_until_async
 
-from arbiter.batching import EXPLORE_EVERY, BatchingConfig, BatchSizer, DynamicBatcher, ItemShape
+from arbiter.batching import EXPLORE_EVERY, OBSERVED_WINDOW, BatchingConfig, BatchSizer, DynamicBatcher, ItemShape
 from arbiter.config import ConfigError
 from arbiter.errors import Overloaded, ShuttingDown
 from arbiter.v1 import common_pb2, common_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -376,6 +376,33 @@ def test_padding_in_served_batches_counts_against_their_size():
     # speed: 4.6/128 = 0.036 us per token beats 16's 8.0/128 = 0.0625: the
     # cap is 8, and the lengths scaled from it follow (128 tokens per batch).
     assert sizer.record(8, 16, 4.6 / 1000, tokens=128) == [(16, 8), (32, 4), (64, 2)]
+
+
+def test_one_slow_batch_does_not_move_the_cap_for_long():
+    """Calibrated at 16 tokens with 16 the best (per item 1.0, 0.75, 0.625,
+    0.575, 0.5, 0.625 ms for 1..32 items). Served: 8 at 0.575 ms per item and
+    16 at 0.5: the cap is 16. One batch of 16 ten times slower (on a GPU, a
+    library's first call at a new shape) makes 16's last batches [0.5, 5.0],
+    median 2.75, over 8's 0.575: the cap drops to 8; one more batch at 0.5
+    makes them [0.5, 5.0, 0.5], median 0.5, and the cap is 16 again. (A
+    running mean weighting the new batch 1/4 would be at 1.34 then, and over
+    8's 0.575 x 1.01 for eight more batches of 0.5.) A lasting slowdown
+    shows at the median: one batch at 0.7 ms gives [0.5, 5.0, 0.5, 0.7],
+    median 0.6, over 8's 0.575 by more than 1 %: the cap is 8; with the
+    window full, the spike leaves it and the median stays 0.7."""
+    sizer = BatchSizer(max_batch_size=32, max_tokens=16)
+    for size, ms in ((1, 1.0), (2, 1.5), (4, 2.5), (8, 4.6), (16, 8.0), (32, 20.0)):
+        sizer.record(size, 16, ms / 1000, calibration=True)
+    assert sizer.record(8, 16, 8 * 0.575 / 1000) == []
+    assert sizer.record(16, 16, 16 * 0.5 / 1000) == []
+    assert sizer.caps() == {16: 16}
+    assert sizer.record(16, 16, 16 * 5.0 / 1000) == [(16, 8)]
+    assert sizer.record(16, 16, 16 * 0.5 / 1000) == [(16, 16)]
+    assert sizer.record(16, 16, 16 * 0.7 / 1000) == [(16, 8)]
+    assert OBSERVED_WINDOW == 5
+    assert sizer.record(16, 16, 16 * 0.7 / 1000) == []  # [0.5, 5.0, 0.5, 0.7, 0.7]: 0.7
+    assert sizer.record(16, 16, 16 * 0.7 / 1000) == []  # [5.0, 0.5, 0.7, 0.7, 0.7]: 0.7
+    assert sizer.caps() == {16: 8}
 
 
 def test_saturated_batches_explore_one_size_up_and_one_down():

@@ -180,6 +180,45 @@ def test_reference_service_serves_bfloat16_and_swaps_in_what_the_trainer_publish
             check_close(result.logprobs, by_hand(trained.lm, prompt, completion), tolerance)
 
 
+class _Movable:
+    """A model as ``Placement.place`` sees one, movable to a device this machine lacks."""
+
+    def __init__(self):
+        self.moved_to = None
+
+    def parameters(self):
+        return iter([torch.zeros(1)])
+
+    def to(self, target):
+        if isinstance(target, torch.device):
+            self.moved_to = target
+        return self
+
+    def eval(self):
+        return self
+
+
+@pytest.fixture
+def cudnn_attention_restored():
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def test_a_model_placed_on_a_gpu_attends_without_cudnn(cudnn_attention_restored):
+    """cuDNN's attention plans per input shape, and served shapes vary
+    (arbiter.backends.placement.shape_generic_attention): placing on cuda
+    turns it off for the process; placing on the CPU leaves the setting alone."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    cpu = _Movable()
+    Placement("cpu", "float32").place(cpu)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    gpu = _Movable()
+    Placement("cuda:1", "float32").place(gpu)
+    assert gpu.moved_to == torch.device("cuda:1")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_the_policy_load_path_takes_a_placement(policy_dir, hf_policy, tmp_path):
     """What the policy engine loads through (arbiter.lm): weights in bf16, and
     incremental decoding with a KV cache agreeing with one full forward."""

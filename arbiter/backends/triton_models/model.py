@@ -81,6 +81,10 @@ class TritonPythonModel:
             if isinstance(getattr(model.config, attr, None), int)
         ]
         self.max_tokens = min(limits) if limits else None
+        if self.device.type == "cuda":
+            # cuDNN's attention builds a plan per input shape, and batches here
+            # change shape every time (arbiter.backends.placement.shape_generic_attention).
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model = model.to(self.device).eval()
         self.torch = torch
         if params.get("compile") == "true":
