@@ -8,9 +8,10 @@ to ``--out``.
 
 Sections (each baseline alternates with the service within a cell):
 
-- reward: items/s of one-item ``Score`` requests (~128-token items) from
+- reward: items/s of one-item ``Score`` requests (~230-token items) from
   1/8/32/64 clients vs (a) the in-process batched forward of 32 items, the
-  service as deployed and again with ``--model-process`` (the forward in a
+  service as deployed, with batching off (``--no-dynamic-batching``: the
+  goal's other baseline), with ``--model-process`` (the forward in a
   child process: on a GPU the per-op Python of a launch-bound forward meets
   the handlers' GIL too) and with ``--compile`` (the forward compiled by
   ``torch.compile``: fused kernels, fewer launches);
@@ -403,7 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
                                           *flags], wait=False)
                     for kind in ("reward", "reference", "policy")}
         # Reward variants, each its own service: {flag: name in ``services``}.
-        variants = {"--model-process": "reward-process", "--compile": "reward-compiled"}
+        # Batching off too: the goal's other baseline (each request a forward of its own).
+        variants = {"--no-dynamic-batching": "reward-off", "--model-process": "reward-process",
+                    "--compile": "reward-compiled"}
         for flag, kind in variants.items():
             services[kind] = ServiceProcess(["reward", "--model", str(models["reward"]), *flags, flag], wait=False)
         down = {}

@@ -24,7 +24,8 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # Fail in seconds, not after building models, when an import is missing.
-python3 -c "import services.reward.server, services.reference.server, services.policy.server" 2>&1 \
+# (river: the reward service's drift monitor, imported when a version loads.)
+python3 -c "import services.reward.server, services.reference.server, services.policy.server, river.drift" 2>&1 \
     | tee "$OUT/gpu_check.log" || exit 1
 # `gpu_check.sh profile ...`: where the time goes (bench/gpu_profile.py) instead.
 module=bench.gpu_check
