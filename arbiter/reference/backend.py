@@ -15,7 +15,7 @@ from arbiter.backends import ModelKind
 from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.backends.signatures import REFERENCE as REFERENCE_TENSORS
 from arbiter.backends.signatures import Pair
-from arbiter.lm import completion_logits, gather_tokens, load_causal_weights, probe_finite, require_plain_causal_lm
+from arbiter.lm import completion_logits, load_causal_weights, probe_finite, require_plain_causal_lm
 
 
 def load_reference_weights(root, base_dir=None, placement: Placement = CPU_FLOAT32):
@@ -30,12 +30,18 @@ def reference_forward(model, batch: list[Pair]) -> list[list[float]]:
 
     with torch.inference_mode():
         logits = completion_logits(model, int(model.config.pad_token_id), batch)
+        # Every row's completion ids in one copy to the device: a copy per row
+        # from host memory waits for the device to finish what is queued
+        # (on a GPU, a stall per row).
+        tokens = torch.tensor([t for _, completion in batch for t in completion], dtype=torch.long)
+        tokens = tokens.to(logits[0].device)
+        values, start = [], 0
         # One row at a time: a float64 copy of every row's (C, V) logits at
         # once would be the batch's biggest allocation by far.
-        values = [
-            gather_tokens(torch.log_softmax(item.double(), dim=-1), completion)
-            for item, (_, completion) in zip(logits, batch, strict=True)
-        ]
+        for item, (_, completion) in zip(logits, batch, strict=True):
+            logprobs = torch.log_softmax(item.double(), dim=-1)
+            values.append(logprobs.gather(-1, tokens[start : start + len(completion), None])[:, 0])
+            start += len(completion)
         # One copy off the device for the whole batch, not one per row.
         flat = torch.cat(values).tolist()
     out, start = [], 0

@@ -213,12 +213,17 @@ class TritonPythonModel:
 
     def _logprobs(self, logits, rows):
         torch = self.torch
-        values = []
+        # Every row's completion ids in one copy to the device (a copy per row
+        # would wait for the device each time).
+        tokens = torch.from_numpy(np.concatenate([ids[prompt:] for ids, prompt in rows]).astype(np.int64))
+        tokens = tokens.to(self.device)
+        values, start = [], 0
         for i, (ids, prompt) in enumerate(rows):
             # Position t predicts token t + 1: completion token k sits at prompt + k.
             item = logits[i, prompt - 1 : len(ids) - 1]
-            tokens = torch.from_numpy(ids[prompt:].astype(np.int64)).to(self.device)[:, None]
-            values.append(torch.log_softmax(item.double(), dim=-1).gather(-1, tokens)[:, 0])
+            mine = tokens[start : start + len(ids) - prompt, None]
+            values.append(torch.log_softmax(item.double(), dim=-1).gather(-1, mine)[:, 0])
+            start += len(ids) - prompt
         # One copy off the device for the whole batch, not one per row.
         flat = torch.cat(values).float().cpu().numpy()
         out, start = [], 0
