@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install protos lint test demo demo-data bench bench-chaos bench-soak bench-e2e bench-learning bench-online-rm bench-ensemble bench-ensemble-members bench-scale clean prometheus-tools triton-env demo-triton
+.PHONY: install protos lint test demo demo-data bench gpu-wheels bench-chaos bench-soak bench-e2e bench-learning bench-online-rm bench-ensemble bench-ensemble-members bench-scale clean prometheus-tools triton-env demo-triton
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -87,6 +87,16 @@ demo-triton: install triton-env
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Wheels for the GPU check (bench/gpu_check.sh) on the device machine, whose
+# image has torch and transformers but not these (or not at these versions):
+# Python 3.12, manylinux x86-64, into .whl/ (git-ignored; carry it).
+GPU_WHEELS = grpcio==1.81.1 grpcio-tools==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 \
+	protobuf==6.33.6 kafka-python==3.0.12 crc32c==2.9.post0 river==0.26.1
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 
 # arbiter up with each component killed by SIGKILL in turn (broker and its
 # object store included): seconds until training resumes, and the

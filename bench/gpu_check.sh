@@ -4,14 +4,12 @@
 # ~5 minutes, results in $OUT (gpu_check.json, gpu_check.txt, gpu_check.log,
 # nvidia-smi.txt). Extra arguments go to bench.gpu_check (--seconds, --only ...).
 #
-# On the device machine (python3 there has torch, transformers, grpcio, rich...):
-# carry `arbiter/v1` (the generated protobuf code is git-ignored) and `.whl`,
-# wheels of what that image lacks or has at other versions, downloaded here
-# once, for its Python 3.12 (see /work/.library/device/README.md):
-#   grpcio==1.81.1 protobuf==6.33.6 grpcio-health-checking==1.81.1
-#   grpcio-reflection==1.81.1 kafka-python==3.0.12 crc32c==2.9.post0 river==0.26.1
-# (the image has torch 2.11 and transformers 5.17: both work)
-# e.g. run(command="bash bench/gpu_check.sh", carry=["arbiter/v1", ".whl"], timeout_s=540)
+# On the device machine (python3 there has torch 2.11, transformers 5.17,
+# rich, numpy...; both versions work): carry `arbiter/v1` (the generated
+# protobuf code is git-ignored) and `.whl`, the wheels `make gpu-wheels`
+# downloads here (what that image lacks or has at other versions):
+#   run(command="bash bench/gpu_check.sh", carry=["arbiter/v1", ".whl"], timeout_s=540)
+#   run(command="bash bench/gpu_check.sh profile", carry=[...], timeout_s=240)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
