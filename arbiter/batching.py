@@ -172,7 +172,7 @@ CAP_TOLERANCE = 0.01
 # A size's served figure is the median of its last this many batches: one
 # slow batch (a garbage collection, a co-tenant's burst, a GPU library's
 # first call at a new shape) moves it for at most one batch (not at all once
-# the size has 3 figures), while a lasting change shows within 3 batches.
+# the size has 2 figures), while a lasting change shows within 3 batches.
 OBSERVED_WINDOW = 5
 # A batch counts as a grid size when it holds at least this fraction of it.
 RECORDED_FILL = 0.8
