@@ -95,10 +95,9 @@ def shape_generic_attention() -> None:
     shapes change with every batch (rows, padded length) and every decoding
     step (one more cache column), so nearly every forward paid a build:
     measured on an H200 (torch 2.11, ``bench/gpu_profile.py``), the attention
-    call held 46-68 % of the model threads' time, a policy decoding step took
-    34 ms in the service against 9.5 ms for the same engine repeating one
-    request's shapes, and reward items/s were 0.04-0.38x the in-process
-    batched forward. Flash and memory-efficient attention need no plan."""
+    call held 46-68 % of the model threads' time and a policy decoding step
+    took 34 ms in the service against 9.5 ms for the same engine repeating
+    one request's shapes. Flash and memory-efficient attention need no plan."""
     import torch
 
     torch.backends.cuda.enable_cudnn_sdp(False)
