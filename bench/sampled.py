@@ -70,8 +70,11 @@ class Sampler:
         report = {thread: {"samples": count, "leaf": top(self.leaf[thread], 25), "line": top(self.line[thread], 25),
                            "inclusive": top(self.inclusive[thread], 40), "stacks": top(self.stacks[thread], 12)}
                   for thread, count in self.samples.items()}
-        with open(f"{self.out}.{self.phase}.json", "w") as f:
+        # Whole or not at all: the benchmark reads it as soon as it exists.
+        path = f"{self.out}.{self.phase}.json"
+        with open(f"{path}.partial", "w") as f:
             json.dump(report, f, indent=1)
+        os.replace(f"{path}.partial", path)
 
     def run(self) -> None:
         me = threading.get_ident()
