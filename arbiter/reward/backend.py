@@ -17,6 +17,7 @@ from arbiter.backends.placement import CPU_FLOAT32, Placement, model_device
 from arbiter.backends.signatures import REWARD as REWARD_TENSORS
 from arbiter.errors import ModelLoadError
 from arbiter.hf import causal_lm_head, load_tokenizer, read_config
+from arbiter.lm import no_cache
 
 
 def check_reward_config(config, root: Path) -> None:
@@ -64,7 +65,7 @@ def reward_forward(model, batch: list[list[int]]) -> list[float]:
     lengths = torch.from_numpy(arrays["LENGTHS"]).to(device)
     attention_mask = (torch.arange(input_ids.shape[1], device=device)[None, :] < lengths).long()
     with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(model)).logits
     return logits[:, 0].float().tolist()
 
 

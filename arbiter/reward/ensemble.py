@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from arbiter.backends.inprocess import InProcessBackend
 from arbiter.backends.placement import model_device
 from arbiter.backends.signatures import REWARD as REWARD_TENSORS
+from arbiter.lm import no_cache
 from arbiter.reward.model import RewardModel
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class StackedEnsemble:
 
         def one(params, buffers):
             return functional_call(self._skeleton, (params, buffers), (),
-                                   {"input_ids": input_ids, "attention_mask": attention_mask}).logits[:, 0]
+                                   {"input_ids": input_ids, "attention_mask": attention_mask,
+                                    **no_cache(self._skeleton)}).logits[:, 0]
 
         with torch.inference_mode():
             scores = torch.vmap(one)(self.params, self.buffers)  # [K, B]

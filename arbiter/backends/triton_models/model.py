@@ -27,6 +27,7 @@ in-process), so Triton marks the version ready only once no request will
 wait for a compile; a failure fails the load and the old version serves on.
 """
 
+import inspect
 import json
 import os
 
@@ -87,6 +88,9 @@ class TritonPythonModel:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model = model.to(self.device).eval()
         self.torch = torch
+        # A whole-sequence forward needs no KV cache; encoder models take no such argument
+        # (arbiter.lm.no_cache).
+        self.no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
         if params.get("compile") == "true":
             self._compile(checkpoint)
 
@@ -118,7 +122,7 @@ class TritonPythonModel:
                     if rows > 1 and width > shortest:
                         attention_mask[-1, -1] = 0  # a padded row
                     with torch.inference_mode():
-                        self.model(input_ids=input_ids, attention_mask=attention_mask)
+                        self.model(input_ids=input_ids, attention_mask=attention_mask, **self.no_cache)
         except Exception as err:
             cause = err
             for _ in range(16):
@@ -191,7 +195,7 @@ class TritonPythonModel:
             attention_mask[i, : len(ids)] = 1
         with torch.inference_mode():
             logits = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **self.no_cache
             ).logits
             values = self._scores(logits) if self.kind == "reward" else self._logprobs(logits, rows)
         start = 0
