@@ -22,10 +22,9 @@ import pstats
 import random
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from bench.common import ServiceProcess
+from bench.common import ServiceProcess, metric_samples
 from bench.gpu_check import SHAPES, WORDS, _drive, _generate_call, _logprobs_call, _score_call, build_models, texts, \
     token_pairs
 
@@ -39,18 +38,19 @@ def say(*lines: str) -> None:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Histogram sums and counts and gauges, summed over label sets."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    """Histogram sums and counts summed over label sets; batch-cap and
+    queue-depth gauges by label set."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if not family.name.startswith("arbiter_"):
+    for sample in metric_samples(port):
+        if not sample.name.startswith("arbiter_"):
             continue
-        for sample in family.samples:
-            if sample.name.endswith(("_sum", "_count")) or family.type == "gauge":
-                key = sample.name if family.type != "gauge" else f"{sample.name}{sorted(sample.labels.items())}"
-                out[key] = out.get(key, 0.0) + sample.value
+        if sample.name.endswith(("_sum", "_count")):
+            key = sample.name
+        elif "cap" in sample.name or "depth" in sample.name:
+            key = f"{sample.name}{sorted(sample.labels.items())}"
+        else:
+            continue
+        out[key] = out.get(key, 0.0) + sample.value
     return out
 
 

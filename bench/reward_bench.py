@@ -41,11 +41,19 @@ import contextlib
 import random
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import BaselineProcesses, Measurement, ServiceProcess, drive, merge, print_table, ratio
+from bench.common import (
+    BaselineProcesses,
+    Measurement,
+    ServiceProcess,
+    drive,
+    merge,
+    metric_samples,
+    print_table,
+    ratio,
+)
 
 # The goals this benchmark checks (see the module docstring).
 GOAL_VS_BETTER = 0.95
@@ -133,29 +141,21 @@ class ServiceMetrics:
     first one chose."""
 
     def __init__(self, ports: Sequence[int]):
-        self.urls = [f"http://127.0.0.1:{port}/metrics" for port in ports]
-
-    @staticmethod
-    def samples(url: str) -> list:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+        self.ports = list(ports)
 
     def batches(self) -> tuple[float, float]:
         """(items, forward passes) so far, over every process."""
         items = passes = 0.0
-        for url in self.urls:
-            values = {s.name: s.value for s in self.samples(url) if s.name in ("arbiter_batch_size_sum",
-                                                                               "arbiter_batch_size_count")}
+        for port in self.ports:
+            values = {s.name: s.value for s in metric_samples(port) if s.name in ("arbiter_batch_size_sum",
+                                                                                  "arbiter_batch_size_count")}
             items += values.get("arbiter_batch_size_sum", 0.0)
             passes += values.get("arbiter_batch_size_count", 0.0)
         return items, passes
 
     def caps(self) -> dict[int, int]:
         """{length bucket's longest item in tokens: batch cap} of the first process's active version."""
-        return {int(s.labels["tokens"]): int(s.value) for s in self.samples(self.urls[0])
+        return {int(s.labels["tokens"]): int(s.value) for s in metric_samples(self.ports[0])
                 if s.name == "arbiter_batch_size_cap"}
 
 

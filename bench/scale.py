@@ -50,10 +50,9 @@ import shutil
 import statistics
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from bench.common import print_table
+from bench.common import metric_samples, print_table
 
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
 # The local store is moto's Python server, which assembles a multipart upload
@@ -164,12 +163,7 @@ def raw_s3_seconds(model_dir: Path, scratch: Path, rounds: int = 1) -> float:
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
-        text = page.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in metric_samples(port)}
 
 
 class ServedWatch(threading.Thread):
