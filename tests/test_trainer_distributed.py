@@ -73,6 +73,12 @@ def _rank_update(rank, world, port, parallel, model_dir, out, batch):
                                                         "trained": trainer.state.outcomes}))
     finally:
         distributed.shutdown()
+    # Ended as `arbiter train` ends a rank: a rank that returned normally ran
+    # gloo's C++ destructors at interpreter exit and, now and then, aborted
+    # there ("terminate called without an active exception", SIGABRT) after
+    # its work was done and written (pytorch/pytorch#179291 traces it to
+    # tensors held by gloo work objects, freed once the interpreter is gone).
+    distributed.exit_rank(0)
 
 
 def run_ranks(fn, args, nprocs, timeout_s=180.0):

@@ -118,7 +118,9 @@ def shutdown() -> None:
 def exit_rank(code: int) -> None:
     """End a rank's process now: flushed, but without running C++ destructors
     at interpreter exit (a process group or DDP reducer finalized after its
-    peers left can block there, and torchrun would wait on this rank forever)."""
+    peers left can block there, and torchrun would wait on this rank forever;
+    gloo's can also abort the process with SIGABRT, failing a rank whose work
+    was done)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
