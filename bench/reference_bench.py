@@ -20,7 +20,10 @@ teacher-forced forward, float64 log-softmax), same torch threads.
     beside (a'), the in-process log-probs compiled the same way.
 
 The goal: (b) at 32 clients >= 0.95x the limit; (c) and (d) are reported
-beside it, (d) against both the limit and (a')'s.
+beside it, (d) against both the limit and (a')'s. ``quick`` (the smoke run
+in ``make test``) leaves (a') and (d) out: compiling in three fresh processes
+was half of its time, and the compiled paths have their own tests
+(tests/test_compile.py).
 
 (a) and (b) alternate in ``rounds`` slices within each cell so that load from
 anything else on the machine hits both alike.
@@ -103,6 +106,7 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         processes: int = 2) -> dict:
     if quick:
         seconds, rounds, processes = QUICK_SECONDS, 1, 1
+    compiling = not quick
     rounds = max(rounds, processes)  # every process serves a slice of every cell
     from arbiter.hf import read_config
 
@@ -118,7 +122,8 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
             in_child = start_services(
                 stack, service_args("reference", model_dir, threads, max_batch, "--model-process"), processes)
             compiled = start_services(
-                stack, service_args("reference", model_dir, threads, max_batch, "--compile"), processes)
+                stack, service_args("reference", model_dir, threads, max_batch, "--compile"),
+                processes if compiling else 0)
             # The model's id space (what ModelInfo.vocab_size reports): the model itself runs in the workers.
             vocab = read_config(model_dir).get_text_config().vocab_size
             sequences = make_sequences(512, vocab, prompt_tokens, completion_tokens)
@@ -136,29 +141,31 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
                                                                 clients, per_slice, warmup_s)))
                     child.append(asyncio.run(_through_service(in_child[turn % processes].target, sequences, clients,
                                                               per_slice, warmup_s, "service, --model-process (c)")))
-                    local_compiled.append(baseline.run(turn, in_process, model_dir, sequences, batch, per_slice,
-                                                       threads, True))
-                    remote_compiled.append(asyncio.run(_through_service(
-                        compiled[turn % processes].target, sequences, clients, per_slice, warmup_s,
-                        "service, --compile (d)")))
+                    if compiling:
+                        local_compiled.append(baseline.run(turn, in_process, model_dir, sequences, batch, per_slice,
+                                                           threads, True))
+                        remote_compiled.append(asyncio.run(_through_service(
+                            compiled[turn % processes].target, sequences, clients, per_slice, warmup_s,
+                            "service, --compile (d)")))
                 items, batches = metrics.batches()
                 cells.append((clients, merge(local), merge(remote),
                               (items - items_before) / max(1.0, batches - batches_before), merge(child),
-                              merge(local_compiled), merge(remote_compiled)))
+                              merge(local_compiled) if compiling else None,
+                              merge(remote_compiled) if compiling else None))
             caps = metrics.caps()
     limit = max(cells, key=lambda c: c[0])[1]
     limit_compiled = max(cells, key=lambda c: c[0])[5]
     rows = []
     for clients, a, b, mean_batch, c, a_compiled, d in cells:
         # (measurement, clients column, mean batch column, vs compiled (a') column), one row each.
-        for x, shown_clients, shown_batch, versus_compiled in (
-            (a, "-", "-", "-"), (b, clients, f"{mean_batch:.1f}", "-"), (c, clients, "-", "-"),
-            (a_compiled, "-", "-", "1.00"), (d, clients, "-", ratio(d.throughput, a_compiled.throughput)),
-        ):
+        paths = [(a, "-", "-", "-"), (b, clients, f"{mean_batch:.1f}", "-"), (c, clients, "-", "-")]
+        if compiling:
+            paths += [(a_compiled, "-", "-", "1.00"), (d, clients, "-", ratio(d.throughput, a_compiled.throughput))]
+        for x, shown_clients, shown_batch, versus_compiled in paths:
             rows.append([x.label, shown_clients, f"{x.throughput:.1f}", f"{x.percentile_ms(50):.1f}",
                          f"{x.percentile_ms(99):.1f}", shown_batch,
                          "1.00" if x is a else ratio(x.throughput, a.throughput),
-                         ratio(x.throughput, limit.throughput), versus_compiled])
+                         ratio(x.throughput, limit.throughput), *([versus_compiled] if compiling else [])])
     print_table(
         f"Reference log-probs, {prompt_tokens}+{completion_tokens}-token sequences, one per request, model "
         f"{BENCH_MODEL}, torch threads {threads}, batch sizes auto up to {max_batch} (caps chosen by the first process, "
@@ -167,7 +174,8 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         f"each cell (latency of (a): per batch). Goal: (b) at {max(clients_list)} clients >= {GOAL_VS_BETTER}x the "
         "limit",
         ["path", "clients", "sequences/s", "p50 ms", "p99 ms", "mean batch", "vs in-process same batch (a)",
-         f"vs in-process batch {min(max(clients_list), max_batch)} (limit)", "vs compiled same batch (a')"],
+         f"vs in-process batch {min(max(clients_list), max_batch)} (limit)",
+         *(["vs compiled same batch (a')"] if compiling else [])],
         rows,
     )
     saturated = max(cells, key=lambda c: c[0])
@@ -178,8 +186,9 @@ def run(seconds: float = 8.0, clients_list=(1, 8, 32), threads: int = 1, max_bat
         "saturation_ratio_vs_in_process_limit": max(b.throughput for _, _, b, *_ in cells) / limit.throughput,
         "model_process_vs_limit_at_most_clients": saturated[4].throughput / limit.throughput,
         "service_vs_limit_at_most_clients": saturated[2].throughput / limit.throughput,
-        "compile_vs_limit_at_most_clients": saturated[6].throughput / limit.throughput,
-        "compile_vs_compiled_limit_at_most_clients": saturated[6].throughput / limit_compiled.throughput,
+        **({"compile_vs_limit_at_most_clients": saturated[6].throughput / limit.throughput,
+            "compile_vs_compiled_limit_at_most_clients": saturated[6].throughput / limit_compiled.throughput}
+           if compiling else {}),
         "caps": caps,
         "goal_met": saturated[2].throughput / limit.throughput >= GOAL_VS_BETTER,
     }
