@@ -219,6 +219,26 @@ def test_a_model_placed_on_a_gpu_attends_without_cudnn(cudnn_attention_restored)
     assert not torch.backends.cuda.cudnn_sdp_enabled()
 
 
+def test_cudnn_attention_is_left_to_torch_when_asked(cudnn_attention_restored):
+    """``--cudnn-attention``: placing on a GPU leaves PyTorch's choice alone
+    (for a workload of few shapes, or to measure the difference)."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    Placement("cuda:1", "float32", cudnn_attention=True).place(_Movable())
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert BackendConfig(device="auto", cudnn_attention=True).placement().cudnn_attention
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_apply(tiny_models, capsys):
+    with pytest.raises(ConfigError, match=r"cudnn_attention=True is invalid: applies on a GPU \(--device cuda"):
+        BackendConfig(cudnn_attention=True)  # the default device: cpu
+    with pytest.raises(ConfigError, match="cudnn_attention=True is invalid: applies to the torch backend"):
+        BackendConfig(kind="triton", triton_url="127.0.0.1:8001", triton_model="rm", cudnn_attention=True)
+    for kind in ("reward", "reference", "policy"):  # every model service takes the flag, and checks it at start-up
+        model = tiny_models["reward" if kind == "reward" else "policy"]
+        assert main(["serve", kind, "--model", str(model), "--cudnn-attention"]) == 2
+        assert capsys.readouterr().err.startswith(f"arbiter serve {kind}: cudnn_attention=True is invalid: applies on a GPU")
+
+
 def test_the_policy_load_path_takes_a_placement(policy_dir, hf_policy, tmp_path):
     """What the policy engine loads through (arbiter.lm): weights in bf16, and
     incremental decoding with a KV cache agreeing with one full forward."""

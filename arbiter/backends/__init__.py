@@ -76,6 +76,11 @@ class BackendConfig:
     compile: bool = field(default=False, metadata=flag(
         help="torch backend: compile each version's forward pass with torch.compile before it serves (reward, "
              "reference); the first load of an architecture takes longer, later versions reuse its graphs"))
+    # On a GPU attention runs without cuDNN unless this is set
+    # (arbiter.backends.placement.shape_generic_attention: a plan per shape).
+    cudnn_attention: bool = field(default=False, metadata=flag(
+        help="torch backend on a GPU: let PyTorch use cuDNN's attention kernel (off by default: it builds a "
+             "plan for every new input shape, and served shapes change with every batch and decoding step)"))
 
     def __post_init__(self) -> None:
         require_choice(self.kind, "backend", BACKENDS)
@@ -95,6 +100,11 @@ class BackendConfig:
                 "applies to the torch backend (Triton runs models in processes of its own)", self.model_process)
         require(not (self.remote and self.compile), "compile",
                 "applies to the torch backend (Triton runs the model as exported)", self.compile)
+        require(not (self.remote and self.cudnn_attention), "cudnn_attention",
+                "applies to the torch backend (Triton runs the model as exported)", self.cudnn_attention)
+        require(not (self.cudnn_attention and self.device == "cpu"), "cudnn_attention",
+                "applies on a GPU (--device cuda, cuda:N or auto); on the CPU there is no cuDNN",
+                self.cudnn_attention)
         if self.remote:
             # Triton runs the weights as exported; a service-side value would be silently ignored.
             for name, default in (("device", "cpu"), ("dtype", "float32")):
@@ -110,7 +120,7 @@ class BackendConfig:
 
     def placement(self) -> Placement:
         """The in-process device (auto resolved) and dtype."""
-        return Placement.resolve(self.device, self.dtype)
+        return Placement.resolve(self.device, self.dtype, self.cudnn_attention)
 
 
 class Backend(Protocol):

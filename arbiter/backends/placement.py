@@ -50,18 +50,21 @@ def require_device(value: Any, field: str = "device") -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """A resolved device (never ``auto``) and a dtype, applied at load."""
+    """A resolved device (never ``auto``) and a dtype, applied at load;
+    ``cudnn_attention``: on a GPU, leave PyTorch free to pick cuDNN's
+    attention kernel (``shape_generic_attention`` says why it is not)."""
 
     device: str = "cpu"
     dtype: str = "float32"
+    cudnn_attention: bool = False
 
     @classmethod
-    def resolve(cls, device: str, dtype: str) -> Placement:
+    def resolve(cls, device: str, dtype: str, cudnn_attention: bool = False) -> Placement:
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(device, dtype)
+        return cls(device, dtype, cudnn_attention)
 
     @property
     def torch_dtype(self):
@@ -72,10 +75,10 @@ class Placement:
     def place(self, model):
         """``model`` cast to the dtype (a no-op when already there) and moved
         to the device, in eval mode; on a GPU, attention then runs without
-        cuDNN (``shape_generic_attention``)."""
+        cuDNN (``shape_generic_attention``) unless ``cudnn_attention``."""
         import torch
 
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and not self.cudnn_attention:
             shape_generic_attention()
         if any(p.dtype != self.torch_dtype for p in model.parameters() if p.is_floating_point()):
             model = model.to(self.torch_dtype)
@@ -97,7 +100,9 @@ def shape_generic_attention() -> None:
     measured on an H200 (torch 2.11, ``bench/gpu_profile.py``), the attention
     call held 46-68 % of the model threads' time and a policy decoding step
     took 34 ms in the service against 9.5 ms for the same engine repeating
-    one request's shapes. Flash and memory-efficient attention need no plan."""
+    one request's shapes. Flash and memory-efficient attention need no plan.
+    A service started with ``--cudnn-attention`` skips this (a workload of
+    few shapes may prefer cuDNN; ``bench/gpu_check.py`` measures both)."""
     import torch
 
     torch.backends.cuda.enable_cudnn_sdp(False)
