@@ -1,7 +1,7 @@
 """The GPU check (issue 12, item 5): the reward, reference and policy services
 run as deployed (``arbiter serve KIND --device cuda --dtype bfloat16``, each in
 its own process) on a GPT-2-medium-shaped random model, against in-process
-baselines on the same device and dtype measured in the same run, in about 5
+baselines on the same device and dtype measured in the same run, in about 7
 minutes. Run it through ``bench/gpu_check.sh`` on a machine with CUDA; it
 writes ``gpu_check.json`` (every figure) and ``gpu_check.txt`` (the tables)
 to ``--out``.
@@ -13,8 +13,8 @@ Sections (each baseline alternates with the service within a cell):
   service as deployed, with batching off (``--no-dynamic-batching``: the
   goal's other baseline), with ``--model-process`` (the forward in a
   child process: on a GPU the per-op Python of a launch-bound forward meets
-  the handlers' GIL too) and with ``--compile`` (the forward compiled by
-  ``torch.compile``: fused kernels, fewer launches);
+  the handlers' GIL too) and, with ``--with-compile``, with ``--compile`` (the
+  forward compiled by ``torch.compile``: fused kernels, fewer launches);
 - reference: sequences/s of one-sequence ``LogProbs`` requests (64 prompt +
   64 completion tokens) from 1/8/32 clients vs (a) the in-process forward of a
   batch of as many sequences as clients;
@@ -24,6 +24,11 @@ Sections (each baseline alternates with the service within a cell):
 - accuracy: the half-precision answers against float32 on the same device
   (reward scores, reference log-probs), and the services' answers against
   the in-process ones.
+
+On a GPU each of the three services also runs with ``--cudnn-attention``
+(PyTorch's own choice of attention kernel, cuDNN's on an H100/H200), in the
+same cells against the same baselines: what the default (cuDNN's attention
+off, ``arbiter.backends.placement.shape_generic_attention``) changes.
 
 Every service must say (``GetModelInfo``) that it runs on the device and
 dtype asked for; one that does not is reported as such and not measured (the
@@ -112,7 +117,9 @@ def service_info(target: str):
 def check_placement(name: str, service: ServiceProcess, device: str, dtype: str) -> dict:
     info = service_info(service.target)
     placed = {"device": info.device, "dtype": info.dtype}
-    wanted_device = "cuda" if device.startswith("cuda") or device == "auto" else device
+    from arbiter.backends.placement import Placement
+
+    wanted_device = Placement.resolve(device, dtype).device  # auto: what it resolves to here
     if info.dtype != dtype or not info.device.startswith(wanted_device):
         raise RuntimeError(f"the {name} service runs on {info.device or '?'} in {info.dtype or '?'}, not {device} in "
                            f"{dtype}: its engine does not pass --device/--dtype to its loads")
@@ -181,8 +188,46 @@ def _cell_summary(cells) -> dict:
             for clients, b, s in cells}
 
 
-def reward_section(args, models, service: ServiceProcess, variants: dict[str, ServiceProcess] | None = None) -> dict:
-    """``variants``: {flag: the reward service started with it}, each measured in the same cells."""
+def _measure(args, clients_list, baseline, service: ServiceProcess, variants: dict[str, ServiceProcess], call,
+             requests, label: str):
+    """Per client count, ``baseline(clients) -> (fn, label)`` timed in-process,
+    then the service and each variant (``{flag: service started with it}``)
+    driven with ``call``, in ``args.rounds`` alternating slices. Returns
+    (cells, {flag: cells}), a cell being (clients, baseline, measured)."""
+    cells, variant_cells = [], {flag: [] for flag in variants}
+    for clients in clients_list:
+        fn, base_label = baseline(clients)
+        base, served, by_variant = [], [], {flag: [] for flag in variants}
+        for _ in range(args.rounds):
+            base.append(timed_loop(fn, args.seconds / args.rounds, base_label))
+            served.append(asyncio.run(_drive(service.target, call, requests, clients,
+                                             args.seconds / args.rounds, args.warmup_s, label)))
+            for flag, variant in variants.items():
+                by_variant[flag].append(asyncio.run(_drive(variant.target, call, requests, clients,
+                                                           args.seconds / args.rounds, args.warmup_s,
+                                                           f"{label}, {flag}")))
+        cells.append((clients, merge(base), merge(served)))
+        for flag, measured in by_variant.items():
+            variant_cells[flag].append((clients, cells[-1][1], merge(measured)))
+    return cells, variant_cells
+
+
+def _report(args, kind: str, title: str, unit: str, placed: dict, cells, variant_cells,
+            variants: dict[str, ServiceProcess]) -> dict:
+    """The section's tables (the service, then each variant against the same
+    baseline) and its figures: ``result[flag name]`` per variant."""
+    columns = ["path", "clients", unit, "p50 ms", "p99 ms", "vs baseline"]
+    print_table(title, columns, _rows(cells))
+    result = {"placement": placed, "cells": _cell_summary(cells)}
+    for flag, measured in variant_cells.items():
+        print_table(f"{kind.capitalize()} with {flag}, the same cells (the same baseline)", columns, _rows(measured))
+        result[flag.removeprefix("--").replace("-", "_")] = {
+            "placement": check_placement(kind, variants[flag], args.device, args.dtype),
+            "cells": _cell_summary(measured)}
+    return result
+
+
+def reward_section(args, models, service: ServiceProcess, variants: dict[str, ServiceProcess]) -> dict:
     from arbiter.backends import BackendConfig, open_backends
     from arbiter.reward.backend import REWARD
     from arbiter.reward.model import RewardModel
@@ -202,37 +247,17 @@ def reward_section(args, models, service: ServiceProcess, variants: dict[str, Se
         model.forward([items[(i * batch + j) % len(items)] for j in range(batch)])
         return batch
 
-    variants = variants or {}
-    cells, variant_cells = [], {flag: [] for flag in variants}
-    for clients in (1, 8, 32, 64):
-        base, served, by_variant = [], [], {flag: [] for flag in variants}
-        for _ in range(args.rounds):
-            base.append(timed_loop(forward, args.seconds / args.rounds, f"in-process forward, batch {batch} (a)"))
-            served.append(asyncio.run(_drive(service.target, _score_call, requests, clients, args.seconds / args.rounds,
-                                             args.warmup_s, "service Score, 1 item per request")))
-            for flag, variant in variants.items():
-                by_variant[flag].append(asyncio.run(_drive(variant.target, _score_call, requests, clients,
-                                                           args.seconds / args.rounds, args.warmup_s,
-                                                           f"service Score, {flag}")))
-        cells.append((clients, merge(base), merge(served)))
-        for flag, measured in by_variant.items():
-            variant_cells[flag].append((clients, cells[-1][1], merge(measured)))
+    cells, variant_cells = _measure(args, (1, 8, 32, 64), lambda clients: (forward, f"in-process forward, batch {batch} (a)"),
+                                    service, variants, _score_call, requests, "service Score, 1 item per request")
     mean_tokens = sum(map(len, items)) / len(items)
-    print_table(f"Reward on {placed['device']} in {placed['dtype']}, {mean_tokens:.0f}-token items, model "
-                f"{args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
-                ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs (a)"], _rows(cells))
-    result = {"placement": placed, "mean_tokens": mean_tokens, "cells": _cell_summary(cells)}
-    for flag, measured in variant_cells.items():
-        print_table(f"Reward with {flag}, the same cells (the same (a))",
-                    ["path", "clients", "items/s", "p50 ms", "p99 ms", "vs (a)"], _rows(measured))
-        result[flag.removeprefix("--").replace("-", "_")] = {
-            "placement": check_placement("reward", variants[flag], args.device, args.dtype),
-            "cells": _cell_summary(measured)}
+    result = _report(args, "reward", f"Reward on {placed['device']} in {placed['dtype']}, {mean_tokens:.0f}-token "
+                     f"items, model {args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
+                     "items/s", placed, cells, variant_cells, variants)
     model.release()
-    return result
+    return {**result, "mean_tokens": mean_tokens}
 
 
-def reference_section(args, models, service: ServiceProcess) -> dict:
+def reference_section(args, models, service: ServiceProcess, variants: dict[str, ServiceProcess]) -> dict:
     from arbiter.backends import BackendConfig, open_backends
     from arbiter.reference.backend import REFERENCE
     from arbiter.reference.model import ReferenceModel, TokenSequence
@@ -245,29 +270,26 @@ def reference_section(args, models, service: ServiceProcess) -> dict:
     sequences = [TokenSequence(p, c) for p, c in pairs]
     requests = [reference_pb2.LogProbsRequest(sequences=[reference_pb2.TokenSequence(
         prompt_token_ids=p, completion_token_ids=c)]) for p, c in pairs]
-    cells = []
-    for clients in (1, 8, 32):
+
+    def baseline(clients: int):
         batch = min(clients, 32)
 
-        def forward(i: int, batch=batch) -> int:
+        def forward(i: int) -> int:
             model.logprobs([sequences[(i * batch + j) % len(sequences)] for j in range(batch)])
             return batch
 
-        base, served = [], []
-        for _ in range(args.rounds):
-            base.append(timed_loop(forward, args.seconds / args.rounds, f"in-process forward, batch {batch} (a)"))
-            served.append(asyncio.run(_drive(service.target, _logprobs_call, requests, clients,
-                                             args.seconds / args.rounds, args.warmup_s,
-                                             "service LogProbs, 1 sequence per request")))
-        cells.append((clients, merge(base), merge(served)))
-    print_table(f"Reference on {placed['device']} in {placed['dtype']}, 64 + 64 tokens per sequence, model "
-                f"{args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
-                ["path", "clients", "sequences/s", "p50 ms", "p99 ms", "vs (a)"], _rows(cells))
+        return forward, f"in-process forward, batch {batch} (a)"
+
+    cells, variant_cells = _measure(args, (1, 8, 32), baseline, service, variants, _logprobs_call, requests,
+                                    "service LogProbs, 1 sequence per request")
+    result = _report(args, "reference", f"Reference on {placed['device']} in {placed['dtype']}, 64 + 64 tokens per "
+                     f"sequence, model {args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
+                     "sequences/s", placed, cells, variant_cells, variants)
     model.release()
-    return {"placement": placed, "cells": _cell_summary(cells)}
+    return result
 
 
-def policy_section(args, models, service: ServiceProcess) -> dict:
+def policy_section(args, models, service: ServiceProcess, variants: dict[str, ServiceProcess]) -> dict:
     import torch
 
     from arbiter.backends.placement import Placement, model_device
@@ -294,19 +316,13 @@ def policy_section(args, models, service: ServiceProcess) -> dict:
             tokens += row.index(eos) + 1 if eos in row else len(row)
         return tokens
 
-    cells = []
-    for clients in (1, 4, 16, 64):
-        base, served = [], []
-        for _ in range(args.rounds):
-            base.append(timed_loop(hf_generate, args.seconds / args.rounds, "HF generate, one request at a time (b)"))
-            served.append(asyncio.run(_drive(service.target, _generate_call, requests, clients,
-                                             args.seconds / args.rounds, args.warmup_s,
-                                             f"service Generate, n={n}, {new_tokens} new tokens")))
-        cells.append((clients, merge(base), merge(served)))
-    print_table(f"Policy on {placed['device']} in {placed['dtype']}, 1 prompt x n={n}, {new_tokens} new tokens, model "
-                f"{args.shape}; baseline (b) re-measured in each cell (tokens/s; latency per request)",
-                ["path", "clients", "tokens/s", "p50 ms", "p99 ms", "vs (b)"], _rows(cells))
-    return {"placement": placed, "cells": _cell_summary(cells)}
+    cells, variant_cells = _measure(args, (1, 4, 16, 64),
+                                    lambda clients: (hf_generate, "HF generate, one request at a time (b)"),
+                                    service, variants, _generate_call, requests,
+                                    f"service Generate, n={n}, {new_tokens} new tokens")
+    return _report(args, "policy", f"Policy on {placed['device']} in {placed['dtype']}, 1 prompt x n={n}, {new_tokens} "
+                   f"new tokens, model {args.shape}; baseline (b) re-measured in each cell (tokens/s; latency per "
+                   "request)", "tokens/s", placed, cells, variant_cells, variants)
 
 
 def accuracy_section(args, models, services: dict[str, ServiceProcess]) -> dict:
@@ -379,12 +395,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda", help="the services' --device")
     parser.add_argument("--dtype", default="bfloat16", help="the services' --dtype")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-medium")
-    parser.add_argument("--seconds", type=float, default=6.0, help="time per path per cell")
+    parser.add_argument("--seconds", type=float, default=5.0, help="time per path per cell")
     parser.add_argument("--rounds", type=int, default=2, help="alternating slices per cell")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="untimed client time before each service slice")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="sections not started by then are skipped (the whole run should end inside ~8 minutes)")
     parser.add_argument("--only", action="append", choices=("reward", "reference", "policy", "accuracy"))
+    parser.add_argument("--with-compile", action="store_true",
+                        help="measure the reward service with --compile too (its start-up compiles: ~1 minute more)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -395,20 +413,31 @@ def main(argv: list[str] | None = None) -> dict:
     BackendConfig(device=args.device, dtype=args.dtype)  # refuses a device this machine lacks, before any work
     results: dict = {"environment": environment(), "args": vars(args)}
     print(json.dumps(results["environment"]), flush=True)
-    sections = args.only or ["reward", "reference", "policy", "accuracy"]
+    # Accuracy first: seconds, and the one section that must not be skipped by the budget.
+    sections = args.only or ["accuracy", "policy", "reward", "reference"]
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(Path(tmp), SHAPES[args.shape], args.dtype, args.device)
         results["build_s"] = time.perf_counter() - started
         flags = ["--device", args.device, "--dtype", args.dtype, "--torch-threads", str(SERVICE_THREADS)]
-        services = {kind: ServiceProcess([kind, "--model", str(models["reward" if kind == "reward" else "policy"]),
-                                          *flags], wait=False)
+        model_of = {"reward": models["reward"], "reference": models["policy"], "policy": models["policy"]}
+        services = {kind: ServiceProcess([kind, "--model", str(model_of[kind]), *flags], wait=False)
                     for kind in ("reward", "reference", "policy")}
-        # Reward variants, each its own service: {flag: name in ``services``}.
-        # Batching off too: the goal's other baseline (each request a forward of its own).
-        variants = {"--no-dynamic-batching": "reward-off", "--model-process": "reward-process",
-                    "--compile": "reward-compiled"}
-        for flag, kind in variants.items():
-            services[kind] = ServiceProcess(["reward", "--model", str(models["reward"]), *flags, flag], wait=False)
+        # Variants, each its own service: {section: {flag: name in ``services``}}.
+        # Reward with batching off too: the goal's other baseline (each request
+        # a forward of its own). On a GPU every service with cuDNN's attention
+        # as well: what turning it off (the default) changes, in the same run.
+        variants: dict[str, dict[str, str]] = {
+            "reward": {"--no-dynamic-batching": "reward-off", "--model-process": "reward-process"},
+            "reference": {}, "policy": {}}
+        if args.with_compile:
+            variants["reward"]["--compile"] = "reward-compiled"
+        if args.device != "cpu":
+            for kind in variants:
+                variants[kind]["--cudnn-attention"] = f"{kind}-cudnn"
+        for section, flagged in variants.items():
+            for flag, kind in flagged.items():
+                services[kind] = ServiceProcess([section, "--model", str(model_of[section]), *flags, flag],
+                                                wait=False)
         down = {}
         try:
             for kind, service in services.items():
@@ -432,9 +461,9 @@ def main(argv: list[str] | None = None) -> dict:
                         results[name] = accuracy_section(args, models, services)
                     else:
                         run = {"reward": reward_section, "reference": reference_section, "policy": policy_section}
-                        extra = ({flag: services[kind] for flag, kind in variants.items() if kind not in down},) \
-                            if name == "reward" else ()
-                        results[name] = run[name](args, models, services[name], *extra)
+                        started_variants = {flag: services[kind] for flag, kind in variants[name].items()
+                                            if kind not in down}
+                        results[name] = run[name](args, models, services[name], started_variants)
                 except Exception as err:  # one section failing must not lose the others' figures
                     traceback.print_exc()
                     results[name] = {"error": f"{type(err).__name__}: {err}"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue 12 item 5 (bench/gpu_check.py): the three services
 # with --device cuda --dtype bfloat16 on a GPT-2-medium-shaped random model,
-# ~5 minutes, results in $OUT (gpu_check.json, gpu_check.txt, gpu_check.log,
+# and again with --cudnn-attention, ~7 minutes, results in $OUT (gpu_check.json, gpu_check.txt, gpu_check.log,
 # nvidia-smi.txt). Extra arguments go to bench.gpu_check (--seconds, --only ...).
 #
 # On the device machine (python3 there has torch 2.11, transformers 5.17,
