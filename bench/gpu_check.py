@@ -17,7 +17,9 @@ Sections (each baseline alternates with the service within a cell):
   forward compiled by ``torch.compile``: fused kernels, fewer launches);
 - reference: sequences/s of one-sequence ``LogProbs`` requests (64 prompt +
   64 completion tokens) from 1/8/32 clients vs (a) the in-process forward of a
-  batch of as many sequences as clients;
+  batch of as many sequences as clients, the service as deployed and with
+  ``--model-process`` (session 15 saw its batches take longer than (a)'s
+  twice as large: the launch-bound forward sharing the GIL with the handlers?);
 - policy: tokens/s of ``Generate`` (1 prompt x n=4, 32 new tokens,
   temperature 1) from 1/4/16/64 clients vs (b) Hugging Face ``generate`` on
   the same weights in-process, one request at a time;
@@ -428,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         # as well: what turning it off (the default) changes, in the same run.
         variants: dict[str, dict[str, str]] = {
             "reward": {"--no-dynamic-batching": "reward-off", "--model-process": "reward-process"},
-            "reference": {}, "policy": {}}
+            "reference": {"--model-process": "reference-process"}, "policy": {}}
         if args.with_compile:
             variants["reward"]["--compile"] = "reward-compiled"
         if args.device != "cpu":
