@@ -249,7 +249,8 @@ def reward_section(args, models, service: ServiceProcess, variants: dict[str, Se
         model.forward([items[(i * batch + j) % len(items)] for j in range(batch)])
         return batch
 
-    cells, variant_cells = _measure(args, (1, 8, 32, 64), lambda clients: (forward, f"in-process forward, batch {batch} (a)"),
+    cells, variant_cells = _measure(args, (1, 8, 32, 64),
+                                    lambda clients: (forward, f"in-process forward, batch {batch} (a)"),
                                     service, variants, _score_call, requests, "service Score, 1 item per request")
     mean_tokens = sum(map(len, items)) / len(items)
     result = _report(args, "reward", f"Reward on {placed['device']} in {placed['dtype']}, {mean_tokens:.0f}-token "

@@ -236,7 +236,8 @@ def test_cudnn_attention_is_refused_where_it_cannot_apply(tiny_models, capsys):
     for kind in ("reward", "reference", "policy"):  # every model service takes the flag, and checks it at start-up
         model = tiny_models["reward" if kind == "reward" else "policy"]
         assert main(["serve", kind, "--model", str(model), "--cudnn-attention"]) == 2
-        assert capsys.readouterr().err.startswith(f"arbiter serve {kind}: cudnn_attention=True is invalid: applies on a GPU")
+        refusal = capsys.readouterr().err
+        assert refusal.startswith(f"arbiter serve {kind}: cudnn_attention=True is invalid: applies on a GPU"), refusal
 
 
 def test_the_policy_load_path_takes_a_placement(policy_dir, hf_policy, tmp_path):
