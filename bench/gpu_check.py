@@ -9,7 +9,9 @@ to ``--out``.
 Sections (each baseline alternates with the service within a cell):
 
 - reward: items/s of one-item ``Score`` requests (~230-token items) from
-  1/8/32/64 clients vs (a) the in-process batched forward of 32 items, the
+  1/8/32/64 clients vs (a) the in-process forward of a batch of as many
+  items as clients, up to 32 (as ``bench.reward_bench``; session 15's run
+  held every cell to a batch of 32, which no 1 or 8 callers can fill), the
   service as deployed, with batching off (``--no-dynamic-batching``: the
   goal's other baseline), with ``--model-process`` (the forward in a
   child process: on a GPU the per-op Python of a launch-bound forward meets
@@ -243,15 +245,17 @@ def reward_section(args, models, service: ServiceProcess, variants: dict[str, Se
     items = [e.token_ids for e in model.encode([RewardInput(p, r) for p, r in pairs], Truncation.LEFT)]
     requests = [reward_pb2.ScoreRequest(inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=p, response=r))],
                                         options=reward_pb2.ScoreOptions(truncation=2)) for p, r in pairs]
-    batch = 32
+    def baseline(clients: int):
+        batch = min(clients, 32)
 
-    def forward(i: int) -> int:
-        model.forward([items[(i * batch + j) % len(items)] for j in range(batch)])
-        return batch
+        def forward(i: int) -> int:
+            model.forward([items[(i * batch + j) % len(items)] for j in range(batch)])
+            return batch
 
-    cells, variant_cells = _measure(args, (1, 8, 32, 64),
-                                    lambda clients: (forward, f"in-process forward, batch {batch} (a)"),
-                                    service, variants, _score_call, requests, "service Score, 1 item per request")
+        return forward, f"in-process forward, batch {batch} (a)"
+
+    cells, variant_cells = _measure(args, (1, 8, 32, 64), baseline, service, variants, _score_call, requests,
+                                    "service Score, 1 item per request")
     mean_tokens = sum(map(len, items)) / len(items)
     result = _report(args, "reward", f"Reward on {placed['device']} in {placed['dtype']}, {mean_tokens:.0f}-token "
                      f"items, model {args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
