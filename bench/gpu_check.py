@@ -216,6 +216,23 @@ def _measure(args, clients_list, baseline, service: ServiceProcess, variants: di
     return cells, variant_cells
 
 
+def _as_many_as_clients(forward, items, most: int = 32):
+    """Baseline (a) for ``_measure``: ``forward`` on in-process batches of as
+    many items as the cell has clients (up to ``most``, the services' batch
+    bound), what perfect batching of that many one-item callers gives."""
+
+    def baseline(clients: int):
+        batch = min(clients, most)
+
+        def run(i: int) -> int:
+            forward([items[(i * batch + j) % len(items)] for j in range(batch)])
+            return batch
+
+        return run, f"in-process forward, batch {batch} (a)"
+
+    return baseline
+
+
 def _report(args, kind: str, title: str, unit: str, placed: dict, cells, variant_cells,
             variants: dict[str, ServiceProcess]) -> dict:
     """The section's tables (the service, then each variant against the same
@@ -245,17 +262,8 @@ def reward_section(args, models, service: ServiceProcess, variants: dict[str, Se
     items = [e.token_ids for e in model.encode([RewardInput(p, r) for p, r in pairs], Truncation.LEFT)]
     requests = [reward_pb2.ScoreRequest(inputs=[reward_pb2.RewardInput(text=reward_pb2.TextPair(prompt=p, response=r))],
                                         options=reward_pb2.ScoreOptions(truncation=2)) for p, r in pairs]
-    def baseline(clients: int):
-        batch = min(clients, 32)
-
-        def forward(i: int) -> int:
-            model.forward([items[(i * batch + j) % len(items)] for j in range(batch)])
-            return batch
-
-        return forward, f"in-process forward, batch {batch} (a)"
-
-    cells, variant_cells = _measure(args, (1, 8, 32, 64), baseline, service, variants, _score_call, requests,
-                                    "service Score, 1 item per request")
+    cells, variant_cells = _measure(args, (1, 8, 32, 64), _as_many_as_clients(model.forward, items), service, variants,
+                                    _score_call, requests, "service Score, 1 item per request")
     mean_tokens = sum(map(len, items)) / len(items)
     result = _report(args, "reward", f"Reward on {placed['device']} in {placed['dtype']}, {mean_tokens:.0f}-token "
                      f"items, model {args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
@@ -277,18 +285,8 @@ def reference_section(args, models, service: ServiceProcess, variants: dict[str,
     sequences = [TokenSequence(p, c) for p, c in pairs]
     requests = [reference_pb2.LogProbsRequest(sequences=[reference_pb2.TokenSequence(
         prompt_token_ids=p, completion_token_ids=c)]) for p, c in pairs]
-
-    def baseline(clients: int):
-        batch = min(clients, 32)
-
-        def forward(i: int) -> int:
-            model.logprobs([sequences[(i * batch + j) % len(sequences)] for j in range(batch)])
-            return batch
-
-        return forward, f"in-process forward, batch {batch} (a)"
-
-    cells, variant_cells = _measure(args, (1, 8, 32), baseline, service, variants, _logprobs_call, requests,
-                                    "service LogProbs, 1 sequence per request")
+    cells, variant_cells = _measure(args, (1, 8, 32), _as_many_as_clients(model.logprobs, sequences), service,
+                                    variants, _logprobs_call, requests, "service LogProbs, 1 sequence per request")
     result = _report(args, "reference", f"Reference on {placed['device']} in {placed['dtype']}, 64 + 64 tokens per "
                      f"sequence, model {args.shape}; baseline (a) re-measured in each cell (latency of (a): per batch)",
                      "sequences/s", placed, cells, variant_cells, variants)
