@@ -91,14 +91,58 @@ def test_rows_join_and_leave_a_running_batch(policy):
     assert all(row.logprobs == [0.0] * 3 and row.finish is FinishReason.LENGTH for row in c.rows)  # greedy
 
 
+def test_rows_with_the_same_prompt_share_one_prefill(policy):
+    """A request's n samples, and other requests with the same prompt, are
+    one prompt to prefill: 2 samples of LONG, 1 of MEDIUM and 1 more of LONG
+    (another request, other sampling) are 4 rows but 2 prompts. Cancelling
+    one LONG request keeps the prompt the other still has; cancelling MEDIUM
+    leaves 1. Every sample is what its request gives alone (whose n rows
+    share its prefill too), with the log-probs of the distribution it was
+    drawn from."""
+    batch = DecodeBatch(policy, max_rows=64, prefill_chunk_tokens=2)
+    x = start(policy, [LONG], max_new_tokens=8, n=2, seed=4)
+    y = start(policy, [MEDIUM], max_new_tokens=8, seed=5)
+    z = start(policy, [LONG], max_new_tokens=8, temperature=0.6, top_k=30, seed=6)
+    batch.step([x, y, z])
+    # 2 prompts in a budget of 2 tokens: a column each.
+    assert (batch.prefilling_rows, batch.prefilling_prompts) == (4, 2)
+    x.cancel()
+    batch.step()
+    assert (batch.prefilling_rows, batch.prefilling_prompts) == (2, 2)
+    y.cancel()
+    batch.step()
+    assert (batch.prefilling_rows, batch.prefilling_prompts) == (1, 1)
+    while not batch.empty:
+        batch.step()
+    params = z.params
+    [row] = z.rows
+    [solo] = alone(policy, z).rows
+    assert row.ids == solo.ids and len(row.ids) == 8
+    assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
+    forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k, params.top_p)
+    assert row.logprobs == pytest.approx(forced, abs=1e-4)
+    # Alone (no chunking), a request's n samples share their prompt's
+    # prefill, joined and sampled in its first step.
+    w = start(policy, [LONG], max_new_tokens=8, n=3, seed=7)
+    w.step()
+    assert [len(row.ids) for row in w.rows] == [1, 1, 1]
+    while not w.done:
+        w.step()
+    for row in w.rows:
+        forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, 1.0, 0, 1.0)
+        assert row.logprobs == pytest.approx(forced, abs=1e-4)
+
+
 def test_long_prompts_prefill_in_chunks_while_running_rows_decode(policy):
-    """With a budget of 8 prompt tokens a step, 4 rows of a 29-token prompt
-    prefill 2 columns a step (15 steps) while the running row samples a
-    token every step; a generation cancelled mid-prefill takes its rows out
-    of the group, the rest go on; every sample is what the same request
-    gives alone (prefilled in one forward), with the log-probs of the
+    """With a budget of 2 prompt tokens a step, the 3 rows of a 29-token
+    prompt (one prefill, shared) and a 6-token one take 1 column in the first
+    step (2 prompts); once the 6-token prompt's generation is cancelled
+    mid-prefill (its row leaves the group, the rest go on) the 29-token
+    prompt prefills 2 columns a step (14 more steps) while the running row
+    samples a token every step; every sample is what the same request gives
+    alone (prefilled in one forward), with the log-probs of the
     distribution it was drawn from."""
-    batch = DecodeBatch(policy, max_rows=64, prefill_chunk_tokens=8)
+    batch = DecodeBatch(policy, max_rows=64, prefill_chunk_tokens=2)
     a = start(policy, [SHORT], max_new_tokens=40, seed=1)
     batch.step([a])  # 1 row x 2 columns: within the budget, prefilled at once
     assert len(a.rows[0].ids) == 1
@@ -108,6 +152,7 @@ def test_long_prompts_prefill_in_chunks_while_running_rows_decode(policy):
     c.cancel()
     for expected in range(3, 16):
         assert batch.prefilling_rows == 3 + (1 if expected == 3 else 0)
+        assert batch.prefilling_prompts == 1 + (1 if expected == 3 else 0)
         assert batch.step() == [a.rows[0]]  # only the running row samples
         assert len(a.rows[0].ids) == expected and all(not row.ids for row in b.rows)
     assert [len(row.ids) for row in b.rows] == [0, 0, 0]
@@ -208,12 +253,12 @@ def test_with_batching_off_requests_never_share_a_step(policy_dir):
 
 
 def test_a_long_prompt_prefills_in_chunks_beside_a_running_stream(policy_dir, policy):
-    """Through a server with --prefill-chunk-tokens 4: 4 samples of an
-    87-token prompt joining a running stream prefill a column a step (the
-    gauge shows them; the batch-level test checks the stream's row samples
-    meanwhile) and come out as decoded alone."""
+    """Through a server with --prefill-chunk-tokens 1: 4 samples of an
+    87-token prompt (one prefill, shared) joining a running stream prefill a
+    column a step (the gauge shows their rows; the batch-level test checks
+    the stream's row samples meanwhile) and come out as decoded alone."""
     settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0,
-                              decoding=DecodingConfig(prefill_chunk_tokens=4))
+                              decoding=DecodingConfig(prefill_chunk_tokens=1))
     prompt = " ".join([LONG] * 3)
     with BackgroundServer(lambda: create_server(settings)) as server, PolicyClient(server.target) as client:
         registry = server.running.registry

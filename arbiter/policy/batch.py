@@ -12,7 +12,10 @@ token instead of one long stall: the joiners of a step form a group whose
 left-padded prompts go through the model a chunk of columns per step, into a
 cache of their own, and join the batch when their last column is done.
 Chunks give the same keys, values and logits as one forward, up to float
-rounding.
+rounding. Rows with the same prompt (a request's n samples; requests that
+repeat a prompt) share its prefill: each distinct prompt of a group goes
+through the model once, and its keys, values and last logits are copied to
+every row that has it (n=4 samples of a prompt: a quarter of the prefill).
 
 The KV cache is preallocated: per layer, keys and values of shape
 (row slots, heads, columns, head dim), grown and compacted by copying only
@@ -94,6 +97,11 @@ class DecodeBatch:
         return sum(len(group.rows) for group in self._prefilling)
 
     @property
+    def prefilling_prompts(self) -> int:
+        """Distinct prompts being prefilled (rows with the same prompt share one)."""
+        return sum(group.prompts for group in self._prefilling)
+
+    @property
     def allocated_tokens(self) -> int:
         """Token slots the cache holds now (rows x columns)."""
         return 0 if self._mask is None else self._mask.shape[0] * self._mask.shape[1]
@@ -173,9 +181,9 @@ class DecodeBatch:
             if budget is not None and budget <= 0:
                 break
             remaining = group.width - group.done
-            columns = remaining if budget is None else min(remaining, max(1, budget // len(group.rows)))
+            columns = remaining if budget is None else min(remaining, max(1, budget // group.prompts))
             if budget is not None:
-                budget -= columns * len(group.rows)
+                budget -= columns * group.prompts
             logits = group.advance(columns)
             if group.done == group.width:
                 self._prefilling.remove(group)
@@ -193,7 +201,8 @@ class DecodeBatch:
     def _join(self, group: _Prefill, logits, mask_logits):
         """A group whose prompts are prefilled: its cache columns copied into
         slots ending at the write column, its rows into the batch."""
-        joined, width, mask = group.rows, group.width, group.mask
+        joined, width, source = group.rows, group.width, group.source
+        mask = group.mask[source]
         layers = list(group.cache.layers)
         if group.mask_cache is not None:
             layers += group.mask_cache.layers
@@ -205,8 +214,8 @@ class DecodeBatch:
             self._ensure(count, width, _ahead([*self.rows, *joined]))
         lo, hi = self._end - width, self._end
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
-            keys[first:count, :, lo:hi] = layers[layer].keys
-            values[first:count, :, lo:hi] = layers[layer].values
+            keys[first:count, :, lo:hi] = layers[layer].keys[source]
+            values[first:count, :, lo:hi] = layers[layer].values[source]
         self._mask[first:count] = 0
         self._mask[first:count, lo:hi] = mask
         for row in joined:
@@ -287,11 +296,12 @@ class DecodeBatch:
 
 
 class _Prefill:
-    """Rows that joined in one step, their prompts left-padded to the
-    longest (``width`` columns) and prefilled ``done`` columns so far, into
-    a plain full-length cache of their own (and the masking policy's)
+    """Rows that joined in one step, their distinct prompts left-padded to
+    the longest (``width`` columns) and prefilled ``done`` columns so far,
+    into a plain full-length cache of their own (and the masking policy's)
     whatever the model's config says: its columns are copied into the
-    batch's slots when the last one is done."""
+    batch's slots when the last one is done, each row's from its prompt's
+    (``source``: row -> prompt index)."""
 
     def __init__(self, batch: DecodeBatch, rows: list[Row]):
         import torch
@@ -299,12 +309,16 @@ class _Prefill:
 
         self.batch = batch
         self.rows = rows
-        self.width = max(len(row.prompt_ids) for row in rows)
-        ids = torch.full((len(rows), self.width), batch.policy.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), self.width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, self.width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            mask[r, self.width - len(row.prompt_ids) :] = 1
+        index: dict[tuple[int, ...], int] = {}
+        source = [index.setdefault(tuple(row.prompt_ids), len(index)) for row in rows]
+        prompts = list(index)
+        self.source = torch.tensor(source, dtype=torch.long, device=batch.device)
+        self.width = max(len(prompt) for prompt in prompts)
+        ids = torch.full((len(prompts), self.width), batch.policy.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self.width), dtype=torch.long)
+        for r, prompt in enumerate(prompts):
+            ids[r, self.width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[r, self.width - len(prompt) :] = 1
         self.ids, self.mask = ids.to(batch.device), mask.to(batch.device)
         # A left-padded row's first real token is position 0, as unpadded.
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
@@ -312,10 +326,15 @@ class _Prefill:
         self.cache = DynamicCache()
         self.mask_cache = None if batch.mask_policy is None else DynamicCache()
 
+    @property
+    def prompts(self) -> int:
+        """Distinct prompts: the rows the model computes."""
+        return self.ids.shape[0]
+
     def advance(self, columns: int):
-        """The next ``columns`` prompt columns through the model(s); the
-        (logits, mask logits) at the last one (only meaningful once it is
-        the prompt's last)."""
+        """The next ``columns`` prompt columns through the model(s); per row
+        (its prompt's), the (logits, mask logits) at the last one (only
+        meaningful once it is the prompt's last)."""
         lo, hi = self.done, self.done + columns
         ids, window, positions = self.ids[:, lo:hi], self.mask[:, :hi], self.positions[:, lo:hi]
         logits, self.cache = forward_step(self.batch.policy.model, ids, window, positions, cache=self.cache,
@@ -324,16 +343,22 @@ class _Prefill:
         if self.mask_cache is not None:
             mask_logits, self.mask_cache = forward_step(self.batch.mask_policy.model, ids, window, positions,
                                                         cache=self.mask_cache, last_only=True)
-            mask_logits = mask_logits[:, -1, :]
+            mask_logits = mask_logits[:, -1, :][self.source]
         self.done = hi
-        return logits[:, -1, :], mask_logits
+        return logits[:, -1, :][self.source], mask_logits
 
     def select(self, kept: list[int]) -> None:
         """Only rows ``kept`` (indices) go on (the others' generations were
-        cancelled); the padded width stays, so what is done stays valid."""
+        cancelled), and only the prompts they have; the padded width stays,
+        so what is done stays valid."""
         import torch
 
-        index = torch.tensor(kept, dtype=torch.long, device=self.ids.device)
+        sources = self.source.tolist()
+        prompts = sorted({sources[r] for r in kept})
+        renumbered = {prompt: i for i, prompt in enumerate(prompts)}
+        self.source = torch.tensor([renumbered[sources[r]] for r in kept], dtype=torch.long,
+                                   device=self.source.device)
+        index = torch.tensor(prompts, dtype=torch.long, device=self.ids.device)
         self.rows = [self.rows[r] for r in kept]
         self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
         for cache in (self.cache, self.mask_cache):
