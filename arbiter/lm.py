@@ -316,12 +316,15 @@ def completion_logits(model, pad_id: int, batch: Sequence[tuple[Sequence[int], S
     return [logits[row, len(p) - 1 : len(p) - 1 + len(c)] for row, (p, c) in enumerate(batch)]
 
 
-def gather_tokens(logprobs, tokens: Sequence[int]):
-    """(C, V) log-probs (on any device) and C token ids -> a (C,) tensor beside them."""
+def gather_tokens(logprobs, tokens):
+    """(C, V) log-probs (on any device) and C token ids (a sequence, or a
+    long tensor already on that device: a batch's ids copied over once)
+    -> a (C,) tensor beside them."""
     import torch
 
-    index = torch.tensor(list(tokens), dtype=torch.long, device=logprobs.device)[:, None]
-    return logprobs.gather(-1, index)[:, 0]
+    if not isinstance(tokens, torch.Tensor):
+        tokens = torch.tensor(list(tokens), dtype=torch.long, device=logprobs.device)
+    return logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
 def token_logprobs(logprobs, tokens: Sequence[int]) -> list[float]:

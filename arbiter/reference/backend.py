@@ -15,7 +15,7 @@ from arbiter.backends import ModelKind
 from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.backends.signatures import REFERENCE as REFERENCE_TENSORS
 from arbiter.backends.signatures import Pair
-from arbiter.lm import completion_logits, load_causal_weights, probe_finite, require_plain_causal_lm
+from arbiter.lm import completion_logits, gather_tokens, load_causal_weights, probe_finite, require_plain_causal_lm
 
 
 def load_reference_weights(root, base_dir=None, placement: Placement = CPU_FLOAT32):
@@ -39,8 +39,8 @@ def reference_forward(model, batch: list[Pair]) -> list[list[float]]:
         # One row at a time: a float64 copy of every row's (C, V) logits at
         # once would be the batch's biggest allocation by far.
         for item, (_, completion) in zip(logits, batch, strict=True):
-            logprobs = torch.log_softmax(item.double(), dim=-1)
-            values.append(logprobs.gather(-1, tokens[start : start + len(completion), None])[:, 0])
+            values.append(gather_tokens(torch.log_softmax(item.double(), dim=-1),
+                                        tokens[start : start + len(completion)]))
             start += len(completion)
         # One copy off the device for the whole batch, not one per row.
         flat = torch.cat(values).tolist()
