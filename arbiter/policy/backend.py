@@ -65,6 +65,7 @@ class TritonPolicyModel(PolicyModel):
         self.info = backend.info
         self.pad_id = backend.pad_token_id
         self.eos_ids = PolicyModel.end_tokens(self.tokenizer, hf_config)
+        self.prefix_cache = None  # Triton's engine keeps its own
 
     def submit(self, generation: Generation) -> Ticket:
         return self.decoder.submit(self, generation)

@@ -16,6 +16,10 @@ rounding. Rows with the same prompt (a request's n samples; requests that
 repeat a prompt) share its prefill: each distinct prompt of a group goes
 through the model once, and its keys, values and last logits are copied to
 every row that has it (n=4 samples of a prompt: a quarter of the prefill).
+With a prefix cache (``arbiter.policy.prefix_cache``, one per version), a
+group's prefill starts after the columns every one of its prompts finds
+cached: those keys and values are copied in, not computed; when the group
+joins, its prompts' blocks are added to the cache.
 
 The KV cache is preallocated: per layer, keys and values of shape
 (row slots, heads, columns, head dim), grown and compacted by copying only
@@ -46,6 +50,7 @@ from collections.abc import Sequence
 
 from arbiter.lm import forward_step
 from arbiter.policy.model import Generation, PolicyModel, Row
+from arbiter.policy.prefix_cache import PrefixCache
 from arbiter.policy.sampling import draw, sampling_logprobs, top_p_set
 
 # Columns allocated past what the rows in the batch can still use, so a few
@@ -58,8 +63,13 @@ class DecodeBatch:
     """Not thread-safe: ``step`` runs on the model thread, one call at a time."""
 
     def __init__(self, policy: PolicyModel, max_rows: int, mask_policy: PolicyModel | None = None,
-                 prefill_chunk_tokens: int = 0):
+                 prefill_chunk_tokens: int = 0, prefix_caches: tuple[PrefixCache, ...] | None = None):
         self.policy = policy
+        # The policy's prefix cache and the masking policy's, if any; None: no prefix caching.
+        self.prefix_caches = prefix_caches
+        # Prompt tokens of the distinct prompts prefill started on, and those found cached (not computed).
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
         # The masking policy (NLPO) of every row here, or None: no second forward.
         self.mask_policy = mask_policy
         self._policy_layers = 0  # layers [0, this) of the buffers are the policy's, the rest the mask's
@@ -212,6 +222,8 @@ class DecodeBatch:
             self._allocate(layers, count, width, _ahead(joined))
         else:
             self._ensure(count, width, _ahead([*self.rows, *joined]))
+        if self.prefix_caches is not None:
+            group.remember()
         lo, hi = self._end - width, self._end
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
             keys[first:count, :, lo:hi] = layers[layer].keys[source]
@@ -325,6 +337,35 @@ class _Prefill:
         self.done = 0
         self.cache = DynamicCache()
         self.mask_cache = None if batch.mask_policy is None else DynamicCache()
+        self.prompt_ids = prompts
+        self.starts = [self.width - len(prompt) for prompt in prompts]
+        batch.prompt_tokens += sum(len(prompt) for prompt in prompts)
+        if batch.prefix_caches is not None:
+            self._reuse(batch.prefix_caches)
+
+    def _reuse(self, caches: tuple[PrefixCache, ...]) -> None:
+        """Starts after the columns every prompt has cached (in each model's
+        cache): a prompt whose cached prefix ends later recomputes the rest
+        of it, one whose starts later (a shorter prompt) is padding there."""
+        size = caches[0].block_tokens
+        # Per cache, per prompt: the slots of its cached blocks.
+        chains = [[cache.match(prompt) for prompt in self.prompt_ids] for cache in caches]
+        cached = [min(len(per_cache[p]) for per_cache in chains) * size for p in range(len(self.prompt_ids))]
+        start = min(begin + tokens for begin, tokens in zip(self.starts, cached, strict=True))
+        if start == 0:
+            return
+        for cache, per_cache, seeded in zip(caches, chains, (self.cache, self.mask_cache), strict=False):
+            for layer in range(cache.layers):
+                keys, values = cache.gather(layer, per_cache, self.starts, start)
+                seeded.update(keys, values, layer)
+        self.done = start
+        self.batch.cached_tokens += sum(max(0, start - begin) for begin in self.starts)
+
+    def remember(self) -> None:
+        """The prompts' blocks into the prefix caches (the prefill is done)."""
+        for cache, computed in zip(self.batch.prefix_caches, (self.cache, self.mask_cache), strict=False):
+            cache.insert(self.prompt_ids, self.starts,
+                         [(layer.keys, layer.values) for layer in computed.layers])
 
     @property
     def prompts(self) -> int:
@@ -360,6 +401,8 @@ class _Prefill:
                                    device=self.source.device)
         index = torch.tensor(prompts, dtype=torch.long, device=self.ids.device)
         self.rows = [self.rows[r] for r in kept]
+        self.prompt_ids = [self.prompt_ids[p] for p in prompts]
+        self.starts = [self.starts[p] for p in prompts]
         self.ids, self.mask, self.positions = self.ids[index], self.mask[index], self.positions[index]
         for cache in (self.cache, self.mask_cache):
             if cache is not None and cache.get_seq_length() > 0:

@@ -14,6 +14,7 @@ from arbiter.backends.placement import CPU_FLOAT32, Placement
 from arbiter.chat import render_chat
 from arbiter.errors import InvalidInput
 from arbiter.lm import LoadedLM, completion_logits, load_causal_lm, token_logprobs
+from arbiter.policy.prefix_cache import PrefixCache
 from arbiter.policy.sampling import row_seed, row_uniforms, sampling_logprobs, top_p_set
 from arbiter.policy.types import (
     FinishReason,
@@ -36,6 +37,8 @@ class PolicyModel:
         self.info: ModelInfo = lm.info
         self.pad_id = int(self.model.config.pad_token_id)
         self.eos_ids = self.end_tokens(self.tokenizer, self.model.config)
+        # Made by the scheduler at this version's first batch, when prefix caching is on; goes with the version.
+        self.prefix_cache: PrefixCache | None = None
 
     @staticmethod
     def end_tokens(tokenizer, config) -> frozenset[int]:

@@ -31,7 +31,8 @@ from typing import Protocol
 from arbiter.config import flag, require
 from arbiter.errors import LimitExceeded, Overloaded, ShuttingDown
 from arbiter.policy.batch import DecodeBatch
-from arbiter.policy.model import Generation
+from arbiter.policy.model import Generation, PolicyModel
+from arbiter.policy.prefix_cache import PrefixCache
 from arbiter.policy.types import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,35 @@ class DecodingConfig:
         help="prompt tokens (samples x padded prompt columns) prefilled per decoding step; longer joins are "
              "prefilled over several steps while running samples keep decoding. 0: each join in one forward"))
 
+    # Prefix caching (arbiter.policy.prefix_cache): per version, the keys
+    # and values of prompt prefixes it prefilled, for prompts that repeat them.
+    prefix_cache_tokens: int = field(default=8192, metadata=flag(
+        help="prompt tokens whose keys and values each policy version keeps for later prompts beginning with them "
+             "(a shared system prompt or chat template; a prompt seen before). Memory per token: layers x 2 x "
+             "KV heads x head dim x dtype bytes. 0: no prefix caching"))
+    prefix_cache_block_tokens: int = field(default=16, metadata=flag(
+        help="prefix caching's unit: a prompt reuses whole blocks of this many tokens"))
+
     def __post_init__(self) -> None:
-        for name in ("max_batch_rows", "max_batch_tokens", "max_queued_generations"):
+        for name in ("max_batch_rows", "max_batch_tokens", "max_queued_generations", "prefix_cache_block_tokens"):
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(self.prefill_chunk_tokens >= 0, "prefill_chunk_tokens", "must be >= 0 (0: no chunking)",
                 self.prefill_chunk_tokens)
+        require(self.prefix_cache_tokens == 0 or self.prefix_cache_tokens >= self.prefix_cache_block_tokens,
+                "prefix_cache_tokens", f"must be 0 (off) or at least one block (prefix_cache_block_tokens="
+                f"{self.prefix_cache_block_tokens})", self.prefix_cache_tokens)
+
+    def prefix_caches(self, policy: PolicyModel, mask: PolicyModel | None) -> tuple[PrefixCache, ...] | None:
+        """The prefix caches of a batch of ``policy`` (and its masking
+        policy): each version's own, made at its first batch; None when off."""
+        if self.prefix_cache_tokens == 0:
+            return None
+        caches = []
+        for model in (policy,) if mask is None else (policy, mask):
+            if model.prefix_cache is None:
+                model.prefix_cache = PrefixCache(self.prefix_cache_tokens, self.prefix_cache_block_tokens)
+            caches.append(model.prefix_cache)
+        return tuple(caches)
 
 
 class DecodeObserver(Protocol):
@@ -86,6 +111,9 @@ class DecodeObserver(Protocol):
 
     # Admitted rows whose prompts are still being prefilled (chunked prefill).
     def on_prefilling(self, rows: int) -> None: ...
+
+    # Prompt tokens whose prefill started, those of them found in a prefix cache (not computed).
+    def on_prefix_cache(self, prompt_tokens: int, cached_tokens: int) -> None: ...
 
     # Generations waiting for room in the batch.
     def on_queue_depth(self, depth: int) -> None: ...
@@ -273,7 +301,7 @@ class DecodeScheduler:
             key = (generation.policy, mask) if cfg.continuous_batching else generation
             if key not in self._batches:
                 self._batches[key] = DecodeBatch(generation.policy, cfg.max_batch_rows, mask,
-                                                 cfg.prefill_chunk_tokens)
+                                                 cfg.prefill_chunk_tokens, cfg.prefix_caches(generation.policy, mask))
             joining.setdefault(key, []).append(generation)
         self._observer.on_queue_depth(len(self._queue))
         return [(batch, joining.get(key, [])) for key, batch in self._batches.items()]
@@ -300,6 +328,13 @@ class DecodeScheduler:
                     ticket._deliver()
                 if result.error is not None or generation.done or generation.cancelled:
                     self._leave(ticket)
+        prompt_tokens = cached_tokens = 0
+        for batch, _ in work:
+            prompt_tokens += batch.prompt_tokens
+            cached_tokens += batch.cached_tokens
+            batch.prompt_tokens = batch.cached_tokens = 0
+        if prompt_tokens:
+            self._observer.on_prefix_cache(prompt_tokens, cached_tokens)
         for key in [key for key, batch in self._batches.items() if batch.empty]:
             del self._batches[key]
         self._observer.on_budget(self._rows, self._tokens, len(self._tickets))

@@ -46,6 +46,16 @@ class PolicyMetrics(RpcMetrics):
             "Admitted samples (rows) whose prompts are still being prefilled, a chunk a step (--prefill-chunk-tokens).",
             registry=registry,
         )
+        self.prefill_prompt_tokens = Counter(
+            "arbiter_policy_prefill_prompt_tokens",
+            "Prompt tokens of the distinct prompts whose prefill started (rows sharing a prompt count it once).",
+            registry=registry,
+        )
+        self.prefix_cache_hit_tokens = Counter(
+            "arbiter_policy_prefix_cache_hit_tokens",
+            "Of those, tokens whose keys and values came from the version's prefix cache instead of a forward "
+            "(--prefix-cache-tokens).", registry=registry,
+        )
         self.step_generations = Histogram(
             "arbiter_policy_decode_batch_generations", "Generations (requests) whose rows shared one decoding step.",
             buckets=BATCH_BUCKETS, registry=registry,
@@ -89,6 +99,10 @@ class PolicyMetrics(RpcMetrics):
 
     def on_prefilling(self, rows: int) -> None:
         self.prefilling_rows.set(rows)
+
+    def on_prefix_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prefill_prompt_tokens.inc(prompt_tokens)
+        self.prefix_cache_hit_tokens.inc(cached_tokens)
 
     def set_versions(self, active: str | None, loaded: list[str], removed: list[str] = ()) -> None:
         # The engine also unloads old versions by itself after a swap; drop

@@ -73,6 +73,9 @@ class _Observer:
     def on_prefilling(self, rows):
         pass
 
+    def on_prefix_cache(self, prompt_tokens, cached_tokens):
+        pass
+
 
 class RequestError(ValueError):
     def __init__(self, code, message):
@@ -128,6 +131,8 @@ class TritonPythonModel:
             max_batch_tokens=int(params["max_batch_tokens"]),
             max_queued_generations=int(params["max_queued_generations"]),
             prefill_chunk_tokens=int(params["prefill_chunk_tokens"]),
+            prefix_cache_tokens=int(params["prefix_cache_tokens"]),
+            prefix_cache_block_tokens=int(params["prefix_cache_block_tokens"]),
         )
         self.ResolvedSampling = ResolvedSampling
         self.finish_codes = FINISH_CODES
