@@ -1,5 +1,5 @@
 """The benchmarks run (``make bench`` would not rot unnoticed): the policy,
-reference and prefill benchmarks at ``--quick`` print their tables and finite ratios.
+reference, prefill and prefix benchmarks at ``--quick`` print their tables and finite ratios.
 Nothing here is about speed."""
 
 import json
@@ -38,11 +38,12 @@ def test_quick_policy_and_reference_benchmarks_print_tables_with_finite_ratios(t
     assert numbers and all(math.isfinite(x) and x > 0 for x in numbers)
 
 
-def test_quick_prefill_benchmark_compares_chunked_prefill_with_none(tmp_path):
+def test_quick_prefill_and_prefix_benchmarks_compare_with_the_feature_off(tmp_path):
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--only", "prefill", "--json", str(summary_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=150,
+        [sys.executable, "-m", "bench.run", "--quick", "--only", "prefill", "--only", "prefix", "--json",
+         str(summary_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Chunked prefill" in result.stdout and "off (each join in one forward)" in result.stdout
@@ -52,3 +53,9 @@ def test_quick_prefill_benchmark_compares_chunked_prefill_with_none(tmp_path):
     for setting in prefill["settings"].values():
         assert setting["long_requests"] >= 1 and setting["stream_tokens_per_s"] > 0
         assert all(math.isfinite(setting[k]) and setting[k] > 0 for k in ("gap_p99_ms", "tokens_per_s"))
+    assert "Prefix caching" in result.stdout and "prefix cache off (baseline)" in result.stdout
+    prefix = json.loads(summary_path.read_text())["prefix"]
+    assert set(prefix["tokens_per_s_vs_off"]) == {"1", "4"}
+    assert all(math.isfinite(x) and x > 0 for x in prefix["tokens_per_s_vs_off"].values())
+    # The shared system prompt is cached by the first cell's first request: the next cell finds it from its first.
+    assert prefix["hit_share"]["4"] > 0.5

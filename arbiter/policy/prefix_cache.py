@@ -78,13 +78,15 @@ class PrefixCache:
         (rows, heads, width, head dim) each."""
         import torch
 
+        size = self.block_tokens
         rows, cols, tokens = [], [], []
         for r, (chain, start) in enumerate(zip(chains, starts, strict=True)):
             count = max(0, width - start)
-            for t in range(count):
-                rows.append(r)
-                cols.append(start + t)
-                tokens.append(chain[t // self.block_tokens] * self.block_tokens + t % self.block_tokens)
+            rows.extend([r] * count)
+            cols.extend(range(start, start + count))
+            for b in range(0, count, size):
+                first = chain[b // size] * size
+                tokens.extend(range(first, first + min(size, count - b)))
         pool_keys, pool_values = self._keys[layer], self._values[layer]
         device = pool_keys.device
         rows_t, cols_t, tokens_t = (torch.tensor(x, dtype=torch.long, device=device) for x in (rows, cols, tokens))
@@ -120,10 +122,9 @@ class PrefixCache:
                     if slot is None:
                         break  # the cache holds nothing but this prompt's chain
                     self._slots[key] = slot
-                    for t in range(size):
-                        rows.append(r)
-                        cols.append(start + begin + t)
-                        tokens.append(slot * size + t)
+                    rows.extend([r] * size)
+                    cols.extend(range(start + begin, start + begin + size))
+                    tokens.extend(range(slot * size, slot * size + size))
                 else:
                     self._slots.move_to_end(key)
                 chain.append(slot)
