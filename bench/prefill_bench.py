@@ -10,7 +10,9 @@ policy of ``bench.policy_bench``), two kinds of client share the server:
   ``long_prompts`` prompts of ``long_tokens`` tokens x n=4 (a rollout
   worker's, or a long-context request), ``long_new_tokens`` new tokens.
 
-The baseline is the same server with ``--prefill-chunk-tokens 0``: each
+Every server runs with ``--prefix-cache-tokens 0``: the long requests
+repeat, and their prompts found in a prefix cache would not be long
+prefills. The baseline is the same server with ``--prefill-chunk-tokens 0``: each
 join's prompts in one forward, as the engine was before chunked prefill, so
 every long request stalls every stream for a whole prefill. The candidates
 bound the prompt tokens a step prefills. Reported per setting: the streams'
@@ -119,7 +121,8 @@ def run(seconds: float = 8.0, settings=(0, 2048, 512), streams: int = 8, stream_
                 sampling=policy_pb2.SamplingParams(max_new_tokens=long_new_tokens, temperature=1.0, n=4, seed=i))
             for i in range(4)
         ]
-        common = ["policy", "--model", str(model_dir), "--torch-threads", str(threads)]
+        # Prefix caching off: the long requests repeat, and a cached prompt is no long prefill (bench.prefix_bench).
+        common = ["policy", "--model", str(model_dir), "--torch-threads", str(threads), "--prefix-cache-tokens", "0"]
         services = {s: ServiceProcess([*common, "--prefill-chunk-tokens", str(s)], wait=False) for s in settings}
         try:
             for service in services.values():

@@ -21,7 +21,7 @@ runs Arbiter's own generation engine (continuous batching across Triton
 requests): its model file is ``triton_models/policy.py`` and the version
 carries a copy of the ``arbiter`` package (``N/engine/``), since Arbiter is
 not installed where Triton runs; the decoding budget (``--max-batch-rows``,
-``--max-batch-tokens``, ``--max-queued-generations``, ``--prefill-chunk-tokens``)
+``--max-batch-tokens``, ``--max-queued-generations``, ``--prefill-chunk-tokens``, ``--prefix-cache-tokens``)
 is set at export.
 
 ``--device`` and ``--dtype`` say how Triton runs the weights, in the words of
