@@ -4,16 +4,21 @@ Through ``arbiter serve policy`` (its own process; the 4-layer d=256 GPT-2
 policy of ``bench.policy_bench``, positions up to 1024), ``clients``
 concurrent callers each send, back to back, ``Generate`` requests as a
 rollout worker does: ``prompts_per_request`` prompts x n=4 samples,
-``max_new_tokens`` new tokens. Every prompt is the same system prompt of
+``max_new_tokens`` new tokens. Every prompt is a system prompt of
 ``system_tokens`` tokens (a chat template with its instructions) followed by
-a question of its own (``question_tokens``), none repeated within a run.
+a question of its own (``question_tokens``), none repeated within a run. Two
+workloads: one system prompt for every request, and one per request (its
+prompts share it, no other request has it: what each request meets right
+after a policy update, the new version's cache empty).
 
 The baseline is the same server with ``--prefix-cache-tokens 0``: every
 prompt prefilled whole, as the engine was before prefix caching. The
 candidate is the default (8192 tokens). The two run in alternating slices so
 machine load hits both alike. Reported per client count: completion
 tokens/s, request latency p50 / p99, and the share of prompt tokens the
-candidate found cached (its own counters, over the cell).
+candidate found cached (its own counters, over the cell; a system prompt
+shared by one request's prompts is computed once and then copied, and
+counts as found).
 """
 
 from __future__ import annotations
@@ -37,18 +42,23 @@ def build_model(out: Path) -> Path:
 
 
 def make_requests(tokenizer, count: int, prompts_per_request: int, system_tokens: int, question_tokens: int,
-                  n: int, max_new_tokens: int) -> list:
+                  n: int, max_new_tokens: int, system_per_request: bool = False) -> list:
+    """``system_per_request``: each request's prompts share a system prompt
+    no other request has (what every request meets right after a policy
+    update, whose version starts with an empty cache)."""
     from arbiter.v1 import policy_pb2
 
     rng = random.Random(0)
     system = long_prompt(tokenizer, system_tokens, rng)
-    return [
-        policy_pb2.GenerateRequest(
+    requests = []
+    for i in range(count):
+        if system_per_request:
+            system = long_prompt(tokenizer, system_tokens, rng)
+        requests.append(policy_pb2.GenerateRequest(
             prompts=[policy_pb2.PromptInput(text=system + " Q: " + long_prompt(tokenizer, question_tokens, rng))
                      for _ in range(prompts_per_request)],
-            sampling=policy_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=i))
-        for i in range(count)
-    ]
+            sampling=policy_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=i)))
+    return requests
 
 
 async def _drive(target: str, requests: list, clients: int, seconds: float, warmup_s: float,
@@ -87,46 +97,56 @@ def run(seconds: float = 8.0, clients_list=(1, 4, 16), prompts_per_request: int 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
         tokenizer = PolicyModel.load(model_dir).tokenizer
-        # Enough that no prompt repeats within a run: only the system prompt is shared.
-        requests = make_requests(tokenizer, 2000, prompts_per_request, system_tokens, question_tokens, n,
-                                 max_new_tokens)
+        # Enough that no prompt repeats within a run: only system prompts are shared.
+        workloads = {
+            "one system prompt": make_requests(tokenizer, 2000, prompts_per_request, system_tokens, question_tokens,
+                                               n, max_new_tokens),
+            "one per request": make_requests(tokenizer, 400, prompts_per_request, system_tokens, question_tokens, n,
+                                             max_new_tokens, system_per_request=True),
+        }
         common = ["policy", "--model", str(model_dir), "--torch-threads", str(threads), "--metrics-port", "0"]
         cached = ServiceProcess(common, wait=False)
         uncached = ServiceProcess([*common, "--prefix-cache-tokens", "0"], wait=False)
         try:
             cached.wait_ready()
             uncached.wait_ready()
-            offset = 0
-            for clients in clients_list:
-                on, off = [], []
-                before = _prefill_counters(cached.metrics_port)
-                for _ in range(rounds):
-                    # Each slice its own requests: a prompt seen before would be a whole-prompt hit.
-                    for service, parts, label in ((uncached, off, "prefix cache off (baseline)"),
-                                                  (cached, on, "prefix cache on")):
-                        share = requests[offset:] + requests[:offset]
-                        offset = (offset + 200) % len(requests)
-                        parts.append(asyncio.run(_drive(service.target, share, clients, per_slice, warmup_s, label)))
-                after = _prefill_counters(cached.metrics_port)
-                prompt_tokens, hit_tokens = after[0] - before[0], after[1] - before[1]
-                cells.append((clients, merge(off), merge(on), hit_tokens / max(1.0, prompt_tokens)))
+            for workload, requests in workloads.items():
+                offset = 0
+                for clients in clients_list:
+                    on, off = [], []
+                    before = _prefill_counters(cached.metrics_port)
+                    for _ in range(rounds):
+                        # Each slice its own requests: a prompt seen before would be a whole-prompt hit.
+                        for service, parts, label in ((uncached, off, "prefix cache off (baseline)"),
+                                                      (cached, on, "prefix cache on")):
+                            share = requests[offset:] + requests[:offset]
+                            offset = (offset + len(requests) // 10) % len(requests)
+                            parts.append(asyncio.run(_drive(service.target, share, clients, per_slice, warmup_s,
+                                                            label)))
+                    after = _prefill_counters(cached.metrics_port)
+                    prompt_tokens, hit_tokens = after[0] - before[0], after[1] - before[1]
+                    cells.append((workload, clients, merge(off), merge(on), hit_tokens / max(1.0, prompt_tokens)))
         finally:
             cached.stop()
             uncached.stop()
-    rows, gains = [], {}
-    for clients, off, on, hit_share in cells:
-        gains[clients] = on.throughput / off.throughput
+    rows = []
+    gains: dict[str, dict[int, float]] = {workload: {} for workload in workloads}
+    hits: dict[str, dict[int, float]] = {workload: {} for workload in workloads}
+    for workload, clients, off, on, hit_share in cells:
+        gains[workload][clients] = on.throughput / off.throughput
+        hits[workload][clients] = hit_share
         for m in (off, on):
-            rows.append([m.label, clients, f"{m.throughput:.0f}", f"{m.percentile_ms(50):.0f}",
+            rows.append([workload, m.label, clients, f"{m.throughput:.0f}", f"{m.percentile_ms(50):.0f}",
                          f"{m.percentile_ms(99):.0f}", ratio(m.throughput, off.throughput),
                          f"{hit_share:.0%}" if m is on else "-"])
     print_table(
         f"Prefix caching (--prefix-cache-tokens), model {MODEL}, torch threads {threads}: requests of "
         f"{prompts_per_request} prompts x n={n}, {max_new_tokens} new tokens, each prompt a {system_tokens}-token "
-        f"system prompt shared by all and a {question_tokens}-token question of its own; {seconds:g}s per path per "
-        f"cell in {rounds} alternating slice(s). Baseline: --prefix-cache-tokens 0",
-        ["path", "clients", "completion tokens/s", "p50 ms", "p99 ms", "vs off", "prompt tokens found cached"],
+        f"system prompt and a {question_tokens}-token question of its own; the system prompt is one for all "
+        f"requests, or one per request (shared by its {prompts_per_request} prompts only, as right after a policy "
+        f"update); {seconds:g}s per path per cell in {rounds} alternating slice(s). Baseline: --prefix-cache-tokens 0",
+        ["system prompt", "path", "clients", "completion tokens/s", "p50 ms", "p99 ms", "vs off",
+         "prompt tokens found cached"],
         rows,
     )
-    return {"tokens_per_s_vs_off": gains,
-            "hit_share": {clients: share for clients, _, _, share in cells}}
+    return {"tokens_per_s_vs_off": gains, "hit_share": hits}

@@ -1,7 +1,7 @@
 """Prefix caching in the policy engine (``arbiter.policy.prefix_cache``):
 the cache's bookkeeping (blocks, exact keys, leaf-first eviction) on small
-tensors; prompts that reuse cached prefixes in a real decoding batch, with
-hand-derived token counts, sampling what they sample without it; the
+tensors; prompts that reuse cached prefixes in a real decoding batch, and
+prompts of one step that share a beginning, with hand-derived token counts, sampling what they sample without it; the
 service's counters and settings."""
 
 import re
@@ -159,6 +159,59 @@ def test_prompts_start_their_prefill_after_the_blocks_a_version_has_cached(polic
     while not chunked.empty:
         chunked.step()
     for generation in (a, b, c, d):
+        check_as_alone(policy, generation)
+
+
+def test_prompts_joining_in_one_step_compute_their_shared_beginning_once(policy):
+    """Blocks of 4, nothing cached. One request of 3 prompts: P1 = LONG (29
+    tokens), P2 = LONG's first 20 + 5 others (25), P3 = MEDIUM (LONG's first
+    6). Counting only blocks short of each prompt's last token (P1 7, P2 6,
+    P3 1), LONG's first 5 blocks are shared (P2's 6th differs): those 20
+    tokens go through the model once, as a prompt of their own, into the
+    cache. Then the 3 prompts, left-padded to 29 columns (P2 from column 4,
+    P3 from 23), start at column min(0 + 20, 4 + 20, 23 + 4) = 20: 20 + 16
+    tokens copied for 20 computed (36 columns saved > 20 spent, so it is
+    done), counted as 36 - 20 = 16 found cached of 60 prompt tokens; the
+    cache ends with P1's 7 blocks and P2's 6th (32 tokens). Had P3 been
+    LONG's first 5 tokens and 24 others (29, from column 0, sharing 1
+    block), the start would be 4 at best: 3 x 4 - 4 saved for 20 spent, so
+    the 3 prompts prefill from column 0 with nothing computed ahead.
+
+    Prefilled 8 prompt tokens a step (a fresh cache): the shared 20 take 8,
+    8 and 4 columns (steps 1-3); the 3 prompts then start at column 20 with
+    the 4 tokens left (1 column), then 8 // 3 = 2 columns a step: 21, 23,
+    25, 27, 29; the rows sample first in step 7. Every sample is what its
+    request gives alone."""
+    long_ids = policy.encode([Prompt(text=LONG)], 8)[0]
+    prompts = [long_ids, long_ids[:20] + [80, 81, 82, 83, 84], MEDIUM]
+    cache = PrefixCache(capacity_tokens=64, block_tokens=4)
+    batch = DecodeBatch(policy, max_rows=16, prefix_caches=(cache,))
+    a = start(policy, prompts, n=2, seed=8)
+    batch.step([a])
+    assert (batch.prompt_tokens, batch.cached_tokens, cache.held_tokens) == (60, 16, 32)
+    while not batch.empty:
+        batch.step()
+
+    chunked = DecodeBatch(policy, max_rows=16, prefill_chunk_tokens=8,
+                          prefix_caches=(PrefixCache(capacity_tokens=64, block_tokens=4),))
+    b = start(policy, prompts, temperature=0.8, seed=9)
+    chunked.step([b])
+    assert (chunked.prefilling_rows, chunked.prefilling_prompts) == (3, 1 + 3)
+    steps = 1
+    while not b.rows[0].ids:
+        chunked.step()
+        steps += 1
+    assert steps == 7 and chunked.cached_tokens == 16
+    while not chunked.empty:
+        chunked.step()
+
+    unshared = DecodeBatch(policy, max_rows=16, prefix_caches=(PrefixCache(capacity_tokens=64, block_tokens=4),))
+    c = start(policy, [long_ids, prompts[1], long_ids[:5] + list(range(100, 124))], seed=10)
+    unshared.step([c])
+    assert (unshared.prefilling_prompts, unshared.prompt_tokens, unshared.cached_tokens) == (0, 29 + 25 + 29, 0)
+    while not unshared.empty:
+        unshared.step()
+    for generation in (a, b, c):
         check_as_alone(policy, generation)
 
 

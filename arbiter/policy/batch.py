@@ -130,7 +130,12 @@ class DecodeBatch:
             self._drop_cancelled_prefills()
             joined = [row for generation in joining for row in generation.rows]
             if joined:
-                self._prefilling.append(_Prefill(self, joined))
+                group = _Prefill(self, joined)
+                shared = [] if self.prefix_caches is None else group.shared_prefixes()
+                if shared:
+                    # Computed first, once, into the caches: the group then finds them there.
+                    self._prefilling.append(_Prefill(self, [], prompts=shared))
+                self._prefilling.append(group)
             outputs = []
             if self.rows:
                 outputs.append(self._decode())
@@ -190,6 +195,10 @@ class DecodeBatch:
         for group in list(self._prefilling):
             if budget is not None and budget <= 0:
                 break
+            if not group.started:
+                if any(earlier.shared_only for earlier in self._prefilling[: self._prefilling.index(group)]):
+                    break  # its shared prefixes are not all cached yet
+                group.start()
             remaining = group.width - group.done
             columns = remaining if budget is None else min(remaining, max(1, budget // group.prompts))
             if budget is not None:
@@ -197,11 +206,16 @@ class DecodeBatch:
             logits = group.advance(columns)
             if group.done == group.width:
                 self._prefilling.remove(group)
-                outputs.append(self._join(group, *logits))
+                if group.shared_only:
+                    group.remember()
+                else:
+                    outputs.append(self._join(group, *logits))
         return outputs
 
     def _drop_cancelled_prefills(self) -> None:
         for group in list(self._prefilling):
+            if group.shared_only:
+                continue  # short, and the cache keeps what it computes
             kept = [r for r, row in enumerate(group.rows) if not row.generation.cancelled]
             if not kept:
                 self._prefilling.remove(group)
@@ -315,15 +329,21 @@ class _Prefill:
     batch's slots when the last one is done, each row's from its prompt's
     (``source``: row -> prompt index)."""
 
-    def __init__(self, batch: DecodeBatch, rows: list[Row]):
+    def __init__(self, batch: DecodeBatch, rows: list[Row], prompts: list[list[int]] | None = None):
+        """``prompts`` instead of rows: prefixes that several prompts of a
+        group share, computed only into the prefix caches (no row joins)."""
         import torch
         from transformers import DynamicCache
 
         self.batch = batch
         self.rows = rows
-        index: dict[tuple[int, ...], int] = {}
-        source = [index.setdefault(tuple(row.prompt_ids), len(index)) for row in rows]
-        prompts = list(index)
+        self.shared_only = prompts is not None
+        if prompts is None:
+            index: dict[tuple[int, ...], int] = {}
+            source = [index.setdefault(tuple(row.prompt_ids), len(index)) for row in rows]
+            prompts = [list(prompt) for prompt in index]
+        else:
+            source = []
         self.source = torch.tensor(source, dtype=torch.long, device=batch.device)
         self.width = max(len(prompt) for prompt in prompts)
         ids = torch.full((len(prompts), self.width), batch.policy.pad_id, dtype=torch.long)
@@ -339,9 +359,70 @@ class _Prefill:
         self.mask_cache = None if batch.mask_policy is None else DynamicCache()
         self.prompt_ids = prompts
         self.starts = [self.width - len(prompt) for prompt in prompts]
-        batch.prompt_tokens += sum(len(prompt) for prompt in prompts)
-        if batch.prefix_caches is not None:
-            self._reuse(batch.prefix_caches)
+        self.started = False
+        # Tokens of the shared prefixes computed for this group first (shared_prefixes).
+        self.shared_cost = 0
+
+    def start(self) -> None:
+        """Its prefill begins (at its first step, when the prefixes it shares
+        with others are cached): after the columns its prompts find cached."""
+        self.started = True
+        if not self.shared_only:
+            self.batch.prompt_tokens += sum(len(prompt) for prompt in self.prompt_ids)
+        if self.batch.prefix_caches is not None:
+            self._reuse(self.batch.prefix_caches)
+
+    def shared_prefixes(self) -> list[list[int]]:
+        """The longest block-aligned beginnings two or more of the prompts
+        share (short of each one's last token) that the caches do not hold
+        whole, when computing them once saves more prefill columns than
+        they take (a prompt set with one system prompt gives that system
+        prompt, to its last whole block); else none. Their cost is charged
+        to this group's count of tokens found cached."""
+        caches = self.batch.prefix_caches
+        size = caches[0].block_tokens
+        # A trie of whole blocks: (parent node, block tokens) -> node; per node, prompts through it.
+        nodes: dict[tuple[int, tuple[int, ...]], int] = {}
+        count: list[int] = []
+        parent_of: list[int] = []
+        example: list[tuple[int, int]] = []  # node -> (a prompt through it, its end in tokens)
+        paths: list[list[int]] = []  # per prompt, its nodes
+        for p, prompt in enumerate(self.prompt_ids):
+            parent, path = -1, []
+            for begin in range(0, len(prompt) - 1 - size + 1, size):
+                key = (parent, tuple(prompt[begin : begin + size]))
+                node = nodes.get(key)
+                if node is None:
+                    node = nodes[key] = len(count)
+                    count.append(0)
+                    parent_of.append(parent)
+                    example.append((p, begin + size))
+                count[node] += 1
+                parent = node
+                path.append(node)
+            paths.append(path)
+        shared = {node for node in range(len(count)) if count[node] >= 2}
+        if not shared:
+            return []
+        extended = {parent_of[node] for node in shared}
+        prefixes = []
+        for node in sorted(shared - extended):  # the deepest: a longer shared prefix contains the others
+            p, end = example[node]
+            prefix = self.prompt_ids[p][:end]
+            if any(cache.held_blocks(prefix) < end // size for cache in caches):
+                prefixes.append(prefix)
+        # Columns before which every prompt's keys would be copied, without and with them.
+        held = [min(cache.held_blocks(prompt[: len(prompt) - 1]) for cache in caches) * size
+                for prompt in self.prompt_ids]
+        sharing = [max(h, size * sum(1 for node in path if node in shared)) for h, path in zip(held, paths, strict=True)]
+        before = min(begin + h for begin, h in zip(self.starts, held, strict=True))
+        after = min(begin + h for begin, h in zip(self.starts, sharing, strict=True))
+        saved = sum(max(0, after - begin) - max(0, before - begin) for begin in self.starts)
+        cost = sum(len(prefix) for prefix in prefixes)
+        if not prefixes or saved <= cost:
+            return []
+        self.shared_cost = cost
+        return prefixes
 
     def _reuse(self, caches: tuple[PrefixCache, ...]) -> None:
         """Starts after the columns every prompt has cached (in each model's
@@ -359,7 +440,8 @@ class _Prefill:
                 keys, values = cache.gather(layer, per_cache, self.starts, start)
                 seeded.update(keys, values, layer)
         self.done = start
-        self.batch.cached_tokens += sum(max(0, start - begin) for begin in self.starts)
+        if not self.shared_only:
+            self.batch.cached_tokens += sum(max(0, start - begin) for begin in self.starts) - self.shared_cost
 
     def remember(self) -> None:
         """The prompts' blocks into the prefix caches (the prefill is done)."""

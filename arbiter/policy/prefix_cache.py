@@ -70,6 +70,16 @@ class PrefixCache:
         self._touch(prompt, len(chain))
         return chain
 
+    def held_blocks(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens``' whole blocks, from the first, are held (not touched)."""
+        held, parent, size = 0, _ROOT, self.block_tokens
+        for start in range(0, len(tokens) - size + 1, size):
+            slot = self._slots.get((parent, tuple(tokens[start : start + size])))
+            if slot is None:
+                break
+            held, parent = held + 1, slot
+        return held
+
     def gather(self, layer: int, chains: Sequence[Sequence[int]], starts: Sequence[int], width: int):
         """Layer ``layer``'s (keys, values) for a prefill cache of
         ``width`` columns: row r's prompt starts at column ``starts[r]``
