@@ -121,7 +121,7 @@ def run(seconds: float = 8.0, settings=(0, 2048, 512), streams: int = 8, stream_
                 sampling=policy_pb2.SamplingParams(max_new_tokens=long_new_tokens, temperature=1.0, n=4, seed=i))
             for i in range(4)
         ]
-        # Prefix caching off: the long requests repeat, and a cached prompt is no long prefill (bench.prefix_bench).
+        # Prefix caching off: the long requests repeat, and a cached prompt is no long prefill (bench.prompt_bench).
         common = ["policy", "--model", str(model_dir), "--torch-threads", str(threads), "--prefix-cache-tokens", "0"]
         services = {s: ServiceProcess([*common, "--prefill-chunk-tokens", str(s)], wait=False) for s in settings}
         try:

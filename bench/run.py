@@ -21,7 +21,7 @@ from bench.common import QUICK_SECONDS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BENCHES = ("reward", "triton", "triton-policy", "policy", "prefill", "prefix", "reference", "ppo", "publish")
+BENCHES = ("reward", "triton", "triton-policy", "policy", "prefill", "prompts", "reference", "ppo", "publish")
 # Run only when named (--only soak).
 EXTRA = ("soak",)
 TRITON_VENV = ".venv-triton"
@@ -73,10 +73,10 @@ def run_bench(name: str, seconds: float, quick: bool, ppo_iterations: int, soak_
         from bench import prefill_bench
 
         return prefill_bench.run(seconds=seconds, quick=quick)
-    if name == "prefix":
-        from bench import prefix_bench
+    if name == "prompts":
+        from bench import prompt_bench
 
-        return prefix_bench.run(seconds=seconds, quick=quick)
+        return prompt_bench.run(seconds=seconds, quick=quick)
     if name == "reference":
         from bench import reference_bench
 

@@ -1,5 +1,5 @@
 """The benchmarks run (``make bench`` would not rot unnoticed): the policy,
-reference, prefill and prefix benchmarks at ``--quick`` print their tables and finite ratios.
+reference, prefill and prompts benchmarks at ``--quick`` print their tables and finite ratios.
 Nothing here is about speed."""
 
 import json
@@ -38,10 +38,10 @@ def test_quick_policy_and_reference_benchmarks_print_tables_with_finite_ratios(t
     assert numbers and all(math.isfinite(x) and x > 0 for x in numbers)
 
 
-def test_quick_prefill_and_prefix_benchmarks_compare_with_the_feature_off(tmp_path):
+def test_quick_prefill_and_prompts_benchmarks_compare_with_their_features_off(tmp_path):
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--only", "prefill", "--only", "prefix", "--json",
+        [sys.executable, "-m", "bench.run", "--quick", "--only", "prefill", "--only", "prompts", "--json",
          str(summary_path)],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
@@ -53,13 +53,14 @@ def test_quick_prefill_and_prefix_benchmarks_compare_with_the_feature_off(tmp_pa
     for setting in prefill["settings"].values():
         assert setting["long_requests"] >= 1 and setting["stream_tokens_per_s"] > 0
         assert all(math.isfinite(setting[k]) and setting[k] > 0 for k in ("gap_p99_ms", "tokens_per_s"))
-    assert "Prefix caching" in result.stdout and "prefix cache off (baseline)" in result.stdout
-    prefix = json.loads(summary_path.read_text())["prefix"]
-    gains, hits = prefix["tokens_per_s_vs_off"], prefix["hit_share"]
-    assert set(gains) == {"one system prompt", "one per request"}
-    assert all(set(cells) == {"1", "4"} for cells in gains.values())
+    assert "Prompt prefill" in result.stdout and "before (both off)" in result.stdout
+    prompts = json.loads(summary_path.read_text())["prompts"]
+    gains, not_computed = prompts["tokens_per_s_vs_before"], prompts["not_computed_share"]
+    assert set(gains) == {"one system prompt", "one per request", "mixed lengths"}
+    assert all(set(cells) == {"1", "2"} for cells in gains.values())
     assert all(math.isfinite(x) and x > 0 for cells in gains.values() for x in cells.values())
     # The first cell's first request caches the system prompt: the next cell finds it from its first request.
-    assert hits["one system prompt"]["4"] > 0.5
+    assert not_computed["one system prompt"]["2"] > 0.5
     # A request's 4 prompts compute their system prompt once, the first of them: the others copy it.
-    assert all(share > 0.5 for share in hits["one per request"].values())
+    assert all(share > 0.5 for share in not_computed["one per request"].values())
+    assert all(share == 0 for share in not_computed["mixed lengths"].values())

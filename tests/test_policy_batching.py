@@ -10,7 +10,7 @@ import grpc
 import pytest
 from helpers import BackgroundServer, expect_error, sample_value, wait_until
 
-from arbiter.policy.batch import DecodeBatch
+from arbiter.policy.batch import DecodeBatch, _partition
 from arbiter.policy.model import Generation, PolicyModel
 from arbiter.policy.scheduler import DecodingConfig
 from arbiter.policy.types import FinishReason, ResolvedSampling, SamplingParams
@@ -160,6 +160,48 @@ def test_long_prompts_prefill_in_chunks_while_running_rows_decode(policy):
     assert len(stepped) == 4 and batch.prefilling_rows == 0
     assert all(len(row.ids) == 1 for row in b.rows) and not any(row.ids for row in c.rows)
     assert batch.generations == 2
+    while not batch.empty:
+        batch.step()
+    for generation in (a, b):
+        params = generation.params
+        reference = alone(policy, generation)
+        for row, solo in zip(generation.rows, reference.rows, strict=True):
+            assert row.ids == solo.ids and row.finish == solo.finish
+            assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
+            forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
+                                                    params.top_p)
+            assert row.logprobs == pytest.approx(forced, abs=1e-4)
+
+
+def test_prompts_of_different_lengths_prefill_in_groups_when_padding_costs_more_than_a_forward():
+    """Columns left 10, 500, 12, 480, 11 at 128 a forward: one group costs
+    128 + 5 x 500 = 2628; the three short ones apart from the two long ones
+    128 + 3 x 12 + 128 + 2 x 500 = 1292; each long one alone 1400; so two
+    groups, shortest first. At 2000 a forward one group (4500 < 5036); at
+    0, one group (costed without forwards)."""
+    remaining = [10, 500, 12, 480, 11]
+    assert _partition(remaining, 128) == ([[0, 4, 2], [3, 1]], 1292)
+    assert _partition(remaining, 2000) == ([[0, 4, 2, 3, 1]], 4500)
+    assert _partition(remaining, 0) == ([[0, 4, 2, 3, 1]], 2500)
+    assert _partition([7], 128) == ([[0]], 7)
+
+
+def test_a_step_of_joiners_prefills_short_and_long_prompts_apart(policy):
+    """At 8 columns a forward, SHORT (2 tokens), MEDIUM (6) and LONG (29)
+    joining together: one group 8 + 3 x 29 = 95, SHORT and MEDIUM apart from
+    LONG 8 + 2 x 6 + 8 + 29 = 57, each alone 61: two groups of widths 6 and
+    29 (prefilled a chunk of 4 tokens a step, so both are still there after
+    the first). The short group joins first; every sample is what its
+    request gives alone."""
+    batch = DecodeBatch(policy, max_rows=16, prefill_chunk_tokens=4, prefill_group_cost_tokens=8)
+    a = start(policy, [LONG, SHORT], max_new_tokens=10, n=2, seed=11)
+    b = start(policy, [MEDIUM], max_new_tokens=10, temperature=0.7, seed=12)
+    batch.step([a, b])
+    assert [group.width for group in batch._prefilling] == [6, 29]
+    assert [group.prompts for group in batch._prefilling] == [2, 1]
+    while batch.prefilling_rows == 5:
+        batch.step()
+    assert sorted(len(row.prompt_ids) for row in batch.rows) == [2, 2, 6] and batch.prefilling_rows == 2
     while not batch.empty:
         batch.step()
     for generation in (a, b):

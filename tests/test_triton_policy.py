@@ -125,6 +125,7 @@ def test_export_writes_a_decoupled_model_carrying_the_engine(repo, tiny_models, 
     assert (params["arbiter_kind"], params["max_batch_rows"], params["max_batch_tokens"]) == ("policy", "256", "262144")
     assert (params["continuous_batching"], params["prefill_chunk_tokens"]) == ("true", "2048")
     assert (params["prefix_cache_tokens"], params["prefix_cache_block_tokens"]) == ("8192", "16")
+    assert params["prefill_group_cost_tokens"] == "128"
     version = repo / MODEL / "1"
     assert (version / "engine" / "arbiter" / "policy" / "scheduler.py").read_text() == (
         ROOT / "arbiter" / "policy" / "scheduler.py").read_text()

@@ -8,9 +8,11 @@ finishes, so a long sample never holds a short one back.
 Chunked prefill: with ``prefill_chunk_tokens`` set, a step prefills at most
 that many prompt tokens (rows x padded columns) besides decoding the running
 rows, so long prompts joining cost the running rows a bounded delay per
-token instead of one long stall: the joiners of a step form a group whose
+token instead of one long stall: the joiners of a step form groups whose
 left-padded prompts go through the model a chunk of columns per step, into a
-cache of their own, and join the batch when their last column is done.
+cache of their own, and join the batch when their last column is done
+(with ``prefill_group_cost_tokens`` set, prompts of very different lengths
+go in separate groups, so a short one is not padded to a long one).
 Chunks give the same keys, values and logits as one forward, up to float
 rounding. Rows with the same prompt (a request's n samples; requests that
 repeat a prompt) share its prefill: each distinct prompt of a group goes
@@ -19,7 +21,9 @@ every row that has it (n=4 samples of a prompt: a quarter of the prefill).
 With a prefix cache (``arbiter.policy.prefix_cache``, one per version), a
 group's prefill starts after the columns every one of its prompts finds
 cached: those keys and values are copied in, not computed; when the group
-joins, its prompts' blocks are added to the cache.
+joins, its prompts' blocks are added to the cache. A beginning that several
+prompts of a step share and the cache lacks is computed once, first, as a
+prompt of its own (into the cache only), when that saves more than it costs.
 
 The KV cache is preallocated: per layer, keys and values of shape
 (row slots, heads, columns, head dim), grown and compacted by copying only
@@ -63,13 +67,20 @@ class DecodeBatch:
     """Not thread-safe: ``step`` runs on the model thread, one call at a time."""
 
     def __init__(self, policy: PolicyModel, max_rows: int, mask_policy: PolicyModel | None = None,
-                 prefill_chunk_tokens: int = 0, prefix_caches: tuple[PrefixCache, ...] | None = None):
+                 prefill_chunk_tokens: int = 0, prefix_caches: tuple[PrefixCache, ...] | None = None,
+                 prefill_group_cost_tokens: int = 0):
         self.policy = policy
+        # The fixed cost of a prefill forward in prompt-token columns, for
+        # splitting a step's joiners by length (0: one group a step).
+        self.prefill_group_cost_tokens = prefill_group_cost_tokens
         # The policy's prefix cache and the masking policy's, if any; None: no prefix caching.
         self.prefix_caches = prefix_caches
         # Prompt tokens of the distinct prompts prefill started on, and those found cached (not computed).
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        # Tokens computed ahead for prefixes a step's joiners share, not yet
+        # charged against the tokens they find cached.
+        self._shared_cost = 0
         # The masking policy (NLPO) of every row here, or None: no second forward.
         self.mask_policy = mask_policy
         self._policy_layers = 0  # layers [0, this) of the buffers are the policy's, the rest the mask's
@@ -130,12 +141,7 @@ class DecodeBatch:
             self._drop_cancelled_prefills()
             joined = [row for generation in joining for row in generation.rows]
             if joined:
-                group = _Prefill(self, joined)
-                shared = [] if self.prefix_caches is None else group.shared_prefixes()
-                if shared:
-                    # Computed first, once, into the caches: the group then finds them there.
-                    self._prefilling.append(_Prefill(self, [], prompts=shared))
-                self._prefilling.append(group)
+                self._prefilling.extend(self._groups(joined))
             outputs = []
             if self.rows:
                 outputs.append(self._decode())
@@ -156,6 +162,7 @@ class DecodeBatch:
         """Everything out: rows, groups still prefilling and the cache."""
         self.rows.clear()
         self._prefilling.clear()
+        self._shared_cost = 0
         self._free_cache()
 
     def _free_cache(self) -> None:
@@ -184,6 +191,32 @@ class DecodeBatch:
         for row in self.rows:
             row.position += 1
         return logits[:, -1, :], mask_logits
+
+    def _groups(self, joined: list[Row]) -> list[_Prefill]:
+        """The joiners' prefill groups, in order: first, with prefix caching,
+        the beginnings their prompts share and the caches lack, when
+        computing them once saves more than it spends (into the caches
+        only; the groups after find them there); then the prompts, split by
+        the columns each has left to compute when a group's padding to its
+        longest would cost more than another forward."""
+        prompts: dict[tuple[int, ...], list[Row]] = {}
+        for row in joined:
+            prompts.setdefault(tuple(row.prompt_ids), []).append(row)
+        distinct = [list(prompt) for prompt in prompts]
+        remaining = [len(prompt) for prompt in distinct]
+        groups = []
+        if self.prefix_caches is not None:
+            shared, remaining, cost = _shared_prefixes(self.prefix_caches, distinct, self.prefill_group_cost_tokens)
+            if shared:
+                groups.append(_Prefill(self, [], prompts=shared))
+                self._shared_cost += cost
+        if self.prefill_group_cost_tokens > 0:
+            parts, _ = _partition(remaining, self.prefill_group_cost_tokens)
+        else:
+            parts = [list(range(len(distinct)))]
+        rows = list(prompts.values())
+        groups.extend(_Prefill(self, [row for p in part for row in rows[p]]) for part in parts)
+        return groups
 
     def _advance_prefills(self) -> list:
         """A chunk of each group's prompts, oldest group first, within the
@@ -360,8 +393,6 @@ class _Prefill:
         self.prompt_ids = prompts
         self.starts = [self.width - len(prompt) for prompt in prompts]
         self.started = False
-        # Tokens of the shared prefixes computed for this group first (shared_prefixes).
-        self.shared_cost = 0
 
     def start(self) -> None:
         """Its prefill begins (at its first step, when the prefixes it shares
@@ -371,58 +402,6 @@ class _Prefill:
             self.batch.prompt_tokens += sum(len(prompt) for prompt in self.prompt_ids)
         if self.batch.prefix_caches is not None:
             self._reuse(self.batch.prefix_caches)
-
-    def shared_prefixes(self) -> list[list[int]]:
-        """The longest block-aligned beginnings two or more of the prompts
-        share (short of each one's last token) that the caches do not hold
-        whole, when computing them once saves more prefill columns than
-        they take (a prompt set with one system prompt gives that system
-        prompt, to its last whole block); else none. Their cost is charged
-        to this group's count of tokens found cached."""
-        caches = self.batch.prefix_caches
-        size = caches[0].block_tokens
-        # A trie of whole blocks: (parent node, block tokens) -> node; per node, prompts through it.
-        nodes: dict[tuple[int, tuple[int, ...]], int] = {}
-        count: list[int] = []
-        parent_of: list[int] = []
-        example: list[tuple[int, int]] = []  # node -> (a prompt through it, its end in tokens)
-        paths: list[list[int]] = []  # per prompt, its nodes
-        for p, prompt in enumerate(self.prompt_ids):
-            parent, path = -1, []
-            for begin in range(0, len(prompt) - 1 - size + 1, size):
-                key = (parent, tuple(prompt[begin : begin + size]))
-                node = nodes.get(key)
-                if node is None:
-                    node = nodes[key] = len(count)
-                    count.append(0)
-                    parent_of.append(parent)
-                    example.append((p, begin + size))
-                count[node] += 1
-                parent = node
-                path.append(node)
-            paths.append(path)
-        shared = {node for node in range(len(count)) if count[node] >= 2}
-        if not shared:
-            return []
-        extended = {parent_of[node] for node in shared}
-        prefixes = []
-        for node in sorted(shared - extended):  # the deepest: a longer shared prefix contains the others
-            p, end = example[node]
-            prefix = self.prompt_ids[p][:end]
-            if any(cache.held_blocks(prefix) < end // size for cache in caches):
-                prefixes.append(prefix)
-        # Columns before which every prompt's keys would be copied, without and with them.
-        held = [min(cache.held_blocks(prompt[: len(prompt) - 1]) for cache in caches) * size
-                for prompt in self.prompt_ids]
-        sharing = [max(h, size * sum(1 for node in path if node in shared)) for h, path in zip(held, paths, strict=True)]
-        before = min(begin + h for begin, h in zip(self.starts, held, strict=True))
-        after = min(begin + h for begin, h in zip(self.starts, sharing, strict=True))
-        saved = sum(max(0, after - begin) - max(0, before - begin) for begin in self.starts)
-        cost = sum(len(prefix) for prefix in prefixes)
-        if not prefixes or saved <= cost:
-            return []
-        self.shared_cost = cost
-        return prefixes
 
     def _reuse(self, caches: tuple[PrefixCache, ...]) -> None:
         """Starts after the columns every prompt has cached (in each model's
@@ -441,7 +420,10 @@ class _Prefill:
                 seeded.update(keys, values, layer)
         self.done = start
         if not self.shared_only:
-            self.batch.cached_tokens += sum(max(0, start - begin) for begin in self.starts) - self.shared_cost
+            copied = sum(max(0, start - begin) for begin in self.starts)
+            charged = min(copied, self.batch._shared_cost)
+            self.batch._shared_cost -= charged
+            self.batch.cached_tokens += copied - charged
 
     def remember(self) -> None:
         """The prompts' blocks into the prefix caches (the prefill is done)."""
@@ -489,6 +471,84 @@ class _Prefill:
         for cache in (self.cache, self.mask_cache):
             if cache is not None and cache.get_seq_length() > 0:
                 cache.batch_select_indices(index)
+
+
+def _shared_prefixes(caches: tuple[PrefixCache, ...], prompts: list[list[int]],
+                     forward_cost: int) -> tuple[list[list[int]], list[int], int]:
+    """(prefixes, remaining, cost): the longest block-aligned beginnings
+    two or more of ``prompts`` share (short of each one's last token) that
+    the caches do not hold whole, and per prompt the columns it would have
+    left to compute once they are cached, if computing them once (``cost``
+    tokens) makes the prefill cheaper (``_partition``'s measure); else no
+    prefixes, the columns left with what the caches hold now, and 0. A
+    prompt set with one system prompt gives that system prompt, to its last
+    whole block."""
+    size = caches[0].block_tokens
+    # A trie of whole blocks: (parent node, block tokens) -> node; per node, prompts through it.
+    nodes: dict[tuple[int, tuple[int, ...]], int] = {}
+    count: list[int] = []
+    parent_of: list[int] = []
+    example: list[tuple[int, int]] = []  # node -> (a prompt through it, its end in tokens)
+    paths: list[list[int]] = []  # per prompt, its nodes
+    for p, prompt in enumerate(prompts):
+        parent, path = -1, []
+        for begin in range(0, len(prompt) - 1 - size + 1, size):
+            key = (parent, tuple(prompt[begin : begin + size]))
+            node = nodes.get(key)
+            if node is None:
+                node = nodes[key] = len(count)
+                count.append(0)
+                parent_of.append(parent)
+                example.append((p, begin + size))
+            count[node] += 1
+            parent = node
+            path.append(node)
+        paths.append(path)
+    held = [min(cache.held_blocks(prompt[: len(prompt) - 1]) for cache in caches) * size for prompt in prompts]
+    now = [len(prompt) - h for prompt, h in zip(prompts, held, strict=True)]
+    shared = {node for node in range(len(count)) if count[node] >= 2}
+    extended = {parent_of[node] for node in shared}
+    prefixes = []
+    for node in sorted(shared - extended):  # the deepest: a longer shared prefix contains the others
+        p, end = example[node]
+        prefix = prompts[p][:end]
+        if any(cache.held_blocks(prefix) < end // size for cache in caches):
+            prefixes.append(prefix)
+    if not prefixes:
+        return [], now, 0
+    # A prompt's shared nodes are its first ones (a node has at least its children's prompts).
+    after = [len(prompt) - max(h, size * sum(1 for node in path if node in shared))
+             for prompt, h, path in zip(prompts, held, paths, strict=True)]
+    cost = sum(len(prefix) for prefix in prefixes)
+    # Their own forward counts too.
+    if _partition(after, forward_cost)[1] + forward_cost + cost >= _partition(now, forward_cost)[1]:
+        return [], now, 0
+    return prefixes, after, cost
+
+
+def _partition(remaining: Sequence[int], forward_cost: int) -> tuple[list[list[int]], int]:
+    """Prompts (by index) into prefill groups, and what they cost: a group
+    computes its prompts x the most columns any of them has left (the others
+    are left-padded to it), plus ``forward_cost`` per group (0: one group,
+    costed so). The cheapest split groups prompts of neighbouring lengths:
+    found over the prompts sorted by columns left, shortest group first (it
+    joins and decodes soonest)."""
+    order = sorted(range(len(remaining)), key=remaining.__getitem__)
+    count = len(order)
+    if forward_cost <= 0 or count <= 1:
+        return [order], count * max(remaining, default=0)
+    # best[i]: the least cost of the first i prompts; cut[i]: where its last group begins.
+    best = [0] + [0] * count
+    cut = [0] * (count + 1)
+    for i in range(1, count + 1):
+        longest = remaining[order[i - 1]]
+        best[i], cut[i] = min((best[j] + forward_cost + (i - j) * longest, j) for j in range(i))
+    groups = []
+    i = count
+    while i > 0:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    return groups[::-1], best[count]
 
 
 def _joined(parts: list):

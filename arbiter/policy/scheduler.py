@@ -68,6 +68,12 @@ class DecodingConfig:
         help="prompt tokens (samples x padded prompt columns) prefilled per decoding step; longer joins are "
              "prefilled over several steps while running samples keep decoding. 0: each join in one forward"))
 
+    # Prompts of one step's joiners are left-padded to the longest in their
+    # group: a short prompt beside a long one computes the long one's columns.
+    prefill_group_cost_tokens: int = field(default=128, metadata=flag(
+        help="what one more prefill forward costs, in prompt-token columns: prompts joining in one step are split "
+             "into groups of similar length (each padded only to its own longest) where the padding saved exceeds "
+             "this per extra group. 0: one group a step"))
     # Prefix caching (arbiter.policy.prefix_cache): per version, the keys
     # and values of prompt prefixes it prefilled, for prompts that repeat them.
     prefix_cache_tokens: int = field(default=8192, metadata=flag(
@@ -82,6 +88,8 @@ class DecodingConfig:
             require(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         require(self.prefill_chunk_tokens >= 0, "prefill_chunk_tokens", "must be >= 0 (0: no chunking)",
                 self.prefill_chunk_tokens)
+        require(self.prefill_group_cost_tokens >= 0, "prefill_group_cost_tokens", "must be >= 0 (0: one group a step)",
+                self.prefill_group_cost_tokens)
         require(self.prefix_cache_tokens == 0 or self.prefix_cache_tokens >= self.prefix_cache_block_tokens,
                 "prefix_cache_tokens", f"must be 0 (off) or at least one block (prefix_cache_block_tokens="
                 f"{self.prefix_cache_block_tokens})", self.prefix_cache_tokens)
@@ -301,7 +309,8 @@ class DecodeScheduler:
             key = (generation.policy, mask) if cfg.continuous_batching else generation
             if key not in self._batches:
                 self._batches[key] = DecodeBatch(generation.policy, cfg.max_batch_rows, mask,
-                                                 cfg.prefill_chunk_tokens, cfg.prefix_caches(generation.policy, mask))
+                                                 cfg.prefill_chunk_tokens, cfg.prefix_caches(generation.policy, mask),
+                                                 cfg.prefill_group_cost_tokens)
             joining.setdefault(key, []).append(generation)
         self._observer.on_queue_depth(len(self._queue))
         return [(batch, joining.get(key, [])) for key, batch in self._batches.items()]

@@ -131,6 +131,7 @@ class TritonPythonModel:
             max_batch_tokens=int(params["max_batch_tokens"]),
             max_queued_generations=int(params["max_queued_generations"]),
             prefill_chunk_tokens=int(params["prefill_chunk_tokens"]),
+            prefill_group_cost_tokens=int(params["prefill_group_cost_tokens"]),
             prefix_cache_tokens=int(params["prefix_cache_tokens"]),
             prefix_cache_block_tokens=int(params["prefix_cache_block_tokens"]),
         )
