@@ -141,11 +141,12 @@ def run(seconds: float = 8.0, clients_list=(1, 4, 16), prompts_per_request: int 
                     on, off = [], []
                     before = _prefill_counters(candidate.metrics_port)
                     for _ in range(rounds):
-                        # Each slice its own requests: a prompt seen before would be a whole-prompt hit.
+                        # Each round its own requests (a prompt a server has seen would be a whole-prompt hit),
+                        # the same for both servers (mixed lengths vary from request to request).
+                        share = requests[offset:] + requests[:offset]
+                        offset = (offset + len(requests) // 10) % len(requests)
                         for service, parts, label in ((baseline, off, "before (both off)"),
                                                       (candidate, on, "default")):
-                            share = requests[offset:] + requests[:offset]
-                            offset = (offset + len(requests) // 10) % len(requests)
                             parts.append(asyncio.run(_drive(service.target, share, clients, per_slice, warmup_s,
                                                             label)))
                     after = _prefill_counters(candidate.metrics_port)
