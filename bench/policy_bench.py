@@ -97,9 +97,7 @@ class InProcess:
 
 async def _through_service(target: str, prompts: list[str], n: int, max_new_tokens: int, clients: int,
                            seconds: float, warmup_s: float, label: str) -> Measurement:
-    import grpc
-
-    from arbiter.v1 import policy_pb2, policy_pb2_grpc
+    from arbiter.v1 import policy_pb2
 
     requests = [
         policy_pb2.GenerateRequest(
@@ -108,6 +106,16 @@ async def _through_service(target: str, prompts: list[str], n: int, max_new_toke
         )
         for i, p in enumerate(prompts)
     ]
+    return await drive_generate(target, requests, clients, seconds, warmup_s, label)
+
+
+async def drive_generate(target: str, requests: list, clients: int, seconds: float, warmup_s: float,
+                         label: str) -> Measurement:
+    """``clients`` closed-loop callers of ``Generate`` over ``requests``; items are completion tokens."""
+    import grpc
+
+    from arbiter.v1 import policy_pb2_grpc
+
     async with grpc.aio.insecure_channel(target) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
 

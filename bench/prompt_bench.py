@@ -33,8 +33,8 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench.common import QUICK_SECONDS, Measurement, ServiceProcess, drive, merge, metric_samples, print_table, ratio
-from bench.policy_bench import BENCH_MODEL, WORDS
+from bench.common import QUICK_SECONDS, ServiceProcess, merge, metric_samples, print_table, ratio
+from bench.policy_bench import BENCH_MODEL, WORDS, drive_generate
 from bench.prefill_bench import long_prompt
 
 MODEL = {**BENCH_MODEL, "n_positions": 1024}
@@ -81,22 +81,6 @@ def make_requests(tokenizer, count: int, prompts_per_request: int, system_tokens
                      for _ in range(prompts_per_request)],
             sampling=policy_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=i)))
     return requests
-
-
-async def _drive(target: str, requests: list, clients: int, seconds: float, warmup_s: float,
-                 label: str) -> Measurement:
-    import grpc
-
-    from arbiter.v1 import policy_pb2_grpc
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = policy_pb2_grpc.PolicyServiceStub(channel)
-
-        async def call(request) -> int:
-            response = await stub.Generate(request, timeout=300)
-            return sum(len(s.completion_token_ids) for s in response.samples)
-
-        return await drive(call, requests, clients, seconds, warmup_s, label)
 
 
 def _prefill_counters(port: int) -> tuple[float, float]:
@@ -147,8 +131,8 @@ def run(seconds: float = 8.0, clients_list=(1, 4, 16), prompts_per_request: int 
                         offset = (offset + len(requests) // 10) % len(requests)
                         for service, parts, label in ((baseline, off, "before (both off)"),
                                                       (candidate, on, "default")):
-                            parts.append(asyncio.run(_drive(service.target, share, clients, per_slice, warmup_s,
-                                                            label)))
+                            parts.append(asyncio.run(drive_generate(service.target, share, clients, per_slice,
+                                                                    warmup_s, label)))
                     after = _prefill_counters(candidate.metrics_port)
                     prompt_tokens, hit_tokens = after[0] - before[0], after[1] - before[1]
                     cells.append((workload, clients, merge(off), merge(on), hit_tokens / max(1.0, prompt_tokens)))

@@ -8,6 +8,7 @@ import threading
 
 import grpc
 import pytest
+from decoding_checks import assert_as_alone, decoded_alone
 from helpers import BackgroundServer, expect_error, sample_value, wait_until
 
 from arbiter.policy.batch import DecodeBatch, _partition
@@ -34,15 +35,6 @@ def start(policy: PolicyModel, prompts, max_new_tokens=20, temperature=1.0, top_
           seed=0) -> Generation:
     params = ResolvedSampling(max_new_tokens, temperature, top_p, top_k, n, tuple(stop), seed)
     return policy.start(policy.encode([Prompt(text=p) for p in prompts], max_new_tokens), params)
-
-
-def alone(policy: PolicyModel, generation: Generation) -> Generation:
-    """The same request decoded as a batch of its own."""
-    ids = [generation.rows[p * generation.params.n].prompt_ids for p in range(len(generation.rows) // generation.params.n)]
-    again = policy.start(ids, generation.params)
-    while not again.done:
-        again.step()
-    return again
 
 
 def test_rows_join_and_leave_a_running_batch(policy):
@@ -79,15 +71,7 @@ def test_rows_join_and_leave_a_running_batch(policy):
     assert all(0 < len(row.ids) < 20 and row.finish is None for row in e.rows)
 
     for generation in (a, b, c, d):
-        params = generation.params
-        reference = alone(policy, generation)
-        for row, solo in zip(generation.rows, reference.rows, strict=True):
-            assert row.finish is not None and len(row.ids) == len(row.logprobs) >= 1
-            assert row.ids == solo.ids and row.finish == solo.finish
-            assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
-            forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
-                                                    params.top_p)
-            assert row.logprobs == pytest.approx(forced, abs=1e-4)
+        assert_as_alone(policy, generation)
     assert all(row.logprobs == [0.0] * 3 and row.finish is FinishReason.LENGTH for row in c.rows)  # greedy
 
 
@@ -116,7 +100,7 @@ def test_rows_with_the_same_prompt_share_one_prefill(policy):
         batch.step()
     params = z.params
     [row] = z.rows
-    [solo] = alone(policy, z).rows
+    [solo] = decoded_alone(policy, z).rows
     assert row.ids == solo.ids and len(row.ids) == 8
     assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
     forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k, params.top_p)
@@ -163,14 +147,7 @@ def test_long_prompts_prefill_in_chunks_while_running_rows_decode(policy):
     while not batch.empty:
         batch.step()
     for generation in (a, b):
-        params = generation.params
-        reference = alone(policy, generation)
-        for row, solo in zip(generation.rows, reference.rows, strict=True):
-            assert row.ids == solo.ids and row.finish == solo.finish
-            assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
-            forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
-                                                    params.top_p)
-            assert row.logprobs == pytest.approx(forced, abs=1e-4)
+        assert_as_alone(policy, generation)
 
 
 def test_prompts_of_different_lengths_prefill_in_groups_when_padding_costs_more_than_a_forward():
@@ -205,14 +182,7 @@ def test_a_step_of_joiners_prefills_short_and_long_prompts_apart(policy):
     while not batch.empty:
         batch.step()
     for generation in (a, b):
-        params = generation.params
-        reference = alone(policy, generation)
-        for row, solo in zip(generation.rows, reference.rows, strict=True):
-            assert row.ids == solo.ids and row.finish == solo.finish
-            assert row.logprobs == pytest.approx(solo.logprobs, abs=1e-5)
-            forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
-                                                    params.top_p)
-            assert row.logprobs == pytest.approx(forced, abs=1e-4)
+        assert_as_alone(policy, generation)
 
 
 def test_a_generation_cancelled_while_prefilling_leaves_nothing_behind(policy):

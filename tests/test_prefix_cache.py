@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from decoding_checks import assert_as_alone
 from helpers import BackgroundServer, sample_value
 from lm_fixtures import perturbed
 
@@ -105,22 +106,6 @@ def start(policy: PolicyModel, prompts, max_new_tokens=8, temperature=1.0, n=1, 
     return policy.start(ids, params, mask=mask)
 
 
-def check_as_alone(policy: PolicyModel, generation, mask_top_p=None):
-    """Every sample is what the same request gives decoded alone (no prefix
-    cache), with the log-probs of the distribution it was drawn from."""
-    params = generation.params
-    prompts = [generation.rows[p * params.n].prompt_ids for p in range(len(generation.rows) // params.n)]
-    solo = policy.start(prompts, params, mask=generation.mask)
-    while not solo.done:
-        solo.step()
-    for row, alone in zip(generation.rows, solo.rows, strict=True):
-        assert row.finish is not None and row.ids == alone.ids
-        assert row.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
-        forced = policy.teacher_forced_logprobs(row.prompt_ids, row.ids, params.temperature, params.top_k,
-                                                params.top_p, mask=generation.mask)
-        assert row.logprobs == pytest.approx(forced, abs=1e-4)
-
-
 def test_prompts_start_their_prefill_after_the_blocks_a_version_has_cached(policy):
     """Blocks of 4. a = LONG (29 tokens) x 2 samples: nothing cached; its
     7 whole blocks (28 tokens) are kept when it joins. b = LONG again (another
@@ -159,7 +144,7 @@ def test_prompts_start_their_prefill_after_the_blocks_a_version_has_cached(polic
     while not chunked.empty:
         chunked.step()
     for generation in (a, b, c, d):
-        check_as_alone(policy, generation)
+        assert_as_alone(policy, generation)
 
 
 def test_prompts_joining_in_one_step_compute_their_shared_beginning_once(policy):
@@ -212,7 +197,7 @@ def test_prompts_joining_in_one_step_compute_their_shared_beginning_once(policy)
     while not unshared.empty:
         unshared.step()
     for generation in (a, b, c):
-        check_as_alone(policy, generation)
+        assert_as_alone(policy, generation)
 
 
 def test_a_masked_batch_reuses_what_both_models_have_cached(policy, policy_dir, tmp_path):
@@ -237,7 +222,7 @@ def test_a_masked_batch_reuses_what_both_models_have_cached(policy, policy_dir, 
     while not masked.empty:
         masked.step()
     for generation in (first, second):
-        check_as_alone(policy, generation)
+        assert_as_alone(policy, generation)
 
 
 def test_each_version_has_its_own_cache(policy_dir, tmp_path):
