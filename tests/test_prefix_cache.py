@@ -238,7 +238,7 @@ def test_each_version_has_its_own_cache(policy_dir, tmp_path):
 
 def test_the_service_counts_prompt_tokens_and_those_found_cached(policy_dir):
     """Blocks of 16: LONG (29 tokens) prefilled once, then again: 29 + 29
-    prompt tokens, 16 of the second found cached. Both requests are seeded
+    prompt tokens, 16 of the second found cached, 16 held. Both requests are seeded
     alike and draw the same samples."""
     settings = PolicySettings(model_dir=str(policy_dir), port=0, metrics_port=0,
                               decoding=DecodingConfig(prefix_cache_block_tokens=16))
@@ -249,6 +249,7 @@ def test_the_service_counts_prompt_tokens_and_those_found_cached(policy_dir):
         second = client.generate([LONG], max_new_tokens=8, temperature=1.0, seed=3)
         assert sample_value(registry, "arbiter_policy_prefill_prompt_tokens_total") == 58
         assert sample_value(registry, "arbiter_policy_prefix_cache_hit_tokens_total") == 16
+        assert sample_value(registry, "arbiter_policy_prefix_cache_tokens") == 16  # LONG's one whole block
         [a], [b] = first.samples, second.samples
         assert list(a.completion_token_ids) == list(b.completion_token_ids)
         assert list(a.logprobs) == pytest.approx(list(b.logprobs), abs=1e-5)

@@ -120,8 +120,9 @@ class DecodeObserver(Protocol):
     # Admitted rows whose prompts are still being prefilled (chunked prefill).
     def on_prefilling(self, rows: int) -> None: ...
 
-    # Prompt tokens whose prefill started, those of them found in a prefix cache (not computed).
-    def on_prefix_cache(self, prompt_tokens: int, cached_tokens: int) -> None: ...
+    # Prompt tokens whose prefill started, those of them found in a prefix cache (not computed), and the
+    # tokens the prefix caches of the versions decoding now hold.
+    def on_prefix_cache(self, prompt_tokens: int, cached_tokens: int, held_tokens: int) -> None: ...
 
     # Generations waiting for room in the batch.
     def on_queue_depth(self, depth: int) -> None: ...
@@ -338,12 +339,15 @@ class DecodeScheduler:
                 if result.error is not None or generation.done or generation.cancelled:
                     self._leave(ticket)
         prompt_tokens = cached_tokens = 0
+        caches = {}
         for batch, _ in work:
             prompt_tokens += batch.prompt_tokens
             cached_tokens += batch.cached_tokens
             batch.prompt_tokens = batch.cached_tokens = 0
+            caches.update((id(cache), cache) for cache in batch.prefix_caches or ())
         if prompt_tokens:
-            self._observer.on_prefix_cache(prompt_tokens, cached_tokens)
+            self._observer.on_prefix_cache(prompt_tokens, cached_tokens,
+                                           sum(cache.held_tokens for cache in caches.values()))
         for key in [key for key, batch in self._batches.items() if batch.empty]:
             del self._batches[key]
         self._observer.on_budget(self._rows, self._tokens, len(self._tickets))

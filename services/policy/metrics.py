@@ -56,6 +56,11 @@ class PolicyMetrics(RpcMetrics):
             "Of those, tokens whose keys and values came from the version's prefix cache instead of a forward "
             "(--prefix-cache-tokens).", registry=registry,
         )
+        self.prefix_cache_tokens = Gauge(
+            "arbiter_policy_prefix_cache_tokens",
+            "Prompt tokens whose keys and values the prefix caches of the versions last prefilling hold "
+            "(--prefix-cache-tokens per version).", registry=registry,
+        )
         self.step_generations = Histogram(
             "arbiter_policy_decode_batch_generations", "Generations (requests) whose rows shared one decoding step.",
             buckets=BATCH_BUCKETS, registry=registry,
@@ -100,9 +105,10 @@ class PolicyMetrics(RpcMetrics):
     def on_prefilling(self, rows: int) -> None:
         self.prefilling_rows.set(rows)
 
-    def on_prefix_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def on_prefix_cache(self, prompt_tokens: int, cached_tokens: int, held_tokens: int) -> None:
         self.prefill_prompt_tokens.inc(prompt_tokens)
         self.prefix_cache_hit_tokens.inc(cached_tokens)
+        self.prefix_cache_tokens.set(held_tokens)
 
     def set_versions(self, active: str | None, loaded: list[str], removed: list[str] = ()) -> None:
         # The engine also unloads old versions by itself after a swap; drop

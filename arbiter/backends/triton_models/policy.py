@@ -73,7 +73,7 @@ class _Observer:
     def on_prefilling(self, rows):
         pass
 
-    def on_prefix_cache(self, prompt_tokens, cached_tokens):
+    def on_prefix_cache(self, prompt_tokens, cached_tokens, held_tokens):
         pass
 
 
