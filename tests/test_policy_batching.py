@@ -160,7 +160,7 @@ def test_prompts_of_different_lengths_prefill_in_groups_when_padding_costs_more_
     assert _partition(remaining, 128) == ([[0, 4, 2], [3, 1]], 1292)
     assert _partition(remaining, 2000) == ([[0, 4, 2, 3, 1]], 4500)
     assert _partition(remaining, 0) == ([[0, 4, 2, 3, 1]], 2500)
-    assert _partition([7], 128) == ([[0]], 7)
+    assert _partition([7], 128) == ([[0]], 128 + 7)
 
 
 def test_a_step_of_joiners_prefills_short_and_long_prompts_apart(policy):

@@ -535,7 +535,7 @@ def _partition(remaining: Sequence[int], forward_cost: int) -> tuple[list[list[i
     joins and decodes soonest)."""
     order = sorted(range(len(remaining)), key=remaining.__getitem__)
     count = len(order)
-    if forward_cost <= 0 or count <= 1:
+    if forward_cost <= 0:
         return [order], count * max(remaining, default=0)
     # best[i]: the least cost of the first i prompts; cut[i]: where its last group begins.
     best = [0] + [0] * count
