@@ -5,6 +5,9 @@ prompts of one step that share a beginning, with hand-derived token counts, samp
 service's counters and settings."""
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +266,14 @@ def test_the_service_counts_prompt_tokens_and_those_found_cached(policy_dir):
 def test_prefix_cache_settings_are_checked_up_front(fields, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         DecodingConfig(**fields)
+
+
+def test_the_cli_refuses_a_cache_smaller_than_a_block(policy_dir):
+    """The flag is the field: refused at start-up, exit 2, naming it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "serve", "policy", "--model", str(policy_dir), "--port", "0",
+         "--prefix-cache-tokens", "3"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 2, done.stderr
+    assert "prefix_cache_tokens=3 is invalid: must be 0 (off) or at least one block" in done.stderr
