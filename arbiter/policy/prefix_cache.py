@@ -59,26 +59,13 @@ class PrefixCache:
     def match(self, prompt: Sequence[int]) -> list[int]:
         """The slots of ``prompt``'s longest cached prefix of whole blocks,
         short of its last token (touched: used now)."""
-        chain: list[int] = []
-        parent, size = _ROOT, self.block_tokens
-        for start in range(0, len(prompt) - 1 - size + 1, size):
-            slot = self._slots.get((parent, tuple(prompt[start : start + size])))
-            if slot is None:
-                break
-            chain.append(slot)
-            parent = slot
-        self._touch(prompt, len(chain))
-        return chain
+        chain = self._held(prompt[: len(prompt) - 1])
+        self._touch([key for key, _ in chain])
+        return [slot for _, slot in chain]
 
     def held_blocks(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens``' whole blocks, from the first, are held (not touched)."""
-        held, parent, size = 0, _ROOT, self.block_tokens
-        for start in range(0, len(tokens) - size + 1, size):
-            slot = self._slots.get((parent, tuple(tokens[start : start + size])))
-            if slot is None:
-                break
-            held, parent = held + 1, slot
-        return held
+        return len(self._held(tokens))
 
     def gather(self, layer: int, chains: Sequence[Sequence[int]], starts: Sequence[int], width: int):
         """Layer ``layer``'s (keys, values) for a prefill cache of
@@ -123,6 +110,7 @@ class PrefixCache:
         rows, cols, tokens = [], [], []
         for r, (prompt, start) in enumerate(zip(prompts, starts, strict=True)):
             chain: list[int] = []
+            chain_keys = []
             parent = _ROOT
             for begin in range(0, len(prompt) - size + 1, size):
                 key = (parent, tuple(prompt[begin : begin + size]))
@@ -138,8 +126,9 @@ class PrefixCache:
                 else:
                     self._slots.move_to_end(key)
                 chain.append(slot)
+                chain_keys.append(key)
                 parent = slot
-            self._touch(prompt, len(chain))
+            self._touch(chain_keys)
         if tokens:
             device = self._keys[0].device
             rows_t, cols_t, tokens_t = (torch.tensor(x, dtype=torch.long, device=device)
@@ -148,11 +137,6 @@ class PrefixCache:
                 self._keys[layer][tokens_t] = keys[rows_t, :, cols_t]
                 self._values[layer][tokens_t] = values[rows_t, :, cols_t]
         return len(tokens) // size
-
-    def clear(self) -> None:
-        self._slots.clear()
-        self._free.clear()
-        self._keys, self._values = [], []
 
     def _allocate(self, layers: Sequence[tuple]) -> None:
         slots = self.capacity_blocks * self.block_tokens
@@ -174,14 +158,20 @@ class PrefixCache:
         del self._slots[key]
         return slot
 
-    def _touch(self, prompt: Sequence[int], blocks: int) -> None:
-        """The first ``blocks`` blocks of ``prompt`` used now, its last block
+    def _held(self, tokens: Sequence[int]) -> list[tuple[tuple[int, tuple[int, ...]], int]]:
+        """(key, slot) of each of ``tokens``' whole blocks held, from the first."""
+        chain, parent, size = [], _ROOT, self.block_tokens
+        for start in range(0, len(tokens) - size + 1, size):
+            key = (parent, tuple(tokens[start : start + size]))
+            slot = self._slots.get(key)
+            if slot is None:
+                break
+            chain.append((key, slot))
+            parent = slot
+        return chain
+
+    def _touch(self, chain: Sequence[tuple[int, tuple[int, ...]]]) -> None:
+        """A chain's blocks (keys, first block first) used now, its last block
         first, so every block stays at least as recent as those after it."""
-        size = self.block_tokens
-        keys, parent = [], _ROOT
-        for b in range(blocks):
-            key = (parent, tuple(prompt[b * size : (b + 1) * size]))
-            keys.append(key)
-            parent = self._slots[key]
-        for key in reversed(keys):
+        for key in reversed(chain):
             self._slots.move_to_end(key)
