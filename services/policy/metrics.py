@@ -53,8 +53,9 @@ class PolicyMetrics(RpcMetrics):
         )
         self.prefix_cache_hit_tokens = Counter(
             "arbiter_policy_prefix_cache_hit_tokens",
-            "Of those, tokens whose keys and values came from the version's prefix cache instead of a forward "
-            "(--prefix-cache-tokens).", registry=registry,
+            "Of those, tokens not computed: keys and values copied from the version's prefix cache "
+            "(--prefix-cache-tokens), less what a beginning shared by prompts of one step cost to compute once.",
+            registry=registry,
         )
         self.prefix_cache_tokens = Gauge(
             "arbiter_policy_prefix_cache_tokens",
